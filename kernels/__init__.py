@@ -1,0 +1,14 @@
+"""Triton kernels for the DREAM UNet, each with its eager reference beside it.
+
+This package never imports `dream`. On a machine without a GPU, set
+TRITON_INTERPRET=1 before importing it to run the kernels on CPU tensors.
+"""
+from kernels.group_norm_silu import group_norm_silu, group_norm_silu_reference
+from kernels.attention import attention, attention_reference
+
+__all__ = [
+    "group_norm_silu",
+    "group_norm_silu_reference",
+    "attention",
+    "attention_reference",
+]
