@@ -1,0 +1,5 @@
+import sys
+
+from dream.cli import main
+
+sys.exit(main())

@@ -1,0 +1,159 @@
+"""The `dream` command: train, sample, info.
+
+Errors in what the user gave (paths, flags, data) are printed as one line and exit with status 2;
+set DREAM_DEBUG=1 to see the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from dream.errors import DreamError
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="seed", help="model preset: seed (54.85M parameters) or tiny (3.44M)")
+    p.add_argument("--image-size", type=int, help="override the preset's image size")
+    p.add_argument("--base-channels", type=int, help="override the preset's base channel count")
+    p.add_argument("--dropout", type=float, help="override the preset's dropout")
+
+
+def model_overrides(args) -> dict:
+    return {k: v for k, v in {"image_size": args.image_size, "base_channels": args.base_channels,
+                              "dropout": args.dropout}.items() if v is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dream", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("train", help="train a model (resumes when rerun with the same --run-dir)")
+    add_model_flags(p)
+    p.add_argument("--run-dir", default="runs/default", help="checkpoints, metrics.jsonl and sample grids go here")
+    p.add_argument("--resume", help="resume from this checkpoint file instead of the newest in --run-dir")
+    p.add_argument("--backend", default="auto", choices=["auto", "eager", "sdpa", "triton"])
+    p.add_argument("--checkpointing", default="none", choices=["none", "attention", "resblocks", "all"],
+                   help="activation (gradient) checkpointing policy")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--objective", default="seed", choices=["standard", "seed", "paper"])
+    p.add_argument("--dream-start-epoch", type=int, default=10)
+    p.add_argument("--lambda-max", type=float, default=0.5)
+    p.add_argument("--alpha", type=float, default=0.7)
+    p.add_argument("--ramp-epochs", type=float, default=20.0)
+    p.add_argument("--seed-separate-eps-forward", action="store_true",
+                   help="seed objective: spend a separate no-grad forward on eps_hat, as the seed does")
+    p.add_argument("--paper-power", type=float, default=1.0, help="paper objective: lambda_t = sqrt(1-abar_t)^p")
+    p.add_argument("--paper-loss", default="mse", choices=["mse", "l1"])
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear"])
+    p.add_argument("--timesteps", type=int, default=1000)
+    p.add_argument("--data", default="synthetic", choices=["synthetic", "celeba", "folder"])
+    p.add_argument("--data-root", help="CelebA root (the folder holding 'celeba') or an image folder")
+    p.add_argument("--data-split", default="train", help="CelebA split: train, valid, test or all")
+    p.add_argument("--data-count", type=int, default=4096, help="number of synthetic images")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, help="gradient accumulation: micro-batch size dividing --batch-size")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--ema-warmup", action="store_true")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--checkpoint-keep", type=int, default=3)
+    p.add_argument("--sample-every", type=int, default=1, help="epochs between sample grids (0: none)")
+    p.add_argument("--sample-count", type=int, default=16)
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the sample grid")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = commands.add_parser("sample", help="generate images from a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint file, or a run folder (its newest valid checkpoint)")
+    p.add_argument("--out", default="samples", help="output folder for PNGs and grid.png")
+    p.add_argument("--count", type=int, default=64)
+    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"])
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (1.0 = DDPM-like noise)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backend", default="eager", choices=["eager", "sdpa", "triton"])
+    p.add_argument("--bf16", action="store_true", help="sample under bf16 autocast")
+    p.add_argument("--no-ema", action="store_true", help="use the raw training weights")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = commands.add_parser("info", help="parameters and FLOPs of a model preset")
+    add_model_flags(p)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def run_train(args) -> int:
+    from dream.train import TrainConfig, train
+
+    config = TrainConfig(
+        run_dir=args.run_dir, preset=args.preset, model_overrides=model_overrides(args), backend=args.backend,
+        checkpointing=args.checkpointing, compile=args.compile, channels_last=args.channels_last,
+        schedule=args.schedule, num_timesteps=args.timesteps, objective=args.objective,
+        objective_config={"dream_start_epoch": args.dream_start_epoch, "lambda_max": args.lambda_max,
+                          "alpha": args.alpha, "ramp_epochs": args.ramp_epochs,
+                          "seed_separate_eps_forward": args.seed_separate_eps_forward,
+                          "paper_power": args.paper_power, "paper_loss": args.paper_loss},
+        data=args.data, data_root=args.data_root, data_split=args.data_split, data_count=args.data_count,
+        batch_size=args.batch_size, micro_batch=args.micro_batch, epochs=args.epochs, max_steps=args.max_steps,
+        lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
+        ema_warmup=args.ema_warmup, precision=args.precision, seed=args.seed, device=args.device,
+        log_every=args.log_every, checkpoint_every=args.checkpoint_every, checkpoint_keep=args.checkpoint_keep,
+        sample_every=args.sample_every, sample_count=args.sample_count, sample_steps=args.sample_steps,
+        progress=not args.no_progress,
+    )
+    result = train(config, resume=args.resume)
+    last = result["last"]
+    print(f"done: step {result['step']}, epoch {result['epoch']}, loss {last.get('loss', float('nan')):.4f}; "
+          f"checkpoints in {result['checkpoint_dir']}" + (f"; samples {result['grid']}" if result["grid"] else ""))
+    return 0
+
+
+def run_sample(args) -> int:
+    import torch
+
+    from dream.sample import sample_from_checkpoint
+    from dream.train import resolve_device
+
+    report = sample_from_checkpoint(args.checkpoint, args.out, count=args.count, sampler=args.sampler,
+                                    steps=args.steps, eta=args.eta, batch_size=args.batch_size, seed=args.seed,
+                                    device=resolve_device(args.device), use_ema=not args.no_ema,
+                                    backend=args.backend, dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                                    progress=not args.no_progress)
+    print(f"wrote {report['count']} images ({report['made']} new) to {report['out_dir']}; grid {report['grid']}")
+    return 0
+
+
+def run_info(args) -> int:
+    from dream.info import format_info, model_info
+
+    info = model_info(args.preset, **model_overrides(args))
+    print(json.dumps(info, indent=1) if args.json else format_info(info))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"train": run_train, "sample": run_sample, "info": run_info}
+    try:
+        return handlers[args.command](args)
+    except (DreamError, ValueError, FileNotFoundError) as error:
+        if os.environ.get("DREAM_DEBUG"):
+            raise
+        print(f"dream {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Training images: decoded once into a uint8 tensor (N, 3, S, S), then batched on the device.
+
+Sources
+  synthetic  procedurally generated face-like images, deterministic from a seed (the built-in default);
+  celeba     torchvision's CelebA (aligned 178x218 images, download=False), cropped as the DDIM paper's
+             CelebA model was: the 128x128 box with top-left corner (row 57, col 25), i.e. centred on
+             (x=89, y=121), then resized to S x S;
+  folder     any folder of images (recursively), centre-cropped to a square and resized to S x S.
+Decoded images are cached as a .pt file (written atomically), so decoding happens once per dataset.
+Batches: a per-epoch permutation and flip mask drawn from (seed, epoch), so the data order is a pure
+function of (seed, epoch, step) and resumes exactly; pixels scaled to [-1, 1] on the device.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from dream.errors import DreamError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+CELEBA_CROP = (57, 25, 128, 128)  # top, left, height, width in the aligned 178x218 CelebA image
+SYNTHETIC_CHUNK = 256  # images drawn per generator seed: image i depends on (seed, i) only
+
+
+# ----------------------------------------------------------------------------------------------
+# the built-in synthetic faces
+def _soft_ellipse(xx, yy, cx, cy, rx, ry):
+    """Anti-aliased mask of the ellipse ((x-cx)/rx)^2 + ((y-cy)/ry)^2 <= 1 (coordinates in [0, 1]),
+    with an edge about one pixel wide; values in [0, 1]."""
+    pixels = xx.shape[-1]
+    d = torch.sqrt(((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2)
+    return torch.sigmoid((1 - d) * torch.minimum(rx, ry) * pixels * 2)
+
+
+def _paint(image, mask, color):
+    return image * (1 - mask) + mask * color
+
+
+def synthetic_faces(count: int, seed: int = 0, size: int = 64) -> torch.Tensor:
+    """`count` face-like uint8 images (count, 3, size, size): background gradient, hair, face oval,
+    eyes with pupils, brows, nose and mouth, all with random geometry and colours."""
+    if count < 1:
+        raise DreamError(f"synthetic image count must be positive, got {count}")
+    chunks = []
+    for chunk in range(math.ceil(count / SYNTHETIC_CHUNK)):
+        n = min(SYNTHETIC_CHUNK, count - chunk * SYNTHETIC_CHUNK)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
+        chunks.append(_synthetic_chunk(g, SYNTHETIC_CHUNK, size)[:n])
+    return torch.cat(chunks)
+
+
+def _synthetic_chunk(g: torch.Generator, n: int, size: int) -> torch.Tensor:
+    def uniform(lo, hi, channels=1):  # (n, channels, 1, 1)
+        return lo + (hi - lo) * torch.rand(n, channels, 1, 1, generator=g)
+
+    coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size  # pixel centres in [0, 1]
+    yy, xx = coords[None, None, :, None], coords[None, None, None, :]
+    top, bottom = uniform(0, 1, 3), uniform(0, 1, 3)
+    image = top + (bottom - top) * yy  # vertical gradient, broadcast to (n, 3, size, size) by the painting
+    cx, cy = uniform(0.44, 0.56), uniform(0.48, 0.58)
+    rx, ry = uniform(0.22, 0.29), uniform(0.28, 0.36)
+    skin = torch.tensor([0.93, 0.75, 0.62])[None, :, None, None] * uniform(0.45, 1.05) + uniform(-0.05, 0.05, 3)
+    hair = uniform(0.02, 0.55) * torch.tensor([1.0, 0.8, 0.55])[None, :, None, None] + uniform(0, 0.1, 3)
+    hair_mask = _soft_ellipse(xx, yy, cx, cy - uniform(0.03, 0.09), rx * uniform(1.1, 1.3), ry * uniform(1.0, 1.15))
+    image = _paint(image, hair_mask, hair)
+    image = _paint(image, _soft_ellipse(xx, yy, cx, cy, rx, ry), skin)
+    eye_y, eye_dx = cy - ry * uniform(0.1, 0.3), rx * uniform(0.35, 0.5)
+    eye_r = rx * uniform(0.12, 0.18)
+    iris = uniform(0.05, 0.5, 3)
+    for side in (-1, 1):
+        ex = cx + side * eye_dx
+        image = _paint(image, _soft_ellipse(xx, yy, ex, eye_y, eye_r * 1.5, eye_r), torch.ones(1, 3, 1, 1) * 0.95)
+        image = _paint(image, _soft_ellipse(xx, yy, ex, eye_y, eye_r * 0.7, eye_r * 0.7), iris)
+        brow = _soft_ellipse(xx, yy, ex, eye_y - eye_r * uniform(1.8, 2.6), eye_r * 1.8, eye_r * 0.45)
+        image = _paint(image, brow, hair * 0.8)
+    nose = _soft_ellipse(xx, yy, cx, cy + ry * 0.12, rx * 0.1, ry * 0.14)
+    image = _paint(image, nose * 0.5, skin * 0.75)
+    mouth_w, mouth_h = rx * uniform(0.3, 0.55), ry * uniform(0.05, 0.12)
+    lips = torch.tensor([0.75, 0.25, 0.3])[None, :, None, None] * uniform(0.7, 1.1)
+    image = _paint(image, _soft_ellipse(xx, yy, cx, cy + ry * uniform(0.42, 0.55), mouth_w, mouth_h), lips)
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding real images
+def _crop_resize(image, size: int, crop_box=None):
+    import torchvision.transforms.functional as TF
+
+    if crop_box is None:
+        side = min(image.size)
+        image = TF.center_crop(image, [side, side])
+    else:
+        image = TF.crop(image, *crop_box)
+    image = TF.resize(image, [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    return TF.pil_to_tensor(image)
+
+
+class _DecodeFiles(torch.utils.data.Dataset):
+    """(ok, uint8 image) per file; ok is False for a file that does not decode."""
+
+    def __init__(self, paths, size, crop_box=None):
+        self.paths, self.size, self.crop_box = paths, size, crop_box
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        try:
+            with Image.open(self.paths[i]) as image:
+                return True, _crop_resize(image.convert("RGB"), self.size, self.crop_box)
+        except Exception:  # noqa: BLE001  - any decode failure marks the file corrupt
+            return False, torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+
+
+def decode_files(paths: list[Path], size: int, crop_box=None, what: str = "images", workers: int | None = None):
+    """Decode every file; isolated corrupt files are skipped and counted with a warning."""
+    from tqdm.auto import tqdm
+
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    loader = torch.utils.data.DataLoader(_DecodeFiles(paths, size, crop_box), batch_size=64,
+                                         num_workers=workers if len(paths) > 256 else 0)
+    images, bad = [], 0
+    for ok, batch in tqdm(loader, desc=f"decoding {what}", disable=len(paths) < 2048, leave=False):
+        images.append(batch[ok])
+        bad += int((~ok).sum())
+    if bad == len(paths):
+        raise DreamError(f"none of the {len(paths)} files in {what} could be read as an image")
+    if bad:
+        warnings.warn(f"skipped {bad} of {len(paths)} files in {what} that could not be read as images",
+                      stacklevel=2)
+    return torch.cat(images)
+
+
+def list_image_files(root: Path) -> list[Path]:
+    if not root.exists():
+        raise DreamError(f"image folder {root} does not exist")
+    if not root.is_dir():
+        raise DreamError(f"{root} is not a folder of images")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise DreamError(f"image folder {root} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return files
+
+
+def celeba_files(root: Path, split: str) -> list[Path]:
+    import torchvision
+
+    try:
+        dataset = torchvision.datasets.CelebA(str(root), split=split, target_type=[], download=False)
+    except (RuntimeError, FileNotFoundError, OSError) as error:
+        raise DreamError(f"CelebA not found under {root} (expected {root}/celeba/img_align_celeba and its "
+                         f"list files; download it by hand, then pass the folder above 'celeba'): {error}") from None
+    except ValueError as error:
+        raise DreamError(f"bad CelebA split {split!r}: {error}") from None
+    return [Path(dataset.root) / dataset.base_folder / "img_align_celeba" / name for name in dataset.filename]
+
+
+# ----------------------------------------------------------------------------------------------
+# cache and entry point
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DREAM_CACHE", Path.home() / ".cache" / "dream"))
+
+
+def load_images(source: str = "synthetic", root: str | None = None, split: str = "train", size: int = 64,
+                count: int = 4096, seed: int = 0, cache_dir: str | Path | None = None) -> torch.Tensor:
+    """The whole dataset as a uint8 tensor (N, 3, size, size)."""
+    if source == "synthetic":
+        return synthetic_faces(count, seed=seed, size=size)
+    if source not in ("celeba", "folder"):
+        raise DreamError(f"unknown data source {source!r}; choose synthetic, celeba or folder")
+    if not root:
+        raise DreamError(f"--data {source} needs --data-root")
+    root_path = Path(root).expanduser().resolve()
+    if source == "celeba":
+        files, crop, what = celeba_files(root_path, split), CELEBA_CROP, f"CelebA {split} under {root_path}"
+    else:
+        files, crop, what = list_image_files(root_path), None, str(root_path)
+    key = hashlib.sha1(f"{source}|{root_path}|{split}|{size}|{len(files)}|{files[0]}|{files[-1]}".encode())
+    cache = Path(cache_dir or default_cache_dir()) / f"{source}-{size}px-{key.hexdigest()[:16]}.pt"
+    if cache.exists():
+        try:
+            return torch.load(cache, weights_only=True)
+        except Exception:  # noqa: BLE001  - a damaged cache is rebuilt
+            warnings.warn(f"image cache {cache} is unreadable; decoding again", stacklevel=2)
+    images = decode_files(files, size, crop, what)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_save(images, cache)
+    except OSError as error:
+        warnings.warn(f"could not write the image cache {cache}: {error}", stacklevel=2)
+    return images
+
+
+class DeviceBatches:
+    """Batches of a uint8 image tensor kept on `device`, scaled to [-1, 1], randomly flipped.
+
+    Epoch e uses the permutation and flip mask drawn from a generator seeded with (seed, e); with
+    `world_size` > 1 each rank takes every world_size-th index of the same permutation.
+    Only full batches are produced (constant shapes for compiled and graph-captured code)."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int, device, seed: int = 0, flip: bool = True,
+                 rank: int = 0, world_size: int = 1):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise DreamError("images must be a uint8 tensor (N, C, H, W)")
+        per_epoch = images.shape[0] // world_size
+        if batch_size < 1 or per_epoch < batch_size:
+            raise DreamError(f"batch size {batch_size} needs at least {batch_size * world_size} images; "
+                             f"the dataset has {images.shape[0]}")
+        self.images = images.to(device)
+        self.batch_size, self.device, self.seed, self.flip = batch_size, device, seed, flip
+        self.rank, self.world_size = rank, world_size
+        self.batches_per_epoch = per_epoch // batch_size
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def epoch_order(self, epoch: int):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.images.shape[0], generator=g)
+        flips = torch.rand(self.images.shape[0], generator=g) < 0.5
+        return order[self.rank::self.world_size], flips
+
+    def epoch(self, epoch: int, start_batch: int = 0):
+        """Yield the batches of `epoch` from batch index `start_batch` on."""
+        order, flips = self.epoch_order(epoch)
+        for b in range(start_batch, self.batches_per_epoch):
+            index = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield self.get(index, flips[index] if self.flip else None)
+
+    def get(self, index: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.images[index.to(self.images.device)].float() / 127.5 - 1
+        if flip is not None:
+            x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+        return x

@@ -1,0 +1,80 @@
+"""Exponential moving average of a model's weights.
+
+shadow <- shadow + (1 - d) (param - shadow), with d = decay, or with warm-up
+d_k = min(decay, (1 + k) / (10 + k)) at update k (k = number of previous updates).
+Floating-point buffers are copied as they are (GroupNorm has none; kept for generality).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = False):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
+        params = dict(model.named_parameters())
+        self.shadow = [params[name].detach().clone().float() for name in self.names]
+
+    def current_decay(self) -> float:
+        if self.warmup:
+            return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        current = [params[name].detach().float() for name in self.names]
+        torch._foreach_lerp_(self.shadow, current, 1.0 - self.current_decay())
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for name, value in zip(self.names, self.shadow):
+            params[name].copy_(value)
+
+    @contextmanager
+    def applied(self, model: nn.Module):
+        """Evaluate with the EMA weights; the training weights are restored on exit, even on error."""
+        params = dict(model.named_parameters())
+        backup = [params[name].detach().clone() for name in self.names]
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, value in zip(self.names, backup):
+                    params[name].copy_(value)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
+                "shadow": dict(zip(self.names, self.shadow))}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.names) - set(state["shadow"])
+        if missing:
+            raise ValueError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[0]}")
+        self.decay = state["decay"]
+        self.warmup = state["warmup"]
+        self.num_updates = state["num_updates"]
+        for i, name in enumerate(self.names):
+            self.shadow[i].copy_(state["shadow"][name])
+
+    def model_state_dict(self, model: nn.Module) -> dict:
+        """A full model state_dict holding the EMA weights (for sampling and export)."""
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        for name, value in zip(self.names, self.shadow):
+            state[name] = value.to(state[name].dtype).clone()
+        return state
+
+    def to(self, device) -> "EMA":
+        self.shadow = [s.to(device) for s in self.shadow]
+        return self

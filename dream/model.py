@@ -1,0 +1,278 @@
+"""The seed's UNet for 64x64 images, with interchangeable GroupNorm and attention backends.
+
+Topology (see shared/notes/seed-model.md), channels for the `seed` preset:
+
+    conv_in 3->128
+    down  64x64: Res 128->128, Res 128->128,              conv s2 -> 32x32   skip h1
+    down  32x32: Res 128->256, Res 256->256,              conv s2 -> 16x16   skip h2
+    down  16x16: Res 256->512, Res 512->512, Attn,        conv s2 ->  8x8    skip h3
+    mid    8x8:  Res 512->512, Attn, Res 512->512
+    up    16x16: convT 512->512, cat[h, resize(h3)], Res 1024->512, Res 512->512, Attn
+    up    32x32: convT 512->256, cat[h, resize(h2)], Res  512->256, Res 256->256
+    up    64x64: convT 256->128, cat[h, resize(h1)], Res  256->128, Res 128->128
+    out: GN, SiLU, conv 128->3 (zero-initialised)
+
+ResBlock (the seed's order): h = conv1(SiLU(GN(x))); h = h*(1+s)+t; h = conv2(drop(SiLU(GN(h)))); h + skip(x).
+
+Backends change how the GroupNorm(+scale/shift)(+SiLU) sites and the attention core are
+computed, never the parameters: every backend has the same state_dict.
+  eager  - plain PyTorch (nn.GroupNorm, F.silu, einsum softmax attention), the reference;
+  sdpa   - eager GroupNorm, attention through F.scaled_dot_product_attention;
+  triton - kernels.group_norm_silu at every GroupNorm site, kernels.attention for attention.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+BACKENDS = ("eager", "sdpa", "triton")
+CHECKPOINT_POLICIES = ("none", "attention", "resblocks", "all")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    image_size: int = 64
+    in_channels: int = 3
+    base_channels: int = 128
+    channel_mults: tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (2,)  # encoder/decoder levels (0 = full resolution) with attention
+    num_groups: int = 8
+    num_heads: int = 8
+    dropout: float = 0.1
+    norm_eps: float = 1e-5
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.base_channels
+
+    @property
+    def sinusoidal_dim(self) -> int:
+        return self.base_channels
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {
+    "seed": UNetConfig(),
+    "tiny": UNetConfig(base_channels=32),
+}
+
+
+def make_config(preset: str = "seed", **overrides) -> UNetConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    for key in ("channel_mults", "attention_levels"):
+        if key in overrides:
+            overrides[key] = tuple(overrides[key])
+    config = replace(PRESETS[preset], **overrides)
+    validate_config(config)
+    return config
+
+
+def validate_config(config: UNetConfig) -> None:
+    widths = [config.base_channels * m for m in config.channel_mults]
+    for width in widths:
+        if width % config.num_groups:
+            raise ValueError(f"channel width {width} is not divisible by num_groups={config.num_groups}")
+        if width % config.num_heads:
+            raise ValueError(f"channel width {width} is not divisible by num_heads={config.num_heads}")
+    if config.image_size % (2 ** len(widths)):
+        raise ValueError(f"image_size {config.image_size} must be divisible by {2 ** len(widths)}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
+    for level in config.attention_levels:
+        if not 0 <= level < len(widths):
+            raise ValueError(f"attention level {level} out of range for {len(widths)} levels")
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """emb = [sin(t f), cos(t f)] with f_i = exp(-i ln(10000) / (dim/2 - 1)), i = 0 .. dim/2 - 1."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+    args = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+def norm_act(norm: nn.GroupNorm, x: torch.Tensor, backend: str, scale=None, shift=None, silu: bool = True):
+    """act(GN(x * (1 + scale) + shift)) with GN's affine; scale, shift are (N, C) or None."""
+    if backend == "triton":
+        from kernels import group_norm_silu
+
+        return group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps,
+                               scale=scale, shift=shift, mode="pre", silu=silu)
+    if scale is not None:
+        x = x * (1 + scale[:, :, None, None])
+    if shift is not None:
+        x = x + shift[:, :, None, None]
+    x = norm(x)
+    return F.silu(x) if silu else x
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, time_dim: int, num_groups: int, dropout: float, eps: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(num_groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, 2 * out_channels))
+        self.norm2 = nn.GroupNorm(num_groups, out_channels, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.backend = "eager"
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(norm_act(self.norm1, x, self.backend))
+        scale, shift = self.time_mlp(temb).chunk(2, dim=1)
+        h = norm_act(self.norm2, h, self.backend, scale=scale, shift=shift)
+        h = self.conv2(self.dropout(h))
+        return h + self.skip(x)
+
+
+class Attention(nn.Module):
+    """x + proj(softmax(q k^T / sqrt(d)) v) over the H*W tokens, heads split from channels."""
+
+    def __init__(self, channels: int, num_heads: int, num_groups: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(num_groups, channels, eps=eps)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.backend = "eager"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, height, width = x.shape
+        heads, head_dim = self.num_heads, c // self.num_heads
+        qkv = self.qkv(norm_act(self.norm, x, self.backend, silu=False))
+        # channels split as (3, heads, head_dim); tokens n = y * width + x
+        q, k, v = qkv.reshape(b, 3, heads, head_dim, height * width).unbind(1)
+        if self.backend == "eager":
+            scores = torch.einsum("bhcn,bhcm->bhnm", q, k) * head_dim ** -0.5
+            out = torch.einsum("bhnm,bhcm->bhcn", scores.softmax(dim=-1), v)
+        else:
+            q, k, v = (t.transpose(-1, -2) for t in (q, k, v))  # (b, heads, tokens, head_dim)
+            if self.backend == "triton":
+                from kernels import attention
+
+                out = attention(q, k, v)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v)
+            out = out.transpose(-1, -2)
+        return x + self.proj_out(out.reshape(b, c, height, width))
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig | None = None, backend: str = "eager", checkpointing: str = "none"):
+        super().__init__()
+        self.config = config = config or UNetConfig()
+        validate_config(config)
+        time_dim = config.time_embed_dim
+        widths = [config.base_channels * m for m in config.channel_mults]
+        res = dict(time_dim=time_dim, num_groups=config.num_groups, dropout=config.dropout, eps=config.norm_eps)
+        attn = dict(num_heads=config.num_heads, num_groups=config.num_groups, eps=config.norm_eps)
+
+        self.time_mlp = nn.Sequential(
+            nn.Linear(config.sinusoidal_dim, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)
+        )
+        self.conv_in = nn.Conv2d(config.in_channels, config.base_channels, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        channels = config.base_channels
+        for level, width in enumerate(widths):
+            blocks = nn.ModuleList()
+            for _ in range(config.num_res_blocks):
+                blocks.append(ResBlock(channels, width, **res))
+                channels = width
+            if level in config.attention_levels:
+                blocks.append(Attention(width, **attn))
+            stage = nn.Module()
+            stage.blocks = blocks
+            stage.downsample = nn.Conv2d(width, width, 3, stride=2, padding=1)
+            self.down.append(stage)
+
+        self.mid = nn.ModuleList([ResBlock(channels, channels, **res), Attention(channels, **attn),
+                                  ResBlock(channels, channels, **res)])
+
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(widths))):
+            width = widths[level]
+            stage = nn.Module()
+            stage.upsample = nn.ConvTranspose2d(channels, width, 4, stride=2, padding=1)
+            blocks = nn.ModuleList([ResBlock(2 * width, width, **res)])
+            blocks.extend(ResBlock(width, width, **res) for _ in range(config.num_res_blocks - 1))
+            if level in config.attention_levels:
+                blocks.append(Attention(width, **attn))
+            stage.blocks = blocks
+            self.up.append(stage)
+            channels = width
+
+        self.norm_out = nn.GroupNorm(config.num_groups, channels, eps=config.norm_eps)
+        self.conv_out = nn.Conv2d(channels, config.in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+        self.backend = "eager"
+        self.checkpointing = "none"
+        self.set_backend(backend)
+        self.set_checkpointing(checkpointing)
+
+    def set_backend(self, backend: str) -> "UNet":
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        if backend == "triton":
+            import kernels  # noqa: F401  (fails here, clearly, if triton is unusable)
+        self.backend = backend
+        for module in self.modules():
+            if isinstance(module, (ResBlock, Attention)):
+                module.backend = backend
+        return self
+
+    def set_checkpointing(self, policy: str) -> "UNet":
+        if policy not in CHECKPOINT_POLICIES:
+            raise ValueError(f"unknown checkpoint policy {policy!r}; choose one of {CHECKPOINT_POLICIES}")
+        self.checkpointing = policy
+        return self
+
+    def _run(self, block: nn.Module, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        is_attention = isinstance(block, Attention)
+        args = (h,) if is_attention else (h, temb)
+        policy = self.checkpointing
+        wanted = policy == "all" or (policy == "attention" and is_attention) or (policy == "resblocks" and not is_attention)
+        if wanted and self.training and torch.is_grad_enabled():
+            return activation_checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        temb = self.time_mlp(timestep_embedding(t, self.config.sinusoidal_dim).to(x.dtype))
+        h = self.conv_in(x)
+        skips = []
+        for stage in self.down:
+            for block in stage.blocks:
+                h = self._run(block, h, temb)
+            h = stage.downsample(h)
+            skips.append(h)
+        for block in self.mid:
+            h = self._run(block, h, temb)
+        for stage in self.up:
+            h = stage.upsample(h)
+            skip = skips.pop()
+            skip = F.interpolate(skip, size=h.shape[-2:], mode="bilinear", align_corners=False)
+            h = torch.cat([h, skip], dim=1)
+            for block in stage.blocks:
+                h = self._run(block, h, temb)
+        return self.conv_out(norm_act(self.norm_out, h, self.backend))
+
+
+def build_unet(preset: str = "seed", backend: str = "eager", checkpointing: str = "none", **overrides) -> UNet:
+    return UNet(make_config(preset, **overrides), backend=backend, checkpointing=checkpointing)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
