@@ -1,0 +1,63 @@
+"""The `dream` command: info output and one-line errors on bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dream.cli import main
+
+ENV = {**os.environ, "PYTHONPATH": os.getcwd()}
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "dream", *args], capture_output=True, text=True, env=ENV,
+                          timeout=300)
+
+
+def test_info_json(capsys):
+    assert main(["info", "--preset", "tiny", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == 3_438_979
+    assert info["gflops_forward_per_image"] > 0
+    assert info["blocks"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--data", "folder", "--data-root", "/nonexistent/faces"], "/nonexistent/faces does not exist"),
+    (["train", "--data", "celeba", "--data-root", "/nonexistent/celeba"], "CelebA not found"),
+    (["train", "--data", "folder"], "needs --data-root"),
+    (["train", "--preset", "tiny", "--base-channels", "20"], "num_groups"),
+    (["sample", "/nonexistent/ckpt.pt"], "does not exist"),
+    (["info", "--preset", "huge"], "unknown model preset"),
+])
+def test_bad_input_is_one_line_without_traceback(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0] and "Traceback" not in result.stderr
+
+
+def test_sample_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage")
+    result = run_cli("sample", str(bad), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "cannot be read" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_train_then_sample_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("train", "--preset", "tiny", "--image-size", "16", "--run-dir", str(run), "--data-count", "32",
+                     "--batch-size", "8", "--max-steps", "3", "--sample-count", "4", "--sample-steps", "3",
+                     "--device", "cpu", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "done: step 3" in result.stdout
+    assert list((run / "samples").glob("grid-*.png"))
+    out = tmp_path / "samples"
+    result = run_cli("sample", str(run), "--out", str(out), "--count", "3", "--steps", "2", "--batch-size", "2",
+                     "--device", "cpu", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.glob("0*.png")) == ["000000.png", "000001.png", "000002.png"]
+    assert (out / "grid.png").exists()

@@ -1,0 +1,113 @@
+"""Built-in synthetic faces, image folders with bad files, CelebA errors, device batches."""
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+from dream.data import DeviceBatches, load_images, synthetic_faces
+from dream.errors import DreamError
+
+
+def test_synthetic_faces_are_deterministic_per_index():
+    a = synthetic_faces(300, seed=4)
+    assert a.shape == (300, 3, 64, 64) and a.dtype == torch.uint8
+    assert torch.equal(a[:10], synthetic_faces(10, seed=4))  # image i depends on (seed, i) only
+    assert not torch.equal(a[:10], synthetic_faces(10, seed=5))
+    assert a.float().std() > 30  # not flat
+    assert synthetic_faces(3, size=16).shape == (3, 3, 16, 16)
+
+
+def write_images(folder, count, size=(40, 30)):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        colour = (i * 40 % 256, 100, 200)
+        Image.new("RGB", size, colour).save(folder / f"img{i}.png")
+
+
+def test_folder_with_isolated_corrupt_files(tmp_path):
+    write_images(tmp_path / "imgs" / "sub", 5)
+    (tmp_path / "imgs" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    (tmp_path / "imgs" / "notes.txt").write_text("ignored: not an image extension")
+    with pytest.warns(UserWarning, match="skipped 1 of 6"):
+        images = load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache")
+    assert images.shape == (5, 3, 16, 16)
+    assert images[1, 0].float().mean().item() == pytest.approx(40, abs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second load comes from the cache: no decoding, no warning
+        cached = load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache")
+    assert torch.equal(images, cached)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "does not exist"),
+    ("empty", "holds no image files"),
+    ("all_bad", "could be read"),
+    ("file", "not a folder"),
+])
+def test_folder_errors_name_the_path(tmp_path, case, message):
+    root = tmp_path / "data"
+    if case == "empty":
+        root.mkdir()
+    elif case == "all_bad":
+        root.mkdir()
+        (root / "a.png").write_bytes(b"garbage")
+    elif case == "file":
+        root.write_text("x")
+    with pytest.raises(DreamError, match=message) as error:
+        load_images("folder", str(root), size=16, cache_dir=tmp_path / "cache")
+    assert str(root) in str(error.value) or case == "all_bad"
+    assert "\n" not in str(error.value)
+
+
+def test_celeba_missing_is_one_clear_line(tmp_path):
+    with pytest.raises(DreamError, match="CelebA not found under") as error:
+        load_images("celeba", str(tmp_path), cache_dir=tmp_path / "cache")
+    assert str(tmp_path) in str(error.value)
+
+
+def test_unknown_source_and_missing_root():
+    with pytest.raises(DreamError, match="unknown data source"):
+        load_images("imagenet")
+    with pytest.raises(DreamError, match="needs --data-root"):
+        load_images("folder")
+
+
+def test_device_batches_order_flip_and_sharding():
+    images = torch.arange(10, dtype=torch.uint8).reshape(10, 1, 1, 1).expand(10, 3, 2, 2).contiguous()
+    images[:, :, :, 1] = 255  # left column holds the index, right column is white: flips are visible
+    batches = DeviceBatches(images, batch_size=3, device="cpu", seed=1)
+    assert len(batches) == 3
+    epoch0 = list(batches.epoch(0))
+    assert all(b.shape == (3, 3, 2, 2) and b.min() >= -1 and b.max() <= 1 for b in epoch0)
+    again = list(batches.epoch(0))
+    assert all(torch.equal(a, b) for a, b in zip(epoch0, again))
+    resumed = list(batches.epoch(0, start_batch=1))
+    assert all(torch.equal(a, b) for a, b in zip(epoch0[1:], resumed))
+    order, flips = batches.epoch_order(0)
+    assert not torch.equal(order, batches.epoch_order(1)[0])
+    for x, index in zip(epoch0[0], order[:3]):
+        value = index.item() / 127.5 - 1
+        column = 1 if flips[index] else 0
+        assert x[0, 0, column].item() == pytest.approx(value)
+    ranks = [DeviceBatches(images, 2, "cpu", seed=1, rank=r, world_size=2) for r in range(2)]
+    shards = [r.epoch_order(0)[0] for r in ranks]
+    assert sorted(torch.cat(shards).tolist()) == list(range(10))
+
+
+def test_device_batches_rejects_too_small_a_dataset():
+    with pytest.raises(DreamError, match="needs at least 8 images"):
+        DeviceBatches(torch.zeros(5, 3, 2, 2, dtype=torch.uint8), batch_size=8, device="cpu")
+
+
+def test_celeba_crop_is_the_ddim_box():
+    """The 128x128 box at (row 57, col 25) of a 178x218 aligned image, centred on (x=89, y=121)."""
+    from dream.data import CELEBA_CROP, _crop_resize
+
+    top, left, height, width = CELEBA_CROP
+    assert (left + width / 2, top + height / 2) == (89, 121)
+    image = Image.new("RGB", (178, 218), (255, 0, 0))
+    image.paste((0, 0, 255), (left, top, left + width, top + height))  # the box in blue
+    out = _crop_resize(image, 64, CELEBA_CROP)
+    assert out.shape == (3, 64, 64)
+    assert out[2].min() >= 250 and out[0].max() <= 5  # only the blue box survives

@@ -1,0 +1,73 @@
+"""EMA arithmetic, warm-up, evaluation swap and state round trip."""
+import pytest
+import torch
+
+from dream.ema import EMA
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.GroupNorm(1, 3))
+
+
+def test_update_arithmetic():
+    model = make_model()
+    start = [p.detach().clone() for p in model.parameters()]
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    ema.update(model)
+    for shadow, s0, p in zip(ema.shadow, start, model.parameters()):
+        torch.testing.assert_close(shadow, 0.9 * s0 + 0.1 * p.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_warmup_decay_schedule():
+    ema = EMA(make_model(), decay=0.9999, warmup=True)
+    decays = []
+    for _ in range(3):
+        decays.append(ema.current_decay())
+        ema.update(make_model())
+    assert decays == pytest.approx([1 / 10, 2 / 11, 3 / 12])
+    assert EMA(make_model(), decay=0.5, warmup=True).current_decay() == pytest.approx(0.1)
+
+
+def test_applied_swaps_and_restores_even_on_error():
+    model = make_model()
+    ema = EMA(model, decay=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3).add_(1)
+    ema.update(model)
+    trained = [p.detach().clone() for p in model.parameters()]
+    with ema.applied(model):
+        for p, s in zip(model.parameters(), ema.shadow):
+            assert torch.equal(p, s)
+    for p, q in zip(model.parameters(), trained):
+        assert torch.equal(p, q)
+    with pytest.raises(RuntimeError):
+        with ema.applied(model):
+            raise RuntimeError("evaluation failed")
+    for p, q in zip(model.parameters(), trained):
+        assert torch.equal(p, q)
+
+
+def test_state_dict_round_trip():
+    model = make_model()
+    ema = EMA(model, decay=0.99, warmup=True)
+    with torch.no_grad():
+        model[0].weight.add_(1)
+    ema.update(model)
+    other = EMA(make_model(), decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert other.decay == 0.99 and other.warmup and other.num_updates == 1
+    for a, b in zip(ema.shadow, other.shadow):
+        assert torch.equal(a, b)
+    full = ema.model_state_dict(model)
+    assert set(full) == set(model.state_dict())
+    assert torch.equal(full["0.weight"], ema.shadow[0])
+
+
+def test_bad_decay():
+    with pytest.raises(ValueError, match="decay"):
+        EMA(make_model(), decay=1.5)

@@ -1,0 +1,107 @@
+"""The seed UNet: exact sizes, shapes, backends and checkpointing policies, bad configurations."""
+import math
+
+import pytest
+import torch
+
+from dream.info import model_info
+from dream.model import UNet, build_unet, count_parameters, make_config, timestep_embedding
+
+
+def test_parameter_counts_match_the_seed():
+    assert count_parameters(build_unet("seed")) == 54_846_979
+    assert count_parameters(build_unet("tiny")) == 3_438_979
+
+
+def test_seed_forward_flops_per_image():
+    info = model_info("seed")
+    assert info["parameters"] == 54_846_979
+    assert info["gflops_forward_per_image"] == pytest.approx(38.70, abs=0.005)
+    assert sum(b["parameters"] for b in info["blocks"]) == info["parameters"]
+    assert sum(b["gflops"] for b in info["blocks"]) == pytest.approx(info["gflops_forward_per_image"], rel=1e-9)
+
+
+@pytest.mark.parametrize("batch,size", [(1, 16), (3, 32)])
+def test_output_shape_and_zero_initialised_head(batch, size):
+    model = build_unet("tiny", image_size=size)
+    x = torch.randn(batch, 3, size, size)
+    y = model(x, torch.randint(0, 1000, (batch,)))
+    assert y.shape == x.shape
+    assert torch.count_nonzero(y) == 0  # conv_out starts at zero
+    torch.nn.init.normal_(model.conv_out.weight)
+    assert torch.count_nonzero(model(x, torch.zeros(batch, dtype=torch.long))) > 0
+
+
+def test_timestep_embedding_formula():
+    t = torch.tensor([0, 7, 999])
+    emb = timestep_embedding(t, 128)
+    i = 5
+    f = math.exp(-i * math.log(10000) / 63)
+    assert emb[1, i].item() == pytest.approx(math.sin(7 * f), abs=1e-6)
+    assert emb[2, 64 + i].item() == pytest.approx(math.cos(999 * f), abs=1e-5)
+
+
+def randomised_tiny(size=16, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    model = build_unet("tiny", image_size=size, dropout=dropout).double()
+    with torch.no_grad():
+        for p in model.parameters():  # random affine norms and a non-zero head: every path matters
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def test_sdpa_backend_matches_eager_forward_and_gradients():
+    model = randomised_tiny()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    t = torch.tensor([3, 900])
+    outputs, grads = [], []
+    for backend in ("eager", "sdpa"):
+        model.set_backend(backend)
+        model.zero_grad()
+        y = model(x, t)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)).sum().backward()
+        outputs.append(y.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-12)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("policy", ["attention", "resblocks", "all"])
+def test_activation_checkpointing_changes_nothing_numerically(policy):
+    model = randomised_tiny(dropout=0.1)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    t = torch.tensor([10, 500])
+    results = []
+    for chosen in ("none", policy):
+        model.set_checkpointing(chosen)
+        model.zero_grad()
+        torch.manual_seed(1)  # same dropout masks: checkpoint replays the RNG state
+        y = model(x, t)
+        y.square().sum().backward()
+        results.append((y.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_state_dict_is_the_same_for_every_backend():
+    keys = {backend: list(build_unet("tiny", backend=backend).state_dict()) for backend in ("eager", "sdpa")}
+    assert keys["eager"] == keys["sdpa"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"base_channels": 20}, "num_groups"),
+    ({"image_size": 50}, "divisible"),
+    ({"dropout": 1.5}, "dropout"),
+])
+def test_bad_configurations_name_the_problem(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_config("tiny", **overrides)
+
+
+def test_unknown_preset_and_backend():
+    with pytest.raises(ValueError, match="preset"):
+        make_config("huge")
+    with pytest.raises(ValueError, match="backend"):
+        UNet(make_config("tiny"), backend="cuda-magic")

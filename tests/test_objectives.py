@@ -1,0 +1,164 @@
+"""Each objective against an independent float64 computation written here, on tiny tensors."""
+import math
+
+import pytest
+import torch
+
+from dream.diffusion import GaussianDiffusion
+from dream.objectives import OBJECTIVES, ObjectiveConfig, get_objective
+
+T = 1000
+
+
+def abar_table():
+    """The cosine schedule's abar, recomputed here in float64 from its definition."""
+    f = lambda u: math.cos((u / T + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    betas = [min(max(1 - f(i + 1) / f(i), 1e-4), 0.9999) for i in range(T)]
+    return torch.cumprod(1 - torch.tensor(betas, dtype=torch.float64), 0)
+
+
+class ToyEps(torch.nn.Module):
+    """eps_theta(x, t): a 3x3 conv, a t-dependent shift and optional dropout; float64."""
+
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1).double()
+        self.time = torch.nn.Parameter(torch.randn(3, dtype=torch.float64) * 1e-3)
+        self.dropout = torch.nn.Dropout(dropout)
+
+    def forward(self, x, t):
+        return self.dropout(torch.tanh(self.conv(x))) + self.time[None, :, None, None] * t.double()[:, None, None, None]
+
+
+def inputs(batch=3):
+    g = torch.Generator().manual_seed(11)
+    x0 = torch.rand(batch, 3, 5, 7, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(batch, 3, 5, 7, generator=g, dtype=torch.float64)
+    t = torch.tensor([5, 480, 999][:batch])
+    return x0, noise, t
+
+
+def expected_standard(model, x0, noise, t):
+    a = abar_table()[t].reshape(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    return ((model(x_t, t) - noise) ** 2).mean()
+
+
+def expected_seed(model, x0, noise, t, epoch, lambda_max=0.5, alpha=0.7):
+    a = abar_table()[t].reshape(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    eps_pred = model(x_t, t)
+    lam = (lambda_max * t.double() / T * min(epoch / 20, 1)).reshape(-1, 1, 1, 1)
+    x0_hat = ((x_t - (1 - a).sqrt() * eps_pred.detach()) / a.sqrt()).clamp(-1, 1)
+    x_rect = a.sqrt() * (lam * x0_hat + (1 - lam) * x0) + (1 - a).sqrt() * noise
+    return alpha * ((eps_pred - noise) ** 2).mean() + (1 - alpha) * ((model(x_rect, t) - noise) ** 2).mean()
+
+
+def expected_paper(model, x0, noise, t, power=1.0, l1=False):
+    a = abar_table()[t].reshape(-1, 1, 1, 1)
+    sigma = (1 - a).sqrt()
+    x_t = a.sqrt() * x0 + sigma * noise
+    model.eval()
+    with torch.no_grad():
+        eps_hat = model(x_t, t)
+    model.train()
+    lam = sigma ** power
+    delta = noise - eps_hat
+    residual = noise + lam * delta - model(x_t + sigma * lam * delta, t)
+    return residual.abs().mean() if l1 else (residual ** 2).mean()
+
+
+def grads(model, loss):
+    return torch.autograd.grad(loss, list(model.parameters()))
+
+
+def check(loss, expected, model):
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-5, atol=1e-8)  # float32 schedule tables
+    for a, b in zip(grads(model, loss), grads(model, expected)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+
+
+def test_registry():
+    assert set(OBJECTIVES) == {"standard", "seed", "paper"}
+    with pytest.raises(ValueError, match="objective"):
+        get_objective("dreamier")
+
+
+def test_standard():
+    model, d = ToyEps(), GaussianDiffusion()
+    x0, noise, t = inputs()
+    loss, logs = OBJECTIVES["standard"](model, d, x0, 0, ObjectiveConfig(), t=t, noise=noise)
+    check(loss, expected_standard(model, x0, noise, t), model)
+    assert set(logs) >= {"loss", "loss_standard"}
+
+
+@pytest.mark.parametrize("epoch", [0, 9])
+def test_seed_is_standard_before_its_start_epoch(epoch):
+    model, d = ToyEps(), GaussianDiffusion()
+    x0, noise, t = inputs()
+    loss, logs = OBJECTIVES["seed"](model, d, x0, epoch, ObjectiveConfig(), t=t, noise=noise)
+    check(loss, expected_standard(model, x0, noise, t), model)
+    assert logs["lambda_t_mean"].item() == 0.0
+
+
+@pytest.mark.parametrize("epoch", [10, 15, 20, 40])  # the ramp min(epoch / 20, 1) below, at and past 20
+@pytest.mark.parametrize("separate", [False, True])
+def test_seed_dream(epoch, separate):
+    model, d = ToyEps(), GaussianDiffusion()
+    x0, noise, t = inputs()
+    config = ObjectiveConfig(seed_separate_eps_forward=separate)
+    loss, logs = OBJECTIVES["seed"](model, d, x0, epoch, config, t=t, noise=noise)
+    check(loss, expected_seed(model, x0, noise, t, epoch), model)
+    lam = 0.5 * t.double() / T * min(epoch / 20, 1)
+    assert logs["lambda_t_mean"].item() == pytest.approx(lam.mean().item(), rel=1e-6)
+
+
+def test_seed_custom_parameters():
+    model, d = ToyEps(), GaussianDiffusion()
+    x0, noise, t = inputs()
+    config = ObjectiveConfig(dream_start_epoch=2, lambda_max=0.9, alpha=0.4)
+    loss, _ = OBJECTIVES["seed"](model, d, x0, 3, config, t=t, noise=noise)
+    check(loss, expected_seed(model, x0, noise, t, 3, lambda_max=0.9, alpha=0.4), model)
+
+
+@pytest.mark.parametrize("power,l1", [(1.0, False), (0.0, False), (2.0, False), (1.0, True)])
+def test_paper_dream(power, l1):
+    model, d = ToyEps(dropout=0.3), GaussianDiffusion()
+    x0, noise, t = inputs()
+    config = ObjectiveConfig(paper_power=power, paper_loss="l1" if l1 else "mse")
+    torch.manual_seed(5)
+    loss, _ = OBJECTIVES["paper"](model, d, x0, 0, config, t=t, noise=noise)
+    assert model.training  # the estimate's eval mode is undone
+    torch.manual_seed(5)  # same dropout mask for the trained forward (the no-grad one runs without dropout)
+    expected = expected_paper(model, x0, noise, t, power, l1)
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("name,epoch", [("standard", 0), ("seed", 12), ("paper", 0)])
+def test_early_backward_gives_the_same_gradients(name, epoch):
+    model, d = ToyEps(), GaussianDiffusion()
+    x0, noise, t = inputs()
+    objective = OBJECTIVES[name]
+    loss, _ = objective(model, d, x0, epoch, ObjectiveConfig(), t=t, noise=noise)
+    reference = grads(model, loss)
+    calls = []
+    loss_early, _ = objective(model, d, x0, epoch, ObjectiveConfig(), t=t, noise=noise,
+                              backward=lambda term: (calls.append(1), term.backward()))
+    assert not loss_early.requires_grad
+    assert len(calls) == (2 if name == "seed" else 1)
+    torch.testing.assert_close(loss_early, loss.detach())
+    for p, g in zip(model.parameters(), reference):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-14)
+
+
+def test_random_t_and_noise_when_not_given():
+    model, d = ToyEps(), GaussianDiffusion()
+    x0, _, _ = inputs()
+    torch.manual_seed(0)
+    a, _ = OBJECTIVES["standard"](model, d, x0, 0, ObjectiveConfig())
+    torch.manual_seed(0)
+    b, _ = OBJECTIVES["standard"](model, d, x0, 0, ObjectiveConfig())
+    torch.manual_seed(1)
+    c, _ = OBJECTIVES["standard"](model, d, x0, 0, ObjectiveConfig())
+    assert a.item() == b.item() != c.item()
