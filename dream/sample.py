@@ -1,12 +1,17 @@
 """Generate images from a checkpoint: PNGs written as they are made, resumable, and a grid.
 
-Batch b starts from noise drawn with a generator seeded by (seed, b), so a batch's images do not
-depend on which other batches were made in this call: rerunning skips the batches already written.
+Sampling runs through dream.sampling.SamplingEngine (CUDA graphs on a GPU). Batch b starts from noise
+drawn with a generator seeded by (seed, b) and draws its step noise from the default generators seeded
+by (seed, b), so a batch's images do not depend on which other batches were made in this call:
+rerunning skips the batches already written. The settings that determine the images are recorded in
+<out>/sampling.json, and a rerun with other settings into the same folder is refused.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -14,19 +19,22 @@ from tqdm.auto import tqdm
 
 from dream.checkpoint import load_model_for_sampling
 from dream.errors import DreamError
-
-SAMPLERS = ("ddpm", "ddim")
+from dream.sampling import SAMPLERS, SamplingEngine, normalize_sampler
 
 
 def image_path(out_dir: Path, index: int) -> Path:
     return out_dir / f"{index:06d}.png"
 
 
-def save_images(images: torch.Tensor, out_dir: Path, first_index: int) -> None:
-    """images in [-1, 1], (B, 3, H, W) -> out_dir/<index>.png"""
+def to_pixels(images: torch.Tensor):
+    """images in [-1, 1], (B, 3, H, W) -> uint8 numpy (B, H, W, 3)"""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def write_pngs(pixels, out_dir: Path, first_index: int) -> None:
+    """uint8 (B, H, W, 3) -> out_dir/<first_index + i>.png, each written atomically."""
     from PIL import Image
 
-    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     for i, array in enumerate(pixels):
         path = image_path(out_dir, first_index + i)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -34,49 +42,112 @@ def save_images(images: torch.Tensor, out_dir: Path, first_index: int) -> None:
         tmp.replace(path)
 
 
+def save_images(images: torch.Tensor, out_dir: Path, first_index: int) -> None:
+    """images in [-1, 1], (B, 3, H, W) -> out_dir/<index>.png"""
+    write_pngs(to_pixels(images), Path(out_dir), first_index)
+
+
 def batch_noise(seed: int, batch_index: int, shape, device) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + batch_index)
     return torch.randn(shape, generator=generator).to(device)
 
 
+def batch_step_seed(seed: int, batch_index: int) -> int:
+    """Seed of the default generators while batch `batch_index` is sampled (its per-step noise)."""
+    return seed * 1_000_003 + batch_index + 1
+
+
+SETTINGS_FILE = "sampling.json"
+
+
+def check_settings(out_dir: Path, settings: dict) -> None:
+    """Record the settings that determine the images in out_dir/sampling.json; refuse to add images made
+    with other settings to a folder that already holds some (a resumed run must continue the same set)."""
+    path = out_dir / SETTINGS_FILE
+    if path.exists():
+        try:
+            recorded = json.loads(path.read_text())
+        except ValueError:
+            recorded = None
+        if isinstance(recorded, dict):
+            for key, value in settings.items():
+                if key in recorded and recorded[key] != value:
+                    raise DreamError(f"{out_dir} holds images made with {key}={recorded[key]!r}, this run has "
+                                     f"{key}={value!r}; use another output folder (or delete that one)")
+            return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(settings, indent=1))
+    tmp.replace(path)
+
+
+def _rng_devices(device: torch.device) -> list:
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
 def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: str = "ddim", steps: int = 50,
                   eta: float = 0.0, batch_size: int = 64, seed: int = 0, dtype: torch.dtype = torch.float32,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, graphs: bool | None = None, steps_per_graph: int = 1,
+                  engine: SamplingEngine | None = None, settings: dict | None = None) -> dict:
+    """Write images 0 .. count-1 as out_dir/<index>.png, batch by batch, skipping batches already written.
+
+    Batch b starts from batch_noise(seed, b) and draws its step noise from the default generators seeded
+    with batch_step_seed(seed, b) (the caller's RNG state is restored afterwards), so its images depend on
+    (seed, b, batch_size, sampler settings) only. `graphs`: None = CUDA graphs on a CUDA device.
+    PNGs are encoded on a writer thread while the next batch is sampled."""
     if sampler not in SAMPLERS:
         raise DreamError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if count < 1 or batch_size < 1:
         raise DreamError("--count and --batch-size must be positive")
+    steps = None if sampler == "ddpm" else steps
+    try:
+        sampler, steps, eta = normalize_sampler(diffusion, sampler, steps, eta)
+    except ValueError as error:
+        raise DreamError(str(error)) from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
-    config = model.config
+    config = getattr(model, "_orig_mod", model).config
     shape = (batch_size, config.in_channels, config.image_size, config.image_size)
+    try:
+        engine = engine or SamplingEngine(model, diffusion, graphs=graphs, steps_per_graph=steps_per_graph)
+        use_graphs = engine.use_graphs(device, graphs)
+    except ValueError as error:
+        raise DreamError(str(error)) from None
+    check_settings(out_dir, {"sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "batch_size": batch_size,
+                             "dtype": str(dtype).removeprefix("torch."), "image_size": config.image_size,
+                             **(settings or {})})
     made, start = 0, time.perf_counter()
     batches = math.ceil(count / batch_size)
     bar = tqdm(total=count, desc=f"sampling ({sampler})", disable=not progress, unit="img")
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(
-        device.type, enabled=False)
-    for b in range(batches):
-        first = b * batch_size
-        n = min(batch_size, count - first)
-        if all(image_path(out_dir, first + i).exists() for i in range(n)):
-            bar.update(n)
-            continue
-        x_T = batch_noise(seed, b, shape, device)
-        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b + 1)
-        with autocast:
-            if sampler == "ddpm":
-                x = diffusion.p_sample_loop(model, shape, generator=generator, x_T=x_T, progress=False)
-            else:
-                x = diffusion.ddim_sample_loop(model, shape, steps=steps, eta=eta, generator=generator, x_T=x_T,
-                                               progress=False)
-        save_images(x[:n], out_dir, first)
-        made += n
-        bar.update(n)
-        bar.set_postfix(img_s=f"{made / (time.perf_counter() - start):.2f}")
-    bar.close()
-    return {"count": count, "made": made, "out_dir": str(out_dir), "sampler": sampler,
-            "steps": diffusion.num_timesteps if sampler == "ddpm" else steps, "eta": eta, "seed": seed}
+    writer, pending = ThreadPoolExecutor(max_workers=1), None
+    try:
+        with torch.random.fork_rng(devices=_rng_devices(device)):
+            for b in range(batches):
+                first = b * batch_size
+                n = min(batch_size, count - first)
+                if all(image_path(out_dir, first + i).exists() for i in range(n)):
+                    bar.update(n)
+                    continue
+                x_T = batch_noise(seed, b, shape, device)
+                torch.manual_seed(batch_step_seed(seed, b))
+                x = engine.sample(x_T, sampler, steps, eta, dtype, graphs=use_graphs)
+                pixels = to_pixels(x[:n])  # waits for the batch
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(write_pngs, pixels, out_dir, first)
+                made += n
+                bar.update(n)
+                bar.set_postfix(img_s=f"{made / (time.perf_counter() - start):.2f}")
+        if pending is not None:
+            pending.result()
+    finally:
+        writer.shutdown(wait=True)
+        bar.close()
+    return {"count": count, "made": made, "out_dir": str(out_dir), "sampler": sampler, "steps": steps, "eta": eta,
+            "seed": seed, "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch."), "graphs": use_graphs,
+            "seconds": time.perf_counter() - start}
 
 
 def save_grid(out_dir: str | Path, count: int, path: str | Path, nrow: int | None = None) -> Path:
@@ -90,13 +161,26 @@ def save_grid(out_dir: str | Path, count: int, path: str | Path, nrow: int | Non
     return Path(path)
 
 
+def load_sampler_model(checkpoint: str, device="cpu", use_ema: bool = True, backend: str = "eager",
+                       compile: bool = False):
+    """(model or torch.compile(model), diffusion, checkpoint state, settings identifying the weights)."""
+    model, diffusion, state = load_model_for_sampling(checkpoint, device=device, use_ema=use_ema, backend=backend)
+    path = str(Path(state.get("_path", checkpoint)).resolve())
+    identity = {"checkpoint": path, "checkpoint_step": state.get("step"), "ema": bool(use_ema and state.get("ema"))}
+    if compile:
+        model = torch.compile(model)
+    return model, diffusion, state, identity
+
+
 def sample_from_checkpoint(checkpoint: str, out_dir: str, count: int = 64, sampler: str = "ddim", steps: int = 50,
                            eta: float = 0.0, batch_size: int = 64, seed: int = 0, device: str = "cpu",
                            use_ema: bool = True, backend: str = "eager", dtype: torch.dtype = torch.float32,
-                           grid: bool = True, progress: bool = True) -> dict:
-    model, diffusion, state = load_model_for_sampling(checkpoint, device=device, use_ema=use_ema, backend=backend)
-    report = sample_images(model, diffusion, count, out_dir, sampler, steps, eta, batch_size, seed, dtype, progress)
-    report.update(checkpoint=state.get("_path", str(checkpoint)), step=state.get("step"), ema=use_ema)
+                           grid: bool = True, progress: bool = True, graphs: bool | None = None,
+                           steps_per_graph: int = 1, compile: bool = False) -> dict:
+    model, diffusion, state, identity = load_sampler_model(checkpoint, device, use_ema, backend, compile)
+    report = sample_images(model, diffusion, count, out_dir, sampler, steps, eta, batch_size, seed, dtype, progress,
+                           graphs=graphs, steps_per_graph=steps_per_graph, settings=identity)
+    report.update(checkpoint=identity["checkpoint"], step=state.get("step"), ema=identity["ema"])
     if grid:
         report["grid"] = str(save_grid(out_dir, min(count, 64), Path(out_dir) / "grid.png"))
     return report

@@ -1,0 +1,391 @@
+"""`dream eval`: sample N images with the EMA weights and score them against the real set with
+FID, IS and KID, computed by torch-fidelity.
+
+  generated  N PNGs written by dream.sample.sample_images (resumable; CUDA graphs on a GPU) into
+             <out>/samples; reruns reuse the images already there, and 5,000 images are the first
+             5,000 of 50,000 made with the same settings;
+  real       the checkpoint's training data by default (synthetic, a CelebA split or a folder, through
+             dream.data.load_images), served as a Dataset of uint8 (3, H, W) tensors; its features and
+             FID statistics are cached by torch-fidelity under <dream cache>/fidelity, so the real set is
+             loaded and featurised once;
+  metrics    FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) over Inception pool features,
+             IS = exp(E_x KL(p(y|x) || p(y))), KID = unbiased MMD^2 with the kernel (x.y/d + 1)^3;
+  report     <out>/report-n<N>.json: sample count, sampler, steps, eta, seed, checkpoint, step, metrics.
+
+Offline: torch-fidelity downloads the Inception weights on first use. Without a network, pass the file
+with --inception-weights PATH (torch-fidelity's feature_extractor_weights_path); this is checked before
+any sampling, and a missing file is reported in one line. torch-fidelity is imported only here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from dream.errors import DreamError
+
+METRICS = ("fid", "isc", "kid")
+INCEPTION = "inception-v3-compat"
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+REAL_SOURCES = ("synthetic", "celeba", "folder")
+
+
+def import_fidelity():
+    try:
+        import torch_fidelity
+    except ImportError:
+        raise DreamError("FID/IS/KID need torch-fidelity: pip install torch-fidelity") from None
+    return torch_fidelity
+
+
+# ----------------------------------------------------------------------------------------------
+# datasets of uint8 (3, H, W) images, as torch-fidelity takes them
+class UInt8Images(torch.utils.data.Dataset):
+    def __init__(self, images: torch.Tensor):
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise DreamError(f"expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+class PngImages(torch.utils.data.Dataset):
+    """Exactly the given files (not whatever else a folder holds), decoded to uint8 (3, H, W)."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = [str(p) for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from torchvision.io import ImageReadMode, read_image
+
+        return read_image(self.paths[i], ImageReadMode.RGB)
+
+
+class RealImages(torch.utils.data.Dataset):
+    """The real set, loaded on first access (torch-fidelity does not touch it when its features are cached)."""
+
+    def __init__(self, real: dict, size: int, cache_dir=None):
+        self.real, self.size, self.cache_dir = real, size, cache_dir
+        self._images: torch.Tensor | None = None
+
+    @property
+    def images(self) -> torch.Tensor:
+        if self._images is None:
+            self._images = load_real_images(self.real, self.size, self.cache_dir)
+        return self._images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+def load_images(*args, **kwargs):  # indirection: tests check that a cached real set is never loaded
+    from dream.data import load_images as load
+
+    return load(*args, **kwargs)
+
+
+def load_real_images(real: dict, size: int, cache_dir=None) -> torch.Tensor:
+    """uint8 (N, 3, size, size); `limit` keeps a fixed random subset (seeded 0) of a CelebA/folder set."""
+    if real["source"] == "synthetic":
+        return load_images("synthetic", size=size, count=real["count"], seed=real["seed"])
+    images = load_images(real["source"], real["root"], real["split"], size=size, cache_dir=cache_dir)
+    if real.get("count") and real["count"] < images.shape[0]:
+        keep = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(0))[:real["count"]]
+        images = images[keep.sort().values]
+    return images
+
+
+def resolve_real_set(config: dict, source: str | None = None, root: str | None = None, split: str | None = None,
+                     count: int | None = None) -> dict:
+    """The real set: the checkpoint's training data unless overridden. count: synthetic image count, or
+    a cap on a CelebA/folder set (None: all of it)."""
+    same = source is None or source == config.get("data")
+    source = source or config.get("data", "synthetic")
+    if source not in REAL_SOURCES:
+        raise DreamError(f"unknown real-set source {source!r}; choose one of {REAL_SOURCES}")
+    if count is not None and count < 2:
+        raise DreamError(f"--real-count must be at least 2, got {count}")
+    if source == "synthetic":
+        default = config.get("data_count", 4096) if same else 4096
+        return {"source": "synthetic", "root": None, "split": None, "count": count or default,
+                "seed": config.get("seed", 0) if same else 0}
+    root = root or (config.get("data_root") if same else None)
+    if not root:
+        raise DreamError(f"the real set {source} needs --real-root")
+    split = split or (config.get("data_split", "train") if same else "train")
+    return {"source": source, "root": str(Path(root).expanduser().resolve()),
+            "split": split if source == "celeba" else None, "count": count, "seed": None}
+
+
+def real_cache_name(real: dict, size: int, weights_tag: str) -> str:
+    key = hashlib.sha1(json.dumps([real, size, weights_tag], sort_keys=True).encode()).hexdigest()[:16]
+    return f"dream-real-{real['source']}-{size}px-{key}"
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), by torch-fidelity (float64)."""
+    import numpy as np
+
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    stats = [{"mu": np.asarray(mu, dtype=np.float64), "sigma": np.asarray(sigma, dtype=np.float64)}
+             for mu, sigma in ((mu1, sigma1), (mu2, sigma2))]
+    return fid_statistics_to_metric(stats[0], stats[1], verbose=False)[KEY_METRIC_FID]
+
+
+def fid_from_features(features1: torch.Tensor, features2: torch.Tensor) -> float:
+    """FID between two feature sets (N, D), through torch-fidelity's statistics (mean, unbiased covariance)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    s1, s2 = (fid_features_to_statistics(f.detach().double().cpu()) for f in (features1, features2))
+    return frechet_distance(s1["mu"], s1["sigma"], s2["mu"], s2["sigma"])
+
+
+def _download_inception(target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(INCEPTION_URL, str(target), progress=False)
+
+
+def resolve_feature_extractor(name: str, weights: str | None) -> tuple[str | None, str]:
+    """(weights path or None, tag for cache names), checked before any sampling: for Inception, the given
+    file, else torch's hub cache, else a download; failing that, one line saying what to provide."""
+    fidelity = import_fidelity()
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    if name not in FEATURE_EXTRACTORS_REGISTRY:
+        raise DreamError(f"unknown feature extractor {name!r}; torch-fidelity knows {sorted(FEATURE_EXTRACTORS_REGISTRY)}")
+    hub_file = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if weights:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise DreamError(f"--inception-weights {path}: no such file (expected {INCEPTION_FILE})")
+    elif name != INCEPTION:
+        return None, f"{name}-{fidelity.__version__}"
+    elif hub_file.is_file():
+        path = hub_file
+    else:
+        try:
+            _download_inception(hub_file)
+        except Exception as error:  # noqa: BLE001  - no network, proxy, HTTP error: all mean "provide the file"
+            reason = (str(error).strip().splitlines() or [""])[0]
+            raise DreamError(f"FID/IS/KID need the Inception weights {INCEPTION_FILE}, which could not be downloaded "
+                             f"({type(error).__name__}: {reason}); fetch {INCEPTION_URL} elsewhere and pass "
+                             f"--inception-weights PATH (or copy it to {hub_file})") from None
+        path = hub_file
+    if name == INCEPTION:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or "fc.weight" not in state:
+                raise ValueError("no fc.weight entry")
+        except Exception as error:  # noqa: BLE001
+            raise DreamError(f"{path} is not torch-fidelity's Inception weights file {INCEPTION_FILE} "
+                             f"({type(error).__name__}: {(str(error).splitlines() or [''])[0]})") from None
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return str(path), f"{name}-{digest}"
+
+
+def check_metrics(metrics) -> None:
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown or not metrics:
+        raise DreamError(f"unknown metrics {unknown}; choose one or more of {', '.join(METRICS)}")
+
+
+def compute_metrics(generated, real, metrics=METRICS, device="cpu", feature_extractor: str = INCEPTION,
+                    weights: str | None = None, real_cache_name: str | None = None, cache_dir=None,
+                    batch_size: int = 64, kid_subset_size: int = 1000, kid_subsets: int = 100, isc_splits: int = 10,
+                    real_count: int | None = None, verbose: bool = False) -> dict:
+    """torch-fidelity over two datasets of uint8 (3, H, W) images (generated = input1, real = input2).
+    Returns {"fid", "isc_mean", "isc_std", "kid_mean", "kid_std"} for the requested metrics, plus "raw"."""
+    import_fidelity()
+    from torch_fidelity import calculate_metrics
+
+    check_metrics(metrics)
+    n_generated = len(generated)
+    binary = "fid" in metrics or "kid" in metrics
+    n_real = (real_count or len(real)) if binary else None
+    kwargs = dict(
+        input1=generated, cuda=torch.device(device).type == "cuda", batch_size=batch_size,
+        isc="isc" in metrics, fid="fid" in metrics, kid="kid" in metrics,
+        feature_extractor=feature_extractor, feature_extractor_weights_path=weights,
+        isc_splits=max(1, min(isc_splits, n_generated)), kid_subsets=kid_subsets,
+        kid_subset_size=min(kid_subset_size, n_generated, n_real or n_generated),
+        save_cpu_ram=n_generated + (n_real or 0) < 4096, verbose=verbose,
+        cache=True, cache_root=str(Path(cache_dir)) if cache_dir else None)
+    if binary:
+        kwargs.update(input2=real, input2_cache_name=real_cache_name)
+    raw = calculate_metrics(**kwargs)
+    names = {"frechet_inception_distance": "fid", "inception_score_mean": "isc_mean",
+             "inception_score_std": "isc_std", "kernel_inception_distance_mean": "kid_mean",
+             "kernel_inception_distance_std": "kid_std"}
+    result = {names[k]: float(v) for k, v in raw.items() if k in names}
+    result["raw"] = {k: float(v) for k, v in raw.items()}
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+def default_out_dir(checkpoint_path: str, sampler: str, steps: int, eta: float, seed: int, dtype) -> Path:
+    path = Path(checkpoint_path)
+    tag = f"{path.stem}-{sampler}{steps}-eta{eta:g}-seed{seed}" + ("-bf16" if dtype == torch.bfloat16 else "")
+    return path.parent.parent / "eval" / tag
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampler: str = "ddim", steps: int = 50,
+             eta: float = 0.0, batch_size: int = 256, seed: int = 0, device="auto", backend: str = "auto",
+             dtype: torch.dtype = torch.float32, graphs: bool | None = None, steps_per_graph: int = 1,
+             compile: bool = False, use_ema: bool = True, metrics=METRICS, real: str | None = None,
+             real_root: str | None = None, real_split: str | None = None, real_count: int | None = None,
+             inception_weights: str | None = None, feature_extractor: str = INCEPTION, kid_subset_size: int = 1000,
+             kid_subsets: int = 100, isc_splits: int = 10, metrics_batch_size: int = 64, cache_dir=None,
+             progress: bool = True) -> dict:
+    """Sample `count` images from `checkpoint` and score them; returns the report (also written as JSON)."""
+    from dream.data import default_cache_dir
+    from dream.sample import load_sampler_model, sample_images
+    from dream.train import resolve_backend, resolve_device
+
+    if count < 2:
+        raise DreamError(f"--count must be at least 2 for FID/IS/KID, got {count}")
+    metrics = tuple(metrics)
+    check_metrics(metrics)
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    weights, weights_tag = resolve_feature_extractor(feature_extractor, inception_weights)  # before any sampling
+    model, diffusion, state, identity = load_sampler_model(checkpoint, device, use_ema,
+                                                           resolve_backend(backend, device), compile)
+    size = getattr(model, "_orig_mod", model).config.image_size
+    real_set = resolve_real_set(state["config"], real, real_root, real_split, real_count)
+    steps_run = diffusion.num_timesteps if sampler == "ddpm" else steps
+    out_dir = Path(out) if out else default_out_dir(identity["checkpoint"], sampler, steps_run, eta, seed, dtype)
+    samples_dir = out_dir / "samples"
+
+    start = time.perf_counter()
+    sampling = sample_images(model, diffusion, count, samples_dir, sampler, steps, eta, batch_size, seed, dtype,
+                             progress, graphs=graphs, steps_per_graph=steps_per_graph, settings=identity)
+    sampling_seconds = time.perf_counter() - start
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    from dream.sample import image_path
+
+    cache_root = Path(cache_dir) if cache_dir else default_cache_dir() / "fidelity"
+    cache_name = real_cache_name(real_set, size, weights_tag)
+    real_images = RealImages(real_set, size)
+    count_file = cache_root / f"{cache_name}-count.json"
+    known_real_count = json.loads(count_file.read_text())["count"] if count_file.exists() else None
+    start = time.perf_counter()
+    scores = compute_metrics(PngImages([image_path(samples_dir, i) for i in range(count)]), real_images, metrics,
+                             device, feature_extractor, weights, cache_name, cache_root, metrics_batch_size,
+                             kid_subset_size, kid_subsets, isc_splits, known_real_count, progress)
+    metrics_seconds = time.perf_counter() - start
+    if real_images._images is not None:
+        known_real_count = len(real_images)
+        cache_root.mkdir(parents=True, exist_ok=True)
+        _atomic_json(count_file, {"count": known_real_count})
+
+    import torch_fidelity
+
+    from dream.checkpoint import code_version
+
+    report = {
+        "checkpoint": identity["checkpoint"], "step": state.get("step"), "ema": identity["ema"],
+        "count": count, "made": sampling["made"], "sampler": sampling["sampler"], "steps": sampling["steps"],
+        "eta": sampling["eta"], "seed": seed, "batch_size": batch_size, "dtype": sampling["dtype"],
+        "graphs": sampling["graphs"], "backend": resolve_backend(backend, device), "compile": compile,
+        "image_size": size, "samples_dir": str(samples_dir),
+        "real": {**real_set, "images": known_real_count, "cache_name": cache_name},
+        "feature_extractor": feature_extractor, "feature_extractor_weights": weights,
+        "metrics": {k: v for k, v in scores.items() if k != "raw"}, "torch_fidelity_metrics": scores["raw"],
+        "seconds": {"sampling": sampling_seconds, "metrics": metrics_seconds},
+        "torch_fidelity_version": torch_fidelity.__version__, "code_version": code_version(),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report["report"] = str(out_dir / f"report-n{count}.json")
+    _atomic_json(Path(report["report"]), report)
+    return report
+
+
+def format_report(report: dict) -> str:
+    m = report["metrics"]
+    parts = []
+    if "fid" in m:
+        parts.append(f"FID {m['fid']:.3f}")
+    if "isc_mean" in m:
+        parts.append(f"IS {m['isc_mean']:.3f} ± {m['isc_std']:.3f}")
+    if "kid_mean" in m:
+        parts.append(f"KID {m['kid_mean']:.5f} ± {m['kid_std']:.5f}")
+    sampler = report["sampler"] + (f" {report['steps']} steps, eta {report['eta']:g}" if report["sampler"] == "ddim" else "")
+    return (f"{', '.join(parts)} on {report['count']} samples ({sampler}, seed {report['seed']}, "
+            f"step {report['step']}); report {report['report']}")
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+def add_eval_arguments(p) -> None:
+    p.add_argument("checkpoint", help="checkpoint file, or a run folder (its newest valid checkpoint)")
+    p.add_argument("--out", help="folder for samples/ and report-n<count>.json "
+                                 "(default: <run>/eval/<checkpoint>-<sampler><steps>-eta<eta>-seed<seed>)")
+    p.add_argument("--count", type=int, default=50_000, help="number of samples (5000 to compare with the seed)")
+    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"])
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backend", default="auto", choices=["auto", "eager", "sdpa", "triton"])
+    p.add_argument("--bf16", action="store_true", help="sample under bf16 autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--graphs", default="auto", choices=["auto", "on", "off"], help="CUDA graphs (auto: on a GPU)")
+    p.add_argument("--steps-per-graph", type=int, default=1, help="denoising steps captured per CUDA graph")
+    p.add_argument("--no-ema", action="store_true", help="use the raw training weights instead of the EMA")
+    p.add_argument("--metrics", default="fid,isc,kid", help="comma-separated subset of fid,isc,kid")
+    p.add_argument("--real", choices=list(REAL_SOURCES), help="real set (default: the checkpoint's training data)")
+    p.add_argument("--real-root", help="CelebA root (the folder holding 'celeba') or an image folder")
+    p.add_argument("--real-split", help="CelebA split: train, valid, test or all (default: the training split)")
+    p.add_argument("--real-count", type=int, help="synthetic image count, or a cap on the CelebA/folder images")
+    p.add_argument("--inception-weights", help=f"path to {INCEPTION_FILE} (offline use)")
+    p.add_argument("--feature-extractor", default=INCEPTION, help="torch-fidelity feature extractor name")
+    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--metrics-batch-size", type=int, default=64)
+    p.add_argument("--cache-dir", help="torch-fidelity cache (default: <dream cache>/fidelity)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def parse_graphs(value: str) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[value]
+
+
+def run_eval_command(args) -> int:
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    report = evaluate(args.checkpoint, out=args.out, count=args.count, sampler=args.sampler, steps=args.steps,
+                      eta=args.eta, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                      backend=args.backend, dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                      graphs=parse_graphs(args.graphs), steps_per_graph=args.steps_per_graph, compile=args.compile,
+                      use_ema=not args.no_ema, metrics=metrics, real=args.real, real_root=args.real_root,
+                      real_split=args.real_split, real_count=args.real_count, inception_weights=args.inception_weights,
+                      feature_extractor=args.feature_extractor, kid_subset_size=args.kid_subset_size,
+                      metrics_batch_size=args.metrics_batch_size, cache_dir=args.cache_dir,
+                      progress=not args.no_progress)
+    print(format_report(report))
+    return 0

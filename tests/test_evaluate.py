@@ -1,0 +1,291 @@
+"""`dream eval` (dream/evaluate.py): the Fréchet distance against closed forms, and the whole pipeline
+(checkpoint -> EMA samples -> torch-fidelity FID/IS/KID against the real set, cached) on tiny data with a
+small deterministic feature extractor registered through torch-fidelity's extension mechanism, so that
+nothing is downloaded. The metric values are recomputed here from the extractor's features of the PNGs
+and of the real images, with independent formulas."""
+import json
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+torch_fidelity = pytest.importorskip("torch_fidelity")
+
+import dream.evaluate as evaluate_module  # noqa: E402
+from dream.data import load_images  # noqa: E402
+from dream.errors import DreamError  # noqa: E402
+from dream.evaluate import (INCEPTION_FILE, evaluate, fid_from_features, frechet_distance,  # noqa: E402
+                            resolve_feature_extractor)
+from dream.sample import image_path, sample_from_checkpoint  # noqa: E402
+
+# torch-fidelity computes FID from float64 statistics with an eigenvalue route; the closed forms here use
+# a symmetric square root, so agreement is to float64 rounding amplified by the matrix square root.
+FID_RTOL = {"closed_form": 1e-8, "pipeline": 1e-6}
+IS_RTOL = 1e-9
+KID_ATOL = 1e-9
+SAMPLED_FID_ATOL = 0.08  # 200,000 draws in 3-D: the estimate of a population FID ~ 3-10
+
+EXTRACTOR = "dream-test-random-conv"
+
+
+class RandomConvFeatures(torch_fidelity.FeatureExtractorBase):
+    """A small fixed random conv net on uint8 images: 'features' (12-d) for FID/KID, 'logits' (10) for IS."""
+
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, features_list)
+        g = torch.Generator().manual_seed(1234)
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, 6, 3, stride=2, padding=1)
+        self.head = nn.Linear(12, 10)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+    @staticmethod
+    def get_provided_features_list():
+        return ("features", "logits")
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features"}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+
+    def all_features(self, x):
+        assert x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3
+        h = F.silu(self.conv1(x.float() / 127.5 - 1))
+        h = torch.tanh(self.conv2(h))
+        features = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1).double()
+        return {"features": features, "logits": 4 * self.head(features.float()).double()}
+
+    def forward(self, x):
+        found = self.all_features(x)
+        return tuple(found[name] for name in self.features_list)
+
+
+if EXTRACTOR not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
+    torch_fidelity.register_feature_extractor(EXTRACTOR, RandomConvFeatures)
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    threads = torch.get_num_threads()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fréchet distance
+def closed_form_fid(mu1, s1, mu2, s2) -> float:
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^(1/2) S2 S1^(1/2))^(1/2)), symmetric square roots by eigh."""
+    def sqrt_psd(m):
+        w, v = np.linalg.eigh((m + m.T) / 2)
+        return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+    r1 = sqrt_psd(s1)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(sqrt_psd(r1 @ s2 @ r1)))
+
+
+def random_spd(rng, d):
+    a = rng.standard_normal((d, d))
+    return a @ a.T / d + rng.uniform(0.1, 1.0) * np.eye(d)
+
+
+@pytest.mark.parametrize("d", [1, 3, 17])
+def test_frechet_distance_diagonal_closed_form(d):
+    rng = np.random.default_rng(d)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    v1, v2 = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
+    got = frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2))
+    assert got == pytest.approx(expected, rel=FID_RTOL["closed_form"])
+
+
+@pytest.mark.parametrize("d", [2, 5, 33])
+def test_frechet_distance_general_closed_form(d):
+    rng = np.random.default_rng(100 + d)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d) * 2
+    s1, s2 = random_spd(rng, d), random_spd(rng, d)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(closed_form_fid(mu1, s1, mu2, s2),
+                                                               rel=FID_RTOL["closed_form"])
+    assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-9)
+    shift = rng.standard_normal(d)
+    assert frechet_distance(mu1, s1, mu1 + shift, s1) == pytest.approx((shift ** 2).sum(), rel=1e-7)
+
+
+def test_fid_of_samples_matches_sample_statistics_and_population():
+    rng = np.random.default_rng(7)
+    d, n = 3, 200_000
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    s1, s2 = random_spd(rng, d), random_spd(rng, d) * 2
+    x = torch.from_numpy(rng.multivariate_normal(mu1, s1, n))
+    y = torch.from_numpy(rng.multivariate_normal(mu2, s2, n))
+    got = fid_from_features(x, y)
+    xm, ym = x.mean(0), y.mean(0)
+    sx, sy = (x - xm).T @ (x - xm) / (n - 1), (y - ym).T @ (y - ym) / (n - 1)
+    assert got == pytest.approx(closed_form_fid(xm.numpy(), sx.numpy(), ym.numpy(), sy.numpy()),
+                                rel=FID_RTOL["closed_form"])
+    population = closed_form_fid(mu1, s1, mu2, s2)
+    assert population > 1
+    assert got == pytest.approx(population, abs=SAMPLED_FID_ATOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# the pipeline
+def make_checkpoint(tmp_path):
+    from dream.train import TrainConfig, Trainer
+
+    config = TrainConfig(run_dir=str(tmp_path / "run"), preset="tiny",
+                         model_overrides={"image_size": 16, "base_channels": 16}, backend="eager", num_timesteps=10,
+                         objective="standard", data="synthetic", data_count=12, batch_size=2, device="cpu",
+                         precision="fp32", sample_every=0, progress=False, seed=5)
+    trainer = Trainer(config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        trainer.ema.shadow = [s + torch.randn(s.shape, generator=g) * 0.05 for s in trainer.ema.shadow]
+    trainer.step = 9
+    return trainer.save_checkpoint()
+
+
+def read_png(path):
+    from torchvision.io import ImageReadMode, read_image
+
+    return read_image(str(path), ImageReadMode.RGB)
+
+
+def independent_metrics(generated: torch.Tensor, real: torch.Tensor) -> dict:
+    extractor = RandomConvFeatures(EXTRACTOR, ["features", "logits"]).eval()
+    with torch.no_grad():
+        fg, fr = extractor.all_features(generated), extractor.all_features(real)
+    x, y = fg["features"].numpy(), fr["features"].numpy()
+    fid = closed_form_fid(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+    p = torch.softmax(fg["logits"], dim=1).numpy()
+    isc = float(np.exp(np.mean(np.sum(p * (np.log(p) - np.log(p.mean(0, keepdims=True))), axis=1))))
+    m, d = len(x), x.shape[1]
+    kernel = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
+    kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
+    kid = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
+    return {"fid": fid, "isc_mean": isc, "kid_mean": float(kid)}
+
+
+def test_eval_pipeline_tiny(tmp_path, monkeypatch):
+    checkpoint = make_checkpoint(tmp_path)
+    count = 12  # = the checkpoint's synthetic training set: KID subsets are then the whole sets
+    settings = dict(count=count, sampler="ddim", steps=2, eta=0.3, batch_size=5, seed=4, device="cpu",
+                    feature_extractor=EXTRACTOR, cache_dir=tmp_path / "fidelity", isc_splits=1, kid_subsets=3,
+                    progress=False)
+    report = evaluate(str(checkpoint), out=str(tmp_path / "eval"), **settings)
+
+    saved = json.loads((tmp_path / "eval" / f"report-n{count}.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    for key, value in {"count": count, "made": count, "sampler": "ddim", "steps": 2, "eta": 0.3, "seed": 4,
+                       "step": 9, "ema": True, "graphs": False, "checkpoint": str(checkpoint.resolve())}.items():
+        assert report[key] == value, key
+    assert report["real"]["source"] == "synthetic" and report["real"]["images"] == 12
+
+    generated = torch.stack([read_png(image_path(tmp_path / "eval" / "samples", i)) for i in range(count)])
+    real = load_images("synthetic", size=16, count=12, seed=5)  # the checkpoint's training data
+    expected = independent_metrics(generated, real)
+    metrics = report["metrics"]
+    assert metrics["fid"] > 0 and metrics["fid"] == pytest.approx(expected["fid"], rel=FID_RTOL["pipeline"])
+    assert metrics["isc_mean"] == pytest.approx(expected["isc_mean"], rel=IS_RTOL) and metrics["isc_std"] == 0
+    assert metrics["kid_mean"] == pytest.approx(expected["kid_mean"], abs=KID_ATOL) and metrics["kid_std"] < 1e-12
+
+    # the samples are the EMA model's
+    ema = sample_from_checkpoint(str(checkpoint), str(tmp_path / "ema"), count=5, sampler="ddim", steps=2, eta=0.3,
+                                 batch_size=5, seed=4, grid=False, progress=False)
+    raw = sample_from_checkpoint(str(checkpoint), str(tmp_path / "raw"), count=5, sampler="ddim", steps=2, eta=0.3,
+                                 batch_size=5, seed=4, grid=False, progress=False, use_ema=False)
+    assert ema["made"] == raw["made"] == 5
+    assert all(torch.equal(read_png(image_path(tmp_path / "ema", i)), generated[i]) for i in range(5))
+    assert not all(torch.equal(read_png(image_path(tmp_path / "raw", i)), generated[i]) for i in range(5))
+
+    # rerun: samples and real-set features come from disk; the real set is not loaded again
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the real set was loaded although its features are cached")
+
+    monkeypatch.setattr(evaluate_module, "load_images", no_loading)
+    again = evaluate(str(checkpoint), out=str(tmp_path / "eval"), **settings)
+    assert again["made"] == 0 and again["metrics"] == pytest.approx(report["metrics"], rel=1e-12)
+    assert any(p.name.startswith(report["real"]["cache_name"]) for p in (tmp_path / "fidelity").iterdir())
+
+    with pytest.raises(DreamError, match="eta"):  # different settings into the same sample folder
+        evaluate(str(checkpoint), out=str(tmp_path / "eval"), **{**settings, "eta": 0.0})
+
+
+def test_eval_cli_only_fid(tmp_path, capsys):
+    from dream.cli import main
+
+    checkpoint = make_checkpoint(tmp_path)
+    code = main(["eval", str(checkpoint), "--out", str(tmp_path / "eval"), "--count", "6", "--steps", "1",
+                 "--batch-size", "3", "--device", "cpu", "--metrics", "fid", "--real-count", "8",
+                 "--feature-extractor", EXTRACTOR, "--cache-dir", str(tmp_path / "fidelity"), "--no-progress"])
+    assert code == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("FID ") and "on 6 samples" in line and "IS" not in line
+    report = json.loads((tmp_path / "eval" / "report-n6.json").read_text())
+    assert set(report["metrics"]) == {"fid"} and report["real"]["count"] == 8 and report["real"]["images"] == 8
+
+
+# ----------------------------------------------------------------------------------------------
+# offline: the Inception weights
+@pytest.fixture
+def empty_hub(tmp_path):
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield tmp_path / "hub"
+    torch.hub.set_dir(previous)
+
+
+def test_missing_inception_weights_is_one_clear_line(tmp_path, capsys, monkeypatch, empty_hub):
+    from dream.cli import main
+
+    def offline(target):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(evaluate_module, "_download_inception", offline)
+    checkpoint = make_checkpoint(tmp_path)
+    out = tmp_path / "eval"
+    code = main(["eval", str(checkpoint), "--out", str(out), "--count", "4", "--device", "cpu", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dream eval: error: ")
+    assert INCEPTION_FILE in err and "--inception-weights" in err and "URLError" in err
+    assert not out.exists()  # checked before any sampling
+
+    code = main(["eval", str(checkpoint), "--out", str(out), "--count", "4", "--device", "cpu", "--no-progress",
+                 "--inception-weights", str(tmp_path / "nowhere.pth")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "nowhere.pth" in err and "no such file" in err
+
+
+def test_inception_weights_file_is_checked(tmp_path, empty_hub):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(DreamError, match="not torch-fidelity's Inception weights"):
+        resolve_feature_extractor("inception-v3-compat", str(bad))
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, wrong)
+    with pytest.raises(DreamError, match="fc.weight"):
+        resolve_feature_extractor("inception-v3-compat", str(wrong))
+    # a file in torch's hub cache is found without a flag or a download
+    hub_file = empty_hub / "checkpoints" / INCEPTION_FILE
+    hub_file.parent.mkdir(parents=True)
+    torch.save({"fc.weight": torch.zeros(2, 2)}, hub_file)
+    path, tag = resolve_feature_extractor("inception-v3-compat", None)
+    assert path == str(hub_file) and tag.startswith("inception-v3-compat-")
+    with pytest.raises(DreamError, match="unknown feature extractor"):
+        resolve_feature_extractor("no-such-net", None)

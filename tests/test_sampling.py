@@ -1,0 +1,429 @@
+"""The sampler engine (dream/sampling.py) and resumable PNG sampling (dream/sample.py).
+
+On CPU: the step function the CUDA-graph path replays is compared with the reference sampler
+(dream.diffusion.GaussianDiffusion.p_sample / ddim_step and their loops) for the same noise, in float64
+(to rounding) and float32; DDIM with eta = 1 over all T steps is checked against DDPM, both as tables
+(from independently computed float64 schedule tables) and as whole loops. On a GPU: graphed and plain
+loops give the same images for the same seed (eager, triton and compiled models, fp32 and bf16, 1 and k
+steps per graph), captures are reused, noise is fresh at every replay, and a loop makes no host sync.
+"""
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import ON_GPU
+from dream.diffusion import GaussianDiffusion, cosine_betas, linear_betas
+from dream.errors import DreamError
+from dream.model import build_unet
+from dream.sample import image_path, sample_from_checkpoint, sample_images
+from dream.sampling import (SamplingEngine, build_plan, denoise_step, normalize_sampler, time_sampling)
+
+# max |engine - reference| for the same noise; the reference tables are float32, folded into float64 rows,
+# so float32 differs by rounding of the fold and of the step arithmetic.
+TOLERANCES = {
+    # state dtype: (one step, whole loop)
+    torch.float64: (1e-12, 1e-11),
+    torch.float32: (2e-6, 5e-5),
+}
+AUTOCAST_TOLERANCE = {torch.bfloat16: 1e-3}  # engine vs reference, both under the same CPU autocast
+ETA1_VS_DDPM_PLAN_RTOL = 1e-9  # float64 tables computed here, independently of GaussianDiffusion
+ETA1_VS_DDPM_LOOP_ATOL = 2e-5  # GaussianDiffusion's float32 tables: 1 - abar_t/abar_prev loses ~3 digits
+GPU_GRAPH_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # graphed vs plain, same seed
+
+gpu = pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+CONFIGS = [("ddpm", None, 1.0), ("ddim", 4, 0.0), ("ddim", 4, 0.8)]
+CONFIG_IDS = ["ddpm", "ddim4-eta0", "ddim4-eta0.8"]
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """The models here are tiny: intra-op threads only add contention on a shared CPU."""
+    threads = torch.get_num_threads()
+    if not ON_GPU:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+class ToyEps(nn.Module):
+    """eps(x, t) = tanh(conv3x3(x)) (1 + sin(f t)/2) + x/10: depends on every pixel, the channel and t,
+    and runs on any image shape."""
+
+    def __init__(self, channels: int, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.4)
+            self.conv.bias.copy_(torch.randn(channels, generator=g) * 0.3)
+        self.freq = nn.Parameter(torch.rand(channels, generator=g) * 0.05 + 0.01)
+
+    def forward(self, x, t):
+        scale = 1 + 0.5 * torch.sin(t.to(x.dtype)[:, None] * self.freq.to(x.dtype))
+        return torch.tanh(self.conv(x)) * scale[:, :, None, None] + 0.1 * x
+
+
+def tiny_unet(seed: int = 0, image_size: int = 16, base_channels: int = 16, **overrides):
+    """A small UNet with every weight perturbed (the output conv starts at zero)."""
+    model = build_unet("tiny", image_size=image_size, base_channels=base_channels, **overrides).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def exact_diffusion(schedule: str, timesteps: int) -> SimpleNamespace:
+    """The schedule tables in float64, written from the DDPM formulas (not through GaussianDiffusion)."""
+    betas = cosine_betas(timesteps) if schedule == "cosine" else linear_betas(timesteps)
+    alphas = 1 - betas
+    abar = torch.cumprod(alphas, 0)
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    var = betas * (1 - abar_prev) / (1 - abar)
+    return SimpleNamespace(
+        num_timesteps=timesteps, ddim_timesteps=GaussianDiffusion.ddim_timesteps,
+        alphas_cumprod=abar, sqrt_recip_alphas_cumprod=(1 / abar).sqrt(),
+        sqrt_recipm1_alphas_cumprod=(1 / abar - 1).sqrt(),
+        posterior_mean_coef_x0=betas * abar_prev.sqrt() / (1 - abar),
+        posterior_mean_coef_xt=(1 - abar_prev) * alphas.sqrt() / (1 - abar),
+        posterior_log_variance_clipped=torch.log(torch.cat([var[1:2], var[1:]])))
+
+
+def reference_step(diffusion, model, plan, i, x, noise):
+    t = plan.timesteps[i].repeat(x.shape[0])
+    if plan.sampler == "ddpm":
+        return diffusion.p_sample(model, x, t, noise=noise)
+    t_prev = plan.timesteps[i + 1] if i + 1 < plan.steps else torch.tensor(-1)
+    return diffusion.ddim_step(model, x, t, t_prev.repeat(x.shape[0]), eta=plan.eta, noise=noise)
+
+
+# ----------------------------------------------------------------------------------------------
+# tables
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+@pytest.mark.parametrize("timesteps", [7, 40])
+def test_ddim_eta1_all_steps_plan_equals_ddpm(schedule, timesteps):
+    exact = exact_diffusion(schedule, timesteps)
+    ddpm = build_plan(exact, "ddpm", dtype=torch.float64)
+    ddim = build_plan(exact, "ddim", timesteps, 1.0, dtype=torch.float64)
+    assert torch.equal(ddpm.timesteps, torch.arange(timesteps - 1, -1, -1))
+    assert torch.equal(ddim.timesteps, ddpm.timesteps)
+    assert ddpm.coefficients[-1, 4] == 0 and ddim.coefficients[-1, 4] == 0  # no noise into x_0
+    torch.testing.assert_close(ddim.coefficients, ddpm.coefficients, rtol=ETA1_VS_DDPM_PLAN_RTOL, atol=1e-300)
+
+
+def test_ddim_eta0_plan_is_deterministic_and_ends_at_x0():
+    plan = build_plan(GaussianDiffusion("cosine", 50), "ddim", 7, 0.0)
+    assert not plan.stochastic and torch.all(plan.coefficients[:, 4] == 0)
+    assert plan.timesteps.tolist() == GaussianDiffusion.ddim_timesteps(50, 7)
+    c, d = plan.coefficients[-1, 2], plan.coefficients[-1, 3]
+    assert c == 1 and d == 0  # the last step returns the clamped x0 prediction
+
+
+@pytest.mark.parametrize("args, message", [
+    (("gan", None, 0.0), "unknown sampler"),
+    (("ddpm", 10, 0.0), "runs all"),
+    (("ddim", 0, 0.0), "DDIM steps"),
+    (("ddim", 21, 0.0), "DDIM steps"),
+    (("ddim", 2.5, 0.0), "DDIM steps"),
+    (("ddim", 5, -0.1), "eta"),
+    (("ddim", 5, float("nan")), "eta"),
+])
+def test_bad_sampler_settings(args, message):
+    with pytest.raises(ValueError, match=message):
+        normalize_sampler(GaussianDiffusion("cosine", 20), *args)
+
+
+# ----------------------------------------------------------------------------------------------
+# one step against the reference
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", [(1, 3, 7, 5), (3, 4, 5, 7), (2, 3, 16, 16)])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_step_matches_reference(schedule, config, shape, dtype):
+    sampler, steps, eta = config
+    diffusion = GaussianDiffusion(schedule, 20).to(dtype)
+    model = ToyEps(shape[1], seed=sum(shape)).to(dtype)
+    plan = build_plan(diffusion, sampler, steps, eta, dtype=dtype)
+    g = torch.Generator().manual_seed(7)
+    for i in sorted({0, 1, plan.steps // 2, plan.steps - 2, plan.steps - 1}):
+        x = torch.randn(shape, generator=g, dtype=dtype) * 1.5
+        z = torch.randn(shape, generator=g, dtype=dtype)
+        counter = torch.tensor([i])
+        out = denoise_step(model, x, counter, plan, noise=z)
+        assert counter.tolist() == [i + 1]
+        ref = reference_step(diffusion, model, plan, i, x, z)
+        assert out.dtype == dtype and out.shape == x.shape
+        torch.testing.assert_close(out, ref, atol=TOLERANCES[dtype][0], rtol=0)
+
+
+def test_step_matches_reference_unet():
+    diffusion = GaussianDiffusion("cosine", 30).double()
+    model = tiny_unet(1).double()
+    for sampler, steps, eta in CONFIGS:
+        plan = build_plan(diffusion, sampler, steps, eta, dtype=torch.float64)
+        x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+        z = torch.randn_like(x)
+        i = plan.steps // 3
+        out = denoise_step(model, x, torch.tensor([i]), plan, noise=z)
+        torch.testing.assert_close(out, reference_step(diffusion, model, plan, i, x, z),
+                                   atol=TOLERANCES[torch.float64][0], rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# whole loops against the reference loops
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("config", CONFIGS + [("ddim", 10, 1.0)], ids=CONFIG_IDS + ["ddim10-eta1"])
+def test_loop_matches_reference_sampler(config, dtype):
+    """Noise injected in the order the reference loops draw it from their generator."""
+    sampler, steps, eta = config
+    diffusion = GaussianDiffusion("cosine", 10).to(dtype)
+    model = tiny_unet(2).to(dtype)
+    shape = (2, 3, 16, 16)
+    engine = SamplingEngine(model, diffusion)
+    n = engine.plan(sampler, steps, eta).steps
+    g = torch.Generator().manual_seed(11)
+    x_T = torch.randn(shape, generator=g).to(dtype)
+    noise = [torch.randn(shape, generator=g).to(dtype) for _ in range(n)] if eta > 0 else None
+    g = torch.Generator().manual_seed(11)
+    torch.randn(shape, generator=g)  # x_T, given explicitly below
+    if sampler == "ddpm":
+        ref = diffusion.p_sample_loop(model, shape, generator=g, x_T=x_T, progress=False)
+    else:
+        ref = diffusion.ddim_sample_loop(model, shape, steps=steps, eta=eta, generator=g, x_T=x_T, progress=False)
+    out = engine.sample(x_T, sampler, steps, eta, dtype=None, noise=noise, graphs=False)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref, atol=TOLERANCES[dtype][1], rtol=0)
+    assert out.abs().max() > 0.1  # a real image came out, not a collapsed one
+
+
+def test_ddim_eta1_all_steps_loop_equals_ddpm():
+    diffusion = GaussianDiffusion("linear", 10).double()
+    model = tiny_unet(3).double()
+    engine = SamplingEngine(model, diffusion)
+    g = torch.Generator().manual_seed(5)
+    x_T = torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64)
+    noise = torch.randn(10, *x_T.shape, generator=g, dtype=torch.float64)
+    ddpm = engine.sample(x_T, "ddpm", noise=noise)
+    ddim = engine.sample(x_T, "ddim", 10, 1.0, noise=noise)
+    torch.testing.assert_close(ddim, ddpm, atol=ETA1_VS_DDPM_LOOP_ATOL, rtol=0)
+    assert (engine.sample(x_T, "ddim", 10, 0.0) - ddpm).abs().max() > 1e-2  # the noise matters
+
+
+def test_default_generator_seeding_reproduces_samples():
+    diffusion = GaussianDiffusion("cosine", 10)
+    engine = SamplingEngine(ToyEps(3, 0), diffusion)
+    x_T = torch.randn(3, 3, 7, 5)
+    runs = []
+    for seed in (4, 4, 5):
+        torch.manual_seed(seed)
+        runs.append(engine.sample(x_T, "ddim", 5, 0.5))
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.allclose(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_autocast_loop_matches_reference_under_autocast(dtype):
+    diffusion = GaussianDiffusion("cosine", 10)
+    model = tiny_unet(4)
+    g = torch.Generator().manual_seed(2)
+    x_T = torch.randn(2, 3, 16, 16, generator=g)
+    with torch.autocast("cpu", dtype=dtype):
+        ref = diffusion.ddim_sample_loop(model, x_T.shape, steps=3, x_T=x_T, progress=False)
+    out = SamplingEngine(model, diffusion).sample(x_T, "ddim", 3, 0.0, dtype=dtype)
+    fp32 = SamplingEngine(model, diffusion).sample(x_T, "ddim", 3, 0.0, dtype=torch.float32)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=AUTOCAST_TOLERANCE[dtype], rtol=0)
+    assert not torch.equal(out, fp32)  # the model really ran in low precision
+
+
+def test_engine_rejects_bad_input():
+    engine = SamplingEngine(ToyEps(3, 0), GaussianDiffusion("cosine", 10))
+    x_T = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="CUDA device"):
+        engine.sample(x_T, "ddim", 3, graphs=True)
+    with pytest.raises(ValueError, match="one tensor per step"):
+        engine.sample(x_T, "ddim", 3, 0.5, noise=[torch.zeros_like(x_T)] * 2)
+    with pytest.raises(ValueError, match="shape"):
+        engine.sample(x_T, "ddim", 2, 0.5, noise=[torch.zeros(1, 3, 4, 5)] * 2)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        engine.sample(x_T.bfloat16(), "ddim", 3)
+    with pytest.raises(ValueError, match="dtype"):
+        engine.sample(x_T, "ddim", 3, dtype=torch.int8)
+    with pytest.raises(ValueError, match="steps_per_graph"):
+        SamplingEngine(ToyEps(3, 0), GaussianDiffusion("cosine", 10), steps_per_graph=0)
+
+
+def test_time_sampling_cpu():
+    model = tiny_unet(5)
+    result = time_sampling(model, GaussianDiffusion("cosine", 10), batch_size=2, sampler="ddim", steps=2, repeats=1)
+    assert result["plain"]["images_per_s"] > 0 and len(result["plain"]["seconds"]) == 1
+    assert result["steps"] == 2 and result["batch_size"] == 2
+    assert "skipped" in result["graphs"]
+
+
+# ----------------------------------------------------------------------------------------------
+# many images: PNGs, resumable
+def read_png(path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return torch.from_numpy(np.asarray(image.convert("RGB")).copy())
+
+
+def test_sample_images_resumable_and_batch_independent(tmp_path):
+    diffusion = GaussianDiffusion("cosine", 10)
+    model = tiny_unet(6)
+    common = dict(sampler="ddim", steps=2, eta=0.5, batch_size=2, seed=3, progress=False)
+    report = sample_images(model, diffusion, 5, tmp_path / "a", **common)
+    assert report["made"] == 5 and not report["graphs"]
+    first = [read_png(image_path(tmp_path / "a", i)) for i in range(5)]
+    assert not torch.equal(first[0], first[1]) and first[0].float().std() > 1
+
+    image_path(tmp_path / "a", 3).unlink()  # batch 1 (images 2, 3) is redone, the others skipped
+    report = sample_images(model, diffusion, 5, tmp_path / "a", **common)
+    assert report["made"] == 2
+    assert all(torch.equal(read_png(image_path(tmp_path / "a", i)), first[i]) for i in range(5))
+
+    report = sample_images(model, diffusion, 3, tmp_path / "b", **common)  # fewer images: same first three
+    assert all(torch.equal(read_png(image_path(tmp_path / "b", i)), first[i]) for i in range(3))
+    assert not image_path(tmp_path / "b", 3).exists()
+
+    with pytest.raises(DreamError, match="eta"):
+        sample_images(model, diffusion, 5, tmp_path / "a", **{**common, "eta": 0.0})
+    with pytest.raises(DreamError, match="unknown sampler"):
+        sample_images(model, diffusion, 5, tmp_path / "c", **{**common, "sampler": "euler"})
+    with pytest.raises(DreamError, match="CUDA"):
+        sample_images(model, diffusion, 1, tmp_path / "d", graphs=True, **common)
+
+
+def test_sample_images_leaves_global_rng_alone(tmp_path):
+    model = tiny_unet(7)  # (initialisation draws from the global generator)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    sample_images(model, GaussianDiffusion("cosine", 10), 2, tmp_path, sampler="ddpm", batch_size=2, progress=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def make_checkpoint(tmp_path, timesteps: int = 10) -> Path:
+    from dream.train import TrainConfig, Trainer
+
+    config = TrainConfig(run_dir=str(tmp_path / "run"), preset="tiny",
+                         model_overrides={"image_size": 16, "base_channels": 16}, backend="eager",
+                         num_timesteps=timesteps, objective="standard", data="synthetic", data_count=4,
+                         batch_size=2, device="cpu", precision="fp32", sample_every=0, progress=False)
+    trainer = Trainer(config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        trainer.ema.shadow = [s + torch.randn(s.shape, generator=g) * 0.05 for s in trainer.ema.shadow]
+    trainer.step = 3
+    return trainer.save_checkpoint()
+
+
+def test_sample_cli(tmp_path):
+    from dream.cli import main
+
+    checkpoint = make_checkpoint(tmp_path)
+    out = tmp_path / "samples"
+    args = ["sample", str(checkpoint), "--out", str(out), "--count", "3", "--batch-size", "2", "--steps", "2",
+            "--device", "cpu", "--no-progress"]
+    assert main(args + ["--graphs", "off"]) == 0
+    assert all(image_path(out, i).exists() for i in range(3)) and (out / "grid.png").exists()
+    report = sample_from_checkpoint(str(checkpoint), str(out), count=3, batch_size=2, steps=2, progress=False)
+    assert report["made"] == 0 and report["step"] == 3 and report["ema"]
+    assert main(args + ["--graphs", "on"]) == 2  # one-line error: no CUDA here
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: graphs
+def gpu_model(backend: str):
+    model = tiny_unet(8, image_size=32, base_channels=32).cuda()
+    if backend == "triton":
+        pytest.importorskip("kernels")
+        model.set_backend("triton")
+    if backend == "compile":
+        return torch.compile(model)
+    return model
+
+
+GPU_CASES = (
+    [("eager", c, d, k) for c in CONFIGS for d in (torch.float32, torch.bfloat16) for k in (1, 3)]
+    + [("triton", ("ddim", 6, 0.7), d, 1) for d in (torch.float32, torch.bfloat16)]
+    + [("compile", ("ddim", 6, 0.7), d, 4) for d in (torch.float32, torch.bfloat16)]
+)
+
+
+@gpu
+@pytest.mark.parametrize("backend, config, dtype, steps_per_graph", GPU_CASES)
+def test_graphed_loop_matches_plain_loop(backend, config, dtype, steps_per_graph):
+    sampler, steps, eta = config
+    diffusion = GaussianDiffusion("cosine", 20).cuda()
+    engine = SamplingEngine(gpu_model(backend), diffusion, steps_per_graph=steps_per_graph)
+    x_T = torch.randn(4, 3, 32, 32, device="cuda")
+
+    def run(seed, graphs):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return engine.sample(x_T, sampler, steps, eta, dtype=dtype, graphs=graphs)
+
+    plain = run(123, False)
+    graphed = run(123, True)
+    torch.testing.assert_close(graphed, plain, atol=GPU_GRAPH_TOLERANCE[dtype], rtol=0)
+    again = run(123, True)  # the cached capture, same seed: same images
+    assert len(engine.captures) == 1
+    torch.testing.assert_close(again, graphed, atol=GPU_GRAPH_TOLERANCE[dtype], rtol=0)
+    fresh = run(None, True)  # no reseed: the graph draws fresh noise
+    if eta > 0:
+        assert (fresh - again).abs().max() > 10 * GPU_GRAPH_TOLERANCE[dtype]
+    else:
+        torch.testing.assert_close(fresh, again, atol=GPU_GRAPH_TOLERANCE[dtype], rtol=0)
+
+
+@gpu
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_graphed_loop_matches_reference_sampler_on_gpu(config):
+    """The reference loops draw their noise from the default CUDA generator in the same order."""
+    sampler, steps, eta = config
+    diffusion = GaussianDiffusion("cosine", 20).cuda()
+    model = gpu_model("eager")
+    x_T = torch.randn(4, 3, 32, 32, device="cuda")
+    torch.manual_seed(9)
+    if sampler == "ddpm":
+        ref = diffusion.p_sample_loop(model, x_T.shape, x_T=x_T, progress=False)
+    else:
+        ref = diffusion.ddim_sample_loop(model, x_T.shape, steps=steps, eta=eta, x_T=x_T, progress=False)
+    torch.manual_seed(9)
+    graphed = SamplingEngine(model, diffusion).sample(x_T, sampler, steps, eta, graphs=True)
+    torch.testing.assert_close(graphed, ref, atol=GPU_GRAPH_TOLERANCE[torch.float32], rtol=0)
+
+
+@gpu
+def test_loop_makes_no_host_sync():
+    diffusion = GaussianDiffusion("cosine", 20).cuda()
+    engine = SamplingEngine(gpu_model("eager"), diffusion)
+    x_T = torch.randn(2, 3, 32, 32, device="cuda")
+    engine.plan("ddim", 5, 0.5, device=x_T.device)
+    engine.sample(x_T, "ddim", 5, 0.5, graphs=True)  # capture (synchronises) outside the checked region
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        engine.sample(x_T, "ddim", 5, 0.5, graphs=False)
+        engine.sample(x_T, "ddim", 5, 0.5, graphs=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+@gpu
+def test_time_sampling_gpu():
+    result = time_sampling(gpu_model("eager"), GaussianDiffusion("cosine", 20).cuda(), batch_size=4, steps=5,
+                           repeats=2, steps_per_graph=2)
+    assert result["plain"]["images_per_s"] > 0 and result["graphs"]["images_per_s"] > 0
