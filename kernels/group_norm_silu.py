@@ -1,0 +1,792 @@
+"""Fused GroupNorm + per-(sample, channel) scale/shift + SiLU in Triton, forward and backward.
+
+Notation: x is (N, C, H, W); a group is Cg = C / num_groups channels times HW = H*W positions of
+one sample, M = Cg*HW elements; gamma, beta are (C,); s, t are (N, C) (absent = 0).
+
+    mode "pre":   u = x*(1+s) + t,  xh = (u - mu)*r,  h = gamma*xh + beta
+    mode "post":  u = x,            xh = (u - mu)*r,  h = (gamma*xh + beta)*(1+s) + t
+    y = silu(h) = h*sigmoid(h)      (y = h when silu=False)
+
+mu and r = 1/sqrt(var + eps) are the mean and reciprocal (biased) standard deviation of u over
+the group, computed in fp32: each tile lane runs Welford's update over the elements it visits,
+and lanes and splits are merged with Chan's parallel formula (never E[u^2] - E[u]^2). Both modes share one form by writing
+s_in, t_in (scale/shift applied before the norm: "pre") and s_out, t_out (after it: "post"):
+
+    xh = x*p + q,        p = r*(1+s_in),  q = r*(t_in - mu)
+    h  = a*x + b,        a = gamma*p*(1+s_out),  b = (gamma*q + beta)*(1+s_out) + t_out
+
+so the output pass is one multiply-add and a SiLU per element.
+
+Backward. dh = dy*sigmoid(h)*(1 + h*(1 - sigmoid(h))) (dh = dy without SiLU). Per (n, c):
+A = sum_hw dh*xh, B = sum_hw dh; with k = gamma*(1+s_out) and g = dh*k (the gradient on gamma*xh):
+
+    du     = r*(g - mean_group(g) - xh*mean_group(g*xh)),
+             mean_group(g) = sum_c k*B / M,  mean_group(g*xh) = sum_c k*A / M
+    dx     = du*(1+s_in)
+    dgamma = sum_n (1+s_out)*A     dbeta = sum_n (1+s_out)*B
+    ds_out = gamma*A + beta*B      dt_out = B
+    ds_in  = sum_hw du*x           dt_in  = sum_hw du
+
+xh is recomputed from x in backward, never saved. Weight/scale gradients are deterministic: the
+main kernels write per-(n, c[, split]) partial sums to a buffer, and a small kernel sums them in
+a fixed order (no atomics).
+
+Parallelism: one program per (sample, group) reads its group twice (statistics, then output; the
+second read should mostly hit L2), so each element costs about one DRAM read and one write
+forward, and two reads (x, dy) and one write backward. When there are
+too few groups to fill the GPU, each group's positions are split over several programs: a
+statistics kernel writes partial moments (forward) or partial channel sums (backward) and the main
+kernel merges them.
+
+Dtypes: x is fp32, fp16 or bf16 and y has x's dtype. weight, bias, scale, shift must each be in
+x's dtype or in fp32 (fp32 master weights with half activations); they are read as fp32 and their
+gradients are returned in their own dtypes. mean and rstd are fp32, shape (N, num_groups).
+Layouts: x NCHW-contiguous or channels_last (handled through strides); y has x's memory format.
+"""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+_MODES = ("pre", "post")
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Test hooks (module globals, patched by tests only):
+# - _POISON_NEW_BUFFERS: fill every buffer the launchers allocate (outputs and partial sums) with
+#   NaN instead of leaving it uninitialised, so a test fails if a kernel skips an element.
+# - _LAUNCH_OVERRIDE: dict with any of block_c, block_hw, split (main kernels), param_block_c,
+#   param_block_n (parameter-gradient kernel), forcing the launch configuration (to exercise
+#   multi-tile loops, tails and the split path on tiny shapes).
+_POISON_NEW_BUFFERS = False
+_LAUNCH_OVERRIDE = None
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _channel_coefficients(weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cg,
+                          mean, rstd,
+                          SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr,
+                          SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-channel fp32 vectors for channels c0 .. c0+BLOCK_C of the group (0 beyond Cg):
+    gamma, beta, 1+s_in, 1+s_out, t_out, and p, q with xh = x*p + q
+    (p = rstd*(1+s_in), q = rstd*(t_in - mean); mean=0, rstd=1 give u = x*p + q)."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    cmask = offs_c < Cg
+    gamma = tl.load(weight_ptr + c_first + offs_c, mask=cmask, other=0.0).to(tl.float32)
+    beta = tl.load(bias_ptr + c_first + offs_c, mask=cmask, other=0.0).to(tl.float32)
+    one_plus_s_in = tl.full([BLOCK_C], 1.0, tl.float32)
+    one_plus_s_out = tl.full([BLOCK_C], 1.0, tl.float32)
+    t_in = tl.zeros([BLOCK_C], tl.float32)
+    t_out = tl.zeros([BLOCK_C], tl.float32)
+    if SCALE_IN:
+        one_plus_s_in += tl.load(scale_ptr + st_base + offs_c, mask=cmask, other=0.0).to(tl.float32)
+    if SHIFT_IN:
+        t_in += tl.load(shift_ptr + st_base + offs_c, mask=cmask, other=0.0).to(tl.float32)
+    if SCALE_OUT:
+        one_plus_s_out += tl.load(scale_ptr + st_base + offs_c, mask=cmask, other=0.0).to(tl.float32)
+    if SHIFT_OUT:
+        t_out += tl.load(shift_ptr + st_base + offs_c, mask=cmask, other=0.0).to(tl.float32)
+    p = rstd * one_plus_s_in
+    q = rstd * (t_in - mean)
+    return offs_c, cmask, gamma, beta, one_plus_s_in, one_plus_s_out, t_out, p, q
+
+
+@triton.jit
+def _group_moments(x_ptr, x_base, weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, Cg,
+                   p_start, p_end, stride_c, stride_p,
+                   SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """(count, mean, M2) of u = x*(1+s_in) + t_in over the group's positions [p_start, p_end).
+
+    Each lane of the tile runs Welford's update over the elements it visits
+    (n += 1, d = u - mean, mean += d/n, M2 += d*(u - mean)); the lanes are merged once at the
+    end with Chan's formula: mean = sum n_i*mean_i / n, M2 = sum M2_i + n_i*(mean_i - mean)^2.
+    """
+    lane_count = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
+    lane_mean = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
+    lane_m2 = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
+    for c0 in range(0, Cg, BLOCK_C):
+        offs_c, cmask, _, _, _, _, _, one_plus_s, shift = _channel_coefficients(
+            weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cg, 0.0, 1.0,
+            SCALE_IN, SHIFT_IN, False, False, BLOCK_C)
+        for p0 in range(p_start, p_end, BLOCK_HW):
+            offs_p = p0 + tl.arange(0, BLOCK_HW)
+            mask = cmask[:, None] & (offs_p < p_end)[None, :]
+            x = tl.load(x_ptr + x_base + offs_c[:, None] * stride_c + offs_p[None, :] * stride_p,
+                        mask=mask, other=0.0).to(tl.float32)
+            u = x * one_plus_s[:, None] + shift[:, None]
+            valid = mask.to(tl.float32)
+            lane_count += valid
+            delta = u - lane_mean
+            lane_mean += delta * (valid / tl.maximum(lane_count, 1.0))
+            lane_m2 += valid * delta * (u - lane_mean)
+    count = tl.sum(tl.sum(lane_count, axis=1), axis=0)
+    mean = tl.sum(tl.sum(lane_count * lane_mean, axis=1), axis=0) / count
+    deviation = lane_mean - mean
+    m2 = tl.sum(tl.sum(lane_m2 + lane_count * deviation * deviation, axis=1), axis=0)
+    return count, mean, m2
+
+
+@triton.jit
+def _gn_fwd_moments_kernel(
+    x_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, moments_ptr,
+    C, HW, G, Cg, hw_per_split, num_splits,
+    stride_xn, stride_xc, stride_xp,
+    SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """Split path, grid (N*G, num_splits): partial (count, mean, M2) of one group's slice of
+    positions, stored at moments[n*G + g, split, 0:3]."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n = pid // G
+    c_first = (pid - n * G) * Cg
+    x_base = n.to(tl.int64) * stride_xn + c_first * stride_xc
+    p_start = split * hw_per_split
+    p_end = tl.minimum(p_start + hw_per_split, HW)
+    count, mean, m2 = _group_moments(x_ptr, x_base, weight_ptr, bias_ptr, scale_ptr, shift_ptr,
+                                     c_first, n * C + c_first, Cg, p_start, p_end,
+                                     stride_xc, stride_xp, SCALE_IN, SHIFT_IN, BLOCK_C, BLOCK_HW)
+    out = moments_ptr + (pid * num_splits + split) * 3
+    tl.store(out, count)
+    tl.store(out + 1, mean)
+    tl.store(out + 2, m2)
+
+
+@triton.jit
+def _gn_fwd_kernel(
+    x_ptr, y_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, moments_ptr,
+    C, HW, G, Cg, hw_per_split, num_splits, eps,
+    stride_xn, stride_xc, stride_xp, stride_yn, stride_yc, stride_yp,
+    SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr, SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr,
+    SILU: tl.constexpr, FUSED_STATS: tl.constexpr, SPLITS_P2: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """Grid (N*G, num_splits): y = act(a*x + b) on one group's slice of positions.
+
+    FUSED_STATS (num_splits == 1): the program first computes the group's moments itself.
+    Otherwise it merges the num_splits partial moments written by _gn_fwd_moments_kernel:
+    n = sum n_i, mean = sum n_i*mean_i / n, M2 = sum (M2_i + n_i*(mean_i - mean)^2).
+    The split-0 program stores mean and rstd = 1/sqrt(M2/n + eps).
+    """
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n = pid // G
+    c_first = (pid - n * G) * Cg
+    x_base = n.to(tl.int64) * stride_xn + c_first * stride_xc
+    y_base = n.to(tl.int64) * stride_yn + c_first * stride_yc
+    st_base = n * C + c_first
+    p_start = split * hw_per_split
+    p_end = tl.minimum(p_start + hw_per_split, HW)
+
+    if FUSED_STATS:
+        count, mean, m2 = _group_moments(x_ptr, x_base, weight_ptr, bias_ptr, scale_ptr, shift_ptr,
+                                         c_first, st_base, Cg, 0, HW, stride_xc, stride_xp,
+                                         SCALE_IN, SHIFT_IN, BLOCK_C, BLOCK_HW)
+    else:
+        offs_s = tl.arange(0, SPLITS_P2)
+        smask = offs_s < num_splits
+        partial = moments_ptr + (pid * num_splits + offs_s) * 3
+        counts = tl.load(partial, mask=smask, other=0.0)
+        means = tl.load(partial + 1, mask=smask, other=0.0)
+        m2s = tl.load(partial + 2, mask=smask, other=0.0)
+        count = tl.sum(counts, axis=0)
+        mean = tl.sum(counts * means, axis=0) / count
+        deviation = means - mean
+        m2 = tl.sum(m2s + counts * deviation * deviation, axis=0)
+    rstd = tl.rsqrt(m2 / count + eps)
+    if split == 0:
+        tl.store(mean_ptr + pid, mean)
+        tl.store(rstd_ptr + pid, rstd)
+
+    for c0 in range(0, Cg, BLOCK_C):
+        offs_c, cmask, gamma, beta, _, one_plus_s_out, t_out, p, q = _channel_coefficients(
+            weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cg, mean, rstd,
+            SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, BLOCK_C)
+        # h = a*x + b  (see the module docstring)
+        a = gamma * p * one_plus_s_out
+        b = (gamma * q + beta) * one_plus_s_out + t_out
+        for p0 in range(p_start, p_end, BLOCK_HW):
+            offs_p = p0 + tl.arange(0, BLOCK_HW)
+            mask = cmask[:, None] & (offs_p < p_end)[None, :]
+            x = tl.load(x_ptr + x_base + offs_c[:, None] * stride_xc + offs_p[None, :] * stride_xp,
+                        mask=mask, other=0.0).to(tl.float32)
+            h = x * a[:, None] + b[:, None]
+            if SILU:
+                h = h * tl.sigmoid(h)
+            tl.store(y_ptr + y_base + offs_c[:, None] * stride_yc + offs_p[None, :] * stride_yp,
+                     h.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _channel_sums(
+    x_ptr, dy_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, sums_ptr,
+    x_base, dy_base, st_base, sums_base, c_first, Cg, p_start, p_end, num_splits, mean, rstd,
+    stride_xc, stride_xp, stride_dyc, stride_dyp,
+    SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr, SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr,
+    SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """Per channel c of the group, over positions [p_start, p_end): A_c = sum dh*xh and
+    B_c = sum dh, stored at sums[sums_base + c*num_splits*2 + (0, 1)].
+    Returns the group totals (sum_c k_c*A_c, sum_c k_c*B_c), k = gamma*(1+s_out)."""
+    total_ka = 0.0
+    total_kb = 0.0
+    for c0 in range(0, Cg, BLOCK_C):
+        offs_c, cmask, gamma, beta, one_plus_s_in, one_plus_s_out, t_out, p, q = _channel_coefficients(
+            weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cg, mean, rstd,
+            SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, BLOCK_C)
+        acc_dh_xh = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
+        acc_dh = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
+        for p0 in range(p_start, p_end, BLOCK_HW):
+            offs_p = p0 + tl.arange(0, BLOCK_HW)
+            mask = cmask[:, None] & (offs_p < p_end)[None, :]
+            x = tl.load(x_ptr + x_base + offs_c[:, None] * stride_xc + offs_p[None, :] * stride_xp,
+                        mask=mask, other=0.0).to(tl.float32)
+            dh = tl.load(dy_ptr + dy_base + offs_c[:, None] * stride_dyc + offs_p[None, :] * stride_dyp,
+                         mask=mask, other=0.0).to(tl.float32)
+            xh = x * p[:, None] + q[:, None]
+            if SILU:
+                h = (gamma[:, None] * xh + beta[:, None]) * one_plus_s_out[:, None] + t_out[:, None]
+                sig = tl.sigmoid(h)
+                dh = dh * sig * (1.0 + h * (1.0 - sig))
+            # masked lanes: dy = 0 there, so dh = 0 and they add nothing
+            acc_dh_xh += dh * xh
+            acc_dh += dh
+        sum_dh_xh = tl.sum(acc_dh_xh, axis=1)
+        sum_dh = tl.sum(acc_dh, axis=1)
+        out = sums_ptr + sums_base + offs_c * (num_splits * 2)
+        tl.store(out, sum_dh_xh, mask=cmask)
+        tl.store(out + 1, sum_dh, mask=cmask)
+        k = gamma * one_plus_s_out  # 0 on masked channels
+        total_ka += tl.sum(k * sum_dh_xh, axis=0)
+        total_kb += tl.sum(k * sum_dh, axis=0)
+    return total_ka, total_kb
+
+
+@triton.jit
+def _gn_bwd_sums_kernel(
+    x_ptr, dy_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, sums_ptr,
+    C, HW, G, Cg, hw_per_split, num_splits,
+    stride_xn, stride_xc, stride_xp, stride_dyn, stride_dyc, stride_dyp,
+    SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr, SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr,
+    SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """Split path, grid (N*G, num_splits): partial A, B of one group's slice of positions,
+    stored at sums[n, c, split, 0:2]."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n = pid // G
+    c_first = (pid - n * G) * Cg
+    p_start = split * hw_per_split
+    _channel_sums(x_ptr, dy_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, sums_ptr,
+                  n.to(tl.int64) * stride_xn + c_first * stride_xc,
+                  n.to(tl.int64) * stride_dyn + c_first * stride_dyc,
+                  n * C + c_first, ((n * C + c_first) * num_splits + split) * 2,
+                  c_first, Cg, p_start, tl.minimum(p_start + hw_per_split, HW), num_splits,
+                  tl.load(mean_ptr + pid), tl.load(rstd_ptr + pid),
+                  stride_xc, stride_xp, stride_dyc, stride_dyp,
+                  SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, SILU, BLOCK_C, BLOCK_HW)
+
+
+@triton.jit
+def _gn_bwd_kernel(
+    x_ptr, dy_ptr, dx_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
+    sums_ptr, sums_in_ptr,
+    C, HW, G, Cg, hw_per_split, num_splits, inv_group_size,
+    stride_xn, stride_xc, stride_xp, stride_dyn, stride_dyc, stride_dyp,
+    stride_dxn, stride_dxc, stride_dxp,
+    SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr, SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr,
+    SILU: tl.constexpr, FUSED_SUMS: tl.constexpr, SPLITS_P2: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """Grid (N*G, num_splits): dx on one group's slice of positions, and (when s_in or t_in is
+    present) sums_in[n, c, split, 0:2] = (sum du*x, sum du) over that slice.
+
+    FUSED_SUMS (num_splits == 1): the program first computes A, B itself (and stores them);
+    otherwise it reads the partial A, B written by _gn_bwd_sums_kernel.
+    """
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n = pid // G
+    c_first = (pid - n * G) * Cg
+    x_base = n.to(tl.int64) * stride_xn + c_first * stride_xc
+    dy_base = n.to(tl.int64) * stride_dyn + c_first * stride_dyc
+    dx_base = n.to(tl.int64) * stride_dxn + c_first * stride_dxc
+    st_base = n * C + c_first
+    p_start = split * hw_per_split
+    p_end = tl.minimum(p_start + hw_per_split, HW)
+    mean = tl.load(mean_ptr + pid)
+    rstd = tl.load(rstd_ptr + pid)
+
+    if FUSED_SUMS:
+        total_ka, total_kb = _channel_sums(
+            x_ptr, dy_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, sums_ptr,
+            x_base, dy_base, st_base, st_base * 2, c_first, Cg, 0, HW, 1, mean, rstd,
+            stride_xc, stride_xp, stride_dyc, stride_dyp,
+            SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, SILU, BLOCK_C, BLOCK_HW)
+    else:
+        total_ka = 0.0
+        total_kb = 0.0
+        offs_s = tl.arange(0, SPLITS_P2)
+        for c0 in range(0, Cg, BLOCK_C):
+            offs_c, cmask, gamma, _, _, one_plus_s_out, _, _, _ = _channel_coefficients(
+                weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cg, mean, rstd,
+                False, False, SCALE_OUT, False, BLOCK_C)
+            mask = cmask[:, None] & (offs_s < num_splits)[None, :]
+            partial = sums_ptr + ((st_base + offs_c)[:, None] * num_splits + offs_s[None, :]) * 2
+            sum_dh_xh = tl.sum(tl.load(partial, mask=mask, other=0.0), axis=1)
+            sum_dh = tl.sum(tl.load(partial + 1, mask=mask, other=0.0), axis=1)
+            k = gamma * one_plus_s_out
+            total_ka += tl.sum(k * sum_dh_xh, axis=0)
+            total_kb += tl.sum(k * sum_dh, axis=0)
+    mean_g = total_kb * inv_group_size  # mean_group(g)
+    mean_gxh = total_ka * inv_group_size  # mean_group(g*xh)
+
+    for c0 in range(0, Cg, BLOCK_C):
+        offs_c, cmask, gamma, beta, one_plus_s_in, one_plus_s_out, t_out, p, q = _channel_coefficients(
+            weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cg, mean, rstd,
+            SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, BLOCK_C)
+        k = gamma * one_plus_s_out
+        acc_du_x = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
+        acc_du = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
+        for p0 in range(p_start, p_end, BLOCK_HW):
+            offs_p = p0 + tl.arange(0, BLOCK_HW)
+            mask = cmask[:, None] & (offs_p < p_end)[None, :]
+            x = tl.load(x_ptr + x_base + offs_c[:, None] * stride_xc + offs_p[None, :] * stride_xp,
+                        mask=mask, other=0.0).to(tl.float32)
+            dh = tl.load(dy_ptr + dy_base + offs_c[:, None] * stride_dyc + offs_p[None, :] * stride_dyp,
+                         mask=mask, other=0.0).to(tl.float32)
+            xh = x * p[:, None] + q[:, None]
+            if SILU:
+                h = (gamma[:, None] * xh + beta[:, None]) * one_plus_s_out[:, None] + t_out[:, None]
+                sig = tl.sigmoid(h)
+                dh = dh * sig * (1.0 + h * (1.0 - sig))
+            du = rstd * (dh * k[:, None] - mean_g - xh * mean_gxh)
+            tl.store(dx_ptr + dx_base + offs_c[:, None] * stride_dxc + offs_p[None, :] * stride_dxp,
+                     (du * one_plus_s_in[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)
+            if SCALE_IN:
+                acc_du_x += du * x  # x = 0 on masked lanes
+            if SHIFT_IN:
+                acc_du += tl.where(mask, du, 0.0)
+        if SCALE_IN or SHIFT_IN:
+            out = sums_in_ptr + ((st_base + offs_c) * num_splits + split) * 2
+            tl.store(out, tl.sum(acc_du_x, axis=1), mask=cmask)
+            tl.store(out + 1, tl.sum(acc_du, axis=1), mask=cmask)
+
+
+@triton.jit
+def _gn_param_grads_kernel(
+    sums_ptr, sums_in_ptr, weight_ptr, bias_ptr, scale_ptr,
+    dweight_ptr, dbias_ptr, dscale_ptr, dshift_ptr,
+    N, C, num_splits,
+    SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr, SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Grid (cdiv(C, BLOCK_C),): parameter gradients from the per-(n, c, split) sums, summed in
+    a fixed order (deterministic). With A, B = sum over splits of sums[n, c, :, 0:2]:
+    dweight = sum_n (1+s_out)*A, dbias = sum_n (1+s_out)*B; post: dscale = gamma*A + beta*B,
+    dshift = B; pre: dscale, dshift = sum over splits of sums_in[n, c, :, 0:2]."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    gamma = tl.load(weight_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
+    beta = tl.load(bias_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
+    acc_dweight = tl.zeros([BLOCK_C], tl.float32)
+    acc_dbias = tl.zeros([BLOCK_C], tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask = (offs_n < N)[:, None] & cmask[None, :]
+        nc = offs_n[:, None] * C + offs_c[None, :]
+        sum_dh_xh = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+        sum_dh = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+        for split in range(0, num_splits):
+            sum_dh_xh += tl.load(sums_ptr + (nc * num_splits + split) * 2, mask=mask, other=0.0)
+            sum_dh += tl.load(sums_ptr + (nc * num_splits + split) * 2 + 1, mask=mask, other=0.0)
+        if SCALE_OUT:
+            one_plus_s = 1.0 + tl.load(scale_ptr + nc, mask=mask, other=0.0).to(tl.float32)
+            acc_dweight += tl.sum(one_plus_s * sum_dh_xh, axis=0)
+            acc_dbias += tl.sum(one_plus_s * sum_dh, axis=0)
+            dscale = gamma[None, :] * sum_dh_xh + beta[None, :] * sum_dh
+            tl.store(dscale_ptr + nc, dscale.to(dscale_ptr.dtype.element_ty), mask=mask)
+        else:
+            acc_dweight += tl.sum(sum_dh_xh, axis=0)
+            acc_dbias += tl.sum(sum_dh, axis=0)
+        if SHIFT_OUT:
+            tl.store(dshift_ptr + nc, sum_dh.to(dshift_ptr.dtype.element_ty), mask=mask)
+        if SCALE_IN or SHIFT_IN:
+            sum_du_x = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+            sum_du = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+            for split in range(0, num_splits):
+                sum_du_x += tl.load(sums_in_ptr + (nc * num_splits + split) * 2, mask=mask, other=0.0)
+                sum_du += tl.load(sums_in_ptr + (nc * num_splits + split) * 2 + 1, mask=mask, other=0.0)
+            if SCALE_IN:
+                tl.store(dscale_ptr + nc, sum_du_x.to(dscale_ptr.dtype.element_ty), mask=mask)
+            if SHIFT_IN:
+                tl.store(dshift_ptr + nc, sum_du.to(dshift_ptr.dtype.element_ty), mask=mask)
+    tl.store(dweight_ptr + offs_c, acc_dweight.to(dweight_ptr.dtype.element_ty), mask=cmask)
+    tl.store(dbias_ptr + offs_c, acc_dbias.to(dbias_ptr.dtype.element_ty), mask=cmask)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side: validation, launch configuration, launchers
+# --------------------------------------------------------------------------------------------
+_INTERPRETED = type(_gn_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, *, reference=False):
+    """Raise a one-line TypeError/ValueError naming the first bad argument."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"group_norm_silu: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"group_norm_silu: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point or (not reference and x.dtype not in _KERNEL_DTYPES):
+        allowed = "a floating dtype" if reference else "float32, float16 or bfloat16"
+        raise TypeError(f"group_norm_silu: x must be {allowed}, got {x.dtype}")
+    N, C, H, W = x.shape
+    if x.numel() == 0:
+        raise ValueError(f"group_norm_silu: x must be non-empty, got shape {tuple(x.shape)}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+        raise ValueError(f"group_norm_silu: num_groups must be a positive int, got {num_groups!r}")
+    if C % num_groups != 0:
+        raise ValueError(f"group_norm_silu: channels C={C} are not divisible by num_groups={num_groups}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"group_norm_silu: eps must be a positive float, got {eps!r}")
+    if mode not in _MODES:
+        raise ValueError(f"group_norm_silu: mode must be 'pre' or 'post', got {mode!r}")
+    if not isinstance(silu, bool):
+        raise TypeError(f"group_norm_silu: silu must be a bool, got {type(silu).__name__}")
+    for name, tensor, shape in (("weight", weight, (C,)), ("bias", bias, (C,)),
+                                ("scale", scale, (N, C)), ("shift", shift, (N, C))):
+        if tensor is None:
+            if name in ("weight", "bias"):
+                raise TypeError(f"group_norm_silu: {name} is required (a tensor of shape {shape})")
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"group_norm_silu: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"group_norm_silu: {name} must have shape {shape} for x of shape "
+                             f"{tuple(x.shape)}, got {tuple(tensor.shape)}")
+        if tensor.device != x.device:
+            raise ValueError(f"group_norm_silu: {name} is on {tensor.device} but x is on {x.device}")
+        if tensor.dtype not in (x.dtype, torch.float32):
+            raise TypeError(f"group_norm_silu: mixed dtypes: {name} is {tensor.dtype} but x is "
+                            f"{x.dtype} ({name} must be {x.dtype} or torch.float32)")
+
+
+def _memory_format(x):
+    """Memory format of the output: channels_last when x is (and is not also NCHW-contiguous)."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _flat_strides(t):
+    """(stride_n, stride_c, stride_p) with p = h*W + w, or None when t is neither
+    NCHW-contiguous nor channels_last (then it is copied into one of those)."""
+    if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    _, _, H, W = t.shape
+    stride_n, stride_c, stride_h, stride_w = t.stride()
+    if W == 1:
+        stride_p = stride_h
+    elif H == 1 or stride_h == W * stride_w:
+        stride_p = stride_w
+    else:
+        return None
+    return stride_n, stride_c, stride_p
+
+
+def _dense(t, memory_format):
+    strides = _flat_strides(t)
+    if strides is None:
+        t = t.contiguous(memory_format=memory_format)
+        strides = _flat_strides(t)
+    return t, strides
+
+
+def _new_buffer(shape, dtype, device):
+    if _POISON_NEW_BUFFERS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _new_buffer_like(t, memory_format):
+    if _POISON_NEW_BUFFERS:
+        return torch.full_like(t, float("nan"), memory_format=memory_format)
+    return torch.empty_like(t, memory_format=memory_format)
+
+
+def _check_device(x):
+    if x.device.type == "cpu" and not _INTERPRETED:
+        raise RuntimeError(
+            "group_norm_silu: x is a CPU tensor but the Triton kernels were not built for the "
+            "interpreter; set TRITON_INTERPRET=1 before importing kernels, use CUDA tensors, or "
+            "call group_norm_silu_reference")
+
+
+class _LaunchConfig(NamedTuple):
+    block_c: int
+    block_hw: int
+    num_splits: int
+    hw_per_split: int
+    num_warps: int
+
+
+_SM_COUNT = {}
+
+
+def _sm_count(device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def _launch_config(N, C, HW, num_groups, stride_c, device, backward):
+    """Tile shape, split and warps by heuristic.
+
+    GPU: a tile holds 2048 elements forward and 1024 backward (which keeps about twice as many
+    values live), 8 per thread (ptxas for sm_90: ~50-120 registers, no spills, so two or more
+    programs fit per SM). The tile runs along the contiguous axis first: positions for NCHW,
+    the group's channels for channels_last. Each (sample, group) is one program unless there
+    are fewer than two groups per SM; then its positions are split so that the grid has about
+    four programs per SM. The interpreter gets 4096-element tiles and no split: it costs
+    ~10-30 ms per program and per loop step, whatever the tile size.
+    """
+    Cg = C // num_groups
+    on_gpu = device.type == "cuda" and not _INTERPRETED
+    tile = (1024 if backward else 2048) if on_gpu else 4096
+    if stride_c == 1 and Cg > 1:  # channels_last: a group's channels are contiguous
+        block_c = min(triton.next_power_of_2(Cg), tile)
+        block_hw = min(triton.next_power_of_2(HW), max(1, tile // block_c))
+    else:
+        block_hw = min(triton.next_power_of_2(HW), tile)
+        block_c = min(triton.next_power_of_2(Cg), max(1, tile // block_hw))
+    num_splits = 1
+    if on_gpu:
+        programs = N * num_groups
+        sms = _sm_count(device)
+        if programs < 2 * sms:
+            num_splits = min(triton.cdiv(4 * sms, programs), triton.cdiv(HW, block_hw))
+    override = _LAUNCH_OVERRIDE or {}
+    block_c = override.get("block_c", block_c)
+    block_hw = override.get("block_hw", block_hw)
+    num_splits = override.get("split", num_splits)
+    hw_per_split = triton.cdiv(triton.cdiv(HW, num_splits), block_hw) * block_hw
+    num_splits = triton.cdiv(HW, hw_per_split)  # no empty splits
+    num_warps = min(8, max(1, block_c * block_hw // 256))
+    return _LaunchConfig(block_c, block_hw, num_splits, hw_per_split, num_warps)
+
+
+def _in_out_flags(scale, shift, mode):
+    pre = mode == "pre"
+    return dict(SCALE_IN=pre and scale is not None, SHIFT_IN=pre and shift is not None,
+                SCALE_OUT=not pre and scale is not None, SHIFT_OUT=not pre and shift is not None)
+
+
+def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu):
+    """Launch the forward kernels; returns (y, mean, rstd)."""
+    _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu)
+    _check_device(x)
+    N, C, H, W = x.shape
+    HW = H * W
+    G = num_groups
+    memory_format = _memory_format(x)
+    x, (sxn, sxc, sxp) = _dense(x, memory_format)
+    y = _new_buffer_like(x, memory_format)
+    syn, syc, syp = _flat_strides(y)
+    weight, bias = weight.contiguous(), bias.contiguous()
+    scale = scale.contiguous() if scale is not None else None
+    shift = shift.contiguous() if shift is not None else None
+    mean = _new_buffer((N, G), torch.float32, x.device)
+    rstd = _new_buffer((N, G), torch.float32, x.device)
+    cfg = _launch_config(N, C, HW, G, sxc, x.device, backward=False)
+    flags = _in_out_flags(scale, shift, mode)
+    # an absent scale/shift is never read (its constexpr flag is off): pass x as a placeholder
+    scale_arg = scale if scale is not None else x
+    shift_arg = shift if shift is not None else x
+    fused = cfg.num_splits == 1
+    moments = mean
+    if not fused:
+        moments = _new_buffer((N * G, cfg.num_splits, 3), torch.float32, x.device)
+        _gn_fwd_moments_kernel[(N * G, cfg.num_splits)](
+            x, weight, bias, scale_arg, shift_arg, moments,
+            C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits,
+            sxn, sxc, sxp,
+            SCALE_IN=flags["SCALE_IN"], SHIFT_IN=flags["SHIFT_IN"],
+            BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, num_warps=cfg.num_warps)
+    _gn_fwd_kernel[(N * G, cfg.num_splits)](
+        x, y, weight, bias, scale_arg, shift_arg, mean, rstd, moments,
+        C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits, float(eps),
+        sxn, sxc, sxp, syn, syc, syp,
+        **flags, SILU=silu, FUSED_STATS=fused,
+        SPLITS_P2=triton.next_power_of_2(cfg.num_splits),
+        BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, num_warps=cfg.num_warps)
+    return y, mean, rstd
+
+
+def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu):
+    """Launch the backward kernels; returns (dx, dweight, dbias, dscale, dshift), with empty
+    tensors for dscale/dshift where scale/shift are None."""
+    _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu)
+    _check_device(x)
+    if dy.shape != x.shape or dy.device != x.device:
+        raise ValueError(f"group_norm_silu backward: dy has shape {tuple(dy.shape)} on {dy.device}, "
+                         f"expected {tuple(x.shape)} on {x.device}")
+    N, C, H, W = x.shape
+    HW = H * W
+    G = num_groups
+    memory_format = _memory_format(x)
+    x, (sxn, sxc, sxp) = _dense(x, memory_format)
+    dy, (sdyn, sdyc, sdyp) = _dense(dy, memory_format)
+    dx = _new_buffer_like(x, memory_format)
+    sdxn, sdxc, sdxp = _flat_strides(dx)
+    weight_c, bias_c = weight.contiguous(), bias.contiguous()
+    scale_c = scale.contiguous() if scale is not None else None
+    shift_c = shift.contiguous() if shift is not None else None
+    cfg = _launch_config(N, C, HW, G, sxc, x.device, backward=True)
+    flags = _in_out_flags(scale, shift, mode)
+    scale_arg = scale_c if scale_c is not None else x
+    shift_arg = shift_c if shift_c is not None else x
+    fused = cfg.num_splits == 1
+    # sums[n, c, split] = (A, B); sums_in[n, c, split] = (sum du*x, sum du)
+    sums = _new_buffer((N, C, cfg.num_splits, 2), torch.float32, x.device)
+    need_in = flags["SCALE_IN"] or flags["SHIFT_IN"]
+    sums_in = _new_buffer((N, C, cfg.num_splits, 2), torch.float32, x.device) if need_in else sums
+    common = dict(SCALE_IN=flags["SCALE_IN"], SHIFT_IN=flags["SHIFT_IN"],
+                  SCALE_OUT=flags["SCALE_OUT"], SHIFT_OUT=flags["SHIFT_OUT"], SILU=silu,
+                  BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, num_warps=cfg.num_warps)
+    if not fused:
+        _gn_bwd_sums_kernel[(N * G, cfg.num_splits)](
+            x, dy, weight_c, bias_c, scale_arg, shift_arg, mean, rstd, sums,
+            C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits,
+            sxn, sxc, sxp, sdyn, sdyc, sdyp, **common)
+    _gn_bwd_kernel[(N * G, cfg.num_splits)](
+        x, dy, dx, weight_c, bias_c, scale_arg, shift_arg, mean, rstd, sums, sums_in,
+        C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits, 1.0 / ((C // G) * HW),
+        sxn, sxc, sxp, sdyn, sdyc, sdyp, sdxn, sdxc, sdxp,
+        FUSED_SUMS=fused, SPLITS_P2=triton.next_power_of_2(cfg.num_splits), **common)
+
+    dweight = _new_buffer((C,), weight.dtype, x.device)
+    dbias = _new_buffer((C,), bias.dtype, x.device)
+    dscale = _new_buffer((N, C), scale.dtype, x.device) if scale is not None else x.new_empty(0)
+    dshift = _new_buffer((N, C), shift.dtype, x.device) if shift is not None else x.new_empty(0)
+    on_gpu = x.device.type == "cuda" and not _INTERPRETED
+    override = _LAUNCH_OVERRIDE or {}
+    block_c = override.get("param_block_c", min(triton.next_power_of_2(C), 64 if on_gpu else 1024))
+    block_n = override.get("param_block_n", min(triton.next_power_of_2(N), 32 if on_gpu else 64))
+    _gn_param_grads_kernel[(triton.cdiv(C, block_c),)](
+        sums, sums_in, weight_c, bias_c, scale_arg,
+        dweight, dbias, dscale if scale is not None else dweight, dshift if shift is not None else dweight,
+        N, C, cfg.num_splits,
+        SCALE_IN=flags["SCALE_IN"], SHIFT_IN=flags["SHIFT_IN"],
+        SCALE_OUT=flags["SCALE_OUT"], SHIFT_OUT=flags["SHIFT_OUT"],
+        BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4)
+    return dx, dweight, dbias, dscale, dshift
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library custom ops and autograd
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("dream_kernels::group_norm_silu_fwd", mutates_args=())
+def _group_norm_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                         scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+                         num_groups: int, eps: float, mode: str, silu: bool
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd); mean and rstd are fp32 of shape (N, num_groups)."""
+    return _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu)
+
+
+@_group_norm_silu_fwd.register_fake
+def _group_norm_silu_fwd_fake(x, weight, bias, scale, shift, num_groups, eps, mode, silu):
+    _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu)
+    stats_shape = (x.shape[0], num_groups)
+    return (torch.empty_like(x, memory_format=_memory_format(x)),
+            x.new_empty(stats_shape, dtype=torch.float32),
+            x.new_empty(stats_shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("dream_kernels::group_norm_silu_bwd", mutates_args=())
+def _group_norm_silu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                         scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+                         mean: torch.Tensor, rstd: torch.Tensor,
+                         num_groups: int, eps: float, mode: str, silu: bool
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias, dscale, dshift); dscale/dshift are empty when scale/shift are None."""
+    return _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu)
+
+
+@_group_norm_silu_bwd.register_fake
+def _group_norm_silu_bwd_fake(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu):
+    return (torch.empty_like(x, memory_format=_memory_format(x)),
+            torch.empty_like(weight), torch.empty_like(bias),
+            torch.empty_like(scale) if scale is not None else x.new_empty(0),
+            torch.empty_like(shift) if shift is not None else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, scale, shift, num_groups, eps, mode, silu = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+    ctx.hyper = (num_groups, eps, mode, silu)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _autograd_backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias, dscale, dshift = torch.ops.dream_kernels.group_norm_silu_bwd(
+        dy, x, weight, bias, scale, shift, mean, rstd, *ctx.hyper)
+    return (dx, dweight, dbias,
+            dscale if scale is not None else None,
+            dshift if shift is not None else None,
+            None, None, None, None)
+
+
+_group_norm_silu_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, mode="pre", silu=True):
+    """Fused act(GroupNorm with per-(n, c) scale/shift) with Triton kernels (see module docstring).
+
+    x: (N, C, H, W) fp32/fp16/bf16, NCHW-contiguous or channels_last (others are copied);
+    weight, bias: (C,); scale, shift: (N, C) or None; each in x's dtype or fp32, on x's device.
+    mode "pre": y = act(gamma*GN(x*(1+s)+t) + beta); "post": y = act((gamma*GN(x)+beta)*(1+s)+t);
+    act = SiLU when silu else identity. Returns y in x's dtype and memory format.
+    CPU tensors run only through the Triton interpreter (TRITON_INTERPRET=1 at import).
+    """
+    _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu)
+    y, _, _ = torch.ops.dream_kernels.group_norm_silu_fwd(
+        x, weight, bias, scale, shift, num_groups, float(eps), mode, silu)
+    return y
+
+
+def group_norm_silu_reference(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None,
+                              mode="pre", silu=True):
+    """Eager PyTorch version of group_norm_silu, in x's dtype (any floating dtype, float64 too);
+    weight, bias, scale, shift are cast to x's dtype."""
+    _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, reference=True)
+
+    def per_channel(v):
+        return v.to(x.dtype)[:, :, None, None]
+
+    weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+    if mode == "pre":
+        u = x
+        if scale is not None:
+            u = u * (1 + per_channel(scale))
+        if shift is not None:
+            u = u + per_channel(shift)
+        h = F.group_norm(u, num_groups, weight, bias, eps)
+    else:
+        h = F.group_norm(x, num_groups, weight, bias, eps)
+        if scale is not None:
+            h = h * (1 + per_channel(scale))
+        if shift is not None:
+            h = h + per_channel(shift)
+    return F.silu(h) if silu else h

@@ -1,0 +1,400 @@
+"""kernels.group_norm_silu (fused GroupNorm + scale/shift + SiLU) against a float64 reference.
+
+Every test draws fresh random x, gamma, beta, s, t and dy (never zeros or ones), runs the Triton
+op, and compares y, mean, rstd and the gradients of x, weight, bias, scale and shift with
+group_norm_silu_reference (plain torch) evaluated in float64 on the same rounded inputs.
+
+Error metric: max|actual - expected| / max|expected| over the whole tensor.
+
+| x dtype         | y, dx, dweight, dbias, dscale, dshift | mean, rstd | why                          |
+| --------------- | ------------------------------------- | ---------- | ---------------------------- |
+| float32         | 1e-5                                  | 1e-5       | fp32 math, fp32 outputs      |
+| float16         | 2e-3                                  | 1e-5       | outputs rounded to fp16      |
+|                 |                                       |            | (2^-11); stats stay fp32     |
+| bfloat16 (GPU)  | 1.6e-2                                | 1e-5       | 8x the fp16 unit roundoff    |
+
+Parameters may be fp32 while x is half; their gradients are then fp32, still checked against
+the x-dtype row. bf16 runs only with CUDA: the Triton interpreter mishandles bf16. Every
+buffer the launchers allocate (outputs and partial sums) is filled with NaN first, so an
+unwritten element fails.
+"""
+import importlib
+import zlib
+
+import pytest
+import torch
+
+from conftest import DEVICE, ON_GPU
+
+from kernels.group_norm_silu import group_norm_silu, group_norm_silu_reference  # noqa: E402
+
+# the module itself (the package attribute `kernels.group_norm_silu` is the function)
+gns = importlib.import_module("kernels.group_norm_silu")
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+STATS_TOLERANCE = 1e-5
+EPS = 1e-5
+
+_needs_cuda = pytest.mark.skipif(not ON_GPU, reason="bf16 needs CUDA (the interpreter mishandles bf16)")
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=_needs_cuda)]
+
+# (N, C, H, W, groups). On CPU each (sample, group) is one interpreted program (~10-40 ms), so
+# the grids stay at tens of programs while covering: 12 and 6 channels per group (not powers
+# of two), 7x5, 3x6 and 1x1 images, batch 1, 2 and 3. The GPU adds UNet sites and big batches.
+CPU_SHAPES = [
+    (3, 96, 7, 5, 8),
+    (1, 96, 7, 5, 8),
+    (3, 12, 1, 1, 2),
+    (2, 18, 3, 6, 3),
+]
+GPU_SHAPES = [
+    (128, 256, 16, 16, 8),
+    (16, 128, 64, 64, 8),
+    (2, 512, 8, 8, 8),  # few groups: the split path
+    (1024, 64, 8, 8, 8),
+    (7, 1024, 9, 3, 8),
+]
+SHAPES = CPU_SHAPES + (GPU_SHAPES if ON_GPU else [])
+
+
+@pytest.fixture(autouse=True)
+def _poison_new_buffers(monkeypatch):
+    monkeypatch.setattr(gns, "_POISON_NEW_BUFFERS", True)
+
+
+def _seed(*params):
+    return zlib.crc32(repr(params).encode())
+
+
+def _make_inputs(shape, dtype, param_dtype, has_scale, has_shift, channels_last, seed):
+    """Random x (with a nonzero mean), gamma, beta, s, t and dy on DEVICE."""
+    N, C, H, W, _ = shape
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*size, std=1.0, mean=0.0):
+        return torch.randn(*size, generator=gen, dtype=torch.float64) * std + mean
+
+    x = randn(N, C, H, W, std=1.7, mean=0.6).to(device=DEVICE, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight = randn(C, std=0.5, mean=1.0).to(device=DEVICE, dtype=param_dtype)
+    bias = randn(C, std=0.4).to(device=DEVICE, dtype=param_dtype)
+    scale = randn(N, C, std=0.4).to(device=DEVICE, dtype=param_dtype) if has_scale else None
+    shift = randn(N, C, std=0.5).to(device=DEVICE, dtype=param_dtype) if has_shift else None
+    dy = randn(N, C, H, W).to(device=DEVICE, dtype=dtype)
+    return x, weight, bias, scale, shift, dy
+
+
+def _rel_err(actual, expected):
+    assert torch.isfinite(actual).all(), "non-finite values (an element left unwritten?)"
+    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+def _float64_stats(x, scale, shift, num_groups, mode):
+    u = x.double()
+    if mode == "pre":
+        if scale is not None:
+            u = u * (1 + scale.double()[:, :, None, None])
+        if shift is not None:
+            u = u + shift.double()[:, :, None, None]
+    u = u.reshape(u.shape[0], num_groups, -1)
+    mean = u.mean(dim=2)
+    rstd = (u.var(dim=2, unbiased=False) + EPS).rsqrt()
+    return mean, rstd
+
+
+def _check_against_float64(shape, dtype, mode, silu, has_scale, has_shift, channels_last,
+                            param_dtype=None, seed_extra=()):
+    param_dtype = param_dtype or dtype
+    num_groups = shape[4]
+    x, weight, bias, scale, shift, dy = _make_inputs(
+        shape, dtype, param_dtype, has_scale, has_shift, channels_last,
+        _seed(shape, dtype, mode, silu, has_scale, has_shift, channels_last, param_dtype, seed_extra))
+    names = ["x", "weight", "bias", "scale", "shift"]
+    leaves = [x, weight, bias, scale, shift]
+    wanted = [(name, leaf.requires_grad_()) for name, leaf in zip(names, leaves) if leaf is not None]
+
+    y, mean, rstd = torch.ops.dream_kernels.group_norm_silu_fwd(
+        x, weight, bias, scale, shift, num_groups, EPS, mode, silu)
+    grads = torch.autograd.grad(y, [leaf for _, leaf in wanted], dy)
+
+    leaves64 = [leaf.detach().double().requires_grad_() if leaf is not None else None for leaf in leaves]
+    y64 = group_norm_silu_reference(*leaves64[:3], num_groups, EPS, *leaves64[3:], mode=mode, silu=silu)
+    grads64 = torch.autograd.grad(y64, [leaf for leaf in leaves64 if leaf is not None], dy.double())
+    mean64, rstd64 = _float64_stats(x, scale, shift, num_groups, mode)
+
+    tol = TOLERANCE[dtype]
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.dtype == dtype and y.is_contiguous(memory_format=memory_format)
+    assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == (shape[0], num_groups)
+    errors = {"y": _rel_err(y, y64), "mean": _rel_err(mean, mean64), "rstd": _rel_err(rstd, rstd64)}
+    for (name, leaf), grad, grad64 in zip(wanted, grads, grads64):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape, name
+        errors["d" + name] = _rel_err(grad, grad64)
+    assert grads[0].is_contiguous(memory_format=memory_format)
+    limits = {name: (STATS_TOLERANCE if name in ("mean", "rstd") else tol) for name in errors}
+    failed = {name: err for name, err in errors.items() if not err <= limits[name]}
+    assert not failed, f"errors above tolerance {tol}: {failed} (all: {errors})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward and all gradients against float64
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("mode", ["pre", "post"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_scale_shift_silu_matches_float64(shape, dtype, mode, channels_last):
+    # fp32 parameters with half activations (the UNet under autocast); same dtype for fp32
+    _check_against_float64(shape, dtype, mode, True, True, True, channels_last,
+                           param_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("has_scale,has_shift", [(False, False), (True, False), (False, True)],
+                         ids=["plain", "scale_only", "shift_only"])
+@pytest.mark.parametrize("silu", [True, False], ids=["silu", "no_act"])
+@pytest.mark.parametrize("mode", ["pre", "post"])
+def test_optional_scale_shift_and_activation(mode, silu, has_scale, has_shift):
+    _check_against_float64((1, 96, 7, 5, 8), torch.float32, mode, silu, has_scale, has_shift,
+                           channels_last=silu)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["pre", "post"])
+def test_half_parameters(dtype, mode):
+    # weight/bias/scale/shift in x's dtype: their gradients come back in that dtype
+    _check_against_float64((1, 96, 7, 5, 8), dtype, mode, True, True, True, channels_last=False)
+
+
+# Forced launch configurations: channel blocks smaller than a group (12 = 8 + a tail of 4),
+# position tiles with a tail (35 = 2*16 + 3), and each group's positions split over programs
+# (the statistics / channel-sum kernels plus the merge in the main kernels).
+FORCED_CONFIGS = [
+    dict(block_c=8, block_hw=16),
+    dict(block_c=8, block_hw=16, split=2),
+    dict(block_c=4, block_hw=8, split=3),
+]
+
+
+@pytest.mark.parametrize("config", FORCED_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("mode,channels_last", [("pre", True), ("post", False)])
+def test_forced_tiles_tails_and_splits(monkeypatch, config, mode, channels_last):
+    monkeypatch.setattr(gns, "_LAUNCH_OVERRIDE", config)
+    _check_against_float64((1, 24, 7, 5, 2), torch.float32, mode, True, True, True, channels_last,
+                           seed_extra=tuple(config.items()))
+
+
+@pytest.mark.parametrize("mode", ["pre", "post"])
+def test_forced_parameter_gradient_blocks(monkeypatch, mode):
+    # the (n, c) -> dweight, dbias, dscale, dshift reduction over several n and c blocks with tails
+    monkeypatch.setattr(gns, "_LAUNCH_OVERRIDE", dict(param_block_n=2, param_block_c=8))
+    _check_against_float64((3, 12, 2, 3, 2), torch.float32, mode, True, True, True, False)
+
+
+def test_forced_split_half_precision(monkeypatch):
+    monkeypatch.setattr(gns, "_LAUNCH_OVERRIDE", dict(block_c=8, block_hw=16, split=2))
+    _check_against_float64((1, 24, 7, 5, 2), torch.float16, "post", False, True, True, False)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # interpreter, masked lanes
+def test_statistics_are_sound_with_large_mean():
+    # mean/std = 5000: fp32 E[u^2] - E[u]^2 is off by ~600% here (Welford/Chan: ~1e-7)
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(2, 16, 6, 6, generator=gen, dtype=torch.float64) * 0.2 + 1000.0)
+    x = x.to(device=DEVICE, dtype=torch.float32)
+    weight = torch.rand(16, generator=gen).to(DEVICE) + 0.5
+    bias = torch.randn(16, generator=gen).to(DEVICE)
+    _, mean, rstd = torch.ops.dream_kernels.group_norm_silu_fwd(x, weight, bias, None, None, 4, EPS, "post", True)
+    mean64, rstd64 = _float64_stats(x, None, None, 4, "post")
+    assert _rel_err(mean, mean64) <= STATS_TOLERANCE
+    assert _rel_err(rstd, rstd64) <= STATS_TOLERANCE
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts, poisoning, public API
+# ----------------------------------------------------------------------------------------------
+def test_poisoning_is_active():
+    assert torch.isnan(gns._new_buffer((3,), torch.float32, torch.device(DEVICE))).all()
+    assert torch.isnan(gns._new_buffer_like(torch.zeros(2, 3, 4, 5), torch.channels_last)).all()
+
+
+def test_non_dense_x_and_dy_in_other_layouts():
+    N, C, H, W, G = 2, 12, 5, 3, 3
+    gen = torch.Generator().manual_seed(11)
+    wide = torch.randn(N, C, H, W + 4, generator=gen).to(DEVICE)
+    x = wide[..., 2:2 + W]  # neither NCHW-contiguous nor channels_last
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    weight = (torch.rand(C, generator=gen) + 0.5).to(DEVICE)
+    bias = torch.randn(C, generator=gen).to(DEVICE)
+    scale = (0.3 * torch.randn(N, C, generator=gen)).to(DEVICE)
+    shift = torch.randn(N, C, generator=gen).to(DEVICE)
+    leaves = [v.requires_grad_() for v in (x, weight, bias, scale, shift)]
+    leaves64 = [v.detach().double().requires_grad_() for v in leaves]
+    y64 = group_norm_silu_reference(*leaves64[:3], G, EPS, *leaves64[3:])
+    dys = [
+        torch.randn(N, C, 1, 1, generator=gen).expand(N, C, H, W),  # stride 0: not dense
+        torch.randn(N, C, H, W, generator=gen).to(memory_format=torch.channels_last),
+    ]
+    for dy in dys:
+        dy = dy.to(DEVICE)
+        y = group_norm_silu(*leaves[:3], G, EPS, *leaves[3:])
+        assert y.is_contiguous()
+        grads = torch.autograd.grad(y, leaves, dy)
+        grads64 = torch.autograd.grad(y64, leaves64, dy.double(), retain_graph=True)
+        assert _rel_err(y, y64) <= TOLERANCE[torch.float32]
+        for grad, grad64 in zip(grads, grads64):
+            assert _rel_err(grad, grad64) <= TOLERANCE[torch.float32]
+
+
+def test_public_function_matches_op_and_reference():
+    N, C, H, W, G = 2, 16, 3, 4, 4
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(N, C, H, W, generator=gen).to(DEVICE).to(memory_format=torch.channels_last)
+    weight, bias = torch.randn(C, generator=gen).to(DEVICE), torch.randn(C, generator=gen).to(DEVICE)
+    scale, shift = torch.randn(N, C, generator=gen).to(DEVICE), torch.randn(N, C, generator=gen).to(DEVICE)
+    y = group_norm_silu(x, weight, bias, G, scale=scale, shift=shift, mode="post")
+    y_op, _, _ = torch.ops.dream_kernels.group_norm_silu_fwd(x, weight, bias, scale, shift, G, 1e-5, "post", True)
+    assert torch.equal(y, y_op) and y.is_contiguous(memory_format=torch.channels_last)
+    y_ref = group_norm_silu_reference(x, weight, bias, G, scale=scale, shift=shift, mode="post")
+    assert _rel_err(y, y_ref.double()) <= 1e-5
+
+
+def test_fake_tensor_mode_shapes_and_backward():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(4, 64, 8, 8, device=DEVICE, dtype=torch.float16,
+                        requires_grad=True).to(memory_format=torch.channels_last)
+        weight = torch.empty(64, device=DEVICE, requires_grad=True)
+        bias = torch.empty(64, device=DEVICE, requires_grad=True)
+        scale = torch.empty(4, 64, device=DEVICE, dtype=torch.float16, requires_grad=True)
+        y = group_norm_silu(x, weight, bias, 8, scale=scale)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        dx, dweight, dscale = torch.autograd.grad(y.sum(), [x, weight, scale])
+        assert dx.shape == x.shape and dweight.shape == (64,) and dscale.shape == (4, 64)
+        assert dscale.dtype == torch.float16 and dweight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("op_name", ["group_norm_silu_fwd", "group_norm_silu_bwd"])
+def test_opcheck(op_name):
+    N, C, H, W, G = 2, 8, 3, 2, 2
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(N, C, H, W, generator=gen).to(DEVICE)
+    weight, bias = torch.randn(C, generator=gen).to(DEVICE), torch.randn(C, generator=gen).to(DEVICE)
+    scale, shift = torch.randn(N, C, generator=gen).to(DEVICE), torch.randn(N, C, generator=gen).to(DEVICE)
+    if op_name == "group_norm_silu_fwd":
+        for v in (x, weight, bias, scale, shift):
+            v.requires_grad_()
+        args = (x, weight, bias, scale, shift, G, EPS, "pre", True)
+    else:
+        _, mean, rstd = torch.ops.dream_kernels.group_norm_silu_fwd(x, weight, bias, scale, None, G, EPS, "post", True)
+        args = (torch.randn_like(x), x, weight, bias, scale, None, mean, rstd, G, EPS, "post", True)
+    torch.library.opcheck(getattr(torch.ops.dream_kernels, op_name).default, args)
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+
+    class TimeConditionedNorm(torch.nn.Module):
+        def __init__(self, channels, emb_dim, groups):
+            super().__init__()
+            self.groups = groups
+            self.weight = torch.nn.Parameter(1 + 0.3 * torch.randn(channels))
+            self.bias = torch.nn.Parameter(0.3 * torch.randn(channels))
+            self.to_scale_shift = torch.nn.Linear(emb_dim, 2 * channels)
+
+        def forward(self, x, emb):
+            scale, shift = self.to_scale_shift(emb).chunk(2, dim=1)
+            h = group_norm_silu(x, self.weight, self.bias, self.groups, scale=scale, shift=shift)
+            return group_norm_silu(h * 2.0, self.weight, self.bias, self.groups, silu=False)
+
+    torch.manual_seed(0)
+    module = TimeConditionedNorm(12, 5, 3).to(DEVICE)
+    x = torch.randn(2, 12, 4, 3, device=DEVICE, requires_grad=True)
+    emb = torch.randn(2, 5, device=DEVICE)
+    eager_out = module(x, emb)
+    eager_grads = torch.autograd.grad(eager_out.square().sum(), [x, *module.parameters()])
+    # Inductor codegen costs ~a minute of CPU compilation; without a GPU check the tracing
+    # (Dynamo + fake impls + AOT autograd) with aot_eager instead.
+    compiled = torch.compile(module, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
+    out = compiled(x, emb)
+    grads = torch.autograd.grad(out.square().sum(), [x, *module.parameters()])
+    assert _rel_err(out, eager_out.double()) <= 1e-5
+    for grad, eager_grad in zip(grads, eager_grads):
+        assert _rel_err(grad, eager_grad.double()) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------
+def _valid_args():
+    N, C, H, W = 2, 8, 3, 3
+    return dict(x=torch.randn(N, C, H, W, device=DEVICE), weight=torch.ones(C, device=DEVICE),
+                bias=torch.zeros(C, device=DEVICE), num_groups=4,
+                scale=torch.zeros(N, C, device=DEVICE), shift=torch.zeros(N, C, device=DEVICE))
+
+
+# (id, argument changes, error type, message, whether the reference raises it too)
+BAD_CALLS = [
+    ("groups", dict(num_groups=3), ValueError, "not divisible by num_groups=3", True),
+    ("zero_groups", dict(num_groups=0), ValueError, "num_groups must be a positive int", True),
+    ("3d_x", dict(x=torch.randn(2, 8, 9)), ValueError, "x must be 4-D", True),
+    ("empty_x", dict(x=torch.randn(0, 8, 3, 3)), ValueError, "x must be non-empty", True),
+    ("int_x", dict(x=torch.ones(2, 8, 3, 3, dtype=torch.int32)), TypeError,
+     "x must be float32, float16 or bfloat16", False),
+    ("double_x", dict(x=torch.randn(2, 8, 3, 3, dtype=torch.float64)), TypeError,
+     "x must be float32, float16 or bfloat16", False),
+    ("weight_shape", dict(weight=torch.ones(4)), ValueError, r"weight must have shape \(8,\)", True),
+    ("bias_shape", dict(bias=torch.ones(8, 1)), ValueError, r"bias must have shape \(8,\)", True),
+    ("scale_shape", dict(scale=torch.zeros(8)), ValueError, r"scale must have shape \(2, 8\)", True),
+    ("shift_shape", dict(shift=torch.zeros(1, 8)), ValueError, r"shift must have shape \(2, 8\)", True),
+    ("missing_weight", dict(weight=None), TypeError, "weight is required", True),
+    ("mixed_dtype", dict(weight=torch.ones(8, dtype=torch.float64)), TypeError, "mixed dtypes: weight", True),
+    ("mixed_half_dtypes", dict(x=torch.randn(2, 8, 3, 3).half(), scale=torch.zeros(2, 8).bfloat16()),
+     TypeError, "mixed dtypes: scale", True),
+    ("mode", dict(mode="middle"), ValueError, "mode must be 'pre' or 'post'", True),
+    ("eps", dict(eps=0.0), ValueError, "eps must be a positive float", True),
+]
+
+
+@pytest.mark.parametrize("change,error,message,reference_too", [c[1:] for c in BAD_CALLS],
+                         ids=[c[0] for c in BAD_CALLS])
+def test_clear_errors(change, error, message, reference_too):
+    args = _valid_args()
+    for key, value in change.items():
+        args[key] = value.to(DEVICE) if isinstance(value, torch.Tensor) else value
+    for fn in (group_norm_silu, group_norm_silu_reference) if reference_too else (group_norm_silu,):
+        with pytest.raises(error, match=message):
+            fn(**args)
+
+
+def test_reference_accepts_float64_and_rejects_integers():
+    args = _valid_args()
+    args = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    assert group_norm_silu_reference(**args).dtype == torch.float64
+    args["x"] = args["x"].long()
+    with pytest.raises(TypeError, match="x must be a floating dtype"):
+        group_norm_silu_reference(**args)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a second device")
+def test_mixed_devices_error():
+    args = _valid_args()
+    args["shift"] = args["shift"].cpu()
+    with pytest.raises(ValueError, match="shift is on cpu but x is on cuda"):
+        group_norm_silu(**args)
+
+
+def test_mixed_devices_error_on_meta():
+    args = _valid_args()
+    args["scale"] = args["scale"].to("meta")
+    with pytest.raises(ValueError, match="scale is on meta but x is on"):
+        group_norm_silu(**args)
+
+
+def test_cpu_tensors_without_interpreter_raise(monkeypatch):
+    monkeypatch.setattr(gns, "_INTERPRETED", False)
+    args = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in _valid_args().items()}
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        group_norm_silu(**args)
