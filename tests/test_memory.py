@@ -1,0 +1,331 @@
+"""dream.memory: the step-memory estimator (fake CPU tensors + MemTracker), the micro-batch chooser,
+parse_bytes, the CUDA-rules policy and `dream memory`.
+
+Fake tensors allocate nothing, so an estimate costs the same at any size (a few seconds: one pass of
+fake operators); estimates are memoised across tests. Most tests use a small UNet (two levels, one
+ResBlock each) at 16x16 so that activations dominate the peak and every policy shows.
+
+Tolerances
+    quantity                                   check
+    parameters / gradients / EMA bytes         exact: 4 bytes x parameter count (fp32)
+    AdamW state bytes                          exact: 8 bytes x parameter count + 4 per parameter tensor (step)
+    peak vs breakdown                          exact: peak_bytes == sum of the categories
+    CudaAutocastPolicy values (fp32 results)   abs 1e-5 against float64 references of the same inputs
+    estimate vs torch.cuda.max_memory_allocated (GPU only)   within 15 % (the estimate misses cuDNN/cuBLAS
+                                               workspaces and allocator rounding)
+"""
+import contextlib
+import io
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ON_GPU
+from dream.cli import main
+from dream.errors import DreamError
+from dream.memory import (CATEGORIES, CudaAutocastPolicy, StepSpec, choose_micro_batch, divisors_descending,
+                          estimate_step_memory, format_estimate, format_sweep, measure_cuda_peak, parse_bytes)
+from dream.model import build_unet, count_parameters
+from dream.objectives import ObjectiveConfig
+
+SMALL_MODEL = {"image_size": 16, "channel_mults": (1, 2), "attention_levels": (1,), "num_res_blocks": 1}
+SMALL = StepSpec(preset="tiny", model_overrides=SMALL_MODEL, batch_size=8)
+GPU_RELATIVE_TOLERANCE = 0.15
+
+_ESTIMATES: dict = {}
+
+
+def estimate(spec: StepSpec):
+    """estimate_step_memory, memoised (it is deterministic: shapes only)."""
+    key = spec.normalized()
+    if key not in _ESTIMATES:
+        _ESTIMATES[key] = estimate_step_memory(key)
+    return _ESTIMATES[key]
+
+
+def parameter_facts(spec: StepSpec):
+    """(parameter count, parameter tensors) of the spec's model, counted on the meta device."""
+    with torch.device("meta"):
+        model = build_unet(spec.preset, **dict(spec.model_overrides))
+    return count_parameters(model), sum(1 for _ in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact parts
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_parameter_gradient_optimizer_and_ema_bytes_are_exact(precision):
+    spec = replace(SMALL, precision=precision)
+    result = estimate(spec)
+    count, tensors = parameter_facts(spec)
+    start, before, end = (result.snapshots[k] for k in ("start", "before_optimizer", "end"))
+    # the state alive across steps, before anything of this step exists
+    assert start["parameters"] == 4 * count
+    assert start["gradients"] == 0
+    assert start["optimizer"] == 8 * count + 4 * tensors  # exp_avg, exp_avg_sq (fp32) and a step scalar each
+    assert start["other"] == 4 * count == result.extras["ema_bytes"]  # fp32 EMA weights
+    assert start["activations"] == start["temporaries"] == 0
+    # every gradient is allocated (fp32, like the parameters) when the optimizer steps
+    assert before["gradients"] == 4 * count
+    assert before["parameters"] == start["parameters"] and before["optimizer"] == start["optimizer"]
+    # nothing of the step outlives it but the gradients (set to None at the start of the next step)
+    assert end["activations"] == end["temporaries"] == 0
+    assert end["total"] == start["total"] + 4 * count
+    # the peak is the sum of its parts and above every snapshot
+    assert result.peak_bytes == sum(result.breakdown[c] for c in CATEGORIES)
+    assert result.peak_bytes >= max(start["total"], before["total"], end["total"])
+    assert result.breakdown["activations"] > 0
+
+
+def test_resident_dataset_is_counted_as_other():
+    result = estimate(replace(SMALL, data_images=100))
+    count, _ = parameter_facts(SMALL)
+    size = SMALL_MODEL["image_size"]
+    assert result.extras["data_bytes"] == 100 * 3 * size * size  # uint8
+    assert result.snapshots["start"]["other"] == 4 * count + 100 * 3 * size * size
+    assert result.peak_bytes == estimate(SMALL).peak_bytes + 100 * 3 * size * size
+
+
+# ----------------------------------------------------------------------------------------------
+# Mechanics
+# ----------------------------------------------------------------------------------------------
+def test_peak_grows_with_batch_size():
+    peaks = [estimate(replace(SMALL, batch_size=b)) for b in (2, 4, 8)]
+    assert peaks[0].peak_bytes < peaks[1].peak_bytes < peaks[2].peak_bytes
+    activations = [p.breakdown["activations"] for p in peaks]
+    assert activations[0] < activations[1] < activations[2]
+
+
+def test_each_checkpointing_policy_shrinks_the_peak():
+    peak = {policy: estimate(replace(SMALL, checkpointing=policy)).peak_bytes
+            for policy in ("none", "attention", "resblocks", "all")}
+    assert peak["all"] < peak["resblocks"] < peak["none"]
+    assert peak["all"] < peak["attention"] < peak["none"]
+    table = format_sweep([estimate(replace(SMALL, checkpointing=p)) for p in peak])
+    assert all(policy in table for policy in peak) and "not a GPU measurement" in table
+
+
+def test_early_backward_peaks_lower_than_one_graph():
+    early = estimate(SMALL)
+    single = estimate(replace(SMALL, early_backward=False))
+    assert early.peak_bytes < single.peak_bytes
+    # the single graph holds both forwards' activations at once
+    assert single.breakdown["activations"] > 1.5 * early.breakdown["activations"]
+
+
+def test_accumulation_lowers_the_peak():
+    full = estimate(replace(SMALL, batch_size=4))
+    halves = estimate(replace(SMALL, batch_size=4, micro_batch=2))
+    assert halves.peak_bytes < full.peak_bytes
+
+
+def test_cuda_rules_cost_more_than_cpu_rules_under_bf16():
+    """CUDA autocast keeps GroupNorm and softmax in fp32, and CUDA dropout a 1-byte mask: at bf16 the
+    CUDA-rules step holds more activation bytes than the plain CPU-rules step."""
+    cuda = estimate(SMALL)
+    cpu = estimate(replace(SMALL, target="cpu"))
+    assert cuda.breakdown["activations"] > cpu.breakdown["activations"]
+
+
+# ----------------------------------------------------------------------------------------------
+# CudaAutocastPolicy on real CPU tensors
+# ----------------------------------------------------------------------------------------------
+def test_cuda_autocast_policy_values_and_scope():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, 7, 5, generator=g).bfloat16()
+    weight, bias = torch.randn(6, generator=g) * 0.7 + 1.1, torch.randn(6, generator=g) * 0.3
+    scores = torch.randn(3, 5, 9, generator=g).bfloat16() * 3
+    x64 = x.double()
+    mean = x64.reshape(3, 3, -1).mean(-1, keepdim=True)
+    var = x64.reshape(3, 3, -1).var(-1, unbiased=False, keepdim=True)
+    gn_ref = ((x64.reshape(3, 3, -1) - mean) / torch.sqrt(var + 1e-5)).reshape_as(x64)
+    gn_ref = gn_ref * weight.double()[:, None, None] + bias.double()[:, None, None]
+    softmax_ref = torch.softmax(scores.double(), dim=-1)
+
+    with CudaAutocastPolicy(), torch.autocast("cpu", dtype=torch.bfloat16):
+        gn = F.group_norm(x, 3, weight, bias)
+        probabilities = scores.softmax(dim=-1)
+        kept = torch.randn(4, 8, generator=g, requires_grad=True)
+        dropped = F.dropout(kept, 0.25, training=True)
+    assert gn.dtype == torch.float32 and probabilities.dtype == torch.float32
+    assert torch.allclose(gn.double(), gn_ref, atol=1e-5, rtol=0)
+    assert torch.allclose(probabilities.double(), softmax_ref, atol=1e-5, rtol=0)
+    assert type(dropped.grad_fn).__name__ == "NativeDropoutBackward0"
+    survivors = dropped != 0
+    assert torch.allclose(dropped[survivors], kept.detach()[survivors] / 0.75)
+
+    # outside the policy CPU's own rules apply again
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.group_norm(x, 3, weight, bias).dtype == torch.bfloat16
+        assert scores.softmax(dim=-1).dtype == torch.bfloat16
+    assert type(F.dropout(kept, 0.25, training=True).grad_fn).__name__ != "NativeDropoutBackward0"
+
+
+# ----------------------------------------------------------------------------------------------
+# choose_micro_batch
+# ----------------------------------------------------------------------------------------------
+class LinearPeak:
+    """A stand-in estimator: peak = fixed + per_image * micro-batch; records what it was asked."""
+
+    def __init__(self, fixed, per_image):
+        self.fixed, self.per_image, self.asked = fixed, per_image, []
+
+    def __call__(self, spec):
+        self.asked.append(spec.micro_batch)
+        return type("Estimate", (), {"peak_bytes": self.fixed + self.per_image * spec.micro_batch})()
+
+
+@pytest.mark.parametrize("batch", [1, 7, 12, 128])
+def test_choose_micro_batch_is_the_largest_fitting_divisor(batch):
+    fixed, per_image = 1000, 37
+    for budget in range(fixed, fixed + per_image * batch + 2 * per_image, 11):
+        fitting = [d for d in divisors_descending(batch) if fixed + per_image * d <= budget]
+        estimator = LinearPeak(fixed, per_image)
+        if not fitting:
+            with pytest.raises(DreamError, match="even a micro-batch of 1"):
+                choose_micro_batch(StepSpec(batch_size=batch), budget, estimate=estimator)
+            continue
+        assert choose_micro_batch(StepSpec(batch_size=batch), budget, estimate=estimator) == fitting[0]
+        assert all(batch % m == 0 for m in estimator.asked)
+        assert len(set(estimator.asked)) <= 2 + len(divisors_descending(batch)).bit_length()
+
+
+def test_choose_micro_batch_inputs():
+    estimator = LinearPeak(0, 10**6)
+    assert choose_micro_batch(StepSpec(batch_size=128), "64MB", estimate=estimator) == 64
+    assert choose_micro_batch(StepSpec(batch_size=128), "64MB", margin=0.5, estimate=estimator) == 32
+    # the trainer's keyword form: a UNetConfig, an ObjectiveConfig, resolved precision and backend, compile
+    from dream.model import make_config
+
+    spec_seen = []
+    chosen = choose_micro_batch(model_config=make_config("tiny", image_size=32), batch_size=16, budget_bytes=8 * 10**6,
+                                precision="bf16", objective="seed", objective_config=ObjectiveConfig(alpha=0.6),
+                                backend="eager", checkpointing="all", compile=False,
+                                estimate=lambda s: spec_seen.append(s) or estimator(s))
+    assert chosen == 8
+    assert dict(spec_seen[0].model_overrides)["image_size"] == 32
+    assert dict(spec_seen[0].objective_config)["alpha"] == 0.6
+    assert spec_seen[0].checkpointing == "all"
+    with pytest.raises(ValueError, match="margin"):
+        choose_micro_batch(StepSpec(), "1GB", margin=1.0, estimate=estimator)
+    with pytest.raises(ValueError, match="memory size"):
+        choose_micro_batch(StepSpec(), "lots", estimate=estimator)
+    if not torch.cuda.is_available():
+        with pytest.raises(DreamError, match="no memory budget given"):
+            choose_micro_batch(StepSpec(), None, estimate=estimator)
+
+
+def test_choose_micro_batch_with_the_estimator():
+    spec = replace(SMALL, batch_size=4)
+    full, half = estimate(spec), estimate(replace(spec, micro_batch=2))
+    budget = (full.peak_bytes + half.peak_bytes) // 2  # between: 2 fits, 4 does not
+    assert choose_micro_batch(spec, budget, estimate=estimate) == 2
+    assert choose_micro_batch(spec, full.peak_bytes, estimate=estimate) == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# parse_bytes and bad input
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, expected", [
+    ("6.8GB", 6_800_000_000), ("6.8 gb", 6_800_000_000), ("7GiB", 7 * 2**30), ("512MB", 512 * 10**6),
+    ("1.5kb", 1500), ("100", 100), (" 3 MiB ", 3 * 2**20), ("2TB", 2 * 10**12), ("1e3", 1000), (4096, 4096),
+])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text, error", [
+    ("", ValueError), ("lots", ValueError), ("6.8XB", ValueError), ("-1GB", ValueError), ("0", ValueError),
+    ("GB", ValueError), ("6.8 G B", ValueError), ("0.1B", ValueError), (None, TypeError), ([1], TypeError),
+    (True, TypeError),
+])
+def test_parse_bytes_errors_are_one_line(text, error):
+    with pytest.raises(error) as raised:
+        parse_bytes(text)
+    message = str(raised.value)
+    assert "\n" not in message and ("memory size" in message)
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"batch_size": 0}, "batch size"), ({"batch_size": 8, "micro_batch": 3}, "must divide"),
+    ({"precision": "fp8"}, "precision"), ({"backend": "cuda"}, "backend"), ({"checkpointing": "some"}, "checkpoint"),
+    ({"objective": "dream"}, "objective"), ({"data_images": -1}, "data_images"), ({"target": "tpu"}, "target"),
+])
+def test_bad_spec_is_one_line(fields, match):
+    with pytest.raises(ValueError, match=match) as raised:
+        StepSpec(**fields)
+    assert "\n" not in str(raised.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# dream memory
+# ----------------------------------------------------------------------------------------------
+def run_cli(*argv):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["memory", *argv])
+    return code, out.getvalue()
+
+
+def test_cli_json_and_table():
+    argv = ["--preset", "tiny", "--image-size", "16", "--batch", "2", "--precision", "fp16",
+            "--objective", "paper", "--checkpoint", "attention", "--budget", "1GB"]
+    code, text = run_cli(*argv, "--json")
+    assert code == 0
+    report = json.loads(text)
+    assert {"peak_bytes", "breakdown", "snapshots", "inputs", "method", "budget_bytes", "fits_budget",
+            "micro_batch_for_budget"} <= set(report)
+    assert set(report["breakdown"]) == set(CATEGORIES)
+    assert report["peak_bytes"] == sum(report["breakdown"].values())
+    assert report["inputs"]["batch_size"] == 2 and report["inputs"]["precision"] == "fp16"
+    assert report["inputs"]["objective"] == "paper" and report["inputs"]["checkpointing"] == "attention"
+    assert report["inputs"]["model_overrides"] == {"image_size": 16}
+    assert report["budget_bytes"] == 10**9 and report["fits_budget"] and report["micro_batch_for_budget"] == 2
+    spec = StepSpec(preset="tiny", model_overrides={"image_size": 16}, batch_size=2, precision="fp16",
+                    objective="paper", checkpointing="attention")
+    assert report["peak_bytes"] == estimate(spec).peak_bytes  # deterministic: the CLI runs the same estimate
+    table = format_estimate(estimate(spec))
+    assert "peak" in table and "not a GPU measurement" in table
+
+
+def test_cli_bad_input_is_one_line(capsys):
+    assert main(["memory", "--budget", "lots", "--batch", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dream memory: error: memory size 'lots'") and "\n" not in err
+    assert main(["memory", "--batch", "8", "--micro-batch", "3"]) == 2
+    assert "must divide" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# The seed preset at the seed's batch
+# ----------------------------------------------------------------------------------------------
+def test_seed_preset_at_batch_128():
+    spec = StepSpec(preset="seed", batch_size=128, precision="bf16", objective="seed", checkpointing="all")
+    result = estimate(spec)
+    count, tensors = parameter_facts(spec)
+    before = result.snapshots["before_optimizer"]
+    assert before["parameters"] == before["gradients"] == result.extras["ema_bytes"] == 4 * count
+    assert before["optimizer"] == 8 * count + 4 * tensors
+    assert result.peak_bytes == sum(result.breakdown.values())
+    # at this size the activations, not the 16 bytes per parameter of state, make most of the peak
+    assert result.breakdown["activations"] + result.breakdown["temporaries"] > 16 * count
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the estimate against the allocator
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA: compares with torch.cuda.max_memory_allocated")
+@pytest.mark.parametrize("spec", [
+    StepSpec(preset="tiny", model_overrides={"image_size": 64}, batch_size=32, precision="bf16"),
+    StepSpec(preset="seed", batch_size=128, precision="bf16", checkpointing="all"),
+    StepSpec(preset="seed", batch_size=64, precision="fp32", checkpointing="resblocks", backend="sdpa"),
+], ids=["tiny-bf16", "seed-bf16-all", "seed-fp32-resblocks-sdpa"])
+def test_estimate_matches_cuda_measurement(spec):
+    estimated = estimate(spec).peak_bytes
+    measured = measure_cuda_peak(spec)
+    print(f"{spec.preset} {spec.precision} {spec.checkpointing}: estimated {estimated / 1e9:.3f} GB, "
+          f"measured {measured / 1e9:.3f} GB")
+    assert abs(estimated - measured) <= GPU_RELATIVE_TOLERANCE * measured
