@@ -1,0 +1,403 @@
+"""kernels.attention (flash-style Triton attention) against float64 softmax attention.
+
+Error metric: max|actual − expected| / max|expected| over the whole tensor (absolute error
+when the expected tensor is all zeros, e.g. dq and dk at N = 1), expected in float64
+from the same (rounded) inputs.
+
+| dtype            | O, dq, dk, dv | logits ×30 | why the ×30 column is wider                         |
+| ---------------- | ------------- | ---------- | --------------------------------------------------- |
+| float32          | 1e-5          | 1e-4       | fp32 logits of size ~100 carry ~1e-5 rounding, and  |
+|                  |               |            | backward recomputes them (rounding differently from |
+|                  |               |            | the forward's logsumexp); peaked rows amplify it in |
+|                  |               |            | dq, dk (eager fp32 attention itself: ~1.6e-5)       |
+| float16          | 2e-3          | 1e-2       | P, dS rounded to fp16 on peaked rows (eager fp16:   |
+|                  |               |            | ~5e-2)                                              |
+| bfloat16 (GPU)   | 1.6e-2        | 8e-2       | 8× the fp16 unit roundoff                           |
+
+bf16 runs only with CUDA: the Triton interpreter computes bf16 dots wrongly.
+"""
+import os
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+from conftest import DEVICE, ON_GPU
+
+from kernels.attention import (  # noqa: E402  (conftest sets TRITON_INTERPRET first)
+    BackwardConfig,
+    ForwardConfig,
+    _attention_backward_into,
+    _attention_forward_into,
+    attention,
+    attention_qkv_nchw,
+    attention_qkv_nchw_reference,
+    attention_reference,
+)
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+LARGE_LOGIT_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 8e-2}
+
+_needs_cuda = pytest.mark.skipif(not ON_GPU, reason="bf16 needs CUDA (the interpreter's bf16 dots are wrong)")
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(torch.bfloat16, marks=_needs_cuda),
+]
+
+# (B, H, N, D): every N in {1, 17, 64, 100, 256}, D in {32, 64}, B·H in {1, 3, 8}; D = 128
+# for the remaining supported width. The GPU adds the model's sizes and long sequences.
+CPU_SHAPES = [
+    (1, 1, 1, 32),
+    (3, 1, 1, 64),
+    (1, 1, 17, 32),
+    (1, 3, 17, 64),
+    (2, 4, 17, 32),
+    (1, 1, 64, 64),
+    (3, 1, 64, 32),
+    (1, 8, 64, 64),
+    (1, 1, 100, 32),
+    (3, 1, 100, 64),
+    (2, 4, 100, 32),
+    (1, 1, 256, 64),
+    (1, 3, 256, 32),
+    (1, 2, 64, 128),
+    (1, 1, 100, 128),
+]
+GPU_SHAPES = [
+    (8, 8, 256, 64),
+    (8, 8, 64, 64),
+    (2, 8, 256, 128),
+    (1, 2, 1000, 64),
+    (1, 1, 4096, 32),
+]
+SHAPES = CPU_SHAPES + (GPU_SHAPES if ON_GPU else [])
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    denom = expected.abs().max().item()
+    err = (actual.double() - expected).abs().max().item()
+    return err / denom if denom > 0 else err
+
+
+def _randn(shape, dtype, generator, scale=1.0):
+    return (torch.randn(shape, generator=generator, device=DEVICE) * scale).to(dtype)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def _float64_grads(q, k, v, grad_out, scale):
+    """Output and (dq, dk, dv) of float64 softmax attention on the same values."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out = attention_reference(*leaves, scale=scale)
+    out.backward(grad_out.double())
+    return out.detach(), [t.grad for t in leaves]
+
+
+def _triton_grads(q, k, v, grad_out, scale):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = attention(*leaves, scale=scale)
+    out.backward(grad_out)
+    return out.detach(), [t.grad for t in leaves]
+
+
+def _assert_close(name, actual, expected, tol):
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    err = _rel_err(actual, expected)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("scale_kind", ["default", "custom"])
+def test_forward_and_gradients_match_float64(shape, dtype, scale_kind):
+    seed = zlib.crc32(repr((shape, dtype, scale_kind)).encode())
+    gen = _generator(seed)
+    q, k, v, grad_out = (_randn(shape, dtype, gen) for _ in range(4))
+    scale = None if scale_kind == "default" else 0.05 + 0.3 * torch.rand((), generator=gen, device=DEVICE).item()
+    out, grads = _triton_grads(q, k, v, grad_out, scale)
+    ref_out, ref_grads = _float64_grads(q, k, v, grad_out, shape[-1] ** -0.5 if scale is None else scale)
+    tol = TOLERANCE[dtype]
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    _assert_close("O", out, ref_out, tol)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _assert_close(name, g, r, tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 3, 17, 32), (2, 1, 100, 64), (1, 2, 256, 32)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_large_logits_stay_stable(shape, dtype):
+    """q ×30: logits of size ~100, rows close to one-hot (online softmax rescaling, exp overflow)."""
+    gen = _generator(7 + shape[2])
+    q = _randn(shape, dtype, gen, scale=30.0)
+    k, v, grad_out = (_randn(shape, dtype, gen) for _ in range(3))
+    out, grads = _triton_grads(q, k, v, grad_out, None)
+    ref_out, ref_grads = _float64_grads(q, k, v, grad_out, shape[-1] ** -0.5)
+    tol = LARGE_LOGIT_TOLERANCE[dtype]
+    _assert_close("O", out, ref_out, tol)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _assert_close(name, g, r, tol)
+
+
+# Launch configurations forced onto the launchers: several query/key blocks with tails,
+# and the general (multi-block) backward where the heuristic would pick the single tile.
+FORCED = {
+    "heuristic": (None, None),
+    "small_blocks": (ForwardConfig(16, 16, 4, 1), BackwardConfig(False, 32, 16, 4, 1)),
+    "general_backward": (ForwardConfig(32, 64, 4, 1), BackwardConfig(False, 16, 32, 4, 1)),
+}
+
+
+def _poisoned(shape, dtype, layout):
+    """NaN-filled buffer of logical shape (B, H, N, D); 'transposed' stores it as (B, H, D, N)."""
+    b, h, n, d = shape
+    if layout == "transposed":
+        return torch.full((b, h, d, n), float("nan"), device=DEVICE, dtype=dtype).transpose(-1, -2)
+    return torch.full(shape, float("nan"), device=DEVICE, dtype=dtype)
+
+
+LAUNCHER_CASES = [
+    ((1, 1, 1, 32), "contiguous", "heuristic"),
+    ((1, 1, 1, 32), "transposed", "small_blocks"),
+    ((1, 3, 17, 32), "transposed", "heuristic"),
+    ((1, 3, 17, 32), "contiguous", "general_backward"),
+    ((2, 1, 64, 64), "contiguous", "heuristic"),
+    ((2, 1, 64, 64), "transposed", "general_backward"),
+    ((1, 2, 100, 32), "transposed", "heuristic"),
+    ((1, 2, 100, 32), "contiguous", "small_blocks"),
+    ((1, 1, 100, 64), "transposed", "general_backward"),
+    ((1, 1, 256, 64), "contiguous", "heuristic"),
+    ((1, 1, 256, 32), "transposed", "heuristic"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,layout,forced", LAUNCHER_CASES,
+                         ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else x)
+def test_launchers_write_every_element(shape, layout, forced, dtype):
+    """Outputs and lse start as NaN; every element must be written and correct."""
+    gen = _generator(11 + shape[2] + len(forced))
+    q, k, v, grad_out = (_randn(shape, dtype, gen) for _ in range(4))
+    scale = 0.21
+    fwd_config, bwd_config = FORCED[forced]
+    b, h, n, d = shape
+    out = _poisoned(shape, dtype, layout)
+    lse = torch.full((b, h, n), float("nan"), device=DEVICE, dtype=torch.float32)
+    _attention_forward_into(q, k, v, scale, out, lse, fwd_config)
+    dq, dk, dv = (_poisoned(shape, dtype, layout) for _ in range(3))
+    _attention_backward_into(q, k, v, out, lse, grad_out, scale, dq, dk, dv, bwd_config)
+
+    ref_out, ref_grads = _float64_grads(q, k, v, grad_out, scale)
+    logits = torch.matmul(q.double(), k.double().transpose(-1, -2)) * scale
+    tol = TOLERANCE[dtype]
+    _assert_close("O", out, ref_out, tol)
+    _assert_close("lse", lse, torch.logsumexp(logits, dim=-1), 1e-6)
+    for name, g, r in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads):
+        _assert_close(name, g, r, tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["tokens_heads", "channels_tokens"])
+def test_strided_views_and_broadcast_grad(layout, dtype):
+    """q, k, v as views of one qkv tensor (no copies) and a stride-0 output gradient."""
+    b, h, n, d = 2, 2, 35, 32
+    gen = _generator(23)
+    if layout == "tokens_heads":  # (B, N, 3, H, D) as produced by a linear qkv projection
+        qkv = _randn((b, n, 3, h, d), dtype, gen).permute(2, 0, 3, 1, 4)
+    else:  # (B, 3, H, D, N) as produced by the UNet's 1x1 qkv convolution
+        qkv = _randn((b, 3, h, d, n), dtype, gen).permute(1, 0, 2, 4, 3)
+    q, k, v = qkv.unbind(0)
+    assert not q.is_contiguous()
+    weight = _randn((b, h, d), dtype, gen)
+    # loss = Σ_b,h,d w·Σ_n O: dL/dO = w broadcast over tokens, a stride-0 gradient.
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = attention(*leaves)
+    grad_strides = []
+    out.register_hook(lambda grad: grad_strides.append(grad.stride()))
+    (out.sum(dim=2) * weight).sum().backward()
+    assert grad_strides and grad_strides[0][2] == 0
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_out = attention_reference(*ref_leaves)
+    (ref_out.sum(dim=2) * weight.double()).sum().backward()
+    tol = TOLERANCE[dtype]
+    _assert_close("O", out.detach(), ref_out.detach(), tol)
+    for name, leaf, ref in zip(("dq", "dk", "dv"), leaves, ref_leaves):
+        _assert_close(name, leaf.grad, ref.grad, tol)
+
+
+def test_backward_is_deterministic():
+    shape = (2, 2, 100, 64) if not ON_GPU else (16, 8, 256, 64)
+    gen = _generator(31)
+    dtype = torch.float16
+    q, k, v, grad_out = (_randn(shape, dtype, gen) for _ in range(4))
+    first = _triton_grads(q, k, v, grad_out, None)
+    second = _triton_grads(q, k, v, grad_out, None)
+    assert torch.equal(first[0], second[0])
+    for a, b in zip(first[1], second[1]):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------
+# qkv read in place from the (B, 3C, H, W) conv output
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,channels,heads,height,width", [
+    (2, 64, 2, 7, 5),     # head dim 32, N = 35 (tail blocks)
+    (1, 128, 2, 8, 8),    # head dim 64, N = 64 (single-tile backward)
+    (1, 64, 2, 16, 16),   # head dim 32, N = 256
+] + ([(8, 512, 8, 16, 16)] if ON_GPU else []))
+def test_qkv_nchw_matches_float64(batch, channels, heads, height, width, dtype):
+    gen = _generator(41 + channels + height)
+    qkv = _randn((batch, 3 * channels, height, width), dtype, gen)
+    grad_out = _randn((batch, channels, height, width), dtype, gen)
+    leaf = qkv.detach().requires_grad_()
+    out = attention_qkv_nchw(leaf, heads)
+    out.backward(grad_out)
+    ref_leaf = qkv.detach().double().requires_grad_()
+    ref_out = attention_qkv_nchw_reference(ref_leaf, heads)
+    ref_out.backward(grad_out.double())
+    tol = TOLERANCE[dtype]
+    assert out.shape == (batch, channels, height, width) and out.is_contiguous()
+    _assert_close("out", out, ref_out.detach(), tol)
+    _assert_close("dqkv", leaf.grad, ref_leaf.grad, tol)
+
+
+def test_qkv_nchw_agrees_with_attention_on_views():
+    gen = _generator(43)
+    b, c, heads, hh, ww = 2, 64, 2, 5, 7
+    qkv = _randn((b, 3 * c, hh, ww), torch.float32, gen)
+    q, k, v = qkv.reshape(b, 3, heads, c // heads, hh * ww).transpose(-1, -2).unbind(1)
+    via_views = attention(q, k, v, scale=0.3).transpose(-1, -2).reshape(b, c, hh, ww)
+    assert torch.allclose(attention_qkv_nchw(qkv, heads, scale=0.3), via_views, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# torch.compile, FakeTensorMode, the eager reference
+# ---------------------------------------------------------------------------------------
+def test_torch_compile_fullgraph_forward_and_backward():
+    gen = _generator(53)
+    dtype = torch.float32
+    shape = (1, 2, 17, 32)
+    q, k, v = (_randn(shape, dtype, gen) for _ in range(3))
+    qkv_map = _randn((1, 3 * 64, 4, 5), dtype, gen)
+    weight = _randn(shape, dtype, gen)
+
+    def loss_fn(q, k, v, qkv_map):
+        o = attention(q * 1.5, k, v, scale=0.2)
+        o2 = attention_qkv_nchw(qkv_map, 2)
+        return (o * weight).sum() + (o2 * o2).sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
+    inputs = [t.detach().requires_grad_() for t in (q, k, v, qkv_map)]
+    loss = compiled(*inputs)
+    loss.backward()
+    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v, qkv_map)]
+    ref_o = attention_reference(ref_inputs[0] * 1.5, ref_inputs[1], ref_inputs[2], scale=0.2)
+    ref_o2 = attention_qkv_nchw_reference(ref_inputs[3], 2)
+    ref_loss = (ref_o * weight.double()).sum() + (ref_o2 * ref_o2).sum()
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * max(1.0, abs(ref_loss.item()))
+    for name, a, r in zip(("dq", "dk", "dv", "dqkv"), inputs, ref_inputs):
+        _assert_close(name, a.grad, r.grad, TOLERANCE[dtype])
+
+
+def test_fake_tensor_mode_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(4, 8, 256, 64, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+        o = attention(q, q, q)
+        o.sum().backward()
+        assert o.shape == q.shape and o.dtype == q.dtype
+        assert q.grad.shape == q.shape
+        qkv = torch.empty(4, 3 * 512, 16, 16, dtype=torch.float16, device=DEVICE)
+        assert attention_qkv_nchw(qkv, 8).shape == (4, 512, 16, 16)
+        o, lse = torch.ops.dream_kernels.attention_forward(q, q, q, 0.125)
+        assert lse.shape == (4, 8, 256) and lse.dtype == torch.float32
+
+
+def test_reference_matches_sdpa_in_float64():
+    gen = _generator(61)
+    q, k, v = (_randn((2, 3, 19, 32), torch.float64, gen) for _ in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.4)
+    assert torch.allclose(attention_reference(q, k, v, scale=0.4), expected, rtol=1e-12, atol=1e-12)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.allclose(attention_reference(q, k, v), expected, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE).to(dtype)
+
+
+@pytest.mark.parametrize("args,kwargs,error,match", [
+    ((_t(2, 17, 32), _t(2, 17, 32), _t(2, 17, 32)), {}, ValueError, "shape"),
+    ((_t(1, 2, 17, 32), _t(1, 2, 16, 32), _t(1, 2, 17, 32)), {}, ValueError, "same shape"),
+    ((_t(1, 2, 17, 48), _t(1, 2, 17, 48), _t(1, 2, 17, 48)), {}, ValueError, "head dim"),
+    ((_t(1, 2, 17, 16), _t(1, 2, 17, 16), _t(1, 2, 17, 16)), {}, ValueError, "head dim"),
+    ((_t(1, 2, 0, 32), _t(1, 2, 0, 32), _t(1, 2, 0, 32)), {}, ValueError, "N=0"),
+    ((_t(1, 1, 4097, 32), _t(1, 1, 4097, 32), _t(1, 1, 4097, 32)), {}, ValueError, "N=4097"),
+    ((_t(0, 2, 8, 32), _t(0, 2, 8, 32), _t(0, 2, 8, 32)), {}, ValueError, "positive"),
+    ((_t(1, 2, 8, 32, dtype=torch.float64),) * 3, {}, TypeError, "float64"),
+    ((torch.ones(1, 2, 8, 32, dtype=torch.int32, device=DEVICE),) * 3, {}, TypeError, "int32"),
+    ((_t(1, 2, 8, 32), _t(1, 2, 8, 32, dtype=torch.float16), _t(1, 2, 8, 32)), {}, TypeError, "same dtype"),
+    (([[1.0]], _t(1, 2, 8, 32), _t(1, 2, 8, 32)), {}, TypeError, "torch.Tensor"),
+    ((_t(1, 2, 8, 32),) * 3, {"scale": -0.5}, ValueError, "scale"),
+    ((_t(1, 2, 8, 32),) * 3, {"scale": float("nan")}, ValueError, "scale"),
+    ((_t(1, 2, 8, 32),) * 3, {"scale": "0.1"}, TypeError, "scale"),
+])
+def test_bad_inputs_raise_clear_errors(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        attention(*args, **kwargs)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a second device type")
+def test_mixed_devices_raise():
+    with pytest.raises(ValueError, match="one device"):
+        attention(_t(1, 2, 8, 32), _t(1, 2, 8, 32).cpu(), _t(1, 2, 8, 32))
+
+
+@pytest.mark.parametrize("qkv_shape,heads,match", [
+    ((1, 3 * 64, 4, 4), 5, "divisible"),
+    ((1, 100, 4, 4), 2, "divisible"),
+    ((1, 3 * 96, 4, 4), 2, "head dim"),
+    ((3 * 64, 4, 4), 2, "shape"),
+    ((1, 3 * 64, 4, 4), 0, "num_heads"),
+])
+def test_qkv_nchw_bad_inputs(qkv_shape, heads, match):
+    with pytest.raises(ValueError, match=match):
+        attention_qkv_nchw(_t(*qkv_shape), heads)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter refuses bf16 only on CPU")
+def test_bf16_refused_by_interpreter():
+    with pytest.raises(TypeError, match="bfloat16"):
+        attention(*(_t(1, 1, 8, 32, dtype=torch.bfloat16),) * 3)
+
+
+def test_cpu_tensors_without_interpreter_raise():
+    """No silent eager fallback: CPU tensors without TRITON_INTERPRET=1 are an error."""
+    code = (
+        "import torch\n"
+        "from kernels.attention import attention\n"
+        "x = torch.randn(1, 1, 8, 32)\n"
+        "try:\n"
+        "    attention(x, x, x)\n"
+        "except RuntimeError as e:\n"
+        "    print('RAISED', e)\n"
+    )
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=300)
+    assert "RAISED" in result.stdout and "TRITON_INTERPRET" in result.stdout, result.stdout + result.stderr
