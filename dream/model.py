@@ -151,6 +151,11 @@ class Attention(nn.Module):
         b, c, height, width = x.shape
         heads, head_dim = self.num_heads, c // self.num_heads
         qkv = self.qkv(norm_act(self.norm, x, self.backend, silu=False))
+        if self.backend == "triton":
+            from kernels import attention_qkv_nchw
+
+            # reads q, k, v in place from the (b, 3c, h, w) conv output and writes (b, c, h, w)
+            return x + self.proj_out(attention_qkv_nchw(qkv, heads))
         # channels split as (3, heads, head_dim); tokens n = y * width + x
         q, k, v = qkv.reshape(b, 3, heads, head_dim, height * width).unbind(1)
         if self.backend == "eager":
@@ -158,13 +163,7 @@ class Attention(nn.Module):
             out = torch.einsum("bhnm,bhcm->bhcn", scores.softmax(dim=-1), v)
         else:
             q, k, v = (t.transpose(-1, -2) for t in (q, k, v))  # (b, heads, tokens, head_dim)
-            if self.backend == "triton":
-                from kernels import attention
-
-                out = attention(q, k, v)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v)
-            out = out.transpose(-1, -2)
+            out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2)
         return x + self.proj_out(out.reshape(b, c, height, width))
 
 

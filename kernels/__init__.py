@@ -4,11 +4,13 @@ This package never imports `dream`. On a machine without a GPU, set
 TRITON_INTERPRET=1 before importing it to run the kernels on CPU tensors.
 """
 from kernels.group_norm_silu import group_norm_silu, group_norm_silu_reference
-from kernels.attention import attention, attention_reference
+from kernels.attention import attention, attention_qkv_nchw, attention_qkv_nchw_reference, attention_reference
 
 __all__ = [
     "group_norm_silu",
     "group_norm_silu_reference",
     "attention",
     "attention_reference",
+    "attention_qkv_nchw",
+    "attention_qkv_nchw_reference",
 ]

@@ -65,6 +65,8 @@ CPU_SHAPES = [
     (1, 3, 256, 32),
     (1, 2, 64, 128),
     (1, 1, 100, 128),
+    (2, 2, 16, 16),   # head dim 16: the tiny preset's 128 channels over 8 heads
+    (1, 1, 100, 16),
 ]
 GPU_SHAPES = [
     (8, 8, 256, 64),
@@ -252,6 +254,7 @@ def test_backward_is_deterministic():
     (2, 64, 2, 7, 5),     # head dim 32, N = 35 (tail blocks)
     (1, 128, 2, 8, 8),    # head dim 64, N = 64 (single-tile backward)
     (1, 64, 2, 16, 16),   # head dim 32, N = 256
+    (1, 64, 4, 4, 4),     # head dim 16, N = 16 (the tiny preset at 16x16 images)
 ] + ([(8, 512, 8, 16, 16)] if ON_GPU else []))
 def test_qkv_nchw_matches_float64(batch, channels, heads, height, width, dtype):
     gen = _generator(41 + channels + height)
@@ -343,7 +346,7 @@ def _t(*shape, dtype=torch.float32):
     ((_t(2, 17, 32), _t(2, 17, 32), _t(2, 17, 32)), {}, ValueError, "shape"),
     ((_t(1, 2, 17, 32), _t(1, 2, 16, 32), _t(1, 2, 17, 32)), {}, ValueError, "same shape"),
     ((_t(1, 2, 17, 48), _t(1, 2, 17, 48), _t(1, 2, 17, 48)), {}, ValueError, "head dim"),
-    ((_t(1, 2, 17, 16), _t(1, 2, 17, 16), _t(1, 2, 17, 16)), {}, ValueError, "head dim"),
+    ((_t(1, 2, 17, 48), _t(1, 2, 17, 48), _t(1, 2, 17, 48)), {}, ValueError, "head dim"),
     ((_t(1, 2, 0, 32), _t(1, 2, 0, 32), _t(1, 2, 0, 32)), {}, ValueError, "N=0"),
     ((_t(1, 1, 4097, 32), _t(1, 1, 4097, 32), _t(1, 1, 4097, 32)), {}, ValueError, "N=4097"),
     ((_t(0, 2, 8, 32), _t(0, 2, 8, 32), _t(0, 2, 8, 32)), {}, ValueError, "positive"),
