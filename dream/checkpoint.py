@@ -1,13 +1,16 @@
 """Crash-safe checkpoints.
 
 Each checkpoint is one file `ckpt-<step>.pt` written atomically (temp file in the same folder, fsync,
-rename, fsync of the folder) and recorded in `manifest.json` with its size and SHA-256; the manifest is
-written the same way. Loading verifies the checksum and falls back, with a warning, to the newest
-earlier checkpoint that verifies. Files are read with `torch.load(weights_only=True)`, so a checkpoint
-can hold only tensors and plain Python data and can never run code.
+rename, fsync of the folder), then recorded in `manifest.json` with its size and SHA-256; the manifest is
+written the same way, and only then are the files it no longer lists deleted. So a kill at any moment
+leaves a manifest whose every entry is a complete file. Loading verifies size and checksum and falls
+back, with a warning, to the newest earlier checkpoint that verifies (torch.load alone does not notice
+a flipped bit in tensor data). Files are read with `torch.load(weights_only=True)`, so a checkpoint can
+hold only tensors and plain Python data and can never run code.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -47,15 +50,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def atomic_torch_save(obj, path: Path) -> str:
-    """Save atomically; returns the file's SHA-256."""
+def atomic_torch_save(obj, path: Path) -> tuple[str, int]:
+    """Save atomically; returns the file's SHA-256 and size in bytes."""
     import io
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     data = buffer.getvalue()
     atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(data).hexdigest(), len(data)
 
 
 def sha256_file(path: Path) -> str:
@@ -92,7 +95,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
+    """The package version plus the git commit, when the code runs from a checkout."""
     from dream import __version__
 
     try:
@@ -119,36 +124,69 @@ class CheckpointManager:
             entries = json.loads(path.read_text())["checkpoints"]
         except (ValueError, KeyError, TypeError):
             warnings.warn(f"checkpoint manifest {path} is unreadable; scanning the folder instead", stacklevel=2)
-            return [{"file": p.name, "sha256": None} for p in sorted(self.folder.glob("ckpt-*.pt"))]
+            return [{"file": p.name, "step": int(p.stem.split("-")[1]), "sha256": None}
+                    for p in sorted(self.folder.glob("ckpt-*.pt"))]
         return entries
 
     def _write_manifest(self, entries: list[dict]) -> None:
         atomic_write_bytes(self.folder / MANIFEST, json.dumps({"checkpoints": entries}, indent=1).encode())
 
     def save(self, state: dict, step: int) -> Path:
+        """Write ckpt-<step>.pt, then the manifest that lists it, then delete what the manifest dropped.
+
+        A kill at any moment leaves the previous manifest (and every file it lists) intact. Entries at
+        or after `step` belong to an abandoned future (a damaged checkpoint, a restore after divergence)
+        and are replaced."""
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"ckpt-{step:09d}.pt"
-        digest = atomic_torch_save(state, self.folder / name)
-        entries = [e for e in self._manifest() if e["file"] != name]
-        entries.append({"file": name, "step": step, "sha256": digest})
-        entries.sort(key=lambda e: e.get("step", 0))
-        stale, entries = entries[:-self.keep], entries[-self.keep:]
+        listed = self._manifest()
+        entries = [e for e in listed if e.get("step", -1) < step]
+        if len(entries) != len(listed):  # unlist before overwriting, so no entry ever names a changed file
+            self._write_manifest(entries)
+        digest, size = atomic_torch_save(state, self.folder / name)
+        entries.append({"file": name, "step": step, "bytes": size, "sha256": digest})
+        entries = entries[-self.keep:]
         self._write_manifest(entries)
-        for entry in stale:
-            (self.folder / entry["file"]).unlink(missing_ok=True)
+        self._remove_unlisted({e["file"] for e in entries})
         return self.folder / name
 
+    def _remove_unlisted(self, listed: set[str]) -> None:
+        """Delete checkpoints the manifest no longer lists and temp files left by killed writers."""
+        for path in self.folder.glob("ckpt-*.pt"):
+            if path.name not in listed:
+                path.unlink(missing_ok=True)
+        for path in self.folder.glob(".*.tmp*"):
+            if not path.name.endswith(f".tmp{os.getpid()}"):
+                path.unlink(missing_ok=True)
+
+    def verify(self) -> list[tuple[Path, str | None]]:
+        """(path, None) for every manifest entry whose file matches its size and checksum, else (path, why)."""
+        results = []
+        for entry in self._manifest():
+            path = self.folder / entry["file"]
+            results.append((path, _damage(path, entry)))
+        return results
+
+    def entry_for(self, path: str | Path) -> dict | None:
+        path = Path(path)
+        if path.parent.resolve() != self.folder.resolve():
+            return None
+        return next((e for e in self._manifest() if e["file"] == path.name), None)
+
     def latest(self) -> dict | None:
-        """The newest checkpoint whose checksum verifies, loaded; None when there is none."""
+        """The newest checkpoint whose size and checksum verify, loaded; None when there is none.
+        A damaged newer one is skipped with a warning naming it."""
         entries = self._manifest()
         for entry in reversed(entries):
             path = self.folder / entry["file"]
-            try:
-                if entry.get("sha256") and sha256_file(path) != entry["sha256"]:
-                    raise ValueError("checksum mismatch")
-                state = load_checkpoint(path)
-            except (OSError, ValueError, RuntimeError, DreamError) as error:
-                warnings.warn(f"checkpoint {path} is damaged ({error}); trying the previous one", stacklevel=2)
+            why = _damage(path, entry)
+            if why is None:
+                try:
+                    state = _load_file(path)
+                except DreamError as error:
+                    why = str(error)
+            if why is not None:
+                warnings.warn(f"checkpoint {path} is damaged ({why}); using the previous one", stacklevel=2)
                 continue
             state["_path"] = str(path)
             return state
@@ -157,15 +195,41 @@ class CheckpointManager:
         return None
 
 
+def _damage(path: Path, entry: dict) -> str | None:
+    """Why the file does not match its manifest entry, or None when it does."""
+    if not path.exists():
+        return "file missing"
+    size = path.stat().st_size
+    if entry.get("bytes") is not None and size != entry["bytes"]:
+        return f"{size} bytes, the manifest says {entry['bytes']}"
+    if entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+        return "SHA-256 checksum mismatch"
+    return None
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """A checkpoint file (verified against its folder's manifest when it is listed there), or the
+    newest valid checkpoint of a checkpoint folder or run folder."""
     path = Path(path)
     if not path.exists():
         raise DreamError(f"checkpoint {path} does not exist")
     if path.is_dir():
-        state = CheckpointManager(path).latest()
+        folder = path / "checkpoints" if (path / "checkpoints" / MANIFEST).exists() else path
+        state = CheckpointManager(folder).latest()
         if state is None:
             raise DreamError(f"no valid checkpoint in folder {path}")
         return state
+    entry = CheckpointManager(path.parent).entry_for(path)
+    if entry is not None:
+        why = _damage(path, entry)
+        if why is not None:
+            raise DreamError(f"checkpoint {path} is damaged ({why})")
+    state = _load_file(path, map_location)
+    state["_path"] = str(path)
+    return state
+
+
+def _load_file(path: Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001  - any unpickling failure means a bad file

@@ -25,6 +25,15 @@ def model_overrides(args) -> dict:
                               "dropout": args.dropout}.items() if v is not None}
 
 
+def memory_size(text: str) -> int:
+    from dream.memory import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dream", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-count", type=int, default=4096, help="number of synthetic images")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--micro-batch", type=int, help="gradient accumulation: micro-batch size dividing --batch-size")
+    p.add_argument("--memory-budget", type=memory_size,
+                   help="bytes per device, e.g. 6.8GB or 7GiB: use the largest micro-batch that fits")
+    p.add_argument("--max-bad-steps", type=int, default=5,
+                   help="non-finite steps in a row before restoring the last good checkpoint and stopping")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--lr", type=float, default=2e-4)
@@ -87,9 +100,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="sample under bf16 autocast")
     p.add_argument("--no-ema", action="store_true", help="use the raw training weights")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--graphs", default="auto", choices=["auto", "on", "off"], help="CUDA graphs (auto: on a GPU)")
+    p.add_argument("--steps-per-graph", type=int, default=1, help="denoising steps captured per CUDA graph")
+
+    p = commands.add_parser("eval", help="sample N images and compute FID, IS and KID (torch-fidelity)")
+    from dream.evaluate import add_eval_arguments
+
+    add_eval_arguments(p)
 
     p = commands.add_parser("info", help="parameters and FLOPs of a model preset")
     add_model_flags(p)
+    p.add_argument("--json", action="store_true")
+
+    p = commands.add_parser("profile", help="torch.profiler over a training step and a sampling step")
+    from dream.profile import add_profile_arguments
+
+    add_profile_arguments(p)
+
+    p = commands.add_parser("memory", help="peak memory of one training step, estimated without a GPU")
+    add_model_flags(p)
+    p.add_argument("--batch-size", "--batch", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, help="gradient accumulation: micro-batch size dividing the batch")
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--objective", default="seed", choices=["standard", "seed", "paper"])
+    p.add_argument("--seed-separate-eps-forward", action="store_true",
+                   help="seed objective: a separate no-grad forward for eps_hat, as the seed does")
+    p.add_argument("--single-graph", action="store_true",
+                   help="backpropagate the objective's loss once at the end instead of term by term")
+    p.add_argument("--backend", default="eager", choices=["eager", "sdpa", "triton"])
+    p.add_argument("--checkpointing", "--checkpoint", default="none", choices=["none", "attention", "resblocks", "all"],
+                   help="activation (gradient) checkpointing policy")
+    p.add_argument("--sweep", action="store_true", help="every checkpointing policy, in one table")
+    p.add_argument("--data-images", type=int, default=0, help="count a uint8 dataset of this many images on the device")
+    p.add_argument("--target", default="cuda", choices=["cuda", "cpu"],
+                   help="whose autocast and dropout rules the estimate follows (default: CUDA's)")
+    p.add_argument("--budget", help="memory budget, e.g. 6.8GB: also report the largest micro-batch that fits")
+    p.add_argument("--cuda", action="store_true", help="also measure the step on CUDA (max_memory_allocated)")
     p.add_argument("--json", action="store_true")
     return parser
 
@@ -111,9 +158,24 @@ def run_train(args) -> int:
         ema_warmup=args.ema_warmup, precision=args.precision, seed=args.seed, device=args.device,
         log_every=args.log_every, checkpoint_every=args.checkpoint_every, checkpoint_keep=args.checkpoint_keep,
         sample_every=args.sample_every, sample_count=args.sample_count, sample_steps=args.sample_steps,
-        progress=not args.no_progress,
+        progress=not args.no_progress, memory_budget=args.memory_budget, max_bad_steps=args.max_bad_steps,
     )
-    result = train(config, resume=args.resume)
+    from dream.train import Interrupted, TrainingAborted
+
+    try:
+        result = train(config, resume=args.resume)
+    except Interrupted as stop:  # SIGINT / SIGTERM: a checkpoint was saved; the last line says how to resume
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 saved and speaks
+            print(f"dream train: {stop}", file=sys.stderr)
+        return 128 + int(stop.signum)
+    except TrainingAborted as crash:  # the traceback of the cause, then the line saying how to resume
+        import traceback
+
+        traceback.print_exception(crash.__cause__)
+        print(f"dream train: error: {crash}", file=sys.stderr)
+        return 1
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     last = result["last"]
     print(f"done: step {result['step']}, epoch {result['epoch']}, loss {last.get('loss', float('nan')):.4f}; "
           f"checkpoints in {result['checkpoint_dir']}" + (f"; samples {result['grid']}" if result["grid"] else ""))
@@ -130,9 +192,17 @@ def run_sample(args) -> int:
                                     steps=args.steps, eta=args.eta, batch_size=args.batch_size, seed=args.seed,
                                     device=resolve_device(args.device), use_ema=not args.no_ema,
                                     backend=args.backend, dtype=torch.bfloat16 if args.bf16 else torch.float32,
-                                    progress=not args.no_progress)
+                                    progress=not args.no_progress,
+                                    graphs={"auto": None, "on": True, "off": False}[args.graphs],
+                                    steps_per_graph=args.steps_per_graph, compile=args.compile)
     print(f"wrote {report['count']} images ({report['made']} new) to {report['out_dir']}; grid {report['grid']}")
     return 0
+
+
+def run_eval(args) -> int:
+    from dream.evaluate import run_eval_command
+
+    return run_eval_command(args)
 
 
 def run_info(args) -> int:
@@ -143,9 +213,54 @@ def run_info(args) -> int:
     return 0
 
 
+def run_profile(args) -> int:
+    from dream.profile import run_profile_command
+
+    return run_profile_command(args)
+
+
+def run_memory(args) -> int:
+    from dream.memory import (StepSpec, choose_micro_batch, estimate_step_memory, format_estimate, format_sweep,
+                              measure_cuda_peak, parse_bytes, sweep_checkpointing)
+
+    spec = StepSpec(preset=args.preset, model_overrides=model_overrides(args), batch_size=args.batch_size,
+                    micro_batch=args.micro_batch, precision=args.precision, objective=args.objective,
+                    objective_config={"seed_separate_eps_forward": args.seed_separate_eps_forward},
+                    early_backward=not args.single_graph, backend=args.backend, checkpointing=args.checkpointing,
+                    data_images=args.data_images, target=args.target)
+    budget = parse_bytes(args.budget) if args.budget else None
+    estimates = sweep_checkpointing(spec) if args.sweep else [estimate_step_memory(spec)]
+    if args.cuda:
+        for estimate in estimates:
+            estimate.cuda_peak_bytes = measure_cuda_peak(estimate.spec)
+    reports = [estimate.to_dict() for estimate in estimates]
+    lines = []
+    if budget is not None:
+        known = {e.spec.normalized(): e for e in estimates}
+        for estimate, report in zip(estimates, reports):
+            try:
+                micro = choose_micro_batch(estimate.spec, budget,
+                                           estimate=lambda s: known.get(s.normalized()) or estimate_step_memory(s))
+                note = f"largest micro-batch within {budget / 1e9:.3f} GB: {micro}"
+                if micro != estimate.spec.batch_size:
+                    note += f" ({estimate.spec.batch_size // micro} accumulated micro-batches)"
+            except DreamError as error:
+                micro, note = None, str(error)
+            report.update(budget_bytes=budget, fits_budget=estimate.peak_bytes <= budget, micro_batch_for_budget=micro)
+            lines.append(f"{estimate.spec.checkpointing:<10} {note}" if args.sweep else note)
+    if args.json:
+        print(json.dumps({"sweep": reports} if args.sweep else reports[0], indent=1))
+    else:
+        print(format_sweep(estimates) if args.sweep else format_estimate(estimates[0]))
+        if lines:
+            print("\n" + "\n".join(lines))
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"train": run_train, "sample": run_sample, "info": run_info}
+    handlers = {"train": run_train, "sample": run_sample, "info": run_info, "profile": run_profile,
+                "memory": run_memory, "eval": run_eval}
     try:
         return handlers[args.command](args)
     except (DreamError, ValueError, FileNotFoundError) as error:

@@ -1,22 +1,39 @@
 """The training loop, top to bottom: data, model, EMA, optimizer, resume, steps, logs, checkpoints, samples.
 
-Resume by rerunning the same command: the newest valid checkpoint in <run>/checkpoints is picked up and
-training continues exactly where it stopped (same data order, same random numbers).
+Never losing work:
+  * Resume by rerunning the same command: the newest checkpoint of <run>/checkpoints that verifies is
+    picked up and training continues exactly where it stopped. Every random number of step s (t, noise,
+    dropout) is drawn from generators seeded by (seed, step, rank) and the data order is a function of
+    (seed, epoch), so on CPU the continuation is bitwise what an uninterrupted run computes.
+  * SIGINT / SIGTERM finish the current step, save, and stop with `Interrupted` (a second Ctrl-C drops
+    the step). Any other exception saves an emergency checkpoint when the state is sane and raises
+    `TrainingAborted`. Both messages end with how to resume.
+  * Non-finite loss or gradients: the step is skipped (no optimizer or EMA update) and counted;
+    after `max_bad_steps` in a row the last good checkpoint is restored and `Diverged` is raised.
+  * CUDA out of memory inside a step: the micro-batch is halved (gradient accumulation keeps the
+    batch), and the step is redone with the same t and noise, drawn for the whole batch beforehand.
+
+Multi-GPU (torchrun; see dream/distributed.py): DistributedDataParallel, rank r takes samples r,
+r + W, r + 2W, ... of each global batch and the same slices of its t and noise, so W processes compute
+the step of one process with the same global batch. Rank 0 alone writes files.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dream import distributed
 from dream.checkpoint import CheckpointManager, code_version, load_checkpoint, rng_state, set_rng_state
 from dream.data import DeviceBatches, load_images
 from dream.diffusion import GaussianDiffusion
@@ -49,13 +66,14 @@ class TrainConfig:
     data_split: str = "train"
     data_count: int = 4096  # synthetic images
     # optimisation
-    batch_size: int = 128
-    micro_batch: int | None = None  # None: the whole batch at once; else gradient accumulation
+    batch_size: int = 128  # the global batch, over all processes
+    micro_batch: int | None = None  # per process; None: the whole per-process batch at once
+    memory_budget: int | None = None  # bytes per device; picks the micro-batch with dream.memory
     epochs: int = 100
     max_steps: int | None = None  # stop after this many optimizer steps in total (None: run all epochs)
     lr: float = 2e-4
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0: no clipping
     ema_decay: float = 0.9999
     ema_warmup: bool = False
     precision: str = "auto"  # fp32 | bf16 | fp16 | auto (bf16 on CUDA where supported, else fp32)
@@ -75,12 +93,31 @@ class TrainConfig:
         return asdict(self)
 
 
-def resolve_device(name: str) -> torch.device:
+class Interrupted(DreamError):
+    """Training stopped by SIGINT or SIGTERM, after saving a checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class TrainingAborted(DreamError):
+    """An exception stopped training; the cause is chained, the message says what was saved."""
+
+
+class Diverged(DreamError):
+    """Too many non-finite steps in a row; the last good checkpoint was restored."""
+
+
+# ----------------------------------------------------------------------------------------------
+def resolve_device(name: str, dist: distributed.Distributed | None = None) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DreamError(f"device {name!r} was asked for, but CUDA is not available on this machine")
+    if device.type == "cuda" and dist is not None and dist.enabled:
+        device = torch.device("cuda", dist.local_rank)
     return device
 
 
@@ -98,12 +135,23 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
+def step_seed(seed: int, step: int, stream: int) -> int:
+    """A well-mixed 63-bit seed for random stream `stream` of optimizer step `step`."""
+    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of n that is <= limit (>= 1)."""
+    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
+
+
 class Trainer:
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, dist: distributed.Distributed | None = None):
         self.config = config
-        self.device = device = resolve_device(config.device)
+        self.dist = dist = dist or distributed.Distributed()
+        self.device = device = resolve_device(config.device, dist)
         self.precision = resolve_precision(config.precision, device)
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -115,71 +163,164 @@ class Trainer:
         self.objective_config = ObjectiveConfig(**config.objective_config)
         self.diffusion = GaussianDiffusion(config.schedule, config.num_timesteps).to(device)
 
+        # data: each rank takes every world_size-th sample of each global batch
+        if config.batch_size % dist.world_size:
+            raise DreamError(f"batch size {config.batch_size} must be divisible by the number of processes "
+                             f"({dist.world_size})")
+        self.rank_batch = config.batch_size // dist.world_size
         images = load_images(config.data, config.data_root, config.data_split, self.model_config.image_size,
                              count=config.data_count, seed=config.seed)
-        self.batches = DeviceBatches(images, config.batch_size, device, seed=config.seed)
+        self.batches = DeviceBatches(images, self.rank_batch, device, seed=config.seed,
+                                     rank=dist.rank, world_size=dist.world_size)
 
-        self.model = UNet(self.model_config, backend=resolve_backend(config.backend, device),
-                          checkpointing=config.checkpointing).to(device)
+        # model, its DDP wrapper and compiled forward, EMA, optimizer, loss scaler
+        self.backend = resolve_backend(config.backend, device)
+        self.model = UNet(self.model_config, backend=self.backend, checkpointing=config.checkpointing).to(device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.forward = torch.compile(self.model) if config.compile else self.model
+        self.ddp = None
+        if dist.enabled:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        network = self.ddp or self.model
+        self.forward = torch.compile(network) if config.compile else network
         self.ema = EMA(self.model, config.ema_decay, warmup=config.ema_warmup)
-        fused = device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                           fused=fused or None)
+                                           fused=(device.type == "cuda") or None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
-        self.micro_batch = config.micro_batch or config.batch_size
-        if config.batch_size % self.micro_batch:
-            raise DreamError(f"micro batch {self.micro_batch} must divide the batch size {config.batch_size}")
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=config.checkpoint_keep)
+
+        # progress counters and bookkeeping
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
-        self.bad_steps = 0
+        self.skipped_steps = 0  # non-finite steps skipped, in total
+        self.bad_in_a_row = 0
+        self.updating = False  # True while the optimizer, EMA and counters are being advanced
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=config.checkpoint_keep)
+        self.last_checkpoint: Path | None = None
+        self.last_checkpoint_step = -1
+        self.resume_hint = "rerun the same command"
+        if dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        # micro-batch: the flag, else the memory manager's choice under --memory-budget, else the whole batch
+        self.micro_batch = config.micro_batch or self.rank_batch
+        if config.micro_batch is None and config.memory_budget is not None:
+            self.micro_batch = self.micro_batch_for_budget(config.memory_budget)
+        if self.micro_batch < 1 or self.rank_batch % self.micro_batch:
+            raise DreamError(f"micro batch {self.micro_batch} must divide the per-process batch {self.rank_batch}")
+
+        self.input_generator = torch.Generator(device=device)
         self.sample_noise = torch.randn(config.sample_count, self.model_config.in_channels,
                                         self.model_config.image_size, self.model_config.image_size,
                                         generator=torch.Generator().manual_seed(config.seed + 1))
 
+    def micro_batch_for_budget(self, budget_bytes: int) -> int:
+        """The largest micro-batch whose training step fits in `budget_bytes`, by dream.memory's estimator."""
+        try:
+            from dream.memory import choose_micro_batch
+        except ImportError as error:
+            raise DreamError(f"--memory-budget needs dream.memory, which cannot be imported ({error})") from None
+        micro = choose_micro_batch(self.config, budget_bytes, batch_size=self.rank_batch, precision=self.precision,
+                                   backend=self.backend, model_config=self.model_config,
+                                   objective_config=self.objective_config, data_images=self.batches.images.shape[0],
+                                   target="cuda" if self.device.type == "cuda" else "cpu")
+        self.note(f"memory budget {budget_bytes / 1e9:.2f} GB: micro-batch {micro} of {self.rank_batch}",
+                  event="memory_budget", micro_batch=int(micro), budget_bytes=budget_bytes)
+        return divisor_at_most(self.rank_batch, int(micro))
+
     # ------------------------------------------------------------------------------------------
+    # one optimizer step
     def autocast(self):
         if self.precision == "fp32":
             return nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
+    def reseed(self) -> None:
+        """Dropout of this step on this rank draws from the default generators seeded by (seed, step, rank)."""
+        torch.manual_seed(step_seed(self.config.seed, self.step, 1 + self.dist.rank))
+
+    def draw_inputs(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t and noise for the whole global batch, from (seed, step) alone; this rank's samples of them."""
+        self.input_generator.manual_seed(step_seed(self.config.seed, self.step, 0))
+        n, w = self.config.batch_size, self.dist.world_size
+        t = torch.randint(0, self.diffusion.num_timesteps, (n,), device=self.device, generator=self.input_generator)
+        noise = torch.randn((n, *x0.shape[1:]), device=self.device, generator=self.input_generator)
+        return t[self.dist.rank::w], noise[self.dist.rank::w]
+
     def train_step(self, x0: torch.Tensor) -> dict:
-        """One optimizer step over the batch x0, in micro-batches; returns the logged tensors."""
-        config = self.config
-        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=self.device)
-        noise = torch.randn_like(x0)
-        if config.channels_last:
-            x0, noise = x0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
+        """One optimizer step over this rank's batch x0; returns the logged scalars (tensors)."""
+        t, noise = self.draw_inputs(x0)
+        if self.config.channels_last:
+            x0, noise = (v.contiguous(memory_format=torch.channels_last) for v in (x0, noise))
+        while True:
+            self.reseed()
+            try:
+                logs = self.accumulate_gradients(x0, t, noise)
+                break
+            except torch.cuda.OutOfMemoryError as error:
+                reason = str(error).splitlines()[0] if str(error) else "CUDA out of memory"
+            self.shrink_micro_batch(reason)  # outside the except block: the failed step's tensors are freed
+        return self.apply_update(logs)
+
+    def accumulate_gradients(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> dict:
+        """Gradients of the mean loss over x0, by micro-batches; DDP averages them over ranks in the last."""
         self.optimizer.zero_grad(set_to_none=True)
         weight = self.micro_batch / x0.shape[0]
+
+        def backward(loss):  # the objective backpropagates each term as soon as it is built
+            self.scaler.scale(loss * weight).backward()
+
         totals: dict[str, torch.Tensor] = {}
         for start in range(0, x0.shape[0], self.micro_batch):
             part = slice(start, start + self.micro_batch)
-            with self.autocast():
+            last = start + self.micro_batch >= x0.shape[0]
+            with (self.ddp.no_sync() if self.ddp is not None and not last else nullcontext()), self.autocast():
                 _, logs = self.objective(self.forward, self.diffusion, x0[part], self.epoch, self.objective_config,
-                                         t=t[part], noise=noise[part],
-                                         backward=lambda loss: self.scaler.scale(loss * weight).backward())
+                                         t=t[part], noise=noise[part], backward=backward)
             for key, value in logs.items():
                 totals[key] = totals.get(key, 0) + value.detach().float() * weight
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-        finite = bool(torch.isfinite(grad_norm) & torch.isfinite(totals["loss"]))
-        if finite or self.precision == "fp16":  # GradScaler skips non-finite fp16 steps and lowers its scale
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        if finite:
-            self.ema.update(self.model)
-            self.bad_steps = 0
-        else:
-            self.bad_steps += 1
-        totals["grad_norm"] = grad_norm.detach().float()
-        totals["finite"] = torch.tensor(float(finite))
         return totals
 
+    def shrink_micro_batch(self, reason: str) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        smaller = divisor_at_most(self.rank_batch, self.micro_batch // 2)
+        if self.dist.enabled:
+            raise torch.cuda.OutOfMemoryError(
+                f"{reason}; with {self.dist.world_size} processes the micro-batch cannot be lowered during a step "
+                f"(the ranks would fall out of step): rerun with --micro-batch {smaller}")
+        if self.micro_batch == 1:
+            raise torch.cuda.OutOfMemoryError(f"{reason}; already at micro-batch 1")
+        self.note(f"out of memory at micro-batch {self.micro_batch} (step {self.step}): redoing the step with "
+                  f"micro-batch {smaller}", event="out_of_memory", micro_batch=smaller, reason=reason)
+        self.micro_batch = smaller
+
+    def apply_update(self, logs: dict) -> dict:
+        """Average the logs over ranks, clip, step (unless non-finite), update the EMA, advance the counters."""
+        keys = sorted(logs)
+        logs = dict(zip(keys, self.dist.mean(torch.stack([logs[k] for k in keys])).unbind()))
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
+        loss_ok, grads_ok = torch.stack([logs["loss"].isfinite(), grad_norm.isfinite()]).tolist()  # host sync
+        self.updating = True  # until the counters move, a checkpoint would mix two steps
+        if loss_ok and (grads_ok or self.scaler.is_enabled()):
+            self.scaler.step(self.optimizer)  # with fp16 the scaler skips a step whose gradients overflowed
+        self.scaler.update()
+        stepped = loss_ok and grads_ok
+        if stepped:
+            self.ema.update(self.model)
+        else:
+            self.skipped_steps += 1
+        bad = not loss_ok or not (grads_ok or self.scaler.is_enabled())  # fp16 overflows are the scaler's business
+        self.bad_in_a_row = self.bad_in_a_row + 1 if bad else 0
+        self.step += 1
+        self.batch_in_epoch += 1
+        self.updating = False
+        return {**logs, "grad_norm": grad_norm.detach().float(), "skipped": torch.tensor(float(not stepped))}
+
     # ------------------------------------------------------------------------------------------
+    # state, checkpoints, resume
     def state_dict(self) -> dict:
         return {
             "model": self.model.state_dict(),
@@ -187,8 +328,11 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
+            "batch_in_epoch": self.batch_in_epoch,  # with (seed, epoch): the position in the data order
             "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "micro_batch": self.micro_batch,
+            "world_size": self.dist.world_size,
             "rng": rng_state(),
             "config": {**self.config.to_dict(), "model": self.model_config.to_dict()},
             "code_version": code_version(),
@@ -200,26 +344,56 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.bad_in_a_row = 0
         set_rng_state(state["rng"])
+        saved = state["config"]
+        same_request = (saved.get("micro_batch") == self.config.micro_batch
+                        and saved.get("memory_budget") == self.config.memory_budget
+                        and state.get("world_size", 1) == self.dist.world_size)
+        lowered = state.get("micro_batch", self.micro_batch)
+        if same_request and lowered < self.micro_batch and self.rank_batch % lowered == 0:
+            self.micro_batch = lowered  # keep a micro-batch that out-of-memory recovery lowered
 
-    def save_checkpoint(self) -> Path:
-        return self.checkpoints.save(self.state_dict(), self.step)
+    def save_checkpoint(self, check_ranks: bool = True) -> Path | None:
+        """Rank 0 writes ckpt-<step>.pt; with check_ranks (a collective) first confirm all ranks agree."""
+        if check_ranks:
+            self.dist.check_identical([*self.model.parameters(), *self.ema.shadow], "model and EMA weights")
+        if self.dist.is_main and self.last_checkpoint_step != self.step:
+            self.last_checkpoint = self.checkpoints.save(self.state_dict(), self.step)
+            self.last_checkpoint_step = self.step
+        return self.last_checkpoint
 
     def resume(self, path: str | None = None) -> bool:
         state = load_checkpoint(path) if path else self.checkpoints.latest()
         if state is None:
             return False
         saved = state["config"]
-        for key in ("preset", "batch_size", "objective", "schedule", "num_timesteps", "seed", "data"):
+        keys = ["preset", "batch_size", "objective", "schedule", "num_timesteps", "seed", "data"]
+        if self.config.data == "synthetic":
+            keys.append("data_count")
+        for key in keys:
             if saved.get(key) != getattr(self.config, key):
-                raise DreamError(f"checkpoint {state.get('_path', path)} was made with {key}={saved.get(key)!r}, "
+                raise DreamError(f"checkpoint {state['_path']} was made with {key}={saved.get(key)!r}, "
                                  f"this run has {key}={getattr(self.config, key)!r}; use another --run-dir")
+        for key, value in self.model_config.to_dict().items():
+            old = saved["model"].get(key)
+            if (tuple(old) if isinstance(old, list) else old) != value:
+                raise DreamError(f"checkpoint {state['_path']} has a model with {key}={old!r}, this run has "
+                                 f"{key}={value!r}; use another --run-dir")
         self.load_state_dict(state)
+        self.last_checkpoint, self.last_checkpoint_step = Path(state["_path"]), self.step
+        if self.dist.is_main:
+            trim_log(self.run_dir / "metrics.jsonl", self.step)
+        self.note(f"resumed from {state['_path']} at step {self.step} (epoch {self.epoch})", event="resume")
         return True
 
     # ------------------------------------------------------------------------------------------
+    # reporting (rank 0)
     @torch.no_grad()
-    def save_sample_grid(self) -> Path:
+    def save_sample_grid(self) -> Path | None:
+        if not self.dist.is_main:
+            return None
         import torchvision
 
         path = self.run_dir / "samples" / f"grid-{self.step:09d}.png"
@@ -235,51 +409,60 @@ class Trainer:
         return path
 
     def log(self, record: dict) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.dist.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
 
+    def note(self, message: str, event: str, **fields) -> None:
+        """An event worth a line on stderr and a record in the log."""
+        if self.dist.is_main:
+            tqdm.write(f"dream train: {message}", file=sys.stderr)
+            self.log({"event": event, "step": self.step, "epoch": self.epoch, **fields})
+
+    def report(self, logs: dict, images: int, seconds: float, bar) -> dict:
+        record = {key: float(value) for key, value in logs.items()}
+        record.update(step=self.step, epoch=self.epoch, images_per_s=images / max(seconds, 1e-9),
+                      micro_batch=self.micro_batch, skipped_steps=self.skipped_steps)
+        postfix = {"loss": f"{record['loss']:.4f}", "img/s": f"{record['images_per_s']:.1f}"}
+        if self.device.type == "cuda":
+            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            postfix["mem"] = f"{record['gpu_mem_gb']:.2f}G"
+        self.log(record)
+        bar.set_postfix(postfix)
+        return record
+
+    # ------------------------------------------------------------------------------------------
+    # the loop
     def run(self, resume: str | None = None) -> dict:
         config = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.resume(resume):
-            print(f"resumed from step {self.step} (epoch {self.epoch})", file=sys.stderr)
-        (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-        stop = StopFlag()
+        self.resume(resume)
+        self.resume_hint = "rerun the same command" if resume is None else "rerun with --resume <that checkpoint>"
+        if self.dist.is_main:
+            (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
         self.model.train()
         last = {}
-        with stop.installed():
+        stop = StopFlag()
+        with stop.installed(), self.emergency_checkpoint():
             while self.epoch < config.epochs and not self.finished():
                 bar = tqdm(total=len(self.batches), initial=self.batch_in_epoch, desc=f"epoch {self.epoch}",
-                           disable=not config.progress, leave=False)
-                tick, tick_images = time.perf_counter(), 0
+                           disable=not (config.progress and self.dist.is_main), leave=False)
+                tick, images = time.perf_counter(), 0
                 for x0 in self.batches.epoch(self.epoch, self.batch_in_epoch):
                     logs = self.train_step(x0)
-                    self.step += 1
-                    self.batch_in_epoch += 1
-                    tick_images += x0.shape[0]
+                    images += config.batch_size
                     bar.update(1)
-                    if self.bad_steps >= config.max_bad_steps:
+                    if self.bad_in_a_row >= config.max_bad_steps:
                         self.restore_after_divergence()
                     if self.step % config.log_every == 0 or self.batch_in_epoch == len(self.batches):
-                        elapsed = time.perf_counter() - tick
-                        last = {k: float(v) for k, v in logs.items()}
-                        last.update(step=self.step, epoch=self.epoch, images_per_s=tick_images / max(elapsed, 1e-9))
-                        if self.device.type == "cuda":
-                            last["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                        self.log(last)
-                        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.1f}")
-                        tick, tick_images = time.perf_counter(), 0
-                    if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                        last = self.report(logs, images, time.perf_counter() - tick, bar)
+                        tick, images = time.perf_counter(), 0
+                    if config.checkpoint_every and self.step % config.checkpoint_every == 0 and not self.bad_in_a_row:
                         self.save_checkpoint()
-                    if stop.requested:
-                        break
+                    if self.dist.any(stop.requested, self.device):
+                        self.stop_for_signal(stop.signum or signal.SIGTERM)
                     if self.finished():
                         break
                 bar.close()
-                if stop.requested:
-                    path = self.save_checkpoint()
-                    raise Interrupted(f"stopped by signal {stop.signal_name} at step {self.step}; checkpoint "
-                                      f"{path} saved. Rerun the same command to resume.")
                 if self.batch_in_epoch == len(self.batches):
                     self.epoch += 1
                     self.batch_in_epoch = 0
@@ -289,56 +472,112 @@ class Trainer:
         grid = self.run_dir / "samples" / f"grid-{self.step:09d}.png"
         if config.sample_every and not grid.exists():
             self.save_sample_grid()
+        self.dist.barrier()
         return {"step": self.step, "epoch": self.epoch, "last": last, "grid": str(grid) if grid.exists() else None,
-                "checkpoint_dir": str(self.checkpoints.folder)}
+                "checkpoint_dir": str(self.checkpoints.folder), "skipped_steps": self.skipped_steps,
+                "micro_batch": self.micro_batch}
 
     def finished(self) -> bool:
         return self.config.max_steps is not None and self.step >= self.config.max_steps
 
+    def stop_for_signal(self, signum: int) -> None:
+        path = self.save_checkpoint()
+        self.dist.barrier()  # nobody exits (and gets the group torn down by torchrun) before rank 0 has saved
+        name = signal.Signals(signum).name
+        raise Interrupted(f"stopped by {name} at step {self.step} (epoch {self.epoch}); checkpoint {path} saved. "
+                          f"To resume, {self.resume_hint}.", signum)
+
     def restore_after_divergence(self) -> None:
+        message = (f"training diverged: {self.bad_in_a_row} steps in a row had a non-finite loss or gradients "
+                   f"(steps {self.step - self.bad_in_a_row + 1}-{self.step})")
         state = self.checkpoints.latest()
-        message = f"{self.bad_steps} non-finite steps in a row at step {self.step}"
-        if state is not None:
-            self.load_state_dict(state)
-            self.save_checkpoint()
-            message += f"; restored and re-saved the last good checkpoint (step {self.step})"
-        raise DreamError(message + "; lower --lr or check the data, then rerun to resume")
+        if state is None:
+            raise Diverged(message + "; no checkpoint to restore. Lower --lr or check the data, then start again.")
+        self.load_state_dict(state)
+        self.last_checkpoint, self.last_checkpoint_step = Path(state["_path"]), self.step
+        raise Diverged(message + f"; restored the last good checkpoint {state['_path']} (step {self.step}). "
+                       "Lower --lr or check the data, then rerun the same command to resume from it.")
+
+    def state_is_sane(self) -> bool:
+        """Between two steps and finite: safe to save as a checkpoint."""
+        if self.updating:
+            return False
+        tensors = [p.detach() for p in self.model.parameters()] + list(self.ema.shadow)
+        return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+
+    @contextmanager
+    def emergency_checkpoint(self):
+        """On an exception in the loop, rank 0 saves the state if it is sane, then reports how to resume."""
+        try:
+            yield
+        except DreamError:
+            raise
+        except BaseException as error:
+            if not self.dist.is_main or isinstance(error, (SystemExit, GeneratorExit)):
+                raise
+            try:
+                path = self.save_checkpoint(check_ranks=False) if self.state_is_sane() else None
+                saved = (f"emergency checkpoint {path} saved" if path else
+                         f"the state was mid-update or not finite, so it was not saved; the last checkpoint is "
+                         f"{self.last_checkpoint}")
+            except Exception as save_error:  # noqa: BLE001  - report both failures
+                saved = f"the emergency checkpoint failed too ({type(save_error).__name__}: {save_error})"
+            where = f"at step {self.step} (epoch {self.epoch})"
+            if isinstance(error, KeyboardInterrupt):
+                raise Interrupted(f"interrupted {where}, dropping the step; {saved}. To resume, "
+                                  f"{self.resume_hint}.", signal.SIGINT) from error
+            text = str(error).splitlines()[0] if str(error) else ""
+            raise TrainingAborted(f"{type(error).__name__} {where}: {text}; {saved}. To resume, "
+                                  f"{self.resume_hint}.") from error
 
 
-class Interrupted(DreamError):
-    """Training stopped by a signal after saving a checkpoint."""
+def trim_log(path: Path, step: int) -> None:
+    """Drop log records past `step` (and a torn last line): they belong to work a resume redoes."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 class StopFlag:
-    """SIGINT and SIGTERM set a flag; the loop finishes its step, saves, and exits."""
+    """SIGINT and SIGTERM set a flag; the loop finishes its step, saves, and exits. A second SIGINT
+    (Ctrl-C pressed again) raises KeyboardInterrupt at once, dropping the step in progress."""
 
     def __init__(self):
         self.requested = False
-        self.signal_name = ""
+        self.signum = 0
 
     def handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
+        self.signum = signum
 
+    @contextmanager
     def installed(self):
-        import contextlib
-
-        @contextlib.contextmanager
-        def scope():
-            previous = {}
-            try:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    previous[sig] = signal.signal(sig, self.handle)
-            except ValueError:  # not the main thread: no signal handling
-                pass
-            try:
-                yield self
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-        return scope()
+        previous = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, self.handle)
+        except ValueError:  # not the main thread: no signal handling
+            pass
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def train(config: TrainConfig, resume: str | None = None) -> dict:
-    return Trainer(config).run(resume)
+    """Train in this process, or as one rank of a torchrun job (the environment says which)."""
+    with distributed.session(config.device) as dist:
+        return Trainer(config, dist).run(resume)

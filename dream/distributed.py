@@ -1,0 +1,113 @@
+"""Multi-process training under torchrun: one process per device, DistributedDataParallel.
+
+    torchrun --nproc-per-node 8 -m dream train ...         (NCCL on GPUs; gloo with --device cpu)
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them training runs in one process and every
+function here is a no-op. Rank 0 does all file I/O (checkpoints, logs, sample grids, the progress bar).
+Each rank sees batch_size / world_size images of every global batch, so the effective batch and the
+data order (and hence the result, up to floating-point summation order) do not depend on world_size.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dream.errors import DreamError
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- collectives; each is the identity in a single process --------------------------------
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean over ranks of a tensor (every rank gets it)."""
+        if not self.enabled:
+            return values
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values / self.world_size
+
+    def any(self, flag: bool, device) -> bool:
+        """True on every rank when `flag` is True on at least one (e.g. a stop signal seen by one rank)."""
+        if not self.enabled:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def check_identical(self, tensors: list[torch.Tensor], what: str) -> None:
+        """Raise unless `tensors` are bitwise equal on every rank (compares a 64-bit fingerprint)."""
+        if not self.enabled:
+            return
+        fingerprint = torch.stack([fingerprint_tensor(t) for t in tensors]).sum().reshape(1)
+        device = tensors[0].device if tensors else torch.device("cpu")
+        gathered = [torch.zeros_like(fingerprint) for _ in range(self.world_size)]
+        dist.all_gather(gathered, fingerprint.to(device))
+        values = [int(g.item()) for g in gathered]
+        if len(set(values)) != 1:
+            raise RuntimeError(f"{what} differ between ranks (fingerprints {values}); the ranks have diverged")
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def fingerprint_tensor(t: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    """An int64 that changes with any bit of t: sum_i word_i * (i % P + 1) over its 32-bit words
+    (16- and 8-bit types widened exactly), in chunks so that the temporaries stay small."""
+    words = t.detach().contiguous().reshape(-1)
+    if words.element_size() % 4 == 0:
+        words = words.view(torch.int32)
+    else:
+        words = words.view(torch.int16 if words.element_size() == 2 else torch.uint8)
+    total = torch.zeros((), dtype=torch.int64, device=words.device)
+    for start in range(0, words.numel(), chunk):
+        part = words[start:start + chunk].to(torch.int64)
+        position = torch.arange(start, start + part.numel(), device=words.device, dtype=torch.int64) % 1_000_003 + 1
+        total += (part * position).sum()
+    return total
+
+
+def from_environment(device_name: str) -> Distributed:
+    """Join the process group torchrun describes in the environment; a single process otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    use_cuda = device_name != "cpu" and not device_name.startswith("cpu") and torch.cuda.is_available()
+    if device_name.startswith("cuda") and not torch.cuda.is_available():
+        raise DreamError(f"device {device_name!r} was asked for, but CUDA is not available on this machine")
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise DreamError(f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}")
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Distributed(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+@contextmanager
+def session(device_name: str):
+    """`with session(device) as d:` joins the process group (if any) and leaves it on exit."""
+    d = from_environment(device_name)
+    try:
+        yield d
+    finally:
+        if d.enabled and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,352 @@
+"""Crash protection of `dream train`: checkpoints, exact resume, kills, signals, exceptions, non-finite steps.
+
+Every run trains the tiny UNet at 8x8 (16 base channels) on 8 synthetic images, batch 4 (2 steps an
+epoch), with the seed objective switched on from epoch 1, so resumes land past its start epoch.
+Tolerance: none. On CPU with one thread every comparison is bitwise (torch.equal).
+"""
+import os
+import random
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dream.checkpoint import CheckpointManager, load_checkpoint
+from dream.errors import DreamError
+from dream.train import Diverged, TrainConfig, Trainer, TrainingAborted
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 12  # 6 epochs of 2 steps
+DROPOUT = 0.1  # dropout on: its masks must be reproduced too
+
+CLI_FLAGS = ["--preset", "tiny", "--image-size", "8", "--base-channels", "16", "--dropout", str(DROPOUT),
+             "--data-count", "8", "--batch-size", "4", "--epochs", str(STEPS // 2), "--dream-start-epoch", "1",
+             "--ramp-epochs", "2", "--sample-every", "0", "--no-progress", "--log-every", "1",
+             "--checkpoint-every", "1", "--checkpoint-keep", "3", "--device", "cpu"]
+
+
+def small_config(run_dir, **overrides) -> TrainConfig:
+    """The TrainConfig the CLI builds from CLI_FLAGS."""
+    config = dict(run_dir=str(run_dir), preset="tiny",
+                  model_overrides={"image_size": 8, "base_channels": 16, "dropout": DROPOUT},
+                  objective_config={"dream_start_epoch": 1, "ramp_epochs": 2}, data_count=8, batch_size=4,
+                  epochs=STEPS // 2, sample_every=0, progress=False, log_every=1, checkpoint_every=1,
+                  checkpoint_keep=3, device="cpu")
+    config.update(overrides)
+    return TrainConfig(**config)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread, as the subprocesses get: the same summation order everywhere."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted run of STEPS steps: its final checkpoint state."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run_dir = tmp_path_factory.mktemp("straight")
+    Trainer(small_config(run_dir)).run()
+    torch.set_num_threads(threads)
+    return load_checkpoint(run_dir / "checkpoints")
+
+
+def assert_same_weights(state, reference):
+    assert state["step"] == reference["step"]
+    for name, value in reference["model"].items():
+        assert torch.equal(state["model"][name], value), f"model weight {name} differs"
+    for name, value in reference["ema"]["shadow"].items():
+        assert torch.equal(state["ema"]["shadow"][name], value), f"EMA weight {name} differs"
+    assert state["ema"]["num_updates"] == reference["ema"]["num_updates"]
+
+
+def assert_all_checkpoints_valid(folder: Path):
+    results = CheckpointManager(folder).verify()
+    assert results, f"no checkpoint listed in {folder}"
+    for path, why in results:
+        assert why is None, f"{path} is damaged: {why}"
+        assert load_checkpoint(path)["step"] == int(path.stem.split("-")[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# the checkpoint files
+def fake_state(step: int) -> dict:
+    return {"model": {"w": torch.full((64,), float(step))}, "config": {"step": step}, "step": step}
+
+
+def test_manager_keeps_the_last_k_with_checksums(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=3)
+    for step in range(1, 6):
+        manager.save(fake_state(step), step)
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*.pt")) == [f"ckpt-{s:09d}.pt" for s in (3, 4, 5)]
+    assert [why for _, why in manager.verify()] == [None, None, None]
+    assert manager.latest()["step"] == 5
+    assert not list(tmp_path.glob(".*tmp*")), "temporary files left behind"
+
+
+def test_a_rewritten_step_replaces_the_abandoned_future(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=5)
+    for step in (1, 2, 3):
+        manager.save(fake_state(step), step)
+    manager.save(fake_state(20), 2)  # e.g. training resumed from step 1 and saved step 2 again
+    assert [path.name for path, _ in manager.verify()] == ["ckpt-000000001.pt", "ckpt-000000002.pt"]
+    assert manager.latest()["model"]["w"][0] == 20
+    assert not (tmp_path / "ckpt-000000003.pt").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage):
+    manager = CheckpointManager(tmp_path, keep=3)
+    for step in (1, 2, 3):
+        manager.save(fake_state(step), step)
+    newest = tmp_path / "ckpt-000000003.pt"
+    data = bytearray(newest.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        payload = data.find(struct.pack("<f", 3.0) * 64)  # the tensor's bytes: torch.load alone would not notice
+        assert payload > 0
+        data[payload + 17] ^= 0x10
+    newest.write_bytes(bytes(data))
+    if damage == "flip_byte":
+        silently_wrong = torch.load(newest, weights_only=True)["model"]["w"]
+        assert not torch.equal(silently_wrong, torch.full((64,), 3.0))
+
+    with pytest.warns(UserWarning, match=r"ckpt-000000003\.pt is damaged"):
+        state = manager.latest()
+    assert state["step"] == 2 and state["_path"].endswith("ckpt-000000002.pt")
+    assert dict(manager.verify())[newest] is not None
+    with pytest.raises(DreamError, match="damaged"):
+        load_checkpoint(newest)  # asked for by name: refused, never silently replaced
+    with pytest.warns(UserWarning, match="damaged"):
+        assert load_checkpoint(tmp_path)["step"] == 2  # a folder: the newest valid one
+
+
+def test_checkpoint_holds_the_whole_training_state(tmp_path):
+    trainer = Trainer(small_config(tmp_path, epochs=1, max_steps=1))
+    trainer.run()
+    path = tmp_path / "checkpoints" / "ckpt-000000001.pt"
+    state = torch.load(path, weights_only=True)  # plain data only: a checkpoint cannot run code
+    assert {"model", "ema", "optimizer", "scaler", "epoch", "batch_in_epoch", "step", "rng", "config",
+            "code_version", "micro_batch"} <= set(state)
+    assert {"python", "numpy", "torch"} <= set(state["rng"])
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (1, 0, 1)
+    assert state["optimizer"]["state"], "optimizer moments missing"
+    assert state["config"]["model"]["dropout"] == DROPOUT and state["config"]["batch_size"] == 4
+    assert state["code_version"]
+
+
+# ----------------------------------------------------------------------------------------------
+# exact continuation
+def test_resume_is_bitwise(tmp_path, straight):
+    """STEPS/2 steps, a fresh process state, the rest: the same weights and EMA as the straight run,
+    with dropout on and the seed objective's rectified term active. Also through --resume PATH."""
+    half = STEPS // 2 + 1  # mid-epoch, past the DREAM start epoch
+    Trainer(small_config(tmp_path / "a", max_steps=half)).run()
+    saved = tmp_path / "step-half.pt"
+    saved.write_bytes((tmp_path / "a" / "checkpoints" / f"ckpt-{half:09d}.pt").read_bytes())
+    torch.manual_seed(12345)  # a process that was killed and restarted has other RNG states
+    random.seed(12345)
+    Trainer(small_config(tmp_path / "a")).run()
+    assert_same_weights(load_checkpoint(tmp_path / "a" / "checkpoints"), straight)
+
+    resumed = Trainer(small_config(tmp_path / "b"))
+    resumed.run(resume=str(saved))
+    assert_same_weights(resumed.state_dict(), straight)
+    assert not torch.equal(load_checkpoint(saved)["model"]["conv_in.weight"], straight["model"]["conv_in.weight"])
+
+
+def test_exception_saves_an_emergency_checkpoint(tmp_path, straight):
+    trainer = Trainer(small_config(tmp_path, checkpoint_every=0))
+    objective = trainer.objective
+
+    def failing(*args, **kwargs):
+        if trainer.step == 7:
+            raise RuntimeError("injected failure")
+        return objective(*args, **kwargs)
+
+    trainer.objective = failing
+    with pytest.raises(TrainingAborted, match=r"RuntimeError at step 7 .*injected failure.*emergency "
+                                              r"checkpoint .*ckpt-000000007\.pt saved\. To resume, rerun the same"):
+        trainer.run()
+    assert_all_checkpoints_valid(tmp_path / "checkpoints")
+    Trainer(small_config(tmp_path)).run()  # the dropped step 8 is redone exactly
+    assert_same_weights(load_checkpoint(tmp_path / "checkpoints"), straight)
+
+
+def test_no_emergency_checkpoint_in_the_middle_of_an_update(tmp_path):
+    trainer = Trainer(small_config(tmp_path, checkpoint_every=2))
+    update = trainer.ema.update
+
+    def failing(model):
+        if trainer.step == 3:
+            raise RuntimeError("failure after the optimizer step")
+        update(model)
+
+    trainer.ema.update = failing
+    with pytest.raises(TrainingAborted, match=r"mid-update .* not saved; the last checkpoint is .*ckpt-000000002"):
+        trainer.run()
+    assert [path.name for path, _ in CheckpointManager(tmp_path / "checkpoints").verify()] == ["ckpt-000000002.pt"]
+
+
+def signal_at_step(monkeypatch, step: int, count: int = 1, sig=signal.SIGINT):
+    """Send `sig` to this process `count` times when training step `step` begins."""
+    train_step = Trainer.train_step
+
+    def patched(self, x0):
+        if self.step == step:
+            for _ in range(count):
+                os.kill(os.getpid(), sig)
+        return train_step(self, x0)
+
+    monkeypatch.setattr(Trainer, "train_step", patched)
+
+
+def test_ctrl_c_finishes_the_step_saves_and_exits_130(tmp_path, monkeypatch, capsys):
+    from dream.cli import main
+
+    signal_at_step(monkeypatch, 3)
+    assert main(["train", *CLI_FLAGS, "--checkpoint-every", "0", "--run-dir", str(tmp_path)]) == 130
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"dream train: stopped by SIGINT at step 4 \(epoch 1\); checkpoint .*ckpt-000000004\.pt "
+                        r"saved\. To resume, rerun the same command\.", last_line), last_line
+    assert_all_checkpoints_valid(tmp_path / "checkpoints")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handler was not restored"
+
+
+def test_a_second_ctrl_c_drops_the_step(tmp_path, monkeypatch):
+    from dream.train import Interrupted
+
+    signal_at_step(monkeypatch, 3, count=2)
+    with pytest.raises(Interrupted, match=r"interrupted at step 3 .*dropping the step; emergency checkpoint "
+                                          r".*ckpt-000000003\.pt saved"):
+        Trainer(small_config(tmp_path, checkpoint_every=0)).run()
+    assert_all_checkpoints_valid(tmp_path / "checkpoints")
+
+
+# ----------------------------------------------------------------------------------------------
+# non-finite steps
+def inject_non_finite(trainer, bad_steps, where):
+    objective = trainer.objective
+
+    def poisoned(model, diffusion, x0, epoch, config, t=None, noise=None, backward=None):
+        if trainer.step not in bad_steps:
+            return objective(model, diffusion, x0, epoch, config, t=t, noise=noise, backward=backward)
+        if where == "loss":
+            loss, logs = objective(model, diffusion, x0, epoch, config, t=t, noise=noise,
+                                   backward=lambda term: backward(term * float("nan")))
+            return loss * float("nan"), {**logs, "loss": logs["loss"] * float("nan")}
+        result = objective(model, diffusion, x0, epoch, config, t=t, noise=noise, backward=backward)
+        trainer.model.conv_in.weight.grad[0, 0, 0, 0] = float("inf")
+        return result
+
+    trainer.objective = poisoned
+
+
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path, where):
+    trainer = Trainer(small_config(tmp_path, epochs=2, checkpoint_every=0))
+    inject_non_finite(trainer, {2}, where)
+    before = {}
+    step = trainer.train_step
+
+    def watched(x0):
+        if trainer.step == 2:
+            before["model"] = [p.detach().clone() for p in trainer.model.parameters()]
+            before["ema"] = [s.clone() for s in trainer.ema.shadow]
+        logs = step(x0)
+        if trainer.step == 3:
+            assert all(torch.equal(a, b) for a, b in zip(before["model"], trainer.model.parameters()))
+            assert all(torch.equal(a, b) for a, b in zip(before["ema"], trainer.ema.shadow))
+        return logs
+
+    trainer.train_step = watched
+    result = trainer.run()
+    assert result["step"] == 4 and result["skipped_steps"] == 1 and "model" in before
+    records = [r for r in map(eval_json, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["skipped"] for r in records] == [0, 0, 1, 0]
+    assert records[-1]["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def eval_json(line):
+    import json
+
+    return json.loads(line)
+
+
+def test_too_many_non_finite_steps_restore_the_last_good_checkpoint(tmp_path):
+    trainer = Trainer(small_config(tmp_path, max_bad_steps=3))
+    inject_non_finite(trainer, set(range(4, 100)), "loss")
+    with pytest.raises(Diverged, match=r"3 steps in a row .*steps 5-7.*restored the last good checkpoint "
+                                       r".*ckpt-000000004\.pt \(step 4\)"):
+        trainer.run()
+    assert trainer.step == 4
+    good = load_checkpoint(tmp_path / "checkpoints")
+    assert good["step"] == 4, "a checkpoint was written during the bad streak"
+    assert_same_weights(trainer.state_dict(), good)
+
+
+# ----------------------------------------------------------------------------------------------
+# real processes: kill -9, SIGTERM and SIGINT at random moments
+def launch(run_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "dream", "train", *CLI_FLAGS, "--run-dir", str(run_dir)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def newest_step(folder: Path) -> int:
+    try:
+        return max(int(p.stem.split("-")[1]) for p, _ in CheckpointManager(folder).verify())
+    except ValueError:
+        return 0
+
+
+def step_seconds(run_dir: Path) -> float:
+    """The duration of the last logged step."""
+    records = [eval_json(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return 4 / [r for r in records if "images_per_s" in r][-1]["images_per_s"]
+
+
+def test_kills_and_signals_at_random_moments_then_rerun_completes_bitwise(tmp_path, straight):
+    rng = random.Random(2024)
+    folder = tmp_path / "checkpoints"
+    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
+        start = newest_step(folder)
+        process = launch(tmp_path)
+        deadline = time.monotonic() + 300
+        while newest_step(folder) <= start and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None, f"training ended before it could be interrupted: {process.communicate()}"
+        time.sleep(rng.uniform(0.0, 1.0) * step_seconds(tmp_path))  # anywhere in a step or a checkpoint write
+        process.send_signal(sig)
+        _, stderr = process.communicate(timeout=300)
+        if sig == signal.SIGKILL:
+            assert process.returncode == -signal.SIGKILL
+        else:
+            last_line = stderr.strip().splitlines()[-1]
+            assert process.returncode == 128 + sig, stderr
+            assert re.fullmatch(rf"dream train: stopped by {signal.Signals(sig).name} at step (\d+) .*checkpoint "
+                                r".*ckpt-0*\1\.pt saved\. To resume, rerun the same command\.", last_line), last_line
+        assert_all_checkpoints_valid(folder)
+        assert newest_step(folder) < STEPS, "interrupted too late to test anything"
+    process = launch(tmp_path)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert stdout.startswith(f"done: step {STEPS}")
+    assert_all_checkpoints_valid(folder)
+    assert_same_weights(load_checkpoint(folder), straight)
+    steps = [eval_json(line).get("step") for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    assert steps == list(range(1, STEPS + 1)), "the log should hold each step once after resumes"

@@ -1,0 +1,271 @@
+"""The trainer's step: early backward of the seed objective, out-of-memory recovery, the memory-budget
+hook, logs and sample grids, and (on a GPU) eager vs Triton loss trajectories.
+
+Models: the tiny UNet at 8x8 with 16 base channels, batch 4 (the GPU-only backend test: 32x32, 32 base
+channels, batch 16).
+
+Tolerances (fp32 throughout):
+  early backward vs one graph, gradients      rtol 1e-5, atol 1e-7   (only the summation order differs)
+  micro-batches vs whole batch, weights       rtol 1e-4, atol 2e-5   (3 Adam steps: lr * m / sqrt(v) turns
+                                                                      fp-level gradient differences in near-zero
+                                                                      entries into up to ~2e-6 here)
+  eager vs triton, loss per step (GPU)        rtol 2e-3               (different GroupNorm/attention kernels)
+"""
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+from dream.errors import DreamError
+from dream.objectives import ObjectiveConfig, seed
+from dream.train import TrainConfig, Trainer, TrainingAborted, divisor_at_most
+from conftest import ON_GPU
+
+GRAD_TOL = dict(rtol=1e-5, atol=1e-7)
+ACCUMULATION_TOL = dict(rtol=1e-4, atol=2e-5)
+BACKEND_LOSS_RTOL = 2e-3
+
+
+def small_config(run_dir, **overrides) -> TrainConfig:
+    config = dict(run_dir=str(run_dir), preset="tiny",
+                  model_overrides={"image_size": 8, "base_channels": 16, "dropout": 0.0},
+                  objective_config={"dream_start_epoch": 1, "ramp_epochs": 2}, data_count=8, batch_size=4,
+                  epochs=2, sample_every=0, progress=False, log_every=1, checkpoint_every=0, device="cpu")
+    config.update(overrides)
+    return TrainConfig(**config)
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------
+# the seed objective's step: each term backpropagated as soon as it is built
+def gradients(model):
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def test_seed_objective_early_backward_gives_the_single_graph_gradients(tmp_path):
+    trainer = Trainer(small_config(tmp_path, model_overrides={"image_size": 8, "base_channels": 16, "dropout": 0.1}))
+    trainer.epoch = 2  # DREAM phase: lambda_t > 0, two forwards with gradients
+    model, diffusion = trainer.model, trainer.diffusion
+    with torch.no_grad():  # the zero-initialised output conv would stop every gradient before it
+        model.conv_out.weight.normal_(0, 0.05)
+    x0 = next(trainer.batches.epoch(0))
+    t, noise = trainer.draw_inputs(x0)
+    config = trainer.objective_config
+
+    trainer.reseed()  # same dropout masks in both computations: backward draws no random numbers
+    loss, logs = seed(model, diffusion, x0, trainer.epoch, config, t=t, noise=noise)
+    assert loss.requires_grad and float(logs["lambda_t_mean"]) > 0
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    one_graph = gradients(model)
+
+    seen = []
+    objective = trainer.objective
+
+    def spy(*args, backward=None, **kwargs):
+        seen.append(backward)
+        return objective(*args, backward=backward, **kwargs)
+
+    trainer.objective = spy
+    trainer.reseed()
+    logs_early = trainer.accumulate_gradients(x0, t, noise)
+    assert len(seen) == 1 and callable(seen[0]), "the trainer must hand the objective a backward callable"
+    assert torch.allclose(logs_early["loss"], loss.detach(), **GRAD_TOL)
+    for name, (a, b) in zip([n for n, _ in model.named_parameters()], zip(gradients(model), one_graph)):
+        assert torch.allclose(a, b, **GRAD_TOL), f"gradient of {name} differs"
+    assert all(g.abs().max() > 0 for g in one_graph[:4]), "gradients must reach the first layers"
+
+
+def test_seed_objective_frees_the_first_graph_before_the_second_forward():
+    """With backward given, the standard term's saved activations are released before the rectified
+    forward runs: at most one forward graph is alive."""
+    torch.manual_seed(0)
+    from dream.diffusion import GaussianDiffusion
+    from dream.model import build_unet
+
+    model = build_unet("tiny", image_size=8, base_channels=16, dropout=0.0)
+    diffusion = GaussianDiffusion("cosine", 1000)
+    x0 = torch.randn(3, 3, 8, 8)
+    alive, peak = [0], [0]
+
+    def pack(tensor):
+        alive[0] += 1
+        peak[0] = max(peak[0], alive[0])
+        return _Released(tensor, alive)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor):
+        single = [0]
+        peak[0] = alive[0] = 0
+        loss, _ = seed(model, diffusion, x0, 5, ObjectiveConfig(dream_start_epoch=0), t=torch.tensor([10, 500, 900]),
+                       noise=torch.randn_like(x0))
+        single[0] = peak[0]
+        loss.backward()
+        peak[0] = alive[0] = 0
+        seed(model, diffusion, x0, 5, ObjectiveConfig(dream_start_epoch=0), t=torch.tensor([10, 500, 900]),
+             noise=torch.randn_like(x0), backward=lambda term: term.backward())
+        early = peak[0]
+    assert early < 0.6 * single[0], (early, single[0])
+
+
+class _Released:
+    """A saved tensor that decrements the live count when autograd frees it."""
+
+    def __init__(self, tensor, alive):
+        self.tensor, self.alive = tensor, alive
+
+    def __del__(self):
+        self.alive[0] -= 1
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA out of memory inside a step
+def inject_out_of_memory(trainer, above: int):
+    """The objective raises CUDA OOM in its first backward for micro-batches larger than `above`,
+    after gradients were partly accumulated."""
+    objective = trainer.objective
+    calls = []
+
+    def failing(model, diffusion, x0, epoch, config, t=None, noise=None, backward=None):
+        calls.append(x0.shape[0])
+        if x0.shape[0] <= above:
+            return objective(model, diffusion, x0, epoch, config, t=t, noise=noise, backward=backward)
+
+        def backward_then_fail(term):
+            backward(term)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+        return objective(model, diffusion, x0, epoch, config, t=t, noise=noise, backward=backward_then_fail)
+
+    trainer.objective = failing
+    return calls
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_step(tmp_path):
+    steps = 3  # epoch 1 is in the DREAM phase
+    reference = Trainer(small_config(tmp_path / "micro2", micro_batch=2, max_steps=steps))
+    reference.run()
+    whole = Trainer(small_config(tmp_path / "whole", max_steps=steps))
+    whole.run()
+
+    trainer = Trainer(small_config(tmp_path / "oom", max_steps=steps, checkpoint_every=1))
+    calls = inject_out_of_memory(trainer, above=2)
+    result = trainer.run()
+    assert result["step"] == steps and result["micro_batch"] == 2 and trainer.skipped_steps == 0
+    assert calls == [4, 2, 2] + [2, 2] * (steps - 1)
+    events = [r for r in records(tmp_path / "oom") if r.get("event") == "out_of_memory"]
+    assert len(events) == 1 and events[0]["micro_batch"] == 2 and events[0]["step"] == 0
+    assert [r["micro_batch"] for r in records(tmp_path / "oom") if "loss" in r] == [2] * steps
+    # the redone step is the step a micro-batch of 2 computes: same t, noise and data
+    for (name, a), b in zip(trainer.model.state_dict().items(), reference.model.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs from the micro-batch-2 run"
+    # and, to fp tolerance, the step of the whole batch at once
+    for (name, a), b in zip(trainer.model.state_dict().items(), whole.model.state_dict().values()):
+        assert torch.allclose(a, b, **ACCUMULATION_TOL), f"{name} differs from the whole-batch run"
+    assert any(not torch.equal(a, b) for a, b in zip(trainer.model.parameters(), whole.model.parameters()))
+
+    resumed = Trainer(small_config(tmp_path / "oom", max_steps=steps, checkpoint_every=1))
+    resumed.resume()
+    assert resumed.micro_batch == 2, "a lowered micro-batch must survive a resume of the same command"
+
+
+def test_out_of_memory_at_micro_batch_one_stops_with_an_emergency_checkpoint(tmp_path):
+    trainer = Trainer(small_config(tmp_path, max_steps=2))
+    calls = inject_out_of_memory(trainer, above=0)
+    with pytest.raises(TrainingAborted, match=r"OutOfMemoryError at step 0 .*already at micro-batch 1.*"
+                                              r"emergency checkpoint .*ckpt-000000000\.pt saved"):
+        trainer.run()
+    assert calls == [4, 2, 1]
+
+
+@pytest.mark.parametrize("n,limit,expected", [(4, 3, 2), (12, 5, 4), (7, 6, 1), (8, 8, 8), (6, 0, 1)])
+def test_divisor_at_most(n, limit, expected):
+    assert divisor_at_most(n, limit) == expected
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cli_memory_budget_flag(capsys):
+    from dream.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--memory-budget", "6.8GB", "--max-bad-steps", "7"])
+    assert args.memory_budget == 6_800_000_000 and args.max_bad_steps == 7
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--memory-budget", "lots"])
+    assert "memory size 'lots'" in capsys.readouterr().err
+
+
+def test_memory_budget_asks_dream_memory_for_the_micro_batch(tmp_path, monkeypatch):
+    asked = {}
+
+    def choose_micro_batch(config, budget_bytes, **fields):
+        asked.update(fields, config=config, budget_bytes=budget_bytes)
+        return 3
+
+    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=choose_micro_batch))
+    trainer = Trainer(small_config(tmp_path, memory_budget=6_800_000_000))
+    assert trainer.micro_batch == 2  # the largest divisor of the batch not above the answer
+    assert asked["budget_bytes"] == 6_800_000_000 and asked["batch_size"] == 4 and asked["precision"] == "fp32"
+    assert asked["model_config"] == trainer.model_config and asked["data_images"] == 8
+    assert trainer.config.micro_batch is None
+    explicit = Trainer(small_config(tmp_path, memory_budget=6_800_000_000, micro_batch=1))
+    assert explicit.micro_batch == 1, "--micro-batch wins over --memory-budget"
+
+    monkeypatch.setitem(sys.modules, "dream.memory", None)  # not importable
+    with pytest.raises(DreamError, match="--memory-budget needs dream.memory"):
+        Trainer(small_config(tmp_path, memory_budget=1))
+
+
+def test_memory_budget_with_the_real_estimator(tmp_path):
+    trainer = Trainer(small_config(tmp_path, memory_budget=10**12))
+    assert trainer.micro_batch == 4
+    assert [r["event"] for r in records(tmp_path)] == ["memory_budget"]
+
+
+# ----------------------------------------------------------------------------------------------
+# progress: JSONL log every N steps, a sample grid every M epochs
+def test_log_every_n_steps_and_a_grid_every_m_epochs(tmp_path):
+    from PIL import Image
+
+    trainer = Trainer(small_config(tmp_path, data_count=12, epochs=3, log_every=2, sample_every=2, sample_count=4,
+                                   sample_steps=2))
+    ema_before = [s.clone() for s in trainer.ema.shadow]
+    result = trainer.run()
+    logged = [r for r in records(tmp_path) if "loss" in r]
+    assert [r["step"] for r in logged] == [2, 3, 4, 6, 8, 9]  # every 2 steps and at each epoch's end (3 steps)
+    for record in logged:
+        assert {"loss", "grad_norm", "images_per_s", "micro_batch", "skipped_steps", "epoch"} <= set(record)
+        assert record["images_per_s"] > 0
+    grids = sorted(p.name for p in (tmp_path / "samples").glob("*.png"))
+    assert grids == ["grid-000000006.png", "grid-000000009.png"]  # after epoch 2, and at the end
+    assert Image.open(tmp_path / "samples" / grids[0]).size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)
+    assert result["grid"].endswith("grid-000000009.png")
+    assert any(not torch.equal(a, b) for a, b in zip(ema_before, trainer.ema.shadow))
+
+
+# ----------------------------------------------------------------------------------------------
+# eager vs Triton kernels in the trainer (the Triton interpreter is far too slow for a training run)
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU: one tiny step under the Triton interpreter takes minutes")
+def test_eager_and_triton_trainers_follow_the_same_loss_trajectory(tmp_path):
+    overrides = {"image_size": 32, "base_channels": 32, "num_heads": 4, "dropout": 0.0}  # head dim 32
+    losses = {}
+    for backend in ("eager", "triton"):
+        trainer = Trainer(small_config(tmp_path / backend, model_overrides=overrides, backend=backend,
+                                       precision="fp32", device="cuda", data_count=64, batch_size=16, epochs=3))
+        trainer.run()
+        losses[backend] = [r["loss"] for r in records(tmp_path / backend) if "loss" in r]
+    assert len(losses["eager"]) == 12
+    assert losses["eager"] == pytest.approx(losses["triton"], rel=BACKEND_LOSS_RTOL)
