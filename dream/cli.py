@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs/default", help="checkpoints, metrics.jsonl and sample grids go here")
     p.add_argument("--resume", help="resume from this checkpoint file instead of the newest in --run-dir")
     p.add_argument("--backend", default="auto", choices=["auto", "eager", "sdpa", "triton"])
-    p.add_argument("--checkpointing", default="none", choices=["none", "attention", "resblocks", "all"],
-                   help="activation (gradient) checkpointing policy")
+    p.add_argument("--checkpointing", "--checkpoint", default="none",
+                   choices=["none", "attention", "resblocks", "all"],
+                   help="activation (gradient) checkpointing policy: trades recomputation for memory")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--objective", default="seed", choices=["standard", "seed", "paper"])
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--micro-batch", type=int, help="gradient accumulation: micro-batch size dividing --batch-size")
     p.add_argument("--memory-budget", type=memory_size,
-                   help="bytes per device, e.g. 6.8GB or 7GiB: use the largest micro-batch that fits")
+                   help="bytes per device, e.g. 6.8GB (the seed's target) or 7GiB: use the largest micro-batch "
+                        "whose estimated step fits (default on CUDA: the device's free memory)")
     p.add_argument("--max-bad-steps", type=int, default=5,
                    help="non-finite steps in a row before restoring the last good checkpoint and stopping")
     p.add_argument("--epochs", type=int, default=100)

@@ -68,7 +68,7 @@ class TrainConfig:
     # optimisation
     batch_size: int = 128  # the global batch, over all processes
     micro_batch: int | None = None  # per process; None: the whole per-process batch at once
-    memory_budget: int | None = None  # bytes per device; picks the micro-batch with dream.memory
+    memory_budget: int | None = None  # bytes per device for dream.memory to fit the micro-batch in (None: on CUDA, the free memory)
     epochs: int = 100
     max_steps: int | None = None  # stop after this many optimizer steps in total (None: run all epochs)
     lr: float = 2e-4
@@ -201,9 +201,10 @@ class Trainer:
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
-        # micro-batch: the flag, else the memory manager's choice under --memory-budget, else the whole batch
+        # micro-batch: the flag, else the memory manager's choice under --memory-budget (on CUDA by default
+        # the device's free memory), else the whole batch
         self.micro_batch = config.micro_batch or self.rank_batch
-        if config.micro_batch is None and config.memory_budget is not None:
+        if config.micro_batch is None and (config.memory_budget is not None or device.type == "cuda"):
             self.micro_batch = self.micro_batch_for_budget(config.memory_budget)
         if self.micro_batch < 1 or self.rank_batch % self.micro_batch:
             raise DreamError(f"micro batch {self.micro_batch} must divide the per-process batch {self.rank_batch}")
@@ -213,16 +214,26 @@ class Trainer:
                                         self.model_config.image_size, self.model_config.image_size,
                                         generator=torch.Generator().manual_seed(config.seed + 1))
 
-    def micro_batch_for_budget(self, budget_bytes: int) -> int:
-        """The largest micro-batch whose training step fits in `budget_bytes`, by dream.memory's estimator."""
+    def micro_batch_for_budget(self, budget_bytes: int | None) -> int:
+        """The largest micro-batch whose training step fits in `budget_bytes` (None: the device's free
+        memory), by dream.memory's estimator. Without an explicit budget an estimator failure is only a
+        warning: the whole batch is tried, and out-of-memory recovery halves it if needed."""
+        from dream.memory import choose_micro_batch, default_budget_bytes
+
+        if budget_bytes is None:
+            budget_bytes = default_budget_bytes(self.device)
         try:
-            from dream.memory import choose_micro_batch
-        except ImportError as error:
-            raise DreamError(f"--memory-budget needs dream.memory, which cannot be imported ({error})") from None
-        micro = choose_micro_batch(self.config, budget_bytes, batch_size=self.rank_batch, precision=self.precision,
-                                   backend=self.backend, model_config=self.model_config,
-                                   objective_config=self.objective_config, data_images=self.batches.images.shape[0],
-                                   target="cuda" if self.device.type == "cuda" else "cpu")
+            micro = choose_micro_batch(self.config, budget_bytes, batch_size=self.rank_batch,
+                                       precision=self.precision, backend=self.backend,
+                                       model_config=self.model_config, objective_config=self.objective_config,
+                                       data_images=self.batches.images.shape[0],
+                                       target="cuda" if self.device.type == "cuda" else "cpu")
+        except Exception as error:  # noqa: BLE001
+            if self.config.memory_budget is not None:
+                raise
+            self.note(f"memory estimate failed ({type(error).__name__}: {error}); using the whole batch",
+                      event="memory_budget", micro_batch=self.rank_batch, budget_bytes=budget_bytes)
+            return self.rank_batch
         self.note(f"memory budget {budget_bytes / 1e9:.2f} GB: micro-batch {micro} of {self.rank_batch}",
                   event="memory_budget", micro_batch=int(micro), budget_bytes=budget_bytes)
         return divisor_at_most(self.rank_batch, int(micro))

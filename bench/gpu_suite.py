@@ -1,0 +1,319 @@
+"""The GPU suite: one command, under 8 minutes on one H200, everything into one folder, a short table last.
+
+    bash bench/gpu_suite.sh [--out DIR] [--budget SECONDS] [--archive FILE.tar.gz] [--only a,b] [--skip a,b]
+                            [--list] [--dry-run] [--allow-cpu]
+
+Runs from the source tree (PYTHONPATH=<repo>); needs only torch, triton, numpy, pytest, pytest-benchmark
+and nvidia-ml-py (no torch-fidelity, no xformers, no network). Stages, most valuable first, each under
+its own time limit (SIGINT first, so pytest still writes its report; SIGKILL 20 s later) and all of them
+under the overall budget (default 465 s): a stage starts only with at least MIN_STAGE_S left, and gets
+min(its limit, what is left). Stages:
+
+  env       nvidia-smi and versions
+  tests     correctness at full size: kernels forward/backward incl. bf16, UNet triton vs eager, sampling
+            graphs (the GPU-relevant files of tests/)
+  memory    the 6.8 GB budget of the seed objective step at batch 128 (estimate beside measurement)
+  train     the seed objective's training step: ours vs eager fp32/bf16 and the seed's own way
+  sampling  one ancestral step, and a short DDIM loop with and without CUDA graphs
+  profile   `dream profile`: torch.profiler over a training step, a sampling step, a graphed DDIM loop
+  kernels   GroupNorm at two UNet sites and attention at N=256/64 vs eager, compile, SDPA backends
+  unet      UNet forward and forward+backward vs eager, SDPA (no compile)
+  compile   the torch.compile anchors and ours compiled (training step, sampling graphs), and
+            max-autotune for the headline kernel cases: only with the time that is left
+
+The tests stage uses DREAM_SUITE_TEST_WORKERS (default 4) pytest-xdist workers when xdist is installed.
+
+Output (DIR, default profiles/; env DREAM_SUITE_OUT): <DIR>/<gpu>/<date>-<stage>.md/.json (benchmarks,
+profiles, Chrome traces), <DIR>/suite-logs/<stage>.log, <DIR>/suite-logs/summary.md. With --archive,
+everything written is also packed into one .tar.gz (e.g. into the device tool's $OUT, which takes few files).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = os.environ.get("PYTHON", sys.executable or "python3")
+MIN_STAGE_S = 45  # a stage starts only with this much budget left (its limit then >= 20 s)
+GRACE_S = 20
+
+TEST_FILES = ["tests/test_group_norm_silu.py", "tests/test_attention.py", "tests/test_model*.py", "tests/test_unet*.py",
+              "tests/test_sampling*.py", "tests/test_memory*.py"]
+KERNEL_CASES = "res64_pre_ss or res16_pre_ss or n256 or n64"
+NO_COMPILE = "-*compile*"
+
+
+@dataclass
+class Stage:
+    name: str
+    limit_s: int
+    what: str
+    command: list[str] = field(default_factory=list)
+    env: dict = field(default_factory=dict)
+
+
+def bench(files, name, out, k=None, variants=None, extra=()):
+    command = [PYTHON, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "--benchmark-only",
+               "--benchmark-columns=median,iqr,rounds", "--bench-out", out, "--bench-name", name,
+               f"--benchmark-json={out}/suite-logs/{name}-pytest-benchmark.json"]
+    if k:
+        command += ["-k", k]
+    if variants:
+        command += [f"--bench-variants={variants}"]  # "=": a value may start with "-"
+    return command + list(extra)
+
+
+def parallel_tests() -> list[str]:
+    """pytest-xdist workers for the correctness tests when it is installed: their time goes mostly to
+    compiling Triton kernels on the CPU (the on-disk Triton cache is shared by the workers)."""
+    import importlib.util
+
+    workers = os.environ.get("DREAM_SUITE_TEST_WORKERS", "4")
+    if workers in ("0", "1") or importlib.util.find_spec("xdist") is None:
+        return []
+    return ["-n", workers]
+
+
+def stages(out: str) -> list[Stage]:
+    tests = sorted({f for pattern in TEST_FILES for f in glob.glob(str(REPO / pattern))})
+    env_script = ("import json, torch; from dream.profile import environment_info; i = environment_info(); "
+                  "print(json.dumps(i, indent=1)); print(f\"env: {i['device_name']}, driver {i['driver']}, "
+                  "torch {i['torch']}, triton {i['triton']}\")")
+    return [
+        Stage("env", 30, "nvidia-smi and versions",
+              ["bash", "-c", "nvidia-smi || true; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,"
+                             "power.draw,power.limit,temperature.gpu --format=csv || true; "
+                             f"{shlex.quote(PYTHON)} -c {shlex.quote(env_script)}"]),
+        Stage("tests", 110, "correctness at full size (" + ", ".join(Path(t).name for t in tests) + ")",
+              [PYTHON, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider", "--maxfail=10", "-rfEs",
+               f"--junitxml={out}/suite-logs/tests-junit.xml", *parallel_tests()]),
+        Stage("memory", 50, "6.8 GB budget of the seed step at batch 128",
+              bench(["bench/test_memory_budget.py"], "bench-memory", out, extra=["-s"])),
+        Stage("train", 70, "seed objective training step (no compile)",
+              bench(["bench/test_bench_train_step.py"], "bench-train", out, k="seed-", variants=NO_COMPILE),
+              {"DREAM_BENCH_TARGET_S": "0.5"}),
+        Stage("sampling", 70, "ancestral step and DDIM-10 loop, CUDA graphs",
+              bench(["bench/test_bench_sampling.py"], "bench-sampling", out, variants=NO_COMPILE),
+              {"DREAM_BENCH_DDIM_STEPS": "10", "DREAM_BENCH_TARGET_S": "0.3"}),
+        Stage("profile", 60, "torch.profiler over a training step, a sampling step and a graphed DDIM-10 loop",
+              ["bash", "-c", f"{shlex.quote(PYTHON)} -m dream profile --out {shlex.quote(out)} --warmup 2 --steps 3 && "
+                             f"{shlex.quote(PYTHON)} -m dream profile --out {shlex.quote(out)} --what sample "
+                             "--sampler graphs --sample-steps 10 --batch 256 --warmup 1 --steps 2"]),
+        Stage("kernels", 110, "GroupNorm and attention vs their anchors",
+              bench(["bench/test_bench_group_norm.py", "bench/test_bench_attention.py"], "bench-kernels", out,
+                    k=KERNEL_CASES, variants="-*max_autotune*"), {"DREAM_BENCH_TARGET_S": "0.25"}),
+        Stage("unet", 60, "UNet forward and forward+backward (no compile)",
+              bench(["bench/test_bench_unet.py"], "bench-unet", out, variants=NO_COMPILE),
+              {"DREAM_BENCH_TARGET_S": "0.3"}),
+        Stage("compile", 400, "torch.compile anchors and ours compiled; max-autotune headline kernels",
+              bench(["bench/test_bench_train_step.py", "bench/test_bench_sampling.py", "bench/test_bench_group_norm.py",
+                     "bench/test_bench_attention.py"], "bench-compile", out,
+                    k="seed- or ddim or res64_pre_ss or n256",
+                    variants="train_step/seed/step:*compile*,sampling/*:*compile*,"
+                             "group_norm/res64_pre_ss/fwd+bwd:*max_autotune*,attention/n256/fwd+bwd:*max_autotune*"),
+              {"DREAM_BENCH_DDIM_STEPS": "10", "DREAM_BENCH_TARGET_S": "0.3"}),
+    ]
+
+
+def run_stage(stage: Stage, limit: float, log_path: Path) -> dict:
+    env = {**os.environ, **stage.env, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ['PYTHONPATH']}"
+           if os.environ.get("PYTHONPATH") else str(REPO), "PYTHONUNBUFFERED": "1"}
+    start = time.monotonic()
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(shlex.quote(c) for c in stage.command) + "\n")
+        log.flush()
+        process = subprocess.Popen(stage.command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        status = None
+        try:
+            process.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            status = "timeout"
+            os.killpg(process.pid, signal.SIGINT)  # pytest still finishes its session and writes its report
+            try:
+                process.wait(timeout=GRACE_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    seconds = time.monotonic() - start
+    if status is None:
+        status = "ok" if process.returncode == 0 else f"failed (exit {process.returncode})"
+    return {"stage": stage.name, "status": status, "seconds": round(seconds, 1), "limit_s": round(limit),
+            "log": str(log_path), "last_line": _last_line(log_path)}
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    for line in reversed(lines):  # pytest's final count line, else the last line
+        if any(word in line for word in (" passed", " failed", " error", " skipped")) and " in " in line:
+            return line.strip("= ")
+    return lines[-1][:160] if lines else ""
+
+
+def _reports(out: Path, started: float) -> list[dict]:
+    found = []
+    for path in sorted(out.glob("*/*.json")) + sorted(out.glob("*/*.partial.jsonl")):
+        if path.stat().st_mtime < started - 1:
+            continue
+        try:
+            if path.suffix == ".jsonl":
+                found.append({"path": path, "results": [json.loads(line) for line in path.read_text().splitlines()
+                                                        if line.strip()], "partial": True})
+            else:
+                found.append({"path": path, **json.loads(path.read_text())})
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def headline_lines(out: Path, started: float) -> list[str]:
+    """Per benchmark case: the fastest ours, its time and % of ceiling, the speed-up over the fastest anchor;
+    memory rows; profile summaries."""
+    lines = []
+    for report in _reports(out, started):
+        results = report.get("results")
+        if results:
+            cases = {}
+            for r in results:
+                cases.setdefault(r["case"], []).append(r)
+            for case_id, rows in cases.items():
+                if any("estimate_bytes" in r for r in rows):
+                    for r in rows:
+                        measured = r.get("measured_bytes")
+                        text = (f"{case_id:<36} ckpt={r.get('policy'):<9} estimate {r['estimate_bytes'] / 1e9:6.2f} GB")
+                        if measured is not None:
+                            text += (f"  measured {measured / 1e9:6.2f} GB  "
+                                     f"{'fits' if r.get('fits') else 'OVER'} 6.8 GB")
+                        if r.get("time_s"):
+                            text += f"  step {r['time_s'] * 1e3:.1f} ms"
+                        lines.append(text)
+                    continue
+                done = [r for r in rows if r.get("status") == "ok" and r.get("time_s")]
+                ours = [r for r in done if r["role"] == "ours"]
+                anchors = [r for r in done if r["role"] != "ours"]
+                bad = [r["variant"] for r in rows if r.get("status") == "mismatch"]
+                text = f"{case_id:<36}"
+                if ours:
+                    best = min(ours, key=lambda r: r["time_s"])
+                    text += f" {best['variant'][:30]:<30} {best['time_s'] * 1e3:9.3f} ms"
+                    pct = best.get("pct_ceiling")
+                    text += f" {pct:5.1f}%" if pct is not None else "       "
+                    if anchors:
+                        fastest = min(anchors, key=lambda r: r["time_s"])
+                        text += f"  {fastest['time_s'] / best['time_s']:5.2f}x vs {fastest['variant']}"
+                if bad:
+                    text += f"  MISMATCH {','.join(bad)}"
+                if ours or bad:
+                    lines.append(text)
+        summary = report.get("summary")
+        if summary and "step_ms" in summary:
+            busy = summary.get("busy_fraction")
+            steps = max(summary.get("steps") or 1, 1)
+            label = report["path"].name.split(".")[0].split("-profile-")[-1]
+            lines.append(f"profile {label:<28} step {summary['step_ms']:9.3f} ms  "
+                         f"busy {100 * busy:5.1f}%  {summary.get('kernels', 0) / steps:.0f} kernels/step"
+                         if busy is not None else f"profile {label}: step {summary['step_ms']:.3f} ms")
+        for goal in report.get("goals") or []:
+            lines.append(f"goal {goal['case']}: {goal['goal']}: {goal.get('detail', '')} -> {goal['status']}")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="bench/gpu_suite.sh", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("--out", default=os.environ.get("DREAM_SUITE_OUT", str(REPO / "profiles")),
+                        help="output folder (env DREAM_SUITE_OUT; default profiles/)")
+    parser.add_argument("--budget", type=float, default=float(os.environ.get("DREAM_SUITE_BUDGET", 465)),
+                        help="overall seconds for all stages (default 465; env DREAM_SUITE_BUDGET)")
+    parser.add_argument("--archive", help="also pack everything written into this .tar.gz")
+    parser.add_argument("--only", help="comma-separated stages to run (in the suite's order)")
+    parser.add_argument("--skip", help="comma-separated stages to leave out")
+    parser.add_argument("--list", action="store_true", help="list the stages and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    parser.add_argument("--allow-cpu", action="store_true",
+                        help="run without a GPU (small CPU sizes: for checking the suite itself)")
+    args = parser.parse_args(argv)
+
+    out = Path(args.out).resolve()
+    plan = stages(str(out))
+    names = [s.name for s in plan]
+    for option in (args.only, args.skip):
+        unknown = [n for n in (option or "").split(",") if n and n not in names]
+        if unknown:
+            parser.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(names)}")
+    if args.only:
+        plan = [s for s in plan if s.name in args.only.split(",")]
+    if args.skip:
+        plan = [s for s in plan if s.name not in args.skip.split(",")]
+    if args.list or args.dry_run:
+        for s in plan:
+            print(f"{s.name:<9} {s.limit_s:>4}s  {s.what}")
+            if args.dry_run:
+                env = " ".join(f"{k}={v}" for k, v in s.env.items())
+                print(f"          {env + ' ' if env else ''}{' '.join(shlex.quote(c) for c in s.command)}")
+        return 0
+
+    import torch
+
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        print("gpu_suite: no CUDA device here; run it on a GPU machine (or pass --allow-cpu to check the suite "
+              "itself at CPU sizes)", file=sys.stderr)
+        return 2
+    logs = out / "suite-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    deadline = time.monotonic() + args.budget
+    done = []
+    print(f"gpu_suite: {len(plan)} stages, budget {args.budget:.0f} s, output {out}", flush=True)
+    for stage in plan:
+        left = deadline - time.monotonic()
+        if left < MIN_STAGE_S:
+            done.append({"stage": stage.name, "status": "not run (budget spent)", "seconds": 0, "limit_s": 0,
+                         "last_line": ""})
+            print(f"[{stage.name}] not run: {left:.0f} s left", flush=True)
+            continue
+        limit = min(stage.limit_s, left - GRACE_S - 5)  # the grace after SIGINT stays inside the budget
+        print(f"[{stage.name}] {stage.what} (limit {limit:.0f} s)", flush=True)
+        result = run_stage(stage, limit, logs / f"{stage.name}.log")
+        done.append(result)
+        print(f"[{stage.name}] {result['status']} in {result['seconds']:.0f} s: {result['last_line']}", flush=True)
+        if result["status"] != "ok":
+            tail = Path(result["log"]).read_text(errors="replace").splitlines()[-15:]
+            print("\n".join("    " + line for line in tail), flush=True)
+
+    table = [f"{'stage':<9} {'status':<24} {'s':>6} {'limit':>6}  result"]
+    table += [f"{d['stage']:<9} {d['status']:<24} {d['seconds']:>6.0f} {d['limit_s']:>6}  {d['last_line'][:90]}"
+              for d in done]
+    headlines = headline_lines(out, started)
+    summary = ["# GPU suite summary", "", f"output: {out}", "", "```", *table, "```", "",
+               "## Headline numbers (fastest ours; speed-up over the fastest anchor)", "", "```", *headlines, "```"]
+    (logs / "summary.md").write_text("\n".join(summary) + "\n")
+    (logs / "stages.json").write_text(json.dumps(done, indent=1))
+    if args.archive:
+        archive = Path(args.archive)
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive, "w:gz") as tar:
+            for path in sorted(out.rglob("*")):
+                if path.is_file() and path.stat().st_mtime >= started - 1 and path != archive:
+                    tar.add(path, arcname=str(path.relative_to(out)))  # unpack with tar -C profiles/
+        print(f"archive: {archive} ({archive.stat().st_size / 2**20:.1f} MiB)")
+    print("\n".join(["", "=" * 100, *table, "", *headlines, "=" * 100]), flush=True)
+    return 0 if all(d["status"] == "ok" for d in done) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""GroupNorm (+ time scale/shift) (+ SiLU) at the seed UNet's sites: ours (kernels.group_norm_silu) vs
+eager PyTorch (bf16, bf16 under autocast, fp32) and torch.compile of the same math.
+
+Full size (GPU): batch 128, bf16 activations, fp32 affine weights (the trainer's mixed precision).
+Memory-bound: the floor is the fewest bytes / copy bandwidth; forward moves x in and y out,
+forward+backward adds x and dy in and dx out (5 tensors of x's size; per-channel vectors ignored).
+Goals (issue 3): forward >= 80 % of copy bandwidth; forward+backward >= 1.3x torch.compile and
+>= 3x eager. Reference: the same math in float64 on the same inputs.
+"""
+import pytest
+import torch
+
+from bench.harness import DEVICE, ON_GPU, SETTINGS, Case, CaseState, Goal, Variant, compile_fn, input_set_count, \
+    run_variant
+
+#        name            N    C    H   W   scale/shift  silu
+FULL_SITES = [
+    ("res64_pre_ss", 128, 128, 64, 64, True, True),   # ResBlock norm2 at 64x64 (time scale/shift, "pre")
+    ("up64_cat", 128, 256, 64, 64, False, True),      # first up ResBlock norm1 after the skip concat
+    ("res32_pre_ss", 128, 256, 32, 32, True, True),
+    ("res16_pre_ss", 128, 512, 16, 16, True, True),
+    ("mid8_pre_ss", 128, 512, 8, 8, True, True),
+    ("attn16_norm", 128, 512, 16, 16, False, False),  # attention block's plain GroupNorm
+]
+SMALL_SITES = [
+    ("c48_7x5_pre_ss", 2, 48, 7, 5, True, True),      # 6 channels per group, odd H x W
+    ("c64_4x4_norm", 1, 64, 4, 4, False, False),
+]
+GROUPS = 8
+EPS = 1e-5
+SITES = FULL_SITES if SETTINGS.full else SMALL_SITES
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32  # the interpreter mishandles bf16
+
+
+def element_size(dtype):
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def make_setup(site, direction):
+    name, n, c, h, w, has_ss, silu = site
+
+    def bytes_moved(dtype):
+        tensor = n * c * h * w * element_size(dtype)
+        vectors = (2 * n * c if has_ss else 0) * element_size(dtype) + 2 * c * 4
+        return (2 if direction == "fwd" else 5) * tensor + (1 if direction == "fwd" else 2) * vectors
+
+    def setup():
+        from kernels import group_norm_silu_reference
+
+        per_set = bytes_moved(DTYPE)
+        sets = []
+        for s in range(input_set_count(per_set)):
+            g = torch.Generator().manual_seed(1000 + s)
+            inputs = {
+                "x": (torch.randn(n, c, h, w, generator=g) * 1.5 + 0.3),
+                "weight": 1 + 0.2 * torch.randn(c, generator=g),
+                "bias": 0.2 * torch.randn(c, generator=g),
+                "scale": 0.3 * torch.randn(n, c, generator=g) if has_ss else None,
+                "shift": 0.3 * torch.randn(n, c, generator=g) if has_ss else None,
+                "dy": torch.randn(n, c, h, w, generator=g),
+            }
+            dtypes = {"x": DTYPE, "scale": DTYPE, "shift": DTYPE, "dy": DTYPE, "weight": torch.float32,
+                      "bias": torch.float32}
+            sets.append({k: None if v is None else v.to(DEVICE, dtypes[k]) for k, v in inputs.items()})
+        first = sets[0]
+        leaves64 = {k: None if first[k] is None else first[k].to(torch.float64).requires_grad_(direction != "fwd")
+                    for k in ("x", "weight", "bias", "scale", "shift")}
+        y = group_norm_silu_reference(leaves64["x"], leaves64["weight"], leaves64["bias"], GROUPS, EPS,
+                                      scale=leaves64["scale"], shift=leaves64["shift"], mode="pre", silu=silu)
+        names = ("y",)
+        reference = (y.detach(),)
+        if direction != "fwd":
+            present = [k for k in ("x", "weight", "bias", "scale", "shift") if leaves64[k] is not None]
+            grads = torch.autograd.grad(y, [leaves64[k] for k in present], first["dy"].to(torch.float64))
+            reference += tuple(g.detach() for g in grads)
+            names += tuple(f"d{k}" for k in present)
+        return CaseState(input_sets=sets, reference=reference, outputs=names, bytes=bytes_moved,
+                         info={"shape": f"{n}x{c}x{h}x{w}", "groups": GROUPS, "scale_shift": has_ss, "silu": silu,
+                               "x_dtype": str(DTYPE).replace("torch.", ""), "input_sets": len(sets)})
+
+    return setup
+
+
+def op_runner(op, direction, silu, cast=None, autocast=False):
+    """A callable(inputs) running `op` forward, or forward and backward (torch.autograd.grad with
+    the case's dy) returning (y, dx, dweight, dbias[, dscale, dshift])."""
+
+    def run(inputs):
+        if cast is not None:
+            inputs = cast(inputs)
+        names = [k for k in ("x", "weight", "bias", "scale", "shift") if inputs[k] is not None]
+        leaves = {k: inputs[k] if direction == "fwd" else inputs[k].detach().requires_grad_() for k in names}
+        context = torch.autocast(DEVICE.type, dtype=torch.bfloat16) if autocast else torch.enable_grad()
+        with context:
+            y = op(leaves["x"], leaves["weight"], leaves["bias"], GROUPS, EPS, scale=leaves.get("scale"),
+                   shift=leaves.get("shift"), mode="pre", silu=silu)
+        if direction == "fwd":
+            return (y,)
+        grads = torch.autograd.grad(y, [leaves[k] for k in names], dy_as(inputs["dy"], y.dtype))
+        return (y, *grads)
+
+    converted = {}
+
+    def dy_as(dy, dtype):  # made once per input set (autocast's fp32 output wants an fp32 dy)
+        if dy.dtype == dtype:
+            return dy
+        key = (id(dy), dtype)
+        if key not in converted:
+            converted[key] = dy.to(dtype)
+        return converted[key]
+
+    if direction == "fwd":
+        def run_no_grad(inputs):
+            with torch.no_grad():
+                return run(inputs)
+
+        return run_no_grad
+    return run
+
+
+def variants(site, direction):
+    silu = site[6]
+
+    def ours(state):
+        from kernels import group_norm_silu
+
+        return op_runner(group_norm_silu, direction, silu)
+
+    def eager(state):
+        from kernels import group_norm_silu_reference
+
+        return op_runner(group_norm_silu_reference, direction, silu)
+
+    def eager_autocast(state):
+        from kernels import group_norm_silu_reference
+
+        return op_runner(group_norm_silu_reference, direction, silu, autocast=True)
+
+    def eager_fp32(state):
+        from kernels import group_norm_silu_reference
+
+        copies = {id(s): {k: None if v is None else v.float() for k, v in s.items()} for s in state.input_sets}
+        return op_runner(group_norm_silu_reference, direction, silu, cast=lambda inputs: copies[id(inputs)])
+
+    def compiled(mode):
+        def build(state):
+            from kernels import group_norm_silu_reference
+
+            return op_runner(compile_fn(group_norm_silu_reference, mode), direction, silu)
+
+        return build
+
+    def compiled_ours(state):
+        from kernels import group_norm_silu
+
+        return op_runner(compile_fn(group_norm_silu, fullgraph=True), direction, silu)
+
+    out = [
+        Variant("triton", ours, role="ours", dtype=DTYPE),
+        Variant("triton_compile", compiled_ours, role="ours", dtype=DTYPE, cpu=False,
+                note="torch.compile(fullgraph) around the custom op"),
+        Variant("eager", eager, dtype=DTYPE, note="group_norm_silu_reference in x's dtype"),
+        Variant("eager_autocast", eager_autocast, dtype=torch.bfloat16,
+                note="bf16 autocast: GroupNorm runs in fp32, as in the eager model"),
+        Variant("compile", compiled("default"), dtype=DTYPE, cpu=False),
+        Variant("compile_max_autotune", compiled("max-autotune"), dtype=DTYPE, gpu_only=True),
+    ]
+    if DTYPE != torch.float32:
+        out.insert(4, Variant("eager_fp32", eager_fp32, dtype=torch.float32, note="fp32 copies of the inputs"))
+    return out
+
+
+def goals(direction):
+    if direction == "fwd":
+        return [Goal("forward >= 80% of copy bandwidth", "pct_ceiling", "triton", 80.0)]
+    return [Goal("forward+backward >= 1.3x torch.compile", "speedup", "triton", 1.3, ("compile",)),
+            Goal("forward+backward >= 3x eager", "speedup", "triton", 3.0, ("eager", "eager_autocast"))]
+
+
+CASES = []
+for _site in SITES:
+    for _direction in ("fwd", "fwd+bwd"):
+        CASES.append(Case("group_norm", _site[0], _direction, make_setup(_site, _direction),
+                          variants(_site, _direction), level="kernel", goals=goals(_direction),
+                          describe=f"{'x'.join(map(str, _site[1:5]))}, {GROUPS} groups"
+                                   f"{', scale/shift' if _site[5] else ''}{', SiLU' if _site[6] else ''}"))
+
+PARAMS = [pytest.param(case, variant, id=f"{case.name}-{case.direction}-{variant.name}")
+          for case in CASES for variant in case.variants]
+
+
+@pytest.mark.parametrize("case,variant", PARAMS)
+def test_group_norm(benchmark, case, variant):
+    run_variant(benchmark, case, variant)

@@ -1,0 +1,129 @@
+"""One optimizer step of the trainer (dream.train.Trainer.train_step: t and noise, objective with early
+backward, unscale, clip, fused AdamW, EMA) for each objective: ours (backend triton, bf16, also with
+torch.compile and channels_last) vs the eager model in fp32 and bf16, torch.compile of the eager model,
+and, for the `seed` objective, the seed's own way (eager, fp16 autocast with a GradScaler, a third
+forward for eps_hat, full activation checkpointing).
+
+Full size (GPU): the seed preset, batch 128, DREAM fully on (epoch 30). FLOPs: counted by
+FlopCounterMode over the reference step (the same count for every variant, so MFU compares times;
+the seed's way recomputes more than it is credited for). Goals (issue 5, `seed` objective):
+MFU >= 45 % (of the measured bf16 matmul ceiling), >= 2.5x the seed's way, >= 1.2x torch.compile
+of the eager model. Checked in eval mode (dropout off) against the eager fp32 step (TF32 off):
+the loss and every parameter gradient after clipping; timed in training mode.
+"""
+import pytest
+import torch
+
+from bench.harness import ON_GPU, SETTINGS, Case, CaseState, Goal, Runner, Variant, run_variant
+from bench.workloads import MODEL_OVERRIDES, OURS_PRECISION, PRECISION_DTYPE, PRESET, flat_grads
+
+BATCH = 128 if SETTINGS.full else 1
+OBJECTIVES = ("seed", "standard", "paper")
+
+
+def trainer_for(objective, **options):
+    from dream.profile import build_trainer
+
+    if options.get("compile"):
+        torch._dynamo.reset()  # no earlier variant's graphs count against the recompile limit
+
+    return build_trainer(preset=PRESET, batch=BATCH, device=str("cuda" if ON_GPU else "cpu"), objective=objective,
+                         model_overrides=MODEL_OVERRIDES, **options)
+
+
+def checked_step(trainer, x0, initial):
+    """One step from the case's initial weights at step 0 (same t and noise for every trainer), in eval
+    mode; an fp16 step whose gradients overflowed is redone (the scaler has lowered its scale).
+    Returns (loss, all gradients as one vector)."""
+    trainer.model.load_state_dict(initial)
+    trainer.model.eval()
+    try:
+        for _ in range(8):
+            trainer.step = 0
+            logs = trainer.train_step(x0)
+            if not float(logs.get("skipped", 0)):
+                break
+    finally:
+        trainer.model.train()
+    return logs["loss"].detach().float().reshape(1), flat_grads(trainer.model.parameters())
+
+
+def make_setup(objective):
+    def setup():
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from dream.profile import sample_batch
+
+        trainer = trainer_for(objective, backend="eager", precision="fp32")
+        x0 = sample_batch(trainer)
+        initial = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        with FlopCounterMode(display=False) as counter:
+            reference = checked_step(trainer, x0, initial)
+        flops = float(counter.get_total_flops())
+        del trainer
+        return CaseState(input_sets=[x0], reference=reference, outputs=("loss", "param_grads"), flops=flops,
+                         images=BATCH, extra={"initial": initial},
+                         info={"preset": PRESET if SETTINGS.full else "tiny (cut down)", "batch": BATCH,
+                               "objective": objective, "epoch": 30,
+                               "gflop_per_image": round(flops / BATCH / 1e9, 3)})
+
+    return setup
+
+
+def step_variant(objective, **options):
+    def build(state):
+        trainer = trainer_for(objective, **options)
+
+        def run(x0):
+            return trainer.train_step(x0)
+
+        return Runner(run=run, check=lambda x0: checked_step(trainer, x0, state.extra["initial"]), keep=trainer)
+
+    return build
+
+
+def variants(objective):
+    ours, dtype = OURS_PRECISION, PRECISION_DTYPE[OURS_PRECISION]
+    ours_on_cpu = objective == "standard"  # the interpreter is slow: one objective smoke-runs it on CPU
+    out = [
+        Variant(f"triton_{ours}", step_variant(objective, backend="triton", precision=ours), role="ours",
+                dtype=dtype, cpu=ours_on_cpu, note="the trainer's defaults on CUDA"),
+        Variant(f"triton_{ours}_compile", step_variant(objective, backend="triton", precision=ours, compile=True),
+                role="ours", dtype=dtype, cpu=False),
+        Variant(f"triton_{ours}_channels_last",
+                step_variant(objective, backend="triton", precision=ours, channels_last=True),
+                role="ours", dtype=dtype, cpu=False),
+        Variant("eager_fp32", step_variant(objective, backend="eager", precision="fp32"), dtype=torch.float32),
+        Variant("eager_bf16", step_variant(objective, backend="eager", precision="bf16"), dtype=torch.bfloat16,
+                cpu=False),  # CPU bf16 convolutions are slow and say nothing
+        Variant("compile_eager_bf16", step_variant(objective, backend="eager", precision="bf16", compile=True),
+                dtype=torch.bfloat16, cpu=False, note="torch.compile of the eager model"),
+    ]
+    if objective == "seed":
+        out.append(Variant("seed_way_fp16", step_variant(
+            objective, backend="eager", precision="fp16", checkpointing="all",
+            objective_config={"seed_separate_eps_forward": True}), dtype=torch.float16,
+            note="the seed's recipe: fp16 + GradScaler, third forward for eps_hat, full checkpointing"))
+    return out
+
+
+def goals(objective):
+    if objective != "seed":
+        return []
+    ours = tuple(v.name for v in variants(objective) if v.role == "ours")
+    return [Goal("MFU >= 45 % (counted FLOPs / time / measured bf16 matmul rate)", "pct_ceiling", ours, 45.0),
+            Goal(">= 2.5x the seed's way", "speedup", ours, 2.5, ("seed_way_fp16",)),
+            Goal(">= 1.2x torch.compile of the eager model", "speedup", ours, 1.2, ("compile_eager_bf16",))]
+
+
+CASES = [Case("train_step", objective, "step", make_setup(objective), variants(objective), level="model",
+              goals=goals(objective), describe=f"`{objective}` objective, batch {BATCH}")
+         for objective in OBJECTIVES]
+
+PARAMS = [pytest.param(case, variant, id=f"{case.name}-{variant.name}")
+          for case in CASES for variant in case.variants]
+
+
+@pytest.mark.parametrize("case,variant", PARAMS)
+def test_train_step(benchmark, case, variant):
+    run_variant(benchmark, case, variant)

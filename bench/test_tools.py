@@ -1,0 +1,125 @@
+"""Unit tests of the harness's own arithmetic (no benchmark fixture: they run with --benchmark-disable
+or without pytest-benchmark options, and are skipped by --benchmark-only).
+
+Covered: the profiler trace summary (busy fraction over a union of overlapping kernel intervals,
+launch counts, steps, top kernels), the relative-error check (NaN, shape, tolerance), the variant
+filter's ordered rules, goal evaluation, and the ceilings' formulas on this device.
+"""
+import math
+
+import pytest
+import torch
+
+from bench import harness
+from bench.harness import Goal, Mismatch, Variant, compare, relative_error, selected
+from bench.report import evaluate_goal, speedups
+from dream.profile import _union_length, summarize_trace
+
+
+def event(cat, name, ts, dur):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+
+def test_trace_summary_counts_and_busy_fraction():
+    trace = {"traceEvents": [
+        event("user_annotation", "ProfilerStep#1", 0.0, 100.0),
+        event("user_annotation", "ProfilerStep#2", 100.0, 100.0),
+        event("gpu_user_annotation", "ProfilerStep#1", 5.0, 90.0),  # GPU-side copy of the step: not a step
+        event("cuda_runtime", "cudaLaunchKernel", 1.0, 2.0),
+        event("cuda_driver", "cuLaunchKernelEx", 3.0, 2.0),
+        event("cuda_runtime", "cudaGraphLaunch", 150.0, 2.0),
+        event("cuda_runtime", "cudaMemcpyAsync", 4.0, 1.0),
+        event("kernel", "gemm", 10.0, 30.0),        # 10..40
+        event("kernel", "gemm", 30.0, 20.0),        # 30..50 overlaps: union 10..50
+        event("kernel", "norm", 120.0, 10.0),       # 120..130
+        event("gpu_memcpy", "Memcpy DtoD", 60.0, 5.0),  # 60..65
+        event("kernel", "tail", 195.0, 15.0),       # runs past the last step: the window grows to 210
+        {"ph": "i", "cat": "kernel", "name": "instant", "ts": 1.0},  # not a complete event
+    ]}
+    s = summarize_trace(trace, top=2)
+    assert s["steps"] == 2
+    assert s["kernels"] == 4
+    assert s["launches"] == 2
+    assert s["graph_launches"] == 1
+    assert s["window_us"] == pytest.approx(210.0)
+    assert s["busy_us"] == pytest.approx(40 + 10 + 5 + 15)
+    assert s["busy_fraction"] == pytest.approx(70 / 210)
+    assert [k["name"] for k in s["top_kernels"]] == ["gemm", "tail"]
+    assert s["top_kernels"][0]["calls"] == 2
+    assert s["top_kernels"][0]["share"] == pytest.approx(50 / 75)
+
+
+def test_trace_summary_without_gpu_events():
+    s = summarize_trace({"traceEvents": [event("user_annotation", "ProfilerStep#0", 0.0, 50.0),
+                                         event("cpu_op", "aten::mm", 1.0, 10.0)]})
+    assert s["steps"] == 1 and s["kernels"] == 0 and s["busy_fraction"] is None
+
+
+@pytest.mark.parametrize("intervals,length", [([], 0.0), ([(0, 1), (2, 3)], 2.0), ([(0, 5), (1, 2), (4, 7)], 7.0),
+                                              ([(3, 4), (0, 1), (0.5, 3.5)], 4.0)])
+def test_union_length(intervals, length):
+    assert _union_length(intervals) == pytest.approx(length)
+
+
+def test_relative_error_and_compare():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(100, generator=g, dtype=torch.float64)
+    noise = torch.randn(100, generator=g, dtype=torch.float64)
+    out = (ref + 1e-3 * noise).float()
+    expected = float(torch.linalg.vector_norm(out.double() - ref) / torch.linalg.vector_norm(ref))
+    assert relative_error(out, ref) == pytest.approx(expected, rel=1e-9)
+    poisoned = out.clone()
+    poisoned[7] = float("nan")
+    assert relative_error(poisoned, ref) == math.inf
+    assert relative_error(out[:50], ref) == math.inf
+    assert compare((out,), (ref,), ("y",), tol=1e-2)["y"] == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(Mismatch, match="y: "):
+        compare((out,), (ref,), ("y",), tol=1e-5)
+    with pytest.raises(Mismatch, match="outputs"):
+        compare((out, out), (ref,), ("y",), tol=1.0)
+
+
+def test_variant_filter_rules(monkeypatch):
+    plain = Variant("compile", build=None)
+    slow = Variant("compile_max_autotune", build=None, explicit=True)
+    cpu_off = Variant("triton_compile", build=None, cpu=False)
+    case = "group_norm/res64_pre_ss/fwd+bwd"
+
+    def runs(rules, variant):
+        monkeypatch.setattr(harness.SETTINGS, "variants", rules)
+        return selected(case, variant)[0]
+
+    assert runs("", plain) and not runs("", slow)
+    assert runs("all", slow)
+    assert not runs("-compile*", plain)
+    assert runs("-*, +compile", plain) and not runs("-*, +compile", slow)
+    assert runs(f"-*max_autotune*,+{case}:compile_max_autotune", slow)
+    assert not runs("eager*", plain)  # a first include rule leaves out what it does not match
+    assert runs(f"{case}:compile", plain)
+    assert runs("all", cpu_off)
+    assert runs("", cpu_off) == harness.ON_GPU
+
+
+def test_goals_and_speedups():
+    rows = [{"variant": "triton", "role": "ours", "status": "ok", "time_s": 1.0, "pct_ceiling": 85.0,
+             "ceiling": "copy"},
+            {"variant": "triton_compile", "role": "ours", "status": "ok", "time_s": 0.5},
+            {"variant": "compile", "role": "anchor", "status": "ok", "time_s": 1.5},
+            {"variant": "sdpa", "role": "anchor", "status": "ok", "time_s": 2.0},
+            {"variant": "broken", "role": "anchor", "status": "mismatch"}]
+    ratios = speedups(rows)
+    assert ratios["triton"] == {"compile": 1.5, "sdpa": 2.0}
+    assert ratios["triton_compile"]["compile"] == pytest.approx(3.0)
+    assert evaluate_goal(Goal("g", "speedup", "triton", 1.4, ("compile", "sdpa")), rows)["status"] == "met"
+    assert evaluate_goal(Goal("g", "speedup", "triton", 1.6, ("compile", "sdpa")), rows)["status"] == "not met"
+    best = evaluate_goal(Goal("g", "speedup", ("triton", "triton_compile"), 2.5, ("compile",)), rows)
+    assert best["status"] == "met" and best["value"] == pytest.approx(3.0)
+    assert evaluate_goal(Goal("g", "pct_ceiling", "triton", 80.0), rows)["status"] == "met"
+    assert evaluate_goal(Goal("g", "speedup", "triton", 1.0, ("missing",)), rows)["status"] == "n/a"
+    assert evaluate_goal(Goal("g", "speedup", "absent", 1.0, ("compile",)), rows)["status"] == "n/a"
+
+
+def test_ceilings_are_positive_and_consistent():
+    c = harness.measure_ceilings()
+    assert c["copy_gbps"] > 0 and c["matmul_fp32_tflops"] > 0 and c["matmul_bf16_tflops"] > 0
+    assert c["copy_bytes"] == 2 * ((1 << 28) if harness.ON_GPU else (1 << 24)) * 4
