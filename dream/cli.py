@@ -1,4 +1,4 @@
-"""The `dream` command: train, sample, info.
+"""The `dream` command: train, sample, eval, info, memory, profile.
 
 Errors in what the user gave (paths, flags, data) are printed as one line and exit with status 2;
 set DREAM_DEBUG=1 to see the traceback instead.

@@ -223,6 +223,25 @@ def _gn_fwd_kernel(
 
 
 @triton.jit
+def _load_x_xh_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, offs_p, mask,
+                  stride_xc, stride_xp, stride_dyc, stride_dyp,
+                  p, q, gamma, beta, one_plus_s_out, t_out, SILU: tl.constexpr):
+    """One (channels x positions) tile: x, xh = p*x + q, and dh = dL/dh, where
+    h = (gamma*xh + beta)*(1+s_out) + t_out and dh = dy*sigma(h)*(1 + h*(1 - sigma(h))) with SiLU, else dy.
+    Masked lanes load x = dy = 0, so dh = 0 there."""
+    x = tl.load(x_ptr + x_base + offs_c[:, None] * stride_xc + offs_p[None, :] * stride_xp,
+                mask=mask, other=0.0).to(tl.float32)
+    dh = tl.load(dy_ptr + dy_base + offs_c[:, None] * stride_dyc + offs_p[None, :] * stride_dyp,
+                 mask=mask, other=0.0).to(tl.float32)
+    xh = x * p[:, None] + q[:, None]
+    if SILU:
+        h = (gamma[:, None] * xh + beta[:, None]) * one_plus_s_out[:, None] + t_out[:, None]
+        sig = tl.sigmoid(h)
+        dh = dh * sig * (1.0 + h * (1.0 - sig))
+    return x, xh, dh
+
+
+@triton.jit
 def _channel_sums(
     x_ptr, dy_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, sums_ptr,
     x_base, dy_base, st_base, sums_base, c_first, Cg, p_start, p_end, num_splits, mean, rstd,
@@ -244,15 +263,9 @@ def _channel_sums(
         for p0 in range(p_start, p_end, BLOCK_HW):
             offs_p = p0 + tl.arange(0, BLOCK_HW)
             mask = cmask[:, None] & (offs_p < p_end)[None, :]
-            x = tl.load(x_ptr + x_base + offs_c[:, None] * stride_xc + offs_p[None, :] * stride_xp,
-                        mask=mask, other=0.0).to(tl.float32)
-            dh = tl.load(dy_ptr + dy_base + offs_c[:, None] * stride_dyc + offs_p[None, :] * stride_dyp,
-                         mask=mask, other=0.0).to(tl.float32)
-            xh = x * p[:, None] + q[:, None]
-            if SILU:
-                h = (gamma[:, None] * xh + beta[:, None]) * one_plus_s_out[:, None] + t_out[:, None]
-                sig = tl.sigmoid(h)
-                dh = dh * sig * (1.0 + h * (1.0 - sig))
+            x, xh, dh = _load_x_xh_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, offs_p, mask,
+                                      stride_xc, stride_xp, stride_dyc, stride_dyp,
+                                      p, q, gamma, beta, one_plus_s_out, t_out, SILU)
             # masked lanes: dy = 0 there, so dh = 0 and they add nothing
             acc_dh_xh += dh * xh
             acc_dh += dh
@@ -356,15 +369,9 @@ def _gn_bwd_kernel(
         for p0 in range(p_start, p_end, BLOCK_HW):
             offs_p = p0 + tl.arange(0, BLOCK_HW)
             mask = cmask[:, None] & (offs_p < p_end)[None, :]
-            x = tl.load(x_ptr + x_base + offs_c[:, None] * stride_xc + offs_p[None, :] * stride_xp,
-                        mask=mask, other=0.0).to(tl.float32)
-            dh = tl.load(dy_ptr + dy_base + offs_c[:, None] * stride_dyc + offs_p[None, :] * stride_dyp,
-                         mask=mask, other=0.0).to(tl.float32)
-            xh = x * p[:, None] + q[:, None]
-            if SILU:
-                h = (gamma[:, None] * xh + beta[:, None]) * one_plus_s_out[:, None] + t_out[:, None]
-                sig = tl.sigmoid(h)
-                dh = dh * sig * (1.0 + h * (1.0 - sig))
+            x, xh, dh = _load_x_xh_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, offs_p, mask,
+                                      stride_xc, stride_xp, stride_dyc, stride_dyp,
+                                      p, q, gamma, beta, one_plus_s_out, t_out, SILU)
             du = rstd * (dh * k[:, None] - mean_g - xh * mean_gxh)
             tl.store(dx_ptr + dx_base + offs_c[:, None] * stride_dxc + offs_p[None, :] * stride_dxp,
                      (du * one_plus_s_in[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)
