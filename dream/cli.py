@@ -179,7 +179,8 @@ def run_train(args) -> int:
     if os.environ.get("RANK", "0") != "0":
         return 0
     last = result["last"]
-    print(f"done: step {result['step']}, epoch {result['epoch']}, loss {last.get('loss', float('nan')):.4f}; "
+    loss = f"loss {last['loss']:.4f}" if "loss" in last else "no step left to run"
+    print(f"done: step {result['step']}, epoch {result['epoch']}, {loss}; "
           f"checkpoints in {result['checkpoint_dir']}" + (f"; samples {result['grid']}" if result["grid"] else ""))
     return 0
 
