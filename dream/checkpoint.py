@@ -243,8 +243,9 @@ def _load_file(path: Path, map_location="cpu") -> dict:
 def load_model_for_sampling(path: str | Path, device="cpu", use_ema: bool = True, backend: str = "eager"):
     """(model in eval mode, diffusion, checkpoint state) from a checkpoint file or run folder."""
     from dream.diffusion import GaussianDiffusion
-    from dream.model import UNet, UNetConfig
+    from dream.model import UNet, UNetConfig, check_backend_device
 
+    check_backend_device(backend, device)
     state = load_checkpoint(path)
     config = state["config"]
     model_config = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["model"].items()})

@@ -93,6 +93,16 @@ def validate_config(config: UNetConfig) -> None:
             raise ValueError(f"attention level {level} out of range for {len(widths)} levels")
 
 
+def check_backend_device(backend: str, device) -> None:
+    """The triton backend on a CPU device only runs through the Triton interpreter: say so, in one line,
+    rather than fail inside a kernel launch (and never fall back to eager silently)."""
+    import os
+
+    if backend == "triton" and torch.device(device).type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend 'triton' runs its kernels on a CUDA GPU; on a CPU set TRITON_INTERPRET=1 before "
+                         "starting (very slow, for tests) or use --backend eager")
+
+
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """emb = [sin(t f), cos(t f)] with f_i = exp(-i ln(10000) / (dim/2 - 1)), i = 0 .. dim/2 - 1."""
     half = dim // 2

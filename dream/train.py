@@ -39,7 +39,7 @@ from dream.data import DeviceBatches, load_images
 from dream.diffusion import GaussianDiffusion
 from dream.ema import EMA
 from dream.errors import DreamError
-from dream.model import UNet, make_config
+from dream.model import UNet, check_backend_device, make_config
 from dream.objectives import ObjectiveConfig, get_objective
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -132,6 +132,7 @@ def resolve_precision(name: str, device: torch.device) -> str:
 def resolve_backend(name: str, device: torch.device) -> str:
     if name == "auto":
         return "triton" if device.type == "cuda" else "eager"
+    check_backend_device(name, device)
     return name
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from dream.cli import main
 
-ENV = {**os.environ, "PYTHONPATH": os.getcwd()}
+ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+ENV["PYTHONPATH"] = os.getcwd()
 
 
 def run_cli(*args):
@@ -31,6 +32,7 @@ def test_info_json(capsys):
     (["train", "--preset", "tiny", "--base-channels", "20"], "num_groups"),
     (["sample", "/nonexistent/ckpt.pt"], "does not exist"),
     (["info", "--preset", "huge"], "unknown model preset"),
+    (["train", "--backend", "triton", "--device", "cpu"], "TRITON_INTERPRET=1"),
 ])
 def test_bad_input_is_one_line_without_traceback(args, message):
     result = run_cli(*args)
