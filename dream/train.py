@@ -219,9 +219,11 @@ class Trainer:
         """The largest micro-batch whose training step fits in `budget_bytes` (None: the device's free
         memory), by dream.memory's estimator. Without an explicit budget an estimator failure is only a
         warning: the whole batch is tried, and out-of-memory recovery halves it if needed."""
-        from dream.memory import choose_micro_batch, default_budget_bytes
+        from dream.memory import choose_micro_batch
 
         if budget_bytes is None:
+            from dream.memory import default_budget_bytes
+
             budget_bytes = default_budget_bytes(self.device)
         try:
             micro = choose_micro_batch(self.config, budget_bytes, batch_size=self.rank_batch,
