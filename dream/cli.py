@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="resume from this checkpoint file instead of the newest in --run-dir")
     p.add_argument("--backend", default="auto", choices=["auto", "eager", "sdpa", "triton"])
     p.add_argument("--checkpointing", "--checkpoint", default="none",
-                   choices=["none", "attention", "resblocks", "all"],
-                   help="activation (gradient) checkpointing policy: trades recomputation for memory")
+                   choices=["none", "attention", "resblocks", "all", "auto"],
+                   help="activation (gradient) checkpointing policy: trades recomputation for memory; auto: "
+                        "with a memory budget, the least recomputation whose whole batch fits")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--objective", default="seed", choices=["standard", "seed", "paper"])

@@ -39,7 +39,7 @@ from dream.data import DeviceBatches, load_images
 from dream.diffusion import GaussianDiffusion
 from dream.ema import EMA
 from dream.errors import DreamError
-from dream.model import UNet, check_backend_device, make_config
+from dream.model import CHECKPOINT_POLICIES, UNet, check_backend_device, make_config
 from dream.objectives import ObjectiveConfig, get_objective
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -52,7 +52,8 @@ class TrainConfig:
     preset: str = "seed"
     model_overrides: dict = field(default_factory=dict)  # UNetConfig fields, e.g. {"dropout": 0.0}
     backend: str = "auto"  # eager | sdpa | triton | auto (triton on CUDA, eager elsewhere)
-    checkpointing: str = "none"  # activation checkpointing: none | attention | resblocks | all
+    checkpointing: str = "none"  # activation checkpointing: none | attention | resblocks | all | auto
+    # (auto: with a memory budget, the least recomputation whose whole-batch step fits; else none)
     compile: bool = False
     channels_last: bool = False
     # diffusion and objective
@@ -176,7 +177,8 @@ class Trainer:
 
         # model, its DDP wrapper and compiled forward, EMA, optimizer, loss scaler
         self.backend = resolve_backend(config.backend, device)
-        self.model = UNet(self.model_config, backend=self.backend, checkpointing=config.checkpointing).to(device)
+        self.checkpointing = "none" if config.checkpointing == "auto" else config.checkpointing
+        self.model = UNet(self.model_config, backend=self.backend, checkpointing=self.checkpointing).to(device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ddp = None
@@ -225,20 +227,29 @@ class Trainer:
             from dream.memory import default_budget_bytes
 
             budget_bytes = default_budget_bytes(self.device)
+        # with --checkpointing auto: the first policy (least recomputation first) whose whole batch fits
+        policies = CHECKPOINT_POLICIES if self.config.checkpointing == "auto" else (self.checkpointing,)
         try:
-            micro = choose_micro_batch(self.config, budget_bytes, batch_size=self.rank_batch,
-                                       precision=self.precision, backend=self.backend,
-                                       model_config=self.model_config, objective_config=self.objective_config,
-                                       data_images=self.batches.images.shape[0],
-                                       target="cuda" if self.device.type == "cuda" else "cpu")
+            for policy in policies:
+                micro = choose_micro_batch(self.config, budget_bytes, batch_size=self.rank_batch,
+                                           precision=self.precision, backend=self.backend, checkpointing=policy,
+                                           model_config=self.model_config, objective_config=self.objective_config,
+                                           data_images=self.batches.images.shape[0],
+                                           target="cuda" if self.device.type == "cuda" else "cpu")
+                if micro >= self.rank_batch:
+                    break
         except Exception as error:  # noqa: BLE001
             if self.config.memory_budget is not None:
                 raise
             self.note(f"memory estimate failed ({type(error).__name__}: {error}); using the whole batch",
                       event="memory_budget", micro_batch=self.rank_batch, budget_bytes=budget_bytes)
             return self.rank_batch
-        self.note(f"memory budget {budget_bytes / 1e9:.2f} GB: micro-batch {micro} of {self.rank_batch}",
-                  event="memory_budget", micro_batch=int(micro), budget_bytes=budget_bytes)
+        if policy != self.checkpointing:
+            self.checkpointing = policy
+            self.model.set_checkpointing(policy)
+        self.note(f"memory budget {budget_bytes / 1e9:.2f} GB: micro-batch {micro} of {self.rank_batch}, "
+                  f"activation checkpointing {policy}", event="memory_budget", micro_batch=int(micro),
+                  checkpointing=policy, budget_bytes=budget_bytes)
         return divisor_at_most(self.rank_batch, int(micro))
 
     # ------------------------------------------------------------------------------------------

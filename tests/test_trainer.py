@@ -268,3 +268,20 @@ def test_eager_and_triton_trainers_follow_the_same_loss_trajectory(tmp_path):
         losses[backend] = [r["loss"] for r in records(tmp_path / backend) if "loss" in r]
     assert len(losses["eager"]) == steps
     assert losses["eager"] == pytest.approx(losses["triton"], rel=BACKEND_LOSS_RTOL)
+
+
+def test_auto_checkpointing_picks_the_least_recomputation_that_fits(tmp_path, monkeypatch):
+    asked = []
+
+    def choose_micro_batch(config, budget_bytes, **fields):  # the whole batch (4) fits from "resblocks" on
+        asked.append(fields["checkpointing"])
+        return 4 if fields["checkpointing"] in ("resblocks", "all") else 2
+
+    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=choose_micro_batch))
+    trainer = Trainer(small_config(tmp_path, memory_budget=6_800_000_000, checkpointing="auto"))
+    assert asked == ["none", "attention", "resblocks"]
+    assert trainer.micro_batch == 4 and trainer.model.checkpointing == "resblocks"
+    fixed = Trainer(small_config(tmp_path / "fixed", memory_budget=6_800_000_000, checkpointing="attention"))
+    assert asked[3:] == ["attention"] and fixed.micro_batch == 2 and fixed.model.checkpointing == "attention"
+    plain = Trainer(small_config(tmp_path / "plain", checkpointing="auto"))  # CPU, no budget: no estimate
+    assert len(asked) == 4 and plain.model.checkpointing == "none"
