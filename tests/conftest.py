@@ -19,3 +19,30 @@ ON_GPU = DEVICE == "cuda"
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture
+def one_cpu_thread():
+    """One intra-op CPU thread: tiny models gain nothing from more on a shared CPU, and trainer tests
+    compare with subprocesses that run single-threaded (the same summation order everywhere)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_tiny_checkpoint(tmp_path, step: int, **config):
+    """A checkpoint of a tiny 16x16 model with perturbed weights and EMA (so they differ), at `step`."""
+    from dream.train import TrainConfig, Trainer
+
+    settings = dict(run_dir=str(tmp_path / "run"), preset="tiny", model_overrides={"image_size": 16, "base_channels": 16},
+                    backend="eager", num_timesteps=10, objective="standard", data="synthetic", batch_size=2,
+                    device="cpu", precision="fp32", sample_every=0, progress=False)
+    trainer = Trainer(TrainConfig(**{**settings, **config}))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        trainer.ema.shadow = [s + torch.randn(s.shape, generator=g) * 0.05 for s in trainer.ema.shadow]
+    trainer.step = step
+    return trainer.save_checkpoint()

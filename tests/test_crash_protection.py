@@ -21,6 +21,8 @@ from dream.checkpoint import CheckpointManager, load_checkpoint
 from dream.errors import DreamError
 from dream.train import Diverged, TrainConfig, Trainer, TrainingAborted
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12  # 6 epochs of 2 steps
 DROPOUT = 0.1  # dropout on: its masks must be reproduced too
@@ -40,15 +42,6 @@ def small_config(run_dir, **overrides) -> TrainConfig:
                   checkpoint_keep=3, device="cpu")
     config.update(overrides)
     return TrainConfig(**config)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as the subprocesses get: the same summation order everywhere."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

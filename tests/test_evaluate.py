@@ -14,12 +14,15 @@ import torch.nn.functional as F
 
 torch_fidelity = pytest.importorskip("torch_fidelity")
 
+from conftest import make_tiny_checkpoint  # noqa: E402
 import dream.evaluate as evaluate_module  # noqa: E402
 from dream.data import load_images  # noqa: E402
 from dream.errors import DreamError  # noqa: E402
 from dream.evaluate import (INCEPTION_FILE, evaluate, fid_from_features, frechet_distance,  # noqa: E402
                             resolve_feature_extractor)
 from dream.sample import image_path, sample_from_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 # torch-fidelity computes FID from float64 statistics with an eigenvalue route; the closed forms here use
 # a symmetric square root, so agreement is to float64 rounding amplified by the matrix square root.
@@ -74,15 +77,6 @@ class RandomConvFeatures(torch_fidelity.FeatureExtractorBase):
 
 if EXTRACTOR not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
     torch_fidelity.register_feature_extractor(EXTRACTOR, RandomConvFeatures)
-
-
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    if not torch.cuda.is_available():
-        torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,20 +138,7 @@ def test_fid_of_samples_matches_sample_statistics_and_population():
 # ----------------------------------------------------------------------------------------------
 # the pipeline
 def make_checkpoint(tmp_path):
-    from dream.train import TrainConfig, Trainer
-
-    config = TrainConfig(run_dir=str(tmp_path / "run"), preset="tiny",
-                         model_overrides={"image_size": 16, "base_channels": 16}, backend="eager", num_timesteps=10,
-                         objective="standard", data="synthetic", data_count=12, batch_size=2, device="cpu",
-                         precision="fp32", sample_every=0, progress=False, seed=5)
-    trainer = Trainer(config)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in trainer.model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        trainer.ema.shadow = [s + torch.randn(s.shape, generator=g) * 0.05 for s in trainer.ema.shadow]
-    trainer.step = 9
-    return trainer.save_checkpoint()
+    return make_tiny_checkpoint(tmp_path, step=9, data_count=12, seed=5)
 
 
 def read_png(path):

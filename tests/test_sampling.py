@@ -14,12 +14,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ON_GPU
+from conftest import ON_GPU, make_tiny_checkpoint
 from dream.diffusion import GaussianDiffusion, cosine_betas, linear_betas
 from dream.errors import DreamError
 from dream.model import build_unet
 from dream.sample import image_path, sample_from_checkpoint, sample_images
 from dream.sampling import (SamplingEngine, build_plan, denoise_step, normalize_sampler, time_sampling)
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 # max |engine - reference| for the same noise; the reference tables are float32, folded into float64 rows,
 # so float32 differs by rounding of the fold and of the step arithmetic.
@@ -36,16 +38,6 @@ GPU_GRAPH_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # graphed vs 
 gpu = pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
 CONFIGS = [("ddpm", None, 1.0), ("ddim", 4, 0.0), ("ddim", 4, 0.8)]
 CONFIG_IDS = ["ddpm", "ddim4-eta0", "ddim4-eta0.8"]
-
-
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """The models here are tiny: intra-op threads only add contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    if not ON_GPU:
-        torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,20 +304,7 @@ def test_sample_images_leaves_global_rng_alone(tmp_path):
 
 
 def make_checkpoint(tmp_path, timesteps: int = 10) -> Path:
-    from dream.train import TrainConfig, Trainer
-
-    config = TrainConfig(run_dir=str(tmp_path / "run"), preset="tiny",
-                         model_overrides={"image_size": 16, "base_channels": 16}, backend="eager",
-                         num_timesteps=timesteps, objective="standard", data="synthetic", data_count=4,
-                         batch_size=2, device="cpu", precision="fp32", sample_every=0, progress=False)
-    trainer = Trainer(config)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in trainer.model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        trainer.ema.shadow = [s + torch.randn(s.shape, generator=g) * 0.05 for s in trainer.ema.shadow]
-    trainer.step = 3
-    return trainer.save_checkpoint()
+    return make_tiny_checkpoint(tmp_path, step=3, num_timesteps=timesteps, data_count=4)
 
 
 def test_sample_cli(tmp_path):

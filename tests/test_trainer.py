@@ -22,6 +22,8 @@ from dream.objectives import ObjectiveConfig, seed
 from dream.train import TrainConfig, Trainer, TrainingAborted, divisor_at_most
 from conftest import ON_GPU
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
 GRAD_TOL = dict(rtol=1e-5, atol=1e-7)
 ACCUMULATION_TOL = dict(rtol=1e-4, atol=2e-5)
 BACKEND_LOSS_RTOL = 2e-3
@@ -38,14 +40,6 @@ def small_config(run_dir, **overrides) -> TrainConfig:
 
 def records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------
