@@ -90,22 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
 
     p = commands.add_parser("sample", help="generate images from a checkpoint")
-    p.add_argument("checkpoint", help="checkpoint file, or a run folder (its newest valid checkpoint)")
+    from dream.sample import add_sampling_arguments
+
+    add_sampling_arguments(p, count=64, batch_size=64, backend="eager", backends=["eager", "sdpa", "triton"])
     p.add_argument("--out", default="samples", help="output folder for PNGs and grid.png")
-    p.add_argument("--count", type=int, default=64)
-    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"])
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (1.0 = DDPM-like noise)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--backend", default="eager", choices=["eager", "sdpa", "triton"])
-    p.add_argument("--bf16", action="store_true", help="sample under bf16 autocast")
-    p.add_argument("--no-ema", action="store_true", help="use the raw training weights")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--graphs", default="auto", choices=["auto", "on", "off"], help="CUDA graphs (auto: on a GPU)")
-    p.add_argument("--steps-per-graph", type=int, default=1, help="denoising steps captured per CUDA graph")
 
     p = commands.add_parser("eval", help="sample N images and compute FID, IS and KID (torch-fidelity)")
     from dream.evaluate import add_eval_arguments
@@ -189,7 +177,7 @@ def run_train(args) -> int:
 def run_sample(args) -> int:
     import torch
 
-    from dream.sample import sample_from_checkpoint
+    from dream.sample import parse_graphs, sample_from_checkpoint
     from dream.train import resolve_device
 
     report = sample_from_checkpoint(args.checkpoint, args.out, count=args.count, sampler=args.sampler,
@@ -197,7 +185,7 @@ def run_sample(args) -> int:
                                     device=resolve_device(args.device), use_ema=not args.no_ema,
                                     backend=args.backend, dtype=torch.bfloat16 if args.bf16 else torch.float32,
                                     progress=not args.no_progress,
-                                    graphs={"auto": None, "on": True, "off": False}[args.graphs],
+                                    graphs=parse_graphs(args.graphs),
                                     steps_per_graph=args.steps_per_graph, compile=args.compile)
     print(f"wrote {report['count']} images ({report['made']} new) to {report['out_dir']}; grid {report['grid']}")
     return 0

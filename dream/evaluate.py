@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from dream.errors import DreamError
+from dream.sample import add_sampling_arguments, image_path, load_sampler_model, parse_graphs, sample_images
 
 METRICS = ("fid", "isc", "kid")
 INCEPTION = "inception-v3-compat"
@@ -262,7 +263,6 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
              progress: bool = True) -> dict:
     """Sample `count` images from `checkpoint` and score them; returns the report (also written as JSON)."""
     from dream.data import default_cache_dir
-    from dream.sample import load_sampler_model, sample_images
     from dream.train import resolve_backend, resolve_device
 
     if count < 2:
@@ -286,8 +286,6 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-    from dream.sample import image_path
 
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir() / "fidelity"
     cache_name = real_cache_name(real_set, size, weights_tag)
@@ -343,22 +341,11 @@ def format_report(report: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 # CLI
 def add_eval_arguments(p) -> None:
-    p.add_argument("checkpoint", help="checkpoint file, or a run folder (its newest valid checkpoint)")
+    add_sampling_arguments(p, count=50_000, batch_size=256, backend="auto",
+                           backends=["auto", "eager", "sdpa", "triton"],
+                           count_help="number of samples (5000 to compare with the seed)")
     p.add_argument("--out", help="folder for samples/ and report-n<count>.json "
                                  "(default: <run>/eval/<checkpoint>-<sampler><steps>-eta<eta>-seed<seed>)")
-    p.add_argument("--count", type=int, default=50_000, help="number of samples (5000 to compare with the seed)")
-    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"])
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--backend", default="auto", choices=["auto", "eager", "sdpa", "triton"])
-    p.add_argument("--bf16", action="store_true", help="sample under bf16 autocast")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--graphs", default="auto", choices=["auto", "on", "off"], help="CUDA graphs (auto: on a GPU)")
-    p.add_argument("--steps-per-graph", type=int, default=1, help="denoising steps captured per CUDA graph")
-    p.add_argument("--no-ema", action="store_true", help="use the raw training weights instead of the EMA")
     p.add_argument("--metrics", default="fid,isc,kid", help="comma-separated subset of fid,isc,kid")
     p.add_argument("--real", choices=list(REAL_SOURCES), help="real set (default: the checkpoint's training data)")
     p.add_argument("--real-root", help="CelebA root (the folder holding 'celeba') or an image folder")
@@ -369,11 +356,6 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--kid-subset-size", type=int, default=1000)
     p.add_argument("--metrics-batch-size", type=int, default=64)
     p.add_argument("--cache-dir", help="torch-fidelity cache (default: <dream cache>/fidelity)")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def parse_graphs(value: str) -> bool | None:
-    return {"auto": None, "on": True, "off": False}[value]
 
 
 def run_eval_command(args) -> int:

@@ -22,6 +22,29 @@ from dream.errors import DreamError
 from dream.sampling import SAMPLERS, SamplingEngine, normalize_sampler
 
 
+def add_sampling_arguments(p, count: int, batch_size: int, backend: str, backends, count_help: str = "") -> None:
+    """The flags `dream sample` and `dream eval` share: checkpoint, sampler settings, device and speed."""
+    p.add_argument("checkpoint", help="checkpoint file, or a run folder (its newest valid checkpoint)")
+    p.add_argument("--count", type=int, default=count, help=count_help or None)
+    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (1.0 = DDPM-like noise)")
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backend", default=backend, choices=list(backends))
+    p.add_argument("--bf16", action="store_true", help="sample under bf16 autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--graphs", default="auto", choices=["auto", "on", "off"], help="CUDA graphs (auto: on a GPU)")
+    p.add_argument("--steps-per-graph", type=int, default=1, help="denoising steps captured per CUDA graph")
+    p.add_argument("--no-ema", action="store_true", help="use the raw training weights instead of the EMA")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def parse_graphs(value: str) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[value]
+
+
 def image_path(out_dir: Path, index: int) -> Path:
     return out_dir / f"{index:06d}.png"
 
