@@ -65,11 +65,6 @@ def write_pngs(pixels, out_dir: Path, first_index: int) -> None:
         tmp.replace(path)
 
 
-def save_images(images: torch.Tensor, out_dir: Path, first_index: int) -> None:
-    """images in [-1, 1], (B, 3, H, W) -> out_dir/<index>.png"""
-    write_pngs(to_pixels(images), Path(out_dir), first_index)
-
-
 def batch_noise(seed: int, batch_index: int, shape, device) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + batch_index)
     return torch.randn(shape, generator=generator).to(device)
