@@ -17,6 +17,8 @@ min(its limit, what is left). Stages:
   sampling  one ancestral step, and a short DDIM loop with and without CUDA graphs
   profile   `dream profile`: torch.profiler over a training step, a sampling step, a graphed DDIM loop
   kernels   GroupNorm at two UNet sites and attention at N=256/64 vs eager, compile, SDPA backends
+  tune      bench/tune_kernels.py: candidate launch configurations of both kernels at the UNet's sites,
+            each checked then timed beside the heuristics' pick (channels_last, quick grid)
   unet      UNet forward and forward+backward vs eager, SDPA (no compile)
   compile   the torch.compile anchors and ours compiled (training step, sampling graphs), and
             max-autotune for the headline kernel cases: only with the time that is left
@@ -112,6 +114,8 @@ def stages(out: str) -> list[Stage]:
         Stage("kernels", 110, "GroupNorm and attention vs their anchors",
               bench(["bench/test_bench_group_norm.py", "bench/test_bench_attention.py"], "bench-kernels", out,
                     k=KERNEL_CASES, variants="-*max_autotune*"), {"DREAM_BENCH_TARGET_S": "0.25"}),
+        Stage("tune", 100, "kernel launch configurations timed beside the heuristics' picks (quick grid)",
+              [PYTHON, "-m", "bench.tune_kernels", "--out", out, "--time-limit", "85"]),
         Stage("unet", 60, "UNet forward and forward+backward (no compile)",
               bench(["bench/test_bench_unet.py"], "bench-unet", out, variants=NO_COMPILE),
               {"DREAM_BENCH_TARGET_S": "0.3"}),
@@ -226,6 +230,10 @@ def headline_lines(out: Path, started: float) -> list[str]:
             lines.append(f"profile {label:<28} step {summary['step_ms']:9.3f} ms  "
                          f"busy {100 * busy:5.1f}%  {summary.get('kernels', 0) / steps:.0f} kernels/step"
                          if busy is not None else f"profile {label}: step {summary['step_ms']:.3f} ms")
+        if report.get("summaries"):
+            from bench.tune_kernels import one_line
+
+            lines += [f"tune {one_line(s)}" for s in report["summaries"]]
         for goal in report.get("goals") or []:
             lines.append(f"goal {goal['case']}: {goal['goal']}: {goal.get('detail', '')} -> {goal['status']}")
     return lines

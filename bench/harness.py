@@ -303,6 +303,20 @@ def count_flops(fn: Callable[[], Any]) -> float:
     return float(counter.get_total_flops())
 
 
+def comma_choices(*choices: str) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated list whose items are all among `choices`."""
+    import argparse
+
+    def parse(text: str) -> list[str]:
+        items = [item for item in text.split(",") if item]
+        unknown = [item for item in items if item not in choices]
+        if not items or unknown:
+            raise argparse.ArgumentTypeError(f"{', '.join(unknown) or 'nothing'} is not one of {', '.join(choices)}")
+        return items
+
+    return parse
+
+
 def free_memory() -> None:
     gc.collect()
     if ON_GPU:

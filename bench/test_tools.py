@@ -5,6 +5,7 @@ Covered: the profiler trace summary (busy fraction over a union of overlapping k
 launch counts, steps, top kernels), the relative-error check (NaN, shape, tolerance), the variant
 filter's ordered rules, goal evaluation, and the ceilings' formulas on this device.
 """
+import json
 import math
 
 import pytest
@@ -123,3 +124,61 @@ def test_ceilings_are_positive_and_consistent():
     c = harness.measure_ceilings()
     assert c["copy_gbps"] > 0 and c["matmul_fp32_tflops"] > 0 and c["matmul_bf16_tflops"] > 0
     assert c["copy_bytes"] == 2 * ((1 << 28) if harness.ON_GPU else (1 << 24)) * 4
+
+
+def test_compile_report_occupancy_and_problem_checks():
+    from bench.compile_report import SM_LIMITS, occupancy, problems
+
+    h100 = SM_LIMITS[90]
+    # 64 registers x 32 threads x 8 warps = 16384 per program: 4 fit the 65536-register file
+    assert occupancy(64, 8192, 8, h100) == 4
+    # registers round up to a multiple of 8 per thread: 65 counts as 72 -> 65536 // (72*32*4) = 7
+    assert occupancy(65, 0, 4, h100) == 7
+    # shared memory binds: 100 KB + 1 KB reserved per program -> 2 programs in 228 KB
+    assert occupancy(32, 100 * 1024, 4, h100) == 2
+    # warps bind: 64 warps per SM / 32 warps per program
+    assert occupancy(16, 0, 32, h100) == 2
+    assert occupancy(255, 300 * 1024, 4, h100) == 0
+    good = {"kernel": "k", "config": {}, "precisions": ["bf16"], "local_bytes": 0, "stack_bytes": 8,
+            "spill_stores": 1, "spill_loads": 1, "shared_bytes": 1024, "programs_per_sm": 3}
+    assert problems([good], 90) == []  # a value or two spilled: tolerated
+    spilling = dict(good, stack_bytes=48, local_bytes=16)
+    too_much_shared = dict(good, shared_bytes=h100.shared_per_program + 1, programs_per_sm=0)
+    found = problems([spilling, too_much_shared], 90)
+    assert len(found) == 3 and "spills" in found[0] and "shared memory" in found[1]
+
+
+def test_tune_kernels_checks_then_times_each_candidate(tmp_path):
+    """The tuner at CPU sizes: every problem's heuristic and its other candidate pass the check against
+    the eager reference and get a time; the report is written."""
+    from bench import tune_kernels
+
+    assert tune_kernels.main(["--allow-cpu", "--out", str(tmp_path)]) == 0
+    (path,) = (tmp_path / "cpu").glob("*-tune.json")
+    report = json.loads(path.read_text())
+    names = [s["problem"] for s in report["summaries"]]
+    assert names == ["attn4 fwd channels_last", "attn4 bwd channels_last",
+                     "c48_7x5 fwd channels_last", "c48_7x5 bwd channels_last"]
+    for s in report["summaries"]:
+        assert s["heuristic"]["status"] == "ok" and s["heuristic"]["us"] > 0, s
+        assert s["candidates"] == 2 and len(s["top5"]) == 2 and s["problems"] == [], s
+        assert s["heuristic"]["max_rel_error"] < 1e-4
+    assert (tmp_path / "cpu" / path.name.replace(".json", ".md")).exists()
+
+
+def test_tune_kernels_reports_wrong_and_failing_candidates():
+    from bench.tune_kernels import Problem, measure, summary
+
+    reference = (torch.randn(8, 8, generator=torch.Generator().manual_seed(0)),)
+
+    def run(config):
+        if config == "broken":
+            raise RuntimeError("does not compile\nsecond line")
+        return (reference[0] * (1.5 if config == "wrong" else 1.0),)
+
+    problem = Problem("attention", "p", "good", ["good", "wrong", "broken"], run, reference, 1e9, "GB/s")
+    measure(problem, target_s=0.001, deadline=float("inf"))
+    s = summary(problem)
+    assert s["best"]["config"] == s["heuristic"]["config"] == "good"
+    statuses = [r["status"] for r in s["problems"]]
+    assert statuses[0].startswith("wrong (relative error 0.5") and statuses[1] == "failed: RuntimeError: does not compile"

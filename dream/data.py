@@ -150,7 +150,11 @@ def list_image_files(root: Path) -> list[Path]:
 
 
 def celeba_files(root: Path, split: str) -> list[Path]:
-    import torchvision
+    try:
+        import torchvision
+    except ImportError as error:
+        raise DreamError(f"--data celeba reads CelebA through torchvision, which does not import here "
+                         f"({error}); pip install torchvision matching torch {torch.__version__.split('+')[0]}") from None
 
     try:
         dataset = torchvision.datasets.CelebA(str(root), split=split, target_type=[], download=False)

@@ -437,12 +437,14 @@ def forward_config(seq_len: int, head_dim: int, dtype: torch.dtype = torch.bfloa
 
 def backward_config(seq_len: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> BackwardConfig:
     """Block sizes for the backward kernels: one tile per (batch, head) for N ≤ 64 with
-    tensor-core dots; fp32 (FMA dots) always streams small blocks to avoid spills."""
+    tensor-core dots; fp32 (FMA dots) always streams small blocks over 8 warps to avoid spills
+    (`python3 -m bench.compile_report`, sm_90: 32×32 blocks over 4 warps need 255 registers and
+    spill 160 bytes with Triton 3.6; over 8 warps, 128 registers and no spills)."""
     tile = _pow2_at_least(seq_len)
     if dtype == torch.float32 and not _INTERPRETING:
         if head_dim >= 128:
             return BackwardConfig(False, 16, 16, 4, 1)
-        return BackwardConfig(False, min(32, tile), min(32, tile), 4, 2)
+        return BackwardConfig(False, min(32, tile), min(32, tile), 8, 2)
     if tile <= 64:
         return BackwardConfig(True, tile, tile, 8 if head_dim >= 128 else 4, 1)
     if head_dim >= 128:
@@ -584,9 +586,7 @@ def _attention_backward_into(q, k, v, o, lse, do, scale: float, dq, dk, dv,
 # ----------------------------------------------------------------------------------------
 # Custom ops on (B, H, N, D) tensors
 # ----------------------------------------------------------------------------------------
-@torch.library.custom_op("dream_kernels::attention_forward", mutates_args=())
-def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_forward_impl(q, k, v, scale):
     # Shapes and dtypes are validated by the public wrapper `attention`; the device check
     # lives here so that fake tensors (FakeTensorMode, torch.compile tracing) pass.
     _check_device(q)
@@ -596,20 +596,30 @@ def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _attention_forward_into(q, k, v, scale, o, lse)
 
 
+@torch.library.custom_op("dream_kernels::attention_forward", mutates_args=())
+def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attention_forward_impl(q, k, v, scale)
+
+
 @_attention_forward_op.register_fake
 def _(q, k, v, scale):
     batch, heads, seq_len, _ = q.shape
     return (q.new_empty(q.shape), q.new_empty((batch, heads, seq_len), dtype=torch.float32))
 
 
-@torch.library.custom_op("dream_kernels::attention_backward", mutates_args=())
-def _attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
-                           scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_backward_impl(q, k, v, o, lse, do, scale):
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     return _attention_backward_into(q, k, v, o, lse, do, scale, dq, dk, dv)
+
+
+@torch.library.custom_op("dream_kernels::attention_backward", mutates_args=())
+def _attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attention_backward_impl(q, k, v, o, lse, do, scale)
 
 
 @_attention_backward_op.register_fake
@@ -692,9 +702,7 @@ def _check_qkv_nchw(qkv: torch.Tensor, num_heads: int) -> None:
     _check_qkv(q, k, v)
 
 
-@torch.library.custom_op("dream_kernels::attention_qkv_nchw_forward", mutates_args=())
-def _attention_qkv_nchw_forward_op(qkv: torch.Tensor, num_heads: int,
-                                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_qkv_nchw_forward_impl(qkv, num_heads, scale):
     # Shapes and dtypes are validated by the public wrapper `attention_qkv_nchw`.
     _check_device(qkv)
     batch, channels3, height, width = qkv.shape
@@ -705,6 +713,12 @@ def _attention_qkv_nchw_forward_op(qkv: torch.Tensor, num_heads: int,
     return out, lse
 
 
+@torch.library.custom_op("dream_kernels::attention_qkv_nchw_forward", mutates_args=())
+def _attention_qkv_nchw_forward_op(qkv: torch.Tensor, num_heads: int,
+                                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attention_qkv_nchw_forward_impl(qkv, num_heads, scale)
+
+
 @_attention_qkv_nchw_forward_op.register_fake
 def _(qkv, num_heads, scale):
     batch, channels3, height, width = qkv.shape
@@ -712,15 +726,19 @@ def _(qkv, num_heads, scale):
             qkv.new_empty((batch, num_heads, height * width), dtype=torch.float32))
 
 
-@torch.library.custom_op("dream_kernels::attention_qkv_nchw_backward", mutates_args=())
-def _attention_qkv_nchw_backward_op(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                                    dout: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+def _attention_qkv_nchw_backward_impl(qkv, out, lse, dout, num_heads, scale):
     dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
     q, k, v = _qkv_nchw_views(qkv, num_heads)
     dq, dk, dv = _qkv_nchw_views(dqkv, num_heads)
     _attention_backward_into(q, k, v, _nchw_as_heads(out, num_heads), lse,
                              _nchw_as_heads(dout, num_heads), scale, dq, dk, dv)
     return dqkv
+
+
+@torch.library.custom_op("dream_kernels::attention_qkv_nchw_backward", mutates_args=())
+def _attention_qkv_nchw_backward_op(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                                    dout: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    return _attention_qkv_nchw_backward_impl(qkv, out, lse, dout, num_heads, scale)
 
 
 @_attention_qkv_nchw_backward_op.register_fake
@@ -772,3 +790,13 @@ def attention_qkv_nchw_reference(qkv: torch.Tensor, num_heads: int,
     q, k, v = _qkv_nchw_views(qkv, num_heads)
     o = attention_reference(q, k, v, scale)  # (B, heads, N, C/heads)
     return o.transpose(-1, -2).reshape(batch, channels3 // 3, height, width)
+
+
+# The Python implementation behind each custom op (what a launch of the op runs), for tools
+# that replay recorded op calls without the dispatcher (bench/compile_report.py).
+OP_IMPLEMENTATIONS = {
+    "dream_kernels::attention_forward": _attention_forward_impl,
+    "dream_kernels::attention_backward": _attention_backward_impl,
+    "dream_kernels::attention_qkv_nchw_forward": _attention_qkv_nchw_forward_impl,
+    "dream_kernels::attention_qkv_nchw_backward": _attention_qkv_nchw_backward_impl,
+}

@@ -56,9 +56,9 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Test hooks (module globals, patched by tests only):
 # - _POISON_NEW_BUFFERS: fill every buffer the launchers allocate (outputs and partial sums) with
 #   NaN instead of leaving it uninitialised, so a test fails if a kernel skips an element.
-# - _LAUNCH_OVERRIDE: dict with any of block_c, block_hw, split (main kernels), param_block_c,
-#   param_block_n (parameter-gradient kernel), forcing the launch configuration (to exercise
-#   multi-tile loops, tails and the split path on tiny shapes).
+# - _LAUNCH_OVERRIDE: dict with any of block_c, block_hw, split, num_warps (main kernels),
+#   param_block_c, param_block_n (parameter-gradient kernel), forcing the launch configuration (to
+#   exercise multi-tile loops, tails and the split path on tiny shapes; bench/tune_kernels.py).
 _POISON_NEW_BUFFERS = False
 _LAUNCH_OVERRIDE = None
 
@@ -564,7 +564,7 @@ def _launch_config(N, C, HW, num_groups, stride_c, device, backward):
     ~10-30 ms per program and per loop step, whatever the tile size.
     """
     Cg = C // num_groups
-    on_gpu = device.type == "cuda" and not _INTERPRETED
+    on_gpu = not _INTERPRETED  # compiled kernels only ever launch on the GPU (see _check_device)
     tile = (1024 if backward else 2048) if on_gpu else 4096
     if stride_c == 1 and Cg > 1:  # channels_last: a group's channels are contiguous
         block_c = min(triton.next_power_of_2(Cg), tile)
@@ -584,7 +584,7 @@ def _launch_config(N, C, HW, num_groups, stride_c, device, backward):
     num_splits = override.get("split", num_splits)
     hw_per_split = triton.cdiv(triton.cdiv(HW, num_splits), block_hw) * block_hw
     num_splits = triton.cdiv(HW, hw_per_split)  # no empty splits
-    num_warps = min(8, max(1, block_c * block_hw // 256))
+    num_warps = override.get("num_warps", min(8, max(1, block_c * block_hw // 256)))
     return _LaunchConfig(block_c, block_hw, num_splits, hw_per_split, num_warps)
 
 
@@ -681,7 +681,7 @@ def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mo
     dbias = _new_buffer((C,), bias.dtype, x.device)
     dscale = _new_buffer((N, C), scale.dtype, x.device) if scale is not None else x.new_empty(0)
     dshift = _new_buffer((N, C), shift.dtype, x.device) if shift is not None else x.new_empty(0)
-    on_gpu = x.device.type == "cuda" and not _INTERPRETED
+    on_gpu = not _INTERPRETED
     override = _LAUNCH_OVERRIDE or {}
     block_c = override.get("param_block_c", min(triton.next_power_of_2(C), 64 if on_gpu else 1024))
     block_n = override.get("param_block_n", min(triton.next_power_of_2(N), 32 if on_gpu else 64))
@@ -797,3 +797,11 @@ def group_norm_silu_reference(x, weight, bias, num_groups, eps=1e-5, scale=None,
         if shift is not None:
             h = h + per_channel(shift)
     return F.silu(h) if silu else h
+
+
+# The Python implementation behind each custom op (what a launch of the op runs), for tools
+# that replay recorded op calls without the dispatcher (bench/compile_report.py).
+OP_IMPLEMENTATIONS = {
+    "dream_kernels::group_norm_silu_fwd": _forward,
+    "dream_kernels::group_norm_silu_bwd": _backward,
+}

@@ -1,0 +1,466 @@
+"""Compile every Triton kernel the seed UNet launches for a GPU architecture, on a machine without a
+GPU, and report each kernel configuration's static resources (registers, spills, shared memory).
+
+    python3 -m bench.compile_report                      # sm_90 (H100/H200), writes profiles/sm90-offline/
+    python3 -m bench.compile_report --arch 80 --precisions bf16 --out /tmp/report --json-only
+
+How. The seed UNet (backend "triton") runs one forward and backward on the meta device under a
+dispatch mode that records every call of a `dream_kernels` custom op, so the sites, shapes, strides
+and flags are exactly the model's, for each layout (NCHW, channels_last) and batch size asked for.
+Each recorded call is replayed through the op's Python implementation (`OP_IMPLEMENTATIONS` in the
+kernel modules) with meta tensors in each precision, and every `*_kernel` JITFunction is swapped for
+a stand-in that calls `warmup` instead of launching, under a driver whose target is the chosen
+architecture: the launch heuristics pick the configuration they would pick on that GPU, Triton
+compiles it through ptxas to a cubin, and nothing runs. cuobjdump then reads the cubin.
+
+Precisions: "fp32" (everything fp32), "bf16" and "fp16" (activations, scale/shift and gradients in
+half precision, GroupNorm weights and statistics in fp32: the trainer's autocast).
+
+Static occupancy is an estimate from the cubin, not a measurement: resident programs per SM =
+min(register file / (registers per thread rounded to 8 x 32 x warps), shared memory / (shared per
+program + 1 KB), max warps / warps, max programs), with the SM limits of the chosen architecture.
+A kernel that spills (64 or more bytes of stack/local memory per thread), needs more shared memory
+than one program may have, or does not compile fails the report (exit status 1).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import triton
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench.harness import comma_choices
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class SMLimits:
+    name: str
+    sms: int                  # SM count of the reference part, for the split heuristics
+    registers: int = 65536    # 32-bit registers per SM
+    shared_per_sm: int = 233472
+    shared_per_program: int = 232448
+    max_warps: int = 64
+    max_programs: int = 32
+
+
+SM_LIMITS = {
+    80: SMLimits("A100 (sm_80)", sms=108, shared_per_sm=167936, shared_per_program=166912),
+    89: SMLimits("L40S (sm_89)", sms=142, shared_per_sm=102400, shared_per_program=101376, max_warps=48,
+                 max_programs=24),
+    90: SMLimits("H100/H200 SXM (sm_90)", sms=132),
+}
+
+# A kernel whose stack + local memory reaches this many bytes per thread fails the report: a spilled
+# value or two (ptxas keeping 8-16 bytes out of registers, outside the hot loop) is listed but tolerated.
+SPILL_LIMIT_BYTES = 64
+
+# Which tensor arguments of each op carry activations (the precision under test); the others
+# (GroupNorm weight/bias, statistics, logsumexp) stay fp32 as in the trainer's mixed precision.
+ACTIVATION_ARGS = {
+    "dream_kernels::group_norm_silu_fwd": (0, 3, 4),          # x, scale, shift
+    "dream_kernels::group_norm_silu_bwd": (0, 1, 4, 5),       # dy, x, scale, shift
+    "dream_kernels::attention_forward": (0, 1, 2),            # q, k, v
+    "dream_kernels::attention_backward": (0, 1, 2, 3, 5),     # q, k, v, o, do
+    "dream_kernels::attention_qkv_nchw_forward": (0,),        # qkv
+    "dream_kernels::attention_qkv_nchw_backward": (0, 1, 3),  # qkv, out, dout
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Recording the model's op calls on the meta device
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class OpCall:
+    op: str                    # "dream_kernels::group_norm_silu_fwd"
+    args: tuple
+    site: str                  # "B=128 nchw (128, 256, 32, 32)"
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self, sink: list, label: str):
+        super().__init__()
+        self.sink, self.label = sink, label
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "dream_kernels":
+            op = f"dream_kernels::{func._opname}"
+            shape = tuple(args[0].shape)
+            self.sink.append(OpCall(op, tuple(args), f"{self.label} {shape}"))
+        return func(*args, **(kwargs or {}))
+
+
+def record_model_calls(preset: str, batch: int, channels_last: bool) -> list[OpCall]:
+    """Every dream_kernels op call of one forward + backward of the UNet (meta tensors)."""
+    from dream.model import build_unet
+
+    with torch.device("meta"):
+        model = build_unet(preset, backend="triton")
+    size = model.config.image_size
+    x = torch.empty(batch, model.config.in_channels, size, size, device="meta")
+    t = torch.zeros(batch, dtype=torch.long, device="meta")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    calls: list[OpCall] = []
+    label = f"B={batch} {'channels_last' if channels_last else 'nchw'}"
+    with _RecordOps(calls, label):
+        model(x, t).float().sum().backward()
+    return calls
+
+
+def _as_precision(call: OpCall, dtype: torch.dtype) -> tuple:
+    activations = ACTIVATION_ARGS[call.op]
+    out = []
+    for index, arg in enumerate(call.args):
+        if isinstance(arg, torch.Tensor):
+            arg_dtype = dtype if index in activations else arg.dtype
+            arg = torch.empty_strided(arg.shape, arg.stride(), dtype=arg_dtype, device="meta")
+        out.append(arg)
+    return tuple(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Compiling instead of launching
+# ------------------------------------------------------------------------------------------------
+class _OfflineDriver:
+    """Just enough of a Triton driver for JITFunction.warmup: a fixed target, no device."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def is_active(self):
+        return True
+
+
+@dataclass
+class CompiledConfig:
+    kernel: str
+    meta: dict                 # launch constexprs and num_warps / num_stages
+    compiled: object           # triton CompiledKernel
+    precisions: set = field(default_factory=set)
+    sites: set = field(default_factory=set)
+
+
+class _CompileInsteadOfLaunch:
+    """Stands in for a JITFunction at its module-global name: `kernel[grid](...)` compiles."""
+
+    def __init__(self, jit_fn, sink: dict, context: dict):
+        self.jit_fn, self.sink, self.context = jit_fn, sink, context
+
+    def __getitem__(self, grid):
+        def compile_only(*args, **kwargs):
+            compiled = self.jit_fn.warmup(*args, grid=grid, **kwargs)
+            meta = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
+            key = (self.jit_fn.__name__, compiled.hash)
+            entry = self.sink.setdefault(key, CompiledConfig(self.jit_fn.__name__, meta, compiled))
+            entry.precisions.add(self.context["precision"])
+            entry.sites.add(self.context["site"])
+        return compile_only
+
+
+def _kernel_modules():
+    # import_module: the package binds the names `attention` and `group_norm_silu` to functions
+    return [importlib.import_module("kernels.group_norm_silu"), importlib.import_module("kernels.attention")]
+
+
+def compile_calls(calls: list[OpCall], precisions: list[str], arch: int):
+    """Replay each call in each precision, compiling every kernel it launches; returns
+    ({(kernel, hash): CompiledConfig}, [failure lines])."""
+    from triton.runtime.driver import driver
+
+    modules = _kernel_modules()
+    implementations = {}
+    for module in modules:
+        implementations.update(module.OP_IMPLEMENTATIONS)
+    gn_module = modules[0]
+    limits = SM_LIMITS[arch]
+
+    compiled: dict = {}
+    failures: list[str] = []
+    context = {"precision": None, "site": None}
+    saved = []
+    previous_driver = driver._active  # None until a driver was needed; no GPU driver exists here
+    driver.set_active(_OfflineDriver(arch))
+    try:
+        for module in modules:
+            for name, value in vars(module).items():
+                if name.endswith("_kernel") and isinstance(value, triton.runtime.jit.JITFunction):
+                    saved.append((module, name, value))
+                    setattr(module, name, _CompileInsteadOfLaunch(value, compiled, context))
+        saved.append((gn_module, "_sm_count", gn_module._sm_count))
+        gn_module._sm_count = lambda device: limits.sms
+        seen = set()
+        for precision in precisions:
+            for call in calls:
+                signature = (call.op, precision, tuple((tuple(a.shape), a.stride(), a.dtype)
+                                                       if isinstance(a, torch.Tensor) else a for a in call.args))
+                if signature in seen:
+                    continue
+                seen.add(signature)
+                context.update(precision=precision, site=f"{call.op.split('::')[1]} {call.site}")
+                try:
+                    implementations[call.op](*_as_precision(call, PRECISIONS[precision]))
+                except Exception as error:  # a compile error: report it, go on with the rest
+                    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                    failures.append(f"{context['site']} [{precision}]: {type(error).__name__}: {first_line}")
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+        driver.set_active(previous_driver)
+    return compiled, failures
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading the cubin
+# ------------------------------------------------------------------------------------------------
+def _cuobjdump_path() -> str:
+    try:
+        return triton.knobs.nvidia.cuobjdump.path
+    except AttributeError:  # older Triton: the binary ships beside the nvidia backend
+        import triton.backends.nvidia as nvidia
+
+        return str(Path(nvidia.__file__).parent / "bin" / "cuobjdump")
+
+
+def _ptxas_path() -> str:
+    try:
+        return triton.knobs.nvidia.ptxas.path
+    except AttributeError:  # older Triton
+        import triton.backends.nvidia as nvidia
+
+        return str(Path(nvidia.__file__).parent / "bin" / "ptxas")
+
+
+def ptxas_available() -> bool:
+    """Whether this Triton can compile for NVIDIA GPUs here (its nvidia backend ships ptxas)."""
+    try:
+        return Path(_ptxas_path()).is_file() and Path(_cuobjdump_path()).is_file()
+    except Exception:  # no nvidia backend at all
+        return False
+
+
+def ptxas_version() -> str:
+    out = subprocess.run([_ptxas_path(), "--version"], capture_output=True, text=True).stdout
+    match = re.search(r"release (\S+),", out)
+    return match.group(1) if match else "unknown"
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """From cuobjdump: registers per thread, stack frame and local memory (bytes per thread: where
+    spilled registers go), static shared memory, and the SASS store/load-local instructions
+    (STL/LDL: the spill code itself)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        usage = subprocess.run([_cuobjdump_path(), "--dump-resource-usage", handle.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_cuobjdump_path(), "-sass", handle.name],
+                              capture_output=True, text=True, check=True).stdout
+    fields = {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+    fields["spill_stores"] = len(re.findall(r"\bSTL(?:\.\w+)*\b", sass))
+    fields["spill_loads"] = len(re.findall(r"\bLDL(?:\.\w+)*\b", sass))
+    return fields
+
+
+def occupancy(registers: int, shared: int, warps: int, limits: SMLimits) -> int:
+    """Resident programs per SM (static estimate)."""
+    per_program_registers = -(-max(registers, 1) // 8) * 8 * 32 * warps
+    by_registers = limits.registers // per_program_registers
+    by_shared = limits.shared_per_sm // (shared + 1024)
+    by_warps = limits.max_warps // warps
+    return max(0, min(by_registers, by_shared, by_warps, limits.max_programs))
+
+
+def summarize(compiled: dict, arch: int) -> list[dict]:
+    limits = SM_LIMITS[arch]
+    rows = []
+    for (kernel, _), entry in sorted(compiled.items(), key=lambda item: (item[0][0], str(item[1].meta))):
+        usage = resource_usage(entry.compiled.asm["cubin"])
+        shared = max(int(entry.compiled.metadata.shared), usage.get("shared", 0))
+        warps = int(entry.compiled.metadata.num_warps)
+        programs = occupancy(usage.get("reg", 0), shared, warps, limits)
+        rows.append({
+            "kernel": kernel.strip("_"),
+            "config": {k: v for k, v in entry.meta.items() if k not in ("num_warps", "num_stages")},
+            "num_warps": warps,
+            "num_stages": int(entry.compiled.metadata.num_stages),
+            "registers": usage.get("reg", 0),
+            "local_bytes": usage.get("local", 0),
+            "stack_bytes": usage.get("stack", 0),
+            "spill_stores": usage["spill_stores"],
+            "spill_loads": usage["spill_loads"],
+            "shared_bytes": shared,
+            "programs_per_sm": programs,
+            "warp_occupancy": round(programs * warps / limits.max_warps, 3),
+            "precisions": sorted(entry.precisions, key=list(PRECISIONS).index),
+            "sites": sorted(entry.sites),
+        })
+    return rows
+
+
+def problems(rows: list[dict], arch: int) -> list[str]:
+    limits = SM_LIMITS[arch]
+    found = []
+    for row in rows:
+        name = f"{row['kernel']} {row['config']} [{','.join(row['precisions'])}]"
+        spilled = row["local_bytes"] + row["stack_bytes"]
+        if spilled >= SPILL_LIMIT_BYTES:
+            found.append(f"{name}: spills ({spilled} bytes of stack and local memory per thread, "
+                         f"{row['spill_stores']} STL / {row['spill_loads']} LDL instructions)")
+        if row["shared_bytes"] > limits.shared_per_program:
+            found.append(f"{name}: needs {row['shared_bytes']} bytes of shared memory > {limits.shared_per_program}")
+        if row["programs_per_sm"] < 1:
+            found.append(f"{name}: does not fit on one SM")
+    return found
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _config_text(config: dict) -> str:
+    return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in config.items())
+
+
+def _sites_text(sites: list[str]) -> str:
+    """'B=128 nchw ×5, B=2 channels_last ×1': how many model sites of each recording use the config."""
+    counts: dict = {}
+    for site in sites:
+        op, batch, layout = site.split(" ")[:3]
+        counts[f"{batch} {layout}"] = counts.get(f"{batch} {layout}", 0) + 1
+    return ", ".join(f"{label} ×{count}" for label, count in counts.items())
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [
+        f"# Triton kernels compiled offline for {env['target']}",
+        "",
+        f"Static resources from the cubins (no GPU, nothing launched): triton {env['triton']}, ptxas "
+        f"{env['ptxas']}, torch {env['torch']}, commit {env['commit']}, {env['date']}. Sites: the seed UNet's "
+        f"forward + backward at {', '.join(report['recorded'])}; precisions {', '.join(report['precisions'])}. "
+        f"Programs/SM and warp occupancy are static estimates for {env['sm']} "
+        f"(registers, shared memory, warp and program limits), not measurements.",
+        "",
+        "| kernel | config | warps | stages | regs | stack B | STL/LDL | shared KB | programs/SM | occupancy | precisions | shapes (per recording) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for row in report["kernels"]:
+        lines.append(
+            f"| {row['kernel']} | {_config_text(row['config'])} | {row['num_warps']} | {row['num_stages']} | "
+            f"{row['registers']} | {row['stack_bytes'] + row['local_bytes']} | "
+            f"{row['spill_stores']}/{row['spill_loads']} | {row['shared_bytes'] / 1024:.1f} | "
+            f"{row['programs_per_sm']} | {row['warp_occupancy']:.0%} | {','.join(row['precisions'])} | "
+            f"{_sites_text(row['sites'])} |")
+    lines += ["", f"Compile failures: {len(report['failures'])}. Problems (spills, shared memory): "
+              f"{len(report['problems'])}."]
+    for line in report["failures"] + report["problems"]:
+        lines.append(f"- {line}")
+    lines += ["", f"Reproduce: `{report['command']}`", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m bench.compile_report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(SM_LIMITS),
+                        help="compute capability x10 to compile for (default 90: H100/H200)")
+    parser.add_argument("--preset", default="seed", help="UNet preset whose launches are compiled (default seed)")
+    parser.add_argument("--batches", default="128,2",
+                        help="batch sizes to record, comma-separated (default 128,2: the trainer's batch and "
+                             "a small one that takes the split path)")
+    parser.add_argument("--layouts", type=comma_choices("nchw", "channels_last"), default="nchw,channels_last",
+                        help="nchw, channels_last or both, comma-separated")
+    parser.add_argument("--precisions", type=comma_choices(*PRECISIONS), default="bf16,fp16,fp32",
+                        help="any of bf16, fp16, fp32, comma-separated")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default profiles/sm<arch>-offline/ in the repository)")
+    parser.add_argument("--json-only", action="store_true", help="write the JSON report only")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("it compiles real kernels: unset TRITON_INTERPRET (it is set to 1)")
+    if not ptxas_available():
+        parser.error("this Triton has no NVIDIA backend with ptxas; install a CUDA build of triton")
+
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b]
+        if not batches or min(batches) < 1:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--batches must be positive integers separated by commas, got {args.batches!r}")
+    layouts, precisions = args.layouts, args.precisions
+
+    started = time.time()
+    calls, recorded = [], []
+    for batch in batches:
+        for layout in layouts:
+            calls += record_model_calls(args.preset, batch, layout == "channels_last")
+            recorded.append(f"B={batch} {layout}")
+    compiled, failures = compile_calls(calls, precisions, args.arch)
+    rows = summarize(compiled, args.arch)
+    report = {
+        "environment": {
+            "target": f"sm_{args.arch}", "sm": SM_LIMITS[args.arch].name, "triton": triton.__version__,
+            "ptxas": ptxas_version(), "torch": torch.__version__, "commit": _commit(),
+            "date": datetime.date.today().isoformat(), "gpu_used": False,
+        },
+        "command": "python3 -m bench.compile_report " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "recorded": recorded,
+        "precisions": precisions,
+        "op_calls": len(calls),
+        "kernels": rows,
+        "failures": failures,
+        "problems": problems(rows, args.arch),
+        "seconds": round(time.time() - started, 1),
+    }
+
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent.parent / "profiles" / f"sm{args.arch}-offline"
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{report['environment']['date']}-compile-{args.preset}-triton{triton.__version__}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    written = [out / f"{stem}.json"]
+    if not args.json_only:
+        (out / f"{stem}.md").write_text(markdown(report))
+        written.append(out / f"{stem}.md")
+
+    print(f"{len(rows)} kernel configurations compiled for sm_{args.arch} from {len(calls)} op calls in "
+          f"{report['seconds']} s; {len(failures)} failed to compile, {len(report['problems'])} problems")
+    for line in failures + report["problems"]:
+        print(f"  {line}")
+    print("wrote " + ", ".join(str(path) for path in written))
+    return 1 if failures or report["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
