@@ -369,14 +369,19 @@ def measure_ceilings() -> dict:
     result["copy_bytes"] = 2 * src.numel() * src.element_size()
     result["copy_gbps"] = result["copy_bytes"] / seconds / 1e9
     src = dst = None  # free the copy buffers before the matrix products
-    sizes = {torch.bfloat16: 8192 if ON_GPU else 512, torch.float32: 4096 if ON_GPU else 1024}
-    for dtype, n in sizes.items():
+    sizes = {"bf16": (torch.bfloat16, 8192 if ON_GPU else 512), "fp32": (torch.float32, 4096 if ON_GPU else 1024)}
+    if ON_GPU:  # fp32 variants run with TF32 allowed (the session's settings): their ceiling is the TF32 rate
+        sizes["tf32"] = (torch.float32, 8192)
+    for name, (dtype, n) in sizes.items():
         a = torch.randn(n, n, device=DEVICE, generator=g).to(dtype)
         b = torch.randn(n, n, device=DEVICE, generator=g).to(dtype)
         with exact_fp32():
+            if name == "tf32":
+                torch.backends.cuda.matmul.allow_tf32 = True
+                torch.set_float32_matmul_precision("high")
             seconds = _median_time(lambda: torch.mm(a, b), reps=10 if ON_GPU else 3, warmup=3 if ON_GPU else 1)
-        result[f"matmul_{dtype_name(dtype)}_n"] = n
-        result[f"matmul_{dtype_name(dtype)}_tflops"] = 2 * n ** 3 / seconds / 1e12
+        result[f"matmul_{name}_n"] = n
+        result[f"matmul_{name}_tflops"] = 2 * n ** 3 / seconds / 1e12
         a = b = None
     free_memory()
     return result
@@ -552,6 +557,9 @@ def run_variant(benchmark, case: Case, variant: Variant) -> dict:
     with BackendFlags():
         session_backend_defaults()
         runner = None
+        if ON_GPU:  # the setup peak runs from here: build, compile, check, timing, graph captures
+            sync()
+            torch.cuda.reset_peak_memory_stats()
         try:
             built = variant.build(state)
             runner = built if isinstance(built, Runner) else Runner(run=built)
@@ -613,6 +621,9 @@ def _check_and_time(benchmark, timing, case, variant, state, runner, check) -> d
         entry.update(_time(benchmark, runner.run, sets, graph=ON_GPU and case.level == "kernel" and variant.graph))
     else:
         entry.update(time_s=first_call_s, rounds=1, inner=1, smoke=True)
+    # CUDA-graph replays allocate nothing: a graphed variant's memory is its graph pool, made at capture
+    # (inside the build or the first calls), which only the setup peak sees
+    entry["setup_peak_bytes"] = torch.cuda.max_memory_allocated() if ON_GPU else None
     entry.update(_peak_memory(runner.run, sets[0]))
     entry.update(_throughput(entry["time_s"], variant.dtype, state))
     entry["info"] = state.info
@@ -718,9 +729,12 @@ def _throughput(seconds: float, dtype: torch.dtype, state: CaseState) -> dict:
     out = {}
     if state.flops:
         tflops = state.flops / seconds / 1e12
-        ceiling = ceilings.get(f"matmul_{'fp32' if dtype == torch.float32 else 'bf16'}_tflops")
+        name = "bf16"
+        if dtype == torch.float32:  # the rate the variant's matmuls may use under the session's flags
+            name = "tf32" if ON_GPU and torch.backends.cuda.matmul.allow_tf32 else "fp32"
+        ceiling = ceilings.get(f"matmul_{name}_tflops")
         out.update(flops=state.flops, tflops=tflops, pct_ceiling=100 * tflops / ceiling if ceiling else None,
-                   ceiling="matmul_" + ("fp32" if dtype == torch.float32 else "bf16"))
+                   ceiling=f"matmul_{name}")
     elif state.bytes:
         moved = state.bytes(dtype)
         gbps = moved / seconds / 1e9

@@ -104,7 +104,7 @@ def case_table(rows: list[dict]) -> str:
         header.append("img/s")
     if graphed:
         header.append("plain ms")
-    header += ["peak GiB", "avg W", "J/call", "SM MHz", "max rel err", "status"]
+    header += ["peak GiB", "setup peak GiB", "avg W", "J/call", "SM MHz", "max rel err", "status"]
     table = []
     for r in rows:
         ok = r.get("status") == "ok"
@@ -128,8 +128,9 @@ def case_table(rows: list[dict]) -> str:
             row.append(_ms(r.get("time_plain_s")) if ok else "")
         if ok and str(r.get("timing", "")).startswith("plain ("):
             status += f" [{r['timing']}]"
-        peak = r.get("peak_bytes")
-        row += [_num(peak / 2**30) if peak else ""] + (_telemetry_cells(r) if ok else ["", "", ""])
+        peak, setup_peak = r.get("peak_bytes"), r.get("setup_peak_bytes")
+        row += [_num(peak / 2**30) if peak else "", _num(setup_peak / 2**30) if setup_peak else ""]
+        row += _telemetry_cells(r) if ok else ["", "", ""]
         row += [_num(r.get("max_error"), 2) if ok or r.get("max_error") else "", status[:160]]
         table.append(row)
     return markdown_table(header, table)
@@ -163,13 +164,19 @@ def build_report(environment: dict) -> tuple[dict, str]:
                   ["device-to-device copy (bytes read + written)", f"{_num(c.get('copy_gbps'), 4)} GB/s"],
                   [f"bf16 matmul {c.get('matmul_bf16_n')}^3", f"{_num(c.get('matmul_bf16_tflops'), 4)} TFLOP/s"],
                   [f"fp32 matmul {c.get('matmul_fp32_n')}^3 (TF32 off)",
-                   f"{_num(c.get('matmul_fp32_tflops'), 4)} TFLOP/s"]]), "",
+                   f"{_num(c.get('matmul_fp32_tflops'), 4)} TFLOP/s"]]
+                  + ([[f"fp32 matmul {c.get('matmul_tf32_n')}^3 with TF32 (the ceiling of fp32 variants)",
+                       f"{_num(c.get('matmul_tf32_tflops'), 4)} TFLOP/s"]] if c.get("matmul_tf32_tflops") else [])),
+              "",
               "How to read: time = median per call (rounds of `inner` calls, each round ended by a device "
               "sync; kernel cases on a GPU replay the calls as one CUDA graph, and 'plain ms' is the same "
               "calls launched from Python, launch overhead included); speed-up = time of that row / time of the first *ours* variant (>1: ours is faster); "
               "% ceiling = GB/s of the fewest bytes one call must move over the copy ceiling (memory-bound "
               "ops), or counted TFLOP/s over the matmul ceiling of the variant's dtype; peak = "
-              "torch.cuda.max_memory_allocated over one call (inputs included); W, J/call and SM clock "
+              "torch.cuda.max_memory_allocated over one call (inputs included); setup peak = the same from "
+              "the variant's build through compilation, check, timing and graph capture (a CUDA-graph "
+              "variant's memory is its graph pool, made at capture: its replays allocate nothing, so only the "
+              "setup peak shows it); W, J/call and SM clock "
               "from NVML over the timed rounds; max rel err = ||out-ref||/||ref|| of the checked outputs.",
               ""]
     if goals and ON_GPU:

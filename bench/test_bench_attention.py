@@ -174,7 +174,8 @@ def variants(shape, direction):
         Variant("sdpa_math", sdpa("MATH"), dtype=DTYPE),
         Variant("xformers", xformers, dtype=DTYPE),
         Variant("compile", compiled("default"), dtype=DTYPE, cpu=False),
-        Variant("compile_max_autotune", compiled("max-autotune"), dtype=DTYPE, gpu_only=True),
+        Variant("compile_max_autotune", compiled("max-autotune"), dtype=DTYPE, gpu_only=True, graph=False,
+                note="max-autotune replays its own CUDA graphs (cudagraph trees): timed as plain calls"),
     ]
     if DTYPE != torch.float32:
         out.insert(4, Variant("eager_fp32", eager_fp32, dtype=torch.float32))

@@ -14,7 +14,7 @@ the loss and every parameter gradient after clipping; timed in training mode.
 import pytest
 import torch
 
-from bench.harness import ON_GPU, SETTINGS, Case, CaseState, Goal, Runner, Variant, run_variant
+from bench.harness import ON_GPU, SETTINGS, Case, CaseState, Goal, Runner, Variant, exact_fp32, run_variant
 from bench.workloads import MODEL_OVERRIDES, OURS_PRECISION, PRECISION_DTYPE, PRESET, flat_grads
 
 BATCH = 128 if SETTINGS.full else 1
@@ -54,10 +54,10 @@ def make_setup(objective):
 
         from dream.profile import sample_batch
 
-        trainer = trainer_for(objective, backend="eager", precision="fp32")
+        trainer = trainer_for(objective, backend="eager", precision="fp32")  # turns TF32 on, on CUDA
         x0 = sample_batch(trainer)
         initial = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-        with FlopCounterMode(display=False) as counter:
+        with exact_fp32(), FlopCounterMode(display=False) as counter:
             reference = checked_step(trainer, x0, initial)
         flops = float(counter.get_total_flops())
         del trainer

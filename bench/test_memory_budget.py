@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from bench.harness import ON_GPU, SESSION, SETTINGS, Case, Variant, free_memory, sync
+from bench.harness import ON_GPU, SESSION, SETTINGS, BackendFlags, Case, Variant, free_memory, sync
 
 BUDGET_BYTES = 6.8e9
 BATCH = 128
@@ -38,25 +38,26 @@ def _time_step(benchmark, policy):
     """The step time (ms) of the trainer with this policy, through pytest-benchmark."""
     from dream.profile import build_trainer, sample_batch
 
-    trainer = build_trainer(preset="seed", batch=BATCH, device="cuda", objective="seed", backend="triton",
-                            precision=PRECISION, checkpointing=policy)
-    x0 = sample_batch(trainer)
-    for _ in range(3):  # warm-up: autotuning, cudnn.benchmark, allocator
-        trainer.train_step(x0)
-    sync()
-
-    def one_step():
-        trainer.train_step(x0)
+    with BackendFlags():  # the trainer turns TF32 and cudnn.benchmark on: not for the rest of the session
+        trainer = build_trainer(preset="seed", batch=BATCH, device="cuda", objective="seed", backend="triton",
+                                precision=PRECISION, checkpointing=policy)
+        x0 = sample_batch(trainer)
+        for _ in range(3):  # warm-up: autotuning, cudnn.benchmark, allocator
+            trainer.train_step(x0)
         sync()
 
-    if getattr(benchmark, "disabled", True):  # smoke run: one plain step
-        tick = time.perf_counter()
-        benchmark.pedantic(one_step) if hasattr(benchmark, "pedantic") else one_step()
-        seconds = time.perf_counter() - tick
-    else:
-        benchmark.pedantic(one_step, rounds=5, iterations=1, warmup_rounds=0)
-        seconds = benchmark.stats.stats.median
-    trainer = None  # noqa: F841  (freed before the next policy is measured)
+        def one_step():
+            trainer.train_step(x0)
+            sync()
+
+        if getattr(benchmark, "disabled", True):  # smoke run: one plain step
+            tick = time.perf_counter()
+            benchmark.pedantic(one_step) if hasattr(benchmark, "pedantic") else one_step()
+            seconds = time.perf_counter() - tick
+        else:
+            benchmark.pedantic(one_step, rounds=5, iterations=1, warmup_rounds=0)
+            seconds = benchmark.stats.stats.median
+        trainer = None  # noqa: F841  (freed before the next policy is measured)
     free_memory()
     return seconds
 

@@ -168,33 +168,41 @@ class GraphedLoop:
         start = time.perf_counter()
         device = self.x.device
         rng = torch.cuda.get_rng_state(device)
-        try:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):  # warm-up: autotuning, compilation, cuDNN algorithm choice
-                self.x.normal_()
-                self.counter.zero_()
-                for _ in range(max(1, min(warmup_steps, self.plan.steps))):
-                    self._body(1)
-            torch.cuda.current_stream(device).wait_stream(side)
+        # The tensors' device made current, and a capture stream of that device: torch.cuda.graph's default
+        # capture stream belongs to whichever device was current at its first use.
+        with torch.cuda.device(device):
+            try:
+                self._warm_up_and_capture(device, warmup_steps, pool)
+            finally:
+                torch.cuda.set_rng_state(rng, device)
             torch.cuda.synchronize(device)
-            for steps in sorted(set(self.schedule)):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._body(steps)
-                self.graphs[steps] = graph
-        finally:
-            torch.cuda.set_rng_state(rng, device)
-        torch.cuda.synchronize(device)
         self.capture_seconds = time.perf_counter() - start
+
+    def _warm_up_and_capture(self, device: torch.device, warmup_steps: int, pool) -> None:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up: autotuning, compilation, cuDNN algorithm choice
+            self.x.normal_()
+            self.counter.zero_()
+            for _ in range(max(1, min(warmup_steps, self.plan.steps))):
+                self._body(1)
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        capture_stream = torch.cuda.Stream(device)
+        for steps in sorted(set(self.schedule)):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=capture_stream):
+                self._body(steps)
+            self.graphs[steps] = graph
 
     @torch.no_grad()
     def run(self, x_T: torch.Tensor) -> torch.Tensor:
-        self.x.copy_(x_T)
-        self.counter.zero_()
-        for steps in self.schedule:
-            self.graphs[steps].replay()
-        return self.x.clone()
+        with torch.cuda.device(self.x.device):  # replays go to the current stream of the graphs' device
+            self.x.copy_(x_T)
+            self.counter.zero_()
+            for steps in self.schedule:
+                self.graphs[steps].replay()
+            return self.x.clone()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,8 +272,9 @@ class SamplingEngine:
     def _graphed(self, plan: StepPlan, x_T: torch.Tensor, dtype, steps_per_graph: int) -> GraphedLoop:
         if not isinstance(steps_per_graph, int) or steps_per_graph < 1:
             raise ValueError(f"steps_per_graph must be a positive integer, got {steps_per_graph!r}")
+        # a capture holds the kernels of the model as it was: its backend and train/eval mode belong to the key
         key = (tuple(x_T.shape), x_T.dtype, dtype, plan.sampler, plan.steps, plan.eta, steps_per_graph,
-               str(x_T.device))
+               str(x_T.device), getattr(self.model, "backend", None), self.model.training)
         if key not in self.captures:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()

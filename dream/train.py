@@ -449,8 +449,9 @@ class Trainer:
         record.update(step=self.step, epoch=self.epoch, images_per_s=images / max(seconds, 1e-9),
                       micro_batch=self.micro_batch, skipped_steps=self.skipped_steps)
         postfix = {"loss": f"{record['loss']:.4f}", "img/s": f"{record['images_per_s']:.1f}"}
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # peak allocated since the previous report
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
             postfix["mem"] = f"{record['gpu_mem_gb']:.2f}G"
         self.log(record)
         bar.set_postfix(postfix)

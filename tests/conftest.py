@@ -21,6 +21,26 @@ def device():
     return DEVICE
 
 
+@pytest.fixture(autouse=True)
+def restore_backend_flags():
+    """Every test starts from and leaves the same global math flags: the Trainer turns on TF32 and
+    cudnn.benchmark on CUDA, which must not leak into the tests that follow."""
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision())
+    yield
+    (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+     torch.backends.cudnn.benchmark) = flags[:3]
+    torch.set_float32_matmul_precision(flags[3])
+
+
+@pytest.fixture
+def exact_fp32():
+    """fp32 matmuls and convolutions without TF32 for the test (restored by restore_backend_flags)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
 @pytest.fixture
 def one_cpu_thread():
     """One intra-op CPU thread: tiny models gain nothing from more on a shared CPU, and trainer tests

@@ -49,8 +49,9 @@ CPU_SHAPES = [
 ]
 GPU_SHAPES = [
     (128, 256, 16, 16, 8),
-    (16, 128, 64, 64, 8),
-    (2, 512, 8, 8, 8),  # few groups: the split path
+    (16, 128, 64, 64, 8),  # 128 groups < 2 per SM: each group's positions split over 2 programs
+    (2, 512, 8, 8, 8),  # few groups, but one tile each: no split
+    (1, 32, 96, 96, 8),  # the split path with a partial last split (9216 positions)
     (1024, 64, 8, 8, 8),
     (7, 1024, 9, 3, 8),
 ]
