@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,6 +181,7 @@ class _CompileInsteadOfLaunch:
             entry = self.sink.setdefault(key, CompiledConfig(self.jit_fn.__name__, meta, compiled))
             entry.precisions.add(self.context["precision"])
             entry.sites.add(self.context["site"])
+            self.context["launched"].append(key)
         return compile_only
 
 
@@ -188,23 +190,22 @@ def _kernel_modules():
     return [importlib.import_module("kernels.group_norm_silu"), importlib.import_module("kernels.attention")]
 
 
-def compile_calls(calls: list[OpCall], precisions: list[str], arch: int):
-    """Replay each call in each precision, compiling every kernel it launches; returns
-    ({(kernel, hash): CompiledConfig}, [failure lines])."""
+@contextmanager
+def offline_compilation(arch: int, sms: int | None = None):
+    """Inside, every `*_kernel` launch of the kernel modules compiles for sm_<arch> (Triton's JIT in
+    warmup mode under an offline driver) instead of running, with the GroupNorm split heuristic seeing
+    `sms` SMs (default: the architecture's reference part). Yields (compiled, context): compiled maps
+    (kernel, hash) to a CompiledConfig; set context["precision"] and context["site"] to label what
+    compiles next; context["launched"] lists the (kernel, hash) of every launch in order."""
     from triton.runtime.driver import driver
 
     modules = _kernel_modules()
-    implementations = {}
-    for module in modules:
-        implementations.update(module.OP_IMPLEMENTATIONS)
     gn_module = modules[0]
-    limits = SM_LIMITS[arch]
-
+    sms = sms or SM_LIMITS[arch].sms
     compiled: dict = {}
-    failures: list[str] = []
-    context = {"precision": None, "site": None}
+    context = {"precision": None, "site": None, "launched": []}  # launched: (kernel, hash) of every launch
     saved = []
-    previous_driver = driver._active  # None until a driver was needed; no GPU driver exists here
+    previous_driver = driver._active  # None until a driver was needed (none exists without a GPU)
     driver.set_active(_OfflineDriver(arch))
     try:
         for module in modules:
@@ -213,7 +214,22 @@ def compile_calls(calls: list[OpCall], precisions: list[str], arch: int):
                     saved.append((module, name, value))
                     setattr(module, name, _CompileInsteadOfLaunch(value, compiled, context))
         saved.append((gn_module, "_sm_count", gn_module._sm_count))
-        gn_module._sm_count = lambda device: limits.sms
+        gn_module._sm_count = lambda device: sms
+        yield compiled, context
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+        driver.set_active(previous_driver)
+
+
+def compile_calls(calls: list[OpCall], precisions: list[str], arch: int):
+    """Replay each call in each precision, compiling every kernel it launches; returns
+    ({(kernel, hash): CompiledConfig}, [failure lines])."""
+    implementations = {}
+    for module in _kernel_modules():
+        implementations.update(module.OP_IMPLEMENTATIONS)
+    failures: list[str] = []
+    with offline_compilation(arch) as (compiled, context):
         seen = set()
         for precision in precisions:
             for call in calls:
@@ -226,13 +242,13 @@ def compile_calls(calls: list[OpCall], precisions: list[str], arch: int):
                 try:
                     implementations[call.op](*_as_precision(call, PRECISIONS[precision]))
                 except Exception as error:  # a compile error: report it, go on with the rest
-                    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-                    failures.append(f"{context['site']} [{precision}]: {type(error).__name__}: {first_line}")
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
-        driver.set_active(previous_driver)
+                    failures.append(f"{context['site']} [{precision}]: {first_line(error)}")
     return compiled, failures
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 # ------------------------------------------------------------------------------------------------

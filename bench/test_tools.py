@@ -151,7 +151,7 @@ def test_compile_report_occupancy_and_problem_checks():
 def test_tune_kernels_checks_then_times_each_candidate(tmp_path):
     """The tuner at CPU sizes: every problem's heuristic and its other candidate pass the check against
     the eager reference and get a time; the report is written."""
-    from bench import tune_kernels
+    from bench import compile_report, tune_kernels
 
     assert tune_kernels.main(["--allow-cpu", "--out", str(tmp_path)]) == 0
     (path,) = (tmp_path / "cpu").glob("*-tune.json")
@@ -163,11 +163,15 @@ def test_tune_kernels_checks_then_times_each_candidate(tmp_path):
         assert s["heuristic"]["status"] == "ok" and s["heuristic"]["us"] > 0, s
         assert s["candidates"] == 2 and len(s["top5"]) == 2 and s["problems"] == [], s
         assert s["heuristic"]["max_rel_error"] < 1e-4
+    if compile_report.ptxas_available():  # the candidates were compiled offline for sm_90 first
+        assert report["precompile_s"] > 0
+        facts = [r["static"] for s in report["summaries"] for r in s["top5"] if "static" in r]
+        assert facts and all(k["registers"] > 0 and k["spilled_bytes"] == 0 for f in facts for k in f.values())
     assert (tmp_path / "cpu" / path.name.replace(".json", ".md")).exists()
 
 
 def test_tune_kernels_reports_wrong_and_failing_candidates():
-    from bench.tune_kernels import Problem, measure, summary
+    from bench.tune_kernels import Problem, config_key, measure, summary
 
     reference = (torch.randn(8, 8, generator=torch.Generator().manual_seed(0)),)
 
@@ -176,9 +180,11 @@ def test_tune_kernels_reports_wrong_and_failing_candidates():
             raise RuntimeError("does not compile\nsecond line")
         return (reference[0] * (1.5 if config == "wrong" else 1.0),)
 
-    problem = Problem("attention", "p", "good", ["good", "wrong", "broken"], run, reference, 1e9, "GB/s")
-    measure(problem, target_s=0.001, deadline=float("inf"))
+    problem = Problem("attention", "p", "good", ["good", "wrong", "broken", "spills"], run, reference, 1e9, "GB/s")
+    problem.static[config_key("spills")] = {"kernels": {"k": {"registers": 255, "spilled_bytes": 160}}}
+    measure(problem, target_s=0.001, deadline=float("inf"), dtype=torch.float32)
     s = summary(problem)
     assert s["best"]["config"] == s["heuristic"]["config"] == "good"
     statuses = [r["status"] for r in s["problems"]]
     assert statuses[0].startswith("wrong (relative error 0.5") and statuses[1] == "failed: RuntimeError: does not compile"
+    assert statuses[2] == "not timed: spills (offline compile): k 160 B/thread"

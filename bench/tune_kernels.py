@@ -16,6 +16,12 @@ gives the heuristic's pick, the fastest candidate, their time ratio, TFLOP/s (at
 value and the report is rewritten after each one, so a run cut short by --time-limit keeps what it
 measured. Output: <out>/<gpu>/<date>-tune.md / .json (default out: profiles/).
 
+Compiling dominates a tuning run, so every candidate is first compiled offline in parallel
+(--compile-workers processes replay the launches on meta tensors through bench/compile_report.py's
+offline driver for this GPU's architecture, filling Triton's on-disk cache, which the timing run then
+reads); a candidate that fails to compile or spills (64 bytes or more per thread) is listed and not
+timed, except the heuristic's own pick.
+
 The heuristics live in kernels/attention.py (forward_config, backward_config) and
 kernels/group_norm_silu.py (_launch_config); bench/compile_report.py shows registers and spills of a
 configuration without a GPU.
@@ -34,11 +40,31 @@ from typing import Callable
 
 import torch
 
-if not torch.cuda.is_available():
+COMPILE_ONLY_ENV = "DREAM_TUNE_COMPILE_ONLY"  # set for the precompile workers: they compile, never interpret
+
+# The interpreter when there is no GPU, except in a compile-only worker (see precompile).
+if not torch.cuda.is_available() and os.environ.get(COMPILE_ONLY_ENV) != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels are imported
 
 ON_GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+SITE_ORDER = ["attn16", "res64", "attn8", "res16", "mid8", "attn4", "c48_7x5"]  # most valuable first
+
+
+@dataclass(frozen=True)
+class Setting:
+    device: torch.device   # cuda (timing), cpu (the interpreter) or meta (compile-only workers)
+    full: bool             # the seed UNet's sizes in bf16 (a GPU); else tiny fp32 sizes (the interpreter)
+    grid: str              # quick | full
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.full else torch.float32
+
+    def randn(self, *shape, generator, dtype=None, scale=1.0, offset=0.0) -> torch.Tensor:
+        dtype = dtype or self.dtype
+        if self.device.type == "meta":  # shapes only: no values to draw
+            return torch.empty(shape, device="meta", dtype=dtype)
+        return (torch.randn(shape, generator=generator) * scale + offset).to(self.device, dtype)
 
 
 @dataclass
@@ -52,41 +78,48 @@ class Problem:
     work: float                        # FLOPs (attention) or bytes (GroupNorm) per call
     unit: str                          # "TFLOP/s" | "GB/s"
     results: list = field(default_factory=list)
+    static: dict = field(default_factory=dict)  # config key -> offline compile facts (precompile)
+
+
+def config_key(config) -> str:
+    return json.dumps(_as_dict(config), sort_keys=True)
+
+
+def _as_dict(config) -> dict | str:
+    return asdict(config) if hasattr(config, "__dataclass_fields__") else config
 
 
 # ------------------------------------------------------------------------------------------------
 # Attention
 # ------------------------------------------------------------------------------------------------
-def _attention_candidates(seq_len: int, direction: str, grid: str, heuristic) -> list:
-    from kernels.attention import BackwardConfig, ForwardConfig, _pow2_at_least
-
-    tile = _pow2_at_least(seq_len)
-    quick = grid == "quick"
+def _attention_candidates(seq_len: int, direction: str, setting: Setting, heuristic) -> list:
+    att = importlib.import_module("kernels.attention")
+    tile = att._pow2_at_least(seq_len)
+    quick = setting.grid == "quick"
     blocks = [b for b in (16, 32, 64, 128) if b <= max(tile, 16)]
+    large = [b for b in blocks if b >= 32] or blocks
     if direction == "fwd":
         stages = (3,) if quick else (2, 3, 4)
-        configs = [ForwardConfig(m, n, w, s) for m, n, w, s in
-                   itertools.product([b for b in blocks if b >= 32] or blocks, [b for b in blocks if b >= 32] or blocks,
-                                     (4, 8), stages)]
+        configs = [att.ForwardConfig(m, n, w, s) for m, n, w, s in itertools.product(large, large, (4, 8), stages)]
     else:
         stages = (2,) if quick else (1, 2, 3)
-        configs = [BackwardConfig(False, own, loop, w, s) for own, loop, w, s in
-                   itertools.product([b for b in blocks if b >= 32] or blocks, [b for b in blocks if b <= 64],
-                                     (4, 8), stages) if loop <= own]
+        configs = [att.BackwardConfig(False, own, loop, w, s) for own, loop, w, s in
+                   itertools.product(large, [b for b in blocks if b <= 64], (4, 8), stages) if loop <= own]
         if tile <= 64:
-            configs += [BackwardConfig(True, tile, tile, w, s) for w, s in itertools.product((4, 8), (1, 2))]
-    if not ON_GPU:  # the interpreter: the heuristic and one other candidate are enough to check the tool
+            configs += [att.BackwardConfig(True, tile, tile, w, s) for w, s in itertools.product((4, 8), (1, 2))]
+    if not setting.full:  # the interpreter: the heuristic and one other candidate are enough to check the tool
         configs = [c for c in configs if c != heuristic][:1]
     return [heuristic] + [c for c in configs if c != heuristic]
 
 
-def attention_problems(batch, channels, heads, sizes, dtype, layouts, grid) -> list[Problem]:
+def attention_problems(setting: Setting, batch, channels, heads, sizes, layouts) -> list[Problem]:
     att = importlib.import_module("kernels.attention")  # the package binds `attention` to the function
+    dtype, device = setting.dtype, setting.device
     problems = []
     for (label, size), layout in itertools.product(sizes, layouts):
         g = torch.Generator(device="cpu").manual_seed(size)
-        qkv = torch.randn(batch, 3 * channels, size, size, generator=g).to(DEVICE, dtype)
-        dout = torch.randn(batch, channels, size, size, generator=g).to(DEVICE, dtype)
+        qkv = setting.randn(batch, 3 * channels, size, size, generator=g)
+        dout = setting.randn(batch, channels, size, size, generator=g)
         if layout == "channels_last":
             qkv = qkv.contiguous(memory_format=torch.channels_last)
             dout = dout.contiguous(memory_format=torch.channels_last)
@@ -96,19 +129,19 @@ def attention_problems(batch, channels, heads, sizes, dtype, layouts, grid) -> l
         leaf = qkv.detach().float().requires_grad_(True)
         ref_out = att.attention_qkv_nchw_reference(leaf, heads, scale)
         (ref_dqkv,) = torch.autograd.grad(ref_out, leaf, dout.float())
-        out = torch.empty(batch, channels, size, size, device=DEVICE, dtype=dtype)
-        lse = torch.empty(batch, heads, seq_len, device=DEVICE, dtype=torch.float32)
+        out = torch.empty(batch, channels, size, size, device=device, dtype=dtype)
+        lse = torch.empty(batch, heads, seq_len, device=device, dtype=torch.float32)
         att._attention_forward_into(q, k, v, scale, att._nchw_as_heads(out, heads), lse)
         fwd_flops = 4.0 * batch * heads * seq_len * seq_len * head_dim
 
         def run_forward(config, q=q, k=k, v=v, scale=scale, batch=batch, size=size):
-            o = torch.full((batch, channels, size, size), float("nan"), device=DEVICE, dtype=dtype)
-            lse_ = torch.empty(batch, heads, size * size, device=DEVICE, dtype=torch.float32)
+            o = torch.full((batch, channels, size, size), float("nan"), device=device, dtype=dtype)
+            lse_ = torch.empty(batch, heads, size * size, device=device, dtype=torch.float32)
             att._attention_forward_into(q, k, v, scale, att._nchw_as_heads(o, heads), lse_, config)
             return (o,)
 
         def run_backward(config, qkv=qkv, out=out, lse=lse, dout=dout, scale=scale):
-            dqkv = torch.full(qkv.shape, float("nan"), device=DEVICE, dtype=dtype)
+            dqkv = torch.full(qkv.shape, float("nan"), device=device, dtype=dtype)
             q_, k_, v_ = att._qkv_nchw_views(qkv, heads)
             dq, dk, dv = att._qkv_nchw_views(dqkv, heads)
             att._attention_backward_into(q_, k_, v_, att._nchw_as_heads(out, heads), lse,
@@ -118,10 +151,10 @@ def attention_problems(batch, channels, heads, sizes, dtype, layouts, grid) -> l
         fwd_heuristic = att.forward_config(seq_len, head_dim, dtype)
         bwd_heuristic = att.backward_config(seq_len, head_dim, dtype)
         problems.append(Problem("attention", f"{label} fwd {layout}", fwd_heuristic,
-                                _attention_candidates(seq_len, "fwd", grid, fwd_heuristic), run_forward,
+                                _attention_candidates(seq_len, "fwd", setting, fwd_heuristic), run_forward,
                                 (ref_out.detach(),), fwd_flops, "TFLOP/s"))
         problems.append(Problem("attention", f"{label} bwd {layout}", bwd_heuristic,
-                                _attention_candidates(seq_len, "bwd", grid, bwd_heuristic), run_backward,
+                                _attention_candidates(seq_len, "bwd", setting, bwd_heuristic), run_backward,
                                 (ref_dqkv,), 2.5 * fwd_flops, "TFLOP/s"))
     return problems
 
@@ -136,11 +169,11 @@ class GroupNormConfig:
     num_warps: int
 
 
-def _group_norm_candidates(channels_per_group, hw, contiguous_channels, grid, heuristic) -> list:
-    tiles = (1024, 2048, 4096) if grid == "quick" else (512, 1024, 2048, 4096, 8192)
-    if not ON_GPU:  # the interpreter: a small tile, so the candidate loops over tiles with tails
+def _group_norm_candidates(channels_per_group, hw, contiguous_channels, setting: Setting, heuristic) -> list:
+    tiles = (1024, 2048, 4096) if setting.grid == "quick" else (512, 1024, 2048, 4096, 8192)
+    warps = (4, 8) if setting.grid == "quick" else (2, 4, 8, 16)
+    if not setting.full:  # the interpreter: a small tile, so the candidate loops over tiles with tails
         tiles = (64,)
-    warps = (4, 8) if grid == "quick" else (2, 4, 8, 16)
     configs = []
     for tile, num_warps in itertools.product(tiles, warps):
         cg, p = 1 << max(0, (channels_per_group - 1).bit_length()), 1 << max(0, (hw - 1).bit_length())
@@ -152,25 +185,24 @@ def _group_norm_candidates(channels_per_group, hw, contiguous_channels, grid, he
             block_c = min(cg, max(1, tile // block_hw))
         configs.append(GroupNormConfig(block_c, block_hw, num_warps))
     configs = list(dict.fromkeys(configs))  # tiles larger than the group collapse to one config
-    if not ON_GPU:
+    if not setting.full:
         configs = [c for c in configs if c != heuristic][:1]
     return [heuristic] + [c for c in configs if c != heuristic]
 
 
-def group_norm_problems(sites, groups, dtype, layouts, grid) -> list[Problem]:
+def group_norm_problems(setting: Setting, sites, groups, layouts) -> list[Problem]:
     gns = importlib.import_module("kernels.group_norm_silu")  # the package binds `group_norm_silu` to a function
-
     problems = []
     for (label, n, c, h, w), layout in itertools.product(sites, layouts):
         g = torch.Generator(device="cpu").manual_seed(c * h)
-        x = (torch.randn(n, c, h, w, generator=g) * 1.5 + 0.3).to(DEVICE, dtype)
-        dy = torch.randn(n, c, h, w, generator=g).to(DEVICE, dtype)
+        x = setting.randn(n, c, h, w, generator=g, scale=1.5, offset=0.3)
+        dy = setting.randn(n, c, h, w, generator=g)
         if layout == "channels_last":
             x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
-        weight = (1 + 0.2 * torch.randn(c, generator=g)).to(DEVICE)
-        bias = (0.2 * torch.randn(c, generator=g)).to(DEVICE)
-        scale = (0.3 * torch.randn(n, c, generator=g)).to(DEVICE, dtype)
-        shift = (0.3 * torch.randn(n, c, generator=g)).to(DEVICE, dtype)
+        weight = setting.randn(c, generator=g, dtype=torch.float32, scale=0.2, offset=1.0)
+        bias = setting.randn(c, generator=g, dtype=torch.float32, scale=0.2)
+        scale = setting.randn(n, c, generator=g, scale=0.3)
+        shift = setting.randn(n, c, generator=g, scale=0.3)
         leaves = [t.detach().float().requires_grad_(True) for t in (x, weight, bias, scale, shift)]
         ref_y = gns.group_norm_silu_reference(*leaves[:3], groups, 1e-5, scale=leaves[3], shift=leaves[4])
         ref_grads = torch.autograd.grad(ref_y, leaves, dy.float())
@@ -195,10 +227,10 @@ def group_norm_problems(sites, groups, dtype, layouts, grid) -> list[Problem]:
 
         contiguous_channels = x.stride(1) == 1 and c // groups > 1
         tensor_bytes = x.numel() * x.element_size()
-        for direction, heuristic_backward in (("fwd", False), ("bwd", True)):
-            picked = gns._launch_config(n, c, h * w, groups, x.stride(1), x.device, backward=heuristic_backward)
+        for direction, backward in (("fwd", False), ("bwd", True)):
+            picked = gns._launch_config(n, c, h * w, groups, x.stride(1), x.device, backward=backward)
             heuristic = GroupNormConfig(picked.block_c, picked.block_hw, picked.num_warps)
-            candidates = _group_norm_candidates(c // groups, h * w, contiguous_channels, grid, heuristic)
+            candidates = _group_norm_candidates(c // groups, h * w, contiguous_channels, setting, heuristic)
             if direction == "fwd":
                 problems.append(Problem("group_norm", f"{label} fwd {layout}", heuristic, candidates, run_forward,
                                         (ref_y.detach(),), 2.0 * tensor_bytes, "GB/s"))
@@ -206,6 +238,99 @@ def group_norm_problems(sites, groups, dtype, layouts, grid) -> list[Problem]:
                 problems.append(Problem("group_norm", f"{label} bwd {layout}", heuristic, candidates, run_backward,
                                         tuple(t.detach() for t in ref_grads), 3.0 * tensor_bytes, "GB/s"))
     return problems
+
+
+def build_problems(setting: Setting, kernels_asked, layouts) -> list[Problem]:
+    """The problems in order of value: the 16x16 attention and the 64x64 GroupNorm first."""
+    from dream.model import PRESETS
+
+    if setting.full:
+        batch = 128
+        attention_sizes, attention_shape = [("attn16", 16), ("attn8", 8)], (512, 8)  # 8 heads of 64
+        gn_sites = [("res64", batch, 128, 64, 64), ("res16", batch, 512, 16, 16), ("mid8", batch, 512, 8, 8)]
+        groups = PRESETS["seed"].num_groups
+    else:
+        batch = 1
+        attention_sizes, attention_shape = [("attn4", 4)], (64, 2)  # 2 heads of 32
+        gn_sites, groups = [("c48_7x5", 1, 48, 7, 5)], 8
+    problems = []
+    if "attention" in kernels_asked:
+        problems += attention_problems(setting, batch, *attention_shape, attention_sizes, layouts)
+    if "group_norm" in kernels_asked:
+        problems += group_norm_problems(setting, gn_sites, groups, layouts)
+    return sorted(problems, key=lambda p: (SITE_ORDER.index(p.name.split()[0]), layouts.index(p.name.split()[2]),
+                                           ("fwd", "bwd").index(p.name.split()[1])))
+
+
+# ------------------------------------------------------------------------------------------------
+# Compiling every candidate first, in parallel and offline (no GPU, no launch)
+# ------------------------------------------------------------------------------------------------
+def compile_share(setting: Setting, kernels_asked, layouts, arch: int, sms: int, share: int, shares: int) -> dict:
+    """Compile candidates share, share + shares, ... (in the problems' order) for sm_<arch> into Triton's
+    on-disk cache, as compile_report does; returns {problem: {config key: facts}} with, per candidate,
+    the registers and spilled bytes of each kernel it launches, or the compile error."""
+    from bench.compile_report import first_line, offline_compilation, resource_usage
+
+    facts: dict = {}
+    with offline_compilation(arch, sms) as (compiled, context):
+        problems = build_problems(setting, kernels_asked, layouts)
+        index = 0
+        for problem in problems:
+            for config in problem.candidates:
+                index += 1
+                if index % shares != share:
+                    continue
+                context["launched"] = []
+                entry: dict = {}
+                try:
+                    problem.run(config)
+                    entry["kernels"] = {}
+                    for key in dict.fromkeys(context["launched"]):
+                        usage = resource_usage(compiled[key].compiled.asm["cubin"])
+                        entry["kernels"][key[0].strip("_")] = {
+                            "registers": usage.get("reg", 0),
+                            "spilled_bytes": usage.get("stack", 0) + usage.get("local", 0)}
+                except Exception as error:  # reported beside the candidate; the GPU run skips it
+                    entry["error"] = first_line(error)[:200]
+                facts.setdefault(problem.name, {})[config_key(config)] = entry
+    return facts
+
+
+def precompile(problems: list[Problem], setting: Setting, kernels_asked, layouts, workers: int) -> float:
+    """Compile every candidate in `workers` processes (meta tensors, offline driver) so the timing run
+    finds them in Triton's cache, and attach the facts to each problem; returns the seconds taken."""
+    import subprocess
+
+    from bench.compile_report import ptxas_available
+
+    if workers < 1 or not ptxas_available():
+        return 0.0
+    if ON_GPU:
+        major, minor = torch.cuda.get_device_capability()
+        arch, sms = 10 * major + minor, torch.cuda.get_device_properties(0).multi_processor_count
+    else:
+        arch, sms = 90, 132  # check the tool for an H100/H200 without one
+    started = time.monotonic()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env[COMPILE_ONLY_ENV] = "1"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    spec = json.dumps({"full": setting.full, "grid": setting.grid, "kernels": kernels_asked, "layouts": layouts,
+                       "arch": arch, "sms": sms, "shares": workers})
+    processes = [subprocess.Popen([sys.executable, "-m", "bench.tune_kernels", "--compile-share", str(share), spec],
+                                  cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for share in range(workers)]
+    for process in processes:
+        out, err = process.communicate()
+        if process.returncode != 0:
+            print(f"precompile worker failed ({process.returncode}): {err.strip().splitlines()[-1:] or ''}",
+                  file=sys.stderr)
+            continue
+        for name, entries in json.loads(out.strip().splitlines()[-1]).items():
+            for problem in problems:
+                if problem.name == name:
+                    problem.static.update(entries)
+    return time.monotonic() - started
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,19 +365,37 @@ def seconds_per_call(fn, target_s: float) -> float:
     return sorted(rounds)[2]
 
 
-def _as_dict(config) -> dict | str:
-    return asdict(config) if hasattr(config, "__dataclass_fields__") else config
+def static_verdict(facts: dict | None) -> str | None:
+    """Why a candidate is not worth timing, from its offline compile (None: time it)."""
+    if not facts:
+        return None
+    if "error" in facts:
+        return f"failed to compile: {facts['error']}"
+    spilled = {name: k["spilled_bytes"] for name, k in facts.get("kernels", {}).items() if k["spilled_bytes"] >= 64}
+    if spilled:
+        return "spills (offline compile): " + ", ".join(f"{name} {b} B/thread" for name, b in spilled.items())
+    return None
 
 
-def measure(problem: Problem, target_s: float, deadline: float) -> None:
+def measure(problem: Problem, target_s: float, deadline: float, dtype: torch.dtype) -> None:
+    """Check, then time, each candidate; the heuristic's pick is always tried."""
     from bench.harness import relative_error, tolerance
 
-    tol = tolerance("kernel", torch.bfloat16 if ON_GPU else torch.float32)
+    tol = tolerance("kernel", dtype)
     for config in problem.candidates:
-        if time.monotonic() > deadline:
-            problem.results.append({"config": _as_dict(config), "status": "not run (time limit)"})
-            continue
         entry = {"config": _as_dict(config), "heuristic": config == problem.heuristic}
+        facts = problem.static.get(config_key(config))
+        if facts and "kernels" in facts:
+            entry["static"] = facts["kernels"]
+        verdict = static_verdict(facts)
+        if time.monotonic() > deadline:
+            entry["status"] = "not run (time limit)"
+            problem.results.append(entry)
+            continue
+        if verdict and not entry["heuristic"]:
+            entry["status"] = f"not timed: {verdict}"
+            problem.results.append(entry)
+            continue
         try:
             outputs = problem.run(config)
             errors = [relative_error(o, r) for o, r in zip(outputs, problem.reference)]
@@ -264,7 +407,8 @@ def measure(problem: Problem, target_s: float, deadline: float) -> None:
                 entry.update(status="ok", us=seconds * 1e6,
                              rate=problem.work / seconds / (1e12 if problem.unit == "TFLOP/s" else 1e9))
         except Exception as error:  # a config that does not compile or launch: reported, not fatal
-            entry["status"] = f"failed: {type(error).__name__}: {str(error).strip().splitlines()[0][:160] if str(error).strip() else ''}"
+            text = str(error).strip()
+            entry["status"] = f"failed: {type(error).__name__}: {text.splitlines()[0][:160] if text else ''}"
         problem.results.append(entry)
 
 
@@ -325,9 +469,22 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _compile_share_main(share: str, spec: str) -> int:
+    """The precompile worker: compile one share of the candidates, print the facts as one JSON line."""
+    spec = json.loads(spec)
+    setting = Setting(torch.device("meta"), spec["full"], spec["grid"])
+    facts = compile_share(setting, spec["kernels"], spec["layouts"], spec["arch"], spec["sms"], int(share),
+                          spec["shares"])
+    print(json.dumps(facts))
+    return 0
+
+
 def main(argv=None) -> int:
     from bench.harness import comma_choices
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--compile-share"]:
+        return _compile_share_main(*argv[1:3])
     parser = argparse.ArgumentParser(prog="python3 -m bench.tune_kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", type=comma_choices("attention", "group_norm"), default="attention,group_norm",
                         help="attention, group_norm or both, comma-separated")
@@ -337,49 +494,38 @@ def main(argv=None) -> int:
     parser.add_argument("--target-s", type=float, default=0.05, help="timed seconds per candidate (default 0.05)")
     parser.add_argument("--time-limit", type=float, default=600.0,
                         help="seconds; candidates not started by then are listed as not run (default 600)")
+    parser.add_argument("--compile-workers", type=int, default=min(16, os.cpu_count() or 1),
+                        help="processes that compile every candidate offline first (default: one per CPU, at "
+                             "most 16; 0: compile each candidate when it is first run)")
     parser.add_argument("--out", default=None, help="report root (default profiles/); <out>/<gpu>/<date>-tune.md")
     parser.add_argument("--allow-cpu", action="store_true", help="without a GPU: tiny sizes in the interpreter")
     args = parser.parse_args(argv)
     if not ON_GPU and not args.allow_cpu:
         parser.error("no CUDA device here; pass --allow-cpu to check the tool at tiny sizes in the interpreter")
-    kernels_asked, layouts = args.only, args.layouts
 
-    from dream.model import PRESETS
     from dream.profile import environment_info, report_stem
 
     started = time.monotonic()
     deadline = started + args.time_limit
-    groups = PRESETS["seed"].num_groups
-    if ON_GPU:
-        dtype, batch = torch.bfloat16, 128
-        attention_sizes = [("attn16", 16), ("attn8", 8)]
-        attention_shape = (512, 8)  # channels, heads: 8 heads of 64
-        gn_sites = [("res64", batch, 128, 64, 64), ("res16", batch, 512, 16, 16), ("mid8", batch, 512, 8, 8)]
-    else:
-        dtype, batch = torch.float32, 1
-        attention_sizes = [("attn4", 4)]
-        attention_shape = (64, 2)  # 2 heads of 32
-        gn_sites = [("c48_7x5", 1, 48, 7, 5)]
-    problems = []
-    if "attention" in kernels_asked:
-        problems += attention_problems(batch, *attention_shape, attention_sizes, dtype, layouts, args.grid)
-    if "group_norm" in kernels_asked:
-        problems += group_norm_problems(gn_sites, groups if ON_GPU else 8, dtype, layouts, args.grid)
+    setting = Setting(torch.device("cuda" if ON_GPU else "cpu"), full=ON_GPU, grid=args.grid)
+    problems = build_problems(setting, args.only, args.layouts)
+    precompile_s = precompile(problems, setting, args.only, args.layouts, args.compile_workers)
 
-    info = environment_info(DEVICE)
+    info = environment_info(setting.device)
     stem = report_stem(args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                 "profiles"), info, "tune")
-    report = {"environment": info, "grid": args.grid, "layouts": layouts, "dtype": str(dtype).replace("torch.", ""),
-              "command": "python3 -m bench.tune_kernels " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "summaries": []}
+    report = {"environment": info, "grid": args.grid, "layouts": args.layouts,
+              "dtype": str(setting.dtype).replace("torch.", ""), "precompile_s": round(precompile_s, 1),
+              "command": "python3 -m bench.tune_kernels " + " ".join(argv), "summaries": []}
     for problem in problems:
-        measure(problem, args.target_s, deadline)
+        measure(problem, args.target_s, deadline, setting.dtype)
         report["summaries"].append(summary(problem))
         report["seconds"] = round(time.monotonic() - started, 1)
         stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
         stem.with_suffix(".md").write_text(markdown(report))
         print(one_line(report["summaries"][-1]), flush=True)
-    print(f"wrote {stem.with_suffix('.md')} and .json in {report.get('seconds', 0)} s")
+    print(f"wrote {stem.with_suffix('.md')} and .json in {report.get('seconds', 0)} s "
+          f"(offline precompile {precompile_s:.0f} s)")
     wrong = [p for s in report["summaries"] for p in s["problems"] if p["status"].startswith("wrong")]
     heuristic_failed = [s["problem"] for s in report["summaries"]
                         if not (s["heuristic"] and s["heuristic"].get("status") == "ok")
