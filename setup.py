@@ -16,7 +16,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "eval": ["torch-fidelity>=0.3"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0", "torch-fidelity>=0.3"],
+        "export": ["safetensors>=0.4"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0", "torch-fidelity>=0.3", "safetensors>=0.4"],
     },
     entry_points={"console_scripts": ["dream = dream.cli:main"]},
 )

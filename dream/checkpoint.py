@@ -241,18 +241,94 @@ def _load_file(path: Path, map_location="cpu") -> dict:
 
 
 def load_model_for_sampling(path: str | Path, device="cpu", use_ema: bool = True, backend: str = "eager"):
-    """(model in eval mode, diffusion, checkpoint state) from a checkpoint file or run folder."""
+    """(model in eval mode, diffusion, state) from a checkpoint file, a run folder or an exported
+    .safetensors file; state["sampled_weights"] says which weights the model holds ("ema" or "model")."""
     from dream.diffusion import GaussianDiffusion
     from dream.model import UNet, UNetConfig, check_backend_device
 
     check_backend_device(backend, device)
-    state = load_checkpoint(path)
+    if Path(path).suffix == ".safetensors":
+        state = load_exported(path)
+        if not use_ema and state["sampled_weights"] == "ema":
+            raise DreamError(f"{path} holds the exported EMA weights only; the raw weights need the training "
+                             f"checkpoint (or an export made with --weights model)")
+        weights = state["model"]
+    else:
+        state = load_checkpoint(path)
+        weights = dict(state["model"])
+        state["sampled_weights"] = "model"
+        if use_ema and state.get("ema") is not None:
+            weights.update(state["ema"]["shadow"])
+            state["sampled_weights"] = "ema"
     config = state["config"]
     model_config = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["model"].items()})
     model = UNet(model_config, backend=backend)
-    weights = dict(state["model"])
-    if use_ema and state.get("ema") is not None:
-        weights.update(state["ema"]["shadow"])
     model.load_state_dict(weights)
     diffusion = GaussianDiffusion(config["schedule"], config["num_timesteps"])
     return model.to(device).eval(), diffusion.to(device), state
+
+
+# ----------------------------------------------------------------------------------------------
+# Exported weights: one set of UNet weights as safetensors, with the run's config in the metadata
+EXPORT_FORMAT = "dream-unet-1"
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise DreamError("exported weights are safetensors files: pip install safetensors") from None
+    return safetensors.torch
+
+
+def export_weights(source: str | Path, out: str | Path, weights: str = "ema") -> dict:
+    """Write the UNet weights of a checkpoint (file or run folder) to `out` as safetensors, atomically.
+    weights: "ema" (the EMA shadow, what sampling uses) or "model" (the raw training weights). The
+    metadata holds the run's config (so sample and eval rebuild the model and schedule), the step and
+    the source checkpoint with its SHA-256. Returns a summary."""
+    if weights not in ("ema", "model"):
+        raise DreamError(f"--weights must be ema or model, got {weights!r}")
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise DreamError(f"the export file must end in .safetensors, got {out}")
+    state = load_checkpoint(source)
+    tensors = dict(state["model"])
+    if weights == "ema":
+        if state.get("ema") is None:
+            raise DreamError(f"checkpoint {state['_path']} has no EMA weights; use --weights model")
+        tensors.update(state["ema"]["shadow"])
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    source_path = Path(state["_path"])
+    metadata = {"format": EXPORT_FORMAT, "weights": weights, "config": json.dumps(state["config"]),
+                "step": str(state.get("step")), "epoch": str(state.get("epoch")),
+                "source": str(source_path.resolve()), "source_sha256": sha256_file(source_path),
+                "code_version": str(state.get("code_version", ""))}
+    data = _safetensors().save(tensors, metadata=metadata)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, data)
+    return {"out": str(out), "weights": weights, "step": state.get("step"), "tensors": len(tensors),
+            "parameters": sum(t.numel() for t in tensors.values()), "bytes": len(data),
+            "source": metadata["source"]}
+
+
+def load_exported(path: str | Path) -> dict:
+    """A state dict like a checkpoint's ("model", "config", "step", "_path") from an exported file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DreamError(f"exported weights {path} do not exist")
+    library = _safetensors()
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = library.load_file(str(path))
+    except Exception as error:  # noqa: BLE001  - a truncated or foreign file
+        raise DreamError(f"{path} cannot be read as safetensors ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    if metadata.get("format") != EXPORT_FORMAT or "config" not in metadata:
+        raise DreamError(f"{path} is not a dream export (no '{EXPORT_FORMAT}' metadata)")
+    step = metadata.get("step")
+    return {"model": tensors, "config": json.loads(metadata["config"]), "ema": None,
+            "step": int(step) if step and step.isdigit() else None, "_path": str(path),
+            "sampled_weights": metadata.get("weights", "ema"), "export": metadata}

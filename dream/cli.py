@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_arguments(p)
 
+    p = commands.add_parser("export", help="write a checkpoint's EMA (or raw) UNet weights as safetensors")
+    p.add_argument("checkpoint", help="checkpoint file or run folder (its newest valid checkpoint)")
+    p.add_argument("--out", required=True, help="the .safetensors file to write (sample and eval read it)")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"],
+                   help="ema: the EMA shadow that sampling uses (default); model: the raw training weights")
+
     p = commands.add_parser("info", help="parameters and FLOPs of a model preset")
     add_model_flags(p)
     p.add_argument("--json", action="store_true")
@@ -171,6 +177,15 @@ def run_train(args) -> int:
     loss = f"loss {last['loss']:.4f}" if "loss" in last else "no step left to run"
     print(f"done: step {result['step']}, epoch {result['epoch']}, {loss}; "
           f"checkpoints in {result['checkpoint_dir']}" + (f"; samples {result['grid']}" if result["grid"] else ""))
+    return 0
+
+
+def run_export(args) -> int:
+    from dream.checkpoint import export_weights
+
+    report = export_weights(args.checkpoint, args.out, args.weights)
+    print(f"wrote {report['out']}: {report['weights']} weights of step {report['step']}, {report['parameters']:,} "
+          f"parameters in {report['tensors']} tensors, {report['bytes'] / 2**20:.1f} MiB (from {report['source']})")
     return 0
 
 
@@ -252,7 +267,7 @@ def run_memory(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": run_train, "sample": run_sample, "info": run_info, "profile": run_profile,
-                "memory": run_memory, "eval": run_eval}
+                "memory": run_memory, "eval": run_eval, "export": run_export}
     try:
         return handlers[args.command](args)
     except (DreamError, ValueError, FileNotFoundError) as error:

@@ -24,7 +24,7 @@ from dream.sampling import SAMPLERS, SamplingEngine, normalize_sampler
 
 def add_sampling_arguments(p, count: int, batch_size: int, backend: str, backends, count_help: str = "") -> None:
     """The flags `dream sample` and `dream eval` share: checkpoint, sampler settings, device and speed."""
-    p.add_argument("checkpoint", help="checkpoint file, or a run folder (its newest valid checkpoint)")
+    p.add_argument("checkpoint", help="checkpoint file, a run folder (its newest valid checkpoint), or a .safetensors export")
     p.add_argument("--count", type=int, default=count, help=count_help or None)
     p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
@@ -184,7 +184,7 @@ def load_sampler_model(checkpoint: str, device="cpu", use_ema: bool = True, back
     """(model or torch.compile(model), diffusion, checkpoint state, settings identifying the weights)."""
     model, diffusion, state = load_model_for_sampling(checkpoint, device=device, use_ema=use_ema, backend=backend)
     path = str(Path(state.get("_path", checkpoint)).resolve())
-    identity = {"checkpoint": path, "checkpoint_step": state.get("step"), "ema": bool(use_ema and state.get("ema"))}
+    identity = {"checkpoint": path, "checkpoint_step": state.get("step"), "ema": state["sampled_weights"] == "ema"}
     if compile:
         model = torch.compile(model)
     return model, diffusion, state, identity

@@ -1,0 +1,78 @@
+"""`dream export`: a checkpoint's EMA (or raw) UNet weights as safetensors, which sample and eval read."""
+import json
+
+import pytest
+import torch
+
+from conftest import make_tiny_checkpoint
+from dream.checkpoint import export_weights, load_checkpoint, load_exported, load_model_for_sampling
+from dream.cli import main
+from dream.errors import DreamError
+
+pytest.importorskip("safetensors")
+
+
+@pytest.fixture
+def checkpoint(tmp_path, one_cpu_thread):
+    return make_tiny_checkpoint(tmp_path, step=7)
+
+
+def outputs(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = model.config.image_size
+    x = torch.randn(2, model.config.in_channels, size, size, generator=g)
+    with torch.no_grad():
+        return model(x, torch.tensor([3, 900]))
+
+
+@pytest.mark.parametrize("weights", ["ema", "model"])
+def test_export_round_trip_gives_the_same_model(tmp_path, checkpoint, weights):
+    out = tmp_path / f"{weights}.safetensors"
+    report = export_weights(checkpoint, out, weights)
+    assert report["weights"] == weights and report["step"] == 7 and out.is_file()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # the temp file was renamed
+    exported, _, state = load_model_for_sampling(out)
+    original, _, _ = load_model_for_sampling(checkpoint, use_ema=weights == "ema")
+    assert state["sampled_weights"] == weights and state["step"] == 7
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(exported.state_dict()[name], tensor), name
+    assert torch.equal(outputs(exported), outputs(original))
+    source = load_checkpoint(checkpoint)
+    assert state["config"] == json.loads(json.dumps(source["config"]))
+    assert state["export"]["source_sha256"] and state["export"]["format"] == "dream-unet-1"
+
+
+def test_ema_and_raw_exports_differ(tmp_path, checkpoint):
+    ema = load_exported(export_weights(checkpoint, tmp_path / "a.safetensors", "ema")["out"])["model"]
+    raw = load_exported(export_weights(checkpoint, tmp_path / "b.safetensors", "model")["out"])["model"]
+    assert ema.keys() == raw.keys()
+    assert any(not torch.equal(ema[name], raw[name]) for name in ema)
+
+
+def test_sample_from_an_export(tmp_path, checkpoint, capsys):
+    out = tmp_path / "ema.safetensors"
+    assert main(["export", str(checkpoint), "--out", str(out)]) == 0
+    assert "ema weights of step 7" in capsys.readouterr().out
+    images = tmp_path / "images"
+    assert main(["sample", str(out), "--out", str(images), "--count", "2", "--batch-size", "2", "--steps", "2",
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert len(list(images.glob("*.png"))) >= 2
+
+
+def test_export_errors_are_one_line(tmp_path, checkpoint, capsys):
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "weights.pt")]) == 2
+    assert "must end in .safetensors" in capsys.readouterr().err
+    out = tmp_path / "ema.safetensors"
+    export_weights(checkpoint, out)
+    assert main(["sample", str(out), "--out", str(tmp_path / "s"), "--no-ema", "--device", "cpu"]) == 2
+    assert "EMA weights only" in capsys.readouterr().err
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(out.read_bytes()[:1000])
+    with pytest.raises(DreamError, match="cannot be read as safetensors"):
+        load_exported(truncated)
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.ones(2)}, str(foreign))
+    with pytest.raises(DreamError, match="not a dream export"):
+        load_exported(foreign)
