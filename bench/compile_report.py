@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib
 import json
 import os
@@ -286,20 +287,22 @@ def ptxas_version() -> str:
     return match.group(1) if match else "unknown"
 
 
-def resource_usage(cubin: bytes) -> dict:
+@functools.lru_cache(maxsize=None)
+def resource_usage(cubin: bytes, count_spill_code: bool = True) -> dict:
     """From cuobjdump: registers per thread, stack frame and local memory (bytes per thread: where
-    spilled registers go), static shared memory, and the SASS store/load-local instructions
-    (STL/LDL: the spill code itself)."""
+    spilled registers go), static shared memory, and (count_spill_code: disassembling takes most of the
+    time) the SASS store/load-local instructions (STL/LDL: the spill code itself)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
         handle.flush()
         usage = subprocess.run([_cuobjdump_path(), "--dump-resource-usage", handle.name],
                                capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_cuobjdump_path(), "-sass", handle.name],
-                              capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_cuobjdump_path(), "-sass", handle.name], capture_output=True, text=True,
+                              check=True).stdout if count_spill_code else ""
     fields = {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
-    fields["spill_stores"] = len(re.findall(r"\bSTL(?:\.\w+)*\b", sass))
-    fields["spill_loads"] = len(re.findall(r"\bLDL(?:\.\w+)*\b", sass))
+    if count_spill_code:
+        fields["spill_stores"] = len(re.findall(r"\bSTL(?:\.\w+)*\b", sass))
+        fields["spill_loads"] = len(re.findall(r"\bLDL(?:\.\w+)*\b", sass))
     return fields
 
 

@@ -188,3 +188,22 @@ def test_tune_kernels_reports_wrong_and_failing_candidates():
     statuses = [r["status"] for r in s["problems"]]
     assert statuses[0].startswith("wrong (relative error 0.5") and statuses[1] == "failed: RuntimeError: does not compile"
     assert statuses[2] == "not timed: spills (offline compile): k 160 B/thread"
+
+
+def test_tune_static_report_lists_spilling_and_failing_candidates():
+    from bench.tune_kernels import static_markdown, static_verdict
+
+    ok = {"kernels": {"attention_forward_kernel": {"registers": 120, "spilled_bytes": 0}}}
+    spills = {"kernels": {"attention_forward_kernel": {"registers": 255, "spilled_bytes": 144}}}
+    broken = {"error": "CompilationError: bad block"}
+    assert static_verdict(ok) is None and static_verdict(None) is None
+    assert static_verdict(spills) == "spills (offline compile): attention_forward_kernel 144 B/thread"
+    assert static_verdict(broken) == "failed to compile: CompilationError: bad block"
+    heuristic = json.dumps({"block_m": 128}, sort_keys=True)
+    report = {"arch": 90, "triton": "3.6.0", "date": "2026-11-29", "grid": "full", "layouts": ["nchw"],
+              "candidates": 3, "seconds": 1.0, "workers": 2, "command": "python3 -m bench.tune_kernels --static-only",
+              "problems": {"attn16 fwd nchw": {"heuristic": heuristic, "candidates": {
+                  heuristic: ok, json.dumps({"block_m": 64}): spills, json.dumps({"block_m": 32}): broken}}}}
+    text = static_markdown(report)
+    assert "| attn16 fwd nchw | 3 | 2 | block_m=128 | attention_forward_kernel 120 (0) |" in text
+    assert "block_m=64: spills" in text and "block_m=32: failed to compile" in text

@@ -267,8 +267,9 @@ def build_problems(setting: Setting, kernels_asked, layouts) -> list[Problem]:
 # ------------------------------------------------------------------------------------------------
 def compile_share(setting: Setting, kernels_asked, layouts, arch: int, sms: int, share: int, shares: int) -> dict:
     """Compile candidates share, share + shares, ... (in the problems' order) for sm_<arch> into Triton's
-    on-disk cache, as compile_report does; returns {problem: {config key: facts}} with, per candidate,
-    the registers and spilled bytes of each kernel it launches, or the compile error."""
+    on-disk cache, as compile_report does; returns {problem: {"heuristic": config key, "candidates":
+    {config key: facts}}} with, per candidate, the registers and spilled bytes of each kernel it launches,
+    or the compile error."""
     from bench.compile_report import first_line, offline_compilation, resource_usage
 
     facts: dict = {}
@@ -286,51 +287,128 @@ def compile_share(setting: Setting, kernels_asked, layouts, arch: int, sms: int,
                     problem.run(config)
                     entry["kernels"] = {}
                     for key in dict.fromkeys(context["launched"]):
-                        usage = resource_usage(compiled[key].compiled.asm["cubin"])
+                        usage = resource_usage(compiled[key].compiled.asm["cubin"], count_spill_code=False)
                         entry["kernels"][key[0].strip("_")] = {
                             "registers": usage.get("reg", 0),
                             "spilled_bytes": usage.get("stack", 0) + usage.get("local", 0)}
                 except Exception as error:  # reported beside the candidate; the GPU run skips it
                     entry["error"] = first_line(error)[:200]
-                facts.setdefault(problem.name, {})[config_key(config)] = entry
+                facts.setdefault(problem.name, {"heuristic": config_key(problem.heuristic), "candidates": {}})
+                facts[problem.name]["candidates"][config_key(config)] = entry
     return facts
 
 
-def precompile(problems: list[Problem], setting: Setting, kernels_asked, layouts, workers: int) -> float:
-    """Compile every candidate in `workers` processes (meta tensors, offline driver) so the timing run
-    finds them in Triton's cache, and attach the facts to each problem; returns the seconds taken."""
+def target_gpu(arch: int | None = None) -> tuple[int, int]:
+    """(compute capability x10, SM count): this GPU's, else `arch` (default 90) with its reference part's."""
+    from bench.compile_report import SM_LIMITS
+
+    if ON_GPU and arch is None:
+        major, minor = torch.cuda.get_device_capability()
+        return 10 * major + minor, torch.cuda.get_device_properties(0).multi_processor_count
+    arch = arch or 90
+    if arch not in SM_LIMITS:
+        raise SystemExit(f"bench.tune_kernels: no SM limits for sm_{arch} (known: {sorted(SM_LIMITS)})")
+    return arch, SM_LIMITS[arch].sms
+
+
+def compile_in_workers(full: bool, grid: str, kernels_asked, layouts, arch: int, sms: int, workers: int) -> dict:
+    """Every candidate compiled offline by `workers` processes (meta tensors, offline driver, Triton's
+    on-disk cache filled on the way); returns the merged facts of compile_share."""
     import subprocess
 
-    from bench.compile_report import ptxas_available
-
-    if workers < 1 or not ptxas_available():
-        return 0.0
-    if ON_GPU:
-        major, minor = torch.cuda.get_device_capability()
-        arch, sms = 10 * major + minor, torch.cuda.get_device_properties(0).multi_processor_count
-    else:
-        arch, sms = 90, 132  # check the tool for an H100/H200 without one
-    started = time.monotonic()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env[COMPILE_ONLY_ENV] = "1"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    spec = json.dumps({"full": setting.full, "grid": setting.grid, "kernels": kernels_asked, "layouts": layouts,
+    spec = json.dumps({"full": full, "grid": grid, "kernels": kernels_asked, "layouts": layouts,
                        "arch": arch, "sms": sms, "shares": workers})
     processes = [subprocess.Popen([sys.executable, "-m", "bench.tune_kernels", "--compile-share", str(share), spec],
                                   cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for share in range(workers)]
+    merged: dict = {}
     for process in processes:
         out, err = process.communicate()
         if process.returncode != 0:
-            print(f"precompile worker failed ({process.returncode}): {err.strip().splitlines()[-1:] or ''}",
+            print(f"compile worker failed ({process.returncode}): {err.strip().splitlines()[-1:] or ''}",
                   file=sys.stderr)
             continue
-        for name, entries in json.loads(out.strip().splitlines()[-1]).items():
-            for problem in problems:
-                if problem.name == name:
-                    problem.static.update(entries)
+        for name, entry in json.loads(out.strip().splitlines()[-1]).items():
+            merged.setdefault(name, {"heuristic": entry["heuristic"], "candidates": {}})
+            merged[name]["candidates"].update(entry["candidates"])
+    return merged
+
+
+def precompile(problems: list[Problem], setting: Setting, kernels_asked, layouts, workers: int) -> float:
+    """Compile every candidate offline first, so the timing run finds them in Triton's cache, and attach
+    the facts to each problem; returns the seconds taken."""
+    from bench.compile_report import ptxas_available
+
+    if workers < 1 or not ptxas_available():
+        return 0.0
+    started = time.monotonic()
+    facts = compile_in_workers(setting.full, setting.grid, kernels_asked, layouts, *target_gpu(), workers)
+    for problem in problems:
+        problem.static.update(facts.get(problem.name, {}).get("candidates", {}))
     return time.monotonic() - started
+
+
+def static_markdown(report: dict) -> str:
+    lines = [f"# Kernel launch candidates compiled offline for sm_{report['arch']} (no GPU, nothing timed)", "",
+             f"triton {report['triton']}, {report['date']}, grid `{report['grid']}`, layouts "
+             f"{', '.join(report['layouts'])}, bf16 at the seed UNet's sites (batch 128); {report['candidates']} "
+             f"candidates in {report['seconds']} s with {report['workers']} processes. A candidate that spills "
+             f"(64 bytes or more per thread) or fails to compile is not timed by a GPU run.", "",
+             "| problem | candidates | not timeable | heuristic's pick | its registers (spilled B) |",
+             "| --- | ---: | ---: | --- | --- |"]
+    for name, entry in report["problems"].items():
+        heuristic = entry["candidates"].get(entry["heuristic"], {})
+        kernels = ", ".join(f"{k} {v['registers']} ({v['spilled_bytes']})"
+                            for k, v in heuristic.get("kernels", {}).items()) or heuristic.get("error", "—")
+        bad = [key for key, facts in entry["candidates"].items() if static_verdict(facts)]
+        lines.append(f"| {name} | {len(entry['candidates'])} | {len(bad)} | "
+                     f"{_config_text(json.loads(entry['heuristic']))} | {kernels} |")
+    lines += ["", "## Not timeable", ""]
+    for name, entry in report["problems"].items():
+        for key, facts in entry["candidates"].items():
+            verdict = static_verdict(facts)
+            if verdict:
+                lines.append(f"- {name}: {_config_text(json.loads(key))}: {verdict}")
+    lines += ["", f"Reproduce: `{report['command']}`", ""]
+    return "\n".join(lines)
+
+
+def static_only(args, argv) -> int:
+    """--static-only: compile every candidate of the GPU grid offline and report, without a GPU."""
+    import datetime
+
+    import triton
+
+    from bench.compile_report import ptxas_available
+
+    if not ptxas_available():
+        raise SystemExit("bench.tune_kernels --static-only: this Triton has no NVIDIA backend with ptxas")
+    arch, sms = target_gpu(args.arch)
+    started = time.monotonic()
+    workers = max(1, args.compile_workers)
+    facts = compile_in_workers(True, args.grid, args.only, args.layouts, arch, sms, workers)
+    report = {"arch": arch, "sms": sms, "triton": triton.__version__, "date": datetime.date.today().isoformat(),
+              "grid": args.grid, "layouts": args.layouts, "workers": workers,
+              "candidates": sum(len(e["candidates"]) for e in facts.values()),
+              "seconds": round(time.monotonic() - started, 1), "problems": facts,
+              "command": "python3 -m bench.tune_kernels " + " ".join(argv)}
+    out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "profiles")
+    stem = os.path.join(out, f"sm{arch}-offline", f"{report['date']}-tune-static-{args.grid}-triton{triton.__version__}")
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    with open(stem + ".json", "w") as handle:
+        json.dump(report, handle, indent=1)
+    with open(stem + ".md", "w") as handle:
+        handle.write(static_markdown(report))
+    bad = sum(1 for e in facts.values() for f in e["candidates"].values() if static_verdict(f))
+    heuristic_bad = [name for name, e in facts.items() if static_verdict(e["candidates"].get(e["heuristic"]))]
+    print(f"{report['candidates']} candidates compiled for sm_{arch} in {report['seconds']} s: {bad} not timeable"
+          + (f"; the heuristic's pick spills or fails for {', '.join(heuristic_bad)}" if heuristic_bad else ""))
+    print(f"wrote {stem}.md and .json")
+    return 1 if heuristic_bad else 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -499,7 +577,14 @@ def main(argv=None) -> int:
                              "most 16; 0: compile each candidate when it is first run)")
     parser.add_argument("--out", default=None, help="report root (default profiles/); <out>/<gpu>/<date>-tune.md")
     parser.add_argument("--allow-cpu", action="store_true", help="without a GPU: tiny sizes in the interpreter")
+    parser.add_argument("--static-only", action="store_true",
+                        help="no GPU needed: compile every candidate of the GPU grid offline and report registers "
+                             "and spills (<out>/sm<arch>-offline/<date>-tune-static-<grid>-triton<version>.md)")
+    parser.add_argument("--arch", type=int, default=None,
+                        help="with --static-only: compute capability x10 (default: this GPU's, else 90)")
     args = parser.parse_args(argv)
+    if args.static_only:
+        return static_only(args, argv)
     if not ON_GPU and not args.allow_cpu:
         parser.error("no CUDA device here; pass --allow-cpu to check the tool at tiny sizes in the interpreter")
 
