@@ -86,8 +86,11 @@ def parallel_tests() -> list[str]:
     return ["-n", workers]
 
 
-def stages(out: str) -> list[Stage]:
+def stages(out: str, on_gpu: bool = True) -> list[Stage]:
+    """The stages; on_gpu=False (--allow-cpu without a GPU) swaps the GPU-only options of the tools for
+    their CPU forms (a plain sampling loop to profile, the tuner's interpreter check)."""
     tests = sorted({f for pattern in TEST_FILES for f in glob.glob(str(REPO / pattern))})
+    sampler, sample_batch = ("graphs", 256) if on_gpu else ("engine", 4)
     env_script = ("import json, torch; from dream.profile import environment_info; i = environment_info(); "
                   "print(json.dumps(i, indent=1)); print(f\"env: {i['device_name']}, driver {i['driver']}, "
                   "torch {i['torch']}, triton {i['triton']}\")")
@@ -110,12 +113,13 @@ def stages(out: str) -> list[Stage]:
         Stage("profile", 60, "torch.profiler over a training step, a sampling step and a graphed DDIM-10 loop",
               ["bash", "-c", f"{shlex.quote(PYTHON)} -m dream profile --out {shlex.quote(out)} --warmup 2 --steps 3 && "
                              f"{shlex.quote(PYTHON)} -m dream profile --out {shlex.quote(out)} --what sample "
-                             "--sampler graphs --sample-steps 10 --batch 256 --warmup 1 --steps 2"]),
+                             f"--sampler {sampler} --sample-steps 10 --batch {sample_batch} --warmup 1 --steps 2"]),
         Stage("kernels", 110, "GroupNorm and attention vs their anchors",
               bench(["bench/test_bench_group_norm.py", "bench/test_bench_attention.py"], "bench-kernels", out,
                     k=KERNEL_CASES, variants="-*max_autotune*"), {"DREAM_BENCH_TARGET_S": "0.25"}),
         Stage("tune", 100, "kernel launch configurations timed beside the heuristics' picks (quick grid)",
-              [PYTHON, "-m", "bench.tune_kernels", "--out", out, "--time-limit", "85"]),
+              [PYTHON, "-m", "bench.tune_kernels", "--out", out, "--time-limit", "85"]
+              + ([] if on_gpu else ["--allow-cpu"])),
         Stage("unet", 60, "UNet forward and forward+backward (no compile)",
               bench(["bench/test_bench_unet.py"], "bench-unet", out, variants=NO_COMPILE),
               {"DREAM_BENCH_TARGET_S": "0.3"}),
@@ -281,6 +285,9 @@ def main(argv=None) -> int:
         print("gpu_suite: no CUDA device here; run it on a GPU machine (or pass --allow-cpu to check the suite "
               "itself at CPU sizes)", file=sys.stderr)
         return 2
+    if not torch.cuda.is_available():  # --allow-cpu: the same stages with the tools' CPU options
+        cpu_stages = {stage.name: stage for stage in stages(str(out), on_gpu=False)}
+        plan = [cpu_stages[stage.name] for stage in plan]
     logs = out / "suite-logs"
     logs.mkdir(parents=True, exist_ok=True)
     started = time.time()

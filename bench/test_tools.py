@@ -207,3 +207,15 @@ def test_tune_static_report_lists_spilling_and_failing_candidates():
     text = static_markdown(report)
     assert "| attn16 fwd nchw | 3 | 2 | block_m=128 | attention_forward_kernel 120 (0) |" in text
     assert "block_m=64: spills" in text and "block_m=32: failed to compile" in text
+
+
+def test_gpu_suite_stages_swap_gpu_only_options_on_cpu(tmp_path):
+    from bench.gpu_suite import main as suite_main
+    from bench.gpu_suite import stages
+
+    gpu = {stage.name: " ".join(stage.command) for stage in stages(str(tmp_path))}
+    cpu = {stage.name: " ".join(stage.command) for stage in stages(str(tmp_path), on_gpu=False)}
+    assert list(gpu) == list(cpu) and "tune" in gpu
+    assert "--sampler graphs" in gpu["profile"] and "--sampler engine" in cpu["profile"]
+    assert "--allow-cpu" not in gpu["tune"] and cpu["tune"].endswith("--allow-cpu")
+    assert suite_main(["--out", str(tmp_path), "--list"]) == 0
