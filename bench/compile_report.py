@@ -124,6 +124,41 @@ def record_model_calls(preset: str, batch: int, channels_last: bool) -> list[OpC
     return calls
 
 
+# The kernels' whole contract beyond the UNet's sites (--contract): attention for every supported head
+# dim and sequence lengths from 1 to 4096 (masked tails), GroupNorm over the kernel tests' shapes
+# (channels per group not powers of two, 7x5 and 1x1 images, batches 1 to 1024, the split path), both
+# modes, SiLU on and off, with and without scale/shift.
+CONTRACT_ATTENTION = [(n, d) for n in (1, 17, 64, 100, 256, 1000, 4096) for d in (16, 32, 64, 128)]
+CONTRACT_GROUP_NORM = [(3, 96, 7, 5, 8), (1, 96, 7, 5, 8), (3, 12, 1, 1, 2), (2, 18, 3, 6, 3), (128, 256, 16, 16, 8),
+                       (16, 128, 64, 64, 8), (2, 512, 8, 8, 8), (1, 32, 96, 96, 8), (1024, 64, 8, 8, 8),
+                       (7, 1024, 9, 3, 8)]
+
+
+def contract_calls() -> list[OpCall]:
+    def meta(*shape, dtype=torch.float32):
+        return torch.empty(shape, device="meta", dtype=dtype)
+
+    calls = []
+    for n, d in CONTRACT_ATTENTION:
+        q, k, v, o, do = (meta(2, 3, n, d) for _ in range(5))
+        label = f"contract N={n} D={d}"
+        calls.append(OpCall("dream_kernels::attention_forward", (q, k, v, d ** -0.5), label))
+        calls.append(OpCall("dream_kernels::attention_backward", (q, k, v, o, meta(2, 3, n), do, d ** -0.5), label))
+    for (n, c, h, w, groups) in CONTRACT_GROUP_NORM:
+        for mode, silu, scaled in ((m, a, b) for m in ("pre", "post") for a in (True, False) for b in (True, False)):
+            x, dy = meta(n, c, h, w), meta(n, c, h, w)
+            scale = meta(n, c) if scaled else None
+            shift = meta(n, c) if scaled else None
+            label = f"contract {mode}{'' if silu else ' no-silu'}{' scale/shift' if scaled else ''}"
+            common = (groups, 1e-5, mode, silu)
+            calls.append(OpCall("dream_kernels::group_norm_silu_fwd", (x, meta(c), meta(c), scale, shift, *common),
+                                f"{label} {(n, c, h, w)}"))
+            calls.append(OpCall("dream_kernels::group_norm_silu_bwd",
+                                (dy, x, meta(c), meta(c), scale, shift, meta(n, groups), meta(n, groups), *common),
+                                f"{label} {(n, c, h, w)}"))
+    return calls
+
+
 def _as_precision(call: OpCall, dtype: torch.dtype) -> tuple:
     activations = ACTIVATION_ARGS[call.op]
     out = []
@@ -377,8 +412,9 @@ def _sites_text(sites: list[str]) -> str:
     """'B=128 nchw ×5, B=2 channels_last ×1': how many model sites of each recording use the config."""
     counts: dict = {}
     for site in sites:
-        op, batch, layout = site.split(" ")[:3]
-        counts[f"{batch} {layout}"] = counts.get(f"{batch} {layout}", 0) + 1
+        parts = site.split(" ")
+        label = "contract" if parts[1] == "contract" else f"{parts[1]} {parts[2]}"
+        counts[label] = counts.get(label, 0) + 1
     return ", ".join(f"{label} ×{count}" for label, count in counts.items())
 
 
@@ -426,6 +462,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None,
                         help="output folder (default profiles/sm<arch>-offline/ in the repository)")
     parser.add_argument("--json-only", action="store_true", help="write the JSON report only")
+    parser.add_argument("--contract", action="store_true",
+                        help="also the kernels' whole contract beyond the UNet's sites (every head dim, N from 1 "
+                             "to 4096, the GroupNorm test shapes in both modes); several minutes")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("it compiles real kernels: unset TRITON_INTERPRET (it is set to 1)")
@@ -446,6 +485,9 @@ def main(argv=None) -> int:
         for layout in layouts:
             calls += record_model_calls(args.preset, batch, layout == "channels_last")
             recorded.append(f"B={batch} {layout}")
+    if args.contract:
+        calls += contract_calls()
+        recorded.append("the kernels' contract (attention D 16-128, N 1-4096; GroupNorm test shapes, modes)")
     compiled, failures = compile_calls(calls, precisions, args.arch)
     rows = summarize(compiled, args.arch)
     report = {
@@ -466,7 +508,8 @@ def main(argv=None) -> int:
 
     out = Path(args.out) if args.out else Path(__file__).resolve().parent.parent / "profiles" / f"sm{args.arch}-offline"
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{report['environment']['date']}-compile-{args.preset}-triton{triton.__version__}"
+    stem = (f"{report['environment']['date']}-compile-{args.preset}{'-contract' if args.contract else ''}"
+            f"-triton{triton.__version__}")
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     written = [out / f"{stem}.json"]
     if not args.json_only:
