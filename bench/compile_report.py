@@ -45,6 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.harness import comma_choices
 
+REPO = Path(__file__).resolve().parent.parent
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -290,34 +291,26 @@ def first_line(error: BaseException) -> str:
 # ------------------------------------------------------------------------------------------------
 # Reading the cubin
 # ------------------------------------------------------------------------------------------------
-def _cuobjdump_path() -> str:
+def _nvidia_tool(name: str) -> str:
+    """The path of a CUDA tool Triton ships with its NVIDIA backend (ptxas, cuobjdump)."""
     try:
-        return triton.knobs.nvidia.cuobjdump.path
-    except AttributeError:  # older Triton: the binary ships beside the nvidia backend
+        return getattr(triton.knobs.nvidia, name).path
+    except AttributeError:  # older Triton: the binaries sit beside the nvidia backend
         import triton.backends.nvidia as nvidia
 
-        return str(Path(nvidia.__file__).parent / "bin" / "cuobjdump")
-
-
-def _ptxas_path() -> str:
-    try:
-        return triton.knobs.nvidia.ptxas.path
-    except AttributeError:  # older Triton
-        import triton.backends.nvidia as nvidia
-
-        return str(Path(nvidia.__file__).parent / "bin" / "ptxas")
+        return str(Path(nvidia.__file__).parent / "bin" / name)
 
 
 def ptxas_available() -> bool:
     """Whether this Triton can compile for NVIDIA GPUs here (its nvidia backend ships ptxas)."""
     try:
-        return Path(_ptxas_path()).is_file() and Path(_cuobjdump_path()).is_file()
+        return Path(_nvidia_tool("ptxas")).is_file() and Path(_nvidia_tool("cuobjdump")).is_file()
     except Exception:  # no nvidia backend at all
         return False
 
 
 def ptxas_version() -> str:
-    out = subprocess.run([_ptxas_path(), "--version"], capture_output=True, text=True).stdout
+    out = subprocess.run([_nvidia_tool("ptxas"), "--version"], capture_output=True, text=True).stdout
     match = re.search(r"release (\S+),", out)
     return match.group(1) if match else "unknown"
 
@@ -330,9 +323,9 @@ def resource_usage(cubin: bytes, count_spill_code: bool = True) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
         handle.flush()
-        usage = subprocess.run([_cuobjdump_path(), "--dump-resource-usage", handle.name],
+        usage = subprocess.run([_nvidia_tool("cuobjdump"), "--dump-resource-usage", handle.name],
                                capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_cuobjdump_path(), "-sass", handle.name], capture_output=True, text=True,
+        sass = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", handle.name], capture_output=True, text=True,
                               check=True).stdout if count_spill_code else ""
     fields = {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
     if count_spill_code:
@@ -399,7 +392,7 @@ def problems(rows: list[dict], arch: int) -> list[str]:
 def _commit() -> str:
     try:
         return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+                              cwd=REPO, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -506,7 +499,7 @@ def main(argv=None) -> int:
         "seconds": round(time.time() - started, 1),
     }
 
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent.parent / "profiles" / f"sm{args.arch}-offline"
+    out = Path(args.out) if args.out else REPO / "profiles" / f"sm{args.arch}-offline"
     out.mkdir(parents=True, exist_ok=True)
     stem = (f"{report['environment']['date']}-compile-{args.preset}{'-contract' if args.contract else ''}"
             f"-triton{triton.__version__}")

@@ -38,6 +38,8 @@ from typing import Any, Callable
 
 import torch
 
+from dream.math_flags import MathFlags, exact_fp32, use_fast_math
+
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
@@ -219,39 +221,10 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-class BackendFlags:
-    """Snapshot/restore of global backend switches a variant may change (the trainer sets TF32 and
-    cudnn.benchmark), so every variant starts from the session's settings."""
-
-    def __enter__(self):
-        self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-                      torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision())
-        return self
-
-    def __exit__(self, *exc):
-        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-         torch.backends.cudnn.benchmark, precision) = self.saved
-        torch.set_float32_matmul_precision(precision)
-        return False
-
-
-class exact_fp32(BackendFlags):
-    """TF32 off: references are computed in true fp32 (or float64)."""
-
-    def __enter__(self):
-        super().__enter__()
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        torch.set_float32_matmul_precision("highest")
-        return self
-
-
 def session_backend_defaults() -> None:
     """The settings every variant runs under (the trainer's): cudnn autotuning, TF32 allowed."""
     if ON_GPU:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        use_fast_math()
 
 
 def flatten(outputs) -> list:
@@ -336,7 +309,7 @@ def compile_fn(fn, mode: str | None = None, fullgraph: bool = False):
 # ------------------------------------------------------------------------------------------------
 # Ceilings and telemetry
 # ------------------------------------------------------------------------------------------------
-def _median_time(fn, reps: int, warmup: int) -> float:
+def median_time(fn, reps: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
     sync()
@@ -365,7 +338,7 @@ def measure_ceilings() -> dict:
     copy_elems = (1 << 28) if ON_GPU else (1 << 24)  # fp32: 1 GiB on GPU, 64 MiB on CPU
     src = torch.rand(copy_elems, device=DEVICE, generator=g)
     dst = torch.empty_like(src)
-    seconds = _median_time(lambda: dst.copy_(src), reps=20 if ON_GPU else 5, warmup=3)
+    seconds = median_time(lambda: dst.copy_(src), reps=20 if ON_GPU else 5, warmup=3)
     result["copy_bytes"] = 2 * src.numel() * src.element_size()
     result["copy_gbps"] = result["copy_bytes"] / seconds / 1e9
     src = dst = None  # free the copy buffers before the matrix products
@@ -379,7 +352,7 @@ def measure_ceilings() -> dict:
             if name == "tf32":
                 torch.backends.cuda.matmul.allow_tf32 = True
                 torch.set_float32_matmul_precision("high")
-            seconds = _median_time(lambda: torch.mm(a, b), reps=10 if ON_GPU else 3, warmup=3 if ON_GPU else 1)
+            seconds = median_time(lambda: torch.mm(a, b), reps=10 if ON_GPU else 3, warmup=3 if ON_GPU else 1)
         result[f"matmul_{name}_n"] = n
         result[f"matmul_{name}_tflops"] = 2 * n ** 3 / seconds / 1e12
         a = b = None
@@ -484,7 +457,7 @@ class BenchSession:
 
     def ensure_ceilings(self) -> dict:
         if self.ceilings is None:
-            with BackendFlags():
+            with MathFlags():
                 self.ceilings = measure_ceilings()
             self.telemetry = Telemetry()
         return self.ceilings
@@ -493,7 +466,7 @@ class BenchSession:
         if self._state_id != case.id:
             self._state, self._state_id = None, None
             free_memory()
-            with BackendFlags(), exact_fp32():
+            with exact_fp32():
                 self._state = case.setup()
             self._state_id = case.id
         return self._state
@@ -554,7 +527,7 @@ def run_variant(benchmark, case: Case, variant: Variant) -> dict:
     state = SESSION.state_for(case)
     if benchmark is not None and hasattr(benchmark, "group"):
         benchmark.group = case.id
-    with BackendFlags():
+    with MathFlags():
         session_backend_defaults()
         runner = None
         if ON_GPU:  # the setup peak runs from here: build, compile, check, timing, graph captures

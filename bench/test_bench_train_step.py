@@ -14,7 +14,8 @@ the loss and every parameter gradient after clipping; timed in training mode.
 import pytest
 import torch
 
-from bench.harness import ON_GPU, SETTINGS, Case, CaseState, Goal, Runner, Variant, exact_fp32, run_variant
+from bench.harness import ON_GPU, SETTINGS, Case, CaseState, Goal, Runner, Variant, run_variant
+from dream.math_flags import exact_fp32
 from bench.workloads import MODEL_OVERRIDES, OURS_PRECISION, PRECISION_DTYPE, PRESET, flat_grads
 
 BATCH = 128 if SETTINGS.full else 1

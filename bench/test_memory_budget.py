@@ -14,7 +14,8 @@ import time
 import pytest
 import torch
 
-from bench.harness import ON_GPU, SESSION, SETTINGS, BackendFlags, Case, Variant, free_memory, sync
+from bench.harness import ON_GPU, SESSION, SETTINGS, Case, Variant, free_memory, sync
+from dream.math_flags import MathFlags
 
 BUDGET_BYTES = 6.8e9
 BATCH = 128
@@ -38,7 +39,7 @@ def _time_step(benchmark, policy):
     """The step time (ms) of the trainer with this policy, through pytest-benchmark."""
     from dream.profile import build_trainer, sample_batch
 
-    with BackendFlags():  # the trainer turns TF32 and cudnn.benchmark on: not for the rest of the session
+    with MathFlags():  # the trainer turns TF32 and cudnn.benchmark on: not for the rest of the session
         trainer = build_trainer(preset="seed", batch=BATCH, device="cuda", objective="seed", backend="triton",
                                 precision=PRECISION, checkpointing=policy)
         x0 = sample_batch(trainer)

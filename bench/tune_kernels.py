@@ -47,6 +47,7 @@ if not torch.cuda.is_available() and os.environ.get(COMPILE_ONLY_ENV) != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels are imported
 
 ON_GPU = torch.cuda.is_available()
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITE_ORDER = ["attn16", "res64", "attn8", "res16", "mid8", "attn4", "c48_7x5"]  # most valuable first
 
 
@@ -318,12 +319,11 @@ def compile_in_workers(full: bool, grid: str, kernels_asked, layouts, arch: int,
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env[COMPILE_ONLY_ENV] = "1"
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     spec = json.dumps({"full": full, "grid": grid, "kernels": kernels_asked, "layouts": layouts,
                        "arch": arch, "sms": sms, "shares": workers})
     processes = [subprocess.Popen([sys.executable, "-m", "bench.tune_kernels", "--compile-share", str(share), spec],
-                                  cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for share in range(workers)]
     merged: dict = {}
     for process in processes:
@@ -396,7 +396,7 @@ def static_only(args, argv) -> int:
               "candidates": sum(len(e["candidates"]) for e in facts.values()),
               "seconds": round(time.monotonic() - started, 1), "problems": facts,
               "command": "python3 -m bench.tune_kernels " + " ".join(argv)}
-    out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "profiles")
+    out = args.out or os.path.join(REPO, "profiles")
     stem = os.path.join(out, f"sm{arch}-offline", f"{report['date']}-tune-static-{args.grid}-triton{triton.__version__}")
     os.makedirs(os.path.dirname(stem), exist_ok=True)
     with open(stem + ".json", "w") as handle:
@@ -416,7 +416,7 @@ def static_only(args, argv) -> int:
 # ------------------------------------------------------------------------------------------------
 def seconds_per_call(fn, target_s: float) -> float:
     """Median over five rounds of (round time / calls per round), rounds of ~target_s/5."""
-    from bench.harness import sync
+    from bench.harness import median_time, sync
 
     fn()
     sync()
@@ -425,22 +425,12 @@ def seconds_per_call(fn, target_s: float) -> float:
     sync()
     once = max(time.perf_counter() - tick, 1e-6)
     calls = max(1, min(1000, int(target_s / 5 / once)))
-    rounds = []
-    for _ in range(5):
-        if ON_GPU:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            end.synchronize()
-            rounds.append(start.elapsed_time(end) / 1e3 / calls)
-        else:
-            tick = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            rounds.append((time.perf_counter() - tick) / calls)
-    return sorted(rounds)[2]
+
+    def one_round():
+        for _ in range(calls):
+            fn()
+
+    return median_time(one_round, reps=5, warmup=0) / calls
 
 
 def static_verdict(facts: dict | None) -> str | None:
@@ -457,6 +447,7 @@ def static_verdict(facts: dict | None) -> str | None:
 
 def measure(problem: Problem, target_s: float, deadline: float, dtype: torch.dtype) -> None:
     """Check, then time, each candidate; the heuristic's pick is always tried."""
+    from bench.compile_report import first_line
     from bench.harness import relative_error, tolerance
 
     tol = tolerance("kernel", dtype)
@@ -485,8 +476,7 @@ def measure(problem: Problem, target_s: float, deadline: float, dtype: torch.dty
                 entry.update(status="ok", us=seconds * 1e6,
                              rate=problem.work / seconds / (1e12 if problem.unit == "TFLOP/s" else 1e9))
         except Exception as error:  # a config that does not compile or launch: reported, not fatal
-            text = str(error).strip()
-            entry["status"] = f"failed: {type(error).__name__}: {text.splitlines()[0][:160] if text else ''}"
+            entry["status"] = f"failed: {first_line(error)[:200]}"
         problem.results.append(entry)
 
 
@@ -597,8 +587,7 @@ def main(argv=None) -> int:
     precompile_s = precompile(problems, setting, args.only, args.layouts, args.compile_workers)
 
     info = environment_info(setting.device)
-    stem = report_stem(args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                "profiles"), info, "tune")
+    stem = report_stem(args.out or os.path.join(REPO, "profiles"), info, "tune")
     report = {"environment": info, "grid": args.grid, "layouts": args.layouts,
               "dtype": str(setting.dtype).replace("torch.", ""), "precompile_s": round(precompile_s, 1),
               "command": "python3 -m bench.tune_kernels " + " ".join(argv), "summaries": []}

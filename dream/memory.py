@@ -43,6 +43,7 @@ import torch
 from dream.diffusion import GaussianDiffusion
 from dream.ema import EMA
 from dream.errors import DreamError
+from dream.math_flags import MathFlags, use_fast_math
 from dream.model import BACKENDS, CHECKPOINT_POLICIES, UNet, make_config
 from dream.objectives import ObjectiveConfig, get_objective
 
@@ -475,9 +476,8 @@ def measure_cuda_peak(spec: StepSpec | None = None, device="cuda", **fields_) ->
     device = torch.device(device)
     if spec.backend == "triton":
         import kernels  # noqa: F401
-    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
-    try:
+    with MathFlags():
+        use_fast_math()
         model, optimizer, ema, scaler, diffusion = build_state(spec, device)
         images = None
         if spec.data_images:
@@ -494,8 +494,6 @@ def measure_cuda_peak(spec: StepSpec | None = None, device="cuda", **fields_) ->
             del x0
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags
     del model, optimizer, ema, scaler, diffusion, images
     torch.cuda.empty_cache()
     return int(peak)

@@ -39,6 +39,7 @@ from dream.data import DeviceBatches, load_images
 from dream.diffusion import GaussianDiffusion
 from dream.ema import EMA
 from dream.errors import DreamError
+from dream.math_flags import use_fast_math
 from dream.model import CHECKPOINT_POLICIES, UNet, check_backend_device, make_config
 from dream.objectives import ObjectiveConfig, get_objective
 
@@ -155,9 +156,7 @@ class Trainer:
         self.precision = resolve_precision(config.precision, device)
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
+            use_fast_math()
 
         self.run_dir = Path(config.run_dir)
         self.model_config = make_config(config.preset, **config.model_overrides)

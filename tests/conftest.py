@@ -12,6 +12,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from dream import math_flags  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
 
@@ -25,20 +27,15 @@ def device():
 def restore_backend_flags():
     """Every test starts from and leaves the same global math flags: the Trainer turns on TF32 and
     cudnn.benchmark on CUDA, which must not leak into the tests that follow."""
-    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision())
-    yield
-    (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-     torch.backends.cudnn.benchmark) = flags[:3]
-    torch.set_float32_matmul_precision(flags[3])
+    with math_flags.MathFlags():
+        yield
 
 
 @pytest.fixture
 def exact_fp32():
-    """fp32 matmuls and convolutions without TF32 for the test (restored by restore_backend_flags)."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
+    """fp32 matmuls and convolutions without TF32 for the test."""
+    with math_flags.exact_fp32():
+        yield
 
 
 @pytest.fixture
