@@ -107,7 +107,8 @@ class _RecordOps(TorchDispatchMode):
 
 
 def record_model_calls(preset: str, batch: int, channels_last: bool) -> list[OpCall]:
-    """Every dream_kernels op call of one forward + backward of the UNet (meta tensors)."""
+    """Every dream_kernels op call of one training forward + backward of the UNet (dropout on), and
+    of one eval-mode forward (sampling: dropout off), on meta tensors."""
     from dream.model import build_unet
 
     with torch.device("meta"):
@@ -122,13 +123,16 @@ def record_model_calls(preset: str, batch: int, channels_last: bool) -> list[OpC
     label = f"B={batch} {'channels_last' if channels_last else 'nchw'}"
     with _RecordOps(calls, label):
         model(x, t).float().sum().backward()
+    model.eval()
+    with _RecordOps(calls, label + " eval"), torch.no_grad():
+        model(x, t)
     return calls
 
 
 # The kernels' whole contract beyond the UNet's sites (--contract): attention for every supported head
 # dim and sequence lengths from 1 to 4096 (masked tails), GroupNorm over the kernel tests' shapes
 # (channels per group not powers of two, 7x5 and 1x1 images, batches 1 to 1024, the split path), both
-# modes, SiLU on and off, with and without scale/shift.
+# modes, SiLU on and off, with and without scale/shift, and the ResBlock's form with fused dropout.
 CONTRACT_ATTENTION = [(n, d) for n in (1, 17, 64, 100, 256, 1000, 4096) for d in (16, 32, 64, 128)]
 CONTRACT_GROUP_NORM = [(3, 96, 7, 5, 8), (1, 96, 7, 5, 8), (3, 12, 1, 1, 2), (2, 18, 3, 6, 3), (128, 256, 16, 16, 8),
                        (16, 128, 64, 64, 8), (2, 512, 8, 8, 8), (1, 32, 96, 96, 8), (1024, 64, 8, 8, 8),
@@ -145,13 +149,17 @@ def contract_calls() -> list[OpCall]:
         label = f"contract N={n} D={d}"
         calls.append(OpCall("dream_kernels::attention_forward", (q, k, v, d ** -0.5), label))
         calls.append(OpCall("dream_kernels::attention_backward", (q, k, v, o, meta(2, 3, n), do, d ** -0.5), label))
+    forms = [(mode, silu, scaled, 0.0) for mode in ("pre", "post") for silu in (True, False) for scaled in (True, False)]
+    forms.append(("pre", True, True, 0.1))
     for (n, c, h, w, groups) in CONTRACT_GROUP_NORM:
-        for mode, silu, scaled in ((m, a, b) for m in ("pre", "post") for a in (True, False) for b in (True, False)):
+        for mode, silu, scaled, dropout_p in forms:
             x, dy = meta(n, c, h, w), meta(n, c, h, w)
             scale = meta(n, c) if scaled else None
             shift = meta(n, c) if scaled else None
-            label = f"contract {mode}{'' if silu else ' no-silu'}{' scale/shift' if scaled else ''}"
-            common = (groups, 1e-5, mode, silu)
+            label = (f"contract {mode}{'' if silu else ' no-silu'}{' scale/shift' if scaled else ''}"
+                     f"{' dropout' if dropout_p else ''}")
+            seed = torch.empty(1, device="meta", dtype=torch.int64) if dropout_p else None
+            common = (groups, 1e-5, mode, silu, dropout_p, seed)
             calls.append(OpCall("dream_kernels::group_norm_silu_fwd", (x, meta(c), meta(c), scale, shift, *common),
                                 f"{label} {(n, c, h, w)}"))
             calls.append(OpCall("dream_kernels::group_norm_silu_bwd",
@@ -406,7 +414,7 @@ def _sites_text(sites: list[str]) -> str:
     counts: dict = {}
     for site in sites:
         parts = site.split(" ")
-        label = "contract" if parts[1] == "contract" else f"{parts[1]} {parts[2]}"
+        label = "contract" if parts[1] == "contract" else " ".join(parts[1:4] if parts[3] == "eval" else parts[1:3])
         counts[label] = counts.get(label, 0) + 1
     return ", ".join(f"{label} ×{count}" for label, count in counts.items())
 
@@ -418,7 +426,7 @@ def markdown(report: dict) -> str:
         "",
         f"Static resources from the cubins (no GPU, nothing launched): triton {env['triton']}, ptxas "
         f"{env['ptxas']}, torch {env['torch']}, commit {env['commit']}, {env['date']}. Sites: the seed UNet's "
-        f"forward + backward at {', '.join(report['recorded'])}; precisions {', '.join(report['precisions'])}. "
+        f"training forward + backward and eval forward at {', '.join(report['recorded'])}; precisions {', '.join(report['precisions'])}. "
         f"Programs/SM and warp occupancy are static estimates for {env['sm']} "
         f"(registers, shared memory, warp and program limits), not measurements.",
         "",

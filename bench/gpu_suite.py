@@ -16,7 +16,8 @@ min(its limit, what is left). Stages:
   train     the seed objective's training step: ours vs eager fp32/bf16 and the seed's own way
   sampling  one ancestral step, and a short DDIM loop with and without CUDA graphs
   profile   `dream profile`: torch.profiler over a training step, a sampling step, a graphed DDIM loop
-  kernels   GroupNorm at two UNet sites and attention at N=256/64 vs eager, compile, SDPA backends
+  kernels   attention at N=256/64 and GroupNorm at two UNet sites (64x64 also with fused dropout) vs
+            eager, compile, SDPA backends
   tune      bench/tune_kernels.py: candidate launch configurations of both kernels at the UNet's sites,
             each checked then timed beside the heuristics' pick (channels_last, quick grid)
   unet      UNet forward and forward+backward vs eager, SDPA (no compile)
@@ -51,7 +52,7 @@ GRACE_S = 20
 
 TEST_FILES = ["tests/test_group_norm_silu.py", "tests/test_attention.py", "tests/test_model*.py", "tests/test_unet*.py",
               "tests/test_sampling*.py", "tests/test_memory*.py"]
-KERNEL_CASES = "res64_pre_ss or res16_pre_ss or n256 or n64"
+KERNEL_CASES = "res64_pre_ss or res16_pre_ss or n256 or n64"  # res64_pre_ss matches res64_pre_ss_drop too
 NO_COMPILE = "-*compile*"
 
 
@@ -115,7 +116,7 @@ def stages(out: str, on_gpu: bool = True) -> list[Stage]:
                              f"{shlex.quote(PYTHON)} -m dream profile --out {shlex.quote(out)} --what sample "
                              f"--sampler {sampler} --sample-steps 10 --batch {sample_batch} --warmup 1 --steps 2"]),
         Stage("kernels", 110, "GroupNorm and attention vs their anchors",
-              bench(["bench/test_bench_group_norm.py", "bench/test_bench_attention.py"], "bench-kernels", out,
+              bench(["bench/test_bench_attention.py", "bench/test_bench_group_norm.py"], "bench-kernels", out,
                     k=KERNEL_CASES, variants="-*max_autotune*"), {"DREAM_BENCH_TARGET_S": "0.25"}),
         Stage("tune", 100, "kernel launch configurations timed beside the heuristics' picks (quick grid)",
               [PYTHON, "-m", "bench.tune_kernels", "--out", out, "--time-limit", "85"]

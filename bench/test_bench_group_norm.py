@@ -1,5 +1,11 @@
-"""GroupNorm (+ time scale/shift) (+ SiLU) at the seed UNet's sites: ours (kernels.group_norm_silu) vs
-eager PyTorch (bf16, bf16 under autocast, fp32) and torch.compile of the same math.
+"""GroupNorm (+ time scale/shift) (+ SiLU) (+ dropout) at the seed UNet's sites: ours
+(kernels.group_norm_silu) vs eager PyTorch (bf16, bf16 under autocast, fp32) and torch.compile of the
+same math.
+
+Dropout sites (the ResBlock's second norm in training, p = 0.1): ours fuses the dropout (its mask
+regenerated in backward, never stored), the anchors follow the norm with F.dropout as the eager
+model does. Checked with a fixed mask (the kernels' own, dropout_keep_mask) on both sides, timed
+with a fresh mask per call.
 
 Full size (GPU): batch 128, bf16 activations, fp32 affine weights (the trainer's mixed precision).
 Memory-bound: the floor is the fewest bytes / copy bandwidth; forward moves x in and y out,
@@ -7,25 +13,31 @@ forward+backward adds x and dy in and dx out (5 tensors of x's size; per-channel
 Goals (issue 3): forward >= 80 % of copy bandwidth; forward+backward >= 1.3x torch.compile and
 >= 3x eager. Reference: the same math in float64 on the same inputs.
 """
+import functools
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from bench.harness import DEVICE, ON_GPU, SETTINGS, Case, CaseState, Goal, Variant, compile_fn, input_set_count, \
-    run_variant
+from bench.harness import DEVICE, ON_GPU, SETTINGS, Case, CaseState, Goal, Runner, Variant, compile_fn, \
+    input_set_count, run_variant
 
-#        name            N    C    H   W   scale/shift  silu
+#        name                N    C    H   W   scale/shift  silu  dropout
 FULL_SITES = [
-    ("res64_pre_ss", 128, 128, 64, 64, True, True),   # ResBlock norm2 at 64x64 (time scale/shift, "pre")
-    ("up64_cat", 128, 256, 64, 64, False, True),      # first up ResBlock norm1 after the skip concat
-    ("res32_pre_ss", 128, 256, 32, 32, True, True),
-    ("res16_pre_ss", 128, 512, 16, 16, True, True),
-    ("mid8_pre_ss", 128, 512, 8, 8, True, True),
-    ("attn16_norm", 128, 512, 16, 16, False, False),  # attention block's plain GroupNorm
+    ("res64_pre_ss", 128, 128, 64, 64, True, True, 0.0),   # ResBlock norm2 at 64x64 (time scale/shift, "pre")
+    ("res64_pre_ss_drop", 128, 128, 64, 64, True, True, 0.1),  # the same in training: dropout fused
+    ("up64_cat", 128, 256, 64, 64, False, True, 0.0),      # first up ResBlock norm1 after the skip concat
+    ("res32_pre_ss", 128, 256, 32, 32, True, True, 0.0),
+    ("res16_pre_ss", 128, 512, 16, 16, True, True, 0.0),
+    ("mid8_pre_ss", 128, 512, 8, 8, True, True, 0.0),
+    ("attn16_norm", 128, 512, 16, 16, False, False, 0.0),  # attention block's plain GroupNorm
 ]
 SMALL_SITES = [
-    ("c48_7x5_pre_ss", 2, 48, 7, 5, True, True),      # 6 channels per group, odd H x W
-    ("c64_4x4_norm", 1, 64, 4, 4, False, False),
+    ("c48_7x5_pre_ss", 2, 48, 7, 5, True, True, 0.0),      # 6 channels per group, odd H x W
+    ("c48_7x5_pre_ss_drop", 2, 48, 7, 5, True, True, 0.2),
+    ("c64_4x4_norm", 1, 64, 4, 4, False, False, 0.0),
 ]
+DROPOUT_SEED = 0x0DD5_EED5_1234  # the fixed mask of the numerical check
 GROUPS = 8
 EPS = 1e-5
 SITES = FULL_SITES if SETTINGS.full else SMALL_SITES
@@ -37,7 +49,7 @@ def element_size(dtype):
 
 
 def make_setup(site, direction):
-    name, n, c, h, w, has_ss, silu = site
+    name, n, c, h, w, has_ss, silu, dropout_p = site
 
     def bytes_moved(dtype):
         tensor = n * c * h * w * element_size(dtype)
@@ -45,7 +57,7 @@ def make_setup(site, direction):
         return (2 if direction == "fwd" else 5) * tensor + (1 if direction == "fwd" else 2) * vectors
 
     def setup():
-        from kernels import group_norm_silu_reference
+        from kernels import dropout_keep_mask, group_norm_silu_reference
 
         per_set = bytes_moved(DTYPE)
         sets = []
@@ -65,8 +77,15 @@ def make_setup(site, direction):
         first = sets[0]
         leaves64 = {k: None if first[k] is None else first[k].to(torch.float64).requires_grad_(direction != "fwd")
                     for k in ("x", "weight", "bias", "scale", "shift")}
+        seed = torch.tensor([DROPOUT_SEED], device=DEVICE)
         y = group_norm_silu_reference(leaves64["x"], leaves64["weight"], leaves64["bias"], GROUPS, EPS,
-                                      scale=leaves64["scale"], shift=leaves64["shift"], mode="pre", silu=silu)
+                                      scale=leaves64["scale"], shift=leaves64["shift"], mode="pre", silu=silu,
+                                      dropout_p=dropout_p, seed=seed)
+        extra = {}
+        if dropout_p:
+            # keep/(1 - p) of the fixed seed, for the anchors' checked runs (the kernels' own scale)
+            keep = dropout_keep_mask(seed, (n, c, h, w), dropout_p).to(DEVICE)
+            extra = {"seed": seed, "keep_scaled": keep / (1 - dropout_p)}
         names = ("y",)
         reference = (y.detach(),)
         if direction != "fwd":
@@ -74,9 +93,10 @@ def make_setup(site, direction):
             grads = torch.autograd.grad(y, [leaves64[k] for k in present], first["dy"].to(torch.float64))
             reference += tuple(g.detach() for g in grads)
             names += tuple(f"d{k}" for k in present)
-        return CaseState(input_sets=sets, reference=reference, outputs=names, bytes=bytes_moved,
+        return CaseState(input_sets=sets, reference=reference, outputs=names, bytes=bytes_moved, extra=extra,
                          info={"shape": f"{n}x{c}x{h}x{w}", "groups": GROUPS, "scale_shift": has_ss, "silu": silu,
-                               "x_dtype": str(DTYPE).replace("torch.", ""), "input_sets": len(sets)})
+                               "dropout": dropout_p, "x_dtype": str(DTYPE).replace("torch.", ""),
+                               "input_sets": len(sets)})
 
     return setup
 
@@ -118,48 +138,66 @@ def op_runner(op, direction, silu, cast=None, autocast=False):
     return run
 
 
-def variants(site, direction):
-    silu = site[6]
+def then_dropout(op, dropout_p, keep_scaled=None):
+    """op followed by dropout: F.dropout (a fresh mask, timed) or y * keep_scaled (checked)."""
+    def op_and_dropout(*args, **kwargs):
+        y = op(*args, **kwargs)
+        return F.dropout(y, dropout_p, training=True) if keep_scaled is None else y * keep_scaled.to(y.dtype)
 
-    def ours(state):
+    return op_and_dropout
+
+
+def variants(site, direction):
+    silu, dropout_p = site[6], site[7]
+
+    def runner(state, make_op, wrap=lambda op: op, **options):
+        """Runner of an op; with dropout, timed with a fresh mask and checked with the fixed one.
+        make_op(dropout_p, seed, keep_scaled) builds the op (seed and keep_scaled None: a fresh
+        mask); wrap (e.g. torch.compile) is applied to each op built."""
+        if not dropout_p:
+            return op_runner(wrap(make_op(0.0, None, None)), direction, silu, **options)
+        check = op_runner(wrap(make_op(dropout_p, state.extra["seed"], state.extra["keep_scaled"])),
+                          direction, silu, **options)
+        return Runner(run=op_runner(wrap(make_op(dropout_p, None, None)), direction, silu, **options), check=check)
+
+    def fused(p, seed, _keep_scaled):  # ours: dropout inside the kernel
         from kernels import group_norm_silu
 
-        return op_runner(group_norm_silu, direction, silu)
+        return functools.partial(group_norm_silu, dropout_p=p, seed=seed) if p else group_norm_silu
+
+    def separate(p, _seed, keep_scaled):  # anchors: the norm, then dropout as its own op
+        from kernels import group_norm_silu_reference
+
+        return then_dropout(group_norm_silu_reference, p, keep_scaled) if p else group_norm_silu_reference
+
+    def ours(state):
+        return runner(state, fused)
 
     def eager(state):
-        from kernels import group_norm_silu_reference
-
-        return op_runner(group_norm_silu_reference, direction, silu)
+        return runner(state, separate)
 
     def eager_autocast(state):
-        from kernels import group_norm_silu_reference
-
-        return op_runner(group_norm_silu_reference, direction, silu, autocast=True)
+        return runner(state, separate, autocast=True)
 
     def eager_fp32(state):
-        from kernels import group_norm_silu_reference
-
         copies = {id(s): {k: None if v is None else v.float() for k, v in s.items()} for s in state.input_sets}
-        return op_runner(group_norm_silu_reference, direction, silu, cast=lambda inputs: copies[id(inputs)])
+        return runner(state, separate, cast=lambda inputs: copies[id(inputs)])
 
     def compiled(mode):
         def build(state):
-            from kernels import group_norm_silu_reference
-
-            return op_runner(compile_fn(group_norm_silu_reference, mode), direction, silu)
+            return runner(state, separate, wrap=lambda op: compile_fn(op, mode))
 
         return build
 
     def compiled_ours(state):
-        from kernels import group_norm_silu
-
-        return op_runner(compile_fn(group_norm_silu, fullgraph=True), direction, silu)
+        return runner(state, fused, wrap=lambda op: compile_fn(op, fullgraph=True))
 
     out = [
         Variant("triton", ours, role="ours", dtype=DTYPE),
         Variant("triton_compile", compiled_ours, role="ours", dtype=DTYPE, cpu=False,
                 note="torch.compile(fullgraph) around the custom op"),
-        Variant("eager", eager, dtype=DTYPE, note="group_norm_silu_reference in x's dtype"),
+        Variant("eager", eager, dtype=DTYPE, note="group_norm_silu_reference in x's dtype"
+                + (", then F.dropout" if dropout_p else "")),
         Variant("eager_autocast", eager_autocast, dtype=torch.bfloat16,
                 note="bf16 autocast: GroupNorm runs in fp32, as in the eager model"),
         Variant("compile", compiled("default"), dtype=DTYPE, cpu=False),
@@ -184,7 +222,8 @@ for _site in SITES:
         CASES.append(Case("group_norm", _site[0], _direction, make_setup(_site, _direction),
                           variants(_site, _direction), level="kernel", goals=goals(_direction),
                           describe=f"{'x'.join(map(str, _site[1:5]))}, {GROUPS} groups"
-                                   f"{', scale/shift' if _site[5] else ''}{', SiLU' if _site[6] else ''}"))
+                                   f"{', scale/shift' if _site[5] else ''}{', SiLU' if _site[6] else ''}"
+                                   f"{f', dropout {_site[7]}' if _site[7] else ''}"))
 
 PARAMS = [pytest.param(case, variant, id=f"{case.name}-{case.direction}-{variant.name}")
           for case in CASES for variant in case.variants]

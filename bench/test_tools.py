@@ -158,7 +158,8 @@ def test_tune_kernels_checks_then_times_each_candidate(tmp_path):
     report = json.loads(path.read_text())
     names = [s["problem"] for s in report["summaries"]]
     assert names == ["attn4 fwd channels_last", "attn4 bwd channels_last",
-                     "c48_7x5 fwd channels_last", "c48_7x5 bwd channels_last"]
+                     "c48_7x5 fwd channels_last", "c48_7x5 bwd channels_last",
+                     "c48_7x5_drop fwd channels_last", "c48_7x5_drop bwd channels_last"]
     for s in report["summaries"]:
         assert s["heuristic"]["status"] == "ok" and s["heuristic"]["us"] > 0, s
         assert s["candidates"] == 2 and len(s["top5"]) == 2 and s["problems"] == [], s

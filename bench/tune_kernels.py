@@ -48,7 +48,8 @@ if not torch.cuda.is_available() and os.environ.get(COMPILE_ONLY_ENV) != "1":
 
 ON_GPU = torch.cuda.is_available()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SITE_ORDER = ["attn16", "res64", "attn8", "res16", "mid8", "attn4", "c48_7x5"]  # most valuable first
+SITE_ORDER = ["attn16", "res64", "res64_drop", "attn8", "res16", "mid8", "attn4", "c48_7x5", "c48_7x5_drop"]  # most valuable first
+TUNE_DROPOUT_SEED = 0x7E57_0DD5
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,10 @@ class GroupNormConfig:
     num_warps: int
 
 
-def _group_norm_candidates(channels_per_group, hw, contiguous_channels, setting: Setting, heuristic) -> list:
+def _group_norm_candidates(channels_per_group, hw, contiguous_channels, setting: Setting, heuristic,
+                           min_hw=1) -> list:
+    """Tiles of several sizes and warp counts, laid out as _launch_config lays them (min_hw: the
+    fewest positions a tile may span; 4 with dropout)."""
     tiles = (1024, 2048, 4096) if setting.grid == "quick" else (512, 1024, 2048, 4096, 8192)
     warps = (4, 8) if setting.grid == "quick" else (2, 4, 8, 16)
     if not setting.full:  # the interpreter: a small tile, so the candidate loops over tiles with tails
@@ -184,7 +188,8 @@ def _group_norm_candidates(channels_per_group, hw, contiguous_channels, setting:
         else:
             block_hw = min(p, tile)
             block_c = min(cg, max(1, tile // block_hw))
-        configs.append(GroupNormConfig(block_c, block_hw, num_warps))
+        if block_hw >= min_hw:
+            configs.append(GroupNormConfig(block_c, block_hw, num_warps))
     configs = list(dict.fromkeys(configs))  # tiles larger than the group collapse to one config
     if not setting.full:
         configs = [c for c in configs if c != heuristic][:1]
@@ -194,7 +199,7 @@ def _group_norm_candidates(channels_per_group, hw, contiguous_channels, setting:
 def group_norm_problems(setting: Setting, sites, groups, layouts) -> list[Problem]:
     gns = importlib.import_module("kernels.group_norm_silu")  # the package binds `group_norm_silu` to a function
     problems = []
-    for (label, n, c, h, w), layout in itertools.product(sites, layouts):
+    for (label, n, c, h, w, dropout_p), layout in itertools.product(sites, layouts):
         g = torch.Generator(device="cpu").manual_seed(c * h)
         x = setting.randn(n, c, h, w, generator=g, scale=1.5, offset=0.3)
         dy = setting.randn(n, c, h, w, generator=g)
@@ -204,10 +209,15 @@ def group_norm_problems(setting: Setting, sites, groups, layouts) -> list[Proble
         bias = setting.randn(c, generator=g, dtype=torch.float32, scale=0.2)
         scale = setting.randn(n, c, generator=g, scale=0.3)
         shift = setting.randn(n, c, generator=g, scale=0.3)
+        seed = torch.tensor([TUNE_DROPOUT_SEED], device=x.device) if dropout_p else None
+        y, mean, rstd = gns._forward(x, weight, bias, scale, shift, groups, 1e-5, "pre", True, dropout_p, seed)
         leaves = [t.detach().float().requires_grad_(True) for t in (x, weight, bias, scale, shift)]
         ref_y = gns.group_norm_silu_reference(*leaves[:3], groups, 1e-5, scale=leaves[3], shift=leaves[4])
+        if dropout_p:
+            # the mask the heuristic's launch drew (the kernel tests check it against dropout_keep_mask,
+            # which is too slow at this size): every candidate must draw the same one
+            ref_y = ref_y * ((y != 0).float() / (1 - dropout_p))
         ref_grads = torch.autograd.grad(ref_y, leaves, dy.float())
-        y, mean, rstd = gns._forward(x, weight, bias, scale, shift, groups, 1e-5, "pre", True)
 
         def launch(config, fn):
             previous = gns._LAUNCH_OVERRIDE
@@ -218,20 +228,24 @@ def group_norm_problems(setting: Setting, sites, groups, layouts) -> list[Proble
             finally:
                 gns._LAUNCH_OVERRIDE = previous
 
-        def run_forward(config, x=x, weight=weight, bias=bias, scale=scale, shift=shift):
-            return launch(config, lambda: gns._forward(x, weight, bias, scale, shift, groups, 1e-5, "pre", True)[:1])
+        def run_forward(config, x=x, weight=weight, bias=bias, scale=scale, shift=shift, dropout_p=dropout_p,
+                        seed=seed):
+            return launch(config, lambda: gns._forward(x, weight, bias, scale, shift, groups, 1e-5, "pre", True,
+                                                        dropout_p, seed)[:1])
 
         def run_backward(config, x=x, dy=dy, weight=weight, bias=bias, scale=scale, shift=shift, mean=mean,
-                         rstd=rstd):
+                         rstd=rstd, dropout_p=dropout_p, seed=seed):
             return launch(config, lambda: gns._backward(dy, x, weight, bias, scale, shift, mean, rstd, groups, 1e-5,
-                                                         "pre", True))
+                                                         "pre", True, dropout_p, seed))
 
         contiguous_channels = x.stride(1) == 1 and c // groups > 1
         tensor_bytes = x.numel() * x.element_size()
         for direction, backward in (("fwd", False), ("bwd", True)):
-            picked = gns._launch_config(n, c, h * w, groups, x.stride(1), x.device, backward=backward)
+            picked = gns._launch_config(n, c, h * w, groups, x.stride(1), x.device, backward=backward,
+                                        dropout=dropout_p > 0)
             heuristic = GroupNormConfig(picked.block_c, picked.block_hw, picked.num_warps)
-            candidates = _group_norm_candidates(c // groups, h * w, contiguous_channels, setting, heuristic)
+            candidates = _group_norm_candidates(c // groups, h * w, contiguous_channels, setting, heuristic,
+                                                min_hw=4 if dropout_p else 1)
             if direction == "fwd":
                 problems.append(Problem("group_norm", f"{label} fwd {layout}", heuristic, candidates, run_forward,
                                         (ref_y.detach(),), 2.0 * tensor_bytes, "GB/s"))
@@ -248,12 +262,14 @@ def build_problems(setting: Setting, kernels_asked, layouts) -> list[Problem]:
     if setting.full:
         batch = 128
         attention_sizes, attention_shape = [("attn16", 16), ("attn8", 8)], (512, 8)  # 8 heads of 64
-        gn_sites = [("res64", batch, 128, 64, 64), ("res16", batch, 512, 16, 16), ("mid8", batch, 512, 8, 8)]
+        # the ResBlock's second norm at 64x64 also as in training, with dropout 0.1 fused
+        gn_sites = [("res64", batch, 128, 64, 64, 0.0), ("res64_drop", batch, 128, 64, 64, 0.1),
+                    ("res16", batch, 512, 16, 16, 0.0), ("mid8", batch, 512, 8, 8, 0.0)]
         groups = PRESETS["seed"].num_groups
     else:
         batch = 1
         attention_sizes, attention_shape = [("attn4", 4)], (64, 2)  # 2 heads of 32
-        gn_sites, groups = [("c48_7x5", 1, 48, 7, 5)], 8
+        gn_sites, groups = [("c48_7x5", 1, 48, 7, 5, 0.0), ("c48_7x5_drop", 1, 48, 7, 5, 0.2)], 8
     problems = []
     if "attention" in kernels_asked:
         problems += attention_problems(setting, batch, *attention_shape, attention_sizes, layouts)

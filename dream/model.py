@@ -18,7 +18,8 @@ Backends change how the GroupNorm(+scale/shift)(+SiLU) sites and the attention c
 computed, never the parameters: every backend has the same state_dict.
   eager  - plain PyTorch (nn.GroupNorm, F.silu, einsum softmax attention), the reference;
   sdpa   - eager GroupNorm, attention through F.scaled_dot_product_attention;
-  triton - kernels.group_norm_silu at every GroupNorm site, kernels.attention for attention.
+  triton - kernels.group_norm_silu at every GroupNorm site (the ResBlock's dropout fused into
+           its second one), kernels.attention for attention.
 """
 from __future__ import annotations
 
@@ -111,19 +112,24 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
-def norm_act(norm: nn.GroupNorm, x: torch.Tensor, backend: str, scale=None, shift=None, silu: bool = True):
-    """act(GN(x * (1 + scale) + shift)) with GN's affine; scale, shift are (N, C) or None."""
+def norm_act(norm: nn.GroupNorm, x: torch.Tensor, backend: str, scale=None, shift=None, silu: bool = True,
+             dropout: nn.Dropout | None = None):
+    """dropout(act(GN(x * (1 + scale) + shift))) with GN's affine; scale, shift are (N, C) or None.
+    The triton backend fuses all of it into one kernel (its dropout mask is regenerated in backward,
+    never stored); the others run dropout as a module."""
     if backend == "triton":
         from kernels import group_norm_silu
 
+        dropout_p = dropout.p if dropout is not None and dropout.training else 0.0
         return group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps,
-                               scale=scale, shift=shift, mode="pre", silu=silu)
+                               scale=scale, shift=shift, mode="pre", silu=silu, dropout_p=dropout_p)
     if scale is not None:
         x = x * (1 + scale[:, :, None, None])
     if shift is not None:
         x = x + shift[:, :, None, None]
     x = norm(x)
-    return F.silu(x) if silu else x
+    x = F.silu(x) if silu else x
+    return dropout(x) if dropout is not None else x
 
 
 class ResBlock(nn.Module):
@@ -141,8 +147,7 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(norm_act(self.norm1, x, self.backend))
         scale, shift = self.time_mlp(temb).chunk(2, dim=1)
-        h = norm_act(self.norm2, h, self.backend, scale=scale, shift=shift)
-        h = self.conv2(self.dropout(h))
+        h = self.conv2(norm_act(self.norm2, h, self.backend, scale=scale, shift=shift, dropout=self.dropout))
         return h + self.skip(x)
 
 

@@ -27,6 +27,13 @@ A = sum_hw dh*xh, B = sum_hw dh; with k = gamma*(1+s_out) and g = dh*k (the grad
     ds_out = gamma*A + beta*B      dt_out = B
     ds_in  = sum_hw du*x           dt_in  = sum_hw du
 
+Dropout (optional, training): y = act(h) * keep / (1 - p_drop), with keep ~ Bernoulli(1 - p_drop)
+a pure function of (seed, n, c, position): Philox4x32-10 keyed by the 64-bit seed (a device tensor,
+so no host sync) at counter (n*C + c)*ceil(HW/4) + position//4 gives four 32-bit words, of which
+the element takes word position%4, and keep = (word >> 1) >= round(p_drop * 2^31). The mask is
+regenerated in backward, never stored, and does not depend on the layout or the launch
+configuration; there dh picks up the same factor keep / (1 - p_drop).
+
 xh is recomputed from x in backward, never saved. Weight/scale gradients are deterministic: the
 main kernels write per-(n, c[, split]) partial sums to a buffer, and a small kernel sums them in
 a fixed order (no atomics).
@@ -45,6 +52,7 @@ Layouts: x NCHW-contiguous or channels_last (handled through strides); y has x's
 """
 from typing import NamedTuple, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
@@ -93,6 +101,19 @@ def _channel_coefficients(weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, s
     p = rstd * one_plus_s_in
     q = rstd * (t_in - mean)
     return offs_c, cmask, gamma, beta, one_plus_s_in, one_plus_s_out, t_out, p, q
+
+
+@triton.jit
+def _dropout_keep(seed, rows, p0, hw_quads, threshold, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """keep[i, j] for rows (n*C + c, a BLOCK_C vector) and positions p0 + j, p0 % 4 == 0:
+    Philox4x32-10(seed) at counter row*hw_quads + (p0 + j)//4 gives words w0..w3; the element takes
+    w_{(p0 + j) % 4}, and keep = (w >> 1) >= threshold (threshold = round(p_drop * 2^31))."""
+    quads = p0 // 4 + tl.arange(0, BLOCK_HW // 4)
+    counters = rows.to(tl.int64)[:, None] * hw_quads + quads[None, :]
+    w0, w1, w2, w3 = tl.randint4x(seed, counters)
+    # join(join(w0, w2), join(w1, w3)) is [..., 2, 2] holding w0, w1, w2, w3 in row-major order
+    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BLOCK_C, BLOCK_HW])
+    return (words >> 1).to(tl.int32, bitcast=True) >= threshold
 
 
 @triton.jit
@@ -159,11 +180,11 @@ def _gn_fwd_moments_kernel(
 
 @triton.jit
 def _gn_fwd_kernel(
-    x_ptr, y_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, moments_ptr,
-    C, HW, G, Cg, hw_per_split, num_splits, eps,
+    x_ptr, y_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, moments_ptr, seed_ptr,
+    C, HW, G, Cg, hw_per_split, num_splits, eps, drop_threshold, drop_scale,
     stride_xn, stride_xc, stride_xp, stride_yn, stride_yc, stride_yp,
     SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr, SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr,
-    SILU: tl.constexpr, FUSED_STATS: tl.constexpr, SPLITS_P2: tl.constexpr,
+    SILU: tl.constexpr, DROPOUT: tl.constexpr, FUSED_STATS: tl.constexpr, SPLITS_P2: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """Grid (N*G, num_splits): y = act(a*x + b) on one group's slice of positions.
@@ -172,6 +193,7 @@ def _gn_fwd_kernel(
     Otherwise it merges the num_splits partial moments written by _gn_fwd_moments_kernel:
     n = sum n_i, mean = sum n_i*mean_i / n, M2 = sum (M2_i + n_i*(mean_i - mean)^2).
     The split-0 program stores mean and rstd = 1/sqrt(M2/n + eps).
+    DROPOUT: y = where(keep, y*drop_scale, 0) with keep from _dropout_keep.
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -218,6 +240,10 @@ def _gn_fwd_kernel(
             h = x * a[:, None] + b[:, None]
             if SILU:
                 h = h * tl.sigmoid(h)
+            if DROPOUT:
+                keep = _dropout_keep(tl.load(seed_ptr), st_base + offs_c, p0, tl.cdiv(HW, 4),
+                                     drop_threshold, BLOCK_C, BLOCK_HW)
+                h = tl.where(keep, h * drop_scale, 0.0)
             tl.store(y_ptr + y_base + offs_c[:, None] * stride_yc + offs_p[None, :] * stride_yp,
                      h.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -225,14 +251,21 @@ def _gn_fwd_kernel(
 @triton.jit
 def _load_x_xh_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, offs_p, mask,
                   stride_xc, stride_xp, stride_dyc, stride_dyp,
-                  p, q, gamma, beta, one_plus_s_out, t_out, SILU: tl.constexpr):
+                  p, q, gamma, beta, one_plus_s_out, t_out,
+                  seed_ptr, st_base, p0, HW, drop_threshold, drop_scale,
+                  SILU: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """One (channels x positions) tile: x, xh = p*x + q, and dh = dL/dh, where
-    h = (gamma*xh + beta)*(1+s_out) + t_out and dh = dy*sigma(h)*(1 + h*(1 - sigma(h))) with SiLU, else dy.
+    h = (gamma*xh + beta)*(1+s_out) + t_out and dh = dy'*sigma(h)*(1 + h*(1 - sigma(h))) with SiLU,
+    else dy'; dy' = where(keep, dy*drop_scale, 0) with dropout (the forward's mask, regenerated), else dy.
     Masked lanes load x = dy = 0, so dh = 0 there."""
     x = tl.load(x_ptr + x_base + offs_c[:, None] * stride_xc + offs_p[None, :] * stride_xp,
                 mask=mask, other=0.0).to(tl.float32)
     dh = tl.load(dy_ptr + dy_base + offs_c[:, None] * stride_dyc + offs_p[None, :] * stride_dyp,
                  mask=mask, other=0.0).to(tl.float32)
+    if DROPOUT:
+        keep = _dropout_keep(tl.load(seed_ptr), st_base + offs_c, p0, tl.cdiv(HW, 4),
+                             drop_threshold, BLOCK_C, BLOCK_HW)
+        dh = tl.where(keep, dh * drop_scale, 0.0)
     xh = x * p[:, None] + q[:, None]
     if SILU:
         h = (gamma[:, None] * xh + beta[:, None]) * one_plus_s_out[:, None] + t_out[:, None]
@@ -243,11 +276,11 @@ def _load_x_xh_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, offs_p, mask,
 
 @triton.jit
 def _channel_sums(
-    x_ptr, dy_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, sums_ptr,
-    x_base, dy_base, st_base, sums_base, c_first, Cg, p_start, p_end, num_splits, mean, rstd,
-    stride_xc, stride_xp, stride_dyc, stride_dyp,
+    x_ptr, dy_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, sums_ptr, seed_ptr,
+    x_base, dy_base, st_base, sums_base, c_first, Cg, HW, p_start, p_end, num_splits, mean, rstd,
+    drop_threshold, drop_scale, stride_xc, stride_xp, stride_dyc, stride_dyp,
     SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr, SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr,
-    SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    SILU: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """Per channel c of the group, over positions [p_start, p_end): A_c = sum dh*xh and
     B_c = sum dh, stored at sums[sums_base + c*num_splits*2 + (0, 1)].
@@ -265,7 +298,9 @@ def _channel_sums(
             mask = cmask[:, None] & (offs_p < p_end)[None, :]
             x, xh, dh = _load_x_xh_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, offs_p, mask,
                                       stride_xc, stride_xp, stride_dyc, stride_dyp,
-                                      p, q, gamma, beta, one_plus_s_out, t_out, SILU)
+                                      p, q, gamma, beta, one_plus_s_out, t_out,
+                                      seed_ptr, st_base, p0, HW, drop_threshold, drop_scale,
+                                      SILU, DROPOUT, BLOCK_C, BLOCK_HW)
             # masked lanes: dy = 0 there, so dh = 0 and they add nothing
             acc_dh_xh += dh * xh
             acc_dh += dh
@@ -282,11 +317,11 @@ def _channel_sums(
 
 @triton.jit
 def _gn_bwd_sums_kernel(
-    x_ptr, dy_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, sums_ptr,
-    C, HW, G, Cg, hw_per_split, num_splits,
+    x_ptr, dy_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, sums_ptr, seed_ptr,
+    C, HW, G, Cg, hw_per_split, num_splits, drop_threshold, drop_scale,
     stride_xn, stride_xc, stride_xp, stride_dyn, stride_dyc, stride_dyp,
     SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr, SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr,
-    SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    SILU: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """Split path, grid (N*G, num_splits): partial A, B of one group's slice of positions,
     stored at sums[n, c, split, 0:2]."""
@@ -295,25 +330,25 @@ def _gn_bwd_sums_kernel(
     n = pid // G
     c_first = (pid - n * G) * Cg
     p_start = split * hw_per_split
-    _channel_sums(x_ptr, dy_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, sums_ptr,
+    _channel_sums(x_ptr, dy_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, sums_ptr, seed_ptr,
                   n.to(tl.int64) * stride_xn + c_first * stride_xc,
                   n.to(tl.int64) * stride_dyn + c_first * stride_dyc,
                   n * C + c_first, ((n * C + c_first) * num_splits + split) * 2,
-                  c_first, Cg, p_start, tl.minimum(p_start + hw_per_split, HW), num_splits,
-                  tl.load(mean_ptr + pid), tl.load(rstd_ptr + pid),
+                  c_first, Cg, HW, p_start, tl.minimum(p_start + hw_per_split, HW), num_splits,
+                  tl.load(mean_ptr + pid), tl.load(rstd_ptr + pid), drop_threshold, drop_scale,
                   stride_xc, stride_xp, stride_dyc, stride_dyp,
-                  SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, SILU, BLOCK_C, BLOCK_HW)
+                  SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, SILU, DROPOUT, BLOCK_C, BLOCK_HW)
 
 
 @triton.jit
 def _gn_bwd_kernel(
     x_ptr, dy_ptr, dx_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
-    sums_ptr, sums_in_ptr,
-    C, HW, G, Cg, hw_per_split, num_splits, inv_group_size,
+    sums_ptr, sums_in_ptr, seed_ptr,
+    C, HW, G, Cg, hw_per_split, num_splits, inv_group_size, drop_threshold, drop_scale,
     stride_xn, stride_xc, stride_xp, stride_dyn, stride_dyc, stride_dyp,
     stride_dxn, stride_dxc, stride_dxp,
     SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr, SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr,
-    SILU: tl.constexpr, FUSED_SUMS: tl.constexpr, SPLITS_P2: tl.constexpr,
+    SILU: tl.constexpr, DROPOUT: tl.constexpr, FUSED_SUMS: tl.constexpr, SPLITS_P2: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """Grid (N*G, num_splits): dx on one group's slice of positions, and (when s_in or t_in is
@@ -337,10 +372,10 @@ def _gn_bwd_kernel(
 
     if FUSED_SUMS:
         total_ka, total_kb = _channel_sums(
-            x_ptr, dy_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, sums_ptr,
-            x_base, dy_base, st_base, st_base * 2, c_first, Cg, 0, HW, 1, mean, rstd,
-            stride_xc, stride_xp, stride_dyc, stride_dyp,
-            SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, SILU, BLOCK_C, BLOCK_HW)
+            x_ptr, dy_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, sums_ptr, seed_ptr,
+            x_base, dy_base, st_base, st_base * 2, c_first, Cg, HW, 0, HW, 1, mean, rstd,
+            drop_threshold, drop_scale, stride_xc, stride_xp, stride_dyc, stride_dyp,
+            SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, SILU, DROPOUT, BLOCK_C, BLOCK_HW)
     else:
         total_ka = 0.0
         total_kb = 0.0
@@ -371,7 +406,9 @@ def _gn_bwd_kernel(
             mask = cmask[:, None] & (offs_p < p_end)[None, :]
             x, xh, dh = _load_x_xh_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, offs_p, mask,
                                       stride_xc, stride_xp, stride_dyc, stride_dyp,
-                                      p, q, gamma, beta, one_plus_s_out, t_out, SILU)
+                                      p, q, gamma, beta, one_plus_s_out, t_out,
+                                      seed_ptr, st_base, p0, HW, drop_threshold, drop_scale,
+                                      SILU, DROPOUT, BLOCK_C, BLOCK_HW)
             du = rstd * (dh * k[:, None] - mean_g - xh * mean_gxh)
             tl.store(dx_ptr + dx_base + offs_c[:, None] * stride_dxc + offs_p[None, :] * stride_dxp,
                      (du * one_plus_s_in[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)
@@ -443,7 +480,8 @@ def _gn_param_grads_kernel(
 _INTERPRETED = type(_gn_fwd_kernel).__name__ == "InterpretedFunction"
 
 
-def _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, *, reference=False):
+def _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p=0.0, seed=None,
+                  *, reference=False):
     """Raise a one-line TypeError/ValueError naming the first bad argument."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"group_norm_silu: x must be a torch.Tensor, got {type(x).__name__}")
@@ -481,6 +519,69 @@ def _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, *,
         if tensor.dtype not in (x.dtype, torch.float32):
             raise TypeError(f"group_norm_silu: mixed dtypes: {name} is {tensor.dtype} but x is "
                             f"{x.dtype} ({name} must be {x.dtype} or torch.float32)")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"group_norm_silu: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if dropout_p > 0:
+        if seed is None:
+            raise TypeError("group_norm_silu: dropout needs a seed (an int64 tensor of one element)")
+        if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+            what = f"{seed.dtype} tensor of {seed.numel()} elements" if isinstance(seed, torch.Tensor) \
+                else type(seed).__name__
+            raise TypeError(f"group_norm_silu: seed must be an int64 tensor of one element, got {what}")
+        if not reference and seed.device != x.device:
+            raise ValueError(f"group_norm_silu: seed is on {seed.device} but x is on {x.device}")
+
+
+def _dropout_constants(dropout_p):
+    """(threshold, scale): keep = (word >> 1) >= threshold keeps with probability
+    1 - threshold/2^31 (= 1 - dropout_p to within 2^-32), and scale = 1/(that probability)."""
+    threshold = round(dropout_p * 2.0 ** 31)
+    return threshold, 2.0 ** 31 / (2.0 ** 31 - threshold)
+
+
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY_STEP = (0x9E3779B9, 0xBB67AE85)
+
+
+def _philox4x32_10(seed, counters):
+    """Philox4x32-10 as tl.randint4x computes it: key (seed_lo, seed_hi), counter
+    (counter_lo, counter_hi, 0, 0); returns the four uint32 words, each shaped like counters."""
+    low32 = np.uint64(0xFFFFFFFF)
+    counters = np.asarray(counters, dtype=np.int64).view(np.uint64)
+    c0, c1 = counters & low32, counters >> np.uint64(32)
+    c2, c3 = np.zeros_like(c0), np.zeros_like(c0)
+    key = np.uint64(seed)
+    k0, k1 = key & low32, (key >> np.uint64(32)) & low32
+    round_a, round_b = (np.uint64(v) for v in _PHILOX_ROUND)
+    for _ in range(10):
+        # products of two 32-bit numbers are exact in uint64: high word >> 32, low word & low32
+        prod_a, prod_b = round_a * c0, round_b * c2
+        c0, c1, c2, c3 = ((prod_b >> np.uint64(32)) ^ c1 ^ k0, prod_b & low32,
+                          (prod_a >> np.uint64(32)) ^ c3 ^ k1, prod_a & low32)
+        k0 = (k0 + np.uint64(_PHILOX_KEY_STEP[0])) & low32
+        k1 = (k1 + np.uint64(_PHILOX_KEY_STEP[1])) & low32
+    return c0, c1, c2, c3
+
+
+def dropout_keep_mask(seed, shape, dropout_p):
+    """The kernels' dropout mask for an (N, C, H, W) tensor, as a bool CPU tensor, computed
+    independently of Triton (numpy Philox): keep[n, c, p] from word p % 4 of
+    Philox4x32-10(seed) at counter (n*C + c)*ceil(HW/4) + p//4 (see the module docstring)."""
+    N, C, H, W = shape
+    HW = H * W
+    quads = -(-HW // 4)
+    seed = int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)
+    counters = np.arange(N * C, dtype=np.int64)[:, None] * quads + np.arange(quads, dtype=np.int64)[None, :]
+    words = np.stack(_philox4x32_10(seed, counters), axis=-1).reshape(N * C, quads * 4)[:, :HW]
+    threshold, _ = _dropout_constants(dropout_p)
+    keep = (words >> np.uint64(1)).astype(np.int64) >= threshold
+    return torch.from_numpy(keep).reshape(N, C, H, W)
+
+
+def new_dropout_seed(device):
+    """A fresh seed for the kernels' dropout, drawn on the device from torch's default generator
+    (reproducible under torch.manual_seed, safe in CUDA graphs and torch.compile)."""
+    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=device)
 
 
 def _memory_format(x):
@@ -552,7 +653,7 @@ def _sm_count(device):
     return _SM_COUNT[index]
 
 
-def _launch_config(N, C, HW, num_groups, stride_c, device, backward):
+def _launch_config(N, C, HW, num_groups, stride_c, device, backward, dropout=False):
     """Tile shape, split and warps by heuristic.
 
     GPU: a tile holds 2048 elements forward and 1024 backward (which keeps about twice as many
@@ -562,15 +663,18 @@ def _launch_config(N, C, HW, num_groups, stride_c, device, backward):
     are fewer than two groups per SM; then its positions are split so that the grid has about
     four programs per SM. The interpreter gets 4096-element tiles and no split: it costs
     ~10-30 ms per program and per loop step, whatever the tile size.
+    With dropout, tiles span at least 4 positions (one Philox call gives the words of 4 positions),
+    and backward puts 4 elements on a thread.
     """
     Cg = C // num_groups
     on_gpu = not _INTERPRETED  # compiled kernels only ever launch on the GPU (see _check_device)
     tile = (1024 if backward else 2048) if on_gpu else 4096
+    min_hw = 4 if dropout else 1
     if stride_c == 1 and Cg > 1:  # channels_last: a group's channels are contiguous
-        block_c = min(triton.next_power_of_2(Cg), tile)
-        block_hw = min(triton.next_power_of_2(HW), max(1, tile // block_c))
+        block_c = min(triton.next_power_of_2(Cg), tile // min_hw)
+        block_hw = max(min_hw, min(triton.next_power_of_2(HW), max(1, tile // block_c)))
     else:
-        block_hw = min(triton.next_power_of_2(HW), tile)
+        block_hw = max(min_hw, min(triton.next_power_of_2(HW), tile))
         block_c = min(triton.next_power_of_2(Cg), max(1, tile // block_hw))
     num_splits = 1
     if on_gpu:
@@ -581,10 +685,15 @@ def _launch_config(N, C, HW, num_groups, stride_c, device, backward):
     override = _LAUNCH_OVERRIDE or {}
     block_c = override.get("block_c", block_c)
     block_hw = override.get("block_hw", block_hw)
+    if block_hw < min_hw:
+        raise ValueError(f"group_norm_silu: with dropout a tile spans at least {min_hw} positions, got block_hw={block_hw}")
     num_splits = override.get("split", num_splits)
     hw_per_split = triton.cdiv(triton.cdiv(HW, num_splits), block_hw) * block_hw
     num_splits = triton.cdiv(HW, hw_per_split)  # no empty splits
-    num_warps = override.get("num_warps", min(8, max(1, block_c * block_hw // 256)))
+    # backward with dropout regenerates the mask in both of its passes: 4 elements a thread, not 8
+    # (bf16 at 8x8x512 on sm_90 with Triton 3.6: 236 registers on 4 warps)
+    per_thread = 4 if dropout and backward else 8
+    num_warps = override.get("num_warps", min(8, max(1, block_c * block_hw // (32 * per_thread))))
     return _LaunchConfig(block_c, block_hw, num_splits, hw_per_split, num_warps)
 
 
@@ -594,9 +703,9 @@ def _in_out_flags(scale, shift, mode):
                 SCALE_OUT=not pre and scale is not None, SHIFT_OUT=not pre and shift is not None)
 
 
-def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu):
+def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout_p=0.0, seed=None):
     """Launch the forward kernels; returns (y, mean, rstd)."""
-    _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu)
+    _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed)
     _check_device(x)
     N, C, H, W = x.shape
     HW = H * W
@@ -610,8 +719,10 @@ def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu):
     shift = shift.contiguous() if shift is not None else None
     mean = _new_buffer((N, G), torch.float32, x.device)
     rstd = _new_buffer((N, G), torch.float32, x.device)
-    cfg = _launch_config(N, C, HW, G, sxc, x.device, backward=False)
+    dropout = dropout_p > 0
+    cfg = _launch_config(N, C, HW, G, sxc, x.device, backward=False, dropout=dropout)
     flags = _in_out_flags(scale, shift, mode)
+    drop_threshold, drop_scale = _dropout_constants(dropout_p)
     # an absent scale/shift is never read (its constexpr flag is off): pass x as a placeholder
     scale_arg = scale if scale is not None else x
     shift_arg = shift if shift is not None else x
@@ -626,19 +737,20 @@ def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu):
             SCALE_IN=flags["SCALE_IN"], SHIFT_IN=flags["SHIFT_IN"],
             BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, num_warps=cfg.num_warps)
     _gn_fwd_kernel[(N * G, cfg.num_splits)](
-        x, y, weight, bias, scale_arg, shift_arg, mean, rstd, moments,
-        C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits, float(eps),
+        x, y, weight, bias, scale_arg, shift_arg, mean, rstd, moments, seed if dropout else mean,
+        C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits, float(eps), drop_threshold, drop_scale,
         sxn, sxc, sxp, syn, syc, syp,
-        **flags, SILU=silu, FUSED_STATS=fused,
+        **flags, SILU=silu, DROPOUT=dropout, FUSED_STATS=fused,
         SPLITS_P2=triton.next_power_of_2(cfg.num_splits),
         BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, num_warps=cfg.num_warps)
     return y, mean, rstd
 
 
-def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu):
+def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu,
+              dropout_p=0.0, seed=None):
     """Launch the backward kernels; returns (dx, dweight, dbias, dscale, dshift), with empty
     tensors for dscale/dshift where scale/shift are None."""
-    _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu)
+    _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed)
     _check_device(x)
     if dy.shape != x.shape or dy.device != x.device:
         raise ValueError(f"group_norm_silu backward: dy has shape {tuple(dy.shape)} on {dy.device}, "
@@ -654,8 +766,11 @@ def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mo
     weight_c, bias_c = weight.contiguous(), bias.contiguous()
     scale_c = scale.contiguous() if scale is not None else None
     shift_c = shift.contiguous() if shift is not None else None
-    cfg = _launch_config(N, C, HW, G, sxc, x.device, backward=True)
+    dropout = dropout_p > 0
+    cfg = _launch_config(N, C, HW, G, sxc, x.device, backward=True, dropout=dropout)
     flags = _in_out_flags(scale, shift, mode)
+    drop_threshold, drop_scale = _dropout_constants(dropout_p)
+    seed_arg = seed if dropout else mean
     scale_arg = scale_c if scale_c is not None else x
     shift_arg = shift_c if shift_c is not None else x
     fused = cfg.num_splits == 1
@@ -664,16 +779,16 @@ def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mo
     need_in = flags["SCALE_IN"] or flags["SHIFT_IN"]
     sums_in = _new_buffer((N, C, cfg.num_splits, 2), torch.float32, x.device) if need_in else sums
     common = dict(SCALE_IN=flags["SCALE_IN"], SHIFT_IN=flags["SHIFT_IN"],
-                  SCALE_OUT=flags["SCALE_OUT"], SHIFT_OUT=flags["SHIFT_OUT"], SILU=silu,
+                  SCALE_OUT=flags["SCALE_OUT"], SHIFT_OUT=flags["SHIFT_OUT"], SILU=silu, DROPOUT=dropout,
                   BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, num_warps=cfg.num_warps)
     if not fused:
         _gn_bwd_sums_kernel[(N * G, cfg.num_splits)](
-            x, dy, weight_c, bias_c, scale_arg, shift_arg, mean, rstd, sums,
-            C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits,
+            x, dy, weight_c, bias_c, scale_arg, shift_arg, mean, rstd, sums, seed_arg,
+            C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits, drop_threshold, drop_scale,
             sxn, sxc, sxp, sdyn, sdyc, sdyp, **common)
     _gn_bwd_kernel[(N * G, cfg.num_splits)](
-        x, dy, dx, weight_c, bias_c, scale_arg, shift_arg, mean, rstd, sums, sums_in,
-        C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits, 1.0 / ((C // G) * HW),
+        x, dy, dx, weight_c, bias_c, scale_arg, shift_arg, mean, rstd, sums, sums_in, seed_arg,
+        C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits, 1.0 / ((C // G) * HW), drop_threshold, drop_scale,
         sxn, sxc, sxp, sdyn, sdyc, sdyp, sdxn, sdxc, sdxp,
         FUSED_SUMS=fused, SPLITS_P2=triton.next_power_of_2(cfg.num_splits), **common)
 
@@ -701,15 +816,17 @@ def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mo
 @torch.library.custom_op("dream_kernels::group_norm_silu_fwd", mutates_args=())
 def _group_norm_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                          scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
-                         num_groups: int, eps: float, mode: str, silu: bool
+                         num_groups: int, eps: float, mode: str, silu: bool,
+                         dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, rstd); mean and rstd are fp32 of shape (N, num_groups)."""
-    return _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu)
+    return _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout_p, seed)
 
 
 @_group_norm_silu_fwd.register_fake
-def _group_norm_silu_fwd_fake(x, weight, bias, scale, shift, num_groups, eps, mode, silu):
-    _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu)
+def _group_norm_silu_fwd_fake(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout_p=0.0,
+                              seed=None):
+    _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed)
     stats_shape = (x.shape[0], num_groups)
     return (torch.empty_like(x, memory_format=_memory_format(x)),
             x.new_empty(stats_shape, dtype=torch.float32),
@@ -720,14 +837,17 @@ def _group_norm_silu_fwd_fake(x, weight, bias, scale, shift, num_groups, eps, mo
 def _group_norm_silu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                          scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
                          mean: torch.Tensor, rstd: torch.Tensor,
-                         num_groups: int, eps: float, mode: str, silu: bool
+                         num_groups: int, eps: float, mode: str, silu: bool,
+                         dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias, dscale, dshift); dscale/dshift are empty when scale/shift are None."""
-    return _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu)
+    return _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu,
+                     dropout_p, seed)
 
 
 @_group_norm_silu_bwd.register_fake
-def _group_norm_silu_bwd_fake(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu):
+def _group_norm_silu_bwd_fake(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu,
+                              dropout_p=0.0, seed=None):
     return (torch.empty_like(x, memory_format=_memory_format(x)),
             torch.empty_like(weight), torch.empty_like(bias),
             torch.empty_like(scale) if scale is not None else x.new_empty(0),
@@ -735,21 +855,22 @@ def _group_norm_silu_bwd_fake(dy, x, weight, bias, scale, shift, mean, rstd, num
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, scale, shift, num_groups, eps, mode, silu = inputs
+    x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout_p, seed = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
-    ctx.hyper = (num_groups, eps, mode, silu)
+    # the dropout mask is not saved: backward regenerates it from the (one-element) seed
+    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd, seed)
+    ctx.hyper = (num_groups, eps, mode, silu, dropout_p)
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _autograd_backward(ctx, dy, _dmean, _drstd):
-    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+    x, weight, bias, scale, shift, mean, rstd, seed = ctx.saved_tensors
     dx, dweight, dbias, dscale, dshift = torch.ops.dream_kernels.group_norm_silu_bwd(
-        dy, x, weight, bias, scale, shift, mean, rstd, *ctx.hyper)
+        dy, x, weight, bias, scale, shift, mean, rstd, *ctx.hyper, seed)
     return (dx, dweight, dbias,
             dscale if scale is not None else None,
             dshift if shift is not None else None,
-            None, None, None, None)
+            None, None, None, None, None, None)
 
 
 _group_norm_silu_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -758,26 +879,36 @@ _group_norm_silu_fwd.register_autograd(_autograd_backward, setup_context=_setup_
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
-def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, mode="pre", silu=True):
-    """Fused act(GroupNorm with per-(n, c) scale/shift) with Triton kernels (see module docstring).
+def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, mode="pre", silu=True,
+                    dropout_p=0.0, seed=None):
+    """Fused act(GroupNorm with per-(n, c) scale/shift), then dropout, with Triton kernels (see
+    the module docstring).
 
     x: (N, C, H, W) fp32/fp16/bf16, NCHW-contiguous or channels_last (others are copied);
     weight, bias: (C,); scale, shift: (N, C) or None; each in x's dtype or fp32, on x's device.
     mode "pre": y = act(gamma*GN(x*(1+s)+t) + beta); "post": y = act((gamma*GN(x)+beta)*(1+s)+t);
-    act = SiLU when silu else identity. Returns y in x's dtype and memory format.
+    act = SiLU when silu else identity. dropout_p > 0: y = y*keep/(1 - dropout_p) with the mask a
+    function of seed (an int64 tensor of one element on x's device; None draws one with
+    new_dropout_seed) regenerated in backward; dropout_keep_mask(seed, x.shape, dropout_p) is it.
+    Returns y in x's dtype and memory format.
     CPU tensors run only through the Triton interpreter (TRITON_INTERPRET=1 at import).
     """
-    _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu)
+    if isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool) and dropout_p > 0 \
+            and seed is None and isinstance(x, torch.Tensor):
+        seed = new_dropout_seed(x.device)
+    _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed)
     y, _, _ = torch.ops.dream_kernels.group_norm_silu_fwd(
-        x, weight, bias, scale, shift, num_groups, float(eps), mode, silu)
+        x, weight, bias, scale, shift, num_groups, float(eps), mode, silu, float(dropout_p),
+        seed if dropout_p > 0 else None)
     return y
 
 
 def group_norm_silu_reference(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None,
-                              mode="pre", silu=True):
+                              mode="pre", silu=True, dropout_p=0.0, seed=None):
     """Eager PyTorch version of group_norm_silu, in x's dtype (any floating dtype, float64 too);
-    weight, bias, scale, shift are cast to x's dtype."""
-    _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, reference=True)
+    weight, bias, scale, shift are cast to x's dtype. With dropout_p > 0 it applies the kernels'
+    own mask, dropout_keep_mask(seed, x.shape, dropout_p), so it matches group_norm_silu exactly."""
+    _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed, reference=True)
 
     def per_channel(v):
         return v.to(x.dtype)[:, :, None, None]
@@ -796,7 +927,11 @@ def group_norm_silu_reference(x, weight, bias, num_groups, eps=1e-5, scale=None,
             h = h * (1 + per_channel(scale))
         if shift is not None:
             h = h + per_channel(shift)
-    return F.silu(h) if silu else h
+    y = F.silu(h) if silu else h
+    if dropout_p > 0:
+        _, drop_scale = _dropout_constants(dropout_p)
+        y = y * (dropout_keep_mask(seed, x.shape, dropout_p).to(x.device, x.dtype) * drop_scale)
+    return y
 
 
 # The Python implementation behind each custom op (what a launch of the op runs), for tools

@@ -14,7 +14,9 @@ Error metric: max|actual - expected| / max|expected| over the whole tensor.
 | bfloat16 (GPU)  | 1.6e-2                                | 1e-5       | 8x the fp16 unit roundoff    |
 
 Parameters may be fp32 while x is half; their gradients are then fp32, still checked against
-the x-dtype row. bf16 runs only with CUDA: the Triton interpreter mishandles bf16. Every
+the x-dtype row. With dropout the reference applies the kernels' mask computed independently
+(dropout_keep_mask: numpy Philox), so the same tolerances hold, and the kernel's zeros must be
+exactly the mask's. bf16 runs only with CUDA: the Triton interpreter mishandles bf16. Every
 buffer the launchers allocate (outputs and partial sums) is filled with NaN first, so an
 unwritten element fails.
 """
@@ -26,7 +28,8 @@ import torch
 
 from conftest import DEVICE, ON_GPU
 
-from kernels.group_norm_silu import group_norm_silu, group_norm_silu_reference  # noqa: E402
+from kernels.group_norm_silu import (dropout_keep_mask, group_norm_silu,  # noqa: E402
+                                     group_norm_silu_reference, new_dropout_seed)
 
 # the module itself (the package attribute `kernels.group_norm_silu` is the function)
 gns = importlib.import_module("kernels.group_norm_silu")
@@ -56,6 +59,8 @@ GPU_SHAPES = [
     (7, 1024, 9, 3, 8),
 ]
 SHAPES = CPU_SHAPES + (GPU_SHAPES if ON_GPU else [])
+# with dropout: the split path, a UNet site and odd sizes are enough on the GPU
+DROPOUT_SHAPES = CPU_SHAPES + ([GPU_SHAPES[0], GPU_SHAPES[1], GPU_SHAPES[5]] if ON_GPU else [])
 
 
 @pytest.fixture(autouse=True)
@@ -105,22 +110,30 @@ def _float64_stats(x, scale, shift, num_groups, mode):
 
 
 def _check_against_float64(shape, dtype, mode, silu, has_scale, has_shift, channels_last,
-                            param_dtype=None, seed_extra=()):
+                            param_dtype=None, seed_extra=(), dropout_p=0.0):
     param_dtype = param_dtype or dtype
     num_groups = shape[4]
+    test_seed = _seed(shape, dtype, mode, silu, has_scale, has_shift, channels_last, param_dtype, seed_extra,
+                      dropout_p)
     x, weight, bias, scale, shift, dy = _make_inputs(
-        shape, dtype, param_dtype, has_scale, has_shift, channels_last,
-        _seed(shape, dtype, mode, silu, has_scale, has_shift, channels_last, param_dtype, seed_extra))
+        shape, dtype, param_dtype, has_scale, has_shift, channels_last, test_seed)
     names = ["x", "weight", "bias", "scale", "shift"]
     leaves = [x, weight, bias, scale, shift]
     wanted = [(name, leaf.requires_grad_()) for name, leaf in zip(names, leaves) if leaf is not None]
+    # a 64-bit dropout seed with both 32-bit halves nonzero
+    seed = torch.tensor([(test_seed & 0x7FFFFFFF) << 32 | (test_seed ^ 0x5A5A5A5A)], device=DEVICE) if dropout_p else None
 
     y, mean, rstd = torch.ops.dream_kernels.group_norm_silu_fwd(
-        x, weight, bias, scale, shift, num_groups, EPS, mode, silu)
+        x, weight, bias, scale, shift, num_groups, EPS, mode, silu, dropout_p, seed)
     grads = torch.autograd.grad(y, [leaf for _, leaf in wanted], dy)
 
     leaves64 = [leaf.detach().double().requires_grad_() if leaf is not None else None for leaf in leaves]
-    y64 = group_norm_silu_reference(*leaves64[:3], num_groups, EPS, *leaves64[3:], mode=mode, silu=silu)
+    y64 = group_norm_silu_reference(*leaves64[:3], num_groups, EPS, *leaves64[3:], mode=mode, silu=silu,
+                                    dropout_p=dropout_p, seed=seed)
+    if dropout_p:
+        keep = dropout_keep_mask(seed, x.shape, dropout_p).to(DEVICE)
+        clear = y64.detach().abs() > 1e-6  # where the undropped output cannot round to 0
+        assert torch.equal((y != 0)[clear], keep[clear]), "the kernel's dropout mask is not dropout_keep_mask"
     grads64 = torch.autograd.grad(y64, [leaf for leaf in leaves64 if leaf is not None], dy.double())
     mean64, rstd64 = _float64_stats(x, scale, shift, num_groups, mode)
 
@@ -212,6 +225,98 @@ def test_statistics_are_sound_with_large_mean():
 
 
 # ----------------------------------------------------------------------------------------------
+# Fused dropout: mask regenerated in backward from the seed, identical to dropout_keep_mask
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", DROPOUT_SHAPES, ids=str)
+def test_dropout_matches_float64(shape, dtype, channels_last):
+    _check_against_float64(shape, dtype, "pre", True, True, True, channels_last,
+                           param_dtype=torch.float32, dropout_p=0.3)
+
+
+@pytest.mark.parametrize("dropout_p", [0.1, 0.75])
+@pytest.mark.parametrize("mode,silu", [("post", True), ("pre", False)])
+def test_dropout_other_modes_and_rates(mode, silu, dropout_p):
+    _check_against_float64((2, 18, 3, 6, 3), torch.float32, mode, silu, True, False, False,
+                           dropout_p=dropout_p)
+
+
+# the mask must not depend on the launch configuration: 4-position tiles, tails, splits
+DROPOUT_CONFIGS = [dict(block_c=8, block_hw=4), dict(block_c=4, block_hw=8, split=3),
+                   dict(block_c=8, block_hw=16, split=2)]
+
+
+@pytest.mark.parametrize("config", DROPOUT_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_dropout_forced_tiles_and_splits(monkeypatch, config, channels_last):
+    monkeypatch.setattr(gns, "_LAUNCH_OVERRIDE", config)
+    _check_against_float64((1, 24, 7, 5, 2), torch.float32, "pre", True, True, True, channels_last,
+                           seed_extra=tuple(config.items()), dropout_p=0.2)
+
+
+def test_dropout_tiles_narrower_than_four_positions_are_refused(monkeypatch):
+    monkeypatch.setattr(gns, "_LAUNCH_OVERRIDE", dict(block_hw=2))
+    x, weight, bias, _, _, _ = _make_inputs((1, 8, 3, 3, 2), torch.float32, torch.float32, False, False, False, 1)
+    with pytest.raises(ValueError, match="at least 4 positions"):
+        group_norm_silu(x, weight, bias, 2, dropout_p=0.5)
+
+
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5])
+def test_dropout_mask_statistics(dropout_p):
+    # 2^20 Bernoulli draws: the keep rate within 6 sigma of 1 - p, in each of the four Philox
+    # words (positions p % 4) too; two seeds agree where two independent masks would
+    shape, seeds = (8, 64, 32, 64), (0x1234_5678_9ABC, 0x1234_5678_9ABD)
+    keeps = [dropout_keep_mask(torch.tensor([seed]), shape, dropout_p).flatten(2).double() for seed in seeds]
+    n = keeps[0].numel()
+    sigma = (dropout_p * (1 - dropout_p) / n) ** 0.5
+    assert abs(keeps[0].mean().item() - (1 - dropout_p)) < 6 * sigma
+    for word in range(4):
+        assert abs(keeps[0][..., word::4].mean().item() - (1 - dropout_p)) < 12 * sigma
+    agree = (keeps[0] == keeps[1]).double().mean().item()
+    expected = dropout_p ** 2 + (1 - dropout_p) ** 2
+    assert abs(agree - expected) < 6 * (expected * (1 - expected) / n) ** 0.5
+
+
+def test_dropout_seed_is_drawn_from_torch_generator():
+    x, weight, bias, scale, shift, _ = _make_inputs((2, 12, 3, 5, 3), torch.float32, torch.float32,
+                                                    True, True, False, 21)
+    outputs = []
+    for manual_seed in (5, 5, 6):
+        torch.manual_seed(manual_seed)
+        outputs.append(group_norm_silu(x, weight, bias, 3, scale=scale, shift=shift, dropout_p=0.4))
+    assert torch.equal(outputs[0], outputs[1])
+    assert not torch.equal(outputs[0] != 0, outputs[2] != 0)
+    torch.manual_seed(5)
+    seed = new_dropout_seed(DEVICE)
+    expected = group_norm_silu_reference(x, weight, bias, 3, scale=scale, shift=shift, dropout_p=0.4, seed=seed)
+    assert _rel_err(outputs[0], expected.double()) <= TOLERANCE[torch.float32]
+    assert torch.equal(group_norm_silu(x, weight, bias, 3, scale=scale, shift=shift, dropout_p=0.0),
+                       group_norm_silu(x, weight, bias, 3, scale=scale, shift=shift))
+
+
+def test_dropout_under_activation_checkpointing_recomputes_the_same_mask():
+    from torch.utils.checkpoint import checkpoint
+
+    x, weight, bias, scale, shift, dy = _make_inputs((2, 12, 3, 5, 3), torch.float32, torch.float32,
+                                                     True, True, True, 22)
+    leaves = [v.requires_grad_() for v in (x, weight, bias, scale, shift)]
+
+    def block(*args):  # dropout seed drawn inside: the recompute must draw the same one
+        return group_norm_silu(args[0] * 1.5, *args[1:3], 3, scale=args[3], shift=args[4], dropout_p=0.3)
+
+    torch.manual_seed(9)
+    plain = block(*leaves)
+    plain_grads = torch.autograd.grad(plain, leaves, dy)
+    torch.manual_seed(9)
+    recomputed = checkpoint(block, *leaves, use_reentrant=False)
+    recomputed_grads = torch.autograd.grad(recomputed, leaves, dy)
+    assert torch.equal(plain, recomputed)
+    for grad, expected in zip(recomputed_grads, plain_grads):
+        assert torch.equal(grad, expected)
+
+
+# ----------------------------------------------------------------------------------------------
 # Layouts, poisoning, public API
 # ----------------------------------------------------------------------------------------------
 def test_poisoning_is_active():
@@ -277,20 +382,22 @@ def test_fake_tensor_mode_shapes_and_backward():
         assert dscale.dtype == torch.float16 and dweight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["no_dropout", "dropout"])
 @pytest.mark.parametrize("op_name", ["group_norm_silu_fwd", "group_norm_silu_bwd"])
-def test_opcheck(op_name):
+def test_opcheck(op_name, dropout_p):
     N, C, H, W, G = 2, 8, 3, 2, 2
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(N, C, H, W, generator=gen).to(DEVICE)
     weight, bias = torch.randn(C, generator=gen).to(DEVICE), torch.randn(C, generator=gen).to(DEVICE)
     scale, shift = torch.randn(N, C, generator=gen).to(DEVICE), torch.randn(N, C, generator=gen).to(DEVICE)
+    seed = torch.tensor([123456789], device=DEVICE) if dropout_p else None
     if op_name == "group_norm_silu_fwd":
         for v in (x, weight, bias, scale, shift):
             v.requires_grad_()
-        args = (x, weight, bias, scale, shift, G, EPS, "pre", True)
+        args = (x, weight, bias, scale, shift, G, EPS, "pre", True, dropout_p, seed)
     else:
         _, mean, rstd = torch.ops.dream_kernels.group_norm_silu_fwd(x, weight, bias, scale, None, G, EPS, "post", True)
-        args = (torch.randn_like(x), x, weight, bias, scale, None, mean, rstd, G, EPS, "post", True)
+        args = (torch.randn_like(x), x, weight, bias, scale, None, mean, rstd, G, EPS, "post", True, dropout_p, seed)
     torch.library.opcheck(getattr(torch.ops.dream_kernels, op_name).default, args)
 
 
@@ -305,21 +412,23 @@ def test_torch_compile_fullgraph_forward_and_backward():
             self.bias = torch.nn.Parameter(0.3 * torch.randn(channels))
             self.to_scale_shift = torch.nn.Linear(emb_dim, 2 * channels)
 
-        def forward(self, x, emb):
+        def forward(self, x, emb, seed):
             scale, shift = self.to_scale_shift(emb).chunk(2, dim=1)
-            h = group_norm_silu(x, self.weight, self.bias, self.groups, scale=scale, shift=shift)
+            h = group_norm_silu(x, self.weight, self.bias, self.groups, scale=scale, shift=shift,
+                                dropout_p=0.2, seed=seed)
             return group_norm_silu(h * 2.0, self.weight, self.bias, self.groups, silu=False)
 
     torch.manual_seed(0)
     module = TimeConditionedNorm(12, 5, 3).to(DEVICE)
     x = torch.randn(2, 12, 4, 3, device=DEVICE, requires_grad=True)
     emb = torch.randn(2, 5, device=DEVICE)
-    eager_out = module(x, emb)
+    seed = torch.tensor([0x5EED_5EED_5EED], device=DEVICE)
+    eager_out = module(x, emb, seed)
     eager_grads = torch.autograd.grad(eager_out.square().sum(), [x, *module.parameters()])
     # Inductor codegen costs ~a minute of CPU compilation; without a GPU check the tracing
     # (Dynamo + fake impls + AOT autograd) with aot_eager instead.
     compiled = torch.compile(module, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
-    out = compiled(x, emb)
+    out = compiled(x, emb, seed)
     grads = torch.autograd.grad(out.square().sum(), [x, *module.parameters()])
     assert _rel_err(out, eager_out.double()) <= 1e-5
     for grad, eager_grad in zip(grads, eager_grads):
@@ -356,6 +465,11 @@ BAD_CALLS = [
      TypeError, "mixed dtypes: scale", True),
     ("mode", dict(mode="middle"), ValueError, "mode must be 'pre' or 'post'", True),
     ("eps", dict(eps=0.0), ValueError, "eps must be a positive float", True),
+    ("dropout_one", dict(dropout_p=1.0), ValueError, r"dropout_p must be a float in \[0, 1\)", True),
+    ("dropout_negative", dict(dropout_p=-0.1), ValueError, r"dropout_p must be a float in \[0, 1\)", True),
+    ("seed_dtype", dict(dropout_p=0.1, seed=torch.tensor([1.0])), TypeError, "seed must be an int64 tensor", True),
+    ("seed_size", dict(dropout_p=0.1, seed=torch.tensor([1, 2])), TypeError, "seed must be an int64 tensor", True),
+    ("seed_int", dict(dropout_p=0.1, seed=7), TypeError, "seed must be an int64 tensor of one element, got int", True),
 ]
 
 
@@ -392,6 +506,14 @@ def test_mixed_devices_error_on_meta():
     args["scale"] = args["scale"].to("meta")
     with pytest.raises(ValueError, match="scale is on meta but x is on"):
         group_norm_silu(**args)
+    args = _valid_args()
+    with pytest.raises(ValueError, match="seed is on meta but x is on"):
+        group_norm_silu(**args, dropout_p=0.1, seed=torch.tensor([1], device="meta"))
+
+
+def test_reference_dropout_needs_a_seed():
+    with pytest.raises(TypeError, match="dropout needs a seed"):
+        group_norm_silu_reference(**_valid_args(), dropout_p=0.1)
 
 
 def test_cpu_tensors_without_interpreter_raise(monkeypatch):

@@ -130,6 +130,23 @@ def test_cuda_rules_cost_more_than_cpu_rules_under_bf16():
     assert cuda.breakdown["activations"] > cpu.breakdown["activations"]
 
 
+def test_fused_dropout_stores_no_mask():
+    """The triton backend fuses the ResBlock's dropout into its GroupNorm kernel and regenerates the
+    mask in backward: its activations do not grow with dropout on, the eager backend's do (the
+    1-byte CUDA mask)."""
+    def activations(backend, dropout):
+        overrides = {**SMALL_MODEL, "num_heads": 4, "dropout": dropout}  # head dim 16 for the kernel
+        return estimate(replace(SMALL, backend=backend, model_overrides=overrides)).breakdown["activations"]
+
+    from dream.model import ResBlock
+
+    with torch.device("meta"):
+        res_blocks = sum(isinstance(m, ResBlock) for m in build_unet("tiny", **SMALL_MODEL).modules())
+    # all that dropout adds is each ResBlock's 8-byte seed
+    assert activations("triton", 0.1) - activations("triton", 0.0) == 8 * res_blocks
+    assert activations("eager", 0.1) - activations("eager", 0.0) > 1000 * res_blocks
+
+
 # ----------------------------------------------------------------------------------------------
 # CudaAutocastPolicy on real CPU tensors
 # ----------------------------------------------------------------------------------------------

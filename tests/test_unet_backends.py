@@ -14,9 +14,9 @@ SIZE = 32 if ON_GPU else 16
 BATCH = 4 if ON_GPU else 2
 
 
-def random_model(size=SIZE, **overrides):
+def random_model(size=SIZE, dropout=0.0, **overrides):
     torch.manual_seed(0)
-    model = build_unet("tiny", image_size=size, dropout=0.0, **overrides)
+    model = build_unet("tiny", image_size=size, dropout=dropout, **overrides)
     with torch.no_grad():
         for p in model.parameters():  # random norms, scales and a non-zero head: every path matters
             p.add_(0.2 * torch.randn_like(p))
@@ -83,10 +83,60 @@ def test_resblock_compiles_fullgraph_with_the_fused_op():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+class FixedMaskDropout(torch.nn.Module):
+    """Dropout with a given keep mask: the eager stand-in for the kernel's fused dropout."""
+
+    def __init__(self, keep, p):
+        super().__init__()
+        self.keep, self.p = keep, p
+
+    def forward(self, x):
+        return x * self.keep.to(x.dtype) / (1 - self.p)
+
+
+def test_resblock_fused_dropout_matches_float64_eager_with_the_same_mask():
+    """Training mode: the triton ResBlock fuses dropout into its second norm, the seed drawn from
+    torch's generator inside forward; the float64 eager block with that mask as its dropout gives
+    the same output and gradients. Eval mode: no dropout on either side."""
+    from kernels import dropout_keep_mask, new_dropout_seed
+
+    p = 0.3
+    torch.manual_seed(0)
+    block = ResBlock(24, 48, time_dim=32, num_groups=8, dropout=p, eps=1e-5).to(DEVICE)
+    with torch.no_grad():
+        for param in block.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    x = torch.randn(3, 24, 7, 5, device=DEVICE, requires_grad=True)
+    temb = torch.randn(3, 32, device=DEVICE, requires_grad=True)
+    grad_out = torch.randn(3, 48, 7, 5, device=DEVICE)
+    block.backend = "triton"
+    torch.manual_seed(4)
+    y = block(x, temb)
+    grads = torch.autograd.grad(y, [x, temb, *block.parameters()], grad_out)
+
+    torch.manual_seed(4)
+    keep = dropout_keep_mask(new_dropout_seed(DEVICE), y.shape, p).to(DEVICE)
+    assert 0 < keep.sum() < keep.numel()
+    reference = ResBlock(24, 48, time_dim=32, num_groups=8, dropout=p, eps=1e-5).to(DEVICE).double()
+    reference.load_state_dict(block.state_dict())
+    reference.dropout = FixedMaskDropout(keep, p)
+    leaves64 = [x.detach().double().requires_grad_(), temb.detach().double().requires_grad_()]
+    y64 = reference(*leaves64)
+    grads64 = torch.autograd.grad(y64, [*leaves64, *reference.parameters()], grad_out.double())
+    assert max_rel(y.double(), y64) <= 1e-5
+    for (name, _), grad, grad64 in zip([("x", 0), ("temb", 0), *block.named_parameters()], grads, grads64):
+        assert max_rel(grad.double(), grad64) <= 1e-5, name
+
+    block.eval()
+    eager = ResBlock(24, 48, time_dim=32, num_groups=8, dropout=p, eps=1e-5).to(DEVICE).eval()
+    eager.load_state_dict(block.state_dict())
+    torch.testing.assert_close(block(x, temb), eager(x, temb), rtol=1e-5, atol=1e-5)
+
+
 def test_whole_unet_traces_without_graph_breaks():
     import torch._dynamo
 
-    model = random_model().set_backend("triton").to(DEVICE)
+    model = random_model(dropout=0.1).set_backend("triton").to(DEVICE).train()  # fused dropout: seeds drawn inside
     x = torch.randn(1, 3, SIZE, SIZE, device=DEVICE)
     t = torch.tensor([7], device=DEVICE)
     explanation = torch._dynamo.explain(model)(x, t)
