@@ -241,7 +241,17 @@ class UNet(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         if backend == "triton":
-            import kernels  # noqa: F401  (fails here, clearly, if triton is unusable)
+            from kernels import SUPPORTED_HEAD_DIMS  # fails here, clearly, if triton is unusable
+
+            for module in self.modules():
+                if isinstance(module, Attention):
+                    channels = module.norm.num_channels
+                    head_dim = channels // module.num_heads
+                    if head_dim not in SUPPORTED_HEAD_DIMS:
+                        raise ValueError(
+                            f"backend 'triton': attention head dim {head_dim} ({channels} channels / "
+                            f"{module.num_heads} heads) is not one the attention kernel supports "
+                            f"{SUPPORTED_HEAD_DIMS}; change the base channels or heads, or use backend 'sdpa'")
         self.backend = backend
         for module in self.modules():
             if isinstance(module, (ResBlock, Attention)):

@@ -4,7 +4,8 @@ This package never imports `dream`. On a machine without a GPU, set
 TRITON_INTERPRET=1 before importing it to run the kernels on CPU tensors.
 """
 from kernels.group_norm_silu import dropout_keep_mask, group_norm_silu, group_norm_silu_reference, new_dropout_seed
-from kernels.attention import attention, attention_qkv_nchw, attention_qkv_nchw_reference, attention_reference
+from kernels.attention import (SUPPORTED_HEAD_DIMS, attention, attention_qkv_nchw, attention_qkv_nchw_reference,
+                               attention_reference)
 
 __all__ = [
     "group_norm_silu",
@@ -15,4 +16,5 @@ __all__ = [
     "attention_reference",
     "attention_qkv_nchw",
     "attention_qkv_nchw_reference",
+    "SUPPORTED_HEAD_DIMS",
 ]

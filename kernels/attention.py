@@ -47,7 +47,7 @@ import triton.language as tl
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _MAX_SEQUENCE = 4096
 _LOG2E = 1.4426950408889634
 _INT32_MAX = 2**31 - 1
@@ -500,8 +500,8 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     batch, heads, seq_len, head_dim = q.shape
-    if head_dim not in _SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"attention: head dim D={head_dim} is not supported (16, 32, 64, 128)")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"attention: head dim D={head_dim} is not supported {SUPPORTED_HEAD_DIMS}")
     if seq_len < 1 or seq_len > _MAX_SEQUENCE:
         raise ValueError(f"attention: sequence length N={seq_len} must be in [1, {_MAX_SEQUENCE}]")
     if batch < 1 or heads < 1:

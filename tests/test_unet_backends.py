@@ -142,3 +142,10 @@ def test_whole_unet_traces_without_graph_breaks():
     explanation = torch._dynamo.explain(model)(x, t)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert isinstance(model.down[2].blocks[2], Attention)
+
+
+def test_triton_backend_refuses_unsupported_head_dims_at_build():
+    with pytest.raises(ValueError, match=r"attention head dim 8 \(64 channels / 8 heads\) is not one the attention "
+                                         r"kernel supports \(16, 32, 64, 128\)"):
+        build_unet("tiny", base_channels=16, backend="triton")
+    build_unet("tiny", base_channels=16, backend="sdpa")  # any head dim works there
