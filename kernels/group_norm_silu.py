@@ -893,8 +893,7 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=Non
     Returns y in x's dtype and memory format.
     CPU tensors run only through the Triton interpreter (TRITON_INTERPRET=1 at import).
     """
-    if isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool) and dropout_p > 0 \
-            and seed is None and isinstance(x, torch.Tensor):
+    if seed is None and type(dropout_p) in (int, float) and dropout_p > 0 and isinstance(x, torch.Tensor):
         seed = new_dropout_seed(x.device)
     _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed)
     y, _, _ = torch.ops.dream_kernels.group_norm_silu_fwd(
