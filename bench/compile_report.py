@@ -149,7 +149,8 @@ def contract_calls() -> list[OpCall]:
         label = f"contract N={n} D={d}"
         calls.append(OpCall("dream_kernels::attention_forward", (q, k, v, d ** -0.5), label))
         calls.append(OpCall("dream_kernels::attention_backward", (q, k, v, o, meta(2, 3, n), do, d ** -0.5), label))
-    forms = [(mode, silu, scaled, 0.0) for mode in ("pre", "post") for silu in (True, False) for scaled in (True, False)]
+    forms = [(mode, silu, scaled, 0.0)
+             for mode in ("pre", "post") for silu in (True, False) for scaled in (True, False)]
     forms.append(("pre", True, True, 0.1))
     for (n, c, h, w, groups) in CONTRACT_GROUP_NORM:
         for mode, silu, scaled, dropout_p in forms:

@@ -213,10 +213,8 @@ def group_norm_problems(setting: Setting, sites, groups, layouts) -> list[Proble
         y, mean, rstd = gns._forward(x, weight, bias, scale, shift, groups, 1e-5, "pre", True, dropout_p, seed)
         leaves = [t.detach().float().requires_grad_(True) for t in (x, weight, bias, scale, shift)]
         ref_y = gns.group_norm_silu_reference(*leaves[:3], groups, 1e-5, scale=leaves[3], shift=leaves[4])
-        if dropout_p:
-            # the mask the heuristic's launch drew (the kernel tests check it against dropout_keep_mask,
-            # which is too slow at this size): every candidate must draw the same one
-            ref_y = ref_y * ((y != 0).float() / (1 - dropout_p))
+        if dropout_p and x.device.type != "meta":  # the kernels' mask, computed independently (meta: compile only)
+            ref_y = ref_y * (gns.dropout_keep_mask(seed, x.shape, dropout_p).to(x.device).float() / (1 - dropout_p))
         ref_grads = torch.autograd.grad(ref_y, leaves, dy.float())
 
         def launch(config, fn):

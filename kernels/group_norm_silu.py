@@ -52,7 +52,6 @@ Layouts: x NCHW-contiguous or channels_last (handled through strides); y has x's
 """
 from typing import NamedTuple, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
@@ -539,43 +538,45 @@ def _dropout_constants(dropout_p):
     return threshold, 2.0 ** 31 / (2.0 ** 31 - threshold)
 
 
-_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
-_PHILOX_KEY_STEP = (0x9E3779B9, 0xBB67AE85)
+_LOW32 = 0xFFFFFFFF
+
+
+def _mul_hi_lo(a, b):
+    """(high, low) 32-bit words of a*b for an int64 tensor a < 2^32 and an int b < 2^32, exactly in
+    int64: with a*b = high_part*2^16 + low_part, both parts < 2^48."""
+    high_part, low_part = a * (b >> 16), a * (b & 0xFFFF)
+    return (high_part + (low_part >> 16)) >> 16, (((high_part & 0xFFFF) << 16) + low_part) & _LOW32
 
 
 def _philox4x32_10(seed, counters):
-    """Philox4x32-10 as tl.randint4x computes it: key (seed_lo, seed_hi), counter
-    (counter_lo, counter_hi, 0, 0); returns the four uint32 words, each shaped like counters."""
-    low32 = np.uint64(0xFFFFFFFF)
-    counters = np.asarray(counters, dtype=np.int64).view(np.uint64)
-    c0, c1 = counters & low32, counters >> np.uint64(32)
-    c2, c3 = np.zeros_like(c0), np.zeros_like(c0)
-    key = np.uint64(seed)
-    k0, k1 = key & low32, (key >> np.uint64(32)) & low32
-    round_a, round_b = (np.uint64(v) for v in _PHILOX_ROUND)
+    """Philox4x32-10 as tl.randint4x computes it, in torch int64 arithmetic: key (seed_lo, seed_hi),
+    counter (counter_lo, counter_hi, 0, 0) for non-negative int64 counters; returns the four 32-bit
+    words (as int64 tensors shaped like counters)."""
+    c0, c1 = counters & _LOW32, counters >> 32
+    c2 = c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _LOW32, (seed >> 32) & _LOW32
     for _ in range(10):
-        # products of two 32-bit numbers are exact in uint64: high word >> 32, low word & low32
-        prod_a, prod_b = round_a * c0, round_b * c2
-        c0, c1, c2, c3 = ((prod_b >> np.uint64(32)) ^ c1 ^ k0, prod_b & low32,
-                          (prod_a >> np.uint64(32)) ^ c3 ^ k1, prod_a & low32)
-        k0 = (k0 + np.uint64(_PHILOX_KEY_STEP[0])) & low32
-        k1 = (k1 + np.uint64(_PHILOX_KEY_STEP[1])) & low32
+        hi_b, lo_b = _mul_hi_lo(c2, 0xCD9E8D57)
+        hi_a, lo_a = _mul_hi_lo(c0, 0xD2511F53)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + 0x9E3779B9) & _LOW32, (k1 + 0xBB67AE85) & _LOW32
     return c0, c1, c2, c3
 
 
 def dropout_keep_mask(seed, shape, dropout_p):
-    """The kernels' dropout mask for an (N, C, H, W) tensor, as a bool CPU tensor, computed
-    independently of Triton (numpy Philox): keep[n, c, p] from word p % 4 of
+    """The kernels' dropout mask for an (N, C, H, W) tensor as a bool tensor on the seed's device (CPU
+    for an int seed), computed independently of Triton: keep[n, c, p] from word p % 4 of
     Philox4x32-10(seed) at counter (n*C + c)*ceil(HW/4) + p//4 (see the module docstring)."""
     N, C, H, W = shape
     HW = H * W
     quads = -(-HW // 4)
+    device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
     seed = int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)
-    counters = np.arange(N * C, dtype=np.int64)[:, None] * quads + np.arange(quads, dtype=np.int64)[None, :]
-    words = np.stack(_philox4x32_10(seed, counters), axis=-1).reshape(N * C, quads * 4)[:, :HW]
+    counters = (torch.arange(N * C, dtype=torch.int64, device=device)[:, None] * quads
+                + torch.arange(quads, dtype=torch.int64, device=device)[None, :])
+    words = torch.stack(_philox4x32_10(seed, counters), dim=-1).reshape(N * C, quads * 4)[:, :HW]
     threshold, _ = _dropout_constants(dropout_p)
-    keep = (words >> np.uint64(1)).astype(np.int64) >= threshold
-    return torch.from_numpy(keep).reshape(N, C, H, W)
+    return ((words >> 1) >= threshold).reshape(N, C, H, W)
 
 
 def new_dropout_seed(device):
@@ -686,7 +687,8 @@ def _launch_config(N, C, HW, num_groups, stride_c, device, backward, dropout=Fal
     block_c = override.get("block_c", block_c)
     block_hw = override.get("block_hw", block_hw)
     if block_hw < min_hw:
-        raise ValueError(f"group_norm_silu: with dropout a tile spans at least {min_hw} positions, got block_hw={block_hw}")
+        raise ValueError(f"group_norm_silu: with dropout a tile spans at least {min_hw} positions, "
+                         f"got block_hw={block_hw}")
     num_splits = override.get("split", num_splits)
     hw_per_split = triton.cdiv(triton.cdiv(HW, num_splits), block_hw) * block_hw
     num_splits = triton.cdiv(HW, hw_per_split)  # no empty splits

@@ -15,7 +15,7 @@ Error metric: max|actual - expected| / max|expected| over the whole tensor.
 
 Parameters may be fp32 while x is half; their gradients are then fp32, still checked against
 the x-dtype row. With dropout the reference applies the kernels' mask computed independently
-(dropout_keep_mask: numpy Philox), so the same tolerances hold, and the kernel's zeros must be
+(dropout_keep_mask: Philox in torch int64 arithmetic), so the same tolerances hold, and the kernel's zeros must be
 exactly the mask's. bf16 runs only with CUDA: the Triton interpreter mishandles bf16. Every
 buffer the launchers allocate (outputs and partial sums) is filled with NaN first, so an
 unwritten element fails.
