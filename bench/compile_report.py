@@ -427,7 +427,8 @@ def markdown(report: dict) -> str:
         "",
         f"Static resources from the cubins (no GPU, nothing launched): triton {env['triton']}, ptxas "
         f"{env['ptxas']}, torch {env['torch']}, commit {env['commit']}, {env['date']}. Sites: the seed UNet's "
-        f"training forward + backward and eval forward at {', '.join(report['recorded'])}; precisions {', '.join(report['precisions'])}. "
+        f"training forward + backward and eval forward at {', '.join(report['recorded'])}; "
+        f"precisions {', '.join(report['precisions'])}. "
         f"Programs/SM and warp occupancy are static estimates for {env['sm']} "
         f"(registers, shared memory, warp and program limits), not measurements.",
         "",

@@ -83,7 +83,8 @@ def make_setup(site, direction):
                                       dropout_p=dropout_p, seed=seed)
         extra = {}
         if dropout_p:
-            # keep/(1 - p) of the fixed seed, for the anchors' checked runs (the kernels' own scale)
+            # keep/(1 - p) of the fixed seed, for the anchors' checked runs (1/(1 - p) is the kernels'
+            # scale to within 2^-32)
             keep = dropout_keep_mask(seed, (n, c, h, w), dropout_p).to(DEVICE)
             extra = {"seed": seed, "keep_scaled": keep / (1 - dropout_p)}
         names = ("y",)

@@ -48,7 +48,8 @@ if not torch.cuda.is_available() and os.environ.get(COMPILE_ONLY_ENV) != "1":
 
 ON_GPU = torch.cuda.is_available()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SITE_ORDER = ["attn16", "res64", "res64_drop", "attn8", "res16", "mid8", "attn4", "c48_7x5", "c48_7x5_drop"]  # most valuable first
+# most valuable first
+SITE_ORDER = ["attn16", "res64", "res64_drop", "attn8", "res16", "mid8", "attn4", "c48_7x5", "c48_7x5_drop"]
 TUNE_DROPOUT_SEED = 0x7E57_0DD5
 
 

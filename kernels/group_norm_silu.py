@@ -103,13 +103,13 @@ def _channel_coefficients(weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, s
 
 
 @triton.jit
-def _dropout_keep(seed, rows, p0, hw_quads, threshold, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+def _dropout_keep(seed_ptr, rows, p0, HW, threshold, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """keep[i, j] for rows (n*C + c, a BLOCK_C vector) and positions p0 + j, p0 % 4 == 0:
-    Philox4x32-10(seed) at counter row*hw_quads + (p0 + j)//4 gives words w0..w3; the element takes
+    Philox4x32-10(seed) at counter row*ceil(HW/4) + (p0 + j)//4 gives words w0..w3; the element takes
     w_{(p0 + j) % 4}, and keep = (w >> 1) >= threshold (threshold = round(p_drop * 2^31))."""
     quads = p0 // 4 + tl.arange(0, BLOCK_HW // 4)
-    counters = rows.to(tl.int64)[:, None] * hw_quads + quads[None, :]
-    w0, w1, w2, w3 = tl.randint4x(seed, counters)
+    counters = rows.to(tl.int64)[:, None] * tl.cdiv(HW, 4) + quads[None, :]
+    w0, w1, w2, w3 = tl.randint4x(tl.load(seed_ptr), counters)
     # join(join(w0, w2), join(w1, w3)) is [..., 2, 2] holding w0, w1, w2, w3 in row-major order
     words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BLOCK_C, BLOCK_HW])
     return (words >> 1).to(tl.int32, bitcast=True) >= threshold
@@ -240,8 +240,7 @@ def _gn_fwd_kernel(
             if SILU:
                 h = h * tl.sigmoid(h)
             if DROPOUT:
-                keep = _dropout_keep(tl.load(seed_ptr), st_base + offs_c, p0, tl.cdiv(HW, 4),
-                                     drop_threshold, BLOCK_C, BLOCK_HW)
+                keep = _dropout_keep(seed_ptr, st_base + offs_c, p0, HW, drop_threshold, BLOCK_C, BLOCK_HW)
                 h = tl.where(keep, h * drop_scale, 0.0)
             tl.store(y_ptr + y_base + offs_c[:, None] * stride_yc + offs_p[None, :] * stride_yp,
                      h.to(y_ptr.dtype.element_ty), mask=mask)
@@ -262,8 +261,7 @@ def _load_x_xh_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, offs_p, mask,
     dh = tl.load(dy_ptr + dy_base + offs_c[:, None] * stride_dyc + offs_p[None, :] * stride_dyp,
                  mask=mask, other=0.0).to(tl.float32)
     if DROPOUT:
-        keep = _dropout_keep(tl.load(seed_ptr), st_base + offs_c, p0, tl.cdiv(HW, 4),
-                             drop_threshold, BLOCK_C, BLOCK_HW)
+        keep = _dropout_keep(seed_ptr, st_base + offs_c, p0, HW, drop_threshold, BLOCK_C, BLOCK_HW)
         dh = tl.where(keep, dh * drop_scale, 0.0)
     xh = x * p[:, None] + q[:, None]
     if SILU:
