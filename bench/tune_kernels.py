@@ -170,27 +170,37 @@ class GroupNormConfig:
     block_c: int
     block_hw: int
     num_warps: int
+    groups: int = 1  # adjacent groups per program (channels_last, power-of-two channels per group)
 
 
-def _group_norm_candidates(channels_per_group, hw, contiguous_channels, setting: Setting, heuristic,
+def _group_norm_candidates(channels_per_group, num_groups, hw, contiguous_channels, setting: Setting, heuristic,
                            min_hw=1) -> list:
     """Tiles of several sizes and warp counts, laid out as _launch_config lays them (min_hw: the
-    fewest positions a tile may span; 4 with dropout)."""
+    fewest positions a tile may span; 4 with dropout); in channels_last with a power-of-two number of
+    channels per group, also with several groups per program (one tile row spanning them all)."""
     tiles = (1024, 2048, 4096) if setting.grid == "quick" else (512, 1024, 2048, 4096, 8192)
     warps = (4, 8) if setting.grid == "quick" else (2, 4, 8, 16)
     if not setting.full:  # the interpreter: a small tile, so the candidate loops over tiles with tails
         tiles = (64,)
+    groupings = [1]
+    if contiguous_channels and channels_per_group & (channels_per_group - 1) == 0:
+        groupings += [g for g in (2, 4, 8) if num_groups % g == 0 and g * channels_per_group <= 128]
+        if setting.grid == "quick":
+            groupings = sorted({1, heuristic.groups})
     configs = []
-    for tile, num_warps in itertools.product(tiles, warps):
+    for tile, num_warps, groups in itertools.product(tiles, warps, groupings):
         cg, p = 1 << max(0, (channels_per_group - 1).bit_length()), 1 << max(0, (hw - 1).bit_length())
-        if contiguous_channels:
+        if groups > 1:
+            block_c = groups * channels_per_group
+            block_hw = max(min_hw, min(p, max(1, tile // block_c)))
+        elif contiguous_channels:
             block_c = min(cg, tile)
             block_hw = min(p, max(1, tile // block_c))
         else:
             block_hw = min(p, tile)
             block_c = min(cg, max(1, tile // block_hw))
         if block_hw >= min_hw:
-            configs.append(GroupNormConfig(block_c, block_hw, num_warps))
+            configs.append(GroupNormConfig(block_c, block_hw, num_warps, groups))
     configs = list(dict.fromkeys(configs))  # tiles larger than the group collapse to one config
     if not setting.full:
         configs = [c for c in configs if c != heuristic][:1]
@@ -221,7 +231,7 @@ def group_norm_problems(setting: Setting, sites, groups, layouts) -> list[Proble
         def launch(config, fn):
             previous = gns._LAUNCH_OVERRIDE
             gns._LAUNCH_OVERRIDE = {"block_c": config.block_c, "block_hw": config.block_hw,
-                                    "num_warps": config.num_warps}
+                                    "num_warps": config.num_warps, "groups": config.groups}
             try:
                 return fn()
             finally:
@@ -242,9 +252,9 @@ def group_norm_problems(setting: Setting, sites, groups, layouts) -> list[Proble
         for direction, backward in (("fwd", False), ("bwd", True)):
             picked = gns._launch_config(n, c, h * w, groups, x.stride(1), x.device, backward=backward,
                                         dropout=dropout_p > 0)
-            heuristic = GroupNormConfig(picked.block_c, picked.block_hw, picked.num_warps)
-            candidates = _group_norm_candidates(c // groups, h * w, contiguous_channels, setting, heuristic,
-                                                min_hw=4 if dropout_p else 1)
+            heuristic = GroupNormConfig(picked.block_c, picked.block_hw, picked.num_warps, picked.groups)
+            candidates = _group_norm_candidates(c // groups, groups, h * w, contiguous_channels, setting,
+                                                heuristic, min_hw=4 if dropout_p else 1)
             if direction == "fwd":
                 problems.append(Problem("group_norm", f"{label} fwd {layout}", heuristic, candidates, run_forward,
                                         (ref_y.detach(),), 2.0 * tensor_bytes, "GB/s"))

@@ -40,7 +40,10 @@ a fixed order (no atomics).
 
 Parallelism: one program per (sample, group) reads its group twice (statistics, then output; the
 second read should mostly hit L2), so each element costs about one DRAM read and one write
-forward, and two reads (x, dy) and one write backward. When there are
+forward, and two reads (x, dy) and one write backward. In channels_last with few channels per
+group (a power of two), one program takes several adjacent groups instead, so that each row of its
+tile spans at least 32 contiguous channels; statistics and sums are then reduced per group inside
+the tile (a [groups, Cg] view of the channel axis). When there are
 too few groups to fill the GPU, each group's positions are split over several programs: a
 statistics kernel writes partial moments (forward) or partial channel sums (backward) and the main
 kernel merges them.
@@ -50,6 +53,7 @@ x's dtype or in fp32 (fp32 master weights with half activations); they are read 
 gradients are returned in their own dtypes. mean and rstd are fp32, shape (N, num_groups).
 Layouts: x NCHW-contiguous or channels_last (handled through strides); y has x's memory format.
 """
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -63,26 +67,31 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Test hooks (module globals, patched by tests only):
 # - _POISON_NEW_BUFFERS: fill every buffer the launchers allocate (outputs and partial sums) with
 #   NaN instead of leaving it uninitialised, so a test fails if a kernel skips an element.
-# - _LAUNCH_OVERRIDE: dict with any of block_c, block_hw, split, num_warps (main kernels),
+# - _LAUNCH_OVERRIDE: dict with any of block_c, block_hw, split, num_warps, groups (main kernels),
 #   param_block_c, param_block_n (parameter-gradient kernel), forcing the launch configuration (to
 #   exercise multi-tile loops, tails and the split path on tiny shapes; bench/tune_kernels.py).
 _POISON_NEW_BUFFERS = False
 _LAUNCH_OVERRIDE = None
+
+# channels_last: the fewest contiguous channels a tile row should span (64 bytes in bf16: two whole
+# 32-byte sectors), reached by giving a program several adjacent groups (see _launch_config)
+_CONTIGUOUS_CHANNELS = 32
 
 
 # --------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _channel_coefficients(weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cg,
+def _channel_coefficients(weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cp,
                           mean, rstd,
                           SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr,
                           SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-channel fp32 vectors for channels c0 .. c0+BLOCK_C of the group (0 beyond Cg):
-    gamma, beta, 1+s_in, 1+s_out, t_out, and p, q with xh = x*p + q
-    (p = rstd*(1+s_in), q = rstd*(t_in - mean); mean=0, rstd=1 give u = x*p + q)."""
+    """Per-channel fp32 vectors for channels c0 .. c0+BLOCK_C of the program's Cp channels (0
+    beyond): gamma, beta, 1+s_in, 1+s_out, t_out, and p, q with xh = x*p + q
+    (p = rstd*(1+s_in), q = rstd*(t_in - mean); mean, rstd are scalars or per-channel vectors;
+    mean=0, rstd=1 give u = x*p + q)."""
     offs_c = c0 + tl.arange(0, BLOCK_C)
-    cmask = offs_c < Cg
+    cmask = offs_c < Cp
     gamma = tl.load(weight_ptr + c_first + offs_c, mask=cmask, other=0.0).to(tl.float32)
     beta = tl.load(bias_ptr + c_first + offs_c, mask=cmask, other=0.0).to(tl.float32)
     one_plus_s_in = tl.full([BLOCK_C], 1.0, tl.float32)
@@ -103,6 +112,19 @@ def _channel_coefficients(weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, s
 
 
 @triton.jit
+def _sum_per_group(v, GROUPS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """[GROUPS] totals of a [BLOCK_C] per-channel vector whose channels are GROUPS whole groups of
+    BLOCK_C // GROUPS channels each (GROUPS = 1: the total of the whole vector)."""
+    return tl.sum(tl.reshape(v, [GROUPS, BLOCK_C // GROUPS]), axis=1)
+
+
+@triton.jit
+def _per_channel(v, GROUPS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The [BLOCK_C] per-channel vector holding each channel's group value from a [GROUPS] vector."""
+    return tl.reshape(tl.broadcast_to(v[:, None], [GROUPS, BLOCK_C // GROUPS]), [BLOCK_C])
+
+
+@triton.jit
 def _dropout_keep(seed_ptr, rows, p0, HW, threshold, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """keep[i, j] for rows (n*C + c, a BLOCK_C vector) and positions p0 + j, p0 % 4 == 0:
     Philox4x32-10(seed) at counter row*ceil(HW/4) + (p0 + j)//4 gives words w0..w3; the element takes
@@ -116,22 +138,23 @@ def _dropout_keep(seed_ptr, rows, p0, HW, threshold, BLOCK_C: tl.constexpr, BLOC
 
 
 @triton.jit
-def _group_moments(x_ptr, x_base, weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, Cg,
+def _group_moments(x_ptr, x_base, weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, Cp,
                    p_start, p_end, stride_c, stride_p,
-                   SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr,
+                   SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr, GROUPS: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """(count, mean, M2) of u = x*(1+s_in) + t_in over the group's positions [p_start, p_end).
+    """[GROUPS] vectors (count, mean, M2) of u = x*(1+s_in) + t_in over positions [p_start, p_end)
+    of each of the program's groups (its Cp channels; GROUPS > 1 only when BLOCK_C = Cp).
 
     Each lane of the tile runs Welford's update over the elements it visits
-    (n += 1, d = u - mean, mean += d/n, M2 += d*(u - mean)); the lanes are merged once at the
-    end with Chan's formula: mean = sum n_i*mean_i / n, M2 = sum M2_i + n_i*(mean_i - mean)^2.
+    (n += 1, d = u - mean, mean += d/n, M2 += d*(u - mean)); at the end each group's lanes are
+    merged at once with Chan's formula: mean = sum n_i*mean_i / n, M2 = sum M2_i + n_i*(mean_i - mean)^2.
     """
     lane_count = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     lane_mean = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     lane_m2 = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
-    for c0 in range(0, Cg, BLOCK_C):
+    for c0 in range(0, Cp, BLOCK_C):
         offs_c, cmask, _, _, _, _, _, one_plus_s, shift = _channel_coefficients(
-            weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cg, 0.0, 1.0,
+            weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cp, 0.0, 1.0,
             SCALE_IN, SHIFT_IN, False, False, BLOCK_C)
         for p0 in range(p_start, p_end, BLOCK_HW):
             offs_p = p0 + tl.arange(0, BLOCK_HW)
@@ -144,10 +167,12 @@ def _group_moments(x_ptr, x_base, weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_
             delta = u - lane_mean
             lane_mean += delta * (valid / tl.maximum(lane_count, 1.0))
             lane_m2 += valid * delta * (u - lane_mean)
-    count = tl.sum(tl.sum(lane_count, axis=1), axis=0)
-    mean = tl.sum(tl.sum(lane_count * lane_mean, axis=1), axis=0) / count
-    deviation = lane_mean - mean
-    m2 = tl.sum(tl.sum(lane_m2 + lane_count * deviation * deviation, axis=1), axis=0)
+    # one merge of all of a group's lanes (no intermediate per-row means: their rounding would enter
+    # M2 linearly through the between-row term; the group mean's rounding enters only squared)
+    count = _sum_per_group(tl.sum(lane_count, axis=1), GROUPS, BLOCK_C)
+    mean = _sum_per_group(tl.sum(lane_count * lane_mean, axis=1), GROUPS, BLOCK_C) / count
+    deviation = lane_mean - _per_channel(mean, GROUPS, BLOCK_C)[:, None]
+    m2 = _sum_per_group(tl.sum(lane_m2 + lane_count * deviation * deviation, axis=1), GROUPS, BLOCK_C)
     return count, mean, m2
 
 
@@ -170,11 +195,11 @@ def _gn_fwd_moments_kernel(
     p_end = tl.minimum(p_start + hw_per_split, HW)
     count, mean, m2 = _group_moments(x_ptr, x_base, weight_ptr, bias_ptr, scale_ptr, shift_ptr,
                                      c_first, n * C + c_first, Cg, p_start, p_end,
-                                     stride_xc, stride_xp, SCALE_IN, SHIFT_IN, BLOCK_C, BLOCK_HW)
+                                     stride_xc, stride_xp, SCALE_IN, SHIFT_IN, 1, BLOCK_C, BLOCK_HW)
     out = moments_ptr + (pid * num_splits + split) * 3
-    tl.store(out, count)
-    tl.store(out + 1, mean)
-    tl.store(out + 2, m2)
+    tl.store(out, tl.sum(count, axis=0))
+    tl.store(out + 1, tl.sum(mean, axis=0))
+    tl.store(out + 2, tl.sum(m2, axis=0))
 
 
 @triton.jit
@@ -184,11 +209,13 @@ def _gn_fwd_kernel(
     stride_xn, stride_xc, stride_xp, stride_yn, stride_yc, stride_yp,
     SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr, SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr,
     SILU: tl.constexpr, DROPOUT: tl.constexpr, FUSED_STATS: tl.constexpr, SPLITS_P2: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """Grid (N*G, num_splits): y = act(a*x + b) on one group's slice of positions.
+    """Grid (N*G/GROUPS, num_splits): y = act(a*x + b) on GROUPS adjacent groups' slice of
+    positions (GROUPS > 1: channels_last, whole groups in one BLOCK_C = GROUPS*Cg channel tile, so a
+    tile row spans GROUPS*Cg contiguous channels; only with FUSED_STATS).
 
-    FUSED_STATS (num_splits == 1): the program first computes the group's moments itself.
+    FUSED_STATS (num_splits == 1): the program first computes its groups' moments itself.
     Otherwise it merges the num_splits partial moments written by _gn_fwd_moments_kernel:
     n = sum n_i, mean = sum n_i*mean_i / n, M2 = sum (M2_i + n_i*(mean_i - mean)^2).
     The split-0 program stores mean and rstd = 1/sqrt(M2/n + eps).
@@ -196,8 +223,10 @@ def _gn_fwd_kernel(
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    n = pid // G
-    c_first = (pid - n * G) * Cg
+    blocks_per_sample = G // GROUPS
+    n = pid // blocks_per_sample
+    Cp = Cg * GROUPS
+    c_first = (pid - n * blocks_per_sample) * Cp
     x_base = n.to(tl.int64) * stride_xn + c_first * stride_xc
     y_base = n.to(tl.int64) * stride_yn + c_first * stride_yc
     st_base = n * C + c_first
@@ -206,27 +235,32 @@ def _gn_fwd_kernel(
 
     if FUSED_STATS:
         count, mean, m2 = _group_moments(x_ptr, x_base, weight_ptr, bias_ptr, scale_ptr, shift_ptr,
-                                         c_first, st_base, Cg, 0, HW, stride_xc, stride_xp,
-                                         SCALE_IN, SHIFT_IN, BLOCK_C, BLOCK_HW)
-    else:
+                                         c_first, st_base, Cp, 0, HW, stride_xc, stride_xp,
+                                         SCALE_IN, SHIFT_IN, GROUPS, BLOCK_C, BLOCK_HW)
+    else:  # GROUPS == 1
         offs_s = tl.arange(0, SPLITS_P2)
         smask = offs_s < num_splits
         partial = moments_ptr + (pid * num_splits + offs_s) * 3
         counts = tl.load(partial, mask=smask, other=0.0)
         means = tl.load(partial + 1, mask=smask, other=0.0)
         m2s = tl.load(partial + 2, mask=smask, other=0.0)
-        count = tl.sum(counts, axis=0)
-        mean = tl.sum(counts * means, axis=0) / count
-        deviation = means - mean
-        m2 = tl.sum(m2s + counts * deviation * deviation, axis=0)
+        count_total = tl.sum(counts, axis=0)
+        mean_total = tl.sum(counts * means, axis=0) / count_total
+        deviation = means - mean_total
+        count = tl.zeros([GROUPS], tl.float32) + count_total
+        mean = tl.zeros([GROUPS], tl.float32) + mean_total
+        m2 = tl.zeros([GROUPS], tl.float32) + tl.sum(m2s + counts * deviation * deviation, axis=0)
     rstd = tl.rsqrt(m2 / count + eps)
     if split == 0:
-        tl.store(mean_ptr + pid, mean)
-        tl.store(rstd_ptr + pid, rstd)
+        offs_g = pid * GROUPS + tl.arange(0, GROUPS)  # = n*G + the program's first group + g
+        tl.store(mean_ptr + offs_g, mean)
+        tl.store(rstd_ptr + offs_g, rstd)
+    mean = _per_channel(mean, GROUPS, BLOCK_C)
+    rstd = _per_channel(rstd, GROUPS, BLOCK_C)
 
-    for c0 in range(0, Cg, BLOCK_C):
+    for c0 in range(0, Cp, BLOCK_C):
         offs_c, cmask, gamma, beta, _, one_plus_s_out, t_out, p, q = _channel_coefficients(
-            weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cg, mean, rstd,
+            weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cp, mean, rstd,
             SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, BLOCK_C)
         # h = a*x + b  (see the module docstring)
         a = gamma * p * one_plus_s_out
@@ -274,19 +308,20 @@ def _load_x_xh_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, offs_p, mask,
 @triton.jit
 def _channel_sums(
     x_ptr, dy_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, sums_ptr, seed_ptr,
-    x_base, dy_base, st_base, sums_base, c_first, Cg, HW, p_start, p_end, num_splits, mean, rstd,
+    x_base, dy_base, st_base, sums_base, c_first, Cp, HW, p_start, p_end, num_splits, mean, rstd,
     drop_threshold, drop_scale, stride_xc, stride_xp, stride_dyc, stride_dyp,
     SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr, SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr,
-    SILU: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    SILU: tl.constexpr, DROPOUT: tl.constexpr, GROUPS: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
 ):
-    """Per channel c of the group, over positions [p_start, p_end): A_c = sum dh*xh and
-    B_c = sum dh, stored at sums[sums_base + c*num_splits*2 + (0, 1)].
-    Returns the group totals (sum_c k_c*A_c, sum_c k_c*B_c), k = gamma*(1+s_out)."""
-    total_ka = 0.0
-    total_kb = 0.0
-    for c0 in range(0, Cg, BLOCK_C):
+    """Per channel c of the program's Cp channels, over positions [p_start, p_end): A_c = sum dh*xh
+    and B_c = sum dh, stored at sums[sums_base + c*num_splits*2 + (0, 1)].
+    Returns [GROUPS] group totals (sum_c k_c*A_c, sum_c k_c*B_c), k = gamma*(1+s_out)."""
+    total_ka = tl.zeros([GROUPS], tl.float32)
+    total_kb = tl.zeros([GROUPS], tl.float32)
+    for c0 in range(0, Cp, BLOCK_C):
         offs_c, cmask, gamma, beta, one_plus_s_in, one_plus_s_out, t_out, p, q = _channel_coefficients(
-            weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cg, mean, rstd,
+            weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cp, mean, rstd,
             SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, BLOCK_C)
         acc_dh_xh = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
         acc_dh = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
@@ -307,8 +342,8 @@ def _channel_sums(
         tl.store(out, sum_dh_xh, mask=cmask)
         tl.store(out + 1, sum_dh, mask=cmask)
         k = gamma * one_plus_s_out  # 0 on masked channels
-        total_ka += tl.sum(k * sum_dh_xh, axis=0)
-        total_kb += tl.sum(k * sum_dh, axis=0)
+        total_ka += _sum_per_group(k * sum_dh_xh, GROUPS, BLOCK_C)
+        total_kb += _sum_per_group(k * sum_dh, GROUPS, BLOCK_C)
     return total_ka, total_kb
 
 
@@ -334,7 +369,7 @@ def _gn_bwd_sums_kernel(
                   c_first, Cg, HW, p_start, tl.minimum(p_start + hw_per_split, HW), num_splits,
                   tl.load(mean_ptr + pid), tl.load(rstd_ptr + pid), drop_threshold, drop_scale,
                   stride_xc, stride_xp, stride_dyc, stride_dyp,
-                  SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, SILU, DROPOUT, BLOCK_C, BLOCK_HW)
+                  SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, SILU, DROPOUT, 1, BLOCK_C, BLOCK_HW)
 
 
 @triton.jit
@@ -346,54 +381,58 @@ def _gn_bwd_kernel(
     stride_dxn, stride_dxc, stride_dxp,
     SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr, SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr,
     SILU: tl.constexpr, DROPOUT: tl.constexpr, FUSED_SUMS: tl.constexpr, SPLITS_P2: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """Grid (N*G, num_splits): dx on one group's slice of positions, and (when s_in or t_in is
-    present) sums_in[n, c, split, 0:2] = (sum du*x, sum du) over that slice.
+    """Grid (N*G/GROUPS, num_splits): dx on GROUPS adjacent groups' slice of positions (GROUPS > 1
+    as in _gn_fwd_kernel), and (when s_in or t_in is present) sums_in[n, c, split, 0:2] =
+    (sum du*x, sum du) over that slice.
 
     FUSED_SUMS (num_splits == 1): the program first computes A, B itself (and stores them);
     otherwise it reads the partial A, B written by _gn_bwd_sums_kernel.
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    n = pid // G
-    c_first = (pid - n * G) * Cg
+    blocks_per_sample = G // GROUPS
+    n = pid // blocks_per_sample
+    Cp = Cg * GROUPS
+    c_first = (pid - n * blocks_per_sample) * Cp
     x_base = n.to(tl.int64) * stride_xn + c_first * stride_xc
     dy_base = n.to(tl.int64) * stride_dyn + c_first * stride_dyc
     dx_base = n.to(tl.int64) * stride_dxn + c_first * stride_dxc
     st_base = n * C + c_first
     p_start = split * hw_per_split
     p_end = tl.minimum(p_start + hw_per_split, HW)
-    mean = tl.load(mean_ptr + pid)
-    rstd = tl.load(rstd_ptr + pid)
+    offs_g = pid * GROUPS + tl.arange(0, GROUPS)  # = n*G + the program's first group + g
+    mean = _per_channel(tl.load(mean_ptr + offs_g), GROUPS, BLOCK_C)
+    rstd = _per_channel(tl.load(rstd_ptr + offs_g), GROUPS, BLOCK_C)
 
     if FUSED_SUMS:
         total_ka, total_kb = _channel_sums(
             x_ptr, dy_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, sums_ptr, seed_ptr,
-            x_base, dy_base, st_base, st_base * 2, c_first, Cg, HW, 0, HW, 1, mean, rstd,
+            x_base, dy_base, st_base, st_base * 2, c_first, Cp, HW, 0, HW, 1, mean, rstd,
             drop_threshold, drop_scale, stride_xc, stride_xp, stride_dyc, stride_dyp,
-            SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, SILU, DROPOUT, BLOCK_C, BLOCK_HW)
-    else:
-        total_ka = 0.0
-        total_kb = 0.0
+            SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, SILU, DROPOUT, GROUPS, BLOCK_C, BLOCK_HW)
+    else:  # GROUPS == 1
+        total_ka = tl.zeros([GROUPS], tl.float32)
+        total_kb = tl.zeros([GROUPS], tl.float32)
         offs_s = tl.arange(0, SPLITS_P2)
-        for c0 in range(0, Cg, BLOCK_C):
+        for c0 in range(0, Cp, BLOCK_C):
             offs_c, cmask, gamma, _, _, one_plus_s_out, _, _, _ = _channel_coefficients(
-                weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cg, mean, rstd,
+                weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cp, mean, rstd,
                 False, False, SCALE_OUT, False, BLOCK_C)
             mask = cmask[:, None] & (offs_s < num_splits)[None, :]
             partial = sums_ptr + ((st_base + offs_c)[:, None] * num_splits + offs_s[None, :]) * 2
             sum_dh_xh = tl.sum(tl.load(partial, mask=mask, other=0.0), axis=1)
             sum_dh = tl.sum(tl.load(partial + 1, mask=mask, other=0.0), axis=1)
             k = gamma * one_plus_s_out
-            total_ka += tl.sum(k * sum_dh_xh, axis=0)
-            total_kb += tl.sum(k * sum_dh, axis=0)
-    mean_g = total_kb * inv_group_size  # mean_group(g)
-    mean_gxh = total_ka * inv_group_size  # mean_group(g*xh)
+            total_ka += _sum_per_group(k * sum_dh_xh, GROUPS, BLOCK_C)
+            total_kb += _sum_per_group(k * sum_dh, GROUPS, BLOCK_C)
+    mean_g = _per_channel(total_kb * inv_group_size, GROUPS, BLOCK_C)  # mean_group(g), per channel
+    mean_gxh = _per_channel(total_ka * inv_group_size, GROUPS, BLOCK_C)  # mean_group(g*xh)
 
-    for c0 in range(0, Cg, BLOCK_C):
+    for c0 in range(0, Cp, BLOCK_C):
         offs_c, cmask, gamma, beta, one_plus_s_in, one_plus_s_out, t_out, p, q = _channel_coefficients(
-            weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cg, mean, rstd,
+            weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cp, mean, rstd,
             SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, BLOCK_C)
         k = gamma * one_plus_s_out
         acc_du_x = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
@@ -406,7 +445,7 @@ def _gn_bwd_kernel(
                                       p, q, gamma, beta, one_plus_s_out, t_out,
                                       seed_ptr, st_base, p0, HW, drop_threshold, drop_scale,
                                       SILU, DROPOUT, BLOCK_C, BLOCK_HW)
-            du = rstd * (dh * k[:, None] - mean_g - xh * mean_gxh)
+            du = rstd[:, None] * (dh * k[:, None] - mean_g[:, None] - xh * mean_gxh[:, None])
             tl.store(dx_ptr + dx_base + offs_c[:, None] * stride_dxc + offs_p[None, :] * stride_dxp,
                      (du * one_plus_s_in[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)
             if SCALE_IN:
@@ -640,6 +679,7 @@ class _LaunchConfig(NamedTuple):
     num_splits: int
     hw_per_split: int
     num_warps: int
+    groups: int = 1     # adjacent groups per program (channels_last: block_c = groups * Cg)
 
 
 _SM_COUNT = {}
@@ -664,29 +704,52 @@ def _launch_config(N, C, HW, num_groups, stride_c, device, backward, dropout=Fal
     ~10-30 ms per program and per loop step, whatever the tile size.
     With dropout, tiles span at least 4 positions (one Philox call gives the words of 4 positions),
     and backward puts 4 elements on a thread.
+
+    channels_last with few channels per group (the seed's 64x64 site: 4 channels, 8 bytes in bf16)
+    would give each tile row a sliver of a 32-byte memory sector, the rest of which belongs to the
+    neighbouring groups' programs. So there one program takes `groups` adjacent groups (Cg a power of
+    two) and its tile rows span groups*Cg >= _CONTIGUOUS_CHANNELS contiguous channels, as long as
+    the grid keeps at least two programs per SM without splitting positions.
     """
     Cg = C // num_groups
     on_gpu = not _INTERPRETED  # compiled kernels only ever launch on the GPU (see _check_device)
     tile = (1024 if backward else 2048) if on_gpu else 4096
     min_hw = 4 if dropout else 1
-    if stride_c == 1 and Cg > 1:  # channels_last: a group's channels are contiguous
+    override = _LAUNCH_OVERRIDE or {}
+    channels_last = stride_c == 1 and C > 1
+    groups = 1
+    if channels_last and Cg & (Cg - 1) == 0:
+        groups = math.gcd(num_groups, max(1, _CONTIGUOUS_CHANNELS // Cg))  # both powers of two
+        while on_gpu and groups > 1 and N * num_groups // groups < 2 * _sm_count(device):
+            groups //= 2
+    groups = override.get("groups", groups)
+    if groups > 1:
+        if not channels_last or num_groups % groups or Cg & (Cg - 1):
+            raise ValueError(f"group_norm_silu: {groups} groups per program need channels_last, a power-of-two "
+                             f"channels per group and num_groups divisible by it (C={C}, "
+                             f"num_groups={num_groups})")
+        block_c = groups * Cg
+        block_hw = max(min_hw, min(triton.next_power_of_2(HW), max(1, tile // block_c)))
+    elif channels_last and Cg > 1:  # a group's channels are contiguous
         block_c = min(triton.next_power_of_2(Cg), tile // min_hw)
         block_hw = max(min_hw, min(triton.next_power_of_2(HW), max(1, tile // block_c)))
     else:
         block_hw = max(min_hw, min(triton.next_power_of_2(HW), tile))
         block_c = min(triton.next_power_of_2(Cg), max(1, tile // block_hw))
     num_splits = 1
-    if on_gpu:
+    if on_gpu and groups == 1:
         programs = N * num_groups
         sms = _sm_count(device)
         if programs < 2 * sms:
             num_splits = min(triton.cdiv(4 * sms, programs), triton.cdiv(HW, block_hw))
-    override = _LAUNCH_OVERRIDE or {}
     block_c = override.get("block_c", block_c)
     block_hw = override.get("block_hw", block_hw)
     if block_hw < min_hw:
         raise ValueError(f"group_norm_silu: with dropout a tile spans at least {min_hw} positions, "
                          f"got block_hw={block_hw}")
+    if groups > 1 and (block_c != groups * Cg or override.get("split", 1) != 1):
+        raise ValueError(f"group_norm_silu: {groups} groups per program take block_c = {groups * Cg} "
+                         f"and no split, got block_c={block_c}, split={override.get('split', 1)}")
     num_splits = override.get("split", num_splits)
     hw_per_split = triton.cdiv(triton.cdiv(HW, num_splits), block_hw) * block_hw
     num_splits = triton.cdiv(HW, hw_per_split)  # no empty splits
@@ -694,7 +757,7 @@ def _launch_config(N, C, HW, num_groups, stride_c, device, backward, dropout=Fal
     # (bf16 at 8x8x512 on sm_90 with Triton 3.6: 236 registers on 4 warps)
     per_thread = 4 if dropout and backward else 8
     num_warps = override.get("num_warps", min(8, max(1, block_c * block_hw // (32 * per_thread))))
-    return _LaunchConfig(block_c, block_hw, num_splits, hw_per_split, num_warps)
+    return _LaunchConfig(block_c, block_hw, num_splits, hw_per_split, num_warps, groups)
 
 
 def _in_out_flags(scale, shift, mode):
@@ -736,12 +799,12 @@ def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout
             sxn, sxc, sxp,
             SCALE_IN=flags["SCALE_IN"], SHIFT_IN=flags["SHIFT_IN"],
             BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, num_warps=cfg.num_warps)
-    _gn_fwd_kernel[(N * G, cfg.num_splits)](
+    _gn_fwd_kernel[(N * G // cfg.groups, cfg.num_splits)](
         x, y, weight, bias, scale_arg, shift_arg, mean, rstd, moments, seed if dropout else mean,
         C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits, float(eps), drop_threshold, drop_scale,
         sxn, sxc, sxp, syn, syc, syp,
         **flags, SILU=silu, DROPOUT=dropout, FUSED_STATS=fused,
-        SPLITS_P2=triton.next_power_of_2(cfg.num_splits),
+        SPLITS_P2=triton.next_power_of_2(cfg.num_splits), GROUPS=cfg.groups,
         BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, num_warps=cfg.num_warps)
     return y, mean, rstd
 
@@ -786,11 +849,11 @@ def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mo
             x, dy, weight_c, bias_c, scale_arg, shift_arg, mean, rstd, sums, seed_arg,
             C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits, drop_threshold, drop_scale,
             sxn, sxc, sxp, sdyn, sdyc, sdyp, **common)
-    _gn_bwd_kernel[(N * G, cfg.num_splits)](
+    _gn_bwd_kernel[(N * G // cfg.groups, cfg.num_splits)](
         x, dy, dx, weight_c, bias_c, scale_arg, shift_arg, mean, rstd, sums, sums_in, seed_arg,
         C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits, 1.0 / ((C // G) * HW), drop_threshold, drop_scale,
         sxn, sxc, sxp, sdyn, sdyc, sdyp, sdxn, sdxc, sdxp,
-        FUSED_SUMS=fused, SPLITS_P2=triton.next_power_of_2(cfg.num_splits), **common)
+        FUSED_SUMS=fused, SPLITS_P2=triton.next_power_of_2(cfg.num_splits), GROUPS=cfg.groups, **common)
 
     dweight = _new_buffer((C,), weight.dtype, x.device)
     dbias = _new_buffer((C,), bias.dtype, x.device)

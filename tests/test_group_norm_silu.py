@@ -198,6 +198,68 @@ def test_forced_tiles_tails_and_splits(monkeypatch, config, mode, channels_last)
                            seed_extra=tuple(config.items()))
 
 
+# Several adjacent groups per program (channels_last with a power-of-two number of channels per
+# group: a tile row spans groups*Cg contiguous channels; statistics and sums reduced per group).
+@pytest.mark.parametrize("groups", [2, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["pre", "post"])
+def test_several_groups_per_program(monkeypatch, groups, dtype, mode):
+    monkeypatch.setattr(gns, "_LAUNCH_OVERRIDE", dict(groups=groups))
+    _check_against_float64((3, 32, 7, 5, 8), dtype, mode, True, True, True, True, seed_extra=(groups,))
+
+
+@pytest.mark.parametrize("shape,groups", [((1, 64, 3, 3, 16), 8), ((2, 16, 1, 1, 4), 4), ((3, 32, 7, 5, 8), 8),
+                                          ((2, 16, 3, 3, 8), 8)], ids=str)
+def test_several_groups_per_program_by_heuristic(shape, groups):
+    # the interpreter's heuristic: 32 contiguous channels (8 groups of 4), or all C of them
+    N, C, H, W, num_groups = shape
+    config = gns._launch_config(N, C, H * W, num_groups, 1, torch.device(DEVICE), backward=False)
+    assert ON_GPU or config.groups == groups
+    _check_against_float64(shape, torch.float32, "pre", True, True, True, True)
+    _check_against_float64(shape, torch.float32, "post", False, False, True, True, seed_extra=("post",))
+
+
+@pytest.mark.parametrize("groups", [2, 8])
+def test_several_groups_per_program_with_dropout(monkeypatch, groups):
+    monkeypatch.setattr(gns, "_LAUNCH_OVERRIDE", dict(groups=groups))
+    _check_against_float64((3, 32, 7, 5, 8), torch.float32, "pre", True, True, True, True,
+                           seed_extra=(groups,), dropout_p=0.2)
+
+
+def test_groups_per_program_heuristic_on_an_h100(monkeypatch):
+    """_launch_config as on a 132-SM GPU: 32 contiguous channels in channels_last while the grid keeps
+    two programs per SM, else one group per program (and the split path for small batches)."""
+    monkeypatch.setattr(gns, "_INTERPRETED", False)
+    monkeypatch.setattr(gns, "_sm_count", lambda device: 132)
+
+    def config(n, c, hw, groups=32, channels_last=True, backward=False, dropout=False):
+        stride_c = 1 if channels_last else hw
+        return gns._launch_config(n, c, hw, groups, stride_c, None, backward, dropout)
+
+    res64 = config(128, 128, 64 * 64)  # the seed's 64x64 site: 4 channels per group
+    assert (res64.groups, res64.block_c, res64.block_hw, res64.num_splits) == (8, 32, 64, 1)
+    assert config(128, 128, 64 * 64, backward=True, dropout=True)[:2] == (32, 32)
+    assert config(128, 256, 32 * 32).groups == 4 and config(128, 512, 16 * 16).groups == 2
+    assert config(128, 1024, 8 * 8).groups == 1  # 32 channels per group: already 64 bytes
+    assert config(128, 96, 64, groups=8).groups == 1  # 12 channels per group: not a power of two
+    assert config(128, 128, 64 * 64, channels_last=False).groups == 1
+    small = config(2, 128, 64 * 64)  # 64 groups < 2 per SM: one group a program, positions split
+    assert small.groups == 1 and small.num_splits > 1
+    assert config(32, 128, 64 * 64).groups == 2  # 32*32/8 and /4 programs < 264, /2 = 512 not
+
+
+@pytest.mark.parametrize("override,message", [
+    (dict(groups=3), "num_groups divisible"),
+    (dict(groups=2, split=2), "no split"),
+    (dict(groups=2, block_c=4), "block_c = 8"),
+])
+def test_bad_groups_per_program_is_refused(monkeypatch, override, message):
+    monkeypatch.setattr(gns, "_LAUNCH_OVERRIDE", override)
+    x, weight, bias, _, _, _ = _make_inputs((1, 16, 3, 3, 4), torch.float32, torch.float32, False, False, True, 1)
+    with pytest.raises(ValueError, match=message):
+        group_norm_silu(x, weight, bias, 4)
+
+
 @pytest.mark.parametrize("mode", ["pre", "post"])
 def test_forced_parameter_gradient_blocks(monkeypatch, mode):
     # the (n, c) -> dweight, dbias, dscale, dshift reduction over several n and c blocks with tails
@@ -211,11 +273,15 @@ def test_forced_split_half_precision(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # interpreter, masked lanes
-def test_statistics_are_sound_with_large_mean():
-    # mean/std = 5000: fp32 E[u^2] - E[u]^2 is off by ~600% here (Welford/Chan: ~1e-7)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_statistics_are_sound_with_large_mean(channels_last):
+    # mean/std = 5000: fp32 E[u^2] - E[u]^2 is off by ~600% here (Welford/Chan: ~1e-7); channels_last
+    # takes all 4 groups in one program (per-group merges of the lanes)
     gen = torch.Generator().manual_seed(7)
     x = (torch.randn(2, 16, 6, 6, generator=gen, dtype=torch.float64) * 0.2 + 1000.0)
     x = x.to(device=DEVICE, dtype=torch.float32)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     weight = torch.rand(16, generator=gen).to(DEVICE) + 0.5
     bias = torch.randn(16, generator=gen).to(DEVICE)
     _, mean, rstd = torch.ops.dream_kernels.group_norm_silu_fwd(x, weight, bias, None, None, 4, EPS, "post", True)
