@@ -146,7 +146,7 @@ class GraphedLoop:
     for the remainder), over the static buffers `x` (input and output) and `counter`."""
 
     def __init__(self, model, plan: StepPlan, shape, state_dtype: torch.dtype, autocast_dtype: torch.dtype | None,
-                 steps_per_graph: int = 1, warmup_steps: int = 3, pool=None):
+                 steps_per_graph: int = 1, warmup_steps: int = 3, pool=None, capture_stream=None):
         device = plan.coefficients.device
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; the tables are on {device}")
@@ -157,14 +157,14 @@ class GraphedLoop:
         self.schedule = [k] * (plan.steps // k) + ([plan.steps % k] if plan.steps % k else [])
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_seconds = 0.0
-        self._capture(warmup_steps, pool)
+        self._capture(warmup_steps, pool, capture_stream)
 
     def _body(self, steps: int) -> None:
         for _ in range(steps):
             self.x.copy_(denoise_step(self.model, self.x, self.counter, self.plan, None, self.autocast_dtype))
 
     @torch.no_grad()
-    def _capture(self, warmup_steps: int, pool) -> None:
+    def _capture(self, warmup_steps: int, pool, capture_stream) -> None:
         start = time.perf_counter()
         device = self.x.device
         rng = torch.cuda.get_rng_state(device)
@@ -172,13 +172,13 @@ class GraphedLoop:
         # capture stream belongs to whichever device was current at its first use.
         with torch.cuda.device(device):
             try:
-                self._warm_up_and_capture(device, warmup_steps, pool)
+                self._warm_up_and_capture(device, warmup_steps, pool, capture_stream)
             finally:
                 torch.cuda.set_rng_state(rng, device)
             torch.cuda.synchronize(device)
         self.capture_seconds = time.perf_counter() - start
 
-    def _warm_up_and_capture(self, device: torch.device, warmup_steps: int, pool) -> None:
+    def _warm_up_and_capture(self, device: torch.device, warmup_steps: int, pool, capture_stream) -> None:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up: autotuning, compilation, cuDNN algorithm choice
@@ -188,7 +188,8 @@ class GraphedLoop:
                 self._body(1)
         torch.cuda.current_stream(device).wait_stream(side)
         torch.cuda.synchronize(device)
-        capture_stream = torch.cuda.Stream(device)
+        # captures sharing a memory pool share their capture stream too (torch.cuda.graph's advice)
+        capture_stream = capture_stream or torch.cuda.Stream(device)
         for steps in sorted(set(self.schedule)):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=capture_stream):
@@ -222,6 +223,7 @@ class SamplingEngine:
         self.plans: dict[tuple, StepPlan] = {}
         self.captures: dict[tuple, GraphedLoop] = {}
         self._pool = None
+        self._capture_streams: dict[str, torch.cuda.Stream] = {}
 
     def plan(self, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0, device=None,
              dtype: torch.dtype = torch.float32) -> StepPlan:
@@ -272,20 +274,26 @@ class SamplingEngine:
     def _graphed(self, plan: StepPlan, x_T: torch.Tensor, dtype, steps_per_graph: int) -> GraphedLoop:
         if not isinstance(steps_per_graph, int) or steps_per_graph < 1:
             raise ValueError(f"steps_per_graph must be a positive integer, got {steps_per_graph!r}")
-        # a capture holds the kernels of the model as it was: its backend and train/eval mode belong to the key
+        # a capture holds the kernels of the model as it was: its backend and train/eval mode belong to the
+        # key (those of the module itself: a torch.compile wrapper copies `training` once, when made)
+        module = getattr(self.model, "_orig_mod", self.model)
         key = (tuple(x_T.shape), x_T.dtype, dtype, plan.sampler, plan.steps, plan.eta, steps_per_graph,
-               str(x_T.device), getattr(self.model, "backend", None), self.model.training)
+               str(x_T.device), getattr(module, "backend", None), module.training)
         if key not in self.captures:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
+            device = str(x_T.device)
+            if device not in self._capture_streams:
+                self._capture_streams[device] = torch.cuda.Stream(x_T.device)
             self.captures[key] = GraphedLoop(self.model, plan, x_T.shape, x_T.dtype, dtype, steps_per_graph,
-                                             self.warmup_steps, self._pool)
+                                             self.warmup_steps, self._pool, self._capture_streams[device])
         return self.captures[key]
 
     def clear(self) -> None:
         """Drop every capture (and its memory pool)."""
         self.captures.clear()
         self._pool = None
+        self._capture_streams.clear()
 
 
 def sample(model, diffusion, x_T: torch.Tensor, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
