@@ -108,24 +108,30 @@ class _RecordOps(TorchDispatchMode):
 
 def record_model_calls(preset: str, batch: int, channels_last: bool) -> list[OpCall]:
     """Every dream_kernels op call of one training forward + backward of the UNet (dropout on), and
-    of one eval-mode forward (sampling: dropout off), on meta tensors."""
+    of one eval-mode forward (sampling: dropout off), on fake CPU tensors (FakeTensorMode: shapes and
+    strides, no data). Not the meta device: its convolutions return NCHW-contiguous outputs whatever
+    the input's layout, where CUDA's (and the CPU's) keep channels_last."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     from dream.model import build_unet
 
-    with torch.device("meta"):
-        model = build_unet(preset, backend="triton")
-    size = model.config.image_size
-    x = torch.empty(batch, model.config.in_channels, size, size, device="meta")
-    t = torch.zeros(batch, dtype=torch.long, device="meta")
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.to(memory_format=torch.channels_last)
     calls: list[OpCall] = []
     label = f"B={batch} {'channels_last' if channels_last else 'nchw'}"
-    with _RecordOps(calls, label):
-        model(x, t).float().sum().backward()
-    model.eval()
-    with _RecordOps(calls, label + " eval"), torch.no_grad():
-        model(x, t)
+    with FakeTensorMode():
+        model = build_unet(preset, backend="triton")
+        size = model.config.image_size
+        x = torch.empty(batch, model.config.in_channels, size, size)
+        t = torch.zeros(batch, dtype=torch.long)
+        if channels_last:  # as model.to(memory_format=torch.channels_last), which fake parameters refuse
+            for param in model.parameters():
+                if param.dim() == 4:
+                    param.data = param.data.contiguous(memory_format=torch.channels_last)
+            x = x.to(memory_format=torch.channels_last)
+        with _RecordOps(calls, label):
+            model(x, t).float().sum().backward()
+        model.eval()
+        with _RecordOps(calls, label + " eval"), torch.no_grad():
+            model(x, t)
     return calls
 
 
@@ -328,7 +334,8 @@ def ptxas_version() -> str:
 def resource_usage(cubin: bytes, count_spill_code: bool = True) -> dict:
     """From cuobjdump: registers per thread, stack frame and local memory (bytes per thread: where
     spilled registers go), static shared memory, and (count_spill_code: disassembling takes most of the
-    time) the SASS store/load-local instructions (STL/LDL: the spill code itself)."""
+    time) the SASS store/load-local instructions (STL/LDL: the spill code itself) and tensor-core
+    instructions (HGMMA: Hopper's warpgroup wgmma; HMMA: the warp-level mma.sync of earlier GPUs)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
         handle.flush()
@@ -340,6 +347,8 @@ def resource_usage(cubin: bytes, count_spill_code: bool = True) -> dict:
     if count_spill_code:
         fields["spill_stores"] = len(re.findall(r"\bSTL(?:\.\w+)*\b", sass))
         fields["spill_loads"] = len(re.findall(r"\bLDL(?:\.\w+)*\b", sass))
+        fields["hgmma"] = len(re.findall(r"\bHGMMA(?:\.\w+)*\b", sass))
+        fields["hmma"] = len(re.findall(r"\bHMMA(?:\.\w+)*\b", sass))
     return fields
 
 
@@ -370,6 +379,8 @@ def summarize(compiled: dict, arch: int) -> list[dict]:
             "stack_bytes": usage.get("stack", 0),
             "spill_stores": usage["spill_stores"],
             "spill_loads": usage["spill_loads"],
+            "hgmma": usage["hgmma"],
+            "hmma": usage["hmma"],
             "shared_bytes": shared,
             "programs_per_sm": programs,
             "warp_occupancy": round(programs * warps / limits.max_warps, 3),
@@ -377,6 +388,17 @@ def summarize(compiled: dict, arch: int) -> list[dict]:
             "sites": sorted(entry.sites),
         })
     return rows
+
+
+def warp_mma_rows(rows: list[dict], arch: int) -> list[str]:
+    """Notes, not failures: on Hopper, kernels whose tensor-core dots run as warp-level mma.sync
+    (HMMA) rather than warpgroup wgmma (HGMMA), the slower path. wgmma needs 64 rows per warpgroup,
+    so tiles of 16 or 32 rows (N <= 32) land here by design; a larger tile here is worth a look."""
+    if arch < 90:
+        return []
+    return [f"{row['kernel']} {_config_text(row['config'])} warps={row['num_warps']} "
+            f"[{','.join(row['precisions'])}]: {row['hmma']} HMMA, no HGMMA"
+            for row in rows if row.get("hmma", 0) and not row.get("hgmma", 0)]
 
 
 def problems(rows: list[dict], arch: int) -> list[str]:
@@ -432,20 +454,26 @@ def markdown(report: dict) -> str:
         f"Programs/SM and warp occupancy are static estimates for {env['sm']} "
         f"(registers, shared memory, warp and program limits), not measurements.",
         "",
-        "| kernel | config | warps | stages | regs | stack B | STL/LDL | shared KB | programs/SM | occupancy | precisions | shapes (per recording) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "| kernel | config | warps | stages | regs | stack B | STL/LDL | HGMMA/HMMA | shared KB | programs/SM | occupancy | precisions | shapes (per recording) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for row in report["kernels"]:
         lines.append(
             f"| {row['kernel']} | {_config_text(row['config'])} | {row['num_warps']} | {row['num_stages']} | "
             f"{row['registers']} | {row['stack_bytes'] + row['local_bytes']} | "
-            f"{row['spill_stores']}/{row['spill_loads']} | {row['shared_bytes'] / 1024:.1f} | "
+            f"{row['spill_stores']}/{row['spill_loads']} | {row.get('hgmma', '-')}/{row.get('hmma', '-')} | "
+            f"{row['shared_bytes'] / 1024:.1f} | "
             f"{row['programs_per_sm']} | {row['warp_occupancy']:.0%} | {','.join(row['precisions'])} | "
             f"{_sites_text(row['sites'])} |")
     lines += ["", f"Compile failures: {len(report['failures'])}. Problems (spills, shared memory): "
               f"{len(report['problems'])}."]
     for line in report["failures"] + report["problems"]:
         lines.append(f"- {line}")
+    notes = report.get("warp_mma", [])
+    if notes:
+        lines += ["", f"Tensor-core dots on warp-level mma.sync (HMMA) instead of Hopper's wgmma (HGMMA), "
+                  f"which needs 64-row tiles (tiles of 16 or 32 rows, for N <= 32, are expected here): {len(notes)}."]
+        lines += [f"- {line}" for line in notes]
     lines += ["", f"Reproduce: `{report['command']}`", ""]
     return "\n".join(lines)
 
@@ -506,6 +534,7 @@ def main(argv=None) -> int:
         "kernels": rows,
         "failures": failures,
         "problems": problems(rows, args.arch),
+        "warp_mma": warp_mma_rows(rows, args.arch),
         "seconds": round(time.time() - started, 1),
     }
 
@@ -520,7 +549,8 @@ def main(argv=None) -> int:
         written.append(out / f"{stem}.md")
 
     print(f"{len(rows)} kernel configurations compiled for sm_{args.arch} from {len(calls)} op calls in "
-          f"{report['seconds']} s; {len(failures)} failed to compile, {len(report['problems'])} problems")
+          f"{report['seconds']} s; {len(failures)} failed to compile, {len(report['problems'])} problems, "
+          f"{len(report['warp_mma'])} on mma.sync rather than wgmma")
     for line in failures + report["problems"]:
         print(f"  {line}")
     print("wrote " + ", ".join(str(path) for path in written))

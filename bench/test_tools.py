@@ -148,6 +148,16 @@ def test_compile_report_occupancy_and_problem_checks():
     assert len(found) == 3 and "spills" in found[0] and "shared memory" in found[1]
 
 
+def test_compile_report_notes_warp_level_mma_on_hopper_only():
+    from bench.compile_report import warp_mma_rows
+
+    row = {"kernel": "attention_forward_kernel", "config": {"BLOCK_M": 32}, "num_warps": 4, "precisions": ["bf16"]}
+    wgmma, mma_sync, no_dots = dict(row, hgmma=8, hmma=0), dict(row, hgmma=0, hmma=16), dict(row, hgmma=0, hmma=0)
+    (note,) = warp_mma_rows([wgmma, mma_sync, no_dots], 90)
+    assert note == "attention_forward_kernel BLOCK_M=32 warps=4 [bf16]: 16 HMMA, no HGMMA"
+    assert warp_mma_rows([mma_sync], 80) == []  # before Hopper mma.sync is the tensor-core path
+
+
 def test_tune_kernels_checks_then_times_each_candidate(tmp_path):
     """The tuner at CPU sizes: every problem's heuristic and its other candidate pass the check against
     the eager reference and get a time; the report is written."""
@@ -220,3 +230,22 @@ def test_gpu_suite_stages_swap_gpu_only_options_on_cpu(tmp_path):
     assert "--sampler graphs" in gpu["profile"] and "--sampler engine" in cpu["profile"]
     assert "--allow-cpu" not in gpu["tune"] and cpu["tune"].endswith("--allow-cpu")
     assert suite_main(["--out", str(tmp_path), "--list"]) == 0
+
+
+def test_gpu_suite_reads_partial_results_once_each(tmp_path):
+    """A stage cut short leaves <name>.partial.jsonl; a result recorded again (the memory budget's
+    timed policy) replaces its earlier line in the summary instead of being listed twice."""
+    import time as time_module
+
+    from bench.gpu_suite import _reports
+
+    started = time_module.time()
+    device = tmp_path / "nvidia-h200"
+    device.mkdir()
+    lines = [{"case": "memory/seed", "variant": "ckpt_none", "measured_bytes": 1},
+             {"case": "memory/seed", "variant": "ckpt_all", "measured_bytes": 2},
+             {"case": "memory/seed", "variant": "ckpt_none", "measured_bytes": 1, "time_s": 0.5}]
+    (device / "2026-11-29-bench-memory.partial.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (report,) = _reports(tmp_path, started)
+    assert report["partial"] and [(r["variant"], r.get("time_s")) for r in report["results"]] == [
+        ("ckpt_none", 0.5), ("ckpt_all", None)]

@@ -439,7 +439,11 @@ def backward_config(seq_len: int, head_dim: int, dtype: torch.dtype = torch.bflo
     """Block sizes for the backward kernels: one tile per (batch, head) for N ≤ 64 with
     tensor-core dots; fp32 (FMA dots) always streams small blocks over 8 warps to avoid spills
     (`python3 -m bench.compile_report`, sm_90: 32×32 blocks over 4 warps need 255 registers and
-    spill 160 bytes with Triton 3.6; over 8 warps, 128 registers and no spills)."""
+    spill 160 bytes with Triton 3.6; over 8 warps, 128 registers and no spills).
+
+    Half precision streams 64 owned rows, so that on sm_90 the dots compile to wgmma (HGMMA needs
+    64 rows per warpgroup; 32-row tiles fall back to mma.sync). At D = 128 that takes 8 warps:
+    64×32 over 4 warps needs 224 registers, over 8 warps 147, no spills (Triton 3.6, offline)."""
     tile = _pow2_at_least(seq_len)
     if dtype == torch.float32 and not _INTERPRETING:
         if head_dim >= 128:
@@ -448,7 +452,7 @@ def backward_config(seq_len: int, head_dim: int, dtype: torch.dtype = torch.bflo
     if tile <= 64:
         return BackwardConfig(True, tile, tile, 8 if head_dim >= 128 else 4, 1)
     if head_dim >= 128:
-        return BackwardConfig(False, 32, 32, 4, 3)
+        return BackwardConfig(False, 64, 32, 8, 2)
     return BackwardConfig(False, 64, 32, 4, 3)
 
 

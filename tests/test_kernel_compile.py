@@ -78,3 +78,20 @@ def test_heuristics_pick_the_split_path_only_for_small_batches(report):
             assert all(label.startswith("B=2 ") for label in recordings), row
         if row["kernel"] == "attention_backward_single_tile_kernel":  # 8x8 attention (N=64), tensor-core dots
             assert row["precisions"] == ["bf16"], row
+
+
+def test_half_precision_attention_dots_use_hopper_wgmma(report):
+    """At the UNet's sites (N = 256 and 64, 64-row tiles) every bf16 attention kernel's dots compile to
+    Hopper's warpgroup wgmma (HGMMA in SASS), none to the warp-level mma.sync (HMMA) of older GPUs;
+    fp32 takes exact FMA dots (no tensor cores at all)."""
+    _, data = report
+    dot_kernels = [row for row in data["kernels"]
+                   if row["kernel"].startswith("attention") and "delta" not in row["kernel"]]
+    assert {row["kernel"] for row in dot_kernels} == {
+        "attention_forward_kernel", "attention_backward_kernel", "attention_backward_single_tile_kernel"}
+    for row in dot_kernels:
+        if row["precisions"] == ["bf16"]:
+            assert row["hgmma"] > 0 and row["hmma"] == 0, row
+        else:
+            assert row["precisions"] == ["fp32"] and row["hgmma"] == row["hmma"] == 0, row
+    assert data["warp_mma"] == []
