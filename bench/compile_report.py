@@ -398,7 +398,7 @@ def warp_mma_rows(rows: list[dict], arch: int) -> list[str]:
         return []
     return [f"{row['kernel']} {_config_text(row['config'])} warps={row['num_warps']} "
             f"[{','.join(row['precisions'])}]: {row['hmma']} HMMA, no HGMMA"
-            for row in rows if row.get("hmma", 0) and not row.get("hgmma", 0)]
+            for row in rows if row["hmma"] and not row["hgmma"]]
 
 
 def problems(rows: list[dict], arch: int) -> list[str]:
@@ -461,7 +461,7 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {row['kernel']} | {_config_text(row['config'])} | {row['num_warps']} | {row['num_stages']} | "
             f"{row['registers']} | {row['stack_bytes'] + row['local_bytes']} | "
-            f"{row['spill_stores']}/{row['spill_loads']} | {row.get('hgmma', '-')}/{row.get('hmma', '-')} | "
+            f"{row['spill_stores']}/{row['spill_loads']} | {row['hgmma']}/{row['hmma']} | "
             f"{row['shared_bytes'] / 1024:.1f} | "
             f"{row['programs_per_sm']} | {row['warp_occupancy']:.0%} | {','.join(row['precisions'])} | "
             f"{_sites_text(row['sites'])} |")
@@ -469,7 +469,7 @@ def markdown(report: dict) -> str:
               f"{len(report['problems'])}."]
     for line in report["failures"] + report["problems"]:
         lines.append(f"- {line}")
-    notes = report.get("warp_mma", [])
+    notes = report["warp_mma"]
     if notes:
         lines += ["", f"Tensor-core dots on warp-level mma.sync (HMMA) instead of Hopper's wgmma (HGMMA), "
                   f"which needs 64-row tiles (tiles of 16 or 32 rows, for N <= 32, are expected here): {len(notes)}."]

@@ -705,11 +705,11 @@ def _launch_config(N, C, HW, num_groups, stride_c, device, backward, dropout=Fal
     With dropout, tiles span at least 4 positions (one Philox call gives the words of 4 positions),
     and backward puts 4 elements on a thread.
 
-    channels_last with few channels per group (the seed's 64x64 site: 4 channels, 8 bytes in bf16)
-    would give each tile row a sliver of a 32-byte memory sector, the rest of which belongs to the
-    neighbouring groups' programs. So there one program takes `groups` adjacent groups (Cg a power of
-    two) and its tile rows span groups*Cg >= _CONTIGUOUS_CHANNELS contiguous channels, as long as
-    the grid keeps at least two programs per SM without splitting positions.
+    channels_last with few channels per group (GroupNorm(32) over 128 channels: 4 channels, 8 bytes
+    in bf16) would give each tile row a sliver of a 32-byte memory sector, the rest of which belongs
+    to the neighbouring groups' programs. So there one program takes `groups` adjacent groups (Cg a
+    power of two) and its tile rows span groups*Cg >= _CONTIGUOUS_CHANNELS contiguous channels, as
+    long as the grid keeps at least two programs per SM without splitting positions.
     """
     Cg = C // num_groups
     on_gpu = not _INTERPRETED  # compiled kernels only ever launch on the GPU (see _check_device)
@@ -723,15 +723,9 @@ def _launch_config(N, C, HW, num_groups, stride_c, device, backward, dropout=Fal
         while on_gpu and groups > 1 and N * num_groups // groups < 2 * _sm_count(device):
             groups //= 2
     groups = override.get("groups", groups)
-    if groups > 1:
-        if not channels_last or num_groups % groups or Cg & (Cg - 1):
-            raise ValueError(f"group_norm_silu: {groups} groups per program need channels_last, a power-of-two "
-                             f"channels per group and num_groups divisible by it (C={C}, "
-                             f"num_groups={num_groups})")
-        block_c = groups * Cg
-        block_hw = max(min_hw, min(triton.next_power_of_2(HW), max(1, tile // block_c)))
-    elif channels_last and Cg > 1:  # a group's channels are contiguous
-        block_c = min(triton.next_power_of_2(Cg), tile // min_hw)
+    channels_per_program = groups * Cg
+    if channels_last and channels_per_program > 1:  # the program's channels are contiguous
+        block_c = channels_per_program if groups > 1 else min(triton.next_power_of_2(Cg), tile // min_hw)
         block_hw = max(min_hw, min(triton.next_power_of_2(HW), max(1, tile // block_c)))
     else:
         block_hw = max(min_hw, min(triton.next_power_of_2(HW), tile))
@@ -747,9 +741,13 @@ def _launch_config(N, C, HW, num_groups, stride_c, device, backward, dropout=Fal
     if block_hw < min_hw:
         raise ValueError(f"group_norm_silu: with dropout a tile spans at least {min_hw} positions, "
                          f"got block_hw={block_hw}")
-    if groups > 1 and (block_c != groups * Cg or override.get("split", 1) != 1):
-        raise ValueError(f"group_norm_silu: {groups} groups per program take block_c = {groups * Cg} "
-                         f"and no split, got block_c={block_c}, split={override.get('split', 1)}")
+    split = override.get("split", 1)
+    if groups > 1 and (not channels_last or num_groups % groups or Cg & (Cg - 1)
+                       or block_c != channels_per_program or split != 1):
+        raise ValueError(f"group_norm_silu: {groups} groups per program need channels_last, a power-of-two "
+                         f"number of channels per group, num_groups divisible by it, block_c = "
+                         f"{channels_per_program} and no split; got C={C}, num_groups={num_groups}, "
+                         f"block_c={block_c}, split={split}")
     num_splits = override.get("split", num_splits)
     hw_per_split = triton.cdiv(triton.cdiv(HW, num_splits), block_hw) * block_hw
     num_splits = triton.cdiv(HW, hw_per_split)  # no empty splits
