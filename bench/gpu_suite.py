@@ -24,7 +24,10 @@ min(its limit, what is left). Stages:
   compile   the torch.compile anchors and ours compiled (training step, sampling graphs), and
             max-autotune for the headline kernel cases: only with the time that is left
 
-The tests stage uses DREAM_SUITE_TEST_WORKERS (default 4) pytest-xdist workers when xdist is installed.
+The tests stage runs DREAM_SUITE_TEST_WORKERS (default 6) pytest processes side by side, each on every
+n-th test (bench/pytest_shard.py; no pytest-xdist needed): on a fresh machine its time goes mostly to
+compiling Triton kernels on the CPU, and the processes share Triton's on-disk cache. One log and one
+junit XML per shard; the stage's line sums their counts.
 
 Output (DIR, default profiles/; env DREAM_SUITE_OUT): <DIR>/<gpu>/<date>-<stage>.md/.json (benchmarks,
 profiles, Chrome traces), <DIR>/suite-logs/<stage>.log, <DIR>/suite-logs/summary.md. With --archive,
@@ -36,6 +39,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -46,6 +50,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script (python3 bench/gpu_suite.py) from the source tree
+    sys.path.insert(0, str(REPO))
+from bench.pytest_shard import INTERRUPTED_LINE, SHARD_VARIABLE  # noqa: E402
 PYTHON = os.environ.get("PYTHON", sys.executable or "python3")
 MIN_STAGE_S = 45  # a stage starts only with this much budget left (its limit then >= 20 s)
 GRACE_S = 20
@@ -63,6 +70,7 @@ class Stage:
     what: str
     command: list[str] = field(default_factory=list)
     env: dict = field(default_factory=dict)
+    shards: int = 1  # > 1: that many copies side by side, DREAM_TEST_SHARD=i/n, "{shard}" in the command -> i
 
 
 def bench(files, name, out, k=None, variants=None, extra=()):
@@ -76,15 +84,16 @@ def bench(files, name, out, k=None, variants=None, extra=()):
     return command + list(extra)
 
 
-def parallel_tests() -> list[str]:
-    """pytest-xdist workers for the correctness tests when it is installed: their time goes mostly to
-    compiling Triton kernels on the CPU (the on-disk Triton cache is shared by the workers)."""
-    import importlib.util
-
-    workers = os.environ.get("DREAM_SUITE_TEST_WORKERS", "4")
-    if workers in ("0", "1") or importlib.util.find_spec("xdist") is None:
-        return []
-    return ["-n", workers]
+def test_workers() -> int:
+    """pytest processes for the correctness tests (DREAM_SUITE_TEST_WORKERS, default 6)."""
+    text = os.environ.get("DREAM_SUITE_TEST_WORKERS", "6")
+    try:
+        workers = int(text)
+    except ValueError:
+        raise SystemExit(f"gpu_suite: DREAM_SUITE_TEST_WORKERS must be a positive integer, got {text!r}") from None
+    if workers < 1:
+        raise SystemExit(f"gpu_suite: DREAM_SUITE_TEST_WORKERS must be a positive integer, got {text!r}")
+    return workers
 
 
 def stages(out: str, on_gpu: bool = True) -> list[Stage]:
@@ -101,8 +110,9 @@ def stages(out: str, on_gpu: bool = True) -> list[Stage]:
                              "power.draw,power.limit,temperature.gpu --format=csv || true; "
                              f"{shlex.quote(PYTHON)} -c {shlex.quote(env_script)}"]),
         Stage("tests", 110, "correctness at full size (" + ", ".join(Path(t).name for t in tests) + ")",
-              [PYTHON, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider", "--maxfail=10", "-rfEs",
-               f"--junitxml={out}/suite-logs/tests-junit.xml", *parallel_tests()]),
+              [PYTHON, "-m", "pytest", *tests, "-v", "-p", "no:cacheprovider", "-p", "bench.pytest_shard",
+               "--maxfail=10", "-rfEs", f"--junitxml={out}/suite-logs/tests-{{shard}}-junit.xml"],
+              shards=test_workers()),
         Stage("memory", 60, "6.8 GB budget of the seed step at batch 128",
               bench(["bench/test_memory_budget.py"], "bench-memory", out, extra=["-s"])),
         Stage("train", 70, "seed objective training step (no compile)",
@@ -134,31 +144,121 @@ def stages(out: str, on_gpu: bool = True) -> list[Stage]:
     ]
 
 
-def run_stage(stage: Stage, limit: float, log_path: Path) -> dict:
+def run_stage(stage: Stage, limit: float, log_path: Path, grace_s: float = GRACE_S) -> dict:
+    """Run the stage's command (or its shards side by side) under `limit` seconds: SIGINT at the limit, so
+    pytest still writes its report, SIGKILL `grace_s` later."""
     env = {**os.environ, **stage.env, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ['PYTHONPATH']}"
            if os.environ.get("PYTHONPATH") else str(REPO), "PYTHONUNBUFFERED": "1"}
+    if stage.shards > 1:
+        runs = [([c.replace("{shard}", str(i)) for c in stage.command], {**env, SHARD_VARIABLE: f"{i}/{stage.shards}"},
+                 log_path.with_name(f"{log_path.stem}-{i}{log_path.suffix}")) for i in range(stage.shards)]
+    else:
+        runs = [([c.replace("{shard}", "0") for c in stage.command], env, log_path)]
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # an ignored SIGINT (a shell's background job) survives exec: the stages would not see the limit's
+        # SIGINT and would be killed without their reports. A handled one is reset to the default by exec.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     start = time.monotonic()
-    with open(log_path, "w") as log:
-        log.write("$ " + " ".join(shlex.quote(c) for c in stage.command) + "\n")
-        log.flush()
-        process = subprocess.Popen(stage.command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        status = None
-        try:
-            process.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
-            status = "timeout"
-            _signal_group(process.pid, signal.SIGINT)  # pytest still finishes its session and writes its report
-            try:
-                process.wait(timeout=GRACE_S)
-            except subprocess.TimeoutExpired:
-                _signal_group(process.pid, signal.SIGKILL)
-                process.wait()
+    processes, logs, timed_out = [], [], False
+    try:
+        for command, run_env, path in runs:
+            log = open(path, "w")
+            logs.append(log)
+            prefix = f"{SHARD_VARIABLE}={run_env[SHARD_VARIABLE]} " if stage.shards > 1 else ""
+            log.write("$ " + prefix + " ".join(shlex.quote(c) for c in command) + "\n")
+            log.flush()
+            processes.append(subprocess.Popen(command, cwd=REPO, env=run_env, stdout=log, stderr=subprocess.STDOUT,
+                                              start_new_session=True))
+        timed_out = not _wait_all(processes, start + limit)
+        if timed_out:  # SIGINT: pytest still finishes its session and writes its report
+            _interrupt(processes, [path for _, _, path in runs], time.monotonic() + grace_s,
+                       repeat=stage.shards > 1)
+    except BaseException:  # a failed start or Ctrl-C here: leave no shard running
+        for process in processes:
+            _signal_group(process.pid, signal.SIGKILL)
+        raise
+    finally:
+        for log in logs:
+            log.close()
     seconds = time.monotonic() - start
-    if status is None:
-        status = "ok" if process.returncode == 0 else f"failed (exit {process.returncode})"
+    codes = [process.returncode for process in processes]
+    if timed_out:
+        status = "timeout"
+    elif stage.shards > 1:  # pytest's exit 5 (no tests collected) is an empty shard, not a failure
+        failed = [code for code in codes if code not in (0, 5)]
+        status = "ok" if not failed and any(code == 0 for code in codes) else f"failed (exit {max(codes)})"
+    else:
+        status = "ok" if codes[0] == 0 else f"failed (exit {codes[0]})"
+    paths = [path for _, _, path in runs]
+    if stage.shards > 1:
+        last_line = f"{stage.shards} shards: {_summed_counts(paths)}"
+        log_path.write_text("".join(path.read_text(errors="replace") for path in paths))
+    else:
+        last_line = _last_line(log_path)
     return {"stage": stage.name, "status": status, "seconds": round(seconds, 1), "limit_s": round(limit),
-            "log": str(log_path), "last_line": _last_line(log_path)}
+            "log": str(log_path), "last_line": last_line}
+
+
+def _interrupt(processes: list, logs: list[Path], deadline: float, repeat: bool = False,
+               every_s: float = 4.0) -> None:
+    """SIGINT to every process, then SIGKILL at `deadline`. With `repeat` (test shards, whose plugin
+    prints INTERRUPTED_LINE when pytest takes the interrupt), SIGINT again every `every_s` seconds to a
+    process whose log does not show that line yet: an interrupt raised inside torch's C++ code can be
+    lost there."""
+    for process in processes:
+        _signal_group(process.pid, signal.SIGINT)
+    while not _wait_all(processes, min(time.monotonic() + every_s, deadline)):
+        if time.monotonic() >= deadline:
+            for process in processes:
+                _signal_group(process.pid, signal.SIGKILL)
+            _wait_all(processes, None)
+            return
+        if repeat:
+            for process, log in zip(processes, logs):
+                if process.poll() is None and INTERRUPTED_LINE not in log.read_text(errors="replace"):
+                    _signal_group(process.pid, signal.SIGINT)
+
+
+def _wait_all(processes: list, deadline: float | None) -> bool:
+    """Wait for every process until `deadline` (time.monotonic(); None: no limit); True when all exited."""
+    for process in processes:
+        try:
+            process.wait(timeout=None if deadline is None else max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            return False
+    return True
+
+
+RESULT_LINE = re.compile(r"^\S+::\S.* (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+
+
+def _summed_counts(paths: list[Path]) -> str:
+    """pytest's final count lines of several logs added up: "500 passed, 2 failed, 30 skipped"
+    (deselected counts are left out: each shard deselects the others' tests). A log without one (a
+    killed shard) is counted from its per-test lines (pytest -v) and named."""
+    totals: dict[str, int] = {}
+    killed = []
+    for index, path in enumerate(paths):
+        line = _last_line(path)
+        if " in " in line and re.search(r"\d+ (passed|failed|error|skipped|deselected)", line):
+            counts = re.findall(r"(\d+) (\w+)", line)
+        else:
+            killed.append(str(index))
+            results = [m.group(1) for m in map(RESULT_LINE.match, _read_lines(path)) if m]
+            counts = [(results.count(r), r.lower()) for r in sorted(set(results))]
+        for number, word in counts:
+            word = {"errors": "error", "warnings": "warning", "xfail": "xfailed", "xpass": "xpassed"}.get(word, word)
+            totals[word] = totals.get(word, 0) + int(number)
+    order = ["passed", "failed", "error", "skipped", "xfailed", "xpassed", "warning"]
+    text = ", ".join(f"{totals[word]} {word}" for word in order if totals.get(word)) or "no results"
+    return text + (f" (killed: shard {', '.join(killed)}, counted from its log)" if killed else "")
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -193,7 +293,9 @@ def _reports(out: Path, started: float) -> list[dict]:
                         latest[(result.get("case"), result.get("variant"))] = result
                 found.append({"path": path, "results": list(latest.values()), "partial": True})
             else:
-                found.append({"path": path, **json.loads(path.read_text())})
+                report = json.loads(path.read_text())
+                if isinstance(report, dict):  # not suite-logs/stages.json (a list)
+                    found.append({"path": path, **report})
         except (OSError, ValueError):
             continue
     return found
@@ -285,9 +387,10 @@ def main(argv=None) -> int:
         plan = [s for s in plan if s.name not in args.skip.split(",")]
     if args.list or args.dry_run:
         for s in plan:
-            print(f"{s.name:<9} {s.limit_s:>4}s  {s.what}")
+            print(f"{s.name:<9} {s.limit_s:>4}s  {s.what}" + (f" [{s.shards} processes]" if s.shards > 1 else ""))
             if args.dry_run:
-                env = " ".join(f"{k}={v}" for k, v in s.env.items())
+                shard = {SHARD_VARIABLE: f"i/{s.shards}"} if s.shards > 1 else {}
+                env = " ".join(f"{k}={v}" for k, v in {**s.env, **shard}.items())
                 print(f"          {env + ' ' if env else ''}{' '.join(shlex.quote(c) for c in s.command)}")
         return 0
 
@@ -319,8 +422,9 @@ def main(argv=None) -> int:
         done.append(result)
         print(f"[{stage.name}] {result['status']} in {result['seconds']:.0f} s: {result['last_line']}", flush=True)
         if result["status"] != "ok":
-            tail = Path(result["log"]).read_text(errors="replace").splitlines()[-15:]
-            print("\n".join("    " + line for line in tail), flush=True)
+            lines = Path(result["log"]).read_text(errors="replace").splitlines()
+            failures = [line for line in lines if line.startswith(("FAILED ", "ERROR "))][:20]
+            print("\n".join("    " + line for line in failures + lines[-15:]), flush=True)
 
     table = [f"{'stage':<9} {'status':<24} {'s':>6} {'limit':>6}  result"]
     table += [f"{d['stage']:<9} {d['status']:<24} {d['seconds']:>6.0f} {d['limit_s']:>6}  {d['last_line'][:90]}"

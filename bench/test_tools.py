@@ -234,7 +234,8 @@ def test_gpu_suite_stages_swap_gpu_only_options_on_cpu(tmp_path):
 
 def test_gpu_suite_reads_partial_results_once_each(tmp_path):
     """A stage cut short leaves <name>.partial.jsonl; a result recorded again (the memory budget's
-    timed policy) replaces its earlier line in the summary instead of being listed twice."""
+    timed policy) replaces its earlier line in the summary instead of being listed twice; the suite's
+    own stage list (suite-logs/stages.json) is not read as a report."""
     import time as time_module
 
     from bench.gpu_suite import _reports
@@ -246,6 +247,104 @@ def test_gpu_suite_reads_partial_results_once_each(tmp_path):
              {"case": "memory/seed", "variant": "ckpt_all", "measured_bytes": 2},
              {"case": "memory/seed", "variant": "ckpt_none", "measured_bytes": 1, "time_s": 0.5}]
     (device / "2026-11-29-bench-memory.partial.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    (report,) = _reports(tmp_path, started)
+    (tmp_path / "suite-logs").mkdir()
+    (tmp_path / "suite-logs" / "stages.json").write_text(json.dumps([{"stage": "memory", "status": "timeout"}]))
+    (report,) = _reports(tmp_path, started)  # the stage list is not a report
     assert report["partial"] and [(r["variant"], r.get("time_s")) for r in report["results"]] == [
         ("ckpt_none", 0.5), ("ckpt_all", None)]
+
+
+SHARD_TESTS = '''
+import os, signal, time
+import pytest
+
+@pytest.mark.parametrize("i", range(7))
+def test_case(i):
+    if os.environ.get("DEAF_CASE") == str(i):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # like an interrupt lost inside torch's C++ code
+    if os.environ.get("LOSES_ONE_INTERRUPT") == str(i):  # the first SIGINT lost, the next one taken
+        def second_time(signum, frame):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, second_time)
+    if str(i) in (os.environ.get("SLOW_CASE"), os.environ.get("DEAF_CASE"), os.environ.get("LOSES_ONE_INTERRUPT")):
+        time.sleep(60)
+'''
+
+
+def _shard_run(tmp_path, index, count, extra_env=None):
+    import os
+    import subprocess
+    import sys
+
+    from bench.gpu_suite import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DREAM_TEST_SHARD": f"{index}/{count}", **(extra_env or {})}
+    return subprocess.run([sys.executable, "-m", "pytest", str(tmp_path / "test_shard_me.py"), "-v", "-p",
+                           "no:cacheprovider", "-p", "bench.pytest_shard"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+
+
+def test_pytest_shards_run_every_test_exactly_once(tmp_path):
+    (tmp_path / "test_shard_me.py").write_text(SHARD_TESTS)
+    ran = []
+    for index in range(3):
+        result = _shard_run(tmp_path, index, 3)
+        assert result.returncode == 0, result.stdout[-2000:]
+        ran.append({line.split("::")[1].split(" ")[0] for line in result.stdout.splitlines() if " PASSED" in line})
+    assert [len(r) for r in ran] == [3, 2, 2]
+    assert set.union(*ran) == {f"test_case[{i}]" for i in range(7)}
+    bad = _shard_run(tmp_path, 3, 3)
+    assert bad.returncode == 4 and "DREAM_TEST_SHARD='3/3': need n >= 1 and 0 <= i < n" in bad.stderr
+
+
+def test_gpu_suite_stage_shards_sum_counts_and_stop_at_the_limit(tmp_path):
+    """Shards run side by side, their counts are summed; at the limit every shard gets SIGINT and still
+    writes its report, even when this process was started with SIGINT ignored (a background job), and
+    a shard that loses the first SIGINT gets another."""
+    import signal
+    import sys
+    import time as time_module
+
+    from bench.gpu_suite import GRACE_S, Stage, run_stage
+    from bench.pytest_shard import INTERRUPTED_LINE
+
+    (tmp_path / "test_shard_me.py").write_text(SHARD_TESTS)
+    command = [sys.executable, "-m", "pytest", str(tmp_path / "test_shard_me.py"), "-v", "-p", "no:cacheprovider",
+               "-p", "bench.pytest_shard", f"--junitxml={tmp_path}/junit-{{shard}}.xml"]
+    result = run_stage(Stage("tests", 60, "shards", command, shards=3), 60, tmp_path / "tests.log")
+    assert result["status"] == "ok" and result["last_line"] == "3 shards: 7 passed", result
+    assert sorted(p.name for p in tmp_path.glob("junit-*.xml")) == [f"junit-{i}.xml" for i in range(3)]
+    assert (tmp_path / "tests.log").read_text().count("DREAM_TEST_SHARD=") == 3
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        start = time_module.monotonic()
+        slow = Stage("tests", 60, "shards", command, {"SLOW_CASE": "4"}, shards=3)  # case 4 is shard 1's
+        result = run_stage(slow, 8, tmp_path / "slow.log")
+        seconds = time_module.monotonic() - start
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert result["status"] == "timeout" and seconds < 8 + GRACE_S - 5, (result, seconds)
+    assert result["last_line"] == "3 shards: 6 passed", result  # shard 1 reported the case that ran before
+    assert "KeyboardInterrupt" in (tmp_path / "slow-1.log").read_text()
+    assert INTERRUPTED_LINE in (tmp_path / "slow-1.log").read_text()
+
+    start = time_module.monotonic()
+    lossy = Stage("tests", 60, "shards", command, {"LOSES_ONE_INTERRUPT": "4"}, shards=3)
+    result = run_stage(lossy, 8, tmp_path / "lossy.log", grace_s=30)
+    seconds = time_module.monotonic() - start
+    assert result["last_line"] == "3 shards: 6 passed" and seconds < 8 + 15, (result, seconds)  # repeated, not killed
+
+
+def test_gpu_suite_counts_a_killed_shard_from_its_log(tmp_path):
+    import sys
+
+    from bench.gpu_suite import Stage, run_stage
+
+    (tmp_path / "test_shard_me.py").write_text(SHARD_TESTS)
+    command = [sys.executable, "-m", "pytest", str(tmp_path / "test_shard_me.py"), "-v", "-p", "no:cacheprovider",
+               "-p", "bench.pytest_shard"]
+    deaf = Stage("tests", 60, "shards", command, {"DEAF_CASE": "5"}, shards=2)  # case 5 is shard 1's (1, 3, 5)
+    result = run_stage(deaf, 8, tmp_path / "deaf.log", grace_s=6)
+    assert result["status"] == "timeout"
+    assert result["last_line"] == "2 shards: 6 passed (killed: shard 1, counted from its log)", result

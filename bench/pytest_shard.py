@@ -1,0 +1,58 @@
+"""pytest plugin: run one shard of the collected tests, so several pytest processes can share a test run
+without pytest-xdist (the GPU machine's image lacks it).
+
+    DREAM_TEST_SHARD=1/4 python3 -m pytest -p bench.pytest_shard tests/...
+
+keeps the collected items i, i + n, i + 2n, ... of shard "i/n" (0 <= i < n) and deselects the rest, so
+the n shards together run every test exactly once. Interleaving spreads each parametrized test's slow
+cases (the full-size shapes, which compile their own kernels) over all shards. On an interrupt it prints
+INTERRUPTED_LINE at once.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+SHARD_VARIABLE = "DREAM_TEST_SHARD"
+INTERRUPTED_LINE = "pytest_shard: interrupted; finishing the session (reports are being written)"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"i/n" -> (i, n), with a one-line error naming what is wrong."""
+    try:
+        index_text, count_text = text.split("/")
+        index, count = int(index_text), int(count_text)
+    except ValueError:
+        raise ValueError(f"{SHARD_VARIABLE} must look like i/n (e.g. 0/4), got {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"{SHARD_VARIABLE}={text!r}: need n >= 1 and 0 <= i < n")
+    return index, count
+
+
+def pytest_configure(config):
+    spec = os.environ.get(SHARD_VARIABLE)
+    if spec:
+        try:
+            parse_shard(spec)
+        except ValueError as error:
+            raise pytest.UsageError(str(error)) from None
+
+
+def pytest_collection_modifyitems(config, items):
+    spec = os.environ.get(SHARD_VARIABLE)
+    if not spec:
+        return
+    index, count = parse_shard(spec)
+    keep = items[index::count]
+    kept = {id(item) for item in keep}
+    deselected = [item for item in items if id(item) not in kept]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+    items[:] = keep
+
+
+def pytest_keyboard_interrupt(excinfo):
+    """Say at once that the interrupt was taken (pytest's own note comes only after the reports are
+    written), so a runner that repeats its SIGINT stops before it can cut the reports short."""
+    print("\n" + INTERRUPTED_LINE, flush=True)
