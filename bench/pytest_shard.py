@@ -1,5 +1,5 @@
 """pytest plugin: run one shard of the collected tests, so several pytest processes can share a test run
-without pytest-xdist (the GPU machine's image lacks it).
+with nothing beyond pytest (no pytest-xdist), each with its own log and report, each stoppable on its own.
 
     DREAM_TEST_SHARD=1/4 python3 -m pytest -p bench.pytest_shard tests/...
 

@@ -348,3 +348,18 @@ def test_gpu_suite_counts_a_killed_shard_from_its_log(tmp_path):
     result = run_stage(deaf, 8, tmp_path / "deaf.log", grace_s=6)
     assert result["status"] == "timeout"
     assert result["last_line"] == "2 shards: 6 passed (killed: shard 1, counted from its log)", result
+
+
+def test_profile_report_says_when_a_gpu_trace_holds_no_gpu_events():
+    from dream.profile import NO_GPU_EVENTS, environment_info, format_report
+
+    info = {**environment_info(torch.device("cpu")), "device_type": "cuda", "device_name": "NVIDIA H200"}
+    trace = {"traceEvents": [event("user_annotation", "ProfilerStep#1", 0.0, 100.0),
+                             event("cuda_runtime", "cudaGraphLaunch", 1.0, 2.0)]}
+    summary = {**summarize_trace(trace), "step_ms": 0.1, "wall_ms": [0.1]}
+    assert summary["gpu_events"] == 0 and summary["busy_fraction"] is None
+    assert NO_GPU_EVENTS in format_report("sample", info, {}, summary, "t.json.gz", 5)
+    trace["traceEvents"].append(event("kernel", "k", 5.0, 50.0))
+    summary = {**summarize_trace(trace), "step_ms": 0.1, "wall_ms": [0.1]}
+    text = format_report("sample", info, {}, summary, "t.json.gz", 5)
+    assert NO_GPU_EVENTS not in text and "| GPU busy fraction (kernels, copies, memsets / window) | 50.0 % |" in text

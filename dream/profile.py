@@ -259,6 +259,11 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+NO_GPU_EVENTS = ("the trace holds no GPU kernel, copy or memset in the profiled window (CUPTI did not record "
+                 "them, e.g. kernels replayed inside CUDA graphs on some driver/torch versions): the busy fraction "
+                 "and kernel table are unknown, not zero")
+
+
 def summarize_trace(trace: dict, top: int = 20) -> dict:
     """Numbers from a torch.profiler Chrome trace (times in microseconds):
     steps (ProfilerStep spans), window = first step start .. max(last step end, last GPU event end),
@@ -444,6 +449,8 @@ def format_report(what: str, info: dict, config: dict, summary: dict, trace_name
     else:
         rows += [["GPU kernels / launches / busy fraction", "n/a (CPU)"]]
     lines += [markdown_table(["metric", "value"], rows), ""]
+    if on_gpu and not summary.get("gpu_events"):
+        lines += [f"> {NO_GPU_EVENTS}", ""]
     if on_gpu:
         lines += [f"## Top {top} kernels by GPU time", ""]
         table = [[i + 1, k["name"][:120], f"{k['calls'] / steps:.0f}", f"{k['total_us'] / steps / 1e3:.3f}",
@@ -502,6 +509,8 @@ def run_profile(args) -> list[Path]:
               + (f", busy {100 * summary['busy_fraction']:.1f} %, {summary['kernels'] / max(summary['steps'], 1):.0f}"
                  f" kernels/step" if summary.get("busy_fraction") is not None else "")
               + f" -> {md_path}")
+        if on_gpu and not summary.get("gpu_events"):
+            print(f"warning: {what}: {NO_GPU_EVENTS}", file=sys.stderr)
         del step, _keep
         if device.type == "cuda":
             torch.cuda.empty_cache()
