@@ -84,12 +84,45 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     log_every: int = 10
-    checkpoint_every: int = 500  # steps
+    checkpoint_every: int = 500  # steps; 0: only at the end of the run and on a stop
     checkpoint_keep: int = 3
     sample_every: int = 1  # epochs; 0 disables the grid
     sample_count: int = 16
     sample_steps: int = 50  # DDIM steps for the progress grid
     progress: bool = True
+
+    def check(self) -> None:
+        """One-line DreamError for a value that would crash or silently misbehave later (a zero log interval
+        divides by zero mid-run, a negative clip norm turns clipping off); it names the `dream train` flag."""
+        def positive_int(value):
+            return isinstance(value, int) and value >= 1
+
+        rules = [
+            ("batch_size", positive_int(self.batch_size), "a positive integer"),
+            ("micro_batch", self.micro_batch is None or positive_int(self.micro_batch), "a positive integer"),
+            ("epochs", positive_int(self.epochs), "a positive integer"),
+            ("max_steps", self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 0),
+             "a non-negative integer"),
+            ("memory_budget", self.memory_budget is None or self.memory_budget > 0, "positive"),
+            ("lr", math.isfinite(self.lr) and self.lr > 0, "a positive number"),
+            ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, "non-negative"),
+            ("grad_clip", math.isfinite(self.grad_clip) and self.grad_clip >= 0, "non-negative (0: no clipping)"),
+            ("ema_decay", 0 <= self.ema_decay <= 1, "in [0, 1]"),
+            ("max_bad_steps", positive_int(self.max_bad_steps), "a positive integer"),
+            ("log_every", positive_int(self.log_every), "a positive integer"),
+            ("checkpoint_every", isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0,
+             "a non-negative integer (0: only at the end and on a stop)"),
+            ("checkpoint_keep", positive_int(self.checkpoint_keep), "a positive integer"),
+            ("sample_every", isinstance(self.sample_every, int) and self.sample_every >= 0,
+             "a non-negative integer (0: no grids)"),
+            ("sample_count", positive_int(self.sample_count), "a positive integer"),
+            ("sample_steps", positive_int(self.sample_steps) and self.sample_steps <= self.num_timesteps,
+             f"an integer from 1 to --timesteps ({self.num_timesteps})"),
+        ]
+        for name, ok, wanted in rules:
+            if not ok:
+                raise DreamError(f"--{name.replace('_', '-')} must be {wanted}, got {getattr(self, name)!r}")
+        ObjectiveConfig(**self.objective_config)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,6 +183,7 @@ def divisor_at_most(n: int, limit: int) -> int:
 
 class Trainer:
     def __init__(self, config: TrainConfig, dist: distributed.Distributed | None = None):
+        config.check()
         self.config = config
         self.dist = dist = dist or distributed.Distributed()
         self.device = device = resolve_device(config.device, dist)

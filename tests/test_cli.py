@@ -33,6 +33,9 @@ def test_info_json(capsys):
     (["sample", "/nonexistent/ckpt.pt"], "does not exist"),
     (["info", "--preset", "huge"], "unknown model preset"),
     (["train", "--backend", "triton", "--device", "cpu"], "TRITON_INTERPRET=1"),
+    (["train", "--preset", "tiny", "--log-every", "0"], "--log-every must be a positive integer, got 0"),
+    (["train", "--preset", "tiny", "--alpha", "1.5"], "--alpha must be in [0, 1]"),
+    (["train", "--preset", "tiny", "--sample-steps", "5000"], "--sample-steps must be an integer from 1 to --timesteps"),
 ])
 def test_bad_input_is_one_line_without_traceback(args, message):
     result = run_cli(*args)

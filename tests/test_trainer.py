@@ -279,3 +279,36 @@ def test_auto_checkpointing_picks_the_least_recomputation_that_fits(tmp_path, mo
     assert asked[3:] == ["attention"] and fixed.micro_batch == 2 and fixed.model.checkpointing == "attention"
     plain = Trainer(small_config(tmp_path / "plain", checkpointing="auto"))  # CPU, no budget: no estimate
     assert len(asked) == 4 and plain.model.checkpointing == "none"
+
+
+@pytest.mark.parametrize("field_name,value,flag", [
+    ("batch_size", 0, "--batch-size"), ("micro_batch", 0, "--micro-batch"), ("epochs", 0, "--epochs"),
+    ("max_steps", -1, "--max-steps"), ("memory_budget", 0, "--memory-budget"), ("lr", 0.0, "--lr"),
+    ("lr", float("inf"), "--lr"), ("weight_decay", -1e-3, "--weight-decay"), ("grad_clip", -1.0, "--grad-clip"),
+    ("ema_decay", 1.5, "--ema-decay"), ("max_bad_steps", 0, "--max-bad-steps"), ("log_every", 0, "--log-every"),
+    ("checkpoint_every", -1, "--checkpoint-every"), ("checkpoint_keep", 0, "--checkpoint-keep"),
+    ("sample_every", -1, "--sample-every"), ("sample_count", 0, "--sample-count"), ("sample_steps", 0, "--sample-steps"),
+    ("sample_steps", 1001, "--sample-steps"), ("batch_size", 2.5, "--batch-size"),
+])
+def test_config_rejects_values_that_would_fail_later(field_name, value, flag):
+    """Each bad value is named at once (a zero log interval used to divide by zero after the first step)."""
+    from dream.errors import DreamError
+
+    TrainConfig().check()  # the defaults pass
+    with pytest.raises(DreamError, match=f"^{flag} must be .*, got {value!r}$"):
+        TrainConfig(**{field_name: value}).check()
+
+
+@pytest.mark.parametrize("field_name,value", [
+    ("dream_start_epoch", -1), ("dream_start_epoch", 1.5), ("lambda_max", 1.2), ("lambda_max", -0.1),
+    ("alpha", -0.5), ("alpha", 2.0), ("ramp_epochs", 0.0), ("paper_power", -1.0), ("paper_loss", "huber"),
+])
+def test_objective_config_rejects_values_outside_its_ranges(field_name, value):
+    from dream.errors import DreamError
+
+    flag = "--" + field_name.replace("_", "-")
+    with pytest.raises(DreamError, match=f"^{flag} must be .*, got {value!r}$"):
+        ObjectiveConfig(**{field_name: value})
+    with pytest.raises(DreamError, match=f"^{flag} must be"):
+        TrainConfig(objective_config={field_name: value}).check()
+    ObjectiveConfig(lambda_max=0.0, alpha=1.0, dream_start_epoch=0, paper_power=0.0)  # the edges are allowed
