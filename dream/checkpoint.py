@@ -207,12 +207,18 @@ def _damage(path: Path, entry: dict) -> str | None:
     return None
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """A checkpoint file (verified against its folder's manifest when it is listed there), or the
-    newest valid checkpoint of a checkpoint folder or run folder."""
+def require_checkpoint(path: str | Path) -> Path:
+    """The path, or a one-line DreamError when nothing is there (before any slow setup that needs it)."""
     path = Path(path)
     if not path.exists():
         raise DreamError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """A checkpoint file (verified against its folder's manifest when it is listed there), or the
+    newest valid checkpoint of a checkpoint folder or run folder."""
+    path = require_checkpoint(path)
     if path.is_dir():
         folder = path / "checkpoints" if (path / "checkpoints" / MANIFEST).exists() else path
         state = CheckpointManager(folder).latest()

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import torch
 
+from dream.checkpoint import require_checkpoint
 from dream.errors import DreamError
 from dream.sample import add_sampling_arguments, image_path, load_sampler_model, parse_graphs, sample_images
+from dream.sampling import normalize_sampler
 
 METRICS = ("fid", "isc", "kid")
 INCEPTION = "inception-v3-compat"
@@ -253,8 +255,8 @@ def _atomic_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampler: str = "ddim", steps: int = 50,
-             eta: float = 0.0, batch_size: int = 256, seed: int = 0, device="auto", backend: str = "auto",
+def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampler: str = "ddim",
+             steps: int | None = None, eta: float = 0.0, batch_size: int = 256, seed: int = 0, device="auto", backend: str = "auto",
              dtype: torch.dtype = torch.float32, graphs: bool | None = None, steps_per_graph: int = 1,
              compile: bool = False, use_ema: bool = True, metrics=METRICS, real: str | None = None,
              real_root: str | None = None, real_split: str | None = None, real_count: int | None = None,
@@ -270,12 +272,16 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
     metrics = tuple(metrics)
     check_metrics(metrics)
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    weights, weights_tag = resolve_feature_extractor(feature_extractor, inception_weights)  # before any sampling
+    require_checkpoint(checkpoint)  # the cheap checks first, then the feature extractor's weights, before sampling
+    weights, weights_tag = resolve_feature_extractor(feature_extractor, inception_weights)
     model, diffusion, state, identity = load_sampler_model(checkpoint, device, use_ema,
                                                            resolve_backend(backend, device), compile)
     size = getattr(model, "_orig_mod", model).config.image_size
     real_set = resolve_real_set(state["config"], real, real_root, real_split, real_count)
-    steps_run = diffusion.num_timesteps if sampler == "ddpm" else steps
+    try:
+        _, steps_run, _ = normalize_sampler(diffusion, sampler, steps, eta)
+    except ValueError as error:
+        raise DreamError(str(error)) from None
     out_dir = Path(out) if out else default_out_dir(identity["checkpoint"], sampler, steps_run, eta, seed, dtype)
     samples_dir = out_dir / "samples"
 

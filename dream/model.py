@@ -79,6 +79,15 @@ def make_config(preset: str = "seed", **overrides) -> UNetConfig:
 
 
 def validate_config(config: UNetConfig) -> None:
+    for name in ("image_size", "in_channels", "base_channels", "num_res_blocks", "num_groups", "num_heads"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not config.channel_mults or any(isinstance(m, bool) or not isinstance(m, int) or m < 1
+                                       for m in config.channel_mults):
+        raise ValueError(f"channel_mults must be positive integers, got {config.channel_mults!r}")
+    if not config.norm_eps > 0:
+        raise ValueError(f"norm_eps must be positive, got {config.norm_eps!r}")
     widths = [config.base_channels * m for m in config.channel_mults]
     for width in widths:
         if width % config.num_groups:

@@ -27,7 +27,7 @@ def add_sampling_arguments(p, count: int, batch_size: int, backend: str, backend
     p.add_argument("checkpoint", help="checkpoint file, a run folder (its newest valid checkpoint), or a .safetensors export")
     p.add_argument("--count", type=int, default=count, help=count_help or None)
     p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--steps", type=int, help="DDIM steps (default 50; the ddpm sampler always runs all T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (1.0 = DDPM-like noise)")
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--seed", type=int, default=0)
@@ -104,7 +104,7 @@ def _rng_devices(device: torch.device) -> list:
     return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
-def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: str = "ddim", steps: int = 50,
+def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: str = "ddim", steps: int | None = None,
                   eta: float = 0.0, batch_size: int = 64, seed: int = 0, dtype: torch.dtype = torch.float32,
                   progress: bool = True, graphs: bool | None = None, steps_per_graph: int = 1,
                   engine: SamplingEngine | None = None, settings: dict | None = None) -> dict:
@@ -112,13 +112,13 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
 
     Batch b starts from batch_noise(seed, b) and draws its step noise from the default generators seeded
     with batch_step_seed(seed, b) (the caller's RNG state is restored afterwards), so its images depend on
-    (seed, b, batch_size, sampler settings) only. `graphs`: None = CUDA graphs on a CUDA device.
+    (seed, b, batch_size, sampler settings) only. `steps`: DDIM steps (None: 50); the ddpm sampler runs all T
+    and refuses any other number. `graphs`: None = CUDA graphs on a CUDA device.
     PNGs are encoded on a writer thread while the next batch is sampled."""
     if sampler not in SAMPLERS:
         raise DreamError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if count < 1 or batch_size < 1:
         raise DreamError("--count and --batch-size must be positive")
-    steps = None if sampler == "ddpm" else steps
     try:
         sampler, steps, eta = normalize_sampler(diffusion, sampler, steps, eta)
     except ValueError as error:
@@ -190,7 +190,8 @@ def load_sampler_model(checkpoint: str, device="cpu", use_ema: bool = True, back
     return model, diffusion, state, identity
 
 
-def sample_from_checkpoint(checkpoint: str, out_dir: str, count: int = 64, sampler: str = "ddim", steps: int = 50,
+def sample_from_checkpoint(checkpoint: str, out_dir: str, count: int = 64, sampler: str = "ddim",
+                           steps: int | None = None,
                            eta: float = 0.0, batch_size: int = 64, seed: int = 0, device: str = "cpu",
                            use_ema: bool = True, backend: str = "eager", dtype: torch.dtype = torch.float32,
                            grid: bool = True, progress: bool = True, graphs: bool | None = None,

@@ -31,11 +31,13 @@ def test_info_json(capsys):
     (["train", "--data", "folder"], "needs --data-root"),
     (["train", "--preset", "tiny", "--base-channels", "20"], "num_groups"),
     (["sample", "/nonexistent/ckpt.pt"], "does not exist"),
+    (["sample", "/nonexistent/ckpt.pt", "--device", "bogus"], "unknown device 'bogus'"),
+    (["eval", "/nonexistent/ckpt.pt"], "checkpoint /nonexistent/ckpt.pt does not exist"),  # before the Inception weights
     (["info", "--preset", "huge"], "unknown model preset"),
     (["train", "--backend", "triton", "--device", "cpu"], "TRITON_INTERPRET=1"),
     (["train", "--preset", "tiny", "--log-every", "0"], "--log-every must be a positive integer, got 0"),
     (["train", "--preset", "tiny", "--alpha", "1.5"], "--alpha must be in [0, 1]"),
-    (["train", "--preset", "tiny", "--sample-steps", "5000"], "--sample-steps must be an integer from 1 to --timesteps"),
+    (["train", "--preset", "tiny", "--sample-steps", "0"], "--sample-steps must be a positive integer, got 0"),
 ])
 def test_bad_input_is_one_line_without_traceback(args, message):
     result = run_cli(*args)
@@ -50,6 +52,16 @@ def test_sample_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
     bad.write_bytes(b"\x00garbage")
     result = run_cli("sample", str(bad), "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "cannot be read" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ddpm_refuses_a_step_count(tmp_path):
+    """--steps belongs to DDIM; the ddpm sampler always runs all T steps and says so instead of ignoring it."""
+    from conftest import make_tiny_checkpoint
+
+    checkpoint = make_tiny_checkpoint(tmp_path, step=1)
+    result = run_cli("sample", str(checkpoint), "--out", str(tmp_path / "out"), "--sampler", "ddpm", "--steps", "5")
+    assert result.returncode == 2 and "the ddpm sampler runs all" in result.stderr and "Traceback" not in result.stderr
+    assert not list((tmp_path / "out").glob("*.png"))
 
 
 def test_train_then_sample_end_to_end(tmp_path):

@@ -94,6 +94,12 @@ def test_state_dict_is_the_same_for_every_backend():
     ({"base_channels": 20}, "num_groups"),
     ({"image_size": 50}, "divisible"),
     ({"dropout": 1.5}, "dropout"),
+    ({"base_channels": 0}, "base_channels must be a positive integer, got 0"),
+    ({"image_size": -8}, "image_size must be a positive integer, got -8"),
+    ({"num_res_blocks": 0}, "num_res_blocks must be a positive integer"),
+    ({"channel_mults": ()}, "channel_mults must be positive integers"),
+    ({"channel_mults": (1, 0)}, "channel_mults must be positive integers"),
+    ({"norm_eps": 0.0}, "norm_eps must be positive"),
 ])
 def test_bad_configurations_name_the_problem(overrides, message):
     with pytest.raises(ValueError, match=message):
