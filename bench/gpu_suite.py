@@ -357,6 +357,25 @@ def headline_lines(out: Path, started: float) -> list[str]:
     return lines
 
 
+REPORT_ROWS = [("kernels (GroupNorm, attention)", "bench-kernels"), ("training step (`seed` objective)", "bench-train"),
+               ("memory budget (6.8 GB at batch 128)", "bench-memory"),
+               ("sampling (step, DDIM loop, CUDA graphs)", "bench-sampling"),
+               ("UNet forward / forward+backward", "bench-unet"), ("profile: training step / sampling step", "profile-"),
+               ("kernel launch configurations (tune)", "tune"), ("torch.compile anchors", "bench-compile")]
+
+
+def report_links(out: Path, started: float) -> list[str]:
+    """A markdown table: each kind of report this run wrote (its .md files under <out>/<device>/)."""
+    written = [p for p in sorted(out.glob("*/*.md")) if p.parent.name != "suite-logs"
+               and p.stat().st_mtime >= started - 1]
+    rows = []
+    for what, stem in REPORT_ROWS:
+        found = [p for p in written if p.stem.split("-", 3)[-1].startswith(stem)]
+        links = ", ".join(f"[{p.name}]({p.relative_to(out).as_posix()})" for p in found)
+        rows.append(f"| {what} | {links or '—'} |")
+    return ["| what | report |", "| --- | --- |", *rows]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench/gpu_suite.sh", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -435,7 +454,9 @@ def main(argv=None) -> int:
     except Exception as error:  # noqa: BLE001
         headlines = [f"headline summary failed: {type(error).__name__}: {error}"]
     summary = ["# GPU suite summary", "", f"output: {out}", "", "```", *table, "```", "",
-               "## Headline numbers (fastest ours; speed-up over the fastest anchor)", "", "```", *headlines, "```"]
+               "## Headline numbers (fastest ours; speed-up over the fastest anchor)", "", "```", *headlines, "```",
+               "", "## Reports (paths relative to the output folder; unpacked into profiles/, the links of its "
+               "README's table)", "", *report_links(out, started)]
     (logs / "summary.md").write_text("\n".join(summary) + "\n")
     if args.archive:
         archive = Path(args.archive)

@@ -363,3 +363,23 @@ def test_profile_report_says_when_a_gpu_trace_holds_no_gpu_events():
     summary = {**summarize_trace(trace), "step_ms": 0.1, "wall_ms": [0.1]}
     text = format_report("sample", info, {}, summary, "t.json.gz", 5)
     assert NO_GPU_EVENTS not in text and "| GPU busy fraction (kernels, copies, memsets / window) | 50.0 % |" in text
+
+
+def test_gpu_suite_links_the_reports_it_wrote(tmp_path):
+    import os
+    import time as time_module
+
+    from bench.gpu_suite import report_links
+
+    device = tmp_path / "nvidia-h200"
+    device.mkdir()
+    for name in ("2026-11-29-bench-kernels.md", "2026-11-29-profile-train.md", "2026-11-29-profile-sample-graphs.md",
+                 "2026-11-28-bench-unet.md"):
+        (device / name).write_text("#")
+    old = time_module.time() - 3600
+    os.utime(device / "2026-11-28-bench-unet.md", (old, old))  # an earlier run's report is not this run's
+    rows = report_links(tmp_path, time_module.time() - 60)
+    assert "| kernels (GroupNorm, attention) | [2026-11-29-bench-kernels.md](nvidia-h200/2026-11-29-bench-kernels.md) |" in rows
+    assert any(r.startswith("| profile: training step / sampling step |") and "profile-sample-graphs.md" in r
+               and "profile-train.md" in r for r in rows)
+    assert "| UNet forward / forward+backward | — |" in rows
