@@ -112,7 +112,7 @@ def stages(out: str, on_gpu: bool = True) -> list[Stage]:
         Stage("tests", 110, "correctness at full size (" + ", ".join(Path(t).name for t in tests) + ")",
               [PYTHON, "-m", "pytest", *tests, "-v", "-p", "no:cacheprovider", "-p", "bench.pytest_shard",
                "--maxfail=10", "-rfEs", f"--junitxml={out}/suite-logs/tests-{{shard}}-junit.xml"],
-              shards=test_workers()),
+              {"DREAM_TEST_FIRST": "gpu-only,test_unet_backends.py"}, shards=test_workers()),
         Stage("memory", 60, "6.8 GB budget of the seed step at batch 128",
               bench(["bench/test_memory_budget.py"], "bench-memory", out, extra=["-s"])),
         Stage("train", 70, "seed objective training step (no compile)",

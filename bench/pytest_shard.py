@@ -7,6 +7,13 @@ keeps the collected items i, i + n, i + 2n, ... of shard "i/n" (0 <= i < n) and 
 the n shards together run every test exactly once. Interleaving spreads each parametrized test's slow
 cases (the full-size shapes, which compile their own kernels) over all shards. On an interrupt it prints
 INTERRUPTED_LINE at once.
+
+    DREAM_TEST_FIRST=gpu-only,test_unet_backends.py
+
+moves some tests to the front (before sharding, so each shard starts with its share of them), in case
+the run is cut short: comma-separated node-id substrings, and `gpu-only` for the tests that a
+`skipif` marker would skip without a GPU (its reason names CUDA or a GPU: bf16 on hardware, CUDA
+graphs, the allocator's peak memory).
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import os
 import pytest
 
 SHARD_VARIABLE = "DREAM_TEST_SHARD"
+FIRST_VARIABLE = "DREAM_TEST_FIRST"
 INTERRUPTED_LINE = "pytest_shard: interrupted; finishing the session (reports are being written)"
 
 
@@ -39,7 +47,23 @@ def pytest_configure(config):
             raise pytest.UsageError(str(error)) from None
 
 
+def _gpu_only(item) -> bool:
+    return any(any(word in str(marker.kwargs.get("reason", "")) for word in ("CUDA", "GPU"))
+               for marker in item.iter_markers("skipif"))
+
+
+def first_key(item, tokens: list[str]) -> int:
+    """0 for a test that goes first, 1 otherwise (a stable sort keeps the collection order within each)."""
+    for token in tokens:
+        if (token == "gpu-only" and _gpu_only(item)) or (token != "gpu-only" and token in item.nodeid):
+            return 0
+    return 1
+
+
 def pytest_collection_modifyitems(config, items):
+    tokens = [t.strip() for t in os.environ.get(FIRST_VARIABLE, "").split(",") if t.strip()]
+    if tokens:
+        items.sort(key=lambda item: first_key(item, tokens))
     spec = os.environ.get(SHARD_VARIABLE)
     if not spec:
         return

@@ -383,3 +383,38 @@ def test_gpu_suite_links_the_reports_it_wrote(tmp_path):
     assert any(r.startswith("| profile: training step / sampling step |") and "profile-sample-graphs.md" in r
                and "profile-train.md" in r for r in rows)
     assert "| UNet forward / forward+backward | — |" in rows
+
+
+FIRST_TESTS = '''
+import pytest
+
+def test_plain_a():
+    pass
+
+@pytest.mark.skipif(False, reason="bf16 needs CUDA")
+def test_hardware_only():
+    pass
+
+def test_plain_b():
+    pass
+
+def test_named_first():
+    pass
+'''
+
+
+def test_pytest_shard_moves_gpu_only_and_named_tests_first(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from bench.gpu_suite import REPO
+
+    (tmp_path / "test_order.py").write_text(FIRST_TESTS)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DREAM_TEST_FIRST": "gpu-only, named_first"}
+    env.pop("DREAM_TEST_SHARD", None)
+    result = subprocess.run([sys.executable, "-m", "pytest", "test_order.py", "--collect-only", "-q", "-p",
+                             "no:cacheprovider", "-p", "bench.pytest_shard"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
+    order = [line.split("::")[1] for line in result.stdout.splitlines() if "::" in line]
+    assert order == ["test_hardware_only", "test_named_first", "test_plain_a", "test_plain_b"], result.stdout
