@@ -86,14 +86,10 @@ def bench(files, name, out, k=None, variants=None, extra=()):
 
 def test_workers() -> int:
     """pytest processes for the correctness tests (DREAM_SUITE_TEST_WORKERS, default 6)."""
-    text = os.environ.get("DREAM_SUITE_TEST_WORKERS", "6")
-    try:
-        workers = int(text)
-    except ValueError:
-        raise SystemExit(f"gpu_suite: DREAM_SUITE_TEST_WORKERS must be a positive integer, got {text!r}") from None
-    if workers < 1:
+    text = os.environ.get("DREAM_SUITE_TEST_WORKERS", "6").strip()
+    if not text.isdigit() or int(text) < 1:
         raise SystemExit(f"gpu_suite: DREAM_SUITE_TEST_WORKERS must be a positive integer, got {text!r}")
-    return workers
+    return int(text)
 
 
 def stages(out: str, on_gpu: bool = True) -> list[Stage]:
@@ -149,11 +145,12 @@ def run_stage(stage: Stage, limit: float, log_path: Path, grace_s: float = GRACE
     pytest still writes its report, SIGKILL `grace_s` later."""
     env = {**os.environ, **stage.env, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ['PYTHONPATH']}"
            if os.environ.get("PYTHONPATH") else str(REPO), "PYTHONUNBUFFERED": "1"}
-    if stage.shards > 1:
-        runs = [([c.replace("{shard}", str(i)) for c in stage.command], {**env, SHARD_VARIABLE: f"{i}/{stage.shards}"},
-                 log_path.with_name(f"{log_path.stem}-{i}{log_path.suffix}")) for i in range(stage.shards)]
-    else:
-        runs = [([c.replace("{shard}", "0") for c in stage.command], env, log_path)]
+    sharded = stage.shards > 1
+    runs = [([c.replace("{shard}", str(i)) for c in stage.command],
+             {**env, SHARD_VARIABLE: f"{i}/{stage.shards}"} if sharded else env,
+             log_path.with_name(f"{log_path.stem}-{i}{log_path.suffix}") if sharded else log_path)
+            for i in range(stage.shards)]
+    paths = [path for _, _, path in runs]
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         # an ignored SIGINT (a shell's background job) survives exec: the stages would not see the limit's
         # SIGINT and would be killed without their reports. A handled one is reset to the default by exec.
@@ -164,15 +161,14 @@ def run_stage(stage: Stage, limit: float, log_path: Path, grace_s: float = GRACE
         for command, run_env, path in runs:
             log = open(path, "w")
             logs.append(log)
-            prefix = f"{SHARD_VARIABLE}={run_env[SHARD_VARIABLE]} " if stage.shards > 1 else ""
+            prefix = f"{SHARD_VARIABLE}={run_env[SHARD_VARIABLE]} " if sharded else ""
             log.write("$ " + prefix + " ".join(shlex.quote(c) for c in command) + "\n")
             log.flush()
             processes.append(subprocess.Popen(command, cwd=REPO, env=run_env, stdout=log, stderr=subprocess.STDOUT,
                                               start_new_session=True))
         timed_out = not _wait_all(processes, start + limit)
         if timed_out:  # SIGINT: pytest still finishes its session and writes its report
-            _interrupt(processes, [path for _, _, path in runs], time.monotonic() + grace_s,
-                       repeat=stage.shards > 1)
+            _interrupt(processes, paths, time.monotonic() + grace_s, repeat=sharded)
     except BaseException:  # a failed start or Ctrl-C here: leave no shard running
         for process in processes:
             _signal_group(process.pid, signal.SIGKILL)
@@ -184,13 +180,12 @@ def run_stage(stage: Stage, limit: float, log_path: Path, grace_s: float = GRACE
     codes = [process.returncode for process in processes]
     if timed_out:
         status = "timeout"
-    elif stage.shards > 1:  # pytest's exit 5 (no tests collected) is an empty shard, not a failure
+    elif sharded:  # pytest's exit 5 (no tests collected) is an empty shard, not a failure
         failed = [code for code in codes if code not in (0, 5)]
         status = "ok" if not failed and any(code == 0 for code in codes) else f"failed (exit {max(codes)})"
     else:
         status = "ok" if codes[0] == 0 else f"failed (exit {codes[0]})"
-    paths = [path for _, _, path in runs]
-    if stage.shards > 1:
+    if sharded:
         last_line = f"{stage.shards} shards: {_summed_counts(paths)}"
         log_path.write_text("".join(path.read_text(errors="replace") for path in paths))
     else:
@@ -239,12 +234,13 @@ def _summed_counts(paths: list[Path]) -> str:
     totals: dict[str, int] = {}
     killed = []
     for index, path in enumerate(paths):
-        line = _last_line(path)
-        if " in " in line and re.search(r"\d+ (passed|failed|error|skipped|deselected)", line):
+        lines = _read_lines(path)
+        line = _count_line(lines)
+        if line is not None:
             counts = re.findall(r"(\d+) (\w+)", line)
         else:
             killed.append(str(index))
-            results = [m.group(1) for m in map(RESULT_LINE.match, _read_lines(path)) if m]
+            results = [m.group(1) for m in map(RESULT_LINE.match, lines) if m]
             counts = [(results.count(r), r.lower()) for r in sorted(set(results))]
         for number, word in counts:
             word = {"errors": "error", "warnings": "warning", "xfail": "xfailed", "xpass": "xpassed"}.get(word, word)
@@ -268,15 +264,18 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
-def _last_line(path: Path) -> str:
-    try:
-        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return ""
-    for line in reversed(lines):  # pytest's final count line, else the last line
+def _count_line(lines: list[str]) -> str | None:
+    """pytest's final count line ("3 passed, 1 skipped in 2.0s"), if the log has one."""
+    for line in reversed(lines):
         if any(word in line for word in (" passed", " failed", " error", " skipped")) and " in " in line:
-            return line.strip("= ")
-    return lines[-1][:160] if lines else ""
+            return line.strip().strip("= ")
+    return None
+
+
+def _last_line(path: Path) -> str:
+    """pytest's final count line, else the log's last line."""
+    lines = [line for line in _read_lines(path) if line.strip()]
+    return _count_line(lines) or (lines[-1].strip()[:160] if lines else "")
 
 
 def _reports(out: Path, started: float) -> list[dict]:

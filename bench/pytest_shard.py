@@ -68,12 +68,10 @@ def pytest_collection_modifyitems(config, items):
     if not spec:
         return
     index, count = parse_shard(spec)
-    keep = items[index::count]
-    kept = {id(item) for item in keep}
-    deselected = [item for item in items if id(item) not in kept]
+    deselected = [item for position, item in enumerate(items) if position % count != index]
     if deselected:
         config.hook.pytest_deselected(items=deselected)
-    items[:] = keep
+    items[:] = items[index::count]
 
 
 def pytest_keyboard_interrupt(excinfo):

@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: only at the end and on a stop)")
+    p.add_argument("--checkpoint-every", type=int, default=500,
+                   help="steps between checkpoints (0: only at the end and on a stop)")
     p.add_argument("--checkpoint-keep", type=int, default=3)
     p.add_argument("--sample-every", type=int, default=1, help="epochs between sample grids (0: none)")
     p.add_argument("--sample-count", type=int, default=16)

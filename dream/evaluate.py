@@ -27,8 +27,8 @@ import torch
 
 from dream.checkpoint import require_checkpoint
 from dream.errors import DreamError
-from dream.sample import add_sampling_arguments, image_path, load_sampler_model, parse_graphs, sample_images
-from dream.sampling import normalize_sampler
+from dream.sample import (add_sampling_arguments, checked_sampler, image_path, load_sampler_model, parse_graphs,
+                          sample_images)
 
 METRICS = ("fid", "isc", "kid")
 INCEPTION = "inception-v3-compat"
@@ -256,7 +256,8 @@ def _atomic_json(path: Path, data: dict) -> None:
 
 
 def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampler: str = "ddim",
-             steps: int | None = None, eta: float = 0.0, batch_size: int = 256, seed: int = 0, device="auto", backend: str = "auto",
+             steps: int | None = None, eta: float = 0.0, batch_size: int = 256, seed: int = 0, device="auto",
+             backend: str = "auto",
              dtype: torch.dtype = torch.float32, graphs: bool | None = None, steps_per_graph: int = 1,
              compile: bool = False, use_ema: bool = True, metrics=METRICS, real: str | None = None,
              real_root: str | None = None, real_split: str | None = None, real_count: int | None = None,
@@ -278,10 +279,7 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
                                                            resolve_backend(backend, device), compile)
     size = getattr(model, "_orig_mod", model).config.image_size
     real_set = resolve_real_set(state["config"], real, real_root, real_split, real_count)
-    try:
-        _, steps_run, _ = normalize_sampler(diffusion, sampler, steps, eta)
-    except ValueError as error:
-        raise DreamError(str(error)) from None
+    _, steps_run, _ = checked_sampler(diffusion, sampler, steps, eta)
     out_dir = Path(out) if out else default_out_dir(identity["checkpoint"], sampler, steps_run, eta, seed, dtype)
     samples_dir = out_dir / "samples"
 

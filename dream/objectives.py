@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dream.diffusion import GaussianDiffusion, extract
-from dream.errors import DreamError
+from dream.errors import option_error
 
 
 @dataclass
@@ -41,15 +41,16 @@ class ObjectiveConfig:
     def __post_init__(self):
         """Values outside these ranges make the objective meaningless (or divide by zero); the message names
         the field as its `dream train` flag (--lambda-max for lambda_max)."""
-        checks = [("dream_start_epoch", self.dream_start_epoch >= 0, "a non-negative integer"),
+        checks = [("dream_start_epoch", isinstance(self.dream_start_epoch, int) and self.dream_start_epoch >= 0,
+                   "a non-negative integer"),
                   ("lambda_max", 0 <= self.lambda_max <= 1, "in [0, 1] (x0' mixes x0_hat and x0)"),
                   ("alpha", 0 <= self.alpha <= 1, "in [0, 1] (it weighs the two terms)"),
                   ("ramp_epochs", self.ramp_epochs > 0, "positive"),
                   ("paper_power", self.paper_power >= 0, "non-negative"),
                   ("paper_loss", self.paper_loss in ("mse", "l1"), "mse or l1")]
         for name, ok, wanted in checks:
-            if not ok or (name == "dream_start_epoch" and not isinstance(self.dream_start_epoch, int)):
-                raise DreamError(f"--{name.replace('_', '-')} must be {wanted}, got {getattr(self, name)!r}")
+            if not ok:
+                raise option_error(name, wanted, getattr(self, name))
 
     def to_dict(self) -> dict:
         return asdict(self)

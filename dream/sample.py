@@ -104,6 +104,14 @@ def _rng_devices(device: torch.device) -> list:
     return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
+def checked_sampler(diffusion, sampler: str, steps: int | None, eta: float) -> tuple[str, int, float]:
+    """normalize_sampler, its complaint as a one-line DreamError."""
+    try:
+        return normalize_sampler(diffusion, sampler, steps, eta)
+    except ValueError as error:
+        raise DreamError(str(error)) from None
+
+
 def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: str = "ddim", steps: int | None = None,
                   eta: float = 0.0, batch_size: int = 64, seed: int = 0, dtype: torch.dtype = torch.float32,
                   progress: bool = True, graphs: bool | None = None, steps_per_graph: int = 1,
@@ -119,10 +127,7 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
         raise DreamError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if count < 1 or batch_size < 1:
         raise DreamError("--count and --batch-size must be positive")
-    try:
-        sampler, steps, eta = normalize_sampler(diffusion, sampler, steps, eta)
-    except ValueError as error:
-        raise DreamError(str(error)) from None
+    sampler, steps, eta = checked_sampler(diffusion, sampler, steps, eta)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
@@ -191,8 +196,8 @@ def load_sampler_model(checkpoint: str, device="cpu", use_ema: bool = True, back
 
 
 def sample_from_checkpoint(checkpoint: str, out_dir: str, count: int = 64, sampler: str = "ddim",
-                           steps: int | None = None,
-                           eta: float = 0.0, batch_size: int = 64, seed: int = 0, device: str = "cpu",
+                           steps: int | None = None, eta: float = 0.0, batch_size: int = 64, seed: int = 0,
+                           device: str = "cpu",
                            use_ema: bool = True, backend: str = "eager", dtype: torch.dtype = torch.float32,
                            grid: bool = True, progress: bool = True, graphs: bool | None = None,
                            steps_per_graph: int = 1, compile: bool = False) -> dict:

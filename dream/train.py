@@ -38,7 +38,7 @@ from dream.checkpoint import CheckpointManager, code_version, load_checkpoint, r
 from dream.data import DeviceBatches, load_images
 from dream.diffusion import GaussianDiffusion
 from dream.ema import EMA
-from dream.errors import DreamError
+from dream.errors import DreamError, option_error
 from dream.math_flags import use_fast_math
 from dream.model import CHECKPOINT_POLICIES, UNet, check_backend_device, make_config
 from dream.objectives import ObjectiveConfig, get_objective
@@ -97,12 +97,14 @@ class TrainConfig:
         def positive_int(value):
             return isinstance(value, int) and value >= 1
 
+        def non_negative_int(value):
+            return isinstance(value, int) and value >= 0
+
         rules = [
             ("batch_size", positive_int(self.batch_size), "a positive integer"),
             ("micro_batch", self.micro_batch is None or positive_int(self.micro_batch), "a positive integer"),
             ("epochs", positive_int(self.epochs), "a positive integer"),
-            ("max_steps", self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 0),
-             "a non-negative integer"),
+            ("max_steps", self.max_steps is None or non_negative_int(self.max_steps), "a non-negative integer"),
             ("memory_budget", self.memory_budget is None or self.memory_budget > 0, "positive"),
             ("lr", math.isfinite(self.lr) and self.lr > 0, "a positive number"),
             ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, "non-negative"),
@@ -110,17 +112,16 @@ class TrainConfig:
             ("ema_decay", 0 <= self.ema_decay <= 1, "in [0, 1]"),
             ("max_bad_steps", positive_int(self.max_bad_steps), "a positive integer"),
             ("log_every", positive_int(self.log_every), "a positive integer"),
-            ("checkpoint_every", isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0,
+            ("checkpoint_every", non_negative_int(self.checkpoint_every),
              "a non-negative integer (0: only at the end and on a stop)"),
             ("checkpoint_keep", positive_int(self.checkpoint_keep), "a positive integer"),
-            ("sample_every", isinstance(self.sample_every, int) and self.sample_every >= 0,
-             "a non-negative integer (0: no grids)"),
+            ("sample_every", non_negative_int(self.sample_every), "a non-negative integer (0: no grids)"),
             ("sample_count", positive_int(self.sample_count), "a positive integer"),
             ("sample_steps", positive_int(self.sample_steps), "a positive integer"),
         ]
         for name, ok, wanted in rules:
             if not ok:
-                raise DreamError(f"--{name.replace('_', '-')} must be {wanted}, got {getattr(self, name)!r}")
+                raise option_error(name, wanted, getattr(self, name))
         ObjectiveConfig(**self.objective_config)
 
     def to_dict(self) -> dict:

@@ -287,8 +287,8 @@ def test_auto_checkpointing_picks_the_least_recomputation_that_fits(tmp_path, mo
     ("lr", float("inf"), "--lr"), ("weight_decay", -1e-3, "--weight-decay"), ("grad_clip", -1.0, "--grad-clip"),
     ("ema_decay", 1.5, "--ema-decay"), ("max_bad_steps", 0, "--max-bad-steps"), ("log_every", 0, "--log-every"),
     ("checkpoint_every", -1, "--checkpoint-every"), ("checkpoint_keep", 0, "--checkpoint-keep"),
-    ("sample_every", -1, "--sample-every"), ("sample_count", 0, "--sample-count"), ("sample_steps", 0, "--sample-steps"),
-("batch_size", 2.5, "--batch-size"),
+    ("sample_every", -1, "--sample-every"), ("sample_count", 0, "--sample-count"),
+    ("sample_steps", 0, "--sample-steps"), ("batch_size", 2.5, "--batch-size"),
 ])
 def test_config_rejects_values_that_would_fail_later(field_name, value, flag):
     """Each bad value is named at once (a zero log interval used to divide by zero after the first step)."""
