@@ -34,66 +34,88 @@ def memory_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows each flag's default, unless the flag has none (None, False) or its help names it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dream", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+
+    class commands:  # every subcommand's --help shows the defaults
+        add_parser = staticmethod(lambda name, **kwargs: subparsers.add_parser(name, formatter_class=HelpFormatter,
+                                                                               **kwargs))
 
     p = commands.add_parser("train", help="train a model (resumes when rerun with the same --run-dir)")
     add_model_flags(p)
     p.add_argument("--run-dir", default="runs/default", help="checkpoints, metrics.jsonl and sample grids go here")
     p.add_argument("--resume", help="resume from this checkpoint file instead of the newest in --run-dir")
-    p.add_argument("--backend", default="auto", choices=["auto", "eager", "sdpa", "triton"])
+    p.add_argument("--backend", default="auto", choices=["auto", "eager", "sdpa", "triton"],
+                   help="UNet kernels: our Triton GroupNorm and attention, SDPA attention, or eager PyTorch; "
+                        "auto: triton on CUDA, eager on CPU")
     p.add_argument("--checkpointing", "--checkpoint", default="none",
                    choices=["none", "attention", "resblocks", "all", "auto"],
                    help="activation (gradient) checkpointing policy: trades recomputation for memory; auto: "
                         "with a memory budget, the least recomputation whose whole batch fits")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--objective", default="seed", choices=["standard", "seed", "paper"])
-    p.add_argument("--dream-start-epoch", type=int, default=10)
-    p.add_argument("--lambda-max", type=float, default=0.5)
-    p.add_argument("--alpha", type=float, default=0.7)
-    p.add_argument("--ramp-epochs", type=float, default=20.0)
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format for the model")
+    p.add_argument("--objective", default="seed", choices=["standard", "seed", "paper"],
+                   help="standard: MSE on eps; seed: the seed's conservative DREAM; paper: DREAM as published")
+    p.add_argument("--dream-start-epoch", type=int, default=10, help="seed objective: first epoch of the DREAM term")
+    p.add_argument("--lambda-max", type=float, default=0.5, help="seed objective: the largest lambda_t")
+    p.add_argument("--alpha", type=float, default=0.7,
+                   help="seed objective: weight of the standard term (1 - alpha on the rectified one)")
+    p.add_argument("--ramp-epochs", type=float, default=20.0, help="seed objective: epochs lambda_t takes to ramp up")
     p.add_argument("--seed-separate-eps-forward", action="store_true",
                    help="seed objective: spend a separate no-grad forward on eps_hat, as the seed does")
     p.add_argument("--paper-power", type=float, default=1.0, help="paper objective: lambda_t = sqrt(1-abar_t)^p")
-    p.add_argument("--paper-loss", default="mse", choices=["mse", "l1"])
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear"])
-    p.add_argument("--timesteps", type=int, default=1000)
-    p.add_argument("--data", default="synthetic", choices=["synthetic", "celeba", "folder"])
+    p.add_argument("--paper-loss", default="mse", choices=["mse", "l1"], help="paper objective: the loss")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear"], help="noise schedule")
+    p.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T")
+    p.add_argument("--data", default="synthetic", choices=["synthetic", "celeba", "folder"],
+                   help="synthetic: built-in generated faces (no download); celeba or folder: need --data-root")
     p.add_argument("--data-root", help="CelebA root (the folder holding 'celeba') or an image folder")
     p.add_argument("--data-split", default="train", help="CelebA split: train, valid, test or all")
     p.add_argument("--data-count", type=int, default=4096, help="number of synthetic images")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="images per optimizer step (over all ranks)")
     p.add_argument("--micro-batch", type=int, help="gradient accumulation: micro-batch size dividing --batch-size")
     p.add_argument("--memory-budget", type=memory_size,
                    help="bytes per device, e.g. 6.8GB (the seed's target) or 7GiB: use the largest micro-batch "
                         "whose estimated step fits (default on CUDA: the device's free memory)")
     p.add_argument("--max-bad-steps", type=int, default=5,
                    help="non-finite steps in a row before restoring the last good checkpoint and stopping")
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=100, help="epochs over the data")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--ema-decay", type=float, default=0.9999)
-    p.add_argument("--ema-warmup", action="store_true")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of the weights used for sampling")
+    p.add_argument("--ema-warmup", action="store_true",
+                   help="EMA decay min(decay, (1 + step) / (10 + step)), for short runs")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision; auto: bf16 on CUDA where supported, else fp32")
+    p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu; auto: cuda when present")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and the noise")
+    p.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl records")
     p.add_argument("--checkpoint-every", type=int, default=500,
                    help="steps between checkpoints (0: only at the end and on a stop)")
-    p.add_argument("--checkpoint-keep", type=int, default=3)
+    p.add_argument("--checkpoint-keep", type=int, default=3, help="checkpoints kept (the newest)")
     p.add_argument("--sample-every", type=int, default=1, help="epochs between sample grids (0: none)")
-    p.add_argument("--sample-count", type=int, default=16)
+    p.add_argument("--sample-count", type=int, default=16, help="images in each sample grid (fixed noise, EMA)")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the sample grid")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = commands.add_parser("sample", help="generate images from a checkpoint")
     from dream.sample import add_sampling_arguments
 
-    add_sampling_arguments(p, count=64, batch_size=64, backend="eager", backends=["eager", "sdpa", "triton"])
+    add_sampling_arguments(p, count=64, batch_size=64, backend="auto", backends=["auto", "eager", "sdpa", "triton"],
+                           count_help="number of images")
     p.add_argument("--out", default="samples", help="output folder for PNGs and grid.png")
 
     p = commands.add_parser("eval", help="sample N images and compute FID, IS and KID (torch-fidelity)")
@@ -109,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("info", help="parameters and FLOPs of a model preset")
     add_model_flags(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = commands.add_parser("profile", help="torch.profiler over a training step and a sampling step")
     from dream.profile import add_profile_arguments
@@ -118,15 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("memory", help="peak memory of one training step, estimated without a GPU")
     add_model_flags(p)
-    p.add_argument("--batch-size", "--batch", type=int, default=128)
+    p.add_argument("--batch-size", "--batch", type=int, default=128, help="images per optimizer step")
     p.add_argument("--micro-batch", type=int, help="gradient accumulation: micro-batch size dividing the batch")
-    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--objective", default="seed", choices=["standard", "seed", "paper"])
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"], help="autocast precision")
+    p.add_argument("--objective", default="seed", choices=["standard", "seed", "paper"], help="training objective")
     p.add_argument("--seed-separate-eps-forward", action="store_true",
                    help="seed objective: a separate no-grad forward for eps_hat, as the seed does")
     p.add_argument("--single-graph", action="store_true",
                    help="backpropagate the objective's loss once at the end instead of term by term")
-    p.add_argument("--backend", default="eager", choices=["eager", "sdpa", "triton"])
+    p.add_argument("--backend", default="eager", choices=["eager", "sdpa", "triton"], help="UNet kernels")
     p.add_argument("--checkpointing", "--checkpoint", default="none", choices=["none", "attention", "resblocks", "all"],
                    help="activation (gradient) checkpointing policy")
     p.add_argument("--sweep", action="store_true", help="every checkpointing policy, in one table")
@@ -135,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="whose autocast and dropout rules the estimate follows (default: CUDA's)")
     p.add_argument("--budget", help="memory budget, e.g. 6.8GB: also report the largest micro-batch that fits")
     p.add_argument("--cuda", action="store_true", help="also measure the step on CUDA (max_memory_allocated)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON (with peak_bytes)")
     return parser
 
 
@@ -194,12 +216,13 @@ def run_sample(args) -> int:
     import torch
 
     from dream.sample import parse_graphs, sample_from_checkpoint
-    from dream.train import resolve_device
+    from dream.train import resolve_backend, resolve_device
 
+    device = resolve_device(args.device)
     report = sample_from_checkpoint(args.checkpoint, args.out, count=args.count, sampler=args.sampler,
                                     steps=args.steps, eta=args.eta, batch_size=args.batch_size, seed=args.seed,
-                                    device=resolve_device(args.device), use_ema=not args.no_ema,
-                                    backend=args.backend, dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                                    device=device, use_ema=not args.no_ema,
+                                    backend=resolve_backend(args.backend, device), dtype=torch.bfloat16 if args.bf16 else torch.float32,
                                     progress=not args.no_progress,
                                     graphs=parse_graphs(args.graphs),
                                     steps_per_graph=args.steps_per_graph, compile=args.compile)

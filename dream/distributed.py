@@ -104,10 +104,18 @@ def from_environment(device_name: str) -> Distributed:
 
 @contextmanager
 def session(device_name: str):
-    """`with session(device) as d:` joins the process group (if any) and leaves it on exit."""
+    """`with session(device) as d:` joins the process group (if any) and leaves it on exit.
+
+    On a normal exit the ranks meet at a barrier first, so that no rank tears its connections down
+    while another still works (rank 0 saving a result, say); after an exception each rank leaves at
+    once, since the others may never reach the barrier."""
     d = from_environment(device_name)
     try:
         yield d
-    finally:
+    except BaseException:
         if d.enabled and dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    if d.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -357,8 +357,9 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--real-count", type=int, help="synthetic image count, or a cap on the CelebA/folder images")
     p.add_argument("--inception-weights", help=f"path to {INCEPTION_FILE} (offline use)")
     p.add_argument("--feature-extractor", default=INCEPTION, help="torch-fidelity feature extractor name")
-    p.add_argument("--kid-subset-size", type=int, default=1000)
-    p.add_argument("--metrics-batch-size", type=int, default=64)
+    p.add_argument("--kid-subset-size", type=int, default=1000,
+                   help="KID subset size (capped at the sample and real counts)")
+    p.add_argument("--metrics-batch-size", type=int, default=64, help="images per feature-extractor batch")
     p.add_argument("--cache-dir", help="torch-fidelity cache (default: <dream cache>/fidelity)")
 
 

@@ -529,19 +529,21 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: triton on CUDA, eager on CPU")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on CUDA where supported, else fp32")
-    p.add_argument("--objective", default="seed", choices=["standard", "seed", "paper"])
+    p.add_argument("--objective", default="seed", choices=["standard", "seed", "paper"],
+                   help="training objective of the profiled step")
     p.add_argument("--sampler", default="step", choices=["step", "engine", "graphs"],
                    help="sample workload: one p_sample step (default), or a DDIM loop through "
                         "dream.sampling.SamplingEngine, plain or with CUDA graphs")
     p.add_argument("--sample-steps", type=int, default=10, help="DDIM steps of the engine/graphs loop")
-    p.add_argument("--checkpointing", default="none", choices=["none", "attention", "resblocks", "all"])
+    p.add_argument("--checkpointing", default="none", choices=["none", "attention", "resblocks", "all"],
+                   help="activation (gradient) checkpointing policy")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format for the model")
     p.add_argument("--warmup", type=int, help="steps run under the profiler before recording (GPU 2, CPU 1)")
     p.add_argument("--steps", type=int, help="steps recorded (GPU 3, CPU 1)")
     p.add_argument("--top", type=int, default=20, help="rows in the top-kernels table")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
+    p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu; auto: cuda when present")
     p.add_argument("--out", default=os.environ.get("DREAM_PROFILE_OUT", DEFAULT_OUT),
                    help="output root (env DREAM_PROFILE_OUT; default profiles/): files go to <out>/<device>/")
 

@@ -26,19 +26,21 @@ def add_sampling_arguments(p, count: int, batch_size: int, backend: str, backend
     """The flags `dream sample` and `dream eval` share: checkpoint, sampler settings, device and speed."""
     p.add_argument("checkpoint", help="checkpoint file, a run folder (its newest valid checkpoint), or a .safetensors export")
     p.add_argument("--count", type=int, default=count, help=count_help or None)
-    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
+    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS),
+                   help="ddim (--steps, --eta) or ddpm (ancestral, all T steps)")
     p.add_argument("--steps", type=int, help="DDIM steps (default 50; the ddpm sampler always runs all T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (1.0 = DDPM-like noise)")
-    p.add_argument("--batch-size", type=int, default=batch_size)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--backend", default=backend, choices=list(backends))
+    p.add_argument("--batch-size", type=int, default=batch_size, help="images per denoising batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the starting and step noise")
+    p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu; auto: cuda when present")
+    p.add_argument("--backend", default=backend, choices=list(backends),
+                   help="UNet kernels; auto: triton on CUDA, eager on CPU")
     p.add_argument("--bf16", action="store_true", help="sample under bf16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--graphs", default="auto", choices=["auto", "on", "off"], help="CUDA graphs (auto: on a GPU)")
     p.add_argument("--steps-per-graph", type=int, default=1, help="denoising steps captured per CUDA graph")
     p.add_argument("--no-ema", action="store_true", help="use the raw training weights instead of the EMA")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def parse_graphs(value: str) -> bool | None:

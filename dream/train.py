@@ -518,7 +518,8 @@ class Trainer:
                     bar.update(1)
                     if self.bad_in_a_row >= config.max_bad_steps:
                         self.restore_after_divergence()
-                    if self.step % config.log_every == 0 or self.batch_in_epoch == len(self.batches):
+                    if (self.step % config.log_every == 0 or self.batch_in_epoch == len(self.batches)
+                            or self.finished()):
                         last = self.report(logs, images, time.perf_counter() - tick, bar)
                         tick, images = time.perf_counter(), 0
                     if config.checkpoint_every and self.step % config.checkpoint_every == 0 and not self.bad_in_a_row:

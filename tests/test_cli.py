@@ -25,6 +25,21 @@ def test_info_json(capsys):
     assert info["blocks"]
 
 
+def test_every_flag_is_explained_and_shows_its_default():
+    import argparse
+
+    from dream.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in commands.choices.items():
+        assert all(action.help for action in parser._actions), f"dream {name}: a flag without help"
+    text = " ".join(commands.choices["train"].format_help().split("show this help message and exit")[1].split())
+    for flag, shown in [("--batch-size BATCH_SIZE", "(default: 128)"), ("--weight-decay WEIGHT_DECAY", "(default: 0.0)"),
+                        ("--lr LR", "(default: 0.0002)")]:
+        assert shown in text.split(flag, 1)[1].split(" --", 1)[0], flag
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
 @pytest.mark.parametrize("args,message", [
     (["train", "--data", "folder", "--data-root", "/nonexistent/faces"], "/nonexistent/faces does not exist"),
     (["train", "--data", "celeba", "--data-root", "/nonexistent/celeba"], "CelebA not found"),

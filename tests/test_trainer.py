@@ -245,6 +245,11 @@ def test_log_every_n_steps_and_a_grid_every_m_epochs(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(ema_before, trainer.ema.shadow))
 
 
+def test_the_last_step_of_a_max_steps_run_is_logged(tmp_path):
+    Trainer(small_config(tmp_path, data_count=12, epochs=3, log_every=5, max_steps=4)).run()
+    assert [r["step"] for r in records(tmp_path) if "loss" in r] == [3, 4]  # epoch 0's end, then the last step
+
+
 # ----------------------------------------------------------------------------------------------
 # eager vs Triton kernels in the trainer (on a CPU through the Triton interpreter, at a tiny size)
 def test_eager_and_triton_trainers_follow_the_same_loss_trajectory(tmp_path):
