@@ -226,7 +226,8 @@ def run_sample(args) -> int:
                                     progress=not args.no_progress,
                                     graphs=parse_graphs(args.graphs),
                                     steps_per_graph=args.steps_per_graph, compile=args.compile)
-    print(f"wrote {report['count']} images ({report['made']} new) to {report['out_dir']}; grid {report['grid']}")
+    print(f"{report['out_dir']} holds {report['count']} images ({report['made']} made now, "
+          f"{report['count'] - report['made']} already there); grid {report['grid']}")
     return 0
 
 

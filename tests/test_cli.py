@@ -93,3 +93,8 @@ def test_train_then_sample_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.glob("0*.png")) == ["000000.png", "000001.png", "000002.png"]
     assert (out / "grid.png").exists()
+    assert "holds 3 images (3 made now, 0 already there)" in result.stdout
+    result = run_cli("sample", str(run), "--out", str(out), "--count", "5", "--steps", "2", "--batch-size", "2",
+                     "--device", "cpu", "--no-progress")  # batch 1 (images 2, 3) is remade whole
+    assert result.returncode == 0, result.stderr
+    assert "holds 5 images (3 made now, 2 already there)" in result.stdout
