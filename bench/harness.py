@@ -604,16 +604,19 @@ def _check_and_time(benchmark, timing, case, variant, state, runner, check) -> d
 
 
 def _capture(block):
-    """A CUDA graph of block() (warmed up on a side stream first, as torch.cuda.graph requires)."""
+    """A CUDA graph of block() (warmed up on a side stream first, as torch.cuda.graph requires).
+
+    The capture runs on that side stream inside our own stream context: if the capture fails,
+    torch.cuda.graph's exit raises before restoring the stream, and ours still restores it."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(side):
         for _ in range(2):
             block()
+        with torch.cuda.graph(graph, stream=side):
+            block()
     torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        block()
     torch.cuda.synchronize()
     return graph
 

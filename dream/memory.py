@@ -296,15 +296,16 @@ class CudaAutocastPolicy:
     """While active, CPU runs follow CUDA's rules for the ops of a training step that the two devices treat
     differently (registered with the dispatcher, so activation-checkpoint recomputation follows them too):
 
-      under CPU autocast (the AutocastCPU dispatch key), CUDA's fp32 list: group_norm, layer_norm, exp, log
-      and pow cast fp16/bf16 inputs to fp32; CUDA's fp32_set_opt_dtype list: softmax and log_softmax
-      without a dtype compute and return fp32;
+      under CPU autocast (the AutocastCPU dispatch key), CUDA's fp32 list: group_norm, layer_norm, exp, log,
+      pow and upsample_bilinear2d cast fp16/bf16 inputs to fp32; CUDA's fp32_set_opt_dtype list: softmax
+      and log_softmax without a dtype compute and return fp32;
       always (the AutogradCPU key): dropout runs as native_dropout (a bool mask saved for backward).
 
     CPU autocast already agrees with CUDA on convolutions, linear layers, matmuls, attention and losses.
     The registrations are process-wide while active: do not run real CPU training in another thread then."""
 
-    FP32 = ("group_norm", "layer_norm", "exp", "log", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "pow.Scalar")
+    FP32 = ("group_norm", "layer_norm", "exp", "log", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "pow.Scalar",
+            "upsample_bilinear2d")
     FP32_OUTPUT = ("softmax.int", "log_softmax.int")
 
     def __enter__(self):

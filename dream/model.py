@@ -296,7 +296,9 @@ class UNet(nn.Module):
         for stage in self.up:
             h = stage.upsample(h)
             skip = skips.pop()
-            skip = F.interpolate(skip, size=h.shape[-2:], mode="bilinear", align_corners=False)
+            # CUDA autocast runs the bilinear resize in fp32: cast back, or the concatenation (and the whole
+            # first ResBlock of the stage, its saved activations too) would be fp32 under bf16 autocast
+            skip = F.interpolate(skip, size=h.shape[-2:], mode="bilinear", align_corners=False).to(h.dtype)
             h = torch.cat([h, skip], dim=1)
             for block in stage.blocks:
                 h = self._run(block, h, temb)

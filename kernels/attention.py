@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.device import on_tensor_device
+
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -522,6 +524,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@on_tensor_device
 def _attention_forward_into(q, k, v, scale: float, o, lse, config: ForwardConfig | None = None):
     """Launch the forward kernel writing O into `o` (B, H, N, D, any strides) and the
     natural-log logsumexp into `lse` (contiguous (B, H, N) fp32)."""
@@ -542,6 +545,7 @@ def _attention_forward_into(q, k, v, scale: float, o, lse, config: ForwardConfig
     return o, lse
 
 
+@on_tensor_device
 def _attention_backward_into(q, k, v, o, lse, do, scale: float, dq, dk, dv,
                              config: BackwardConfig | None = None):
     """Launch the backward kernels writing dq, dk, dv (B, H, N, D, any strides)."""

@@ -61,6 +61,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.device import on_tensor_device
+
 _MODES = ("pre", "post")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -764,6 +766,7 @@ def _in_out_flags(scale, shift, mode):
                 SCALE_OUT=not pre and scale is not None, SHIFT_OUT=not pre and shift is not None)
 
 
+@on_tensor_device
 def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout_p=0.0, seed=None):
     """Launch the forward kernels; returns (y, mean, rstd)."""
     _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed)
@@ -807,6 +810,7 @@ def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout
     return y, mean, rstd
 
 
+@on_tensor_device
 def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu,
               dropout_p=0.0, seed=None):
     """Launch the backward kernels; returns (dx, dweight, dbias, dscale, dshift), with empty

@@ -181,6 +181,66 @@ def test_cuda_autocast_policy_values_and_scope():
     assert type(F.dropout(kept, 0.25, training=True).grad_fn).__name__ != "NativeDropoutBackward0"
 
 
+# The dtypes the estimator sees, against CUDA autocast's (fake CUDA tensors: no GPU needed, a CUDA build is)
+COMPUTE_OPS = ("aten.convolution.", "aten.native_group_norm.", "dream_kernels.", "aten.bmm.", "aten.mm.",
+               "aten.addmm.", "aten._softmax.", "aten.upsample_bilinear2d.", "aten.cat.", "aten.silu.",
+               "aten.native_dropout.", "aten.mul.", "aten.add.")
+
+
+def unet_forward_dtypes(device_type: str, backend: str, training: bool) -> list:
+    """(op, output dtypes) of each compute op of a tiny UNet's forward under bf16 autocast on fake tensors:
+    CPU autocast under CudaAutocastPolicy (what the estimator runs), or CUDA autocast itself."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    import kernels  # noqa: F401  (the triton backend's custom ops and their fake implementations)
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if str(func).startswith(COMPUTE_OPS):
+                self.ops.append((str(func), tuple(t.dtype for t in tree_leaves(out) if isinstance(t, torch.Tensor))))
+            return out
+
+    @contextlib.contextmanager
+    def cuda_autocast():  # torch.autocast("cuda") turns itself off on a machine without a GPU
+        torch.set_autocast_enabled("cuda", True)
+        torch.set_autocast_dtype("cuda", torch.bfloat16)
+        torch.autocast_increment_nesting()
+        try:
+            yield
+        finally:
+            torch.autocast_decrement_nesting()
+            torch.set_autocast_enabled("cuda", False)
+
+    record = Record()
+    on_cpu = device_type == "cpu"
+    with FakeTensorMode(), CudaAutocastPolicy() if on_cpu else contextlib.nullcontext():
+        with torch.device(device_type):
+            model = build_unet("tiny", backend=backend, image_size=16).train(training)
+            x, t = torch.randn(2, 3, 16, 16), torch.randint(0, 1000, (2,))
+        with torch.autocast("cpu", dtype=torch.bfloat16) if on_cpu else cuda_autocast(), record:
+            model(x, t)
+    return record.ops
+
+
+@pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="fake CUDA tensors need a CUDA build of torch")
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("training", [True, False])
+def test_estimator_sees_the_dtypes_of_cuda_autocast(backend, training):
+    cpu_rules, cuda_rules = (unet_forward_dtypes(d, backend, training) for d in ("cpu", "cuda"))
+    assert len(cpu_rules) > 50 and any(torch.float32 in dtypes for _, dtypes in cuda_rules)
+    assert cpu_rules == cuda_rules
+    if backend == "triton":  # the UNet casts CUDA's fp32 bilinear resize back: every fused norm runs in bf16
+        norms = [dtypes for op, dtypes in cuda_rules if op.startswith("dream_kernels.group_norm_silu_fwd")]
+        assert norms and all(dtypes[0] == torch.bfloat16 for dtypes in norms)
+
+
 # ----------------------------------------------------------------------------------------------
 # choose_micro_batch
 # ----------------------------------------------------------------------------------------------
