@@ -46,11 +46,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dream", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="command", required=True)
-
-    class commands:  # every subcommand's --help shows the defaults
-        add_parser = staticmethod(lambda name, **kwargs: subparsers.add_parser(name, formatter_class=HelpFormatter,
-                                                                               **kwargs))
+    commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train", help="train a model (resumes when rerun with the same --run-dir)")
     add_model_flags(p)
@@ -158,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", help="memory budget, e.g. 6.8GB: also report the largest micro-batch that fits")
     p.add_argument("--cuda", action="store_true", help="also measure the step on CUDA (max_memory_allocated)")
     p.add_argument("--json", action="store_true", help="print JSON (with peak_bytes)")
+    for command in commands.choices.values():  # every subcommand's --help shows the defaults
+        command.formatter_class = HelpFormatter
     return parser
 
 
@@ -222,7 +220,8 @@ def run_sample(args) -> int:
     report = sample_from_checkpoint(args.checkpoint, args.out, count=args.count, sampler=args.sampler,
                                     steps=args.steps, eta=args.eta, batch_size=args.batch_size, seed=args.seed,
                                     device=device, use_ema=not args.no_ema,
-                                    backend=resolve_backend(args.backend, device), dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                                    backend=resolve_backend(args.backend, device),
+                                    dtype=torch.bfloat16 if args.bf16 else torch.float32,
                                     progress=not args.no_progress,
                                     graphs=parse_graphs(args.graphs),
                                     steps_per_graph=args.steps_per_graph, compile=args.compile)
