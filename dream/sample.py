@@ -125,8 +125,6 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
     (seed, b, batch_size, sampler settings) only. `steps`: DDIM steps (None: 50); the ddpm sampler runs all T
     and refuses any other number. `graphs`: None = CUDA graphs on a CUDA device.
     PNGs are encoded on a writer thread while the next batch is sampled."""
-    if sampler not in SAMPLERS:
-        raise DreamError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if count < 1 or batch_size < 1:
         raise DreamError("--count and --batch-size must be positive")
     sampler, steps, eta = checked_sampler(diffusion, sampler, steps, eta)
