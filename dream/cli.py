@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, help="gradient accumulation: micro-batch size dividing --batch-size")
     p.add_argument("--memory-budget", type=memory_size,
                    help="bytes per device, e.g. 6.8GB (the seed's target) or 7GiB: use the largest micro-batch "
-                        "whose estimated step fits (default on CUDA: the device's free memory)")
+                        "whose estimated step fits, and cap the CUDA allocator there (a step past it halves the "
+                        "micro-batch) (default on CUDA: the device's free memory, no cap)")
     p.add_argument("--max-bad-steps", type=int, default=5,
                    help="non-finite steps in a row before restoring the last good checkpoint and stopping")
     p.add_argument("--epochs", type=int, default=100, help="epochs over the data")

@@ -541,6 +541,27 @@ def default_budget_bytes(device=None) -> int:
     return int(free + torch.cuda.memory_reserved(device))
 
 
+@contextmanager
+def cuda_memory_cap(budget_bytes: int | None, device):
+    """Within the block, this process's CUDA caching allocator on `device` holds at most `budget_bytes`
+    (torch.cuda.set_per_process_memory_fraction(budget / total memory)): an allocation past it raises
+    torch.cuda.OutOfMemoryError, as on a device of that size, so a budget the estimate misjudged (it does
+    not see cuDNN/cuBLAS workspaces) is still kept. The previous fraction comes back on exit. Yields the
+    fraction set, or None: no budget, or not a CUDA device."""
+    device = torch.device(device)
+    if budget_bytes is None or device.type != "cuda":
+        yield None
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, budget_bytes / total)
+    previous = torch.cuda.get_per_process_memory_fraction(device)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    try:
+        yield fraction
+    finally:
+        torch.cuda.set_per_process_memory_fraction(previous, device)
+
+
 def divisors_descending(n: int) -> list:
     return [d for d in range(n, 0, -1) if n % d == 0]
 

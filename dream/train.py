@@ -499,6 +499,19 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # the loop
     def run(self, resume: str | None = None) -> dict:
+        """Train to the end (or --max-steps). With an explicit --memory-budget on CUDA the allocator is held
+        to it for the whole run, so a step that would pass it runs out of memory and is redone with a
+        smaller micro-batch instead of silently using more."""
+        from dream.memory import cuda_memory_cap
+
+        with cuda_memory_cap(self.config.memory_budget, self.device) as fraction:
+            if fraction is not None:
+                self.note(f"CUDA allocator capped at {self.config.memory_budget / 1e9:.2f} GB "
+                          f"({fraction:.1%} of the device) by the memory budget", event="memory_cap",
+                          budget_bytes=self.config.memory_budget, fraction=fraction)
+            return self.train_epochs(resume)
+
+    def train_epochs(self, resume: str | None) -> dict:
         config = self.config
         self.resume(resume)
         self.resume_hint = "rerun the same command" if resume is None else "rerun with --resume <that checkpoint>"

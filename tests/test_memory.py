@@ -17,6 +17,7 @@ Tolerances
 import contextlib
 import io
 import json
+import types
 from dataclasses import replace
 
 import pytest
@@ -26,8 +27,8 @@ import torch.nn.functional as F
 from conftest import ON_GPU
 from dream.cli import main
 from dream.errors import DreamError
-from dream.memory import (CATEGORIES, CudaAutocastPolicy, StepSpec, choose_micro_batch, divisors_descending,
-                          estimate_step_memory, format_estimate, format_sweep, measure_cuda_peak, parse_bytes)
+from dream.memory import (CATEGORIES, CudaAutocastPolicy, StepSpec, choose_micro_batch, cuda_memory_cap,
+                          divisors_descending, estimate_step_memory, format_estimate, format_sweep, measure_cuda_peak, parse_bytes)
 from dream.model import build_unet, count_parameters
 from dream.objectives import ObjectiveConfig
 
@@ -301,6 +302,61 @@ def test_choose_micro_batch_with_the_estimator():
     budget = (full.peak_bytes + half.peak_bytes) // 2  # between: 2 fits, 4 does not
     assert choose_micro_batch(spec, budget, estimate=estimate) == 2
     assert choose_micro_batch(spec, full.peak_bytes, estimate=estimate) == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# the budget held on the device: the caching allocator's per-process fraction
+# ----------------------------------------------------------------------------------------------
+class FakeAllocatorLimit:
+    """torch.cuda's per-process fraction, device properties as given."""
+
+    def __init__(self, monkeypatch, total_memory: int, fraction: float):
+        self.total_memory, self.fraction, self.calls = total_memory, fraction, []
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device: types.SimpleNamespace(total_memory=self.total_memory))
+        monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: self.fraction)
+        monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", self.set)
+
+    def set(self, fraction, device):
+        self.calls.append((fraction, torch.device(device)))
+        self.fraction = fraction
+
+
+def test_cuda_memory_cap_holds_the_allocator_to_the_budget_and_restores_it(monkeypatch):
+    limit = FakeAllocatorLimit(monkeypatch, total_memory=143_771_369_472, fraction=0.9)
+    with cuda_memory_cap(6_800_000_000, "cuda:1") as fraction:
+        assert fraction == pytest.approx(6_800_000_000 / 143_771_369_472)
+        assert limit.calls == [(fraction, torch.device("cuda:1"))]
+    assert limit.fraction == 0.9 and len(limit.calls) == 2, "the previous fraction comes back"
+
+    with pytest.raises(RuntimeError, match="inside"), cuda_memory_cap(1 << 30, "cuda:0"):
+        raise RuntimeError("inside")
+    assert limit.fraction == 0.9, "restored after an exception too"
+
+    with cuda_memory_cap(10**15, "cuda:0") as fraction:  # more than the device has
+        assert fraction == 1.0
+
+
+@pytest.mark.parametrize("budget, device", [(None, "cuda:0"), (6_800_000_000, "cpu")])
+def test_cuda_memory_cap_without_a_budget_or_a_cuda_device_changes_nothing(monkeypatch, budget, device):
+    limit = FakeAllocatorLimit(monkeypatch, total_memory=10**11, fraction=0.7)
+    with cuda_memory_cap(budget, device) as fraction:
+        assert fraction is None
+    assert limit.calls == []
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA: the caching allocator's limit")
+def test_cuda_memory_cap_makes_an_allocation_past_the_budget_run_out_of_memory():
+    device = torch.device("cuda")
+    torch.cuda.empty_cache()
+    budget = torch.cuda.memory_reserved(device) + 256 * 2**20
+    with cuda_memory_cap(budget, device):
+        small = torch.empty(64 * 2**20, dtype=torch.uint8, device=device)  # fits
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            torch.empty(512 * 2**20, dtype=torch.uint8, device=device)
+        del small
+    large = torch.empty(512 * 2**20, dtype=torch.uint8, device=device)  # the cap is gone
+    assert large.numel() == 512 * 2**20
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Tolerances (fp32 throughout):
                                                                       entries into up to ~2e-6 here)
   eager vs triton, loss per step (GPU)        rtol 2e-3               (different GroupNorm/attention kernels)
 """
+import contextlib
 import json
 import sys
 import types
@@ -216,6 +217,24 @@ def test_memory_budget_asks_dream_memory_for_the_micro_batch(tmp_path, monkeypat
     assert trainer.config.micro_batch is None
     explicit = Trainer(small_config(tmp_path, memory_budget=6_800_000_000, micro_batch=1))
     assert explicit.micro_batch == 1, "--micro-batch wins over --memory-budget"
+
+
+def test_an_explicit_memory_budget_caps_the_device_for_the_whole_run(tmp_path, monkeypatch):
+    import dream.memory
+
+    held = []
+
+    @contextlib.contextmanager
+    def cuda_memory_cap(budget_bytes, device):
+        held.append((budget_bytes, torch.device(device)))
+        yield 0.05
+        held.append("released")
+
+    monkeypatch.setattr(dream.memory, "cuda_memory_cap", cuda_memory_cap)
+    monkeypatch.setattr(Trainer, "train_epochs", lambda self, resume: held.append(("training", resume)) or {})
+    Trainer(small_config(tmp_path, memory_budget=10**12)).run("ckpt.pt")
+    assert held == [(10**12, torch.device("cpu")), ("training", "ckpt.pt"), "released"]
+    assert [r["event"] for r in records(tmp_path)] == ["memory_budget", "memory_cap"]
 
 
 def test_memory_budget_with_the_real_estimator(tmp_path):
