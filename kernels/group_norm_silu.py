@@ -555,10 +555,14 @@ def _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dr
         if tensor.device != x.device:
             raise ValueError(f"group_norm_silu: {name} is on {tensor.device} but x is on {x.device}")
         if tensor.dtype not in (x.dtype, torch.float32):
+            allowed = " or ".join(dict.fromkeys(str(dtype) for dtype in (x.dtype, torch.float32)))
             raise TypeError(f"group_norm_silu: mixed dtypes: {name} is {tensor.dtype} but x is "
-                            f"{x.dtype} ({name} must be {x.dtype} or torch.float32)")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+                            f"{x.dtype} ({name} must be {allowed})")
+    if not _is_real_number(dropout_p) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"group_norm_silu: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if _dropout_constants(dropout_p)[0] >= 2 ** 31:
+        raise ValueError(f"group_norm_silu: dropout_p {dropout_p!r} is within 2^-32 of 1, where the 31-bit keep "
+                         f"threshold drops every element")
     if dropout_p > 0:
         if seed is None:
             raise TypeError("group_norm_silu: dropout needs a seed (an int64 tensor of one element)")
@@ -570,11 +574,17 @@ def _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dr
             raise ValueError(f"group_norm_silu: seed is on {seed.device} but x is on {x.device}")
 
 
+def _is_real_number(value) -> bool:
+    """An int or float (numpy's float64 and the like included), not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _dropout_constants(dropout_p):
     """(threshold, scale): keep = (word >> 1) >= threshold keeps with probability
-    1 - threshold/2^31 (= 1 - dropout_p to within 2^-32), and scale = 1/(that probability)."""
+    1 - threshold/2^31 (= 1 - dropout_p to within 2^-32), and scale = 1/(that probability);
+    scale is inf when threshold = 2^31 (dropout_p within 2^-32 of 1, refused by _check_inputs)."""
     threshold = round(dropout_p * 2.0 ** 31)
-    return threshold, 2.0 ** 31 / (2.0 ** 31 - threshold)
+    return threshold, 2.0 ** 31 / (2.0 ** 31 - threshold) if threshold < 2 ** 31 else math.inf
 
 
 _LOW32 = 0xFFFFFFFF
@@ -915,8 +925,8 @@ def _group_norm_silu_bwd_fake(dy, x, weight, bias, scale, shift, mean, rstd, num
                               dropout_p=0.0, seed=None):
     return (torch.empty_like(x, memory_format=_memory_format(x)),
             torch.empty_like(weight), torch.empty_like(bias),
-            torch.empty_like(scale) if scale is not None else x.new_empty(0),
-            torch.empty_like(shift) if shift is not None else x.new_empty(0))
+            scale.new_empty(scale.shape) if scale is not None else x.new_empty(0),  # contiguous, as _backward
+            shift.new_empty(shift.shape) if shift is not None else x.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -958,7 +968,7 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=Non
     Returns y in x's dtype and memory format.
     CPU tensors run only through the Triton interpreter (TRITON_INTERPRET=1 at import).
     """
-    if seed is None and type(dropout_p) in (int, float) and dropout_p > 0 and isinstance(x, torch.Tensor):
+    if seed is None and _is_real_number(dropout_p) and dropout_p > 0 and isinstance(x, torch.Tensor):
         seed = new_dropout_seed(x.device)
     _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed)
     y, _, _ = torch.ops.dream_kernels.group_norm_silu_fwd(

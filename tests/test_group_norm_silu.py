@@ -23,6 +23,7 @@ unwritten element fails.
 import importlib
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -359,6 +360,9 @@ def test_dropout_seed_is_drawn_from_torch_generator():
     assert _rel_err(outputs[0], expected.double()) <= TOLERANCE[torch.float32]
     assert torch.equal(group_norm_silu(x, weight, bias, 3, scale=scale, shift=shift, dropout_p=0.0),
                        group_norm_silu(x, weight, bias, 3, scale=scale, shift=shift))
+    torch.manual_seed(5)  # a numpy float rate (nn.Dropout keeps the type it was given) draws its seed too
+    assert torch.equal(group_norm_silu(x, weight, bias, 3, scale=scale, shift=shift, dropout_p=np.float64(0.4)),
+                       outputs[0])
 
 
 def test_dropout_under_activation_checkpointing_recomputes_the_same_mask():
@@ -448,14 +452,19 @@ def test_fake_tensor_mode_shapes_and_backward():
         assert dscale.dtype == torch.float16 and dweight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("scale_layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["no_dropout", "dropout"])
 @pytest.mark.parametrize("op_name", ["group_norm_silu_fwd", "group_norm_silu_bwd"])
-def test_opcheck(op_name, dropout_p):
+def test_opcheck(op_name, dropout_p, scale_layout):
+    """The fake implementations against the real ops (shapes, dtypes, strides), autograd registration.
+    A transposed (dense, permuted) scale: the real backward returns contiguous dscale/dshift, and so
+    must the fake, or Inductor's stride asserts fail in a compiled backward."""
     N, C, H, W, G = 2, 8, 3, 2, 2
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(N, C, H, W, generator=gen).to(DEVICE)
     weight, bias = torch.randn(C, generator=gen).to(DEVICE), torch.randn(C, generator=gen).to(DEVICE)
-    scale, shift = torch.randn(N, C, generator=gen).to(DEVICE), torch.randn(N, C, generator=gen).to(DEVICE)
+    scale, shift = (torch.randn(N, C, generator=gen).to(DEVICE) if scale_layout == "contiguous"
+                    else torch.randn(C, N, generator=gen).to(DEVICE).t() for _ in range(2))
     seed = torch.tensor([123456789], device=DEVICE) if dropout_p else None
     if op_name == "group_norm_silu_fwd":
         for v in (x, weight, bias, scale, shift):
@@ -526,13 +535,15 @@ BAD_CALLS = [
     ("scale_shape", dict(scale=torch.zeros(8)), ValueError, r"scale must have shape \(2, 8\)", True),
     ("shift_shape", dict(shift=torch.zeros(1, 8)), ValueError, r"shift must have shape \(2, 8\)", True),
     ("missing_weight", dict(weight=None), TypeError, "weight is required", True),
-    ("mixed_dtype", dict(weight=torch.ones(8, dtype=torch.float64)), TypeError, "mixed dtypes: weight", True),
+    ("mixed_dtype", dict(weight=torch.ones(8, dtype=torch.float64)), TypeError,
+     r"mixed dtypes: weight is torch.float64 but x is torch.float32 \(weight must be torch.float32\)$", True),
     ("mixed_half_dtypes", dict(x=torch.randn(2, 8, 3, 3).half(), scale=torch.zeros(2, 8).bfloat16()),
      TypeError, "mixed dtypes: scale", True),
     ("mode", dict(mode="middle"), ValueError, "mode must be 'pre' or 'post'", True),
     ("eps", dict(eps=0.0), ValueError, "eps must be a positive float", True),
     ("dropout_one", dict(dropout_p=1.0), ValueError, r"dropout_p must be a float in \[0, 1\)", True),
     ("dropout_negative", dict(dropout_p=-0.1), ValueError, r"dropout_p must be a float in \[0, 1\)", True),
+    ("dropout_nearly_one", dict(dropout_p=1 - 1e-10), ValueError, r"within 2\^-32 of 1", True),
     ("seed_dtype", dict(dropout_p=0.1, seed=torch.tensor([1.0])), TypeError, "seed must be an int64 tensor", True),
     ("seed_size", dict(dropout_p=0.1, seed=torch.tensor([1, 2])), TypeError, "seed must be an int64 tensor", True),
     ("seed_int", dict(dropout_p=0.1, seed=7), TypeError, "seed must be an int64 tensor of one element, got int", True),
