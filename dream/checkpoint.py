@@ -23,31 +23,9 @@ import numpy as np
 import torch
 
 from dream.errors import DreamError
+from dream.files import atomic_write_bytes
 
 MANIFEST = "manifest.json"
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def atomic_torch_save(obj, path: Path) -> tuple[str, int]:
@@ -59,6 +37,17 @@ def atomic_torch_save(obj, path: Path) -> tuple[str, int]:
     data = buffer.getvalue()
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """SHA-256 over a module's state_dict (names, dtypes, shapes and values, in name order): the same weights
+    give the same digest whichever file (checkpoint or export) they came from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def sha256_file(path: Path) -> str:

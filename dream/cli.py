@@ -295,14 +295,14 @@ def main(argv=None) -> int:
                 "memory": run_memory, "eval": run_eval, "export": run_export}
     try:
         return handlers[args.command](args)
-    except (DreamError, ValueError, FileNotFoundError) as error:
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (DreamError, ValueError, OSError) as error:  # OSError: a path that is a file, full disk, permissions
         if os.environ.get("DREAM_DEBUG"):
             raise
         print(f"dream {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from dream.errors import DreamError
+from dream.files import atomic_file
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 CELEBA_CROP = (57, 25, 128, 128)  # top, left, height, width in the aligned 178x218 CelebA image
@@ -166,17 +167,28 @@ def celeba_files(root: Path, split: str) -> list[Path]:
     return [Path(dataset.root) / dataset.base_folder / "img_align_celeba" / name for name in dataset.filename]
 
 
+def dataset_files(source: str, root: Path, split: str = "train") -> tuple[list[Path], tuple | None, str]:
+    """(image files, crop box or None, description) of a CelebA split or an image folder."""
+    if source == "celeba":
+        return celeba_files(root, split), CELEBA_CROP, f"CelebA {split} under {root}"
+    return list_image_files(root), None, str(root)
+
+
+def files_fingerprint(files: list[Path]) -> str:
+    """SHA-1 over every file's path, size and modification time: an image added, removed or rewritten
+    changes it (what the decoded-image caches are keyed on)."""
+    digest = hashlib.sha1()
+    for path in files:
+        try:
+            stat = path.stat()
+        except OSError as error:
+            raise DreamError(f"image {path} cannot be read ({error.strerror or error})") from None
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------
 # cache and entry point
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DREAM_CACHE", Path.home() / ".cache" / "dream"))
 
@@ -191,11 +203,8 @@ def load_images(source: str = "synthetic", root: str | None = None, split: str =
     if not root:
         raise DreamError(f"--data {source} needs --data-root")
     root_path = Path(root).expanduser().resolve()
-    if source == "celeba":
-        files, crop, what = celeba_files(root_path, split), CELEBA_CROP, f"CelebA {split} under {root_path}"
-    else:
-        files, crop, what = list_image_files(root_path), None, str(root_path)
-    key = hashlib.sha1(f"{source}|{root_path}|{split}|{size}|{len(files)}|{files[0]}|{files[-1]}".encode())
+    files, crop, what = dataset_files(source, root_path, split)
+    key = hashlib.sha1(f"{source}|{root_path}|{split}|{size}|{files_fingerprint(files)}".encode())
     cache = Path(cache_dir or default_cache_dir()) / f"{source}-{size}px-{key.hexdigest()[:16]}.pt"
     if cache.exists():
         try:
@@ -205,7 +214,8 @@ def load_images(source: str = "synthetic", root: str | None = None, split: str =
     images = decode_files(files, size, crop, what)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_save(images, cache)
+        with atomic_file(cache) as f:
+            torch.save(images, f)
     except OSError as error:
         warnings.warn(f"could not write the image cache {cache}: {error}", stacklevel=2)
     return images

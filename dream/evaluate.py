@@ -27,6 +27,7 @@ import torch
 
 from dream.checkpoint import require_checkpoint
 from dream.errors import DreamError
+from dream.files import atomic_write_text
 from dream.sample import (add_sampling_arguments, checked_sampler, image_path, load_sampler_model, parse_graphs,
                           sample_images)
 
@@ -115,7 +116,8 @@ def load_real_images(real: dict, size: int, cache_dir=None) -> torch.Tensor:
 def resolve_real_set(config: dict, source: str | None = None, root: str | None = None, split: str | None = None,
                      count: int | None = None) -> dict:
     """The real set: the checkpoint's training data unless overridden. count: synthetic image count, or
-    a cap on a CelebA/folder set (None: all of it)."""
+    a cap on a CelebA/folder set (None: all of it). A CelebA/folder set's files are listed now and their
+    fingerprint ("files") keys its cached statistics, so changed images are never scored from old features."""
     same = source is None or source == config.get("data")
     source = source or config.get("data", "synthetic")
     if source not in REAL_SOURCES:
@@ -129,9 +131,13 @@ def resolve_real_set(config: dict, source: str | None = None, root: str | None =
     root = root or (config.get("data_root") if same else None)
     if not root:
         raise DreamError(f"the real set {source} needs --real-root")
+    from dream.data import dataset_files, files_fingerprint
+
     split = split or (config.get("data_split", "train") if same else "train")
-    return {"source": source, "root": str(Path(root).expanduser().resolve()),
-            "split": split if source == "celeba" else None, "count": count, "seed": None}
+    root = Path(root).expanduser().resolve()
+    files, _, _ = dataset_files(source, root, split)  # a wrong root fails here, before any sampling
+    return {"source": source, "root": str(root), "split": split if source == "celeba" else None, "count": count,
+            "seed": None, "files": files_fingerprint(files)}
 
 
 def real_cache_name(real: dict, size: int, weights_tag: str) -> str:
@@ -244,15 +250,15 @@ def compute_metrics(generated, real, metrics=METRICS, device="cpu", feature_extr
 # ----------------------------------------------------------------------------------------------
 # the command
 def default_out_dir(checkpoint_path: str, sampler: str, steps: int, eta: float, seed: int, dtype) -> Path:
+    """<run>/eval/<tag> for a run's checkpoints/<file>; <folder>/eval/<tag> beside any other file (an export)."""
     path = Path(checkpoint_path)
     tag = f"{path.stem}-{sampler}{steps}-eta{eta:g}-seed{seed}" + ("-bf16" if dtype == torch.bfloat16 else "")
-    return path.parent.parent / "eval" / tag
+    home = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return home / "eval" / tag
 
 
 def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampler: str = "ddim",
@@ -270,6 +276,10 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
 
     if count < 2:
         raise DreamError(f"--count must be at least 2 for FID/IS/KID, got {count}")
+    for flag, value, least in (("--kid-subset-size", kid_subset_size, 2), ("kid_subsets", kid_subsets, 1),
+                               ("isc_splits", isc_splits, 1), ("--metrics-batch-size", metrics_batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise DreamError(f"{flag} must be an integer of at least {least}, got {value!r}")
     metrics = tuple(metrics)
     check_metrics(metrics)
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
@@ -280,7 +290,7 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
     size = getattr(model, "_orig_mod", model).config.image_size
     real_set = resolve_real_set(state["config"], real, real_root, real_split, real_count)
     _, steps_run, _ = checked_sampler(diffusion, sampler, steps, eta)
-    out_dir = Path(out) if out else default_out_dir(identity["checkpoint"], sampler, steps_run, eta, seed, dtype)
+    out_dir = Path(out) if out else default_out_dir(state["_path"], sampler, steps_run, eta, seed, dtype)
     samples_dir = out_dir / "samples"
 
     start = time.perf_counter()
@@ -311,7 +321,7 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
     from dream.checkpoint import code_version
 
     report = {
-        "checkpoint": identity["checkpoint"], "step": state.get("step"), "ema": identity["ema"],
+        "checkpoint": state["_path"], "step": state.get("step"), "ema": identity["ema"],
         "count": count, "made": sampling["made"], "sampler": sampling["sampler"], "steps": sampling["steps"],
         "eta": sampling["eta"], "seed": seed, "batch_size": batch_size, "dtype": sampling["dtype"],
         "graphs": sampling["graphs"], "backend": resolve_backend(backend, device), "compile": compile,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,8 +18,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dream.checkpoint import load_model_for_sampling
+from dream.checkpoint import load_model_for_sampling, weights_sha256
 from dream.errors import DreamError
+from dream.files import atomic_file, atomic_write_text
 from dream.sampling import SAMPLERS, SamplingEngine, normalize_sampler
 
 
@@ -29,7 +31,7 @@ def add_sampling_arguments(p, count: int, batch_size: int, backend: str, backend
     p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS),
                    help="ddim (--steps, --eta) or ddpm (ancestral, all T steps)")
     p.add_argument("--steps", type=int, help="DDIM steps (default 50; the ddpm sampler always runs all T)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (1.0 = DDPM-like noise)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (1.0 = DDPM-like noise)")
     p.add_argument("--batch-size", type=int, default=batch_size, help="images per denoising batch")
     p.add_argument("--seed", type=int, default=0, help="seed of the starting and step noise")
     p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu; auto: cuda when present")
@@ -51,6 +53,22 @@ def image_path(out_dir: Path, index: int) -> Path:
     return out_dir / f"{index:06d}.png"
 
 
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk: length 0, type, CRC
+
+
+def image_done(path: Path) -> bool:
+    """A whole PNG is at path: it ends with the IEND chunk (a file cut short by a copy or a full disk does not,
+    and is made again)."""
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, os.SEEK_END) < len(PNG_END):
+                return False
+            f.seek(-len(PNG_END), os.SEEK_END)
+            return f.read() == PNG_END
+    except OSError:
+        return False
+
+
 def to_pixels(images: torch.Tensor):
     """images in [-1, 1], (B, 3, H, W) -> uint8 numpy (B, H, W, 3)"""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -61,10 +79,8 @@ def write_pngs(pixels, out_dir: Path, first_index: int) -> None:
     from PIL import Image
 
     for i, array in enumerate(pixels):
-        path = image_path(out_dir, first_index + i)
-        tmp = path.with_name(f".{path.name}.tmp")
-        Image.fromarray(array).save(tmp, format="PNG")
-        tmp.replace(path)
+        with atomic_file(image_path(out_dir, first_index + i), durable=False) as f:  # thousands: no fsync
+            Image.fromarray(array).save(f, format="PNG")
 
 
 def batch_noise(seed: int, batch_index: int, shape, device) -> torch.Tensor:
@@ -95,9 +111,7 @@ def check_settings(out_dir: Path, settings: dict) -> None:
                     raise DreamError(f"{out_dir} holds images made with {key}={recorded[key]!r}, this run has "
                                      f"{key}={value!r}; use another output folder (or delete that one)")
             return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(settings, indent=1))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(settings, indent=1))
 
 
 def _rng_devices(device: torch.device) -> list:
@@ -150,7 +164,7 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
             for b in range(batches):
                 first = b * batch_size
                 n = min(batch_size, count - first)
-                if all(image_path(out_dir, first + i).exists() for i in range(n)):
+                if all(image_done(image_path(out_dir, first + i)) for i in range(n)):
                     bar.update(n)
                     continue
                 x_T = batch_noise(seed, b, shape, device)
@@ -178,7 +192,13 @@ def save_grid(out_dir: str | Path, count: int, path: str | Path, nrow: int | Non
     from torchvision.io import ImageReadMode, read_image
 
     out_dir = Path(out_dir)
-    images = [read_image(str(image_path(out_dir, i)), ImageReadMode.RGB) for i in range(count)]
+    images = []
+    for i in range(count):
+        try:
+            images.append(read_image(str(image_path(out_dir, i)), ImageReadMode.RGB))
+        except RuntimeError as error:  # torchvision's decoder: a damaged file
+            raise DreamError(f"{image_path(out_dir, i)} cannot be read as an image ({error}); delete it and "
+                             f"rerun to make it again") from None
     grid = torchvision.utils.make_grid(torch.stack(images).float() / 255, nrow=nrow or int(math.ceil(count ** 0.5)))
     torchvision.utils.save_image(grid, path)
     return Path(path)
@@ -186,10 +206,12 @@ def save_grid(out_dir: str | Path, count: int, path: str | Path, nrow: int | Non
 
 def load_sampler_model(checkpoint: str, device="cpu", use_ema: bool = True, backend: str = "eager",
                        compile: bool = False):
-    """(model or torch.compile(model), diffusion, checkpoint state, settings identifying the weights)."""
+    """(model or torch.compile(model), diffusion, checkpoint state with "_path" resolved, settings identifying
+    the weights: their SHA-256 (the same for a checkpoint and its export), step, and EMA or raw)."""
     model, diffusion, state = load_model_for_sampling(checkpoint, device=device, use_ema=use_ema, backend=backend)
-    path = str(Path(state.get("_path", checkpoint)).resolve())
-    identity = {"checkpoint": path, "checkpoint_step": state.get("step"), "ema": state["sampled_weights"] == "ema"}
+    state["_path"] = str(Path(state.get("_path", checkpoint)).resolve())
+    identity = {"weights_sha256": weights_sha256(model), "checkpoint_step": state.get("step"),
+                "ema": state["sampled_weights"] == "ema"}
     if compile:
         model = torch.compile(model)
     return model, diffusion, state, identity
@@ -204,7 +226,7 @@ def sample_from_checkpoint(checkpoint: str, out_dir: str, count: int = 64, sampl
     model, diffusion, state, identity = load_sampler_model(checkpoint, device, use_ema, backend, compile)
     report = sample_images(model, diffusion, count, out_dir, sampler, steps, eta, batch_size, seed, dtype, progress,
                            graphs=graphs, steps_per_graph=steps_per_graph, settings=identity)
-    report.update(checkpoint=identity["checkpoint"], step=state.get("step"), ema=identity["ema"])
+    report.update(checkpoint=state["_path"], step=state.get("step"), ema=identity["ema"])
     if grid:
         report["grid"] = str(save_grid(out_dir, min(count, 64), Path(out_dir) / "grid.png"))
     return report

@@ -31,7 +31,6 @@ default torch.compile mode, not mode="reduce-overhead" (that one records its own
 """
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from contextlib import nullcontext
@@ -61,7 +60,10 @@ class StepPlan:
 
 
 def normalize_sampler(diffusion, sampler: str, steps: int | None, eta: float) -> tuple[str, int, float]:
-    """(sampler, steps, eta) checked; DDPM always runs all T steps with eta 1."""
+    """(sampler, steps, eta) checked. DDPM always runs all T steps with eta 1 (eta 0, the callers' default,
+    is taken to mean "not given"). DDIM: steps default to min(50, T); eta in [0, 1], where the step's noise
+    variance sigma^2 = eta^2 (1 - abar_prev)/(1 - abar) (1 - abar/abar_prev) stays within 1 - abar_prev
+    (past eta 1 it can exceed it and the step is no longer DDIM's)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     total = diffusion.num_timesteps
@@ -69,13 +71,16 @@ def normalize_sampler(diffusion, sampler: str, steps: int | None, eta: float) ->
         if steps not in (None, total):
             raise ValueError(f"the ddpm sampler runs all {total} steps, got steps={steps}; "
                              f"use sampler='ddim' with eta=1 for fewer ancestral steps")
+        if eta not in (0, 1):
+            raise ValueError(f"the ddpm sampler takes no eta (it is ancestral, eta 1), got eta={eta}; "
+                             f"use sampler='ddim' for other values")
         return "ddpm", total, 1.0
-    steps = 50 if steps is None else steps
+    steps = min(50, total) if steps is None else steps
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= total:
         raise ValueError(f"DDIM steps must be an integer in [1, {total}], got {steps!r}")
     eta = float(eta)
-    if not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"DDIM eta must be finite and >= 0, got {eta}")
+    if not 0 <= eta <= 1:  # NaN fails too
+        raise ValueError(f"DDIM eta must be in [0, 1], got {eta}")
     return "ddim", steps, eta
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -39,6 +38,7 @@ from dream.data import DeviceBatches, load_images
 from dream.diffusion import GaussianDiffusion
 from dream.ema import EMA
 from dream.errors import DreamError, option_error
+from dream.files import atomic_write_text
 from dream.math_flags import use_fast_math
 from dream.model import CHECKPOINT_POLICIES, UNet, check_backend_device, make_config
 from dream.objectives import ObjectiveConfig, get_objective
@@ -622,9 +622,7 @@ def trim_log(path: Path, step: int) -> None:
             continue
         if record.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 class StopFlag:

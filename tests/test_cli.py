@@ -69,6 +69,19 @@ def test_sample_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
     assert result.returncode == 2 and "cannot be read" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_an_output_path_that_cannot_be_used_is_one_line(tmp_path):
+    """Filesystem errors (here --out naming a file) are one line with exit 2, like other bad input."""
+    from conftest import make_tiny_checkpoint
+
+    checkpoint = make_tiny_checkpoint(tmp_path, step=1)
+    taken = tmp_path / "taken"
+    taken.write_text("a file, not a folder")
+    result = run_cli("sample", str(checkpoint), "--out", str(taken), "--count", "1", "--steps", "1")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "File exists" in lines[0] and str(taken) in lines[0]
+
+
 def test_ddpm_refuses_a_step_count(tmp_path):
     """--steps belongs to DDIM; the ddpm sampler always runs all T steps and says so instead of ignoring it."""
     from conftest import make_tiny_checkpoint

@@ -111,3 +111,20 @@ def test_celeba_crop_is_the_ddim_box():
     out = _crop_resize(image, 64, CELEBA_CROP)
     assert out.shape == (3, 64, 64)
     assert out[2].min() >= 250 and out[0].max() <= 5  # only the blue box survives
+
+
+def test_folder_cache_follows_the_files_contents(tmp_path):
+    """The decoded cache is keyed on every file's path, size and modification time: an image rewritten
+    under the same name, or one added, is decoded again instead of served from the old cache."""
+    import os
+
+    write_images(tmp_path / "imgs", 3)
+    first = load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache")
+    rewritten = tmp_path / "imgs" / "img1.png"
+    Image.new("RGB", (40, 30), (7, 7, 7)).save(rewritten)
+    os.utime(rewritten, ns=(rewritten.stat().st_atime_ns, rewritten.stat().st_mtime_ns + 10**9))
+    second = load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache")
+    assert torch.equal(second[[0, 2]], first[[0, 2]]) and second[1].float().mean().item() == pytest.approx(7, abs=1)
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(tmp_path / "imgs" / "img9.png")
+    assert load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache").shape[0] == 4
+    assert len(list((tmp_path / "cache").glob("folder-16px-*.pt"))) == 3

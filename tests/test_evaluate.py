@@ -5,6 +5,7 @@ nothing is downloaded. The metric values are recomputed here from the extractor'
 and of the real images, with independent formulas."""
 import json
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -270,3 +271,55 @@ def test_inception_weights_file_is_checked(tmp_path, empty_hub):
     assert path == str(hub_file) and tag.startswith("inception-v3-compat-")
     with pytest.raises(DreamError, match="unknown feature extractor"):
         resolve_feature_extractor("no-such-net", None)
+
+
+# ----------------------------------------------------------------------------------------------
+# the real set's cache, and checks made before any sampling
+def write_faces(folder, first, count):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(first, first + count):
+        Image.fromarray(load_images("synthetic", size=16, count=i + 1, seed=9)[i].permute(1, 2, 0).numpy()).save(
+            folder / f"face{i:03d}.png")
+
+
+def test_real_folder_statistics_follow_its_files(tmp_path):
+    """The cached real-set features are keyed on the folder's files: images added to the folder are scored,
+    not the features of the folder as it was."""
+    checkpoint = make_checkpoint(tmp_path)
+    write_faces(tmp_path / "real", 0, 6)
+    settings = dict(count=4, steps=1, batch_size=4, device="cpu", metrics=("fid",), real="folder",
+                    real_root=str(tmp_path / "real"), feature_extractor=EXTRACTOR,
+                    cache_dir=tmp_path / "fidelity", progress=False)
+    before = evaluate(str(checkpoint), out=str(tmp_path / "eval"), **settings)
+    write_faces(tmp_path / "real", 6, 5)
+    after = evaluate(str(checkpoint), out=str(tmp_path / "eval"), **settings)
+    assert before["real"]["images"] == 6 and after["real"]["images"] == 11 and after["made"] == 0
+    assert after["real"]["files"] != before["real"]["files"]
+    assert after["metrics"]["fid"] != pytest.approx(before["metrics"]["fid"], rel=1e-6)
+    fresh = evaluate(str(checkpoint), out=str(tmp_path / "eval"), **{**settings, "cache_dir": tmp_path / "fresh"})
+    assert after["metrics"]["fid"] == pytest.approx(fresh["metrics"]["fid"], rel=1e-9)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"real": "folder", "real_root": "/nonexistent/faces"}, "/nonexistent/faces does not exist"),
+    ({"kid_subset_size": 1}, "--kid-subset-size must be an integer of at least 2, got 1"),
+    ({"metrics_batch_size": 0}, "--metrics-batch-size must be an integer of at least 1, got 0"),
+])
+def test_bad_real_set_and_metric_settings_fail_before_sampling(tmp_path, change, message):
+    checkpoint = make_checkpoint(tmp_path)
+    with pytest.raises(DreamError, match=message):
+        evaluate(str(checkpoint), out=str(tmp_path / "eval"), count=4, steps=1, device="cpu",
+                 feature_extractor=EXTRACTOR, cache_dir=tmp_path / "fidelity", progress=False, **change)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_default_out_dir_is_beside_the_weights():
+    from dream.evaluate import default_out_dir
+
+    tag = "ddim50-eta0-seed3"
+    assert default_out_dir("/r/run/checkpoints/ckpt-000000009.pt", "ddim", 50, 0.0, 3, torch.float32) == \
+        Path(f"/r/run/eval/ckpt-000000009-{tag}")
+    assert default_out_dir("/r/exports/ema.safetensors", "ddim", 50, 0.0, 3, torch.bfloat16) == \
+        Path(f"/r/exports/eval/ema-{tag}-bf16")

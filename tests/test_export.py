@@ -66,6 +66,11 @@ def test_export_errors_are_one_line(tmp_path, checkpoint, capsys):
     export_weights(checkpoint, out)
     assert main(["sample", str(out), "--out", str(tmp_path / "s"), "--no-ema", "--device", "cpu"]) == 2
     assert "EMA weights only" in capsys.readouterr().err
+    taken = tmp_path / "folder.safetensors"
+    taken.mkdir()
+    assert main(["export", str(checkpoint), "--out", str(taken)]) == 2
+    assert "Is a directory" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name], "the temp file is removed"
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(out.read_bytes()[:1000])
     with pytest.raises(DreamError, match="cannot be read as safetensors"):

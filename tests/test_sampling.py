@@ -7,6 +7,7 @@ On CPU: the step function the CUDA-graph path replays is compared with the refer
 loops give the same images for the same seed (eager, triton and compiled models, fp32 and bf16, 1 and k
 steps per graph), captures are reused, noise is fresh at every replay, and a loop makes no host sync.
 """
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -124,10 +125,19 @@ def test_ddim_eta0_plan_is_deterministic_and_ends_at_x0():
     (("ddim", 2.5, 0.0), "DDIM steps"),
     (("ddim", 5, -0.1), "eta"),
     (("ddim", 5, float("nan")), "eta"),
+    (("ddim", 5, 1.2), r"eta must be in \[0, 1\]"),
+    (("ddpm", None, 0.5), "takes no eta"),
 ])
 def test_bad_sampler_settings(args, message):
     with pytest.raises(ValueError, match=message):
         normalize_sampler(GaussianDiffusion("cosine", 20), *args)
+
+
+@pytest.mark.parametrize("timesteps, default_steps", [(20, 20), (50, 50), (1000, 50)])
+def test_default_ddim_steps_are_50_or_all_of_a_shorter_schedule(timesteps, default_steps):
+    diffusion = GaussianDiffusion("cosine", timesteps)
+    assert normalize_sampler(diffusion, "ddim", None, 1.0) == ("ddim", default_steps, 1.0)
+    assert normalize_sampler(diffusion, "ddpm", None, 0.0) == ("ddpm", timesteps, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,6 +292,12 @@ def test_sample_images_resumable_and_batch_independent(tmp_path):
     assert report["made"] == 2
     assert all(torch.equal(read_png(image_path(tmp_path / "a", i)), first[i]) for i in range(5))
 
+    png = image_path(tmp_path / "a", 1)  # cut short (a copy or a full disk): batch 0 is made again
+    png.write_bytes(png.read_bytes()[:20])
+    report = sample_images(model, diffusion, 5, tmp_path / "a", **common)
+    assert report["made"] == 2
+    assert all(torch.equal(read_png(image_path(tmp_path / "a", i)), first[i]) for i in range(5))
+
     report = sample_images(model, diffusion, 3, tmp_path / "b", **common)  # fewer images: same first three
     assert all(torch.equal(read_png(image_path(tmp_path / "b", i)), first[i]) for i in range(3))
     assert not image_path(tmp_path / "b", 3).exists()
@@ -305,6 +321,41 @@ def test_sample_images_leaves_global_rng_alone(tmp_path):
 
 def make_checkpoint(tmp_path, timesteps: int = 10) -> Path:
     return make_tiny_checkpoint(tmp_path, step=3, num_timesteps=timesteps, data_count=4)
+
+
+def test_images_are_tied_to_the_weights_not_to_the_checkpoint_path(tmp_path):
+    """A run retrained into the same folder writes a checkpoint of the same path and step with other
+    weights: adding its images to the folder is refused. The same weights from another file (an export)
+    continue the folder."""
+    checkpoint = make_checkpoint(tmp_path)
+    out = tmp_path / "samples"
+    common = dict(batch_size=2, steps=2, progress=False, grid=False)
+    first = sample_from_checkpoint(str(checkpoint), str(out), count=2, **common)
+    settings = json.loads((out / "sampling.json").read_text())
+    assert first["made"] == 2 and len(settings["weights_sha256"]) == 64
+
+    pytest.importorskip("safetensors")
+    from dream.checkpoint import export_weights
+
+    export = export_weights(checkpoint, tmp_path / "ema.safetensors")["out"]
+    assert sample_from_checkpoint(export, str(out), count=4, **common)["made"] == 2
+
+    retrained = make_tiny_checkpoint(tmp_path, step=3, num_timesteps=10, data_count=4, seed=1)
+    assert retrained == checkpoint
+    with pytest.raises(DreamError, match="weights_sha256"):
+        sample_from_checkpoint(str(retrained), str(out), count=6, **common)
+    assert not image_path(out, 4).exists()
+
+
+def test_a_damaged_image_in_the_grid_is_one_line(tmp_path):
+    from dream.sample import save_grid, write_pngs
+
+    write_pngs(torch.zeros(2, 4, 4, 3, dtype=torch.uint8).numpy(), tmp_path, 0)
+    data = bytearray(image_path(tmp_path, 1).read_bytes())
+    data[40] ^= 0xFF  # inside the image data chunk: its CRC fails; the file still ends with IEND
+    image_path(tmp_path, 1).write_bytes(bytes(data))
+    with pytest.raises(DreamError, match="000001.png cannot be read as an image"):
+        save_grid(tmp_path, 2, tmp_path / "grid.png")
 
 
 def test_sample_cli(tmp_path):

@@ -1,0 +1,53 @@
+"""Atomic file writes: the data goes to a temp file beside the target, which is then renamed over it, so
+a reader, a crash or a kill sees the old file or the new one, never a part of one."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "wb", durable: bool = True):
+    """Yield a file open on `.<name>.tmp<pid>` beside `path`; on a clean exit it becomes `path` (with
+    `durable`, its data and the rename are fsynced first); on an error it is removed and `path` is as it
+    was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            tmp.unlink()
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> None:
+    with atomic_file(path, "wb", durable) as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | Path, text: str, durable: bool = True) -> None:
+    with atomic_file(path, "w", durable) as f:
+        f.write(text)
