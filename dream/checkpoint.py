@@ -106,16 +106,20 @@ class CheckpointManager:
         self.keep = max(1, keep)
 
     def _manifest(self) -> list[dict]:
+        """The manifest's entries, oldest first. Without a readable manifest, the folder's ckpt-*.pt files
+        (with a warning, and no checksums to verify): they are never taken for an empty folder, whose
+        next save would delete them."""
         path = self.folder / MANIFEST
-        if not path.exists():
-            return []
+        scanned = sorted(p for p in self.folder.glob("ckpt-*.pt") if p.stem[len("ckpt-"):].isdigit())
         try:
-            entries = json.loads(path.read_text())["checkpoints"]
+            return json.loads(path.read_text())["checkpoints"]
+        except FileNotFoundError:
+            why = "missing"
         except (ValueError, KeyError, TypeError):
-            warnings.warn(f"checkpoint manifest {path} is unreadable; scanning the folder instead", stacklevel=2)
-            return [{"file": p.name, "step": int(p.stem.split("-")[1]), "sha256": None}
-                    for p in sorted(self.folder.glob("ckpt-*.pt"))]
-        return entries
+            why = "unreadable"
+        if scanned:
+            warnings.warn(f"checkpoint manifest {path} is {why}; scanning the folder instead", stacklevel=2)
+        return [{"file": p.name, "step": int(p.stem.split("-")[1]), "sha256": None} for p in scanned]
 
     def _write_manifest(self, entries: list[dict]) -> None:
         atomic_write_bytes(self.folder / MANIFEST, json.dumps({"checkpoints": entries}, indent=1).encode())

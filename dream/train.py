@@ -193,7 +193,6 @@ class Trainer:
         self.dist = dist = dist or distributed.Distributed()
         self.device = device = resolve_device(config.device, dist)
         self.precision = resolve_precision(config.precision, device)
-        torch.manual_seed(config.seed)  # the same initial weights on every rank
         if device.type == "cuda":
             use_fast_math()
 
@@ -216,6 +215,9 @@ class Trainer:
         # model, its DDP wrapper and compiled forward, EMA, optimizer, loss scaler
         self.backend = resolve_backend(config.backend, device)
         self.checkpointing = "none" if config.checkpointing == "auto" else config.checkpointing
+        # seeded right here: the initial weights are the same on every rank, and do not depend on whether
+        # loading the data drew random numbers (decoding a folder's images the first time does)
+        torch.manual_seed(config.seed)
         self.model = UNet(self.model_config, backend=self.backend, checkpointing=self.checkpointing).to(device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -396,6 +398,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "micro_batch": self.micro_batch,
             "world_size": self.dist.world_size,
+            "data_images": self.batches.images.shape[0],
             "rng": rng_state(),
             "config": {**self.config.to_dict(), "model": self.model_config.to_dict()},
             "code_version": code_version(),
@@ -405,7 +408,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] or not self.scaler.is_enabled():  # an fp32/bf16 run saved a disabled (empty) scaler:
+            self.scaler.load_state_dict(state["scaler"])    # an fp16 resume starts a fresh one
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         self.skipped_steps = state.get("skipped_steps", 0)
         self.bad_in_a_row = 0
@@ -428,17 +432,28 @@ class Trainer:
         return self.last_checkpoint
 
     def resume(self, path: str | None = None) -> bool:
+        """Continue from `path` or the run folder's newest valid checkpoint; False (and a log trimmed to
+        step 0) when there is none. What fixes the run's course (model, batch, objective, seed, data) must
+        match; the optimizer and EMA settings are this command's (so "lower --lr and rerun" works)."""
         state = load_checkpoint(path) if path else self.checkpoints.latest()
         if state is None:
+            if self.dist.is_main:
+                trim_log(self.run_dir / "metrics.jsonl", 0)  # steps logged before a kill are redone
             return False
         saved = state["config"]
         keys = ["preset", "batch_size", "objective", "schedule", "num_timesteps", "seed", "data"]
-        if self.config.data == "synthetic":
-            keys.append("data_count")
+        keys += ["data_count"] if self.config.data == "synthetic" else ["data_root", "data_split"]
         for key in keys:
-            if saved.get(key) != getattr(self.config, key):
-                raise DreamError(f"checkpoint {state['_path']} was made with {key}={saved.get(key)!r}, "
-                                 f"this run has {key}={getattr(self.config, key)!r}; use another --run-dir")
+            old, new = saved.get(key), getattr(self.config, key)
+            if key == "data_root" and old and new:
+                old, new = (str(Path(root).expanduser().resolve()) for root in (old, new))
+            if old != new:
+                raise DreamError(f"checkpoint {state['_path']} was made with {key}={old!r}, "
+                                 f"this run has {key}={new!r}; use another --run-dir")
+        images = self.batches.images.shape[0]
+        if state.get("data_images", images) != images:
+            raise DreamError(f"checkpoint {state['_path']} was made on {state['data_images']} images, this run's "
+                             f"data has {images}: its data order cannot continue; use another --run-dir")
         for key, value in self.model_config.to_dict().items():
             old = saved["model"].get(key)
             if (tuple(old) if isinstance(old, list) else old) != value:
@@ -449,7 +464,23 @@ class Trainer:
         if self.dist.is_main:
             trim_log(self.run_dir / "metrics.jsonl", self.step)
         self.note(f"resumed from {state['_path']} at step {self.step} (epoch {self.epoch})", event="resume")
+        for flag, old, new in self.apply_hyperparameters():
+            self.note(f"{flag} {new!r} from this command (the checkpoint's run had {old!r})",
+                      event="hyperparameter", flag=flag, old=old, new=new)
         return True
+
+    def apply_hyperparameters(self) -> list[tuple[str, object, object]]:
+        """Set the optimizer's lr and weight decay and the EMA's decay and warmup from this run's config
+        (a loaded checkpoint brings back its own); returns (flag, old, new) for each that changed."""
+        config, group = self.config, self.optimizer.param_groups[0]
+        before = {"--lr": group["lr"], "--weight-decay": group["weight_decay"], "--ema-decay": self.ema.decay,
+                  "--ema-warmup": self.ema.warmup}
+        for group in self.optimizer.param_groups:
+            group["lr"], group["weight_decay"] = config.lr, config.weight_decay
+        self.ema.decay, self.ema.warmup = config.ema_decay, config.ema_warmup
+        after = {"--lr": config.lr, "--weight-decay": config.weight_decay, "--ema-decay": config.ema_decay,
+                 "--ema-warmup": config.ema_warmup}
+        return [(flag, before[flag], after[flag]) for flag in before if before[flag] != after[flag]]
 
     # ------------------------------------------------------------------------------------------
     # reporting (rank 0)
@@ -548,9 +579,9 @@ class Trainer:
                     if config.sample_every and self.epoch % config.sample_every == 0:
                         self.save_sample_grid()
             self.save_checkpoint()
-        grid = self.run_dir / "samples" / f"grid-{self.step:09d}.png"
-        if config.sample_every and not grid.exists():
-            self.save_sample_grid()
+            grid = self.run_dir / "samples" / f"grid-{self.step:09d}.png"
+            if config.sample_every and not grid.exists():
+                self.save_sample_grid()
         self.dist.barrier()
         return {"step": self.step, "epoch": self.epoch, "last": last, "grid": str(grid) if grid.exists() else None,
                 "checkpoint_dir": str(self.checkpoints.folder), "skipped_steps": self.skipped_steps,

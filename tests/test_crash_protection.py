@@ -343,3 +343,118 @@ def test_kills_and_signals_at_random_moments_then_rerun_completes_bitwise(tmp_pa
     steps = [eval_json(line).get("step") for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
              if '"loss"' in line]
     assert steps == list(range(1, STEPS + 1)), "the log should hold each step once after resumes"
+
+
+# ----------------------------------------------------------------------------------------------
+# rerunning a run folder: what carries over, what is refused
+def logged_steps(run_dir: Path) -> list:
+    import json
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [record["step"] for record in map(json.loads, lines) if "loss" in record]
+
+
+def test_resume_takes_this_commands_optimizer_and_ema_settings(tmp_path):
+    """A checkpoint brings back its optimizer's lr and weight decay and its EMA decay; the rerun's flags
+    replace them (so "lower --lr and rerun the same command" does lower it), each change noted."""
+    Trainer(small_config(tmp_path, max_steps=2)).run()
+    resumed = Trainer(small_config(tmp_path, max_steps=3, lr=1e-2, weight_decay=0.1, ema_decay=0.5))
+    resumed.run()
+    assert all(g["lr"] == 1e-2 and g["weight_decay"] == 0.1 for g in resumed.optimizer.param_groups)
+    assert resumed.ema.decay == 0.5
+    state = load_checkpoint(tmp_path / "checkpoints")
+    assert state["step"] == 3 and state["optimizer"]["param_groups"][0]["lr"] == 1e-2
+    assert state["ema"]["decay"] == 0.5
+    import json
+
+    notes = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    changed = {(r["flag"], r["old"], r["new"]) for r in notes if r.get("event") == "hyperparameter"}
+    assert changed == {("--lr", 2e-4, 1e-2), ("--weight-decay", 0.0, 0.1), ("--ema-decay", 0.9999, 0.5)}
+
+
+def test_an_fp16_resume_of_an_fp32_run_starts_a_fresh_loss_scaler(tmp_path):
+    Trainer(small_config(tmp_path, max_steps=1)).run()
+    resumed = Trainer(small_config(tmp_path, max_steps=2, precision="fp16"))
+    resumed.run()
+    assert resumed.step == 2 and resumed.scaler.is_enabled()
+
+
+def test_a_missing_manifest_falls_back_to_the_files_and_deletes_nothing_newer(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=3)
+    for step in (1, 2, 3):
+        manager.save(fake_state(step), step)
+    (tmp_path / "manifest.json").unlink()
+    with pytest.warns(UserWarning, match="manifest .* is missing; scanning the folder"):
+        assert manager.latest()["step"] == 3
+    with pytest.warns(UserWarning, match="missing"):
+        manager.save(fake_state(4), 4)
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*.pt")) == [f"ckpt-{s:09d}.pt" for s in (2, 3, 4)]
+    empty = CheckpointManager(tmp_path / "empty")
+    assert empty.latest() is None  # nothing there: no warning (pytest's filterwarnings would not fail it,
+    assert empty.verify() == []    # but no entry either)
+
+
+def test_a_rerun_that_finds_no_checkpoint_logs_each_step_once(tmp_path):
+    """Killed before its first checkpoint, a run starts again from step 0: its log starts again too."""
+    import shutil
+
+    Trainer(small_config(tmp_path, max_steps=3, checkpoint_every=0)).run()
+    shutil.rmtree(tmp_path / "checkpoints")  # as if killed (kill -9) before any checkpoint was written
+    Trainer(small_config(tmp_path, max_steps=3, checkpoint_every=0)).run()
+    assert logged_steps(tmp_path) == [1, 2, 3]
+
+
+def write_folder(folder: Path, count: int, first: int = 0) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(first, first + count):
+        Image.new("RGB", (12, 10), (i * 29 % 256, 255 - i * 13 % 256, 90)).save(folder / f"{i:03d}.png")
+
+
+@pytest.mark.parametrize("change", ["fewer_images", "other_folder"])
+def test_resume_onto_other_data_is_refused(tmp_path, monkeypatch, change):
+    """Fewer images used to leave the resumed epoch past its end, and the loop spun forever."""
+    monkeypatch.setenv("DREAM_CACHE", str(tmp_path / "cache"))
+    write_folder(tmp_path / "faces", 8)
+    config = dict(data="folder", data_root=str(tmp_path / "faces"))
+    Trainer(small_config(tmp_path / "run", max_steps=1, **config)).run()
+    if change == "fewer_images":
+        for path in sorted((tmp_path / "faces").glob("*.png"))[4:]:
+            path.unlink()
+        message = "was made on 8 images, this run's data has 4"
+    else:
+        write_folder(tmp_path / "other", 8)
+        config["data_root"] = str(tmp_path / "other")
+        message = "was made with data_root="
+    with pytest.raises(DreamError, match=message):
+        Trainer(small_config(tmp_path / "run", max_steps=2, **config)).run()
+
+
+def test_initial_weights_do_not_depend_on_the_image_cache(tmp_path, monkeypatch):
+    """Decoding a folder the first time draws random numbers (a DataLoader's seed); a warm cache does not.
+    The same --seed gives the same initial weights either way."""
+    monkeypatch.setenv("DREAM_CACHE", str(tmp_path / "cache"))
+    write_folder(tmp_path / "faces", 8)
+    config = dict(data="folder", data_root=str(tmp_path / "faces"))
+    cold = Trainer(small_config(tmp_path / "a", **config)).model.state_dict()
+    assert list((tmp_path / "cache").glob("*.pt"))
+    warm = Trainer(small_config(tmp_path / "b", **config)).model.state_dict()
+    assert all(torch.equal(cold[name], warm[name]) for name in cold)
+
+
+def test_ctrl_c_during_the_final_sample_grid_is_the_resume_line(tmp_path, monkeypatch):
+    from dream.train import Interrupted
+
+    trainer = Trainer(small_config(tmp_path, max_steps=3, sample_every=10, sample_count=1))
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "save_sample_grid", interrupted)
+    with pytest.raises(Interrupted, match="To resume, rerun the same command"):
+        try:
+            trainer.run()
+        except KeyboardInterrupt:  # escaping, it would stop the whole pytest session
+            pytest.fail("a bare KeyboardInterrupt (a traceback for the user) escaped the trainer")
+    assert load_checkpoint(tmp_path / "checkpoints")["step"] == 3
