@@ -2,7 +2,7 @@
 
 shadow <- shadow + (1 - d) (param - shadow), with d = decay, or with warm-up
 d_k = min(decay, (1 + k) / (10 + k)) at update k (k = number of previous updates).
-Floating-point buffers are copied as they are (GroupNorm has none; kept for generality).
+Only parameters are averaged; model_state_dict takes any buffers from the model as they are (the UNet has none).
 """
 from __future__ import annotations
 
