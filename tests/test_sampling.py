@@ -98,7 +98,7 @@ def reference_step(diffusion, model, plan, i, x, noise):
 # ----------------------------------------------------------------------------------------------
 # tables
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
-@pytest.mark.parametrize("timesteps", [7, 40])
+@pytest.mark.parametrize("timesteps", [7, 40, 1000])  # 1000: the seed's T
 def test_ddim_eta1_all_steps_plan_equals_ddpm(schedule, timesteps):
     exact = exact_diffusion(schedule, timesteps)
     ddpm = build_plan(exact, "ddpm", dtype=torch.float64)
