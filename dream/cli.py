@@ -301,7 +301,11 @@ def main(argv=None) -> int:
     except (DreamError, ValueError, OSError) as error:  # OSError: a path that is a file, full disk, permissions
         if os.environ.get("DREAM_DEBUG"):
             raise
-        print(f"dream {args.command}: error: {error}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")  # under torchrun: rank 0 speaks for errors every rank shares
+        if rank != "0" and getattr(error, "same_on_every_rank", False):
+            return 2
+        where = f" (rank {rank})" if rank != "0" else ""
+        print(f"dream {args.command}{where}: error: {error}", file=sys.stderr)
         return 2
 
 

@@ -42,13 +42,14 @@ class Distributed:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         return values / self.world_size
 
-    def any(self, flag: bool, device) -> bool:
-        """True on every rank when `flag` is True on at least one (e.g. a stop signal seen by one rank)."""
+    def max(self, value: int, device) -> int:
+        """The largest of an int over ranks, on every rank (e.g. the number of a stop signal that only
+        some ranks saw, 0 on the others)."""
         if not self.enabled:
-            return flag
-        value = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
 
     def check_identical(self, tensors: list[torch.Tensor], what: str) -> None:
         """Raise unless `tensors` are bitwise equal on every rank (compares a 64-bit fingerprint)."""

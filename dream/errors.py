@@ -2,9 +2,16 @@
 
 
 class DreamError(Exception):
-    """Bad input or configuration, described in one line that names what is wrong."""
+    """Bad input or configuration, described in one line that names what is wrong.
+
+    same_on_every_rank: every process of a torchrun job raises it alike (it follows from the command line
+    or the shared run folder), so rank 0 alone reports it."""
+
+    def __init__(self, message: str, same_on_every_rank: bool = False):
+        super().__init__(message)
+        self.same_on_every_rank = same_on_every_rank
 
 
 def option_error(field: str, wanted: str, value) -> DreamError:
     """"--lambda-max must be in [0, 1], got 1.2": a config field named as its command-line flag."""
-    return DreamError(f"--{field.replace('_', '-')} must be {wanted}, got {value!r}")
+    return DreamError(f"--{field.replace('_', '-')} must be {wanted}, got {value!r}", same_on_every_rank=True)

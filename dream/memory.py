@@ -524,7 +524,9 @@ def parse_bytes(text) -> int:
     else:
         raise TypeError(f"memory size must be a string like '6.8GB' or a number of bytes, got {type(text).__name__}")
     size = value * _UNITS[unit]
-    if not math.isfinite(size) or size < 1:
+    if not math.isfinite(size):
+        raise ValueError(f"memory size {text!r} must be finite")
+    if size < 1:
         raise ValueError(f"memory size {text!r} must be at least one byte")
     return int(round(size))
 
@@ -611,8 +613,8 @@ def choose_micro_batch(config=None, budget_bytes=None, *, margin: float = 0.0, e
         return candidates[0]
     low, high = 1, len(candidates) - 1  # candidates[0] does not fit; find the first index that fits
     if not fits(candidates[high]):
-        raise DreamError(f"even a micro-batch of 1 needs an estimated {peaks[1] / 1e9:.2f} GB, over the memory "
-                         f"budget of {limit / 1e9:.2f} GB; use activation checkpointing, a smaller model or "
+        raise DreamError(f"even a micro-batch of 1 needs an estimated {peaks[1] / 1e9:.3f} GB, over the memory "
+                         f"budget of {limit / 1e9:.3f} GB; use activation checkpointing, a smaller model or "
                          f"more memory")
     while low < high:
         middle = (low + high) // 2

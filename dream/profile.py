@@ -482,8 +482,8 @@ def run_profile(args) -> list[Path]:
         args.warmup = 2 if on_gpu else 1
     if args.steps is None:
         args.steps = 3 if on_gpu else 1
-    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
-        raise DreamError("--batch and --steps must be at least 1 and --warmup at least 0")
+    if args.batch < 1 or args.steps < 1 or args.top < 1 or args.warmup < 0:
+        raise DreamError("--batch, --steps and --top must be at least 1 and --warmup at least 0")
     whats = PROFILE_WHATS if args.what == "both" else (args.what,)
     info = environment_info(device)
     written = []

@@ -24,6 +24,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -205,7 +206,7 @@ class Trainer:
         # data: each rank takes every world_size-th sample of each global batch
         if config.batch_size % dist.world_size:
             raise DreamError(f"batch size {config.batch_size} must be divisible by the number of processes "
-                             f"({dist.world_size})")
+                             f"({dist.world_size})", same_on_every_rank=True)
         self.rank_batch = config.batch_size // dist.world_size
         images = load_images(config.data, config.data_root, config.data_split, self.model_config.image_size,
                              count=config.data_count, seed=config.seed)
@@ -250,7 +251,8 @@ class Trainer:
         if config.micro_batch is None and (config.memory_budget is not None or device.type == "cuda"):
             self.micro_batch = self.micro_batch_for_budget(config.memory_budget)
         if self.micro_batch < 1 or self.rank_batch % self.micro_batch:
-            raise DreamError(f"micro batch {self.micro_batch} must divide the per-process batch {self.rank_batch}")
+            raise DreamError(f"micro batch {self.micro_batch} must divide the per-process batch {self.rank_batch}",
+                             same_on_every_rank=True)
 
         self.input_generator = torch.Generator(device=device)
         self.sample_noise = torch.randn(config.sample_count, self.model_config.in_channels,
@@ -435,7 +437,10 @@ class Trainer:
         """Continue from `path` or the run folder's newest valid checkpoint; False (and a log trimmed to
         step 0) when there is none. What fixes the run's course (model, batch, objective, seed, data) must
         match; the optimizer and EMA settings are this command's (so "lower --lr and rerun" works)."""
-        state = load_checkpoint(path) if path else self.checkpoints.latest()
+        with warnings.catch_warnings():
+            if not self.dist.is_main:  # a damaged checkpoint is reported once, by rank 0
+                warnings.simplefilter("ignore")
+            state = load_checkpoint(path) if path else self.checkpoints.latest()
         if state is None:
             if self.dist.is_main:
                 trim_log(self.run_dir / "metrics.jsonl", 0)  # steps logged before a kill are redone
@@ -449,16 +454,17 @@ class Trainer:
                 old, new = (str(Path(root).expanduser().resolve()) for root in (old, new))
             if old != new:
                 raise DreamError(f"checkpoint {state['_path']} was made with {key}={old!r}, "
-                                 f"this run has {key}={new!r}; use another --run-dir")
+                                 f"this run has {key}={new!r}; use another --run-dir", same_on_every_rank=True)
         images = self.batches.images.shape[0]
         if state.get("data_images", images) != images:
             raise DreamError(f"checkpoint {state['_path']} was made on {state['data_images']} images, this run's "
-                             f"data has {images}: its data order cannot continue; use another --run-dir")
+                             f"data has {images}: its data order cannot continue; use another --run-dir",
+                             same_on_every_rank=True)
         for key, value in self.model_config.to_dict().items():
             old = saved["model"].get(key)
             if (tuple(old) if isinstance(old, list) else old) != value:
                 raise DreamError(f"checkpoint {state['_path']} has a model with {key}={old!r}, this run has "
-                                 f"{key}={value!r}; use another --run-dir")
+                                 f"{key}={value!r}; use another --run-dir", same_on_every_rank=True)
         self.load_state_dict(state)
         self.last_checkpoint, self.last_checkpoint_step = Path(state["_path"]), self.step
         if self.dist.is_main:
@@ -568,8 +574,9 @@ class Trainer:
                         tick, images = time.perf_counter(), 0
                     if config.checkpoint_every and self.step % config.checkpoint_every == 0 and not self.bad_in_a_row:
                         self.save_checkpoint()
-                    if self.dist.any(stop.requested, self.device):
-                        self.stop_for_signal(stop.signum or signal.SIGTERM)
+                    signum = self.dist.max(stop.signum, self.device)  # a signal any rank saw, the same on all
+                    if signum:
+                        self.stop_for_signal(signum)
                     if self.finished():
                         break
                 bar.close()

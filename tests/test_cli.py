@@ -53,6 +53,8 @@ def test_every_flag_is_explained_and_shows_its_default():
     (["train", "--preset", "tiny", "--log-every", "0"], "--log-every must be a positive integer, got 0"),
     (["train", "--preset", "tiny", "--alpha", "1.5"], "--alpha must be in [0, 1]"),
     (["train", "--preset", "tiny", "--sample-steps", "0"], "--sample-steps must be a positive integer, got 0"),
+    (["profile", "--top", "0"], "--top must be at least 1"),
+    (["memory", "--preset", "tiny", "--budget", "1e400"], "memory size '1e400' must be finite"),
 ])
 def test_bad_input_is_one_line_without_traceback(args, message):
     result = run_cli(*args)
@@ -60,6 +62,26 @@ def test_bad_input_is_one_line_without_traceback(args, message):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert message in lines[0] and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("rank, shared, printed", [
+    ("0", True, "dream train: error: --log-every must be a positive integer, got 0"),
+    ("1", True, None),  # every rank raises it alike: rank 0 reports it
+    ("1", False, "dream train (rank 1): error: image /data/x.png cannot be read"),
+])
+def test_under_torchrun_rank_0_speaks_for_errors_every_rank_shares(monkeypatch, capsys, rank, shared, printed):
+    import dream.cli
+    from dream.errors import DreamError, option_error
+
+    def failing(args):
+        raise option_error("log_every", "a positive integer", 0) if shared else \
+            DreamError("image /data/x.png cannot be read")
+
+    monkeypatch.setattr(dream.cli, "run_train", failing)
+    monkeypatch.setenv("RANK", rank)
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert err == (printed + "\n" if printed else "")
 
 
 def test_sample_rejects_a_file_that_is_not_a_checkpoint(tmp_path):

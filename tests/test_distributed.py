@@ -52,7 +52,8 @@ WORKER = textwrap.dedent("""
         trainer = Trainer(TrainConfig(**config), d)
         result = trainer.run()
         weights = {"model": trainer.model.state_dict(), "ema": trainer.ema.state_dict()["shadow"],
-                   "rank_batch": trainer.rank_batch, "batches": len(trainer.batches), "result": result}
+                   "rank_batch": trainer.rank_batch, "batches": len(trainer.batches), "result": result,
+                   "stop_signal": d.max(2 if d.rank == 1 else 0, "cpu")}  # SIGINT seen by rank 1 alone
         gathered = [None] * d.world_size
         dist.all_gather_object(gathered, weights)
         if d.rank == 1:
@@ -98,6 +99,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     for name, value in single.ema.state_dict()["shadow"].items():
         assert torch.allclose(ranks[0]["ema"][name], value, **WEIGHT_TOL), name
     assert single.model.conv_out.weight.abs().max() > 0, "the zero-initialised output layer never moved"
+
+    assert [r["stop_signal"] for r in ranks] == [2, 2], "every rank stops for the signal one rank saw"
 
     # rank 0 alone wrote the log and the checkpoints: one record per step
     def steps(run_dir):
