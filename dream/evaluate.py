@@ -286,7 +286,7 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
     require_checkpoint(checkpoint)  # the cheap checks first, then the feature extractor's weights, before sampling
     weights, weights_tag = resolve_feature_extractor(feature_extractor, inception_weights)
     model, diffusion, state, identity = load_sampler_model(checkpoint, device, use_ema,
-                                                           resolve_backend(backend, device), compile)
+                                                           resolve_backend(backend, device), compile, dtype)
     size = getattr(model, "_orig_mod", model).config.image_size
     real_set = resolve_real_set(state["config"], real, real_root, real_split, real_count)
     _, steps_run, _ = checked_sampler(diffusion, sampler, steps, eta)

@@ -44,10 +44,9 @@ from dream.diffusion import GaussianDiffusion
 from dream.ema import EMA
 from dream.errors import DreamError
 from dream.math_flags import MathFlags, use_fast_math
-from dream.model import BACKENDS, CHECKPOINT_POLICIES, UNet, make_config
+from dream.model import BACKENDS, CHECKPOINT_POLICIES, PRECISIONS, UNet, autocast_for, make_config
 from dream.objectives import ObjectiveConfig, get_objective
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 TARGETS = ("cuda", "cpu")
 CATEGORIES = ("parameters", "buffers", "gradients", "optimizer", "activations", "temporaries", "other")
 # MemTracker's reference-type values -> our category names
@@ -182,12 +181,6 @@ class MemoryEstimate:
 # ----------------------------------------------------------------------------------------------
 # The step (mirror of Trainer.train_step; keep the two alike)
 # ----------------------------------------------------------------------------------------------
-def autocast_for(precision: str, device_type: str):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 def training_step(forward, model, optimizer, ema, scaler, diffusion, x0, spec: StepSpec,
                   max_micro_batches: int | None = None, on_before_optimizer=None) -> None:
     """One optimizer step over x0 as the trainer takes it (see the module docstring).

@@ -24,6 +24,7 @@ computed, never the parameters: every backend has the same state_dict.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 BACKENDS = ("eager", "sdpa", "triton")
+PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype (None: none)
+PRECISIONS = tuple(PRECISION_DTYPES)
 CHECKPOINT_POLICIES = ("none", "attention", "resblocks", "all")
 
 
@@ -103,14 +106,25 @@ def validate_config(config: UNetConfig) -> None:
             raise ValueError(f"attention level {level} out of range for {len(widths)} levels")
 
 
-def check_backend_device(backend: str, device) -> None:
-    """The triton backend on a CPU device only runs through the Triton interpreter: say so, in one line,
-    rather than fail inside a kernel launch (and never fall back to eager silently)."""
+def autocast_for(precision: str, device_type: str):
+    """torch.autocast for a precision name ("fp32": no autocast)."""
+    dtype = PRECISION_DTYPES[precision]
+    return nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
+
+
+def check_backend_device(backend: str, device, autocast_dtype: torch.dtype | None = None) -> None:
+    """The triton backend on a CPU device only runs through the Triton interpreter, which gets bf16 wrong:
+    say so, in one line, rather than fail inside a kernel launch (and never fall back to eager silently)."""
     import os
 
-    if backend == "triton" and torch.device(device).type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend != "triton" or torch.device(device).type != "cpu":
+        return
+    if os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend 'triton' runs its kernels on a CUDA GPU; on a CPU set TRITON_INTERPRET=1 before "
                          "starting (very slow, for tests) or use --backend eager")
+    if autocast_dtype == torch.bfloat16:
+        raise ValueError("backend 'triton' on a CPU runs through the Triton interpreter, whose bf16 is wrong; use "
+                         "fp32 or fp16 there, or --backend eager")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:

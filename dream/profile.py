@@ -35,7 +35,6 @@ import sys
 import tempfile
 import time
 import weakref
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -230,12 +229,6 @@ def sample_batch(trainer, seed: int = 0) -> torch.Tensor:
     return (torch.rand(shape, generator=g) * 2 - 1).to(trainer.device)
 
 
-def autocast_for(precision: str, device: torch.device):
-    if precision in ("bf16", "fp16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    return nullcontext()
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -369,7 +362,7 @@ def training_workload(args, device: torch.device):
 def sampling_workload(args, device: torch.device):
     """One ancestral step x_t -> x_{t-1} at t = T/2 with the eval-mode model (fixed x_t and noise)."""
     from dream.diffusion import GaussianDiffusion
-    from dream.model import build_unet
+    from dream.model import autocast_for, build_unet
     from dream.train import resolve_backend, resolve_precision
 
     backend = resolve_backend(args.backend, device)
@@ -391,7 +384,7 @@ def sampling_workload(args, device: torch.device):
               "compile": args.compile, "channels_last": args.channels_last, "image_size": size}
     if args.sampler == "step":
         def step():
-            with torch.no_grad(), autocast_for(precision, device):
+            with torch.no_grad(), autocast_for(precision, device.type):
                 return diffusion.p_sample(forward, x_t, t, noise=noise)
 
         config["sampler"] = "one ddpm ancestral step (t = T/2), GaussianDiffusion.p_sample"

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dream.checkpoint import load_model_for_sampling, weights_sha256
+from dream.model import check_backend_device
 from dream.errors import DreamError
 from dream.files import atomic_file, atomic_write_text
 from dream.sampling import SAMPLERS, SamplingEngine, normalize_sampler
@@ -98,9 +99,10 @@ SETTINGS_FILE = "sampling.json"
 
 def check_settings(out_dir: Path, settings: dict) -> None:
     """Record the settings that determine the images in out_dir/sampling.json; refuse to add images made
-    with other settings to a folder that already holds some (a resumed run must continue the same set)."""
+    with other settings to a folder that already holds some (a resumed run must continue the same set).
+    A folder without images (a run stopped before its first batch was written) takes the new settings."""
     path = out_dir / SETTINGS_FILE
-    if path.exists():
+    if path.exists() and any(out_dir.glob("[0-9]*.png")):
         try:
             recorded = json.loads(path.read_text())
         except ValueError:
@@ -205,9 +207,11 @@ def save_grid(out_dir: str | Path, count: int, path: str | Path, nrow: int | Non
 
 
 def load_sampler_model(checkpoint: str, device="cpu", use_ema: bool = True, backend: str = "eager",
-                       compile: bool = False):
+                       compile: bool = False, dtype: torch.dtype = torch.float32):
     """(model or torch.compile(model), diffusion, checkpoint state with "_path" resolved, settings identifying
-    the weights: their SHA-256 (the same for a checkpoint and its export), step, and EMA or raw)."""
+    the weights: their SHA-256 (the same for a checkpoint and its export), step, and EMA or raw).
+    dtype: the sampling autocast dtype (float32: none), checked against the backend and device first."""
+    check_backend_device(backend, device, dtype)
     model, diffusion, state = load_model_for_sampling(checkpoint, device=device, use_ema=use_ema, backend=backend)
     state["_path"] = str(Path(state.get("_path", checkpoint)).resolve())
     identity = {"weights_sha256": weights_sha256(model), "checkpoint_step": state.get("step"),
@@ -223,7 +227,7 @@ def sample_from_checkpoint(checkpoint: str, out_dir: str, count: int = 64, sampl
                            use_ema: bool = True, backend: str = "eager", dtype: torch.dtype = torch.float32,
                            grid: bool = True, progress: bool = True, graphs: bool | None = None,
                            steps_per_graph: int = 1, compile: bool = False) -> dict:
-    model, diffusion, state, identity = load_sampler_model(checkpoint, device, use_ema, backend, compile)
+    model, diffusion, state, identity = load_sampler_model(checkpoint, device, use_ema, backend, compile, dtype)
     report = sample_images(model, diffusion, count, out_dir, sampler, steps, eta, batch_size, seed, dtype, progress,
                            graphs=graphs, steps_per_graph=steps_per_graph, settings=identity)
     report.update(checkpoint=state["_path"], step=state.get("step"), ema=identity["ema"])

@@ -41,10 +41,10 @@ from dream.ema import EMA
 from dream.errors import DreamError, option_error
 from dream.files import atomic_write_text
 from dream.math_flags import use_fast_math
-from dream.model import CHECKPOINT_POLICIES, UNet, check_backend_device, make_config
+from dream.model import (CHECKPOINT_POLICIES, PRECISION_DTYPES, PRECISIONS, UNet, autocast_for,
+                         check_backend_device, make_config)
 from dream.objectives import ObjectiveConfig, get_objective
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -215,6 +215,7 @@ class Trainer:
 
         # model, its DDP wrapper and compiled forward, EMA, optimizer, loss scaler
         self.backend = resolve_backend(config.backend, device)
+        check_backend_device(self.backend, device, PRECISION_DTYPES[self.precision])
         self.checkpointing = "none" if config.checkpointing == "auto" else config.checkpointing
         # seeded right here: the initial weights are the same on every rank, and do not depend on whether
         # loading the data drew random numbers (decoding a folder's images the first time does)
@@ -250,6 +251,10 @@ class Trainer:
         self.micro_batch = config.micro_batch or self.rank_batch
         if config.micro_batch is None and (config.memory_budget is not None or device.type == "cuda"):
             self.micro_batch = self.micro_batch_for_budget(config.memory_budget)
+        elif config.checkpointing == "auto":
+            self.note("--checkpointing auto searches under the memory budget, and none was searched (an explicit "
+                      "--micro-batch, or a CPU without --memory-budget): no activation checkpointing",
+                      event="memory_budget", checkpointing="none")
         if self.micro_batch < 1 or self.rank_batch % self.micro_batch:
             raise DreamError(f"micro batch {self.micro_batch} must divide the per-process batch {self.rank_batch}",
                              same_on_every_rank=True)
@@ -269,15 +274,21 @@ class Trainer:
             from dream.memory import default_budget_bytes
 
             budget_bytes = default_budget_bytes(self.device)
-        # with --checkpointing auto: the first policy (least recomputation first) whose whole batch fits
+        # with --checkpointing auto: the first policy (least recomputation first) whose whole batch fits,
+        # else the last one at which any micro-batch fits
         policies = CHECKPOINT_POLICIES if self.config.checkpointing == "auto" else (self.checkpointing,)
         try:
             for policy in policies:
-                micro = choose_micro_batch(self.config, budget_bytes, batch_size=self.rank_batch,
-                                           precision=self.precision, backend=self.backend, checkpointing=policy,
-                                           model_config=self.model_config, objective_config=self.objective_config,
-                                           data_images=self.batches.images.shape[0],
-                                           target="cuda" if self.device.type == "cuda" else "cpu")
+                try:
+                    micro = choose_micro_batch(self.config, budget_bytes, batch_size=self.rank_batch,
+                                               precision=self.precision, backend=self.backend, checkpointing=policy,
+                                               model_config=self.model_config, objective_config=self.objective_config,
+                                               data_images=self.batches.images.shape[0],
+                                               target="cuda" if self.device.type == "cuda" else "cpu")
+                except DreamError:  # not even a micro-batch of 1 fits: recompute more, unless this was the last
+                    if policy == policies[-1]:
+                        raise
+                    continue
                 if micro >= self.rank_batch:
                     break
         except Exception as error:  # noqa: BLE001
@@ -297,10 +308,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # one optimizer step
     def autocast(self):
-        if self.precision == "fp32":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast_for(self.precision, self.device.type)
 
     def reseed(self) -> None:
         """Dropout of this step on this rank draws from the default generators seeded by (seed, step, rank)."""

@@ -104,6 +104,25 @@ def test_an_output_path_that_cannot_be_used_is_one_line(tmp_path):
     assert "File exists" in lines[0] and str(taken) in lines[0]
 
 
+@pytest.mark.parametrize("command", ["train", "sample"])
+def test_triton_bf16_on_a_cpu_is_one_line(tmp_path, command):
+    """The Triton interpreter gets bf16 wrong: refused before any work, not as a traceback from a kernel."""
+    from conftest import make_tiny_checkpoint
+
+    if command == "train":
+        args = ["train", "--preset", "tiny", "--run-dir", str(tmp_path / "run"), "--device", "cpu",
+                "--backend", "triton", "--precision", "bf16"]
+    else:
+        args = ["sample", str(make_tiny_checkpoint(tmp_path, step=1)), "--out", str(tmp_path / "out"),
+                "--device", "cpu", "--backend", "triton", "--bf16"]
+    result = subprocess.run([sys.executable, "-m", "dream", *args], capture_output=True, text=True,
+                            env={**ENV, "TRITON_INTERPRET": "1"}, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "whose bf16 is wrong" in lines[0]
+    assert not (tmp_path / ("run" if command == "train" else "out")).exists()  # refused before any work
+
+
 def test_ddpm_refuses_a_step_count(tmp_path):
     """--steps belongs to DDIM; the ddpm sampler always runs all T steps and says so instead of ignoring it."""
     from conftest import make_tiny_checkpoint

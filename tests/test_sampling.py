@@ -347,6 +347,19 @@ def test_images_are_tied_to_the_weights_not_to_the_checkpoint_path(tmp_path):
     assert not image_path(out, 4).exists()
 
 
+def test_a_folder_without_images_takes_new_settings(tmp_path):
+    """A run stopped before its first batch was written leaves sampling.json alone: the folder holds no
+    image, so other settings are accepted; once it holds one, they are refused."""
+    from dream.sample import check_settings
+
+    check_settings(tmp_path, {"steps": 20, "seed": 0})
+    check_settings(tmp_path, {"steps": 2, "seed": 0})
+    assert json.loads((tmp_path / "sampling.json").read_text())["steps"] == 2
+    image_path(tmp_path, 0).write_bytes(b"an image")
+    with pytest.raises(DreamError, match="holds images made with steps=2, this run has steps=3"):
+        check_settings(tmp_path, {"steps": 3, "seed": 0})
+
+
 def test_a_damaged_image_in_the_grid_is_one_line(tmp_path):
     from dream.sample import save_grid, write_pngs
 

@@ -355,6 +355,33 @@ def test_auto_checkpointing_picks_the_least_recomputation_that_fits(tmp_path, mo
     assert asked[3:] == ["attention"] and fixed.micro_batch == 2 and fixed.model.checkpointing == "attention"
     plain = Trainer(small_config(tmp_path / "plain", checkpointing="auto"))  # CPU, no budget: no estimate
     assert len(asked) == 4 and plain.model.checkpointing == "none"
+    assert records(tmp_path / "plain")[-1] == {"event": "memory_budget", "step": 0, "epoch": 0, "checkpointing": "none"}
+
+
+def test_auto_checkpointing_goes_on_past_a_policy_where_nothing_fits(tmp_path, monkeypatch):
+    """Under "none" not even a micro-batch of 1 fits the budget: auto tries the policies that recompute
+    more instead of giving up (it used to stop with the "use activation checkpointing" error)."""
+    from dream.errors import DreamError
+
+    asked = []
+
+    def choose_micro_batch(config, budget_bytes, **fields):
+        asked.append(fields["checkpointing"])
+        if fields["checkpointing"] in ("none", "attention"):
+            raise DreamError("even a micro-batch of 1 needs an estimated ... use activation checkpointing")
+        return 2
+
+    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=choose_micro_batch))
+    trainer = Trainer(small_config(tmp_path, memory_budget=20_000_000, checkpointing="auto"))
+    assert asked == ["none", "attention", "resblocks", "all"]  # nothing fits the whole batch: the last policy
+    assert trainer.micro_batch == 2 and trainer.model.checkpointing == "all"
+
+    def nothing_fits(config, budget_bytes, **fields):
+        raise DreamError("even a micro-batch of 1 needs an estimated ... use activation checkpointing")
+
+    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=nothing_fits))
+    with pytest.raises(DreamError, match="even a micro-batch of 1"):  # nothing fits at all: it says so
+        Trainer(small_config(tmp_path / "none", memory_budget=20_000_000, checkpointing="auto"))
 
 
 @pytest.mark.parametrize("field_name,value,flag", [
