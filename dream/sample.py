@@ -19,9 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from dream.checkpoint import load_model_for_sampling, weights_sha256
-from dream.model import check_backend_device
 from dream.errors import DreamError
 from dream.files import atomic_file, atomic_write_text
+from dream.model import check_backend_device
 from dream.sampling import SAMPLERS, SamplingEngine, normalize_sampler
 
 

@@ -46,7 +46,6 @@ from dream.model import (CHECKPOINT_POLICIES, PRECISION_DTYPES, PRECISIONS, UNet
 from dream.objectives import ObjectiveConfig, get_objective
 
 
-
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
