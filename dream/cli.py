@@ -252,7 +252,7 @@ def run_profile(args) -> int:
 
 
 def run_memory(args) -> int:
-    from dream.memory import (StepSpec, choose_micro_batch, estimate_step_memory, format_estimate, format_sweep,
+    from dream.memory import (CUDA_ESTIMATE_MARGIN, StepSpec, choose_micro_batch, estimate_step_memory, format_estimate, format_sweep,
                               measure_cuda_peak, parse_bytes, sweep_checkpointing)
 
     spec = StepSpec(preset=args.preset, model_overrides=model_overrides(args), batch_size=args.batch_size,
@@ -274,6 +274,8 @@ def run_memory(args) -> int:
                 micro = choose_micro_batch(estimate.spec, budget,
                                            estimate=lambda s: known.get(s.normalized()) or estimate_step_memory(s))
                 note = f"largest micro-batch within {budget / 1e9:.3f} GB: {micro}"
+                if estimate.spec.target == "cuda":
+                    note += f" (estimates kept under {1 - CUDA_ESTIMATE_MARGIN:.0%} of it)"
                 if micro != estimate.spec.batch_size:
                     note += f" ({estimate.spec.batch_size // micro} accumulated micro-batches)"
             except DreamError as error:

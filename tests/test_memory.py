@@ -264,22 +264,26 @@ def test_choose_micro_batch_is_the_largest_fitting_divisor(batch):
         estimator = LinearPeak(fixed, per_image)
         if not fitting:
             with pytest.raises(DreamError, match="even a micro-batch of 1"):
-                choose_micro_batch(StepSpec(batch_size=batch), budget, estimate=estimator)
+                choose_micro_batch(StepSpec(batch_size=batch), budget, margin=0.0, estimate=estimator)
             continue
-        assert choose_micro_batch(StepSpec(batch_size=batch), budget, estimate=estimator) == fitting[0]
+        assert choose_micro_batch(StepSpec(batch_size=batch), budget, margin=0.0, estimate=estimator) == fitting[0]
         assert all(batch % m == 0 for m in estimator.asked)
         assert len(set(estimator.asked)) <= 2 + len(divisors_descending(batch)).bit_length()
 
 
 def test_choose_micro_batch_inputs():
     estimator = LinearPeak(0, 10**6)
-    assert choose_micro_batch(StepSpec(batch_size=128), "64MB", estimate=estimator) == 64
+    assert choose_micro_batch(StepSpec(batch_size=128), "64MB", margin=0.0, estimate=estimator) == 64
     assert choose_micro_batch(StepSpec(batch_size=128), "64MB", margin=0.5, estimate=estimator) == 32
+    # by default a CUDA target keeps CUDA_ESTIMATE_MARGIN of the budget for what the estimate does not see
+    assert choose_micro_batch(StepSpec(batch_size=128), "64MB", estimate=estimator) == 32
+    assert choose_micro_batch(StepSpec(batch_size=128, target="cpu"), "64MB", estimate=estimator) == 64
     # the trainer's keyword form: a UNetConfig, an ObjectiveConfig, resolved precision and backend, compile
     from dream.model import make_config
 
     spec_seen = []
     chosen = choose_micro_batch(model_config=make_config("tiny", image_size=32), batch_size=16, budget_bytes=8 * 10**6,
+                                margin=0.0,
                                 precision="bf16", objective="seed", objective_config=ObjectiveConfig(alpha=0.6),
                                 backend="eager", checkpointing="all", compile=False,
                                 estimate=lambda s: spec_seen.append(s) or estimator(s))
@@ -300,8 +304,8 @@ def test_choose_micro_batch_with_the_estimator():
     spec = replace(SMALL, batch_size=4)
     full, half = estimate(spec), estimate(replace(spec, micro_batch=2))
     budget = (full.peak_bytes + half.peak_bytes) // 2  # between: 2 fits, 4 does not
-    assert choose_micro_batch(spec, budget, estimate=estimate) == 2
-    assert choose_micro_batch(spec, full.peak_bytes, estimate=estimate) == 4
+    assert choose_micro_batch(spec, budget, margin=0.0, estimate=estimate) == 2
+    assert choose_micro_batch(spec, full.peak_bytes, margin=0.0, estimate=estimate) == 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,6 +339,10 @@ def test_cuda_memory_cap_holds_the_allocator_to_the_budget_and_restores_it(monke
 
     with cuda_memory_cap(10**15, "cuda:0") as fraction:  # more than the device has
         assert fraction == 1.0
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    with cuda_memory_cap(1 << 30, "cuda"):  # no index: the current device (torch's fraction functions need one)
+        assert limit.calls[-1][1] == torch.device("cuda:3")
 
 
 @pytest.mark.parametrize("budget, device", [(None, "cuda:0"), (6_800_000_000, "cpu")])

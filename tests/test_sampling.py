@@ -34,7 +34,10 @@ TOLERANCES = {
 AUTOCAST_TOLERANCE = {torch.bfloat16: 1e-3}  # engine vs reference, both under the same CPU autocast
 ETA1_VS_DDPM_PLAN_RTOL = 1e-9  # float64 tables computed here, independently of GaussianDiffusion
 ETA1_VS_DDPM_LOOP_ATOL = 2e-5  # GaussianDiffusion's float32 tables: 1 - abar_t/abar_prev loses ~3 digits
-GPU_GRAPH_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # graphed vs plain, same seed
+# graphed vs plain and vs the reference loops, same seed, TF32 off. The first step from t = T-1 scales the
+# noise prediction by sqrt(1/abar_{T-1} - 1) = 1285 (cosine, T = 20), so ~1e-6 kernel-level differences
+# (another cuDNN algorithm, the folded coefficients) reach ~3e-4 (measured on an H200).
+GPU_GRAPH_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
 
 gpu = pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
 CONFIGS = [("ddpm", None, 1.0), ("ddim", 4, 0.0), ("ddim", 4, 0.8)]
@@ -406,7 +409,7 @@ GPU_CASES = (
 
 @gpu
 @pytest.mark.parametrize("backend, config, dtype, steps_per_graph", GPU_CASES)
-def test_graphed_loop_matches_plain_loop(backend, config, dtype, steps_per_graph):
+def test_graphed_loop_matches_plain_loop(backend, config, dtype, steps_per_graph, exact_fp32):
     sampler, steps, eta = config
     diffusion = GaussianDiffusion("cosine", 20).cuda()
     engine = SamplingEngine(gpu_model(backend), diffusion, steps_per_graph=steps_per_graph)
@@ -451,7 +454,7 @@ def test_graphed_loop_matches_reference_sampler_on_gpu(config, exact_fp32):
 
 
 @gpu
-def test_capture_is_per_backend_and_mode():
+def test_capture_is_per_backend_and_mode(exact_fp32):
     """A capture replays the kernels of the model as it was captured: switching the backend or the
     train/eval mode makes a new capture."""
     pytest.importorskip("kernels")
