@@ -239,13 +239,15 @@ def _load_file(path: Path, map_location="cpu") -> dict:
     return state
 
 
-def load_model_for_sampling(path: str | Path, device="cpu", use_ema: bool = True, backend: str = "eager"):
+def load_model_for_sampling(path: str | Path, device="cpu", use_ema: bool = True, backend: str = "eager",
+                            autocast_dtype: torch.dtype | None = None):
     """(model in eval mode, diffusion, state) from a checkpoint file, a run folder or an exported
-    .safetensors file; state["sampled_weights"] says which weights the model holds ("ema" or "model")."""
+    .safetensors file; state["sampled_weights"] says which weights the model holds ("ema" or "model").
+    autocast_dtype: the dtype it will run under, checked against the backend and device first."""
     from dream.diffusion import GaussianDiffusion
     from dream.model import UNet, UNetConfig, check_backend_device
 
-    check_backend_device(backend, device)
+    check_backend_device(backend, device, autocast_dtype)
     if Path(path).suffix == ".safetensors":
         state = load_exported(path)
         if not use_ema and state["sampled_weights"] == "ema":

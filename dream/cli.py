@@ -252,8 +252,8 @@ def run_profile(args) -> int:
 
 
 def run_memory(args) -> int:
-    from dream.memory import (CUDA_ESTIMATE_MARGIN, StepSpec, choose_micro_batch, estimate_step_memory, format_estimate, format_sweep,
-                              measure_cuda_peak, parse_bytes, sweep_checkpointing)
+    from dream.memory import (CUDA_ESTIMATE_MARGIN, StepSpec, choose_micro_batch, estimate_step_memory,
+                              format_estimate, format_sweep, measure_cuda_peak, parse_bytes, sweep_checkpointing)
 
     spec = StepSpec(preset=args.preset, model_overrides=model_overrides(args), batch_size=args.batch_size,
                     micro_batch=args.micro_batch, precision=args.precision, objective=args.objective,

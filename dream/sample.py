@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 from dream.checkpoint import load_model_for_sampling, weights_sha256
 from dream.errors import DreamError
 from dream.files import atomic_file, atomic_write_text
-from dream.model import check_backend_device
 from dream.sampling import SAMPLERS, SamplingEngine, normalize_sampler
 
 
@@ -211,8 +210,8 @@ def load_sampler_model(checkpoint: str, device="cpu", use_ema: bool = True, back
     """(model or torch.compile(model), diffusion, checkpoint state with "_path" resolved, settings identifying
     the weights: their SHA-256 (the same for a checkpoint and its export), step, and EMA or raw).
     dtype: the sampling autocast dtype (float32: none), checked against the backend and device first."""
-    check_backend_device(backend, device, dtype)
-    model, diffusion, state = load_model_for_sampling(checkpoint, device=device, use_ema=use_ema, backend=backend)
+    model, diffusion, state = load_model_for_sampling(checkpoint, device=device, use_ema=use_ema, backend=backend,
+                                                      autocast_dtype=dtype)
     state["_path"] = str(Path(state.get("_path", checkpoint)).resolve())
     identity = {"weights_sha256": weights_sha256(model), "checkpoint_step": state.get("step"),
                 "ema": state["sampled_weights"] == "ema"}

@@ -169,10 +169,10 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
+def resolve_backend(name: str, device: torch.device, autocast_dtype: torch.dtype | None = None) -> str:
     if name == "auto":
         return "triton" if device.type == "cuda" else "eager"
-    check_backend_device(name, device)
+    check_backend_device(name, device, autocast_dtype)
     return name
 
 
@@ -213,8 +213,7 @@ class Trainer:
                                      rank=dist.rank, world_size=dist.world_size)
 
         # model, its DDP wrapper and compiled forward, EMA, optimizer, loss scaler
-        self.backend = resolve_backend(config.backend, device)
-        check_backend_device(self.backend, device, PRECISION_DTYPES[self.precision])
+        self.backend = resolve_backend(config.backend, device, PRECISION_DTYPES[self.precision])
         self.checkpointing = "none" if config.checkpointing == "auto" else config.checkpointing
         # seeded right here: the initial weights are the same on every rank, and do not depend on whether
         # loading the data drew random numbers (decoding a folder's images the first time does)
