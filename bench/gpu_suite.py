@@ -15,7 +15,8 @@ min(its limit, what is left). Stages:
   memory    the 6.8 GB budget of the seed objective step at batch 128 (estimate beside measurement)
   train     the seed objective's training step: ours vs eager fp32/bf16 and the seed's own way
   sampling  one ancestral step, and a short DDIM loop with and without CUDA graphs
-  profile   `dream profile`: torch.profiler over a training step, a sampling step, a graphed DDIM loop
+  profile   `dream profile`: torch.profiler over a training step (in the default channels_last, and in
+            NCHW for comparison), a sampling step, a graphed DDIM loop
   kernels   attention at N=256/64 and GroupNorm at two UNet sites (64x64 also with fused dropout) vs
             eager, compile, SDPA backends
   tune      bench/tune_kernels.py: candidate launch configurations of both kernels at the UNet's sites,
@@ -117,8 +118,11 @@ def stages(out: str, on_gpu: bool = True) -> list[Stage]:
         Stage("sampling", 70, "ancestral step and DDIM-10 loop, CUDA graphs",
               bench(["bench/test_bench_sampling.py"], "bench-sampling", out, variants=NO_COMPILE),
               {"DREAM_BENCH_DDIM_STEPS": "10", "DREAM_BENCH_TARGET_S": "0.3"}),
-        Stage("profile", 60, "torch.profiler over a training step, a sampling step and a graphed DDIM-10 loop",
+        Stage("profile", 75, "torch.profiler over a training step (channels_last, then NCHW), a sampling step and "
+                             "a graphed DDIM-10 loop",
               ["bash", "-c", f"{shlex.quote(PYTHON)} -m dream profile --out {shlex.quote(out)} --warmup 2 --steps 3 && "
+                             f"{shlex.quote(PYTHON)} -m dream profile --out {shlex.quote(out)} --what train "
+                             f"--{'no-' if on_gpu else ''}channels-last --warmup 2 --steps 3 && "
                              f"{shlex.quote(PYTHON)} -m dream profile --out {shlex.quote(out)} --what sample "
                              f"--sampler {sampler} --sample-steps 10 --batch {sample_batch} --warmup 1 --steps 2"]),
         Stage("kernels", 110, "GroupNorm and attention vs their anchors",

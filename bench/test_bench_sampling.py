@@ -67,8 +67,8 @@ def make_setup(kind):
     return setup
 
 
-def model_for(state, backend, compile_mode=None):
-    model = clone_model(state.extra["model"], backend).eval()
+def model_for(state, backend, compile_mode=None, channels_last=False):
+    model = clone_model(state.extra["model"], backend, channels_last).eval()
     return model, (compile_fn(model, compile_mode) if compile_mode else model)
 
 
@@ -83,9 +83,9 @@ def checked_step(run, forward, precision):
     return check
 
 
-def step_variant(backend, precision, compile_mode=None):
+def step_variant(backend, precision, compile_mode=None, channels_last=False):
     def build(state):
-        model, forward = model_for(state, backend, compile_mode)
+        model, forward = model_for(state, backend, compile_mode, channels_last)
         diffusion = state.extra["diffusion"]
 
         def run(inputs):
@@ -97,10 +97,10 @@ def step_variant(backend, precision, compile_mode=None):
     return build
 
 
-def engine_step_variant(backend, precision):
+def engine_step_variant(backend, precision, channels_last=False):
     def build(state):
         sampling = engine_module()
-        model, forward = model_for(state, backend)
+        model, forward = model_for(state, backend, channels_last=channels_last)
         diffusion = state.extra["diffusion"]
         device = next(model.parameters()).device
         plan = sampling.build_plan(diffusion, "ddpm", device=device)
@@ -118,9 +118,9 @@ def engine_step_variant(backend, precision):
     return build
 
 
-def loop_variant(backend, precision, compile_mode=None):
+def loop_variant(backend, precision, compile_mode=None, channels_last=False):
     def build(state):
-        model, forward = model_for(state, backend, compile_mode)
+        model, forward = model_for(state, backend, compile_mode, channels_last)
         diffusion = state.extra["diffusion"]
 
         def run(inputs):
@@ -133,10 +133,10 @@ def loop_variant(backend, precision, compile_mode=None):
     return build
 
 
-def engine_loop_variant(backend, precision, graphs, compile_mode=None):
+def engine_loop_variant(backend, precision, graphs, compile_mode=None, channels_last=False):
     def build(state):
         sampling = engine_module()
-        model, forward = model_for(state, backend, compile_mode)
+        model, forward = model_for(state, backend, compile_mode, channels_last)
         engine = sampling.SamplingEngine(forward, state.extra["diffusion"], graphs=graphs)
         dtype = PRECISION_DTYPE[precision]
 
@@ -148,14 +148,17 @@ def engine_loop_variant(backend, precision, graphs, compile_mode=None):
     return build
 
 
+CL = ON_GPU  # ours run channels_last on CUDA, as `dream sample` does by default; the eager anchors run NCHW
+
+
 def step_variants():
     ours, dtype = OURS_PRECISION, PRECISION_DTYPE[OURS_PRECISION]
     return [
-        Variant(f"triton_{ours}", step_variant("triton", ours), role="ours", dtype=dtype),
-        Variant(f"engine_triton_{ours}", engine_step_variant("triton", ours), role="ours", dtype=dtype,
-                note="dream.sampling.denoise_step (device-side tables)"),
-        Variant(f"triton_{ours}_compile", step_variant("triton", ours, "default"), role="ours", dtype=dtype,
-                cpu=False),
+        Variant(f"triton_{ours}", step_variant("triton", ours, channels_last=CL), role="ours", dtype=dtype),
+        Variant(f"engine_triton_{ours}", engine_step_variant("triton", ours, channels_last=CL), role="ours",
+                dtype=dtype, note="dream.sampling.denoise_step (device-side tables)"),
+        Variant(f"triton_{ours}_compile", step_variant("triton", ours, "default", channels_last=CL), role="ours",
+                dtype=dtype, cpu=False),
         Variant("eager_fp32", step_variant("eager", "fp32"), dtype=torch.float32),
         Variant("eager_bf16", step_variant("eager", "bf16"), dtype=torch.bfloat16),
         Variant("sdpa_bf16", step_variant("sdpa", "bf16"), dtype=torch.bfloat16, cpu=False),
@@ -166,13 +169,15 @@ def step_variants():
 def loop_variants():
     ours, dtype = OURS_PRECISION, PRECISION_DTYPE[OURS_PRECISION]
     return [
-        Variant(f"engine_triton_{ours}_graphs", engine_loop_variant("triton", ours, True), role="ours", dtype=dtype,
-                gpu_only=True, note="SamplingEngine, CUDA graphs (capture in the first call)"),
-        Variant(f"engine_triton_{ours}_compile_graphs", engine_loop_variant("triton", ours, True, "default"),
+        Variant(f"engine_triton_{ours}_graphs", engine_loop_variant("triton", ours, True, channels_last=CL),
+                role="ours", dtype=dtype, gpu_only=True,
+                note="SamplingEngine, CUDA graphs (capture in the first call)"),
+        Variant(f"engine_triton_{ours}_compile_graphs",
+                engine_loop_variant("triton", ours, True, "default", channels_last=CL),
                 role="ours", dtype=dtype, gpu_only=True),
-        Variant(f"engine_triton_{ours}", engine_loop_variant("triton", ours, False), role="ours", dtype=dtype,
-                note="SamplingEngine, plain loop"),
-        Variant(f"triton_{ours}", loop_variant("triton", ours), role="ours", dtype=dtype, cpu=False,
+        Variant(f"engine_triton_{ours}", engine_loop_variant("triton", ours, False, channels_last=CL), role="ours",
+                dtype=dtype, note="SamplingEngine, plain loop"),
+        Variant(f"triton_{ours}", loop_variant("triton", ours, channels_last=CL), role="ours", dtype=dtype, cpu=False,
                 note="GaussianDiffusion.ddim_sample_loop"),
         Variant("eager_bf16", loop_variant("eager", "bf16"), dtype=torch.bfloat16),
         Variant("eager_bf16_graphs", engine_loop_variant("eager", "bf16", True), dtype=torch.bfloat16, gpu_only=True,

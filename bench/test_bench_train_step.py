@@ -87,13 +87,13 @@ def variants(objective):
     ours, dtype = OURS_PRECISION, PRECISION_DTYPE[OURS_PRECISION]
     ours_on_cpu = objective == "standard"  # the interpreter is slow: one objective smoke-runs it on CPU
     out = [
-        Variant(f"triton_{ours}", step_variant(objective, backend="triton", precision=ours), role="ours",
-                dtype=dtype, cpu=ours_on_cpu, note="the trainer's defaults on CUDA"),
-        Variant(f"triton_{ours}_compile", step_variant(objective, backend="triton", precision=ours, compile=True),
+        Variant(f"triton_{ours}", step_variant(objective, backend="triton", precision=ours, channels_last=ON_GPU),
+                role="ours", dtype=dtype, cpu=ours_on_cpu, note="the trainer's defaults on CUDA (channels_last)"),
+        Variant(f"triton_{ours}_compile", step_variant(objective, backend="triton", precision=ours, compile=True,
+                                                        channels_last=ON_GPU),
                 role="ours", dtype=dtype, cpu=False),
-        Variant(f"triton_{ours}_channels_last",
-                step_variant(objective, backend="triton", precision=ours, channels_last=True),
-                role="ours", dtype=dtype, cpu=False),
+        Variant(f"triton_{ours}_nchw", step_variant(objective, backend="triton", precision=ours, channels_last=False),
+                role="ours", dtype=dtype, cpu=False, note="--no-channels-last"),
         Variant("eager_fp32", step_variant(objective, backend="eager", precision="fp32"), dtype=torch.float32),
         Variant("eager_bf16", step_variant(objective, backend="eager", precision="bf16"), dtype=torch.bfloat16,
                 cpu=False),  # CPU bf16 convolutions are slow and say nothing

@@ -10,7 +10,7 @@ training mode (dropout 0.1, as in training). Reference: the eager model in fp32 
 import pytest
 import torch
 
-from bench.harness import SETTINGS, Case, CaseState, Runner, Variant, compile_fn, count_flops, run_variant
+from bench.harness import ON_GPU, SETTINGS, Case, CaseState, Runner, Variant, compile_fn, count_flops, run_variant
 from bench.workloads import OURS_PRECISION, PRECISION_DTYPE, autocast, build_model, clone_model, model_inputs
 
 BATCH = 128 if SETTINGS.full else 1
@@ -77,10 +77,12 @@ def variants(direction):
     ours = OURS_PRECISION
     ours_dtype = PRECISION_DTYPE[ours]
     return [
-        Variant(f"triton_{ours}", unet_variant(direction, "triton", ours), role="ours", dtype=ours_dtype),
-        Variant(f"triton_{ours}_channels_last", unet_variant(direction, "triton", ours, channels_last=True),
-                role="ours", dtype=ours_dtype, cpu=False),
-        Variant(f"triton_{ours}_compile", unet_variant(direction, "triton", ours, "default", fullgraph=True),
+        Variant(f"triton_{ours}", unet_variant(direction, "triton", ours, channels_last=ON_GPU), role="ours",
+                dtype=ours_dtype, note="channels_last on CUDA (the default there)"),
+        Variant(f"triton_{ours}_nchw", unet_variant(direction, "triton", ours), role="ours", dtype=ours_dtype,
+                cpu=False),
+        Variant(f"triton_{ours}_compile", unet_variant(direction, "triton", ours, "default", channels_last=ON_GPU,
+                                                       fullgraph=True),
                 role="ours", dtype=ours_dtype, cpu=False),
         Variant("eager_fp32", unet_variant(direction, "eager", "fp32"), dtype=torch.float32),
         Variant("eager_bf16", unet_variant(direction, "eager", "bf16"), dtype=torch.bfloat16),

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation (gradient) checkpointing policy: trades recomputation for memory; auto: "
                         "with a memory budget, the least recomputation whose whole batch fits")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format for the model")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format for the model (default: on CUDA, where cuDNN runs NHWC)")
     p.add_argument("--objective", default="seed", choices=["standard", "seed", "paper"],
                    help="standard: MSE on eps; seed: the seed's conservative DREAM; paper: DREAM as published")
     p.add_argument("--dream-start-epoch", type=int, default=10, help="seed objective: first epoch of the DREAM term")
@@ -225,7 +226,8 @@ def run_sample(args) -> int:
                                     dtype=torch.bfloat16 if args.bf16 else torch.float32,
                                     progress=not args.no_progress,
                                     graphs=parse_graphs(args.graphs),
-                                    steps_per_graph=args.steps_per_graph, compile=args.compile)
+                                    steps_per_graph=args.steps_per_graph, compile=args.compile,
+                                    channels_last=args.channels_last)
     print(f"{report['out_dir']} holds {report['count']} images ({report['made']} made now, "
           f"{report['count'] - report['made']} already there); grid {report['grid']}")
     return 0

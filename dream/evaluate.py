@@ -265,7 +265,8 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
              steps: int | None = None, eta: float = 0.0, batch_size: int = 256, seed: int = 0, device="auto",
              backend: str = "auto",
              dtype: torch.dtype = torch.float32, graphs: bool | None = None, steps_per_graph: int = 1,
-             compile: bool = False, use_ema: bool = True, metrics=METRICS, real: str | None = None,
+             compile: bool = False, channels_last: bool | None = None, use_ema: bool = True, metrics=METRICS,
+             real: str | None = None,
              real_root: str | None = None, real_split: str | None = None, real_count: int | None = None,
              inception_weights: str | None = None, feature_extractor: str = INCEPTION, kid_subset_size: int = 1000,
              kid_subsets: int = 100, isc_splits: int = 10, metrics_batch_size: int = 64, cache_dir=None,
@@ -286,7 +287,8 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
     require_checkpoint(checkpoint)  # the cheap checks first, then the feature extractor's weights, before sampling
     weights, weights_tag = resolve_feature_extractor(feature_extractor, inception_weights)
     model, diffusion, state, identity = load_sampler_model(checkpoint, device, use_ema,
-                                                           resolve_backend(backend, device), compile, dtype)
+                                                           resolve_backend(backend, device), compile, dtype,
+                                                           channels_last)
     size = getattr(model, "_orig_mod", model).config.image_size
     real_set = resolve_real_set(state["config"], real, real_root, real_split, real_count)
     _, steps_run, _ = checked_sampler(diffusion, sampler, steps, eta)
@@ -379,7 +381,7 @@ def run_eval_command(args) -> int:
                       eta=args.eta, batch_size=args.batch_size, seed=args.seed, device=args.device,
                       backend=args.backend, dtype=torch.bfloat16 if args.bf16 else torch.float32,
                       graphs=parse_graphs(args.graphs), steps_per_graph=args.steps_per_graph, compile=args.compile,
-                      use_ema=not args.no_ema, metrics=metrics, real=args.real, real_root=args.real_root,
+                      channels_last=args.channels_last, use_ema=not args.no_ema, metrics=metrics, real=args.real, real_root=args.real_root,
                       real_split=args.real_split, real_count=args.real_count, inception_weights=args.inception_weights,
                       feature_extractor=args.feature_extractor, kid_subset_size=args.kid_subset_size,
                       metrics_batch_size=args.metrics_batch_size, cache_dir=args.cache_dir,

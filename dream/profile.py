@@ -354,7 +354,7 @@ def training_workload(args, device: torch.device):
     x0 = sample_batch(trainer, args.seed)
     config = {"preset": args.preset, "batch": args.batch, "objective": args.objective,
               "backend": trainer.model.backend, "precision": trainer.precision, "compile": args.compile,
-              "channels_last": args.channels_last, "checkpointing": args.checkpointing,
+              "channels_last": trainer.channels_last, "checkpointing": args.checkpointing,
               "image_size": trainer.model_config.image_size}
     return (lambda: trainer.train_step(x0)), config, trainer
 
@@ -362,14 +362,15 @@ def training_workload(args, device: torch.device):
 def sampling_workload(args, device: torch.device):
     """One ancestral step x_t -> x_{t-1} at t = T/2 with the eval-mode model (fixed x_t and noise)."""
     from dream.diffusion import GaussianDiffusion
-    from dream.model import autocast_for, build_unet
+    from dream.model import autocast_for, build_unet, resolve_channels_last
     from dream.train import resolve_backend, resolve_precision
 
     backend = resolve_backend(args.backend, device)
     precision = resolve_precision(args.precision, device)
     model = build_unet(args.preset, backend=backend, **model_overrides_from(args))
     model = randomize_parameters(model, args.seed).to(device).eval()
-    if args.channels_last:
+    channels_last = resolve_channels_last(args.channels_last, device)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if args.compile else model
     diffusion = GaussianDiffusion(num_timesteps=1000).to(device)
@@ -381,7 +382,7 @@ def sampling_workload(args, device: torch.device):
     t = torch.full((args.batch,), diffusion.num_timesteps // 2, device=device, dtype=torch.long)
 
     config = {"preset": args.preset, "batch": args.batch, "backend": backend, "precision": precision,
-              "compile": args.compile, "channels_last": args.channels_last, "image_size": size}
+              "compile": args.compile, "channels_last": channels_last, "image_size": size}
     if args.sampler == "step":
         def step():
             with torch.no_grad(), autocast_for(precision, device.type):
@@ -461,6 +462,7 @@ def format_report(what: str, info: dict, config: dict, summary: dict, trace_name
 
 def run_profile(args) -> list[Path]:
     from dream.errors import DreamError
+    from dream.model import resolve_channels_last
     from dream.train import resolve_device
 
     device = resolve_device(args.device)
@@ -484,6 +486,8 @@ def run_profile(args) -> list[Path]:
         torch.manual_seed(args.seed)
         step, config, _keep = (training_workload if what == "train" else sampling_workload)(args, device)
         name = f"profile-{what}" + (f"-{args.sampler}" if what == "sample" and args.sampler != "step" else "")
+        if config["channels_last"] != resolve_channels_last(None, device):  # not the device's default layout
+            name += "-channels-last" if config["channels_last"] else "-nchw"
         stem = report_stem(args.out, info, name)
         trace_path = stem.with_name(stem.name + ".trace.json.gz")
         summary = profile_steps(step, device, warmup=args.warmup, active=args.steps, trace_path=trace_path,
@@ -531,7 +535,8 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpointing", default="none", choices=["none", "attention", "resblocks", "all"],
                    help="activation (gradient) checkpointing policy")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format for the model")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format for the model (default: on CUDA, where cuDNN runs NHWC)")
     p.add_argument("--warmup", type=int, help="steps run under the profiler before recording (GPU 2, CPU 1)")
     p.add_argument("--steps", type=int, help="steps recorded (GPU 3, CPU 1)")
     p.add_argument("--top", type=int, default=20, help="rows in the top-kernels table")

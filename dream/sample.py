@@ -8,6 +8,7 @@ rerunning skips the batches already written. The settings that determine the ima
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from dream.checkpoint import load_model_for_sampling, weights_sha256
 from dream.errors import DreamError
 from dream.files import atomic_file, atomic_write_text
+from dream.model import resolve_channels_last
 from dream.sampling import SAMPLERS, SamplingEngine, normalize_sampler
 
 
@@ -39,6 +41,8 @@ def add_sampling_arguments(p, count: int, batch_size: int, backend: str, backend
                    help="UNet kernels; auto: triton on CUDA, eager on CPU")
     p.add_argument("--bf16", action="store_true", help="sample under bf16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format for the model (default: on CUDA, where cuDNN runs NHWC)")
     p.add_argument("--graphs", default="auto", choices=["auto", "on", "off"], help="CUDA graphs (auto: on a GPU)")
     p.add_argument("--steps-per-graph", type=int, default=1, help="denoising steps captured per CUDA graph")
     p.add_argument("--no-ema", action="store_true", help="use the raw training weights instead of the EMA")
@@ -206,12 +210,15 @@ def save_grid(out_dir: str | Path, count: int, path: str | Path, nrow: int | Non
 
 
 def load_sampler_model(checkpoint: str, device="cpu", use_ema: bool = True, backend: str = "eager",
-                       compile: bool = False, dtype: torch.dtype = torch.float32):
+                       compile: bool = False, dtype: torch.dtype = torch.float32, channels_last: bool | None = None):
     """(model or torch.compile(model), diffusion, checkpoint state with "_path" resolved, settings identifying
     the weights: their SHA-256 (the same for a checkpoint and its export), step, and EMA or raw).
-    dtype: the sampling autocast dtype (float32: none), checked against the backend and device first."""
+    dtype: the sampling autocast dtype (float32: none), checked against the backend and device first;
+    channels_last: the model's memory format (None: channels_last on CUDA)."""
     model, diffusion, state = load_model_for_sampling(checkpoint, device=device, use_ema=use_ema, backend=backend,
                                                       autocast_dtype=dtype)
+    if resolve_channels_last(channels_last, device):
+        model = model.to(memory_format=torch.channels_last)
     state["_path"] = str(Path(state.get("_path", checkpoint)).resolve())
     identity = {"weights_sha256": weights_sha256(model), "checkpoint_step": state.get("step"),
                 "ema": state["sampled_weights"] == "ema"}
@@ -225,8 +232,9 @@ def sample_from_checkpoint(checkpoint: str, out_dir: str, count: int = 64, sampl
                            device: str = "cpu",
                            use_ema: bool = True, backend: str = "eager", dtype: torch.dtype = torch.float32,
                            grid: bool = True, progress: bool = True, graphs: bool | None = None,
-                           steps_per_graph: int = 1, compile: bool = False) -> dict:
-    model, diffusion, state, identity = load_sampler_model(checkpoint, device, use_ema, backend, compile, dtype)
+                           steps_per_graph: int = 1, compile: bool = False, channels_last: bool | None = None) -> dict:
+    model, diffusion, state, identity = load_sampler_model(checkpoint, device, use_ema, backend, compile, dtype,
+                                                           channels_last)
     report = sample_images(model, diffusion, count, out_dir, sampler, steps, eta, batch_size, seed, dtype, progress,
                            graphs=graphs, steps_per_graph=steps_per_graph, settings=identity)
     report.update(checkpoint=state["_path"], step=state.get("step"), ema=identity["ema"])

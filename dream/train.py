@@ -42,7 +42,7 @@ from dream.errors import DreamError, option_error
 from dream.files import atomic_write_text
 from dream.math_flags import use_fast_math
 from dream.model import (CHECKPOINT_POLICIES, PRECISION_DTYPES, PRECISIONS, UNet, autocast_for,
-                         check_backend_device, make_config)
+                         check_backend_device, make_config, resolve_channels_last)
 from dream.objectives import ObjectiveConfig, get_objective
 
 
@@ -56,7 +56,7 @@ class TrainConfig:
     checkpointing: str = "none"  # activation checkpointing: none | attention | resblocks | all | auto
     # (auto: with a memory budget, the least recomputation whose whole-batch step fits; else none)
     compile: bool = False
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: on CUDA
     # diffusion and objective
     schedule: str = "cosine"
     num_timesteps: int = 1000
@@ -219,7 +219,8 @@ class Trainer:
         # loading the data drew random numbers (decoding a folder's images the first time does)
         torch.manual_seed(config.seed)
         self.model = UNet(self.model_config, backend=self.backend, checkpointing=self.checkpointing).to(device)
-        if config.channels_last:
+        self.channels_last = resolve_channels_last(config.channels_last, device)
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ddp = None
         if dist.enabled:
@@ -323,7 +324,7 @@ class Trainer:
     def train_step(self, x0: torch.Tensor) -> dict:
         """One optimizer step over this rank's batch x0; returns the logged scalars (tensors)."""
         t, noise = self.draw_inputs(x0)
-        if self.config.channels_last:
+        if self.channels_last:
             x0, noise = (v.contiguous(memory_format=torch.channels_last) for v in (x0, noise))
         while True:
             self.reseed()

@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from kernels.device import on_tensor_device
+from kernels.layout import memory_format_of
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -714,7 +715,8 @@ def _attention_qkv_nchw_forward_impl(qkv, num_heads, scale):
     # Shapes and dtypes are validated by the public wrapper `attention_qkv_nchw`.
     _check_device(qkv)
     batch, channels3, height, width = qkv.shape
-    out = torch.empty((batch, channels3 // 3, height, width), device=qkv.device, dtype=qkv.dtype)
+    out = torch.empty((batch, channels3 // 3, height, width), device=qkv.device, dtype=qkv.dtype,
+                      memory_format=memory_format_of(qkv))
     lse = torch.empty((batch, num_heads, height * width), device=qkv.device, dtype=torch.float32)
     q, k, v = _qkv_nchw_views(qkv, num_heads)
     _attention_forward_into(q, k, v, scale, _nchw_as_heads(out, num_heads), lse)
@@ -730,12 +732,13 @@ def _attention_qkv_nchw_forward_op(qkv: torch.Tensor, num_heads: int,
 @_attention_qkv_nchw_forward_op.register_fake
 def _(qkv, num_heads, scale):
     batch, channels3, height, width = qkv.shape
-    return (qkv.new_empty((batch, channels3 // 3, height, width)),
+    return (torch.empty((batch, channels3 // 3, height, width), device=qkv.device, dtype=qkv.dtype,
+                        memory_format=memory_format_of(qkv)),
             qkv.new_empty((batch, num_heads, height * width), dtype=torch.float32))
 
 
 def _attention_qkv_nchw_backward_impl(qkv, out, lse, dout, num_heads, scale):
-    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    dqkv = torch.empty_like(qkv, memory_format=memory_format_of(qkv))
     q, k, v = _qkv_nchw_views(qkv, num_heads)
     dq, dk, dv = _qkv_nchw_views(dqkv, num_heads)
     _attention_backward_into(q, k, v, _nchw_as_heads(out, num_heads), lse,
@@ -751,7 +754,7 @@ def _attention_qkv_nchw_backward_op(qkv: torch.Tensor, out: torch.Tensor, lse: t
 
 @_attention_qkv_nchw_backward_op.register_fake
 def _(qkv, out, lse, dout, num_heads, scale):
-    return qkv.new_empty(qkv.shape)
+    return torch.empty_like(qkv, memory_format=memory_format_of(qkv))
 
 
 def _attention_qkv_nchw_setup_context(ctx, inputs, output):

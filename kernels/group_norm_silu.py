@@ -62,6 +62,7 @@ import triton
 import triton.language as tl
 
 from kernels.device import on_tensor_device
+from kernels.layout import memory_format_of
 
 _MODES = ("pre", "post")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -634,13 +635,6 @@ def new_dropout_seed(device):
     return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=device)
 
 
-def _memory_format(x):
-    """Memory format of the output: channels_last when x is (and is not also NCHW-contiguous)."""
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _flat_strides(t):
     """(stride_n, stride_c, stride_p) with p = h*W + w, or None when t is neither
     NCHW-contiguous nor channels_last (then it is copied into one of those)."""
@@ -784,7 +778,7 @@ def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout
     N, C, H, W = x.shape
     HW = H * W
     G = num_groups
-    memory_format = _memory_format(x)
+    memory_format = memory_format_of(x)
     x, (sxn, sxc, sxp) = _dense(x, memory_format)
     y = _new_buffer_like(x, memory_format)
     syn, syc, syp = _flat_strides(y)
@@ -833,7 +827,7 @@ def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mo
     N, C, H, W = x.shape
     HW = H * W
     G = num_groups
-    memory_format = _memory_format(x)
+    memory_format = memory_format_of(x)
     x, (sxn, sxc, sxp) = _dense(x, memory_format)
     dy, (sdyn, sdyc, sdyp) = _dense(dy, memory_format)
     dx = _new_buffer_like(x, memory_format)
@@ -903,7 +897,7 @@ def _group_norm_silu_fwd_fake(x, weight, bias, scale, shift, num_groups, eps, mo
                               seed=None):
     _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed)
     stats_shape = (x.shape[0], num_groups)
-    return (torch.empty_like(x, memory_format=_memory_format(x)),
+    return (torch.empty_like(x, memory_format=memory_format_of(x)),
             x.new_empty(stats_shape, dtype=torch.float32),
             x.new_empty(stats_shape, dtype=torch.float32))
 
@@ -923,7 +917,7 @@ def _group_norm_silu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
 @_group_norm_silu_bwd.register_fake
 def _group_norm_silu_bwd_fake(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu,
                               dropout_p=0.0, seed=None):
-    return (torch.empty_like(x, memory_format=_memory_format(x)),
+    return (torch.empty_like(x, memory_format=memory_format_of(x)),
             torch.empty_like(weight), torch.empty_like(bias),
             scale.new_empty(scale.shape) if scale is not None else x.new_empty(0),  # contiguous, as _backward
             shift.new_empty(shift.shape) if shift is not None else x.new_empty(0))

@@ -23,6 +23,7 @@ import zlib
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from conftest import DEVICE, ON_GPU
 
@@ -270,6 +271,28 @@ def test_qkv_nchw_matches_float64(batch, channels, heads, height, width, dtype):
     assert out.shape == (batch, channels, height, width) and out.is_contiguous()
     _assert_close("out", out, ref_out.detach(), tol)
     _assert_close("dqkv", leaf.grad, ref_leaf.grad, tol)
+
+
+@pytest.mark.parametrize("batch,channels,heads,height,width", [(2, 64, 2, 7, 5), (1, 128, 2, 8, 8)])
+def test_qkv_channels_last_matches_float64_and_keeps_the_layout(batch, channels, heads, height, width):
+    """A channels_last model's qkv conv output: read in place, the output and dqkv are channels_last too
+    (the fake implementation says the same, for torch.compile and the memory estimator)."""
+    gen = _generator(7 + channels + width)
+    qkv = _randn((batch, 3 * channels, height, width), torch.float32, gen).contiguous(memory_format=torch.channels_last)
+    grad_out = _randn((batch, channels, height, width), torch.float32, gen)
+    leaf = qkv.detach().requires_grad_()
+    out = attention_qkv_nchw(leaf, heads)
+    out.backward(grad_out.contiguous(memory_format=torch.channels_last))
+    ref_leaf = qkv.detach().double().requires_grad_()
+    ref_out = attention_qkv_nchw_reference(ref_leaf, heads)
+    ref_out.backward(grad_out.double())
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert leaf.grad.is_contiguous(memory_format=torch.channels_last) and not leaf.grad.is_contiguous()
+    _assert_close("out", out, ref_out.detach(), TOLERANCE[torch.float32])
+    _assert_close("dqkv", leaf.grad, ref_leaf.grad, TOLERANCE[torch.float32])
+    with FakeTensorMode() as mode:
+        fake_out = attention_qkv_nchw(mode.from_tensor(qkv), heads)
+    assert fake_out.stride() == out.stride()
 
 
 def test_qkv_nchw_agrees_with_attention_on_views():

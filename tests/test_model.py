@@ -3,9 +3,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dream.info import model_info
-from dream.model import UNet, build_unet, count_parameters, make_config, timestep_embedding
+from dream.model import UNet, build_unet, count_parameters, make_config, resize_skip, timestep_embedding
 
 
 def test_parameter_counts_match_the_seed():
@@ -111,3 +112,25 @@ def test_unknown_preset_and_backend():
         make_config("huge")
     with pytest.raises(ValueError, match="backend"):
         UNet(make_config("tiny"), backend="cuda-magic")
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 8e-3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_skip_resize_is_bilinear_in_wide_precision_and_keeps_the_layout(dtype, tolerance, channels_last):
+    torch.manual_seed(1)
+    skip = torch.randn(3, 12, 5, 7, dtype=torch.float64)
+    like = torch.randn(3, 12, 10, 14, dtype=torch.float64).to(dtype)
+    if channels_last:
+        like = like.contiguous(memory_format=torch.channels_last)
+    skip_in = skip.to(dtype).requires_grad_()
+    out = resize_skip(skip_in, like)
+    assert out.dtype == dtype and out.shape == like.shape
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    reference_in = skip_in.detach().double().requires_grad_()
+    reference = F.interpolate(reference_in, size=(10, 14), mode="bilinear", align_corners=False)
+    assert (out.double() - reference).abs().max().item() <= tolerance * reference.abs().max().item()
+    grad = torch.randn_like(reference)
+    out.backward(grad.to(dtype))
+    reference.backward(grad)
+    error = (skip_in.grad.double() - reference_in.grad).abs().max().item()
+    assert skip_in.grad.dtype == dtype and error <= tolerance * 4 * reference_in.grad.abs().max().item()

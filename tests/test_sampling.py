@@ -350,6 +350,23 @@ def test_images_are_tied_to_the_weights_not_to_the_checkpoint_path(tmp_path):
     assert not image_path(out, 4).exists()
 
 
+def test_channels_last_sampling_gives_the_nchw_images(tmp_path):
+    """channels_last (the default on CUDA) changes the model's layout only, not its images."""
+    from dream.sample import load_sampler_model
+
+    checkpoint = make_checkpoint(tmp_path)
+    model = load_sampler_model(str(checkpoint), channels_last=True)[0]
+    assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not load_sampler_model(str(checkpoint))[0].conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    common = dict(count=3, batch_size=2, sampler="ddim", steps=3, eta=0.5, progress=False, grid=False)
+    for channels_last in (False, True):
+        sample_from_checkpoint(str(checkpoint), str(tmp_path / str(channels_last)), channels_last=channels_last,
+                               **common)
+    for i in range(3):
+        nchw, cl = (read_png(image_path(tmp_path / str(layout), i)) for layout in (False, True))
+        assert (nchw.int() - cl.int()).abs().max() <= 1 and nchw.float().std() > 0
+
+
 def test_a_folder_without_images_takes_new_settings(tmp_path):
     """A run stopped before its first batch was written leaves sampling.json alone: the folder holds no
     image, so other settings are accepted; once it holds one, they are refused."""
@@ -381,7 +398,7 @@ def test_sample_cli(tmp_path):
     out = tmp_path / "samples"
     args = ["sample", str(checkpoint), "--out", str(out), "--count", "3", "--batch-size", "2", "--steps", "2",
             "--device", "cpu", "--no-progress"]
-    assert main(args + ["--graphs", "off"]) == 0
+    assert main(args + ["--graphs", "off", "--channels-last"]) == 0
     assert all(image_path(out, i).exists() for i in range(3)) and (out / "grid.png").exists()
     report = sample_from_checkpoint(str(checkpoint), str(out), count=3, batch_size=2, steps=2, progress=False)
     assert report["made"] == 0 and report["step"] == 3 and report["ema"]

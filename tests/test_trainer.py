@@ -340,6 +340,39 @@ def test_eager_and_triton_trainers_follow_the_same_loss_trajectory(tmp_path, exa
     assert losses["eager"] == pytest.approx(losses["triton"], rel=BACKEND_LOSS_RTOL)
 
 
+@pytest.mark.parametrize("backend", ["eager"] + (["triton"] if ON_GPU else []))  # CPU: the kernels' own tests
+def test_channels_last_trainer_step_gives_the_nchw_loss_and_gradients(tmp_path, exact_fp32, backend):
+    """channels_last (the default on CUDA) changes the layout only: a DREAM step's loss and gradients match NCHW."""
+    results = {}
+    for channels_last in (False, True):
+        trainer = Trainer(small_config(tmp_path / str(channels_last), backend=backend, precision="fp32",
+                                       device="cuda" if ON_GPU else "cpu", channels_last=channels_last))
+        assert trainer.channels_last is channels_last
+        assert trainer.model.conv_in.weight.is_contiguous(memory_format=torch.channels_last) is channels_last
+        trainer.epoch = 2  # DREAM phase: two forwards with gradients
+        with torch.no_grad():  # the zero-initialised output conv would stop every gradient before it
+            trainer.model.conv_out.weight.copy_(torch.randn(trainer.model.conv_out.weight.shape,
+                                                            generator=torch.Generator().manual_seed(3)) * 0.05)
+        x0 = next(trainer.batches.epoch(0))
+        t, noise = trainer.draw_inputs(x0)
+        if channels_last:
+            x0, noise = (v.contiguous(memory_format=torch.channels_last) for v in (x0, noise))
+        trainer.reseed()
+        logs = trainer.accumulate_gradients(x0, t, noise)
+        results[channels_last] = float(logs["loss"]), gradients(trainer.model)
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
+    for a, b in zip(results[True][1], results[False][1]):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-9
+    assert all(g.abs().max() > 0 for g in results[False][1][:4]), "gradients must reach the first layers"
+
+
+def test_channels_last_by_default_on_cuda_only():
+    from dream.model import resolve_channels_last
+
+    assert resolve_channels_last(None, "cuda:0") and not resolve_channels_last(None, "cpu")
+    assert resolve_channels_last(True, "cpu") and not resolve_channels_last(False, "cuda")
+
+
 def test_auto_checkpointing_picks_the_least_recomputation_that_fits(tmp_path, monkeypatch):
     asked = []
 
