@@ -176,6 +176,16 @@ def resolve_backend(name: str, device: torch.device, autocast_dtype: torch.dtype
     return name
 
 
+def match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each optimizer state tensor its parameter's strides. A run resumed in the other memory format
+    (channels_last or NCHW) loads moments laid out the old way: fused AdamW needs every tensor of a
+    parameter in one layout, and the foreach path would fall back to slow per-tensor kernels."""
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def step_seed(seed: int, step: int, stream: int) -> int:
     """A well-mixed 63-bit seed for random stream `stream` of optimizer step `step`."""
     return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0] >> np.uint64(1))
@@ -417,6 +427,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
+        match_parameter_layouts(self.optimizer)
         if state["scaler"] or not self.scaler.is_enabled():  # an fp32/bf16 run saved a disabled (empty) scaler:
             self.scaler.load_state_dict(state["scaler"])    # an fp16 resume starts a fresh one
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]

@@ -366,6 +366,21 @@ def test_channels_last_trainer_step_gives_the_nchw_loss_and_gradients(tmp_path, 
     assert all(g.abs().max() > 0 for g in results[False][1][:4]), "gradients must reach the first layers"
 
 
+def test_a_run_resumed_in_the_other_layout_continues(tmp_path):
+    """A run checkpointed in NCHW and resumed in channels_last (the default on CUDA since): the AdamW moments
+    take the parameters' strides, and the run continues as it would have in NCHW."""
+    common = dict(model_overrides={"image_size": 8, "dropout": 0.0}, data_count=4, batch_size=2, epochs=2)
+    Trainer(small_config(tmp_path / "resumed", max_steps=2, channels_last=False, **common)).run()
+    resumed = Trainer(small_config(tmp_path / "resumed", max_steps=4, channels_last=True, **common))
+    resumed.run()
+    for param, state in resumed.optimizer.state.items():
+        assert state["exp_avg"].stride() == param.stride() and state["exp_avg_sq"].stride() == param.stride()
+    assert resumed.model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    Trainer(small_config(tmp_path / "straight", max_steps=4, channels_last=False, **common)).run()
+    losses = [[r["loss"] for r in records(tmp_path / name) if "loss" in r] for name in ("resumed", "straight")]
+    assert len(losses[1]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
 def test_channels_last_by_default_on_cuda_only():
     from dream.model import resolve_channels_last
 
