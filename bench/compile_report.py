@@ -82,6 +82,9 @@ ACTIVATION_ARGS = {
     "dream_kernels::attention_qkv_nchw_backward": (0, 1, 3),  # qkv, out, dout
 }
 
+# The position of shift among each GroupNorm op's arguments (see _RecordOps)
+MODEL_FP32_SHIFT = {"dream_kernels::group_norm_silu_fwd": 4, "dream_kernels::group_norm_silu_bwd": 5}
+
 
 # ------------------------------------------------------------------------------------------------
 # Recording the model's op calls on the meta device
@@ -91,6 +94,7 @@ class OpCall:
     op: str                    # "dream_kernels::group_norm_silu_fwd"
     args: tuple
     site: str                  # "B=128 nchw (128, 256, 32, 32)"
+    fp32_args: tuple = ()      # activation arguments that stay fp32 in every precision
 
 
 class _RecordOps(TorchDispatchMode):
@@ -102,7 +106,10 @@ class _RecordOps(TorchDispatchMode):
         if func.namespace == "dream_kernels":
             op = f"dream_kernels::{func._opname}"
             shape = tuple(args[0].shape)
-            self.sink.append(OpCall(op, tuple(args), f"{self.label} {shape}"))
+            # the ResBlock's shift is fp32 under autocast: the triton backend folds conv1's fp32 bias into it
+            shift = MODEL_FP32_SHIFT.get(op)
+            fp32_args = (shift,) if shift is not None and args[shift] is not None else ()
+            self.sink.append(OpCall(op, tuple(args), f"{self.label} {shape}", fp32_args))
         return func(*args, **(kwargs or {}))
 
 
@@ -180,7 +187,7 @@ def _as_precision(call: OpCall, dtype: torch.dtype) -> tuple:
     out = []
     for index, arg in enumerate(call.args):
         if isinstance(arg, torch.Tensor):
-            arg_dtype = dtype if index in activations else arg.dtype
+            arg_dtype = dtype if index in activations and index not in call.fp32_args else arg.dtype
             arg = torch.empty_strided(arg.shape, arg.stride(), dtype=arg_dtype, device="meta")
         out.append(arg)
     return tuple(out)
@@ -285,8 +292,9 @@ def compile_calls(calls: list[OpCall], precisions: list[str], arch: int):
         seen = set()
         for precision in precisions:
             for call in calls:
-                signature = (call.op, precision, tuple((tuple(a.shape), a.stride(), a.dtype)
-                                                       if isinstance(a, torch.Tensor) else a for a in call.args))
+                signature = (call.op, precision, call.fp32_args, tuple((tuple(a.shape), a.stride(), a.dtype)
+                                                                       if isinstance(a, torch.Tensor) else a
+                                                                       for a in call.args))
                 if signature in seen:
                     continue
                 seen.add(signature)

@@ -22,14 +22,15 @@ BATCH = 128 if SETTINGS.full else 1
 OBJECTIVES = ("seed", "standard", "paper")
 
 
-def trainer_for(objective, **options):
+def trainer_for(objective, channels_last=False, **options):
+    """A trainer for one variant: NCHW unless asked (the anchors are the eager model as written)."""
     from dream.profile import build_trainer
 
     if options.get("compile"):
         torch._dynamo.reset()  # no earlier variant's graphs count against the recompile limit
 
     return build_trainer(preset=PRESET, batch=BATCH, device=str("cuda" if ON_GPU else "cpu"), objective=objective,
-                         model_overrides=MODEL_OVERRIDES, **options)
+                         model_overrides=MODEL_OVERRIDES, channels_last=channels_last, **options)
 
 
 def checked_step(trainer, x0, initial):

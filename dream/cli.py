@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="cuda", choices=["cuda", "cpu"],
                    help="whose autocast and dropout rules the estimate follows (default: CUDA's)")
     p.add_argument("--budget", help="memory budget, e.g. 6.8GB: also report the largest micro-batch that fits")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="the model's memory format (default: channels_last for the CUDA target, as dream train)")
     p.add_argument("--cuda", action="store_true", help="also measure the step on CUDA (max_memory_allocated)")
     p.add_argument("--json", action="store_true", help="print JSON (with peak_bytes)")
     for command in commands.choices.values():  # every subcommand's --help shows the defaults
@@ -261,7 +263,7 @@ def run_memory(args) -> int:
                     micro_batch=args.micro_batch, precision=args.precision, objective=args.objective,
                     objective_config={"seed_separate_eps_forward": args.seed_separate_eps_forward},
                     early_backward=not args.single_graph, backend=args.backend, checkpointing=args.checkpointing,
-                    data_images=args.data_images, target=args.target)
+                    data_images=args.data_images, target=args.target, channels_last=args.channels_last)
     budget = parse_bytes(args.budget) if args.budget else None
     estimates = sweep_checkpointing(spec) if args.sweep else [estimate_step_memory(spec)]
     if args.cuda:

@@ -84,6 +84,7 @@ class StepSpec:
     epoch: int | None = None
     data_images: int = 0
     target: str = "cuda"
+    channels_last: bool | None = None  # the model's memory format; None: channels_last on a CUDA target (the trainer's)
 
     def __post_init__(self):
         for name in ("model_overrides", "objective_config"):
@@ -113,6 +114,12 @@ class StepSpec:
         get_objective(self.objective)
         if isinstance(self.data_images, bool) or not isinstance(self.data_images, int) or self.data_images < 0:
             raise ValueError(f"data_images must be a non-negative integer, got {self.data_images!r}")
+        if self.channels_last not in (None, True, False):
+            raise ValueError(f"channels_last must be True, False or None, got {self.channels_last!r}")
+
+    @property
+    def uses_channels_last(self) -> bool:
+        return self.target == "cuda" if self.channels_last is None else self.channels_last
 
     @property
     def micro(self) -> int:
@@ -225,6 +232,10 @@ def build_state(spec: StepSpec, device: torch.device):
         model = UNet(spec.model_config(), backend=spec.backend, checkpointing=spec.checkpointing)
         diffusion = GaussianDiffusion(spec.schedule, spec.num_timesteps)
     model.train()
+    if spec.uses_channels_last:  # as model.to(memory_format=...), which fake parameters refuse
+        for p in model.parameters():
+            if p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, fused=True)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -236,15 +247,18 @@ def build_state(spec: StepSpec, device: torch.device):
 
 
 def make_batch(spec: StepSpec, images: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """x0 as DeviceBatches.get makes it (uint8 gather, scale to [-1, 1], random flip), or N(0, I) without data."""
+    """x0 as DeviceBatches.get makes it (uint8 gather, scale to [-1, 1], random flip), or N(0, I) without data,
+    in the model's memory format (as the trainer's step converts it)."""
     config = spec.model_config()
     shape = (spec.batch_size, config.in_channels, config.image_size, config.image_size)
     if images is None:
-        return torch.randn(shape, device=device)
-    index = torch.randint(0, images.shape[0], (spec.batch_size,), device=device)
-    flip = torch.rand(spec.batch_size, device=device) < 0.5
-    x = images[index].float() / 127.5 - 1
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x = torch.randn(shape, device=device)
+    else:
+        index = torch.randint(0, images.shape[0], (spec.batch_size,), device=device)
+        flip = torch.rand(spec.batch_size, device=device) < 0.5
+        x = images[index].float() / 127.5 - 1
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x.contiguous(memory_format=torch.channels_last) if spec.uses_channels_last else x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -638,7 +652,8 @@ def describe(spec: StepSpec) -> str:
     micro = f" (micro-batch {spec.micro})" if spec.micro != spec.batch_size else ""
     overrides = "".join(f", {k}={v}" for k, v in spec.model_overrides)
     return (f"preset {spec.preset}{overrides}, batch {spec.batch_size}{micro}, {spec.precision}, objective "
-            f"{spec.objective} ({form}), backend {spec.backend}, checkpointing {spec.checkpointing}"
+            f"{spec.objective} ({form}), backend {spec.backend}, checkpointing {spec.checkpointing}, "
+            f"{'channels_last' if spec.uses_channels_last else 'NCHW'}"
             + (f", {spec.data_images} images on the device" if spec.data_images else ""))
 
 

@@ -170,6 +170,9 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+RESIZE_MAX_ELEMENTS = 2**31 - 2  # CUDA's channels_last bilinear kernel needs output.numel() < INT_MAX
+
+
 def resize_skip(skip: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Bilinear resize (align_corners=False) of a skip to like's height and width, computed in fp32 or wider
     (fp32 for half skips, as CUDA autocast computes it) and returned in like's dtype and memory format (so that the concatenation, and
@@ -177,9 +180,16 @@ def resize_skip(skip: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
     The resize runs on a channels_last copy: CUDA's NCHW bilinear kernel gives each thread one output
     position and loops over all N*C planes inside it (on an H200, batch 128: 39 % of a training step's
-    kernel time, 64 % of a sampling step's); its channels_last kernel gives each thread one element."""
+    kernel time, 64 % of a sampling step's); its channels_last kernel gives each thread one element, with
+    32-bit indices (fewer than RESIZE_MAX_ELEMENTS outputs a call), so a very large batch goes in parts."""
     x = skip.to(torch.promote_types(skip.dtype, torch.float32), memory_format=torch.channels_last)
-    y = F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
+    size = like.shape[-2:]
+    per_image = x.shape[1] * size[0] * size[1]
+    part = max(1, RESIZE_MAX_ELEMENTS // max(1, per_image))
+    if x.shape[0] <= part:
+        y = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    else:
+        y = torch.cat([F.interpolate(p, size=size, mode="bilinear", align_corners=False) for p in x.split(part)])
     return y.to(like.dtype, memory_format=memory_format_of(like))
 
 

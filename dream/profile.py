@@ -193,7 +193,7 @@ def train_config_fields() -> set[str]:
 
 
 def build_trainer(*, preset: str, batch: int, device: str = "auto", backend: str = "auto", precision: str = "auto",
-                  objective: str = "seed", compile: bool = False, channels_last: bool = False,
+                  objective: str = "seed", compile: bool = False, channels_last: bool | None = None,
                   checkpointing: str = "none", model_overrides: dict | None = None, objective_config=None,
                   epoch: int = 30, seed: int = 0, run_dir: str | None = None, **extra):
     """A Trainer for timing single steps: synthetic data of one batch, no samples, no progress bar,

@@ -419,9 +419,14 @@ class Trainer:
             "world_size": self.dist.world_size,
             "data_images": self.batches.images.shape[0],
             "rng": rng_state(),
-            "config": {**self.config.to_dict(), "model": self.model_config.to_dict()},
+            "config": {**self.resolved_config(), "model": self.model_config.to_dict()},
             "code_version": code_version(),
         }
+
+    def resolved_config(self) -> dict:
+        """The config as given, with the "auto"/None choices as this run resolved them on its device."""
+        return {**self.config.to_dict(), "backend": self.backend, "precision": self.precision,
+                "channels_last": self.channels_last}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -571,7 +576,7 @@ class Trainer:
         self.resume(resume)
         self.resume_hint = "rerun the same command" if resume is None else "rerun with --resume <that checkpoint>"
         if self.dist.is_main:
-            (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+            (self.run_dir / "config.json").write_text(json.dumps(self.resolved_config(), indent=1))
         self.model.train()
         last = {}
         stop = StopFlag()

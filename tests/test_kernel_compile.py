@@ -95,3 +95,17 @@ def test_half_precision_attention_dots_use_hopper_wgmma(report):
         else:
             assert row["precisions"] == ["fp32"] and row["hgmma"] == row["hmma"] == 0, row
     assert data["warp_mma"] == []
+
+
+def test_recorded_resblock_shift_stays_fp32_in_half_precision():
+    """Under autocast the ResBlock's shift is fp32 (conv1's fp32 bias is folded into it), so the offline
+    compile replays those GroupNorm calls with an fp32 shift beside a half x, as the model launches them."""
+    from bench.compile_report import _as_precision, record_model_calls
+
+    calls = [c for c in record_model_calls("tiny", 2, channels_last=False) if "group_norm" in c.op]
+    with_shift = [c for c in calls if c.fp32_args]
+    assert with_shift and all(c.args[c.fp32_args[0]] is not None for c in with_shift)
+    assert any(not c.fp32_args for c in calls)  # the norms without scale/shift
+    fwd = next(c for c in with_shift if c.op.endswith("_fwd"))
+    x, _, _, scale, shift = _as_precision(fwd, torch.bfloat16)[:5]
+    assert (x.dtype, scale.dtype, shift.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)

@@ -123,6 +123,23 @@ def test_accumulation_lowers_the_peak():
     assert halves.peak_bytes < full.peak_bytes
 
 
+def test_the_model_layout_follows_the_trainer():
+    """channels_last for a CUDA target unless told (as dream train on CUDA), NCHW for a CPU target; the
+    state's parameters and the batch take it, and a layout change does not change the activations' bytes."""
+    from dream.memory import build_state, make_batch
+
+    assert StepSpec().uses_channels_last and not StepSpec(target="cpu").uses_channels_last
+    assert not StepSpec(channels_last=False).uses_channels_last
+    assert StepSpec(target="cpu", channels_last=True).uses_channels_last
+    spec = replace(SMALL, channels_last=True)
+    model = build_state(spec, torch.device("cpu"))[0]
+    assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert make_batch(spec, None, torch.device("cpu")).is_contiguous(memory_format=torch.channels_last)
+    nchw = replace(SMALL, channels_last=False)
+    assert "channels_last" in format_estimate(estimate(spec)) and "NCHW" in format_estimate(estimate(nchw))
+    assert abs(estimate(spec).peak_bytes - estimate(nchw).peak_bytes) <= 0.01 * estimate(nchw).peak_bytes
+
+
 def test_cuda_rules_cost_more_than_cpu_rules_under_bf16():
     """CUDA autocast keeps GroupNorm and softmax in fp32, and CUDA dropout a 1-byte mask: at bf16 the
     CUDA-rules step holds more activation bytes than the plain CPU-rules step."""

@@ -134,3 +134,17 @@ def test_skip_resize_is_bilinear_in_wide_precision_and_keeps_the_layout(dtype, t
     reference.backward(grad)
     error = (skip_in.grad.double() - reference_in.grad).abs().max().item()
     assert skip_in.grad.dtype == dtype and error <= tolerance * 4 * reference_in.grad.abs().max().item()
+
+
+def test_skip_resize_of_a_very_large_batch_goes_in_parts(monkeypatch):
+    """CUDA's channels_last bilinear kernel indexes with 32-bit ints: past RESIZE_MAX_ELEMENTS outputs the
+    batch is resized in parts (a batch of 4096 at the seed's 64x64 stage would be 2^31 elements)."""
+    torch.manual_seed(2)
+    skip, like = torch.randn(5, 6, 4, 3), torch.randn(5, 6, 8, 6)
+    whole = resize_skip(skip, like)
+    calls = []
+    original = F.interpolate
+    monkeypatch.setattr(F, "interpolate", lambda x, **kw: calls.append(x.shape[0]) or original(x, **kw))
+    monkeypatch.setattr("dream.model.RESIZE_MAX_ELEMENTS", 2 * 6 * 8 * 6)  # two images a call
+    parts = resize_skip(skip, like)
+    assert calls == [2, 2, 1] and torch.equal(parts, whole) and parts.is_contiguous()

@@ -376,6 +376,8 @@ def test_a_run_resumed_in_the_other_layout_continues(tmp_path):
     for param, state in resumed.optimizer.state.items():
         assert state["exp_avg"].stride() == param.stride() and state["exp_avg_sq"].stride() == param.stride()
     assert resumed.model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    recorded = json.loads((tmp_path / "resumed" / "config.json").read_text())  # what ran, "auto"s resolved
+    assert (recorded["channels_last"], recorded["backend"], recorded["precision"]) == (True, "eager", "fp32")
     Trainer(small_config(tmp_path / "straight", max_steps=4, channels_last=False, **common)).run()
     losses = [[r["loss"] for r in records(tmp_path / name) if "loss" in r] for name in ("resumed", "straight")]
     assert len(losses[1]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5)
