@@ -11,7 +11,7 @@ min(its limit, what is left). Stages:
 
   env       nvidia-smi and versions
   tests     correctness at full size: kernels forward/backward incl. bf16, UNet triton vs eager, sampling
-            graphs (the GPU-relevant files of tests/)
+            graphs (the GPU-relevant files of tests/, and the trainer's backend and layout comparisons)
   memory    the 6.8 GB budget of the seed objective step at batch 128 (estimate beside measurement)
   train     the seed objective's training step: ours vs eager fp32/bf16 and the seed's own way
   sampling  one ancestral step, and a short DDIM loop with and without CUDA graphs
@@ -60,6 +60,9 @@ GRACE_S = 20
 
 TEST_FILES = ["tests/test_group_norm_silu.py", "tests/test_attention.py", "tests/test_model*.py", "tests/test_unet*.py",
               "tests/test_sampling*.py", "tests/test_memory*.py"]
+# single tests of other files whose GPU form matters (the rest of those files checks CPU-side logic)
+TEST_NODES = ["tests/test_trainer.py::test_eager_and_triton_trainers_follow_the_same_loss_trajectory",
+              "tests/test_trainer.py::test_channels_last_trainer_step_gives_the_nchw_loss_and_gradients"]
 KERNEL_CASES = "res64_pre_ss or res16_pre_ss or n256 or n64"  # res64_pre_ss matches res64_pre_ss_drop too
 NO_COMPILE = "-*compile*"
 
@@ -97,6 +100,7 @@ def stages(out: str, on_gpu: bool = True) -> list[Stage]:
     """The stages; on_gpu=False (--allow-cpu without a GPU) swaps the GPU-only options of the tools for
     their CPU forms (a plain sampling loop to profile, the tuner's interpreter check)."""
     tests = sorted({f for pattern in TEST_FILES for f in glob.glob(str(REPO / pattern))})
+    tests += [str(REPO / node) for node in TEST_NODES]
     sampler, sample_batch = ("graphs", 256) if on_gpu else ("engine", 4)
     env_script = ("import json, torch; from dream.profile import environment_info; i = environment_info(); "
                   "print(json.dumps(i, indent=1)); print(f\"env: {i['device_name']}, driver {i['driver']}, "
@@ -109,7 +113,7 @@ def stages(out: str, on_gpu: bool = True) -> list[Stage]:
         Stage("tests", 110, "correctness at full size (" + ", ".join(Path(t).name for t in tests) + ")",
               [PYTHON, "-m", "pytest", *tests, "-v", "-p", "no:cacheprovider", "-p", "bench.pytest_shard",
                "--maxfail=10", "-rfEs", f"--junitxml={out}/suite-logs/tests-{{shard}}-junit.xml"],
-              {"DREAM_TEST_FIRST": "gpu-only,test_unet_backends.py"}, shards=test_workers()),
+              {"DREAM_TEST_FIRST": "gpu-only,test_unet_backends.py,test_trainer.py"}, shards=test_workers()),
         Stage("memory", 60, "6.8 GB budget of the seed step at batch 128",
               bench(["bench/test_memory_budget.py"], "bench-memory", out, extra=["-s"])),
         Stage("train", 70, "seed objective training step (no compile)",

@@ -148,3 +148,23 @@ def test_skip_resize_of_a_very_large_batch_goes_in_parts(monkeypatch):
     monkeypatch.setattr("dream.model.RESIZE_MAX_ELEMENTS", 2 * 6 * 8 * 6)  # two images a call
     parts = resize_skip(skip, like)
     assert calls == [2, 2, 1] and torch.equal(parts, whole) and parts.is_contiguous()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's channels_last bilinear kernel needs a GPU")
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 8e-3)])
+def test_skip_resize_on_cuda_matches_the_nchw_kernel(dtype, tolerance):
+    """On CUDA the resize runs the channels_last bilinear kernel: the values and gradients of the NCHW one
+    (to fp32 rounding; the two kernels may contract multiply-adds differently)."""
+    torch.manual_seed(3)
+    skip = torch.randn(3, 128, 32, 32, device="cuda").to(dtype).requires_grad_()
+    like = torch.empty(3, 128, 64, 64, device="cuda", dtype=dtype)
+    grad = torch.randn(3, 128, 64, 64, device="cuda")
+    out = resize_skip(skip, like)
+    out.backward(grad.to(dtype))
+    reference_in = skip.detach().float().requires_grad_()
+    reference = F.interpolate(reference_in, size=(64, 64), mode="bilinear", align_corners=False)
+    reference.backward(grad)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert (out.float() - reference).abs().max().item() <= tolerance * reference.abs().max().item()
+    error = (skip.grad.float() - reference_in.grad).abs().max().item()
+    assert error <= 4 * tolerance * reference_in.grad.abs().max().item()
