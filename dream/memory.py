@@ -84,7 +84,7 @@ class StepSpec:
     epoch: int | None = None
     data_images: int = 0
     target: str = "cuda"
-    channels_last: bool | None = None  # the model's memory format; None: channels_last on a CUDA target (the trainer's)
+    channels_last: bool | None = None  # the model's memory format; None: channels_last on a CUDA target, as the trainer
 
     def __post_init__(self):
         for name in ("model_overrides", "objective_config"):

@@ -175,8 +175,9 @@ RESIZE_MAX_ELEMENTS = 2**31 - 2  # CUDA's channels_last bilinear kernel needs ou
 
 def resize_skip(skip: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Bilinear resize (align_corners=False) of a skip to like's height and width, computed in fp32 or wider
-    (fp32 for half skips, as CUDA autocast computes it) and returned in like's dtype and memory format (so that the concatenation, and
-    the first ResBlock of the stage with its saved activations, stay in like's dtype under autocast).
+    (fp32 for half skips, as CUDA autocast computes it) and returned in like's dtype and memory format (so
+    that the concatenation, and the first ResBlock of the stage with its saved activations, stay in like's
+    dtype under autocast).
 
     The resize runs on a channels_last copy: CUDA's NCHW bilinear kernel gives each thread one output
     position and loops over all N*C planes inside it (on an H200, batch 128: 39 % of a training step's
@@ -185,7 +186,7 @@ def resize_skip(skip: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     x = skip.to(torch.promote_types(skip.dtype, torch.float32), memory_format=torch.channels_last)
     size = like.shape[-2:]
     per_image = x.shape[1] * size[0] * size[1]
-    part = max(1, RESIZE_MAX_ELEMENTS // max(1, per_image))
+    part = max(1, RESIZE_MAX_ELEMENTS // per_image)
     if x.shape[0] <= part:
         y = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     else:

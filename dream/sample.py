@@ -232,7 +232,8 @@ def sample_from_checkpoint(checkpoint: str, out_dir: str, count: int = 64, sampl
                            device: str = "cpu",
                            use_ema: bool = True, backend: str = "eager", dtype: torch.dtype = torch.float32,
                            grid: bool = True, progress: bool = True, graphs: bool | None = None,
-                           steps_per_graph: int = 1, compile: bool = False, channels_last: bool | None = None) -> dict:
+                           steps_per_graph: int = 1, compile: bool = False,
+                           channels_last: bool | None = None) -> dict:
     model, diffusion, state, identity = load_sampler_model(checkpoint, device, use_ema, backend, compile, dtype,
                                                            channels_last)
     report = sample_images(model, diffusion, count, out_dir, sampler, steps, eta, batch_size, seed, dtype, progress,
