@@ -408,10 +408,13 @@ def test_sample_cli(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # GPU: graphs
 def gpu_model(backend: str):
+    """The tiny model on CUDA: eager, triton, triton_channels_last (the default layout on CUDA) or compile."""
     model = tiny_unet(8, image_size=32, base_channels=32).cuda()
-    if backend == "triton":
+    if backend.startswith("triton"):
         pytest.importorskip("kernels")
         model.set_backend("triton")
+    if backend == "triton_channels_last":  # NCHW static buffers in the graph, a channels_last model inside
+        model = model.to(memory_format=torch.channels_last)
     if backend == "compile":
         return torch.compile(model)
     return model
@@ -419,7 +422,7 @@ def gpu_model(backend: str):
 
 GPU_CASES = (
     [("eager", c, d, k) for c in CONFIGS for d in (torch.float32, torch.bfloat16) for k in (1, 3)]
-    + [("triton", ("ddim", 6, 0.7), d, 1) for d in (torch.float32, torch.bfloat16)]
+    + [(b, ("ddim", 6, 0.7), d, 1) for b in ("triton", "triton_channels_last") for d in (torch.float32, torch.bfloat16)]
     + [("compile", ("ddim", 6, 0.7), d, 4) for d in (torch.float32, torch.bfloat16)]
 )
 
