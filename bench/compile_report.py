@@ -120,7 +120,7 @@ def record_model_calls(preset: str, batch: int, channels_last: bool) -> list[OpC
     the input's layout, where CUDA's (and the CPU's) keep channels_last."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from dream.model import build_unet
+    from dream.model import build_unet, to_channels_last
 
     calls: list[OpCall] = []
     label = f"B={batch} {'channels_last' if channels_last else 'nchw'}"
@@ -129,10 +129,8 @@ def record_model_calls(preset: str, batch: int, channels_last: bool) -> list[OpC
         size = model.config.image_size
         x = torch.empty(batch, model.config.in_channels, size, size)
         t = torch.zeros(batch, dtype=torch.long)
-        if channels_last:  # as model.to(memory_format=torch.channels_last), which fake parameters refuse
-            for param in model.parameters():
-                if param.dim() == 4:
-                    param.data = param.data.contiguous(memory_format=torch.channels_last)
+        if channels_last:
+            to_channels_last(model)
             x = x.to(memory_format=torch.channels_last)
         with _RecordOps(calls, label):
             model(x, t).float().sum().backward()

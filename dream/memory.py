@@ -44,7 +44,7 @@ from dream.diffusion import GaussianDiffusion
 from dream.ema import EMA
 from dream.errors import DreamError
 from dream.math_flags import MathFlags, use_fast_math
-from dream.model import BACKENDS, CHECKPOINT_POLICIES, PRECISIONS, UNet, autocast_for, make_config
+from dream.model import BACKENDS, CHECKPOINT_POLICIES, PRECISIONS, UNet, autocast_for, make_config, to_channels_last
 from dream.objectives import ObjectiveConfig, get_objective
 
 TARGETS = ("cuda", "cpu")
@@ -232,10 +232,8 @@ def build_state(spec: StepSpec, device: torch.device):
         model = UNet(spec.model_config(), backend=spec.backend, checkpointing=spec.checkpointing)
         diffusion = GaussianDiffusion(spec.schedule, spec.num_timesteps)
     model.train()
-    if spec.uses_channels_last:  # as model.to(memory_format=...), which fake parameters refuse
-        for p in model.parameters():
-            if p.dim() == 4:
-                p.data = p.data.contiguous(memory_format=torch.channels_last)
+    if spec.uses_channels_last:
+        to_channels_last(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, fused=True)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)

@@ -135,6 +135,15 @@ def resolve_channels_last(value: bool | None, device) -> bool:
     return torch.device(device).type == "cuda" if value is None else bool(value)
 
 
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """model.to(memory_format=torch.channels_last) in place, parameter by parameter (its 4-D ones), which
+    also works on fake tensors (FakeTensorMode), whose parameters refuse Module.to."""
+    for param in model.parameters():
+        if param.dim() == 4:
+            param.data = param.data.contiguous(memory_format=torch.channels_last)
+    return model
+
+
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """emb = [sin(t f), cos(t f)] with f_i = exp(-i ln(10000) / (dim/2 - 1)), i = 0 .. dim/2 - 1."""
     half = dim // 2
