@@ -340,8 +340,9 @@ def ptxas_version() -> str:
 def resource_usage(cubin: bytes, count_spill_code: bool = True) -> dict:
     """From cuobjdump: registers per thread, stack frame and local memory (bytes per thread: where
     spilled registers go), static shared memory, and (count_spill_code: disassembling takes most of the
-    time) the SASS store/load-local instructions (STL/LDL: the spill code itself) and tensor-core
-    instructions (HGMMA: Hopper's warpgroup wgmma; HMMA: the warp-level mma.sync of earlier GPUs)."""
+    time) the SASS store/load-local instructions (STL/LDL: the spill code itself), tensor-core
+    instructions (HGMMA: Hopper's warpgroup wgmma; HMMA: the warp-level mma.sync of earlier GPUs) and
+    the size of each innermost loop (innermost_loop_sizes)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
         handle.flush()
@@ -355,7 +356,59 @@ def resource_usage(cubin: bytes, count_spill_code: bool = True) -> dict:
         fields["spill_loads"] = len(re.findall(r"\bLDL(?:\.\w+)*\b", sass))
         fields["hgmma"] = len(re.findall(r"\bHGMMA(?:\.\w+)*\b", sass))
         fields["hmma"] = len(re.findall(r"\bHMMA(?:\.\w+)*\b", sass))
+        fields["inner_loops"] = innermost_loops(sass)
     return fields
+
+
+_LOAD_BYTES = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+
+
+def innermost_loops(sass: str) -> list[dict]:
+    """Each innermost loop of a disassembly, in address order: its SASS instructions per trip and
+    the bytes its global loads (LDG) read per trip, per thread. A loop is a branch back to a lower
+    address, [target, branch] its body; innermost = containing no other loop. ptxas may unroll, so
+    one trip can be several iterations of the source loop (the load bytes tell how many)."""
+    instructions = [(int(address, 16), text) for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;\n]+);", sass)]
+    loops = set()
+    for address, text in instructions:
+        target = re.search(r"\bBRA\S*\s+0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < address:
+            loops.add((int(target.group(1), 16), address))
+    found = []
+    for start, end in sorted(loops):
+        if any(start <= s2 and e2 <= end and (s2, e2) != (start, end) for s2, e2 in loops):
+            continue
+        body = [text for address, text in instructions if start <= address <= end]
+        load_bytes = 0
+        for text in body:
+            load = re.search(r"\bLDG((?:\.\w+)*)", text)
+            if load:
+                suffixes = load.group(1).split(".")
+                load_bytes += next((_LOAD_BYTES[x] for x in suffixes if x in _LOAD_BYTES), 4)
+        found.append({"instructions": len(body), "load_bytes": load_bytes})
+    return found
+
+
+# GroupNorm kernels: how many activation tensors each loop iteration reads (x; x and dy)
+_GROUP_NORM_TENSORS_READ = {"_gn_fwd_moments_kernel": 1, "_gn_fwd_kernel": 1, "_gn_bwd_sums_kernel": 2,
+                            "_gn_bwd_kernel": 2}
+
+
+def _x_element_bytes(compiled) -> int:
+    """Bytes per element of a kernel's x_ptr argument (2 for '*bf16' / '*fp16', 4 for '*fp32')."""
+    signature = getattr(getattr(compiled, "src", None), "signature", None) or {}
+    return {"*fp32": 4, "*bf16": 2, "*fp16": 2}.get(str(signature.get("x_ptr")), 2)
+
+
+def instructions_per_element(kernel: str, loops: list[dict], element_bytes: int) -> list[float] | None:
+    """For the GroupNorm kernels, each innermost loop's SASS instructions per activation element:
+    a trip handles load_bytes / (element_bytes x tensors read) elements per thread (None for a loop
+    that loads nothing). None for other kernels."""
+    tensors = _GROUP_NORM_TENSORS_READ.get(kernel)
+    if tensors is None or not loops:
+        return None
+    return [round(loop["instructions"] * element_bytes * tensors / loop["load_bytes"], 1) if loop["load_bytes"]
+            else None for loop in loops]
 
 
 def occupancy(registers: int, shared: int, warps: int, limits: SMLimits) -> int:
@@ -388,6 +441,9 @@ def summarize(compiled: dict, arch: int) -> list[dict]:
             "hgmma": usage["hgmma"],
             "hmma": usage["hmma"],
             "shared_bytes": shared,
+            "inner_loops": usage["inner_loops"],
+            "inner_loop_instructions_per_element": instructions_per_element(
+                kernel, usage["inner_loops"], _x_element_bytes(entry.compiled)),
             "programs_per_sm": programs,
             "warp_occupancy": round(programs * warps / limits.max_warps, 3),
             "precisions": sorted(entry.precisions, key=list(PRECISIONS).index),
@@ -438,6 +494,15 @@ def _config_text(config: dict) -> str:
     return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in config.items())
 
 
+def _loops_text(row: dict) -> str:
+    """'55, 87 [6.9, 10.9/elem]': SASS instructions per trip of each innermost loop (per element)."""
+    text = ", ".join(str(loop["instructions"]) for loop in row.get("inner_loops", [])) or "-"
+    per_element = row.get("inner_loop_instructions_per_element")
+    if per_element:
+        text += " [" + ", ".join("-" if value is None else f"{value:.1f}" for value in per_element) + "/elem]"
+    return text
+
+
 def _sites_text(sites: list[str]) -> str:
     """'B=128 nchw ×5, B=2 channels_last ×1': how many model sites of each recording use the config."""
     counts: dict = {}
@@ -460,15 +525,21 @@ def markdown(report: dict) -> str:
         f"Programs/SM and warp occupancy are static estimates for {env['sm']} "
         f"(registers, shared memory, warp and program limits), not measurements.",
         "",
-        "| kernel | config | warps | stages | regs | stack B | STL/LDL | HGMMA/HMMA | shared KB | programs/SM | occupancy | precisions | shapes (per recording) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "Inner loops: SASS instructions per trip of each innermost loop, per thread (ptxas may unroll a "
+        "trip to several iterations), and for the GroupNorm kernels per activation element in brackets "
+        "(a trip's elements: the bytes its loads read / element size / tensors read): the issue cost of the "
+        "kernels' passes. An SM issues 4 x 32 such thread-instructions per clock.",
+        "",
+        "| kernel | config | warps | stages | regs | stack B | STL/LDL | HGMMA/HMMA | shared KB | inner loops | "
+        "programs/SM | occupancy | precisions | shapes (per recording) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- | --- |",
     ]
     for row in report["kernels"]:
         lines.append(
             f"| {row['kernel']} | {_config_text(row['config'])} | {row['num_warps']} | {row['num_stages']} | "
             f"{row['registers']} | {row['stack_bytes'] + row['local_bytes']} | "
             f"{row['spill_stores']}/{row['spill_loads']} | {row['hgmma']}/{row['hmma']} | "
-            f"{row['shared_bytes'] / 1024:.1f} | "
+            f"{row['shared_bytes'] / 1024:.1f} | {_loops_text(row)} | "
             f"{row['programs_per_sm']} | {row['warp_occupancy']:.0%} | {','.join(row['precisions'])} | "
             f"{_sites_text(row['sites'])} |")
     lines += ["", f"Compile failures: {len(report['failures'])}. Problems (spills, shared memory): "

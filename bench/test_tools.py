@@ -148,6 +148,39 @@ def test_compile_report_occupancy_and_problem_checks():
     assert len(found) == 3 and "spills" in found[0] and "shared memory" in found[1]
 
 
+def test_compile_report_measures_innermost_loops():
+    from bench.compile_report import _loops_text, innermost_loops, instructions_per_element
+
+    sass = "\n".join([
+        "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
+        "        /*0010*/                   IADD3 R2, R2, 0x1, RZ ;",           # outer loop: 0010-0080
+        "        /*0020*/              @!P1 LDG.E.128 R4, desc[UR4][R2.64] ;",  # inner loop 1: 0020-0050
+        "        /*0030*/                   LDG.E.U16 R8, desc[UR4][R2.64] ;",
+        "        /*0040*/                   FFMA R6, R4, R5, R6 ;",
+        "        /*0050*/              @!P0 BRA 0x20 ;",
+        "        /*0060*/                   FADD R7, R6, R7 ;",                 # inner loop 2: 0060-0070
+        "        /*0070*/               @P1 BRA 0x60 ;",
+        "        /*0080*/               @P2 BRA 0x10 ;",
+        "        /*0090*/                   BRA 0xa0 ;",                        # forward: not a loop
+        "        /*00a0*/                   EXIT ;",
+    ])
+    loops = innermost_loops(sass)
+    assert loops == [{"instructions": 4, "load_bytes": 18}, {"instructions": 2, "load_bytes": 0}]
+    assert innermost_loops("        /*0000*/                   EXIT ;") == []
+    # a bf16 forward loop reading 16 bytes (8 elements) a trip; backward loops read x and dy
+    assert instructions_per_element("_gn_fwd_kernel", [{"instructions": 56, "load_bytes": 16}], 2) == [7.0]
+    assert instructions_per_element("_gn_bwd_kernel", [{"instructions": 56, "load_bytes": 32}], 2) == [7.0]
+    assert instructions_per_element("_gn_fwd_kernel", [{"instructions": 56, "load_bytes": 32}], 4) == [7.0]
+    assert instructions_per_element("_attention_forward_kernel", loops, 2) is None
+    assert instructions_per_element("_gn_fwd_kernel", loops, 2) == [0.4, None]  # 4 instr, 9 elements; no loads
+    row = {"inner_loops": [{"instructions": 55, "load_bytes": 16}, {"instructions": 87, "load_bytes": 16}],
+           "inner_loop_instructions_per_element": [6.9, 10.9]}
+    assert _loops_text(row) == "55, 87 [6.9, 10.9/elem]"
+    assert _loops_text({"inner_loops": [], "inner_loop_instructions_per_element": None}) == "-"
+    row["inner_loop_instructions_per_element"] = [6.9, None]
+    assert _loops_text(row) == "55, 87 [6.9, -/elem]"
+
+
 def test_compile_report_notes_warp_level_mma_on_hopper_only():
     from bench.compile_report import warp_mma_rows
 

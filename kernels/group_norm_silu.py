@@ -8,9 +8,11 @@ one sample, M = Cg*HW elements; gamma, beta are (C,); s, t are (N, C) (absent = 
     y = silu(h) = h*sigmoid(h)      (y = h when silu=False)
 
 mu and r = 1/sqrt(var + eps) are the mean and reciprocal (biased) standard deviation of u over
-the group, computed in fp32: each tile lane runs Welford's update over the elements it visits,
-and lanes and splits are merged with Chan's parallel formula (never E[u^2] - E[u]^2). Both modes share one form by writing
-s_in, t_in (scale/shift applied before the norm: "pre") and s_out, t_out (after it: "post"):
+the group, computed in fp32 from sums shifted by a pilot mean K (the mean of the group's first
+tile): S1 = sum (u - K), S2 = sum (u - K)^2, M2 = S2 - S1^2/n, which loses at most log2(n/m) bits
+for a pilot over m of the n elements, never log2(mean^2/var) as E[u^2] - E[u]^2 does (see
+_group_moments); splits are merged with Chan's parallel formula. Both modes share one form by
+writing s_in, t_in (scale/shift applied before the norm: "pre") and s_out, t_out (after it: "post"):
 
     xh = x*p + q,        p = r*(1+s_in),  q = r*(t_in - mu)
     h  = a*x + b,        a = gamma*p*(1+s_out),  b = (gamma*q + beta)*(1+s_out) + t_out
@@ -115,6 +117,15 @@ def _channel_coefficients(weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, s
 
 
 @triton.jit
+def _sigmoid(h):
+    """sigma(h) = 1/y with y = 1 + 2^(-h*log2(e)), the reciprocal taken as rsqrt(y*y): y >= 1, so
+    this is one special-function instruction where 1/y is a full-range division. Error: a few ulp.
+    y*y = inf (h < -44) gives 0, where sigma < 1e-19."""
+    y = 1.0 + tl.exp2(h * -1.4426950408889634)
+    return tl.math.rsqrt(y * y)
+
+
+@triton.jit
 def _sum_per_group(v, GROUPS: tl.constexpr, BLOCK_C: tl.constexpr):
     """[GROUPS] totals of a [BLOCK_C] per-channel vector whose channels are GROUPS whole groups of
     BLOCK_C // GROUPS channels each (GROUPS = 1: the total of the whole vector)."""
@@ -148,34 +159,45 @@ def _group_moments(x_ptr, x_base, weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_
     """[GROUPS] vectors (count, mean, M2) of u = x*(1+s_in) + t_in over positions [p_start, p_end)
     of each of the program's groups (its Cp channels; GROUPS > 1 only when BLOCK_C = Cp).
 
-    Each lane of the tile runs Welford's update over the elements it visits
-    (n += 1, d = u - mean, mean += d/n, M2 += d*(u - mean)); at the end each group's lanes are
-    merged at once with Chan's formula: mean = sum n_i*mean_i / n, M2 = sum M2_i + n_i*(mean_i - mean)^2.
+    Shifted sums: K is a pilot mean of each group, its mean over the first tile (m of the group's
+    n elements). Each tile lane sums d = u - K and d^2; then mean = K + S1/n, M2 = S2 - S1^2/n.
+    The subtraction cancels S1^2/n = n*(mean - K)^2, and a subset's mean is never far from the
+    whole's: (mean - K)^2 <= var*(n/m - 1), so M2 keeps all but at most log2(n/m) of its bits,
+    whatever the data's offset (E[u^2] - E[u]^2 would lose log2(1 + mean^2/var)).
     """
-    lane_count = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
-    lane_mean = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
-    lane_m2 = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
+    # pilot: the first tile (the loop reads it again, from L1/L2)
+    offs_c, cmask, _, _, _, _, _, one_plus_s, shift = _channel_coefficients(
+        weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, 0, Cp, 0.0, 1.0,
+        SCALE_IN, SHIFT_IN, False, False, BLOCK_C)
+    offs_p = p_start + tl.arange(0, BLOCK_HW)
+    mask = cmask[:, None] & (offs_p < p_end)[None, :]
+    x = tl.load(x_ptr + x_base + offs_c[:, None] * stride_c + offs_p[None, :] * stride_p,
+                mask=mask, other=0.0).to(tl.float32)
+    u = tl.where(mask, x * one_plus_s[:, None] + shift[:, None], 0.0)
+    pilot_count = _sum_per_group(tl.sum(mask.to(tl.float32), axis=1), GROUPS, BLOCK_C)
+    pilot = _sum_per_group(tl.sum(u, axis=1), GROUPS, BLOCK_C) / pilot_count  # [GROUPS]
+    pilot_per_channel = _per_channel(pilot, GROUPS, BLOCK_C)
+
+    sum_d = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
+    sum_d2 = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     for c0 in range(0, Cp, BLOCK_C):
         offs_c, cmask, _, _, _, _, _, one_plus_s, shift = _channel_coefficients(
             weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cp, 0.0, 1.0,
             SCALE_IN, SHIFT_IN, False, False, BLOCK_C)
+        shift -= pilot_per_channel  # d = x*(1+s_in) + (t_in - K)
         for p0 in range(p_start, p_end, BLOCK_HW):
             offs_p = p0 + tl.arange(0, BLOCK_HW)
             mask = cmask[:, None] & (offs_p < p_end)[None, :]
             x = tl.load(x_ptr + x_base + offs_c[:, None] * stride_c + offs_p[None, :] * stride_p,
                         mask=mask, other=0.0).to(tl.float32)
-            u = x * one_plus_s[:, None] + shift[:, None]
-            valid = mask.to(tl.float32)
-            lane_count += valid
-            delta = u - lane_mean
-            lane_mean += delta * (valid / tl.maximum(lane_count, 1.0))
-            lane_m2 += valid * delta * (u - lane_mean)
-    # one merge of all of a group's lanes (no intermediate per-row means: their rounding would enter
-    # M2 linearly through the between-row term; the group mean's rounding enters only squared)
-    count = _sum_per_group(tl.sum(lane_count, axis=1), GROUPS, BLOCK_C)
-    mean = _sum_per_group(tl.sum(lane_count * lane_mean, axis=1), GROUPS, BLOCK_C) / count
-    deviation = lane_mean - _per_channel(mean, GROUPS, BLOCK_C)[:, None]
-    m2 = _sum_per_group(tl.sum(lane_m2 + lane_count * deviation * deviation, axis=1), GROUPS, BLOCK_C)
+            d = tl.where(mask, x * one_plus_s[:, None] + shift[:, None], 0.0)
+            sum_d += d
+            sum_d2 += d * d
+    count = tl.zeros([GROUPS], tl.float32) + ((Cp // GROUPS) * (p_end - p_start)).to(tl.float32)
+    s1 = _sum_per_group(tl.sum(sum_d, axis=1), GROUPS, BLOCK_C)
+    s2 = _sum_per_group(tl.sum(sum_d2, axis=1), GROUPS, BLOCK_C)
+    mean = pilot + s1 / count
+    m2 = tl.maximum(s2 - s1 * (s1 / count), 0.0)
     return count, mean, m2
 
 
@@ -275,7 +297,7 @@ def _gn_fwd_kernel(
                         mask=mask, other=0.0).to(tl.float32)
             h = x * a[:, None] + b[:, None]
             if SILU:
-                h = h * tl.sigmoid(h)
+                h = h * _sigmoid(h)
             if DROPOUT:
                 keep = _dropout_keep(seed_ptr, st_base + offs_c, p0, HW, drop_threshold, BLOCK_C, BLOCK_HW)
                 h = tl.where(keep, h * drop_scale, 0.0)
@@ -284,14 +306,13 @@ def _gn_fwd_kernel(
 
 
 @triton.jit
-def _load_x_xh_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, offs_p, mask,
-                  stride_xc, stride_xp, stride_dyc, stride_dyp,
-                  p, q, gamma, beta, one_plus_s_out, t_out,
-                  seed_ptr, st_base, p0, HW, drop_threshold, drop_scale,
-                  SILU: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """One (channels x positions) tile: x, xh = p*x + q, and dh = dL/dh, where
-    h = (gamma*xh + beta)*(1+s_out) + t_out and dh = dy'*sigma(h)*(1 + h*(1 - sigma(h))) with SiLU,
-    else dy'; dy' = where(keep, dy*drop_scale, 0) with dropout (the forward's mask, regenerated), else dy.
+def _load_x_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, offs_p, mask,
+               stride_xc, stride_xp, stride_dyc, stride_dyp, a, b,
+               seed_ptr, st_base, p0, HW, drop_threshold, drop_scale,
+               SILU: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """One (channels x positions) tile: x and dh = dL/dh, where h = a*x + b (per channel, as in the
+    forward) and dh = dy'*sigma(h)*(1 + h*(1 - sigma(h))) with SiLU, else dy'; dy' = where(keep,
+    dy*drop_scale, 0) with dropout (the forward's mask, regenerated), else dy.
     Masked lanes load x = dy = 0, so dh = 0 there."""
     x = tl.load(x_ptr + x_base + offs_c[:, None] * stride_xc + offs_p[None, :] * stride_xp,
                 mask=mask, other=0.0).to(tl.float32)
@@ -300,12 +321,11 @@ def _load_x_xh_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, offs_p, mask,
     if DROPOUT:
         keep = _dropout_keep(seed_ptr, st_base + offs_c, p0, HW, drop_threshold, BLOCK_C, BLOCK_HW)
         dh = tl.where(keep, dh * drop_scale, 0.0)
-    xh = x * p[:, None] + q[:, None]
     if SILU:
-        h = (gamma[:, None] * xh + beta[:, None]) * one_plus_s_out[:, None] + t_out[:, None]
-        sig = tl.sigmoid(h)
+        h = x * a[:, None] + b[:, None]
+        sig = _sigmoid(h)
         dh = dh * sig * (1.0 + h * (1.0 - sig))
-    return x, xh, dh
+    return x, dh
 
 
 @triton.jit
@@ -326,18 +346,19 @@ def _channel_sums(
         offs_c, cmask, gamma, beta, one_plus_s_in, one_plus_s_out, t_out, p, q = _channel_coefficients(
             weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cp, mean, rstd,
             SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, BLOCK_C)
+        a = gamma * p * one_plus_s_out
+        b = (gamma * q + beta) * one_plus_s_out + t_out
         acc_dh_xh = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
         acc_dh = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
         for p0 in range(p_start, p_end, BLOCK_HW):
             offs_p = p0 + tl.arange(0, BLOCK_HW)
             mask = cmask[:, None] & (offs_p < p_end)[None, :]
-            x, xh, dh = _load_x_xh_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, offs_p, mask,
-                                      stride_xc, stride_xp, stride_dyc, stride_dyp,
-                                      p, q, gamma, beta, one_plus_s_out, t_out,
-                                      seed_ptr, st_base, p0, HW, drop_threshold, drop_scale,
-                                      SILU, DROPOUT, BLOCK_C, BLOCK_HW)
+            x, dh = _load_x_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, offs_p, mask,
+                               stride_xc, stride_xp, stride_dyc, stride_dyp, a, b,
+                               seed_ptr, st_base, p0, HW, drop_threshold, drop_scale,
+                               SILU, DROPOUT, BLOCK_C, BLOCK_HW)
             # masked lanes: dy = 0 there, so dh = 0 and they add nothing
-            acc_dh_xh += dh * xh
+            acc_dh_xh += dh * (x * p[:, None] + q[:, None])
             acc_dh += dh
         sum_dh_xh = tl.sum(acc_dh_xh, axis=1)
         sum_dh = tl.sum(acc_dh, axis=1)
@@ -437,18 +458,23 @@ def _gn_bwd_kernel(
         offs_c, cmask, gamma, beta, one_plus_s_in, one_plus_s_out, t_out, p, q = _channel_coefficients(
             weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cp, mean, rstd,
             SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, BLOCK_C)
-        k = gamma * one_plus_s_out
+        a = gamma * p * one_plus_s_out
+        b = (gamma * q + beta) * one_plus_s_out + t_out
+        # du = r*(dh*k - mean_g - xh*mean_gxh) with xh = x*p + q, k = gamma*(1+s_out):
+        #    = dh*du_dh + x*du_dx + du_0
+        du_dh = rstd * gamma * one_plus_s_out
+        du_dx = -rstd * mean_gxh * p
+        du_0 = -rstd * (mean_g + q * mean_gxh)
         acc_du_x = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
         acc_du = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
         for p0 in range(p_start, p_end, BLOCK_HW):
             offs_p = p0 + tl.arange(0, BLOCK_HW)
             mask = cmask[:, None] & (offs_p < p_end)[None, :]
-            x, xh, dh = _load_x_xh_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, offs_p, mask,
-                                      stride_xc, stride_xp, stride_dyc, stride_dyp,
-                                      p, q, gamma, beta, one_plus_s_out, t_out,
-                                      seed_ptr, st_base, p0, HW, drop_threshold, drop_scale,
-                                      SILU, DROPOUT, BLOCK_C, BLOCK_HW)
-            du = rstd[:, None] * (dh * k[:, None] - mean_g[:, None] - xh * mean_gxh[:, None])
+            x, dh = _load_x_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, offs_p, mask,
+                               stride_xc, stride_xp, stride_dyc, stride_dyp, a, b,
+                               seed_ptr, st_base, p0, HW, drop_threshold, drop_scale,
+                               SILU, DROPOUT, BLOCK_C, BLOCK_HW)
+            du = dh * du_dh[:, None] + (x * du_dx[:, None] + du_0[:, None])
             tl.store(dx_ptr + dx_base + offs_c[:, None] * stride_dxc + offs_p[None, :] * stride_dxp,
                      (du * one_plus_s_in[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)
             if SCALE_IN:

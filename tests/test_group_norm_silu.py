@@ -276,8 +276,8 @@ def test_forced_split_half_precision(monkeypatch):
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # interpreter, masked lanes
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_statistics_are_sound_with_large_mean(channels_last):
-    # mean/std = 5000: fp32 E[u^2] - E[u]^2 is off by ~600% here (Welford/Chan: ~1e-7); channels_last
-    # takes all 4 groups in one program (per-group merges of the lanes)
+    # mean/std = 5000: fp32 E[u^2] - E[u]^2 is off by ~600% here (sums shifted by a pilot mean: ~1e-7);
+    # channels_last takes all 4 groups in one program (per-group pilots and sums)
     gen = torch.Generator().manual_seed(7)
     x = (torch.randn(2, 16, 6, 6, generator=gen, dtype=torch.float64) * 0.2 + 1000.0)
     x = x.to(device=DEVICE, dtype=torch.float32)
@@ -287,6 +287,34 @@ def test_statistics_are_sound_with_large_mean(channels_last):
     bias = torch.randn(16, generator=gen).to(DEVICE)
     _, mean, rstd = torch.ops.dream_kernels.group_norm_silu_fwd(x, weight, bias, None, None, 4, EPS, "post", True)
     mean64, rstd64 = _float64_stats(x, None, None, 4, "post")
+    assert _rel_err(mean, mean64) <= STATS_TOLERANCE
+    assert _rel_err(rstd, rstd64) <= STATS_TOLERANCE
+
+
+@pytest.mark.parametrize("layout,override", [
+    ("nchw", dict(block_c=4, block_hw=1, split=1)),
+    ("nchw", dict(block_c=4, block_hw=1, split=3)),
+    ("channels_last", dict(block_c=4, block_hw=1, split=3, groups=1)),
+    ("channels_last", dict(block_c=8, block_hw=1, split=1, groups=2)),
+], ids=["nchw", "nchw-split3", "channels_last-split3", "channels_last-2groups"])
+def test_statistics_are_sound_when_the_pilot_tile_is_an_outlier(monkeypatch, layout, override):
+    # The kernels sum d = u - K, K the mean of the first tile of each group's slice of positions
+    # (m of its n elements). Worst case for K: that tile alone far from the rest. Here each slice
+    # (36 or 12 positions) starts with a position offset by +40 on a mean of 1000 and std 0.2, with
+    # one-position tiles: (mean - K)^2 = (n/m - 1)*var, the bound, so about log2(n/m) = 5 of fp32's
+    # 24 bits cancel (E[u^2] - E[u]^2 would lose ~15), within the 1e-5 tolerance.
+    monkeypatch.setattr(gns, "_LAUNCH_OVERRIDE", override)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 8, 6, 6, generator=gen, dtype=torch.float64) * 0.2 + 1000.0
+    slice_starts = range(0, 36, 36 // override["split"])
+    x.view(2, 8, 36)[:, :, list(slice_starts)] += 40.0
+    x = x.to(device=DEVICE, dtype=torch.float32)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.rand(8, generator=gen).to(DEVICE) + 0.5
+    bias = torch.randn(8, generator=gen).to(DEVICE)
+    _, mean, rstd = torch.ops.dream_kernels.group_norm_silu_fwd(x, weight, bias, None, None, 2, EPS, "post", True)
+    mean64, rstd64 = _float64_stats(x, None, None, 2, "post")
     assert _rel_err(mean, mean64) <= STATS_TOLERANCE
     assert _rel_err(rstd, rstd64) <= STATS_TOLERANCE
 
