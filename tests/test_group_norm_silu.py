@@ -273,22 +273,28 @@ def test_forced_split_half_precision(monkeypatch):
     _check_against_float64((1, 24, 7, 5, 2), torch.float16, "post", False, True, True, False)
 
 
+def _check_statistics(x64, num_groups, channels_last, gen):
+    """The op's fp32 mean and rstd of x64 (rounded to fp32) against float64, random gamma/beta."""
+    x = x64.to(device=DEVICE, dtype=torch.float32)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.rand(x.shape[1], generator=gen).to(DEVICE) + 0.5
+    bias = torch.randn(x.shape[1], generator=gen).to(DEVICE)
+    _, mean, rstd = torch.ops.dream_kernels.group_norm_silu_fwd(x, weight, bias, None, None, num_groups, EPS,
+                                                                "post", True)
+    mean64, rstd64 = _float64_stats(x, None, None, num_groups, "post")
+    assert _rel_err(mean, mean64) <= STATS_TOLERANCE
+    assert _rel_err(rstd, rstd64) <= STATS_TOLERANCE
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # interpreter, masked lanes
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_statistics_are_sound_with_large_mean(channels_last):
     # mean/std = 5000: fp32 E[u^2] - E[u]^2 is off by ~600% here (sums shifted by a pilot mean: ~1e-7);
     # channels_last takes all 4 groups in one program (per-group pilots and sums)
     gen = torch.Generator().manual_seed(7)
-    x = (torch.randn(2, 16, 6, 6, generator=gen, dtype=torch.float64) * 0.2 + 1000.0)
-    x = x.to(device=DEVICE, dtype=torch.float32)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    weight = torch.rand(16, generator=gen).to(DEVICE) + 0.5
-    bias = torch.randn(16, generator=gen).to(DEVICE)
-    _, mean, rstd = torch.ops.dream_kernels.group_norm_silu_fwd(x, weight, bias, None, None, 4, EPS, "post", True)
-    mean64, rstd64 = _float64_stats(x, None, None, 4, "post")
-    assert _rel_err(mean, mean64) <= STATS_TOLERANCE
-    assert _rel_err(rstd, rstd64) <= STATS_TOLERANCE
+    x = torch.randn(2, 16, 6, 6, generator=gen, dtype=torch.float64) * 0.2 + 1000.0
+    _check_statistics(x, 4, channels_last, gen)
 
 
 @pytest.mark.parametrize("layout,override", [
@@ -308,15 +314,7 @@ def test_statistics_are_sound_when_the_pilot_tile_is_an_outlier(monkeypatch, lay
     x = torch.randn(2, 8, 6, 6, generator=gen, dtype=torch.float64) * 0.2 + 1000.0
     slice_starts = range(0, 36, 36 // override["split"])
     x.view(2, 8, 36)[:, :, list(slice_starts)] += 40.0
-    x = x.to(device=DEVICE, dtype=torch.float32)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    weight = torch.rand(8, generator=gen).to(DEVICE) + 0.5
-    bias = torch.randn(8, generator=gen).to(DEVICE)
-    _, mean, rstd = torch.ops.dream_kernels.group_norm_silu_fwd(x, weight, bias, None, None, 2, EPS, "post", True)
-    mean64, rstd64 = _float64_stats(x, None, None, 2, "post")
-    assert _rel_err(mean, mean64) <= STATS_TOLERANCE
-    assert _rel_err(rstd, rstd64) <= STATS_TOLERANCE
+    _check_statistics(x, 2, layout == "channels_last", gen)
 
 
 # ----------------------------------------------------------------------------------------------
