@@ -244,7 +244,8 @@ class _CompileInsteadOfLaunch:
 
 def _kernel_modules():
     # import_module: the package binds the names `attention` and `group_norm_silu` to functions
-    return [importlib.import_module("kernels.group_norm_silu"), importlib.import_module("kernels.attention")]
+    return [importlib.import_module("kernels.group_norm_silu"), importlib.import_module("kernels.attention"),
+            importlib.import_module("kernels.norm_conv")]
 
 
 @contextmanager

@@ -58,8 +58,8 @@ PYTHON = os.environ.get("PYTHON", sys.executable or "python3")
 MIN_STAGE_S = 45  # a stage starts only with this much budget left (its limit then >= 20 s)
 GRACE_S = 20
 
-TEST_FILES = ["tests/test_group_norm_silu.py", "tests/test_attention.py", "tests/test_model*.py", "tests/test_unet*.py",
-              "tests/test_sampling*.py", "tests/test_memory*.py"]
+TEST_FILES = ["tests/test_group_norm_silu.py", "tests/test_norm_conv.py", "tests/test_attention.py", "tests/test_model*.py",
+              "tests/test_unet*.py", "tests/test_sampling*.py", "tests/test_memory*.py"]
 # single tests of other files whose GPU form matters (the rest of those files checks CPU-side logic)
 TEST_NODES = ["tests/test_trainer.py::test_eager_and_triton_trainers_follow_the_same_loss_trajectory",
               "tests/test_trainer.py::test_channels_last_trainer_step_gives_the_nchw_loss_and_gradients"]

@@ -1,8 +1,8 @@
 """One optimizer step of the trainer (dream.train.Trainer.train_step: t and noise, objective with early
-backward, unscale, clip, fused AdamW, EMA) for each objective: ours (backend triton, bf16, also with
-torch.compile and channels_last) vs the eager model in fp32 and bf16, torch.compile of the eager model,
-and, for the `seed` objective, the seed's own way (eager, fp16 autocast with a GradScaler, a third
-forward for eps_hat, full activation checkpointing).
+backward, unscale, clip, fused AdamW, EMA) for each objective: ours (backend triton, bf16, channels_last;
+also with the norms recomputed in backward, with torch.compile, and in NCHW) vs the eager model in fp32
+and bf16, torch.compile of the eager model, and, for the `seed` objective, the seed's own way (eager,
+fp16 autocast with a GradScaler, a third forward for eps_hat, full activation checkpointing).
 
 Full size (GPU): the seed preset, batch 128, DREAM fully on (epoch 30). FLOPs: counted by
 FlopCounterMode over the reference step (the same count for every variant, so MFU compares times;
@@ -90,6 +90,10 @@ def variants(objective):
     out = [
         Variant(f"triton_{ours}", step_variant(objective, backend="triton", precision=ours, channels_last=ON_GPU),
                 role="ours", dtype=dtype, cpu=ours_on_cpu, note="the trainer's defaults on CUDA (channels_last)"),
+        Variant(f"triton_{ours}_norms", step_variant(objective, backend="triton", precision=ours, channels_last=ON_GPU,
+                                                      checkpointing="norms"),
+                role="ours", dtype=dtype, cpu=False,
+                note="--checkpointing norms: the norms feeding convolutions recomputed in backward"),
         Variant(f"triton_{ours}_compile", step_variant(objective, backend="triton", precision=ours, compile=True,
                                                         channels_last=ON_GPU),
                 role="ours", dtype=dtype, cpu=False),

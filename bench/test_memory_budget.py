@@ -19,7 +19,7 @@ from dream.math_flags import MathFlags
 
 BUDGET_BYTES = 6.8e9
 BATCH = 128
-POLICIES = ("none", "attention", "resblocks", "all") if (ON_GPU or SETTINGS.size == "full") else ("none",)
+POLICIES = ("none", "norms", "attention", "resblocks", "all") if (ON_GPU or SETTINGS.size == "full") else ("none",)
 PRECISION = "bf16"
 
 

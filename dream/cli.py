@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="UNet kernels: our Triton GroupNorm and attention, SDPA attention, or eager PyTorch; "
                         "auto: triton on CUDA, eager on CPU")
     p.add_argument("--checkpointing", "--checkpoint", default="none",
-                   choices=["none", "attention", "resblocks", "all", "auto"],
-                   help="activation (gradient) checkpointing policy: trades recomputation for memory; auto: "
+                   choices=["none", "norms", "attention", "resblocks", "all", "auto"],
+                   help="activation (gradient) checkpointing policy: trades recomputation for memory (norms, "
+                        "triton backend: recompute the fused norms feeding convolutions, one kernel each); auto: "
                         "with a memory budget, the least recomputation whose whole batch fits")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -147,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--single-graph", action="store_true",
                    help="backpropagate the objective's loss once at the end instead of term by term")
     p.add_argument("--backend", default="eager", choices=["eager", "sdpa", "triton"], help="UNet kernels")
-    p.add_argument("--checkpointing", "--checkpoint", default="none", choices=["none", "attention", "resblocks", "all"],
-                   help="activation (gradient) checkpointing policy")
+    p.add_argument("--checkpointing", "--checkpoint", default="none",
+                   choices=["none", "norms", "attention", "resblocks", "all"],
+                   help="activation (gradient) checkpointing policy (norms: triton backend only)")
     p.add_argument("--sweep", action="store_true", help="every checkpointing policy, in one table")
     p.add_argument("--data-images", type=int, default=0, help="count a uint8 dataset of this many images on the device")
     p.add_argument("--target", default="cuda", choices=["cuda", "cpu"],

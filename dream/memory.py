@@ -44,7 +44,8 @@ from dream.diffusion import GaussianDiffusion
 from dream.ema import EMA
 from dream.errors import DreamError
 from dream.math_flags import MathFlags, use_fast_math
-from dream.model import BACKENDS, CHECKPOINT_POLICIES, PRECISIONS, UNet, autocast_for, make_config, to_channels_last
+from dream.model import (BACKENDS, CHECKPOINT_POLICIES, PRECISIONS, UNet, autocast_for, make_config,
+                         policies_for_backend, to_channels_last)
 from dream.objectives import ObjectiveConfig, get_objective
 
 TARGETS = ("cuda", "cpu")
@@ -111,6 +112,9 @@ class StepSpec:
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {allowed}")
+        if self.checkpointing not in policies_for_backend(self.backend):
+            raise ValueError(f"checkpointing {self.checkpointing!r} recomputes the fused Triton norm: it needs "
+                             f"backend 'triton', not {self.backend!r}")
         get_objective(self.objective)
         if isinstance(self.data_images, bool) or not isinstance(self.data_images, int) or self.data_images < 0:
             raise ValueError(f"data_images must be a non-negative integer, got {self.data_images!r}")
@@ -452,9 +456,10 @@ def _deterministic_algorithms_off():
         torch.use_deterministic_algorithms(previous, warn_only=warn_only)
 
 
-def sweep_checkpointing(spec: StepSpec | None = None, policies=CHECKPOINT_POLICIES, **fields_) -> list:
-    """estimate_step_memory for each activation-checkpointing policy."""
+def sweep_checkpointing(spec: StepSpec | None = None, policies=None, **fields_) -> list:
+    """estimate_step_memory for each activation-checkpointing policy (default: every one the backend has)."""
     spec = _spec(spec, fields_)
+    policies = policies_for_backend(spec.backend) if policies is None else policies
     return [estimate_step_memory(replace(spec, checkpointing=policy)) for policy in policies]
 
 

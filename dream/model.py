@@ -36,7 +36,14 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 BACKENDS = ("eager", "sdpa", "triton")
 PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype (None: none)
 PRECISIONS = tuple(PRECISION_DTYPES)
-CHECKPOINT_POLICIES = ("none", "attention", "resblocks", "all")
+# activation checkpointing, least recomputation first. "norms" (triton backend): every norm that feeds a
+# convolution is recomputed in backward instead of its output saved (one fused norm kernel per site)
+CHECKPOINT_POLICIES = ("none", "norms", "attention", "resblocks", "all")
+
+
+def policies_for_backend(backend: str) -> tuple:
+    """The checkpointing policies a backend supports ("norms" recomputes the fused Triton norm)."""
+    return CHECKPOINT_POLICIES if backend == "triton" else tuple(p for p in CHECKPOINT_POLICIES if p != "norms")
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,24 @@ def norm_act(norm: nn.GroupNorm, x: torch.Tensor, backend: str, scale=None, shif
     return dropout(x) if dropout is not None else x
 
 
+def norm_act_conv(norm: nn.GroupNorm, conv: nn.Conv2d, x: torch.Tensor, backend: str, recompute_norm: bool = False,
+                  scale=None, shift=None, silu: bool = True, dropout: nn.Dropout | None = None,
+                  conv_bias: bool = True) -> torch.Tensor:
+    """conv(norm_act(norm, x, ...)), with conv's bias unless conv_bias is False. recompute_norm (triton
+    backend): the norm's output is recomputed in backward rather than saved, one activation less per site
+    (kernels.group_norm_silu_conv2d; the same values and gradients)."""
+    bias = conv.bias if conv_bias else None
+    if recompute_norm:
+        from kernels import group_norm_silu_conv2d
+
+        dropout_p = dropout.p if dropout is not None and dropout.training else 0.0
+        return group_norm_silu_conv2d(x, norm.weight, norm.bias, norm.num_groups, conv.weight, bias, conv.stride,
+                                      conv.padding, conv.dilation, conv.groups, norm.eps, scale=scale, shift=shift,
+                                      mode="pre", silu=silu, dropout_p=dropout_p)
+    return F.conv2d(norm_act(norm, x, backend, scale=scale, shift=shift, silu=silu, dropout=dropout), conv.weight,
+                    bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     """channels_last for a 4-D tensor laid out that way (and not also NCHW-contiguous), else contiguous."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
@@ -214,19 +239,19 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
         self.backend = "eager"
+        self.recompute_norms = False  # set by UNet.set_checkpointing("norms")
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         scale, shift = self.time_mlp(temb).chunk(2, dim=1)
-        if self.backend == "triton":
-            # conv1's bias b goes into the fused norm's shift: (h + b)(1 + s) + t = h(1 + s) + (t + b(1 + s)),
-            # an (N, C) sum instead of a pass over h (and, in backward, a reduction over it for b's gradient)
-            conv = self.conv1
-            h = F.conv2d(norm_act(self.norm1, x, self.backend), conv.weight, None, conv.stride, conv.padding,
-                         conv.dilation, conv.groups)
-            shift = torch.addcmul(shift, 1 + scale, conv.bias)
-        else:
-            h = self.conv1(norm_act(self.norm1, x, self.backend))
-        h = self.conv2(norm_act(self.norm2, h, self.backend, scale=scale, shift=shift, dropout=self.dropout))
+        recompute = self.recompute_norms and self.training and torch.is_grad_enabled()
+        # triton: conv1's bias b goes into the fused norm's shift: (h + b)(1 + s) + t = h(1 + s) + (t + b(1 + s)),
+        # an (N, C) sum instead of a pass over h (and, in backward, a reduction over it for b's gradient)
+        fold_bias = self.backend == "triton"
+        h = norm_act_conv(self.norm1, self.conv1, x, self.backend, recompute, conv_bias=not fold_bias)
+        if fold_bias:
+            shift = torch.addcmul(shift, 1 + scale, self.conv1.bias)
+        h = norm_act_conv(self.norm2, self.conv2, h, self.backend, recompute, scale=scale, shift=shift,
+                          dropout=self.dropout)
         return h + self.skip(x)
 
 
@@ -240,11 +265,13 @@ class Attention(nn.Module):
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
         self.backend = "eager"
+        self.recompute_norms = False  # set by UNet.set_checkpointing("norms")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, height, width = x.shape
         heads, head_dim = self.num_heads, c // self.num_heads
-        qkv = self.qkv(norm_act(self.norm, x, self.backend, silu=False))
+        recompute = self.recompute_norms and self.training and torch.is_grad_enabled()
+        qkv = norm_act_conv(self.norm, self.qkv, x, self.backend, recompute, silu=False)
         if self.backend == "triton":
             from kernels import attention_qkv_nchw
 
@@ -313,12 +340,16 @@ class UNet(nn.Module):
 
         self.backend = "eager"
         self.checkpointing = "none"
+        self.recompute_norms = False
         self.set_backend(backend)
         self.set_checkpointing(checkpointing)
 
     def set_backend(self, backend: str) -> "UNet":
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        if self.checkpointing not in policies_for_backend(backend):
+            raise ValueError(f"checkpointing {self.checkpointing!r} recomputes the fused Triton norm: it needs "
+                             f"backend 'triton', not {backend!r}")
         if backend == "triton":
             from kernels import SUPPORTED_HEAD_DIMS  # fails here, clearly, if triton is unusable
 
@@ -340,7 +371,13 @@ class UNet(nn.Module):
     def set_checkpointing(self, policy: str) -> "UNet":
         if policy not in CHECKPOINT_POLICIES:
             raise ValueError(f"unknown checkpoint policy {policy!r}; choose one of {CHECKPOINT_POLICIES}")
+        if policy not in policies_for_backend(self.backend):
+            raise ValueError(f"checkpointing {policy!r} recomputes the fused Triton norm: it needs backend 'triton', "
+                             f"not {self.backend!r}")
         self.checkpointing = policy
+        for module in self.modules():
+            if isinstance(module, (UNet, ResBlock, Attention)):
+                module.recompute_norms = policy == "norms"
         return self
 
     def _run(self, block: nn.Module, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -368,7 +405,8 @@ class UNet(nn.Module):
             h = torch.cat([h, resize_skip(skips.pop(), h)], dim=1)
             for block in stage.blocks:
                 h = self._run(block, h, temb)
-        return self.conv_out(norm_act(self.norm_out, h, self.backend))
+        recompute = self.recompute_norms and self.training and torch.is_grad_enabled()
+        return norm_act_conv(self.norm_out, self.conv_out, h, self.backend, recompute)
 
 
 def build_unet(preset: str = "seed", backend: str = "eager", checkpointing: str = "none", **overrides) -> UNet:

@@ -488,6 +488,8 @@ def run_profile(args) -> list[Path]:
         name = f"profile-{what}" + (f"-{args.sampler}" if what == "sample" and args.sampler != "step" else "")
         if config["channels_last"] != resolve_channels_last(None, device):  # not the device's default layout
             name += "-channels-last" if config["channels_last"] else "-nchw"
+        if what == "train" and args.checkpointing != "none":
+            name += f"-checkpointing-{args.checkpointing}"
         stem = report_stem(args.out, info, name)
         trace_path = stem.with_name(stem.name + ".trace.json.gz")
         summary = profile_steps(step, device, warmup=args.warmup, active=args.steps, trace_path=trace_path,
@@ -532,8 +534,8 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
                    help="sample workload: one p_sample step (default), or a DDIM loop through "
                         "dream.sampling.SamplingEngine, plain or with CUDA graphs")
     p.add_argument("--sample-steps", type=int, default=10, help="DDIM steps of the engine/graphs loop")
-    p.add_argument("--checkpointing", default="none", choices=["none", "attention", "resblocks", "all"],
-                   help="activation (gradient) checkpointing policy")
+    p.add_argument("--checkpointing", default="none", choices=["none", "norms", "attention", "resblocks", "all"],
+                   help="activation (gradient) checkpointing policy (norms: triton backend only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format for the model (default: on CUDA, where cuDNN runs NHWC)")

@@ -41,8 +41,8 @@ from dream.ema import EMA
 from dream.errors import DreamError, option_error
 from dream.files import atomic_write_text
 from dream.math_flags import use_fast_math
-from dream.model import (CHECKPOINT_POLICIES, PRECISION_DTYPES, PRECISIONS, UNet, autocast_for,
-                         check_backend_device, make_config, resolve_channels_last)
+from dream.model import (PRECISION_DTYPES, PRECISIONS, UNet, autocast_for, check_backend_device, make_config,
+                         policies_for_backend, resolve_channels_last)
 from dream.objectives import ObjectiveConfig, get_objective
 
 
@@ -225,6 +225,9 @@ class Trainer:
         # model, its DDP wrapper and compiled forward, EMA, optimizer, loss scaler
         self.backend = resolve_backend(config.backend, device, PRECISION_DTYPES[self.precision])
         self.checkpointing = "none" if config.checkpointing == "auto" else config.checkpointing
+        if self.checkpointing not in policies_for_backend(self.backend):
+            raise DreamError(f"--checkpointing {self.checkpointing} recomputes the fused Triton norm: it needs "
+                             f"--backend triton, not {self.backend}", same_on_every_rank=True)
         # seeded right here: the initial weights are the same on every rank, and do not depend on whether
         # loading the data drew random numbers (decoding a folder's images the first time does)
         torch.manual_seed(config.seed)
@@ -285,7 +288,7 @@ class Trainer:
             budget_bytes = default_budget_bytes(self.device)
         # with --checkpointing auto: the first policy (least recomputation first) whose whole batch fits,
         # else the last one at which any micro-batch fits
-        policies = CHECKPOINT_POLICIES if self.config.checkpointing == "auto" else (self.checkpointing,)
+        policies = policies_for_backend(self.backend) if self.config.checkpointing == "auto" else (self.checkpointing,)
         try:
             for policy in policies:
                 try:

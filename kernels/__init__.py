@@ -6,12 +6,15 @@ TRITON_INTERPRET=1 before importing it to run the kernels on CPU tensors.
 from kernels.group_norm_silu import dropout_keep_mask, group_norm_silu, group_norm_silu_reference, new_dropout_seed
 from kernels.attention import (SUPPORTED_HEAD_DIMS, attention, attention_qkv_nchw, attention_qkv_nchw_reference,
                                attention_reference)
+from kernels.norm_conv import group_norm_silu_conv2d, group_norm_silu_conv2d_reference
 
 __all__ = [
     "group_norm_silu",
     "group_norm_silu_reference",
     "dropout_keep_mask",
     "new_dropout_seed",
+    "group_norm_silu_conv2d",
+    "group_norm_silu_conv2d_reference",
     "attention",
     "attention_reference",
     "attention_qkv_nchw",

@@ -408,6 +408,26 @@ def test_auto_checkpointing_picks_the_least_recomputation_that_fits(tmp_path, mo
     assert records(tmp_path / "plain")[-1] == {"event": "memory_budget", "step": 0, "epoch": 0, "checkpointing": "none"}
 
 
+def test_auto_checkpointing_tries_recomputed_norms_with_the_triton_backend_only(tmp_path, monkeypatch):
+    from dream.errors import DreamError
+
+    asked = []
+
+    def choose_micro_batch(config, budget_bytes, **fields):  # the whole batch (4) fits from "norms" on
+        asked.append((fields["backend"], fields["checkpointing"]))
+        return 4 if fields["checkpointing"] != "none" else 2
+
+    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=choose_micro_batch))
+    overrides = {"image_size": 8, "base_channels": 16, "dropout": 0.0, "num_heads": 2}
+    trainer = Trainer(small_config(tmp_path, memory_budget=6_800_000_000, checkpointing="auto", backend="triton",
+                                   model_overrides=overrides))
+    assert asked == [("triton", "none"), ("triton", "norms")] and trainer.model.checkpointing == "norms"
+    assert trainer.model.down[0].blocks[0].recompute_norms
+    with pytest.raises(DreamError, match="--checkpointing norms recomputes the fused Triton norm: it needs --backend "
+                                         "triton, not eager"):
+        Trainer(small_config(tmp_path / "eager", checkpointing="norms"))
+
+
 def test_auto_checkpointing_goes_on_past_a_policy_where_nothing_fits(tmp_path, monkeypatch):
     """Under "none" not even a micro-batch of 1 fits the budget: auto tries the policies that recompute
     more instead of giving up (it used to stop with the "use activation checkpointing" error)."""

@@ -151,3 +151,38 @@ def test_triton_backend_refuses_unsupported_head_dims_at_build():
                                          r"kernel supports \(16, 32, 64, 128\)"):
         build_unet("tiny", base_channels=16, backend="triton")
     build_unet("tiny", base_channels=16, backend="sdpa")  # any head dim works there
+
+
+def test_recomputed_norms_give_the_same_output_and_gradients(exact_fp32):
+    """Checkpointing "norms": every norm feeding a convolution (both of each ResBlock's, the attention
+    blocks', the head's) saves x instead of its output and recomputes the output in backward. Same
+    values and gradients as "none", bitwise (the fused dropout's masks included: the seeds are drawn
+    alike); eval mode and no_grad take the plain path."""
+    size = SIZE if ON_GPU else 8  # a small UNet on CPU (interpreted kernels): every site kind, once
+    model = random_model(size, dropout=0.1, channel_mults=(1, 2), attention_levels=(1,), num_res_blocks=1, num_heads=2,
+                         num_groups=2)
+    model = model.set_backend("triton").to(DEVICE).train()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(BATCH, 3, size, size, generator=g).to(DEVICE)
+    t = torch.tensor([3, 998, 500, 10][:BATCH], device=DEVICE)
+    grad_out = torch.randn(BATCH, 3, size, size, generator=g).to(DEVICE)
+    results = {}
+    for policy in ("none", "norms"):
+        model.set_checkpointing(policy)
+        torch.manual_seed(5)
+        results[policy] = run(model, x, t, grad_out)
+    assert torch.equal(results["none"][0], results["norms"][0])
+    for name, grad in results["none"][1].items():
+        assert torch.equal(grad, results["norms"][1][name]), name
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x, t), model.set_checkpointing("none")(x, t))
+
+
+def test_recomputed_norms_need_the_triton_backend():
+    model = build_unet("tiny", base_channels=32, backend="triton", checkpointing="norms")
+    with pytest.raises(ValueError, match="checkpointing 'norms' recomputes the fused Triton norm: it needs backend "
+                                         "'triton', not 'sdpa'"):
+        model.set_backend("sdpa")
+    with pytest.raises(ValueError, match="needs backend 'triton', not 'eager'"):
+        build_unet("tiny", base_channels=32, checkpointing="norms")
