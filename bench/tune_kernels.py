@@ -35,7 +35,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -171,13 +171,15 @@ class GroupNormConfig:
     block_hw: int
     num_warps: int
     groups: int = 1  # adjacent groups per program (channels_last, power-of-two channels per group)
+    programs_per_sm: int = 0  # a grid capped at this many programs per SM, looping over blocks (0: no cap)
 
 
 def _group_norm_candidates(channels_per_group, num_groups, hw, contiguous_channels, setting: Setting, heuristic,
                            min_hw=1) -> list:
     """Tiles of several sizes and warp counts, laid out as _launch_config lays them (min_hw: the
     fewest positions a tile may span; 4 with dropout); in channels_last with a power-of-two number of
-    channels per group, also with several groups per program (one tile row spanning them all)."""
+    channels per group, also with several groups per program (one tile row spanning them all); and
+    grids capped at 1, 2 or 4 programs per SM."""
     tiles = (1024, 2048, 4096) if setting.grid == "quick" else (512, 1024, 2048, 4096, 8192)
     warps = (4, 8) if setting.grid == "quick" else (2, 4, 8, 16)
     if not setting.full:  # the interpreter: a small tile, so the candidate loops over tiles with tails
@@ -202,9 +204,16 @@ def _group_norm_candidates(channels_per_group, num_groups, hw, contiguous_channe
         if block_hw >= min_hw:
             configs.append(GroupNormConfig(block_c, block_hw, num_warps, groups))
     configs = list(dict.fromkeys(configs))  # tiles larger than the group collapse to one config
+    # capped grids: fewer groups in flight between the two passes over each (so that the second finds them
+    # in L2), with the heuristic's tiles and with the largest 8-warp tiles (more bytes in flight a program)
+    largest = max((c.block_c * c.block_hw for c in configs), default=0)
+    capped = [replace(c, programs_per_sm=cap)
+              for c in [heuristic] + [c for c in configs if c.num_warps == 8 and c.block_c * c.block_hw == largest]
+              for cap in (1, 2, 4)]
     if not setting.full:
-        configs = [c for c in configs if c != heuristic][:1]
-    return [heuristic] + [c for c in configs if c != heuristic]
+        configs = [c for c in configs if c != heuristic][:1] + capped[:1]
+        return [heuristic] + [c for c in configs if c != heuristic]
+    return [heuristic] + [c for c in dict.fromkeys(configs + capped) if c != heuristic]
 
 
 def group_norm_problems(setting: Setting, sites, groups, layouts) -> list[Problem]:
@@ -230,8 +239,10 @@ def group_norm_problems(setting: Setting, sites, groups, layouts) -> list[Proble
 
         def launch(config, fn):
             previous = gns._LAUNCH_OVERRIDE
+            sms = gns._sm_count(x.device) if x.device.type == "cuda" else 1
             gns._LAUNCH_OVERRIDE = {"block_c": config.block_c, "block_hw": config.block_hw,
-                                    "num_warps": config.num_warps, "groups": config.groups}
+                                    "num_warps": config.num_warps, "groups": config.groups,
+                                    "programs": config.programs_per_sm * sms}
             try:
                 return fn()
             finally:

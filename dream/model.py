@@ -193,8 +193,10 @@ def norm_act_conv(norm: nn.GroupNorm, conv: nn.Conv2d, x: torch.Tensor, backend:
         return group_norm_silu_conv2d(x, norm.weight, norm.bias, norm.num_groups, conv.weight, bias, conv.stride,
                                       conv.padding, conv.dilation, conv.groups, norm.eps, scale=scale, shift=shift,
                                       mode="pre", silu=silu, dropout_p=dropout_p)
-    return F.conv2d(norm_act(norm, x, backend, scale=scale, shift=shift, silu=silu, dropout=dropout), conv.weight,
-                    bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    h = norm_act(norm, x, backend, scale=scale, shift=shift, silu=silu, dropout=dropout)
+    if conv_bias:
+        return conv(h)  # the module itself: hooks (dream info's per-block FLOPs) see it
+    return F.conv2d(h, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:

@@ -40,15 +40,19 @@ xh is recomputed from x in backward, never saved. Weight/scale gradients are det
 main kernels write per-(n, c[, split]) partial sums to a buffer, and a small kernel sums them in
 a fixed order (no atomics).
 
-Parallelism: one program per (sample, group) reads its group twice (statistics, then output; the
-second read should mostly hit L2), so each element costs about one DRAM read and one write
-forward, and two reads (x, dy) and one write backward. In channels_last with few channels per
-group (a power of two), one program takes several adjacent groups instead, so that each row of its
-tile spans at least 32 contiguous channels; statistics and sums are then reduced per group inside
-the tile (a [groups, Cg] view of the channel axis). When there are
-too few groups to fill the GPU, each group's positions are split over several programs: a
-statistics kernel writes partial moments (forward) or partial channel sums (backward) and the main
-kernel merges them.
+Parallelism: one program per (sample, group) reads its group twice (statistics, then output), so
+each element costs one DRAM read and one write forward (two reads (x, dy) and one write backward)
+when the second read hits L2, i.e. when the groups in flight between their two passes fit there:
+all resident programs' groups, 128 KB each at the 64x64 site in bf16, over 100 MB on an H200 at
+full occupancy against its 60 MB of L2. A launch may therefore cap the grid (`programs`): each
+program then loops over blocks pid, pid + programs, ..., keeping fewer groups in flight (the
+heuristics do not cap yet; bench/tune_kernels.py times capped grids beside them). In channels_last
+with few channels per group (a power of two), one program takes several adjacent groups instead, so
+that each row of its tile spans at least 32 contiguous channels; statistics and sums are then
+reduced per group inside the tile (a [groups, Cg] view of the channel axis). When there are too few
+groups to fill the GPU, each group's positions are split over several programs: a statistics
+kernel writes partial moments (forward) or partial channel sums (backward) and the main kernel
+merges them.
 
 Dtypes: x is fp32, fp16 or bf16 and y has x's dtype. weight, bias, scale, shift must each be in
 x's dtype or in fp32 (fp32 master weights with half activations); they are read as fp32 and their
@@ -72,9 +76,10 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Test hooks (module globals, patched by tests only):
 # - _POISON_NEW_BUFFERS: fill every buffer the launchers allocate (outputs and partial sums) with
 #   NaN instead of leaving it uninitialised, so a test fails if a kernel skips an element.
-# - _LAUNCH_OVERRIDE: dict with any of block_c, block_hw, split, num_warps, groups (main kernels),
-#   param_block_c, param_block_n (parameter-gradient kernel), forcing the launch configuration (to
-#   exercise multi-tile loops, tails and the split path on tiny shapes; bench/tune_kernels.py).
+# - _LAUNCH_OVERRIDE: dict with any of block_c, block_hw, split, num_warps, groups, programs (main
+#   kernels), param_block_c, param_block_n (parameter-gradient kernel), forcing the launch configuration
+#   (to exercise multi-tile loops, tails, the split path and capped grids on tiny shapes;
+#   bench/tune_kernels.py).
 _POISON_NEW_BUFFERS = False
 _LAUNCH_OVERRIDE = None
 
@@ -230,7 +235,7 @@ def _gn_fwd_moments_kernel(
 @triton.jit
 def _gn_fwd_kernel(
     x_ptr, y_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, moments_ptr, seed_ptr,
-    C, HW, G, Cg, hw_per_split, num_splits, eps, drop_threshold, drop_scale,
+    C, HW, G, Cg, hw_per_split, num_splits, num_blocks, eps, drop_threshold, drop_scale,
     stride_xn, stride_xc, stride_xp, stride_yn, stride_yc, stride_yp,
     SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr, SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr,
     SILU: tl.constexpr, DROPOUT: tl.constexpr, FUSED_STATS: tl.constexpr, SPLITS_P2: tl.constexpr,
@@ -245,64 +250,67 @@ def _gn_fwd_kernel(
     n = sum n_i, mean = sum n_i*mean_i / n, M2 = sum (M2_i + n_i*(mean_i - mean)^2).
     The split-0 program stores mean and rstd = 1/sqrt(M2/n + eps).
     DROPOUT: y = where(keep, y*drop_scale, 0) with keep from _dropout_keep.
+    Each program takes blocks pid, pid + programs, ... of the num_blocks = N*G/GROUPS (one each, unless
+    the launcher caps the grid: fewer groups in flight between their two passes, so that the second
+    pass finds them in L2).
     """
-    pid = tl.program_id(0)
     split = tl.program_id(1)
-    blocks_per_sample = G // GROUPS
-    n = pid // blocks_per_sample
-    Cp = Cg * GROUPS
-    c_first = (pid - n * blocks_per_sample) * Cp
-    x_base = n.to(tl.int64) * stride_xn + c_first * stride_xc
-    y_base = n.to(tl.int64) * stride_yn + c_first * stride_yc
-    st_base = n * C + c_first
-    p_start = split * hw_per_split
-    p_end = tl.minimum(p_start + hw_per_split, HW)
+    for pid in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
+        blocks_per_sample = G // GROUPS
+        n = pid // blocks_per_sample
+        Cp = Cg * GROUPS
+        c_first = (pid - n * blocks_per_sample) * Cp
+        x_base = n.to(tl.int64) * stride_xn + c_first * stride_xc
+        y_base = n.to(tl.int64) * stride_yn + c_first * stride_yc
+        st_base = n * C + c_first
+        p_start = split * hw_per_split
+        p_end = tl.minimum(p_start + hw_per_split, HW)
 
-    if FUSED_STATS:
-        count, mean, m2 = _group_moments(x_ptr, x_base, weight_ptr, bias_ptr, scale_ptr, shift_ptr,
-                                         c_first, st_base, Cp, 0, HW, stride_xc, stride_xp,
-                                         SCALE_IN, SHIFT_IN, GROUPS, BLOCK_C, BLOCK_HW)
-    else:  # GROUPS == 1
-        offs_s = tl.arange(0, SPLITS_P2)
-        smask = offs_s < num_splits
-        partial = moments_ptr + (pid * num_splits + offs_s) * 3
-        counts = tl.load(partial, mask=smask, other=0.0)
-        means = tl.load(partial + 1, mask=smask, other=0.0)
-        m2s = tl.load(partial + 2, mask=smask, other=0.0)
-        count_total = tl.sum(counts, axis=0)
-        mean_total = tl.sum(counts * means, axis=0) / count_total
-        deviation = means - mean_total
-        count = tl.zeros([GROUPS], tl.float32) + count_total
-        mean = tl.zeros([GROUPS], tl.float32) + mean_total
-        m2 = tl.zeros([GROUPS], tl.float32) + tl.sum(m2s + counts * deviation * deviation, axis=0)
-    rstd = tl.rsqrt(m2 / count + eps)
-    if split == 0:
-        offs_g = pid * GROUPS + tl.arange(0, GROUPS)  # = n*G + the program's first group + g
-        tl.store(mean_ptr + offs_g, mean)
-        tl.store(rstd_ptr + offs_g, rstd)
-    mean = _per_channel(mean, GROUPS, BLOCK_C)
-    rstd = _per_channel(rstd, GROUPS, BLOCK_C)
+        if FUSED_STATS:
+            count, mean, m2 = _group_moments(x_ptr, x_base, weight_ptr, bias_ptr, scale_ptr, shift_ptr,
+                                             c_first, st_base, Cp, 0, HW, stride_xc, stride_xp,
+                                             SCALE_IN, SHIFT_IN, GROUPS, BLOCK_C, BLOCK_HW)
+        else:  # GROUPS == 1
+            offs_s = tl.arange(0, SPLITS_P2)
+            smask = offs_s < num_splits
+            partial = moments_ptr + (pid * num_splits + offs_s) * 3
+            counts = tl.load(partial, mask=smask, other=0.0)
+            means = tl.load(partial + 1, mask=smask, other=0.0)
+            m2s = tl.load(partial + 2, mask=smask, other=0.0)
+            count_total = tl.sum(counts, axis=0)
+            mean_total = tl.sum(counts * means, axis=0) / count_total
+            deviation = means - mean_total
+            count = tl.zeros([GROUPS], tl.float32) + count_total
+            mean = tl.zeros([GROUPS], tl.float32) + mean_total
+            m2 = tl.zeros([GROUPS], tl.float32) + tl.sum(m2s + counts * deviation * deviation, axis=0)
+        rstd = tl.rsqrt(m2 / count + eps)
+        if split == 0:
+            offs_g = pid * GROUPS + tl.arange(0, GROUPS)  # = n*G + the program's first group + g
+            tl.store(mean_ptr + offs_g, mean)
+            tl.store(rstd_ptr + offs_g, rstd)
+        mean = _per_channel(mean, GROUPS, BLOCK_C)
+        rstd = _per_channel(rstd, GROUPS, BLOCK_C)
 
-    for c0 in range(0, Cp, BLOCK_C):
-        offs_c, cmask, gamma, beta, _, one_plus_s_out, t_out, p, q = _channel_coefficients(
-            weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cp, mean, rstd,
-            SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, BLOCK_C)
-        # h = a*x + b  (see the module docstring)
-        a = gamma * p * one_plus_s_out
-        b = (gamma * q + beta) * one_plus_s_out + t_out
-        for p0 in range(p_start, p_end, BLOCK_HW):
-            offs_p = p0 + tl.arange(0, BLOCK_HW)
-            mask = cmask[:, None] & (offs_p < p_end)[None, :]
-            x = tl.load(x_ptr + x_base + offs_c[:, None] * stride_xc + offs_p[None, :] * stride_xp,
-                        mask=mask, other=0.0).to(tl.float32)
-            h = x * a[:, None] + b[:, None]
-            if SILU:
-                h = h * _sigmoid(h)
-            if DROPOUT:
-                keep = _dropout_keep(seed_ptr, st_base + offs_c, p0, HW, drop_threshold, BLOCK_C, BLOCK_HW)
-                h = tl.where(keep, h * drop_scale, 0.0)
-            tl.store(y_ptr + y_base + offs_c[:, None] * stride_yc + offs_p[None, :] * stride_yp,
-                     h.to(y_ptr.dtype.element_ty), mask=mask)
+        for c0 in range(0, Cp, BLOCK_C):
+            offs_c, cmask, gamma, beta, _, one_plus_s_out, t_out, p, q = _channel_coefficients(
+                weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cp, mean, rstd,
+                SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, BLOCK_C)
+            # h = a*x + b  (see the module docstring)
+            a = gamma * p * one_plus_s_out
+            b = (gamma * q + beta) * one_plus_s_out + t_out
+            for p0 in range(p_start, p_end, BLOCK_HW):
+                offs_p = p0 + tl.arange(0, BLOCK_HW)
+                mask = cmask[:, None] & (offs_p < p_end)[None, :]
+                x = tl.load(x_ptr + x_base + offs_c[:, None] * stride_xc + offs_p[None, :] * stride_xp,
+                            mask=mask, other=0.0).to(tl.float32)
+                h = x * a[:, None] + b[:, None]
+                if SILU:
+                    h = h * _sigmoid(h)
+                if DROPOUT:
+                    keep = _dropout_keep(seed_ptr, st_base + offs_c, p0, HW, drop_threshold, BLOCK_C, BLOCK_HW)
+                    h = tl.where(keep, h * drop_scale, 0.0)
+                tl.store(y_ptr + y_base + offs_c[:, None] * stride_yc + offs_p[None, :] * stride_yp,
+                         h.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -400,7 +408,7 @@ def _gn_bwd_sums_kernel(
 def _gn_bwd_kernel(
     x_ptr, dy_ptr, dx_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
     sums_ptr, sums_in_ptr, seed_ptr,
-    C, HW, G, Cg, hw_per_split, num_splits, inv_group_size, drop_threshold, drop_scale,
+    C, HW, G, Cg, hw_per_split, num_splits, num_blocks, inv_group_size, drop_threshold, drop_scale,
     stride_xn, stride_xc, stride_xp, stride_dyn, stride_dyc, stride_dyp,
     stride_dxn, stride_dxc, stride_dxp,
     SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr, SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr,
@@ -413,78 +421,79 @@ def _gn_bwd_kernel(
 
     FUSED_SUMS (num_splits == 1): the program first computes A, B itself (and stores them);
     otherwise it reads the partial A, B written by _gn_bwd_sums_kernel.
+    Programs loop over the num_blocks blocks as in _gn_fwd_kernel.
     """
-    pid = tl.program_id(0)
     split = tl.program_id(1)
-    blocks_per_sample = G // GROUPS
-    n = pid // blocks_per_sample
-    Cp = Cg * GROUPS
-    c_first = (pid - n * blocks_per_sample) * Cp
-    x_base = n.to(tl.int64) * stride_xn + c_first * stride_xc
-    dy_base = n.to(tl.int64) * stride_dyn + c_first * stride_dyc
-    dx_base = n.to(tl.int64) * stride_dxn + c_first * stride_dxc
-    st_base = n * C + c_first
-    p_start = split * hw_per_split
-    p_end = tl.minimum(p_start + hw_per_split, HW)
-    offs_g = pid * GROUPS + tl.arange(0, GROUPS)  # = n*G + the program's first group + g
-    mean = _per_channel(tl.load(mean_ptr + offs_g), GROUPS, BLOCK_C)
-    rstd = _per_channel(tl.load(rstd_ptr + offs_g), GROUPS, BLOCK_C)
+    for pid in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
+        blocks_per_sample = G // GROUPS
+        n = pid // blocks_per_sample
+        Cp = Cg * GROUPS
+        c_first = (pid - n * blocks_per_sample) * Cp
+        x_base = n.to(tl.int64) * stride_xn + c_first * stride_xc
+        dy_base = n.to(tl.int64) * stride_dyn + c_first * stride_dyc
+        dx_base = n.to(tl.int64) * stride_dxn + c_first * stride_dxc
+        st_base = n * C + c_first
+        p_start = split * hw_per_split
+        p_end = tl.minimum(p_start + hw_per_split, HW)
+        offs_g = pid * GROUPS + tl.arange(0, GROUPS)  # = n*G + the program's first group + g
+        mean = _per_channel(tl.load(mean_ptr + offs_g), GROUPS, BLOCK_C)
+        rstd = _per_channel(tl.load(rstd_ptr + offs_g), GROUPS, BLOCK_C)
 
-    if FUSED_SUMS:
-        total_ka, total_kb = _channel_sums(
-            x_ptr, dy_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, sums_ptr, seed_ptr,
-            x_base, dy_base, st_base, st_base * 2, c_first, Cp, HW, 0, HW, 1, mean, rstd,
-            drop_threshold, drop_scale, stride_xc, stride_xp, stride_dyc, stride_dyp,
-            SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, SILU, DROPOUT, GROUPS, BLOCK_C, BLOCK_HW)
-    else:  # GROUPS == 1
-        total_ka = tl.zeros([GROUPS], tl.float32)
-        total_kb = tl.zeros([GROUPS], tl.float32)
-        offs_s = tl.arange(0, SPLITS_P2)
+        if FUSED_SUMS:
+            total_ka, total_kb = _channel_sums(
+                x_ptr, dy_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, sums_ptr, seed_ptr,
+                x_base, dy_base, st_base, st_base * 2, c_first, Cp, HW, 0, HW, 1, mean, rstd,
+                drop_threshold, drop_scale, stride_xc, stride_xp, stride_dyc, stride_dyp,
+                SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, SILU, DROPOUT, GROUPS, BLOCK_C, BLOCK_HW)
+        else:  # GROUPS == 1
+            total_ka = tl.zeros([GROUPS], tl.float32)
+            total_kb = tl.zeros([GROUPS], tl.float32)
+            offs_s = tl.arange(0, SPLITS_P2)
+            for c0 in range(0, Cp, BLOCK_C):
+                offs_c, cmask, gamma, _, _, one_plus_s_out, _, _, _ = _channel_coefficients(
+                    weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cp, mean, rstd,
+                    False, False, SCALE_OUT, False, BLOCK_C)
+                mask = cmask[:, None] & (offs_s < num_splits)[None, :]
+                partial = sums_ptr + ((st_base + offs_c)[:, None] * num_splits + offs_s[None, :]) * 2
+                sum_dh_xh = tl.sum(tl.load(partial, mask=mask, other=0.0), axis=1)
+                sum_dh = tl.sum(tl.load(partial + 1, mask=mask, other=0.0), axis=1)
+                k = gamma * one_plus_s_out
+                total_ka += _sum_per_group(k * sum_dh_xh, GROUPS, BLOCK_C)
+                total_kb += _sum_per_group(k * sum_dh, GROUPS, BLOCK_C)
+        mean_g = _per_channel(total_kb * inv_group_size, GROUPS, BLOCK_C)  # mean_group(g), per channel
+        mean_gxh = _per_channel(total_ka * inv_group_size, GROUPS, BLOCK_C)  # mean_group(g*xh)
+
         for c0 in range(0, Cp, BLOCK_C):
-            offs_c, cmask, gamma, _, _, one_plus_s_out, _, _, _ = _channel_coefficients(
+            offs_c, cmask, gamma, beta, one_plus_s_in, one_plus_s_out, t_out, p, q = _channel_coefficients(
                 weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cp, mean, rstd,
-                False, False, SCALE_OUT, False, BLOCK_C)
-            mask = cmask[:, None] & (offs_s < num_splits)[None, :]
-            partial = sums_ptr + ((st_base + offs_c)[:, None] * num_splits + offs_s[None, :]) * 2
-            sum_dh_xh = tl.sum(tl.load(partial, mask=mask, other=0.0), axis=1)
-            sum_dh = tl.sum(tl.load(partial + 1, mask=mask, other=0.0), axis=1)
-            k = gamma * one_plus_s_out
-            total_ka += _sum_per_group(k * sum_dh_xh, GROUPS, BLOCK_C)
-            total_kb += _sum_per_group(k * sum_dh, GROUPS, BLOCK_C)
-    mean_g = _per_channel(total_kb * inv_group_size, GROUPS, BLOCK_C)  # mean_group(g), per channel
-    mean_gxh = _per_channel(total_ka * inv_group_size, GROUPS, BLOCK_C)  # mean_group(g*xh)
-
-    for c0 in range(0, Cp, BLOCK_C):
-        offs_c, cmask, gamma, beta, one_plus_s_in, one_plus_s_out, t_out, p, q = _channel_coefficients(
-            weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cp, mean, rstd,
-            SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, BLOCK_C)
-        a = gamma * p * one_plus_s_out
-        b = (gamma * q + beta) * one_plus_s_out + t_out
-        # du = r*(dh*k - mean_g - xh*mean_gxh) with xh = x*p + q, k = gamma*(1+s_out):
-        #    = dh*du_dh + x*du_dx + du_0
-        du_dh = rstd * gamma * one_plus_s_out
-        du_dx = -rstd * mean_gxh * p
-        du_0 = -rstd * (mean_g + q * mean_gxh)
-        acc_du_x = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
-        acc_du = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
-        for p0 in range(p_start, p_end, BLOCK_HW):
-            offs_p = p0 + tl.arange(0, BLOCK_HW)
-            mask = cmask[:, None] & (offs_p < p_end)[None, :]
-            x, dh = _load_x_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, offs_p, mask,
-                               stride_xc, stride_xp, stride_dyc, stride_dyp, a, b,
-                               seed_ptr, st_base, p0, HW, drop_threshold, drop_scale,
-                               SILU, DROPOUT, BLOCK_C, BLOCK_HW)
-            du = dh * du_dh[:, None] + (x * du_dx[:, None] + du_0[:, None])
-            tl.store(dx_ptr + dx_base + offs_c[:, None] * stride_dxc + offs_p[None, :] * stride_dxp,
-                     (du * one_plus_s_in[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)
-            if SCALE_IN:
-                acc_du_x += du * x  # x = 0 on masked lanes
-            if SHIFT_IN:
-                acc_du += tl.where(mask, du, 0.0)
-        if SCALE_IN or SHIFT_IN:
-            out = sums_in_ptr + ((st_base + offs_c) * num_splits + split) * 2
-            tl.store(out, tl.sum(acc_du_x, axis=1), mask=cmask)
-            tl.store(out + 1, tl.sum(acc_du, axis=1), mask=cmask)
+                SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, BLOCK_C)
+            a = gamma * p * one_plus_s_out
+            b = (gamma * q + beta) * one_plus_s_out + t_out
+            # du = r*(dh*k - mean_g - xh*mean_gxh) with xh = x*p + q, k = gamma*(1+s_out):
+            #    = dh*du_dh + x*du_dx + du_0
+            du_dh = rstd * gamma * one_plus_s_out
+            du_dx = -rstd * mean_gxh * p
+            du_0 = -rstd * (mean_g + q * mean_gxh)
+            acc_du_x = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
+            acc_du = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
+            for p0 in range(p_start, p_end, BLOCK_HW):
+                offs_p = p0 + tl.arange(0, BLOCK_HW)
+                mask = cmask[:, None] & (offs_p < p_end)[None, :]
+                x, dh = _load_x_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, offs_p, mask,
+                                   stride_xc, stride_xp, stride_dyc, stride_dyp, a, b,
+                                   seed_ptr, st_base, p0, HW, drop_threshold, drop_scale,
+                                   SILU, DROPOUT, BLOCK_C, BLOCK_HW)
+                du = dh * du_dh[:, None] + (x * du_dx[:, None] + du_0[:, None])
+                tl.store(dx_ptr + dx_base + offs_c[:, None] * stride_dxc + offs_p[None, :] * stride_dxp,
+                         (du * one_plus_s_in[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)
+                if SCALE_IN:
+                    acc_du_x += du * x  # x = 0 on masked lanes
+                if SHIFT_IN:
+                    acc_du += tl.where(mask, du, 0.0)
+            if SCALE_IN or SHIFT_IN:
+                out = sums_in_ptr + ((st_base + offs_c) * num_splits + split) * 2
+                tl.store(out, tl.sum(acc_du_x, axis=1), mask=cmask)
+                tl.store(out + 1, tl.sum(acc_du, axis=1), mask=cmask)
 
 
 @triton.jit
@@ -712,6 +721,7 @@ class _LaunchConfig(NamedTuple):
     hw_per_split: int
     num_warps: int
     groups: int = 1     # adjacent groups per program (channels_last: block_c = groups * Cg)
+    programs: int = 0   # cap on the main kernel's programs (each loops over blocks); 0: one per block
 
 
 _SM_COUNT = {}
@@ -787,7 +797,12 @@ def _launch_config(N, C, HW, num_groups, stride_c, device, backward, dropout=Fal
     # (bf16 at 8x8x512 on sm_90 with Triton 3.6: 236 registers on 4 warps)
     per_thread = 4 if dropout and backward else 8
     num_warps = override.get("num_warps", min(8, max(1, block_c * block_hw // (32 * per_thread))))
-    return _LaunchConfig(block_c, block_hw, num_splits, hw_per_split, num_warps, groups)
+    # a capped grid (programs loop over blocks) only where each group is one program's (no split)
+    cap = override.get("programs", 0)
+    if cap and num_splits != 1:
+        raise ValueError(f"group_norm_silu: a capped grid ({cap} programs) needs whole groups per program, "
+                         f"got {num_splits} splits")
+    return _LaunchConfig(block_c, block_hw, num_splits, hw_per_split, num_warps, groups, cap)
 
 
 def _in_out_flags(scale, shift, mode):
@@ -830,9 +845,10 @@ def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout
             sxn, sxc, sxp,
             SCALE_IN=flags["SCALE_IN"], SHIFT_IN=flags["SHIFT_IN"],
             BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, num_warps=cfg.num_warps)
-    _gn_fwd_kernel[(N * G // cfg.groups, cfg.num_splits)](
+    num_blocks = N * G // cfg.groups
+    _gn_fwd_kernel[(min(num_blocks, cfg.programs or num_blocks), cfg.num_splits)](
         x, y, weight, bias, scale_arg, shift_arg, mean, rstd, moments, seed if dropout else mean,
-        C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits, float(eps), drop_threshold, drop_scale,
+        C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits, num_blocks, float(eps), drop_threshold, drop_scale,
         sxn, sxc, sxp, syn, syc, syp,
         **flags, SILU=silu, DROPOUT=dropout, FUSED_STATS=fused,
         SPLITS_P2=triton.next_power_of_2(cfg.num_splits), GROUPS=cfg.groups,
@@ -881,9 +897,11 @@ def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mo
             x, dy, weight_c, bias_c, scale_arg, shift_arg, mean, rstd, sums, seed_arg,
             C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits, drop_threshold, drop_scale,
             sxn, sxc, sxp, sdyn, sdyc, sdyp, **common)
-    _gn_bwd_kernel[(N * G // cfg.groups, cfg.num_splits)](
+    num_blocks = N * G // cfg.groups
+    _gn_bwd_kernel[(min(num_blocks, cfg.programs or num_blocks), cfg.num_splits)](
         x, dy, dx, weight_c, bias_c, scale_arg, shift_arg, mean, rstd, sums, sums_in, seed_arg,
-        C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits, 1.0 / ((C // G) * HW), drop_threshold, drop_scale,
+        C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits, num_blocks, 1.0 / ((C // G) * HW), drop_threshold,
+        drop_scale,
         sxn, sxc, sxp, sdyn, sdyc, sdyp, sdxn, sdxc, sdxp,
         FUSED_SUMS=fused, SPLITS_P2=triton.next_power_of_2(cfg.num_splits), GROUPS=cfg.groups, **common)
 

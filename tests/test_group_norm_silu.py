@@ -182,12 +182,14 @@ def test_half_parameters(dtype, mode):
 
 
 # Forced launch configurations: channel blocks smaller than a group (12 = 8 + a tail of 4),
-# position tiles with a tail (35 = 2*16 + 3), and each group's positions split over programs
-# (the statistics / channel-sum kernels plus the merge in the main kernels).
+# position tiles with a tail (35 = 2*16 + 3), each group's positions split over programs
+# (the statistics / channel-sum kernels plus the merge in the main kernels), and a grid capped below
+# the number of groups (programs loop over them).
 FORCED_CONFIGS = [
     dict(block_c=8, block_hw=16),
     dict(block_c=8, block_hw=16, split=2),
     dict(block_c=4, block_hw=8, split=3),
+    dict(block_c=8, block_hw=16, programs=1),  # a capped grid: one program loops over both groups
 ]
 
 
@@ -201,12 +203,13 @@ def test_forced_tiles_tails_and_splits(monkeypatch, config, mode, channels_last)
 
 # Several adjacent groups per program (channels_last with a power-of-two number of channels per
 # group: a tile row spans groups*Cg contiguous channels; statistics and sums reduced per group).
-@pytest.mark.parametrize("groups", [2, 4])
+@pytest.mark.parametrize("groups,programs", [(2, 0), (4, 0), (2, 5)], ids=["2groups", "4groups", "2groups-5programs"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["pre", "post"])
-def test_several_groups_per_program(monkeypatch, groups, dtype, mode):
-    monkeypatch.setattr(gns, "_LAUNCH_OVERRIDE", dict(groups=groups))
-    _check_against_float64((3, 32, 7, 5, 8), dtype, mode, True, True, True, True, seed_extra=(groups,))
+def test_several_groups_per_program(monkeypatch, groups, programs, dtype, mode):
+    # 5 programs: a capped grid looping over the 12 two-group blocks (2 or 3 each)
+    monkeypatch.setattr(gns, "_LAUNCH_OVERRIDE", dict(groups=groups, programs=programs))
+    _check_against_float64((3, 32, 7, 5, 8), dtype, mode, True, True, True, True, seed_extra=(groups, programs))
 
 
 @pytest.mark.parametrize("shape,groups", [((1, 64, 3, 3, 16), 8), ((2, 16, 1, 1, 4), 4), ((3, 32, 7, 5, 8), 8),
@@ -253,6 +256,8 @@ def test_groups_per_program_heuristic_on_an_h100(monkeypatch):
     (dict(groups=3), "num_groups divisible"),
     (dict(groups=2, split=2), "no split"),
     (dict(groups=2, block_c=4), "block_c = 8"),
+    (dict(groups=1, block_hw=4, split=2, programs=2),
+     r"a capped grid \(2 programs\) needs whole groups per program, got 2 splits"),
 ])
 def test_bad_groups_per_program_is_refused(monkeypatch, override, message):
     monkeypatch.setattr(gns, "_LAUNCH_OVERRIDE", override)
@@ -337,7 +342,7 @@ def test_dropout_other_modes_and_rates(mode, silu, dropout_p):
 
 # the mask must not depend on the launch configuration: 4-position tiles, tails, splits
 DROPOUT_CONFIGS = [dict(block_c=8, block_hw=4), dict(block_c=4, block_hw=8, split=3),
-                   dict(block_c=8, block_hw=16, split=2)]
+                   dict(block_c=8, block_hw=16, split=2), dict(block_c=8, block_hw=4, programs=1)]
 
 
 @pytest.mark.parametrize("config", DROPOUT_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))

@@ -135,10 +135,12 @@ def test_resblock_fused_dropout_matches_float64_eager_with_the_same_mask(exact_f
     torch.testing.assert_close(block(x, temb), eager(x, temb), rtol=1e-5, atol=1e-5)
 
 
-def test_whole_unet_traces_without_graph_breaks():
+@pytest.mark.parametrize("policy", ["none", "norms"])
+def test_whole_unet_traces_without_graph_breaks(policy):
     import torch._dynamo
 
     model = random_model(dropout=0.1).set_backend("triton").to(DEVICE).train()  # fused dropout: seeds drawn inside
+    model.set_checkpointing(policy)
     x = torch.randn(1, 3, SIZE, SIZE, device=DEVICE)
     t = torch.tensor([7], device=DEVICE)
     explanation = torch._dynamo.explain(model)(x, t)
