@@ -122,12 +122,29 @@ def _channel_coefficients(weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, s
 
 
 @triton.jit
+def _output_coefficients(gamma, beta, p, q, one_plus_s_out, t_out):
+    """Per-channel (a, b) with h = a*x + b: a = gamma*p*(1+s_out), b = (gamma*q + beta)*(1+s_out) + t_out."""
+    return gamma * p * one_plus_s_out, (gamma * q + beta) * one_plus_s_out + t_out
+
+
+@triton.jit
 def _sigmoid(h):
     """sigma(h) = 1/y with y = 1 + 2^(-h*log2(e)), the reciprocal taken as rsqrt(y*y): y >= 1, so
     this is one special-function instruction where 1/y is a full-range division. Error: a few ulp.
     y*y = inf (h < -44) gives 0, where sigma < 1e-19."""
     y = 1.0 + tl.exp2(h * -1.4426950408889634)
     return tl.math.rsqrt(y * y)
+
+
+@triton.jit
+def _block_origin(pid, C, G, Cg, GROUPS: tl.constexpr):
+    """Block pid (GROUPS adjacent groups of one sample): its sample n, first channel c_first, channel
+    count Cp = GROUPS*Cg, and the (n, c) index n*C + c_first of its scale/shift and sums."""
+    blocks_per_sample = G // GROUPS
+    n = pid // blocks_per_sample
+    Cp = Cg * GROUPS
+    c_first = (pid - n * blocks_per_sample) * Cp
+    return n, c_first, Cp, n * C + c_first
 
 
 @triton.jit
@@ -256,13 +273,9 @@ def _gn_fwd_kernel(
     """
     split = tl.program_id(1)
     for pid in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
-        blocks_per_sample = G // GROUPS
-        n = pid // blocks_per_sample
-        Cp = Cg * GROUPS
-        c_first = (pid - n * blocks_per_sample) * Cp
+        n, c_first, Cp, st_base = _block_origin(pid, C, G, Cg, GROUPS)
         x_base = n.to(tl.int64) * stride_xn + c_first * stride_xc
         y_base = n.to(tl.int64) * stride_yn + c_first * stride_yc
-        st_base = n * C + c_first
         p_start = split * hw_per_split
         p_end = tl.minimum(p_start + hw_per_split, HW)
 
@@ -295,9 +308,7 @@ def _gn_fwd_kernel(
             offs_c, cmask, gamma, beta, _, one_plus_s_out, t_out, p, q = _channel_coefficients(
                 weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cp, mean, rstd,
                 SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, BLOCK_C)
-            # h = a*x + b  (see the module docstring)
-            a = gamma * p * one_plus_s_out
-            b = (gamma * q + beta) * one_plus_s_out + t_out
+            a, b = _output_coefficients(gamma, beta, p, q, one_plus_s_out, t_out)
             for p0 in range(p_start, p_end, BLOCK_HW):
                 offs_p = p0 + tl.arange(0, BLOCK_HW)
                 mask = cmask[:, None] & (offs_p < p_end)[None, :]
@@ -314,14 +325,17 @@ def _gn_fwd_kernel(
 
 
 @triton.jit
-def _load_x_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, offs_p, mask,
+def _load_x_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, cmask, p0, p_end,
                stride_xc, stride_xp, stride_dyc, stride_dyp, a, b,
-               seed_ptr, st_base, p0, HW, drop_threshold, drop_scale,
+               seed_ptr, st_base, HW, drop_threshold, drop_scale,
                SILU: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """One (channels x positions) tile: x and dh = dL/dh, where h = a*x + b (per channel, as in the
-    forward) and dh = dy'*sigma(h)*(1 + h*(1 - sigma(h))) with SiLU, else dy'; dy' = where(keep,
-    dy*drop_scale, 0) with dropout (the forward's mask, regenerated), else dy.
-    Masked lanes load x = dy = 0, so dh = 0 there."""
+    """The (channels offs_c x positions p0 .. p0+BLOCK_HW) tile: x and dh = dL/dh, where h = a*x + b
+    (per channel, as in the forward) and dh = dy'*sigma(h)*(1 + h*(1 - sigma(h))) with SiLU, else dy';
+    dy' = where(keep, dy*drop_scale, 0) with dropout (the forward's mask, regenerated), else dy.
+    Returns x, dh, the positions and the mask (channel in cmask, position < p_end); masked lanes load
+    x = dy = 0, so dh = 0 there."""
+    offs_p = p0 + tl.arange(0, BLOCK_HW)
+    mask = cmask[:, None] & (offs_p < p_end)[None, :]
     x = tl.load(x_ptr + x_base + offs_c[:, None] * stride_xc + offs_p[None, :] * stride_xp,
                 mask=mask, other=0.0).to(tl.float32)
     dh = tl.load(dy_ptr + dy_base + offs_c[:, None] * stride_dyc + offs_p[None, :] * stride_dyp,
@@ -333,7 +347,7 @@ def _load_x_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, offs_p, mask,
         h = x * a[:, None] + b[:, None]
         sig = _sigmoid(h)
         dh = dh * sig * (1.0 + h * (1.0 - sig))
-    return x, dh
+    return x, dh, offs_p, mask
 
 
 @triton.jit
@@ -354,17 +368,14 @@ def _channel_sums(
         offs_c, cmask, gamma, beta, one_plus_s_in, one_plus_s_out, t_out, p, q = _channel_coefficients(
             weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cp, mean, rstd,
             SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, BLOCK_C)
-        a = gamma * p * one_plus_s_out
-        b = (gamma * q + beta) * one_plus_s_out + t_out
+        a, b = _output_coefficients(gamma, beta, p, q, one_plus_s_out, t_out)
         acc_dh_xh = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
         acc_dh = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
         for p0 in range(p_start, p_end, BLOCK_HW):
-            offs_p = p0 + tl.arange(0, BLOCK_HW)
-            mask = cmask[:, None] & (offs_p < p_end)[None, :]
-            x, dh = _load_x_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, offs_p, mask,
-                               stride_xc, stride_xp, stride_dyc, stride_dyp, a, b,
-                               seed_ptr, st_base, p0, HW, drop_threshold, drop_scale,
-                               SILU, DROPOUT, BLOCK_C, BLOCK_HW)
+            x, dh, _, _ = _load_x_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, cmask, p0, p_end,
+                                     stride_xc, stride_xp, stride_dyc, stride_dyp, a, b,
+                                     seed_ptr, st_base, HW, drop_threshold, drop_scale,
+                                     SILU, DROPOUT, BLOCK_C, BLOCK_HW)
             # masked lanes: dy = 0 there, so dh = 0 and they add nothing
             acc_dh_xh += dh * (x * p[:, None] + q[:, None])
             acc_dh += dh
@@ -425,14 +436,10 @@ def _gn_bwd_kernel(
     """
     split = tl.program_id(1)
     for pid in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
-        blocks_per_sample = G // GROUPS
-        n = pid // blocks_per_sample
-        Cp = Cg * GROUPS
-        c_first = (pid - n * blocks_per_sample) * Cp
+        n, c_first, Cp, st_base = _block_origin(pid, C, G, Cg, GROUPS)
         x_base = n.to(tl.int64) * stride_xn + c_first * stride_xc
         dy_base = n.to(tl.int64) * stride_dyn + c_first * stride_dyc
         dx_base = n.to(tl.int64) * stride_dxn + c_first * stride_dxc
-        st_base = n * C + c_first
         p_start = split * hw_per_split
         p_end = tl.minimum(p_start + hw_per_split, HW)
         offs_g = pid * GROUPS + tl.arange(0, GROUPS)  # = n*G + the program's first group + g
@@ -467,8 +474,7 @@ def _gn_bwd_kernel(
             offs_c, cmask, gamma, beta, one_plus_s_in, one_plus_s_out, t_out, p, q = _channel_coefficients(
                 weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cp, mean, rstd,
                 SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, BLOCK_C)
-            a = gamma * p * one_plus_s_out
-            b = (gamma * q + beta) * one_plus_s_out + t_out
+            a, b = _output_coefficients(gamma, beta, p, q, one_plus_s_out, t_out)
             # du = r*(dh*k - mean_g - xh*mean_gxh) with xh = x*p + q, k = gamma*(1+s_out):
             #    = dh*du_dh + x*du_dx + du_0
             du_dh = rstd * gamma * one_plus_s_out
@@ -477,12 +483,10 @@ def _gn_bwd_kernel(
             acc_du_x = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
             acc_du = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
             for p0 in range(p_start, p_end, BLOCK_HW):
-                offs_p = p0 + tl.arange(0, BLOCK_HW)
-                mask = cmask[:, None] & (offs_p < p_end)[None, :]
-                x, dh = _load_x_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, offs_p, mask,
-                                   stride_xc, stride_xp, stride_dyc, stride_dyp, a, b,
-                                   seed_ptr, st_base, p0, HW, drop_threshold, drop_scale,
-                                   SILU, DROPOUT, BLOCK_C, BLOCK_HW)
+                x, dh, offs_p, mask = _load_x_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, cmask, p0, p_end,
+                                                 stride_xc, stride_xp, stride_dyc, stride_dyp, a, b,
+                                                 seed_ptr, st_base, HW, drop_threshold, drop_scale,
+                                                 SILU, DROPOUT, BLOCK_C, BLOCK_HW)
                 du = dh * du_dh[:, None] + (x * du_dx[:, None] + du_0[:, None])
                 tl.store(dx_ptr + dx_base + offs_c[:, None] * stride_dxc + offs_p[None, :] * stride_dxp,
                          (du * one_plus_s_in[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)
