@@ -80,6 +80,7 @@ ACTIVATION_ARGS = {
     "dream_kernels::attention_backward": (0, 1, 2, 3, 5),     # q, k, v, o, do
     "dream_kernels::attention_qkv_nchw_forward": (0,),        # qkv
     "dream_kernels::attention_qkv_nchw_backward": (0, 1, 3),  # qkv, out, dout
+    "dream_kernels::group_norm_silu_conv2d": (0, 3, 4, 11, 12),  # x, scale, shift, conv weight and bias (autocast)
 }
 
 # The position of shift among each GroupNorm op's arguments (see _RecordOps)
@@ -369,7 +370,8 @@ def innermost_loops(sass: str) -> list[dict]:
     the bytes its global loads (LDG) read per trip, per thread. A loop is a branch back to a lower
     address, [target, branch] its body; innermost = containing no other loop. ptxas may unroll, so
     one trip can be several iterations of the source loop (the load bytes tell how many)."""
-    instructions = [(int(address, 16), text) for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;\n]+);", sass)]
+    instructions = [(int(address, 16), text)
+                    for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;\n]+);", sass)]
     loops = set()
     for address, text in instructions:
         target = re.search(r"\bBRA\S*\s+0x([0-9a-f]+)", text)
@@ -390,9 +392,10 @@ def innermost_loops(sass: str) -> list[dict]:
     return found
 
 
-# GroupNorm kernels: how many activation tensors each loop iteration reads (x; x and dy)
-_GROUP_NORM_TENSORS_READ = {"_gn_fwd_moments_kernel": 1, "_gn_fwd_kernel": 1, "_gn_bwd_sums_kernel": 2,
-                            "_gn_bwd_kernel": 2}
+# GroupNorm kernels: how many activation tensors each pass reads (x; x and dy), and the config flag that
+# adds a first pass (statistics / channel sums) before the main one
+_GROUP_NORM_PASSES = {"_gn_fwd_moments_kernel": (1, None), "_gn_fwd_kernel": (1, "FUSED_STATS"),
+                      "_gn_bwd_sums_kernel": (2, None), "_gn_bwd_kernel": (2, "FUSED_SUMS")}
 
 
 def _x_element_bytes(compiled) -> int:
@@ -401,15 +404,18 @@ def _x_element_bytes(compiled) -> int:
     return {"*fp32": 4, "*bf16": 2, "*fp16": 2}.get(str(signature.get("x_ptr")), 2)
 
 
-def instructions_per_element(kernel: str, loops: list[dict], element_bytes: int) -> list[float] | None:
-    """For the GroupNorm kernels, each innermost loop's SASS instructions per activation element:
-    a trip handles load_bytes / (element_bytes x tensors read) elements per thread (None for a loop
-    that loads nothing). None for other kernels."""
-    tensors = _GROUP_NORM_TENSORS_READ.get(kernel)
-    if tensors is None or not loops:
+def instructions_per_element(kernel: str, config: dict, loops: list[dict], element_bytes: int) -> list | None:
+    """For the GroupNorm kernels, each innermost loop's SASS instructions per activation element, for
+    the loops that stream the activations (the last one or two that load anything: statistics / sums,
+    then the main pass; a trip handles load_bytes / (element_bytes x tensors read) elements per thread);
+    None for the other loops (merging partial sums, empty ones). None for other kernels."""
+    if kernel not in _GROUP_NORM_PASSES or not loops:
         return None
-    return [round(loop["instructions"] * element_bytes * tensors / loop["load_bytes"], 1) if loop["load_bytes"]
-            else None for loop in loops]
+    tensors, fused_flag = _GROUP_NORM_PASSES[kernel]
+    passes = 2 if fused_flag and config.get(fused_flag) else 1
+    streaming = [index for index, loop in enumerate(loops) if loop["load_bytes"]][-passes:]
+    return [round(loop["instructions"] * element_bytes * tensors / loop["load_bytes"], 1) if index in streaming
+            else None for index, loop in enumerate(loops)]
 
 
 def occupancy(registers: int, shared: int, warps: int, limits: SMLimits) -> int:
@@ -444,7 +450,7 @@ def summarize(compiled: dict, arch: int) -> list[dict]:
             "shared_bytes": shared,
             "inner_loops": usage["inner_loops"],
             "inner_loop_instructions_per_element": instructions_per_element(
-                kernel, usage["inner_loops"], _x_element_bytes(entry.compiled)),
+                kernel, entry.meta, usage["inner_loops"], _x_element_bytes(entry.compiled)),
             "programs_per_sm": programs,
             "warp_occupancy": round(programs * warps / limits.max_warps, 3),
             "precisions": sorted(entry.precisions, key=list(PRECISIONS).index),

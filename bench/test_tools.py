@@ -168,11 +168,18 @@ def test_compile_report_measures_innermost_loops():
     assert loops == [{"instructions": 4, "load_bytes": 18}, {"instructions": 2, "load_bytes": 0}]
     assert innermost_loops("        /*0000*/                   EXIT ;") == []
     # a bf16 forward loop reading 16 bytes (8 elements) a trip; backward loops read x and dy
-    assert instructions_per_element("_gn_fwd_kernel", [{"instructions": 56, "load_bytes": 16}], 2) == [7.0]
-    assert instructions_per_element("_gn_bwd_kernel", [{"instructions": 56, "load_bytes": 32}], 2) == [7.0]
-    assert instructions_per_element("_gn_fwd_kernel", [{"instructions": 56, "load_bytes": 32}], 4) == [7.0]
-    assert instructions_per_element("_attention_forward_kernel", loops, 2) is None
-    assert instructions_per_element("_gn_fwd_kernel", loops, 2) == [0.4, None]  # 4 instr, 9 elements; no loads
+    one_pass = {"FUSED_STATS": False, "FUSED_SUMS": False}
+    assert instructions_per_element("_gn_fwd_kernel", one_pass, [{"instructions": 56, "load_bytes": 16}], 2) == [7.0]
+    assert instructions_per_element("_gn_bwd_kernel", one_pass, [{"instructions": 56, "load_bytes": 32}], 2) == [7.0]
+    assert instructions_per_element("_gn_fwd_kernel", one_pass, [{"instructions": 56, "load_bytes": 32}], 4) == [7.0]
+    assert instructions_per_element("_attention_forward_kernel", {}, loops, 2) is None
+    assert instructions_per_element("_gn_fwd_kernel", one_pass, loops, 2) == [0.4, None]  # 9 elements; no loads
+    # fused statistics: the last two loops that load stream x; an earlier one (merging partials) does not
+    merge, stats, empty, output = ({"instructions": n, "load_bytes": b}
+                                   for n, b in ((30, 8), (56, 16), (3, 0), (88, 16)))
+    assert instructions_per_element("_gn_fwd_kernel", {"FUSED_STATS": True}, [merge, stats, empty, output], 2) \
+        == [None, 7.0, None, 11.0]
+    assert instructions_per_element("_gn_bwd_kernel", {"FUSED_SUMS": False}, [merge, output], 2) == [None, 22.0]
     row = {"inner_loops": [{"instructions": 55, "load_bytes": 16}, {"instructions": 87, "load_bytes": 16}],
            "inner_loop_instructions_per_element": [6.9, 10.9]}
     assert _loops_text(row) == "55, 87 [6.9, 10.9/elem]"
