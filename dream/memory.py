@@ -44,8 +44,8 @@ from dream.diffusion import GaussianDiffusion
 from dream.ema import EMA
 from dream.errors import DreamError
 from dream.math_flags import MathFlags, use_fast_math
-from dream.model import (BACKENDS, CHECKPOINT_POLICIES, PRECISIONS, UNet, autocast_for, make_config,
-                         policies_for_backend, to_channels_last)
+from dream.model import (BACKENDS, CHECKPOINT_POLICIES, PRECISIONS, UNet, autocast_for, check_policy_backend,
+                         make_config, policies_for_backend, to_channels_last)
 from dream.objectives import ObjectiveConfig, get_objective
 
 TARGETS = ("cuda", "cpu")
@@ -112,9 +112,7 @@ class StepSpec:
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {allowed}")
-        if self.checkpointing not in policies_for_backend(self.backend):
-            raise ValueError(f"checkpointing {self.checkpointing!r} recomputes the fused Triton norm: it needs "
-                             f"backend 'triton', not {self.backend!r}")
+        check_policy_backend(self.checkpointing, self.backend)
         get_objective(self.objective)
         if isinstance(self.data_images, bool) or not isinstance(self.data_images, int) or self.data_images < 0:
             raise ValueError(f"data_images must be a non-negative integer, got {self.data_images!r}")

@@ -46,6 +46,13 @@ def policies_for_backend(backend: str) -> tuple:
     return CHECKPOINT_POLICIES if backend == "triton" else tuple(p for p in CHECKPOINT_POLICIES if p != "norms")
 
 
+def check_policy_backend(policy: str, backend: str) -> None:
+    """One-line ValueError when the backend lacks the checkpointing policy."""
+    if policy not in policies_for_backend(backend):
+        raise ValueError(f"checkpointing {policy!r} recomputes the fused Triton norm: it needs backend 'triton', "
+                         f"not {backend!r}")
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     image_size: int = 64
@@ -349,9 +356,7 @@ class UNet(nn.Module):
     def set_backend(self, backend: str) -> "UNet":
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-        if self.checkpointing not in policies_for_backend(backend):
-            raise ValueError(f"checkpointing {self.checkpointing!r} recomputes the fused Triton norm: it needs "
-                             f"backend 'triton', not {backend!r}")
+        check_policy_backend(self.checkpointing, backend)
         if backend == "triton":
             from kernels import SUPPORTED_HEAD_DIMS  # fails here, clearly, if triton is unusable
 
@@ -373,9 +378,7 @@ class UNet(nn.Module):
     def set_checkpointing(self, policy: str) -> "UNet":
         if policy not in CHECKPOINT_POLICIES:
             raise ValueError(f"unknown checkpoint policy {policy!r}; choose one of {CHECKPOINT_POLICIES}")
-        if policy not in policies_for_backend(self.backend):
-            raise ValueError(f"checkpointing {policy!r} recomputes the fused Triton norm: it needs backend 'triton', "
-                             f"not {self.backend!r}")
+        check_policy_backend(policy, self.backend)
         self.checkpointing = policy
         for module in self.modules():
             if isinstance(module, (UNet, ResBlock, Attention)):
