@@ -1011,6 +1011,13 @@ _group_norm_silu_fwd.register_autograd(_autograd_backward, setup_context=_setup_
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
+def _seed_or_new(x, dropout_p, seed):
+    """seed, or with dropout and no seed given, a new one drawn from torch's generator (new_dropout_seed)."""
+    if seed is None and _is_real_number(dropout_p) and dropout_p > 0 and isinstance(x, torch.Tensor):
+        return new_dropout_seed(x.device)
+    return seed
+
+
 def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, mode="pre", silu=True,
                     dropout_p=0.0, seed=None):
     """Fused act(GroupNorm with per-(n, c) scale/shift), then dropout, with Triton kernels (see
@@ -1025,8 +1032,7 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=Non
     Returns y in x's dtype and memory format.
     CPU tensors run only through the Triton interpreter (TRITON_INTERPRET=1 at import).
     """
-    if seed is None and _is_real_number(dropout_p) and dropout_p > 0 and isinstance(x, torch.Tensor):
-        seed = new_dropout_seed(x.device)
+    seed = _seed_or_new(x, dropout_p, seed)
     _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed)
     y, _, _ = torch.ops.dream_kernels.group_norm_silu_fwd(
         x, weight, bias, scale, shift, num_groups, float(eps), mode, silu, float(dropout_p),

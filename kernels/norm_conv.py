@@ -154,8 +154,7 @@ def group_norm_silu_conv2d(x, weight, bias, num_groups, conv_weight, conv_bias=N
     conv_bias are cast to the autocast dtype (gradients flow back to the originals in their dtypes), as
     autocast does for F.conv2d. Returns the convolution's output in conv_weight's (cast) dtype.
     """
-    if seed is None and _gn._is_real_number(dropout_p) and dropout_p > 0 and isinstance(x, torch.Tensor):
-        seed = _gn.new_dropout_seed(x.device)
+    seed = _gn._seed_or_new(x, dropout_p, seed)
     _gn._check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed)
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     _check_conv(x, conv_weight, conv_bias, stride, padding, dilation, groups)
