@@ -144,7 +144,8 @@ def record_model_calls(preset: str, batch: int, channels_last: bool) -> list[OpC
 # The kernels' whole contract beyond the UNet's sites (--contract): attention for every supported head
 # dim and sequence lengths from 1 to 4096 (masked tails), GroupNorm over the kernel tests' shapes
 # (channels per group not powers of two, 7x5 and 1x1 images, batches 1 to 1024, the split path), both
-# modes, SiLU on and off, with and without scale/shift, and the ResBlock's form with fused dropout.
+# modes, SiLU on and off, with and without scale/shift, and the ResBlock's form with fused dropout (its
+# two forms in channels_last too: tiles along channels, dropout octets of channels, whole or element-wise).
 CONTRACT_ATTENTION = [(n, d) for n in (1, 17, 64, 100, 256, 1000, 4096) for d in (16, 32, 64, 128)]
 CONTRACT_GROUP_NORM = [(3, 96, 7, 5, 8), (1, 96, 7, 5, 8), (3, 12, 1, 1, 2), (2, 18, 3, 6, 3), (128, 256, 16, 16, 8),
                        (16, 128, 64, 64, 8), (2, 512, 8, 8, 8), (1, 32, 96, 96, 8), (1024, 64, 8, 8, 8),
@@ -161,16 +162,17 @@ def contract_calls() -> list[OpCall]:
         label = f"contract N={n} D={d}"
         calls.append(OpCall("dream_kernels::attention_forward", (q, k, v, d ** -0.5), label))
         calls.append(OpCall("dream_kernels::attention_backward", (q, k, v, o, meta(2, 3, n), do, d ** -0.5), label))
-    forms = [(mode, silu, scaled, 0.0)
+    forms = [(mode, silu, scaled, 0.0, torch.contiguous_format)
              for mode in ("pre", "post") for silu in (True, False) for scaled in (True, False)]
-    forms.append(("pre", True, True, 0.1))
+    forms += [("pre", True, True, 0.1, torch.contiguous_format), ("pre", True, True, 0.0, torch.channels_last),
+              ("pre", True, True, 0.1, torch.channels_last)]
     for (n, c, h, w, groups) in CONTRACT_GROUP_NORM:
-        for mode, silu, scaled, dropout_p in forms:
-            x, dy = meta(n, c, h, w), meta(n, c, h, w)
+        for mode, silu, scaled, dropout_p, memory_format in forms:
+            x, dy = (meta(n, c, h, w).contiguous(memory_format=memory_format) for _ in range(2))
             scale = meta(n, c) if scaled else None
             shift = meta(n, c) if scaled else None
             label = (f"contract {mode}{'' if silu else ' no-silu'}{' scale/shift' if scaled else ''}"
-                     f"{' dropout' if dropout_p else ''}")
+                     f"{' dropout' if dropout_p else ''}{' channels_last' if memory_format == torch.channels_last else ''}")
             seed = torch.empty(1, device="meta", dtype=torch.int64) if dropout_p else None
             common = (groups, 1e-5, mode, silu, dropout_p, seed)
             calls.append(OpCall("dream_kernels::group_norm_silu_fwd", (x, meta(c), meta(c), scale, shift, *common),

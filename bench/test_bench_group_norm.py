@@ -7,7 +7,8 @@ regenerated in backward, never stored), the anchors follow the norm with F.dropo
 model does. Checked with a fixed mask (the kernels' own, dropout_keep_mask) on both sides, timed
 with a fresh mask per call.
 
-Full size (GPU): batch 128, bf16 activations, fp32 affine weights (the trainer's mixed precision).
+Full size (GPU): batch 128, bf16 activations, fp32 affine weights (the trainer's mixed precision),
+channels_last (the trainer's layout on CUDA; the 64x64 site in NCHW too).
 Memory-bound: the floor is the fewest bytes / copy bandwidth; forward moves x in and y out,
 forward+backward adds x and dy in and dx out (5 tensors of x's size; per-channel vectors ignored).
 Goals (issue 3): forward >= 80 % of copy bandwidth; forward+backward >= 1.3x torch.compile and
@@ -22,20 +23,23 @@ import torch.nn.functional as F
 from bench.harness import DEVICE, ON_GPU, SETTINGS, Case, CaseState, Goal, Runner, Variant, compile_fn, \
     input_set_count, run_variant
 
-#        name                N    C    H   W   scale/shift  silu  dropout
+CL, NCHW = "channels_last", "nchw"
+#        name                N    C    H   W   scale/shift  silu  dropout  layout
 FULL_SITES = [
-    ("res64_pre_ss", 128, 128, 64, 64, True, True, 0.0),   # ResBlock norm2 at 64x64 (time scale/shift, "pre")
-    ("res64_pre_ss_drop", 128, 128, 64, 64, True, True, 0.1),  # the same in training: dropout fused
-    ("up64_cat", 128, 256, 64, 64, False, True, 0.0),      # first up ResBlock norm1 after the skip concat
-    ("res32_pre_ss", 128, 256, 32, 32, True, True, 0.0),
-    ("res16_pre_ss", 128, 512, 16, 16, True, True, 0.0),
-    ("mid8_pre_ss", 128, 512, 8, 8, True, True, 0.0),
-    ("attn16_norm", 128, 512, 16, 16, False, False, 0.0),  # attention block's plain GroupNorm
+    ("res64_pre_ss", 128, 128, 64, 64, True, True, 0.0, CL),   # ResBlock norm2 at 64x64 (time scale/shift, "pre")
+    ("res64_pre_ss_drop", 128, 128, 64, 64, True, True, 0.1, CL),  # the same in training: dropout fused
+    ("res64_pre_ss_drop_nchw", 128, 128, 64, 64, True, True, 0.1, NCHW),  # --no-channels-last
+    ("up64_cat", 128, 256, 64, 64, False, True, 0.0, CL),      # first up ResBlock norm1 after the skip concat
+    ("res32_pre_ss", 128, 256, 32, 32, True, True, 0.0, CL),
+    ("res16_pre_ss", 128, 512, 16, 16, True, True, 0.0, CL),
+    ("mid8_pre_ss", 128, 512, 8, 8, True, True, 0.0, CL),
+    ("attn16_norm", 128, 512, 16, 16, False, False, 0.0, CL),  # attention block's plain GroupNorm
 ]
 SMALL_SITES = [
-    ("c48_7x5_pre_ss", 2, 48, 7, 5, True, True, 0.0),      # 6 channels per group, odd H x W
-    ("c48_7x5_pre_ss_drop", 2, 48, 7, 5, True, True, 0.2),
-    ("c64_4x4_norm", 1, 64, 4, 4, False, False, 0.0),
+    ("c48_7x5_pre_ss", 2, 48, 7, 5, True, True, 0.0, NCHW),      # 6 channels per group, odd H x W
+    ("c48_7x5_pre_ss_drop", 2, 48, 7, 5, True, True, 0.2, NCHW),
+    ("c64_7x5_pre_ss_drop_cl", 2, 64, 7, 5, True, True, 0.2, CL),  # dropout octets of 8 channels
+    ("c64_4x4_norm", 1, 64, 4, 4, False, False, 0.0, NCHW),
 ]
 DROPOUT_SEED = 0x0DD5_EED5_1234  # the fixed mask of the numerical check
 GROUPS = 8
@@ -49,7 +53,8 @@ def element_size(dtype):
 
 
 def make_setup(site, direction):
-    name, n, c, h, w, has_ss, silu, dropout_p = site
+    name, n, c, h, w, has_ss, silu, dropout_p, layout = site
+    memory_format = torch.channels_last if layout == CL else torch.contiguous_format
 
     def bytes_moved(dtype):
         tensor = n * c * h * w * element_size(dtype)
@@ -57,7 +62,7 @@ def make_setup(site, direction):
         return (2 if direction == "fwd" else 5) * tensor + (1 if direction == "fwd" else 2) * vectors
 
     def setup():
-        from kernels import dropout_keep_mask, group_norm_silu_reference
+        from kernels import dropout_keep_mask, dropout_scale, group_norm_silu_reference
 
         per_set = bytes_moved(DTYPE)
         sets = []
@@ -73,7 +78,8 @@ def make_setup(site, direction):
             }
             dtypes = {"x": DTYPE, "scale": DTYPE, "shift": DTYPE, "dy": DTYPE, "weight": torch.float32,
                       "bias": torch.float32}
-            sets.append({k: None if v is None else v.to(DEVICE, dtypes[k]) for k, v in inputs.items()})
+            sets.append({k: None if v is None else v.to(DEVICE, dtypes[k]).contiguous(
+                memory_format=memory_format if v.dim() == 4 else torch.contiguous_format) for k, v in inputs.items()})
         first = sets[0]
         leaves64 = {k: None if first[k] is None else first[k].to(torch.float64).requires_grad_(direction != "fwd")
                     for k in ("x", "weight", "bias", "scale", "shift")}
@@ -83,10 +89,9 @@ def make_setup(site, direction):
                                       dropout_p=dropout_p, seed=seed)
         extra = {}
         if dropout_p:
-            # keep/(1 - p) of the fixed seed, for the anchors' checked runs (1/(1 - p) is the kernels'
-            # scale to within 2^-32)
-            keep = dropout_keep_mask(seed, (n, c, h, w), dropout_p).to(DEVICE)
-            extra = {"seed": seed, "keep_scaled": keep / (1 - dropout_p)}
+            # the kernels' keep * scale for the fixed seed, for the anchors' checked runs
+            keep = dropout_keep_mask(seed, (n, c, h, w), dropout_p, layout == CL).to(DEVICE)
+            extra = {"seed": seed, "keep_scaled": keep * dropout_scale(dropout_p)}
         names = ("y",)
         reference = (y.detach(),)
         if direction != "fwd":
@@ -96,7 +101,7 @@ def make_setup(site, direction):
             names += tuple(f"d{k}" for k in present)
         return CaseState(input_sets=sets, reference=reference, outputs=names, bytes=bytes_moved, extra=extra,
                          info={"shape": f"{n}x{c}x{h}x{w}", "groups": GROUPS, "scale_shift": has_ss, "silu": silu,
-                               "dropout": dropout_p, "x_dtype": str(DTYPE).replace("torch.", ""),
+                               "dropout": dropout_p, "layout": layout, "x_dtype": str(DTYPE).replace("torch.", ""),
                                "input_sets": len(sets)})
 
     return setup
@@ -224,7 +229,7 @@ for _site in SITES:
                           variants(_site, _direction), level="kernel", goals=goals(_direction),
                           describe=f"{'x'.join(map(str, _site[1:5]))}, {GROUPS} groups"
                                    f"{', scale/shift' if _site[5] else ''}{', SiLU' if _site[6] else ''}"
-                                   f"{f', dropout {_site[7]}' if _site[7] else ''}"))
+                                   f"{f', dropout {_site[7]}' if _site[7] else ''}, {_site[8]}"))
 
 PARAMS = [pytest.param(case, variant, id=f"{case.name}-{case.direction}-{variant.name}")
           for case in CASES for variant in case.variants]

@@ -177,7 +177,7 @@ class GroupNormConfig:
 def _group_norm_candidates(channels_per_group, num_groups, hw, contiguous_channels, setting: Setting, heuristic,
                            min_hw=1) -> list:
     """Tiles of several sizes and warp counts, laid out as _launch_config lays them (min_hw: the
-    fewest positions a tile may span; 4 with dropout); in channels_last with a power-of-two number of
+    fewest positions a tile may span; 8 with dropout in NCHW); in channels_last with a power-of-two number of
     channels per group, also with several groups per program (one tile row spanning them all); and
     grids capped at 1, 2 or 4 programs per SM."""
     tiles = (1024, 2048, 4096) if setting.grid == "quick" else (512, 1024, 2048, 4096, 8192)
@@ -234,7 +234,8 @@ def group_norm_problems(setting: Setting, sites, groups, layouts) -> list[Proble
         leaves = [t.detach().float().requires_grad_(True) for t in (x, weight, bias, scale, shift)]
         ref_y = gns.group_norm_silu_reference(*leaves[:3], groups, 1e-5, scale=leaves[3], shift=leaves[4])
         if dropout_p and x.device.type != "meta":  # the kernels' mask, computed independently (meta: compile only)
-            ref_y = ref_y * (gns.dropout_keep_mask(seed, x.shape, dropout_p).to(x.device).float() / (1 - dropout_p))
+            keep = gns.dropout_keep_mask(seed, x.shape, dropout_p, layout == "channels_last")
+            ref_y = ref_y * (keep.to(x.device).float() * gns.dropout_scale(dropout_p))
         ref_grads = torch.autograd.grad(ref_y, leaves, dy.float())
 
         def launch(config, fn):
@@ -262,10 +263,10 @@ def group_norm_problems(setting: Setting, sites, groups, layouts) -> list[Proble
         tensor_bytes = x.numel() * x.element_size()
         for direction, backward in (("fwd", False), ("bwd", True)):
             picked = gns._launch_config(n, c, h * w, groups, x.stride(1), x.device, backward=backward,
-                                        dropout=dropout_p > 0)
+                                        dropout=gns._dropout_axis(dropout_p, gns.memory_format_of(x)))
             heuristic = GroupNormConfig(picked.block_c, picked.block_hw, picked.num_warps, picked.groups)
             candidates = _group_norm_candidates(c // groups, groups, h * w, contiguous_channels, setting,
-                                                heuristic, min_hw=4 if dropout_p else 1)
+                                                heuristic, min_hw=8 if dropout_p and layout == "nchw" else 1)
             if direction == "fwd":
                 problems.append(Problem("group_norm", f"{label} fwd {layout}", heuristic, candidates, run_forward,
                                         (ref_y.detach(),), 2.0 * tensor_bytes, "GB/s"))

@@ -29,12 +29,18 @@ A = sum_hw dh*xh, B = sum_hw dh; with k = gamma*(1+s_out) and g = dh*k (the grad
     ds_out = gamma*A + beta*B      dt_out = B
     ds_in  = sum_hw du*x           dt_in  = sum_hw du
 
-Dropout (optional, training): y = act(h) * keep / (1 - p_drop), with keep ~ Bernoulli(1 - p_drop)
-a pure function of (seed, n, c, position): Philox4x32-10 keyed by the 64-bit seed (a device tensor,
-so no host sync) at counter (n*C + c)*ceil(HW/4) + position//4 gives four 32-bit words, of which
-the element takes word position%4, and keep = (word >> 1) >= round(p_drop * 2^31). The mask is
-regenerated in backward, never stored, and does not depend on the layout or the launch
-configuration; there dh picks up the same factor keep / (1 - p_drop).
+Dropout (optional, training): y = act(h) * keep / P_keep, with keep ~ Bernoulli(P_keep) a pure
+function of (seed, n, c, position) and x's memory format. One Philox4x32-10 call, keyed by the 64-bit
+seed (a device tensor, so no host sync), gives four 32-bit words w0..w3, i.e. eight 16-bit halves
+(low half of w0, high half of w0, low half of w1, ...), for an octet of 8 elements adjacent in memory:
+    NCHW:          counter (n*C + c)*ceil(HW/8) + p//8, the element takes half p % 8;
+    channels_last: counter (n*HW + p)*ceil(C/8) + c//8, the element takes half c % 8;
+and keep = half >= t with t = round(p_drop * 2^16): P_keep = 1 - t/2^16, within 2^-17 of 1 - p_drop.
+So a thread holding 8 contiguous elements draws their bits with one call and no exchange with other
+threads (where a channels_last tile does not start on a multiple of 8 channels, i.e. channels per
+group not a multiple of 8, each element draws its own octet's words: 8 times the Philox work). The
+mask is regenerated in backward, never stored, and does not depend on the launch configuration;
+there dh picks up the same factor keep / P_keep.
 
 xh is recomputed from x in backward, never saved. Weight/scale gradients are deterministic: the
 main kernels write per-(n, c[, split]) partial sums to a buffer, and a small kernel sums them in
@@ -171,16 +177,42 @@ def _dropout_seed(seed_ptr, DROPOUT: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed, rows, p0, HW, threshold, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """keep[i, j] for rows (n*C + c, a BLOCK_C vector) and positions p0 + j, p0 % 4 == 0:
-    Philox4x32-10(seed) at counter row*ceil(HW/4) + (p0 + j)//4 gives words w0..w3; the element takes
-    w_{(p0 + j) % 4}, and keep = (w >> 1) >= threshold (threshold = round(p_drop * 2^31))."""
-    quads = p0 // 4 + tl.arange(0, BLOCK_HW // 4)
-    counters = rows.to(tl.int64)[:, None] * tl.cdiv(HW, 4) + quads[None, :]
-    w0, w1, w2, w3 = tl.randint4x(seed, counters)
-    # join(join(w0, w2), join(w1, w3)) is [..., 2, 2] holding w0, w1, w2, w3 in row-major order
-    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BLOCK_C, BLOCK_HW])
-    return (words >> 1).to(tl.int32, bitcast=True) >= threshold
+def _dropout_keep(seed, n, c_tile, p0, C, HW, threshold, OCTETS: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """keep[i, j] for channel c_tile + i and position p0 + j of sample n, with octets (see the module
+    docstring) along positions (OCTETS 1, p0 % 8 == 0) or along channels (OCTETS 2, c_tile % 8 == 0;
+    OCTETS 3: any c_tile, each element drawing its own octet's words, 8 times the work).
+    keep = half >= t. `threshold` is t*2^16, compared as uint32: low half >= t <=> (w << 16) >= t*2^16,
+    high half >= t <=> w >= t*2^16, whatever w's low bits."""
+    t = threshold.to(tl.uint32)
+    if OCTETS == 3:
+        c = c_tile + tl.arange(0, BLOCK_C)
+        p = p0 + tl.arange(0, BLOCK_HW)
+        counters = (n.to(tl.int64) * HW + p[None, :]) * tl.cdiv(C, 8) + (c // 8)[:, None]
+        w0, w1, w2, w3 = tl.randint4x(seed, counters)
+        k = (c % 8)[:, None]
+        w = tl.where(k < 4, tl.where(k < 2, w0, w1), tl.where(k < 6, w2, w3))
+        keep = tl.where(k % 2 == 0, w << 16, w) >= t
+    else:  # (one branch per constexpr value: Triton compiles the code after a return in an if, too)
+        if OCTETS == 1:
+            rows = n * C + c_tile + tl.arange(0, BLOCK_C)
+            octets = p0 // 8 + tl.arange(0, BLOCK_HW // 8)
+            counters = rows.to(tl.int64)[:, None] * tl.cdiv(HW, 8) + octets[None, :]
+        else:
+            octets = c_tile // 8 + tl.arange(0, BLOCK_C // 8)
+            p = p0 + tl.arange(0, BLOCK_HW)
+            counters = (n.to(tl.int64) * HW + p[None, :]) * tl.cdiv(C, 8) + octets[:, None]
+        w0, w1, w2, w3 = tl.randint4x(seed, counters)
+        # join adds a last axis: join(join(A, B), join(C, D))[..., i, j] = (A, B, C, D)[2j + i], so
+        # with (A, B, C, D) = (w0, w2, w1, w3) element [..., i, j] comes from w_{2i+j}; joining lows and
+        # highs last puts half h of w_{2i+j} at [..., i, j, h]: index 4i + 2j + h is its place in the octet
+        lows = tl.join(tl.join(w0 << 16, w2 << 16), tl.join(w1 << 16, w3 << 16))
+        highs = tl.join(tl.join(w0, w2), tl.join(w1, w3))
+        halves = tl.join(lows, highs)  # [BLOCK_C, BLOCK_HW // 8, 2, 2, 2] or [BLOCK_C // 8, BLOCK_HW, 2, 2, 2]
+        if OCTETS == 2:
+            halves = tl.permute(halves, (0, 2, 3, 4, 1))  # the octet next to its channel axis
+        keep = tl.reshape(halves, [BLOCK_C, BLOCK_HW]) >= t
+    return keep
 
 
 @triton.jit
@@ -279,7 +311,7 @@ def _gn_fwd_kernel(
     Otherwise it merges the num_splits partial moments written by _gn_fwd_moments_kernel:
     n = sum n_i, mean = sum n_i*mean_i / n, M2 = sum (M2_i + n_i*(mean_i - mean)^2).
     The split-0 program stores mean and rstd = 1/sqrt(M2/n + eps).
-    DROPOUT: y = where(keep, y*drop_scale, 0) with keep from _dropout_keep.
+    DROPOUT (0: off, else _dropout_keep's OCTETS): y = where(keep, y*drop_scale, 0).
     Each program takes blocks pid, pid + programs, ... of the num_blocks = N*G/GROUPS (one each, unless
     the launcher caps the grid: fewer groups in flight between their two passes, so that the second
     pass finds them in L2).
@@ -332,7 +364,8 @@ def _gn_fwd_kernel(
                 if SILU:
                     h = h * _sigmoid(h)
                 if DROPOUT:
-                    keep = _dropout_keep(seed, st_base + offs_c, p0, HW, drop_threshold, BLOCK_C, BLOCK_HW)
+                    keep = _dropout_keep(seed, n, c_first + c0, p0, C, HW, drop_threshold, DROPOUT,
+                                         BLOCK_C, BLOCK_HW)
                     h = tl.where(keep, h * drop_scale, 0.0)
                 tl.store(y_ptr + y_base + offs_c[:, None] * stride_yc + offs_p[None, :] * stride_yp,
                          h.to(y_ptr.dtype.element_ty), mask=mask)
@@ -341,7 +374,7 @@ def _gn_fwd_kernel(
 @triton.jit
 def _load_x_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, cmask, p0, p_end,
                stride_xc, stride_xp, stride_dyc, stride_dyp, a, b,
-               seed, st_base, HW, drop_threshold, drop_scale,
+               seed, n, c_tile, C, HW, drop_threshold, drop_scale,
                SILU: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """The (channels offs_c x positions p0 .. p0+BLOCK_HW) tile: x and dh = dL/dh, where h = a*x + b
     (per channel, as in the forward) and dh = dy'*sigma(h)*(1 + h*(1 - sigma(h))) with SiLU, else dy';
@@ -355,7 +388,7 @@ def _load_x_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, cmask, p0, p_end,
     dh = tl.load(dy_ptr + dy_base + offs_c[:, None] * stride_dyc + offs_p[None, :] * stride_dyp,
                  mask=mask, other=0.0).to(tl.float32)
     if DROPOUT:
-        keep = _dropout_keep(seed, st_base + offs_c, p0, HW, drop_threshold, BLOCK_C, BLOCK_HW)
+        keep = _dropout_keep(seed, n, c_tile, p0, C, HW, drop_threshold, DROPOUT, BLOCK_C, BLOCK_HW)
         dh = tl.where(keep, dh * drop_scale, 0.0)
     if SILU:
         h = x * a[:, None] + b[:, None]
@@ -367,7 +400,7 @@ def _load_x_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, cmask, p0, p_end,
 @triton.jit
 def _channel_sums(
     x_ptr, dy_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, sums_ptr, seed,
-    x_base, dy_base, st_base, sums_base, c_first, Cp, HW, p_start, p_end, num_splits, mean, rstd,
+    x_base, dy_base, st_base, sums_base, n, c_first, Cp, C, HW, p_start, p_end, num_splits, mean, rstd,
     drop_threshold, drop_scale, stride_xc, stride_xp, stride_dyc, stride_dyp,
     SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr, SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr,
     SILU: tl.constexpr, DROPOUT: tl.constexpr, GROUPS: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -388,7 +421,7 @@ def _channel_sums(
         for p0 in range(p_start, p_end, BLOCK_HW):
             x, dh, _, _ = _load_x_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, cmask, p0, p_end,
                                      stride_xc, stride_xp, stride_dyc, stride_dyp, a, b,
-                                     seed, st_base, HW, drop_threshold, drop_scale,
+                                     seed, n, c_first + c0, C, HW, drop_threshold, drop_scale,
                                      SILU, DROPOUT, BLOCK_C, BLOCK_HW)
             # masked lanes: dy = 0 there, so dh = 0 and they add nothing
             acc_dh_xh += dh * (x * p[:, None] + q[:, None])
@@ -423,7 +456,7 @@ def _gn_bwd_sums_kernel(
                   _dropout_seed(seed_ptr, DROPOUT), n.to(tl.int64) * stride_xn + c_first * stride_xc,
                   n.to(tl.int64) * stride_dyn + c_first * stride_dyc,
                   n * C + c_first, ((n * C + c_first) * num_splits + split) * 2,
-                  c_first, Cg, HW, p_start, tl.minimum(p_start + hw_per_split, HW), num_splits,
+                  n, c_first, Cg, C, HW, p_start, tl.minimum(p_start + hw_per_split, HW), num_splits,
                   tl.load(mean_ptr + pid), tl.load(rstd_ptr + pid), drop_threshold, drop_scale,
                   stride_xc, stride_xp, stride_dyc, stride_dyp,
                   SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, SILU, DROPOUT, 1, BLOCK_C, BLOCK_HW)
@@ -464,7 +497,7 @@ def _gn_bwd_kernel(
         if FUSED_SUMS:
             total_ka, total_kb = _channel_sums(
                 x_ptr, dy_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, sums_ptr, seed,
-                x_base, dy_base, st_base, st_base * 2, c_first, Cp, HW, 0, HW, 1, mean, rstd,
+                x_base, dy_base, st_base, st_base * 2, n, c_first, Cp, C, HW, 0, HW, 1, mean, rstd,
                 drop_threshold, drop_scale, stride_xc, stride_xp, stride_dyc, stride_dyp,
                 SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, SILU, DROPOUT, GROUPS, BLOCK_C, BLOCK_HW)
         else:  # GROUPS == 1
@@ -500,7 +533,7 @@ def _gn_bwd_kernel(
             for p0 in range(p_start, p_end, BLOCK_HW):
                 x, dh, offs_p, mask = _load_x_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, cmask, p0, p_end,
                                                  stride_xc, stride_xp, stride_dyc, stride_dyp, a, b,
-                                                 seed, st_base, HW, drop_threshold, drop_scale,
+                                                 seed, n, c_first + c0, C, HW, drop_threshold, drop_scale,
                                                  SILU, DROPOUT, BLOCK_C, BLOCK_HW)
                 du = dh * du_dh[:, None] + (x * du_dx[:, None] + du_0[:, None])
                 tl.store(dx_ptr + dx_base + offs_c[:, None] * stride_dxc + offs_p[None, :] * stride_dxp,
@@ -615,9 +648,13 @@ def _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dr
                             f"{x.dtype} ({name} must be {allowed})")
     if not _is_real_number(dropout_p) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"group_norm_silu: dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if _dropout_constants(dropout_p)[0] >= 2 ** 31:
-        raise ValueError(f"group_norm_silu: dropout_p {dropout_p!r} is within 2^-32 of 1, where the 31-bit keep "
+    threshold = _dropout_constants(dropout_p)[0]
+    if threshold >= 2 ** 16:
+        raise ValueError(f"group_norm_silu: dropout_p {dropout_p!r} is within 2^-17 of 1, where the 16-bit keep "
                          f"threshold drops every element")
+    if dropout_p > 0 and threshold == 0:
+        raise ValueError(f"group_norm_silu: dropout_p {dropout_p!r} is below 2^-17, where the 16-bit keep "
+                         f"threshold keeps every element (use 0 for no dropout)")
     if dropout_p > 0:
         if seed is None:
             raise TypeError("group_norm_silu: dropout needs a seed (an int64 tensor of one element)")
@@ -635,11 +672,25 @@ def _is_real_number(value) -> bool:
 
 
 def _dropout_constants(dropout_p):
-    """(threshold, scale): keep = (word >> 1) >= threshold keeps with probability
-    1 - threshold/2^31 (= 1 - dropout_p to within 2^-32), and scale = 1/(that probability);
-    scale is inf when threshold = 2^31 (dropout_p within 2^-32 of 1, refused by _check_inputs)."""
-    threshold = round(dropout_p * 2.0 ** 31)
-    return threshold, 2.0 ** 31 / (2.0 ** 31 - threshold) if threshold < 2 ** 31 else math.inf
+    """(t, scale): keep = half >= t for 16-bit random halves keeps with probability
+    P_keep = 1 - t/2^16 (t = round(dropout_p * 2^16): within 2^-17 of 1 - dropout_p), and
+    scale = 1/P_keep; scale is inf when t = 2^16 (dropout_p within 2^-17 of 1, refused by
+    _check_inputs)."""
+    threshold = round(dropout_p * 2.0 ** 16)
+    return threshold, 2.0 ** 16 / (2.0 ** 16 - threshold) if threshold < 2 ** 16 else math.inf
+
+
+def _dropout_axis(dropout_p, memory_format):
+    """The axis of the dropout mask's octets for x in memory_format (None without dropout)."""
+    if dropout_p == 0:
+        return None
+    return "channels" if memory_format == torch.channels_last else "positions"
+
+
+def _kernel_dropout_args(dropout_p):
+    """(t*2^16, scale): the threshold in the form _dropout_keep compares against 32-bit words."""
+    threshold, scale = _dropout_constants(dropout_p)
+    return threshold << 16, scale
 
 
 _LOW32 = 0xFFFFFFFF
@@ -667,20 +718,33 @@ def _philox4x32_10(seed, counters):
     return c0, c1, c2, c3
 
 
-def dropout_keep_mask(seed, shape, dropout_p):
-    """The kernels' dropout mask for an (N, C, H, W) tensor as a bool tensor on the seed's device (CPU
-    for an int seed), computed independently of Triton: keep[n, c, p] from word p % 4 of
-    Philox4x32-10(seed) at counter (n*C + c)*ceil(HW/4) + p//4 (see the module docstring)."""
+def dropout_keep_mask(seed, shape, dropout_p, channels_last=False):
+    """The kernels' dropout mask for an (N, C, H, W) tensor, NCHW or channels_last (as
+    kernels.layout.memory_format_of tells), as a bool tensor on the seed's device (CPU for an int
+    seed), computed independently of Triton: Philox4x32-10(seed) at counter (n*C + c)*ceil(HW/8) + p//8,
+    16-bit half p % 8 of its four words (low half first); channels_last: counter
+    (n*HW + p)*ceil(C/8) + c//8, half c % 8 (see the module docstring)."""
     N, C, H, W = shape
     HW = H * W
-    quads = -(-HW // 4)
+    rows, length = (N * HW, C) if channels_last else (N * C, HW)  # octets run along `length`
+    octets = -(-length // 8)
     device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
     seed = int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)
-    counters = (torch.arange(N * C, dtype=torch.int64, device=device)[:, None] * quads
-                + torch.arange(quads, dtype=torch.int64, device=device)[None, :])
-    words = torch.stack(_philox4x32_10(seed, counters), dim=-1).reshape(N * C, quads * 4)[:, :HW]
+    counters = (torch.arange(rows, dtype=torch.int64, device=device)[:, None] * octets
+                + torch.arange(octets, dtype=torch.int64, device=device)[None, :])
+    words = torch.stack(_philox4x32_10(seed, counters), dim=-1)  # (rows, octets, 4)
+    halves = torch.stack([words & 0xFFFF, words >> 16], dim=-1).reshape(rows, octets * 8)[:, :length]
     threshold, _ = _dropout_constants(dropout_p)
-    return ((words >> 1) >= threshold).reshape(N, C, H, W)
+    keep = halves >= threshold
+    if channels_last:
+        return keep.reshape(N, H, W, C).permute(0, 3, 1, 2)
+    return keep.reshape(N, C, H, W)
+
+
+def dropout_scale(dropout_p):
+    """The factor 1/P_keep the kernels give the kept elements: P_keep = 1 - round(dropout_p*2^16)/2^16,
+    within 2^-17 of 1 - dropout_p (1 without dropout)."""
+    return _dropout_constants(dropout_p)[1]
 
 
 def new_dropout_seed(device):
@@ -741,6 +805,7 @@ class _LaunchConfig(NamedTuple):
     num_warps: int
     groups: int = 1     # adjacent groups per program (channels_last: block_c = groups * Cg)
     programs: int = 0   # cap on the main kernel's programs (each loops over blocks); 0: one per block
+    octets: int = 0     # dropout mask octets: 0 no dropout, else _dropout_keep's OCTETS
 
 
 _SM_COUNT = {}
@@ -753,7 +818,7 @@ def _sm_count(device):
     return _SM_COUNT[index]
 
 
-def _launch_config(N, C, HW, num_groups, stride_c, device, backward, dropout=False):
+def _launch_config(N, C, HW, num_groups, stride_c, device, backward, dropout=None):
     """Tile shape, split and warps by heuristic.
 
     GPU: a tile holds 2048 elements forward and 1024 backward (which keeps about twice as many
@@ -763,8 +828,9 @@ def _launch_config(N, C, HW, num_groups, stride_c, device, backward, dropout=Fal
     are fewer than two groups per SM; then its positions are split so that the grid has about
     four programs per SM. The interpreter gets 4096-element tiles and no split: it costs
     ~10-30 ms per program and per loop step, whatever the tile size.
-    With dropout, tiles span at least 4 positions (one Philox call gives the words of 4 positions),
-    and backward puts 4 elements on a thread.
+    dropout: None, or the axis of the mask's octets, "positions" (NCHW) or "channels" (channels_last).
+    Octets of positions need tiles spanning at least 8 positions; octets of channels are drawn a
+    whole octet at a time when every tile starts on a multiple of 8 channels, else element by element.
 
     channels_last with few channels per group (GroupNorm(32) over 128 channels: 4 channels, 8 bytes
     in bf16) would give each tile row a sliver of a 32-byte memory sector, the rest of which belongs
@@ -775,7 +841,7 @@ def _launch_config(N, C, HW, num_groups, stride_c, device, backward, dropout=Fal
     Cg = C // num_groups
     on_gpu = not _INTERPRETED  # compiled kernels only ever launch on the GPU (see _check_device)
     tile = (1024 if backward else 2048) if on_gpu else 4096
-    min_hw = 4 if dropout else 1
+    min_hw = 8 if dropout == "positions" else 1
     override = _LAUNCH_OVERRIDE or {}
     channels_last = stride_c == 1 and C > 1
     groups = 1
@@ -812,16 +878,20 @@ def _launch_config(N, C, HW, num_groups, stride_c, device, backward, dropout=Fal
     num_splits = override.get("split", num_splits)
     hw_per_split = triton.cdiv(triton.cdiv(HW, num_splits), block_hw) * block_hw
     num_splits = triton.cdiv(HW, hw_per_split)  # no empty splits
-    # backward with dropout regenerates the mask in both of its passes: 4 elements a thread, not 8
-    # (bf16 at 8x8x512 on sm_90 with Triton 3.6: 236 registers on 4 warps)
-    per_thread = 4 if dropout and backward else 8
+    octets = 0
+    if dropout == "positions":
+        octets = 1
+    elif dropout == "channels":  # tiles start at c_first + c0: multiples of 8 when both steps are
+        octets = 2 if channels_per_program % 8 == 0 and block_c % 8 == 0 else 3
+    # backward regenerating the mask element by element in both of its passes: 4 elements a thread
+    per_thread = 4 if octets == 3 and backward else 8
     num_warps = override.get("num_warps", min(8, max(1, block_c * block_hw // (32 * per_thread))))
     # a capped grid (programs loop over blocks) only where each group is one program's (no split)
     cap = override.get("programs", 0)
     if cap and num_splits != 1:
         raise ValueError(f"group_norm_silu: a capped grid ({cap} programs) needs whole groups per program, "
                          f"got {num_splits} splits")
-    return _LaunchConfig(block_c, block_hw, num_splits, hw_per_split, num_warps, groups, cap)
+    return _LaunchConfig(block_c, block_hw, num_splits, hw_per_split, num_warps, groups, cap, octets)
 
 
 def _in_out_flags(scale, shift, mode):
@@ -847,10 +917,10 @@ def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout
     shift = shift.contiguous() if shift is not None else None
     mean = _new_buffer((N, G), torch.float32, x.device)
     rstd = _new_buffer((N, G), torch.float32, x.device)
+    cfg = _launch_config(N, C, HW, G, sxc, x.device, backward=False, dropout=_dropout_axis(dropout_p, memory_format))
     dropout = dropout_p > 0
-    cfg = _launch_config(N, C, HW, G, sxc, x.device, backward=False, dropout=dropout)
     flags = _in_out_flags(scale, shift, mode)
-    drop_threshold, drop_scale = _dropout_constants(dropout_p)
+    drop_threshold, drop_scale = _kernel_dropout_args(dropout_p)
     # an absent scale/shift is never read (its constexpr flag is off): pass x as a placeholder
     scale_arg = scale if scale is not None else x
     shift_arg = shift if shift is not None else x
@@ -869,7 +939,7 @@ def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout
         x, y, weight, bias, scale_arg, shift_arg, mean, rstd, moments, seed if dropout else mean,
         C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits, num_blocks, float(eps), drop_threshold, drop_scale,
         sxn, sxc, sxp, syn, syc, syp,
-        **flags, SILU=silu, DROPOUT=dropout, FUSED_STATS=fused,
+        **flags, SILU=silu, DROPOUT=cfg.octets, FUSED_STATS=fused,
         SPLITS_P2=triton.next_power_of_2(cfg.num_splits), GROUPS=cfg.groups,
         BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, num_warps=cfg.num_warps)
     return y, mean, rstd
@@ -896,10 +966,10 @@ def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mo
     weight_c, bias_c = weight.contiguous(), bias.contiguous()
     scale_c = scale.contiguous() if scale is not None else None
     shift_c = shift.contiguous() if shift is not None else None
+    cfg = _launch_config(N, C, HW, G, sxc, x.device, backward=True, dropout=_dropout_axis(dropout_p, memory_format))
     dropout = dropout_p > 0
-    cfg = _launch_config(N, C, HW, G, sxc, x.device, backward=True, dropout=dropout)
     flags = _in_out_flags(scale, shift, mode)
-    drop_threshold, drop_scale = _dropout_constants(dropout_p)
+    drop_threshold, drop_scale = _kernel_dropout_args(dropout_p)
     seed_arg = seed if dropout else mean
     scale_arg = scale_c if scale_c is not None else x
     shift_arg = shift_c if shift_c is not None else x
@@ -909,7 +979,7 @@ def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mo
     need_in = flags["SCALE_IN"] or flags["SHIFT_IN"]
     sums_in = _new_buffer((N, C, cfg.num_splits, 2), torch.float32, x.device) if need_in else sums
     common = dict(SCALE_IN=flags["SCALE_IN"], SHIFT_IN=flags["SHIFT_IN"],
-                  SCALE_OUT=flags["SCALE_OUT"], SHIFT_OUT=flags["SHIFT_OUT"], SILU=silu, DROPOUT=dropout,
+                  SCALE_OUT=flags["SCALE_OUT"], SHIFT_OUT=flags["SHIFT_OUT"], SILU=silu, DROPOUT=cfg.octets,
                   BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, num_warps=cfg.num_warps)
     if not fused:
         _gn_bwd_sums_kernel[(N * G, cfg.num_splits)](
@@ -1026,9 +1096,10 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=Non
     x: (N, C, H, W) fp32/fp16/bf16, NCHW-contiguous or channels_last (others are copied);
     weight, bias: (C,); scale, shift: (N, C) or None; each in x's dtype or fp32, on x's device.
     mode "pre": y = act(gamma*GN(x*(1+s)+t) + beta); "post": y = act((gamma*GN(x)+beta)*(1+s)+t);
-    act = SiLU when silu else identity. dropout_p > 0: y = y*keep/(1 - dropout_p) with the mask a
+    act = SiLU when silu else identity. dropout_p > 0: y = y*keep*dropout_scale(dropout_p) with the mask a
     function of seed (an int64 tensor of one element on x's device; None draws one with
-    new_dropout_seed) regenerated in backward; dropout_keep_mask(seed, x.shape, dropout_p) is it.
+    new_dropout_seed) regenerated in backward; it is dropout_keep_mask(seed, x.shape, dropout_p,
+    channels_last), channels_last when kernels.layout.memory_format_of(x) is torch.channels_last.
     Returns y in x's dtype and memory format.
     CPU tensors run only through the Triton interpreter (TRITON_INTERPRET=1 at import).
     """
@@ -1044,7 +1115,7 @@ def group_norm_silu_reference(x, weight, bias, num_groups, eps=1e-5, scale=None,
                               mode="pre", silu=True, dropout_p=0.0, seed=None):
     """Eager PyTorch version of group_norm_silu, in x's dtype (any floating dtype, float64 too);
     weight, bias, scale, shift are cast to x's dtype. With dropout_p > 0 it applies the kernels'
-    own mask, dropout_keep_mask(seed, x.shape, dropout_p), so it matches group_norm_silu exactly."""
+    own mask, dropout_keep_mask for x's memory format, so it matches group_norm_silu exactly."""
     _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed, reference=True)
 
     def per_channel(v):
@@ -1066,8 +1137,8 @@ def group_norm_silu_reference(x, weight, bias, num_groups, eps=1e-5, scale=None,
             h = h + per_channel(shift)
     y = F.silu(h) if silu else h
     if dropout_p > 0:
-        _, drop_scale = _dropout_constants(dropout_p)
-        y = y * (dropout_keep_mask(seed, x.shape, dropout_p).to(x.device, x.dtype) * drop_scale)
+        keep = dropout_keep_mask(seed, x.shape, dropout_p, memory_format_of(x) == torch.channels_last)
+        y = y * (keep.to(x.device, x.dtype) * dropout_scale(dropout_p))
     return y
 
 

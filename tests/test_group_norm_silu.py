@@ -29,6 +29,7 @@ import torch
 
 from conftest import DEVICE, ON_GPU
 
+from kernels.layout import memory_format_of  # noqa: E402
 from kernels.group_norm_silu import (dropout_keep_mask, group_norm_silu,  # noqa: E402
                                      group_norm_silu_reference, new_dropout_seed)
 
@@ -132,7 +133,7 @@ def _check_against_float64(shape, dtype, mode, silu, has_scale, has_shift, chann
     y64 = group_norm_silu_reference(*leaves64[:3], num_groups, EPS, *leaves64[3:], mode=mode, silu=silu,
                                     dropout_p=dropout_p, seed=seed)
     if dropout_p:
-        keep = dropout_keep_mask(seed, x.shape, dropout_p).to(DEVICE)
+        keep = dropout_keep_mask(seed, x.shape, dropout_p, memory_format_of(x) == torch.channels_last).to(DEVICE)
         clear = y64.detach().abs() > 1e-6  # where the undropped output cannot round to 0
         assert torch.equal((y != 0)[clear], keep[clear]), "the kernel's dropout mask is not dropout_keep_mask"
     grads64 = torch.autograd.grad(y64, [leaf for leaf in leaves64 if leaf is not None], dy.double())
@@ -238,7 +239,8 @@ def test_groups_per_program_heuristic_on_an_h100(monkeypatch):
 
     def config(n, c, hw, groups=32, channels_last=True, backward=False, dropout=False):
         stride_c = 1 if channels_last else hw
-        return gns._launch_config(n, c, hw, groups, stride_c, None, backward, dropout)
+        return gns._launch_config(n, c, hw, groups, stride_c, None, backward,
+                                  ("channels" if channels_last else "positions") if dropout else None)
 
     res64 = config(128, 128, 64 * 64)  # the seed's 64x64 site: 4 channels per group
     assert (res64.groups, res64.block_c, res64.block_hw, res64.num_splits) == (8, 32, 64, 1)
@@ -340,9 +342,10 @@ def test_dropout_other_modes_and_rates(mode, silu, dropout_p):
                            dropout_p=dropout_p)
 
 
-# the mask must not depend on the launch configuration: 4-position tiles, tails, splits
-DROPOUT_CONFIGS = [dict(block_c=8, block_hw=4), dict(block_c=4, block_hw=8, split=3),
-                   dict(block_c=8, block_hw=16, split=2), dict(block_c=8, block_hw=4, programs=1)]
+# the mask must not depend on the launch configuration: 8-position tiles, tails, splits
+DROPOUT_CONFIGS = [dict(block_c=8, block_hw=8), dict(block_c=4, block_hw=8, split=3),
+                   dict(block_c=8, block_hw=16, split=2), dict(block_c=2, block_hw=32, split=2),
+                   dict(block_c=8, block_hw=8, programs=1)]
 
 
 @pytest.mark.parametrize("config", DROPOUT_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
@@ -353,27 +356,66 @@ def test_dropout_forced_tiles_and_splits(monkeypatch, config, channels_last):
                            seed_extra=tuple(config.items()), dropout_p=0.2)
 
 
-def test_dropout_tiles_narrower_than_four_positions_are_refused(monkeypatch):
-    monkeypatch.setattr(gns, "_LAUNCH_OVERRIDE", dict(block_hw=2))
+# channels_last, 16 channels per group: every tile starts on a multiple of 8 channels, so the kernels draw
+# whole octets of channels at once (OCTETS 2); one group a program, in several channel tiles, split, or
+# in a capped grid (several groups a program: test_several_groups_per_program_with_dropout)
+ALIGNED_OCTET_CONFIGS = [dict(groups=1, block_c=8, block_hw=4), dict(groups=1, block_c=16, block_hw=8, split=2),
+                         dict(groups=1, block_c=8, block_hw=2, programs=1)]
+
+
+@pytest.mark.parametrize("config", ALIGNED_OCTET_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_dropout_whole_channel_octets(monkeypatch, config):
+    monkeypatch.setattr(gns, "_LAUNCH_OVERRIDE", config)
+    _check_against_float64((2, 32, 7, 5, 2), torch.float32, "pre", True, True, True, True,
+                           seed_extra=tuple(config.items()), dropout_p=0.2)
+
+
+def test_dropout_octets_follow_the_layout_and_the_tiles():
+    def octets(shape, groups, memory_format, backward=False):
+        x = torch.empty(shape).contiguous(memory_format=memory_format)
+        axis = gns._dropout_axis(0.1, memory_format_of(x))
+        cfg = gns._launch_config(shape[0], shape[1], shape[2] * shape[3], groups, x.stride(1), None, backward, axis)
+        return cfg.octets, cfg.block_hw
+
+    assert octets((2, 32, 7, 5), 2, torch.contiguous_format) == (1, 64)  # positions: 8-aligned tiles
+    assert octets((2, 32, 7, 5), 2, torch.channels_last)[0] == 2  # 16 channels a group
+    assert octets((2, 24, 7, 5), 2, torch.channels_last)[0] == 3  # 12: tiles start at channel 12
+    assert octets((2, 24, 1, 1), 2, torch.channels_last) == (1, 8)  # 1x1: NCHW-contiguous too
+    assert gns._dropout_axis(0.0, torch.channels_last) is None
+    assert gns._launch_config(2, 24, 35, 2, 1, None, True).octets == 0
+
+
+def test_dropout_tiles_narrower_than_eight_positions_are_refused(monkeypatch):
+    monkeypatch.setattr(gns, "_LAUNCH_OVERRIDE", dict(block_hw=4))
     x, weight, bias, _, _, _ = _make_inputs((1, 8, 3, 3, 2), torch.float32, torch.float32, False, False, False, 1)
-    with pytest.raises(ValueError, match="at least 4 positions"):
+    with pytest.raises(ValueError, match="at least 8 positions"):
         group_norm_silu(x, weight, bias, 2, dropout_p=0.5)
 
 
 @pytest.mark.parametrize("dropout_p", [0.1, 0.5])
 def test_dropout_mask_statistics(dropout_p):
-    # 2^20 Bernoulli draws: the keep rate within 6 sigma of 1 - p, in each of the four Philox
-    # words (positions p % 4) too; two seeds agree where two independent masks would
+    # 2^20 Bernoulli draws: the keep rate within 6 sigma of 1 - p, in each of the eight 16-bit
+    # halves of a Philox call (positions p % 8) too; two seeds, and two halves of one call, agree where
+    # independent draws would
     shape, seeds = (8, 64, 32, 64), (0x1234_5678_9ABC, 0x1234_5678_9ABD)
     keeps = [dropout_keep_mask(torch.tensor([seed]), shape, dropout_p).flatten(2).double() for seed in seeds]
     n = keeps[0].numel()
     sigma = (dropout_p * (1 - dropout_p) / n) ** 0.5
     assert abs(keeps[0].mean().item() - (1 - dropout_p)) < 6 * sigma
-    for word in range(4):
-        assert abs(keeps[0][..., word::4].mean().item() - (1 - dropout_p)) < 12 * sigma
+    for half in range(8):
+        assert abs(keeps[0][..., half::8].mean().item() - (1 - dropout_p)) < 12 * sigma
+    expected = dropout_p ** 2 + (1 - dropout_p) ** 2  # P(two independent draws agree)
     agree = (keeps[0] == keeps[1]).double().mean().item()
-    expected = dropout_p ** 2 + (1 - dropout_p) ** 2
     assert abs(agree - expected) < 6 * (expected * (1 - expected) / n) ** 0.5
+    for a, b in ((0, 1), (1, 2), (0, 7)):  # the two halves of one word, neighbouring words, one call's ends
+        agree = (keeps[0][..., a::8] == keeps[0][..., b::8]).double().mean().item()
+        assert abs(agree - expected) < 6 * (expected * (1 - expected) / (n / 8)) ** 0.5
+    # channels_last: the octets run along channels, so the classes are c % 8
+    keep_cl = dropout_keep_mask(torch.tensor([seeds[0]]), shape, dropout_p, channels_last=True).double()
+    for half in range(8):
+        assert abs(keep_cl[:, half::8].mean().item() - (1 - dropout_p)) < 12 * sigma
+    agree = (keep_cl[:, 0::8] == keep_cl[:, 1::8]).double().mean().item()
+    assert abs(agree - expected) < 6 * (expected * (1 - expected) / (n / 8)) ** 0.5
 
 
 def test_dropout_seed_is_drawn_from_torch_generator():
@@ -574,7 +616,8 @@ BAD_CALLS = [
     ("eps", dict(eps=0.0), ValueError, "eps must be a positive float", True),
     ("dropout_one", dict(dropout_p=1.0), ValueError, r"dropout_p must be a float in \[0, 1\)", True),
     ("dropout_negative", dict(dropout_p=-0.1), ValueError, r"dropout_p must be a float in \[0, 1\)", True),
-    ("dropout_nearly_one", dict(dropout_p=1 - 1e-10), ValueError, r"within 2\^-32 of 1", True),
+    ("dropout_nearly_one", dict(dropout_p=1 - 1e-6), ValueError, r"within 2\^-17 of 1", True),
+    ("dropout_tiny", dict(dropout_p=1e-6), ValueError, r"below 2\^-17", True),
     ("seed_dtype", dict(dropout_p=0.1, seed=torch.tensor([1.0])), TypeError, "seed must be an int64 tensor", True),
     ("seed_size", dict(dropout_p=0.1, seed=torch.tensor([1, 2])), TypeError, "seed must be an int64 tensor", True),
     ("seed_int", dict(dropout_p=0.1, seed=7), TypeError, "seed must be an int64 tensor of one element, got int", True),
