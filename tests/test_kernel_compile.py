@@ -109,3 +109,29 @@ def test_recorded_resblock_shift_stays_fp32_in_half_precision():
     fwd = next(c for c in with_shift if c.op.endswith("_fwd"))
     x, _, _, scale, shift = _as_precision(fwd, torch.bfloat16)[:5]
     assert (x.dtype, scale.dtype, shift.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+
+
+def test_fused_dropout_compiles_in_every_octet_mode():
+    """The fused dropout over the contract's shapes (odd channels per group, 7x5 and 1x1 images, the split
+    path) in NCHW and channels_last compiles for sm_90 in all three of its mask modes: octets of
+    positions, whole octets of channels, and octets of channels drawn element by element. The interpreter
+    runs Python's control flow, so it cannot see code that only Triton's compiler rejects."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the kernels are compiled and run by the other kernel tests")
+    if not _ptxas_available():
+        pytest.skip("this Triton has no NVIDIA backend with ptxas")
+    code = ("import json; from bench import compile_report as cr; "
+            "calls = [c for c in cr.contract_calls() if 'dropout' in c.site]; "
+            "compiled, failures = cr.compile_calls(calls, ['bf16'], 90); "
+            "rows = cr.summarize(compiled, 90); "
+            "print(json.dumps({'failures': failures, 'problems': cr.problems(rows, 90), "
+            "'modes': sorted({r['config']['DROPOUT'] for r in rows if r['config'].get('DROPOUT')})}))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["failures"] == [], "\n".join(result["failures"])
+    assert result["problems"] == [], "\n".join(result["problems"])
+    assert result["modes"] == [1, 2, 3]
