@@ -8,7 +8,7 @@ model does. Checked with a fixed mask (the kernels' own, dropout_keep_mask) on b
 with a fresh mask per call.
 
 Full size (GPU): batch 128, bf16 activations, fp32 affine weights (the trainer's mixed precision),
-channels_last (the trainer's layout on CUDA; the 64x64 site in NCHW too).
+channels_last (the trainer's layout on CUDA; the 64x64 dropout site in NCHW too).
 Memory-bound: the floor is the fewest bytes / copy bandwidth; forward moves x in and y out,
 forward+backward adds x and dy in and dx out (5 tensors of x's size; per-channel vectors ignored).
 Goals (issue 3): forward >= 80 % of copy bandwidth; forward+backward >= 1.3x torch.compile and
