@@ -81,6 +81,8 @@ ACTIVATION_ARGS = {
     "dream_kernels::attention_qkv_nchw_forward": (0,),        # qkv
     "dream_kernels::attention_qkv_nchw_backward": (0, 1, 3),  # qkv, out, dout
     "dream_kernels::group_norm_silu_conv2d": (0, 3, 4, 11, 12),  # x, scale, shift, conv weight and bias (autocast)
+    "dream_kernels::upsample2x_concat": (0, 1),               # h, skip
+    "dream_kernels::upsample2x_bilinear_backward": (0,),      # the gradient (its dtype argument follows it)
 }
 
 # The position of shift among each GroupNorm op's arguments (see _RecordOps)
@@ -145,11 +147,13 @@ def record_model_calls(preset: str, batch: int, channels_last: bool) -> list[OpC
 # dim and sequence lengths from 1 to 4096 (masked tails), GroupNorm over the kernel tests' shapes
 # (channels per group not powers of two, 7x5 and 1x1 images, batches 1 to 1024, the split path), both
 # modes, SiLU on and off, with and without scale/shift, and the ResBlock's form with fused dropout (its
-# two forms in channels_last too: tiles along channels, dropout octets of channels, whole or element-wise).
+# two forms in channels_last too: tiles along channels, dropout octets of channels, whole or element-wise), and
+# the skip upsampling over the kernel tests' shapes in both layouts.
 CONTRACT_ATTENTION = [(n, d) for n in (1, 17, 64, 100, 256, 1000, 4096) for d in (16, 32, 64, 128)]
 CONTRACT_GROUP_NORM = [(3, 96, 7, 5, 8), (1, 96, 7, 5, 8), (3, 12, 1, 1, 2), (2, 18, 3, 6, 3), (128, 256, 16, 16, 8),
                        (16, 128, 64, 64, 8), (2, 512, 8, 8, 8), (1, 32, 96, 96, 8), (1024, 64, 8, 8, 8),
                        (7, 1024, 9, 3, 8)]
+CONTRACT_UPSAMPLE = [(1, 3, 5, 7, 5), (3, 8, 6, 1, 1), (1, 70, 33, 2, 40), (5, 96, 160, 13, 21)]  # (N, Ch, Cs, H, W)
 
 
 def contract_calls() -> list[OpCall]:
@@ -180,6 +184,16 @@ def contract_calls() -> list[OpCall]:
             calls.append(OpCall("dream_kernels::group_norm_silu_bwd",
                                 (dy, x, meta(c), meta(c), scale, shift, meta(n, groups), meta(n, groups), *common),
                                 f"{label} {(n, c, h, w)}"))
+    for (n, ch, cs, h, w) in CONTRACT_UPSAMPLE:
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            layout = "channels_last" if memory_format == torch.channels_last else "nchw"
+            label = f"contract {layout} {(n, ch, cs, h, w)}"
+            h_in = meta(n, ch, 2 * h, 2 * w).contiguous(memory_format=memory_format)
+            skip = meta(n, cs, h, w).contiguous(memory_format=memory_format)
+            calls.append(OpCall("dream_kernels::upsample2x_concat", (h_in, skip), label))
+            calls.append(OpCall("dream_kernels::upsample2x_bilinear_backward",
+                                (meta(n, cs, 2 * h, 2 * w).contiguous(memory_format=memory_format), torch.float32,
+                                 memory_format == torch.channels_last), label))
     return calls
 
 
@@ -190,6 +204,8 @@ def _as_precision(call: OpCall, dtype: torch.dtype) -> tuple:
         if isinstance(arg, torch.Tensor):
             arg_dtype = dtype if index in activations and index not in call.fp32_args else arg.dtype
             arg = torch.empty_strided(arg.shape, arg.stride(), dtype=arg_dtype, device="meta")
+        elif isinstance(arg, torch.dtype):  # an output's dtype (the skip gradient's): the precision's
+            arg = dtype
         out.append(arg)
     return tuple(out)
 
@@ -247,8 +263,8 @@ class _CompileInsteadOfLaunch:
 
 def _kernel_modules():
     # import_module: the package binds the names `attention` and `group_norm_silu` to functions
-    return [importlib.import_module("kernels.group_norm_silu"), importlib.import_module("kernels.attention"),
-            importlib.import_module("kernels.norm_conv")]
+    return [importlib.import_module(f"kernels.{name}")
+            for name in ("group_norm_silu", "attention", "norm_conv", "upsample_concat")]
 
 
 @contextmanager
@@ -604,7 +620,8 @@ def main(argv=None) -> int:
             recorded.append(f"B={batch} {layout}")
     if args.contract:
         calls += contract_calls()
-        recorded.append("the kernels' contract (attention D 16-128, N 1-4096; GroupNorm test shapes, modes)")
+        recorded.append("the kernels' contract (attention D 16-128, N 1-4096; GroupNorm test shapes, modes; "
+                        "skip upsampling test shapes)")
     compiled, failures = compile_calls(calls, precisions, args.arch)
     rows = summarize(compiled, args.arch)
     report = {

@@ -237,6 +237,17 @@ def resize_skip(skip: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return y.to(like.dtype, memory_format=memory_format_of(like))
 
 
+def concat_skip(h: torch.Tensor, skip: torch.Tensor, backend: str) -> torch.Tensor:
+    """cat([h, skip resized to h's size], dim=1) in h's dtype and memory format. The triton backend does it
+    in one kernel (kernels.upsample2x_concat) when skip is exactly half of h, as at every decoder stage of a
+    model run at an image size divisible by 2^levels; other sizes take resize_skip and torch.cat."""
+    if backend == "triton" and (2 * skip.shape[-2], 2 * skip.shape[-1]) == tuple(h.shape[-2:]):
+        from kernels import upsample2x_concat
+
+        return upsample2x_concat(h, skip)
+    return torch.cat([h, resize_skip(skip, h)], dim=1)
+
+
 class ResBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, time_dim: int, num_groups: int, dropout: float, eps: float):
         super().__init__()
@@ -407,7 +418,7 @@ class UNet(nn.Module):
             h = self._run(block, h, temb)
         for stage in self.up:
             h = stage.upsample(h)
-            h = torch.cat([h, resize_skip(skips.pop(), h)], dim=1)
+            h = concat_skip(h, skips.pop(), self.backend)
             for block in stage.blocks:
                 h = self._run(block, h, temb)
         recompute = self.recompute_norms and self.training and torch.is_grad_enabled()

@@ -8,6 +8,7 @@ from kernels.group_norm_silu import (dropout_keep_mask, dropout_scale, group_nor
 from kernels.attention import (SUPPORTED_HEAD_DIMS, attention, attention_qkv_nchw, attention_qkv_nchw_reference,
                                attention_reference)
 from kernels.norm_conv import group_norm_silu_conv2d, group_norm_silu_conv2d_reference
+from kernels.upsample_concat import upsample2x_concat, upsample2x_concat_reference
 
 __all__ = [
     "group_norm_silu",
@@ -22,4 +23,6 @@ __all__ = [
     "attention_qkv_nchw",
     "attention_qkv_nchw_reference",
     "SUPPORTED_HEAD_DIMS",
+    "upsample2x_concat",
+    "upsample2x_concat_reference",
 ]

@@ -58,6 +58,31 @@ def test_backend_matches_eager_forward_and_every_gradient(backend, exact_fp32):
         assert err <= 4 * base + 2e-5, f"{name}: {backend} error {err:.2e}, eager fp32 error {base:.2e}"
 
 
+def test_triton_backend_concatenates_every_skip_in_one_kernel(monkeypatch, exact_fp32):
+    """Each decoder stage's skip goes through kernels.upsample2x_concat (channels_last here, the trainer's
+    layout on CUDA), and the model's output and gradients stay those of the eager model."""
+    import kernels
+    from dream.model import to_channels_last
+
+    calls = []
+    fused = kernels.upsample2x_concat
+    monkeypatch.setattr(kernels, "upsample2x_concat", lambda h, skip: calls.append(tuple(skip.shape)) or fused(h, skip))
+    model = to_channels_last(random_model().to(DEVICE))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g).to(DEVICE, memory_format=torch.channels_last)
+    t = torch.tensor([5, 900, 450, 20][:BATCH], device=DEVICE)
+    grad_out = torch.randn(BATCH, 3, SIZE, SIZE, generator=g).to(DEVICE)
+    eager = run(model.set_backend("eager"), x, t, grad_out)
+    assert not calls
+    fast = run(model.set_backend("triton"), x, t, grad_out)
+    widths = [model.config.base_channels * m for m in model.config.channel_mults]
+    assert calls == [(BATCH, widths[level], SIZE >> (level + 1), SIZE >> (level + 1))
+                     for level in reversed(range(len(widths)))]
+    assert max_rel(fast[0], eager[0]) <= 1e-5
+    for name, grad in eager[1].items():
+        assert max_rel(fast[1][name], grad) <= 1e-4, name
+
+
 def test_state_dict_is_shared_between_backends():
     eager = random_model()
     triton = build_unet("tiny", image_size=SIZE, backend="triton", dropout=0.0)

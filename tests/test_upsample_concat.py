@@ -1,0 +1,240 @@
+"""kernels.upsample2x_concat (the decoder's skip upsampled 2× bilinearly and concatenated) against
+float64 F.interpolate + torch.cat.
+
+Error metric: max|actual − expected| / max|expected| over the whole tensor, expected in float64 from
+the same (rounded) inputs and output gradient.
+
+| dtype           | out, dh, dskip | why                                                          |
+| --------------- | -------------- | ------------------------------------------------------------ |
+| float32         | 1e-6           | fp32 sums of 4 (forward) and 16 (backward) weighted terms    |
+| float16         | 1e-3           | one rounding of the output to fp16 (unit roundoff 4.9e-4)    |
+| bfloat16 (GPU)  | 8e-3           | one rounding to bf16 (unit roundoff 3.9e-3)                  |
+
+dh is dout's slice, so it is exact in every dtype. bf16 runs only with CUDA: the Triton interpreter
+rounds fp32 → bf16 by truncation.
+"""
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICE, ON_GPU
+
+from kernels.upsample_concat import (  # noqa: E402  (conftest sets TRITON_INTERPRET first)
+    _upsample2x_backward_into,
+    _upsample2x_concat_into,
+    upsample2x_concat,
+    upsample2x_concat_reference,
+)
+
+TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+_needs_cuda = pytest.mark.skipif(not ON_GPU, reason="bf16 needs CUDA (the interpreter truncates fp32 → bf16)")
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=_needs_cuda)]
+
+# (N, Ch, Cs, H, W) with skip (N, Cs, H, W) and h (N, Ch, 2H, 2W): odd and 1×1 sources, batch 1 and 3,
+# channel counts that are not powers of two, tiles with tails along columns and channels.
+CPU_SHAPES = [
+    (1, 3, 5, 7, 5),
+    (3, 8, 6, 1, 1),
+    (2, 5, 12, 4, 3),
+    (1, 2, 1, 2, 9),
+    (1, 70, 33, 2, 40),    # 80 output columns: two column tiles; 70 channels: two channel tiles
+]
+GPU_SHAPES = [            # the seed UNet's three decoder stages at batch 8, and a large odd one
+    (8, 512, 512, 8, 8),
+    (8, 256, 256, 16, 16),
+    (8, 128, 128, 32, 32),
+    (5, 96, 160, 13, 21),
+]
+SHAPES = CPU_SHAPES + (GPU_SHAPES if ON_GPU else [])
+LAYOUTS = {  # (h, skip) memory formats
+    "nchw": (torch.contiguous_format, torch.contiguous_format),
+    "channels_last": (torch.channels_last, torch.channels_last),
+    "mixed": (torch.channels_last, torch.contiguous_format),
+}
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    denom = expected.abs().max().item()
+    err = (actual.double() - expected).abs().max().item()
+    return err / denom if denom > 0 else err
+
+
+def _assert_close(name, actual, expected, tol):
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    err = _rel_err(actual, expected)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def _inputs(shape, h_dtype, skip_dtype, layout, seed):
+    n, ch, cs, height, width = shape
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    h_format, skip_format = LAYOUTS[layout]
+    h = torch.randn((n, ch, 2 * height, 2 * width), generator=gen, device=DEVICE).to(h_dtype, memory_format=h_format)
+    skip = (torch.randn((n, cs, height, width), generator=gen, device=DEVICE) * 3 + 0.5).to(
+        skip_dtype, memory_format=skip_format)
+    dout = torch.randn((n, ch + cs, 2 * height, 2 * width), generator=gen, device=DEVICE).to(h_dtype)
+    return h, skip, dout
+
+
+def _float64(h, skip, dout):
+    leaves = [t.detach().double().requires_grad_() for t in (h, skip)]
+    out = upsample2x_concat_reference(*leaves)
+    out.backward(dout.double())
+    return out.detach(), [t.grad for t in leaves]
+
+
+def _kernel(h, skip, dout):
+    leaves = [t.detach().clone().requires_grad_() for t in (h, skip)]
+    out = upsample2x_concat(*leaves)
+    out.backward(dout)
+    return out.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_and_gradients_match_float64(shape, layout, dtype):
+    h, skip, dout = _inputs(shape, dtype, dtype, layout, zlib.crc32(repr((shape, layout, dtype)).encode()))
+    out, (dh, dskip) = _kernel(h, skip, dout)
+    ref_out, (ref_dh, ref_dskip) = _float64(h, skip, dout)
+    tol = TOLERANCE[dtype]
+    assert out.dtype == dh.dtype == dskip.dtype == dtype
+    assert out.is_contiguous(memory_format=LAYOUTS[layout][0])
+    assert dskip.is_contiguous(memory_format=LAYOUTS[layout][1])
+    _assert_close("out", out, ref_out, tol)
+    assert torch.equal(dh, dout[:, :shape[1]]), "dh must be dout's h part"
+    _assert_close("dskip", dskip, ref_dskip, tol)
+
+
+@pytest.mark.parametrize("h_dtype,skip_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float16)])
+def test_mixed_dtypes_compute_in_fp32(h_dtype, skip_dtype):
+    """out takes h's dtype (the upsampling rounded once), dskip skip's dtype."""
+    shape = (2, 4, 6, 3, 5)
+    h, skip, dout = _inputs(shape, h_dtype, skip_dtype, "nchw", 5)
+    out, (dh, dskip) = _kernel(h, skip, dout)
+    ref_out, (_, ref_dskip) = _float64(h, skip, dout)
+    assert out.dtype == h_dtype and dskip.dtype == skip_dtype
+    _assert_close("out", out, ref_out, TOLERANCE[torch.float16])
+    _assert_close("dskip", dskip, ref_dskip, TOLERANCE[torch.float16])
+
+
+# (block_x, block_c, num_warps) forced onto the launchers: several tiles with tails along both axes
+FORCED_BLOCKS = [None, (2, 4, 1), (4, 2, 2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocks", FORCED_BLOCKS, ids=lambda b: "heuristic" if b is None else "x".join(map(str, b)))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_launchers_write_every_element(layout, blocks, dtype):
+    """Outputs start as NaN, inside larger buffers (strided views): every element must be written and
+    correct, and nothing outside the view touched."""
+    shape = (2, 3, 5, 3, 5)
+    n, ch, cs, height, width = shape
+    h, skip, dout = _inputs(shape, dtype, dtype, layout, 17)
+    ref_out, (_, ref_dskip) = _float64(h, skip, dout)
+    out_buffer = torch.full((n, ch + cs + 2, 2 * height, 2 * width + 1), float("nan"), device=DEVICE, dtype=dtype)
+    out = out_buffer[:, 1:-1, :, :-1]
+    _upsample2x_concat_into(h, skip, out, blocks)
+    _assert_close("out", out, ref_out, TOLERANCE[dtype])
+    assert out_buffer[:, [0, -1]].isnan().all() and out_buffer[..., -1].isnan().all()
+    grad_buffer = torch.full((n, cs, height, width + 3), float("nan"), device=DEVICE, dtype=dtype)
+    grad_skip = grad_buffer[..., 3:]
+    _upsample2x_backward_into(dout[:, ch:], grad_skip, blocks)
+    _assert_close("dskip", grad_skip, ref_dskip, TOLERANCE[dtype])
+    assert grad_buffer[..., :3].isnan().all()
+
+
+def test_upsampling_is_pytorch_bilinear():
+    """The stencil is F.interpolate's bilinear 2× (align_corners=False) and its transpose: checked in
+    float64 against the formulas written out, on a skip whose rows and columns are all distinct."""
+    skip = torch.randn(1, 1, 3, 4, dtype=torch.float64)
+    up = F.interpolate(skip, scale_factor=2, mode="bilinear", align_corners=False)
+    rows = torch.tensor([[1, 0, 0], [.75, .25, 0], [.25, .75, 0], [0, .75, .25], [0, .25, .75], [0, 0, 1]],
+                        dtype=torch.float64)
+    cols = torch.tensor([[1, 0, 0, 0], [.75, .25, 0, 0], [.25, .75, 0, 0], [0, .75, .25, 0], [0, .25, .75, 0],
+                         [0, 0, .75, .25], [0, 0, .25, .75], [0, 0, 0, 1]], dtype=torch.float64)
+    assert torch.allclose(up[0, 0], rows @ skip[0, 0] @ cols.T, rtol=0, atol=1e-12)
+    h = torch.randn(1, 2, 6, 8)
+    out = upsample2x_concat(h, skip.float())
+    assert torch.allclose(out[0, 2].double(), up[0, 0], rtol=0, atol=1e-6)
+
+
+def test_backward_is_deterministic():
+    shape = (2, 6, 10, 5, 7) if not ON_GPU else (64, 128, 128, 32, 32)
+    h, skip, dout = _inputs(shape, torch.float32, torch.float32, "channels_last", 29)
+    first = _kernel(h, skip, dout)
+    second = _kernel(h, skip, dout)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1][1], second[1][1])
+
+
+def test_opcheck():
+    """The fake implementations against the real ops (shapes, dtypes, strides), autograd registration."""
+    for layout in ("nchw", "mixed"):
+        h, skip, _ = _inputs((2, 3, 5, 2, 3), torch.float32, torch.float32, layout, 37)
+        torch.library.opcheck(torch.ops.dream_kernels.upsample2x_concat.default,
+                              (h.requires_grad_(), skip.requires_grad_()))
+    grad_up = torch.randn(2, 5, 4, 6, device=DEVICE)
+    torch.library.opcheck(torch.ops.dream_kernels.upsample2x_bilinear_backward.default,
+                          (grad_up, torch.float16, True))
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+    h, skip, dout = _inputs((2, 4, 6, 3, 4), torch.float32, torch.float32, "channels_last", 41)
+
+    def block(h, skip):
+        return upsample2x_concat(h * 2.0, skip) * 1.5
+
+    leaves = [t.detach().requires_grad_() for t in (h, skip)]
+    compiled = torch.compile(block, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
+    out = compiled(*leaves)
+    out.backward(dout)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (h, skip)]
+    ref = upsample2x_concat_reference(ref_leaves[0] * 2.0, ref_leaves[1]) * 1.5
+    ref.backward(dout.double())
+    _assert_close("out", out.detach(), ref.detach(), TOLERANCE[torch.float32])
+    for name, leaf, ref_leaf in zip(("dh", "dskip"), leaves, ref_leaves):
+        _assert_close(name, leaf.grad, ref_leaf.grad, TOLERANCE[torch.float32])
+
+
+def test_fake_tensor_mode_shapes_and_layouts():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        h = torch.empty(128, 512, 16, 16, dtype=torch.bfloat16, device=DEVICE).to(memory_format=torch.channels_last)
+        skip = torch.empty(128, 512, 8, 8, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+        out = upsample2x_concat(h, skip.to(memory_format=torch.channels_last))
+        assert out.shape == (128, 1024, 16, 16) and out.dtype == torch.bfloat16
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        out.sum().backward()
+        assert skip.grad.shape == skip.shape
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE).to(dtype)
+
+
+@pytest.mark.parametrize("h,skip,error,match", [
+    (_t(1, 2, 4, 4), _t(1, 3, 2, 3), ValueError, r"skip's size \(2, 3\) must be half of h's \(4, 4\)"),
+    (_t(1, 2, 4, 4), _t(1, 3, 4, 4), ValueError, "exact 2× upsampling"),
+    (_t(2, 2, 4, 4), _t(1, 3, 2, 2), ValueError, "same batch"),
+    (_t(2, 4, 4), _t(1, 3, 2, 2), ValueError, "h must be 4-D"),
+    (_t(1, 2, 4, 4), _t(1, 0, 2, 2), ValueError, "skip must be non-empty"),
+    (_t(1, 2, 4, 4, dtype=torch.float64), _t(1, 3, 2, 2), TypeError, "h must be float32, float16 or bfloat16"),
+    (_t(1, 2, 4, 4), torch.ones(1, 3, 2, 2, dtype=torch.int64, device=DEVICE), TypeError, "skip must be float32"),
+    ([[1.0]], _t(1, 3, 2, 2), TypeError, "h must be a torch.Tensor"),
+])
+def test_bad_inputs_raise_clear_errors(h, skip, error, match):
+    with pytest.raises(error, match=match):
+        upsample2x_concat(h, skip)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a second device type")
+def test_mixed_devices_raise():
+    with pytest.raises(ValueError, match="skip is on cpu"):
+        upsample2x_concat(_t(1, 2, 4, 4), _t(1, 3, 2, 2).cpu())
