@@ -81,7 +81,8 @@ ACTIVATION_ARGS = {
     "dream_kernels::attention_qkv_nchw_forward": (0,),        # qkv
     "dream_kernels::attention_qkv_nchw_backward": (0, 1, 3),  # qkv, out, dout
     "dream_kernels::group_norm_silu_conv2d": (0, 3, 4, 11, 12),  # x, scale, shift, conv weight and bias (autocast)
-    "dream_kernels::upsample2x_concat": (0, 1),               # h, skip
+    "dream_kernels::upsample2x_concat": (0, 1),               # h, skip (h's bias stays fp32)
+    "dream_kernels::add_bias_residual": (0, 1),               # a, b (the bias stays fp32)
     "dream_kernels::upsample2x_bilinear_backward": (0,),      # the gradient (its dtype argument follows it)
 }
 
@@ -148,12 +149,13 @@ def record_model_calls(preset: str, batch: int, channels_last: bool) -> list[OpC
 # (channels per group not powers of two, 7x5 and 1x1 images, batches 1 to 1024, the split path), both
 # modes, SiLU on and off, with and without scale/shift, and the ResBlock's form with fused dropout (its
 # two forms in channels_last too: tiles along channels, dropout octets of channels, whole or element-wise), and
-# the skip upsampling over the kernel tests' shapes in both layouts.
+# the skip upsampling and the residual sum with bias over the kernel tests' shapes in both layouts.
 CONTRACT_ATTENTION = [(n, d) for n in (1, 17, 64, 100, 256, 1000, 4096) for d in (16, 32, 64, 128)]
 CONTRACT_GROUP_NORM = [(3, 96, 7, 5, 8), (1, 96, 7, 5, 8), (3, 12, 1, 1, 2), (2, 18, 3, 6, 3), (128, 256, 16, 16, 8),
                        (16, 128, 64, 64, 8), (2, 512, 8, 8, 8), (1, 32, 96, 96, 8), (1024, 64, 8, 8, 8),
                        (7, 1024, 9, 3, 8)]
 CONTRACT_UPSAMPLE = [(1, 3, 5, 7, 5), (3, 8, 6, 1, 1), (1, 70, 33, 2, 40), (5, 96, 160, 13, 21)]  # (N, Ch, Cs, H, W)
+CONTRACT_BIAS_RESIDUAL = [(1, 3, 7, 5), (3, 96, 1, 1), (1, 300, 3, 3), (2, 7, 20, 20), (5, 96, 13, 21)]
 
 
 def contract_calls() -> list[OpCall]:
@@ -190,10 +192,16 @@ def contract_calls() -> list[OpCall]:
             label = f"contract {layout} {(n, ch, cs, h, w)}"
             h_in = meta(n, ch, 2 * h, 2 * w).contiguous(memory_format=memory_format)
             skip = meta(n, cs, h, w).contiguous(memory_format=memory_format)
-            calls.append(OpCall("dream_kernels::upsample2x_concat", (h_in, skip), label))
+            for h_bias in (None, meta(ch)):
+                calls.append(OpCall("dream_kernels::upsample2x_concat", (h_in, skip, h_bias), label))
             calls.append(OpCall("dream_kernels::upsample2x_bilinear_backward",
                                 (meta(n, cs, 2 * h, 2 * w).contiguous(memory_format=memory_format), torch.float32,
                                  memory_format == torch.channels_last), label))
+    for shape in CONTRACT_BIAS_RESIDUAL:
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            layout = "channels_last" if memory_format == torch.channels_last else "nchw"
+            a, b = (meta(*shape).contiguous(memory_format=memory_format) for _ in range(2))
+            calls.append(OpCall("dream_kernels::add_bias_residual", (a, b, meta(shape[1])), f"contract {layout} {shape}"))
     return calls
 
 
@@ -264,7 +272,7 @@ class _CompileInsteadOfLaunch:
 def _kernel_modules():
     # import_module: the package binds the names `attention` and `group_norm_silu` to functions
     return [importlib.import_module(f"kernels.{name}")
-            for name in ("group_norm_silu", "attention", "norm_conv", "upsample_concat")]
+            for name in ("group_norm_silu", "attention", "norm_conv", "upsample_concat", "bias_residual")]
 
 
 @contextmanager
@@ -621,7 +629,7 @@ def main(argv=None) -> int:
     if args.contract:
         calls += contract_calls()
         recorded.append("the kernels' contract (attention D 16-128, N 1-4096; GroupNorm test shapes, modes; "
-                        "skip upsampling test shapes)")
+                        "skip upsampling and residual sum test shapes)")
     compiled, failures = compile_calls(calls, precisions, args.arch)
     rows = summarize(compiled, args.arch)
     report = {

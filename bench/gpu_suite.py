@@ -17,8 +17,8 @@ min(its limit, what is left). Stages:
   sampling  one ancestral step, and a short DDIM loop with and without CUDA graphs
   profile   `dream profile`: torch.profiler over a training step (in the default channels_last, and in
             NCHW for comparison), a sampling step, a graphed DDIM loop
-  kernels   attention at N=256/64, GroupNorm at two UNet sites (64x64 also with fused dropout) and the
-            64x64 skip concatenation vs eager, compile, SDPA backends
+  kernels   attention at N=256/64, GroupNorm at two UNet sites (64x64 also with fused dropout), the
+            64x64 skip concatenation and residual sum with bias vs eager, compile, SDPA backends
   tune      bench/tune_kernels.py: candidate launch configurations of both kernels at the UNet's sites,
             each checked then timed beside the heuristics' pick (channels_last, quick grid)
   unet      UNet forward and forward+backward vs eager, SDPA (no compile)
@@ -59,13 +59,13 @@ MIN_STAGE_S = 45  # a stage starts only with this much budget left (its limit th
 GRACE_S = 20
 
 TEST_FILES = ["tests/test_group_norm_silu.py", "tests/test_norm_conv.py", "tests/test_attention.py",
-              "tests/test_upsample_concat.py", "tests/test_model*.py",
+              "tests/test_upsample_concat.py", "tests/test_bias_residual.py", "tests/test_model*.py",
               "tests/test_unet*.py", "tests/test_sampling*.py", "tests/test_memory*.py"]
 # single tests of other files whose GPU form matters (the rest of those files checks CPU-side logic)
 TEST_NODES = ["tests/test_trainer.py::test_eager_and_triton_trainers_follow_the_same_loss_trajectory",
               "tests/test_trainer.py::test_channels_last_trainer_step_gives_the_nchw_loss_and_gradients"]
-# pytest -k substrings: res64_pre_ss also selects res64_pre_ss_drop, up64 also up64_nchw
-KERNEL_CASES = "res64_pre_ss or res16_pre_ss or n256 or n64 or up64"
+# pytest -k substrings: res64_pre_ss also selects res64_pre_ss_drop, skip64 and resid64 their _nchw forms
+KERNEL_CASES = "res64_pre_ss or res16_pre_ss or n256 or n64 or skip64 or resid64"
 NO_COMPILE = "-*compile*"
 
 
@@ -131,9 +131,9 @@ def stages(out: str, on_gpu: bool = True) -> list[Stage]:
                              f"--{'no-' if on_gpu else ''}channels-last --warmup 2 --steps 3 && "
                              f"{shlex.quote(PYTHON)} -m dream profile --out {shlex.quote(out)} --what sample "
                              f"--sampler {sampler} --sample-steps 10 --batch {sample_batch} --warmup 1 --steps 2"]),
-        Stage("kernels", 110, "GroupNorm, attention and the skip concatenation vs their anchors",
-              bench(["bench/test_bench_attention.py", "bench/test_bench_group_norm.py", "bench/test_bench_upsample.py"],
-                    "bench-kernels", out,
+        Stage("kernels", 110, "GroupNorm, attention, the skip concatenation and the residual sum vs their anchors",
+              bench(["bench/test_bench_attention.py", "bench/test_bench_group_norm.py", "bench/test_bench_upsample.py",
+                     "bench/test_bench_bias_residual.py"], "bench-kernels", out,
                     k=KERNEL_CASES, variants=NO_COMPILE), {"DREAM_BENCH_TARGET_S": "0.25"}),
         Stage("tune", 100, "kernel launch configurations timed beside the heuristics' picks (quick grid)",
               [PYTHON, "-m", "bench.tune_kernels", "--out", out, "--time-limit", "85"]

@@ -1,11 +1,13 @@
 """The decoder's skip concatenation at the seed UNet's three stages: ours (kernels.upsample2x_concat,
-one pass) vs the eager model's own path (dream.model.concat_skip with the eager backend: the skip
-copied to fp32 channels_last, F.interpolate, cast back, torch.cat) and torch.compile of that path.
+one pass: h plus its transposed convolution's bias, and the skip upsampled 2x) vs the eager model's own
+path (the bias added to h, as PyTorch adds a cuDNN convolution's bias; the skip copied to fp32
+channels_last, F.interpolate, cast back, torch.cat) and torch.compile of that path.
 
 Full size (GPU): batch 128, bf16, channels_last (the trainer's layout on CUDA; the 64x64 stage in NCHW
 too). Memory-bound: the floor is the fewest bytes / copy bandwidth; forward reads h and skip and writes
-the concatenation; backward (h's gradient is a view of dout's, as torch.cat's) reads dout's skip part
-and writes the skip's gradient. Reference: the same math in float64 on the same inputs.
+the concatenation; backward (h's gradient is a view of dout's, as torch.cat's) reads dout (the bias's
+gradient sums its h part) and writes the skip's gradient. Reference: the same math in float64 on the
+same inputs.
 """
 import pytest
 import torch
@@ -16,10 +18,10 @@ from bench.harness import DEVICE, ON_GPU, SETTINGS, Case, CaseState, Variant, co
 CL, NCHW = "channels_last", "nchw"
 #        name          N    Ch   Cs   H   W  (skip's size; h is 2H x 2W)  layout
 FULL_SITES = [
-    ("up64", 128, 128, 128, 32, 32, CL),
-    ("up64_nchw", 128, 128, 128, 32, 32, NCHW),
-    ("up32", 128, 256, 256, 16, 16, CL),
-    ("up16", 128, 512, 512, 8, 8, CL),
+    ("skip64", 128, 128, 128, 32, 32, CL),
+    ("skip64_nchw", 128, 128, 128, 32, 32, NCHW),
+    ("skip32", 128, 256, 256, 16, 16, CL),
+    ("skip16", 128, 512, 512, 8, 8, CL),
 ]
 SMALL_SITES = [("c6_7x5", 3, 5, 6, 7, 5, NCHW), ("c16_4x4_cl", 2, 8, 16, 4, 4, CL)]
 SITES = FULL_SITES if SETTINGS.full else SMALL_SITES
@@ -33,7 +35,7 @@ def make_setup(site, direction):
 
     def bytes_moved(dtype):
         forward = n * (ch * big + cs * height * width + (ch + cs) * big)
-        backward = n * (cs * big + cs * height * width)
+        backward = n * ((ch + cs) * big + cs * height * width)
         return (forward + (backward if direction != "fwd" else 0)) * torch.empty((), dtype=dtype).element_size()
 
     def setup():
@@ -45,14 +47,16 @@ def make_setup(site, direction):
             tensors = {"h": torch.randn(n, ch, 2 * height, 2 * width, generator=g),
                        "skip": torch.randn(n, cs, height, width, generator=g) * 2 + 0.5,
                        "dout": torch.randn(n, ch + cs, 2 * height, 2 * width, generator=g)}
-            sets.append({k: v.to(DEVICE, DTYPE).contiguous(memory_format=memory_format) for k, v in tensors.items()})
+            inputs = {k: v.to(DEVICE, DTYPE).contiguous(memory_format=memory_format) for k, v in tensors.items()}
+            inputs["bias"] = (torch.randn(ch, generator=g) * 0.5).to(DEVICE)  # fp32, a parameter under autocast
+            sets.append(inputs)
         first = sets[0]
-        h, skip = (first[k].to(torch.float64).requires_grad_(direction != "fwd") for k in ("h", "skip"))
-        out = upsample2x_concat_reference(h, skip)
+        leaves = [first[k].to(torch.float64).requires_grad_(direction != "fwd") for k in ("h", "skip", "bias")]
+        out = upsample2x_concat_reference(*leaves)
         reference, names = (out.detach(),), ("out",)
         if direction != "fwd":
-            reference += tuple(g.detach() for g in torch.autograd.grad(out, (h, skip), first["dout"].double()))
-            names += ("dh", "dskip")
+            reference += tuple(g.detach() for g in torch.autograd.grad(out, leaves, first["dout"].double()))
+            names += ("dh", "dskip", "dbias")
         return CaseState(input_sets=sets, reference=reference, outputs=names, bytes=bytes_moved,
                          info={"h": f"{n}x{ch}x{2 * height}x{2 * width}", "skip": f"{n}x{cs}x{height}x{width}",
                                "layout": layout, "dtype": str(DTYPE).replace("torch.", ""), "input_sets": len(sets)})
@@ -61,23 +65,26 @@ def make_setup(site, direction):
 
 
 def concat_runner(op, direction):
-    """callable(inputs): out = op(h, skip) -> (out,), or with backward (out, dh, dskip)."""
+    """callable(inputs): out = op(h, skip, bias) -> (out,), or with backward (out, dh, dskip, dbias)."""
 
     def run(inputs):
         if direction == "fwd":
             with torch.no_grad():
-                return (op(inputs["h"], inputs["skip"]),)
-        h, skip = (inputs[k].detach().requires_grad_() for k in ("h", "skip"))
-        out = op(h, skip)
-        return (out, *torch.autograd.grad(out, (h, skip), inputs["dout"]))
+                return (op(inputs["h"], inputs["skip"], inputs["bias"]),)
+        leaves = [inputs[k].detach().requires_grad_() for k in ("h", "skip", "bias")]
+        out = op(*leaves)
+        return (out, *torch.autograd.grad(out, leaves, inputs["dout"]))
 
     return run
 
 
-def eager_concat(h, skip):
-    from dream.model import concat_skip
+def eager_concat(h, skip, bias):
+    """The eager model's decoder stage after its transposed convolution: the bias pass, then the resize
+    and concatenation of dream.model.concat_skip."""
+    from dream.model import resize_skip
 
-    return concat_skip(h, skip, "eager")
+    h = h + bias.view(1, -1, 1, 1).to(h.dtype)
+    return torch.cat([h, resize_skip(skip, h)], dim=1)
 
 
 def variants(direction):
@@ -101,7 +108,7 @@ def variants(direction):
         Variant("triton", ours, role="ours", dtype=DTYPE),
         Variant("triton_compile", compiled_ours, role="ours", dtype=DTYPE, cpu=False),
         Variant("eager", lambda state: concat_runner(eager_concat, direction), dtype=DTYPE,
-                note="the eager model's path: fp32 channels_last copy, F.interpolate, cast, torch.cat"),
+                note="the eager model's path: bias pass, fp32 channels_last copy, F.interpolate, cast, torch.cat"),
         Variant("compile", compiled("default"), dtype=DTYPE, cpu=False),
         Variant("compile_max_autotune", compiled("max-autotune"), dtype=DTYPE, gpu_only=True, graph=False,
                 note="max-autotune replays its own CUDA graphs (cudagraph trees): timed as plain calls"),

@@ -237,14 +237,22 @@ def resize_skip(skip: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return y.to(like.dtype, memory_format=memory_format_of(like))
 
 
-def concat_skip(h: torch.Tensor, skip: torch.Tensor, backend: str) -> torch.Tensor:
-    """cat([h, skip resized to h's size], dim=1) in h's dtype and memory format. The triton backend does it
-    in one kernel (kernels.upsample2x_concat) when skip is exactly half of h, as at every decoder stage of a
-    model run at an image size divisible by 2^levels; other sizes take resize_skip and torch.cat."""
-    if backend == "triton" and (2 * skip.shape[-2], 2 * skip.shape[-1]) == tuple(h.shape[-2:]):
-        from kernels import upsample2x_concat
+def concat_skip(x: torch.Tensor, skip: torch.Tensor, upsample: nn.ConvTranspose2d, backend: str) -> torch.Tensor:
+    """cat([h, skip resized to h's size], dim=1) with h = upsample(x), in h's dtype and memory format. The
+    triton backend runs the transposed convolution without its bias and adds the bias, resizes and
+    concatenates in one kernel (kernels.upsample2x_concat) when skip is exactly half of h, as at every
+    decoder stage of a model run at an image size divisible by 2^levels; other sizes take resize_skip and
+    torch.cat."""
+    if backend == "triton":
+        h = F.conv_transpose2d(x, upsample.weight, None, upsample.stride, upsample.padding, upsample.output_padding,
+                               upsample.groups, upsample.dilation)
+        if (2 * skip.shape[-2], 2 * skip.shape[-1]) == tuple(h.shape[-2:]):
+            from kernels import upsample2x_concat
 
-        return upsample2x_concat(h, skip)
+            return upsample2x_concat(h, skip, upsample.bias)
+        h = h + upsample.bias.view(1, -1, 1, 1).to(h.dtype)
+    else:
+        h = upsample(x)
     return torch.cat([h, resize_skip(skip, h)], dim=1)
 
 
@@ -271,8 +279,16 @@ class ResBlock(nn.Module):
         if fold_bias:
             shift = torch.addcmul(shift, 1 + scale, self.conv1.bias)
         h = norm_act_conv(self.norm2, self.conv2, h, self.backend, recompute, scale=scale, shift=shift,
-                          dropout=self.dropout)
-        return h + self.skip(x)
+                          dropout=self.dropout, conv_bias=not fold_bias)
+        if not fold_bias:
+            return h + self.skip(x)
+        # triton: conv2's bias (and the 1x1 skip convolution's) goes into the residual sum, one pass
+        # instead of a bias pass per convolution and the sum
+        from kernels import add_bias_residual
+
+        if isinstance(self.skip, nn.Conv2d):
+            return add_bias_residual(h, F.conv2d(x, self.skip.weight), self.conv2.bias + self.skip.bias)
+        return add_bias_residual(h, x, self.conv2.bias)
 
 
 class Attention(nn.Module):
@@ -295,8 +311,12 @@ class Attention(nn.Module):
         if self.backend == "triton":
             from kernels import attention_qkv_nchw
 
-            # reads q, k, v in place from the (b, 3c, h, w) conv output and writes (b, c, h, w)
-            return x + self.proj_out(attention_qkv_nchw(qkv, heads))
+            from kernels import add_bias_residual
+
+            # reads q, k, v in place from the (b, 3c, h, w) conv output and writes (b, c, h, w); the
+            # projection's bias goes into the residual sum
+            out = F.conv2d(attention_qkv_nchw(qkv, heads), self.proj_out.weight)
+            return add_bias_residual(out, x, self.proj_out.bias)
         # channels split as (3, heads, head_dim); tokens n = y * width + x
         q, k, v = qkv.reshape(b, 3, heads, head_dim, height * width).unbind(1)
         if self.backend == "eager":
@@ -417,8 +437,7 @@ class UNet(nn.Module):
         for block in self.mid:
             h = self._run(block, h, temb)
         for stage in self.up:
-            h = stage.upsample(h)
-            h = concat_skip(h, skips.pop(), self.backend)
+            h = concat_skip(h, skips.pop(), stage.upsample, self.backend)
             for block in stage.blocks:
                 h = self._run(block, h, temb)
         recompute = self.recompute_norms and self.training and torch.is_grad_enabled()

@@ -9,6 +9,7 @@ from kernels.attention import (SUPPORTED_HEAD_DIMS, attention, attention_qkv_nch
                                attention_reference)
 from kernels.norm_conv import group_norm_silu_conv2d, group_norm_silu_conv2d_reference
 from kernels.upsample_concat import upsample2x_concat, upsample2x_concat_reference
+from kernels.bias_residual import add_bias_residual, add_bias_residual_reference
 
 __all__ = [
     "group_norm_silu",
@@ -25,4 +26,6 @@ __all__ = [
     "SUPPORTED_HEAD_DIMS",
     "upsample2x_concat",
     "upsample2x_concat_reference",
+    "add_bias_residual",
+    "add_bias_residual_reference",
 ]

@@ -1,6 +1,6 @@
 """A UNet decoder's skip, upsampled 2× bilinearly and concatenated behind its activation, in one pass.
 
-    out = cat([h, up(skip)], dim=1),  up = interpolate(skip, size=(2H, 2W), mode="bilinear", align_corners=False)
+    out = cat([h + h_bias, up(skip)], dim=1),  up = interpolate(skip, size=(2H, 2W), mode="bilinear", align_corners=False)
 
 h is (N, Ch, 2H, 2W), skip is (N, Cs, H, W). At an exact 2× ratio with align_corners=False, output row
 2i+a (a ∈ {0, 1}) reads source row i with weight 3/4 and its neighbour i' = clamp(i - 1 + 2a, 0, H-1)
@@ -17,7 +17,10 @@ up (row 0 gives s[0] its weight 3/4 + 1/4), likewise for columns, so with g = do
 
     ds[i, j] = Σ_r Σ_c w_r·w_c·g[r, c],  r ∈ clamp({2i-1, 2i, 2i+1, 2i+2}), c ∈ clamp({2j-1, ..., 2j+2})
 
-and dh = dout[:, :Ch] (a view, as torch.cat's backward gives).
+and dh = dout[:, :Ch] (a view, as torch.cat's backward gives), dh_bias = Σ_{n,y,x} dout[:, :Ch] (torch.sum in fp32).
+
+h_bias (optional, (Ch,)) is the bias of the convolution that made h (the decoder's transposed convolution),
+run without it: PyTorch would add it in a pass of its own over h.
 
 Eager PyTorch (the reference, `upsample2x_concat_reference`) makes five passes at half precision under
 autocast: skip to fp32, the resize, the result back to h's dtype, and the concatenation reading both
@@ -27,6 +30,8 @@ and writes out once; its backward reads dout's skip part once and writes ds once
 Layouts: h and skip NCHW-contiguous or channels_last, any strides (handled through strides); out has
 h's memory format and dtype, ds skip's. Dtypes fp32, fp16, bf16 (h and skip may differ).
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -40,13 +45,13 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _upsample2x_concat_kernel(
-    h_ptr, skip_ptr, out_ptr,
+    h_ptr, skip_ptr, h_bias_ptr, out_ptr,
     H, W, CH, CS,                       # skip rows and columns; h's and skip's channels
     h_sn, h_sc, h_sh, h_sw,
     s_sn, s_sc, s_sh, s_sw,
     o_sn, o_sc, o_sh, o_sw,
     H_CHANNEL_BLOCKS,                   # programs along axis 2 below this copy h; the rest upsample skip
-    BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One program: output row y of sample n, BLOCK_X columns × BLOCK_C channels of either part."""
     row = tl.program_id(0)                       # n·2H + y
@@ -59,6 +64,8 @@ def _upsample2x_concat_kernel(
         c = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = x_in[:, None] & (c < CH)[None, :]
         value = tl.load(h_ptr + n * h_sn + y * h_sh + x[:, None] * h_sw + c[None, :] * h_sc, mask=mask).to(tl.float32)
+        if HAS_BIAS:
+            value += tl.load(h_bias_ptr + c, mask=c < CH).to(tl.float32)[None, :]
         out_c = c
     else:
         c = (channel_block - H_CHANNEL_BLOCKS) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -139,7 +146,7 @@ def _check_device(t: torch.Tensor) -> None:
             "upsample2x_concat_reference")
 
 
-def _check_inputs(h, skip) -> None:
+def _check_inputs(h, skip, h_bias=None) -> None:
     """Raise a one-line TypeError/ValueError naming the first bad argument."""
     for name, t in (("h", h), ("skip", skip)):
         if not isinstance(t, torch.Tensor):
@@ -157,6 +164,16 @@ def _check_inputs(h, skip) -> None:
     if (2 * skip.shape[2], 2 * skip.shape[3]) != tuple(h.shape[2:]):
         raise ValueError(f"upsample2x_concat: skip's size {tuple(skip.shape[2:])} must be half of h's "
                          f"{tuple(h.shape[2:])} (an exact 2× upsampling)")
+    if h_bias is not None:
+        if not isinstance(h_bias, torch.Tensor):
+            raise TypeError(f"upsample2x_concat: h_bias must be a torch.Tensor or None, got {type(h_bias).__name__}")
+        if tuple(h_bias.shape) != (h.shape[1],):
+            raise ValueError(f"upsample2x_concat: h_bias must have shape ({h.shape[1]},) for h of shape "
+                             f"{tuple(h.shape)}, got {tuple(h_bias.shape)}")
+        if h_bias.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"upsample2x_concat: h_bias must be float32, float16 or bfloat16, got {h_bias.dtype}")
+        if h_bias.device != h.device:
+            raise ValueError(f"upsample2x_concat: h_bias is on {h_bias.device} but h is on {h.device}")
 
 
 def _blocks(columns: int, channels: int, tile: int, channels_last: bool):
@@ -173,18 +190,18 @@ def _blocks(columns: int, channels: int, tile: int, channels_last: bool):
 
 
 @on_tensor_device
-def _upsample2x_concat_into(h, skip, out, blocks=None):
-    """Write cat([h, up(skip)], 1) into out (N, Ch + Cs, 2H, 2W), any strides; blocks: (BLOCK_X, BLOCK_C,
-    num_warps) instead of the heuristic's."""
+def _upsample2x_concat_into(h, skip, h_bias, out, blocks=None):
+    """Write cat([h + h_bias, up(skip)], 1) into out (N, Ch + Cs, 2H, 2W), any strides (h_bias: a contiguous
+    (Ch,) tensor or None); blocks: (BLOCK_X, BLOCK_C, num_warps) instead of the heuristic's."""
     batch, ch, height, width = h.shape
     cs = skip.shape[1]
     block_x, block_c, num_warps = blocks or _blocks(width, max(ch, cs), _TILE_FORWARD, out.stride(1) == 1)
     h_blocks = triton.cdiv(ch, block_c)
     grid = (batch * height, triton.cdiv(width, block_x), h_blocks + triton.cdiv(cs, block_c))
     _upsample2x_concat_kernel[grid](
-        h, skip, out, skip.shape[2], skip.shape[3], ch, cs,
+        h, skip, h if h_bias is None else h_bias, out, skip.shape[2], skip.shape[3], ch, cs,
         *h.stride(), *skip.stride(), *out.stride(), h_blocks,
-        BLOCK_X=block_x, BLOCK_C=block_c, num_warps=num_warps)
+        HAS_BIAS=h_bias is not None, BLOCK_X=block_x, BLOCK_C=block_c, num_warps=num_warps)
     return out
 
 
@@ -209,20 +226,21 @@ def _output_like(h, channels):
 # --------------------------------------------------------------------------------------------
 # Custom ops and autograd
 # --------------------------------------------------------------------------------------------
-def _upsample2x_concat_impl(h, skip):
+def _upsample2x_concat_impl(h, skip, h_bias):
     # Shapes and dtypes are validated by the public wrapper; the device check lives here so that
     # fake tensors (FakeTensorMode, torch.compile tracing) pass.
     _check_device(h)
-    return _upsample2x_concat_into(h, skip, _output_like(h, h.shape[1] + skip.shape[1]))
+    return _upsample2x_concat_into(h, skip, None if h_bias is None else h_bias.contiguous(),
+                                   _output_like(h, h.shape[1] + skip.shape[1]))
 
 
 @torch.library.custom_op("dream_kernels::upsample2x_concat", mutates_args=())
-def _upsample2x_concat_op(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-    return _upsample2x_concat_impl(h, skip)
+def _upsample2x_concat_op(h: torch.Tensor, skip: torch.Tensor, h_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _upsample2x_concat_impl(h, skip, h_bias)
 
 
 @_upsample2x_concat_op.register_fake
-def _(h, skip):
+def _(h, skip, h_bias):
     return _output_like(h, h.shape[1] + skip.shape[1])
 
 
@@ -248,17 +266,21 @@ def _(grad_up, dtype, channels_last):
 
 
 def _setup_context(ctx, inputs, output):
-    h, skip = inputs
+    h, skip, h_bias = inputs
     ctx.h_channels = h.shape[1]
     ctx.skip_dtype = skip.dtype
     ctx.skip_channels_last = memory_format_of(skip) == torch.channels_last
+    ctx.h_bias_dtype = None if h_bias is None else h_bias.dtype
 
 
 def _autograd_backward(ctx, grad_out):
     grad_h = grad_out[:, :ctx.h_channels]
     grad_skip = torch.ops.dream_kernels.upsample2x_bilinear_backward(
         grad_out[:, ctx.h_channels:], ctx.skip_dtype, ctx.skip_channels_last)
-    return grad_h, grad_skip
+    grad_h_bias = None
+    if ctx.h_bias_dtype is not None and ctx.needs_input_grad[2]:
+        grad_h_bias = grad_h.sum(dim=(0, 2, 3), dtype=torch.float32).to(ctx.h_bias_dtype)
+    return grad_h, grad_skip, grad_h_bias
 
 
 _upsample2x_concat_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -271,18 +293,21 @@ OP_IMPLEMENTATIONS = {
 }
 
 
-def upsample2x_concat(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-    """cat([h, bilinear 2× upsampling of skip (align_corners=False)], dim=1) in one pass.
+def upsample2x_concat(h: torch.Tensor, skip: torch.Tensor, h_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """cat([h + h_bias, bilinear 2× upsampling of skip (align_corners=False)], dim=1) in one pass.
 
-    h: (N, Ch, 2H, 2W), skip: (N, Cs, H, W); fp32, fp16 or bf16 each, NCHW or channels_last. The result
-    has h's dtype and memory format (the upsampling computed in fp32, rounded once). Differentiable in
-    both (deterministic backward). CPU tensors run only through the Triton interpreter."""
-    _check_inputs(h, skip)
-    return torch.ops.dream_kernels.upsample2x_concat(h, skip)
+    h: (N, Ch, 2H, 2W), skip: (N, Cs, H, W); fp32, fp16 or bf16 each, NCHW or channels_last; h_bias: (Ch,)
+    or None. The result has h's dtype and memory format (computed in fp32, rounded once). Differentiable
+    in all three (deterministic backward). CPU tensors run only through the Triton interpreter."""
+    _check_inputs(h, skip, h_bias)
+    return torch.ops.dream_kernels.upsample2x_concat(h, skip, h_bias)
 
 
-def upsample2x_concat_reference(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-    """Eager PyTorch: the skip resized in fp32 (or wider) by F.interpolate, cast to h's dtype, concatenated."""
+def upsample2x_concat_reference(h: torch.Tensor, skip: torch.Tensor, h_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Eager PyTorch: h plus its bias, and the skip resized in fp32 (or wider) by F.interpolate and cast to h's
+    dtype, concatenated."""
+    if h_bias is not None:
+        h = h + h_bias.view(1, -1, 1, 1).to(h.dtype)
     up = F.interpolate(skip.to(torch.promote_types(skip.dtype, torch.float32)), size=h.shape[-2:],
                        mode="bilinear", align_corners=False)
     return torch.cat([h, up.to(h.dtype)], dim=1)

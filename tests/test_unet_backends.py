@@ -58,26 +58,36 @@ def test_backend_matches_eager_forward_and_every_gradient(backend, exact_fp32):
         assert err <= 4 * base + 2e-5, f"{name}: {backend} error {err:.2e}, eager fp32 error {base:.2e}"
 
 
-def test_triton_backend_concatenates_every_skip_in_one_kernel(monkeypatch, exact_fp32):
-    """Each decoder stage's skip goes through kernels.upsample2x_concat (channels_last here, the trainer's
-    layout on CUDA), and the model's output and gradients stay those of the eager model."""
+def test_triton_backend_fuses_skips_and_residual_sums(monkeypatch, exact_fp32):
+    """Each decoder stage's skip goes through kernels.upsample2x_concat with its transposed convolution's
+    bias, each ResBlock's and attention block's residual sum through kernels.add_bias_residual with the
+    convolutions' biases (channels_last here, the trainer's layout on CUDA), and the model's output and
+    gradients stay those of the eager model."""
     import kernels
     from dream.model import to_channels_last
 
-    calls = []
-    fused = kernels.upsample2x_concat
-    monkeypatch.setattr(kernels, "upsample2x_concat", lambda h, skip: calls.append(tuple(skip.shape)) or fused(h, skip))
+    calls, sums = [], []
+    fused, fused_sum = kernels.upsample2x_concat, kernels.add_bias_residual
+
+    def concat(h, skip, h_bias=None):
+        calls.append(tuple(skip.shape) + (h_bias is not None,))
+        return fused(h, skip, h_bias)
+
+    monkeypatch.setattr(kernels, "upsample2x_concat", concat)
+    monkeypatch.setattr(kernels, "add_bias_residual", lambda a, b, bias: sums.append(a.shape[1]) or fused_sum(a, b, bias))
     model = to_channels_last(random_model().to(DEVICE))
     g = torch.Generator().manual_seed(2)
     x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g).to(DEVICE, memory_format=torch.channels_last)
     t = torch.tensor([5, 900, 450, 20][:BATCH], device=DEVICE)
     grad_out = torch.randn(BATCH, 3, SIZE, SIZE, generator=g).to(DEVICE)
     eager = run(model.set_backend("eager"), x, t, grad_out)
-    assert not calls
+    assert not calls and not sums
     fast = run(model.set_backend("triton"), x, t, grad_out)
     widths = [model.config.base_channels * m for m in model.config.channel_mults]
-    assert calls == [(BATCH, widths[level], SIZE >> (level + 1), SIZE >> (level + 1))
+    assert calls == [(BATCH, widths[level], SIZE >> (level + 1), SIZE >> (level + 1), True)
                      for level in reversed(range(len(widths)))]
+    blocks = [m for m in model.modules() if isinstance(m, (ResBlock, Attention))]
+    assert len(sums) == len(blocks) == 17
     assert max_rel(fast[0], eager[0]) <= 1e-5
     for name, grad in eager[1].items():
         assert max_rel(fast[1][name], grad) <= 1e-4, name

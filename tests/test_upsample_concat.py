@@ -1,5 +1,5 @@
-"""kernels.upsample2x_concat (the decoder's skip upsampled 2× bilinearly and concatenated) against
-float64 F.interpolate + torch.cat.
+"""kernels.upsample2x_concat (the decoder's skip upsampled 2× bilinearly and concatenated behind h plus
+its bias) against float64 F.interpolate + torch.cat.
 
 Error metric: max|actual − expected| / max|expected| over the whole tensor, expected in float64 from
 the same (rounded) inputs and output gradient.
@@ -10,7 +10,8 @@ the same (rounded) inputs and output gradient.
 | float16         | 1e-3           | one rounding of the output to fp16 (unit roundoff 4.9e-4)    |
 | bfloat16 (GPU)  | 8e-3           | one rounding to bf16 (unit roundoff 3.9e-3)                  |
 
-dh is dout's slice, so it is exact in every dtype. bf16 runs only with CUDA: the Triton interpreter
+dh is dout's slice, so it is exact in every dtype; dh_bias (fp32, a sum over N·2H·2W terms) is held
+to 1e-5 in every dtype. bf16 runs only with CUDA: the Triton interpreter
 rounds fp32 → bf16 by truncation.
 """
 import zlib
@@ -71,37 +72,41 @@ def _assert_close(name, actual, expected, tol):
 
 
 def _inputs(shape, h_dtype, skip_dtype, layout, seed):
+    """h, skip, h_bias (fp32, as a model's parameter under autocast) and dout."""
     n, ch, cs, height, width = shape
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     h_format, skip_format = LAYOUTS[layout]
     h = torch.randn((n, ch, 2 * height, 2 * width), generator=gen, device=DEVICE).to(h_dtype, memory_format=h_format)
     skip = (torch.randn((n, cs, height, width), generator=gen, device=DEVICE) * 3 + 0.5).to(
         skip_dtype, memory_format=skip_format)
+    h_bias = torch.randn((ch,), generator=gen, device=DEVICE) * 0.5 + 0.2
     dout = torch.randn((n, ch + cs, 2 * height, 2 * width), generator=gen, device=DEVICE).to(h_dtype)
-    return h, skip, dout
+    return h, skip, h_bias, dout
 
 
-def _float64(h, skip, dout):
-    leaves = [t.detach().double().requires_grad_() for t in (h, skip)]
+def _float64(h, skip, h_bias, dout):
+    leaves = [None if t is None else t.detach().double().requires_grad_() for t in (h, skip, h_bias)]
     out = upsample2x_concat_reference(*leaves)
     out.backward(dout.double())
-    return out.detach(), [t.grad for t in leaves]
+    return out.detach(), [None if t is None else t.grad for t in leaves]
 
 
-def _kernel(h, skip, dout):
-    leaves = [t.detach().clone().requires_grad_() for t in (h, skip)]
+def _kernel(h, skip, h_bias, dout):
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (h, skip, h_bias)]
     out = upsample2x_concat(*leaves)
     out.backward(dout)
-    return out.detach(), [t.grad for t in leaves]
+    return out.detach(), [None if t is None else t.grad for t in leaves]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_forward_and_gradients_match_float64(shape, layout, dtype):
-    h, skip, dout = _inputs(shape, dtype, dtype, layout, zlib.crc32(repr((shape, layout, dtype)).encode()))
-    out, (dh, dskip) = _kernel(h, skip, dout)
-    ref_out, (ref_dh, ref_dskip) = _float64(h, skip, dout)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["h_bias", "no_bias"])
+def test_forward_and_gradients_match_float64(shape, layout, dtype, with_bias):
+    h, skip, h_bias, dout = _inputs(shape, dtype, dtype, layout, zlib.crc32(repr((shape, layout, dtype)).encode()))
+    h_bias = h_bias if with_bias else None
+    out, (dh, dskip, dbias) = _kernel(h, skip, h_bias, dout)
+    ref_out, (ref_dh, ref_dskip, ref_dbias) = _float64(h, skip, h_bias, dout)
     tol = TOLERANCE[dtype]
     assert out.dtype == dh.dtype == dskip.dtype == dtype
     assert out.is_contiguous(memory_format=LAYOUTS[layout][0])
@@ -109,15 +114,18 @@ def test_forward_and_gradients_match_float64(shape, layout, dtype):
     _assert_close("out", out, ref_out, tol)
     assert torch.equal(dh, dout[:, :shape[1]]), "dh must be dout's h part"
     _assert_close("dskip", dskip, ref_dskip, tol)
+    if with_bias:
+        assert dbias.dtype == torch.float32
+        _assert_close("dh_bias", dbias, ref_dbias, 1e-5)
 
 
 @pytest.mark.parametrize("h_dtype,skip_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float16)])
 def test_mixed_dtypes_compute_in_fp32(h_dtype, skip_dtype):
     """out takes h's dtype (the upsampling rounded once), dskip skip's dtype."""
     shape = (2, 4, 6, 3, 5)
-    h, skip, dout = _inputs(shape, h_dtype, skip_dtype, "nchw", 5)
-    out, (dh, dskip) = _kernel(h, skip, dout)
-    ref_out, (_, ref_dskip) = _float64(h, skip, dout)
+    h, skip, h_bias, dout = _inputs(shape, h_dtype, skip_dtype, "nchw", 5)
+    out, (dh, dskip, _) = _kernel(h, skip, h_bias, dout)
+    ref_out, (_, ref_dskip, _) = _float64(h, skip, h_bias, dout)
     assert out.dtype == h_dtype and dskip.dtype == skip_dtype
     _assert_close("out", out, ref_out, TOLERANCE[torch.float16])
     _assert_close("dskip", dskip, ref_dskip, TOLERANCE[torch.float16])
@@ -135,11 +143,11 @@ def test_launchers_write_every_element(layout, blocks, dtype):
     correct, and nothing outside the view touched."""
     shape = (2, 3, 5, 3, 5)
     n, ch, cs, height, width = shape
-    h, skip, dout = _inputs(shape, dtype, dtype, layout, 17)
-    ref_out, (_, ref_dskip) = _float64(h, skip, dout)
+    h, skip, h_bias, dout = _inputs(shape, dtype, dtype, layout, 17)
+    ref_out, (_, ref_dskip, _) = _float64(h, skip, h_bias, dout)
     out_buffer = torch.full((n, ch + cs + 2, 2 * height, 2 * width + 1), float("nan"), device=DEVICE, dtype=dtype)
     out = out_buffer[:, 1:-1, :, :-1]
-    _upsample2x_concat_into(h, skip, out, blocks)
+    _upsample2x_concat_into(h, skip, h_bias, out, blocks)
     _assert_close("out", out, ref_out, TOLERANCE[dtype])
     assert out_buffer[:, [0, -1]].isnan().all() and out_buffer[..., -1].isnan().all()
     grad_buffer = torch.full((n, cs, height, width + 3), float("nan"), device=DEVICE, dtype=dtype)
@@ -166,18 +174,19 @@ def test_upsampling_is_pytorch_bilinear():
 
 def test_backward_is_deterministic():
     shape = (2, 6, 10, 5, 7) if not ON_GPU else (64, 128, 128, 32, 32)
-    h, skip, dout = _inputs(shape, torch.float32, torch.float32, "channels_last", 29)
-    first = _kernel(h, skip, dout)
-    second = _kernel(h, skip, dout)
-    assert torch.equal(first[0], second[0]) and torch.equal(first[1][1], second[1][1])
+    h, skip, h_bias, dout = _inputs(shape, torch.float32, torch.float32, "channels_last", 29)
+    first = _kernel(h, skip, h_bias, dout)
+    second = _kernel(h, skip, h_bias, dout)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
 
 
 def test_opcheck():
     """The fake implementations against the real ops (shapes, dtypes, strides), autograd registration."""
-    for layout in ("nchw", "mixed"):
-        h, skip, _ = _inputs((2, 3, 5, 2, 3), torch.float32, torch.float32, layout, 37)
+    for layout, with_bias in (("nchw", True), ("mixed", False)):
+        h, skip, h_bias, _ = _inputs((2, 3, 5, 2, 3), torch.float32, torch.float32, layout, 37)
         torch.library.opcheck(torch.ops.dream_kernels.upsample2x_concat.default,
-                              (h.requires_grad_(), skip.requires_grad_()))
+                              (h.requires_grad_(), skip.requires_grad_(), h_bias.requires_grad_() if with_bias else None))
     grad_up = torch.randn(2, 5, 4, 6, device=DEVICE)
     torch.library.opcheck(torch.ops.dream_kernels.upsample2x_bilinear_backward.default,
                           (grad_up, torch.float16, True))
@@ -185,20 +194,20 @@ def test_opcheck():
 
 def test_torch_compile_fullgraph_forward_and_backward():
     torch._dynamo.reset()
-    h, skip, dout = _inputs((2, 4, 6, 3, 4), torch.float32, torch.float32, "channels_last", 41)
+    h, skip, h_bias, dout = _inputs((2, 4, 6, 3, 4), torch.float32, torch.float32, "channels_last", 41)
 
-    def block(h, skip):
-        return upsample2x_concat(h * 2.0, skip) * 1.5
+    def block(h, skip, h_bias):
+        return upsample2x_concat(h * 2.0, skip, h_bias) * 1.5
 
-    leaves = [t.detach().requires_grad_() for t in (h, skip)]
+    leaves = [t.detach().requires_grad_() for t in (h, skip, h_bias)]
     compiled = torch.compile(block, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
     out = compiled(*leaves)
     out.backward(dout)
-    ref_leaves = [t.detach().double().requires_grad_() for t in (h, skip)]
-    ref = upsample2x_concat_reference(ref_leaves[0] * 2.0, ref_leaves[1]) * 1.5
+    ref_leaves = [t.detach().double().requires_grad_() for t in (h, skip, h_bias)]
+    ref = upsample2x_concat_reference(ref_leaves[0] * 2.0, ref_leaves[1], ref_leaves[2]) * 1.5
     ref.backward(dout.double())
     _assert_close("out", out.detach(), ref.detach(), TOLERANCE[torch.float32])
-    for name, leaf, ref_leaf in zip(("dh", "dskip"), leaves, ref_leaves):
+    for name, leaf, ref_leaf in zip(("dh", "dskip", "dh_bias"), leaves, ref_leaves):
         _assert_close(name, leaf.grad, ref_leaf.grad, TOLERANCE[torch.float32])
 
 
@@ -232,6 +241,16 @@ def _t(*shape, dtype=torch.float32):
 def test_bad_inputs_raise_clear_errors(h, skip, error, match):
     with pytest.raises(error, match=match):
         upsample2x_concat(h, skip)
+
+
+@pytest.mark.parametrize("h_bias,error,match", [
+    (_t(3), ValueError, r"h_bias must have shape \(2,\) for h of shape \(1, 2, 4, 4\), got \(3,\)"),
+    (_t(2, dtype=torch.float64), TypeError, "h_bias must be float32, float16 or bfloat16, got torch.float64"),
+    ([0.0, 1.0], TypeError, "h_bias must be a torch.Tensor or None, got list"),
+])
+def test_bad_bias_raises_clear_errors(h_bias, error, match):
+    with pytest.raises(error, match=match):
+        upsample2x_concat(_t(1, 2, 4, 4), _t(1, 3, 2, 2), h_bias)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a second device type")
