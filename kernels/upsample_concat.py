@@ -23,9 +23,10 @@ h_bias (optional, (Ch,)) is the bias of the convolution that made h (the decoder
 run without it: PyTorch would add it in a pass of its own over h.
 
 Eager PyTorch (the reference, `upsample2x_concat_reference`) makes five passes at half precision under
-autocast: skip to fp32, the resize, the result back to h's dtype, and the concatenation reading both
-parts; its backward resizes with atomic adds into a zeroed fp32 buffer. This op reads skip and h once
-and writes out once; its backward reads dout's skip part once and writes ds once.
+autocast (six with h's bias): skip to fp32, the resize, the result back to h's dtype, and the
+concatenation reading both parts; its backward resizes with atomic adds into a zeroed fp32 buffer. This
+op reads skip and h once and writes out once; its backward reads dout's skip part once and writes ds once
+(and sums dout's h part for h_bias's gradient, as eager does).
 
 Layouts: h and skip NCHW-contiguous or channels_last, any strides (handled through strides); out has
 h's memory format and dtype, ds skip's. Dtypes fp32, fp16, bf16 (h and skip may differ).

@@ -93,6 +93,22 @@ def test_triton_backend_fuses_skips_and_residual_sums(monkeypatch, exact_fp32):
         assert max_rel(fast[1][name], grad) <= 1e-4, name
 
 
+def test_triton_backend_resizes_skips_that_are_not_half_size_like_eager(exact_fp32):
+    """An input size the levels do not divide (20 for 3 levels: skips of 10, 5, 3 against decoder sizes of
+    6, 12, 24): the 2x stage takes the fused kernel, the others resize_skip and torch.cat with the
+    transposed convolution's bias added, as eager does."""
+    model = random_model().to(DEVICE)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 3, 20, 20, generator=g).to(DEVICE)
+    t = torch.tensor([321], device=DEVICE)
+    grad_out = torch.randn(1, 3, 24, 24, generator=g).to(DEVICE)
+    eager = run(model.set_backend("eager"), x, t, grad_out)
+    fast = run(model.set_backend("triton"), x, t, grad_out)
+    assert max_rel(fast[0], eager[0]) <= 1e-5
+    for name, grad in eager[1].items():  # the transposed convolutions' bias gradients among them
+        assert max_rel(fast[1][name], grad) <= 1e-4, name
+
+
 def test_state_dict_is_shared_between_backends():
     eager = random_model()
     triton = build_unet("tiny", image_size=SIZE, backend="triton", dropout=0.0)
