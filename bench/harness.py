@@ -306,6 +306,47 @@ def compile_fn(fn, mode: str | None = None, fullgraph: bool = False):
     return torch.compile(fn, **kwargs)
 
 
+def named_inputs_runner(op, direction: str, names: tuple[str, ...], grad: str = "dout"):
+    """callable(inputs): out = op(*(inputs[n] for n in names)) -> (out,) under no_grad; with backward
+    (direction != "fwd") (out, *gradients of those inputs for the output gradient inputs[grad])."""
+
+    def run(inputs):
+        if direction == "fwd":
+            with torch.no_grad():
+                return (op(*(inputs[name] for name in names)),)
+        leaves = [inputs[name].detach().requires_grad_() for name in names]
+        out = op(*leaves)
+        return (out, *torch.autograd.grad(out, leaves, inputs[grad]))
+
+    return run
+
+
+def fused_op_variants(direction: str, names: tuple[str, ...], load_ours: Callable[[], Callable],
+                      eager: Callable, eager_note: str, dtype: torch.dtype) -> list[Variant]:
+    """The variants of a fused elementwise-style op: ours (the custom op `load_ours()` returns, imported
+    when a variant is built; also under torch.compile on a GPU), the eager model's unfused path `eager`,
+    and torch.compile of that path (default and, on a GPU, max-autotune), each run through
+    named_inputs_runner over the inputs `names`."""
+
+    def runner(load):
+        return lambda state: named_inputs_runner(load(), direction, names)
+
+    def compiled(load, **options):
+        return lambda state: named_inputs_runner(compile_fn(load(), **options), direction, names)
+
+    def load_eager():
+        return eager
+
+    return [
+        Variant("triton", runner(load_ours), role="ours", dtype=dtype),
+        Variant("triton_compile", compiled(load_ours, fullgraph=True), role="ours", dtype=dtype, cpu=False),
+        Variant("eager", runner(load_eager), dtype=dtype, note=eager_note),
+        Variant("compile", compiled(load_eager), dtype=dtype, cpu=False),
+        Variant("compile_max_autotune", compiled(load_eager, mode="max-autotune"), dtype=dtype, gpu_only=True,
+                graph=False, note="max-autotune replays its own CUDA graphs (cudagraph trees): timed as plain calls"),
+    ]
+
+
 # ------------------------------------------------------------------------------------------------
 # Ceilings and telemetry
 # ------------------------------------------------------------------------------------------------

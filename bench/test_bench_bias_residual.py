@@ -11,8 +11,7 @@ itself) reads dout once for the bias's gradient. Reference: the same math in flo
 import pytest
 import torch
 
-from bench.harness import DEVICE, ON_GPU, SETTINGS, Case, CaseState, Variant, compile_fn, input_set_count, \
-    run_variant
+from bench.harness import DEVICE, ON_GPU, SETTINGS, Case, CaseState, fused_op_variants, input_set_count, run_variant
 
 CL, NCHW = "channels_last", "nchw"
 #        name           N    C    H   W  layout
@@ -59,51 +58,20 @@ def make_setup(site, direction):
     return setup
 
 
-def residual_runner(op, direction):
-    """callable(inputs): out = op(a, b, bias) -> (out,), or with backward (out, da, db, dbias)."""
-
-    def run(inputs):
-        if direction == "fwd":
-            with torch.no_grad():
-                return (op(inputs["a"], inputs["b"], inputs["bias"]),)
-        leaves = [inputs[k].detach().requires_grad_() for k in ("a", "b", "bias")]
-        out = op(*leaves)
-        return (out, *torch.autograd.grad(out, leaves, inputs["dout"]))
-
-    return run
-
-
 def eager_residual(a, b, bias):
     """The eager ResBlock's end: the convolution's bias pass over its output a, then the residual sum."""
     return (a + bias.view(1, -1, 1, 1).to(a.dtype)) + b
 
 
+def load_ours():
+    from kernels import add_bias_residual
+
+    return add_bias_residual
+
+
 def variants(direction):
-    def ours(state):
-        from kernels import add_bias_residual
-
-        return residual_runner(add_bias_residual, direction)
-
-    def compiled_ours(state):
-        from kernels import add_bias_residual
-
-        return residual_runner(compile_fn(add_bias_residual, fullgraph=True), direction)
-
-    def compiled(mode):
-        def build(state):
-            return residual_runner(compile_fn(eager_residual, mode), direction)
-
-        return build
-
-    return [
-        Variant("triton", ours, role="ours", dtype=DTYPE),
-        Variant("triton_compile", compiled_ours, role="ours", dtype=DTYPE, cpu=False),
-        Variant("eager", lambda state: residual_runner(eager_residual, direction), dtype=DTYPE,
-                note="the eager model's path: the convolution's bias pass, then the residual sum"),
-        Variant("compile", compiled("default"), dtype=DTYPE, cpu=False),
-        Variant("compile_max_autotune", compiled("max-autotune"), dtype=DTYPE, gpu_only=True, graph=False,
-                note="max-autotune replays its own CUDA graphs (cudagraph trees): timed as plain calls"),
-    ]
+    return fused_op_variants(direction, ("a", "b", "bias"), load_ours, eager_residual,
+                             "the eager model's path: the convolution's bias pass, then the residual sum", DTYPE)
 
 
 CASES = []

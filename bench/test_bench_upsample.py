@@ -12,8 +12,7 @@ same inputs.
 import pytest
 import torch
 
-from bench.harness import DEVICE, ON_GPU, SETTINGS, Case, CaseState, Variant, compile_fn, input_set_count, \
-    run_variant
+from bench.harness import DEVICE, ON_GPU, SETTINGS, Case, CaseState, fused_op_variants, input_set_count, run_variant
 
 CL, NCHW = "channels_last", "nchw"
 #        name          N    Ch   Cs   H   W  (skip's size; h is 2H x 2W)  layout
@@ -64,20 +63,6 @@ def make_setup(site, direction):
     return setup
 
 
-def concat_runner(op, direction):
-    """callable(inputs): out = op(h, skip, bias) -> (out,), or with backward (out, dh, dskip, dbias)."""
-
-    def run(inputs):
-        if direction == "fwd":
-            with torch.no_grad():
-                return (op(inputs["h"], inputs["skip"], inputs["bias"]),)
-        leaves = [inputs[k].detach().requires_grad_() for k in ("h", "skip", "bias")]
-        out = op(*leaves)
-        return (out, *torch.autograd.grad(out, leaves, inputs["dout"]))
-
-    return run
-
-
 def eager_concat(h, skip, bias):
     """The eager model's decoder stage after its transposed convolution: the bias pass, then the resize
     and concatenation of dream.model.concat_skip."""
@@ -87,32 +72,16 @@ def eager_concat(h, skip, bias):
     return torch.cat([h, resize_skip(skip, h)], dim=1)
 
 
+def load_ours():
+    from kernels import upsample2x_concat
+
+    return upsample2x_concat
+
+
 def variants(direction):
-    def ours(state):
-        from kernels import upsample2x_concat
-
-        return concat_runner(upsample2x_concat, direction)
-
-    def compiled_ours(state):
-        from kernels import upsample2x_concat
-
-        return concat_runner(compile_fn(upsample2x_concat, fullgraph=True), direction)
-
-    def compiled(mode):
-        def build(state):
-            return concat_runner(compile_fn(eager_concat, mode), direction)
-
-        return build
-
-    return [
-        Variant("triton", ours, role="ours", dtype=DTYPE),
-        Variant("triton_compile", compiled_ours, role="ours", dtype=DTYPE, cpu=False),
-        Variant("eager", lambda state: concat_runner(eager_concat, direction), dtype=DTYPE,
-                note="the eager model's path: bias pass, fp32 channels_last copy, F.interpolate, cast, torch.cat"),
-        Variant("compile", compiled("default"), dtype=DTYPE, cpu=False),
-        Variant("compile_max_autotune", compiled("max-autotune"), dtype=DTYPE, gpu_only=True, graph=False,
-                note="max-autotune replays its own CUDA graphs (cudagraph trees): timed as plain calls"),
-    ]
+    return fused_op_variants(direction, ("h", "skip", "bias"), load_ours, eager_concat,
+                             "the eager model's path: bias pass, fp32 channels_last copy, F.interpolate, cast, "
+                             "torch.cat", DTYPE)
 
 
 CASES = []

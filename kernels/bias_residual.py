@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.device import on_tensor_device
+from kernels.device import check_interpreter_device, on_tensor_device
 from kernels.layout import memory_format_of
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,11 +56,7 @@ _TILE = 4096 if _INTERPRETED else 2048
 
 
 def _check_device(t: torch.Tensor) -> None:
-    if t.device.type == "cpu" and not _INTERPRETED:
-        raise RuntimeError(
-            "add_bias_residual: got CPU tensors but the Triton kernels were not built for the interpreter; "
-            "set TRITON_INTERPRET=1 before importing kernels, use CUDA tensors, or call "
-            "add_bias_residual_reference")
+    check_interpreter_device(t, _INTERPRETED, "add_bias_residual", "add_bias_residual_reference")
 
 
 def _check_inputs(a, b, bias) -> None:

@@ -17,3 +17,12 @@ def on_tensor_device(launcher):
             return launcher(tensor, *args, **kwargs)
 
     return launch
+
+
+def check_interpreter_device(t, interpreted: bool, op: str, reference: str) -> None:
+    """CPU tensors run only through the Triton interpreter (TRITON_INTERPRET=1 when the kernels were
+    decorated): otherwise a one-line error naming the op and its eager reference, never a silent fallback."""
+    if t.device.type == "cpu" and not interpreted:
+        raise RuntimeError(
+            f"{op}: got CPU tensors but the Triton kernels were not built for the interpreter; set "
+            f"TRITON_INTERPRET=1 before importing kernels, use CUDA tensors, or call {reference}")

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.device import on_tensor_device
+from kernels.device import check_interpreter_device, on_tensor_device
 from kernels.layout import memory_format_of
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -140,11 +140,7 @@ _TILE_BACKWARD = 4096 if _INTERPRETED else 1024
 
 
 def _check_device(t: torch.Tensor) -> None:
-    if t.device.type == "cpu" and not _INTERPRETED:
-        raise RuntimeError(
-            "upsample2x_concat: got CPU tensors but the Triton kernels were not built for the interpreter; "
-            "set TRITON_INTERPRET=1 before importing kernels, use CUDA tensors, or call "
-            "upsample2x_concat_reference")
+    check_interpreter_device(t, _INTERPRETED, "upsample2x_concat", "upsample2x_concat_reference")
 
 
 def _check_inputs(h, skip, h_bias=None) -> None:

@@ -18,6 +18,23 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
 
 
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max|actual − expected| / max|expected| over the whole tensor (the absolute error where expected is
+    all zeros), in float64."""
+    expected = expected.double()
+    denom = expected.abs().max().item()
+    err = (actual.double() - expected).abs().max().item()
+    return err / denom if denom > 0 else err
+
+
+def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
+    """Same shape, finite, and rel_err within tol, with a message naming the tensor."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
 @pytest.fixture
 def device():
     return DEVICE

@@ -17,7 +17,7 @@ import zlib
 import pytest
 import torch
 
-from conftest import DEVICE, ON_GPU
+from conftest import DEVICE, ON_GPU, assert_close
 
 from kernels.bias_residual import (  # noqa: E402  (conftest sets TRITON_INTERPRET first)
     _add_bias_residual_into,
@@ -41,20 +41,6 @@ LAYOUTS = {  # (a, b) memory formats
     "channels_last": (torch.channels_last, torch.channels_last),
     "mixed": (torch.channels_last, torch.contiguous_format),
 }
-
-
-def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    denom = expected.abs().max().item()
-    err = (actual.double() - expected).abs().max().item()
-    return err / denom if denom > 0 else err
-
-
-def _assert_close(name, actual, expected, tol):
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    err = _rel_err(actual, expected)
-    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
 
 
 def _inputs(shape, a_dtype, b_dtype, bias_dtype, layout, seed):
@@ -86,10 +72,10 @@ def test_forward_and_gradients_match_float64(shape, layout, dtype, bias_dtype):
     ref_out, (_, _, ref_dbias) = _run(add_bias_residual_reference, (a, b, bias), dout.double(),
                                       cast=lambda t: t.detach().double())
     assert out.dtype == dtype and out.is_contiguous(memory_format=LAYOUTS[layout][0])
-    _assert_close("out", out, ref_out, TOLERANCE[dtype])
+    assert_close("out", out, ref_out, TOLERANCE[dtype])
     assert da.dtype == db.dtype == dtype and torch.equal(da, dout) and torch.equal(db, dout)
     assert dbias.dtype == bias_dtype
-    _assert_close("dbias", dbias, ref_dbias, BIAS_GRAD_TOLERANCE if bias_dtype == torch.float32 else TOLERANCE[dtype])
+    assert_close("dbias", dbias, ref_dbias, BIAS_GRAD_TOLERANCE if bias_dtype == torch.float32 else TOLERANCE[dtype])
 
 
 def test_mixed_dtypes_promote():
@@ -99,7 +85,7 @@ def test_mixed_dtypes_promote():
     ref_out, _ = _run(add_bias_residual_reference, (a, b, bias), dout.double(), cast=lambda t: t.detach().double())
     assert out.dtype == torch.float32 and (da.dtype, db.dtype, dbias.dtype) == (torch.float16, torch.float32,
                                                                                 torch.float16)
-    _assert_close("out", out, ref_out, TOLERANCE[torch.float32])
+    assert_close("out", out, ref_out, TOLERANCE[torch.float32])
     assert torch.equal(da, dout.half()) and torch.equal(db, dout)
 
 
@@ -117,7 +103,7 @@ def test_launcher_writes_every_element(layout, blocks, dtype):
     out = torch.full(shape, float("nan"), device=DEVICE, dtype=dtype).contiguous(memory_format=LAYOUTS[layout][0])
     _add_bias_residual_into(a, b, bias, out, blocks)
     expected = add_bias_residual_reference(a.double(), b.double(), bias.double())
-    _assert_close("out", out, expected, TOLERANCE[dtype])
+    assert_close("out", out, expected, TOLERANCE[dtype])
 
 
 def test_strided_inputs_are_made_dense():
@@ -127,7 +113,7 @@ def test_strided_inputs_are_made_dense():
     b = torch.randn(1, 5, 4, 5, generator=gen, device=DEVICE).expand(2, 5, 4, 5)
     bias = torch.randn(10, generator=gen, device=DEVICE)[::2]
     expected = add_bias_residual_reference(a.double(), b.double(), bias.double())
-    _assert_close("out", add_bias_residual(a, b, bias), expected, TOLERANCE[torch.float32])
+    assert_close("out", add_bias_residual(a, b, bias), expected, TOLERANCE[torch.float32])
 
 
 def test_opcheck():
@@ -149,9 +135,9 @@ def test_torch_compile_fullgraph_forward_and_backward():
     out, grads = _run(compiled, (a, b, bias), dout)
     ref_out, ref_grads = _run(lambda a, b, bias: add_bias_residual_reference(a * 2.0, b, bias) * 1.5, (a, b, bias),
                               dout.double(), cast=lambda t: t.detach().double())
-    _assert_close("out", out, ref_out, TOLERANCE[torch.float32])
+    assert_close("out", out, ref_out, TOLERANCE[torch.float32])
     for name, grad, ref in zip(("da", "db", "dbias"), grads, ref_grads):
-        _assert_close(name, grad, ref, BIAS_GRAD_TOLERANCE)
+        assert_close(name, grad, ref, BIAS_GRAD_TOLERANCE)
 
 
 def test_fake_tensor_mode_shapes_and_layouts():

@@ -14,13 +14,16 @@ dh is dout's slice, so it is exact in every dtype; dh_bias (fp32, a sum over N·
 to 1e-5 in every dtype. bf16 runs only with CUDA: the Triton interpreter
 rounds fp32 → bf16 by truncation.
 """
+import os
+import subprocess
+import sys
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, ON_GPU
+from conftest import DEVICE, ON_GPU, assert_close
 
 from kernels.upsample_concat import (  # noqa: E402  (conftest sets TRITON_INTERPRET first)
     _upsample2x_backward_into,
@@ -55,20 +58,6 @@ LAYOUTS = {  # (h, skip) memory formats
     "channels_last": (torch.channels_last, torch.channels_last),
     "mixed": (torch.channels_last, torch.contiguous_format),
 }
-
-
-def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    denom = expected.abs().max().item()
-    err = (actual.double() - expected).abs().max().item()
-    return err / denom if denom > 0 else err
-
-
-def _assert_close(name, actual, expected, tol):
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    err = _rel_err(actual, expected)
-    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
 
 
 def _inputs(shape, h_dtype, skip_dtype, layout, seed):
@@ -111,12 +100,12 @@ def test_forward_and_gradients_match_float64(shape, layout, dtype, with_bias):
     assert out.dtype == dh.dtype == dskip.dtype == dtype
     assert out.is_contiguous(memory_format=LAYOUTS[layout][0])
     assert dskip.is_contiguous(memory_format=LAYOUTS[layout][1])
-    _assert_close("out", out, ref_out, tol)
+    assert_close("out", out, ref_out, tol)
     assert torch.equal(dh, dout[:, :shape[1]]), "dh must be dout's h part"
-    _assert_close("dskip", dskip, ref_dskip, tol)
+    assert_close("dskip", dskip, ref_dskip, tol)
     if with_bias:
         assert dbias.dtype == torch.float32
-        _assert_close("dh_bias", dbias, ref_dbias, 1e-5)
+        assert_close("dh_bias", dbias, ref_dbias, 1e-5)
 
 
 @pytest.mark.parametrize("h_dtype,skip_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float16)])
@@ -127,8 +116,8 @@ def test_mixed_dtypes_compute_in_fp32(h_dtype, skip_dtype):
     out, (dh, dskip, _) = _kernel(h, skip, h_bias, dout)
     ref_out, (_, ref_dskip, _) = _float64(h, skip, h_bias, dout)
     assert out.dtype == h_dtype and dskip.dtype == skip_dtype
-    _assert_close("out", out, ref_out, TOLERANCE[torch.float16])
-    _assert_close("dskip", dskip, ref_dskip, TOLERANCE[torch.float16])
+    assert_close("out", out, ref_out, TOLERANCE[torch.float16])
+    assert_close("dskip", dskip, ref_dskip, TOLERANCE[torch.float16])
 
 
 # (block_x, block_c, num_warps) forced onto the launchers: several tiles with tails along both axes
@@ -148,12 +137,12 @@ def test_launchers_write_every_element(layout, blocks, dtype):
     out_buffer = torch.full((n, ch + cs + 2, 2 * height, 2 * width + 1), float("nan"), device=DEVICE, dtype=dtype)
     out = out_buffer[:, 1:-1, :, :-1]
     _upsample2x_concat_into(h, skip, h_bias, out, blocks)
-    _assert_close("out", out, ref_out, TOLERANCE[dtype])
+    assert_close("out", out, ref_out, TOLERANCE[dtype])
     assert out_buffer[:, [0, -1]].isnan().all() and out_buffer[..., -1].isnan().all()
     grad_buffer = torch.full((n, cs, height, width + 3), float("nan"), device=DEVICE, dtype=dtype)
     grad_skip = grad_buffer[..., 3:]
     _upsample2x_backward_into(dout[:, ch:], grad_skip, blocks)
-    _assert_close("dskip", grad_skip, ref_dskip, TOLERANCE[dtype])
+    assert_close("dskip", grad_skip, ref_dskip, TOLERANCE[dtype])
     assert grad_buffer[..., :3].isnan().all()
 
 
@@ -206,9 +195,9 @@ def test_torch_compile_fullgraph_forward_and_backward():
     ref_leaves = [t.detach().double().requires_grad_() for t in (h, skip, h_bias)]
     ref = upsample2x_concat_reference(ref_leaves[0] * 2.0, ref_leaves[1], ref_leaves[2]) * 1.5
     ref.backward(dout.double())
-    _assert_close("out", out.detach(), ref.detach(), TOLERANCE[torch.float32])
+    assert_close("out", out.detach(), ref.detach(), TOLERANCE[torch.float32])
     for name, leaf, ref_leaf in zip(("dh", "dskip", "dh_bias"), leaves, ref_leaves):
-        _assert_close(name, leaf.grad, ref_leaf.grad, TOLERANCE[torch.float32])
+        assert_close(name, leaf.grad, ref_leaf.grad, TOLERANCE[torch.float32])
 
 
 def test_fake_tensor_mode_shapes_and_layouts():
@@ -257,3 +246,26 @@ def test_bad_bias_raises_clear_errors(h_bias, error, match):
 def test_mixed_devices_raise():
     with pytest.raises(ValueError, match="skip is on cpu"):
         upsample2x_concat(_t(1, 2, 4, 4), _t(1, 3, 2, 2).cpu())
+
+
+def test_cpu_tensors_without_interpreter_raise():
+    """No silent eager fallback: CPU tensors without TRITON_INTERPRET=1 are a one-line error, for this op
+    and for add_bias_residual (which shares the check)."""
+    code = (
+        "import torch\n"
+        "from kernels import add_bias_residual, upsample2x_concat\n"
+        "x = torch.randn(1, 2, 4, 4)\n"
+        "for call in (lambda: upsample2x_concat(x, torch.randn(1, 3, 2, 2)), lambda: add_bias_residual(x, x, x[0, :, 0, 0])):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except RuntimeError as e:\n"
+        "        print('RAISED', e)\n"
+    )
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RAISED")]
+    assert len(lines) == 2, result.stdout + result.stderr
+    assert "upsample2x_concat: got CPU tensors" in lines[0] and "add_bias_residual: got CPU tensors" in lines[1]
+    assert all("TRITON_INTERPRET=1" in line for line in lines)
