@@ -133,10 +133,12 @@ def _upsample2x_backward_kernel(
 _INTERPRETED = type(_upsample2x_concat_kernel).__name__ == "InterpretedFunction"
 # Elements per program: on a GPU 8 per thread (one 16-byte access per load in half precision along a
 # contiguous axis), a tile of 2048 forward and 1024 backward, whose 16 gathers per element keep more values
-# live (at 2048, sm_90 needs 255 registers for NCHW and spills); the interpreter, ~10 ms a program
-# whatever its size, gets 4096.
+# live (at 2048, sm_90 needs 255 registers for NCHW and spills). In NCHW the backward's gathers along the
+# contiguous axis are scalar loads, 16 an element: 4 elements a thread there (at 8, ptxas spills in fp16).
+# The interpreter, ~10 ms a program whatever its size, gets 4096.
 _TILE_FORWARD = 4096 if _INTERPRETED else 2048
 _TILE_BACKWARD = 4096 if _INTERPRETED else 1024
+_TILE_BACKWARD_NCHW = 4096 if _INTERPRETED else 512
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -173,17 +175,17 @@ def _check_inputs(h, skip, h_bias=None) -> None:
             raise ValueError(f"upsample2x_concat: h_bias is on {h_bias.device} but h is on {h.device}")
 
 
-def _blocks(columns: int, channels: int, tile: int, channels_last: bool):
+def _blocks(columns: int, channels: int, tile: int, channels_last: bool, per_thread: int = 8):
     """(BLOCK_X, BLOCK_C, num_warps): the contiguous axis (channels in channels_last, columns in NCHW) first,
-    up to 64 (128 contiguous bytes in half precision), then the other up to a `tile`-element tile; 8
-    elements a thread."""
+    up to 64 (128 contiguous bytes in half precision), then the other up to a `tile`-element tile;
+    `per_thread` elements a thread."""
     if channels_last:
         block_c = min(triton.next_power_of_2(channels), 64)
         block_x = min(triton.next_power_of_2(columns), max(1, tile // block_c))
     else:
         block_x = min(triton.next_power_of_2(columns), 64)
         block_c = min(triton.next_power_of_2(channels), max(1, tile // block_x))
-    return block_x, block_c, max(1, min(8, block_x * block_c // 256))
+    return block_x, block_c, max(1, min(8, block_x * block_c // (32 * per_thread)))
 
 
 @on_tensor_device
@@ -206,7 +208,9 @@ def _upsample2x_concat_into(h, skip, h_bias, out, blocks=None):
 def _upsample2x_backward_into(grad_up, grad_skip, blocks=None):
     """Write the skip's gradient (N, Cs, H, W) from the upsampled part's gradient grad_up (N, Cs, 2H, 2W)."""
     batch, cs, height, width = grad_skip.shape
-    block_x, block_c, num_warps = blocks or _blocks(width, cs, _TILE_BACKWARD, grad_up.stride(1) == 1)
+    channels_last = grad_up.stride(1) == 1
+    block_x, block_c, num_warps = blocks or (_blocks(width, cs, _TILE_BACKWARD, True) if channels_last else
+                                             _blocks(width, cs, _TILE_BACKWARD_NCHW, False, per_thread=4))
     grid = (batch * height, triton.cdiv(width, block_x), triton.cdiv(cs, block_c))
     _upsample2x_backward_kernel[grid](
         grad_up, grad_skip, height, width, cs, *grad_up.stride(), *grad_skip.stride(),
