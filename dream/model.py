@@ -309,9 +309,7 @@ class Attention(nn.Module):
         recompute = self.recompute_norms and self.training and torch.is_grad_enabled()
         qkv = norm_act_conv(self.norm, self.qkv, x, self.backend, recompute, silu=False)
         if self.backend == "triton":
-            from kernels import attention_qkv_nchw
-
-            from kernels import add_bias_residual
+            from kernels import add_bias_residual, attention_qkv_nchw
 
             # reads q, k, v in place from the (b, 3c, h, w) conv output and writes (b, c, h, w); the
             # projection's bias goes into the residual sum
