@@ -4,6 +4,8 @@ Without a GPU, Triton kernels run through the Triton interpreter, which is read
 when a kernel is decorated: the variable must be set before `kernels` is imported.
 """
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -16,6 +18,18 @@ from dream import math_flags  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_without_interpreter(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a Python snippet in a fresh process from the repository root with TRITON_INTERPRET unset (the
+    kernels then compile for a GPU), capturing its output."""
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -16,16 +16,13 @@ from the same (rounded) inputs.
 
 bf16 runs only with CUDA: the Triton interpreter computes bf16 dots wrongly.
 """
-import os
-import subprocess
-import sys
 import zlib
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from conftest import DEVICE, ON_GPU
+from conftest import DEVICE, ON_GPU, run_without_interpreter
 
 from kernels.attention import (  # noqa: E402  (conftest sets TRITON_INTERPRET first)
     BackwardConfig,
@@ -421,9 +418,5 @@ def test_cpu_tensors_without_interpreter_raise():
         "except RuntimeError as e:\n"
         "    print('RAISED', e)\n"
     )
-    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
-                            capture_output=True, text=True, timeout=300)
+    result = run_without_interpreter(code)
     assert "RAISED" in result.stdout and "TRITON_INTERPRET" in result.stdout, result.stdout + result.stderr

@@ -14,16 +14,13 @@ dh is dout's slice, so it is exact in every dtype; dh_bias (fp32, a sum over N·
 to 1e-5 in every dtype. bf16 runs only with CUDA: the Triton interpreter
 rounds fp32 → bf16 by truncation.
 """
-import os
-import subprocess
-import sys
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, ON_GPU, assert_close
+from conftest import DEVICE, ON_GPU, assert_close, run_without_interpreter
 
 from kernels.upsample_concat import (  # noqa: E402  (conftest sets TRITON_INTERPRET first)
     _upsample2x_backward_into,
@@ -261,10 +258,7 @@ def test_cpu_tensors_without_interpreter_raise():
         "    except RuntimeError as e:\n"
         "        print('RAISED', e)\n"
     )
-    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    result = run_without_interpreter(code)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RAISED")]
     assert len(lines) == 2, result.stdout + result.stderr
     assert "upsample2x_concat: got CPU tensors" in lines[0] and "add_bias_residual: got CPU tensors" in lines[1]
