@@ -59,7 +59,8 @@ MIN_STAGE_S = 45  # a stage starts only with this much budget left (its limit th
 GRACE_S = 20
 
 TEST_FILES = ["tests/test_group_norm_silu.py", "tests/test_norm_conv.py", "tests/test_attention.py",
-              "tests/test_upsample_concat.py", "tests/test_bias_residual.py", "tests/test_model*.py",
+              "tests/test_upsample_concat.py", "tests/test_bias_residual.py", "tests/test_kernel_autotune.py",
+              "tests/test_model*.py",
               "tests/test_unet*.py", "tests/test_sampling*.py", "tests/test_memory*.py"]
 # single tests of other files whose GPU form matters (the rest of those files checks CPU-side logic)
 TEST_NODES = ["tests/test_trainer.py::test_eager_and_triton_trainers_follow_the_same_loss_trajectory",

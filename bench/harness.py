@@ -306,6 +306,32 @@ def compile_fn(fn, mode: str | None = None, fullgraph: bool = False):
     return torch.compile(fn, **kwargs)
 
 
+def autotuned(build: Callable[["CaseState"], Runner | Callable]) -> Callable[["CaseState"], Runner]:
+    """A variant's build whose runs and checks launch the kernels with autotuning on (kernels.autotune): the
+    first call of each problem (the check, before any CUDA-graph capture) tunes it, later calls reuse the pick."""
+
+    def build_autotuned(state):
+        from kernels.autotune import autotuning
+
+        built = build(state)
+        runner = built if isinstance(built, Runner) else Runner(run=built)
+
+        def within(fn):
+            if fn is None:
+                return None
+
+            def run(inputs):
+                with autotuning(True):
+                    return fn(inputs)
+
+            return run
+
+        return Runner(run=within(runner.run), check=within(runner.check), keep=runner.keep,
+                      warm_after_check=runner.warm_after_check)
+
+    return build_autotuned
+
+
 def named_inputs_runner(op, direction: str, names: tuple[str, ...], grad: str = "dout"):
     """callable(inputs): out = op(*(inputs[n] for n in names)) -> (out,) under no_grad; with backward
     (direction != "fwd") (out, *gradients of those inputs for the output gradient inputs[grad])."""

@@ -459,3 +459,21 @@ def test_pytest_shard_moves_gpu_only_and_named_tests_first(tmp_path):
                             capture_output=True, text=True)
     order = [line.split("::")[1] for line in result.stdout.splitlines() if "::" in line]
     assert order == ["test_hardware_only", "test_named_first", "test_plain_a", "test_plain_b"], result.stdout
+
+
+def test_autotuned_variant_runs_and_checks_with_autotuning_on():
+    """harness.autotuned: the variant's run and check launch with kernels.autotune on, and leave it as it was."""
+    from bench.harness import Runner, autotuned
+    from kernels.autotune import autotune_enabled, set_autotune
+
+    set_autotune(False)
+    try:
+        plain = autotuned(lambda state: (lambda inputs: (inputs, autotune_enabled())))(None)
+        assert plain.run("x") == ("x", True) and plain.check is None and not autotune_enabled()
+        both = autotuned(lambda state: Runner(run=lambda inputs: autotune_enabled(),
+                                              check=lambda inputs: ("checked", autotune_enabled()),
+                                              keep="model", warm_after_check=False))(None)
+        assert both.run(None) is True and both.check(None) == ("checked", True)
+        assert both.keep == "model" and both.warm_after_check is False and not autotune_enabled()
+    finally:
+        set_autotune(None)

@@ -24,7 +24,9 @@ timed, except the heuristic's own pick.
 
 The heuristics live in kernels/attention.py (forward_config, backward_config) and
 kernels/group_norm_silu.py (_launch_config); bench/compile_report.py shows registers and spills of a
-configuration without a GPU.
+configuration without a GPU. The candidates come from kernels/attention.py (forward_candidates,
+backward_candidates) and kernels/group_norm_silu.py (launch_candidates): the ones the run-time
+autotuner (kernels/autotune.py, DREAM_KERNEL_AUTOTUNE=1) tries at first use of each problem.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -97,22 +99,8 @@ def _as_dict(config) -> dict | str:
 # ------------------------------------------------------------------------------------------------
 def _attention_candidates(seq_len: int, direction: str, setting: Setting, heuristic) -> list:
     att = importlib.import_module("kernels.attention")
-    tile = att._pow2_at_least(seq_len)
-    quick = setting.grid == "quick"
-    blocks = [b for b in (16, 32, 64, 128) if b <= max(tile, 16)]
-    large = [b for b in blocks if b >= 32] or blocks
-    if direction == "fwd":
-        stages = (3,) if quick else (2, 3, 4)
-        configs = [att.ForwardConfig(m, n, w, s) for m, n, w, s in itertools.product(large, large, (4, 8), stages)]
-    else:
-        stages = (2,) if quick else (1, 2, 3)
-        configs = [att.BackwardConfig(False, own, loop, w, s) for own, loop, w, s in
-                   itertools.product(large, [b for b in blocks if b <= 64], (4, 8), stages) if loop <= own]
-        if tile <= 64:
-            configs += [att.BackwardConfig(True, tile, tile, w, s) for w, s in itertools.product((4, 8), (1, 2))]
-    if not setting.full:  # the interpreter: the heuristic and one other candidate are enough to check the tool
-        configs = [c for c in configs if c != heuristic][:1]
-    return [heuristic] + [c for c in configs if c != heuristic]
+    candidates = att.forward_candidates if direction == "fwd" else att.backward_candidates
+    return candidates(seq_len, heuristic, setting.grid if setting.full else "minimal", setting.dtype)
 
 
 def attention_problems(setting: Setting, batch, channels, heads, sizes, layouts) -> list[Problem]:
@@ -176,44 +164,11 @@ class GroupNormConfig:
 
 def _group_norm_candidates(channels_per_group, num_groups, hw, contiguous_channels, setting: Setting, heuristic,
                            min_hw=1) -> list:
-    """Tiles of several sizes and warp counts, laid out as _launch_config lays them (min_hw: the
-    fewest positions a tile may span; 8 with dropout in NCHW); in channels_last with a power-of-two number of
-    channels per group, also with several groups per program (one tile row spanning them all); and
-    grids capped at 1, 2 or 4 programs per SM."""
-    tiles = (1024, 2048, 4096) if setting.grid == "quick" else (512, 1024, 2048, 4096, 8192)
-    warps = (4, 8) if setting.grid == "quick" else (2, 4, 8, 16)
-    if not setting.full:  # the interpreter: a small tile, so the candidate loops over tiles with tails
-        tiles = (64,)
-    groupings = [1]
-    if contiguous_channels and channels_per_group & (channels_per_group - 1) == 0:
-        groupings += [g for g in (2, 4, 8) if num_groups % g == 0 and g * channels_per_group <= 128]
-        if setting.grid == "quick":
-            groupings = sorted({1, heuristic.groups})
-    configs = []
-    for tile, num_warps, groups in itertools.product(tiles, warps, groupings):
-        cg, p = 1 << max(0, (channels_per_group - 1).bit_length()), 1 << max(0, (hw - 1).bit_length())
-        if groups > 1:
-            block_c = groups * channels_per_group
-            block_hw = max(min_hw, min(p, max(1, tile // block_c)))
-        elif contiguous_channels:
-            block_c = min(cg, tile)
-            block_hw = min(p, max(1, tile // block_c))
-        else:
-            block_hw = min(p, tile)
-            block_c = min(cg, max(1, tile // block_hw))
-        if block_hw >= min_hw:
-            configs.append(GroupNormConfig(block_c, block_hw, num_warps, groups))
-    configs = list(dict.fromkeys(configs))  # tiles larger than the group collapse to one config
-    # capped grids: fewer groups in flight between the two passes over each (so that the second finds them
-    # in L2), with the heuristic's tiles and with the largest 8-warp tiles (more bytes in flight a program)
-    largest = max((c.block_c * c.block_hw for c in configs), default=0)
-    capped = [replace(c, programs_per_sm=cap)
-              for c in [heuristic] + [c for c in configs if c.num_warps == 8 and c.block_c * c.block_hw == largest]
-              for cap in (1, 2, 4)]
-    if not setting.full:
-        configs = [c for c in configs if c != heuristic][:1] + capped[:1]
-        return [heuristic] + [c for c in configs if c != heuristic]
-    return [heuristic] + [c for c in dict.fromkeys(configs + capped) if c != heuristic]
+    """kernels.group_norm_silu.launch_candidates as GroupNormConfigs (the heuristic first)."""
+    gns = importlib.import_module("kernels.group_norm_silu")
+    configs = gns.launch_candidates(channels_per_group, num_groups, hw, contiguous_channels, asdict(heuristic),
+                                    setting.grid if setting.full else "minimal", min_hw)
+    return [GroupNormConfig(**c) for c in configs]
 
 
 def group_norm_problems(setting: Setting, sites, groups, layouts) -> list[Problem]:

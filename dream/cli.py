@@ -20,6 +20,13 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float, help="override the preset's dropout")
 
 
+def add_autotune_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--autotune-kernels", action="store_true",
+                   help="triton backend on a GPU: time each kernel problem's launch configurations on first use "
+                        "and keep the fastest (cached in $DREAM_CACHE/kernel-autotune.json; the same as "
+                        "DREAM_KERNEL_AUTOTUNE=1)")
+
+
 def model_overrides(args) -> dict:
     return {k: v for k, v in {"image_size": args.image_size, "base_channels": args.base_channels,
                               "dropout": args.dropout}.items() if v is not None}
@@ -109,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-count", type=int, default=16, help="images in each sample grid (fixed noise, EMA)")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the sample grid")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_autotune_flag(p)
 
     p = commands.add_parser("sample", help="generate images from a checkpoint")
     from dream.sample import add_sampling_arguments
@@ -116,11 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(p, count=64, batch_size=64, backend="auto", backends=["auto", "eager", "sdpa", "triton"],
                            count_help="number of images")
     p.add_argument("--out", default="samples", help="output folder for PNGs and grid.png")
+    add_autotune_flag(p)
 
     p = commands.add_parser("eval", help="sample N images and compute FID, IS and KID (torch-fidelity)")
     from dream.evaluate import add_eval_arguments
 
     add_eval_arguments(p)
+    add_autotune_flag(p)
 
     p = commands.add_parser("export", help="write a checkpoint's EMA (or raw) UNet weights as safetensors")
     p.add_argument("checkpoint", help="checkpoint file or run folder (its newest valid checkpoint)")
@@ -136,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dream.profile import add_profile_arguments
 
     add_profile_arguments(p)
+    add_autotune_flag(p)
 
     p = commands.add_parser("memory", help="peak memory of one training step, estimated without a GPU")
     add_model_flags(p)
@@ -299,6 +310,8 @@ def run_memory(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "autotune_kernels", False):
+        os.environ["DREAM_KERNEL_AUTOTUNE"] = "1"  # kernels.autotune reads it at each launch
     handlers = {"train": run_train, "sample": run_sample, "info": run_info, "profile": run_profile,
                 "memory": run_memory, "eval": run_eval, "export": run_export}
     try:

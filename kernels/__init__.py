@@ -2,6 +2,8 @@
 
 This package never imports `dream`. On a machine without a GPU, set
 TRITON_INTERPRET=1 before importing it to run the kernels on CPU tensors.
+Launch configurations come from heuristics, or, with autotuning on (set_autotune(True) or
+DREAM_KERNEL_AUTOTUNE=1; kernels.autotune), from timing candidates on the GPU at first use.
 """
 from kernels.group_norm_silu import (dropout_keep_mask, dropout_scale, group_norm_silu, group_norm_silu_reference,
                                      new_dropout_seed)
@@ -10,6 +12,7 @@ from kernels.attention import (SUPPORTED_HEAD_DIMS, attention, attention_qkv_nch
 from kernels.norm_conv import group_norm_silu_conv2d, group_norm_silu_conv2d_reference
 from kernels.upsample_concat import upsample2x_concat, upsample2x_concat_reference
 from kernels.bias_residual import add_bias_residual, add_bias_residual_reference
+from kernels.autotune import set_autotune
 
 __all__ = [
     "group_norm_silu",
@@ -28,4 +31,5 @@ __all__ = [
     "upsample2x_concat_reference",
     "add_bias_residual",
     "add_bias_residual_reference",
+    "set_autotune",
 ]

@@ -37,6 +37,8 @@ is refused).
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import autotune
 from kernels.device import on_tensor_device
 from kernels.layout import memory_format_of
 
@@ -459,6 +462,47 @@ def backward_config(seq_len: int, head_dim: int, dtype: torch.dtype = torch.bflo
     return BackwardConfig(False, 64, 32, 4, 3)
 
 
+def forward_candidates(seq_len: int, heuristic: ForwardConfig, grid: str = "quick",
+                       dtype: torch.dtype = torch.bfloat16) -> list:
+    """Forward configurations to try beside `heuristic` (bench/tune_kernels.py, autotuning): query and
+    key blocks of 32 to 128 rows (up to N rounded up to a power of two), 4 or 8 warps, pipeline stages
+    3 ("quick") or 2 to 4 ("full"); "minimal" (the interpreter): one besides the heuristic. fp32 on a GPU
+    (FMA dots, many registers) only up to 64 rows. The heuristic first."""
+    return _candidates(seq_len, heuristic, grid, "fwd", dtype)
+
+
+def backward_candidates(seq_len: int, heuristic: BackwardConfig, grid: str = "quick",
+                        dtype: torch.dtype = torch.bfloat16) -> list:
+    """Backward configurations to try beside `heuristic`, as forward_candidates: owned blocks of 32 to
+    128 rows streaming blocks of 16 to 64 (never more than owned), stages 2 ("quick") or 1 to 3 ("full"),
+    and for N <= 64 the single-tile kernel."""
+    return _candidates(seq_len, heuristic, grid, "bwd", dtype)
+
+
+def _candidates(seq_len, heuristic, grid, direction, dtype) -> list:
+    if grid not in ("quick", "full", "minimal"):
+        raise ValueError(f"attention candidates: grid must be quick, full or minimal, got {grid!r}")
+    tile = _pow2_at_least(seq_len)
+    blocks = [b for b in (16, 32, 64, 128) if b <= max(tile, 16)]
+    large = [b for b in blocks if b >= 32] or blocks
+    if dtype == torch.float32 and not _INTERPRETING:
+        large = [b for b in large if b <= 64]
+    quick = grid != "full"
+    if direction == "fwd":
+        stages = (3,) if quick else (2, 3, 4)
+        configs = [ForwardConfig(m, n, w, s) for m, n, w, s in itertools.product(large, large, (4, 8), stages)]
+    else:
+        stages = (2,) if quick else (1, 2, 3)
+        configs = [BackwardConfig(False, own, loop, w, s) for own, loop, w, s in
+                   itertools.product(large, [b for b in blocks if b <= 64], (4, 8), stages) if loop <= own]
+        if tile <= 64:
+            configs += [BackwardConfig(True, tile, tile, w, s) for w, s in itertools.product((4, 8), (1, 2))]
+    configs = [c for c in configs if c != heuristic]
+    if grid == "minimal":
+        configs = configs[:1]
+    return [heuristic] + configs
+
+
 # ----------------------------------------------------------------------------------------
 # Validation and launchers
 # ----------------------------------------------------------------------------------------
@@ -525,12 +569,39 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _empty_strided_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+
+
+def _tuned(direction, heuristic, candidates, tensors, run):
+    """The autotuned configuration (a dict of the config's fields) of this problem (kernels.autotune; None:
+    autotuning is off, or it is a graph capture with no earlier pick, and the heuristic runs).
+    run(fields) launches with that configuration into fresh outputs and returns them."""
+    if not autotune.autotune_enabled():
+        return None
+    q = tensors[0]
+    batch, heads, seq_len, head_dim = q.shape
+    # the strides of every operand are part of the problem (q, k, v read in place from a qkv conv output)
+    key = (batch, heads, seq_len, head_dim, str(q.dtype).removeprefix("torch."),
+           *("x".join(map(str, t.stride())) for t in tensors))
+
+    def fields():
+        configs = candidates(seq_len, heuristic, autotune.candidate_grid(_INTERPRETING), q.dtype)
+        return dataclasses.asdict(heuristic), [dataclasses.asdict(c) for c in configs]
+
+    return autotune.choose(f"attention_{direction}", key, q.device, fields, run, interpreted=_INTERPRETING)
+
+
 @on_tensor_device
 def _attention_forward_into(q, k, v, scale: float, o, lse, config: ForwardConfig | None = None):
     """Launch the forward kernel writing O into `o` (B, H, N, D, any strides) and the
     natural-log logsumexp into `lse` (contiguous (B, H, N) fp32)."""
     batch, heads, seq_len, head_dim = q.shape
-    config = config or forward_config(seq_len, head_dim, q.dtype)
+    if config is None:
+        config = forward_config(seq_len, head_dim, q.dtype)
+        tuned = _tuned("fwd", config, forward_candidates, (q, k, v, o), lambda c: _attention_forward_into(
+            q, k, v, scale, _empty_strided_like(o), _empty_strided_like(lse), ForwardConfig(**c)))
+        config = ForwardConfig(**tuned) if tuned is not None else config
     q, k, v = _addressable(q), _addressable(k), _addressable(v)
     num_query_blocks = triton.cdiv(seq_len, config.block_m)
     grid = (num_query_blocks * batch * heads,)
@@ -551,7 +622,13 @@ def _attention_backward_into(q, k, v, o, lse, do, scale: float, dq, dk, dv,
                              config: BackwardConfig | None = None):
     """Launch the backward kernels writing dq, dk, dv (B, H, N, D, any strides)."""
     batch, heads, seq_len, head_dim = q.shape
-    config = config or backward_config(seq_len, head_dim, q.dtype)
+    if config is None:
+        config = backward_config(seq_len, head_dim, q.dtype)
+        tuned = _tuned("bwd", config, backward_candidates, (q, k, v, o, do, dq, dk, dv),
+                       lambda c: _attention_backward_into(q, k, v, o, lse, do, scale, _empty_strided_like(dq),
+                                                          _empty_strided_like(dk), _empty_strided_like(dv),
+                                                          BackwardConfig(**c)))
+        config = BackwardConfig(**tuned) if tuned is not None else config
     q, k, v, o, do = (_addressable(t) for t in (q, k, v, o, do))
     lse = lse.contiguous()  # indexed as (B·H, N)
     precision = _dot_precision(q.dtype)

@@ -65,6 +65,7 @@ x's dtype or in fp32 (fp32 master weights with half activations); they are read 
 gradients are returned in their own dtypes. mean and rstd are fp32, shape (N, num_groups).
 Layouts: x NCHW-contiguous or channels_last (handled through strides); y has x's memory format.
 """
+import itertools
 import math
 from typing import NamedTuple, Optional, Tuple
 
@@ -73,6 +74,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import autotune
 from kernels.device import on_tensor_device
 from kernels.layout import memory_format_of
 
@@ -818,8 +820,10 @@ def _sm_count(device):
     return _SM_COUNT[index]
 
 
-def _launch_config(N, C, HW, num_groups, stride_c, device, backward, dropout=None):
-    """Tile shape, split and warps by heuristic.
+def _launch_config(N, C, HW, num_groups, stride_c, device, backward, dropout=None, override=None):
+    """Tile shape, split and warps by heuristic, or as `override` gives them (a tuned pick, see
+    launch_candidates; keys block_c, block_hw, num_warps, groups, programs_per_sm; without it the test
+    hook _LAUNCH_OVERRIDE).
 
     GPU: a tile holds 2048 elements forward and 1024 backward (which keeps about twice as many
     values live), 8 per thread (ptxas for sm_90: ~50-120 registers, no spills, so two or more
@@ -842,7 +846,8 @@ def _launch_config(N, C, HW, num_groups, stride_c, device, backward, dropout=Non
     on_gpu = not _INTERPRETED  # compiled kernels only ever launch on the GPU (see _check_device)
     tile = (1024 if backward else 2048) if on_gpu else 4096
     min_hw = 8 if dropout == "positions" else 1
-    override = _LAUNCH_OVERRIDE or {}
+    if override is None:
+        override = _LAUNCH_OVERRIDE or {}
     channels_last = stride_c == 1 and C > 1
     groups = 1
     if channels_last and Cg & (Cg - 1) == 0:
@@ -887,11 +892,66 @@ def _launch_config(N, C, HW, num_groups, stride_c, device, backward, dropout=Non
     per_thread = 4 if octets == 3 and backward else 8
     num_warps = override.get("num_warps", min(8, max(1, block_c * block_hw // (32 * per_thread))))
     # a capped grid (programs loop over blocks) only where each group is one program's (no split)
-    cap = override.get("programs", 0)
+    cap = override.get("programs", 0) or override.get("programs_per_sm", 0) * (_sm_count(device) if on_gpu else 1)
     if cap and num_splits != 1:
         raise ValueError(f"group_norm_silu: a capped grid ({cap} programs) needs whole groups per program, "
                          f"got {num_splits} splits")
     return _LaunchConfig(block_c, block_hw, num_splits, hw_per_split, num_warps, groups, cap, octets)
+
+
+def _config_of(cfg: _LaunchConfig, device) -> dict:
+    """A launch configuration as a tunable pick (the keys launch_candidates gives)."""
+    sms = _sm_count(device) if not _INTERPRETED else 1
+    return {"block_c": cfg.block_c, "block_hw": cfg.block_hw, "num_warps": cfg.num_warps, "groups": cfg.groups,
+            "programs_per_sm": cfg.programs // sms if cfg.programs else 0}
+
+
+def launch_candidates(channels_per_group, num_groups, hw, contiguous_channels, heuristic: dict, grid="quick",
+                      min_hw=1) -> list:
+    """Launch configurations to try beside `heuristic` (bench/tune_kernels.py, autotuning): tiles of
+    several sizes and warp counts, laid out as _launch_config lays them (min_hw: the fewest positions a
+    tile may span, 8 with dropout in NCHW); in channels_last with a power-of-two number of channels per
+    group, also several groups per program (one tile row spanning them all); and grids capped at 1, 2 or 4
+    programs per SM (programs loop over blocks: fewer groups in flight between the two passes over each,
+    so that the second finds them in L2), with the heuristic's tiles and with the largest 8-warp tiles.
+    grid: "quick" (about a dozen), "full" (about a hundred) or "minimal" (two, for the interpreter: a small
+    tile that loops with tails, and a capped grid). Dicts with keys block_c, block_hw, num_warps, groups,
+    programs_per_sm; the heuristic first."""
+    if grid not in ("quick", "full", "minimal"):
+        raise ValueError(f"launch_candidates: grid must be quick, full or minimal, got {grid!r}")
+    tiles = {"quick": (1024, 2048, 4096), "full": (512, 1024, 2048, 4096, 8192), "minimal": (64,)}[grid]
+    warps = (2, 4, 8, 16) if grid == "full" else (4, 8)
+    groupings = [1]
+    if contiguous_channels and channels_per_group & (channels_per_group - 1) == 0:
+        groupings += [g for g in (2, 4, 8) if num_groups % g == 0 and g * channels_per_group <= 128]
+        if grid != "full":
+            groupings = sorted({1, heuristic["groups"]})
+    cg, p = triton.next_power_of_2(channels_per_group), triton.next_power_of_2(hw)
+    configs = []
+    for tile, num_warps, groups in itertools.product(tiles, warps, groupings):
+        if groups > 1:
+            block_c = groups * channels_per_group
+            block_hw = max(min_hw, min(p, max(1, tile // block_c)))
+        elif contiguous_channels:
+            block_c = min(cg, tile)
+            block_hw = min(p, max(1, tile // block_c))
+        else:
+            block_hw = min(p, tile)
+            block_c = min(cg, max(1, tile // block_hw))
+        if block_hw >= min_hw:
+            configs.append({"block_c": block_c, "block_hw": block_hw, "num_warps": num_warps, "groups": groups,
+                            "programs_per_sm": 0})
+    largest = max((c["block_c"] * c["block_hw"] for c in configs), default=0)
+    capped = [{**c, "programs_per_sm": cap}
+              for c in [heuristic] + [c for c in configs if c["num_warps"] == 8 and c["block_c"] * c["block_hw"] == largest]
+              for cap in (1, 2, 4)]
+    if grid == "minimal":
+        configs, capped = [c for c in configs if c != heuristic][:1], capped[:1]
+    unique = []
+    for config in [heuristic] + configs + capped:  # tiles larger than the group collapse to one config
+        if config not in unique:
+            unique.append(config)
+    return unique
 
 
 def _in_out_flags(scale, shift, mode):
@@ -900,11 +960,39 @@ def _in_out_flags(scale, shift, mode):
                 SCALE_OUT=not pre and scale is not None, SHIFT_OUT=not pre and shift is not None)
 
 
+def _tuned_override(direction, x, num_groups, scale, shift, mode, silu, dropout_p, run):
+    """The autotuned launch configuration of this problem (kernels.autotune; None: autotuning is off,
+    or it is a graph capture with no earlier pick, and the heuristic runs). run(config) launches with it."""
+    if not autotune.autotune_enabled():
+        return None
+    N, C, H, W = x.shape
+    G, HW = num_groups, H * W
+    channels_last = memory_format_of(x) == torch.channels_last and C > 1
+    dropout = _dropout_axis(dropout_p, memory_format_of(x))
+
+    def candidates():
+        stride_c = _dense(x, memory_format_of(x))[1][1]  # as the launch sees it
+        heuristic = _config_of(_launch_config(N, C, HW, G, stride_c, x.device, direction == "bwd", dropout,
+                                              override={}), x.device)
+        return heuristic, launch_candidates(C // G, G, HW, stride_c == 1 and C // G > 1, heuristic,
+                                            grid=autotune.candidate_grid(_INTERPRETED),
+                                            min_hw=8 if dropout == "positions" else 1)
+
+    key = (N, C, H, W, G, str(x.dtype).removeprefix("torch."), "cl" if channels_last else "nchw", mode,
+           "scale" if scale is not None else "-", "shift" if shift is not None else "-", "silu" if silu else "id",
+           dropout or "-")
+    return autotune.choose(f"group_norm_silu_{direction}", key, x.device, candidates, run, interpreted=_INTERPRETED)
+
+
 @on_tensor_device
-def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout_p=0.0, seed=None):
-    """Launch the forward kernels; returns (y, mean, rstd)."""
+def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout_p=0.0, seed=None, override=None):
+    """Launch the forward kernels; returns (y, mean, rstd). override: a launch configuration
+    (launch_candidates' keys) instead of the heuristic's or the autotuned one."""
     _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed)
     _check_device(x)
+    if override is None:
+        override = _tuned_override("fwd", x, num_groups, scale, shift, mode, silu, dropout_p, lambda config: _forward(
+            x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout_p, seed, override=config))
     N, C, H, W = x.shape
     HW = H * W
     G = num_groups
@@ -917,7 +1005,8 @@ def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout
     shift = shift.contiguous() if shift is not None else None
     mean = _new_buffer((N, G), torch.float32, x.device)
     rstd = _new_buffer((N, G), torch.float32, x.device)
-    cfg = _launch_config(N, C, HW, G, sxc, x.device, backward=False, dropout=_dropout_axis(dropout_p, memory_format))
+    cfg = _launch_config(N, C, HW, G, sxc, x.device, backward=False, dropout=_dropout_axis(dropout_p, memory_format),
+                         override=override)
     dropout = dropout_p > 0
     flags = _in_out_flags(scale, shift, mode)
     drop_threshold, drop_scale = _kernel_dropout_args(dropout_p)
@@ -947,14 +1036,18 @@ def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout
 
 @on_tensor_device
 def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu,
-              dropout_p=0.0, seed=None):
+              dropout_p=0.0, seed=None, override=None):
     """Launch the backward kernels; returns (dx, dweight, dbias, dscale, dshift), with empty
-    tensors for dscale/dshift where scale/shift are None."""
+    tensors for dscale/dshift where scale/shift are None. override: as for _forward."""
     _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed)
     _check_device(x)
     if dy.shape != x.shape or dy.device != x.device:
         raise ValueError(f"group_norm_silu backward: dy has shape {tuple(dy.shape)} on {dy.device}, "
                          f"expected {tuple(x.shape)} on {x.device}")
+    if override is None:
+        override = _tuned_override("bwd", x, num_groups, scale, shift, mode, silu, dropout_p, lambda config: _backward(
+            dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu, dropout_p, seed,
+            override=config))
     N, C, H, W = x.shape
     HW = H * W
     G = num_groups
@@ -966,7 +1059,8 @@ def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mo
     weight_c, bias_c = weight.contiguous(), bias.contiguous()
     scale_c = scale.contiguous() if scale is not None else None
     shift_c = shift.contiguous() if shift is not None else None
-    cfg = _launch_config(N, C, HW, G, sxc, x.device, backward=True, dropout=_dropout_axis(dropout_p, memory_format))
+    cfg = _launch_config(N, C, HW, G, sxc, x.device, backward=True, dropout=_dropout_axis(dropout_p, memory_format),
+                         override=override)
     dropout = dropout_p > 0
     flags = _in_out_flags(scale, shift, mode)
     drop_threshold, drop_scale = _kernel_dropout_args(dropout_p)
@@ -999,9 +1093,9 @@ def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mo
     dscale = _new_buffer((N, C), scale.dtype, x.device) if scale is not None else x.new_empty(0)
     dshift = _new_buffer((N, C), shift.dtype, x.device) if shift is not None else x.new_empty(0)
     on_gpu = not _INTERPRETED
-    override = _LAUNCH_OVERRIDE or {}
-    block_c = override.get("param_block_c", min(triton.next_power_of_2(C), 64 if on_gpu else 1024))
-    block_n = override.get("param_block_n", min(triton.next_power_of_2(N), 32 if on_gpu else 64))
+    param_override = _LAUNCH_OVERRIDE or {}
+    block_c = param_override.get("param_block_c", min(triton.next_power_of_2(C), 64 if on_gpu else 1024))
+    block_n = param_override.get("param_block_n", min(triton.next_power_of_2(N), 32 if on_gpu else 64))
     _gn_param_grads_kernel[(triton.cdiv(C, block_c),)](
         sums, sums_in, weight_c, bias_c, scale_arg,
         dweight, dbias, dscale if scale is not None else dweight, dshift if shift is not None else dweight,

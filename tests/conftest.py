@@ -49,6 +49,35 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: f
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
 
 
+def pytest_configure(config):
+    """Under the Triton interpreter, stop at once with one line if it cannot run a kernel's loop here
+    (Triton 3.6's interpreter turns a loop bound into an int with int() of a 1-element array, which
+    NumPy 2.4 refuses), rather than failing every kernel test with the same traceback."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def count_blocks(out_ptr, n, BLOCK: tl.constexpr):
+        total = 0
+        for _ in range(0, n, BLOCK):
+            total += 1
+        tl.store(out_ptr, total)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        count_blocks[(1,)](out, 5, BLOCK=2)
+    except Exception as error:  # noqa: BLE001 - reported in one line below
+        pytest.exit(f"the Triton {triton.__version__} interpreter cannot run a kernel loop with NumPy "
+                    f"{numpy.__version__} ({type(error).__name__}: {str(error).splitlines()[0]}); install "
+                    f"'numpy<2.4' or a newer Triton", returncode=4)
+    if out.item() != 3:
+        pytest.exit(f"the Triton {triton.__version__} interpreter counted {out.item()} loop trips instead of 3",
+                    returncode=4)
+
+
 @pytest.fixture
 def device():
     return DEVICE

@@ -152,3 +152,20 @@ def test_train_then_sample_end_to_end(tmp_path):
                      "--device", "cpu", "--no-progress")  # batch 1 (images 2, 3) is remade whole
     assert result.returncode == 0, result.stderr
     assert "holds 5 images (3 made now, 2 already there)" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "eval", "profile"])
+def test_autotune_kernels_flag_turns_kernel_autotuning_on(monkeypatch, command):
+    """--autotune-kernels sets DREAM_KERNEL_AUTOTUNE=1 (kernels.autotune reads it at each launch) before the
+    command runs; without it the variable is left as it was."""
+    import dream.cli as cli
+
+    seen = []
+    handler = {"train": "run_train", "sample": "run_sample", "eval": "run_eval", "profile": "run_profile"}[command]
+    monkeypatch.setattr(cli, handler, lambda args: seen.append(os.environ.get("DREAM_KERNEL_AUTOTUNE")) or 0)
+    monkeypatch.setenv("DREAM_KERNEL_AUTOTUNE", "")  # so that undoing deletes what main sets
+    monkeypatch.delenv("DREAM_KERNEL_AUTOTUNE")
+    required = {"sample": ["ckpt.pt"], "eval": ["ckpt.pt"]}.get(command, [])
+    assert main([command, *required]) == 0
+    assert main([command, *required, "--autotune-kernels"]) == 0
+    assert seen == [None, "1"]
