@@ -14,7 +14,7 @@ the loss and every parameter gradient after clipping; timed in training mode.
 import pytest
 import torch
 
-from bench.harness import ON_GPU, SETTINGS, Case, CaseState, Goal, Runner, Variant, run_variant
+from bench.harness import ON_GPU, SETTINGS, Case, CaseState, Goal, Runner, Variant, autotuned, run_variant
 from dream.math_flags import exact_fp32
 from bench.workloads import MODEL_OVERRIDES, OURS_PRECISION, PRECISION_DTYPE, PRESET, flat_grads
 
@@ -99,6 +99,10 @@ def variants(objective):
                 role="ours", dtype=dtype, cpu=False),
         Variant(f"triton_{ours}_nchw", step_variant(objective, backend="triton", precision=ours, channels_last=False),
                 role="ours", dtype=dtype, cpu=False, note="--no-channels-last"),
+        Variant(f"triton_{ours}_autotuned", autotuned(step_variant(objective, backend="triton", precision=ours,
+                                                                   channels_last=ON_GPU)),
+                role="ours", dtype=dtype, gpu_only=True, explicit=True,
+                note="--autotune-kernels: kernel launch configurations timed on first use"),
         Variant("eager_fp32", step_variant(objective, backend="eager", precision="fp32"), dtype=torch.float32),
         Variant("eager_bf16", step_variant(objective, backend="eager", precision="bf16"), dtype=torch.bfloat16,
                 cpu=False),  # CPU bf16 convolutions are slow and say nothing

@@ -10,7 +10,8 @@ training mode (dropout 0.1, as in training). Reference: the eager model in fp32 
 import pytest
 import torch
 
-from bench.harness import ON_GPU, SETTINGS, Case, CaseState, Runner, Variant, compile_fn, count_flops, run_variant
+from bench.harness import ON_GPU, SETTINGS, Case, CaseState, Runner, Variant, autotuned, compile_fn, count_flops, \
+    run_variant
 from bench.workloads import OURS_PRECISION, PRECISION_DTYPE, autocast, build_model, clone_model, model_inputs
 
 BATCH = 128 if SETTINGS.full else 1
@@ -81,6 +82,9 @@ def variants(direction):
                 dtype=ours_dtype, note="channels_last on CUDA (the default there)"),
         Variant(f"triton_{ours}_nchw", unet_variant(direction, "triton", ours), role="ours", dtype=ours_dtype,
                 cpu=False),
+        Variant(f"triton_{ours}_autotuned", autotuned(unet_variant(direction, "triton", ours, channels_last=ON_GPU)),
+                role="ours", dtype=ours_dtype, gpu_only=True, explicit=True,
+                note="kernel launch configurations timed on first use (kernels.autotune)"),
         Variant(f"triton_{ours}_compile", unet_variant(direction, "triton", ours, "default", channels_last=ON_GPU,
                                                        fullgraph=True),
                 role="ours", dtype=ours_dtype, cpu=False),
