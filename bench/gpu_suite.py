@@ -24,6 +24,8 @@ min(its limit, what is left). Stages:
   unet      UNet forward and forward+backward vs eager, SDPA (no compile)
   compile   the torch.compile anchors and ours compiled (training step, sampling graphs), and
             max-autotune for the headline kernel cases: only with the time that is left
+  autotune  ours with launch configurations autotuned at first use (kernels.autotune) beside the
+            heuristics': the headline kernel cases, the seed training step, graphed DDIM-10
 
 The tests stage runs DREAM_SUITE_TEST_WORKERS (default 6) pytest processes side by side, each on every
 n-th test (bench/pytest_shard.py; no pytest-xdist needed): on a fresh machine its time goes mostly to
@@ -68,6 +70,9 @@ TEST_NODES = ["tests/test_trainer.py::test_eager_and_triton_trainers_follow_the_
 # pytest -k substrings: res64_pre_ss also selects res64_pre_ss_drop, skip64 and resid64 their _nchw forms
 KERNEL_CASES = "res64_pre_ss or res16_pre_ss or n256 or n64 or skip64 or resid64"
 NO_COMPILE = "-*compile*"
+# ours with the heuristics' launch configurations and autotuned ones, side by side (nothing else runs)
+AUTOTUNE_VARIANTS = "triton,triton_autotuned,triton_bf16,triton_bf16_autotuned,engine_triton_bf16_graphs," \
+                    "engine_triton_bf16_graphs_autotuned"
 
 
 @dataclass
@@ -148,6 +153,13 @@ def stages(out: str, on_gpu: bool = True) -> list[Stage]:
                     k="seed- or ddim or res64_pre_ss or n256",
                     variants="train_step/seed/step:*compile*,sampling/*:*compile*,"
                              "group_norm/res64_pre_ss/fwd+bwd:*compile*,attention/n256/fwd+bwd:*compile*"),
+              {"DREAM_BENCH_DDIM_STEPS": "10", "DREAM_BENCH_TARGET_S": "0.3"}),
+        Stage("autotune", 240, "launch configurations autotuned at first use (--autotune-kernels) beside the "
+                               "heuristics': headline kernels, training step, graphed DDIM-10",
+              bench(["bench/test_bench_group_norm.py", "bench/test_bench_attention.py", "bench/test_bench_train_step.py",
+                     "bench/test_bench_sampling.py"], "bench-autotune", out,
+                    k="res64_pre_ss_drop- or res64_pre_ss-fwd or n256 or n64 or seed- or ddim",
+                    variants=AUTOTUNE_VARIANTS),
               {"DREAM_BENCH_DDIM_STEPS": "10", "DREAM_BENCH_TARGET_S": "0.3"}),
     ]
 
@@ -372,7 +384,8 @@ REPORT_ROWS = [("kernels (GroupNorm, attention)", "bench-kernels"), ("training s
                ("memory budget (6.8 GB at batch 128)", "bench-memory"),
                ("sampling (step, DDIM loop, CUDA graphs)", "bench-sampling"),
                ("UNet forward / forward+backward", "bench-unet"), ("profile: training step / sampling step", "profile-"),
-               ("kernel launch configurations (tune)", "tune"), ("torch.compile anchors", "bench-compile")]
+               ("kernel launch configurations (tune)", "tune"), ("torch.compile anchors", "bench-compile"),
+               ("autotuned launch configurations", "bench-autotune")]
 
 
 def report_links(out: Path, started: float) -> list[str]:

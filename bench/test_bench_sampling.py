@@ -17,8 +17,8 @@ import os
 import pytest
 import torch
 
-from bench.harness import ON_GPU, SETTINGS, Case, CaseState, Goal, Runner, Unavailable, Variant, compile_fn, \
-    count_flops, run_variant
+from bench.harness import ON_GPU, SETTINGS, Case, CaseState, Goal, Runner, Unavailable, Variant, autotuned, \
+    compile_fn, count_flops, run_variant
 from bench.workloads import OURS_PRECISION, PRECISION_DTYPE, autocast, build_model, clone_model
 
 BATCH = 256 if SETTINGS.full else 1
@@ -175,6 +175,10 @@ def loop_variants():
         Variant(f"engine_triton_{ours}_compile_graphs",
                 engine_loop_variant("triton", ours, True, "default", channels_last=CL),
                 role="ours", dtype=dtype, gpu_only=True),
+        Variant(f"engine_triton_{ours}_graphs_autotuned",
+                autotuned(engine_loop_variant("triton", ours, True, channels_last=CL)),
+                role="ours", dtype=dtype, gpu_only=True, explicit=True,
+                note="--autotune-kernels: tuned in the warm-up steps before the capture"),
         Variant(f"engine_triton_{ours}", engine_loop_variant("triton", ours, False, channels_last=CL), role="ours",
                 dtype=dtype, note="SamplingEngine, plain loop"),
         Variant(f"triton_{ours}", loop_variant("triton", ours, channels_last=CL), role="ours", dtype=dtype, cpu=False,
@@ -188,7 +192,7 @@ def loop_variants():
     ]
 
 
-OURS_GRAPHED = tuple(f"engine_triton_{OURS_PRECISION}{s}_graphs" for s in ("", "_compile"))
+OURS_GRAPHED = tuple(f"engine_triton_{OURS_PRECISION}{s}" for s in ("_graphs", "_compile_graphs", "_graphs_autotuned"))
 CASES = [
     Case("sampling", "ddpm_step", "step", make_setup("step"), step_variants(), level="model",
          describe=f"one ancestral step at t={T_STEP}, batch {BATCH}; img/s = a 1000-step DDPM run at this step time"),
