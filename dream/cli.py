@@ -158,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed objective: a separate no-grad forward for eps_hat, as the seed does")
     p.add_argument("--single-graph", action="store_true",
                    help="backpropagate the objective's loss once at the end instead of term by term")
-    p.add_argument("--backend", default="eager", choices=["eager", "sdpa", "triton"], help="UNet kernels")
+    p.add_argument("--backend", default="auto", choices=["auto", "eager", "sdpa", "triton"],
+                   help="UNet kernels; auto: triton for the CUDA target (what dream train runs there; eager if "
+                        "Triton is not installed), eager for the CPU target")
     p.add_argument("--checkpointing", "--checkpoint", default="none",
                    choices=["none", "norms", "attention", "resblocks", "all"],
                    help="activation (gradient) checkpointing policy (norms: triton backend only)")
@@ -268,6 +270,19 @@ def run_profile(args) -> int:
     return run_profile_command(args)
 
 
+def memory_backend(name: str, target: str) -> str:
+    """`dream memory --backend auto`: what `dream train --backend auto` runs on the target."""
+    if name != "auto":
+        return name
+    if target != "cuda":
+        return "eager"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "eager"
+    return "triton"
+
+
 def run_memory(args) -> int:
     from dream.memory import (CUDA_ESTIMATE_MARGIN, StepSpec, choose_micro_batch, estimate_step_memory,
                               format_estimate, format_sweep, measure_cuda_peak, parse_bytes, sweep_checkpointing)
@@ -275,7 +290,8 @@ def run_memory(args) -> int:
     spec = StepSpec(preset=args.preset, model_overrides=model_overrides(args), batch_size=args.batch_size,
                     micro_batch=args.micro_batch, precision=args.precision, objective=args.objective,
                     objective_config={"seed_separate_eps_forward": args.seed_separate_eps_forward},
-                    early_backward=not args.single_graph, backend=args.backend, checkpointing=args.checkpointing,
+                    early_backward=not args.single_graph, backend=memory_backend(args.backend, args.target),
+                    checkpointing=args.checkpointing,
                     data_images=args.data_images, target=args.target, channels_last=args.channels_last)
     budget = parse_bytes(args.budget) if args.budget else None
     estimates = sweep_checkpointing(spec) if args.sweep else [estimate_step_memory(spec)]

@@ -454,15 +454,23 @@ def test_cli_json_and_table():
             "micro_batch_for_budget"} <= set(report)
     assert set(report["breakdown"]) == set(CATEGORIES)
     assert report["peak_bytes"] == sum(report["breakdown"].values())
+    assert report["inputs"]["backend"] == "triton"  # auto for the CUDA target: what dream train runs there
     assert report["inputs"]["batch_size"] == 2 and report["inputs"]["precision"] == "fp16"
     assert report["inputs"]["objective"] == "paper" and report["inputs"]["checkpointing"] == "attention"
     assert report["inputs"]["model_overrides"] == {"image_size": 16}
     assert report["budget_bytes"] == 10**9 and report["fits_budget"] and report["micro_batch_for_budget"] == 2
     spec = StepSpec(preset="tiny", model_overrides={"image_size": 16}, batch_size=2, precision="fp16",
-                    objective="paper", checkpointing="attention")
+                    objective="paper", checkpointing="attention", backend="triton")
     assert report["peak_bytes"] == estimate(spec).peak_bytes  # deterministic: the CLI runs the same estimate
     table = format_estimate(estimate(spec))
     assert "peak" in table and "not a GPU measurement" in table
+
+
+@pytest.mark.parametrize("argv, backend", [((), "triton"), (("--target", "cpu"), "eager"),
+                                            (("--backend", "eager"), "eager"), (("--backend", "sdpa"), "sdpa")])
+def test_cli_backend_auto_follows_the_trainer_on_the_target(argv, backend):
+    code, text = run_cli("--preset", "tiny", "--image-size", "16", "--batch", "2", *argv, "--json")
+    assert code == 0 and json.loads(text)["inputs"]["backend"] == backend
 
 
 def test_cli_bad_input_is_one_line(capsys):
