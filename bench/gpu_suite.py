@@ -380,7 +380,8 @@ def headline_lines(out: Path, started: float) -> list[str]:
     return lines
 
 
-REPORT_ROWS = [("kernels (GroupNorm, attention)", "bench-kernels"), ("training step (`seed` objective)", "bench-train"),
+REPORT_ROWS = [("kernels (GroupNorm, attention, skip concatenation, residual sum)", "bench-kernels"),
+               ("training step (`seed` objective)", "bench-train"),
                ("memory budget (6.8 GB at batch 128)", "bench-memory"),
                ("sampling (step, DDIM loop, CUDA graphs)", "bench-sampling"),
                ("UNet forward / forward+backward", "bench-unet"), ("profile: training step / sampling step", "profile-"),
