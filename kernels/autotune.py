@@ -191,7 +191,7 @@ def _load_once() -> None:
 
 
 def candidate_grid(interpreted: bool) -> str:
-    """The launchers' candidate grid: "quick" on a GPU (about a dozen), "minimal" in the interpreter."""
+    """The launchers' candidate grid: "quick" on a GPU (one to two dozen), "minimal" in the interpreter."""
     return _GRID or ("minimal" if interpreted else "quick")
 
 
@@ -271,7 +271,14 @@ def _tune(name: str, heuristic: dict, candidates: Sequence[dict], run) -> dict:
                 log.debug("autotune %s: candidate %s dropped: %s", name, config, why)
                 dropped += 1
                 continue
-        seconds = _time(lambda config=config: run(config), config)
+        try:
+            seconds = _time(lambda config=config: run(config), config)
+        except Exception as error:  # noqa: BLE001 - as above; the heuristic's own failure is the launch's
+            if config is heuristic:
+                raise
+            log.debug("autotune %s: candidate %s dropped while timed: %s", name, config, error)
+            dropped += 1
+            continue
         if math.isfinite(seconds):
             times[json.dumps(config, sort_keys=True)] = (seconds, config)
     if not times:

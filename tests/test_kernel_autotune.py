@@ -216,6 +216,20 @@ def test_failing_and_mismatching_candidates_are_dropped(tuning, tmp_path):
 TWO = lambda: ({"a": 1}, [{"a": 1}, {"a": 2}])  # noqa: E731 - the heuristic and one candidate
 
 
+def test_a_candidate_failing_while_timed_is_dropped(tuning, tmp_path):
+    def timer(run, config):
+        if config == {"a": 2}:
+            raise RuntimeError("an asynchronous launch failure")
+        return 1.0
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(autotune, "_TIMER", timer)
+        assert autotune.choose("toy", (13,), torch.device("cpu"), TWO, _values, interpreted=True) == {"a": 1}
+        patch.setattr(autotune, "_TIMER", lambda run, config: (_ for _ in ()).throw(RuntimeError("heuristic")))
+        with pytest.raises(RuntimeError, match="heuristic"):  # the heuristic's own failure is not hidden
+            autotune.choose("toy", (14,), torch.device("cpu"), TWO, _values, interpreted=True)
+
+
 def test_heuristic_kept_unless_beaten_beyond_noise(tuning):
     tuning.seconds = {json.dumps({"a": 1}): 1.0, json.dumps({"a": 2}): 1.0 - autotune.KEEP_HEURISTIC_MARGIN / 2}
     pick = autotune.choose("toy", (8,), torch.device("cpu"), TWO, _values,
