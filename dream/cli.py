@@ -276,11 +276,9 @@ def memory_backend(name: str, target: str) -> str:
         return name
     if target != "cuda":
         return "eager"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "eager"
-    return "triton"
+    from importlib.util import find_spec
+
+    return "triton" if find_spec("triton") is not None else "eager"
 
 
 def run_memory(args) -> int:
