@@ -605,7 +605,7 @@ def _attention_forward_into(q, k, v, scale: float, o, lse, config: ForwardConfig
     q, k, v = _addressable(q), _addressable(k), _addressable(v)
     num_query_blocks = triton.cdiv(seq_len, config.block_m)
     grid = (num_query_blocks * batch * heads,)
-    _attention_forward_kernel[grid](
+    autotune.launch(_attention_forward_kernel, grid)(
         q, k, v, o, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         heads, seq_len, num_query_blocks, scale, scale * _LOG2E,
@@ -636,7 +636,7 @@ def _attention_backward_into(q, k, v, o, lse, do, scale: float, dq, dk, dv,
         if seq_len > config.block_own:
             raise ValueError(f"attention backward: single-tile config with block "
                              f"{config.block_own} < N={seq_len}")
-        _attention_backward_single_tile_kernel[(batch * heads,)](
+        autotune.launch(_attention_backward_single_tile_kernel, (batch * heads,))(
             q, k, v, o, do, lse, dq, dk, dv,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do),
             *_strides(dq), *_strides(dk), *_strides(dv),
@@ -650,13 +650,13 @@ def _attention_backward_into(q, k, v, o, lse, do, scale: float, dq, dk, dv,
     delta = torch.empty((batch, heads, seq_len), device=q.device, dtype=torch.float32)
     delta_block = min(64 if head_dim >= 128 else 128, _pow2_at_least(seq_len))
     num_delta_blocks = triton.cdiv(seq_len, delta_block)
-    _attention_backward_delta_kernel[(num_delta_blocks * batch * heads,)](
+    autotune.launch(_attention_backward_delta_kernel, (num_delta_blocks * batch * heads,))(
         o, do, delta, *_strides(o), *_strides(do),
         heads, seq_len, num_delta_blocks,
         HEAD_DIM=head_dim, BLOCK_M=delta_block, num_warps=4,
     )
     num_blocks = triton.cdiv(seq_len, config.block_own)
-    _attention_backward_kernel[(num_blocks * batch * heads,)](
+    autotune.launch(_attention_backward_kernel, (num_blocks * batch * heads,))(
         q, k, v, do, lse, delta, dq, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         *_strides(dq), *_strides(dk), *_strides(dv),

@@ -11,6 +11,7 @@ same problem, in this process or in later ones through the cache file, launch th
                                       else ~/.cache/dream/kernel-autotune.json; empty: no file)
 
 Tuning one problem:
+  0. every candidate is compiled, in parallel threads (Triton's AsyncCompileMode; see precompile);
   1. the heuristic's configuration runs; its outputs are the reference;
   2. every other candidate runs once; one that fails to compile or launch, or whose outputs differ
      from the reference by more than the dtype's tolerance (MATCH_TOLERANCE, max|a - b| / max|b|),
@@ -37,6 +38,8 @@ import os
 import tempfile
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -195,6 +198,37 @@ def candidate_grid(interpreted: bool) -> str:
     return _GRID or ("minimal" if interpreted else "quick")
 
 
+_compile_only: ContextVar[bool] = ContextVar("dream_kernels_compile_only", default=False)
+
+
+def launch(kernel, grid):
+    """kernel[grid], the way the tuned launchers launch: inside precompile(), the kernel is only compiled
+    (Triton's warmup), not run."""
+    if _compile_only.get():
+        return lambda *args, **kwargs: kernel.warmup(*args, grid=grid, **kwargs)
+    return kernel[grid]
+
+
+def precompile(calls: Sequence[Callable[[], object]], workers: Optional[int] = None) -> None:
+    """Compile the kernels that each call launches, in parallel, without running them: the calls run with
+    launch() compiling only, inside Triton's AsyncCompileMode over a thread pool (compiles wait on ptxas
+    and other code outside the GIL). What fails to compile here fails again, with its error, when the call
+    runs for real; precompiling is only a head start."""
+    token = _compile_only.set(True)
+    try:
+        with ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool, \
+                triton.AsyncCompileMode(pool, ignore_errors=True):
+            for call in calls:
+                try:
+                    call()
+                except Exception as error:  # noqa: BLE001 - see the docstring
+                    log.debug("precompile: %s", error)
+    except Exception as error:  # noqa: BLE001 - no AsyncCompileMode in this Triton, or it failed: no head start
+        log.debug("precompile skipped: %s", error)
+    finally:
+        _compile_only.reset(token)
+
+
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -247,6 +281,8 @@ def choose(kernel: str, key: Sequence, device: torch.device,
     if (interpreted and not _ALLOW_INTERPRETER) or _capturing(device):
         return None
     heuristic, configs = candidates()
+    if not interpreted:  # compile every candidate in parallel first (the interpreter compiles nothing)
+        precompile([lambda config=config: run(config) for config in [heuristic, *configs]])
     config = _tune(name, heuristic, configs, run)
     with _lock:
         _picks[name] = config

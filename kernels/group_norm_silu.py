@@ -1017,14 +1017,14 @@ def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout
     moments = mean
     if not fused:
         moments = _new_buffer((N * G, cfg.num_splits, 3), torch.float32, x.device)
-        _gn_fwd_moments_kernel[(N * G, cfg.num_splits)](
+        autotune.launch(_gn_fwd_moments_kernel, (N * G, cfg.num_splits))(
             x, weight, bias, scale_arg, shift_arg, moments,
             C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits,
             sxn, sxc, sxp,
             SCALE_IN=flags["SCALE_IN"], SHIFT_IN=flags["SHIFT_IN"],
             BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, num_warps=cfg.num_warps)
     num_blocks = N * G // cfg.groups
-    _gn_fwd_kernel[(min(num_blocks, cfg.programs or num_blocks), cfg.num_splits)](
+    autotune.launch(_gn_fwd_kernel, (min(num_blocks, cfg.programs or num_blocks), cfg.num_splits))(
         x, y, weight, bias, scale_arg, shift_arg, mean, rstd, moments, seed if dropout else mean,
         C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits, num_blocks, float(eps), drop_threshold, drop_scale,
         sxn, sxc, sxp, syn, syc, syp,
@@ -1076,12 +1076,12 @@ def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mo
                   SCALE_OUT=flags["SCALE_OUT"], SHIFT_OUT=flags["SHIFT_OUT"], SILU=silu, DROPOUT=cfg.octets,
                   BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, num_warps=cfg.num_warps)
     if not fused:
-        _gn_bwd_sums_kernel[(N * G, cfg.num_splits)](
+        autotune.launch(_gn_bwd_sums_kernel, (N * G, cfg.num_splits))(
             x, dy, weight_c, bias_c, scale_arg, shift_arg, mean, rstd, sums, seed_arg,
             C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits, drop_threshold, drop_scale,
             sxn, sxc, sxp, sdyn, sdyc, sdyp, **common)
     num_blocks = N * G // cfg.groups
-    _gn_bwd_kernel[(min(num_blocks, cfg.programs or num_blocks), cfg.num_splits)](
+    autotune.launch(_gn_bwd_kernel, (min(num_blocks, cfg.programs or num_blocks), cfg.num_splits))(
         x, dy, dx, weight_c, bias_c, scale_arg, shift_arg, mean, rstd, sums, sums_in, seed_arg,
         C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits, num_blocks, 1.0 / ((C // G) * HW), drop_threshold,
         drop_scale,
@@ -1096,7 +1096,7 @@ def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mo
     param_override = _LAUNCH_OVERRIDE or {}
     block_c = param_override.get("param_block_c", min(triton.next_power_of_2(C), 64 if on_gpu else 1024))
     block_n = param_override.get("param_block_n", min(triton.next_power_of_2(N), 32 if on_gpu else 64))
-    _gn_param_grads_kernel[(triton.cdiv(C, block_c),)](
+    autotune.launch(_gn_param_grads_kernel, (triton.cdiv(C, block_c),))(
         sums, sums_in, weight_c, bias_c, scale_arg,
         dweight, dbias, dscale if scale is not None else dweight, dshift if shift is not None else dweight,
         N, C, cfg.num_splits,

@@ -298,3 +298,68 @@ def test_real_timing_on_the_gpu_picks_a_candidate_that_matches_float64(monkeypat
         assert all(torch.cuda.get_device_name(x.device) in name for name in picks)
     finally:
         autotune.clear_picks()
+
+
+PRECOMPILE_SNIPPET = """
+import importlib, json, os, sys
+os.environ["TRITON_CACHE_DIR"] = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("TRITON_CACHE_DIR", "")
+import torch
+from triton.runtime.driver import driver
+from bench.compile_report import _OfflineDriver, ptxas_available
+from kernels import autotune
+gns = importlib.import_module("kernels.group_norm_silu")
+att = importlib.import_module("kernels.attention")
+if not ptxas_available():
+    print(json.dumps({"skip": True})); sys.exit(0)
+driver.set_active(_OfflineDriver(90))  # compile for sm_90 without a GPU; a real launch would fail
+from triton.runtime import _async_compile
+from triton.runtime.jit import JITFunction
+calls = []  # (warmup, inside AsyncCompileMode) of every kernel call
+jit_run = JITFunction.run
+def spy(self, *args, **kwargs):
+    calls.append((kwargs.get("warmup"), _async_compile.active_mode.get() is not None))
+    return jit_run(self, *args, **kwargs)
+JITFunction.run = spy
+gns._sm_count = lambda device: 132
+x = torch.empty(8, 48, 7, 5, device="meta", dtype=torch.float16)  # 6 channels per group, NCHW
+w, b = torch.empty(48, device="meta"), torch.empty(48, device="meta")
+heuristic = gns._config_of(gns._launch_config(8, 48, 35, 8, 35, x.device, False, override={}), x.device)
+candidates = gns.launch_candidates(6, 8, 35, False, heuristic, "quick")
+broken = {**heuristic, "groups": 2}  # refused by _launch_config in NCHW: precompiling goes on past it
+cache = gns._gn_fwd_kernel.device_caches[0][0]
+before = len(cache)
+autotune.precompile([lambda c=c: gns._forward(x, w, b, None, None, 8, 1e-5, "pre", True, override=c)
+                     for c in [broken] + candidates], workers=2)
+tiles = {(c["block_c"], c["block_hw"], c["num_warps"]) for c in candidates}
+q = torch.empty(2, 3, 100, 32, device="meta", dtype=torch.float16)
+lse = torch.empty(2, 3, 100, device="meta")
+fwd = att.forward_candidates(100, att.forward_config(100, 32, q.dtype), "quick", q.dtype)
+acache = att._attention_forward_kernel.device_caches[0][0]
+abefore = len(acache)
+autotune.precompile([lambda c=c: att._attention_forward_into(q, q, q, 0.2, torch.empty_like(q), lse, c) for c in fwd])
+print(json.dumps({"gn_new": len(cache) - before, "gn_tiles": len(tiles),
+                  "attention_new": len(acache) - abefore, "attention_candidates": len(fwd),
+                  "pending": sum(hasattr(k, "result") for k in [*cache.values(), *acache.values()]),
+                  "compile_only_left_on": autotune._compile_only.get(),
+                  "calls": len(calls), "all_warmup_async": all(w and a for w, a in calls)}))
+"""
+
+
+def test_precompile_compiles_every_candidate_in_parallel_without_running_it(tmp_path):
+    """autotune.precompile on Triton's offline sm_90 target (no GPU; the interpreter compiles nothing): each
+    distinct GroupNorm tile and each attention candidate lands in the kernel's JIT cache as a finished
+    compiled kernel, every kernel call is a warm-up inside Triton's AsyncCompileMode (nothing launched),
+    a call that raises does not stop the rest, and the compile-only switch is off afterwards."""
+    if ON_GPU:
+        pytest.skip("on a GPU the tuning tests above precompile for real")
+    from conftest import run_without_interpreter
+
+    run = run_without_interpreter(PRECOMPILE_SNIPPET.replace('sys.argv[1] if len(sys.argv) > 1 else ', f'{str(tmp_path)!r} or '))
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    if result.get("skip"):
+        pytest.skip("this Triton has no NVIDIA backend with ptxas")
+    assert result["gn_new"] == result["gn_tiles"] > 1  # capped grids share their tiles' binaries
+    assert result["attention_new"] == result["attention_candidates"] > 1
+    assert result["pending"] == 0 and result["compile_only_left_on"] is False
+    assert result["calls"] > 0 and result["all_warmup_async"]  # compiled in AsyncCompileMode, never launched
