@@ -326,6 +326,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "autotune_kernels", False):
         os.environ["DREAM_KERNEL_AUTOTUNE"] = "1"  # kernels.autotune reads it at each launch
+        if os.environ.get("RANK", "0") == "0":
+            print("dream: Triton kernel launch configurations are tuned at the first use of each problem and "
+                  "cached (kernels/autotune.py)", file=sys.stderr)
     handlers = {"train": run_train, "sample": run_sample, "info": run_info, "profile": run_profile,
                 "memory": run_memory, "eval": run_eval, "export": run_export}
     try:

@@ -155,7 +155,7 @@ def test_train_then_sample_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["train", "sample", "eval", "profile"])
-def test_autotune_kernels_flag_turns_kernel_autotuning_on(monkeypatch, command):
+def test_autotune_kernels_flag_turns_kernel_autotuning_on(monkeypatch, capsys, command):
     """--autotune-kernels sets DREAM_KERNEL_AUTOTUNE=1 (kernels.autotune reads it at each launch) before the
     command runs; without it the variable is left as it was."""
     import dream.cli as cli
@@ -167,5 +167,8 @@ def test_autotune_kernels_flag_turns_kernel_autotuning_on(monkeypatch, command):
     monkeypatch.delenv("DREAM_KERNEL_AUTOTUNE")
     required = {"sample": ["ckpt.pt"], "eval": ["ckpt.pt"]}.get(command, [])
     assert main([command, *required]) == 0
+    assert "tuned" not in capsys.readouterr().err
     assert main([command, *required, "--autotune-kernels"]) == 0
     assert seen == [None, "1"]
+    notice = capsys.readouterr().err.strip()
+    assert notice.startswith("dream: Triton kernel launch configurations are tuned") and "\n" not in notice
