@@ -156,8 +156,8 @@ def stages(out: str, on_gpu: bool = True) -> list[Stage]:
               {"DREAM_BENCH_DDIM_STEPS": "10", "DREAM_BENCH_TARGET_S": "0.3"}),
         Stage("autotune", 240, "launch configurations autotuned at first use (--autotune-kernels) beside the "
                                "heuristics': headline kernels, training step, graphed DDIM-10",
-              bench(["bench/test_bench_group_norm.py", "bench/test_bench_attention.py", "bench/test_bench_train_step.py",
-                     "bench/test_bench_sampling.py"], "bench-autotune", out,
+              bench(["bench/test_bench_group_norm.py", "bench/test_bench_attention.py",
+                     "bench/test_bench_train_step.py", "bench/test_bench_sampling.py"], "bench-autotune", out,
                     k="res64_pre_ss_drop- or res64_pre_ss-fwd or n256 or n64 or seed- or ddim",
                     variants=AUTOTUNE_VARIANTS),
               {"DREAM_BENCH_DDIM_STEPS": "10", "DREAM_BENCH_TARGET_S": "0.3"}),

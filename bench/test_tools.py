@@ -420,7 +420,8 @@ def test_gpu_suite_links_the_reports_it_wrote(tmp_path):
     old = time_module.time() - 3600
     os.utime(device / "2026-11-28-bench-unet.md", (old, old))  # an earlier run's report is not this run's
     rows = report_links(tmp_path, time_module.time() - 60)
-    assert "| kernels (GroupNorm, attention, skip concatenation, residual sum) | [2026-11-29-bench-kernels.md](nvidia-h200/2026-11-29-bench-kernels.md) |" in rows
+    assert ("| kernels (GroupNorm, attention, skip concatenation, residual sum) | "
+            "[2026-11-29-bench-kernels.md](nvidia-h200/2026-11-29-bench-kernels.md) |") in rows
     assert any(r.startswith("| profile: training step / sampling step |") and "profile-sample-graphs.md" in r
                and "profile-train.md" in r for r in rows)
     assert "| UNet forward / forward+backward | — |" in rows

@@ -914,7 +914,7 @@ def launch_candidates(channels_per_group, num_groups, hw, contiguous_channels, h
     group, also several groups per program (one tile row spanning them all); and grids capped at 1, 2 or 4
     programs per SM (programs loop over blocks: fewer groups in flight between the two passes over each,
     so that the second finds them in L2), with the heuristic's tiles and with the largest 8-warp tiles.
-    grid: "quick" (about a dozen), "full" (about a hundred) or "minimal" (two, for the interpreter: a small
+    grid: "quick" (one to two dozen), "full" (about a hundred) or "minimal" (two, for the interpreter: a small
     tile that loops with tails, and a capped grid). Dicts with keys block_c, block_hw, num_warps, groups,
     programs_per_sm; the heuristic first."""
     if grid not in ("quick", "full", "minimal"):
@@ -942,9 +942,8 @@ def launch_candidates(channels_per_group, num_groups, hw, contiguous_channels, h
             configs.append({"block_c": block_c, "block_hw": block_hw, "num_warps": num_warps, "groups": groups,
                             "programs_per_sm": 0})
     largest = max((c["block_c"] * c["block_hw"] for c in configs), default=0)
-    capped = [{**c, "programs_per_sm": cap}
-              for c in [heuristic] + [c for c in configs if c["num_warps"] == 8 and c["block_c"] * c["block_hw"] == largest]
-              for cap in (1, 2, 4)]
+    widest = [c for c in configs if c["num_warps"] == 8 and c["block_c"] * c["block_hw"] == largest]
+    capped = [{**c, "programs_per_sm": cap} for c in [heuristic] + widest for cap in (1, 2, 4)]
     if grid == "minimal":
         configs, capped = [c for c in configs if c != heuristic][:1], capped[:1]
     unique = []

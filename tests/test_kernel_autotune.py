@@ -354,7 +354,8 @@ def test_precompile_compiles_every_candidate_in_parallel_without_running_it(tmp_
         pytest.skip("on a GPU the tuning tests above precompile for real")
     from conftest import run_without_interpreter
 
-    run = run_without_interpreter(PRECOMPILE_SNIPPET.replace('sys.argv[1] if len(sys.argv) > 1 else ', f'{str(tmp_path)!r} or '))
+    snippet = PRECOMPILE_SNIPPET.replace("sys.argv[1] if len(sys.argv) > 1 else ", f"{str(tmp_path)!r} or ")
+    run = run_without_interpreter(snippet)
     assert run.returncode == 0, run.stdout + run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
     if result.get("skip"):
