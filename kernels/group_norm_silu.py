@@ -966,11 +966,12 @@ def _tuned_override(direction, x, num_groups, scale, shift, mode, silu, dropout_
         return None
     N, C, H, W = x.shape
     G, HW = num_groups, H * W
-    channels_last = memory_format_of(x) == torch.channels_last and C > 1
-    dropout = _dropout_axis(dropout_p, memory_format_of(x))
+    memory_format = memory_format_of(x)
+    channels_last = memory_format == torch.channels_last and C > 1
+    dropout = _dropout_axis(dropout_p, memory_format)
 
     def candidates():
-        stride_c = _dense(x, memory_format_of(x))[1][1]  # as the launch sees it
+        stride_c = _dense(x, memory_format)[1][1]  # as the launch sees it
         heuristic = _config_of(_launch_config(N, C, HW, G, stride_c, x.device, direction == "bwd", dropout,
                                               override={}), x.device)
         return heuristic, launch_candidates(C // G, G, HW, stride_c == 1 and C // G > 1, heuristic,

@@ -32,6 +32,20 @@ def run_without_interpreter(code: str, timeout: float = 300) -> subprocess.Compl
                           timeout=timeout)
 
 
+def qkv_attention_with_float64(qkv: torch.Tensor, grad_out: torch.Tensor, heads: int):
+    """kernels.attention_qkv_nchw on qkv and its gradient for grad_out, beside the float64 reference's:
+    (out, dqkv, ref_out, ref_dqkv)."""
+    from kernels import attention_qkv_nchw, attention_qkv_nchw_reference
+
+    leaf = qkv.detach().requires_grad_()
+    out = attention_qkv_nchw(leaf, heads)
+    out.backward(grad_out)
+    ref_leaf = qkv.detach().double().requires_grad_()
+    ref_out = attention_qkv_nchw_reference(ref_leaf, heads)
+    ref_out.backward(grad_out.double())
+    return out, leaf.grad, ref_out.detach(), ref_leaf.grad
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max|actual − expected| / max|expected| over the whole tensor (the absolute error where expected is
     all zeros), in float64."""

@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from conftest import DEVICE, ON_GPU, run_without_interpreter
+from conftest import DEVICE, ON_GPU, qkv_attention_with_float64, run_without_interpreter
 
 from kernels.attention import (  # noqa: E402  (conftest sets TRITON_INTERPRET first)
     BackwardConfig,
@@ -258,16 +258,11 @@ def test_qkv_nchw_matches_float64(batch, channels, heads, height, width, dtype):
     gen = _generator(41 + channels + height)
     qkv = _randn((batch, 3 * channels, height, width), dtype, gen)
     grad_out = _randn((batch, channels, height, width), dtype, gen)
-    leaf = qkv.detach().requires_grad_()
-    out = attention_qkv_nchw(leaf, heads)
-    out.backward(grad_out)
-    ref_leaf = qkv.detach().double().requires_grad_()
-    ref_out = attention_qkv_nchw_reference(ref_leaf, heads)
-    ref_out.backward(grad_out.double())
+    out, dqkv, ref_out, ref_dqkv = qkv_attention_with_float64(qkv, grad_out, heads)
     tol = TOLERANCE[dtype]
     assert out.shape == (batch, channels, height, width) and out.is_contiguous()
-    _assert_close("out", out, ref_out.detach(), tol)
-    _assert_close("dqkv", leaf.grad, ref_leaf.grad, tol)
+    _assert_close("out", out, ref_out, tol)
+    _assert_close("dqkv", dqkv, ref_dqkv, tol)
 
 
 @pytest.mark.parametrize("batch,channels,heads,height,width", [(2, 64, 2, 7, 5), (1, 128, 2, 8, 8)])
@@ -277,16 +272,12 @@ def test_qkv_channels_last_matches_float64_and_keeps_the_layout(batch, channels,
     gen = _generator(7 + channels + width)
     qkv = _randn((batch, 3 * channels, height, width), torch.float32, gen).contiguous(memory_format=torch.channels_last)
     grad_out = _randn((batch, channels, height, width), torch.float32, gen)
-    leaf = qkv.detach().requires_grad_()
-    out = attention_qkv_nchw(leaf, heads)
-    out.backward(grad_out.contiguous(memory_format=torch.channels_last))
-    ref_leaf = qkv.detach().double().requires_grad_()
-    ref_out = attention_qkv_nchw_reference(ref_leaf, heads)
-    ref_out.backward(grad_out.double())
+    out, dqkv, ref_out, ref_dqkv = qkv_attention_with_float64(
+        qkv, grad_out.contiguous(memory_format=torch.channels_last), heads)
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
-    assert leaf.grad.is_contiguous(memory_format=torch.channels_last) and not leaf.grad.is_contiguous()
-    _assert_close("out", out, ref_out.detach(), TOLERANCE[torch.float32])
-    _assert_close("dqkv", leaf.grad, ref_leaf.grad, TOLERANCE[torch.float32])
+    assert dqkv.is_contiguous(memory_format=torch.channels_last) and not dqkv.is_contiguous()
+    _assert_close("out", out, ref_out, TOLERANCE[torch.float32])
+    _assert_close("dqkv", dqkv, ref_dqkv, TOLERANCE[torch.float32])
     with FakeTensorMode() as mode:
         fake_out = attention_qkv_nchw(mode.from_tensor(qkv), heads)
     assert fake_out.stride() == out.stride()
