@@ -26,7 +26,9 @@ The heuristics live in kernels/attention.py (forward_config, backward_config) an
 kernels/group_norm_silu.py (_launch_config); bench/compile_report.py shows registers and spills of a
 configuration without a GPU. The candidates come from kernels/attention.py (forward_candidates,
 backward_candidates) and kernels/group_norm_silu.py (launch_candidates): the ones the run-time
-autotuner (kernels/autotune.py, DREAM_KERNEL_AUTOTUNE=1) tries at first use of each problem.
+autotuner (kernels/autotune.py, DREAM_KERNEL_AUTOTUNE=1) tries at first use of each problem. A GroupNorm
+candidate whose tile holds a whole block (block_c >= groups x channels per group, block_hw >= H*W) runs
+the kernels' resident path: each element read once, where other tiles read it twice.
 """
 from __future__ import annotations
 
@@ -163,11 +165,11 @@ class GroupNormConfig:
 
 
 def _group_norm_candidates(channels_per_group, num_groups, hw, contiguous_channels, setting: Setting, heuristic,
-                           min_hw=1) -> list:
+                           min_hw=1, backward=False) -> list:
     """kernels.group_norm_silu.launch_candidates as GroupNormConfigs (the heuristic first)."""
     gns = importlib.import_module("kernels.group_norm_silu")
     configs = gns.launch_candidates(channels_per_group, num_groups, hw, contiguous_channels, asdict(heuristic),
-                                    setting.grid if setting.full else "minimal", min_hw)
+                                    setting.grid if setting.full else "minimal", min_hw, backward)
     return [GroupNormConfig(**c) for c in configs]
 
 
@@ -221,7 +223,8 @@ def group_norm_problems(setting: Setting, sites, groups, layouts) -> list[Proble
                                         dropout=gns._dropout_axis(dropout_p, gns.memory_format_of(x)))
             heuristic = GroupNormConfig(picked.block_c, picked.block_hw, picked.num_warps, picked.groups)
             candidates = _group_norm_candidates(c // groups, groups, h * w, contiguous_channels, setting,
-                                                heuristic, min_hw=8 if dropout_p and layout == "nchw" else 1)
+                                                heuristic, min_hw=8 if dropout_p and layout == "nchw" else 1,
+                                                backward=backward)
             if direction == "fwd":
                 problems.append(Problem("group_norm", f"{label} fwd {layout}", heuristic, candidates, run_forward,
                                         (ref_y.detach(),), 2.0 * tensor_bytes, "GB/s"))
@@ -360,11 +363,10 @@ def static_markdown(report: dict) -> str:
         lines.append(f"| {name} | {len(entry['candidates'])} | {len(bad)} | "
                      f"{_config_text(json.loads(entry['heuristic']))} | {kernels} |")
     lines += ["", "## Not timeable", ""]
-    for name, entry in report["problems"].items():
-        for key, facts in entry["candidates"].items():
-            verdict = static_verdict(facts)
-            if verdict:
-                lines.append(f"- {name}: {_config_text(json.loads(key))}: {verdict}")
+    verdicts = [f"- {name}: {_config_text(json.loads(key))}: {verdict}"
+                for name, entry in report["problems"].items() for key, facts in entry["candidates"].items()
+                if (verdict := static_verdict(facts))]
+    lines += verdicts or ["None: every candidate compiled, none spilling."]
     lines += ["", f"Reproduce: `{report['command']}`", ""]
     return "\n".join(lines)
 

@@ -474,8 +474,8 @@ def forward_candidates(seq_len: int, heuristic: ForwardConfig, grid: str = "quic
 def backward_candidates(seq_len: int, heuristic: BackwardConfig, grid: str = "quick",
                         dtype: torch.dtype = torch.bfloat16) -> list:
     """Backward configurations to try beside `heuristic`, as forward_candidates: owned blocks of 32 to
-    128 rows streaming blocks of 16 to 64 (never more than owned), stages 2 ("quick") or 1 to 3 ("full"),
-    and for N <= 64 the single-tile kernel."""
+    128 rows streaming blocks of 16 to 64 (never more than owned, and not 128 by 64 on 4 warps, which
+    spills), stages 2 ("quick") or 1 to 3 ("full"), and for N <= 64 the single-tile kernel."""
     return _candidates(seq_len, heuristic, grid, "bwd", dtype)
 
 
@@ -493,8 +493,11 @@ def _candidates(seq_len, heuristic, grid, direction, dtype) -> list:
         configs = [ForwardConfig(m, n, w, s) for m, n, w, s in itertools.product(large, large, (4, 8), stages)]
     else:
         stages = (2,) if quick else (1, 2, 3)
+        # own * loop <= 1024 * warps: 128 owned rows streaming 64-row blocks on 4 warps hold dk, dv and a
+        # 128x64 score block in registers, which spills on sm_90 at every stage count (offline compile)
         configs = [BackwardConfig(False, own, loop, w, s) for own, loop, w, s in
-                   itertools.product(large, [b for b in blocks if b <= 64], (4, 8), stages) if loop <= own]
+                   itertools.product(large, [b for b in blocks if b <= 64], (4, 8), stages)
+                   if loop <= own and own * loop <= 1024 * w]
         if tile <= 64:
             configs += [BackwardConfig(True, tile, tile, w, s) for w, s in itertools.product((4, 8), (1, 2))]
     configs = [c for c in configs if c != heuristic]

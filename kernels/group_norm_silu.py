@@ -46,19 +46,22 @@ xh is recomputed from x in backward, never saved. Weight/scale gradients are det
 main kernels write per-(n, c[, split]) partial sums to a buffer, and a small kernel sums them in
 a fixed order (no atomics).
 
-Parallelism: one program per (sample, group) reads its group twice (statistics, then output), so
-each element costs one DRAM read and one write forward (two reads (x, dy) and one write backward)
-when the second read hits L2, i.e. when the groups in flight between their two passes fit there:
-all resident programs' groups, 128 KB each at the 64x64 site in bf16, over 100 MB on an H200 at
-full occupancy against its 60 MB of L2. A launch may therefore cap the grid (`programs`): each
-program then loops over blocks pid, pid + programs, ..., keeping fewer groups in flight (the
-heuristics do not cap yet; bench/tune_kernels.py times capped grids beside them). In channels_last
-with few channels per group (a power of two), one program takes several adjacent groups instead, so
-that each row of its tile spans at least 32 contiguous channels; statistics and sums are then
-reduced per group inside the tile (a [groups, Cg] view of the channel axis). When there are too few
-groups to fill the GPU, each group's positions are split over several programs: a statistics
-kernel writes partial moments (forward) or partial channel sums (backward) and the main kernel
-merges them.
+Parallelism: one program per (sample, group). Where one tile holds the whole group (the launch's
+tile covers its channels and positions, no split: "resident"), the program reads it once into
+registers and computes the moments there in two exact passes (mean, then M2 = sum (u - mean)^2);
+backward likewise reads x and dy once for both of its steps. Otherwise the program reads its group
+twice (statistics, then output), so each element costs one DRAM read and one write forward (two
+reads (x, dy) and one write backward) only when the second read hits L2, i.e. when the groups in
+flight between their two passes fit there: 128 KB each at the 64x64 site in bf16, over 100 MB for
+all the programs an H200 holds at full occupancy, against its 60 MB of L2. A launch may therefore
+cap the grid (`programs`): each program then loops over blocks pid, pid + programs, ..., keeping
+fewer groups in flight (the heuristics do not cap yet; bench/tune_kernels.py times capped grids and
+whole-group tiles beside them). In channels_last with few channels per group (a power of two), one
+program takes several adjacent groups instead, so that each row of its tile spans at least 32
+contiguous channels; statistics and sums are then reduced per group inside the tile (a [groups, Cg]
+view of the channel axis). When there are too few groups to fill the GPU, each group's positions
+are split over several programs: a statistics kernel writes partial moments (forward) or partial
+channel sums (backward) and the main kernel merges them.
 
 Dtypes: x is fp32, fp16 or bf16 and y has x's dtype. weight, bias, scale, shift must each be in
 x's dtype or in fp32 (fp32 master weights with half activations); they are read as fp32 and their
@@ -88,8 +91,10 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #   kernels), param_block_c, param_block_n (parameter-gradient kernel), forcing the launch configuration
 #   (to exercise multi-tile loops, tails, the split path and capped grids on tiny shapes;
 #   bench/tune_kernels.py).
+# - _RESIDENT_TILES: False runs the looped path even where one tile holds the whole block.
 _POISON_NEW_BUFFERS = False
 _LAUNCH_OVERRIDE = None
+_RESIDENT_TILES = True
 
 # channels_last: the fewest contiguous channels a tile row should span (64 bytes in bf16: two whole
 # 32-byte sectors), reached by giving a program several adjacent groups (see _launch_config)
@@ -303,14 +308,15 @@ def _gn_fwd_kernel(
     stride_xn, stride_xc, stride_xp, stride_yn, stride_yc, stride_yp,
     SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr, SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr,
     SILU: tl.constexpr, DROPOUT: tl.constexpr, FUSED_STATS: tl.constexpr, SPLITS_P2: tl.constexpr,
-    GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, RESIDENT: tl.constexpr,
 ):
     """Grid (N*G/GROUPS, num_splits): y = act(a*x + b) on GROUPS adjacent groups' slice of
     positions (GROUPS > 1: channels_last, whole groups in one BLOCK_C = GROUPS*Cg channel tile, so a
     tile row spans GROUPS*Cg contiguous channels; only with FUSED_STATS).
 
-    FUSED_STATS (num_splits == 1): the program first computes its groups' moments itself.
-    Otherwise it merges the num_splits partial moments written by _gn_fwd_moments_kernel:
+    FUSED_STATS (num_splits == 1): the program first computes its groups' moments itself; with
+    RESIDENT (one tile holds the whole block) from x read once and kept in registers (_resident_forward).
+    Without FUSED_STATS it merges the num_splits partial moments written by _gn_fwd_moments_kernel:
     n = sum n_i, mean = sum n_i*mean_i / n, M2 = sum (M2_i + n_i*(mean_i - mean)^2).
     The split-0 program stores mean and rstd = 1/sqrt(M2/n + eps).
     DROPOUT (0: off, else _dropout_keep's OCTETS): y = where(keep, y*drop_scale, 0).
@@ -327,50 +333,115 @@ def _gn_fwd_kernel(
         p_start = split * hw_per_split
         p_end = tl.minimum(p_start + hw_per_split, HW)
 
-        if FUSED_STATS:
-            count, mean, m2 = _group_moments(x_ptr, x_base, weight_ptr, bias_ptr, scale_ptr, shift_ptr,
-                                             c_first, st_base, Cp, 0, HW, stride_xc, stride_xp,
-                                             SCALE_IN, SHIFT_IN, GROUPS, BLOCK_C, BLOCK_HW)
-        else:  # GROUPS == 1
-            offs_s = tl.arange(0, SPLITS_P2)
-            smask = offs_s < num_splits
-            partial = moments_ptr + (pid * num_splits + offs_s) * 3
-            counts = tl.load(partial, mask=smask, other=0.0)
-            means = tl.load(partial + 1, mask=smask, other=0.0)
-            m2s = tl.load(partial + 2, mask=smask, other=0.0)
-            count_total = tl.sum(counts, axis=0)
-            mean_total = tl.sum(counts * means, axis=0) / count_total
-            deviation = means - mean_total
-            count = tl.zeros([GROUPS], tl.float32) + count_total
-            mean = tl.zeros([GROUPS], tl.float32) + mean_total
-            m2 = tl.zeros([GROUPS], tl.float32) + tl.sum(m2s + counts * deviation * deviation, axis=0)
-        rstd = tl.rsqrt(m2 / count + eps)
-        if split == 0:
-            offs_g = pid * GROUPS + tl.arange(0, GROUPS)  # = n*G + the program's first group + g
-            tl.store(mean_ptr + offs_g, mean)
-            tl.store(rstd_ptr + offs_g, rstd)
-        mean = _per_channel(mean, GROUPS, BLOCK_C)
-        rstd = _per_channel(rstd, GROUPS, BLOCK_C)
+        if RESIDENT:
+            _resident_forward(x_ptr, y_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, seed,
+                              pid, n, c_first, Cp, st_base, x_base, y_base, C, HW, eps, drop_threshold, drop_scale,
+                              stride_xc, stride_xp, stride_yc, stride_yp,
+                              SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, SILU, DROPOUT, GROUPS, BLOCK_C, BLOCK_HW)
+        else:
+            _looped_forward(x_ptr, y_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
+                            moments_ptr, seed, pid, split, n, c_first, Cp, st_base, x_base, y_base, p_start, p_end,
+                            C, HW, num_splits, eps, drop_threshold, drop_scale,
+                            stride_xc, stride_xp, stride_yc, stride_yp,
+                            SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, SILU, DROPOUT, FUSED_STATS, SPLITS_P2,
+                            GROUPS, BLOCK_C, BLOCK_HW)
 
-        for c0 in range(0, Cp, BLOCK_C):
-            offs_c, cmask, gamma, beta, _, one_plus_s_out, t_out, p, q = _channel_coefficients(
-                weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cp, mean, rstd,
-                SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, BLOCK_C)
-            a, b = _output_coefficients(gamma, beta, p, q, one_plus_s_out, t_out)
-            for p0 in range(p_start, p_end, BLOCK_HW):
-                offs_p = p0 + tl.arange(0, BLOCK_HW)
-                mask = cmask[:, None] & (offs_p < p_end)[None, :]
-                x = tl.load(x_ptr + x_base + offs_c[:, None] * stride_xc + offs_p[None, :] * stride_xp,
-                            mask=mask, other=0.0).to(tl.float32)
-                h = x * a[:, None] + b[:, None]
-                if SILU:
-                    h = h * _sigmoid(h)
-                if DROPOUT:
-                    keep = _dropout_keep(seed, n, c_first + c0, p0, C, HW, drop_threshold, DROPOUT,
-                                         BLOCK_C, BLOCK_HW)
-                    h = tl.where(keep, h * drop_scale, 0.0)
-                tl.store(y_ptr + y_base + offs_c[:, None] * stride_yc + offs_p[None, :] * stride_yp,
-                         h.to(y_ptr.dtype.element_ty), mask=mask)
+
+@triton.jit
+def _activate_and_store(h, y_ptr, y_base, offs_c, offs_p, mask, stride_yc, stride_yp, seed, n, c_tile, p0, C, HW,
+                        drop_threshold, drop_scale, SILU: tl.constexpr, DROPOUT: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """y = act(h), times keep/P_keep with dropout, stored in y's dtype on the tile (c_tile + offs_c, offs_p)."""
+    if SILU:
+        h = h * _sigmoid(h)
+    if DROPOUT:
+        keep = _dropout_keep(seed, n, c_tile, p0, C, HW, drop_threshold, DROPOUT, BLOCK_C, BLOCK_HW)
+        h = tl.where(keep, h * drop_scale, 0.0)
+    tl.store(y_ptr + y_base + offs_c[:, None] * stride_yc + offs_p[None, :] * stride_yp,
+             h.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _resident_forward(x_ptr, y_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, seed,
+                      pid, n, c_first, Cp, st_base, x_base, y_base, C, HW, eps, drop_threshold, drop_scale,
+                      stride_xc, stride_xp, stride_yc, stride_yp,
+                      SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr, SCALE_OUT: tl.constexpr,
+                      SHIFT_OUT: tl.constexpr, SILU: tl.constexpr, DROPOUT: tl.constexpr, GROUPS: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """The block (GROUPS groups: Cp <= BLOCK_C channels, HW <= BLOCK_HW positions) as one tile: x is read
+    once (one DRAM read and one write per element, whatever the cache holds) and the moments are
+    exact two-pass sums over registers: mean = sum u / n, M2 = sum d^2 with d = u - mean; then
+    h = gamma*d*r*(1+s_out) + beta*(1+s_out) + t_out."""
+    # mean = 0, rstd = 1: p = 1+s_in and q = t_in, so u = x*p + q
+    offs_c, cmask, gamma, beta, _, one_plus_s_out, t_out, p, q = _channel_coefficients(
+        weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, 0, Cp, 0.0, 1.0,
+        SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, BLOCK_C)
+    offs_p = tl.arange(0, BLOCK_HW)
+    mask = cmask[:, None] & (offs_p < HW)[None, :]
+    x = tl.load(x_ptr + x_base + offs_c[:, None] * stride_xc + offs_p[None, :] * stride_xp,
+                mask=mask, other=0.0).to(tl.float32)
+    u = tl.where(mask, x * p[:, None] + q[:, None], 0.0)
+    count = tl.zeros([GROUPS], tl.float32) + (Cp // GROUPS) * HW
+    mean = _sum_per_group(tl.sum(u, axis=1), GROUPS, BLOCK_C) / count  # [GROUPS]
+    d = tl.where(mask, u - _per_channel(mean, GROUPS, BLOCK_C)[:, None], 0.0)
+    rstd = tl.rsqrt(_sum_per_group(tl.sum(d * d, axis=1), GROUPS, BLOCK_C) / count + eps)
+    offs_g = pid * GROUPS + tl.arange(0, GROUPS)  # = n*G + the program's first group + g
+    tl.store(mean_ptr + offs_g, mean)
+    tl.store(rstd_ptr + offs_g, rstd)
+    a = gamma * _per_channel(rstd, GROUPS, BLOCK_C) * one_plus_s_out
+    b = beta * one_plus_s_out + t_out
+    _activate_and_store(d * a[:, None] + b[:, None], y_ptr, y_base, offs_c, offs_p, mask, stride_yc, stride_yp,
+                        seed, n, c_first, 0, C, HW, drop_threshold, drop_scale, SILU, DROPOUT, BLOCK_C, BLOCK_HW)
+
+
+@triton.jit
+def _looped_forward(x_ptr, y_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, moments_ptr, seed,
+                    pid, split, n, c_first, Cp, st_base, x_base, y_base, p_start, p_end, C, HW, num_splits, eps,
+                    drop_threshold, drop_scale, stride_xc, stride_xp, stride_yc, stride_yp,
+                    SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr, SCALE_OUT: tl.constexpr,
+                    SHIFT_OUT: tl.constexpr, SILU: tl.constexpr, DROPOUT: tl.constexpr,
+                    FUSED_STATS: tl.constexpr, SPLITS_P2: tl.constexpr, GROUPS: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """The block's positions [p_start, p_end) tile by tile: moments (its own, or merged from the split
+    path's partial moments), then the output pass, which reads x again."""
+    if FUSED_STATS:
+        count, mean, m2 = _group_moments(x_ptr, x_base, weight_ptr, bias_ptr, scale_ptr, shift_ptr,
+                                         c_first, st_base, Cp, 0, HW, stride_xc, stride_xp,
+                                         SCALE_IN, SHIFT_IN, GROUPS, BLOCK_C, BLOCK_HW)
+    else:  # GROUPS == 1
+        offs_s = tl.arange(0, SPLITS_P2)
+        smask = offs_s < num_splits
+        partial = moments_ptr + (pid * num_splits + offs_s) * 3
+        counts = tl.load(partial, mask=smask, other=0.0)
+        means = tl.load(partial + 1, mask=smask, other=0.0)
+        m2s = tl.load(partial + 2, mask=smask, other=0.0)
+        count_total = tl.sum(counts, axis=0)
+        mean_total = tl.sum(counts * means, axis=0) / count_total
+        deviation = means - mean_total
+        count = tl.zeros([GROUPS], tl.float32) + count_total
+        mean = tl.zeros([GROUPS], tl.float32) + mean_total
+        m2 = tl.zeros([GROUPS], tl.float32) + tl.sum(m2s + counts * deviation * deviation, axis=0)
+    rstd = tl.rsqrt(m2 / count + eps)
+    if split == 0:
+        offs_g = pid * GROUPS + tl.arange(0, GROUPS)  # = n*G + the program's first group + g
+        tl.store(mean_ptr + offs_g, mean)
+        tl.store(rstd_ptr + offs_g, rstd)
+    mean = _per_channel(mean, GROUPS, BLOCK_C)
+    rstd = _per_channel(rstd, GROUPS, BLOCK_C)
+
+    for c0 in range(0, Cp, BLOCK_C):
+        offs_c, cmask, gamma, beta, _, one_plus_s_out, t_out, p, q = _channel_coefficients(
+            weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cp, mean, rstd,
+            SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, BLOCK_C)
+        a, b = _output_coefficients(gamma, beta, p, q, one_plus_s_out, t_out)
+        for p0 in range(p_start, p_end, BLOCK_HW):
+            offs_p = p0 + tl.arange(0, BLOCK_HW)
+            mask = cmask[:, None] & (offs_p < p_end)[None, :]
+            x = tl.load(x_ptr + x_base + offs_c[:, None] * stride_xc + offs_p[None, :] * stride_xp,
+                        mask=mask, other=0.0).to(tl.float32)
+            _activate_and_store(x * a[:, None] + b[:, None], y_ptr, y_base, offs_c, offs_p, mask,
+                                stride_yc, stride_yp, seed, n, c_first + c0, p0, C, HW, drop_threshold,
+                                drop_scale, SILU, DROPOUT, BLOCK_C, BLOCK_HW)
 
 
 @triton.jit
@@ -473,7 +544,7 @@ def _gn_bwd_kernel(
     stride_dxn, stride_dxc, stride_dxp,
     SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr, SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr,
     SILU: tl.constexpr, DROPOUT: tl.constexpr, FUSED_SUMS: tl.constexpr, SPLITS_P2: tl.constexpr,
-    GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, RESIDENT: tl.constexpr,
 ):
     """Grid (N*G/GROUPS, num_splits): dx on GROUPS adjacent groups' slice of positions (GROUPS > 1
     as in _gn_fwd_kernel), and (when s_in or t_in is present) sums_in[n, c, split, 0:2] =
@@ -481,6 +552,7 @@ def _gn_bwd_kernel(
 
     FUSED_SUMS (num_splits == 1): the program first computes A, B itself (and stores them);
     otherwise it reads the partial A, B written by _gn_bwd_sums_kernel.
+    RESIDENT (FUSED_SUMS, one tile holds the whole block): x and dy are read once, see _resident_backward.
     Programs loop over the num_blocks blocks as in _gn_fwd_kernel.
     """
     split = tl.program_id(1)
@@ -495,59 +567,131 @@ def _gn_bwd_kernel(
         offs_g = pid * GROUPS + tl.arange(0, GROUPS)  # = n*G + the program's first group + g
         mean = _per_channel(tl.load(mean_ptr + offs_g), GROUPS, BLOCK_C)
         rstd = _per_channel(tl.load(rstd_ptr + offs_g), GROUPS, BLOCK_C)
+        if RESIDENT:
+            _resident_backward(x_ptr, dy_ptr, dx_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, sums_ptr,
+                               sums_in_ptr, seed, n, c_first, Cp, st_base, x_base, dy_base, dx_base, C, HW,
+                               mean, rstd, inv_group_size, drop_threshold, drop_scale,
+                               stride_xc, stride_xp, stride_dyc, stride_dyp, stride_dxc, stride_dxp,
+                               SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, SILU, DROPOUT, GROUPS, BLOCK_C, BLOCK_HW)
+        else:
+            _looped_backward(x_ptr, dy_ptr, dx_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, sums_ptr,
+                             sums_in_ptr, seed, split, n, c_first, Cp, st_base, x_base, dy_base, dx_base,
+                             p_start, p_end, C, HW, num_splits, mean, rstd, inv_group_size, drop_threshold,
+                             drop_scale, stride_xc, stride_xp, stride_dyc, stride_dyp, stride_dxc, stride_dxp,
+                             SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, SILU, DROPOUT, FUSED_SUMS, SPLITS_P2,
+                             GROUPS, BLOCK_C, BLOCK_HW)
 
-        if FUSED_SUMS:
-            total_ka, total_kb = _channel_sums(
-                x_ptr, dy_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, sums_ptr, seed,
-                x_base, dy_base, st_base, st_base * 2, n, c_first, Cp, C, HW, 0, HW, 1, mean, rstd,
-                drop_threshold, drop_scale, stride_xc, stride_xp, stride_dyc, stride_dyp,
-                SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, SILU, DROPOUT, GROUPS, BLOCK_C, BLOCK_HW)
-        else:  # GROUPS == 1
-            total_ka = tl.zeros([GROUPS], tl.float32)
-            total_kb = tl.zeros([GROUPS], tl.float32)
-            offs_s = tl.arange(0, SPLITS_P2)
-            for c0 in range(0, Cp, BLOCK_C):
-                offs_c, cmask, gamma, _, _, one_plus_s_out, _, _, _ = _channel_coefficients(
-                    weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cp, mean, rstd,
-                    False, False, SCALE_OUT, False, BLOCK_C)
-                mask = cmask[:, None] & (offs_s < num_splits)[None, :]
-                partial = sums_ptr + ((st_base + offs_c)[:, None] * num_splits + offs_s[None, :]) * 2
-                sum_dh_xh = tl.sum(tl.load(partial, mask=mask, other=0.0), axis=1)
-                sum_dh = tl.sum(tl.load(partial + 1, mask=mask, other=0.0), axis=1)
-                k = gamma * one_plus_s_out
-                total_ka += _sum_per_group(k * sum_dh_xh, GROUPS, BLOCK_C)
-                total_kb += _sum_per_group(k * sum_dh, GROUPS, BLOCK_C)
-        mean_g = _per_channel(total_kb * inv_group_size, GROUPS, BLOCK_C)  # mean_group(g), per channel
-        mean_gxh = _per_channel(total_ka * inv_group_size, GROUPS, BLOCK_C)  # mean_group(g*xh)
 
+@triton.jit
+def _du_coefficients(rstd, gamma, one_plus_s_out, p, q, mean_g, mean_gxh):
+    """Per channel (du_dh, du_dx, du_0) with du = dh*du_dh + x*du_dx + du_0, from
+    du = r*(dh*k - mean_g - xh*mean_gxh), xh = x*p + q, k = gamma*(1+s_out)."""
+    return rstd * gamma * one_plus_s_out, -rstd * mean_gxh * p, -rstd * (mean_g + q * mean_gxh)
+
+
+@triton.jit
+def _store_dx(x, dh, du_dh, du_dx, du_0, one_plus_s_in, dx_ptr, dx_base, offs_c, offs_p, mask,
+              stride_dxc, stride_dxp):
+    """du on the tile, stored as dx = du*(1+s_in) in dx's dtype; returns du (du_0 on masked lanes)."""
+    du = dh * du_dh[:, None] + (x * du_dx[:, None] + du_0[:, None])
+    tl.store(dx_ptr + dx_base + offs_c[:, None] * stride_dxc + offs_p[None, :] * stride_dxp,
+             (du * one_plus_s_in[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)
+    return du
+
+
+@triton.jit
+def _resident_backward(x_ptr, dy_ptr, dx_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, sums_ptr, sums_in_ptr,
+                       seed, n, c_first, Cp, st_base, x_base, dy_base, dx_base, C, HW, mean, rstd, inv_group_size,
+                       drop_threshold, drop_scale, stride_xc, stride_xp, stride_dyc, stride_dyp,
+                       stride_dxc, stride_dxp,
+                       SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr, SCALE_OUT: tl.constexpr,
+                       SHIFT_OUT: tl.constexpr, SILU: tl.constexpr, DROPOUT: tl.constexpr, GROUPS: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """The block as one tile (as in _resident_forward): x and dy read once and kept in registers for
+    both steps, the channel sums A, B (stored, and their group totals) and then dx (and sums_in)."""
+    offs_c, cmask, gamma, beta, one_plus_s_in, one_plus_s_out, t_out, p, q = _channel_coefficients(
+        weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, 0, Cp, mean, rstd,
+        SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, BLOCK_C)
+    a, b = _output_coefficients(gamma, beta, p, q, one_plus_s_out, t_out)
+    x, dh, offs_p, mask = _load_x_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, cmask, 0, HW,
+                                     stride_xc, stride_xp, stride_dyc, stride_dyp, a, b,
+                                     seed, n, c_first, C, HW, drop_threshold, drop_scale,
+                                     SILU, DROPOUT, BLOCK_C, BLOCK_HW)
+    sum_dh_xh = tl.sum(dh * (x * p[:, None] + q[:, None]), axis=1)  # dh = 0 on masked lanes
+    sum_dh = tl.sum(dh, axis=1)
+    out = sums_ptr + (st_base + offs_c) * 2  # sums[n, c, 0, 0:2]: one split
+    tl.store(out, sum_dh_xh, mask=cmask)
+    tl.store(out + 1, sum_dh, mask=cmask)
+    k = gamma * one_plus_s_out  # 0 on masked channels
+    mean_g = _per_channel(_sum_per_group(k * sum_dh, GROUPS, BLOCK_C) * inv_group_size, GROUPS, BLOCK_C)
+    mean_gxh = _per_channel(_sum_per_group(k * sum_dh_xh, GROUPS, BLOCK_C) * inv_group_size, GROUPS, BLOCK_C)
+    du_dh, du_dx, du_0 = _du_coefficients(rstd, gamma, one_plus_s_out, p, q, mean_g, mean_gxh)
+    du = _store_dx(x, dh, du_dh, du_dx, du_0, one_plus_s_in, dx_ptr, dx_base, offs_c, offs_p, mask,
+                   stride_dxc, stride_dxp)
+    if SCALE_IN or SHIFT_IN:
+        out = sums_in_ptr + (st_base + offs_c) * 2
+        tl.store(out, tl.sum(du * x, axis=1), mask=cmask)  # x = 0 on masked lanes
+        tl.store(out + 1, tl.sum(tl.where(mask, du, 0.0), axis=1), mask=cmask)
+
+
+@triton.jit
+def _looped_backward(x_ptr, dy_ptr, dx_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, sums_ptr, sums_in_ptr,
+                     seed, split, n, c_first, Cp, st_base, x_base, dy_base, dx_base, p_start, p_end, C, HW,
+                     num_splits, mean, rstd, inv_group_size, drop_threshold, drop_scale,
+                     stride_xc, stride_xp, stride_dyc, stride_dyp, stride_dxc, stride_dxp,
+                     SCALE_IN: tl.constexpr, SHIFT_IN: tl.constexpr, SCALE_OUT: tl.constexpr,
+                     SHIFT_OUT: tl.constexpr, SILU: tl.constexpr, DROPOUT: tl.constexpr,
+                     FUSED_SUMS: tl.constexpr, SPLITS_P2: tl.constexpr, GROUPS: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """The block's positions [p_start, p_end) tile by tile: the channel sums (its own pass over x and
+    dy, or the split path's partial sums), then dx, which reads x and dy again."""
+    if FUSED_SUMS:
+        total_ka, total_kb = _channel_sums(
+            x_ptr, dy_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, sums_ptr, seed,
+            x_base, dy_base, st_base, st_base * 2, n, c_first, Cp, C, HW, 0, HW, 1, mean, rstd,
+            drop_threshold, drop_scale, stride_xc, stride_xp, stride_dyc, stride_dyp,
+            SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, SILU, DROPOUT, GROUPS, BLOCK_C, BLOCK_HW)
+    else:  # GROUPS == 1
+        total_ka = tl.zeros([GROUPS], tl.float32)
+        total_kb = tl.zeros([GROUPS], tl.float32)
+        offs_s = tl.arange(0, SPLITS_P2)
         for c0 in range(0, Cp, BLOCK_C):
-            offs_c, cmask, gamma, beta, one_plus_s_in, one_plus_s_out, t_out, p, q = _channel_coefficients(
+            offs_c, cmask, gamma, _, _, one_plus_s_out, _, _, _ = _channel_coefficients(
                 weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cp, mean, rstd,
-                SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, BLOCK_C)
-            a, b = _output_coefficients(gamma, beta, p, q, one_plus_s_out, t_out)
-            # du = r*(dh*k - mean_g - xh*mean_gxh) with xh = x*p + q, k = gamma*(1+s_out):
-            #    = dh*du_dh + x*du_dx + du_0
-            du_dh = rstd * gamma * one_plus_s_out
-            du_dx = -rstd * mean_gxh * p
-            du_0 = -rstd * (mean_g + q * mean_gxh)
-            acc_du_x = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
-            acc_du = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
-            for p0 in range(p_start, p_end, BLOCK_HW):
-                x, dh, offs_p, mask = _load_x_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, cmask, p0, p_end,
-                                                 stride_xc, stride_xp, stride_dyc, stride_dyp, a, b,
-                                                 seed, n, c_first + c0, C, HW, drop_threshold, drop_scale,
-                                                 SILU, DROPOUT, BLOCK_C, BLOCK_HW)
-                du = dh * du_dh[:, None] + (x * du_dx[:, None] + du_0[:, None])
-                tl.store(dx_ptr + dx_base + offs_c[:, None] * stride_dxc + offs_p[None, :] * stride_dxp,
-                         (du * one_plus_s_in[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)
-                if SCALE_IN:
-                    acc_du_x += du * x  # x = 0 on masked lanes
-                if SHIFT_IN:
-                    acc_du += tl.where(mask, du, 0.0)
-            if SCALE_IN or SHIFT_IN:
-                out = sums_in_ptr + ((st_base + offs_c) * num_splits + split) * 2
-                tl.store(out, tl.sum(acc_du_x, axis=1), mask=cmask)
-                tl.store(out + 1, tl.sum(acc_du, axis=1), mask=cmask)
+                False, False, SCALE_OUT, False, BLOCK_C)
+            mask = cmask[:, None] & (offs_s < num_splits)[None, :]
+            partial = sums_ptr + ((st_base + offs_c)[:, None] * num_splits + offs_s[None, :]) * 2
+            sum_dh_xh = tl.sum(tl.load(partial, mask=mask, other=0.0), axis=1)
+            sum_dh = tl.sum(tl.load(partial + 1, mask=mask, other=0.0), axis=1)
+            k = gamma * one_plus_s_out
+            total_ka += _sum_per_group(k * sum_dh_xh, GROUPS, BLOCK_C)
+            total_kb += _sum_per_group(k * sum_dh, GROUPS, BLOCK_C)
+    mean_g = _per_channel(total_kb * inv_group_size, GROUPS, BLOCK_C)  # mean_group(g), per channel
+    mean_gxh = _per_channel(total_ka * inv_group_size, GROUPS, BLOCK_C)  # mean_group(g*xh)
+
+    for c0 in range(0, Cp, BLOCK_C):
+        offs_c, cmask, gamma, beta, one_plus_s_in, one_plus_s_out, t_out, p, q = _channel_coefficients(
+            weight_ptr, bias_ptr, scale_ptr, shift_ptr, c_first, st_base, c0, Cp, mean, rstd,
+            SCALE_IN, SHIFT_IN, SCALE_OUT, SHIFT_OUT, BLOCK_C)
+        a, b = _output_coefficients(gamma, beta, p, q, one_plus_s_out, t_out)
+        du_dh, du_dx, du_0 = _du_coefficients(rstd, gamma, one_plus_s_out, p, q, mean_g, mean_gxh)
+        acc_du_x = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
+        acc_du = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
+        for p0 in range(p_start, p_end, BLOCK_HW):
+            x, dh, offs_p, mask = _load_x_dh(x_ptr, dy_ptr, x_base, dy_base, offs_c, cmask, p0, p_end,
+                                             stride_xc, stride_xp, stride_dyc, stride_dyp, a, b,
+                                             seed, n, c_first + c0, C, HW, drop_threshold, drop_scale,
+                                             SILU, DROPOUT, BLOCK_C, BLOCK_HW)
+            du = _store_dx(x, dh, du_dh, du_dx, du_0, one_plus_s_in, dx_ptr, dx_base, offs_c, offs_p, mask,
+                           stride_dxc, stride_dxp)
+            if SCALE_IN:
+                acc_du_x += du * x  # x = 0 on masked lanes
+            if SHIFT_IN:
+                acc_du += tl.where(mask, du, 0.0)
+        if SCALE_IN or SHIFT_IN:
+            out = sums_in_ptr + ((st_base + offs_c) * num_splits + split) * 2
+            tl.store(out, tl.sum(acc_du_x, axis=1), mask=cmask)
+            tl.store(out + 1, tl.sum(acc_du, axis=1), mask=cmask)
 
 
 @triton.jit
@@ -808,6 +952,7 @@ class _LaunchConfig(NamedTuple):
     groups: int = 1     # adjacent groups per program (channels_last: block_c = groups * Cg)
     programs: int = 0   # cap on the main kernel's programs (each loops over blocks); 0: one per block
     octets: int = 0     # dropout mask octets: 0 no dropout, else _dropout_keep's OCTETS
+    resident: bool = False  # one tile holds each block (no split): read once, kept in registers
 
 
 _SM_COUNT = {}
@@ -832,6 +977,8 @@ def _launch_config(N, C, HW, num_groups, stride_c, device, backward, dropout=Non
     are fewer than two groups per SM; then its positions are split so that the grid has about
     four programs per SM. The interpreter gets 4096-element tiles and no split: it costs
     ~10-30 ms per program and per loop step, whatever the tile size.
+    A tile that holds the program's whole block (no split) runs the resident path (`resident`; where
+    the block fits the tile budget, i.e. at small sites, or with a tuned whole-block tile).
     dropout: None, or the axis of the mask's octets, "positions" (NCHW) or "channels" (channels_last).
     Octets of positions need tiles spanning at least 8 positions; octets of channels are drawn a
     whole octet at a time when every tile starts on a multiple of 8 channels, else element by element.
@@ -896,7 +1043,8 @@ def _launch_config(N, C, HW, num_groups, stride_c, device, backward, dropout=Non
     if cap and num_splits != 1:
         raise ValueError(f"group_norm_silu: a capped grid ({cap} programs) needs whole groups per program, "
                          f"got {num_splits} splits")
-    return _LaunchConfig(block_c, block_hw, num_splits, hw_per_split, num_warps, groups, cap, octets)
+    resident = _RESIDENT_TILES and num_splits == 1 and block_c >= channels_per_program and block_hw >= HW
+    return _LaunchConfig(block_c, block_hw, num_splits, hw_per_split, num_warps, groups, cap, octets, resident)
 
 
 def _config_of(cfg: _LaunchConfig, device) -> dict:
@@ -907,13 +1055,15 @@ def _config_of(cfg: _LaunchConfig, device) -> dict:
 
 
 def launch_candidates(channels_per_group, num_groups, hw, contiguous_channels, heuristic: dict, grid="quick",
-                      min_hw=1) -> list:
+                      min_hw=1, backward=False) -> list:
     """Launch configurations to try beside `heuristic` (bench/tune_kernels.py, autotuning): tiles of
     several sizes and warp counts, laid out as _launch_config lays them (min_hw: the fewest positions a
     tile may span, 8 with dropout in NCHW); in channels_last with a power-of-two number of channels per
     group, also several groups per program (one tile row spanning them all); and grids capped at 1, 2 or 4
     programs per SM (programs loop over blocks: fewer groups in flight between the two passes over each,
-    so that the second finds them in L2), with the heuristic's tiles and with the largest 8-warp tiles.
+    so that the second finds them in L2), with the heuristic's tiles and with the largest 8-warp tiles;
+    and whole blocks in one tile (the resident path: each element read once) at 4 to 32 elements a thread
+    forward, 4 to 16 backward (backward keeps both x and dy in registers).
     grid: "quick" (one to two dozen), "full" (about a hundred) or "minimal" (two, for the interpreter: a small
     tile that loops with tails, and a capped grid). Dicts with keys block_c, block_hw, num_warps, groups,
     programs_per_sm; the heuristic first."""
@@ -944,10 +1094,17 @@ def launch_candidates(channels_per_group, num_groups, hw, contiguous_channels, h
     largest = max((c["block_c"] * c["block_hw"] for c in configs), default=0)
     widest = [c for c in configs if c["num_warps"] == 8 and c["block_c"] * c["block_hw"] == largest]
     capped = [{**c, "programs_per_sm": cap} for c in [heuristic] + widest for cap in (1, 2, 4)]
+    whole = []
+    for groups, num_warps in itertools.product(groupings, warps + ((16,) if grid == "quick" else ())):
+        block_c = groups * channels_per_group if groups > 1 else cg
+        block_hw = max(min_hw, p)
+        if 4 <= block_c * block_hw // (32 * num_warps) <= (16 if backward else 32):
+            whole.append({"block_c": block_c, "block_hw": block_hw, "num_warps": num_warps, "groups": groups,
+                          "programs_per_sm": 0})
     if grid == "minimal":
-        configs, capped = [c for c in configs if c != heuristic][:1], capped[:1]
+        configs, capped, whole = [c for c in configs if c != heuristic][:1], capped[:1], []
     unique = []
-    for config in [heuristic] + configs + capped:  # tiles larger than the group collapse to one config
+    for config in [heuristic] + configs + capped + whole:  # tiles larger than the group collapse to one config
         if config not in unique:
             unique.append(config)
     return unique
@@ -976,7 +1133,7 @@ def _tuned_override(direction, x, num_groups, scale, shift, mode, silu, dropout_
                                               override={}), x.device)
         return heuristic, launch_candidates(C // G, G, HW, stride_c == 1 and C // G > 1, heuristic,
                                             grid=autotune.candidate_grid(_INTERPRETED),
-                                            min_hw=8 if dropout == "positions" else 1)
+                                            min_hw=8 if dropout == "positions" else 1, backward=direction == "bwd")
 
     key = (N, C, H, W, G, str(x.dtype).removeprefix("torch."), "cl" if channels_last else "nchw", mode,
            "scale" if scale is not None else "-", "shift" if shift is not None else "-", "silu" if silu else "id",
@@ -1030,7 +1187,7 @@ def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout
         sxn, sxc, sxp, syn, syc, syp,
         **flags, SILU=silu, DROPOUT=cfg.octets, FUSED_STATS=fused,
         SPLITS_P2=triton.next_power_of_2(cfg.num_splits), GROUPS=cfg.groups,
-        BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, num_warps=cfg.num_warps)
+        BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, RESIDENT=cfg.resident, num_warps=cfg.num_warps)
     return y, mean, rstd
 
 
@@ -1086,7 +1243,8 @@ def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mo
         C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits, num_blocks, 1.0 / ((C // G) * HW), drop_threshold,
         drop_scale,
         sxn, sxc, sxp, sdyn, sdyc, sdyp, sdxn, sdxc, sdxp,
-        FUSED_SUMS=fused, SPLITS_P2=triton.next_power_of_2(cfg.num_splits), GROUPS=cfg.groups, **common)
+        FUSED_SUMS=fused, SPLITS_P2=triton.next_power_of_2(cfg.num_splits), GROUPS=cfg.groups,
+        RESIDENT=cfg.resident, **common)
 
     dweight = _new_buffer((C,), weight.dtype, x.device)
     dbias = _new_buffer((C,), bias.dtype, x.device)

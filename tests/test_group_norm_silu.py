@@ -70,6 +70,34 @@ def _poison_new_buffers(monkeypatch):
     monkeypatch.setattr(gns, "_POISON_NEW_BUFFERS", True)
 
 
+@pytest.fixture
+def launches(monkeypatch):
+    """The launch configurations (_LaunchConfig) the op runs with during the test, in order."""
+    seen = []
+    launch_config = gns._launch_config
+
+    def recording(*args, **kwargs):
+        seen.append(launch_config(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(gns, "_launch_config", recording)
+    return seen
+
+
+@pytest.fixture(params=[True, False], ids=["resident", "looped"])
+def resident(request, monkeypatch, launches):
+    """Both kernel paths: where one tile holds a whole block, the resident one (x, dy read once) or,
+    with gns._RESIDENT_TILES off, the looped one. Checks after the test that the path ran: on CPU
+    (4096-element tiles) every test shape is resident by heuristic; GPU sizes may not be."""
+    monkeypatch.setattr(gns, "_RESIDENT_TILES", request.param)
+    yield request.param
+    assert launches, "no launch recorded"
+    if not request.param:
+        assert not any(cfg.resident for cfg in launches)
+    elif not ON_GPU:
+        assert all(cfg.resident for cfg in launches)
+
+
 def _seed(*params):
     return zlib.crc32(repr(params).encode())
 
@@ -160,10 +188,10 @@ def _check_against_float64(shape, dtype, mode, silu, has_scale, has_shift, chann
 @pytest.mark.parametrize("mode", ["pre", "post"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_scale_shift_silu_matches_float64(shape, dtype, mode, channels_last):
+def test_scale_shift_silu_matches_float64(shape, dtype, mode, channels_last, resident):
     # fp32 parameters with half activations (the UNet under autocast); same dtype for fp32
     _check_against_float64(shape, dtype, mode, True, True, True, channels_last,
-                           param_dtype=torch.float32)
+                           param_dtype=torch.float32, seed_extra=(resident,))
 
 
 @pytest.mark.parametrize("has_scale,has_shift", [(False, False), (True, False), (False, True)],
@@ -191,15 +219,33 @@ FORCED_CONFIGS = [
     dict(block_c=8, block_hw=16, split=2),
     dict(block_c=4, block_hw=8, split=3),
     dict(block_c=8, block_hw=16, programs=1),  # a capped grid: one program loops over both groups
+    dict(block_c=16, block_hw=64, programs=1),  # ... over both groups, each resident in one tile
 ]
 
 
 @pytest.mark.parametrize("config", FORCED_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 @pytest.mark.parametrize("mode,channels_last", [("pre", True), ("post", False)])
-def test_forced_tiles_tails_and_splits(monkeypatch, config, mode, channels_last):
+def test_forced_tiles_tails_and_splits(monkeypatch, launches, config, mode, channels_last):
     monkeypatch.setattr(gns, "_LAUNCH_OVERRIDE", config)
     _check_against_float64((1, 24, 7, 5, 2), torch.float32, mode, True, True, True, channels_last,
                            seed_extra=tuple(config.items()))
+    assert all(cfg.resident == (config["block_c"] >= 12 and config["block_hw"] >= 35) for cfg in launches)
+
+
+# The seed UNet's 8x8 and 16x16 sites (64 channels a group) with whole-block tiles, the tuner's
+# resident candidates, up to 16 warps and 32 elements a thread (batch cut down for the interpreter)
+WHOLE_BLOCK_SITES = [((2, 512, 8, 8, 8), dict(block_c=64, block_hw=64, num_warps=8)),
+                     ((1, 512, 16, 16, 8), dict(block_c=64, block_hw=256, num_warps=16))]
+
+
+@pytest.mark.parametrize("shape,config", WHOLE_BLOCK_SITES, ids=["8x8", "16x16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_whole_block_tiles_at_unet_sites(monkeypatch, launches, shape, config, dtype, channels_last):
+    monkeypatch.setattr(gns, "_LAUNCH_OVERRIDE", config)
+    _check_against_float64(shape, dtype, "pre", True, True, True, channels_last, param_dtype=torch.float32,
+                           dropout_p=0.1)
+    assert launches and all(cfg.resident for cfg in launches)
 
 
 # Several adjacent groups per program (channels_last with a power-of-two number of channels per
@@ -207,10 +253,11 @@ def test_forced_tiles_tails_and_splits(monkeypatch, config, mode, channels_last)
 @pytest.mark.parametrize("groups,programs", [(2, 0), (4, 0), (2, 5)], ids=["2groups", "4groups", "2groups-5programs"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["pre", "post"])
-def test_several_groups_per_program(monkeypatch, groups, programs, dtype, mode):
+def test_several_groups_per_program(monkeypatch, groups, programs, dtype, mode, resident):
     # 5 programs: a capped grid looping over the 12 two-group blocks (2 or 3 each)
     monkeypatch.setattr(gns, "_LAUNCH_OVERRIDE", dict(groups=groups, programs=programs))
-    _check_against_float64((3, 32, 7, 5, 8), dtype, mode, True, True, True, True, seed_extra=(groups, programs))
+    _check_against_float64((3, 32, 7, 5, 8), dtype, mode, True, True, True, True,
+                           seed_extra=(groups, programs, resident))
 
 
 @pytest.mark.parametrize("shape,groups", [((1, 64, 3, 3, 16), 8), ((2, 16, 1, 1, 4), 4), ((3, 32, 7, 5, 8), 8),
@@ -252,6 +299,32 @@ def test_groups_per_program_heuristic_on_an_h100(monkeypatch):
     small = config(2, 128, 64 * 64)  # 64 groups < 2 per SM: one group a program, positions split
     assert small.groups == 1 and small.num_splits > 1
     assert config(32, 128, 64 * 64).groups == 2  # 32*32/8 and /4 programs < 264, /2 = 512 not
+
+
+def test_whole_block_candidates_run_resident(monkeypatch):
+    """launch_candidates offers tiles holding a whole block (besides its usual tiles, which may: 4 to 32
+    elements a thread forward, 4 to 16 backward) where a block is that small, and _launch_config runs
+    them on the resident path. Pairs: (elements a thread, groups a program)."""
+    monkeypatch.setattr(gns, "_INTERPRETED", False)
+    monkeypatch.setattr(gns, "_sm_count", lambda device: 132)
+
+    def whole(cg, hw, backward, contiguous=False):
+        heuristic = gns._config_of(gns._launch_config(128, 8 * cg, hw, 8, 1 if contiguous else hw, None, backward),
+                                   None)
+        candidates = gns.launch_candidates(cg, 8, hw, contiguous, heuristic, "quick", backward=backward)
+        picked = [c for c in candidates
+                  if gns._launch_config(128, 8 * cg, hw, 8, 1 if contiguous else hw, None, backward,
+                                        override=c).resident]
+        return {(c["block_c"] * c["block_hw"] // (32 * c["num_warps"]), c["groups"]) for c in picked}
+
+    assert whole(64, 64, False) >= {(32, 1), (16, 1), (8, 1)}  # the seed's 8x8 site: 4096 elements a group
+    assert whole(64, 64, True) >= {(16, 1), (8, 1)}
+    assert whole(64, 256, False) == {(32, 1)}  # 16x16: 16384 elements, only on 16 warps
+    assert whole(64, 256, True) == set()
+    assert whole(16, 4096, False) == set()  # 64x64: 65536 elements
+    assert (4, 2) in whole(4, 64, False, contiguous=True)  # channels_last, 2 groups of 4 channels a program
+    monkeypatch.setattr(gns, "_RESIDENT_TILES", False)
+    assert whole(64, 64, False) == set()
 
 
 @pytest.mark.parametrize("override,message", [
@@ -296,9 +369,10 @@ def _check_statistics(x64, num_groups, channels_last, gen):
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # interpreter, masked lanes
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_statistics_are_sound_with_large_mean(channels_last):
-    # mean/std = 5000: fp32 E[u^2] - E[u]^2 is off by ~600% here (sums shifted by a pilot mean: ~1e-7);
-    # channels_last takes all 4 groups in one program (per-group pilots and sums)
+def test_statistics_are_sound_with_large_mean(channels_last, resident):
+    # mean/std = 5000: fp32 E[u^2] - E[u]^2 is off by ~600% here (sums shifted by a pilot mean, or the
+    # resident path's two passes over registers: ~1e-7); channels_last takes all 4 groups in one program
+    # (per-group pilots and sums)
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(2, 16, 6, 6, generator=gen, dtype=torch.float64) * 0.2 + 1000.0
     _check_statistics(x, 4, channels_last, gen)
@@ -330,9 +404,9 @@ def test_statistics_are_sound_when_the_pilot_tile_is_an_outlier(monkeypatch, lay
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", DROPOUT_SHAPES, ids=str)
-def test_dropout_matches_float64(shape, dtype, channels_last):
+def test_dropout_matches_float64(shape, dtype, channels_last, resident):
     _check_against_float64(shape, dtype, "pre", True, True, True, channels_last,
-                           param_dtype=torch.float32, dropout_p=0.3)
+                           param_dtype=torch.float32, dropout_p=0.3, seed_extra=(resident,))
 
 
 @pytest.mark.parametrize("dropout_p", [0.1, 0.75])
