@@ -28,7 +28,8 @@ configuration without a GPU. The candidates come from kernels/attention.py (forw
 backward_candidates) and kernels/group_norm_silu.py (launch_candidates): the ones the run-time
 autotuner (kernels/autotune.py, DREAM_KERNEL_AUTOTUNE=1) tries at first use of each problem. A GroupNorm
 candidate whose tile holds a whole block (block_c >= groups x channels per group, block_hw >= H*W) runs
-the kernels' resident path: each element read once, where other tiles read it twice.
+the kernels' resident path (marked "(resident)" in the report): each element read once, where other
+tiles read it twice.
 """
 from __future__ import annotations
 
@@ -86,6 +87,7 @@ class Problem:
     unit: str                          # "TFLOP/s" | "GB/s"
     results: list = field(default_factory=list)
     static: dict = field(default_factory=dict)  # config key -> offline compile facts (precompile)
+    whole_block: Callable[[object], bool] | None = None  # GroupNorm: the config's tile holds a whole block
 
 
 def config_key(config) -> str:
@@ -225,12 +227,19 @@ def group_norm_problems(setting: Setting, sites, groups, layouts) -> list[Proble
             candidates = _group_norm_candidates(c // groups, groups, h * w, contiguous_channels, setting,
                                                 heuristic, min_hw=8 if dropout_p and layout == "nchw" else 1,
                                                 backward=backward)
+
+            def whole_block(config, n=n, c=c, hw=h * w, stride_c=x.stride(1), device=x.device, backward=backward,
+                            axis=gns._dropout_axis(dropout_p, gns.memory_format_of(x))):
+                return gns._launch_config(n, c, hw, groups, stride_c, device, backward, axis,
+                                          override=asdict(config)).resident
+
             if direction == "fwd":
                 problems.append(Problem("group_norm", f"{label} fwd {layout}", heuristic, candidates, run_forward,
-                                        (ref_y.detach(),), 2.0 * tensor_bytes, "GB/s"))
+                                        (ref_y.detach(),), 2.0 * tensor_bytes, "GB/s", whole_block=whole_block))
             else:
                 problems.append(Problem("group_norm", f"{label} bwd {layout}", heuristic, candidates, run_backward,
-                                        tuple(t.detach() for t in ref_grads), 3.0 * tensor_bytes, "GB/s"))
+                                        tuple(t.detach() for t in ref_grads), 3.0 * tensor_bytes, "GB/s",
+                                        whole_block=whole_block))
     return problems
 
 
@@ -446,7 +455,8 @@ def measure(problem: Problem, target_s: float, deadline: float, dtype: torch.dty
 
     tol = tolerance("kernel", dtype)
     for config in problem.candidates:
-        entry = {"config": _as_dict(config), "heuristic": config == problem.heuristic}
+        entry = {"config": _as_dict(config), "heuristic": config == problem.heuristic,
+                 "resident": bool(problem.whole_block and problem.whole_block(config))}
         facts = problem.static.get(config_key(config))
         if facts and "kernels" in facts:
             entry["static"] = facts["kernels"]
@@ -493,15 +503,17 @@ def one_line(s: dict) -> str:
         if not entry:
             return "—"
         cost = f"{entry['us']:.1f} µs" if "us" in entry else entry.get("status", "")
-        return f"{_config_text(entry['config'])} {cost}"
+        return f"{_config_text(entry['config'], entry.get('resident'))} {cost}"
 
     ratio = s["heuristic_over_best"]
     return (f"{s['problem']}: heuristic {timed(s['heuristic'])}; best {timed(s['best'])}"
             + (f"; heuristic/best {ratio:.2f}" if ratio else ""))
 
 
-def _config_text(config: dict) -> str:
-    return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in config.items())
+def _config_text(config: dict, resident: bool = False) -> str:
+    """A configuration as k=v pairs; "(resident)": a GroupNorm tile holding its whole block (x read once)."""
+    return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in config.items()) + (
+        " (resident)" if resident else "")
 
 
 def markdown(report: dict) -> str:
@@ -518,15 +530,16 @@ def markdown(report: dict) -> str:
         h, b = s["heuristic"] or {}, s["best"] or {}
         ratio = f"{s['heuristic_over_best']:.2f}" if s["heuristic_over_best"] else "—"
         rate = f"{b['rate']:.1f} {s['unit']}" if b.get("rate") else "—"
-        lines.append(f"| {s['problem']} | {_config_text(h.get('config', {}))} | {h.get('us', float('nan')):.1f} | "
-                     f"{_config_text(b.get('config', {}))} | {b.get('us', float('nan')):.1f} | {ratio} | {rate} | "
+        lines.append(f"| {s['problem']} | {_config_text(h.get('config', {}), h.get('resident'))} | "
+                     f"{h.get('us', float('nan')):.1f} | {_config_text(b.get('config', {}), b.get('resident'))} | "
+                     f"{b.get('us', float('nan')):.1f} | {ratio} | {rate} | "
                      f"{s['candidates']} ({len(s['problems'])}) |")
     lines += ["", "## Top five per problem", ""]
     for s in report["summaries"]:
         lines.append(f"- **{s['problem']}**: " + "; ".join(
-            f"{_config_text(r['config'])} {r['us']:.1f} µs" for r in s["top5"]))
+            f"{_config_text(r['config'], r.get('resident'))} {r['us']:.1f} µs" for r in s["top5"]))
         for r in s["problems"]:
-            lines.append(f"  - {_config_text(r['config'])}: {r['status']}")
+            lines.append(f"  - {_config_text(r['config'], r.get('resident'))}: {r['status']}")
     lines += ["", f"Reproduce: `{report['command']}`", ""]
     return "\n".join(lines)
 
