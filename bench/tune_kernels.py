@@ -220,16 +220,17 @@ def group_norm_problems(setting: Setting, sites, groups, layouts) -> list[Proble
 
         contiguous_channels = x.stride(1) == 1 and c // groups > 1
         tensor_bytes = x.numel() * x.element_size()
+        dropout_axis = gns._dropout_axis(dropout_p, gns.memory_format_of(x))
         for direction, backward in (("fwd", False), ("bwd", True)):
             picked = gns._launch_config(n, c, h * w, groups, x.stride(1), x.device, backward=backward,
-                                        dropout=gns._dropout_axis(dropout_p, gns.memory_format_of(x)))
+                                        dropout=dropout_axis)
             heuristic = GroupNormConfig(picked.block_c, picked.block_hw, picked.num_warps, picked.groups)
             candidates = _group_norm_candidates(c // groups, groups, h * w, contiguous_channels, setting,
                                                 heuristic, min_hw=8 if dropout_p and layout == "nchw" else 1,
                                                 backward=backward)
 
             def whole_block(config, n=n, c=c, hw=h * w, stride_c=x.stride(1), device=x.device, backward=backward,
-                            axis=gns._dropout_axis(dropout_p, gns.memory_format_of(x))):
+                            axis=dropout_axis):
                 return gns._launch_config(n, c, hw, groups, stride_c, device, backward, axis,
                                           override=asdict(config)).resident
 
