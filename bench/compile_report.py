@@ -278,14 +278,14 @@ def _kernel_modules():
 @contextmanager
 def offline_compilation(arch: int, sms: int | None = None):
     """Inside, every `*_kernel` launch of the kernel modules compiles for sm_<arch> (Triton's JIT in
-    warmup mode under an offline driver) instead of running, with the GroupNorm split heuristic seeing
-    `sms` SMs (default: the architecture's reference part). Yields (compiled, context): compiled maps
+    warmup mode under an offline driver) instead of running, with the launchers that size grids by the SM
+    count (GroupNorm's split, capped and persistent grids) seeing `sms` SMs (default: the architecture's
+    reference part). Yields (compiled, context): compiled maps
     (kernel, hash) to a CompiledConfig; set context["precision"] and context["site"] to label what
     compiles next; context["launched"] lists the (kernel, hash) of every launch in order."""
     from triton.runtime.driver import driver
 
     modules = _kernel_modules()
-    gn_module = modules[0]
     sms = sms or SM_LIMITS[arch].sms
     compiled: dict = {}
     context = {"precision": None, "site": None, "launched": []}  # launched: (kernel, hash) of every launch
@@ -298,8 +298,10 @@ def offline_compilation(arch: int, sms: int | None = None):
                 if name.endswith("_kernel") and isinstance(value, triton.runtime.jit.JITFunction):
                     saved.append((module, name, value))
                     setattr(module, name, _CompileInsteadOfLaunch(value, compiled, context))
-        saved.append((gn_module, "_sm_count", gn_module._sm_count))
-        gn_module._sm_count = lambda device: sms
+        for module in modules:  # the launchers that size their grids by the SM count
+            if hasattr(module, "_sm_count"):
+                saved.append((module, "_sm_count", module._sm_count))
+                module._sm_count = lambda device: sms
         yield compiled, context
     finally:
         for module, name, value in saved:

@@ -5,8 +5,11 @@
     O = P V
     L = logsumexp_rows(S)       (fp32, saved for backward with O only)
 
-Forward: one program per (query block, batch·head); it streams key blocks with the
-online softmax in base 2 (qk_scale = scale·log2(e), exp2 instead of exp; scale > 0).
+Forward: one program per tile (query block, batch·head), or a persistent grid of a few
+programs per SM looping over the tiles in one flattened, software-pipelined loop (so the
+next tile's loads overlap the current tile's last blocks; a tuning candidate). Each tile
+streams key blocks with the online softmax in base 2 (qk_scale = scale·log2(e), exp2
+instead of exp; scale > 0).
 With x = q·k the raw dot products, per query row:
     m' = max(m, rowmax(x)),  α = 2^((m − m')·qk_scale),  p = 2^((x − m')·qk_scale),
     ℓ' = α ℓ + rowsum(p),  acc' = α acc + p V,  O = acc / ℓ,  L = scale·m + ln ℓ.
@@ -49,6 +52,7 @@ import triton.language as tl
 
 from kernels import autotune
 from kernels.device import on_tensor_device
+from kernels.device import sm_count as _sm_count  # module global: tests and tools substitute it
 from kernels.layout import memory_format_of
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -74,8 +78,8 @@ def _exp2_shifted(x, shift, qk_scale, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def _attention_forward_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+def _attention_forward_tile(
+    tile, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -85,8 +89,8 @@ def _attention_forward_kernel(
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    # Program = (query block, batch·head); query blocks of one head are adjacent.
-    pid = tl.program_id(0)
+    # Tile = (query block, batch·head); query blocks of one head are adjacent.
+    pid = tile
     block_m = pid % num_query_blocks
     bh = pid // num_query_blocks
     b = (bh // num_heads).to(tl.int64)
@@ -145,6 +149,38 @@ def _attention_forward_kernel(
     else:
         tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < seq_len)
         tl.store(lse_ptrs, lse, mask=offs_m < seq_len)
+
+
+@triton.jit
+def _attention_forward_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    num_heads, seq_len, num_query_blocks, num_tiles, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PRECISE: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    # One program per tile, or (PERSISTENT) a capped grid whose programs take tiles pid, pid + grid,
+    # pid + 2·grid, ...: the loop nest over (tile, key block) is flattened into one software-pipelined
+    # loop, so the next tile's first loads are in flight while the current tile finishes.
+    if PERSISTENT:
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+            _attention_forward_tile(
+                tile, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+                stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
+                num_heads, seq_len, num_query_blocks, scale, qk_scale,
+                HEAD_DIM, BLOCK_M, BLOCK_N, EVEN_M, EVEN_N, DOT_PRECISION, PRECISE)
+    else:
+        _attention_forward_tile(
+            tl.program_id(0), q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+            stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+            stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
+            num_heads, seq_len, num_query_blocks, scale, qk_scale,
+            HEAD_DIM, BLOCK_M, BLOCK_N, EVEN_M, EVEN_N, DOT_PRECISION, PRECISE)
 
 
 @triton.jit
@@ -412,6 +448,7 @@ class ForwardConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    programs_per_sm: int = 0  # 0: one program per tile; k: at most k·SMs programs, each looping over tiles
 
 
 @dataclass(frozen=True)
@@ -466,8 +503,9 @@ def forward_candidates(seq_len: int, heuristic: ForwardConfig, grid: str = "quic
                        dtype: torch.dtype = torch.bfloat16) -> list:
     """Forward configurations to try beside `heuristic` (bench/tune_kernels.py, autotuning): query and
     key blocks of 32 to 128 rows (up to N rounded up to a power of two), 4 or 8 warps, pipeline stages
-    3 ("quick") or 2 to 4 ("full"); "minimal" (the interpreter): one besides the heuristic. fp32 on a GPU
-    (FMA dots, many registers) only up to 64 rows. The heuristic first."""
+    3 ("quick") or 2 to 4 ("full"), and persistent grids (programs_per_sm 1, 2, and 4 on 4 warps) of the
+    heuristic's tiles ("quick") or of every 3-stage one ("full"); "minimal" (the interpreter): one besides the
+    heuristic. fp32 on a GPU (FMA dots, many registers) only up to 64 rows. The heuristic first."""
     return _candidates(seq_len, heuristic, grid, "fwd", dtype)
 
 
@@ -491,6 +529,11 @@ def _candidates(seq_len, heuristic, grid, direction, dtype) -> list:
     if direction == "fwd":
         stages = (3,) if quick else (2, 3, 4)
         configs = [ForwardConfig(m, n, w, s) for m, n, w, s in itertools.product(large, large, (4, 8), stages)]
+        # persistent grids of 1, 2 (and for 4 warps 4) programs per SM: the heuristic's tiles ("quick"),
+        # every 3-stage one ("full")
+        persistent_bases = [heuristic] if quick else [c for c in configs if c.num_stages == 3]
+        configs += [dataclasses.replace(c, programs_per_sm=p) for c in persistent_bases
+                    for p in ((1, 2, 4) if c.num_warps <= 4 else (1, 2))]
     else:
         stages = (2,) if quick else (1, 2, 3)
         # own * loop <= 1024 * warps: 128 owned rows streaming 64-row blocks on 4 warps hold dk, dv and a
@@ -607,14 +650,19 @@ def _attention_forward_into(q, k, v, scale: float, o, lse, config: ForwardConfig
         config = ForwardConfig(**tuned) if tuned is not None else config
     q, k, v = _addressable(q), _addressable(k), _addressable(v)
     num_query_blocks = triton.cdiv(seq_len, config.block_m)
-    grid = (num_query_blocks * batch * heads,)
-    autotune.launch(_attention_forward_kernel, grid)(
+    num_tiles = num_query_blocks * batch * heads
+    programs = num_tiles
+    if config.programs_per_sm:
+        sms = 1 if _INTERPRETING else _sm_count(q.device)
+        programs = min(num_tiles, config.programs_per_sm * sms)
+    autotune.launch(_attention_forward_kernel, (programs,))(
         q, k, v, o, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        heads, seq_len, num_query_blocks, scale, scale * _LOG2E,
+        heads, seq_len, num_query_blocks, num_tiles, scale, scale * _LOG2E,
         HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         EVEN_M=seq_len % config.block_m == 0, EVEN_N=seq_len % config.block_n == 0,
         DOT_PRECISION=_dot_precision(q.dtype), PRECISE=q.dtype == torch.float32,
+        PERSISTENT=programs < num_tiles,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return o, lse

@@ -5,6 +5,16 @@ import functools
 
 import torch
 
+_SM_COUNT: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached per device index)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
 
 def on_tensor_device(launcher):
     """Decorator: run launcher(tensor, ...) with tensor's CUDA device current (other devices: as is)."""

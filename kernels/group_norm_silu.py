@@ -79,6 +79,7 @@ import triton.language as tl
 
 from kernels import autotune
 from kernels.device import on_tensor_device
+from kernels.device import sm_count as _sm_count  # module global: tests and tools substitute it
 from kernels.layout import memory_format_of
 
 _MODES = ("pre", "post")
@@ -953,16 +954,6 @@ class _LaunchConfig(NamedTuple):
     programs: int = 0   # cap on the main kernel's programs (each loops over blocks); 0: one per block
     octets: int = 0     # dropout mask octets: 0 no dropout, else _dropout_keep's OCTETS
     resident: bool = False  # one tile holds each block (no split): read once, kept in registers
-
-
-_SM_COUNT = {}
-
-
-def _sm_count(device):
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
 
 
 def _launch_config(N, C, HW, num_groups, stride_c, device, backward, dropout=None, override=None):

@@ -16,6 +16,7 @@ from the same (rounded) inputs.
 
 bf16 runs only with CUDA: the Triton interpreter computes bf16 dots wrongly.
 """
+import importlib
 import zlib
 
 import pytest
@@ -35,6 +36,7 @@ from kernels.attention import (  # noqa: E402  (conftest sets TRITON_INTERPRET f
     attention_reference,
 )
 
+attention_module = importlib.import_module("kernels.attention")  # the package binds `attention` to the function
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 LARGE_LOGIT_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 8e-2}
 
@@ -152,6 +154,8 @@ FORCED = {
     "heuristic": (None, None),
     "small_blocks": (ForwardConfig(16, 16, 4, 1), BackwardConfig(False, 32, 16, 4, 1)),
     "general_backward": (ForwardConfig(32, 64, 4, 1), BackwardConfig(False, 16, 32, 4, 1)),
+    # 2 programs (2 per SM, one SM: the interpreter's count, forced on a GPU) looping over the forward's tiles
+    "persistent": (ForwardConfig(16, 32, 4, 1, programs_per_sm=2), BackwardConfig(False, 32, 16, 4, 1)),
 }
 
 
@@ -175,14 +179,18 @@ LAUNCHER_CASES = [
     ((1, 1, 100, 64), "transposed", "general_backward"),
     ((1, 1, 256, 64), "contiguous", "heuristic"),
     ((1, 1, 256, 32), "transposed", "heuristic"),
+    ((1, 1, 1, 32), "contiguous", "persistent"),
+    ((1, 3, 17, 32), "transposed", "persistent"),
+    ((2, 1, 100, 64), "contiguous", "persistent"),
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,layout,forced", LAUNCHER_CASES,
                          ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else x)
-def test_launchers_write_every_element(shape, layout, forced, dtype):
+def test_launchers_write_every_element(shape, layout, forced, dtype, monkeypatch):
     """Outputs and lse start as NaN; every element must be written and correct."""
+    monkeypatch.setattr(attention_module, "_sm_count", lambda device: 1)
     gen = _generator(11 + shape[2] + len(forced))
     q, k, v, grad_out = (_randn(shape, dtype, gen) for _ in range(4))
     scale = 0.21

@@ -316,7 +316,7 @@ def spy(self, *args, **kwargs):
     calls.append((kwargs.get("warmup"), _async_compile.active_mode.get() is not None))
     return jit_run(self, *args, **kwargs)
 JITFunction.run = spy
-gns._sm_count = lambda device: 132
+gns._sm_count = att._sm_count = lambda device: 132
 x = torch.empty(8, 48, 7, 5, device="meta", dtype=torch.float16)  # 6 channels per group, NCHW
 w, b = torch.empty(48, device="meta"), torch.empty(48, device="meta")
 heuristic = gns._config_of(gns._launch_config(8, 48, 35, 8, 35, x.device, False, override={}), x.device)
@@ -327,14 +327,17 @@ before = len(cache)
 autotune.precompile([lambda c=c: gns._forward(x, w, b, None, None, 8, 1e-5, "pre", True, override=c)
                      for c in [broken] + candidates], workers=2)
 tiles = {(c["block_c"], c["block_hw"], c["num_warps"]) for c in candidates}
-q = torch.empty(2, 3, 100, 32, device="meta", dtype=torch.float16)
-lse = torch.empty(2, 3, 100, device="meta")
+q = torch.empty(64, 8, 100, 32, device="meta", dtype=torch.float16)  # 512+ tiles: persistent grids loop
+lse = torch.empty(64, 8, 100, device="meta")
 fwd = att.forward_candidates(100, att.forward_config(100, 32, q.dtype), "quick", q.dtype)
 acache = att._attention_forward_kernel.device_caches[0][0]
 abefore = len(acache)
 autotune.precompile([lambda c=c: att._attention_forward_into(q, q, q, 0.2, torch.empty_like(q), lse, c) for c in fwd])
+# one binary per tile shape and per kind of grid (1 and 2 programs per SM share the persistent one)
+binaries = {(c.block_m, c.block_n, c.num_warps, c.num_stages, c.programs_per_sm > 0) for c in fwd}
 print(json.dumps({"gn_new": len(cache) - before, "gn_tiles": len(tiles),
-                  "attention_new": len(acache) - abefore, "attention_candidates": len(fwd),
+                  "attention_new": len(acache) - abefore, "attention_binaries": len(binaries),
+                  "attention_persistent": sum(c.programs_per_sm > 0 for c in fwd),
                   "pending": sum(hasattr(k, "result") for k in [*cache.values(), *acache.values()]),
                   "compile_only_left_on": autotune._compile_only.get(),
                   "calls": len(calls), "all_warmup_async": all(w and a for w, a in calls)}))
@@ -343,7 +346,7 @@ print(json.dumps({"gn_new": len(cache) - before, "gn_tiles": len(tiles),
 
 def test_precompile_compiles_every_candidate_in_parallel_without_running_it(tmp_path):
     """autotune.precompile on Triton's offline sm_90 target (no GPU; the interpreter compiles nothing): each
-    distinct GroupNorm tile and each attention candidate lands in the kernel's JIT cache as a finished
+    distinct GroupNorm tile and attention binary (tile shape, kind of grid) lands in the JIT cache as a finished
     compiled kernel, every kernel call is a warm-up inside Triton's AsyncCompileMode (nothing launched),
     a call that raises does not stop the rest, and the compile-only switch is off afterwards."""
     if ON_GPU:
@@ -357,6 +360,7 @@ def test_precompile_compiles_every_candidate_in_parallel_without_running_it(tmp_
     if result.get("skip"):
         pytest.skip("this Triton has no NVIDIA backend with ptxas")
     assert result["gn_new"] == result["gn_tiles"] > 1  # capped grids share their tiles' binaries
-    assert result["attention_new"] == result["attention_candidates"] > 1
+    assert result["attention_new"] == result["attention_binaries"] > 1
+    assert result["attention_persistent"] == 2  # the heuristic (128x64, 8 warps) on 1 and 2 programs per SM
     assert result["pending"] == 0 and result["compile_only_left_on"] is False
     assert result["calls"] > 0 and result["all_warmup_async"]  # compiled in AsyncCompileMode, never launched
