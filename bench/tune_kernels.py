@@ -124,19 +124,22 @@ def attention_problems(setting: Setting, batch, channels, heads, sizes, layouts)
         leaf = qkv.detach().float().requires_grad_(True)
         ref_out = att.attention_qkv_nchw_reference(leaf, heads, scale)
         (ref_dqkv,) = torch.autograd.grad(ref_out, leaf, dout.float())
-        out = torch.empty(batch, channels, size, size, device=device, dtype=dtype)
+        memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        out = torch.empty(batch, channels, size, size, device=device, dtype=dtype, memory_format=memory_format)
         lse = torch.empty(batch, heads, seq_len, device=device, dtype=torch.float32)
         att._attention_forward_into(q, k, v, scale, att._nchw_as_heads(out, heads), lse)
         fwd_flops = 4.0 * batch * heads * seq_len * seq_len * head_dim
 
-        def run_forward(config, q=q, k=k, v=v, scale=scale, batch=batch, size=size):
-            o = torch.full((batch, channels, size, size), float("nan"), device=device, dtype=dtype)
+        def run_forward(config, q=q, k=k, v=v, scale=scale, batch=batch, size=size, memory_format=memory_format):
+            # the output in qkv's layout, as attention_qkv_nchw allocates it
+            o = torch.empty(batch, channels, size, size, device=device, dtype=dtype,
+                            memory_format=memory_format).fill_(float("nan"))
             lse_ = torch.empty(batch, heads, size * size, device=device, dtype=torch.float32)
             att._attention_forward_into(q, k, v, scale, att._nchw_as_heads(o, heads), lse_, config)
             return (o,)
 
         def run_backward(config, qkv=qkv, out=out, lse=lse, dout=dout, scale=scale):
-            dqkv = torch.full(qkv.shape, float("nan"), device=device, dtype=dtype)
+            dqkv = torch.empty_like(qkv).fill_(float("nan"))  # in qkv's layout, as the backward op allocates it
             q_, k_, v_ = att._qkv_nchw_views(qkv, heads)
             dq, dk, dv = att._qkv_nchw_views(dqkv, heads)
             att._attention_backward_into(q_, k_, v_, att._nchw_as_heads(out, heads), lse,

@@ -7,9 +7,11 @@
 
 Forward: one program per tile (query block, batch·head), or a persistent grid of a few
 programs per SM looping over the tiles in one flattened, software-pipelined loop (so the
-next tile's loads overlap the current tile's last blocks; a tuning candidate). Each tile
-streams key blocks with the online softmax in base 2 (qk_scale = scale·log2(e), exp2
-instead of exp; scale > 0).
+next tile's loads overlap the current tile's last blocks; a tuning candidate). In half
+precision q, k, v and o can also move through the tensor memory accelerator of sm_90 and
+later (tensor descriptors, `ForwardConfig.tma`; a tuning candidate). Each tile streams key
+blocks with the online softmax in base 2 (qk_scale = scale·log2(e), exp2 instead of exp;
+scale > 0).
 With x = q·k the raw dot products, per query row:
     m' = max(m, rowmax(x)),  α = 2^((m − m')·qk_scale),  p = 2^((x − m')·qk_scale),
     ℓ' = α ℓ + rowsum(p),  acc' = α acc + p V,  O = acc / ℓ,  L = scale·m + ln ℓ.
@@ -50,6 +52,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton < 3.4: no host-side tensor descriptors, the forward loads through pointers
+    TensorDescriptor = None
+
 from kernels import autotune
 from kernels.device import on_tensor_device
 from kernels.device import sm_count as _sm_count  # module global: tests and tools substitute it
@@ -79,7 +86,7 @@ def _exp2_shifted(x, shift, qk_scale, PRECISE: tl.constexpr):
 
 @triton.jit
 def _attention_forward_tile(
-    tile, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    tile, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_desc, k_desc, v_desc, o_desc,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -87,14 +94,18 @@ def _attention_forward_tile(
     num_heads, seq_len, num_query_blocks, scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PRECISE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PRECISE: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # Tile = (query block, batch·head); query blocks of one head are adjacent.
+    # USE_TMA: q, k, v, o move as [1, 1, rows, HEAD_DIM] boxes of their (B, H, N, D) tensor descriptors
+    # (Hopper's tensor memory accelerator; rows past N load as zeros and are not stored), not pointers.
     pid = tile
     block_m = pid % num_query_blocks
     bh = pid // num_query_blocks
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
+    b32 = bh // num_heads
+    h32 = bh % num_heads
+    b = b32.to(tl.int64)
+    h = h32.to(tl.int64)
     q_ptr += b * stride_qb + h * stride_qh
     k_ptr += b * stride_kb + h * stride_kh
     v_ptr += b * stride_vb + h * stride_vh
@@ -104,7 +115,9 @@ def _attention_forward_tile(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q_ptrs = q_ptr + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    if EVEN_M:
+    if USE_TMA:
+        q = q_desc.load([b32, h32, block_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
+    elif EVEN_M:
         q = tl.load(q_ptrs)
     else:
         q = tl.load(q_ptrs, mask=offs_m[:, None] < seq_len, other=0.0)
@@ -120,7 +133,10 @@ def _attention_forward_tile(
         key_idx = start_n + offs_n
         k_ptrs = k_ptr + key_idx[:, None] * stride_kn + offs_d[None, :] * stride_kd
         v_ptrs = v_ptr + key_idx[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        if EVEN_N:
+        if USE_TMA:
+            k = k_desc.load([b32, h32, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+            v = v_desc.load([b32, h32, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        elif EVEN_N:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
         else:
@@ -143,17 +159,22 @@ def _attention_forward_tile(
     lse = m_i * scale + tl.log2(l_i) * 0.6931471805599453
     o_ptrs = o_ptr + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
     lse_ptrs = lse_ptr + bh.to(tl.int64) * seq_len + offs_m
-    if EVEN_M:
+    if USE_TMA:
+        o_desc.store([b32, h32, block_m * BLOCK_M, 0],
+                     acc.to(o_ptr.dtype.element_ty).reshape(1, 1, BLOCK_M, HEAD_DIM))
+    elif EVEN_M:
         tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty))
-        tl.store(lse_ptrs, lse)
     else:
         tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < seq_len)
+    if EVEN_M:
+        tl.store(lse_ptrs, lse)
+    else:
         tl.store(lse_ptrs, lse, mask=offs_m < seq_len)
 
 
 @triton.jit
 def _attention_forward_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_desc, k_desc, v_desc, o_desc,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -161,26 +182,28 @@ def _attention_forward_kernel(
     num_heads, seq_len, num_query_blocks, num_tiles, scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PRECISE: tl.constexpr, PERSISTENT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PRECISE: tl.constexpr, PERSISTENT: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # One program per tile, or (PERSISTENT) a capped grid whose programs take tiles pid, pid + grid,
-    # pid + 2·grid, ...: the loop nest over (tile, key block) is flattened into one software-pipelined
-    # loop, so the next tile's first loads are in flight while the current tile finishes.
+    # pid + 2·grid, ...: with pointer loads the loop nest over (tile, key block) is flattened into one
+    # software-pipelined loop, so the next tile's first loads are in flight while the current tile
+    # finishes; with tensor descriptors (USE_TMA) only the key loop is pipelined (Triton 3.6 fails to
+    # compile the flattened nest with descriptor loads for sm_90).
     if PERSISTENT:
-        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=not USE_TMA):
             _attention_forward_tile(
-                tile, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+                tile, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_desc, k_desc, v_desc, o_desc,
                 stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                 stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
                 num_heads, seq_len, num_query_blocks, scale, qk_scale,
-                HEAD_DIM, BLOCK_M, BLOCK_N, EVEN_M, EVEN_N, DOT_PRECISION, PRECISE)
+                HEAD_DIM, BLOCK_M, BLOCK_N, EVEN_M, EVEN_N, DOT_PRECISION, PRECISE, USE_TMA)
     else:
         _attention_forward_tile(
-            tl.program_id(0), q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+            tl.program_id(0), q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_desc, k_desc, v_desc, o_desc,
             stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
             stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
             num_heads, seq_len, num_query_blocks, scale, qk_scale,
-            HEAD_DIM, BLOCK_M, BLOCK_N, EVEN_M, EVEN_N, DOT_PRECISION, PRECISE)
+            HEAD_DIM, BLOCK_M, BLOCK_N, EVEN_M, EVEN_N, DOT_PRECISION, PRECISE, USE_TMA)
 
 
 @triton.jit
@@ -449,6 +472,7 @@ class ForwardConfig:
     num_warps: int
     num_stages: int
     programs_per_sm: int = 0  # 0: one program per tile; k: at most k·SMs programs, each looping over tiles
+    tma: bool = False  # q, k, v, o through tensor descriptors (where their layout allows, else pointers)
 
 
 @dataclass(frozen=True)
@@ -504,7 +528,8 @@ def forward_candidates(seq_len: int, heuristic: ForwardConfig, grid: str = "quic
     """Forward configurations to try beside `heuristic` (bench/tune_kernels.py, autotuning): query and
     key blocks of 32 to 128 rows (up to N rounded up to a power of two), 4 or 8 warps, pipeline stages
     3 ("quick") or 2 to 4 ("full"), and persistent grids (programs_per_sm 1, 2, and 4 on 4 warps) of the
-    heuristic's tiles ("quick") or of every 3-stage one ("full"); "minimal" (the interpreter): one besides the
+    heuristic's tiles ("quick") or of every 3-stage one ("full"), in half precision each of those through
+    tensor descriptors too (tma); "minimal" (the interpreter): one besides the
     heuristic. fp32 on a GPU (FMA dots, many registers) only up to 64 rows. The heuristic first."""
     return _candidates(seq_len, heuristic, grid, "fwd", dtype)
 
@@ -530,10 +555,13 @@ def _candidates(seq_len, heuristic, grid, direction, dtype) -> list:
         stages = (3,) if quick else (2, 3, 4)
         configs = [ForwardConfig(m, n, w, s) for m, n, w, s in itertools.product(large, large, (4, 8), stages)]
         # persistent grids of 1, 2 (and for 4 warps 4) programs per SM: the heuristic's tiles ("quick"),
-        # every 3-stage one ("full")
-        persistent_bases = [heuristic] if quick else [c for c in configs if c.num_stages == 3]
-        configs += [dataclasses.replace(c, programs_per_sm=p) for c in persistent_bases
-                    for p in ((1, 2, 4) if c.num_warps <= 4 else (1, 2))]
+        # every 3-stage one ("full"); half precision: each of those through tensor descriptors too
+        bases = [heuristic] if quick else [c for c in configs if c.num_stages == 3]
+        variants = [dataclasses.replace(c, programs_per_sm=p) for c in bases
+                    for p in (0, 1, 2, 4) if p <= 2 or c.num_warps <= 4]
+        configs += variants
+        if dtype != torch.float32 and TensorDescriptor is not None:
+            configs += [dataclasses.replace(c, tma=True) for c in variants]
     else:
         stages = (2,) if quick else (1, 2, 3)
         # own * loop <= 1024 * warps: 128 owned rows streaming 64-row blocks on 4 warps hold dk, dv and a
@@ -543,7 +571,7 @@ def _candidates(seq_len, heuristic, grid, direction, dtype) -> list:
                    if loop <= own and own * loop <= 1024 * w]
         if tile <= 64:
             configs += [BackwardConfig(True, tile, tile, w, s) for w, s in itertools.product((4, 8), (1, 2))]
-    configs = [c for c in configs if c != heuristic]
+    configs = list(dict.fromkeys(c for c in configs if c != heuristic))  # unique, in order
     if grid == "minimal":
         configs = configs[:1]
     return [heuristic] + configs
@@ -611,6 +639,18 @@ def _addressable(t: torch.Tensor) -> torch.Tensor:
     return t if extent <= _INT32_MAX else t.contiguous()
 
 
+def _descriptor_ready(t: torch.Tensor, rows: int) -> bool:
+    """Whether a (B, H, N, D) tensor can be read or written as [1, 1, rows, D] boxes of a tensor descriptor:
+    D contiguous, the other strides positive multiples of 16 bytes, a 16-byte aligned base, rows ≤ N, and
+    on CUDA a GPU with a tensor memory accelerator (sm_90 or later)."""
+    size = t.element_size()
+    if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] < 9:
+        return False
+    return (TensorDescriptor is not None and t.stride(-1) == 1 and t.shape[-1] * size >= 16
+            and all(stride > 0 and stride * size % 16 == 0 for stride in t.stride()[:-1])
+            and t.data_ptr() % 16 == 0 and rows <= t.shape[2])
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -649,6 +689,11 @@ def _attention_forward_into(q, k, v, scale: float, o, lse, config: ForwardConfig
             q, k, v, scale, _empty_strided_like(o), _empty_strided_like(lse), ForwardConfig(**c)))
         config = ForwardConfig(**tuned) if tuned is not None else config
     q, k, v = _addressable(q), _addressable(k), _addressable(v)
+    descriptors = [None] * 4
+    if config.tma and all(_descriptor_ready(t, rows) for t, rows in
+                          ((q, config.block_m), (k, config.block_n), (v, config.block_n), (o, config.block_m))):
+        descriptors = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, head_dim]) for t, rows in
+                       ((q, config.block_m), (k, config.block_n), (v, config.block_n), (o, config.block_m))]
     num_query_blocks = triton.cdiv(seq_len, config.block_m)
     num_tiles = num_query_blocks * batch * heads
     programs = num_tiles
@@ -656,13 +701,13 @@ def _attention_forward_into(q, k, v, scale: float, o, lse, config: ForwardConfig
         sms = 1 if _INTERPRETING else _sm_count(q.device)
         programs = min(num_tiles, config.programs_per_sm * sms)
     autotune.launch(_attention_forward_kernel, (programs,))(
-        q, k, v, o, lse,
+        q, k, v, o, lse, *descriptors,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         heads, seq_len, num_query_blocks, num_tiles, scale, scale * _LOG2E,
         HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         EVEN_M=seq_len % config.block_m == 0, EVEN_N=seq_len % config.block_n == 0,
         DOT_PRECISION=_dot_precision(q.dtype), PRECISE=q.dtype == torch.float32,
-        PERSISTENT=programs < num_tiles,
+        PERSISTENT=programs < num_tiles, USE_TMA=descriptors[0] is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return o, lse

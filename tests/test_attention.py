@@ -156,6 +156,9 @@ FORCED = {
     "general_backward": (ForwardConfig(32, 64, 4, 1), BackwardConfig(False, 16, 32, 4, 1)),
     # 2 programs (2 per SM, one SM: the interpreter's count, forced on a GPU) looping over the forward's tiles
     "persistent": (ForwardConfig(16, 32, 4, 1, programs_per_sm=2), BackwardConfig(False, 32, 16, 4, 1)),
+    # q, k, v, o through tensor descriptors where their layout allows (contiguous here, not transposed)
+    "tma": (ForwardConfig(16, 16, 4, 1, tma=True), BackwardConfig(False, 32, 16, 4, 1)),
+    "tma_persistent": (ForwardConfig(16, 16, 4, 1, programs_per_sm=2, tma=True), BackwardConfig(False, 16, 16, 4, 1)),
 }
 
 
@@ -182,6 +185,10 @@ LAUNCHER_CASES = [
     ((1, 1, 1, 32), "contiguous", "persistent"),
     ((1, 3, 17, 32), "transposed", "persistent"),
     ((2, 1, 100, 64), "contiguous", "persistent"),
+    ((1, 3, 17, 32), "contiguous", "tma"),
+    ((1, 2, 100, 32), "transposed", "tma"),
+    ((1, 3, 17, 32), "contiguous", "tma_persistent"),
+    ((2, 1, 100, 64), "contiguous", "tma_persistent"),
 ]
 
 
@@ -191,6 +198,14 @@ LAUNCHER_CASES = [
 def test_launchers_write_every_element(shape, layout, forced, dtype, monkeypatch):
     """Outputs and lse start as NaN; every element must be written and correct."""
     monkeypatch.setattr(attention_module, "_sm_count", lambda device: 1)
+    descriptors = []
+
+    def counted_descriptor(*args, **kwargs):
+        descriptors.append(args[0])
+        return tensor_descriptor(*args, **kwargs)
+
+    tensor_descriptor = attention_module.TensorDescriptor
+    monkeypatch.setattr(attention_module, "TensorDescriptor", counted_descriptor)
     gen = _generator(11 + shape[2] + len(forced))
     q, k, v, grad_out = (_randn(shape, dtype, gen) for _ in range(4))
     scale = 0.21
@@ -199,6 +214,8 @@ def test_launchers_write_every_element(shape, layout, forced, dtype, monkeypatch
     out = _poisoned(shape, dtype, layout)
     lse = torch.full((b, h, n), float("nan"), device=DEVICE, dtype=torch.float32)
     _attention_forward_into(q, k, v, scale, out, lse, fwd_config)
+    # descriptors for all four tensors, or (a transposed output) none: the pointer path
+    assert len(descriptors) == (4 if forced.startswith("tma") and layout == "contiguous" else 0)
     dq, dk, dv = (_poisoned(shape, dtype, layout) for _ in range(3))
     _attention_backward_into(q, k, v, out, lse, grad_out, scale, dq, dk, dv, bwd_config)
 

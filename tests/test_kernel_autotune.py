@@ -327,17 +327,18 @@ before = len(cache)
 autotune.precompile([lambda c=c: gns._forward(x, w, b, None, None, 8, 1e-5, "pre", True, override=c)
                      for c in [broken] + candidates], workers=2)
 tiles = {(c["block_c"], c["block_hw"], c["num_warps"]) for c in candidates}
-q = torch.empty(64, 8, 100, 32, device="meta", dtype=torch.float16)  # 512+ tiles: persistent grids loop
-lse = torch.empty(64, 8, 100, device="meta")
-fwd = att.forward_candidates(100, att.forward_config(100, 32, q.dtype), "quick", q.dtype)
+q = torch.empty(64, 8, 256, 32, device="meta", dtype=torch.float16)  # 512+ tiles: persistent grids loop
+lse = torch.empty(64, 8, 256, device="meta")
+fwd = att.forward_candidates(256, att.forward_config(256, 32, q.dtype), "quick", q.dtype)
 acache = att._attention_forward_kernel.device_caches[0][0]
 abefore = len(acache)
 autotune.precompile([lambda c=c: att._attention_forward_into(q, q, q, 0.2, torch.empty_like(q), lse, c) for c in fwd])
-# one binary per tile shape and per kind of grid (1 and 2 programs per SM share the persistent one)
-binaries = {(c.block_m, c.block_n, c.num_warps, c.num_stages, c.programs_per_sm > 0) for c in fwd}
+# one binary per tile shape, kind of grid (1 and 2 programs per SM share the persistent one) and kind of load
+binaries = {(c.block_m, c.block_n, c.num_warps, c.num_stages, c.programs_per_sm > 0, c.tma) for c in fwd}
 print(json.dumps({"gn_new": len(cache) - before, "gn_tiles": len(tiles),
                   "attention_new": len(acache) - abefore, "attention_binaries": len(binaries),
                   "attention_persistent": sum(c.programs_per_sm > 0 for c in fwd),
+                  "attention_tma": sum(c.tma for c in fwd),
                   "pending": sum(hasattr(k, "result") for k in [*cache.values(), *acache.values()]),
                   "compile_only_left_on": autotune._compile_only.get(),
                   "calls": len(calls), "all_warmup_async": all(w and a for w, a in calls)}))
@@ -361,6 +362,7 @@ def test_precompile_compiles_every_candidate_in_parallel_without_running_it(tmp_
         pytest.skip("this Triton has no NVIDIA backend with ptxas")
     assert result["gn_new"] == result["gn_tiles"] > 1  # capped grids share their tiles' binaries
     assert result["attention_new"] == result["attention_binaries"] > 1
-    assert result["attention_persistent"] == 2  # the heuristic (128x64, 8 warps) on 1 and 2 programs per SM
+    # the heuristic (128x64, 8 warps) on 1 and 2 programs per SM, and those three through tensor descriptors
+    assert result["attention_persistent"] == 4 and result["attention_tma"] == 3
     assert result["pending"] == 0 and result["compile_only_left_on"] is False
     assert result["calls"] > 0 and result["all_warmup_async"]  # compiled in AsyncCompileMode, never launched
