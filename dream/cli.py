@@ -333,6 +333,11 @@ def main(argv=None) -> int:
                 "memory": run_memory, "eval": run_eval, "export": run_export}
     try:
         return handlers[args.command](args)
+    except KeyboardInterrupt:  # Ctrl-C outside training's own handler (sampling, eval, profiling): one line
+        resumable = args.command in ("train", "sample", "eval")
+        print(f"dream {args.command}: interrupted" + ("; rerun the same command to go on (finished images and "
+                                                       "checkpoints are kept)" if resumable else ""), file=sys.stderr)
+        return 130
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

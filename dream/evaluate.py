@@ -30,6 +30,7 @@ from dream.errors import DreamError
 from dream.files import atomic_write_text
 from dream.sample import (add_sampling_arguments, checked_sampler, image_path, load_sampler_model, parse_graphs,
                           sample_images)
+from dream.seeding import check_seed
 
 METRICS = ("fid", "isc", "kid")
 INCEPTION = "inception-v3-compat"
@@ -171,6 +172,20 @@ def _download_inception(target: Path) -> None:
     torch.hub.download_url_to_file(INCEPTION_URL, str(target), progress=False)
 
 
+def _check_extractor_loads(name: str) -> None:
+    """Build torch-fidelity's extractor `name` once (fetching its weights, if it has to, into torch's hub
+    cache), so that one missing without a network stops `dream eval` before sampling, in one line."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    extractor = FEATURE_EXTRACTORS_REGISTRY[name]
+    try:
+        extractor(name, list(extractor.get_provided_features_list())[:1])
+    except Exception as error:  # noqa: BLE001  - no network, missing hub repo, HTTP error: all mean "provide it"
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise DreamError(f"feature extractor {name!r} could not be loaded ({type(error).__name__}: {reason}); "
+                         f"without a network, pass its weights file with --inception-weights PATH") from None
+
+
 def resolve_feature_extractor(name: str, weights: str | None) -> tuple[str | None, str]:
     """(weights path or None, tag for cache names), checked before any sampling: for Inception, the given
     file, else torch's hub cache, else a download; failing that, one line saying what to provide."""
@@ -185,6 +200,7 @@ def resolve_feature_extractor(name: str, weights: str | None) -> tuple[str | Non
         if not path.is_file():
             raise DreamError(f"--inception-weights {path}: no such file (expected {INCEPTION_FILE})")
     elif name != INCEPTION:
+        _check_extractor_loads(name)
         return None, f"{name}-{fidelity.__version__}"
     elif hub_file.is_file():
         path = hub_file
@@ -249,10 +265,13 @@ def compute_metrics(generated, real, metrics=METRICS, device="cpu", feature_extr
 
 # ----------------------------------------------------------------------------------------------
 # the command
-def default_out_dir(checkpoint_path: str, sampler: str, steps: int, eta: float, seed: int, dtype) -> Path:
-    """<run>/eval/<tag> for a run's checkpoints/<file>; <folder>/eval/<tag> beside any other file (an export)."""
+def default_out_dir(checkpoint_path: str, sampler: str, steps: int, eta: float, seed: int, dtype,
+                    batch_size: int, use_ema: bool = True) -> Path:
+    """<run>/eval/<tag> for a run's checkpoints/<file>; <folder>/eval/<tag> beside any other file (an export).
+    The tag names everything the images depend on: sampler, steps, eta, seed, batch size, weights, precision."""
     path = Path(checkpoint_path)
-    tag = f"{path.stem}-{sampler}{steps}-eta{eta:g}-seed{seed}" + ("-bf16" if dtype == torch.bfloat16 else "")
+    tag = (f"{path.stem}-{sampler}{steps}-eta{eta:g}-seed{seed}-b{batch_size}" + ("" if use_ema else "-raw")
+           + ("-bf16" if dtype == torch.bfloat16 else ""))
     home = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     return home / "eval" / tag
 
@@ -283,6 +302,9 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
             raise DreamError(f"{flag} must be an integer of at least {least}, got {value!r}")
     metrics = tuple(metrics)
     check_metrics(metrics)
+    check_seed(seed)
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise DreamError(f"--out {out} is a file; it must be a folder (new or holding an earlier evaluation)")
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     require_checkpoint(checkpoint)  # the cheap checks first, then the feature extractor's weights, before sampling
     weights, weights_tag = resolve_feature_extractor(feature_extractor, inception_weights)
@@ -292,7 +314,8 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
     size = getattr(model, "_orig_mod", model).config.image_size
     real_set = resolve_real_set(state["config"], real, real_root, real_split, real_count)
     _, steps_run, _ = checked_sampler(diffusion, sampler, steps, eta)
-    out_dir = Path(out) if out else default_out_dir(state["_path"], sampler, steps_run, eta, seed, dtype)
+    out_dir = Path(out) if out else default_out_dir(state["_path"], sampler, steps_run, eta, seed, dtype, batch_size,
+                                                    use_ema)
     samples_dir = out_dir / "samples"
 
     start = time.perf_counter()
@@ -361,7 +384,8 @@ def add_eval_arguments(p) -> None:
                            backends=["auto", "eager", "sdpa", "triton"],
                            count_help="number of samples (5000 to compare with the seed)")
     p.add_argument("--out", help="folder for samples/ and report-n<count>.json "
-                                 "(default: <run>/eval/<checkpoint>-<sampler><steps>-eta<eta>-seed<seed>)")
+                                 "(default: <run>/eval/<checkpoint>-<sampler><steps>-eta<eta>-seed<seed>-b<batch>"
+                                 "[-raw][-bf16])")
     p.add_argument("--metrics", default="fid,isc,kid", help="comma-separated subset of fid,isc,kid")
     p.add_argument("--real", choices=list(REAL_SOURCES), help="real set (default: the checkpoint's training data)")
     p.add_argument("--real-root", help="CelebA root (the folder holding 'celeba') or an image folder")

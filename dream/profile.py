@@ -517,6 +517,7 @@ def run_profile(args) -> list[Path]:
 
 
 def add_profile_arguments(p: argparse.ArgumentParser) -> None:
+    
     p.add_argument("--what", default="both", choices=["both", *PROFILE_WHATS],
                    help="train: one optimizer step; sample: one ancestral denoising step; both (default)")
     p.add_argument("--preset", default=None, help="model preset (default: seed on a GPU, tiny on CPU)")

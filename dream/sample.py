@@ -23,6 +23,7 @@ from dream.checkpoint import load_model_for_sampling, weights_sha256
 from dream.errors import DreamError
 from dream.files import atomic_file, atomic_write_text
 from dream.model import resolve_channels_last
+from dream.seeding import check_seed, mixed_seed
 from dream.sampling import SAMPLERS, SamplingEngine, normalize_sampler
 
 
@@ -88,13 +89,15 @@ def write_pngs(pixels, out_dir: Path, first_index: int) -> None:
 
 
 def batch_noise(seed: int, batch_index: int, shape, device) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + batch_index)
+    """The starting noise x_T of batch `batch_index` (drawn on the CPU: the same on every device)."""
+    generator = torch.Generator().manual_seed(mixed_seed(seed, batch_index, 0))
     return torch.randn(shape, generator=generator).to(device)
 
 
 def batch_step_seed(seed: int, batch_index: int) -> int:
-    """Seed of the default generators while batch `batch_index` is sampled (its per-step noise)."""
-    return seed * 1_000_003 + batch_index + 1
+    """Seed of the default generators while batch `batch_index` is sampled (its per-step noise): a stream of
+    its own, unrelated to any batch's starting noise."""
+    return mixed_seed(seed, batch_index, 1)
 
 
 SETTINGS_FILE = "sampling.json"
@@ -146,8 +149,11 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
     PNGs are encoded on a writer thread while the next batch is sampled."""
     if count < 1 or batch_size < 1:
         raise DreamError("--count and --batch-size must be positive")
+    check_seed(seed)
     sampler, steps, eta = checked_sampler(diffusion, sampler, steps, eta)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DreamError(f"--out {out_dir} is a file; it must be a folder (new or holding earlier images)")
     out_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     config = getattr(model, "_orig_mod", model).config
@@ -234,6 +240,7 @@ def sample_from_checkpoint(checkpoint: str, out_dir: str, count: int = 64, sampl
                            grid: bool = True, progress: bool = True, graphs: bool | None = None,
                            steps_per_graph: int = 1, compile: bool = False,
                            channels_last: bool | None = None) -> dict:
+    check_seed(seed)  # the cheap checks before loading the model
     model, diffusion, state, identity = load_sampler_model(checkpoint, device, use_ema, backend, compile, dtype,
                                                            channels_last)
     report = sample_images(model, diffusion, count, out_dir, sampler, steps, eta, batch_size, seed, dtype, progress,

@@ -70,10 +70,10 @@ def normalize_sampler(diffusion, sampler: str, steps: int | None, eta: float) ->
     if sampler == "ddpm":
         if steps not in (None, total):
             raise ValueError(f"the ddpm sampler runs all {total} steps, got steps={steps}; "
-                             f"use sampler='ddim' with eta=1 for fewer ancestral steps")
+                             f"use the ddim sampler with eta 1 (--sampler ddim --eta 1) for fewer ancestral steps")
         if eta not in (0, 1):
             raise ValueError(f"the ddpm sampler takes no eta (it is ancestral, eta 1), got eta={eta}; "
-                             f"use sampler='ddim' for other values")
+                             f"use the ddim sampler (--sampler ddim) for other values")
         return "ddpm", total, 1.0
     steps = min(50, total) if steps is None else steps
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= total:

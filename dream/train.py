@@ -29,7 +29,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -44,6 +43,7 @@ from dream.math_flags import use_fast_math
 from dream.model import (PRECISION_DTYPES, PRECISIONS, UNet, autocast_for, check_backend_device, make_config,
                          policies_for_backend, resolve_channels_last)
 from dream.objectives import ObjectiveConfig, get_objective
+from dream.seeding import check_seed, mixed_seed
 
 
 @dataclass
@@ -122,6 +122,7 @@ class TrainConfig:
         for name, ok, wanted in rules:
             if not ok:
                 raise option_error(name, wanted, getattr(self, name))
+        check_seed(self.seed)
         ObjectiveConfig(**self.objective_config)
 
     def to_dict(self) -> dict:
@@ -188,7 +189,7 @@ def match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
 
 def step_seed(seed: int, step: int, stream: int) -> int:
     """A well-mixed 63-bit seed for random stream `stream` of optimizer step `step`."""
-    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    return mixed_seed(seed, step, stream)
 
 
 def divisor_at_most(n: int, limit: int) -> int:

@@ -53,6 +53,7 @@ def test_every_flag_is_explained_and_shows_its_default():
     (["train", "--preset", "tiny", "--log-every", "0"], "--log-every must be a positive integer, got 0"),
     (["train", "--preset", "tiny", "--alpha", "1.5"], "--alpha must be in [0, 1]"),
     (["train", "--preset", "tiny", "--sample-steps", "0"], "--sample-steps must be a positive integer, got 0"),
+    (["train", "--preset", "tiny", "--seed", "-3"], "--seed must be an integer in [0, 4294967295], got -3"),
     (["profile", "--top", "0"], "--top must be at least 1"),
     (["memory", "--preset", "tiny", "--budget", "1e400"], "memory size '1e400' must be finite"),
 ])
@@ -92,16 +93,16 @@ def test_sample_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
 
 
 def test_an_output_path_that_cannot_be_used_is_one_line(tmp_path):
-    """Filesystem errors (here --out naming a file) are one line with exit 2, like other bad input."""
+    """Filesystem errors (here --out inside a file) are one line with exit 2, like other bad input."""
     from conftest import make_tiny_checkpoint
 
     checkpoint = make_tiny_checkpoint(tmp_path, step=1)
     taken = tmp_path / "taken"
     taken.write_text("a file, not a folder")
-    result = run_cli("sample", str(checkpoint), "--out", str(taken), "--count", "1", "--steps", "1")
+    result = run_cli("sample", str(checkpoint), "--out", str(taken / "images"), "--count", "1", "--steps", "1")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert "File exists" in lines[0] and str(taken) in lines[0]
+    assert "Not a directory" in lines[0] and str(taken) in lines[0]
 
 
 @pytest.mark.parametrize("command", ["train", "sample"])

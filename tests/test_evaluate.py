@@ -254,6 +254,31 @@ def test_missing_inception_weights_is_one_clear_line(tmp_path, capsys, monkeypat
     assert code == 2 and err.count("\n") == 1 and "nowhere.pth" in err and "no such file" in err
 
 
+class UnreachableFeatures(RandomConvFeatures):
+    """An extractor whose weights would come from the network, which is not there."""
+
+    def __init__(self, name, features_list, **kwargs):
+        raise RuntimeError("It looks like there is no internet connection and the repo could not be found\nmore")
+
+
+UNREACHABLE = "dream-test-unreachable"
+if UNREACHABLE not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
+    torch_fidelity.register_feature_extractor(UNREACHABLE, UnreachableFeatures)
+
+
+def test_unloadable_feature_extractor_is_one_line_before_sampling(tmp_path, capsys):
+    from dream.cli import main
+
+    checkpoint = make_checkpoint(tmp_path)
+    out = tmp_path / "eval"
+    code = main(["eval", str(checkpoint), "--out", str(out), "--count", "4", "--steps", "1", "--device", "cpu",
+                 "--no-progress", "--feature-extractor", UNREACHABLE])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("dream eval: error: ")
+    assert UNREACHABLE in err and "no internet connection" in err and "--inception-weights" in err
+    assert not out.exists()  # checked before any sampling
+
+
 def test_inception_weights_file_is_checked(tmp_path, empty_hub):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
@@ -306,6 +331,7 @@ def test_real_folder_statistics_follow_its_files(tmp_path):
     ({"real": "folder", "real_root": "/nonexistent/faces"}, "/nonexistent/faces does not exist"),
     ({"kid_subset_size": 1}, "--kid-subset-size must be an integer of at least 2, got 1"),
     ({"metrics_batch_size": 0}, "--metrics-batch-size must be an integer of at least 1, got 0"),
+    ({"seed": -1}, r"--seed must be an integer in \[0, 4294967295\], got -1"),
 ])
 def test_bad_real_set_and_metric_settings_fail_before_sampling(tmp_path, change, message):
     checkpoint = make_checkpoint(tmp_path)
@@ -318,8 +344,11 @@ def test_bad_real_set_and_metric_settings_fail_before_sampling(tmp_path, change,
 def test_default_out_dir_is_beside_the_weights():
     from dream.evaluate import default_out_dir
 
-    tag = "ddim50-eta0-seed3"
-    assert default_out_dir("/r/run/checkpoints/ckpt-000000009.pt", "ddim", 50, 0.0, 3, torch.float32) == \
+    tag = "ddim50-eta0-seed3-b64"
+    assert default_out_dir("/r/run/checkpoints/ckpt-000000009.pt", "ddim", 50, 0.0, 3, torch.float32, 64) == \
         Path(f"/r/run/eval/ckpt-000000009-{tag}")
-    assert default_out_dir("/r/exports/ema.safetensors", "ddim", 50, 0.0, 3, torch.bfloat16) == \
+    assert default_out_dir("/r/exports/ema.safetensors", "ddim", 50, 0.0, 3, torch.bfloat16, 64) == \
         Path(f"/r/exports/eval/ema-{tag}-bf16")
+    # the raw (non-EMA) weights and another batch size make other images: other folders
+    assert default_out_dir("/r/run/checkpoints/ckpt-000000009.pt", "ddim", 50, 0.0, 3, torch.float32, 32,
+                           use_ema=False) == Path("/r/run/eval/ckpt-000000009-ddim50-eta0-seed3-b32-raw")

@@ -405,6 +405,50 @@ def test_sample_cli(tmp_path):
     assert main(args + ["--graphs", "on"]) == 2  # one-line error: no CUDA here
 
 
+def test_sample_cli_bad_out_seed_and_ctrl_c_are_one_line(tmp_path, capsys, monkeypatch):
+    import dream.cli
+    from dream.cli import main
+
+    checkpoint = make_checkpoint(tmp_path)
+    a_file = tmp_path / "a_file.png"
+    a_file.write_bytes(b"not a folder")
+    common = ["sample", str(checkpoint), "--count", "2", "--steps", "1", "--device", "cpu", "--no-progress"]
+    for extra, message in [(["--out", str(a_file)], f"--out {a_file} is a file; it must be a folder"),
+                           (["--out", str(tmp_path / "s"), "--seed", "-1"], "--seed must be an integer in [0, "),
+                           (["--out", str(tmp_path / "s"), "--seed", str(2**40)], f"got {2**40}")]:
+        assert main(common + extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "s").exists()
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dream.cli, "run_sample", interrupted)
+    assert main(common + ["--out", str(tmp_path / "s")]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dream sample: interrupted; rerun the same command")
+
+
+def test_batch_noise_streams_are_unrelated():
+    """Every batch's starting noise and step noise, over batches and seeds, is a stream of its own (the seeds
+    are hashed, not seed·K + b, where batch b's step noise would be batch b + 1's starting noise)."""
+    from dream.sample import batch_noise, batch_step_seed
+
+    shape = (2, 3, 4, 4)
+    draws = {}
+    with torch.random.fork_rng(devices=[]):
+        for seed in (0, 1, 1_000_003):
+            for b in range(3):
+                draws[("start", seed, b)] = batch_noise(seed, b, shape, "cpu")
+                torch.manual_seed(batch_step_seed(seed, b))
+                draws[("step", seed, b)] = torch.randn(shape)
+    values = list(draws.values())
+    for i, first in enumerate(values):
+        assert not any(torch.equal(first, other) for other in values[i + 1:])
+    assert torch.equal(batch_noise(1, 2, shape, "cpu"), draws[("start", 1, 2)])  # and reproducible
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU: graphs
 def gpu_model(backend: str):
