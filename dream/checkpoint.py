@@ -167,9 +167,11 @@ class CheckpointManager:
         return next((e for e in self._manifest() if e["file"] == path.name), None)
 
     def latest(self) -> dict | None:
-        """The newest checkpoint whose size and checksum verify, loaded; None when there is none.
-        A damaged newer one is skipped with a warning naming it."""
+        """The newest checkpoint whose size and checksum verify, loaded; None when the folder has none.
+        A damaged newer one is skipped with a warning naming it. When checkpoint files are there but none
+        loads, a DreamError: starting over would delete them at the first save, so nothing is touched."""
         entries = self._manifest()
+        damaged = []
         for entry in reversed(entries):
             path = self.folder / entry["file"]
             why = _damage(path, entry)
@@ -179,12 +181,17 @@ class CheckpointManager:
                 except DreamError as error:
                     why = str(error)
             if why is not None:
-                warnings.warn(f"checkpoint {path} is damaged ({why}); using the previous one", stacklevel=2)
+                damaged.append(f"{path.name}: {why}")
+                warnings.warn(f"checkpoint {path} is damaged ({why}); skipping it", stacklevel=2)
                 continue
             state["_path"] = str(path)
             return state
+        if any((self.folder / entry["file"]).exists() for entry in entries):
+            raise DreamError(f"no checkpoint in {self.folder} can be loaded ({'; '.join(damaged)}); none was "
+                             f"deleted: pass --resume FILE, or move them away to start this run over",
+                             same_on_every_rank=True)
         if entries:
-            warnings.warn(f"no checkpoint in {self.folder} could be loaded; starting from scratch", stacklevel=2)
+            warnings.warn(f"the checkpoints listed in {self.folder} are gone; starting from scratch", stacklevel=2)
         return None
 
 

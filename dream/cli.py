@@ -9,6 +9,9 @@ import argparse
 import json
 import os
 import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
 
 from dream.errors import DreamError
 
@@ -33,12 +36,20 @@ def model_overrides(args) -> dict:
 
 
 def memory_size(text: str) -> int:
+    """argparse type of a memory budget: parse_bytes, refusing a negative size and a bare number below 1 MiB
+    (bytes: surely a unit left out, as in 6.8 for 6.8GB)."""
     from dream.memory import parse_bytes
 
+    if text.strip().startswith("-"):
+        raise argparse.ArgumentTypeError(f"memory size {text!r} must be positive, e.g. '6.8GB'")
     try:
-        return parse_bytes(text)
+        size = parse_bytes(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+    if text.strip().replace(".", "", 1).isdigit() and size < 2**20:
+        raise argparse.ArgumentTypeError(f"memory size {text!r} has no unit, so it means {size} bytes; "
+                                         f"give one, e.g. '{text.strip()}GB'")
+    return size
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -51,8 +62,35 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """An argparse parser whose errors (an unknown choice, a value of the wrong type) are one line, pointing
+    at --help, instead of the whole usage block; its sub-command parsers are of this class too."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+@contextmanager
+def _warnings_as_lines(command: str):
+    """Inside, the project's own warnings (a damaged checkpoint skipped, unreadable images) print as one
+    `dream <command>: warning:` line; other libraries' keep Python's format."""
+    package = Path(__file__).resolve().parent
+    default = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if Path(filename).resolve().is_relative_to(package):
+            return f"dream {command}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = default
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dream", description=__doc__.splitlines()[0])
+    parser = OneLineErrors(prog="dream", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train", help="train a model (resumes when rerun with the same --run-dir)")
@@ -168,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-images", type=int, default=0, help="count a uint8 dataset of this many images on the device")
     p.add_argument("--target", default="cuda", choices=["cuda", "cpu"],
                    help="whose autocast and dropout rules the estimate follows (default: CUDA's)")
-    p.add_argument("--budget", help="memory budget, e.g. 6.8GB: also report the largest micro-batch that fits")
+    p.add_argument("--budget", type=memory_size,
+                   help="memory budget, e.g. 6.8GB: also report the largest micro-batch that fits")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="the model's memory format (default: channels_last for the CUDA target, as dream train)")
     p.add_argument("--cuda", action="store_true", help="also measure the step on CUDA (max_memory_allocated)")
@@ -283,7 +322,7 @@ def memory_backend(name: str, target: str) -> str:
 
 def run_memory(args) -> int:
     from dream.memory import (CUDA_ESTIMATE_MARGIN, StepSpec, choose_micro_batch, estimate_step_memory,
-                              format_estimate, format_sweep, measure_cuda_peak, parse_bytes, sweep_checkpointing)
+                              format_estimate, format_sweep, measure_cuda_peak, sweep_checkpointing)
 
     spec = StepSpec(preset=args.preset, model_overrides=model_overrides(args), batch_size=args.batch_size,
                     micro_batch=args.micro_batch, precision=args.precision, objective=args.objective,
@@ -291,7 +330,7 @@ def run_memory(args) -> int:
                     early_backward=not args.single_graph, backend=memory_backend(args.backend, args.target),
                     checkpointing=args.checkpointing,
                     data_images=args.data_images, target=args.target, channels_last=args.channels_last)
-    budget = parse_bytes(args.budget) if args.budget else None
+    budget = args.budget
     estimates = sweep_checkpointing(spec) if args.sweep else [estimate_step_memory(spec)]
     if args.cuda:
         for estimate in estimates:
@@ -324,6 +363,11 @@ def run_memory(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    with _warnings_as_lines(args.command):
+        return _run(args)
+
+
+def _run(args) -> int:
     if getattr(args, "autotune_kernels", False):
         os.environ["DREAM_KERNEL_AUTOTUNE"] = "1"  # kernels.autotune reads it at each launch
         if os.environ.get("RANK", "0") == "0":

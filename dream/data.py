@@ -115,9 +115,22 @@ class _DecodeFiles(torch.utils.data.Dataset):
 
         try:
             with Image.open(self.paths[i]) as image:
-                return True, _crop_resize(image.convert("RGB"), self.size, self.crop_box)
+                return True, _crop_resize(as_rgb(image), self.size, self.crop_box)
         except Exception:  # noqa: BLE001  - any decode failure marks the file corrupt
             return False, torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+
+
+def as_rgb(image):
+    """An 8-bit RGB copy of a PIL image. 16-bit greyscale (modes I;16*, and I as PNG decodes them) is scaled
+    by 1/257 to 0..255 first: PIL's own conversion clips it at 255, turning most images white."""
+    from PIL import Image
+
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        import numpy as np
+
+        levels = np.asarray(image).astype(np.float64).clip(0, 65535)
+        image = Image.fromarray(np.rint(levels / 257).astype(np.uint8), mode="L")
+    return image.convert("RGB")
 
 
 def decode_files(paths: list[Path], size: int, crop_box=None, what: str = "images", workers: int | None = None):

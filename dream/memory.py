@@ -479,7 +479,7 @@ def measure_cuda_peak(spec: StepSpec | None = None, device="cuda", **fields_) ->
     cudnn.benchmark). Uses real kernels, so cuDNN/cuBLAS workspaces are included."""
     spec = _spec(spec, fields_)
     if not torch.cuda.is_available():
-        raise DreamError("measure_cuda_peak needs a CUDA device, and none is available")
+        raise DreamError("measuring the allocator's peak (--cuda) needs a CUDA device, and none is available")
     if spec.target != "cuda":
         spec = replace(spec, target="cuda")
     device = torch.device(device)

@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -208,6 +208,9 @@ class Trainer:
             use_fast_math()
 
         self.run_dir = Path(config.run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise DreamError(f"--run-dir {self.run_dir} is a file; it must be a folder (new, or a run's)",
+                             same_on_every_rank=True)
         self.model_config = make_config(config.preset, **config.model_overrides)
         self.objective = get_objective(config.objective)
         self.objective_config = ObjectiveConfig(**config.objective_config)
@@ -482,6 +485,14 @@ class Trainer:
             if old != new:
                 raise DreamError(f"checkpoint {state['_path']} was made with {key}={old!r}, "
                                  f"this run has {key}={new!r}; use another --run-dir", same_on_every_rank=True)
+        old_objective, new_objective = (ObjectiveConfig(**(config or {})) for config in
+                                        (saved.get("objective_config"), self.config.objective_config))
+        if old_objective != new_objective:
+            changed = ", ".join(f"{setting.name}={getattr(old_objective, setting.name)!r} (this run: "
+                                f"{getattr(new_objective, setting.name)!r})" for setting in fields(ObjectiveConfig)
+                                if getattr(old_objective, setting.name) != getattr(new_objective, setting.name))
+            raise DreamError(f"checkpoint {state['_path']} was made with the objective's {changed}; "
+                             f"use another --run-dir", same_on_every_rank=True)
         images = self.batches.images.shape[0]
         if state.get("data_images", images) != images:
             raise DreamError(f"checkpoint {state['_path']} was made on {state['data_images']} images, this run's "
@@ -497,7 +508,11 @@ class Trainer:
         if self.dist.is_main:
             trim_log(self.run_dir / "metrics.jsonl", self.step)
         self.note(f"resumed from {state['_path']} at step {self.step} (epoch {self.epoch})", event="resume")
-        for flag, old, new in self.apply_hyperparameters():
+        changes = self.apply_hyperparameters()
+        changes += [(flag, saved.get(key), now) for flag, key, now in
+                    (("--grad-clip", "grad_clip", self.config.grad_clip), ("--precision", "precision", self.precision))
+                    if key in saved and saved[key] != now]
+        for flag, old, new in changes:
             self.note(f"{flag} {new!r} from this command (the checkpoint's run had {old!r})",
                       event="hyperparameter", flag=flag, old=old, new=new)
         return True
@@ -537,9 +552,13 @@ class Trainer:
         return path
 
     def log(self, record: dict) -> None:
+        """One JSON line in metrics.jsonl; a non-finite number (the loss of a skipped step) is written as null,
+        so that every line is standard JSON."""
         if self.dist.is_main:
+            record = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                      for key, value in record.items()}
             with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record, allow_nan=False) + "\n")
 
     def note(self, message: str, event: str, **fields) -> None:
         """An event worth a line on stderr and a record in the log."""

@@ -54,6 +54,10 @@ def test_every_flag_is_explained_and_shows_its_default():
     (["train", "--preset", "tiny", "--alpha", "1.5"], "--alpha must be in [0, 1]"),
     (["train", "--preset", "tiny", "--sample-steps", "0"], "--sample-steps must be a positive integer, got 0"),
     (["train", "--preset", "tiny", "--seed", "-3"], "--seed must be an integer in [0, 4294967295], got -3"),
+    (["train", "--preset", "tiny", "--run-dir", "/etc/passwd"], "--run-dir /etc/passwd is a file"),
+    (["train", "--backend", "foo"], "invalid choice: 'foo'"),  # argparse's errors too: one line, no usage block
+    (["train", "--memory-budget", "6.8"], "memory size '6.8' has no unit"),
+    (["memory", "--budget", "-1"], "memory size '-1' must be positive"),
     (["profile", "--top", "0"], "--top must be at least 1"),
     (["memory", "--preset", "tiny", "--budget", "1e400"], "memory size '1e400' must be finite"),
 ])

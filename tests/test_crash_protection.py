@@ -126,6 +126,30 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage
         assert load_checkpoint(tmp_path)["step"] == 2  # a folder: the newest valid one
 
 
+def test_a_run_whose_checkpoints_all_fail_is_refused_and_keeps_them(tmp_path):
+    """Every checkpoint damaged: the rerun stops in one line and deletes nothing (starting over would
+    replace them at its first save); checkpoints that are gone altogether leave nothing to lose."""
+    config = small_config(tmp_path, epochs=1, max_steps=2)
+    Trainer(config).run()
+    folder = tmp_path / "checkpoints"
+    files = sorted(folder.glob("ckpt-*.pt"))
+    assert len(files) == 2
+    damaged = []
+    for path in files:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        path.write_bytes(bytes(data))
+        damaged.append(bytes(data))
+    with pytest.warns(UserWarning, match="is damaged"), pytest.raises(DreamError, match="none was deleted"):
+        Trainer(config).resume()
+    assert sorted(folder.glob("ckpt-*.pt")) == files and [p.read_bytes() for p in files] == damaged
+
+    for path in files:
+        path.unlink()
+    with pytest.warns(UserWarning, match="are gone; starting from scratch"):
+        assert Trainer(config).resume() is False
+
+
 def test_checkpoint_holds_the_whole_training_state(tmp_path):
     trainer = Trainer(small_config(tmp_path, epochs=1, max_steps=1))
     trainer.run()
@@ -270,13 +294,19 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path, where):
     records = [r for r in map(eval_json, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["skipped"] for r in records] == [0, 0, 1, 0]
     assert records[-1]["skipped_steps"] == 1
+    if where == "loss":  # the skipped step's loss, NaN, is logged as null
+        assert records[2]["loss"] is None and records[1]["loss"] > 0
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
 def eval_json(line):
+    """A metrics.jsonl line as standard JSON: NaN and Infinity, which other readers reject, fail here."""
     import json
 
-    return json.loads(line)
+    def not_standard(constant):
+        raise AssertionError(f"metrics.jsonl holds {constant}, which is not JSON: {line}")
+
+    return json.loads(line, parse_constant=not_standard)
 
 
 def test_too_many_non_finite_steps_restore_the_last_good_checkpoint(tmp_path):
@@ -370,6 +400,24 @@ def test_resume_takes_this_commands_optimizer_and_ema_settings(tmp_path):
     notes = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     changed = {(r["flag"], r["old"], r["new"]) for r in notes if r.get("event") == "hyperparameter"}
     assert changed == {("--lr", 2e-4, 1e-2), ("--weight-decay", 0.0, 0.1), ("--ema-decay", 0.9999, 0.5)}
+
+    Trainer(small_config(tmp_path, max_steps=4, lr=1e-2, weight_decay=0.1, ema_decay=0.5, grad_clip=0.5)).run()
+    notes = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["flag"], r["old"], r["new"]) for r in notes if r.get("event") == "hyperparameter"][-1] == \
+        ("--grad-clip", 1.0, 0.5)
+
+
+def test_resume_refuses_another_objective_setting(tmp_path):
+    """The objective's settings fix the run's course like the objective itself: a change is refused, naming it,
+    whether given or left to its default on either side."""
+    Trainer(small_config(tmp_path, max_steps=1)).run()
+    for objective_config, named in [({"dream_start_epoch": 1, "ramp_epochs": 2, "lambda_max": 0.3},
+                                     "lambda_max=0.5 (this run: 0.3)"),
+                                    ({"dream_start_epoch": 1}, "ramp_epochs=2 (this run: 20.0)")]:
+        with pytest.raises(DreamError, match=re.escape(named) + ".*use another --run-dir"):
+            Trainer(small_config(tmp_path, max_steps=2, objective_config=objective_config)).run()
+    same = {"dream_start_epoch": 1, "ramp_epochs": 2.0, "lambda_max": 0.5}  # the defaults spelled out: the same
+    assert Trainer(small_config(tmp_path, max_steps=2, objective_config=same)).run()["step"] == 2
 
 
 def test_an_fp16_resume_of_an_fp32_run_starts_a_fresh_loss_scaler(tmp_path):

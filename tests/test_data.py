@@ -25,6 +25,22 @@ def write_images(folder, count, size=(40, 30)):
         Image.new("RGB", size, colour).save(folder / f"img{i}.png")
 
 
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    """A 16-bit PNG (PIL mode I;16) holds levels 0..65535: scaled by 1/257, not clipped at 255 (all white)."""
+    import numpy as np
+
+    levels = (np.arange(40 * 30).reshape(30, 40) * 54).astype(np.uint16)  # 0 .. 64746, a ramp
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(levels).save(tmp_path / "imgs" / "deep.png")
+    assert Image.open(tmp_path / "imgs" / "deep.png").mode.startswith("I")
+    write_images(tmp_path / "imgs", 1)
+    images = load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache")
+    deep = images[0].float()  # deep.png sorts before img0.png
+    expected = levels[:, 5:35].mean() / 257  # the centre square crop, averaged
+    assert torch.equal(deep[0], deep[1]) and torch.equal(deep[0], deep[2])
+    assert deep.mean().item() == pytest.approx(expected, abs=2) and deep.min() < 60 and deep.max() > 190
+
+
 def test_folder_with_isolated_corrupt_files(tmp_path):
     write_images(tmp_path / "imgs" / "sub", 5)
     (tmp_path / "imgs" / "broken.jpg").write_bytes(b"not a jpeg at all")

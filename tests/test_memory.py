@@ -474,9 +474,11 @@ def test_cli_backend_auto_follows_the_trainer_on_the_target(argv, backend):
 
 
 def test_cli_bad_input_is_one_line(capsys):
-    assert main(["memory", "--budget", "lots", "--batch", "8"]) == 2
+    with pytest.raises(SystemExit) as stop:  # an argparse type error: exit 2 from parse_args, one line
+        main(["memory", "--budget", "lots", "--batch", "8"])
     err = capsys.readouterr().err.strip()
-    assert err.startswith("dream memory: error: memory size 'lots'") and "\n" not in err
+    assert stop.value.code == 2 and "\n" not in err
+    assert err.startswith("dream memory: error: argument --budget: memory size 'lots' not understood")
     assert main(["memory", "--batch", "8", "--micro-batch", "3"]) == 2
     assert "must divide" in capsys.readouterr().err
 
