@@ -690,10 +690,10 @@ def _attention_forward_into(q, k, v, scale: float, o, lse, config: ForwardConfig
         config = ForwardConfig(**tuned) if tuned is not None else config
     q, k, v = _addressable(q), _addressable(k), _addressable(v)
     descriptors = [None] * 4
-    if config.tma and all(_descriptor_ready(t, rows) for t, rows in
-                          ((q, config.block_m), (k, config.block_n), (v, config.block_n), (o, config.block_m))):
-        descriptors = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, head_dim]) for t, rows in
-                       ((q, config.block_m), (k, config.block_n), (v, config.block_n), (o, config.block_m))]
+    boxes = ((q, config.block_m), (k, config.block_n), (v, config.block_n), (o, config.block_m))  # (tensor, rows)
+    if config.tma and all(_descriptor_ready(t, rows) for t, rows in boxes):
+        descriptors = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, head_dim])
+                       for t, rows in boxes]
     num_query_blocks = triton.cdiv(seq_len, config.block_m)
     num_tiles = num_query_blocks * batch * heads
     programs = num_tiles
