@@ -167,9 +167,10 @@ class CheckpointManager:
         return next((e for e in self._manifest() if e["file"] == path.name), None)
 
     def latest(self) -> dict | None:
-        """The newest checkpoint whose size and checksum verify, loaded; None when the folder has none.
-        A damaged newer one is skipped with a warning naming it. When checkpoint files are there but none
-        loads, a DreamError: starting over would delete them at the first save, so nothing is touched."""
+        """The newest checkpoint whose size and checksum verify, loaded; None when the folder has none
+        (or its manifest lists only files that are gone: see `listed`). A damaged newer one is skipped
+        with a warning naming it. When checkpoint files are there but none loads, a DreamError: starting
+        over would delete them at the first save, so nothing is touched."""
         entries = self._manifest()
         damaged = []
         for entry in reversed(entries):
@@ -190,9 +191,11 @@ class CheckpointManager:
             raise DreamError(f"no checkpoint in {self.folder} can be loaded ({'; '.join(damaged)}); none was "
                              f"deleted: pass --resume FILE, or move them away to start this run over",
                              same_on_every_rank=True)
-        if entries:
-            warnings.warn(f"the checkpoints listed in {self.folder} are gone; starting from scratch", stacklevel=2)
         return None
+
+    def listed(self) -> int:
+        """How many checkpoints the manifest lists (whether or not their files are still there)."""
+        return len(self._manifest())
 
 
 def _damage(path: Path, entry: dict) -> str | None:
@@ -221,9 +224,12 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = require_checkpoint(path)
     if path.is_dir():
         folder = path / "checkpoints" if (path / "checkpoints" / MANIFEST).exists() else path
-        state = CheckpointManager(folder).latest()
+        manager = CheckpointManager(folder)
+        state = manager.latest()
         if state is None:
-            raise DreamError(f"no valid checkpoint in folder {path}")
+            gone = manager.listed()
+            raise DreamError(f"no valid checkpoint in folder {path}" + (
+                f" (the {gone} listed in {folder / MANIFEST} are gone)" if gone else ""))
         return state
     entry = CheckpointManager(path.parent).entry_for(path)
     if entry is not None:

@@ -26,6 +26,7 @@ from dream.files import atomic_file
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 CELEBA_CROP = (57, 25, 128, 128)  # top, left, height, width in the aligned 178x218 CelebA image
 SYNTHETIC_CHUNK = 256  # images drawn per generator seed: image i depends on (seed, i) only
+DECODE_VERSION = 2  # part of the image caches' key: raised whenever decoding changes what a file becomes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,6 +201,13 @@ def files_fingerprint(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def images_digest(images: torch.Tensor) -> str:
+    """SHA-1 of the decoded images' bytes (shape included): equal digests, the same training data."""
+    digest = hashlib.sha1(f"{tuple(images.shape)}|{images.dtype}|".encode())
+    digest.update(memoryview(images.detach().cpu().contiguous().numpy()).cast("B"))
+    return digest.hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------
 # cache and entry point
 def default_cache_dir() -> Path:
@@ -217,7 +225,7 @@ def load_images(source: str = "synthetic", root: str | None = None, split: str =
         raise DreamError(f"--data {source} needs --data-root")
     root_path = Path(root).expanduser().resolve()
     files, crop, what = dataset_files(source, root_path, split)
-    key = hashlib.sha1(f"{source}|{root_path}|{split}|{size}|{files_fingerprint(files)}".encode())
+    key = hashlib.sha1(f"{source}|{root_path}|{split}|{size}|{DECODE_VERSION}|{files_fingerprint(files)}".encode())
     cache = Path(cache_dir or default_cache_dir()) / f"{source}-{size}px-{key.hexdigest()[:16]}.pt"
     if cache.exists():
         try:

@@ -309,6 +309,8 @@ def profile_steps(step, device: torch.device, *, warmup: int, active: int, trace
     Writes the gzipped Chrome trace to trace_path and returns summarize_trace's numbers."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
+    if device.type != "cuda":  # libkineto's own stderr lines (levels: ..., 4 error, 5 USDT) are noise without a GPU,
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # such as "gpuGetDeviceCount failed"; read at its first use
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     captured = {}
     step()  # outside the profiler: compilation, autotuning and CUDA-graph capture happen here

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from dream import distributed
 from dream.checkpoint import CheckpointManager, code_version, load_checkpoint, rng_state, set_rng_state
-from dream.data import DeviceBatches, load_images
+from dream.data import DeviceBatches, images_digest, load_images
 from dream.diffusion import GaussianDiffusion
 from dream.ema import EMA
 from dream.errors import DreamError, option_error
@@ -223,6 +223,7 @@ class Trainer:
         self.rank_batch = config.batch_size // dist.world_size
         images = load_images(config.data, config.data_root, config.data_split, self.model_config.image_size,
                              count=config.data_count, seed=config.seed)
+        self.data_digest = images_digest(images)  # a resume notices images replaced by others
         self.batches = DeviceBatches(images, self.rank_batch, device, seed=config.seed,
                                      rank=dist.rank, world_size=dist.world_size)
 
@@ -267,10 +268,13 @@ class Trainer:
         self.micro_batch = config.micro_batch or self.rank_batch
         if config.micro_batch is None and (config.memory_budget is not None or device.type == "cuda"):
             self.micro_batch = self.micro_batch_for_budget(config.memory_budget)
-        elif config.checkpointing == "auto":
-            self.note("--checkpointing auto searches under the memory budget, and none was searched (an explicit "
-                      "--micro-batch, or a CPU without --memory-budget): no activation checkpointing",
-                      event="memory_budget", checkpointing="none")
+        else:
+            if config.memory_budget is not None and self.rank_batch % self.micro_batch == 0:
+                self.check_micro_batch_budget(config.memory_budget)
+            if config.checkpointing == "auto":
+                self.note("--checkpointing auto searches under the memory budget, and none was searched (an "
+                          "explicit --micro-batch, or a CPU without --memory-budget): no activation checkpointing",
+                          event="memory_budget", checkpointing="none")
         if self.micro_batch < 1 or self.rank_batch % self.micro_batch:
             raise DreamError(f"micro batch {self.micro_batch} must divide the per-process batch {self.rank_batch}",
                              same_on_every_rank=True)
@@ -279,6 +283,34 @@ class Trainer:
         self.sample_noise = torch.randn(config.sample_count, self.model_config.in_channels,
                                         self.model_config.image_size, self.model_config.image_size,
                                         generator=torch.Generator().manual_seed(config.seed + 1))
+
+    def step_spec_fields(self, checkpointing: str) -> dict:
+        """What dream.memory's StepSpec needs of this run, beyond the config's own fields."""
+        return dict(batch_size=self.rank_batch, precision=self.precision, backend=self.backend,
+                    checkpointing=checkpointing, model_overrides=self.model_config,
+                    objective_config=self.objective_config, data_images=self.batches.images.shape[0],
+                    target="cuda" if self.device.type == "cuda" else "cpu")
+
+    def check_micro_batch_budget(self, budget_bytes: int) -> None:
+        """An explicit --micro-batch is kept even under --memory-budget; a line says when the estimator puts
+        its step over the budget (on CUDA, out-of-memory recovery then halves it when it must)."""
+        from dream.memory import CUDA_ESTIMATE_MARGIN, StepSpec, estimate_step_memory
+
+        spec = StepSpec.from_config(self.config, **self.step_spec_fields(self.checkpointing),
+                                    micro_batch=self.micro_batch)
+        try:
+            peak = estimate_step_memory(spec).peak_bytes
+        except Exception as error:  # noqa: BLE001  - the estimate only informs
+            self.note(f"memory estimate failed ({type(error).__name__}: {error}); --micro-batch {self.micro_batch} "
+                      f"not checked against --memory-budget", event="memory_budget", micro_batch=self.micro_batch)
+            return
+        limit = budget_bytes * (1 - (CUDA_ESTIMATE_MARGIN if spec.target == "cuda" else 0.0))
+        over = peak > limit
+        self.note(f"{'warning: ' if over else ''}--micro-batch {self.micro_batch}: the step is estimated at "
+                  f"{peak / 1e9:.2f} GB, {'over' if over else 'within'} --memory-budget {budget_bytes / 1e9:.2f} GB"
+                  + (" (a smaller --micro-batch, or leave it out to have one chosen)" if over else ""),
+                  event="memory_budget", micro_batch=self.micro_batch, budget_bytes=budget_bytes,
+                  estimated_peak_bytes=int(peak), over_budget=over)
 
     def micro_batch_for_budget(self, budget_bytes: int | None) -> int:
         """The largest micro-batch whose training step fits in `budget_bytes` (None: the device's free
@@ -296,11 +328,7 @@ class Trainer:
         try:
             for policy in policies:
                 try:
-                    micro = choose_micro_batch(self.config, budget_bytes, batch_size=self.rank_batch,
-                                               precision=self.precision, backend=self.backend, checkpointing=policy,
-                                               model_config=self.model_config, objective_config=self.objective_config,
-                                               data_images=self.batches.images.shape[0],
-                                               target="cuda" if self.device.type == "cuda" else "cpu")
+                    micro = choose_micro_batch(self.config, budget_bytes, **self.step_spec_fields(policy))
                 except DreamError:  # not even a micro-batch of 1 fits: recompute more, unless this was the last
                     if policy == policies[-1]:
                         raise
@@ -425,6 +453,7 @@ class Trainer:
             "micro_batch": self.micro_batch,
             "world_size": self.dist.world_size,
             "data_images": self.batches.images.shape[0],
+            "data_sha1": self.data_digest,
             "rng": rng_state(),
             "config": {**self.resolved_config(), "model": self.model_config.to_dict()},
             "code_version": code_version(),
@@ -473,6 +502,9 @@ class Trainer:
             state = load_checkpoint(path) if path else self.checkpoints.latest()
         if state is None:
             if self.dist.is_main:
+                if self.checkpoints.listed():
+                    warnings.warn(f"the checkpoints listed in {self.checkpoints.folder} are gone; starting from "
+                                  f"step 0", stacklevel=2)
                 trim_log(self.run_dir / "metrics.jsonl", 0)  # steps logged before a kill are redone
             return False
         saved = state["config"]
@@ -508,6 +540,10 @@ class Trainer:
         if self.dist.is_main:
             trim_log(self.run_dir / "metrics.jsonl", self.step)
         self.note(f"resumed from {state['_path']} at step {self.step} (epoch {self.epoch})", event="resume")
+        if state.get("data_sha1", self.data_digest) != self.data_digest:
+            self.note(f"warning: the data's images changed since that checkpoint (the same {images} images by "
+                      f"count, not by content); training goes on over this run's images", event="data_changed",
+                      old=state["data_sha1"], new=self.data_digest)
         changes = self.apply_hyperparameters()
         changes += [(flag, saved.get(key), now) for flag, key, now in
                     (("--grad-clip", "grad_clip", self.config.grad_clip), ("--precision", "precision", self.precision))

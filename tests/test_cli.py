@@ -177,3 +177,26 @@ def test_autotune_kernels_flag_turns_kernel_autotuning_on(monkeypatch, capsys, c
     assert seen == [None, "1"]
     notice = capsys.readouterr().err.strip()
     assert notice.startswith("dream: Triton kernel launch configurations are tuned") and "\n" not in notice
+
+
+def test_profile_on_cpu_writes_its_reports_and_no_profiler_noise(tmp_path):
+    """`dream profile` end to end on CPU: a CPU-labelled report per step kind with its top operators and a
+    trace; stderr holds only the command's own lines (libkineto's "gpuGetDeviceCount failed", STAGE and
+    USDT lines are silenced where there is no GPU)."""
+    import gzip
+
+    result = run_cli("profile", "--preset", "tiny", "--image-size", "8", "--base-channels", "16", "--steps", "2",
+                     "--warmup", "1", "--device", "cpu", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert not [line for line in result.stderr.splitlines() if line.split(":")[0] in ("ERROR", "STAGE", "USDT")], \
+        result.stderr
+    for what in ("train", "sample"):
+        [report] = (tmp_path / "cpu").glob(f"*-profile-{what}.json")
+        data = json.loads(report.read_text())
+        assert data["summary"]["steps"] == 2 and data["summary"]["step_ms"] > 0
+        assert data["summary"]["top_ops"] and data["summary"]["kernels"] == 0
+        markdown = report.with_suffix(".md").read_text()
+        assert "**CPU figures**" in markdown and "aten::" in markdown
+        trace = json.loads(gzip.decompress(report.with_name(report.name.replace(".json", ".trace.json.gz"))
+                                           .read_bytes()))
+        assert trace["traceEvents"]

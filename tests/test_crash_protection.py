@@ -4,6 +4,7 @@ Every run trains the tiny UNet at 8x8 (16 base channels) on 8 synthetic images, 
 epoch), with the seed objective switched on from epoch 1, so resumes land past its start epoch.
 Tolerance: none. On CPU with one thread every comparison is bitwise (torch.equal).
 """
+import json
 import os
 import random
 import re
@@ -146,8 +147,11 @@ def test_a_run_whose_checkpoints_all_fail_is_refused_and_keeps_them(tmp_path):
 
     for path in files:
         path.unlink()
-    with pytest.warns(UserWarning, match="are gone; starting from scratch"):
+    with pytest.warns(UserWarning, match="are gone; starting from step 0"):
         assert Trainer(config).resume() is False
+    with pytest.warns(UserWarning, match="file missing"), \
+            pytest.raises(DreamError, match=r"no valid checkpoint in folder .*\(the 2 listed in .* are gone\)"):
+        load_checkpoint(tmp_path)  # asked for by --resume: an error, not a fresh start
 
 
 def test_checkpoint_holds_the_whole_training_state(tmp_path):
@@ -378,8 +382,6 @@ def test_kills_and_signals_at_random_moments_then_rerun_completes_bitwise(tmp_pa
 # ----------------------------------------------------------------------------------------------
 # rerunning a run folder: what carries over, what is refused
 def logged_steps(run_dir: Path) -> list:
-    import json
-
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [record["step"] for record in map(json.loads, lines) if "loss" in record]
 
@@ -477,6 +479,27 @@ def test_resume_onto_other_data_is_refused(tmp_path, monkeypatch, change):
         message = "was made with data_root="
     with pytest.raises(DreamError, match=message):
         Trainer(small_config(tmp_path / "run", max_steps=2, **config)).run()
+
+
+def test_resume_onto_images_replaced_at_the_same_count_is_noted(tmp_path, monkeypatch):
+    """One image rewritten: the count still matches, the content does not; the resume says so (stderr and
+    a data_changed record), and an unchanged folder resumes without it."""
+    monkeypatch.setenv("DREAM_CACHE", str(tmp_path / "cache"))
+    write_folder(tmp_path / "faces", 8)
+    config = dict(data="folder", data_root=str(tmp_path / "faces"))
+    Trainer(small_config(tmp_path / "run", max_steps=1, **config)).run()
+    Trainer(small_config(tmp_path / "run", max_steps=2, **config)).run()
+    def data_changed_records():
+        lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        return [record for record in map(json.loads, lines) if record.get("event") == "data_changed"]
+
+    assert not data_changed_records()
+
+    write_folder(tmp_path / "faces", 1, first=40)  # 040.png: the same count, one image different
+    (tmp_path / "faces" / "003.png").unlink()
+    Trainer(small_config(tmp_path / "run", max_steps=3, **config)).run()
+    changed = data_changed_records()
+    assert len(changed) == 1 and changed[0]["step"] == 2 and changed[0]["old"] != changed[0]["new"]
 
 
 def test_initial_weights_do_not_depend_on_the_image_cache(tmp_path, monkeypatch):

@@ -144,3 +144,31 @@ def test_folder_cache_follows_the_files_contents(tmp_path):
     Image.new("RGB", (40, 30), (9, 9, 9)).save(tmp_path / "imgs" / "img9.png")
     assert load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache").shape[0] == 4
     assert len(list((tmp_path / "cache").glob("folder-16px-*.pt"))) == 3
+
+
+def test_a_cache_made_by_older_decoding_is_not_served(tmp_path, monkeypatch):
+    """The key holds DECODE_VERSION: a cache written before decoding changed (for example, 16-bit images
+    once clipped) is decoded again, not trusted."""
+    import dream.data
+
+    write_images(tmp_path / "imgs", 2)
+    old = load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache")
+    [cache] = (tmp_path / "cache").glob("folder-16px-*.pt")
+    torch.save(torch.zeros_like(old), cache)  # what the older decoder would have made of these files
+    assert torch.equal(load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache"),
+                       torch.zeros_like(old))  # same version: served from the cache
+    monkeypatch.setattr(dream.data, "DECODE_VERSION", dream.data.DECODE_VERSION + 1)
+    assert torch.equal(load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache"), old)
+    assert len(list((tmp_path / "cache").glob("folder-16px-*.pt"))) == 2
+
+
+def test_images_digest_sees_one_changed_byte_and_the_shape():
+    from dream.data import images_digest
+
+    images = synthetic_faces(5, size=8)
+    assert images_digest(images) == images_digest(images.clone())
+    changed = images.clone()
+    changed[3, 1, 4, 5] ^= 1
+    assert images_digest(changed) != images_digest(images)
+    assert images_digest(images.reshape(5, 3, 4, 16)) != images_digest(images)
+    assert images_digest(images.to(memory_format=torch.channels_last)) == images_digest(images)  # bytes in NCHW order

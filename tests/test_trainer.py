@@ -264,10 +264,8 @@ def test_memory_budget_asks_dream_memory_for_the_micro_batch(tmp_path, monkeypat
     trainer = Trainer(small_config(tmp_path, memory_budget=6_800_000_000))
     assert trainer.micro_batch == 2  # the largest divisor of the batch not above the answer
     assert asked["budget_bytes"] == 6_800_000_000 and asked["batch_size"] == 4 and asked["precision"] == "fp32"
-    assert asked["model_config"] == trainer.model_config and asked["data_images"] == 8
+    assert asked["model_overrides"] == trainer.model_config and asked["data_images"] == 8
     assert trainer.config.micro_batch is None
-    explicit = Trainer(small_config(tmp_path, memory_budget=6_800_000_000, micro_batch=1))
-    assert explicit.micro_batch == 1, "--micro-batch wins over --memory-budget"
 
 
 def test_an_explicit_memory_budget_caps_the_device_for_the_whole_run(tmp_path, monkeypatch):
@@ -292,6 +290,25 @@ def test_memory_budget_with_the_real_estimator(tmp_path):
     trainer = Trainer(small_config(tmp_path, memory_budget=10**12))
     assert trainer.micro_batch == 4
     assert [r["event"] for r in records(tmp_path)] == ["memory_budget"]
+
+
+def test_an_explicit_micro_batch_is_kept_and_checked_against_the_budget(tmp_path, capsys):
+    """--micro-batch wins over --memory-budget; the estimate of its step is reported, with a warning when
+    over the budget."""
+    from dream.memory import StepSpec, estimate_step_memory
+
+    trainer = Trainer(small_config(tmp_path / "a", memory_budget=10**12, micro_batch=2))
+    assert trainer.micro_batch == 2
+    [within] = records(tmp_path / "a")
+    spec = StepSpec.from_config(trainer.config, **trainer.step_spec_fields("none"), micro_batch=2)
+    assert within["estimated_peak_bytes"] == estimate_step_memory(spec).peak_bytes
+    assert within["over_budget"] is False and "within --memory-budget" in capsys.readouterr().err
+
+    over = Trainer(small_config(tmp_path / "b", memory_budget=within["estimated_peak_bytes"] - 1, micro_batch=2))
+    assert over.micro_batch == 2
+    [record] = records(tmp_path / "b")
+    assert record["over_budget"] is True and record["estimated_peak_bytes"] == within["estimated_peak_bytes"]
+    assert "warning: --micro-batch 2: the step is estimated at" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
