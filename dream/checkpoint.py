@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import os
+import pickle
 import random
 import subprocess
 import warnings
@@ -166,11 +167,11 @@ class CheckpointManager:
             return None
         return next((e for e in self._manifest() if e["file"] == path.name), None)
 
-    def latest(self) -> dict | None:
+    def latest(self, hint: str = "") -> dict | None:
         """The newest checkpoint whose size and checksum verify, loaded; None when the folder has none
         (or its manifest lists only files that are gone: see `listed`). A damaged newer one is skipped
         with a warning naming it. When checkpoint files are there but none loads, a DreamError: starting
-        over would delete them at the first save, so nothing is touched."""
+        over would delete them at the first save, so nothing is touched; `hint` ends its message."""
         entries = self._manifest()
         damaged = []
         for entry in reversed(entries):
@@ -189,8 +190,7 @@ class CheckpointManager:
             return state
         if any((self.folder / entry["file"]).exists() for entry in entries):
             raise DreamError(f"no checkpoint in {self.folder} can be loaded ({'; '.join(damaged)}); none was "
-                             f"deleted: pass --resume FILE, or move them away to start this run over",
-                             same_on_every_rank=True)
+                             f"deleted{hint}", same_on_every_rank=True)
         return None
 
     def listed(self) -> int:
@@ -241,10 +241,35 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return state
 
 
+def is_safetensors(path: str | Path) -> bool:
+    """Named *.safetensors, or starting as safetensors files do: an 8-byte little-endian header length
+    (under 100 MB), then a JSON object."""
+    if Path(path).suffix.lower() == ".safetensors":
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:] == b"{" and 0 < int.from_bytes(head[:8], "little") < 10**8
+
+
 def _load_file(path: Path, map_location="cpu") -> dict:
+    if is_safetensors(path):
+        raise DreamError(f"{path} is a safetensors export, not a training checkpoint")
+    try:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch.save's zip format
+    except OSError as error:
+        raise DreamError(f"checkpoint {path} cannot be read ({error.strerror or error})") from None
+    if not zipped:
+        raise DreamError(f"{path} is not a dream checkpoint or export (neither a PyTorch checkpoint nor safetensors)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # noqa: BLE001  - any unpickling failure means a bad file
+    except pickle.UnpicklingError:  # the weights-only unpickler met an object it does not allow
+        raise DreamError(f"{path} is not a dream checkpoint: it holds Python objects other than tensors and plain "
+                         f"data, and is never loaded in a way that could run code") from None
+    except Exception as error:  # noqa: BLE001  - a truncated or otherwise damaged file
         raise DreamError(f"checkpoint {path} cannot be read ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else ''})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
@@ -261,7 +286,7 @@ def load_model_for_sampling(path: str | Path, device="cpu", use_ema: bool = True
     from dream.model import UNet, UNetConfig, check_backend_device
 
     check_backend_device(backend, device, autocast_dtype)
-    if Path(path).suffix == ".safetensors":
+    if Path(path).is_file() and is_safetensors(path):
         state = load_exported(path)
         if not use_ema and state["sampled_weights"] == "ema":
             raise DreamError(f"{path} holds the exported EMA weights only; the raw weights need the training "
@@ -277,7 +302,12 @@ def load_model_for_sampling(path: str | Path, device="cpu", use_ema: bool = True
     config = state["config"]
     model_config = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["model"].items()})
     model = UNet(model_config, backend=backend)
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:  # names missing, unexpected or mis-shaped tensors
+        detail = " ".join(str(error).split("\n", 1)[-1].split())
+        raise DreamError(f"the weights in {state['_path']} do not fit the model its config describes "
+                         f"({detail[:200]}{'...' if len(detail) > 200 else ''})") from None
     diffusion = GaussianDiffusion(config["schedule"], config["num_timesteps"])
     return model.to(device).eval(), diffusion.to(device), state
 
@@ -303,8 +333,12 @@ def export_weights(source: str | Path, out: str | Path, weights: str = "ema") ->
     if weights not in ("ema", "model"):
         raise DreamError(f"--weights must be ema or model, got {weights!r}")
     out = Path(out)
-    if out.suffix != ".safetensors":
-        raise DreamError(f"the export file must end in .safetensors, got {out}")
+    if out.suffix != ".safetensors":  # (".safetensors" alone is a name without a suffix)
+        raise DreamError(f"--out must be a file name ending in .safetensors (such as ema.safetensors), got {out}")
+    if out.is_dir():
+        raise DreamError(f"--out {out} is a folder; it must be a .safetensors file")
+    if Path(source).is_file() and is_safetensors(source):
+        raise DreamError(f"{source} is an export already; exports are made from a training checkpoint or run folder")
     state = load_checkpoint(source)
     tensors = dict(state["model"])
     if weights == "ema":
@@ -318,9 +352,14 @@ def export_weights(source: str | Path, out: str | Path, weights: str = "ema") ->
                 "source": str(source_path.resolve()), "source_sha256": sha256_file(source_path),
                 "code_version": str(state.get("code_version", ""))}
     data = _safetensors().save(tensors, metadata=metadata)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    replaced = out.exists()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DreamError(f"--out {out}: its folder {out.parent} cannot be made ({error.strerror or error})") from None
     atomic_write_bytes(out, data)
-    return {"out": str(out), "weights": weights, "step": state.get("step"), "tensors": len(tensors),
+    return {"out": str(out), "replaced": replaced, "weights": weights, "step": state.get("step"),
+            "tensors": len(tensors),
             "parameters": sum(t.numel() for t in tensors.values()), "bytes": len(data),
             "source": metadata["source"]}
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -263,7 +265,8 @@ def run_export(args) -> int:
     from dream.checkpoint import export_weights
 
     report = export_weights(args.checkpoint, args.out, args.weights)
-    print(f"wrote {report['out']}: {report['weights']} weights of step {report['step']}, {report['parameters']:,} "
+    print(f"{'replaced' if report['replaced'] else 'wrote'} {report['out']}: {report['weights']} weights of step "
+          f"{report['step']}, {report['parameters']:,} "
           f"parameters in {report['tensors']} tensors, {report['bytes'] / 2**20:.1f} MiB (from {report['source']})")
     return 0
 
@@ -284,8 +287,10 @@ def run_sample(args) -> int:
                                     graphs=parse_graphs(args.graphs),
                                     steps_per_graph=args.steps_per_graph, compile=args.compile,
                                     channels_last=args.channels_last)
-    print(f"{report['out_dir']} holds {report['count']} images ({report['made']} made now, "
-          f"{report['count'] - report['made']} already there); grid {report['grid']}")
+    weights = "EMA" if report["ema"] else "raw"
+    print(f"{report['out_dir']}: images 0-{report['count'] - 1} ({report['made']} made now, "
+          f"{report['count'] - report['made']} already there) from the {weights} weights of step {report['step']} "
+          f"({report['checkpoint']}); grid {report['grid']}")
     return 0
 
 
@@ -322,7 +327,7 @@ def memory_backend(name: str, target: str) -> str:
 
 def run_memory(args) -> int:
     from dream.memory import (CUDA_ESTIMATE_MARGIN, StepSpec, choose_micro_batch, estimate_step_memory,
-                              format_estimate, format_sweep, measure_cuda_peak, sweep_checkpointing)
+                              format_estimate, format_size, format_sweep, measure_cuda_peak, sweep_checkpointing)
 
     spec = StepSpec(preset=args.preset, model_overrides=model_overrides(args), batch_size=args.batch_size,
                     micro_batch=args.micro_batch, precision=args.precision, objective=args.objective,
@@ -343,14 +348,16 @@ def run_memory(args) -> int:
             try:
                 micro = choose_micro_batch(estimate.spec, budget,
                                            estimate=lambda s: known.get(s.normalized()) or estimate_step_memory(s))
-                note = f"largest micro-batch within {budget / 1e9:.3f} GB: {micro}"
+                note = f"largest micro-batch within {format_size(budget)}: {micro}"
                 if estimate.spec.target == "cuda":
                     note += f" (estimates kept under {1 - CUDA_ESTIMATE_MARGIN:.0%} of it)"
                 if micro != estimate.spec.batch_size:
                     note += f" ({estimate.spec.batch_size // micro} accumulated micro-batches)"
             except DreamError as error:
                 micro, note = None, str(error)
-            report.update(budget_bytes=budget, fits_budget=estimate.peak_bytes <= budget, micro_batch_for_budget=micro)
+            limit = int(budget * (1 - (CUDA_ESTIMATE_MARGIN if estimate.spec.target == "cuda" else 0.0)))
+            report.update(budget_bytes=budget, budget_limit_bytes=limit, fits_budget=estimate.peak_bytes <= limit,
+                          micro_batch_for_budget=micro)
             lines.append(f"{estimate.spec.checkpointing:<10} {note}" if args.sweep else note)
     if args.json:
         print(json.dumps({"sweep": reports} if args.sweep else reports[0], indent=1))
@@ -361,8 +368,31 @@ def run_memory(args) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, as Ctrl-C is: the same cleanup and one line."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
+
+
+MEMORY_SIZE_FLAGS = ("--budget", "--memory-budget")
+
+
+def _attach_negative_sizes(argv: list[str]) -> list[str]:
+    """`--budget -1GB` as `--budget=-1GB`: argparse would take -1GB for an option (it knows only plain
+    negative numbers), and say "expected one argument" instead of why the size is refused."""
+    out = []
+    for token in argv:
+        if out and out[-1] in MEMORY_SIZE_FLAGS and token[:1] == "-" and token[1:2].isdigit():
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_attach_negative_sizes(list(sys.argv[1:] if argv is None else argv)))
     with _warnings_as_lines(args.command):
         return _run(args)
 
@@ -375,13 +405,18 @@ def _run(args) -> int:
                   "cached (kernels/autotune.py)", file=sys.stderr)
     handlers = {"train": run_train, "sample": run_sample, "info": run_info, "profile": run_profile,
                 "memory": run_memory, "eval": run_eval, "export": run_export}
+    previous = None
+    if args.command != "train" and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminated)  # (training saves a checkpoint on SIGTERM itself)
     try:
         return handlers[args.command](args)
-    except KeyboardInterrupt:  # Ctrl-C outside training's own handler (sampling, eval, profiling): one line
-        resumable = args.command in ("train", "sample", "eval")
-        print(f"dream {args.command}: interrupted" + ("; rerun the same command to go on (finished images and "
-                                                       "checkpoints are kept)" if resumable else ""), file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM outside training's own handler: one line
+        kept = {"train": "checkpoints already written are kept", "sample": "finished images are kept",
+                "eval": "finished images and cached statistics are kept"}.get(args.command)
+        name = "SIGTERM" if isinstance(stop, Terminated) else "interrupted"
+        print(f"dream {args.command}: {name}" + (f"; rerun the same command to go on ({kept})" if kept else ""),
+              file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
@@ -394,6 +429,9 @@ def _run(args) -> int:
         where = f" (rank {rank})" if rank != "0" else ""
         print(f"dream {args.command}{where}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

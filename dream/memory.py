@@ -516,6 +516,11 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
+def format_size(size: int) -> str:
+    """Bytes in GB (10^9), or in MB below 0.1 GB."""
+    return f"{size / 1e9:.3f} GB" if size >= 10**8 else f"{size / 1e6:.3f} MB"
+
+
 def parse_bytes(text) -> int:
     """'6.8GB' -> 6_800_000_000. Units: B, KB, MB, GB, TB (powers of 1000), KiB, MiB, GiB, TiB (of 1024);
     case-insensitive; a bare number is bytes. Integers are returned as they are. Must be positive."""
@@ -633,8 +638,8 @@ def choose_micro_batch(config=None, budget_bytes=None, *, margin: float | None =
     low, high = 1, len(candidates) - 1  # candidates[0] does not fit; find the first index that fits
     if not fits(candidates[high]):
         kept = f" less the {margin:.0%} kept for what the estimate does not see" if margin else ""
-        raise DreamError(f"even a micro-batch of 1 needs an estimated {peaks[1] / 1e9:.3f} GB, over the memory "
-                         f"budget of {budget / 1e9:.3f} GB{kept}; use activation checkpointing, a smaller model or "
+        raise DreamError(f"even a micro-batch of 1 needs an estimated {format_size(peaks[1])}, over the memory "
+                         f"budget of {format_size(budget)}{kept}; use activation checkpointing, a smaller model or "
                          f"more memory")
     while low < high:
         middle = (low + high) // 2

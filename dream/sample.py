@@ -79,12 +79,12 @@ def to_pixels(images: torch.Tensor):
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def write_pngs(pixels, out_dir: Path, first_index: int) -> None:
-    """uint8 (B, H, W, 3) -> out_dir/<first_index + i>.png, each written atomically."""
+def write_pngs(pixels, out_dir: Path, indices) -> None:
+    """uint8 (B, H, W, 3) -> out_dir/<indices[i]>.png, each written atomically."""
     from PIL import Image
 
-    for i, array in enumerate(pixels):
-        with atomic_file(image_path(out_dir, first_index + i), durable=False) as f:  # thousands: no fsync
+    for index, array in zip(indices, pixels):
+        with atomic_file(image_path(out_dir, index), durable=False) as f:  # thousands: no fsync
             Image.fromarray(array).save(f, format="PNG")
 
 
@@ -106,20 +106,63 @@ SETTINGS_FILE = "sampling.json"
 def check_settings(out_dir: Path, settings: dict) -> None:
     """Record the settings that determine the images in out_dir/sampling.json; refuse to add images made
     with other settings to a folder that already holds some (a resumed run must continue the same set).
-    A folder without images (a run stopped before its first batch was written) takes the new settings."""
+    A folder without images (a run stopped before its first batch was written) takes the new settings.
+    A folder holding PNGs without a readable record is refused: they may be anyone's files, or a set
+    whose settings are lost, and would be overwritten or silently mixed."""
     path = out_dir / SETTINGS_FILE
-    if path.exists() and any(out_dir.glob("[0-9]*.png")):
+    pngs = sorted(out_dir.glob("*.png"))
+    if pngs:
         try:
             recorded = json.loads(path.read_text())
-        except ValueError:
+        except FileNotFoundError:
+            recorded = "missing"
+        except (OSError, ValueError):
             recorded = None
-        if isinstance(recorded, dict):
+        if not isinstance(recorded, dict):
+            record = f"no {SETTINGS_FILE}" if recorded == "missing" else f"an unreadable {SETTINGS_FILE}"
+            raise DreamError(f"{out_dir} holds PNG files ({pngs[0].name}{', ...' if len(pngs) > 1 else ''}) and "
+                             f"{record}, so they are not a set this command made and can continue; use another "
+                             f"output folder")
+        if any(p.name[0].isdigit() for p in pngs):
             for key, value in settings.items():
                 if key in recorded and recorded[key] != value:
                     raise DreamError(f"{out_dir} holds images made with {key}={recorded[key]!r}, this run has "
                                      f"{key}={value!r}; use another output folder (or delete that one)")
             return
     atomic_write_text(path, json.dumps(settings, indent=1))
+
+
+def check_counts(count: int, batch_size: int) -> None:
+    for flag, value in (("--count", count), ("--batch-size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DreamError(f"{flag} must be a positive integer, got {value!r}")
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """The output folder if it can be used (an existing, writable folder, or one that can be made under
+    the nearest existing folder), else a one-line DreamError; nothing is created."""
+    if not str(out_dir).strip():
+        raise DreamError("--out is empty; name the output folder")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DreamError(f"--out {out_dir} is a file; it must be a folder (new or holding earlier images)")
+    existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise DreamError(f"--out {out_dir} cannot be made (Not a directory: {existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DreamError(f"--out {out_dir} is not writable" if existing == out_dir else
+                         f"--out {out_dir} cannot be made ({existing} is not writable)")
+    return out_dir
+
+
+def prepare_out_dir(out_dir: str | Path) -> Path:
+    """The output folder, checked, then made if needed."""
+    out_dir = check_out_dir(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DreamError(f"--out {out_dir} cannot be made ({error.strerror or error})") from None
+    return out_dir
 
 
 def _rng_devices(device: torch.device) -> list:
@@ -147,14 +190,10 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
     (seed, b, batch_size, sampler settings) only. `steps`: DDIM steps (None: 50); the ddpm sampler runs all T
     and refuses any other number. `graphs`: None = CUDA graphs on a CUDA device.
     PNGs are encoded on a writer thread while the next batch is sampled."""
-    if count < 1 or batch_size < 1:
-        raise DreamError("--count and --batch-size must be positive")
+    check_counts(count, batch_size)
     check_seed(seed)
     sampler, steps, eta = checked_sampler(diffusion, sampler, steps, eta)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DreamError(f"--out {out_dir} is a file; it must be a folder (new or holding earlier images)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_out_dir(out_dir)
     device = next(model.parameters()).device
     config = getattr(model, "_orig_mod", model).config
     shape = (batch_size, config.in_channels, config.image_size, config.image_size)
@@ -169,29 +208,36 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
     made, start = 0, time.perf_counter()
     batches = math.ceil(count / batch_size)
     bar = tqdm(total=count, desc=f"sampling ({sampler})", disable=not progress, unit="img")
+    # the plain loop (no graphs) also shows the steps of the batch under way: a batch can take minutes
+    step_bar = tqdm(total=steps, desc="denoising steps", unit="step", leave=False,
+                    disable=not progress or use_graphs)
     writer, pending = ThreadPoolExecutor(max_workers=1), None
     try:
         with torch.random.fork_rng(devices=_rng_devices(device)):
             for b in range(batches):
                 first = b * batch_size
                 n = min(batch_size, count - first)
-                if all(image_done(image_path(out_dir, first + i)) for i in range(n)):
+                missing = [i for i in range(n) if not image_done(image_path(out_dir, first + i))]
+                if not missing:
                     bar.update(n)
                     continue
                 x_T = batch_noise(seed, b, shape, device)
                 torch.manual_seed(batch_step_seed(seed, b))
-                x = engine.sample(x_T, sampler, steps, eta, dtype, graphs=use_graphs)
-                pixels = to_pixels(x[:n])  # waits for the batch
+                step_bar.reset()
+                x = engine.sample(x_T, sampler, steps, eta, dtype, graphs=use_graphs,
+                                  on_step=None if step_bar.disable else step_bar.update)
+                pixels = to_pixels(x[missing])  # waits for the batch
                 if pending is not None:
                     pending.result()
-                pending = writer.submit(write_pngs, pixels, out_dir, first)
-                made += n
+                pending = writer.submit(write_pngs, pixels, out_dir, [first + i for i in missing])
+                made += len(missing)
                 bar.update(n)
                 bar.set_postfix(img_s=f"{made / (time.perf_counter() - start):.2f}")
         if pending is not None:
             pending.result()
     finally:
         writer.shutdown(wait=True)
+        step_bar.close()
         bar.close()
     return {"count": count, "made": made, "out_dir": str(out_dir), "sampler": sampler, "steps": steps, "eta": eta,
             "seed": seed, "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch."), "graphs": use_graphs,
@@ -240,7 +286,9 @@ def sample_from_checkpoint(checkpoint: str, out_dir: str, count: int = 64, sampl
                            grid: bool = True, progress: bool = True, graphs: bool | None = None,
                            steps_per_graph: int = 1, compile: bool = False,
                            channels_last: bool | None = None) -> dict:
-    check_seed(seed)  # the cheap checks before loading the model
+    check_counts(count, batch_size)  # the cheap checks before loading the model
+    check_seed(seed)
+    check_out_dir(out_dir)
     model, diffusion, state, identity = load_sampler_model(checkpoint, device, use_ema, backend, compile, dtype,
                                                            channels_last)
     report = sample_images(model, diffusion, count, out_dir, sampler, steps, eta, batch_size, seed, dtype, progress,

@@ -249,11 +249,12 @@ class SamplingEngine:
     @torch.no_grad()
     def sample(self, x_T: torch.Tensor, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
                dtype: torch.dtype | None = torch.float32, noise=None, graphs: bool | None = None,
-               steps_per_graph: int | None = None) -> torch.Tensor:
+               steps_per_graph: int | None = None, on_step=None) -> torch.Tensor:
         """Run the sampler from x_T. `dtype`: autocast dtype of the model call (None: the caller's autocast).
         `noise`: optional per-step noise (a sequence of `steps` tensors shaped like x_T, or one tensor of
         shape (steps, *x_T.shape)); only with the plain loop. Without it, noise comes from the default
-        generator of x_T's device: seed it (torch.manual_seed) for a reproducible run."""
+        generator of x_T's device: seed it (torch.manual_seed) for a reproducible run.
+        `on_step()`: called after each step of the plain loop (for progress; not with graphs)."""
         if not torch.is_floating_point(x_T) or x_T.dtype in (torch.float16, torch.bfloat16):
             raise TypeError(f"x_T must be a float32 or float64 tensor, got {x_T.dtype}")
         plan = self.plan(sampler, steps, eta, device=x_T.device, dtype=x_T.dtype)
@@ -274,6 +275,8 @@ class SamplingEngine:
             if step_noise is not None and step_noise.shape != x_T.shape:
                 raise ValueError(f"noise[{i}] has shape {tuple(step_noise.shape)}, expected {tuple(x_T.shape)}")
             x = denoise_step(self.model, x, counter, plan, step_noise, dtype)
+            if on_step is not None:
+                on_step()
         return x
 
     def _graphed(self, plan: StepPlan, x_T: torch.Tensor, dtype, steps_per_graph: int) -> GraphedLoop:

@@ -499,7 +499,8 @@ class Trainer:
         with warnings.catch_warnings():
             if not self.dist.is_main:  # a damaged checkpoint is reported once, by rank 0
                 warnings.simplefilter("ignore")
-            state = load_checkpoint(path) if path else self.checkpoints.latest()
+            state = load_checkpoint(path) if path else self.checkpoints.latest(
+                hint=": pass --resume FILE, or move them away to start this run over")
         if state is None:
             if self.dist.is_main:
                 if self.checkpoints.listed():

@@ -93,7 +93,8 @@ def test_sample_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00garbage")
     result = run_cli("sample", str(bad), "--out", str(tmp_path / "out"))
-    assert result.returncode == 2 and "cannot be read" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "is not a dream checkpoint or export" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_an_output_path_that_cannot_be_used_is_one_line(tmp_path):
@@ -152,11 +153,13 @@ def test_train_then_sample_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.glob("0*.png")) == ["000000.png", "000001.png", "000002.png"]
     assert (out / "grid.png").exists()
-    assert "holds 3 images (3 made now, 0 already there)" in result.stdout
+    assert f"{out}: images 0-2 (3 made now, 0 already there) from the EMA weights of step 3 (" in result.stdout
+    written = (out / "000002.png").stat().st_mtime_ns
     result = run_cli("sample", str(run), "--out", str(out), "--count", "5", "--steps", "2", "--batch-size", "2",
-                     "--device", "cpu", "--no-progress")  # batch 1 (images 2, 3) is remade whole
+                     "--device", "cpu", "--no-progress")  # batch 1 (images 2, 3) is sampled again; 3 is new
     assert result.returncode == 0, result.stderr
-    assert "holds 5 images (3 made now, 2 already there)" in result.stdout
+    assert "images 0-4 (2 made now, 3 already there)" in result.stdout
+    assert (out / "000002.png").stat().st_mtime_ns == written, "an image already there is not written again"
 
 
 @pytest.mark.parametrize("command", ["train", "sample", "eval", "profile"])

@@ -53,6 +53,8 @@ def test_sample_from_an_export(tmp_path, checkpoint, capsys):
     out = tmp_path / "ema.safetensors"
     assert main(["export", str(checkpoint), "--out", str(out)]) == 0
     assert "ema weights of step 7" in capsys.readouterr().out
+    assert main(["export", str(checkpoint), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"replaced {out}: ema weights of step 7")
     images = tmp_path / "images"
     assert main(["sample", str(out), "--out", str(images), "--count", "2", "--batch-size", "2", "--steps", "2",
                  "--device", "cpu", "--no-progress"]) == 0
@@ -61,7 +63,7 @@ def test_sample_from_an_export(tmp_path, checkpoint, capsys):
 
 def test_export_errors_are_one_line(tmp_path, checkpoint, capsys):
     assert main(["export", str(checkpoint), "--out", str(tmp_path / "weights.pt")]) == 2
-    assert "must end in .safetensors" in capsys.readouterr().err
+    assert "--out must be a file name ending in .safetensors" in capsys.readouterr().err
     out = tmp_path / "ema.safetensors"
     export_weights(checkpoint, out)
     assert main(["sample", str(out), "--out", str(tmp_path / "s"), "--no-ema", "--device", "cpu"]) == 2
@@ -69,7 +71,7 @@ def test_export_errors_are_one_line(tmp_path, checkpoint, capsys):
     taken = tmp_path / "folder.safetensors"
     taken.mkdir()
     assert main(["export", str(checkpoint), "--out", str(taken)]) == 2
-    assert "Is a directory" in capsys.readouterr().err
+    assert f"--out {taken} is a folder; it must be a .safetensors file" in capsys.readouterr().err
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name], "the temp file is removed"
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(out.read_bytes()[:1000])

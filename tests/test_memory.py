@@ -465,6 +465,19 @@ def test_cli_json_and_table():
     table = format_estimate(estimate(spec))
     assert "peak" in table and "not a GPU measurement" in table
 
+    tight = str(int(report["peak_bytes"] / 0.97))  # above the peak, under it once the CUDA margin is kept
+    report = json.loads(run_cli(*argv[:-1], tight + "B", "--json")[1])
+    assert report["budget_limit_bytes"] < report["peak_bytes"] < report["budget_bytes"]
+    assert not report["fits_budget"] and report["micro_batch_for_budget"] in (None, 1), "one rule for both answers"
+
+
+def test_cli_memory_sizes_below_zero_and_small_are_explained(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["memory", "--preset", "tiny", "--budget", "-1GB"])  # not "expected one argument"
+    assert stop.value.code == 2 and "memory size '-1GB' must be positive" in capsys.readouterr().err
+    code, text = run_cli("--preset", "tiny", "--image-size", "16", "--batch", "2", "--budget", "1KB")
+    assert code == 0 and "over the memory budget of 0.001 MB" in text
+
 
 @pytest.mark.parametrize("argv, backend", [((), "triton"), (("--target", "cpu"), "eager"),
                                             (("--backend", "eager"), "eager"), (("--backend", "sdpa"), "sdpa")])

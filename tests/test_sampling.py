@@ -290,15 +290,15 @@ def test_sample_images_resumable_and_batch_independent(tmp_path):
     first = [read_png(image_path(tmp_path / "a", i)) for i in range(5)]
     assert not torch.equal(first[0], first[1]) and first[0].float().std() > 1
 
-    image_path(tmp_path / "a", 3).unlink()  # batch 1 (images 2, 3) is redone, the others skipped
+    image_path(tmp_path / "a", 3).unlink()  # batch 1 (images 2, 3) is sampled again, image 3 written
     report = sample_images(model, diffusion, 5, tmp_path / "a", **common)
-    assert report["made"] == 2
+    assert report["made"] == 1
     assert all(torch.equal(read_png(image_path(tmp_path / "a", i)), first[i]) for i in range(5))
 
-    png = image_path(tmp_path / "a", 1)  # cut short (a copy or a full disk): batch 0 is made again
+    png = image_path(tmp_path / "a", 1)  # cut short (a copy or a full disk): made again
     png.write_bytes(png.read_bytes()[:20])
     report = sample_images(model, diffusion, 5, tmp_path / "a", **common)
-    assert report["made"] == 2
+    assert report["made"] == 1
     assert all(torch.equal(read_png(image_path(tmp_path / "a", i)), first[i]) for i in range(5))
 
     report = sample_images(model, diffusion, 3, tmp_path / "b", **common)  # fewer images: same first three
@@ -383,7 +383,7 @@ def test_a_folder_without_images_takes_new_settings(tmp_path):
 def test_a_damaged_image_in_the_grid_is_one_line(tmp_path):
     from dream.sample import save_grid, write_pngs
 
-    write_pngs(torch.zeros(2, 4, 4, 3, dtype=torch.uint8).numpy(), tmp_path, 0)
+    write_pngs(torch.zeros(2, 4, 4, 3, dtype=torch.uint8).numpy(), tmp_path, [0, 1])
     data = bytearray(image_path(tmp_path, 1).read_bytes())
     data[40] ^= 0xFF  # inside the image data chunk: its CRC fails; the file still ends with IEND
     image_path(tmp_path, 1).write_bytes(bytes(data))
@@ -427,7 +427,122 @@ def test_sample_cli_bad_out_seed_and_ctrl_c_are_one_line(tmp_path, capsys, monke
     monkeypatch.setattr(dream.cli, "run_sample", interrupted)
     assert main(common + ["--out", str(tmp_path / "s")]) == 130
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("dream sample: interrupted; rerun the same command")
+    assert err == "dream sample: interrupted; rerun the same command to go on (finished images are kept)\n"
+
+
+def test_sigterm_stops_sampling_in_one_line_and_the_rerun_finishes(tmp_path):
+    """SIGTERM (a batch system's stop) is Ctrl-C's one line, exit 128 + 15; the rerun completes the set."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    checkpoint = make_checkpoint(tmp_path, timesteps=200)
+    out = tmp_path / "s"
+    args = [sys.executable, "-m", "dream", "sample", str(checkpoint), "--out", str(out), "--count", "6",
+            "--batch-size", "1", "--sampler", "ddpm", "--device", "cpu", "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not image_path(out, 0).exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, f"sampling ended before it could be stopped: {process.communicate()}"
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert err == "dream sample: SIGTERM; rerun the same command to go on (finished images are kept)\n"
+    assert not image_path(out, 5).exists()
+    assert subprocess.run(args, capture_output=True, env=env, timeout=600).returncode == 0
+    assert all(image_path(out, i).exists() for i in range(6))
+
+
+def test_a_folder_with_pngs_but_no_record_is_refused_untouched(tmp_path):
+    """A user's own PNGs, or a set whose sampling.json is lost or broken: neither overwritten nor continued
+    under settings nobody knows."""
+    checkpoint = make_checkpoint(tmp_path)
+    common = dict(count=2, batch_size=2, steps=2, progress=False)
+    for case, record in [("photos", None), ("lost", None), ("broken", "{broken")]:
+        out = tmp_path / case
+        out.mkdir()
+        image_path(out, 0).write_bytes(b"someone's picture")
+        (out / "grid.png").write_bytes(b"someone's grid")
+        if record is not None:
+            (out / "sampling.json").write_text(record)
+        message = "no sampling.json" if record is None else "an unreadable sampling.json"
+        with pytest.raises(DreamError, match=f"holds PNG files \\(000000.png, ...\\) and {message}"):
+            sample_from_checkpoint(str(checkpoint), str(out), **common)
+        assert image_path(out, 0).read_bytes() == b"someone's picture"
+        assert (out / "grid.png").read_bytes() == b"someone's grid" and not image_path(out, 1).exists()
+    fresh = sample_from_checkpoint(str(checkpoint), str(tmp_path / "fresh"), **common)
+    assert fresh["made"] == 2  # and a folder this command filled continues, with its record
+    assert sample_from_checkpoint(str(checkpoint), str(tmp_path / "fresh"), **common)["made"] == 0
+
+
+def test_bad_output_folders_are_one_line_before_the_model_loads(tmp_path, monkeypatch):
+    import dream.sample
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    monkeypatch.setattr(dream.sample, "load_sampler_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for out, count, message in [("", 2, "--out is empty"),
+                                (str(a_file / "sub"), 2, f"cannot be made (Not a directory: {a_file} is a file)"),
+                                (str(tmp_path / "s"), 0, "--count must be a positive integer, got 0")]:
+        with pytest.raises(DreamError, match=message.replace("(", "\\(").replace(")", "\\)")):
+            sample_from_checkpoint("anything.pt", out, count=count, batch_size=2)
+    monkeypatch.setattr(dream.sample.os, "access", lambda path, mode: False)
+    with pytest.raises(DreamError, match="is not writable"):
+        sample_from_checkpoint("anything.pt", str(tmp_path / "ro"), count=2, batch_size=2)
+
+
+def test_files_that_are_not_checkpoints_say_so(tmp_path):
+    from dream.checkpoint import load_model_for_sampling
+
+    checkpoint = make_checkpoint(tmp_path)
+    picture, text, foreign = tmp_path / "picture.png", tmp_path / "notes.txt", tmp_path / "foreign.pt"
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(picture)
+    text.write_text("{not a checkpoint")
+    torch.save({"model": SimpleNamespace(), "config": {}}, foreign)  # an object the weights-only loader refuses
+    for path, message in [(picture, "is not a dream checkpoint or export"), (text, "is not a dream checkpoint or export"),
+                          (foreign, "holds Python objects other than tensors")]:
+        with pytest.raises(DreamError, match=message) as error:
+            load_model_for_sampling(path)
+        assert "weights_only" not in str(error.value)
+
+    state = torch.load(checkpoint, weights_only=True)
+    state["config"]["model"]["base_channels"] = 32  # weights of one model under another's config
+    torch.save(state, tmp_path / "mismatch.pt")
+    with pytest.raises(DreamError, match=r"mismatch.pt do not fit the model its config describes \(size mismatch for "):
+        load_model_for_sampling(tmp_path / "mismatch.pt")
+
+
+def test_an_export_is_found_by_its_contents_whatever_its_name(tmp_path):
+    pytest.importorskip("safetensors")
+    from dream.checkpoint import export_weights, load_model_for_sampling
+
+    checkpoint = make_checkpoint(tmp_path)
+    export = Path(export_weights(checkpoint, tmp_path / "ema.safetensors")["out"])
+    renamed = tmp_path / "EMA.WEIGHTS"
+    renamed.write_bytes(export.read_bytes())
+    assert load_model_for_sampling(renamed)[2]["sampled_weights"] == "ema"
+    with pytest.raises(DreamError, match="is an export already"):
+        export_weights(renamed, tmp_path / "again.safetensors")
+    with pytest.raises(DreamError, match="is a safetensors export, not a training checkpoint"):
+        from dream.checkpoint import load_checkpoint
+
+        load_checkpoint(renamed)
+    with pytest.raises(DreamError, match=r"ending in .safetensors \(such as ema.safetensors\), got .*/\.safetensors$"):
+        export_weights(checkpoint, tmp_path / ".safetensors")
+
+
+def test_the_plain_loop_reports_each_step():
+    model = tiny_unet(3)
+    engine = SamplingEngine(model, GaussianDiffusion("cosine", 20), graphs=False)
+    calls = []
+    engine.sample(torch.randn(1, 3, 16, 16), "ddim", 7, 0.0, on_step=lambda: calls.append(1))
+    assert len(calls) == 7
 
 
 def test_batch_noise_streams_are_unrelated():
