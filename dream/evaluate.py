@@ -7,7 +7,8 @@ FID, IS and KID, computed by torch-fidelity.
   real       the checkpoint's training data by default (synthetic, a CelebA split or a folder, through
              dream.data.load_images), served as a Dataset of uint8 (3, H, W) tensors; its features and
              FID statistics are cached by torch-fidelity under <dream cache>/fidelity, so the real set is
-             loaded and featurised once;
+             loaded and featurised once; when they are not cached it is loaded, and checked to hold at
+             least 2 images, before sampling; cache files that do not load are deleted and recomputed;
   metrics    FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) over Inception pool features,
              IS = exp(E_x KL(p(y|x) || p(y))), KID = unbiased MMD^2 with the kernel (x.y/d + 1)^3;
   report     <out>/report-n<N>.json: sample count, sampler, steps, eta, seed, checkpoint, step, metrics.
@@ -21,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -146,6 +149,55 @@ def real_cache_name(real: dict, size: int, weights_tag: str) -> str:
     return f"dream-real-{real['source']}-{size}px-{key}"
 
 
+def describe_real_set(real: dict) -> str:
+    if real["source"] == "synthetic":
+        return f"the synthetic real set (seed {real['seed']})"
+    if real["source"] == "celeba":
+        return f"the real set CelebA {real['split']} under {real['root']}"
+    return f"the real set {real['root']}"
+
+
+def check_real_count(real: dict, count: int) -> None:
+    if count < 2:
+        raise DreamError(f"{describe_real_set(real)} has {count} image{'' if count == 1 else 's'}; FID and KID need "
+                         f"at least 2 (add images, or choose another set with --real/--real-root)")
+
+
+def real_features_cached(cache_root: Path, cache_name: str, extractor: str, metrics) -> bool:
+    """Whether torch-fidelity (0.3, 0.4) takes the real set's features from its cache instead of reading the
+    images. Its files are <cache name>-<extractor>-features-<layer>.pt, one per layer of the requested
+    metrics, read as a group (any one missing: all recomputed), and <cache name>-<extractor>-stat-fid-<layer>.pt,
+    which alone serves a FID-only run."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    layer = FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric
+    prefix = f"{cache_name}-{extractor}"
+    if set(metrics) == {"fid"} and (cache_root / f"{prefix}-stat-fid-{layer('fid')}.pt").is_file():
+        return True
+    return all((cache_root / f"{prefix}-features-{layer(m)}.pt").is_file() for m in metrics)
+
+
+def discard_damaged_cache(cache_root: Path, cache_name: str) -> None:
+    """Delete, with a one-line warning, the files of this real set's cache (torch-fidelity's
+    <cache name>-*.pt, dream's <cache name>-count.json) that do not load: they are recomputed from the images."""
+    damaged = []
+    for path in sorted(cache_root.glob(f"{cache_name}-*")):
+        try:
+            if path.suffix == ".json":
+                int(json.loads(path.read_text())["count"])
+            else:  # torch.save's zip: its central directory, at the end, is what a cut-short file lacks
+                with zipfile.ZipFile(path) as archive:
+                    if not archive.namelist():
+                        raise ValueError("empty archive")
+        except Exception:  # noqa: BLE001  - truncated, garbled or empty: all mean "compute it again"
+            damaged.append(path)
+    if damaged:
+        warnings.warn(f"deleting damaged cache files of the real set, to compute them again: "
+                      f"{', '.join(str(p) for p in damaged)}", stacklevel=2)
+        for path in damaged:
+            path.unlink(missing_ok=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # metrics
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -197,6 +249,8 @@ def resolve_feature_extractor(name: str, weights: str | None) -> tuple[str | Non
     hub_file = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     if weights:
         path = Path(weights).expanduser()
+        if path.is_dir():
+            raise DreamError(f"--inception-weights {path} is a folder, not a file; pass the file {INCEPTION_FILE}")
         if not path.is_file():
             raise DreamError(f"--inception-weights {path}: no such file (expected {INCEPTION_FILE})")
     elif name != INCEPTION:
@@ -222,7 +276,7 @@ def resolve_feature_extractor(name: str, weights: str | None) -> tuple[str | Non
             raise DreamError(f"{path} is not torch-fidelity's Inception weights file {INCEPTION_FILE} "
                              f"({type(error).__name__}: {(str(error).splitlines() or [''])[0]})") from None
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-    return str(path), f"{name}-{digest}"
+    return str(path.resolve()), f"{name}-{digest}"
 
 
 def check_metrics(metrics) -> None:
@@ -305,6 +359,13 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
     check_seed(seed)
     if out and Path(out).exists() and not Path(out).is_dir():
         raise DreamError(f"--out {out} is a file; it must be a folder (new or holding an earlier evaluation)")
+    cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "fidelity"
+    try:
+        cache_root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        what = f"--cache-dir {cache_dir}" if cache_dir else f"the statistics cache {cache_root}"
+        raise DreamError(f"{what} is a file; it must be a folder" if cache_root.is_file()
+                         else f"{what} cannot be made ({error.strerror or error}); pass another --cache-dir") from None
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     require_checkpoint(checkpoint)  # the cheap checks first, then the feature extractor's weights, before sampling
     weights, weights_tag = resolve_feature_extractor(feature_extractor, inception_weights)
@@ -317,6 +378,16 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
     out_dir = Path(out) if out else default_out_dir(state["_path"], sampler, steps_run, eta, seed, dtype, batch_size,
                                                     use_ema)
     samples_dir = out_dir / "samples"
+    cache_name = real_cache_name(real_set, size, weights_tag)
+    real_images = RealImages(real_set, size)
+    count_file = cache_root / f"{cache_name}-count.json"
+    known_real_count = None
+    if "fid" in metrics or "kid" in metrics:
+        discard_damaged_cache(cache_root, cache_name)
+        known_real_count = json.loads(count_file.read_text())["count"] if count_file.exists() else None
+        if known_real_count is None or not real_features_cached(cache_root, cache_name, feature_extractor, metrics):
+            known_real_count = len(real_images)  # loads it: a bad real set fails here, before sampling
+            check_real_count(real_set, known_real_count)
 
     start = time.perf_counter()
     sampling = sample_images(model, diffusion, count, samples_dir, sampler, steps, eta, batch_size, seed, dtype,
@@ -326,11 +397,6 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    cache_root = Path(cache_dir) if cache_dir else default_cache_dir() / "fidelity"
-    cache_name = real_cache_name(real_set, size, weights_tag)
-    real_images = RealImages(real_set, size)
-    count_file = cache_root / f"{cache_name}-count.json"
-    known_real_count = json.loads(count_file.read_text())["count"] if count_file.exists() else None
     start = time.perf_counter()
     scores = compute_metrics(PngImages([image_path(samples_dir, i) for i in range(count)]), real_images, metrics,
                              device, feature_extractor, weights, cache_name, cache_root, metrics_batch_size,

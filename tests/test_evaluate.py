@@ -4,6 +4,7 @@ small deterministic feature extractor registered through torch-fidelity's extens
 nothing is downloaded. The metric values are recomputed here from the extractor's features of the PNGs
 and of the real images, with independent formulas."""
 import json
+import re
 import urllib.error
 from pathlib import Path
 
@@ -208,18 +209,23 @@ def test_eval_pipeline_tiny(tmp_path, monkeypatch):
         evaluate(str(checkpoint), out=str(tmp_path / "eval"), **{**settings, "eta": 0.0})
 
 
-def test_eval_cli_only_fid(tmp_path, capsys):
+def test_eval_cli_only_fid(tmp_path, capsys, monkeypatch):
     from dream.cli import main
 
     checkpoint = make_checkpoint(tmp_path)
-    code = main(["eval", str(checkpoint), "--out", str(tmp_path / "eval"), "--count", "6", "--steps", "1",
-                 "--batch-size", "3", "--device", "cpu", "--metrics", "fid", "--real-count", "8",
-                 "--feature-extractor", EXTRACTOR, "--cache-dir", str(tmp_path / "fidelity"), "--no-progress"])
-    assert code == 0
+    command = ["eval", str(checkpoint), "--out", str(tmp_path / "eval"), "--count", "6", "--steps", "1",
+               "--batch-size", "3", "--device", "cpu", "--metrics", "fid", "--real-count", "8",
+               "--feature-extractor", EXTRACTOR, "--cache-dir", str(tmp_path / "fidelity"), "--no-progress"]
+    assert main(command) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith("FID ") and "on 6 samples" in line and "IS" not in line
     report = json.loads((tmp_path / "eval" / "report-n6.json").read_text())
     assert set(report["metrics"]) == {"fid"} and report["real"]["count"] == 8 and report["real"]["images"] == 8
+
+    # a rerun takes the real set's FID statistics from the cache: the real set is not loaded up front
+    (tmp_path / "fidelity" / f"{report['real']['cache_name']}-{EXTRACTOR}-features-features.pt").unlink()
+    monkeypatch.setattr(evaluate_module, "load_images", lambda *a, **k: pytest.fail("the real set was loaded"))
+    assert main(command) == 0 and capsys.readouterr().out.strip() == line
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,6 +259,13 @@ def test_missing_inception_weights_is_one_clear_line(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "nowhere.pth" in err and "no such file" in err
 
+    code = main(["eval", str(checkpoint), "--out", str(out), "--count", "4", "--device", "cpu", "--no-progress",
+                 "--inception-weights", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"dream eval: error: --inception-weights {tmp_path} is a folder, not a file; " \
+                                f"pass the file {INCEPTION_FILE}\n"
+    assert not out.exists()
+
 
 class UnreachableFeatures(RandomConvFeatures):
     """An extractor whose weights would come from the network, which is not there."""
@@ -279,7 +292,7 @@ def test_unloadable_feature_extractor_is_one_line_before_sampling(tmp_path, caps
     assert not out.exists()  # checked before any sampling
 
 
-def test_inception_weights_file_is_checked(tmp_path, empty_hub):
+def test_inception_weights_file_is_checked(tmp_path, empty_hub, monkeypatch):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(DreamError, match="not torch-fidelity's Inception weights"):
@@ -296,10 +309,23 @@ def test_inception_weights_file_is_checked(tmp_path, empty_hub):
     assert path == str(hub_file) and tag.startswith("inception-v3-compat-")
     with pytest.raises(DreamError, match="unknown feature extractor"):
         resolve_feature_extractor("no-such-net", None)
+    # a relative path is recorded (in the report) as the absolute path of the file
+    good = tmp_path / "weights" / "inception.pth"
+    good.parent.mkdir()
+    torch.save({"fc.weight": torch.zeros(2, 2)}, good)
+    monkeypatch.chdir(tmp_path)
+    path, _ = resolve_feature_extractor("inception-v3-compat", "weights/../weights/inception.pth")
+    assert path == str(good)
 
 
 # ----------------------------------------------------------------------------------------------
 # the real set's cache, and checks made before any sampling
+def write_png(path, image):
+    from PIL import Image
+
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+
+
 def write_faces(folder, first, count):
     from PIL import Image
 
@@ -339,6 +365,84 @@ def test_bad_real_set_and_metric_settings_fail_before_sampling(tmp_path, change,
         evaluate(str(checkpoint), out=str(tmp_path / "eval"), count=4, steps=1, device="cpu",
                  feature_extractor=EXTRACTOR, cache_dir=tmp_path / "fidelity", progress=False, **change)
     assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"face000.png": "face"}, "has 1 image; FID and KID need at least 2"),
+    ({"a.png": "some text", "b.jpg": "more text"}, "none of the 2 files in .* could be read as an image"),
+    ({"face000.png": "face", "bad.png": "text", "bad.jpg": "text"}, "has 1 image; FID and KID need at least 2"),
+    ({"face000.png": "face", "face001.png": "face"}, None),  # 2 images: enough, and KID subsets cap at 2
+])
+def test_real_folder_of_fewer_than_two_images_is_one_line_before_sampling(tmp_path, capsys, monkeypatch, files,
+                                                                           message):
+    from dream.cli import main
+
+    monkeypatch.setenv("DREAM_CACHE", str(tmp_path / "cache"))
+    checkpoint = make_checkpoint(tmp_path)
+    real = tmp_path / "real"
+    real.mkdir()
+    faces = load_images("synthetic", size=16, count=2, seed=9)
+    for i, (name, content) in enumerate(files.items()):
+        if content == "face":
+            write_png(real / name, faces[i])
+        else:
+            (real / name).write_text(content)
+    out = tmp_path / "eval"
+    code = main(["eval", str(checkpoint), "--out", str(out), "--count", "2", "--steps", "1", "--batch-size", "2",
+                 "--device", "cpu", "--real", "folder", "--real-root", str(real), "--kid-subset-size", "1000",
+                 "--feature-extractor", EXTRACTOR, "--cache-dir", str(tmp_path / "fidelity"), "--no-progress"])
+    err = capsys.readouterr().err
+    if message is None:
+        assert code == 0 and err == ""
+        assert json.loads((out / "report-n2.json").read_text())["real"]["images"] == 2
+        return
+    assert code == 2 and err.count("\n") == 1 and err.startswith("dream eval: error: ") and re.search(message, err)
+    assert not out.exists()  # checked before any sampling
+
+
+def test_cache_dir_that_is_a_file_is_one_line_before_sampling(tmp_path, capsys, monkeypatch):
+    from dream.cli import main
+
+    checkpoint = make_checkpoint(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    Path("afile").write_text("not a folder")
+    code = main(["eval", str(checkpoint), "--out", "eval", "--count", "2", "--steps", "1", "--device", "cpu",
+                 "--feature-extractor", EXTRACTOR, "--cache-dir", "afile", "--no-progress"])
+    assert code == 2
+    assert capsys.readouterr().err == "dream eval: error: --cache-dir afile is a file; it must be a folder\n"
+    assert not Path("eval").exists()
+
+
+def test_damaged_statistics_cache_is_deleted_and_recomputed(tmp_path, capsys):
+    from dream.cli import main
+
+    checkpoint = make_checkpoint(tmp_path)
+    cache = tmp_path / "fidelity"
+    command = ["eval", str(checkpoint), "--out", str(tmp_path / "eval"), "--count", "6", "--steps", "1",
+               "--batch-size", "3", "--device", "cpu", "--real-count", "8", "--kid-subset-size", "4",
+               "--feature-extractor", EXTRACTOR, "--cache-dir", str(cache), "--no-progress"]
+    assert main(command) == 0
+    line = capsys.readouterr().out
+    name = json.loads((tmp_path / "eval" / "report-n6.json").read_text())["real"]["cache_name"]
+    files = sorted(cache.glob(f"{name}-*"))
+    assert [p.name[len(name):] for p in files] == [
+        "-count.json", f"-{EXTRACTOR}-features-features.pt", f"-{EXTRACTOR}-features-logits.pt",
+        f"-{EXTRACTOR}-stat-fid-features.pt"]
+    other = cache / "dream-real-synthetic-16px-0123456789abcdef-count.json"  # another real set's: kept
+    other.write_text("{")
+    for i, path in enumerate(files):
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2] if i % 2 else b"")
+
+    with pytest.warns(UserWarning, match="deleting damaged cache files of the real set") as warned:
+        assert main(command) == 0
+    assert capsys.readouterr().out == line  # the same scores, from the real images read again
+    warning, = (str(w.message) for w in warned if "damaged" in str(w.message))
+    assert "\n" not in warning and all(str(p) in warning for p in files)
+    assert str(other) not in warning and other.read_text() == "{"
+    for path in files[1:]:
+        torch.load(path, weights_only=False)
+    assert json.loads(files[0].read_text()) == {"count": 8}
 
 
 def test_default_out_dir_is_beside_the_weights():
