@@ -24,7 +24,6 @@ than one program may have, or does not compile fails the report (exit status 1).
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import functools
 import importlib
@@ -590,11 +589,24 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def summary_line(report: dict, configurations: int, op_calls: int, arch: int) -> str:
+    """The run in one line; the mma.sync-vs-wgmma count only from sm_90 on (before Hopper, mma.sync is
+    the only tensor-core path)."""
+    return (f"{configurations} kernel configurations compiled for sm_{arch} from {op_calls} op calls in "
+            f"{report['seconds']} s; {len(report['failures'])} failed to compile, {len(report['problems'])} problems"
+            + (f", {len(report['warp_mma'])} on mma.sync rather than wgmma" if arch >= 90 else ""))
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m bench.compile_report", description=__doc__.split("\n\n")[0])
+    from bench.gpu_suite import folder_problem
+    from dream.cli import OneLineErrors
+    from dream.model import PRESETS
+
+    parser = OneLineErrors(prog="python3 -m bench.compile_report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, choices=sorted(SM_LIMITS),
                         help="compute capability x10 to compile for (default 90: H100/H200)")
-    parser.add_argument("--preset", default="seed", help="UNet preset whose launches are compiled (default seed)")
+    parser.add_argument("--preset", default="seed", choices=sorted(PRESETS),
+                        help="UNet preset whose launches are compiled (default seed)")
     parser.add_argument("--batches", default="128,2",
                         help="batch sizes to record, comma-separated (default 128,2: the trainer's batch and "
                              "a small one that takes the split path)")
@@ -621,6 +633,10 @@ def main(argv=None) -> int:
     except ValueError:
         parser.error(f"--batches must be positive integers separated by commas, got {args.batches!r}")
     layouts, precisions = args.layouts, args.precisions
+    out = Path(args.out) if args.out else REPO / "profiles" / f"sm{args.arch}-offline"
+    problem = folder_problem(out)
+    if problem:
+        parser.error(f"--out: {problem}")
 
     started = time.time()
     calls, recorded = [], []
@@ -651,8 +667,6 @@ def main(argv=None) -> int:
         "seconds": round(time.time() - started, 1),
     }
 
-    out = Path(args.out) if args.out else REPO / "profiles" / f"sm{args.arch}-offline"
-    out.mkdir(parents=True, exist_ok=True)
     stem = (f"{report['environment']['date']}-compile-{args.preset}{'-contract' if args.contract else ''}"
             f"-triton{triton.__version__}")
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -661,9 +675,7 @@ def main(argv=None) -> int:
         (out / f"{stem}.md").write_text(markdown(report))
         written.append(out / f"{stem}.md")
 
-    print(f"{len(rows)} kernel configurations compiled for sm_{args.arch} from {len(calls)} op calls in "
-          f"{report['seconds']} s; {len(failures)} failed to compile, {len(report['problems'])} problems, "
-          f"{len(report['warp_mma'])} on mma.sync rather than wgmma")
+    print(summary_line(report, len(rows), len(calls), args.arch))
     for line in failures + report["problems"]:
         print(f"  {line}")
     print("wrote " + ", ".join(str(path) for path in written))

@@ -11,7 +11,12 @@ Options (each also an environment variable):
                                                        a --benchmark-disable smoke run writes none)
   --bench-name NAME              DREAM_BENCH_NAME      report file name: <out>/<device>/<date>-<NAME>.md
   --bench-target-s SECONDS       DREAM_BENCH_TARGET_S  timed seconds per variant on a GPU (0.5)
+                                 DREAM_BENCH_DDIM_STEPS steps of the sampling loop case
+
+Bad values and an output folder that cannot be written are refused at startup in one line (exit 4).
+Reports are never overwritten: a name already taken gets -2, -3, ...
 """
+import fnmatch
 import importlib.util
 import os
 
@@ -20,6 +25,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -45,8 +51,83 @@ def pytest_configure(config):
                               ("bench_name", "name"), ("bench_target_s", "target_s")):
         value = config.getoption(option, default=None)
         if value is not None:
+            harness.ENV_PROBLEMS.pop(attribute, None)  # the option decides, not the environment
             setattr(settings, attribute, value)
+    problems = list(harness.ENV_PROBLEMS.values())
+    if config.getoption("bench_target_s", default=None) is not None:
+        try:
+            harness.positive_float(settings.target_s)
+        except ValueError as error:
+            problems.append(f"--bench-target-s {settings.target_s:g}: {error}")
+    if config.getoption("bench_out", default=None) == "":
+        problems.append("--bench-out is empty; give a folder")
+    steps = os.environ.get("DREAM_BENCH_DDIM_STEPS", "")
+    if steps:
+        try:
+            harness.positive_int(steps)
+        except ValueError as error:
+            problems.append(f"DREAM_BENCH_DDIM_STEPS={steps!r}: {error}")
+    if problems:
+        raise pytest.UsageError(problems[0])
+    if settings.out and not config.getoption("collectonly", default=False):
+        problem = _use_root(config)
+        if problem:
+            raise pytest.UsageError(problem)
     harness.session_backend_defaults()
+
+
+def _use_root(config) -> str | None:
+    """Checks the report folder and picks this run's report name there; the problem in one line, if any."""
+    from dream.errors import DreamError
+
+    option = "DREAM_BENCH_OUT" if harness.SETTINGS.out and not config.getoption("bench_out", default=None) \
+        else "--bench-out"
+    try:
+        harness.SESSION.use_root(_report_root(config), option)
+    except DreamError as error:
+        return str(error)
+    return None
+
+
+def _timing(config) -> bool:
+    """Whether pytest-benchmark will time the cases (not --benchmark-disable, and installed)."""
+    return config.pluginmanager.hasplugin("benchmark") and not config.getoption("benchmark_disable", default=False)
+
+
+def _report_root(config) -> str | None:
+    """Where the report goes: --bench-out, else profiles/ when timing; None for a smoke run or --collect-only."""
+    if config.getoption("collectonly", default=False):
+        return None
+    if harness.SETTINGS.out:
+        return harness.SETTINGS.out
+    return str(REPO / "profiles") if _timing(config) else None
+
+
+def pytest_collection_finish(session):
+    """One warning line per --bench-variants rule that names no variant of the selected tests (a typo
+    would otherwise skip everything quietly)."""
+    rules = [r.strip() for r in harness.SETTINGS.variants.split(",") if r.strip()]
+    names = set()
+    for item in session.items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        case, variant = params.get("case"), params.get("variant")
+        if isinstance(case, harness.Case) and isinstance(variant, harness.Variant):
+            names.update((variant.name, f"{case.id}:{variant.name}"))
+    if not names:
+        return
+    if harness.SESSION.stem is None and _report_root(session.config):  # the default root, profiles/
+        problem = _use_root(session.config)
+        if problem:
+            pytest.exit(problem, returncode=4)
+    unmatched = [rule for rule in rules if rule.lstrip("+-") != "all"
+                 and not any(fnmatch.fnmatch(name, rule.lstrip("+-")) for name in names)]
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for rule in unmatched:
+        line = f"warning: --bench-variants rule {rule!r} matches no variant of the selected tests"
+        if reporter is not None:
+            reporter.write_line(line)
+        else:
+            print(line, file=sys.stderr)
 
 
 if importlib.util.find_spec("pytest_benchmark") is None:
@@ -63,12 +144,6 @@ if importlib.util.find_spec("pytest_benchmark") is None:
         return _NoBenchmark()
 
 
-def _report_root(session) -> str | None:
-    if harness.SETTINGS.out:
-        return harness.SETTINGS.out
-    return str(REPO / "profiles") if harness.SESSION.timing and harness.SESSION.results else None
-
-
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_sessionfinish(session, exitstatus):
     """Our report first, before pytest-benchmark's own session end (also a wrapper), which an
@@ -80,10 +155,16 @@ def pytest_sessionfinish(session, exitstatus):
     if benchmark_session is not None and isinstance(getattr(benchmark_session, "benchmarks", None), list):
         benchmark_session.benchmarks[:] = [b for b in benchmark_session.benchmarks
                                            if getattr(getattr(b, "stats", None), "data", [1])]
-    root = _report_root(session)
+    root = _report_root(session.config)
     harness.SESSION.release()
-    if root and harness.SESSION.results:
-        harness.SESSION.report_paths = write_report(root)
+    if root and harness.SESSION.results and (harness.SETTINGS.out or harness.SESSION.timing):
+        try:
+            harness.SESSION.report_paths = write_report(root)
+            harness.SESSION.report_error = None  # a failed partial append is superseded by the full report
+        except Exception as error:  # noqa: BLE001  - one line in the summary, never a traceback over pytest's
+            harness.SESSION.report_error = f"{type(error).__name__}: {error}"
+    if harness.SESSION.report_error and session.exitstatus == 0:
+        session.exitstatus = 1
     yield
 
 
@@ -99,3 +180,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     paths = getattr(harness.SESSION, "report_paths", None)
     if paths:
         terminalreporter.write_line(f"report: {paths[1]} (+ {paths[0].name})")
+    if harness.SESSION.report_error:
+        terminalreporter.write_line(f"report not written: {harness.SESSION.report_error}", red=True)

@@ -16,7 +16,8 @@ min(its limit, what is left). Stages:
   train     the seed objective's training step: ours vs eager fp32/bf16 and the seed's own way
   sampling  one ancestral step, and a short DDIM loop with and without CUDA graphs
   profile   `dream profile`: torch.profiler over a training step (in the default channels_last, and in
-            NCHW for comparison), a sampling step, a graphed DDIM loop
+            NCHW for comparison), a sampling step, a graphed DDIM loop (--allow-cpu without a GPU: the
+            training step in both layouts and a DDIM-4 loop on the engine sampler, at CPU sizes)
   kernels   attention at N=256/64, GroupNorm at two UNet sites (64x64 also with fused dropout), the
             64x64 skip concatenation and residual sum with bias vs eager, compile, SDPA backends
   tune      bench/tune_kernels.py: candidate launch configurations of both kernels at the UNet's sites,
@@ -35,12 +36,17 @@ junit XML per shard; the stage's line sums their counts.
 Output (DIR, default profiles/; env DREAM_SUITE_OUT): <DIR>/<gpu>/<date>-<stage>.md/.json (benchmarks,
 profiles, Chrome traces), <DIR>/suite-logs/<stage>.log, <DIR>/suite-logs/summary.md. With --archive,
 everything written is also packed into one .tar.gz (e.g. into the device tool's $OUT, which takes few files).
+The output folder and the archive path are checked before any stage runs.
+
+--dry-run prints each stage's command as a run with the same options would run it; --allow-cpu runs without a
+GPU at the tools' CPU sizes, to check the suite itself (summary.md and the headline numbers then say CPU).
 """
 from __future__ import annotations
 
 import argparse
 import glob
 import json
+import math
 import os
 import re
 import shlex
@@ -48,6 +54,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +63,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script (python3 bench/gpu_suite.py) from the source tree
     sys.path.insert(0, str(REPO))
 from bench.pytest_shard import INTERRUPTED_LINE, SHARD_VARIABLE  # noqa: E402
+from dream.cli import OneLineErrors  # noqa: E402
 PYTHON = os.environ.get("PYTHON", sys.executable or "python3")
 MIN_STAGE_S = 45  # a stage starts only with this much budget left (its limit then >= 20 s)
 GRACE_S = 20
@@ -104,12 +112,65 @@ def test_workers() -> int:
     return int(text)
 
 
+def number(kind: type, low: float, strict: bool = False):
+    """An argparse type: a finite `kind` (int or float) >= low (> low when strict)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'} "
+                                             f"{'>' if strict else '>='} {low:g}")
+        return value
+
+    return parse
+
+
+def folder_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot hold the output (one line), or None: it is a writable folder now (made if missing)."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"{existing} exists and is not a folder"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as error:
+        return f"cannot write into folder {path}: {error.strerror or error}"
+    return None
+
+
+def archive_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be the archive (one line), or None: its folder exists now and is writable."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a folder; give a file name, e.g. {path / 'gpu-suite.tar.gz'}"
+    return folder_problem(path.parent)
+
+
+def write_archive(archive: Path, out: Path, started: float) -> None:
+    """Everything under `out` written since `started`, packed into `archive` (unpack with tar -C profiles/)."""
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(out.rglob("*")):
+            if path.is_file() and path.stat().st_mtime >= started - 1 and path.resolve() != archive.resolve():
+                tar.add(path, arcname=str(path.relative_to(out)))
+
+
 def stages(out: str, on_gpu: bool = True) -> list[Stage]:
     """The stages; on_gpu=False (--allow-cpu without a GPU) swaps the GPU-only options of the tools for
     their CPU forms (a plain sampling loop to profile, the tuner's interpreter check)."""
     tests = sorted({f for pattern in TEST_FILES for f in glob.glob(str(REPO / pattern))})
     tests += [str(REPO / node) for node in TEST_NODES]
-    sampler, sample_batch = ("graphs", 256) if on_gpu else ("engine", 4)
+    if on_gpu:
+        profile_what = ("torch.profiler over a training step (channels_last, then NCHW), a sampling step and a "
+                        "graphed DDIM-10 loop")
+        profiles = ["--warmup 2 --steps 3", "--what train --no-channels-last --warmup 2 --steps 3",
+                    "--what sample --sampler graphs --sample-steps 10 --batch 256 --warmup 1 --steps 2"]
+    else:  # the tools' CPU sizes (tiny preset, batch 2, one step): two processes, well inside the stage's limit
+        profile_what = ("torch.profiler over a training step (NCHW, then channels_last) and a DDIM-4 loop "
+                        "(engine sampler), CPU sizes")
+        profiles = ["--sampler engine --sample-steps 4", "--what train --channels-last"]
     env_script = ("import json, torch; from dream.profile import environment_info; i = environment_info(); "
                   "print(json.dumps(i, indent=1)); print(f\"env: {i['device_name']}, driver {i['driver']}, "
                   "torch {i['torch']}, triton {i['triton']}\")")
@@ -130,18 +191,15 @@ def stages(out: str, on_gpu: bool = True) -> list[Stage]:
         Stage("sampling", 70, "ancestral step and DDIM-10 loop, CUDA graphs",
               bench(["bench/test_bench_sampling.py"], "bench-sampling", out, variants=NO_COMPILE),
               {"DREAM_BENCH_DDIM_STEPS": "10", "DREAM_BENCH_TARGET_S": "0.3"}),
-        Stage("profile", 75, "torch.profiler over a training step (channels_last, then NCHW), a sampling step and "
-                             "a graphed DDIM-10 loop",
-              ["bash", "-c", f"{shlex.quote(PYTHON)} -m dream profile --out {shlex.quote(out)} --warmup 2 --steps 3 && "
-                             f"{shlex.quote(PYTHON)} -m dream profile --out {shlex.quote(out)} --what train "
-                             f"--{'no-' if on_gpu else ''}channels-last --warmup 2 --steps 3 && "
-                             f"{shlex.quote(PYTHON)} -m dream profile --out {shlex.quote(out)} --what sample "
-                             f"--sampler {sampler} --sample-steps 10 --batch {sample_batch} --warmup 1 --steps 2"]),
+        Stage("profile", 75, profile_what, ["bash", "-c", " && ".join(
+            f"{shlex.quote(PYTHON)} -m dream profile --out {shlex.quote(out)} {options}" for options in profiles)]),
         Stage("kernels", 110, "GroupNorm, attention, the skip concatenation and the residual sum vs their anchors",
               bench(["bench/test_bench_attention.py", "bench/test_bench_group_norm.py", "bench/test_bench_upsample.py",
                      "bench/test_bench_bias_residual.py"], "bench-kernels", out,
                     k=KERNEL_CASES, variants=NO_COMPILE), {"DREAM_BENCH_TARGET_S": "0.25"}),
-        Stage("tune", 100, "kernel launch configurations timed beside the heuristics' picks (quick grid)",
+        Stage("tune", 100, "kernel launch configurations timed beside the heuristics' picks (quick grid)" if on_gpu
+              else "kernel launch configurations checked and timed beside the heuristics' picks (tiny sizes, "
+                   "interpreter)",
               [PYTHON, "-m", "bench.tune_kernels", "--out", out, "--time-limit", "85"]
               + ([] if on_gpu else ["--allow-cpu"])),
         Stage("unet", 60, "UNet forward and forward+backward (no compile)",
@@ -402,33 +460,45 @@ def report_links(out: Path, started: float) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="bench/gpu_suite.sh", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser = OneLineErrors(prog="bench/gpu_suite.sh", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--out", default=os.environ.get("DREAM_SUITE_OUT", str(REPO / "profiles")),
                         help="output folder (env DREAM_SUITE_OUT; default profiles/)")
-    parser.add_argument("--budget", type=float, default=float(os.environ.get("DREAM_SUITE_BUDGET", 465)),
-                        help="overall seconds for all stages (default 465; env DREAM_SUITE_BUDGET)")
+    parser.add_argument("--budget", type=number(float, MIN_STAGE_S), default=None,
+                        help=f"overall seconds for all stages, at least {MIN_STAGE_S} (default 465; "
+                             f"env DREAM_SUITE_BUDGET)")
     parser.add_argument("--archive", help="also pack everything written into this .tar.gz")
     parser.add_argument("--only", help="comma-separated stages to run (in the suite's order)")
     parser.add_argument("--skip", help="comma-separated stages to leave out")
     parser.add_argument("--list", action="store_true", help="list the stages and exit")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the commands a run with these options would run, without running them")
     parser.add_argument("--allow-cpu", action="store_true",
                         help="run without a GPU (small CPU sizes: for checking the suite itself)")
     args = parser.parse_args(argv)
+    if args.budget is None:
+        text = os.environ.get("DREAM_SUITE_BUDGET", "465")
+        try:
+            args.budget = number(float, MIN_STAGE_S)(text)
+        except argparse.ArgumentTypeError as error:
+            parser.error(f"DREAM_SUITE_BUDGET: {error}")
 
     out = Path(args.out).resolve()
-    plan = stages(str(out))
-    names = [s.name for s in plan]
+    names = [s.name for s in stages(str(out))]
     for option in (args.only, args.skip):
         unknown = [n for n in (option or "").split(",") if n and n not in names]
         if unknown:
             parser.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(names)}")
-    if args.only:
-        plan = [s for s in plan if s.name in args.only.split(",")]
-    if args.skip:
-        plan = [s for s in plan if s.name not in args.skip.split(",")]
+    chosen = [n for n in names if n in (args.only or ",".join(names)).split(",")
+              and n not in (args.skip or "").split(",")]
+    on_gpu = True
+    if args.allow_cpu or not (args.list or args.dry_run):
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    # without a GPU (--allow-cpu) the same stages run with the tools' CPU options
+    plan = [s for s in stages(str(out), on_gpu) if s.name in chosen]
     if args.list or args.dry_run:
         for s in plan:
             print(f"{s.name:<9} {s.limit_s:>4}s  {s.what}" + (f" [{s.shards} processes]" if s.shards > 1 else ""))
@@ -438,17 +508,14 @@ def main(argv=None) -> int:
                 print(f"          {env + ' ' if env else ''}{' '.join(shlex.quote(c) for c in s.command)}")
         return 0
 
-    import torch
-
-    if not torch.cuda.is_available() and not args.allow_cpu:
-        print("gpu_suite: no CUDA device here; run it on a GPU machine (or pass --allow-cpu to check the suite "
-              "itself at CPU sizes)", file=sys.stderr)
-        return 2
-    if not torch.cuda.is_available():  # --allow-cpu: the same stages with the tools' CPU options
-        cpu_stages = {stage.name: stage for stage in stages(str(out), on_gpu=False)}
-        plan = [cpu_stages[stage.name] for stage in plan]
+    if not on_gpu and not args.allow_cpu:
+        parser.error("no CUDA device here; run it on a GPU machine (or pass --allow-cpu to check the suite "
+                     "itself at CPU sizes)")
+    for option, problem in (("--out", folder_problem(out / "suite-logs")),
+                            ("--archive", args.archive and archive_problem(args.archive))):
+        if problem:
+            parser.error(f"{option}: {problem}")
     logs = out / "suite-logs"
-    logs.mkdir(parents=True, exist_ok=True)
     started = time.time()
     deadline = time.monotonic() + args.budget
     done = []
@@ -478,21 +545,47 @@ def main(argv=None) -> int:
         headlines = headline_lines(out, started)
     except Exception as error:  # noqa: BLE001
         headlines = [f"headline summary failed: {type(error).__name__}: {error}"]
-    summary = ["# GPU suite summary", "", f"output: {out}", "", "```", *table, "```", "",
-               "## Headline numbers (fastest ours; speed-up over the fastest anchor)", "", "```", *headlines, "```",
-               "", "## Reports (paths relative to the output folder; unpacked into profiles/, the links of its "
-               "README's table)", "", *report_links(out, started)]
-    (logs / "summary.md").write_text("\n".join(summary) + "\n")
+    env = environment()
+    (logs / "summary.md").write_text("\n".join(summary_lines(out, table, headlines, started, env)) + "\n")
+    archived = True
     if args.archive:
         archive = Path(args.archive)
-        archive.parent.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive, "w:gz") as tar:
-            for path in sorted(out.rglob("*")):
-                if path.is_file() and path.stat().st_mtime >= started - 1 and path != archive:
-                    tar.add(path, arcname=str(path.relative_to(out)))  # unpack with tar -C profiles/
-        print(f"archive: {archive} ({archive.stat().st_size / 2**20:.1f} MiB)")
-    print("\n".join(["", "=" * 100, *table, "", *headlines, "=" * 100]), flush=True)
-    return 0 if all(d["status"] == "ok" for d in done) else 1
+        try:
+            write_archive(archive, out, started)
+            print(f"archive: {archive} ({archive.stat().st_size / 2**20:.1f} MiB)")
+        except (OSError, tarfile.TarError) as error:
+            archived = False
+            print(f"gpu_suite: error: could not write the archive {archive}: {error}; the results are in {out}",
+                  file=sys.stderr, flush=True)
+    label = [] if env.get("device_type") == "cuda" else ["headline numbers on the CPU (no GPU figures):"]
+    print("\n".join(["", "=" * 100, *table, "", *label, *headlines, "=" * 100]), flush=True)
+    return 0 if archived and all(d["status"] == "ok" for d in done) else 1
+
+
+def environment() -> dict:
+    """Device, versions, commit and date of this run (dream.profile.environment_info); {} if that fails."""
+    try:
+        from dream.profile import environment_info
+
+        return environment_info()
+    except Exception:  # noqa: BLE001  the summary is still written without it
+        return {}
+
+
+def summary_lines(out: Path, table: list[str], headlines: list[str], started: float, env: dict) -> list[str]:
+    """suite-logs/summary.md. Not on a GPU, the title and the headline numbers say CPU: they are no GPU figures."""
+    on_gpu = env.get("device_type") == "cuda"
+    label = "" if on_gpu else " (CPU: a check of the suite, its numbers say nothing about GPU speed)"
+    device = env.get("device_name") or "unknown device"
+    return [f"# GPU suite summary{label}", "",
+            f"{device}{', driver ' + str(env['driver']) if env.get('driver') else ''}, torch {env.get('torch')}, "
+            f"triton {env.get('triton')}, "
+            f"commit {env.get('git_commit')}, {env.get('time') or env.get('date')}", "",
+            f"output: {out}", "", "```", *table, "```", "",
+            f"## Headline numbers{'' if on_gpu else ' (CPU)'} (fastest ours; speed-up over the fastest anchor)", "",
+            "```", *headlines, "```",
+            "", "## Reports (paths relative to the output folder; unpacked into profiles/, the links of its "
+            "README's table)", "", *report_links(out, started)]
 
 
 if __name__ == "__main__":

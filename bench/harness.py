@@ -21,7 +21,7 @@ one pytest-benchmark test, and for each one the harness
 
 The session (bench/conftest.py) measures the ceilings first (large device-to-device copy; large
 matrix products), and at the end writes JSON and a markdown table to
-<out>/<device>/<date>-<name>.json/.md: per case each variant's time, speed-up of ours over each
+<out>/<device>/<date>-<name>.json/.md (a name already taken gets -2, -3, ...): per case each variant's time, speed-up of ours over each
 anchor, GB/s or TFLOP/s and % of the measured ceiling, peak memory and telemetry, and the
 issues' goals as met / not met. Nothing here asserts on speed.
 """
@@ -92,13 +92,53 @@ class Settings:
         return self.size == "full" or (self.size == "auto" and ON_GPU)
 
 
-SETTINGS = Settings(
-    size=os.environ.get("DREAM_BENCH_SIZE", "auto"),
-    variants=os.environ.get("DREAM_BENCH_VARIANTS", ""),
-    out=os.environ.get("DREAM_BENCH_OUT") or None,
-    name=os.environ.get("DREAM_BENCH_NAME", "bench"),
-    target_s=float(os.environ.get("DREAM_BENCH_TARGET_S", "0.5")),
-)
+SIZES = ("auto", "small", "full")
+
+
+def size_value(text: str) -> str:
+    if text not in SIZES:
+        raise ValueError(f"must be one of {', '.join(SIZES)}")
+    return text
+
+
+def positive_float(text) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def positive_int(text) -> int:
+    if not str(text).strip().isdigit() or int(text) < 1:
+        raise ValueError("must be a positive integer")
+    return int(text)
+
+
+# Settings attribute -> (environment variable, parser); a bad value is kept in ENV_PROBLEMS, not raised at
+# import (bench.tune_kernels and bench.compile_report import this module), and refused by bench/conftest.py.
+ENVIRONMENT = {"size": ("DREAM_BENCH_SIZE", size_value), "variants": ("DREAM_BENCH_VARIANTS", str),
+               "out": ("DREAM_BENCH_OUT", str), "name": ("DREAM_BENCH_NAME", str),
+               "target_s": ("DREAM_BENCH_TARGET_S", positive_float)}
+ENV_PROBLEMS: dict[str, str] = {}  # attribute -> one line
+
+
+def settings_from_environment() -> Settings:
+    settings = Settings()
+    for attribute, (variable, parse) in ENVIRONMENT.items():
+        text = os.environ.get(variable, "")
+        if not text:
+            continue
+        try:
+            setattr(settings, attribute, parse(text))
+        except ValueError as error:
+            ENV_PROBLEMS[attribute] = f"{variable}={text!r}: {error}"
+    return settings
+
+
+SETTINGS = settings_from_environment()
 
 
 def selected(case_id: str, variant: "Variant") -> tuple[bool, str]:
@@ -112,7 +152,7 @@ def selected(case_id: str, variant: "Variant") -> tuple[bool, str]:
     to compile) everywhere. gpu_only variants never run on CPU.
     Example: '-*max_autotune*,+group_norm/res64_pre_ss/fwd+bwd:compile_max_autotune'."""
     if variant.gpu_only and not ON_GPU:
-        return False, "GPU-only anchor"
+        return False, "GPU-only " + ("variant of ours" if variant.role == "ours" else "anchor")
     rules = [r.strip() for r in SETTINGS.variants.split(",") if r.strip()]
     names = (variant.name, f"{case_id}:{variant.name}")
     decision = None
@@ -521,6 +561,8 @@ class BenchSession:
         self._state: CaseState | None = None
         self.timing = True
         self.started = time.time()
+        self.stem = None  # <root>/<device>/<date>-<name>[-n]: this run's report files, chosen once (use_root)
+        self.report_error: str | None = None  # why the report could not be written (one line)
 
     def ensure_ceilings(self) -> dict:
         if self.ceilings is None:
@@ -552,30 +594,37 @@ class BenchSession:
         self._append_partial(entry)
         return entry
 
+    def use_root(self, root: str, option: str = "--bench-out") -> None:
+        """Checks that <root>/<device> is a writable folder (DreamError, one line, otherwise) and picks this
+        run's report stem there: a name no earlier report or partial file has, so nothing is overwritten."""
+        from dream.profile import check_out_root, environment_info, report_stem, unique_stem
+
+        info = environment_info()
+        check_out_root(root, info, option)
+        self.stem = unique_stem(report_stem(root, info, SETTINGS.name, option), REPORT_SUFFIXES)
+
+    def report_path(self, suffix: str):
+        return None if self.stem is None else self.stem.with_name(self.stem.name + suffix)
+
     def partial_path(self):
         """<out>/<device>/<date>-<name>.partial.jsonl: one line per result as it is recorded, so a stage
         killed by a time limit keeps its numbers (removed once the full report is written)."""
-        if not SETTINGS.out:
-            return None
-        if not hasattr(self, "_partial"):
-            from dream.profile import environment_info, report_stem
-
-            stem = report_stem(SETTINGS.out, environment_info(), SETTINGS.name)
-            self._partial = stem.with_name(stem.name + ".partial.jsonl")
-        return self._partial
+        return self.report_path(".partial.jsonl") if SETTINGS.out else None
 
     def _append_partial(self, entry: dict) -> None:
         import json
 
+        path = self.partial_path()
+        if path is None:
+            return
         try:
-            path = self.partial_path()
-            if path is not None:
-                with open(path, "a") as f:
-                    f.write(json.dumps(entry, default=str) + "\n")
-        except OSError:
-            pass
+            with open(path, "a") as f:
+                f.write(json.dumps(entry, default=str) + "\n")
+        except OSError as error:  # the case's result stands; the report at the end says what went wrong
+            self.report_error = f"could not append to {path}: {error.strerror or error}"
 
 
+REPORT_SUFFIXES = (".md", ".json", ".partial.jsonl")
 SESSION = BenchSession()
 
 

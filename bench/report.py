@@ -11,7 +11,11 @@ import math
 from pathlib import Path
 
 from bench.harness import ON_GPU, SESSION, SETTINGS, Goal
-from dream.profile import device_label, environment_info, environment_markdown, markdown_table, report_stem
+from dream.profile import (device_label, environment_info, environment_markdown, markdown_table, significant,
+                           unique_stem)
+
+# % of a ceiling compares a kernel with the GPU's copy or matmul rate; on CPU (Triton's interpreter) it means nothing
+NO_CEILING = "n/a (CPU)"
 
 
 def _ms(seconds) -> str:
@@ -25,6 +29,14 @@ def _num(value, digits=3) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return ""
     return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:,.0f}"
+
+
+def _ratio(value: float) -> str:
+    return f"{significant(value)}x"
+
+
+def _pct(value) -> str:
+    return _num(value) if ON_GPU else NO_CEILING
 
 
 def case_groups(results: list[dict]) -> dict[str, list[dict]]:
@@ -63,7 +75,7 @@ def evaluate_goal(goal: Goal, rows: list[dict]) -> dict:
             return {**result, "status": "n/a", "value": None, "detail": "no anchor timed"}
         fastest = min(present, key=lambda r: r["time_s"])
         value = fastest["time_s"] / ours["time_s"]
-        detail = f"{ours['variant']}: {value:.2f}x vs {fastest['variant']}"
+        detail = f"{ours['variant']}: {_ratio(value)} vs {fastest['variant']}"
     else:
         raise ValueError(f"unknown goal kind {goal.kind!r}")
     status = "n/a" if value is None else ("met" if value >= goal.value else "not met")
@@ -110,7 +122,7 @@ def case_table(rows: list[dict]) -> str:
         ok = r.get("status") == "ok"
         ratio = ""
         if primary and ok and r["variant"] in ratios.get(primary, {}):
-            ratio = f"{ratios[primary][r['variant']]:.2f}x"
+            ratio = _ratio(ratios[primary][r["variant"]])
         elif primary and r["variant"] == primary:
             ratio = "1.00x (ours)"
         status = r.get("status", "")
@@ -121,7 +133,7 @@ def case_table(rows: list[dict]) -> str:
         row = [r["variant"], r["role"], r["dtype"], _ms(r.get("time_s")) if ok else "",
                _ms(r.get("time_iqr_s")) if ok else "", ratio,
                _num(r.get("gbps") if bytes_based else r.get("tflops"), 4) if ok else "",
-               _num(r.get("pct_ceiling")) if ok else ""]
+               _pct(r.get("pct_ceiling")) if ok else ""]
         if images:
             row.append(_num(r.get("images_per_s"), 4) if ok else "")
         if graphed:
@@ -200,13 +212,16 @@ def build_report(environment: dict) -> tuple[dict, str]:
 def write_report(out_root: str) -> tuple[Path, Path] | None:
     if not SESSION.results:
         return None
+    if SESSION.stem is None:
+        SESSION.use_root(out_root)
+    partial = SESSION.partial_path()
+    # this run's own partial file is replaced by its report; a report another run wrote meanwhile is not
+    SESSION.stem = unique_stem(SESSION.stem, (".md", ".json"))
     environment = environment_info()
     data, markdown = build_report(environment)
-    stem = report_stem(out_root, environment, SETTINGS.name)
-    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+    json_path, md_path = SESSION.report_path(".json"), SESSION.report_path(".md")
     json_path.write_text(json.dumps(data, indent=1, default=str))
     md_path.write_text(markdown + "\n")
-    partial = SESSION.partial_path() if SETTINGS.out else None
     if partial is not None and partial.exists():
         partial.unlink()
     return json_path, md_path
@@ -233,11 +248,13 @@ def summary_lines() -> list[str]:
         if ours:
             o = min(ours, key=lambda r: r["time_s"])
             text += f" {o['variant']:<24} {_ms(o['time_s']):>9} ms"
-            if o.get("pct_ceiling") is not None:
+            if not ON_GPU:
+                text += f" ceil {NO_CEILING}"
+            elif o.get("pct_ceiling") is not None:
                 text += f" {o['pct_ceiling']:5.1f}% ceil"
             if anchors:
                 a = min(anchors, key=lambda r: r["time_s"])
-                text += f"  {a['time_s'] / o['time_s']:5.2f}x vs fastest anchor {a['variant']}"
+                text += f"  {_ratio(a['time_s'] / o['time_s'])} vs fastest anchor {a['variant']}"
         elif anchors:
             a = min(anchors, key=lambda r: r["time_s"])
             text += f" (no ours timed) fastest {a['variant']} {_ms(a['time_s'])} ms"

@@ -480,3 +480,155 @@ def test_autotuned_variant_runs_and_checks_with_autotuning_on():
         assert both.keep == "model" and both.warm_after_check is False and not autotune_enabled()
     finally:
         set_autotune(None)
+
+
+def _trivial_suite(monkeypatch):
+    """gpu_suite with one stage that runs `true`, on the CPU: main() checks, runs and reports in a second."""
+    from bench import gpu_suite
+
+    monkeypatch.setattr(gpu_suite, "stages", lambda out, on_gpu=True: [gpu_suite.Stage("env", 30, "x", ["true"])])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return gpu_suite
+
+
+def test_gpu_suite_checks_out_and_archive_before_any_stage(tmp_path, monkeypatch, capsys):
+    gpu_suite = _trivial_suite(monkeypatch)
+    monkeypatch.setattr(gpu_suite, "run_stage", lambda *a, **k: pytest.fail("a stage ran before the checks"))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for argv, expected in ((["--out", str(a_file)], f"--out: {a_file} exists and is not a folder"),
+                           (["--out", str(tmp_path / "o"), "--archive", str(tmp_path)], f"--archive: {tmp_path} is a folder"),
+                           (["--out", str(tmp_path / "o"), "--archive", str(a_file / "x.tar.gz")],
+                            f"--archive: {a_file} exists and is not a folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            gpu_suite.main(["--allow-cpu", *argv])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and expected in err, err
+
+
+def test_gpu_suite_prints_its_table_when_the_archive_cannot_be_written(tmp_path, monkeypatch, capsys):
+    gpu_suite = _trivial_suite(monkeypatch)
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gpu_suite, "write_archive", full_disk)
+    assert gpu_suite.main(["--allow-cpu", "--out", str(tmp_path / "o"), "--archive", str(tmp_path / "a.tar.gz")]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "could not write the archive" in captured.err, captured.err
+    assert captured.out.rstrip().endswith("=" * 100) and "env       ok" in captured.out, captured.out
+    summary = (tmp_path / "o" / "suite-logs" / "summary.md").read_text()
+    assert summary.startswith("# GPU suite summary (CPU") and "## Headline numbers (CPU)" in summary
+    assert f"torch {torch.__version__}" in summary and "commit " in summary and "triton " in summary
+
+
+def test_gpu_suite_refuses_bad_budgets_in_one_line(monkeypatch, capsys):
+    from bench.gpu_suite import main as suite_main
+
+    for argv, env in ((["--budget", "-5", "--list"], None), (["--budget", "nan", "--list"], None), (["--list"], "abc")):
+        if env is not None:
+            monkeypatch.setenv("DREAM_SUITE_BUDGET", env)
+        with pytest.raises(SystemExit) as exit_info:
+            suite_main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert "DREAM_SUITE_BUDGET: 'abc'" in err
+    monkeypatch.setenv("DREAM_SUITE_BUDGET", "300")
+    assert suite_main(["--list"]) == 0
+
+
+def test_gpu_suite_dry_run_shows_what_an_allow_cpu_run_runs(monkeypatch, capsys):
+    from bench.gpu_suite import main as suite_main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert suite_main(["--dry-run", "--allow-cpu", "--only", "profile,tune"]) == 0
+    cpu = capsys.readouterr().out
+    assert "--sampler engine" in cpu and "--allow-cpu" in cpu and "graph" not in cpu and "--batch 256" not in cpu
+    assert suite_main(["--dry-run", "--only", "profile,tune"]) == 0  # without --allow-cpu: what a GPU runs
+    gpu = capsys.readouterr().out
+    assert "--sampler graphs" in gpu and "--batch 256" in gpu and "--allow-cpu" not in gpu
+
+
+def test_gpu_suite_cpu_profile_stage_is_small_and_says_what_runs(tmp_path):
+    from bench.gpu_suite import stages
+
+    gpu = {s.name: s for s in stages(str(tmp_path))}["profile"]
+    cpu = {s.name: s for s in stages(str(tmp_path), on_gpu=False)}["profile"]
+    assert "graphed DDIM-10" in gpu.what and "graph" not in cpu.what and "engine sampler" in cpu.what
+    assert "--steps 3" in gpu.command[-1] and "--steps" not in cpu.command[-1]  # CPU: the tool's one step
+    assert cpu.command[-1].count("dream profile") == 2 and "--sample-steps 4" in cpu.command[-1]
+
+
+def test_tune_kernels_checks_numbers_and_out_before_any_work(tmp_path, monkeypatch, capsys):
+    from bench import tune_kernels
+
+    monkeypatch.setattr(tune_kernels, "build_problems", lambda *a: pytest.fail("built problems before the checks"))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for argv in (["--time-limit", "-5"], ["--target-s", "-1"], ["--compile-workers", "-2"], ["--time-limit", "inf"],
+                 ["--out", str(a_file)], ["--out", str(a_file / "below")]):
+        with pytest.raises(SystemExit) as exit_info:
+            tune_kernels.main(["--allow-cpu", *argv])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1, (argv, err)
+    assert f"--out: {a_file} exists and is not a folder" in err
+
+
+def test_tune_static_only_checks_out_first_and_records_the_environment(tmp_path, monkeypatch, capsys):
+    from bench import compile_report, tune_kernels
+
+    monkeypatch.setattr(compile_report, "ptxas_available", lambda: True)
+    monkeypatch.setattr(compile_report, "ptxas_version", lambda: "V12.8.93")
+    monkeypatch.setattr(tune_kernels, "compile_in_workers", lambda *a: pytest.fail("compiled before checking --out"))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        tune_kernels.main(["--static-only", "--only", "attention", "--out", str(a_file)])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+    heuristic = json.dumps({"block_m": 128}, sort_keys=True)
+    facts = {"attn16 fwd channels_last": {"heuristic": heuristic, "candidates": {heuristic: {"kernels": {}}}}}
+    monkeypatch.setattr(tune_kernels, "compile_in_workers", lambda *a: facts)
+    assert tune_kernels.main(["--static-only", "--only", "attention", "--out", str(tmp_path), "--arch", "90"]) == 0
+    (path,) = (tmp_path / "sm90-offline").glob("*-tune-static-quick-*.json")
+    report = json.loads(path.read_text())
+    assert report["ptxas"] == "V12.8.93" and report["torch"] == torch.__version__ and report["commit"]
+    text = path.with_suffix(".md").read_text()
+    assert f"ptxas V12.8.93, torch {torch.__version__}, commit {report['commit']}" in text
+
+
+def test_tune_precompile_shows_progress_and_names_a_failed_worker(capsys):
+    import subprocess
+    import sys
+    import tempfile
+
+    from bench.tune_kernels import collect_shares
+
+    worker = ("import json, sys; print('total 2', flush=True); print('done 1'); print('done 1'); "
+              "print(json.dumps({'p': {'heuristic': 'h', 'candidates': {sys.argv[1]: {}}}}))")
+    failing = "import sys; print('total 1', flush=True); sys.exit('boom')"
+    errors = [tempfile.TemporaryFile() for _ in range(3)]
+    processes = [subprocess.Popen([sys.executable, "-c", code, name], stdout=subprocess.PIPE, stderr=error, text=True)
+                 for (code, name), error in zip(((worker, "a"), (worker, "b"), (failing, "c")), errors)]
+    merged = collect_shares(processes, errors)
+    assert merged == {"p": {"heuristic": "h", "candidates": {"a": {}, "b": {}}}}
+    err = capsys.readouterr().err
+    assert "4/5" in err and "compile worker failed (1): boom" in err, err
+
+
+def test_compile_report_checks_preset_and_out_first_and_names_wgmma_on_hopper_only(tmp_path, monkeypatch, capsys):
+    from bench import compile_report
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # main() refuses it; triton is imported already
+    monkeypatch.setattr(compile_report, "ptxas_available", lambda: True)
+    monkeypatch.setattr(compile_report, "record_model_calls", lambda *a: pytest.fail("recorded before the checks"))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for argv in (["--preset", "nope"], ["--preset", "tiny", "--out", str(a_file)]):
+        with pytest.raises(SystemExit) as exit_info:
+            compile_report.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    report = {"seconds": 1.0, "failures": [], "problems": [], "warp_mma": []}
+    assert "mma.sync" not in compile_report.summary_line(report, 3, 10, 80)
+    assert compile_report.summary_line(report, 3, 10, 90).endswith(", 0 on mma.sync rather than wgmma")

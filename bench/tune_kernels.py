@@ -33,12 +33,12 @@ tiles read it twice.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import itertools
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -274,21 +274,24 @@ def build_problems(setting: Setting, kernels_asked, layouts) -> list[Problem]:
 # ------------------------------------------------------------------------------------------------
 # Compiling every candidate first, in parallel and offline (no GPU, no launch)
 # ------------------------------------------------------------------------------------------------
-def compile_share(setting: Setting, kernels_asked, layouts, arch: int, sms: int, share: int, shares: int) -> dict:
+def compile_share(setting: Setting, kernels_asked, layouts, arch: int, sms: int, share: int, shares: int,
+                  progress: Callable[[str], None] = lambda line: None) -> dict:
     """Compile candidates share, share + shares, ... (in the problems' order) for sm_<arch> into Triton's
     on-disk cache, as compile_report does; returns {problem: {"heuristic": config key, "candidates":
     {config key: facts}}} with, per candidate, the registers and spilled bytes of each kernel it launches,
-    or the compile error."""
+    or the compile error. `progress` gets "total N" (this share's candidates) first, then "done 1" per candidate."""
     from bench.compile_report import first_line, offline_compilation, resource_usage
 
     facts: dict = {}
     with offline_compilation(arch, sms) as (compiled, context):
         problems = build_problems(setting, kernels_asked, layouts)
+        mine = [index % shares == share for index in range(1, 1 + sum(len(p.candidates) for p in problems))]
+        progress(f"total {sum(mine)}")
         index = 0
         for problem in problems:
             for config in problem.candidates:
                 index += 1
-                if index % shares != share:
+                if not mine[index - 1]:
                     continue
                 context["launched"] = []
                 entry: dict = {}
@@ -304,6 +307,7 @@ def compile_share(setting: Setting, kernels_asked, layouts, arch: int, sms: int,
                     entry["error"] = first_line(error)[:200]
                 facts.setdefault(problem.name, {"heuristic": config_key(problem.heuristic), "candidates": {}})
                 facts[problem.name]["candidates"][config_key(config)] = entry
+                progress("done 1")
     return facts
 
 
@@ -330,17 +334,62 @@ def compile_in_workers(full: bool, grid: str, kernels_asked, layouts, arch: int,
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     spec = json.dumps({"full": full, "grid": grid, "kernels": kernels_asked, "layouts": layouts,
                        "arch": arch, "sms": sms, "shares": workers})
-    processes = [subprocess.Popen([sys.executable, "-m", "bench.tune_kernels", "--compile-share", str(share), spec],
-                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for share in range(workers)]
+    errors = [tempfile.TemporaryFile() for _ in range(workers)]
+    try:
+        processes = [subprocess.Popen([sys.executable, "-m", "bench.tune_kernels", "--compile-share", str(share),
+                                       spec], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=errors[share],
+                                      text=True)
+                     for share in range(workers)]
+        return collect_shares(processes, errors)
+    finally:
+        for handle in errors:
+            handle.close()
+
+
+def collect_shares(processes: list, errors: list) -> dict:
+    """The compile workers' facts merged, with a progress bar on stderr fed by their "total N" / "done N"
+    lines (stdout); a worker's last other line is its JSON facts. A failed worker is named in one line with
+    the last line of its stderr (`errors`: one binary file per worker)."""
+    import threading
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc="compiling candidates offline", unit="candidate", file=sys.stderr, mininterval=1.0)
+    lock = threading.Lock()
+    results: list = [None] * len(processes)
+    totals: list = []  # the bar shows a total once every worker has given its own
+
+    def read(index, process):
+        last = ""
+        for line in process.stdout:
+            kind, _, count = line.strip().partition(" ")
+            if kind in ("total", "done") and count.isdigit():
+                with lock:
+                    if kind == "total":
+                        totals.append(int(count))
+                        if len(totals) == len(processes):
+                            bar.total = sum(totals)
+                            bar.refresh()
+                    else:
+                        bar.update(int(count))
+            elif line.strip():
+                last = line
+        results[index] = (process.wait(), last)
+
+    threads = [threading.Thread(target=read, args=item, daemon=True) for item in enumerate(processes)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    bar.close()
     merged: dict = {}
-    for process in processes:
-        out, err = process.communicate()
-        if process.returncode != 0:
-            print(f"compile worker failed ({process.returncode}): {err.strip().splitlines()[-1:] or ''}",
-                  file=sys.stderr)
+    for (code, last), error in zip(results, errors):
+        if code != 0:
+            error.seek(0)
+            lines = error.read().decode(errors="replace").strip().splitlines()
+            print(f"compile worker failed ({code}): {lines[-1] if lines else ''}", file=sys.stderr)
             continue
-        for name, entry in json.loads(out.strip().splitlines()[-1]).items():
+        for name, entry in json.loads(last).items():
             merged.setdefault(name, {"heuristic": entry["heuristic"], "candidates": {}})
             merged[name]["candidates"].update(entry["candidates"])
     return merged
@@ -362,7 +411,8 @@ def precompile(problems: list[Problem], setting: Setting, kernels_asked, layouts
 
 def static_markdown(report: dict) -> str:
     lines = [f"# Kernel launch candidates compiled offline for sm_{report['arch']} (no GPU, nothing timed)", "",
-             f"triton {report['triton']}, {report['date']}, grid `{report['grid']}`, layouts "
+             f"triton {report['triton']}, ptxas {report.get('ptxas')}, torch {report.get('torch')}, commit "
+             f"{report.get('commit')}, {report['date']}; grid `{report['grid']}`, layouts "
              f"{', '.join(report['layouts'])}, bf16 at the seed UNet's sites (batch 128); {report['candidates']} "
              f"candidates in {report['seconds']} s with {report['workers']} processes. A candidate that spills "
              f"(64 bytes or more per thread) or fails to compile is not timed by a GPU run.", "",
@@ -384,28 +434,32 @@ def static_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def static_only(args, argv) -> int:
+def static_only(args, argv, parser) -> int:
     """--static-only: compile every candidate of the GPU grid offline and report, without a GPU."""
     import datetime
 
     import triton
 
-    from bench.compile_report import ptxas_available
+    from bench.compile_report import _commit, ptxas_available, ptxas_version
+    from bench.gpu_suite import folder_problem
 
     if not ptxas_available():
-        raise SystemExit("bench.tune_kernels --static-only: this Triton has no NVIDIA backend with ptxas")
+        parser.error("--static-only: this Triton has no NVIDIA backend with ptxas")
     arch, sms = target_gpu(args.arch)
+    folder = os.path.join(args.out or os.path.join(REPO, "profiles"), f"sm{arch}-offline")
+    problem = folder_problem(folder)
+    if problem:
+        parser.error(f"--out: {problem}")
     started = time.monotonic()
     workers = max(1, args.compile_workers)
     facts = compile_in_workers(True, args.grid, args.only, args.layouts, arch, sms, workers)
-    report = {"arch": arch, "sms": sms, "triton": triton.__version__, "date": datetime.date.today().isoformat(),
+    report = {"arch": arch, "sms": sms, "triton": triton.__version__, "ptxas": ptxas_version(),
+              "torch": torch.__version__, "commit": _commit(), "date": datetime.date.today().isoformat(),
               "grid": args.grid, "layouts": args.layouts, "workers": workers,
               "candidates": sum(len(e["candidates"]) for e in facts.values()),
               "seconds": round(time.monotonic() - started, 1), "problems": facts,
               "command": "python3 -m bench.tune_kernels " + " ".join(argv)}
-    out = args.out or os.path.join(REPO, "profiles")
-    stem = os.path.join(out, f"sm{arch}-offline", f"{report['date']}-tune-static-{args.grid}-triton{triton.__version__}")
-    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    stem = os.path.join(folder, f"{report['date']}-tune-static-{args.grid}-triton{triton.__version__}")
     with open(stem + ".json", "w") as handle:
         json.dump(report, handle, indent=1)
     with open(stem + ".md", "w") as handle:
@@ -553,27 +607,30 @@ def _compile_share_main(share: str, spec: str) -> int:
     spec = json.loads(spec)
     setting = Setting(torch.device("meta"), spec["full"], spec["grid"])
     facts = compile_share(setting, spec["kernels"], spec["layouts"], spec["arch"], spec["sms"], int(share),
-                          spec["shares"])
+                          spec["shares"], progress=lambda line: print(line, flush=True))
     print(json.dumps(facts))
     return 0
 
 
 def main(argv=None) -> int:
+    from bench.gpu_suite import folder_problem, number
     from bench.harness import comma_choices
+    from dream.cli import OneLineErrors
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--compile-share"]:
         return _compile_share_main(*argv[1:3])
-    parser = argparse.ArgumentParser(prog="python3 -m bench.tune_kernels", description=__doc__.split("\n\n")[0])
+    parser = OneLineErrors(prog="python3 -m bench.tune_kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", type=comma_choices("attention", "group_norm"), default="attention,group_norm",
                         help="attention, group_norm or both, comma-separated")
     parser.add_argument("--layouts", type=comma_choices("channels_last", "nchw"), default="channels_last",
                         help="channels_last, nchw or both, comma-separated")
     parser.add_argument("--grid", choices=("quick", "full"), default="quick", help="candidate grid (default quick)")
-    parser.add_argument("--target-s", type=float, default=0.05, help="timed seconds per candidate (default 0.05)")
-    parser.add_argument("--time-limit", type=float, default=600.0,
+    parser.add_argument("--target-s", type=number(float, 0, strict=True), default=0.05,
+                        help="timed seconds per candidate (default 0.05)")
+    parser.add_argument("--time-limit", type=number(float, 0, strict=True), default=600.0,
                         help="seconds; candidates not started by then are listed as not run (default 600)")
-    parser.add_argument("--compile-workers", type=int, default=min(16, os.cpu_count() or 1),
+    parser.add_argument("--compile-workers", type=number(int, 0), default=min(16, os.cpu_count() or 1),
                         help="processes that compile every candidate offline first (default: one per CPU, at "
                              "most 16; 0: compile each candidate when it is first run)")
     parser.add_argument("--out", default=None, help="report root (default profiles/); <out>/<gpu>/<date>-tune.md")
@@ -585,20 +642,25 @@ def main(argv=None) -> int:
                         help="with --static-only: compute capability x10 (default: this GPU's, else 90)")
     args = parser.parse_args(argv)
     if args.static_only:
-        return static_only(args, argv)
+        return static_only(args, argv, parser)
     if not ON_GPU and not args.allow_cpu:
         parser.error("no CUDA device here; pass --allow-cpu to check the tool at tiny sizes in the interpreter")
 
-    from dream.profile import environment_info, report_stem
+    from dream.profile import device_slug, environment_info, report_stem
+
+    setting = Setting(torch.device("cuda" if ON_GPU else "cpu"), full=ON_GPU, grid=args.grid)
+    info = environment_info(setting.device)
+    out = args.out or os.path.join(REPO, "profiles")
+    problem = folder_problem(os.path.join(out, device_slug(info)))
+    if problem:
+        parser.error(f"--out: {problem}")
+    stem = report_stem(out, info, "tune")
 
     started = time.monotonic()
     deadline = started + args.time_limit
-    setting = Setting(torch.device("cuda" if ON_GPU else "cpu"), full=ON_GPU, grid=args.grid)
     problems = build_problems(setting, args.only, args.layouts)
     precompile_s = precompile(problems, setting, args.only, args.layouts, args.compile_workers)
 
-    info = environment_info(setting.device)
-    stem = report_stem(args.out or os.path.join(REPO, "profiles"), info, "tune")
     report = {"environment": info, "grid": args.grid, "layouts": args.layouts,
               "dtype": str(setting.dtype).replace("torch.", ""), "precompile_s": round(precompile_s, 1),
               "command": "python3 -m bench.tune_kernels " + " ".join(argv), "summaries": []}

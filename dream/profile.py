@@ -4,7 +4,7 @@ For each workload (`train`: one optimizer step of the trainer; `sample`: one anc
 step, or with --sampler engine|graphs a DDIM loop through dream.sampling.SamplingEngine, plain or
 replaying CUDA graphs) it runs the step once unprofiled (compilation, autotuning, graph capture),
 then --warmup and --steps steps under the profiler, and writes <out>/<device>/<date>-profile-<what>.md
-(+ .json) and the Chrome trace beside it (<date>-profile-<what>.trace.json.gz, open it in
+(+ .json; the name adds the settings that differ from the defaults, and -2, -3, ... when taken) and the Chrome trace beside it (<date>-profile-<what>.trace.json.gz, open it in
 https://ui.perfetto.dev or chrome://tracing):
 
     step time        median wall time of the profiled steps (each ends with a device sync)
@@ -122,17 +122,65 @@ def device_slug(info: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", str(info.get("device_name", "gpu")).lower()).strip("-") or "gpu"
 
 
-def report_stem(out_root: str | os.PathLike, info: dict, what: str) -> Path:
+def writable_folder_problem(folder: str | os.PathLike) -> str | None:
+    """None once `folder` exists as a folder we can write in (it is created), else why not (one line)."""
+    folder = Path(folder)
+    for parent in (folder, *folder.parents):
+        if parent.exists() and not parent.is_dir():
+            return f"{parent} exists and is not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dream-write-check-"):
+            pass
+    except OSError as error:
+        return f"cannot create or write in {folder} ({error.strerror or type(error).__name__})"
+    return None
+
+
+def check_out_root(out_root: str | os.PathLike, info: dict, option: str = "--out") -> None:
+    """Raises DreamError (one line naming `option`) unless <out_root>/<device slug> is a writable folder
+    (created here): run before any long work, so a report is never lost at the end."""
+    from dream.errors import DreamError
+
+    if str(out_root).strip() == "":
+        raise DreamError(f"{option} is empty; give a folder")
+    problem = writable_folder_problem(Path(out_root) / device_slug(info))
+    if problem:
+        raise DreamError(f"{option} {out_root}: {problem}; choose another {option}")
+
+
+def report_stem(out_root: str | os.PathLike, info: dict, what: str, option: str = "--out") -> Path:
     """<out_root>/<device slug>/<date>-<what> (no suffix); the folder is created."""
     folder = Path(out_root) / device_slug(info)
     for parent in (Path(out_root), folder):
         if parent.exists() and not parent.is_dir():
             from dream.errors import DreamError
 
-            raise DreamError(f"output folder {parent} exists and is not a folder; choose another --out")
+            raise DreamError(f"output folder {parent} exists and is not a folder; choose another {option}")
     folder.mkdir(parents=True, exist_ok=True)
     what = re.sub(r"[^A-Za-z0-9_.-]+", "-", what).strip("-") or "report"
     return folder / f"{info['date']}-{what}"
+
+
+def unique_stem(stem: Path, suffixes: tuple[str, ...]) -> Path:
+    """`stem`, or stem-2, stem-3, ...: the first for which no stem + suffix exists (nothing is overwritten)."""
+    candidate, n = stem, 1
+    while any(candidate.with_name(candidate.name + suffix).exists() for suffix in suffixes):
+        n += 1
+        candidate = stem.with_name(f"{stem.name}-{n}")
+    return candidate
+
+
+def significant(value: float, digits: int = 3) -> str:
+    """`value` to `digits` significant figures, without exponent for ordinary magnitudes (0.000412, 12.3, 1,234)."""
+    if value == 0 or not value == value or abs(value) == float("inf"):
+        return f"{value:g}"
+    if abs(value) >= 10 ** digits:
+        return f"{value:,.0f}"
+    if abs(value) < 1e-6:
+        return f"{value:.{digits}g}"
+    places = max(digits - 1 - int(f"{abs(value):e}".split("e")[1]), 0)
+    return f"{value:.{places}f}"
 
 
 def device_label(info: dict) -> str:
@@ -151,7 +199,8 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 def environment_markdown(info: dict) -> str:
     keys = ["device_name", "driver", "compute_capability", "multiprocessors", "memory_gib", "l2_cache_mib",
-            "torch", "triton", "cuda_runtime", "cudnn", "python", "cpu_count", "platform", "git_commit", "time"]
+            "torch", "triton", "triton_interpret", "cuda_runtime", "cudnn", "python", "cpu_count", "platform",
+            "git_commit", "time"]
     return markdown_table(["", ""], [[k, info[k]] for k in keys if info.get(k) not in (None, "")])
 
 
@@ -432,7 +481,7 @@ def format_report(what: str, info: dict, config: dict, summary: dict, trace_name
     if "images_per_s" in summary:
         label_ips = ("images/s of a 1000-step DDPM run at this step time" if config.get("sampler", "").startswith("one")
                      else "images/s (under the profiler)")
-        rows.append([label_ips, f"{summary['images_per_s']:.2f}"])
+        rows.append([label_ips, significant(summary["images_per_s"])])
     if on_gpu:
         busy = summary.get("busy_fraction")
         rows += [["GPU kernels per step", f"{summary['kernels'] / steps:.0f}"],
@@ -462,9 +511,38 @@ def format_report(what: str, info: dict, config: dict, summary: dict, trace_name
     return "\n".join(lines)
 
 
+PROFILE_SUFFIXES = (".md", ".json", ".trace.json.gz")
+
+
+def profile_name(what: str, args, config: dict, device: torch.device) -> str:
+    """profile-<what>, then each setting that differs from the device's default: sampler, layout,
+    checkpointing, backend, precision, compile, objective, preset, batch (model size overrides and the seed
+    are not named; run_profile gives a taken name -2, -3, ...)."""
+    from dream.model import resolve_channels_last
+    from dream.train import resolve_backend, resolve_precision
+
+    name = f"profile-{what}" + (f"-{args.sampler}" if what == "sample" and args.sampler != "step" else "")
+    if config["channels_last"] != resolve_channels_last(None, device):
+        name += "-channels-last" if config["channels_last"] else "-nchw"
+    if what == "train" and args.checkpointing != "none":
+        name += f"-checkpointing-{args.checkpointing}"
+    if config["backend"] != resolve_backend("auto", device):
+        name += f"-{config['backend']}"
+    if config["precision"] != resolve_precision("auto", device):
+        name += f"-{config['precision']}"
+    if config["compile"]:
+        name += "-compile"
+    if what == "train" and config["objective"] != "seed":
+        name += f"-{config['objective']}"
+    if args.preset != default_preset(device):
+        name += f"-{args.preset}"
+    if args.batch != (128 if device.type == "cuda" else 2):
+        name += f"-batch{args.batch}"
+    return name
+
+
 def run_profile(args) -> list[Path]:
     from dream.errors import DreamError
-    from dream.model import resolve_channels_last
     from dream.train import resolve_device
 
     device = resolve_device(args.device)
@@ -479,20 +557,18 @@ def run_profile(args) -> list[Path]:
         args.warmup = 2 if on_gpu else 1
     if args.steps is None:
         args.steps = 3 if on_gpu else 1
-    if args.batch < 1 or args.steps < 1 or args.top < 1 or args.warmup < 0:
-        raise DreamError("--batch, --steps and --top must be at least 1 and --warmup at least 0")
+    for flag, value, least in (("--batch", args.batch, 1), ("--steps", args.steps, 1), ("--top", args.top, 1),
+                               ("--warmup", args.warmup, 0), ("--sample-steps", args.sample_steps, 1)):
+        if value < least:
+            raise DreamError(f"{flag} must be at least {least}, got {value}")
     whats = PROFILE_WHATS if args.what == "both" else (args.what,)
     info = environment_info(device)
+    check_out_root(args.out, info, "--out")
     written = []
     for what in whats:
         torch.manual_seed(args.seed)
         step, config, _keep = (training_workload if what == "train" else sampling_workload)(args, device)
-        name = f"profile-{what}" + (f"-{args.sampler}" if what == "sample" and args.sampler != "step" else "")
-        if config["channels_last"] != resolve_channels_last(None, device):  # not the device's default layout
-            name += "-channels-last" if config["channels_last"] else "-nchw"
-        if what == "train" and args.checkpointing != "none":
-            name += f"-checkpointing-{args.checkpointing}"
-        stem = report_stem(args.out, info, name)
+        stem = unique_stem(report_stem(args.out, info, profile_name(what, args, config, device)), PROFILE_SUFFIXES)
         trace_path = stem.with_name(stem.name + ".trace.json.gz")
         summary = profile_steps(step, device, warmup=args.warmup, active=args.steps, trace_path=trace_path,
                                 top=args.top)
