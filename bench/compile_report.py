@@ -667,8 +667,11 @@ def main(argv=None) -> int:
         "seconds": round(time.time() - started, 1),
     }
 
-    stem = (f"{report['environment']['date']}-compile-{args.preset}{'-contract' if args.contract else ''}"
-            f"-triton{triton.__version__}")
+    from dream.profile import unique_stem
+
+    stem = unique_stem(out / (f"{report['environment']['date']}-compile-{args.preset}"
+                              f"{'-contract' if args.contract else ''}-triton{triton.__version__}"),
+                       (".md", ".json")).name  # an earlier report of the day is kept
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     written = [out / f"{stem}.json"]
     if not args.json_only:

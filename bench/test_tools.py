@@ -595,6 +595,12 @@ def test_tune_static_only_checks_out_first_and_records_the_environment(tmp_path,
     assert report["ptxas"] == "V12.8.93" and report["torch"] == torch.__version__ and report["commit"]
     text = path.with_suffix(".md").read_text()
     assert f"ptxas V12.8.93, torch {torch.__version__}, commit {report['commit']}" in text
+    first = path.read_bytes()
+    assert tune_kernels.main(["--static-only", "--only", "attention", "--out", str(tmp_path), "--arch", "90"]) == 0
+    again = sorted((tmp_path / "sm90-offline").glob("*-tune-static-quick-*.json"))
+    assert len(again) == 2 and path.read_bytes() == first, "the day's earlier report is kept"
+    (second,) = set(again) - {path}
+    assert second.name == path.name.replace(".json", "-2.json") and second.with_suffix(".md").exists()
 
 
 def test_tune_precompile_shows_progress_and_names_a_failed_worker(capsys):

@@ -37,6 +37,7 @@ import importlib
 import itertools
 import json
 import os
+import pathlib
 import sys
 import tempfile
 import time
@@ -459,7 +460,10 @@ def static_only(args, argv, parser) -> int:
               "candidates": sum(len(e["candidates"]) for e in facts.values()),
               "seconds": round(time.monotonic() - started, 1), "problems": facts,
               "command": "python3 -m bench.tune_kernels " + " ".join(argv)}
-    stem = os.path.join(folder, f"{report['date']}-tune-static-{args.grid}-triton{triton.__version__}")
+    from dream.profile import unique_stem
+
+    name = f"{report['date']}-tune-static-{args.grid}-triton{triton.__version__}"
+    stem = str(unique_stem(pathlib.Path(folder) / name, (".md", ".json")))  # an earlier report of the day is kept
     with open(stem + ".json", "w") as handle:
         json.dump(report, handle, indent=1)
     with open(stem + ".md", "w") as handle:
@@ -646,7 +650,7 @@ def main(argv=None) -> int:
     if not ON_GPU and not args.allow_cpu:
         parser.error("no CUDA device here; pass --allow-cpu to check the tool at tiny sizes in the interpreter")
 
-    from dream.profile import device_slug, environment_info, report_stem
+    from dream.profile import device_slug, environment_info, report_stem, unique_stem
 
     setting = Setting(torch.device("cuda" if ON_GPU else "cpu"), full=ON_GPU, grid=args.grid)
     info = environment_info(setting.device)
@@ -654,7 +658,7 @@ def main(argv=None) -> int:
     problem = folder_problem(os.path.join(out, device_slug(info)))
     if problem:
         parser.error(f"--out: {problem}")
-    stem = report_stem(out, info, "tune")
+    stem = unique_stem(report_stem(out, info, "tune"), (".md", ".json"))  # an earlier report of the day is kept
 
     started = time.monotonic()
     deadline = started + args.time_limit
