@@ -179,7 +179,8 @@ def stages(out: str, on_gpu: bool = True) -> list[Stage]:
               ["bash", "-c", "nvidia-smi || true; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,"
                              "power.draw,power.limit,temperature.gpu --format=csv || true; "
                              f"{shlex.quote(PYTHON)} -c {shlex.quote(env_script)}"]),
-        Stage("tests", 110, "correctness at full size (" + ", ".join(Path(t).name for t in tests) + ")",
+        Stage("tests", 110, f"correctness {'at full size' if on_gpu else 'at CPU sizes (interpreter)'} ("
+              + ", ".join(Path(t).name for t in tests) + ")",
               [PYTHON, "-m", "pytest", *tests, "-v", "-p", "no:cacheprovider", "-p", "bench.pytest_shard",
                "--maxfail=10", "-rfEs", f"--junitxml={out}/suite-logs/tests-{{shard}}-junit.xml"],
               {"DREAM_TEST_FIRST": "gpu-only,test_unet_backends.py,test_trainer.py"}, shards=test_workers()),
@@ -188,7 +189,7 @@ def stages(out: str, on_gpu: bool = True) -> list[Stage]:
         Stage("train", 70, "seed objective training step (no compile)",
               bench(["bench/test_bench_train_step.py"], "bench-train", out, k="seed-", variants=NO_COMPILE),
               {"DREAM_BENCH_TARGET_S": "0.5"}),
-        Stage("sampling", 70, "ancestral step and DDIM-10 loop, CUDA graphs",
+        Stage("sampling", 70, "ancestral step and DDIM-10 loop" + (", CUDA graphs" if on_gpu else ", no graphs on CPU"),
               bench(["bench/test_bench_sampling.py"], "bench-sampling", out, variants=NO_COMPILE),
               {"DREAM_BENCH_DDIM_STEPS": "10", "DREAM_BENCH_TARGET_S": "0.3"}),
         Stage("profile", 75, profile_what, ["bash", "-c", " && ".join(
@@ -382,9 +383,11 @@ def _reports(out: Path, started: float) -> list[dict]:
     return found
 
 
-def headline_lines(out: Path, started: float) -> list[str]:
-    """Per benchmark case: the fastest ours, its time and % of ceiling, the speed-up over the fastest anchor;
-    memory rows; profile summaries."""
+def headline_lines(out: Path, started: float, on_gpu: bool = True) -> list[str]:
+    """Per benchmark case: the fastest ours, its time and % of ceiling (n/a on the CPU, whose ceilings mean
+    nothing), the speed-up over the fastest anchor (3 significant figures); memory rows; profile summaries."""
+    from dream.profile import significant
+
     lines = []
     for report in _reports(out, started):
         results = report.get("results")
@@ -413,10 +416,10 @@ def headline_lines(out: Path, started: float) -> list[str]:
                     best = min(ours, key=lambda r: r["time_s"])
                     text += f" {best['variant'][:30]:<30} {best['time_s'] * 1e3:9.3f} ms"
                     pct = best.get("pct_ceiling")
-                    text += f" {pct:5.1f}%" if pct is not None else "       "
+                    text += (f" {pct:5.1f}%" if pct is not None else "       ") if on_gpu else "  n/a (CPU)"
                     if anchors:
                         fastest = min(anchors, key=lambda r: r["time_s"])
-                        text += f"  {fastest['time_s'] / best['time_s']:5.2f}x vs {fastest['variant']}"
+                        text += f"  {significant(fastest['time_s'] / best['time_s'])}x vs {fastest['variant']}"
                 if bad:
                     text += f"  MISMATCH {','.join(bad)}"
                 if ours or bad:
@@ -542,7 +545,7 @@ def main(argv=None) -> int:
               for d in done]
     (logs / "stages.json").write_text(json.dumps(done, indent=1))
     try:  # the measurements are on disk whatever happens here; the archive below must still be written
-        headlines = headline_lines(out, started)
+        headlines = headline_lines(out, started, on_gpu)
     except Exception as error:  # noqa: BLE001
         headlines = [f"headline summary failed: {type(error).__name__}: {error}"]
     env = environment()

@@ -297,6 +297,23 @@ def test_gpu_suite_reads_partial_results_once_each(tmp_path):
         ("ckpt_none", 0.5), ("ckpt_all", None)]
 
 
+def test_gpu_suite_headlines_say_n_a_for_ceilings_on_cpu_and_keep_small_ratios(tmp_path):
+    import time as time_module
+
+    from bench.gpu_suite import headline_lines
+
+    started = time_module.time()
+    (tmp_path / "cpu").mkdir()
+    rows = [{"case": "attention/n64/fwd", "variant": "triton", "role": "ours", "status": "ok", "time_s": 0.2,
+             "pct_ceiling": 0.0},
+            {"case": "attention/n64/fwd", "variant": "eager", "role": "anchor", "status": "ok", "time_s": 0.0005}]
+    (tmp_path / "cpu" / "2026-11-30-bench-kernels.json").write_text(json.dumps({"results": rows}))
+    (cpu_line,) = headline_lines(tmp_path, started, on_gpu=False)
+    assert "n/a (CPU)" in cpu_line and "0.00250x vs eager" in cpu_line and "0.0%" not in cpu_line
+    (gpu_line,) = headline_lines(tmp_path, started)
+    assert "  0.0%" in gpu_line and "n/a" not in gpu_line
+
+
 SHARD_TESTS = '''
 import os, signal, time
 import pytest
