@@ -549,7 +549,7 @@ def main(argv=None) -> int:
     except Exception as error:  # noqa: BLE001
         headlines = [f"headline summary failed: {type(error).__name__}: {error}"]
     env = environment()
-    (logs / "summary.md").write_text("\n".join(summary_lines(out, table, headlines, started, env)) + "\n")
+    (logs / "summary.md").write_text("\n".join(summary_lines(out, table, headlines, started, env, on_gpu)) + "\n")
     archived = True
     if args.archive:
         archive = Path(args.archive)
@@ -560,7 +560,7 @@ def main(argv=None) -> int:
             archived = False
             print(f"gpu_suite: error: could not write the archive {archive}: {error}; the results are in {out}",
                   file=sys.stderr, flush=True)
-    label = [] if env.get("device_type") == "cuda" else ["headline numbers on the CPU (no GPU figures):"]
+    label = [] if on_gpu else ["headline numbers on the CPU (no GPU figures):"]
     print("\n".join(["", "=" * 100, *table, "", *label, *headlines, "=" * 100]), flush=True)
     return 0 if archived and all(d["status"] == "ok" for d in done) else 1
 
@@ -575,9 +575,11 @@ def environment() -> dict:
         return {}
 
 
-def summary_lines(out: Path, table: list[str], headlines: list[str], started: float, env: dict) -> list[str]:
-    """suite-logs/summary.md. Not on a GPU, the title and the headline numbers say CPU: they are no GPU figures."""
-    on_gpu = env.get("device_type") == "cuda"
+def summary_lines(out: Path, table: list[str], headlines: list[str], started: float, env: dict,
+                  on_gpu: bool | None = None) -> list[str]:
+    """suite-logs/summary.md. Not on a GPU, the title and the headline numbers say CPU: they are no GPU figures.
+    on_gpu: what the suite ran on (None: as env says; env is empty when its probe failed)."""
+    on_gpu = env.get("device_type") == "cuda" if on_gpu is None else on_gpu
     label = "" if on_gpu else " (CPU: a check of the suite, its numbers say nothing about GPU speed)"
     device = env.get("device_name") or "unknown device"
     return [f"# GPU suite summary{label}", "",

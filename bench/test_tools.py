@@ -313,6 +313,12 @@ def test_gpu_suite_headlines_say_n_a_for_ceilings_on_cpu_and_keep_small_ratios(t
     (gpu_line,) = headline_lines(tmp_path, started)
     assert "  0.0%" in gpu_line and "n/a" not in gpu_line
 
+    from bench.gpu_suite import summary_lines
+
+    title = summary_lines(tmp_path, [], [], started, {}, on_gpu=True)[0]  # the environment probe failed
+    assert title == "# GPU suite summary", "a GPU run is not labelled CPU for want of its environment"
+    assert "(CPU" in summary_lines(tmp_path, [], [], started, {}, on_gpu=False)[0]
+
 
 SHARD_TESTS = '''
 import os, signal, time
@@ -630,13 +636,15 @@ def test_tune_precompile_shows_progress_and_names_a_failed_worker(capsys):
     worker = ("import json, sys; print('total 2', flush=True); print('done 1'); print('done 1'); "
               "print(json.dumps({'p': {'heuristic': 'h', 'candidates': {sys.argv[1]: {}}}}))")
     failing = "import sys; print('total 1', flush=True); sys.exit('boom')"
-    errors = [tempfile.TemporaryFile() for _ in range(3)]
+    silent = "print('total 1', flush=True)"  # exits 0 without its JSON line
+    errors = [tempfile.TemporaryFile() for _ in range(4)]
     processes = [subprocess.Popen([sys.executable, "-c", code, name], stdout=subprocess.PIPE, stderr=error, text=True)
-                 for (code, name), error in zip(((worker, "a"), (worker, "b"), (failing, "c")), errors)]
+                 for (code, name), error in zip(((worker, "a"), (worker, "b"), (failing, "c"), (silent, "d")),
+                                                errors)]
     merged = collect_shares(processes, errors)
     assert merged == {"p": {"heuristic": "h", "candidates": {"a": {}, "b": {}}}}
     err = capsys.readouterr().err
-    assert "4/5" in err and "compile worker failed (1): boom" in err, err
+    assert "4/6" in err and "compile worker failed (1): boom" in err and "printed no result" in err, err
 
 
 def test_compile_report_checks_preset_and_out_first_and_names_wgmma_on_hopper_only(tmp_path, monkeypatch, capsys):

@@ -390,7 +390,12 @@ def collect_shares(processes: list, errors: list) -> dict:
             lines = error.read().decode(errors="replace").strip().splitlines()
             print(f"compile worker failed ({code}): {lines[-1] if lines else ''}", file=sys.stderr)
             continue
-        for name, entry in json.loads(last).items():
+        try:
+            facts = json.loads(last)
+        except ValueError:  # exited 0 without its JSON line (cut short): as failed
+            print(f"compile worker printed no result: {last[:80]!r}", file=sys.stderr)
+            continue
+        for name, entry in facts.items():
             merged.setdefault(name, {"heuristic": entry["heuristic"], "candidates": {}})
             merged[name]["candidates"].update(entry["candidates"])
     return merged

@@ -218,14 +218,14 @@ def require_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location="cpu", hint: str = "") -> dict:
     """A checkpoint file (verified against its folder's manifest when it is listed there), or the
-    newest valid checkpoint of a checkpoint folder or run folder."""
+    newest valid checkpoint of a checkpoint folder or run folder (`hint`: see CheckpointManager.latest)."""
     path = require_checkpoint(path)
     if path.is_dir():
         folder = path / "checkpoints" if (path / "checkpoints" / MANIFEST).exists() else path
         manager = CheckpointManager(folder)
-        state = manager.latest()
+        state = manager.latest(hint)
         if state is None:
             gone = manager.listed()
             raise DreamError(f"no valid checkpoint in folder {path}" + (
@@ -266,9 +266,12 @@ def _load_file(path: Path, map_location="cpu") -> dict:
         raise DreamError(f"{path} is not a dream checkpoint or export (neither a PyTorch checkpoint nor safetensors)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:  # the weights-only unpickler met an object it does not allow
-        raise DreamError(f"{path} is not a dream checkpoint: it holds Python objects other than tensors and plain "
-                         f"data, and is never loaded in a way that could run code") from None
+    except pickle.UnpicklingError as error:  # the weights-only unpickler stopped: a foreign object, or damage
+        if "Unsupported global" in str(error):
+            raise DreamError(f"{path} is not a dream checkpoint: it holds Python objects other than tensors and "
+                             f"plain data, and is never loaded in a way that could run code") from None
+        detail = " ".join(str(error).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].split())
+        raise DreamError(f"checkpoint {path} cannot be read (damaged: {detail[:120]})") from None
     except Exception as error:  # noqa: BLE001  - a truncated or otherwise damaged file
         raise DreamError(f"checkpoint {path} cannot be read ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else ''})") from None

@@ -405,9 +405,9 @@ def _run(args) -> int:
                   "cached (kernels/autotune.py)", file=sys.stderr)
     handlers = {"train": run_train, "sample": run_sample, "info": run_info, "profile": run_profile,
                 "memory": run_memory, "eval": run_eval, "export": run_export}
-    previous = None
-    if args.command != "train" and threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _terminated)  # (training saves a checkpoint on SIGTERM itself)
+    handle_sigterm = args.command != "train" and threading.current_thread() is threading.main_thread()
+    if handle_sigterm:  # (training saves a checkpoint on SIGTERM itself)
+        previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM outside training's own handler: one line
@@ -430,8 +430,8 @@ def _run(args) -> int:
         print(f"dream {args.command}{where}: error: {error}", file=sys.stderr)
         return 2
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if handle_sigterm:  # (None: a handler not installed from Python; the default is the nearest to it)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

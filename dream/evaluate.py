@@ -145,7 +145,10 @@ def resolve_real_set(config: dict, source: str | None = None, root: str | None =
 
 
 def real_cache_name(real: dict, size: int, weights_tag: str) -> str:
-    key = hashlib.sha1(json.dumps([real, size, weights_tag], sort_keys=True).encode()).hexdigest()[:16]
+    """Keyed on the real set, the image size, the extractor's weights and how images are decoded."""
+    from dream.data import DECODE_VERSION
+
+    key = hashlib.sha1(json.dumps([real, size, weights_tag, DECODE_VERSION], sort_keys=True).encode()).hexdigest()[:16]
     return f"dream-real-{real['source']}-{size}px-{key}"
 
 
@@ -388,6 +391,7 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
         if known_real_count is None or not real_features_cached(cache_root, cache_name, feature_extractor, metrics):
             known_real_count = len(real_images)  # loads it: a bad real set fails here, before sampling
             check_real_count(real_set, known_real_count)
+            real_images._images = None  # not held through sampling (CelebA: 2 GB); read again from its cache
 
     start = time.perf_counter()
     sampling = sample_images(model, diffusion, count, samples_dir, sampler, steps, eta, batch_size, seed, dtype,

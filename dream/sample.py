@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -123,6 +124,10 @@ def check_settings(out_dir: Path, settings: dict) -> None:
             raise DreamError(f"{out_dir} holds PNG files ({pngs[0].name}{', ...' if len(pngs) > 1 else ''}) and "
                              f"{record}, so they are not a set this command made and can continue; use another "
                              f"output folder")
+        foreign = [p.name for p in pngs if p.name != "grid.png" and not re.fullmatch(r"\d{6}\.png", p.name)]
+        if foreign:
+            raise DreamError(f"{out_dir} holds PNG files this command did not write ({', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}); use another output folder")
         if any(p.name[0].isdigit() for p in pngs):
             for key, value in settings.items():
                 if key in recorded and recorded[key] != value:

@@ -294,7 +294,7 @@ class Trainer:
     def check_micro_batch_budget(self, budget_bytes: int) -> None:
         """An explicit --micro-batch is kept even under --memory-budget; a line says when the estimator puts
         its step over the budget (on CUDA, out-of-memory recovery then halves it when it must)."""
-        from dream.memory import CUDA_ESTIMATE_MARGIN, StepSpec, estimate_step_memory
+        from dream.memory import CUDA_ESTIMATE_MARGIN, StepSpec, estimate_step_memory, format_size
 
         spec = StepSpec.from_config(self.config, **self.step_spec_fields(self.checkpointing),
                                     micro_batch=self.micro_batch)
@@ -307,7 +307,7 @@ class Trainer:
         limit = budget_bytes * (1 - (CUDA_ESTIMATE_MARGIN if spec.target == "cuda" else 0.0))
         over = peak > limit
         self.note(f"{'warning: ' if over else ''}--micro-batch {self.micro_batch}: the step is estimated at "
-                  f"{peak / 1e9:.2f} GB, {'over' if over else 'within'} --memory-budget {budget_bytes / 1e9:.2f} GB"
+                  f"{format_size(peak)}, {'over' if over else 'within'} --memory-budget {format_size(budget_bytes)}"
                   + (" (a smaller --micro-batch, or leave it out to have one chosen)" if over else ""),
                   event="memory_budget", micro_batch=self.micro_batch, budget_bytes=budget_bytes,
                   estimated_peak_bytes=int(peak), over_budget=over)
@@ -499,8 +499,8 @@ class Trainer:
         with warnings.catch_warnings():
             if not self.dist.is_main:  # a damaged checkpoint is reported once, by rank 0
                 warnings.simplefilter("ignore")
-            state = load_checkpoint(path) if path else self.checkpoints.latest(
-                hint=": pass --resume FILE, or move them away to start this run over")
+            hint = ": pass --resume FILE, or move them away to start this run over"
+            state = load_checkpoint(path, hint=hint) if path else self.checkpoints.latest(hint)
         if state is None:
             if self.dist.is_main:
                 if self.checkpoints.listed():
@@ -690,7 +690,11 @@ class Trainer:
     def restore_after_divergence(self) -> None:
         message = (f"training diverged: {self.bad_in_a_row} steps in a row had a non-finite loss or gradients "
                    f"(steps {self.step - self.bad_in_a_row + 1}-{self.step})")
-        state = self.checkpoints.latest()
+        try:
+            state = self.checkpoints.latest()
+        except DreamError as error:  # every checkpoint damaged: say so beside the divergence, delete nothing
+            raise Diverged(f"{message}; and {error}: pass --resume FILE with a good copy, or move them away and "
+                           f"start again with a lower --lr") from None
         if state is None:
             raise Diverged(message + "; no checkpoint to restore. Lower --lr or check the data, then start again.")
         self.load_state_dict(state)

@@ -203,3 +203,11 @@ def test_profile_on_cpu_writes_its_reports_and_no_profiler_noise(tmp_path):
         trace = json.loads(gzip.decompress(report.with_name(report.name.replace(".json", ".trace.json.gz"))
                                            .read_bytes()))
         assert trace["traceEvents"]
+
+
+def test_the_sigterm_handler_is_put_back_after_a_command(capsys):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["info", "--preset", "tiny", "--json"]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -143,6 +143,9 @@ def test_a_run_whose_checkpoints_all_fail_is_refused_and_keeps_them(tmp_path):
         damaged.append(bytes(data))
     with pytest.warns(UserWarning, match="is damaged"), pytest.raises(DreamError, match="none was deleted"):
         Trainer(config).resume()
+    with pytest.warns(UserWarning, match="is damaged"), \
+            pytest.raises(DreamError, match="none was deleted: pass --resume FILE, or move them away"):
+        Trainer(config).resume(str(tmp_path))  # --resume FOLDER: the same advice
     assert sorted(folder.glob("ckpt-*.pt")) == files and [p.read_bytes() for p in files] == damaged
 
     for path in files:
@@ -323,6 +326,22 @@ def test_too_many_non_finite_steps_restore_the_last_good_checkpoint(tmp_path):
     good = load_checkpoint(tmp_path / "checkpoints")
     assert good["step"] == 4, "a checkpoint was written during the bad streak"
     assert_same_weights(trainer.state_dict(), good)
+
+
+def test_a_divergence_with_every_checkpoint_damaged_says_both(tmp_path):
+    trainer = Trainer(small_config(tmp_path, max_bad_steps=3))
+    inject_non_finite(trainer, set(range(4, 100)), "loss")
+    resume_lookup = trainer.checkpoints.latest
+
+    def latest(hint=""):  # the run's start finds nothing; by the divergence every checkpoint is damaged
+        if trainer.step == 0:
+            return resume_lookup(hint)
+        raise DreamError("no checkpoint in X can be loaded (ckpt: damaged); none was deleted")
+
+    trainer.checkpoints.latest = latest
+    with pytest.raises(Diverged, match=r"3 steps in a row .*; and no checkpoint in X can be loaded .*none was "
+                                       r"deleted: pass --resume FILE with a good copy"):
+        trainer.run()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -456,3 +456,13 @@ def test_default_out_dir_is_beside_the_weights():
     # the raw (non-EMA) weights and another batch size make other images: other folders
     assert default_out_dir("/r/run/checkpoints/ckpt-000000009.pt", "ddim", 50, 0.0, 3, torch.float32, 32,
                            use_ema=False) == Path("/r/run/eval/ckpt-000000009-ddim50-eta0-seed3-b32-raw")
+
+
+def test_real_statistics_are_keyed_on_the_decoder_version(monkeypatch):
+    import dream.data
+    from dream.evaluate import real_cache_name
+
+    real = {"source": "folder", "root": "/data", "split": None, "count": None, "seed": None, "files": "abc"}
+    name = real_cache_name(real, 64, "inception-v3-compat-123")
+    monkeypatch.setattr(dream.data, "DECODE_VERSION", dream.data.DECODE_VERSION + 1)
+    assert real_cache_name(real, 64, "inception-v3-compat-123") != name

@@ -477,6 +477,9 @@ def test_a_folder_with_pngs_but_no_record_is_refused_untouched(tmp_path):
     fresh = sample_from_checkpoint(str(checkpoint), str(tmp_path / "fresh"), **common)
     assert fresh["made"] == 2  # and a folder this command filled continues, with its record
     assert sample_from_checkpoint(str(checkpoint), str(tmp_path / "fresh"), **common)["made"] == 0
+    (tmp_path / "fresh" / "holiday.png").write_bytes(b"someone's picture")  # beside a readable record
+    with pytest.raises(DreamError, match=r"holds PNG files this command did not write \(holiday.png\)"):
+        sample_from_checkpoint(str(checkpoint), str(tmp_path / "fresh"), **{**common, "count": 4})
 
 
 def test_bad_output_folders_are_one_line_before_the_model_loads(tmp_path, monkeypatch):
@@ -510,6 +513,11 @@ def test_files_that_are_not_checkpoints_say_so(tmp_path):
         with pytest.raises(DreamError, match=message) as error:
             load_model_for_sampling(path)
         assert "weights_only" not in str(error.value)
+    damaged = bytearray(checkpoint.read_bytes())  # a copy outside its manifest: only torch.load can notice
+    damaged[damaged.find(b"\x80\x02")] ^= 0x55  # the pickle stream's first opcode
+    (tmp_path / "damaged.pt").write_bytes(bytes(damaged))
+    with pytest.raises(DreamError, match=r"damaged.pt cannot be read \(damaged: Unsupported operand"):
+        load_model_for_sampling(tmp_path / "damaged.pt")
 
     state = torch.load(checkpoint, weights_only=True)
     state["config"]["model"]["base_channels"] = 32  # weights of one model under another's config
