@@ -598,7 +598,7 @@ def summary_line(report: dict, configurations: int, op_calls: int, arch: int) ->
 
 
 def main(argv=None) -> int:
-    from bench.gpu_suite import folder_problem
+    from dream.files import folder_problem
     from dream.cli import OneLineErrors
     from dream.model import PRESETS
 

@@ -54,7 +54,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +63,7 @@ if str(REPO) not in sys.path:  # run as a script (python3 bench/gpu_suite.py) fr
     sys.path.insert(0, str(REPO))
 from bench.pytest_shard import INTERRUPTED_LINE, SHARD_VARIABLE  # noqa: E402
 from dream.cli import OneLineErrors  # noqa: E402
+from dream.files import folder_problem  # noqa: E402
 PYTHON = os.environ.get("PYTHON", sys.executable or "python3")
 MIN_STAGE_S = 45  # a stage starts only with this much budget left (its limit then >= 20 s)
 GRACE_S = 20
@@ -125,20 +125,6 @@ def number(kind: type, low: float, strict: bool = False):
         return value
 
     return parse
-
-
-def folder_problem(path: str | os.PathLike) -> str | None:
-    """Why `path` cannot hold the output (one line), or None: it is a writable folder now (made if missing)."""
-    path = Path(path)
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        return f"{existing} exists and is not a folder"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as error:
-        return f"cannot write into folder {path}: {error.strerror or error}"
-    return None
 
 
 def archive_problem(path: str | os.PathLike) -> str | None:

@@ -447,7 +447,7 @@ def static_only(args, argv, parser) -> int:
     import triton
 
     from bench.compile_report import _commit, ptxas_available, ptxas_version
-    from bench.gpu_suite import folder_problem
+    from dream.files import folder_problem
 
     if not ptxas_available():
         parser.error("--static-only: this Triton has no NVIDIA backend with ptxas")
@@ -622,7 +622,8 @@ def _compile_share_main(share: str, spec: str) -> int:
 
 
 def main(argv=None) -> int:
-    from bench.gpu_suite import folder_problem, number
+    from bench.gpu_suite import number
+    from dream.files import folder_problem
     from bench.harness import comma_choices
     from dream.cli import OneLineErrors
 

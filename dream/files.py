@@ -1,5 +1,6 @@
 """Atomic file writes: the data goes to a temp file beside the target, which is then renamed over it, so
-a reader, a crash or a kill sees the old file or the new one, never a part of one."""
+a reader, a crash or a kill sees the old file or the new one, never a part of one. And the check that a
+folder can take output, made before any long work."""
 from __future__ import annotations
 
 import os
@@ -51,3 +52,19 @@ def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> N
 def atomic_write_text(path: str | Path, text: str, durable: bool = True) -> None:
     with atomic_file(path, "w", durable) as f:
         f.write(text)
+
+
+def folder_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot hold output (one line), or None: it is a writable folder now (made if missing)."""
+    import tempfile
+
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"{existing} exists and is not a folder"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as error:
+        return f"cannot write into folder {path}: {error.strerror or error}"
+    return None

@@ -122,21 +122,6 @@ def device_slug(info: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", str(info.get("device_name", "gpu")).lower()).strip("-") or "gpu"
 
 
-def writable_folder_problem(folder: str | os.PathLike) -> str | None:
-    """None once `folder` exists as a folder we can write in (it is created), else why not (one line)."""
-    folder = Path(folder)
-    for parent in (folder, *folder.parents):
-        if parent.exists() and not parent.is_dir():
-            return f"{parent} exists and is not a folder"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dream-write-check-"):
-            pass
-    except OSError as error:
-        return f"cannot create or write in {folder} ({error.strerror or type(error).__name__})"
-    return None
-
-
 def check_out_root(out_root: str | os.PathLike, info: dict, option: str = "--out") -> None:
     """Raises DreamError (one line naming `option`) unless <out_root>/<device slug> is a writable folder
     (created here): run before any long work, so a report is never lost at the end."""
@@ -144,7 +129,9 @@ def check_out_root(out_root: str | os.PathLike, info: dict, option: str = "--out
 
     if str(out_root).strip() == "":
         raise DreamError(f"{option} is empty; give a folder")
-    problem = writable_folder_problem(Path(out_root) / device_slug(info))
+    from dream.files import folder_problem
+
+    problem = folder_problem(Path(out_root) / device_slug(info))
     if problem:
         raise DreamError(f"{option} {out_root}: {problem}; choose another {option}")
 
