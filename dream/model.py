@@ -127,14 +127,24 @@ def autocast_for(precision: str, device_type: str):
     return nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
+def import_kernels():
+    """The `kernels` package, or a one-line ValueError when it cannot be imported (triton missing, or
+    TRITON_INTERPRET set after triton was imported)."""
+    try:
+        import kernels
+        import kernels.device
+    except ImportError as error:
+        raise ValueError(f"backend 'triton' needs the Triton kernels, which do not import: {error} "
+                         f"(pip install triton, or use --backend eager or sdpa)") from None
+    return kernels
+
+
 def check_backend_device(backend: str, device, autocast_dtype: torch.dtype | None = None) -> None:
     """The triton backend on a CPU device only runs through the Triton interpreter, which gets bf16 wrong:
     say so, in one line, rather than fail inside a kernel launch (and never fall back to eager silently)."""
-    import os
-
     if backend != "triton" or torch.device(device).type != "cpu":
         return
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not import_kernels().device.interpreting():
         raise ValueError("backend 'triton' runs its kernels on a CUDA GPU; on a CPU set TRITON_INTERPRET=1 before "
                          "starting (very slow, for tests) or use --backend eager")
     if autocast_dtype == torch.bfloat16:
@@ -387,17 +397,16 @@ class UNet(nn.Module):
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         check_policy_backend(self.checkpointing, backend)
         if backend == "triton":
-            from kernels import SUPPORTED_HEAD_DIMS  # fails here, clearly, if triton is unusable
-
+            supported_head_dims = import_kernels().SUPPORTED_HEAD_DIMS  # one clear line if triton is unusable
             for module in self.modules():
                 if isinstance(module, Attention):
                     channels = module.norm.num_channels
                     head_dim = channels // module.num_heads
-                    if head_dim not in SUPPORTED_HEAD_DIMS:
+                    if head_dim not in supported_head_dims:
                         raise ValueError(
                             f"backend 'triton': attention head dim {head_dim} ({channels} channels / "
                             f"{module.num_heads} heads) is not one the attention kernel supports "
-                            f"{SUPPORTED_HEAD_DIMS}; change the base channels or heads, or use backend 'sdpa'")
+                            f"{supported_head_dims}; change the base channels or heads, or use backend 'sdpa'")
         self.backend = backend
         for module in self.modules():
             if isinstance(module, (ResBlock, Attention)):

@@ -1,10 +1,15 @@
 """Triton kernels for the DREAM UNet, each with its eager reference beside it.
 
 This package never imports `dream`. On a machine without a GPU, set
-TRITON_INTERPRET=1 before importing it to run the kernels on CPU tensors.
+TRITON_INTERPRET=1 before anything imports triton (in the shell, or first thing in the program:
+torch.compile imports triton) to run the kernels on CPU tensors.
 Launch configurations come from heuristics, or, with autotuning on (set_autotune(True) or
 DREAM_KERNEL_AUTOTUNE=1; kernels.autotune), from timing candidates on the GPU at first use.
 """
+from kernels.device import check_interpreter_mode
+
+check_interpreter_mode()
+
 from kernels.group_norm_silu import (dropout_keep_mask, dropout_scale, group_norm_silu, group_norm_silu_reference,
                                      new_dropout_seed)
 from kernels.attention import (SUPPORTED_HEAD_DIMS, attention, attention_qkv_nchw, attention_qkv_nchw_reference,

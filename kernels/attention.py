@@ -45,7 +45,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -58,11 +57,11 @@ except ImportError:  # Triton < 3.4: no host-side tensor descriptors, the forwar
     TensorDescriptor = None
 
 from kernels import autotune
-from kernels.device import on_tensor_device
+from kernels.device import (check_interpreter_device, is_int, is_interpreted, is_real, on_tensor_device,
+                            reject_function_transforms)
 from kernels.device import sm_count as _sm_count  # module global: tests and tools substitute it
 from kernels.layout import memory_format_of
 
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _MAX_SEQUENCE = 4096
@@ -584,53 +583,52 @@ def _strides(t: torch.Tensor):
     return tuple(t.stride())
 
 
-def _check_device(t: torch.Tensor) -> None:
-    if t.device.type == "cpu" and not _INTERPRETING:
-        raise RuntimeError(
-            "kernels.attention got CPU tensors but TRITON_INTERPRET=1 was not set before "
-            "kernels were imported; move the tensors to CUDA or use attention_reference")
+_INTERPRETING = is_interpreted(_attention_forward_kernel)
+
+
+def _check_device(t: torch.Tensor, op: str = "attention") -> None:
+    check_interpreter_device(t, _INTERPRETING, op, f"{op}_reference")
     if _INTERPRETING and t.device.type != "cpu":
-        raise RuntimeError(
-            f"kernels.attention runs in the Triton interpreter (TRITON_INTERPRET=1) and "
-            f"needs CPU tensors, got {t.device}")
+        raise RuntimeError(f"{op}: runs in the Triton interpreter (TRITON_INTERPRET=1) and needs CPU tensors, "
+                           f"got {t.device}")
     if _INTERPRETING and t.dtype == torch.bfloat16:
-        raise TypeError("kernels.attention: bfloat16 is not supported by the Triton "
-                        "interpreter (its bf16 dots are wrong); use fp32/fp16 on CPU")
+        raise TypeError(f"{op}: bfloat16 is not supported by the Triton interpreter (its bf16 dots are wrong); "
+                        f"use fp32/fp16 on CPU")
 
 
-def _check_scale(scale, head_dim: int) -> float:
+def _check_scale(scale, head_dim: int, op: str = "attention") -> float:
     if scale is None:
         return head_dim ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
+    if not is_real(scale):
+        raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
     scale = float(scale)
     if not math.isfinite(scale) or scale <= 0.0:
-        raise ValueError(f"attention: scale must be finite and positive, got {scale}")
+        raise ValueError(f"{op}: scale must be finite and positive, got {scale}")
     return scale
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str = "attention") -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"attention: {name} must have shape (B, H, N, D), got {tuple(t.shape)}")
+            raise ValueError(f"{op}: {name} must have shape (B, H, N, D), got {tuple(t.shape)}")
     if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"attention: q, k, v must have the same shape, got "
+        raise ValueError(f"{op}: q, k, v must have the same shape, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"attention: q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(f"{op}: q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"attention: dtype {q.dtype} is not supported (float32, float16, bfloat16)")
+        raise TypeError(f"{op}: dtype {q.dtype} is not supported (float32, float16, bfloat16)")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     batch, heads, seq_len, head_dim = q.shape
     if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"attention: head dim D={head_dim} is not supported {SUPPORTED_HEAD_DIMS}")
+        raise ValueError(f"{op}: head dim D={head_dim} is not supported {SUPPORTED_HEAD_DIMS}")
     if seq_len < 1 or seq_len > _MAX_SEQUENCE:
-        raise ValueError(f"attention: sequence length N={seq_len} must be in [1, {_MAX_SEQUENCE}]")
+        raise ValueError(f"{op}: sequence length N={seq_len} must be in [1, {_MAX_SEQUENCE}]")
     if batch < 1 or heads < 1:
-        raise ValueError(f"attention: batch and head counts must be positive, got B={batch}, H={heads}")
+        raise ValueError(f"{op}: batch and head counts must be positive, got B={batch}, H={heads}")
 
 
 def _addressable(t: torch.Tensor) -> torch.Tensor:
@@ -837,6 +835,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     """
     _check_qkv(q, k, v)
     scale = _check_scale(scale, q.shape[-1])
+    reject_function_transforms("attention", "attention_reference", q, k, v)
     o, _ = torch.ops.dream_kernels.attention_forward(q, k, v, scale)
     return o
 
@@ -875,18 +874,18 @@ def _check_qkv_nchw(qkv: torch.Tensor, num_heads: int) -> None:
         raise TypeError(f"attention_qkv_nchw: qkv must be a torch.Tensor, got {type(qkv).__name__}")
     if qkv.dim() != 4:
         raise ValueError(f"attention_qkv_nchw: qkv must have shape (B, 3C, H, W), got {tuple(qkv.shape)}")
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+    if not is_int(num_heads) or num_heads < 1:
         raise ValueError(f"attention_qkv_nchw: num_heads must be a positive int, got {num_heads!r}")
     if qkv.shape[1] % (3 * num_heads) != 0:
         raise ValueError(f"attention_qkv_nchw: channels {qkv.shape[1]} are not divisible by "
                          f"3·num_heads={3 * num_heads}")
-    q, k, v = _qkv_nchw_views(qkv, num_heads)
-    _check_qkv(q, k, v)
+    q, k, v = _qkv_nchw_views(qkv, int(num_heads))
+    _check_qkv(q, k, v, "attention_qkv_nchw")
 
 
 def _attention_qkv_nchw_forward_impl(qkv, num_heads, scale):
     # Shapes and dtypes are validated by the public wrapper `attention_qkv_nchw`.
-    _check_device(qkv)
+    _check_device(qkv, "attention_qkv_nchw")
     batch, channels3, height, width = qkv.shape
     out = torch.empty((batch, channels3 // 3, height, width), device=qkv.device, dtype=qkv.dtype,
                       memory_format=memory_format_of(qkv))
@@ -962,7 +961,9 @@ def attention_qkv_nchw(qkv: torch.Tensor, num_heads: int, scale: float | None = 
     (C/heads)^-1/2.
     """
     _check_qkv_nchw(qkv, num_heads)
-    scale = _check_scale(scale, qkv.shape[1] // (3 * num_heads))
+    num_heads = int(num_heads)
+    scale = _check_scale(scale, qkv.shape[1] // (3 * num_heads), "attention_qkv_nchw")
+    reject_function_transforms("attention_qkv_nchw", "attention_qkv_nchw_reference", qkv)
     out, _ = torch.ops.dream_kernels.attention_qkv_nchw_forward(qkv, num_heads, scale)
     return out
 

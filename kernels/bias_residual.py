@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.device import check_interpreter_device, on_tensor_device
+from kernels.device import check_interpreter_device, is_interpreted, on_tensor_device, reject_function_transforms
 from kernels.layout import memory_format_of
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -49,7 +49,7 @@ def _bias_residual_kernel(
 # --------------------------------------------------------------------------------------------
 # Host side: validation, launch configuration, launcher
 # --------------------------------------------------------------------------------------------
-_INTERPRETED = type(_bias_residual_kernel).__name__ == "InterpretedFunction"
+_INTERPRETED = is_interpreted(_bias_residual_kernel)
 # Elements per program: on a GPU 8 per thread (16-byte accesses in half precision); the interpreter,
 # ~10 ms a program whatever its size, gets 4096.
 _TILE = 4096 if _INTERPRETED else 2048
@@ -153,6 +153,7 @@ def add_bias_residual(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> t
     promoted dtype of a and b); bias: (C,). Differentiable in all three. CPU tensors run only through
     the Triton interpreter."""
     _check_inputs(a, b, bias)
+    reject_function_transforms("add_bias_residual", "add_bias_residual_reference", a, b, bias)
     return torch.ops.dream_kernels.add_bias_residual(a, b, bias)
 
 

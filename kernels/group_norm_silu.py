@@ -78,7 +78,8 @@ import triton
 import triton.language as tl
 
 from kernels import autotune
-from kernels.device import on_tensor_device
+from kernels.device import (check_interpreter_device, is_int, is_interpreted, is_real, on_tensor_device,
+                            reject_function_transforms)
 from kernels.device import sm_count as _sm_count  # module global: tests and tools substitute it
 from kernels.layout import memory_format_of
 
@@ -750,72 +751,67 @@ def _gn_param_grads_kernel(
 # --------------------------------------------------------------------------------------------
 # Host side: validation, launch configuration, launchers
 # --------------------------------------------------------------------------------------------
-_INTERPRETED = type(_gn_fwd_kernel).__name__ == "InterpretedFunction"
+_INTERPRETED = is_interpreted(_gn_fwd_kernel)
 
 
 def _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p=0.0, seed=None,
-                  *, reference=False):
-    """Raise a one-line TypeError/ValueError naming the first bad argument."""
+                  *, reference=False, op="group_norm_silu"):
+    """Raise a one-line TypeError/ValueError naming `op` and the first bad argument."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"group_norm_silu: x must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"group_norm_silu: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if not x.dtype.is_floating_point or (not reference and x.dtype not in _KERNEL_DTYPES):
         allowed = "a floating dtype" if reference else "float32, float16 or bfloat16"
-        raise TypeError(f"group_norm_silu: x must be {allowed}, got {x.dtype}")
+        raise TypeError(f"{op}: x must be {allowed}, got {x.dtype}")
     N, C, H, W = x.shape
     if x.numel() == 0:
-        raise ValueError(f"group_norm_silu: x must be non-empty, got shape {tuple(x.shape)}")
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
-        raise ValueError(f"group_norm_silu: num_groups must be a positive int, got {num_groups!r}")
+        raise ValueError(f"{op}: x must be non-empty, got shape {tuple(x.shape)}")
+    if not is_int(num_groups) or num_groups <= 0:
+        raise ValueError(f"{op}: num_groups must be a positive int, got {num_groups!r}")
     if C % num_groups != 0:
-        raise ValueError(f"group_norm_silu: channels C={C} are not divisible by num_groups={num_groups}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"group_norm_silu: eps must be a positive float, got {eps!r}")
+        raise ValueError(f"{op}: channels C={C} are not divisible by num_groups={num_groups}")
+    if not is_real(eps) or not eps > 0:
+        raise ValueError(f"{op}: eps must be a positive float, got {eps!r}")
     if mode not in _MODES:
-        raise ValueError(f"group_norm_silu: mode must be 'pre' or 'post', got {mode!r}")
+        raise ValueError(f"{op}: mode must be 'pre' or 'post', got {mode!r}")
     if not isinstance(silu, bool):
-        raise TypeError(f"group_norm_silu: silu must be a bool, got {type(silu).__name__}")
+        raise TypeError(f"{op}: silu must be a bool, got {type(silu).__name__}")
     for name, tensor, shape in (("weight", weight, (C,)), ("bias", bias, (C,)),
                                 ("scale", scale, (N, C)), ("shift", shift, (N, C))):
         if tensor is None:
             if name in ("weight", "bias"):
-                raise TypeError(f"group_norm_silu: {name} is required (a tensor of shape {shape})")
+                raise TypeError(f"{op}: {name} is required (a tensor of shape {shape})")
             continue
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"group_norm_silu: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
         if tuple(tensor.shape) != shape:
-            raise ValueError(f"group_norm_silu: {name} must have shape {shape} for x of shape "
+            raise ValueError(f"{op}: {name} must have shape {shape} for x of shape "
                              f"{tuple(x.shape)}, got {tuple(tensor.shape)}")
         if tensor.device != x.device:
-            raise ValueError(f"group_norm_silu: {name} is on {tensor.device} but x is on {x.device}")
+            raise ValueError(f"{op}: {name} is on {tensor.device} but x is on {x.device}")
         if tensor.dtype not in (x.dtype, torch.float32):
             allowed = " or ".join(dict.fromkeys(str(dtype) for dtype in (x.dtype, torch.float32)))
-            raise TypeError(f"group_norm_silu: mixed dtypes: {name} is {tensor.dtype} but x is "
+            raise TypeError(f"{op}: mixed dtypes: {name} is {tensor.dtype} but x is "
                             f"{x.dtype} ({name} must be {allowed})")
-    if not _is_real_number(dropout_p) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"group_norm_silu: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if not is_real(dropout_p) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
     threshold = _dropout_constants(dropout_p)[0]
     if threshold >= 2 ** 16:
-        raise ValueError(f"group_norm_silu: dropout_p {dropout_p!r} is within 2^-17 of 1, where the 16-bit keep "
+        raise ValueError(f"{op}: dropout_p {dropout_p!r} is within 2^-17 of 1, where the 16-bit keep "
                          f"threshold drops every element")
     if dropout_p > 0 and threshold == 0:
-        raise ValueError(f"group_norm_silu: dropout_p {dropout_p!r} is below 2^-17, where the 16-bit keep "
+        raise ValueError(f"{op}: dropout_p {dropout_p!r} is below 2^-17, where the 16-bit keep "
                          f"threshold keeps every element (use 0 for no dropout)")
     if dropout_p > 0:
         if seed is None:
-            raise TypeError("group_norm_silu: dropout needs a seed (an int64 tensor of one element)")
+            raise TypeError(f"{op}: dropout needs a seed (an int64 tensor of one element)")
         if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
             what = f"{seed.dtype} tensor of {seed.numel()} elements" if isinstance(seed, torch.Tensor) \
                 else type(seed).__name__
-            raise TypeError(f"group_norm_silu: seed must be an int64 tensor of one element, got {what}")
+            raise TypeError(f"{op}: seed must be an int64 tensor of one element, got {what}")
         if not reference and seed.device != x.device:
-            raise ValueError(f"group_norm_silu: seed is on {seed.device} but x is on {x.device}")
-
-
-def _is_real_number(value) -> bool:
-    """An int or float (numpy's float64 and the like included), not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+            raise ValueError(f"{op}: seed is on {seed.device} but x is on {x.device}")
 
 
 def _dropout_constants(dropout_p):
@@ -936,12 +932,8 @@ def _new_buffer_like(t, memory_format):
     return torch.empty_like(t, memory_format=memory_format)
 
 
-def _check_device(x):
-    if x.device.type == "cpu" and not _INTERPRETED:
-        raise RuntimeError(
-            "group_norm_silu: x is a CPU tensor but the Triton kernels were not built for the "
-            "interpreter; set TRITON_INTERPRET=1 before importing kernels, use CUDA tensors, or "
-            "call group_norm_silu_reference")
+def _check_device(x, op="group_norm_silu"):
+    check_interpreter_device(x, _INTERPRETED, op, f"{op}_reference")
 
 
 class _LaunchConfig(NamedTuple):
@@ -1326,7 +1318,7 @@ _group_norm_silu_fwd.register_autograd(_autograd_backward, setup_context=_setup_
 # --------------------------------------------------------------------------------------------
 def _seed_or_new(x, dropout_p, seed):
     """seed, or with dropout and no seed given, a new one drawn from torch's generator (new_dropout_seed)."""
-    if seed is None and _is_real_number(dropout_p) and dropout_p > 0 and isinstance(x, torch.Tensor):
+    if seed is None and is_real(dropout_p) and dropout_p > 0 and isinstance(x, torch.Tensor):
         return new_dropout_seed(x.device)
     return seed
 
@@ -1348,8 +1340,9 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=Non
     """
     seed = _seed_or_new(x, dropout_p, seed)
     _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed)
+    reject_function_transforms("group_norm_silu", "group_norm_silu_reference", x, weight, bias, scale, shift)
     y, _, _ = torch.ops.dream_kernels.group_norm_silu_fwd(
-        x, weight, bias, scale, shift, num_groups, float(eps), mode, silu, float(dropout_p),
+        x, weight, bias, scale, shift, int(num_groups), float(eps), mode, silu, float(dropout_p),
         seed if dropout_p > 0 else None)
     return y
 

@@ -23,8 +23,11 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from kernels.device import check_interpreter_device, is_int, reject_function_transforms
+
 # the module itself (the package attribute `kernels.group_norm_silu` is the function)
 _gn = importlib.import_module("kernels.group_norm_silu")
+_OP = "group_norm_silu_conv2d"
 
 
 def _check_conv(x, conv_weight, conv_bias, stride, padding, dilation, groups):
@@ -37,7 +40,7 @@ def _check_conv(x, conv_weight, conv_bias, stride, padding, dilation, groups):
         raise ValueError(f"group_norm_silu_conv2d: conv_weight is on {conv_weight.device} but x is on {x.device}")
     if not conv_weight.dtype.is_floating_point:
         raise TypeError(f"group_norm_silu_conv2d: conv_weight must be floating point, got {conv_weight.dtype}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+    if not is_int(groups) or groups <= 0:
         raise ValueError(f"group_norm_silu_conv2d: groups must be a positive int, got {groups!r}")
     if conv_weight.shape[1] * groups != x.shape[1]:
         raise ValueError(f"group_norm_silu_conv2d: conv_weight {tuple(conv_weight.shape)} with groups={groups} "
@@ -51,7 +54,7 @@ def _check_conv(x, conv_weight, conv_bias, stride, padding, dilation, groups):
             raise TypeError(f"group_norm_silu_conv2d: conv_bias ({conv_bias.dtype} on {conv_bias.device}) must "
                             f"match conv_weight ({conv_weight.dtype} on {conv_weight.device})")
     for name, value in (("stride", stride), ("padding", padding), ("dilation", dilation)):
-        if len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+        if len(value) != 2 or not all(is_int(v) for v in value):
             raise ValueError(f"group_norm_silu_conv2d: {name} must be two ints, got {value!r}")
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
         raise ValueError(f"group_norm_silu_conv2d: stride and dilation must be >= 1 and padding >= 0, got "
@@ -66,6 +69,7 @@ def _convolution(y, conv_weight, conv_bias, stride, padding, dilation, groups):
 def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout_p, seed,
              conv_weight, conv_bias, stride, padding, dilation, groups):
     """Launch the fused norm, then the convolution; returns (out, mean, rstd)."""
+    check_interpreter_device(x, _gn._INTERPRETED, _OP, f"{_OP}_reference")
     _check_conv(x, conv_weight, conv_bias, stride, padding, dilation, groups)
     y, mean, rstd = _gn._forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout_p, seed)
     return _convolution(y, conv_weight, conv_bias, stride, padding, dilation, groups), mean, rstd
@@ -89,7 +93,7 @@ def _group_norm_silu_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 @_group_norm_silu_conv2d.register_fake
 def _group_norm_silu_conv2d_fake(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout_p, seed,
                                  conv_weight, conv_bias, stride, padding, dilation, groups):
-    _gn._check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed)
+    _gn._check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed, op=_OP)
     _check_conv(x, conv_weight, conv_bias, stride, padding, dilation, groups)
     y = torch.empty_like(x, memory_format=_gn.memory_format_of(x))
     stats_shape = (x.shape[0], num_groups)
@@ -136,10 +140,10 @@ _group_norm_silu_conv2d.register_autograd(_autograd_backward, setup_context=_set
 # Public API
 # --------------------------------------------------------------------------------------------
 def _pair(value, name):
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value, value]
+    if is_int(value):
+        return [int(value), int(value)]
     if isinstance(value, (tuple, list)):
-        return list(value)
+        return [int(v) if is_int(v) else v for v in value]
     raise ValueError(f"group_norm_silu_conv2d: {name} must be an int or two ints, got {value!r}")
 
 
@@ -155,17 +159,18 @@ def group_norm_silu_conv2d(x, weight, bias, num_groups, conv_weight, conv_bias=N
     autocast does for F.conv2d. Returns the convolution's output in conv_weight's (cast) dtype.
     """
     seed = _gn._seed_or_new(x, dropout_p, seed)
-    _gn._check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed)
+    _gn._check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed, op=_OP)
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     _check_conv(x, conv_weight, conv_bias, stride, padding, dilation, groups)
+    reject_function_transforms(_OP, f"{_OP}_reference", x, weight, bias, scale, shift, conv_weight, conv_bias)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         conv_weight = conv_weight.to(dtype)
         conv_bias = conv_bias.to(dtype) if conv_bias is not None else None
     out, _, _ = torch.ops.dream_kernels.group_norm_silu_conv2d(
-        x, weight, bias, scale, shift, num_groups, float(eps), mode, silu, float(dropout_p),
-        seed if dropout_p > 0 else None, conv_weight, conv_bias, stride, padding, dilation, groups)
+        x, weight, bias, scale, shift, int(num_groups), float(eps), mode, silu, float(dropout_p),
+        seed if dropout_p > 0 else None, conv_weight, conv_bias, stride, padding, dilation, int(groups))
     return out
 
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.device import check_interpreter_device, on_tensor_device
+from kernels.device import check_interpreter_device, is_interpreted, on_tensor_device, reject_function_transforms
 from kernels.layout import memory_format_of
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -130,7 +130,7 @@ def _upsample2x_backward_kernel(
 # --------------------------------------------------------------------------------------------
 # Host side: validation, launch configuration, launchers
 # --------------------------------------------------------------------------------------------
-_INTERPRETED = type(_upsample2x_concat_kernel).__name__ == "InterpretedFunction"
+_INTERPRETED = is_interpreted(_upsample2x_concat_kernel)
 # Elements per program: on a GPU 8 per thread (one 16-byte access per load in half precision along a
 # contiguous axis), a tile of 2048 forward and 1024 backward, whose 16 gathers per element keep more values
 # live (at 2048, sm_90 needs 255 registers for NCHW and spills). In NCHW the backward's gathers along the
@@ -301,6 +301,7 @@ def upsample2x_concat(h: torch.Tensor, skip: torch.Tensor, h_bias: torch.Tensor 
     or None. The result has h's dtype and memory format (computed in fp32, rounded once). Differentiable
     in all three (deterministic backward). CPU tensors run only through the Triton interpreter."""
     _check_inputs(h, skip, h_bias)
+    reject_function_transforms("upsample2x_concat", "upsample2x_concat_reference", h, skip, h_bias)
     return torch.ops.dream_kernels.upsample2x_concat(h, skip, h_bias)
 
 

@@ -129,6 +129,22 @@ def test_triton_bf16_on_a_cpu_is_one_line(tmp_path, command):
     assert not (tmp_path / ("run" if command == "train" else "out")).exists()  # refused before any work
 
 
+def test_triton_backend_without_an_importable_triton_is_one_line(tmp_path):
+    """A triton that does not import (missing, or broken) is named in one line with what to do instead."""
+    blocker = tmp_path / "shadow"
+    blocker.mkdir()
+    (blocker / "triton.py").write_text("raise ImportError('No module named triton (test)')\n")
+    args = ["train", "--preset", "tiny", "--run-dir", str(tmp_path / "run"), "--device", "cpu",
+            "--backend", "triton", "--data-count", "8", "--batch-size", "4", "--max-steps", "1"]
+    env = {**ENV, "TRITON_INTERPRET": "1", "PYTHONPATH": str(blocker) + os.pathsep + ENV["PYTHONPATH"]}
+    result = subprocess.run([sys.executable, "-m", "dream", *args], capture_output=True, text=True, env=env,
+                            timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "needs the Triton kernels, which do not import: No module named triton (test)" in lines[0]
+    assert "--backend eager or sdpa" in lines[0]
+
+
 def test_ddpm_refuses_a_step_count(tmp_path):
     """--steps belongs to DDIM; the ddpm sampler always runs all T steps and says so instead of ignoring it."""
     from conftest import make_tiny_checkpoint

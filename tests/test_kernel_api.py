@@ -1,0 +1,137 @@
+"""The kernels' public API around the math: function transforms, the interpreter's mode, numpy scalars,
+meta tensors, and errors that name the op that was called. Tiny shapes: the values are checked at length
+in each op's own test file."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.autograd.forward_ad as forward_ad
+
+import kernels
+from conftest import DEVICE, ON_GPU, ROOT, assert_close, run_without_interpreter
+
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
+
+
+def _gn_inputs():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3, 2, device=DEVICE)
+    weight, bias = torch.randn(4, device=DEVICE), torch.randn(4, device=DEVICE)
+    return x, weight, bias
+
+
+def _op_call(op):
+    """(input, function of that input calling op) for one small problem."""
+    x, weight, bias = _gn_inputs()
+    if op == "attention":
+        return torch.randn(1, 2, 5, 16, device=DEVICE), lambda q: kernels.attention(q, q, q)
+    return x, {
+        "group_norm_silu": lambda t: kernels.group_norm_silu(t, weight, bias, 2),
+        "add_bias_residual": lambda t: kernels.add_bias_residual(t, t, weight),
+        "upsample2x_concat": lambda t: kernels.upsample2x_concat(t.repeat(1, 1, 2, 2), t),
+        "group_norm_silu_conv2d": lambda t: kernels.group_norm_silu_conv2d(t, weight, bias, 2, weight.view(1, 4, 1, 1)),
+    }[op]
+
+
+OPS = ["add_bias_residual", "attention", "group_norm_silu", "group_norm_silu_conv2d", "upsample2x_concat"]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_forward_mode_ad_is_refused_not_answered_with_zero_tangents(op):
+    """torch.library custom ops have no forward-mode formula, and PyTorch then returns zero (or no)
+    tangents silently: the ops refuse in one line instead."""
+    x, call = _op_call(op)
+    with pytest.raises(RuntimeError, match=rf"^{op}: torch\.func\.jvp/jacfwd is not supported"):
+        torch.func.jvp(call, (x,), (torch.randn_like(x),))
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match=rf"^{op}: forward-mode AD \(dual tensors\) is not supported"):
+            call(dual)
+        call(x)  # plain tensors inside a dual level run
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_func_grad_is_refused_in_one_line_and_vmap_works(op):
+    x, call = _op_call(op)
+    with pytest.raises(RuntimeError, match=rf"^{op}: torch\.func\.grad/vjp/jacrev is not supported"):
+        torch.func.grad(lambda t: call(t).sum())(x)
+    batched = torch.stack([x, x.flip(-1) * 0.5])
+    out = torch.func.vmap(call)(batched)
+    for i in range(2):
+        assert torch.equal(out[i], call(batched[i]))
+
+
+def test_reverse_mode_still_works_through_the_guard():
+    x, w, b = _gn_inputs()
+    x.requires_grad_()
+    grads = torch.autograd.grad(kernels.group_norm_silu(x, w, b, 2).square().sum(), x)[0]
+    ref_x = x.detach().double().requires_grad_()
+    ref = torch.autograd.grad(kernels.group_norm_silu_reference(ref_x, w.double(), b.double(), 2).square().sum(),
+                              ref_x)[0]
+    assert_close("dx", grads, ref, 1e-5)
+
+
+def test_numpy_scalars_are_accepted_like_python_numbers():
+    x, w, b = _gn_inputs()
+    expected = kernels.group_norm_silu(x, w, b, 2, eps=1e-5)
+    assert torch.equal(kernels.group_norm_silu(x, w, b, np.int64(2), eps=np.float32(1e-5).item()), expected)
+    assert torch.equal(kernels.group_norm_silu(x, w, b, np.int32(2), eps=np.float64(1e-5)), expected)
+    q = torch.randn(1, 2, 5, 16, device=DEVICE)
+    assert torch.equal(kernels.attention(q, q, q, scale=np.float32(0.25)), kernels.attention(q, q, q, scale=0.25))
+    qkv = torch.randn(1, 48, 2, 2, device=DEVICE)
+    assert torch.equal(kernels.attention_qkv_nchw(qkv, np.int64(1)), kernels.attention_qkv_nchw(qkv, 1))
+    conv = torch.randn(3, 4, 3, 3, device=DEVICE)
+    assert torch.equal(kernels.group_norm_silu_conv2d(x, w, b, np.int64(2), conv, padding=np.int64(1)),
+                       kernels.group_norm_silu_conv2d(x, w, b, 2, conv, padding=1))
+    with pytest.raises(ValueError, match="num_groups must be a positive int, got True"):
+        kernels.group_norm_silu(x, w, b, True)
+
+
+def test_errors_name_the_op_that_was_called():
+    x, w, b = _gn_inputs()
+    conv = torch.randn(3, 4, 1, 1, device=DEVICE)
+    with pytest.raises(ValueError, match=r"^group_norm_silu_conv2d: channels C=4 are not divisible by num_groups=3"):
+        kernels.group_norm_silu_conv2d(x, w, b, 3, conv)
+    with pytest.raises(ValueError, match=r"^attention_qkv_nchw: head dim D=8 is not supported"):
+        kernels.attention_qkv_nchw(torch.randn(1, 48, 2, 2, device=DEVICE), 2)
+    with pytest.raises(TypeError, match=r"^attention_qkv_nchw: dtype torch.int64 is not supported"):
+        kernels.attention_qkv_nchw(torch.ones(1, 48, 2, 2, dtype=torch.int64, device=DEVICE), 1)
+    with pytest.raises(TypeError, match=r"^attention_qkv_nchw: scale must be a float or None"):
+        kernels.attention_qkv_nchw(torch.randn(1, 48, 2, 2, device=DEVICE), 1, scale="0.1")
+
+
+def test_every_op_gives_shapes_on_meta_tensors():
+    meta = dict(device="meta")
+    x, w = torch.empty(2, 8, 4, 4, **meta), torch.empty(8, **meta)
+    assert kernels.group_norm_silu(x, w, w, 4).shape == (2, 8, 4, 4)
+    conv = torch.empty(3, 8, 3, 3, **meta)
+    assert kernels.group_norm_silu_conv2d(x, w, w, 4, conv, padding=1).shape == (2, 3, 4, 4)
+    assert kernels.add_bias_residual(x, x, w).shape == (2, 8, 4, 4)
+    assert kernels.upsample2x_concat(x, torch.empty(2, 3, 2, 2, **meta)).shape == (2, 11, 4, 4)
+    assert kernels.attention_qkv_nchw(torch.empty(2, 48, 2, 2, **meta), 1).shape == (2, 16, 2, 2)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's mode is a CPU matter")
+def test_setting_the_interpreter_after_triton_was_imported_is_one_line_at_import():
+    code = ("import os, triton\nos.environ['TRITON_INTERPRET'] = '1'\n"
+            "try:\n    import kernels\nexcept ImportError as error:\n    print('ERROR', error)\n")
+    result = run_without_interpreter(code, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = result.stdout.strip()
+    assert line.startswith("ERROR kernels: TRITON_INTERPRET=1 was set after triton had been imported"), line
+    assert "\n" not in line
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's mode is a CPU matter")
+def test_any_value_triton_reads_as_true_selects_the_interpreter_for_every_op():
+    env = dict(os.environ, TRITON_INTERPRET="true", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = ("import torch, kernels\nq = torch.randn(1, 1, 3, 16)\nx = torch.randn(1, 4, 2, 2)\n"
+            "print(kernels.attention(q, q, q).shape, kernels.group_norm_silu(x, x[0, :, 0, 0], x[0, :, 1, 0], 2).shape)\n"
+            "from dream.model import check_backend_device\ncheck_backend_device('triton', 'cpu')\nprint('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["torch.Size([1,", "1,", "3,", "16])", "torch.Size([1,", "4,", "2,", "2])", "ok"]
