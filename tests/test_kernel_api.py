@@ -135,3 +135,24 @@ def test_any_value_triton_reads_as_true_selects_the_interpreter_for_every_op():
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["torch.Size([1,", "1,", "3,", "16])", "torch.Size([1,", "4,", "2,", "2])", "ok"]
+
+
+def test_torch_export_of_a_module_using_the_ops_runs_them():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(16) * 0.5 + 1)
+            self.bias = torch.nn.Parameter(torch.randn(16) * 0.5)
+            self.qkv = torch.nn.Parameter(torch.randn(48, 16, 1, 1) * 0.2)
+
+        def forward(self, x):
+            h = kernels.group_norm_silu_conv2d(x, self.weight, self.bias, 4, self.qkv)
+            return kernels.add_bias_residual(kernels.attention_qkv_nchw(h, 1), x, self.bias)
+
+    torch.manual_seed(2)
+    block, x = Block().to(DEVICE), torch.randn(1, 16, 3, 3, device=DEVICE)
+    program = torch.export.export(block, (x,))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert {"dream_kernels.group_norm_silu_conv2d.default", "dream_kernels.attention_qkv_nchw_forward.default",
+            "dream_kernels.add_bias_residual.default"} <= targets, targets
+    assert torch.equal(program.module()(x), block(x))
