@@ -193,6 +193,11 @@ class CheckpointManager:
                              f"deleted{hint}", same_on_every_rank=True)
         return None
 
+    def newest_step(self) -> int | None:
+        """The step of the newest checkpoint the manifest lists whose file is there, or None."""
+        steps = [entry.get("step", -1) for entry in self._manifest() if (self.folder / entry["file"]).exists()]
+        return max(steps, default=None)
+
     def listed(self) -> int:
         """How many checkpoints the manifest lists (whether or not their files are still there)."""
         return len(self._manifest())

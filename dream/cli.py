@@ -240,16 +240,19 @@ def run_train(args) -> int:
     )
     from dream.train import Interrupted, TrainingAborted
 
+    if args.resume and not Path(args.resume).exists():  # before the slow setup
+        raise DreamError(f"--resume {args.resume} does not exist")
     try:
         result = train(config, resume=args.resume)
     except Interrupted as stop:  # SIGINT / SIGTERM: a checkpoint was saved; the last line says how to resume
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 saved and speaks
             print(f"dream train: {stop}", file=sys.stderr)
         return 128 + int(stop.signum)
-    except TrainingAborted as crash:  # the traceback of the cause, then the line saying how to resume
+    except TrainingAborted as crash:  # the traceback of the cause (a bug's), then the line saying how to resume
         import traceback
 
-        traceback.print_exception(crash.__cause__)
+        if not isinstance(crash.__cause__, OSError):  # a full disk or a permission needs no traceback
+            traceback.print_exception(crash.__cause__)
         print(f"dream train: error: {crash}", file=sys.stderr)
         return 1
     if os.environ.get("RANK", "0") != "0":
@@ -405,8 +408,9 @@ def _run(args) -> int:
                   "cached (kernels/autotune.py)", file=sys.stderr)
     handlers = {"train": run_train, "sample": run_sample, "info": run_info, "profile": run_profile,
                 "memory": run_memory, "eval": run_eval, "export": run_export}
-    handle_sigterm = args.command != "train" and threading.current_thread() is threading.main_thread()
-    if handle_sigterm:  # (training saves a checkpoint on SIGTERM itself)
+    # (training's loop installs its own handler, which saves a checkpoint; this one covers its setup)
+    handle_sigterm = threading.current_thread() is threading.main_thread()
+    if handle_sigterm:
         previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return handlers[args.command](args)

@@ -5,8 +5,11 @@ Sources
   celeba     torchvision's CelebA (aligned 178x218 images, download=False), cropped as the DDIM paper's
              CelebA model was: the 128x128 box with top-left corner (row 57, col 25), i.e. centred on
              (x=89, y=121), then resized to S x S;
-  folder     any folder of images (recursively), centre-cropped to a square and resized to S x S.
-Decoded images are cached as a .pt file (written atomically), so decoding happens once per dataset.
+  folder     any folder of images (recursively, symlinked folders included), centre-cropped to a square
+             and resized to S x S.
+Images are decoded as they are displayed (turned by their EXIF orientation). Decoded images are cached as
+a .pt file (written atomically) with the names of the files skipped as unreadable, so decoding happens once
+per dataset and a cached load warns about the same files.
 Batches: a per-epoch permutation and flip mask drawn from (seed, epoch), so the data order is a pure
 function of (seed, epoch, step) and resumes exactly; pixels scaled to [-1, 1] on the device.
 """
@@ -17,6 +20,7 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -26,7 +30,8 @@ from dream.files import atomic_file
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 CELEBA_CROP = (57, 25, 128, 128)  # top, left, height, width in the aligned 178x218 CelebA image
 SYNTHETIC_CHUNK = 256  # images drawn per generator seed: image i depends on (seed, i) only
-DECODE_VERSION = 2  # part of the image caches' key: raised whenever decoding changes what a file becomes
+DECODE_VERSION = 3  # part of the image caches' key: raised whenever decoding changes what a file becomes
+SKIPPED_SHOWN = 5  # skipped files named in the warning; the rest are counted
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,11 +119,27 @@ class _DecodeFiles(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from PIL import Image
 
-        try:
-            with Image.open(self.paths[i]) as image:
-                return True, _crop_resize(as_rgb(image), self.size, self.crop_box)
-        except Exception:  # noqa: BLE001  - any decode failure marks the file corrupt
-            return False, torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+        # Pillow's warnings (palette transparency, odd EXIF, ...) say nothing the user can act on: a file
+        # either decodes or is named in the one skip warning. Filtered here, as this may run in a worker.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                with Image.open(self.paths[i]) as image:
+                    return True, _crop_resize(as_rgb(upright(image)), self.size, self.crop_box)
+            except Exception:  # noqa: BLE001  - any decode failure marks the file corrupt
+                return False, torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+
+
+def upright(image):
+    """A PIL image as it is displayed: turned or mirrored by its EXIF Orientation tag. An image whose
+    pixels decode but whose EXIF block is damaged keeps its stored orientation instead of failing."""
+    from PIL import ImageOps
+
+    image.load()  # a failure here is the pixels': the file is corrupt
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001  - only the orientation is lost
+        return image
 
 
 def as_rgb(image):
@@ -134,34 +155,79 @@ def as_rgb(image):
     return image.convert("RGB")
 
 
-def decode_files(paths: list[Path], size: int, crop_box=None, what: str = "images", workers: int | None = None):
-    """Decode every file; isolated corrupt files are skipped and counted with a warning."""
+def decode_files(paths: list[Path], size: int, crop_box=None, what: str = "images",
+                 workers: int | None = None) -> tuple[torch.Tensor, list[Path]]:
+    """(decoded images, files skipped): isolated corrupt files are left out and returned for the caller to
+    name (skip_message); a set where no file decodes is an error."""
     from tqdm.auto import tqdm
 
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     loader = torch.utils.data.DataLoader(_DecodeFiles(paths, size, crop_box), batch_size=64,
                                          num_workers=workers if len(paths) > 256 else 0)
-    images, bad = [], 0
+    images, decoded = [], []
     for ok, batch in tqdm(loader, desc=f"decoding {what}", disable=len(paths) < 2048, leave=False):
         images.append(batch[ok])
-        bad += int((~ok).sum())
-    if bad == len(paths):
+        decoded.extend(ok.tolist())  # the loader keeps the files' order
+    skipped = [path for path, ok in zip(paths, decoded) if not ok]
+    if len(skipped) == len(paths):
         raise DreamError(f"none of the {len(paths)} files in {what} could be read as an image")
-    if bad:
-        warnings.warn(f"skipped {bad} of {len(paths)} files in {what} that could not be read as images",
-                      stacklevel=2)
-    return torch.cat(images)
+    return torch.cat(images), skipped
 
 
-def list_image_files(root: Path) -> list[Path]:
+def skip_message(skipped: Sequence[str | Path], total: int, what: str, root: Path | None = None) -> str:
+    """One line naming the first SKIPPED_SHOWN skipped files (relative to `root` where they lie under it)."""
+    def name(path) -> str:
+        path = Path(path)
+        try:
+            text = str(path.relative_to(root)) if root is not None else str(path)
+        except ValueError:
+            text = str(path)
+        return text if text.isprintable() else ascii(text)  # a newline in a name must not break the line
+
+    names = ", ".join(name(path) for path in skipped[:SKIPPED_SHOWN])
+    more = f" and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else ""
+    return f"skipped {len(skipped)} of {total} files in {what} that could not be read as images: {names}{more}"
+
+
+def list_image_files(root: Path, *, exclude: Sequence[Path] = ()) -> list[Path]:
+    """Every image file under `root`, sorted. Symlinked folders are followed, each real folder scanned once
+    (a symlink cycle ends, a folder linked twice is not read twice). Files under a folder of `exclude`
+    (compared as resolved paths; one that does not exist yet is fine), such as a run folder's sample
+    grids, are left out."""
     if not root.exists():
         raise DreamError(f"image folder {root} does not exist")
     if not root.is_dir():
         raise DreamError(f"{root} is not a folder of images")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    excluded = [Path(os.path.realpath(Path(folder).expanduser())) for folder in exclude]
+    left_out = False
+
+    def is_excluded(path: str) -> bool:
+        nonlocal left_out
+        hit = any(Path(os.path.realpath(path)).is_relative_to(folder) for folder in excluded)
+        left_out = left_out or hit
+        return hit
+
+    files = []
+    visited = {os.path.realpath(root)}
+    if not is_excluded(str(root)):
+        for folder, subfolders, names in os.walk(root, followlinks=True):
+            kept = []
+            for sub in sorted(subfolders):  # sorted: which of two links to one folder is scanned is fixed
+                real = os.path.realpath(os.path.join(folder, sub))
+                if real not in visited and not is_excluded(real):
+                    visited.add(real)
+                    kept.append(sub)
+            subfolders[:] = kept
+            for name in names:
+                path = os.path.join(folder, name)
+                if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and os.path.isfile(path) \
+                        and not is_excluded(path):
+                    files.append(Path(path))
     if not files:
-        raise DreamError(f"image folder {root} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return files
+        outside = f" outside {', '.join(map(str, excluded))}" if left_out else ""
+        raise DreamError(f"image folder {root} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+                         f"{outside}")
+    return sorted(files)
 
 
 def celeba_files(root: Path, split: str) -> list[Path]:
@@ -181,11 +247,13 @@ def celeba_files(root: Path, split: str) -> list[Path]:
     return [Path(dataset.root) / dataset.base_folder / "img_align_celeba" / name for name in dataset.filename]
 
 
-def dataset_files(source: str, root: Path, split: str = "train") -> tuple[list[Path], tuple | None, str]:
-    """(image files, crop box or None, description) of a CelebA split or an image folder."""
+def dataset_files(source: str, root: Path, split: str = "train", *,
+                  exclude: Sequence[Path] = ()) -> tuple[list[Path], tuple | None, str]:
+    """(image files, crop box or None, description) of a CelebA split or an image folder; `exclude`: folders
+    an image-folder scan leaves out (see list_image_files; a CelebA split's files are fixed by its list)."""
     if source == "celeba":
         return celeba_files(root, split), CELEBA_CROP, f"CelebA {split} under {root}"
-    return list_image_files(root), None, str(root)
+    return list_image_files(root, exclude=exclude), None, str(root)
 
 
 def files_fingerprint(files: list[Path]) -> str:
@@ -215,8 +283,10 @@ def default_cache_dir() -> Path:
 
 
 def load_images(source: str = "synthetic", root: str | None = None, split: str = "train", size: int = 64,
-                count: int = 4096, seed: int = 0, cache_dir: str | Path | None = None) -> torch.Tensor:
-    """The whole dataset as a uint8 tensor (N, 3, size, size)."""
+                count: int = 4096, seed: int = 0, cache_dir: str | Path | None = None, *,
+                exclude: Sequence[Path] = ()) -> torch.Tensor:
+    """The whole dataset as a uint8 tensor (N, 3, size, size). exclude: folders an image-folder scan leaves
+    out, such as the run folder when it lies inside the data folder (its sample grids are no training data)."""
     if source == "synthetic":
         return synthetic_faces(count, seed=seed, size=size)
     if source not in ("celeba", "folder"):
@@ -224,22 +294,38 @@ def load_images(source: str = "synthetic", root: str | None = None, split: str =
     if not root:
         raise DreamError(f"--data {source} needs --data-root")
     root_path = Path(root).expanduser().resolve()
-    files, crop, what = dataset_files(source, root_path, split)
+    files, crop, what = dataset_files(source, root_path, split, exclude=exclude)
     key = hashlib.sha1(f"{source}|{root_path}|{split}|{size}|{DECODE_VERSION}|{files_fingerprint(files)}".encode())
     cache = Path(cache_dir or default_cache_dir()) / f"{source}-{size}px-{key.hexdigest()[:16]}.pt"
-    if cache.exists():
+    cached = _read_cache(cache) if cache.exists() else None
+    if cached is not None:
+        images, skipped = cached
+    else:
+        images, skipped_paths = decode_files(files, size, crop, what)
+        skipped = [str(path) for path in skipped_paths]
         try:
-            return torch.load(cache, weights_only=True)
-        except Exception:  # noqa: BLE001  - a damaged cache is rebuilt
-            warnings.warn(f"image cache {cache} is unreadable; decoding again", stacklevel=2)
-    images = decode_files(files, size, crop, what)
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(cache) as f:
-            torch.save(images, f)
-    except OSError as error:
-        warnings.warn(f"could not write the image cache {cache}: {error}", stacklevel=2)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(cache) as f:
+                torch.save({"images": images, "skipped": skipped}, f)
+        except OSError as error:
+            warnings.warn(f"could not write the image cache {cache}: {error}", stacklevel=2)
+    if skipped:  # from the cache too: the files stay skipped until they change
+        warnings.warn(skip_message(skipped, len(files), what, root_path), stacklevel=2)
     return images
+
+
+def _read_cache(cache: Path) -> tuple[torch.Tensor, list[str]] | None:
+    """(images, skipped file names) from an image cache, or None (with a warning) when it is unreadable."""
+    try:
+        data = torch.load(cache, weights_only=True)
+        if not (isinstance(data, dict) and isinstance(data.get("images"), torch.Tensor)
+                and data["images"].dtype == torch.uint8 and data["images"].ndim == 4
+                and isinstance(data.get("skipped"), list) and all(isinstance(s, str) for s in data["skipped"])):
+            raise ValueError("not an image cache")
+        return data["images"], data["skipped"]
+    except Exception:  # noqa: BLE001  - a damaged cache is rebuilt
+        warnings.warn(f"image cache {cache} is unreadable; decoding again", stacklevel=3)
+        return None
 
 
 class DeviceBatches:

@@ -110,7 +110,8 @@ def load_real_images(real: dict, size: int, cache_dir=None) -> torch.Tensor:
     """uint8 (N, 3, size, size); `limit` keeps a fixed random subset (seeded 0) of a CelebA/folder set."""
     if real["source"] == "synthetic":
         return load_images("synthetic", size=size, count=real["count"], seed=real["seed"])
-    images = load_images(real["source"], real["root"], real["split"], size=size, cache_dir=cache_dir)
+    images = load_images(real["source"], real["root"], real["split"], size=size, cache_dir=cache_dir,
+                         exclude=[Path(folder) for folder in real.get("exclude", [])])
     if real.get("count") and real["count"] < images.shape[0]:
         keep = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(0))[:real["count"]]
         images = images[keep.sort().values]
@@ -139,9 +140,11 @@ def resolve_real_set(config: dict, source: str | None = None, root: str | None =
 
     split = split or (config.get("data_split", "train") if same else "train")
     root = Path(root).expanduser().resolve()
-    files, _, _ = dataset_files(source, root, split)  # a wrong root fails here, before any sampling
+    # the training run's own folder (its sample grids) was left out of its data: of this set too
+    exclude = [str(Path(config["run_dir"]).expanduser().resolve())] if config.get("run_dir") else []
+    files, _, _ = dataset_files(source, root, split, exclude=[Path(folder) for folder in exclude])
     return {"source": source, "root": str(root), "split": split if source == "celeba" else None, "count": count,
-            "seed": None, "files": files_fingerprint(files)}
+            "seed": None, "files": files_fingerprint(files), "exclude": exclude}
 
 
 def real_cache_name(real: dict, size: int, weights_tag: str) -> str:

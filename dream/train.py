@@ -19,13 +19,14 @@ the step of one process with the same global batch. Rank 0 alone writes files.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import signal
 import sys
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -38,12 +39,17 @@ from dream.data import DeviceBatches, images_digest, load_images
 from dream.diffusion import GaussianDiffusion
 from dream.ema import EMA
 from dream.errors import DreamError, option_error
-from dream.files import atomic_write_text
+from dream.files import atomic_write_text, folder_problem
 from dream.math_flags import use_fast_math
 from dream.model import (PRECISION_DTYPES, PRECISIONS, UNet, autocast_for, check_backend_device, make_config,
                          policies_for_backend, resolve_channels_last)
 from dream.objectives import ObjectiveConfig, get_objective
 from dream.seeding import check_seed, mixed_seed
+
+
+# the command-line flag of each config field a resume must keep (the others are "--" + the field's name)
+FLAGS = {"num_timesteps": "--timesteps"}
+MODEL_FLAGS = {"image_size": "--image-size", "base_channels": "--base-channels", "dropout": "--dropout"}
 
 
 @dataclass
@@ -211,6 +217,13 @@ class Trainer:
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise DreamError(f"--run-dir {self.run_dir} is a file; it must be a folder (new, or a run's)",
                              same_on_every_rank=True)
+        foreign = foreign_run_files(self.run_dir)
+        if foreign:
+            raise DreamError(f"--run-dir {self.run_dir} holds {' and '.join(foreign)} that training did not write "
+                             f"and would overwrite; use a new or empty folder, or a run's", same_on_every_rank=True)
+        problem = folder_problem(self.run_dir)  # before the slow setup; makes the folder
+        if problem:
+            raise DreamError(f"--run-dir: {problem}", same_on_every_rank=True)
         self.model_config = make_config(config.preset, **config.model_overrides)
         self.objective = get_objective(config.objective)
         self.objective_config = ObjectiveConfig(**config.objective_config)
@@ -221,8 +234,14 @@ class Trainer:
             raise DreamError(f"batch size {config.batch_size} must be divisible by the number of processes "
                              f"({dist.world_size})", same_on_every_rank=True)
         self.rank_batch = config.batch_size // dist.world_size
-        images = load_images(config.data, config.data_root, config.data_split, self.model_config.image_size,
-                             count=config.data_count, seed=config.seed)
+        with warnings.catch_warnings():
+            if not dist.is_main:  # skipped files are reported once, by rank 0
+                warnings.simplefilter("ignore")
+            images = load_images(config.data, config.data_root, config.data_split, self.model_config.image_size,
+                                 count=config.data_count, seed=config.seed, exclude=[self.run_dir])
+        if images.shape[0] < config.batch_size:
+            raise DreamError(f"--batch-size {config.batch_size} needs at least {config.batch_size} images; the data "
+                             f"has {images.shape[0]}", same_on_every_rank=True)
         self.data_digest = images_digest(images)  # a resume notices images replaced by others
         self.batches = DeviceBatches(images, self.rank_batch, device, seed=config.seed,
                                      rank=dist.rank, world_size=dist.world_size)
@@ -260,8 +279,11 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.last_checkpoint_step = -1
         self.resume_hint = "rerun the same command"
-        if dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.pending_records: list[dict] | None = []  # log records made before the run starts (see start_log)
+        if config.data != "synthetic":  # (the synthetic set's size is its flag's)
+            source = f"CelebA {config.data_split} images" if config.data == "celeba" else "images"
+            self.note(f"data: {images.shape[0]} {source} under {config.data_root}", event="data",
+                      images=int(images.shape[0]))
 
         # micro-batch: the flag, else the memory manager's choice under --memory-budget (on CUDA by default
         # the device's free memory), else the whole batch
@@ -508,34 +530,49 @@ class Trainer:
                                   f"step 0", stacklevel=2)
                 trim_log(self.run_dir / "metrics.jsonl", 0)  # steps logged before a kill are redone
             return False
+        if path:
+            newest = self.checkpoints.newest_step()
+            if newest is not None and newest > state["step"]:
+                raise DreamError(
+                    f"--resume {path} is at step {state['step']}, but {self.checkpoints.folder} holds newer "
+                    f"checkpoints (up to step {newest}) that going on from it would delete: rerun without --resume "
+                    f"to continue from step {newest}, or use another --run-dir to branch off at step {state['step']}",
+                    same_on_every_rank=True)
+        # a refusal names the flag and says what to change: the flag, or the run (with --resume FILE, the file)
+        instead = "or resume another checkpoint" if path else "or use another --run-dir"
         saved = state["config"]
         keys = ["preset", "batch_size", "objective", "schedule", "num_timesteps", "seed", "data"]
-        keys += ["data_count"] if self.config.data == "synthetic" else ["data_root", "data_split"]
+        keys += {"synthetic": ["data_count"], "celeba": ["data_root", "data_split"]}.get(self.config.data,
+                                                                                         ["data_root"])
         for key in keys:
             old, new = saved.get(key), getattr(self.config, key)
             if key == "data_root" and old and new:
                 old, new = (str(Path(root).expanduser().resolve()) for root in (old, new))
             if old != new:
-                raise DreamError(f"checkpoint {state['_path']} was made with {key}={old!r}, "
-                                 f"this run has {key}={new!r}; use another --run-dir", same_on_every_rank=True)
+                flag = FLAGS.get(key, "--" + key.replace("_", "-"))
+                raise DreamError(f"checkpoint {state['_path']} was made with {flag} {old}, this command has {flag} "
+                                 f"{new}: pass {flag} {old} to go on, {instead}", same_on_every_rank=True)
         old_objective, new_objective = (ObjectiveConfig(**(config or {})) for config in
                                         (saved.get("objective_config"), self.config.objective_config))
         if old_objective != new_objective:
             changed = ", ".join(f"{setting.name}={getattr(old_objective, setting.name)!r} (this run: "
                                 f"{getattr(new_objective, setting.name)!r})" for setting in fields(ObjectiveConfig)
                                 if getattr(old_objective, setting.name) != getattr(new_objective, setting.name))
-            raise DreamError(f"checkpoint {state['_path']} was made with the objective's {changed}; "
-                             f"use another --run-dir", same_on_every_rank=True)
+            raise DreamError(f"checkpoint {state['_path']} was made with the objective's {changed}: pass the "
+                             f"same settings to go on, {instead}", same_on_every_rank=True)
         images = self.batches.images.shape[0]
         if state.get("data_images", images) != images:
             raise DreamError(f"checkpoint {state['_path']} was made on {state['data_images']} images, this run's "
-                             f"data has {images}: its data order cannot continue; use another --run-dir",
+                             f"data has {images}: its data order cannot continue; use the same images, {instead}",
                              same_on_every_rank=True)
         for key, value in self.model_config.to_dict().items():
             old = saved["model"].get(key)
             if (tuple(old) if isinstance(old, list) else old) != value:
-                raise DreamError(f"checkpoint {state['_path']} has a model with {key}={old!r}, this run has "
-                                 f"{key}={value!r}; use another --run-dir", same_on_every_rank=True)
+                flag = MODEL_FLAGS.get(key)
+                what = f"{flag} {old}, this command has {flag} {value}" if flag else \
+                    f"a model with {key}={old!r}, this command's has {key}={value!r} (--preset)"
+                raise DreamError(f"checkpoint {state['_path']} was made with {what}: pass the same to go on, "
+                                 f"{instead}", same_on_every_rank=True)
         self.load_state_dict(state)
         self.last_checkpoint, self.last_checkpoint_step = Path(state["_path"]), self.step
         if self.dist.is_main:
@@ -590,10 +627,14 @@ class Trainer:
 
     def log(self, record: dict) -> None:
         """One JSON line in metrics.jsonl; a non-finite number (the loss of a skipped step) is written as null,
-        so that every line is standard JSON."""
+        so that every line is standard JSON. Before the run starts (setup, resume) records wait in
+        pending_records: a refused command leaves the run's log as it was."""
         if self.dist.is_main:
             record = {key: None if isinstance(value, float) and not math.isfinite(value) else value
                       for key, value in record.items()}
+            if self.pending_records is not None:
+                self.pending_records.append(record)
+                return
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record, allow_nan=False) + "\n")
 
@@ -631,12 +672,20 @@ class Trainer:
                           budget_bytes=self.config.memory_budget, fraction=fraction)
             return self.train_epochs(resume)
 
+    def start_log(self) -> None:
+        """The run is on: write its config and the records made during setup and resume."""
+        if self.dist.is_main:
+            atomic_write_text(self.run_dir / "config.json", json.dumps(self.resolved_config(), indent=1))
+            pending, self.pending_records = self.pending_records, None
+            for record in pending or ():
+                self.log(record)
+
     def train_epochs(self, resume: str | None) -> dict:
         config = self.config
         self.resume(resume)
-        self.resume_hint = "rerun the same command" if resume is None else "rerun with --resume <that checkpoint>"
-        if self.dist.is_main:
-            (self.run_dir / "config.json").write_text(json.dumps(self.resolved_config(), indent=1))
+        # with --resume FILE, the checkpoints this run saves are the run folder's newest: a plain rerun finds them
+        self.resume_hint = "rerun the same command" + (" without --resume" if resume else "")
+        self.start_log()
         self.model.train()
         last = {}
         stop = StopFlag()
@@ -644,25 +693,26 @@ class Trainer:
             while self.epoch < config.epochs and not self.finished():
                 bar = tqdm(total=len(self.batches), initial=self.batch_in_epoch, desc=f"epoch {self.epoch}",
                            disable=not (config.progress and self.dist.is_main), leave=False)
-                tick, images = time.perf_counter(), 0
-                for x0 in self.batches.epoch(self.epoch, self.batch_in_epoch):
-                    logs = self.train_step(x0)
-                    images += config.batch_size
-                    bar.update(1)
-                    if self.bad_in_a_row >= config.max_bad_steps:
-                        self.restore_after_divergence()
-                    if (self.step % config.log_every == 0 or self.batch_in_epoch == len(self.batches)
-                            or self.finished()):
-                        last = self.report(logs, images, time.perf_counter() - tick, bar)
-                        tick, images = time.perf_counter(), 0
-                    if config.checkpoint_every and self.step % config.checkpoint_every == 0 and not self.bad_in_a_row:
-                        self.save_checkpoint()
-                    signum = self.dist.max(stop.signum, self.device)  # a signal any rank saw, the same on all
-                    if signum:
-                        self.stop_for_signal(signum)
-                    if self.finished():
-                        break
-                bar.close()
+                with closing(bar):  # closed before any stop or error message is printed
+                    tick, images = time.perf_counter(), 0
+                    for x0 in self.batches.epoch(self.epoch, self.batch_in_epoch):
+                        logs = self.train_step(x0)
+                        images += config.batch_size
+                        bar.update(1)
+                        if self.bad_in_a_row >= config.max_bad_steps:
+                            self.restore_after_divergence()
+                        if (self.step % config.log_every == 0 or self.batch_in_epoch == len(self.batches)
+                                or self.finished()):
+                            last = self.report(logs, images, time.perf_counter() - tick, bar)
+                            tick, images = time.perf_counter(), 0
+                        if (config.checkpoint_every and self.step % config.checkpoint_every == 0
+                                and not self.bad_in_a_row):
+                            self.save_checkpoint()
+                        signum = self.dist.max(stop.signum, self.device)  # a signal any rank saw, the same on all
+                        if signum:
+                            self.stop_for_signal(signum)
+                        if self.finished():
+                            break
                 if self.batch_in_epoch == len(self.batches):
                     self.epoch += 1
                     self.batch_in_epoch = 0
@@ -700,7 +750,7 @@ class Trainer:
         self.load_state_dict(state)
         self.last_checkpoint, self.last_checkpoint_step = Path(state["_path"]), self.step
         raise Diverged(message + f"; restored the last good checkpoint {state['_path']} (step {self.step}). "
-                       "Lower --lr or check the data, then rerun the same command to resume from it.")
+                       f"Lower --lr or check the data, then {self.resume_hint} to resume from it.")
 
     def state_is_sane(self) -> bool:
         """Between two steps and finite: safe to save as a checkpoint."""
@@ -731,6 +781,8 @@ class Trainer:
                 raise Interrupted(f"interrupted {where}, dropping the step; {saved}. To resume, "
                                   f"{self.resume_hint}.", signal.SIGINT) from error
             text = str(error).splitlines()[0] if str(error) else ""
+            if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+                text += f" (free space where {self.run_dir} is, or lower --checkpoint-keep)"
             raise TrainingAborted(f"{type(error).__name__} {where}: {text}; {saved}. To resume, "
                                   f"{self.resume_hint}.") from error
 
@@ -739,15 +791,48 @@ def trim_log(path: Path, step: int) -> None:
     """Drop log records past `step` (and a torn last line): they belong to work a resume redoes."""
     if not path.exists():
         return
+    text = path.read_text()
     kept = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
         if record.get("step", 0) <= step:
             kept.append(line)
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    trimmed = "".join(line + "\n" for line in kept)
+    if trimmed != text:  # (a finished run's rerun writes nothing)
+        atomic_write_text(path, trimmed)
+
+
+def foreign_run_files(run_dir: Path) -> list[str]:
+    """The files of `run_dir` that training writes or rewrites (config.json, metrics.jsonl) but which hold
+    something else: a run's config names its preset and objective; every line of its log but a torn last
+    one is a JSON record with a step or an event."""
+    foreign = []
+    config = run_dir / "config.json"
+    if config.is_file():
+        try:
+            ours = {"preset", "objective", "batch_size"} <= set(json.loads(config.read_text()))
+        except (ValueError, TypeError, OSError, UnicodeDecodeError):
+            ours = False
+        if not ours:
+            foreign.append(config.name)
+    log = run_dir / "metrics.jsonl"
+    if log.is_file():
+        try:
+            lines = log.read_text().splitlines()
+        except (OSError, UnicodeDecodeError):
+            lines = ["?", "?"]
+        for line in lines[:-1]:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict) or not ({"step", "event"} & set(record)):
+                foreign.append(log.name)
+                break
+    return foreign
 
 
 class StopFlag:
@@ -780,6 +865,15 @@ class StopFlag:
 
 
 def train(config: TrainConfig, resume: str | None = None) -> dict:
-    """Train in this process, or as one rank of a torchrun job (the environment says which)."""
+    """Train in this process, or as one rank of a torchrun job (the environment says which). A command
+    refused or stopped before its run starts leaves no new run folder behind."""
+    run_dir = Path(config.run_dir)
+    made_run_dir = not run_dir.exists()
     with distributed.session(config.device) as dist:
-        return Trainer(config, dist).run(resume)
+        try:
+            return Trainer(config, dist).run(resume)
+        except BaseException:
+            if made_run_dir and dist.is_main:
+                with suppress(OSError):  # only an empty folder goes: a run that started has files
+                    run_dir.rmdir()
+            raise

@@ -20,7 +20,7 @@ import torch
 
 from dream.checkpoint import CheckpointManager, load_checkpoint
 from dream.errors import DreamError
-from dream.train import Diverged, TrainConfig, Trainer, TrainingAborted
+from dream.train import Diverged, TrainConfig, Trainer, TrainingAborted, train
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -495,7 +495,7 @@ def test_resume_onto_other_data_is_refused(tmp_path, monkeypatch, change):
     else:
         write_folder(tmp_path / "other", 8)
         config["data_root"] = str(tmp_path / "other")
-        message = "was made with data_root="
+        message = "was made with --data-root .*: pass --data-root .* to go on, or use another --run-dir"
     with pytest.raises(DreamError, match=message):
         Trainer(small_config(tmp_path / "run", max_steps=2, **config)).run()
 
@@ -548,3 +548,122 @@ def test_ctrl_c_during_the_final_sample_grid_is_the_resume_line(tmp_path, monkey
         except KeyboardInterrupt:  # escaping, it would stop the whole pytest session
             pytest.fail("a bare KeyboardInterrupt (a traceback for the user) escaped the trainer")
     assert load_checkpoint(tmp_path / "checkpoints")["step"] == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# the run folder and --resume: nothing is overwritten or deleted that the user did not ask for
+def test_resume_file_behind_the_run_folders_newest_is_refused_and_deletes_nothing(tmp_path):
+    """Going on from an older file would delete the run's newer checkpoints (and cut its log back) at the
+    first save; the stop line of such a run used to lead there ("rerun with --resume <that checkpoint>")."""
+    Trainer(small_config(tmp_path / "run", max_steps=4)).run()
+    files = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"))
+    log = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    older = tmp_path / "run" / "checkpoints" / "ckpt-000000002.pt"
+    with pytest.raises(DreamError, match=r"--resume .*ckpt-000000002\.pt is at step 2, but .*checkpoints holds newer "
+                                         r"checkpoints \(up to step 4\) .*rerun without --resume to continue from "
+                                         r"step 4, or use another --run-dir to branch off at step 2"):
+        Trainer(small_config(tmp_path / "run", max_steps=6)).run(resume=str(older))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("ckpt-*.pt")) == files
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == log
+    # branching off into another folder works, and its stop line says to rerun without --resume
+    branch = Trainer(small_config(tmp_path / "branch", max_steps=3))
+    assert branch.run(resume=str(older))["step"] == 3
+    assert branch.resume_hint == "rerun the same command without --resume"
+    assert Trainer(small_config(tmp_path / "run", max_steps=5)).run()["step"] == 5
+
+
+def test_a_folder_of_someone_elses_files_is_not_taken_for_a_run(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text('{"my": "important settings"}')
+    (project / "metrics.jsonl").write_text("my notes\nmore notes\n")
+    with pytest.raises(DreamError, match=r"--run-dir .*project holds config\.json and metrics\.jsonl that training "
+                                         r"did not write"):
+        Trainer(small_config(project, max_steps=1))
+    assert (project / "config.json").read_text() == '{"my": "important settings"}'
+    assert (project / "metrics.jsonl").read_text() == "my notes\nmore notes\n"
+    # a run's own files, a torn last log line included (a kill mid-write), are a run's
+    Trainer(small_config(tmp_path / "run", max_steps=1)).run()
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as log:
+        log.write('{"step": 2, "lo')
+    assert Trainer(small_config(tmp_path / "run", max_steps=2)).run()["step"] == 2
+
+
+def test_a_refused_rerun_leaves_the_run_as_it_was_and_a_refused_new_run_leaves_no_folder(tmp_path):
+    Trainer(small_config(tmp_path / "run", max_steps=2)).run()
+    log = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    with pytest.raises(DreamError, match=r"was made with --timesteps 1000, this command has --timesteps 500: pass "
+                                         r"--timesteps 1000 to go on, or use another --run-dir"):
+        Trainer(small_config(tmp_path / "run", max_steps=3, num_timesteps=500)).run()
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == log  # setup's notes were not appended
+    checkpoint = tmp_path / "run" / "checkpoints" / "ckpt-000000002.pt"
+    with pytest.raises(DreamError, match=r"was made with --seed 0, this command has --seed 5: pass --seed 0 to go "
+                                         r"on, or resume another checkpoint"):
+        train(small_config(tmp_path / "new", max_steps=3, seed=5), resume=str(checkpoint))
+    assert not (tmp_path / "new").exists()
+
+
+def test_resume_path_that_does_not_exist_is_refused_before_setup(tmp_path, capsys):
+    from dream.cli import main
+
+    assert main(["train", *CLI_FLAGS, "--run-dir", str(tmp_path / "run"), "--resume", str(tmp_path / "typo.pt")]) == 2
+    assert capsys.readouterr().err.strip() == f"dream train: error: --resume {tmp_path / 'typo.pt'} does not exist"
+    assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_during_setup_is_one_line(tmp_path, monkeypatch, capsys):
+    """Before the loop's own handler (which saves a checkpoint) is installed, SIGTERM used to end the
+    process silently."""
+    import dream.train
+    from dream.cli import main
+
+    def terminated_while_loading(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+        raise AssertionError("SIGTERM did not stop the setup")
+
+    monkeypatch.setattr(dream.train, "load_images", terminated_while_loading)
+    assert main(["train", *CLI_FLAGS, "--run-dir", str(tmp_path / "run")]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("dream train: SIGTERM; rerun the same command")
+
+
+def test_a_full_disk_is_one_line_that_says_what_to_free(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from dream.cli import main
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", full)
+    assert main(["train", *CLI_FLAGS, "--run-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("dream train: error: OSError at step 1 (epoch 0): [Errno 28] No space left on device "
+                           f"(free space where {tmp_path / 'run'} is, or lower --checkpoint-keep)"), line
+
+
+def test_the_progress_bar_is_cleared_before_the_stop_line(tmp_path, monkeypatch, capsys):
+    from dream.cli import main
+
+    signal_at_step(monkeypatch, 1)
+    flags = [flag for flag in CLI_FLAGS if flag != "--no-progress"]
+    assert main(["train", *flags, "--checkpoint-every", "0", "--run-dir", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    before, stop, _ = err.rpartition("dream train: stopped by SIGINT")
+    assert stop and before.endswith(("\n", "\r")) and "it/s]" not in before.rsplit("\r", 2)[-1], repr(err[-400:])
+
+
+def test_data_line_and_too_few_images_name_the_flags(tmp_path, capsys):
+    from dream.cli import main
+
+    write_folder(tmp_path / "faces", 5)
+    (tmp_path / "faces" / "broken.png").write_text("not an image")
+    flags = [*CLI_FLAGS, "--data", "folder", "--data-root", str(tmp_path / "faces"), "--max-steps", "1"]
+    assert main(["train", *flags, "--run-dir", str(tmp_path / "a")]) == 0
+    assert f"dream train: data: 5 images under {tmp_path / 'faces'}" in capsys.readouterr().err
+    flags = [*CLI_FLAGS, "--run-dir", str(tmp_path / "b"), "--batch-size", "16"]
+    assert main(["train", *flags]) == 2
+    assert capsys.readouterr().err.strip() == "dream train: error: --batch-size 16 needs at least 16 images; the " \
+                                              "data has 8"

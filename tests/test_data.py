@@ -1,11 +1,12 @@
-"""Built-in synthetic faces, image folders with bad files, CelebA errors, device batches."""
+"""Built-in synthetic faces; image folders: bad files, EXIF orientation, excluded run folders, symlinked
+folders, Pillow's warnings; CelebA errors; device batches."""
 import warnings
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from dream.data import DeviceBatches, load_images, synthetic_faces
+from dream.data import DeviceBatches, list_image_files, load_images, synthetic_faces
 from dream.errors import DreamError
 
 
@@ -45,14 +46,102 @@ def test_folder_with_isolated_corrupt_files(tmp_path):
     write_images(tmp_path / "imgs" / "sub", 5)
     (tmp_path / "imgs" / "broken.jpg").write_bytes(b"not a jpeg at all")
     (tmp_path / "imgs" / "notes.txt").write_text("ignored: not an image extension")
-    with pytest.warns(UserWarning, match="skipped 1 of 6"):
+    with pytest.warns(UserWarning, match="skipped 1 of 6 .*: broken.jpg$"):
         images = load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache")
     assert images.shape == (5, 3, 16, 16)
     assert images[1, 0].float().mean().item() == pytest.approx(40, abs=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the second load comes from the cache: no decoding, no warning
+    with pytest.warns(UserWarning, match="skipped 1 of 6 .*: broken.jpg$"):  # the file is still skipped
         cached = load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache")
     assert torch.equal(images, cached)
+
+
+def test_skipped_files_are_named_on_one_line_also_from_the_cache(tmp_path, monkeypatch):
+    """The warning names the first five skipped files relative to the data root and counts the rest; the
+    cache keeps the list, so a load that decodes nothing repeats the same warning."""
+    import dream.data
+
+    root = tmp_path / "imgs"
+    write_images(root, 2)
+    (root / "bad").mkdir()
+    for name in ["a\nb.jpg"] + [f"x{i}.jpg" for i in range(6)]:
+        (root / "bad" / name).write_bytes(b"not an image")
+    expected = (f"skipped 7 of 9 files in {root.resolve()} that could not be read as images: "
+                "'bad/a\\nb.jpg', bad/x0.jpg, bad/x1.jpg, bad/x2.jpg, bad/x3.jpg and 2 more")
+    with pytest.warns(UserWarning) as first:
+        images = load_images("folder", str(root), size=16, cache_dir=tmp_path / "cache")
+    assert [str(w.message) for w in first] == [expected] and images.shape[0] == 2
+    monkeypatch.setattr(dream.data, "decode_files", lambda *args, **kwargs: pytest.fail("decoded again"))
+    with pytest.warns(UserWarning) as cached:
+        assert torch.equal(load_images("folder", str(root), size=16, cache_dir=tmp_path / "cache"), images)
+    assert [str(w.message) for w in cached] == [expected]
+
+
+def test_images_are_decoded_as_displayed_by_their_exif_orientation(tmp_path):
+    """A phone JPEG stored 80x60 with EXIF Orientation 6 is displayed 60x80, turned a quarter clockwise:
+    it is decoded that way up. A damaged EXIF block loses only the orientation, not the file."""
+    shown = Image.new("RGB", (60, 80), (0, 0, 255))
+    shown.paste((255, 0, 0), (0, 0, 60, 40))  # red top half, as displayed
+    stored = shown.transpose(Image.Transpose.ROTATE_90)  # as the camera wrote it: 80x60, red on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    (tmp_path / "imgs").mkdir()
+    stored.save(tmp_path / "imgs" / "a-phone.jpg", exif=exif)
+    exif[0x010F] = "Maker"  # Make; then retyped below as Compression, which must hold a number
+    damaged = exif.tobytes().replace(b"\x01\x0f\x00\x02", b"\x01\x03\x00\x02")
+    stored.save(tmp_path / "imgs" / "b-damaged.jpg", exif=damaged)
+    with Image.open(tmp_path / "imgs" / "b-damaged.jpg") as image, pytest.raises(Exception):
+        ImageOps.exif_transpose(image)  # the damage is real: Pillow's own transpose fails on it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no file skipped
+        phone, kept = load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache").float()
+    assert phone[0, :6].mean() > 200 and phone[2, :6].mean() < 50  # top rows red
+    assert phone[2, -6:].mean() > 200 and phone[0, -6:].mean() < 50  # bottom rows blue
+    assert kept[0, :, :6].mean() > 200 and kept[2, :, -6:].mean() > 200  # as stored: red left, blue right
+
+
+def test_palette_transparency_decodes_without_pillow_warnings(tmp_path):
+    """Pillow warns when a palette image with per-entry transparency becomes RGB; the user cannot act on
+    that, so decoding shows no warning."""
+    image = Image.new("P", (40, 30), 1)
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    (tmp_path / "imgs").mkdir()
+    image.save(tmp_path / "imgs" / "palette.png", transparency=bytes([0, 128]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache")
+    assert [str(w.message) for w in caught] == []
+    assert images.shape == (1, 3, 16, 16) and images[0, 0].min() == 255 and images[0, 1:].max() == 0
+
+
+def test_a_run_folder_inside_the_data_folder_is_excluded(tmp_path):
+    """`--run-dir faces/run1` inside `--data-root faces`: the run's sample grids are not training images.
+    Excluded folders compare as resolved paths, and one that does not exist yet is fine."""
+    from dream.data import dataset_files
+
+    root, run = tmp_path / "faces", tmp_path / "faces" / "run1"
+    write_images(root, 3)
+    write_images(run / "samples", 1)
+    (tmp_path / "run-link").symlink_to(run)
+    cache = tmp_path / "cache"
+    assert load_images("folder", str(root), size=16, cache_dir=cache, exclude=[run]).shape[0] == 3
+    assert load_images("folder", str(root), size=16, cache_dir=cache, exclude=[tmp_path / "run-link"]).shape[0] == 3
+    assert load_images("folder", str(root), size=16, cache_dir=cache, exclude=[root / "run2"]).shape[0] == 4
+    files, _, _ = dataset_files("folder", root, exclude=[run])
+    assert [f.relative_to(root).as_posix() for f in files] == ["img0.png", "img1.png", "img2.png"]
+    with pytest.raises(DreamError, match=f"holds no image files .* outside {tmp_path / 'faces'}$"):
+        list_image_files(run, exclude=[root])
+
+
+def test_symlinked_folders_are_followed_and_a_cycle_ends(tmp_path):
+    root = tmp_path / "faces"
+    write_images(root, 1)
+    write_images(tmp_path / "elsewhere" / "more", 2)
+    (root / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere" / "loop").symlink_to(root, target_is_directory=True)  # faces/linked/loop is faces
+    files = list_image_files(root)
+    assert [f.relative_to(root).as_posix() for f in files] == ["img0.png", "linked/more/img0.png",
+                                                              "linked/more/img1.png"]
+    assert list_image_files(root) == files
 
 
 @pytest.mark.parametrize("case,message", [
@@ -154,7 +243,7 @@ def test_a_cache_made_by_older_decoding_is_not_served(tmp_path, monkeypatch):
     write_images(tmp_path / "imgs", 2)
     old = load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache")
     [cache] = (tmp_path / "cache").glob("folder-16px-*.pt")
-    torch.save(torch.zeros_like(old), cache)  # what the older decoder would have made of these files
+    torch.save({"images": torch.zeros_like(old), "skipped": []}, cache)  # what an older decoder would have made
     assert torch.equal(load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache"),
                        torch.zeros_like(old))  # same version: served from the cache
     monkeypatch.setattr(dream.data, "DECODE_VERSION", dream.data.DECODE_VERSION + 1)

@@ -246,6 +246,7 @@ def test_missing_inception_weights_is_one_clear_line(tmp_path, capsys, monkeypat
 
     monkeypatch.setattr(evaluate_module, "_download_inception", offline)
     checkpoint = make_checkpoint(tmp_path)
+    capsys.readouterr()  # (training's lines)
     out = tmp_path / "eval"
     code = main(["eval", str(checkpoint), "--out", str(out), "--count", "4", "--device", "cpu", "--no-progress"])
     assert code == 2
