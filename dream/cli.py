@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast precision; auto: bf16 on CUDA where supported, else fp32")
     p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu; auto: cuda when present")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and the noise")
-    p.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl records")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="steps between metrics.jsonl records (each holds the means over its steps)")
     p.add_argument("--checkpoint-every", type=int, default=500,
                    help="steps between checkpoints (0: only at the end and on a stop)")
     p.add_argument("--checkpoint-keep", type=int, default=3, help="checkpoints kept (the newest)")

@@ -645,7 +645,9 @@ class Trainer:
             self.log({"event": event, "step": self.step, "epoch": self.epoch, **fields})
 
     def report(self, logs: dict, images: int, seconds: float, bar) -> dict:
-        record = {key: float(value) for key, value in logs.items()}
+        """One metrics.jsonl record of the means since the previous one (LogWindow), and the bar's postfix."""
+        record = {key: int(value) if key in ("skipped", "logged_steps") else float(value)
+                  for key, value in logs.items()}
         record.update(step=self.step, epoch=self.epoch, images_per_s=images / max(seconds, 1e-9),
                       micro_batch=self.micro_batch, skipped_steps=self.skipped_steps)
         postfix = {"loss": f"{record['loss']:.4f}", "img/s": f"{record['images_per_s']:.1f}"}
@@ -688,6 +690,7 @@ class Trainer:
         self.start_log()
         self.model.train()
         last = {}
+        window = LogWindow()
         stop = StopFlag()
         with stop.installed(), self.emergency_checkpoint():
             while self.epoch < config.epochs and not self.finished():
@@ -696,15 +699,15 @@ class Trainer:
                 with closing(bar):  # closed before any stop or error message is printed
                     tick, images = time.perf_counter(), 0
                     for x0 in self.batches.epoch(self.epoch, self.batch_in_epoch):
-                        logs = self.train_step(x0)
+                        window.add(self.train_step(x0))
                         images += config.batch_size
                         bar.update(1)
                         if self.bad_in_a_row >= config.max_bad_steps:
                             self.restore_after_divergence()
                         if (self.step % config.log_every == 0 or self.batch_in_epoch == len(self.batches)
                                 or self.finished()):
-                            last = self.report(logs, images, time.perf_counter() - tick, bar)
-                            tick, images = time.perf_counter(), 0
+                            last = self.report(window.values(), images, time.perf_counter() - tick, bar)
+                            window, tick, images = LogWindow(), time.perf_counter(), 0
                         if (config.checkpoint_every and self.step % config.checkpoint_every == 0
                                 and not self.bad_in_a_row):
                             self.save_checkpoint()
@@ -833,6 +836,31 @@ def foreign_run_files(run_dir: Path) -> list[str]:
                 foreign.append(log.name)
                 break
     return foreign
+
+
+class LogWindow:
+    """The logged scalars of the steps since the last record: their means (a skipped step's non-finite values
+    left out; a window of skipped steps only gives its last step's) and, as "skipped", how many were skipped.
+    Sums stay on the device: no host sync per step."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = self.skipped = 0
+        self.last: dict = {}
+
+    def add(self, logs: dict) -> None:
+        self.last = logs
+        if float(logs["skipped"]):  # a CPU tensor
+            self.skipped += 1
+            return
+        self.steps += 1
+        for key, value in logs.items():
+            if key != "skipped":
+                self.sums[key] = self.sums.get(key, 0) + value
+
+    def values(self) -> dict:
+        means = {key: total / self.steps for key, total in self.sums.items()} if self.steps else dict(self.last)
+        return {**means, "skipped": self.skipped, "logged_steps": self.steps + self.skipped}
 
 
 class StopFlag:

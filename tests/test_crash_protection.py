@@ -667,3 +667,23 @@ def test_data_line_and_too_few_images_name_the_flags(tmp_path, capsys):
     assert main(["train", *flags]) == 2
     assert capsys.readouterr().err.strip() == "dream train: error: --batch-size 16 needs at least 16 images; the " \
                                               "data has 8"
+
+
+def test_a_record_holds_the_mean_of_its_steps(tmp_path):
+    """With --log-every 3 a record's loss is the mean of its 3 steps' losses (the run logging each step
+    computes the same steps), not the last step's alone."""
+    Trainer(small_config(tmp_path / "each", max_steps=6)).run()
+    Trainer(small_config(tmp_path / "window", max_steps=6, log_every=3)).run()
+
+    def records(run):
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                if "loss" in json.loads(line)]
+
+    each, window = records("each"), records("window")
+    assert [r["step"] for r in window] == [2, 3, 4, 6]  # log steps and epoch ends (2 steps an epoch)
+    assert [r["logged_steps"] for r in window] == [2, 1, 1, 2]
+    by_step = {r["step"]: r for r in each}
+    for record, steps in zip(window, [(1, 2), (3,), (4,), (5, 6)]):
+        for key in ("loss", "grad_norm"):
+            expected = sum(by_step[s][key] for s in steps) / len(steps)
+            assert abs(record[key] - expected) <= 1e-6 * abs(expected), (record["step"], key)

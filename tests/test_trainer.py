@@ -43,6 +43,11 @@ def records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def setup_records(trainer):
+    """The log records a trainer made during its setup: written when its run starts (Trainer.start_log)."""
+    return list(trainer.pending_records)
+
+
 # ----------------------------------------------------------------------------------------------
 # the seed objective's step: each term backpropagated as soon as it is built
 def gradients(model):
@@ -281,15 +286,16 @@ def test_an_explicit_memory_budget_caps_the_device_for_the_whole_run(tmp_path, m
 
     monkeypatch.setattr(dream.memory, "cuda_memory_cap", cuda_memory_cap)
     monkeypatch.setattr(Trainer, "train_epochs", lambda self, resume: held.append(("training", resume)) or {})
-    Trainer(small_config(tmp_path, memory_budget=10**12)).run("ckpt.pt")
+    trainer = Trainer(small_config(tmp_path, memory_budget=10**12))
+    trainer.run("ckpt.pt")
     assert held == [(10**12, torch.device("cpu")), ("training", "ckpt.pt"), "released"]
-    assert [r["event"] for r in records(tmp_path)] == ["memory_budget", "memory_cap"]
+    assert [r["event"] for r in setup_records(trainer)] == ["memory_budget", "memory_cap"]
 
 
 def test_memory_budget_with_the_real_estimator(tmp_path):
     trainer = Trainer(small_config(tmp_path, memory_budget=10**12))
     assert trainer.micro_batch == 4
-    assert [r["event"] for r in records(tmp_path)] == ["memory_budget"]
+    assert [r["event"] for r in setup_records(trainer)] == ["memory_budget"]
 
 
 def test_an_explicit_micro_batch_is_kept_and_checked_against_the_budget(tmp_path, capsys):
@@ -299,14 +305,14 @@ def test_an_explicit_micro_batch_is_kept_and_checked_against_the_budget(tmp_path
 
     trainer = Trainer(small_config(tmp_path / "a", memory_budget=10**12, micro_batch=2))
     assert trainer.micro_batch == 2
-    [within] = records(tmp_path / "a")
+    [within] = setup_records(trainer)
     spec = StepSpec.from_config(trainer.config, **trainer.step_spec_fields("none"), micro_batch=2)
     assert within["estimated_peak_bytes"] == estimate_step_memory(spec).peak_bytes
     assert within["over_budget"] is False and "within --memory-budget" in capsys.readouterr().err
 
     over = Trainer(small_config(tmp_path / "b", memory_budget=within["estimated_peak_bytes"] - 1, micro_batch=2))
     assert over.micro_batch == 2
-    [record] = records(tmp_path / "b")
+    [record] = setup_records(over)
     assert record["over_budget"] is True and record["estimated_peak_bytes"] == within["estimated_peak_bytes"]
     assert "warning: --micro-batch 2: the step is estimated at" in capsys.readouterr().err
 
@@ -422,7 +428,7 @@ def test_auto_checkpointing_picks_the_least_recomputation_that_fits(tmp_path, mo
     assert asked[3:] == ["attention"] and fixed.micro_batch == 2 and fixed.model.checkpointing == "attention"
     plain = Trainer(small_config(tmp_path / "plain", checkpointing="auto"))  # CPU, no budget: no estimate
     assert len(asked) == 4 and plain.model.checkpointing == "none"
-    assert records(tmp_path / "plain")[-1] == {"event": "memory_budget", "step": 0, "epoch": 0, "checkpointing": "none"}
+    assert setup_records(plain)[-1] == {"event": "memory_budget", "step": 0, "epoch": 0, "checkpointing": "none"}
 
 
 def test_auto_checkpointing_tries_recomputed_norms_with_the_triton_backend_only(tmp_path, monkeypatch):
