@@ -403,10 +403,14 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     if getattr(args, "autotune_kernels", False):
+        import torch
+
         os.environ["DREAM_KERNEL_AUTOTUNE"] = "1"  # kernels.autotune reads it at each launch
         if os.environ.get("RANK", "0") == "0":
             print("dream: Triton kernel launch configurations are tuned at the first use of each problem and "
-                  "cached (kernels/autotune.py)", file=sys.stderr)
+                  "cached (kernels/autotune.py)" if torch.cuda.is_available() else
+                  "dream: --autotune-kernels has no effect without a GPU (kernels are timed on CUDA only)",
+                  file=sys.stderr)
     handlers = {"train": run_train, "sample": run_sample, "info": run_info, "profile": run_profile,
                 "memory": run_memory, "eval": run_eval, "export": run_export}
     # (training's loop installs its own handler, which saves a checkpoint; this one covers its setup)

@@ -240,8 +240,10 @@ def celeba_files(root: Path, split: str) -> list[Path]:
     try:
         dataset = torchvision.datasets.CelebA(str(root), split=split, target_type=[], download=False)
     except (RuntimeError, FileNotFoundError, OSError) as error:
+        # (torchvision's own message suggests download=True, which its CelebA download rarely survives)
+        detail = "" if "download=True" in str(error) else f": {error}"
         raise DreamError(f"CelebA not found under {root} (expected {root}/celeba/img_align_celeba and its "
-                         f"list files; download it by hand, then pass the folder above 'celeba'): {error}") from None
+                         f"list files; download it by hand, then pass the folder above 'celeba'){detail}") from None
     except ValueError as error:
         raise DreamError(f"bad CelebA split {split!r}: {error}") from None
     return [Path(dataset.root) / dataset.base_folder / "img_align_celeba" / name for name in dataset.filename]

@@ -169,6 +169,7 @@ def test_celeba_missing_is_one_clear_line(tmp_path):
     with pytest.raises(DreamError, match="CelebA not found under") as error:
         load_images("celeba", str(tmp_path), cache_dir=tmp_path / "cache")
     assert str(tmp_path) in str(error.value)
+    assert "download=True" not in str(error.value)  # torchvision's advice: not an option of ours
 
 
 def test_unknown_source_and_missing_root():
