@@ -825,17 +825,20 @@ def foreign_run_files(run_dir: Path) -> list[str]:
     if log.is_file():
         try:
             lines = log.read_text().splitlines()
-        except (OSError, UnicodeDecodeError):
-            lines = ["?", "?"]
-        for line in lines[:-1]:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = None
-            if not isinstance(record, dict) or not ({"step", "event"} & set(record)):
-                foreign.append(log.name)
-                break
+        except (OSError, UnicodeDecodeError):  # not text
+            lines = None
+        if lines is None or not all(_is_record(line) for line in lines[:-1]):
+            foreign.append(log.name)
     return foreign
+
+
+def _is_record(line: str) -> bool:
+    """A line of a run's metrics.jsonl: a JSON object with a step or an event."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and bool({"step", "event"} & set(record))
 
 
 class LogWindow:
