@@ -119,7 +119,7 @@ def load_real_images(real: dict, size: int, cache_dir=None) -> torch.Tensor:
 
 
 def resolve_real_set(config: dict, source: str | None = None, root: str | None = None, split: str | None = None,
-                     count: int | None = None) -> dict:
+                     count: int | None = None, exclude=()) -> dict:
     """The real set: the checkpoint's training data unless overridden. count: synthetic image count, or
     a cap on a CelebA/folder set (None: all of it). A CelebA/folder set's files are listed now and their
     fingerprint ("files") keys its cached statistics, so changed images are never scored from old features."""
@@ -140,8 +140,10 @@ def resolve_real_set(config: dict, source: str | None = None, root: str | None =
 
     split = split or (config.get("data_split", "train") if same else "train")
     root = Path(root).expanduser().resolve()
-    # the training run's own folder (its sample grids) was left out of its data: of this set too
-    exclude = [str(Path(config["run_dir"]).expanduser().resolve())] if config.get("run_dir") else []
+    # left out of a folder: the training run's own folder (as it was of the training data) and `exclude`
+    # (the evaluation's output); a CelebA split lists its files
+    folders = [*([config["run_dir"]] if config.get("run_dir") else []), *exclude] if source == "folder" else []
+    exclude = [str(Path(folder).expanduser().resolve()) for folder in folders]
     files, _, _ = dataset_files(source, root, split, exclude=[Path(folder) for folder in exclude])
     return {"source": source, "root": str(root), "split": split if source == "celeba" else None, "count": count,
             "seed": None, "files": files_fingerprint(files), "exclude": exclude}
@@ -151,7 +153,9 @@ def real_cache_name(real: dict, size: int, weights_tag: str) -> str:
     """Keyed on the real set, the image size, the extractor's weights and how images are decoded."""
     from dream.data import DECODE_VERSION
 
-    key = hashlib.sha1(json.dumps([real, size, weights_tag, DECODE_VERSION], sort_keys=True).encode()).hexdigest()[:16]
+    identity = {key: value for key, value in real.items() if key != "exclude"}  # the files' fingerprint covers it
+    key = hashlib.sha1(json.dumps([identity, size, weights_tag, DECODE_VERSION], sort_keys=True).encode())
+    key = key.hexdigest()[:16]
     return f"dream-real-{real['source']}-{size}px-{key}"
 
 
@@ -379,10 +383,10 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
                                                            resolve_backend(backend, device), compile, dtype,
                                                            channels_last)
     size = getattr(model, "_orig_mod", model).config.image_size
-    real_set = resolve_real_set(state["config"], real, real_root, real_split, real_count)
     _, steps_run, _ = checked_sampler(diffusion, sampler, steps, eta)
     out_dir = Path(out) if out else default_out_dir(state["_path"], sampler, steps_run, eta, seed, dtype, batch_size,
                                                     use_ema)
+    real_set = resolve_real_set(state["config"], real, real_root, real_split, real_count, exclude=[out_dir])
     samples_dir = out_dir / "samples"
     cache_name = real_cache_name(real_set, size, weights_tag)
     real_images = RealImages(real_set, size)

@@ -467,3 +467,26 @@ def test_real_statistics_are_keyed_on_the_decoder_version(monkeypatch):
     name = real_cache_name(real, 64, "inception-v3-compat-123")
     monkeypatch.setattr(dream.data, "DECODE_VERSION", dream.data.DECODE_VERSION + 1)
     assert real_cache_name(real, 64, "inception-v3-compat-123") != name
+
+
+def test_a_real_folder_leaves_out_the_run_and_the_evaluation_and_keeps_one_statistics_key(tmp_path):
+    """Sample grids of a run inside the data folder, and an evaluation's own PNGs written there, are not real
+    images; and which folders were left out does not split the statistics cache (the files' fingerprint is
+    the key), so every run evaluated on one folder shares its statistics."""
+    from PIL import Image
+
+    from dream.evaluate import real_cache_name, resolve_real_set
+
+    faces = tmp_path / "faces"
+    for folder, count in ((faces, 3), (faces / "run" / "samples", 1), (faces / "eval" / "samples", 2)):
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            Image.new("RGB", (8, 8), (40 * i, 90, 200)).save(folder / f"{i:06d}.png")
+    config = {"data": "folder", "data_root": str(faces), "run_dir": str(faces / "run")}
+    real = resolve_real_set(config, exclude=[faces / "eval"])
+    only_faces = resolve_real_set({**config, "data_root": str(faces), "run_dir": str(tmp_path / "elsewhere")},
+                                  exclude=[faces / "eval", faces / "run"])
+    assert real["files"] == only_faces["files"]
+    assert real_cache_name(real, 64, "w") == real_cache_name(only_faces, 64, "w")
+    everything = resolve_real_set({"data": "folder", "data_root": str(faces)})
+    assert everything["files"] != real["files"]
