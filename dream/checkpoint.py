@@ -215,11 +215,12 @@ def _damage(path: Path, entry: dict) -> str | None:
     return None
 
 
-def require_checkpoint(path: str | Path) -> Path:
-    """The path, or a one-line DreamError when nothing is there (before any slow setup that needs it)."""
+def require_checkpoint(path: str | Path, what: str = "checkpoint") -> Path:
+    """The path, or a one-line DreamError naming it as `what` when nothing is there (before any slow setup
+    that needs it)."""
     path = Path(path)
     if not path.exists():
-        raise DreamError(f"checkpoint {path} does not exist")
+        raise DreamError(f"{what} {path} does not exist")
     return path
 
 

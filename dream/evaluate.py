@@ -111,7 +111,7 @@ def load_real_images(real: dict, size: int, cache_dir=None) -> torch.Tensor:
     if real["source"] == "synthetic":
         return load_images("synthetic", size=size, count=real["count"], seed=real["seed"])
     images = load_images(real["source"], real["root"], real["split"], size=size, cache_dir=cache_dir,
-                         exclude=[Path(folder) for folder in real.get("exclude", [])])
+                         exclude=real.get("exclude", []))
     if real.get("count") and real["count"] < images.shape[0]:
         keep = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(0))[:real["count"]]
         images = images[keep.sort().values]
@@ -144,7 +144,7 @@ def resolve_real_set(config: dict, source: str | None = None, root: str | None =
     # (the evaluation's output); a CelebA split lists its files
     folders = [*([config["run_dir"]] if config.get("run_dir") else []), *exclude] if source == "folder" else []
     exclude = [str(Path(folder).expanduser().resolve()) for folder in folders]
-    files, _, _ = dataset_files(source, root, split, exclude=[Path(folder) for folder in exclude])
+    files, _, _ = dataset_files(source, root, split, exclude=exclude)
     return {"source": source, "root": str(root), "split": split if source == "celeba" else None, "count": count,
             "seed": None, "files": files_fingerprint(files), "exclude": exclude}
 

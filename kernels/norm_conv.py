@@ -23,7 +23,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from kernels.device import check_interpreter_device, is_int, reject_function_transforms
+from kernels.device import is_int, reject_function_transforms
 
 # the module itself (the package attribute `kernels.group_norm_silu` is the function)
 _gn = importlib.import_module("kernels.group_norm_silu")
@@ -69,7 +69,7 @@ def _convolution(y, conv_weight, conv_bias, stride, padding, dilation, groups):
 def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout_p, seed,
              conv_weight, conv_bias, stride, padding, dilation, groups):
     """Launch the fused norm, then the convolution; returns (out, mean, rstd)."""
-    check_interpreter_device(x, _gn._INTERPRETED, _OP, f"{_OP}_reference")
+    _gn._check_device(x, _OP)
     _check_conv(x, conv_weight, conv_bias, stride, padding, dilation, groups)
     y, mean, rstd = _gn._forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout_p, seed)
     return _convolution(y, conv_weight, conv_bias, stride, padding, dilation, groups), mean, rstd
