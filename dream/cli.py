@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed objective: spend a separate no-grad forward on eps_hat, as the seed does")
     p.add_argument("--paper-power", type=float, default=1.0, help="paper objective: lambda_t = sqrt(1-abar_t)^p")
     p.add_argument("--paper-loss", default="mse", choices=["mse", "l1"], help="paper objective: the loss")
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear"], help="noise schedule")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear"],
+                   help="noise schedule (linear: Ho et al.'s 1e-4 to 0.02 at T = 1000, scaled by 1000/T)")
     p.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T")
     p.add_argument("--data", default="synthetic", choices=["synthetic", "celeba", "folder"],
                    help="synthetic: built-in generated faces (no download); celeba or folder: need --data-root")

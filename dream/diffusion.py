@@ -29,7 +29,12 @@ def cosine_betas(num_timesteps: int, s: float = 0.008) -> torch.Tensor:
 
 
 def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+    """Ho et al.'s betas from beta_start to beta_end at T = 1000, both ends scaled by 1000/T for other T
+    (Nichol & Dhariwal), so that abar_{T-1} stays near 4e-5 and x_{T-1} near N(0, I), which sampling starts
+    from; clipped to 0.9999 like the cosine schedule (T < 20 would reach beta >= 1)."""
+    scale = 1000 / num_timesteps
+    betas = torch.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=torch.float64)
+    return betas.clip(max=0.9999)
 
 
 def extract(table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ any sampling, and a missing file is reported in one line. torch-fidelity is impo
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -386,37 +387,36 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
     _, steps_run, _ = checked_sampler(diffusion, sampler, steps, eta)
     out_dir = Path(out) if out else default_out_dir(state["_path"], sampler, steps_run, eta, seed, dtype, batch_size,
                                                     use_ema)
-    real_set = resolve_real_set(state["config"], real, real_root, real_split, real_count, exclude=[out_dir])
-    samples_dir = out_dir / "samples"
-    cache_name = real_cache_name(real_set, size, weights_tag)
-    real_images = RealImages(real_set, size)
-    count_file = cache_root / f"{cache_name}-count.json"
-    known_real_count = None
+    real_set = cache_name = real_images = known_real_count = None  # IS alone scores the samples by themselves
     if "fid" in metrics or "kid" in metrics:
+        real_set = resolve_real_set(state["config"], real, real_root, real_split, real_count, exclude=[out_dir])
+        cache_name = real_cache_name(real_set, size, weights_tag)
+        real_images = RealImages(real_set, size)
+        count_file = cache_root / f"{cache_name}-count.json"
         discard_damaged_cache(cache_root, cache_name)
         known_real_count = json.loads(count_file.read_text())["count"] if count_file.exists() else None
         if known_real_count is None or not real_features_cached(cache_root, cache_name, feature_extractor, metrics):
             known_real_count = len(real_images)  # loads it: a bad real set fails here, before sampling
             check_real_count(real_set, known_real_count)
             real_images._images = None  # not held through sampling (CelebA: 2 GB); read again from its cache
+            _atomic_json(count_file, {"count": known_real_count})
+    samples_dir = out_dir / "samples"
 
     start = time.perf_counter()
     sampling = sample_images(model, diffusion, count, samples_dir, sampler, steps, eta, batch_size, seed, dtype,
                              progress, graphs=graphs, steps_per_graph=steps_per_graph, settings=identity)
     sampling_seconds = time.perf_counter() - start
     del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-    start = time.perf_counter()
-    scores = compute_metrics(PngImages([image_path(samples_dir, i) for i in range(count)]), real_images, metrics,
-                             device, feature_extractor, weights, cache_name, cache_root, metrics_batch_size,
-                             kid_subset_size, kid_subsets, isc_splits, known_real_count, progress)
-    metrics_seconds = time.perf_counter() - start
-    if real_images._images is not None:
-        known_real_count = len(real_images)
-        cache_root.mkdir(parents=True, exist_ok=True)
-        _atomic_json(count_file, {"count": known_real_count})
+    # torch-fidelity moves its extractor and batches with a bare .cuda(): the current device is made ours
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        start = time.perf_counter()
+        scores = compute_metrics(PngImages([image_path(samples_dir, i) for i in range(count)]), real_images,
+                                 metrics, device, feature_extractor, weights, cache_name, cache_root,
+                                 metrics_batch_size, kid_subset_size, kid_subsets, isc_splits, known_real_count,
+                                 progress)
+        metrics_seconds = time.perf_counter() - start
 
     import torch_fidelity
 
@@ -428,7 +428,7 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
         "eta": sampling["eta"], "seed": seed, "batch_size": batch_size, "dtype": sampling["dtype"],
         "graphs": sampling["graphs"], "backend": resolve_backend(backend, device), "compile": compile,
         "image_size": size, "samples_dir": str(samples_dir),
-        "real": {**real_set, "images": known_real_count, "cache_name": cache_name},
+        "real": {**real_set, "images": known_real_count, "cache_name": cache_name} if real_set else None,
         "feature_extractor": feature_extractor, "feature_extractor_weights": weights,
         "metrics": {k: v for k, v in scores.items() if k != "raw"}, "torch_fidelity_metrics": scores["raw"],
         "seconds": {"sampling": sampling_seconds, "metrics": metrics_seconds},

@@ -3,7 +3,8 @@
 Sampling runs through dream.sampling.SamplingEngine (CUDA graphs on a GPU). Batch b starts from noise
 drawn with a generator seeded by (seed, b) and draws its step noise from the default generators seeded
 by (seed, b), so a batch's images do not depend on which other batches were made in this call:
-rerunning skips the batches already written. The settings that determine the images are recorded in
+rerunning skips the batches already written. Step noise (ddpm, or ddim with eta > 0) comes from the
+device's generator, whose CPU and CUDA streams differ: such a set continues on the same kind of device. The settings that determine the images are recorded in
 <out>/sampling.json, and a rerun with other settings into the same folder is refused.
 """
 from __future__ import annotations
@@ -93,6 +94,11 @@ def batch_noise(seed: int, batch_index: int, shape, device) -> torch.Tensor:
     """The starting noise x_T of batch `batch_index` (drawn on the CPU: the same on every device)."""
     generator = torch.Generator().manual_seed(mixed_seed(seed, batch_index, 0))
     return torch.randn(shape, generator=generator).to(device)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator's."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
 def batch_step_seed(seed: int, batch_index: int) -> int:
@@ -207,9 +213,11 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
         use_graphs = engine.use_graphs(device, graphs)
     except ValueError as error:
         raise DreamError(str(error)) from None
+    # the step noise of ddpm and of ddim with eta > 0 comes from the device's generator (CPU and CUDA streams differ)
+    stochastic = {"noise_device": device.type} if sampler == "ddpm" or eta > 0 else {}
     check_settings(out_dir, {"sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "batch_size": batch_size,
                              "dtype": str(dtype).removeprefix("torch."), "image_size": config.image_size,
-                             **(settings or {})})
+                             **stochastic, **(settings or {})})
     made, start = 0, time.perf_counter()
     batches = math.ceil(count / batch_size)
     bar = tqdm(total=count, desc=f"sampling ({sampler})", disable=not progress, unit="img")
@@ -229,8 +237,15 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
                 x_T = batch_noise(seed, b, shape, device)
                 torch.manual_seed(batch_step_seed(seed, b))
                 step_bar.reset()
-                x = engine.sample(x_T, sampler, steps, eta, dtype, graphs=use_graphs,
-                                  on_step=None if step_bar.disable else step_bar.update)
+                try:
+                    x = engine.sample(x_T, sampler, steps, eta, dtype, graphs=use_graphs,
+                                      on_step=None if step_bar.disable else step_bar.update)
+                except RuntimeError as error:  # torch.OutOfMemoryError is one
+                    if not out_of_memory(error):
+                        raise
+                    raise DreamError(f"out of memory denoising a batch of {batch_size} images on {device}: pass a "
+                                     f"smaller --batch-size (it changes the images: use another output folder)"
+                                     + (", or --graphs off" if use_graphs else "")) from None
                 pixels = to_pixels(x[missing])  # waits for the batch
                 if pending is not None:
                     pending.result()
@@ -262,7 +277,8 @@ def save_grid(out_dir: str | Path, count: int, path: str | Path, nrow: int | Non
             raise DreamError(f"{image_path(out_dir, i)} cannot be read as an image ({error}); delete it and "
                              f"rerun to make it again") from None
     grid = torchvision.utils.make_grid(torch.stack(images).float() / 255, nrow=nrow or int(math.ceil(count ** 0.5)))
-    torchvision.utils.save_image(grid, path)
+    with atomic_file(path, durable=False) as f:
+        torchvision.utils.save_image(grid, f, format="png")
     return Path(path)
 
 

@@ -229,6 +229,7 @@ class SamplingEngine:
         self.captures: dict[tuple, GraphedLoop] = {}
         self._pool = None
         self._capture_streams: dict[str, torch.cuda.Stream] = {}
+        self._captured_weights: tuple[int, ...] = ()
 
     def plan(self, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0, device=None,
              dtype: torch.dtype = torch.float32) -> StepPlan:
@@ -287,6 +288,12 @@ class SamplingEngine:
         module = getattr(self.model, "_orig_mod", self.model)
         key = (tuple(x_T.shape), x_T.dtype, dtype, plan.sampler, plan.steps, plan.eta, steps_per_graph,
                str(x_T.device), getattr(module, "backend", None), module.training)
+        # a capture reads the weights at the addresses they had: weights copied in place (an EMA swap) are
+        # seen, weights moved or re-allocated (.to(), load_state_dict(assign=True)) invalidate every capture
+        weights = tuple(t.data_ptr() for t in (*module.parameters(), *module.buffers()))
+        if weights != self._captured_weights:
+            self.clear()
+            self._captured_weights = weights
         if key not in self.captures:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()

@@ -27,6 +27,18 @@ def test_linear_schedule_values(t):
     assert d.betas[t].item() == pytest.approx(1e-4 + (0.02 - 1e-4) * t / 999, rel=1e-6)
 
 
+@pytest.mark.parametrize("timesteps", [10, 50, 250, 4000])
+def test_linear_schedule_ends_in_noise_at_any_length(timesteps):
+    """Both ends scale by 1000/T: the last step's abar stays near T = 1000's 4.0e-5 (sampling starts from
+    N(0, I)); the betas stay below 1 where the scaled end would pass it (T = 10: 0.2 ... 2.0)."""
+    d = GaussianDiffusion("linear", timesteps)
+    scale = 1000 / timesteps
+    expected = [min(scale * (1e-4 + (0.02 - 1e-4) * t / (timesteps - 1)), 0.9999) for t in range(timesteps)]
+    torch.testing.assert_close(d.betas.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
+    assert d.alphas_cumprod[-1].item() < (1e-4 if timesteps >= 50 else 1e-12)
+    assert torch.isfinite(d.posterior_mean_coef_x0).all() and torch.isfinite(d.sqrt_recip_alphas_cumprod).all()
+
+
 def test_tables_are_float32_buffers_that_move_with_the_module():
     d = GaussianDiffusion()
     assert d.alphas_cumprod.dtype == torch.float32

@@ -228,6 +228,37 @@ def test_eval_cli_only_fid(tmp_path, capsys, monkeypatch):
     assert main(command) == 0 and capsys.readouterr().out.strip() == line
 
 
+def test_inception_score_alone_needs_no_real_set(tmp_path, monkeypatch):
+    """IS scores the samples by themselves: a real set that cannot be read is not looked at."""
+    checkpoint = make_checkpoint(tmp_path)
+    monkeypatch.setattr(evaluate_module, "load_images", lambda *a, **k: pytest.fail("the real set was loaded"))
+    report = evaluate(str(checkpoint), out=str(tmp_path / "eval"), count=4, steps=1, batch_size=4, device="cpu",
+                      metrics=("isc",), real="folder", real_root=str(tmp_path / "gone"),
+                      feature_extractor=EXTRACTOR, cache_dir=tmp_path / "fidelity", isc_splits=1, progress=False)
+    assert set(report["metrics"]) == {"isc_mean", "isc_std"} and report["real"] is None
+    assert not list((tmp_path / "fidelity").glob("*-count.json"))
+
+
+def test_lost_real_count_is_written_again(tmp_path, monkeypatch):
+    """The real set's image count sits beside torch-fidelity's cached features; when only the count is lost,
+    the next evaluation counts the real set once and writes the count again, and the one after loads nothing."""
+    checkpoint = make_checkpoint(tmp_path)
+    settings = dict(out=str(tmp_path / "eval"), count=4, steps=1, batch_size=4, device="cpu", metrics=("fid",),
+                    feature_extractor=EXTRACTOR, cache_dir=tmp_path / "fidelity", progress=False)
+    first = evaluate(str(checkpoint), **settings)
+    count_file = tmp_path / "fidelity" / f"{first['real']['cache_name']}-count.json"
+    assert json.loads(count_file.read_text()) == {"count": 12}
+    count_file.unlink()
+    loads = []
+    real_load_images = evaluate_module.load_images
+    monkeypatch.setattr(evaluate_module, "load_images", lambda *a, **k: loads.append(1) or real_load_images(*a, **k))
+    second = evaluate(str(checkpoint), **settings)
+    assert len(loads) == 1 and json.loads(count_file.read_text()) == {"count": 12}
+    third = evaluate(str(checkpoint), **settings)
+    assert len(loads) == 1 and third["real"]["images"] == second["real"]["images"] == 12
+    assert third["metrics"] == pytest.approx(first["metrics"], rel=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------
 # offline: the Inception weights
 @pytest.fixture

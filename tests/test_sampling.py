@@ -313,6 +313,65 @@ def test_sample_images_resumable_and_batch_independent(tmp_path):
         sample_images(model, diffusion, 1, tmp_path / "d", graphs=True, **common)
 
 
+def test_stochastic_sets_record_the_device_of_their_step_noise(tmp_path):
+    """ddpm and ddim with eta > 0 draw their step noise from the device's generator, whose CPU and CUDA
+    streams differ: sampling.json records the device, and a set is not continued on another kind of device."""
+    diffusion, model = GaussianDiffusion("cosine", 10), tiny_unet(6)
+    common = dict(sampler="ddim", steps=2, batch_size=2, seed=3, progress=False)
+    sample_images(model, diffusion, 2, tmp_path / "eta", eta=0.5, **common)
+    assert json.loads((tmp_path / "eta" / "sampling.json").read_text())["noise_device"] == "cpu"
+    sample_images(model, diffusion, 2, tmp_path / "eta0", eta=0.0, **common)  # deterministic: any device
+    assert "noise_device" not in json.loads((tmp_path / "eta0" / "sampling.json").read_text())
+    record = tmp_path / "eta" / "sampling.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "noise_device": "cuda"}))
+    with pytest.raises(DreamError, match="noise_device='cuda', this run has noise_device='cpu'"):
+        sample_images(model, diffusion, 4, tmp_path / "eta", eta=0.5, **common)
+
+
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: "
+                                                "can't allocate memory: you tried to allocate 123 bytes")])
+def test_out_of_memory_while_sampling_is_one_line(tmp_path, capsys, monkeypatch, error):
+    from dream.cli import main
+
+    def out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(SamplingEngine, "sample", out_of_memory)
+    checkpoint = make_checkpoint(tmp_path)
+    command = ["sample", str(checkpoint), "--out", str(tmp_path / "s"), "--count", "2", "--batch-size", "2",
+               "--steps", "1", "--device", "cpu", "--no-progress"]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "out of memory denoising a batch of 2 images on cpu: pass a smaller --batch-size" in err, err
+
+    monkeypatch.setattr(SamplingEngine, "sample", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # other errors are not dressed up as out of memory
+        main(command)
+
+
+def test_grid_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    import torchvision
+
+    from dream.sample import save_grid
+
+    sample_images(tiny_unet(6), GaussianDiffusion("cosine", 10), 2, tmp_path, steps=1, batch_size=2, progress=False)
+    grid = save_grid(tmp_path, 2, tmp_path / "grid.png")
+    before = grid.read_bytes()
+    assert read_png(grid).shape == (20, 38, 3)  # two 16×16 images side by side, 2-pixel padding
+
+    def cut_short(tensor, fp, format=None):
+        fp.write(before[:40])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torchvision.utils, "save_image", cut_short)
+    with pytest.raises(OSError, match="No space"):
+        save_grid(tmp_path, 2, grid)
+    assert grid.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir() if not p.name[0].isdigit()) \
+        == ["grid.png", "sampling.json"]
+
+
 def test_sample_images_leaves_global_rng_alone(tmp_path):
     model = tiny_unet(7)  # (initialisation draws from the global generator)
     torch.manual_seed(0)
@@ -659,6 +718,46 @@ def test_capture_is_per_backend_and_mode(exact_fp32):
     model.train()
     engine.sample(x_T, "ddim", 4, 0.0, graphs=True)
     assert len(engine.captures) == 3
+
+
+def test_captures_are_dropped_when_the_weights_move(monkeypatch):
+    """A capture reads the weights at the addresses they had when it was made: weights copied in place keep
+    it, weights re-allocated (load_state_dict(assign=True), .to()) drop every capture. The bookkeeping is
+    checked on the CPU with the capture itself stubbed out; the GPU test below replays real graphs."""
+    import dream.sampling as sampling_module
+
+    made = []
+    monkeypatch.setattr(sampling_module, "GraphedLoop", lambda *args: made.append(object()) or made[-1])
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: object())
+    model = tiny_unet(3).eval()
+    engine = SamplingEngine(model, GaussianDiffusion("cosine", 20))
+    plan = engine.plan("ddim", 4, 0.0)
+    x_T = torch.randn(2, 3, 16, 16)
+    first = engine._graphed(plan, x_T, torch.float32, 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)  # in place: the capture still reads them
+    assert engine._graphed(plan, x_T, torch.float32, 1) is first and len(made) == 1
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    second = engine._graphed(plan, x_T, torch.float32, 1)
+    assert second is not first and list(engine.captures.values()) == [second] and len(made) == 2
+
+
+@gpu
+def test_capture_follows_reallocated_weights(exact_fp32):
+    diffusion = GaussianDiffusion("cosine", 20).cuda()
+    model = gpu_model("eager").eval()
+    engine = SamplingEngine(model, diffusion)
+    x_T = torch.randn(2, 3, 32, 32, device="cuda")
+    before = engine.sample(x_T, "ddim", 4, 0.0, graphs=True)
+    model.load_state_dict({k: v * 1.05 if v.is_floating_point() else v.clone()
+                           for k, v in model.state_dict().items()}, assign=True)
+    after = engine.sample(x_T, "ddim", 4, 0.0, graphs=True)
+    plain = engine.sample(x_T, "ddim", 4, 0.0, graphs=False)
+    assert len(engine.captures) == 1
+    torch.testing.assert_close(after, plain, atol=GPU_GRAPH_TOLERANCE[torch.float32], rtol=0)
+    assert (after - before).abs().max() > 10 * GPU_GRAPH_TOLERANCE[torch.float32]
 
 
 @gpu
