@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from dream.errors import DreamError
-from dream.files import atomic_write_bytes
+from dream.files import atomic_write_bytes, folder_problem
 
 MANIFEST = "manifest.json"
 
@@ -229,7 +229,7 @@ def load_checkpoint(path: str | Path, map_location="cpu", hint: str = "") -> dic
     newest valid checkpoint of a checkpoint folder or run folder (`hint`: see CheckpointManager.latest)."""
     path = require_checkpoint(path)
     if path.is_dir():
-        folder = path / "checkpoints" if (path / "checkpoints" / MANIFEST).exists() else path
+        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path  # a run folder, or its checkpoints
         manager = CheckpointManager(folder)
         state = manager.latest(hint)
         if state is None:
@@ -342,12 +342,20 @@ def export_weights(source: str | Path, out: str | Path, weights: str = "ema") ->
     if weights not in ("ema", "model"):
         raise DreamError(f"--weights must be ema or model, got {weights!r}")
     out = Path(out)
-    if out.suffix != ".safetensors":  # (".safetensors" alone is a name without a suffix)
+    if out.suffix.lower() != ".safetensors":  # (".safetensors" alone is a name without a suffix)
         raise DreamError(f"--out must be a file name ending in .safetensors (such as ema.safetensors), got {out}")
     if out.is_dir():
         raise DreamError(f"--out {out} is a folder; it must be a .safetensors file")
+    previous = None
+    if out.exists():  # only an earlier export is replaced: anything else may be someone's only copy
+        previous = _export_metadata(out)
+        if previous is None:
+            raise DreamError(f"--out {out} exists and is not a dream export; choose another --out (or delete it)")
     if Path(source).is_file() and is_safetensors(source):
         raise DreamError(f"{source} is an export already; exports are made from a training checkpoint or run folder")
+    problem = folder_problem(out.parent)  # before loading the checkpoint
+    if problem:
+        raise DreamError(f"--out {out}: {problem}")
     state = load_checkpoint(source)
     tensors = dict(state["model"])
     if weights == "ema":
@@ -361,16 +369,27 @@ def export_weights(source: str | Path, out: str | Path, weights: str = "ema") ->
                 "source": str(source_path.resolve()), "source_sha256": sha256_file(source_path),
                 "code_version": str(state.get("code_version", ""))}
     data = _safetensors().save(tensors, metadata=metadata)
-    replaced = out.exists()
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise DreamError(f"--out {out}: its folder {out.parent} cannot be made ({error.strerror or error})") from None
     atomic_write_bytes(out, data)
+    replaced = None if previous is None else {"weights": previous.get("weights"), "step": previous.get("step"),
+                                              "source": previous.get("source")}
     return {"out": str(out), "replaced": replaced, "weights": weights, "step": state.get("step"),
             "tensors": len(tensors),
             "parameters": sum(t.numel() for t in tensors.values()), "bytes": len(data),
             "source": metadata["source"]}
+
+
+def _export_metadata(path: Path) -> dict | None:
+    """The metadata of a dream export at `path`, or None for any other file (read from the header only)."""
+    if not path.is_file() or not is_safetensors(path):
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception:  # noqa: BLE001  - not importable, truncated, foreign: not an export we can vouch for
+        return None
+    return metadata if metadata.get("format") == EXPORT_FORMAT else None
 
 
 def load_exported(path: str | Path) -> dict:

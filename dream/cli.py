@@ -272,9 +272,11 @@ def run_export(args) -> int:
     from dream.checkpoint import export_weights
 
     report = export_weights(args.checkpoint, args.out, args.weights)
-    print(f"{'replaced' if report['replaced'] else 'wrote'} {report['out']}: {report['weights']} weights of step "
+    old = report["replaced"]
+    print(f"{'replaced' if old else 'wrote'} {report['out']}: {report['weights']} weights of step "
           f"{report['step']}, {report['parameters']:,} "
-          f"parameters in {report['tensors']} tensors, {report['bytes'] / 2**20:.1f} MiB (from {report['source']})")
+          f"parameters in {report['tensors']} tensors, {report['bytes'] / 2**20:.1f} MiB (from {report['source']})"
+          + (f"; it held the {old['weights']} weights of step {old['step']} from {old['source']}" if old else ""))
     return 0
 
 
@@ -295,7 +297,8 @@ def run_sample(args) -> int:
                                     steps_per_graph=args.steps_per_graph, compile=args.compile,
                                     channels_last=args.channels_last)
     weights = "EMA" if report["ema"] else "raw"
-    print(f"{report['out_dir']}: images 0-{report['count'] - 1} ({report['made']} made now, "
+    images = "image 0" if report["count"] == 1 else f"images 0-{report['count'] - 1}"
+    print(f"{report['out_dir']}: {images} ({report['made']} made now, "
           f"{report['count'] - report['made']} already there) from the {weights} weights of step {report['step']} "
           f"({report['checkpoint']}); grid {report['grid']}")
     return 0

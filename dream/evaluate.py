@@ -31,9 +31,9 @@ import torch
 
 from dream.checkpoint import require_checkpoint
 from dream.errors import DreamError
-from dream.files import atomic_write_text
+from dream.files import atomic_write_text, folder_problem
 from dream.sample import (add_sampling_arguments, checked_sampler, image_path, load_sampler_model, parse_graphs,
-                          sample_images)
+                          read_sample, sample_images)
 from dream.seeding import check_seed
 
 METRICS = ("fid", "isc", "kid")
@@ -67,18 +67,21 @@ class UInt8Images(torch.utils.data.Dataset):
 
 
 class PngImages(torch.utils.data.Dataset):
-    """Exactly the given files (not whatever else a folder holds), decoded to uint8 (3, H, W)."""
+    """Exactly the given files (not whatever else a folder holds), decoded to uint8 (3, size, size)."""
 
-    def __init__(self, paths: list[Path]):
-        self.paths = [str(p) for p in paths]
+    def __init__(self, paths: list[Path], size: int | None = None):
+        self.paths, self.size = [str(p) for p in paths], size
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i):
-        from torchvision.io import ImageReadMode, read_image
+        return read_sample(self.paths[i], self.size)
 
-        return read_image(self.paths[i], ImageReadMode.RGB)
+    def check(self) -> None:
+        """Decode every file once here (a damaged one is a one-line error, not one raised in a loader worker)."""
+        for i in range(len(self)):
+            self[i]
 
 
 class RealImages(torch.utils.data.Dataset):
@@ -119,11 +122,27 @@ def load_real_images(real: dict, size: int, cache_dir=None) -> torch.Tensor:
     return images
 
 
+def training_folder(config: dict, checkpoint: str | Path | None) -> Path | None:
+    """The folder `dream train` ran in, for a config that stores its folders relative to it (as runs did
+    before they stored absolute paths): the run folder holding `checkpoint`, less the parts of the relative
+    --run-dir. None when that cannot be told (an export, a moved run, an absolute or upward --run-dir)."""
+    run_dir = config.get("run_dir")
+    if not run_dir or checkpoint is None or Path(run_dir).is_absolute() or ".." in Path(run_dir).parts:
+        return None
+    parts = [part for part in Path(run_dir).parts if part != "."]
+    run = Path(checkpoint).resolve().parent
+    run = run.parent if run.name == "checkpoints" else run
+    if parts and list(run.parts[-len(parts):]) != parts:
+        return None
+    return Path(*run.parts[:len(run.parts) - len(parts)])
+
+
 def resolve_real_set(config: dict, source: str | None = None, root: str | None = None, split: str | None = None,
-                     count: int | None = None, exclude=()) -> dict:
+                     count: int | None = None, exclude=(), checkpoint: str | Path | None = None) -> dict:
     """The real set: the checkpoint's training data unless overridden. count: synthetic image count, or
     a cap on a CelebA/folder set (None: all of it). A CelebA/folder set's files are listed now and their
-    fingerprint ("files") keys its cached statistics, so changed images are never scored from old features."""
+    fingerprint ("files") keys its cached statistics, so changed images are never scored from old features.
+    A relative data root or run folder in the config is taken from where training ran (see training_folder)."""
     same = source is None or source == config.get("data")
     source = source or config.get("data", "synthetic")
     if source not in REAL_SOURCES:
@@ -134,7 +153,14 @@ def resolve_real_set(config: dict, source: str | None = None, root: str | None =
         default = config.get("data_count", 4096) if same else 4096
         return {"source": "synthetic", "root": None, "split": None, "count": count or default,
                 "seed": config.get("seed", 0) if same else 0}
-    root = root or (config.get("data_root") if same else None)
+    base = training_folder(config, checkpoint)
+    if not root and same and config.get("data_root"):
+        root = Path(config["data_root"]).expanduser()
+        if not root.is_absolute():
+            if base is None:
+                raise DreamError(f"the checkpoint's training data {source} {str(root)!r} is a relative path, and "
+                                 f"where training ran cannot be told from {checkpoint}; pass --real-root PATH")
+            root = base / root
     if not root:
         raise DreamError(f"the real set {source} needs --real-root")
     from dream.data import dataset_files, files_fingerprint
@@ -143,7 +169,10 @@ def resolve_real_set(config: dict, source: str | None = None, root: str | None =
     root = Path(root).expanduser().resolve()
     # left out of a folder: the training run's own folder (as it was of the training data) and `exclude`
     # (the evaluation's output); a CelebA split lists its files
-    folders = [*([config["run_dir"]] if config.get("run_dir") else []), *exclude] if source == "folder" else []
+    run_dir = Path(config["run_dir"]).expanduser() if config.get("run_dir") else None
+    if run_dir is not None and not run_dir.is_absolute():
+        run_dir = base / run_dir if base is not None else None
+    folders = [*([run_dir] if run_dir else []), *exclude] if source == "folder" else []
     exclude = [str(Path(folder).expanduser().resolve()) for folder in folders]
     files, _, _ = dataset_files(source, root, split, exclude=exclude)
     return {"source": source, "root": str(root), "split": split if source == "celeba" else None, "count": count,
@@ -235,35 +264,56 @@ def _download_inception(target: Path) -> None:
     torch.hub.download_url_to_file(INCEPTION_URL, str(target), progress=False)
 
 
-def _check_extractor_loads(name: str) -> None:
-    """Build torch-fidelity's extractor `name` once (fetching its weights, if it has to, into torch's hub
-    cache), so that one missing without a network stops `dream eval` before sampling, in one line."""
+def _check_extractor_loads(name: str, weights: Path | None = None) -> None:
+    """Build torch-fidelity's extractor `name` once, from `weights` or else fetching its weights (if it has to)
+    into torch's hub cache, so that a missing or wrong file stops `dream eval` before sampling, in one line."""
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
     extractor = FEATURE_EXTRACTORS_REGISTRY[name]
     try:
-        extractor(name, list(extractor.get_provided_features_list())[:1])
-    except Exception as error:  # noqa: BLE001  - no network, missing hub repo, HTTP error: all mean "provide it"
-        reason = (str(error).strip().splitlines() or [""])[0]
-        raise DreamError(f"feature extractor {name!r} could not be loaded ({type(error).__name__}: {reason}); "
-                         f"without a network, pass its weights file with --inception-weights PATH") from None
+        extractor(name, list(extractor.get_provided_features_list())[:1],
+                  **({"feature_extractor_weights_path": str(weights)} if weights else {}))
+    except Exception as error:  # noqa: BLE001  - no network, missing hub repo, HTTP error, a wrong file
+        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+        if weights is None:
+            raise DreamError(f"feature extractor {name!r} could not be loaded ({reason}); without a network, pass "
+                             f"its weights file with --extractor-weights PATH") from None
+        raise DreamError(f"{weights} is not {weights_file_name(name)} ({reason[:300]})"
+                         + ("; delete it to download it again, or pass --inception-weights PATH"
+                            if weights == hub_inception_file() else "")) from None
+
+
+def weights_file_name(name: str) -> str:
+    return (f"torch-fidelity's Inception weights file {INCEPTION_FILE}" if name == INCEPTION
+            else f"the weights file of feature extractor {name!r}")
+
+
+def hub_inception_file() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
+# torch-fidelity reads these extractors' weights files with full unpickling: a given file must first load as
+# plain tensors (weights_only=True), so that it cannot run code
+PICKLED_WEIGHTS = (INCEPTION, "vgg16")
 
 
 def resolve_feature_extractor(name: str, weights: str | None) -> tuple[str | None, str]:
-    """(weights path or None, tag for cache names), checked before any sampling: for Inception, the given
-    file, else torch's hub cache, else a download; failing that, one line saying what to provide."""
+    """(weights path or None, tag for cache names), checked before any sampling by building the extractor:
+    from the given file, else (Inception) torch's hub cache or a download, else (others) torch-fidelity's own
+    fetch; failing that, one line saying what to provide."""
     fidelity = import_fidelity()
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
     if name not in FEATURE_EXTRACTORS_REGISTRY:
         raise DreamError(f"unknown feature extractor {name!r}; torch-fidelity knows {sorted(FEATURE_EXTRACTORS_REGISTRY)}")
-    hub_file = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    hub_file = hub_inception_file()
     if weights:
+        flag = "--inception-weights" if name == INCEPTION else "--extractor-weights"
         path = Path(weights).expanduser()
         if path.is_dir():
-            raise DreamError(f"--inception-weights {path} is a folder, not a file; pass the file {INCEPTION_FILE}")
+            raise DreamError(f"{flag} {path} is a folder, not a file; pass {weights_file_name(name)}")
         if not path.is_file():
-            raise DreamError(f"--inception-weights {path}: no such file (expected {INCEPTION_FILE})")
+            raise DreamError(f"{flag} {path}: no such file (expected {weights_file_name(name)})")
     elif name != INCEPTION:
         _check_extractor_loads(name)
         return None, f"{name}-{fidelity.__version__}"
@@ -278,14 +328,14 @@ def resolve_feature_extractor(name: str, weights: str | None) -> tuple[str | Non
                              f"({type(error).__name__}: {reason}); fetch {INCEPTION_URL} elsewhere and pass "
                              f"--inception-weights PATH (or copy it to {hub_file})") from None
         path = hub_file
-    if name == INCEPTION:
+    if name in PICKLED_WEIGHTS:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(state, dict) or "fc.weight" not in state:
-                raise ValueError("no fc.weight entry")
+            torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001
-            raise DreamError(f"{path} is not torch-fidelity's Inception weights file {INCEPTION_FILE} "
-                             f"({type(error).__name__}: {(str(error).splitlines() or [''])[0]})") from None
+            raise DreamError(f"{path} is not {weights_file_name(name)}: it does not load as plain tensors "
+                             f"(torch.load weights_only=True: {type(error).__name__}: "
+                             f"{(str(error).splitlines() or [''])[0][:200]})") from None
+    _check_extractor_loads(name, path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     return str(path.resolve()), f"{name}-{digest}"
 
@@ -293,7 +343,8 @@ def resolve_feature_extractor(name: str, weights: str | None) -> tuple[str | Non
 def check_metrics(metrics) -> None:
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown or not metrics:
-        raise DreamError(f"unknown metrics {unknown}; choose one or more of {', '.join(METRICS)}")
+        raise DreamError(f"{'unknown metrics ' + ', '.join(unknown) if unknown else '--metrics names none'}; "
+                         f"choose one or more of {', '.join(METRICS)}")
 
 
 def compute_metrics(generated, real, metrics=METRICS, device="cpu", feature_extractor: str = INCEPTION,
@@ -371,12 +422,10 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
     if out and Path(out).exists() and not Path(out).is_dir():
         raise DreamError(f"--out {out} is a file; it must be a folder (new or holding an earlier evaluation)")
     cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "fidelity"
-    try:
-        cache_root.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        what = f"--cache-dir {cache_dir}" if cache_dir else f"the statistics cache {cache_root}"
-        raise DreamError(f"{what} is a file; it must be a folder" if cache_root.is_file()
-                         else f"{what} cannot be made ({error.strerror or error}); pass another --cache-dir") from None
+    problem = folder_problem(cache_root)  # made and written into now, not after hours of sampling
+    if problem:
+        what = f"--cache-dir {cache_dir}" if cache_dir else "the statistics cache"
+        raise DreamError(f"{what}: {problem}; pass another --cache-dir")
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     require_checkpoint(checkpoint)  # the cheap checks first, then the feature extractor's weights, before sampling
     weights, weights_tag = resolve_feature_extractor(feature_extractor, inception_weights)
@@ -389,7 +438,8 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
                                                     use_ema)
     real_set = cache_name = real_images = known_real_count = None  # IS alone scores the samples by themselves
     if "fid" in metrics or "kid" in metrics:
-        real_set = resolve_real_set(state["config"], real, real_root, real_split, real_count, exclude=[out_dir])
+        real_set = resolve_real_set(state["config"], real, real_root, real_split, real_count, exclude=[out_dir],
+                                    checkpoint=state["_path"])
         cache_name = real_cache_name(real_set, size, weights_tag)
         real_images = RealImages(real_set, size)
         count_file = cache_root / f"{cache_name}-count.json"
@@ -412,7 +462,9 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
         if device.type == "cuda":
             torch.cuda.empty_cache()
         start = time.perf_counter()
-        scores = compute_metrics(PngImages([image_path(samples_dir, i) for i in range(count)]), real_images,
+        samples = PngImages([image_path(samples_dir, i) for i in range(count)], size)
+        samples.check()
+        scores = compute_metrics(samples, real_images,
                                  metrics, device, feature_extractor, weights, cache_name, cache_root,
                                  metrics_batch_size, kid_subset_size, kid_subsets, isc_splits, known_real_count,
                                  progress)
@@ -468,7 +520,8 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--real-root", help="CelebA root (the folder holding 'celeba') or an image folder")
     p.add_argument("--real-split", help="CelebA split: train, valid, test or all (default: the training split)")
     p.add_argument("--real-count", type=int, help="synthetic image count, or a cap on the CelebA/folder images")
-    p.add_argument("--inception-weights", help=f"path to {INCEPTION_FILE} (offline use)")
+    p.add_argument("--inception-weights", "--extractor-weights", dest="inception_weights",
+                   help=f"the feature extractor's weights file (Inception: {INCEPTION_FILE}; offline use)")
     p.add_argument("--feature-extractor", default=INCEPTION, help="torch-fidelity feature extractor name")
     p.add_argument("--kid-subset-size", type=int, default=1000,
                    help="KID subset size (capped at the sample and real counts)")

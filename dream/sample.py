@@ -130,7 +130,7 @@ def check_settings(out_dir: Path, settings: dict) -> None:
             raise DreamError(f"{out_dir} holds PNG files ({pngs[0].name}{', ...' if len(pngs) > 1 else ''}) and "
                              f"{record}, so they are not a set this command made and can continue; use another "
                              f"output folder")
-        foreign = [p.name for p in pngs if p.name != "grid.png" and not re.fullmatch(r"\d{6}\.png", p.name)]
+        foreign = [p.name for p in pngs if p.name != "grid.png" and not re.fullmatch(r"\d{6,}\.png", p.name)]
         if foreign:
             raise DreamError(f"{out_dir} holds PNG files this command did not write ({', '.join(foreign[:3])}"
                              f"{', ...' if len(foreign) > 3 else ''}); use another output folder")
@@ -143,8 +143,8 @@ def check_settings(out_dir: Path, settings: dict) -> None:
     atomic_write_text(path, json.dumps(settings, indent=1))
 
 
-def check_counts(count: int, batch_size: int) -> None:
-    for flag, value in (("--count", count), ("--batch-size", batch_size)):
+def check_counts(count: int, batch_size: int, steps_per_graph: int = 1) -> None:
+    for flag, value in (("--count", count), ("--batch-size", batch_size), ("--steps-per-graph", steps_per_graph)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise DreamError(f"{flag} must be a positive integer, got {value!r}")
 
@@ -201,7 +201,7 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
     (seed, b, batch_size, sampler settings) only. `steps`: DDIM steps (None: 50); the ddpm sampler runs all T
     and refuses any other number. `graphs`: None = CUDA graphs on a CUDA device.
     PNGs are encoded on a writer thread while the next batch is sampled."""
-    check_counts(count, batch_size)
+    check_counts(count, batch_size, steps_per_graph)
     check_seed(seed)
     sampler, steps, eta = checked_sampler(diffusion, sampler, steps, eta)
     out_dir = prepare_out_dir(out_dir)
@@ -264,18 +264,34 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
             "seconds": time.perf_counter() - start}
 
 
-def save_grid(out_dir: str | Path, count: int, path: str | Path, nrow: int | None = None) -> Path:
+def read_sample(path: str | Path, size: int | None = None) -> torch.Tensor:
+    """uint8 (3, H, W) of a PNG of a sample folder, decoded by Pillow (torchvision's decoder kills the process
+    on some damaged files). A file that does not decode, or is not size × size, is a one-line DreamError."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        why = (str(error).splitlines() or [type(error).__name__])[0]
+        raise DreamError(f"{path} cannot be read as an image ({why}); delete it and rerun to make it again") from None
+    if size is not None and pixels.shape[:2] != (size, size):
+        raise DreamError(f"{path} is {pixels.shape[1]}×{pixels.shape[0]} pixels, not the set's {size}×{size}; "
+                         f"delete it and rerun to make it again")
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+
+def save_grid(out_dir: str | Path, count: int, path: str | Path, nrow: int | None = None,
+              size: int | None = None) -> Path:
+    """The first `count` images of out_dir in a grid (all size × size; None: the first image's size)."""
     import torchvision
-    from torchvision.io import ImageReadMode, read_image
 
     out_dir = Path(out_dir)
     images = []
     for i in range(count):
-        try:
-            images.append(read_image(str(image_path(out_dir, i)), ImageReadMode.RGB))
-        except RuntimeError as error:  # torchvision's decoder: a damaged file
-            raise DreamError(f"{image_path(out_dir, i)} cannot be read as an image ({error}); delete it and "
-                             f"rerun to make it again") from None
+        images.append(read_sample(image_path(out_dir, i), size))
+        size = images[0].shape[-1] if size is None else size
     grid = torchvision.utils.make_grid(torch.stack(images).float() / 255, nrow=nrow or int(math.ceil(count ** 0.5)))
     with atomic_file(path, durable=False) as f:
         torchvision.utils.save_image(grid, f, format="png")
@@ -293,8 +309,8 @@ def load_sampler_model(checkpoint: str, device="cpu", use_ema: bool = True, back
     if resolve_channels_last(channels_last, device):
         model = model.to(memory_format=torch.channels_last)
     state["_path"] = str(Path(state.get("_path", checkpoint)).resolve())
-    identity = {"weights_sha256": weights_sha256(model), "checkpoint_step": state.get("step"),
-                "ema": state["sampled_weights"] == "ema"}
+    identity = {"ema": state["sampled_weights"] == "ema", "weights_sha256": weights_sha256(model),
+                "checkpoint_step": state.get("step")}  # (in the order a refusal names the first difference)
     if compile:
         model = torch.compile(model)
     return model, diffusion, state, identity
@@ -307,7 +323,7 @@ def sample_from_checkpoint(checkpoint: str, out_dir: str, count: int = 64, sampl
                            grid: bool = True, progress: bool = True, graphs: bool | None = None,
                            steps_per_graph: int = 1, compile: bool = False,
                            channels_last: bool | None = None) -> dict:
-    check_counts(count, batch_size)  # the cheap checks before loading the model
+    check_counts(count, batch_size, steps_per_graph)  # the cheap checks before loading the model
     check_seed(seed)
     check_out_dir(out_dir)
     model, diffusion, state, identity = load_sampler_model(checkpoint, device, use_ema, backend, compile, dtype,
@@ -316,5 +332,6 @@ def sample_from_checkpoint(checkpoint: str, out_dir: str, count: int = 64, sampl
                            graphs=graphs, steps_per_graph=steps_per_graph, settings=identity)
     report.update(checkpoint=state["_path"], step=state.get("step"), ema=identity["ema"])
     if grid:
-        report["grid"] = str(save_grid(out_dir, min(count, 64), Path(out_dir) / "grid.png"))
+        size = getattr(model, "_orig_mod", model).config.image_size
+        report["grid"] = str(save_grid(out_dir, min(count, 64), Path(out_dir) / "grid.png", size=size))
     return report

@@ -482,8 +482,11 @@ class Trainer:
         }
 
     def resolved_config(self) -> dict:
-        """The config as given, with the "auto"/None choices as this run resolved them on its device."""
-        return {**self.config.to_dict(), "backend": self.backend, "precision": self.precision,
+        """The config as given, with the "auto"/None choices as this run resolved them on its device, and its
+        folders as absolute paths (sample and eval find the training data from anywhere)."""
+        folders = {key: str(Path(value).expanduser().resolve()) for key in ("run_dir", "data_root")
+                   if (value := getattr(self.config, key))}
+        return {**self.config.to_dict(), **folders, "backend": self.backend, "precision": self.precision,
                 "channels_last": self.channels_last}
 
     def load_state_dict(self, state: dict) -> None:

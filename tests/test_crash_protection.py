@@ -463,6 +463,16 @@ def test_a_missing_manifest_falls_back_to_the_files_and_deletes_nothing_newer(tm
     assert empty.verify() == []    # but no entry either)
 
 
+def test_a_run_folder_without_its_manifest_still_loads(tmp_path):
+    """Loading a run folder looks in its checkpoints/ folder even when the manifest there is missing."""
+    manager = CheckpointManager(tmp_path / "run" / "checkpoints", keep=3)
+    for step in (1, 2):
+        manager.save(fake_state(step), step)
+    (tmp_path / "run" / "checkpoints" / "manifest.json").unlink()
+    with pytest.warns(UserWarning, match="missing"):
+        assert load_checkpoint(tmp_path / "run")["step"] == 2
+
+
 def test_a_rerun_that_finds_no_checkpoint_logs_each_step_once(tmp_path):
     """Killed before its first checkpoint, a run starts again from step 0: its log starts again too."""
     import shutil

@@ -5,6 +5,7 @@ nothing is downloaded. The metric values are recomputed here from the extractor'
 and of the real images, with independent formulas."""
 import json
 import re
+from fractions import Fraction
 import urllib.error
 from pathlib import Path
 
@@ -20,8 +21,8 @@ from conftest import make_tiny_checkpoint  # noqa: E402
 import dream.evaluate as evaluate_module  # noqa: E402
 from dream.data import load_images  # noqa: E402
 from dream.errors import DreamError  # noqa: E402
-from dream.evaluate import (INCEPTION_FILE, evaluate, fid_from_features, frechet_distance,  # noqa: E402
-                            resolve_feature_extractor)
+from dream.evaluate import (INCEPTION, INCEPTION_FILE, evaluate, fid_from_features, frechet_distance,  # noqa: E402
+                            load_real_images, resolve_feature_extractor, resolve_real_set)
 from dream.sample import image_path, sample_from_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -34,6 +35,7 @@ KID_ATOL = 1e-9
 SAMPLED_FID_ATOL = 0.08  # 200,000 draws in 3-D: the estimate of a population FID ~ 3-10
 
 EXTRACTOR = "dream-test-random-conv"
+INCEPTION_NAME = INCEPTION  # torch-fidelity's "inception-v3-compat"
 
 
 class RandomConvFeatures(torch_fidelity.FeatureExtractorBase):
@@ -239,6 +241,24 @@ def test_inception_score_alone_needs_no_real_set(tmp_path, monkeypatch):
     assert not list((tmp_path / "fidelity").glob("*-count.json"))
 
 
+def test_a_damaged_sample_is_one_line_before_scoring(tmp_path, capsys):
+    from dream.cli import main
+
+    checkpoint = make_checkpoint(tmp_path)
+    command = ["eval", str(checkpoint), "--out", str(tmp_path / "eval"), "--count", "4", "--steps", "1",
+               "--batch-size", "4", "--device", "cpu", "--metrics", "isc", "--feature-extractor", EXTRACTOR,
+               "--cache-dir", str(tmp_path / "fidelity"), "--no-progress"]
+    assert main(command) == 0
+    capsys.readouterr()
+    png = image_path(tmp_path / "eval" / "samples", 2)
+    data = bytearray(png.read_bytes())
+    data[60:len(data) - 40] = bytes(len(data) - 100)  # still ends with IEND: not remade
+    png.write_bytes(data)
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{png} cannot be read as an image" in err, err
+
+
 def test_lost_real_count_is_written_again(tmp_path, monkeypatch):
     """The real set's image count sits beside torch-fidelity's cached features; when only the count is lost,
     the next evaluation counts the real set once and writes the count again, and the one after loads nothing."""
@@ -295,7 +315,7 @@ def test_missing_inception_weights_is_one_clear_line(tmp_path, capsys, monkeypat
                  "--inception-weights", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and err == f"dream eval: error: --inception-weights {tmp_path} is a folder, not a file; " \
-                                f"pass the file {INCEPTION_FILE}\n"
+                                f"pass torch-fidelity's Inception weights file {INCEPTION_FILE}\n"
     assert not out.exists()
 
 
@@ -320,33 +340,92 @@ def test_unloadable_feature_extractor_is_one_line_before_sampling(tmp_path, caps
                  "--no-progress", "--feature-extractor", UNREACHABLE])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("dream eval: error: ")
-    assert UNREACHABLE in err and "no internet connection" in err and "--inception-weights" in err
+    assert UNREACHABLE in err and "no internet connection" in err and "--extractor-weights PATH" in err
     assert not out.exists()  # checked before any sampling
 
 
-def test_inception_weights_file_is_checked(tmp_path, empty_hub, monkeypatch):
+class WeightedFeatures(RandomConvFeatures):
+    """An extractor built from a weights file, which must hold b"weights"."""
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        if feature_extractor_weights_path is None or Path(feature_extractor_weights_path).read_bytes() != b"weights":
+            raise ValueError(f"cannot build from {feature_extractor_weights_path}\nsecond line")
+        super().__init__(name, features_list)
+
+
+WEIGHTED = "dream-test-weighted"
+if WEIGHTED not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
+    torch_fidelity.register_feature_extractor(WEIGHTED, WeightedFeatures)
+
+
+def test_a_wrong_weights_file_for_any_extractor_is_one_line_before_sampling(tmp_path, capsys):
+    from dream.cli import main
+
+    checkpoint = make_checkpoint(tmp_path)
+    (tmp_path / "wrong.bin").write_bytes(b"other")
+    (tmp_path / "right.bin").write_bytes(b"weights")
+    out = tmp_path / "eval"
+    command = ["eval", str(checkpoint), "--out", str(out), "--count", "2", "--steps", "1", "--device", "cpu",
+               "--no-progress", "--metrics", "isc", "--feature-extractor", WEIGHTED, "--extractor-weights"]
+    assert main(command + [str(tmp_path / "wrong.bin")]) == 2
+    assert capsys.readouterr().err == (f"dream eval: error: {tmp_path / 'wrong.bin'} is not the weights file of "
+                                       f"feature extractor {WEIGHTED!r} (ValueError: cannot build from "
+                                       f"{tmp_path / 'wrong.bin'})\n")
+    assert not out.exists()
+    assert main(command + [str(tmp_path / "right.bin")]) == 0
+    report = json.loads((out / "report-n2.json").read_text())
+    assert report["feature_extractor_weights"] == str(tmp_path / "right.bin")
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    """A file of torch-fidelity's Inception architecture (random weights: the real ones are not here)."""
+    from unittest import mock
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with mock.patch.object(torch, "load", lambda *a, **k: {}), \
+            mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
+        model = FeatureExtractorInceptionV3(INCEPTION_NAME, ["2048"], feature_extractor_weights_path="unused")
+    path = tmp_path_factory.mktemp("inception") / INCEPTION_FILE
+    torch.save({k: v.half() for k, v in model.state_dict().items()}, path)  # half the size; loads into fp32
+    return path
+
+
+def test_inception_weights_file_is_checked(tmp_path, empty_hub, monkeypatch, inception_file):
+    """The file is checked by building the extractor from it, after loading it as plain tensors (torch-fidelity
+    itself unpickles it fully, which could run code)."""
+    import shutil
+
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(DreamError, match="not torch-fidelity's Inception weights"):
-        resolve_feature_extractor("inception-v3-compat", str(bad))
+    with pytest.raises(DreamError, match="not torch-fidelity's Inception weights .*does not load as plain tensors"):
+        resolve_feature_extractor(INCEPTION_NAME, str(bad))
     wrong = tmp_path / "wrong.pth"
-    torch.save({"conv.weight": torch.zeros(1)}, wrong)
-    with pytest.raises(DreamError, match="fc.weight"):
-        resolve_feature_extractor("inception-v3-compat", str(wrong))
+    torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)  # tensors, but not the architecture's
+    with pytest.raises(DreamError, match=r"not torch-fidelity's Inception weights .*Error\(s\) in loading state_dict"):
+        resolve_feature_extractor(INCEPTION_NAME, str(wrong))
+    code = tmp_path / "code.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2), "extra": Fraction(1, 3)}, code)  # a pickled object of a class
+    with pytest.raises(DreamError, match="does not load as plain tensors"):
+        resolve_feature_extractor(INCEPTION_NAME, str(code))
     # a file in torch's hub cache is found without a flag or a download
     hub_file = empty_hub / "checkpoints" / INCEPTION_FILE
     hub_file.parent.mkdir(parents=True)
-    torch.save({"fc.weight": torch.zeros(2, 2)}, hub_file)
-    path, tag = resolve_feature_extractor("inception-v3-compat", None)
-    assert path == str(hub_file) and tag.startswith("inception-v3-compat-")
+    shutil.copy(inception_file, hub_file)
+    path, tag = resolve_feature_extractor(INCEPTION_NAME, None)
+    assert path == str(hub_file) and tag.startswith(f"{INCEPTION_NAME}-")
+    shutil.copy(wrong, hub_file)  # a damaged download in the hub cache: the line says what to do
+    with pytest.raises(DreamError, match="delete it to download it again, or pass --inception-weights PATH"):
+        resolve_feature_extractor(INCEPTION_NAME, None)
     with pytest.raises(DreamError, match="unknown feature extractor"):
         resolve_feature_extractor("no-such-net", None)
     # a relative path is recorded (in the report) as the absolute path of the file
     good = tmp_path / "weights" / "inception.pth"
     good.parent.mkdir()
-    torch.save({"fc.weight": torch.zeros(2, 2)}, good)
+    shutil.copy(inception_file, good)
     monkeypatch.chdir(tmp_path)
-    path, _ = resolve_feature_extractor("inception-v3-compat", "weights/../weights/inception.pth")
+    path, _ = resolve_feature_extractor(INCEPTION_NAME, "weights/../weights/inception.pth")
     assert path == str(good)
 
 
@@ -365,6 +444,46 @@ def write_faces(folder, first, count):
     for i in range(first, first + count):
         Image.fromarray(load_images("synthetic", size=16, count=i + 1, seed=9)[i].permute(1, 2, 0).numpy()).save(
             folder / f"face{i:03d}.png")
+
+
+def test_relative_folders_of_a_run_are_taken_from_where_it_trained(tmp_path, monkeypatch):
+    """A config that stores --data-root and --run-dir relative to where training ran (runs before they were
+    stored absolute) is read from the run folder that holds the checkpoint, wherever eval runs; where that
+    cannot be told (an export) the line asks for --real-root."""
+    work = tmp_path / "work"
+    write_faces(work / "faces", 0, 3)
+    write_faces(work / "faces" / "runs" / "x" / "samples", 3, 2)  # the run inside the data: left out
+    config = {"data": "folder", "data_root": "faces", "run_dir": "faces/./runs/x", "seed": 0}
+    checkpoint = work / "faces" / "runs" / "x" / "checkpoints" / "ckpt-000000001.pt"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    real = resolve_real_set(config, checkpoint=str(checkpoint))
+    assert real["root"] == str((work / "faces").resolve()) and str((work / "faces" / "runs" / "x").resolve()) \
+        in real["exclude"]
+    assert len(load_real_images(real, 16)) == 3
+    with pytest.raises(DreamError, match="'faces' is a relative path, and where training ran cannot be told from "
+                                         ".*export.safetensors; pass --real-root PATH"):
+        resolve_real_set(config, checkpoint=str(tmp_path / "export.safetensors"))
+    assert resolve_real_set(config, root=str(work / "faces"), checkpoint=None)["root"] == real["root"]
+    absolute = {**config, "data_root": str(work / "faces"), "run_dir": str(work / "faces" / "runs" / "x")}
+    assert resolve_real_set(absolute, checkpoint=None) == real
+
+
+def test_training_stores_its_folders_as_absolute_paths(tmp_path, monkeypatch):
+    from dream.cli import main
+
+    write_faces(tmp_path / "faces", 0, 4)
+    monkeypatch.chdir(tmp_path / "faces")
+    assert main(["train", "--preset", "tiny", "--image-size", "16", "--data", "folder", "--data-root", ".",
+                 "--run-dir", "runs/x", "--batch-size", "2", "--max-steps", "1", "--sample-every", "0",
+                 "--device", "cpu", "--no-progress"]) == 0
+    saved = json.loads((tmp_path / "faces" / "runs" / "x" / "config.json").read_text())
+    assert saved["data_root"] == str((tmp_path / "faces").resolve())
+    assert saved["run_dir"] == str((tmp_path / "faces" / "runs" / "x").resolve())
+    monkeypatch.chdir(tmp_path)  # a rerun from elsewhere, with the same folders named otherwise: the same run
+    assert main(["train", "--preset", "tiny", "--image-size", "16", "--data", "folder", "--data-root", "faces",
+                 "--run-dir", "faces/runs/x", "--batch-size", "2", "--max-steps", "1", "--sample-every", "0",
+                 "--device", "cpu", "--no-progress"]) == 0
 
 
 def test_real_folder_statistics_follow_its_files(tmp_path):
@@ -441,8 +560,35 @@ def test_cache_dir_that_is_a_file_is_one_line_before_sampling(tmp_path, capsys, 
     code = main(["eval", str(checkpoint), "--out", "eval", "--count", "2", "--steps", "1", "--device", "cpu",
                  "--feature-extractor", EXTRACTOR, "--cache-dir", "afile", "--no-progress"])
     assert code == 2
-    assert capsys.readouterr().err == "dream eval: error: --cache-dir afile is a file; it must be a folder\n"
+    assert capsys.readouterr().err == ("dream eval: error: --cache-dir afile: afile exists and is not a folder; "
+                                       "pass another --cache-dir\n")
     assert not Path("eval").exists()
+
+
+def test_cache_dir_that_cannot_be_written_is_one_line_before_sampling(tmp_path, capsys, monkeypatch):
+    """An existing folder that refuses new files (a read-only mount) is found before sampling."""
+    import tempfile
+
+    from dream.cli import main
+
+    checkpoint = make_checkpoint(tmp_path)
+    (tmp_path / "readonly").mkdir()
+    real_temporary_file = tempfile.TemporaryFile
+
+    def read_only_mount(*args, dir=None, **kwargs):
+        if Path(dir) == tmp_path / "readonly":
+            raise OSError(30, "Read-only file system")
+        return real_temporary_file(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only_mount)
+    code = main(["eval", str(checkpoint), "--out", str(tmp_path / "eval"), "--count", "2", "--steps", "1",
+                 "--device", "cpu", "--feature-extractor", EXTRACTOR, "--cache-dir", str(tmp_path / "readonly"),
+                 "--no-progress"])
+    assert code == 2
+    assert capsys.readouterr().err == (f"dream eval: error: --cache-dir {tmp_path / 'readonly'}: cannot write into "
+                                       f"folder {tmp_path / 'readonly'}: Read-only file system; pass another "
+                                       f"--cache-dir\n")
+    assert not (tmp_path / "eval").exists()
 
 
 def test_damaged_statistics_cache_is_deleted_and_recomputed(tmp_path, capsys):

@@ -83,3 +83,40 @@ def test_export_errors_are_one_line(tmp_path, checkpoint, capsys):
     save_file({"w": torch.ones(2)}, str(foreign))
     with pytest.raises(DreamError, match="not a dream export"):
         load_exported(foreign)
+
+
+def test_only_an_earlier_export_is_replaced(tmp_path, checkpoint, capsys):
+    """Another safetensors file, or any other file, at --out is someone's data: refused before loading
+    the checkpoint. An earlier export is replaced, and the line says what it held."""
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "other.safetensors"
+    save_file({"w": torch.ones(2)}, str(foreign))
+    before = foreign.read_bytes()
+    text = tmp_path / "notes.SAFETENSORS"  # the suffix in any case
+    text.write_text("my notes")
+    for out in (foreign, text):
+        assert main(["export", str(checkpoint), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"dream export: error: --out {out} exists and is not a dream export; choose another --out " \
+                      f"(or delete it)\n", err
+    assert foreign.read_bytes() == before and text.read_text() == "my notes"
+
+    out = tmp_path / "weights.SafeTensors"
+    assert main(["export", str(checkpoint), "--out", str(out), "--weights", "model"]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {out}: model weights of step 7")
+    assert main(["export", str(checkpoint), "--out", str(out)]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith(f"replaced {out}: ema weights of step 7")
+    assert line.rstrip().endswith(f"; it held the model weights of step 7 from {checkpoint.resolve()}")
+    assert load_exported(out)["sampled_weights"] == "ema"
+
+
+def test_an_unwritable_out_folder_is_found_before_loading(tmp_path, checkpoint, capsys, monkeypatch):
+    import dream.checkpoint as checkpoint_module
+
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(checkpoint_module, "load_checkpoint", lambda *a, **k: pytest.fail("loaded first"))
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "a_file" / "ema.safetensors")]) == 2
+    assert capsys.readouterr().err == (f"dream export: error: --out {tmp_path / 'a_file' / 'ema.safetensors'}: "
+                                       f"{tmp_path / 'a_file'} exists and is not a folder\n")

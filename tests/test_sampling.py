@@ -372,6 +372,50 @@ def test_grid_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
         == ["grid.png", "sampling.json"]
 
 
+def damage_png(path: Path) -> None:
+    """Zero the middle of a PNG's pixel data; it still ends with IEND, so it passes for a whole file."""
+    data = bytearray(path.read_bytes())
+    data[60:len(data) - 40] = bytes(len(data) - 100)
+    path.write_bytes(data)
+
+
+def test_damaged_or_wrong_size_images_in_a_set_are_one_line(tmp_path, capsys):
+    """A file that passes for a whole PNG (it ends with IEND) but does not decode, or one of another size,
+    stops the grid with one line naming it (torchvision's decoder killed the process on such files)."""
+    import numpy as np
+    from PIL import Image
+
+    from dream.cli import main
+
+    checkpoint = make_checkpoint(tmp_path)
+    out = tmp_path / "s"
+    command = ["sample", str(checkpoint), "--out", str(out), "--count", "3", "--batch-size", "3", "--steps", "1",
+               "--device", "cpu", "--no-progress"]
+    assert main(command) == 0
+    capsys.readouterr()
+    damage_png(image_path(out, 1))
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{image_path(out, 1)} cannot be read as an image" in err, err
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image_path(out, 1))
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{image_path(out, 1)} is 8×8 pixels, not the set's 16×16" in err, err
+    image_path(out, 1).unlink()
+    assert main(command) == 0 and read_png(image_path(out, 1)).shape == (16, 16, 3)
+
+
+def test_sets_of_a_million_images_and_more_continue(tmp_path):
+    """Index 1,000,000 is written as 1000000.png: a rerun knows it as its own."""
+    diffusion, model = GaussianDiffusion("cosine", 10), tiny_unet(6)
+    sample_images(model, diffusion, 2, tmp_path, steps=1, batch_size=2, progress=False)
+    (tmp_path / "1000000.png").write_bytes(image_path(tmp_path, 0).read_bytes())
+    assert sample_images(model, diffusion, 2, tmp_path, steps=1, batch_size=2, progress=False)["made"] == 0
+    (tmp_path / "100000x.png").write_bytes(b"")
+    with pytest.raises(DreamError, match="did not write"):
+        sample_images(model, diffusion, 2, tmp_path, steps=1, batch_size=2, progress=False)
+
+
 def test_sample_images_leaves_global_rng_alone(tmp_path):
     model = tiny_unet(7)  # (initialisation draws from the global generator)
     torch.manual_seed(0)
