@@ -34,7 +34,8 @@ compiling Triton kernels on the CPU, and the processes share Triton's on-disk ca
 junit XML per shard; the stage's line sums their counts.
 
 Output (DIR, default profiles/; env DREAM_SUITE_OUT): <DIR>/<gpu>/<date>-<stage>.md/.json (benchmarks,
-profiles, Chrome traces), <DIR>/suite-logs/<stage>.log, <DIR>/suite-logs/summary.md. With --archive,
+profiles, Chrome traces), <DIR>/<gpu>/suite-logs/<stage>.log and summary.md (<DIR>/cpu/suite-logs with
+--allow-cpu: a check of the suite never replaces a GPU's record). With --archive,
 everything written is also packed into one .tar.gz (e.g. into the device tool's $OUT, which takes few files).
 The output folder and the archive path are checked before any stage runs.
 
@@ -93,10 +94,10 @@ class Stage:
     shards: int = 1  # > 1: that many copies side by side, DREAM_TEST_SHARD=i/n, "{shard}" in the command -> i
 
 
-def bench(files, name, out, k=None, variants=None, extra=()):
+def bench(files, name, out, logs, k=None, variants=None, extra=()):
     command = [PYTHON, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "--benchmark-only",
                "--benchmark-columns=median,iqr,rounds", "--bench-out", out, "--bench-name", name,
-               f"--benchmark-json={out}/suite-logs/{name}-pytest-benchmark.json"]
+               f"--benchmark-json={logs}/{name}-pytest-benchmark.json"]
     if k:
         command += ["-k", k]
     if variants:
@@ -135,6 +136,21 @@ def archive_problem(path: str | os.PathLike) -> str | None:
     return folder_problem(path.parent)
 
 
+def logs_folder(out: str | Path, device: str) -> str:
+    """<out>/<device>/suite-logs: device is `cpu` or the GPU's slug (dream.profile.device_slug)."""
+    return f"{out}/{device}/suite-logs"
+
+
+def suite_device(on_gpu: bool) -> str:
+    if not on_gpu:
+        return "cpu"
+    import torch
+
+    from dream.profile import device_slug
+
+    return device_slug({"device_type": "cuda", "device_name": torch.cuda.get_device_name()})
+
+
 def write_archive(archive: Path, out: Path, started: float) -> None:
     """Everything under `out` written since `started`, packed into `archive` (unpack with tar -C profiles/)."""
     with tarfile.open(archive, "w:gz") as tar:
@@ -143,9 +159,11 @@ def write_archive(archive: Path, out: Path, started: float) -> None:
                 tar.add(path, arcname=str(path.relative_to(out)))
 
 
-def stages(out: str, on_gpu: bool = True) -> list[Stage]:
+def stages(out: str, on_gpu: bool = True, device: str = "<gpu>") -> list[Stage]:
     """The stages; on_gpu=False (--allow-cpu without a GPU) swaps the GPU-only options of the tools for
-    their CPU forms (a plain sampling loop to profile, the tuner's interpreter check)."""
+    their CPU forms (a plain sampling loop to profile, the tuner's interpreter check). The logs go to
+    <out>/<device>/suite-logs, beside that device's reports (a CPU check never touches a GPU's record)."""
+    logs = logs_folder(out, device)
     tests = sorted({f for pattern in TEST_FILES for f in glob.glob(str(REPO / pattern))})
     tests += [str(REPO / node) for node in TEST_NODES]
     if on_gpu:
@@ -168,21 +186,21 @@ def stages(out: str, on_gpu: bool = True) -> list[Stage]:
         Stage("tests", 110, f"correctness {'at full size' if on_gpu else 'at CPU sizes (interpreter)'} ("
               + ", ".join(Path(t).name for t in tests) + ")",
               [PYTHON, "-m", "pytest", *tests, "-v", "-p", "no:cacheprovider", "-p", "bench.pytest_shard",
-               "--maxfail=10", "-rfEs", f"--junitxml={out}/suite-logs/tests-{{shard}}-junit.xml"],
+               "--maxfail=10", "-rfEs", f"--junitxml={logs}/tests-{{shard}}-junit.xml"],
               {"DREAM_TEST_FIRST": "gpu-only,test_unet_backends.py,test_trainer.py"}, shards=test_workers()),
         Stage("memory", 60, "6.8 GB budget of the seed step at batch 128",
-              bench(["bench/test_memory_budget.py"], "bench-memory", out, extra=["-s"])),
+              bench(["bench/test_memory_budget.py"], "bench-memory", out, logs, extra=["-s"])),
         Stage("train", 70, "seed objective training step (no compile)",
-              bench(["bench/test_bench_train_step.py"], "bench-train", out, k="seed-", variants=NO_COMPILE),
+              bench(["bench/test_bench_train_step.py"], "bench-train", out, logs, k="seed-", variants=NO_COMPILE),
               {"DREAM_BENCH_TARGET_S": "0.5"}),
         Stage("sampling", 70, "ancestral step and DDIM-10 loop" + (", CUDA graphs" if on_gpu else ", no graphs on CPU"),
-              bench(["bench/test_bench_sampling.py"], "bench-sampling", out, variants=NO_COMPILE),
+              bench(["bench/test_bench_sampling.py"], "bench-sampling", out, logs, variants=NO_COMPILE),
               {"DREAM_BENCH_DDIM_STEPS": "10", "DREAM_BENCH_TARGET_S": "0.3"}),
         Stage("profile", 75, profile_what, ["bash", "-c", " && ".join(
             f"{shlex.quote(PYTHON)} -m dream profile --out {shlex.quote(out)} {options}" for options in profiles)]),
         Stage("kernels", 110, "GroupNorm, attention, the skip concatenation and the residual sum vs their anchors",
               bench(["bench/test_bench_attention.py", "bench/test_bench_group_norm.py", "bench/test_bench_upsample.py",
-                     "bench/test_bench_bias_residual.py"], "bench-kernels", out,
+                     "bench/test_bench_bias_residual.py"], "bench-kernels", out, logs,
                     k=KERNEL_CASES, variants=NO_COMPILE), {"DREAM_BENCH_TARGET_S": "0.25"}),
         Stage("tune", 100, "kernel launch configurations timed beside the heuristics' picks (quick grid)" if on_gpu
               else "kernel launch configurations checked and timed beside the heuristics' picks (tiny sizes, "
@@ -190,11 +208,11 @@ def stages(out: str, on_gpu: bool = True) -> list[Stage]:
               [PYTHON, "-m", "bench.tune_kernels", "--out", out, "--time-limit", "85"]
               + ([] if on_gpu else ["--allow-cpu"])),
         Stage("unet", 60, "UNet forward and forward+backward (no compile)",
-              bench(["bench/test_bench_unet.py"], "bench-unet", out, variants=NO_COMPILE),
+              bench(["bench/test_bench_unet.py"], "bench-unet", out, logs, variants=NO_COMPILE),
               {"DREAM_BENCH_TARGET_S": "0.3"}),
         Stage("compile", 400, "torch.compile anchors (default and max-autotune) and ours compiled",
               bench(["bench/test_bench_train_step.py", "bench/test_bench_sampling.py", "bench/test_bench_group_norm.py",
-                     "bench/test_bench_attention.py"], "bench-compile", out,
+                     "bench/test_bench_attention.py"], "bench-compile", out, logs,
                     k="seed- or ddim or res64_pre_ss or n256",
                     variants="train_step/seed/step:*compile*,sampling/*:*compile*,"
                              "group_norm/res64_pre_ss/fwd+bwd:*compile*,attention/n256/fwd+bwd:*compile*"),
@@ -202,7 +220,7 @@ def stages(out: str, on_gpu: bool = True) -> list[Stage]:
         Stage("autotune", 240, "launch configurations autotuned at first use (--autotune-kernels) beside the "
                                "heuristics': headline kernels, training step, graphed DDIM-10",
               bench(["bench/test_bench_group_norm.py", "bench/test_bench_attention.py",
-                     "bench/test_bench_train_step.py", "bench/test_bench_sampling.py"], "bench-autotune", out,
+                     "bench/test_bench_train_step.py", "bench/test_bench_sampling.py"], "bench-autotune", out, logs,
                     k="res64_pre_ss_drop- or res64_pre_ss-fwd or n256 or n64 or seed- or ddim",
                     variants=AUTOTUNE_VARIANTS),
               {"DREAM_BENCH_DDIM_STEPS": "10", "DREAM_BENCH_TARGET_S": "0.3"}),
@@ -362,7 +380,7 @@ def _reports(out: Path, started: float) -> list[dict]:
                 found.append({"path": path, "results": list(latest.values()), "partial": True})
             else:
                 report = json.loads(path.read_text())
-                if isinstance(report, dict):  # not suite-logs/stages.json (a list)
+                if isinstance(report, dict):  # not a stage list (a list)
                     found.append({"path": path, **report})
         except (OSError, ValueError):
             continue
@@ -481,13 +499,16 @@ def main(argv=None) -> int:
             parser.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(names)}")
     chosen = [n for n in names if n in (args.only or ",".join(names)).split(",")
               and n not in (args.skip or "").split(",")]
+    if not chosen:
+        parser.error("--only and --skip leave no stage to run")
     on_gpu = True
     if args.allow_cpu or not (args.list or args.dry_run):
         import torch
 
         on_gpu = torch.cuda.is_available()
     # without a GPU (--allow-cpu) the same stages run with the tools' CPU options
-    plan = [s for s in stages(str(out), on_gpu) if s.name in chosen]
+    device = suite_device(on_gpu) if args.allow_cpu or not (args.list or args.dry_run) else "<gpu>"
+    plan = [s for s in stages(str(out), on_gpu, device) if s.name in chosen]
     if args.list or args.dry_run:
         for s in plan:
             print(f"{s.name:<9} {s.limit_s:>4}s  {s.what}" + (f" [{s.shards} processes]" if s.shards > 1 else ""))
@@ -500,11 +521,11 @@ def main(argv=None) -> int:
     if not on_gpu and not args.allow_cpu:
         parser.error("no CUDA device here; run it on a GPU machine (or pass --allow-cpu to check the suite "
                      "itself at CPU sizes)")
-    for option, problem in (("--out", folder_problem(out / "suite-logs")),
+    logs = Path(logs_folder(out, device))
+    for option, problem in (("--out", folder_problem(logs)),
                             ("--archive", args.archive and archive_problem(args.archive))):
         if problem:
             parser.error(f"{option}: {problem}")
-    logs = out / "suite-logs"
     started = time.time()
     deadline = time.monotonic() + args.budget
     done = []
@@ -563,7 +584,8 @@ def environment() -> dict:
 
 def summary_lines(out: Path, table: list[str], headlines: list[str], started: float, env: dict,
                   on_gpu: bool | None = None) -> list[str]:
-    """suite-logs/summary.md. Not on a GPU, the title and the headline numbers say CPU: they are no GPU figures.
+    """<device>/suite-logs/summary.md. Not on a GPU, the title and the headline numbers say CPU: they are no
+    GPU figures.
     on_gpu: what the suite ran on (None: as env says; env is empty when its probe failed)."""
     on_gpu = env.get("device_type") == "cuda" if on_gpu is None else on_gpu
     label = "" if on_gpu else " (CPU: a check of the suite, its numbers say nothing about GPU speed)"

@@ -290,8 +290,8 @@ def test_gpu_suite_reads_partial_results_once_each(tmp_path):
              {"case": "memory/seed", "variant": "ckpt_all", "measured_bytes": 2},
              {"case": "memory/seed", "variant": "ckpt_none", "measured_bytes": 1, "time_s": 0.5}]
     (device / "2026-11-29-bench-memory.partial.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    (tmp_path / "suite-logs").mkdir()
-    (tmp_path / "suite-logs" / "stages.json").write_text(json.dumps([{"stage": "memory", "status": "timeout"}]))
+    (device / "suite-logs").mkdir()
+    (device / "suite-logs" / "stages.json").write_text(json.dumps([{"stage": "memory", "status": "timeout"}]))
     (report,) = _reports(tmp_path, started)  # the stage list is not a report
     assert report["partial"] and [(r["variant"], r.get("time_s")) for r in report["results"]] == [
         ("ckpt_none", 0.5), ("ckpt_all", None)]
@@ -509,7 +509,8 @@ def _trivial_suite(monkeypatch):
     """gpu_suite with one stage that runs `true`, on the CPU: main() checks, runs and reports in a second."""
     from bench import gpu_suite
 
-    monkeypatch.setattr(gpu_suite, "stages", lambda out, on_gpu=True: [gpu_suite.Stage("env", 30, "x", ["true"])])
+    monkeypatch.setattr(gpu_suite, "stages",
+                        lambda out, on_gpu=True, device="<gpu>": [gpu_suite.Stage("env", 30, "x", ["true"])])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     return gpu_suite
 
@@ -540,9 +541,27 @@ def test_gpu_suite_prints_its_table_when_the_archive_cannot_be_written(tmp_path,
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and "could not write the archive" in captured.err, captured.err
     assert captured.out.rstrip().endswith("=" * 100) and "env       ok" in captured.out, captured.out
-    summary = (tmp_path / "o" / "suite-logs" / "summary.md").read_text()
+    summary = (tmp_path / "o" / "cpu" / "suite-logs" / "summary.md").read_text()
     assert summary.startswith("# GPU suite summary (CPU") and "## Headline numbers (CPU)" in summary
     assert f"torch {torch.__version__}" in summary and "commit " in summary and "triton " in summary
+
+
+def test_a_cpu_check_of_the_suite_leaves_the_gpu_record_alone(tmp_path, monkeypatch):
+    """--allow-cpu writes its logs and summary under <out>/cpu/suite-logs, and the stages' own log paths
+    point there too; a GPU's suite-logs beside it are not touched."""
+    from bench import gpu_suite
+
+    record = tmp_path / "o" / "nvidia-h200" / "suite-logs" / "summary.md"
+    record.parent.mkdir(parents=True)
+    record.write_text("# GPU suite summary\n\nNVIDIA H200\n")
+    commands = [stage.command for stage in gpu_suite.stages(str(tmp_path / "o"), on_gpu=False, device="cpu")]
+    logs_named = [part for command in commands for part in command if "suite-logs" in part]
+    assert logs_named and all(f"{tmp_path / 'o' / 'cpu' / 'suite-logs'}/" in part for part in logs_named)
+    _trivial_suite(monkeypatch)
+    assert gpu_suite.main(["--allow-cpu", "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "cpu" / "suite-logs" / "summary.md").read_text().startswith("# GPU suite summary (CPU")
+    assert record.read_text() == "# GPU suite summary\n\nNVIDIA H200\n"
+    assert sorted(p.name for p in (tmp_path / "o" / "nvidia-h200" / "suite-logs").iterdir()) == ["summary.md"]
 
 
 def test_gpu_suite_refuses_bad_budgets_in_one_line(monkeypatch, capsys):
@@ -558,6 +577,10 @@ def test_gpu_suite_refuses_bad_budgets_in_one_line(monkeypatch, capsys):
     assert "DREAM_SUITE_BUDGET: 'abc'" in err
     monkeypatch.setenv("DREAM_SUITE_BUDGET", "300")
     assert suite_main(["--list"]) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        suite_main(["--only", "env", "--skip", "env", "--list"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "--only and --skip leave no stage to run" in err
 
 
 def test_gpu_suite_dry_run_shows_what_an_allow_cpu_run_runs(monkeypatch, capsys):

@@ -18,6 +18,12 @@ def blocks_of(module: torch.nn.Module, prefix: str = ""):
 
 
 def model_info(preset: str = "seed", **overrides) -> dict:
+    """On the meta device: shapes, parameters and FLOPs without allocating (any image size, at once)."""
+    with torch.device("meta"):
+        return _model_info(preset, **overrides)
+
+
+def _model_info(preset: str, **overrides) -> dict:
     model = build_unet(preset, **overrides).eval()
     size = model.config.image_size
     x = torch.zeros(1, model.config.in_channels, size, size)

@@ -414,7 +414,7 @@ def estimate_step_memory(spec: StepSpec | None = None, **fields_) -> MemoryEstim
     device = torch.device("cpu")
     policy = CudaAutocastPolicy() if spec.target == "cuda" else nullcontext()
     snapshots = {}
-    with FakeTensorMode(), policy, _deterministic_algorithms_off():
+    with _too_large_is_one_line(spec), FakeTensorMode(), policy, _deterministic_algorithms_off():
         model, optimizer, ema, scaler, diffusion = build_state(spec, device)
         images = None
         if spec.data_images:
@@ -440,6 +440,26 @@ def estimate_step_memory(spec: StepSpec | None = None, **fields_) -> MemoryEstim
     peak_bytes = peak.pop("total")
     return MemoryEstimate(peak_bytes=peak_bytes, breakdown=peak, snapshots=snapshots, spec=spec,
                           method=f"fake CPU tensors + MemTracker ({spec.target} autocast policy)", extras=extras)
+
+
+@contextmanager
+def _too_large_is_one_line(spec: StepSpec):
+    """A step whose tensors would hold 2^63 bytes or more: a one-line ValueError, without the fake-tensor
+    machinery's error log of the failed shape computation."""
+    import logging
+
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except (RuntimeError, TypeError, OverflowError) as error:
+        if "overflow" not in str(error).lower():
+            raise
+        raise ValueError(f"batch size {spec.batch_size} is too large to estimate: the step's tensor sizes "
+                         f"overflow 64-bit integers") from None
+    finally:
+        log.setLevel(level)
 
 
 @contextmanager

@@ -496,6 +496,16 @@ def test_cli_bad_input_is_one_line(capsys):
     assert "must divide" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("batch", ["1000000000000000", "100000000000000000000"])
+def test_a_batch_too_large_to_count_is_one_line(capsys, batch):
+    """Tensor sizes past 2^63 bytes (torch's own overflow errors, one in a fake tensor's shape computation,
+    which also logs its traceback) are one line."""
+    assert main(["memory", "--preset", "tiny", "--image-size", "8", "--objective", "standard", "--batch", batch]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"dream memory: error: batch size {batch} is too large to estimate: the step's tensor "
+                            f"sizes overflow 64-bit integers\n"), captured.err
+
+
 # ----------------------------------------------------------------------------------------------
 # The seed preset at the seed's batch
 # ----------------------------------------------------------------------------------------------

@@ -22,6 +22,25 @@ def test_seed_forward_flops_per_image():
     assert sum(b["gflops"] for b in info["blocks"]) == pytest.approx(info["gflops_forward_per_image"], rel=1e-9)
 
 
+def test_model_facts_allocate_nothing_at_any_size():
+    """`dream info` counts on the meta device: the same FLOPs as a real forward, and a 2048px model (whose
+    4096-token attention at 64×64 would take gigabytes) at once."""
+    import time
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_unet("tiny", image_size=32).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, 32, 32), torch.tensor([5]))
+    info = model_info("tiny", image_size=32)
+    assert info["gflops_forward_per_image"] * 1e9 == counter.get_total_flops()
+    assert info["parameters"] == count_parameters(model)
+    start = time.perf_counter()
+    large = model_info("tiny", image_size=2048)
+    assert time.perf_counter() - start < 30 and large["parameters"] == info["parameters"]
+    assert large["gflops_forward_per_image"] > (2048 / 32) ** 2 * info["gflops_forward_per_image"]
+
+
 @pytest.mark.parametrize("batch,size", [(1, 16), (3, 32)])
 def test_output_shape_and_zero_initialised_head(batch, size):
     model = build_unet("tiny", image_size=size)
