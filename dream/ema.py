@@ -22,6 +22,7 @@ class EMA:
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
         params = dict(model.named_parameters())
         self.shadow = [params[name].detach().clone().float() for name in self.names]
+        self.in_use = False  # True while `applied` has a model holding other weights than its own
 
     def current_decay(self) -> float:
         if self.warmup:
@@ -46,13 +47,15 @@ class EMA:
         """Evaluate with the EMA weights; the training weights are restored on exit, even on error."""
         params = dict(model.named_parameters())
         backup = [params[name].detach().clone() for name in self.names]
-        self.copy_to(model)
+        self.in_use = True  # until the training weights are all back (an interrupted restore leaves it set)
         try:
+            self.copy_to(model)
             yield model
         finally:
             with torch.no_grad():
                 for name, value in zip(self.names, backup):
                     params[name].copy_(value)
+            self.in_use = False
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,

@@ -9,7 +9,8 @@ Never losing work:
     the step). Any other exception saves an emergency checkpoint when the state is sane and raises
     `TrainingAborted`. Both messages end with how to resume.
   * Non-finite loss or gradients: the step is skipped (no optimizer or EMA update) and counted;
-    after `max_bad_steps` in a row the last good checkpoint is restored and `Diverged` is raised.
+    after `max_bad_steps` in a row the last good checkpoint is restored and `Diverged` is raised. With
+    fp16 an overflow only lowers the loss scale, until the scale is below 1: from there it counts too.
   * CUDA out of memory inside a step: the micro-batch is halved (gradient accumulation keeps the
     batch), and the step is redone with the same t and noise, drawn for the whole batch beforehand.
 
@@ -274,10 +275,11 @@ class Trainer:
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.skipped_steps = 0  # non-finite steps skipped, in total
         self.bad_in_a_row = 0
+        self.skipped_in_a_row = 0  # any skipped steps, fp16 overflows too: no periodic checkpoint after one
         self.updating = False  # True while the optimizer, EMA and counters are being advanced
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=config.checkpoint_keep)
         self.last_checkpoint: Path | None = None
-        self.last_checkpoint_step = -1
+        self.last_checkpoint_position = (-1, -1, -1)
         self.resume_hint = "rerun the same command"
         self.pending_records: list[dict] | None = []  # log records made before the run starts (see start_log)
         if config.data != "synthetic":  # (the synthetic set's size is its flag's)
@@ -453,8 +455,11 @@ class Trainer:
             self.ema.update(self.model)
         else:
             self.skipped_steps += 1
-        bad = not loss_ok or not (grads_ok or self.scaler.is_enabled())  # fp16 overflows are the scaler's business
+        # fp16: an overflow is the scaler's business (it lowers the loss scale and the step is skipped) until
+        # the scale has fallen below 1, where the gradients are not finite even unscaled
+        bad = not loss_ok or not (grads_ok or (self.scaler.is_enabled() and self.scaler.get_scale() >= 1.0))
         self.bad_in_a_row = self.bad_in_a_row + 1 if bad else 0
+        self.skipped_in_a_row = 0 if stepped else self.skipped_in_a_row + 1
         self.step += 1
         self.batch_in_epoch += 1
         self.updating = False
@@ -472,6 +477,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,  # with (seed, epoch): the position in the data order
             "step": self.step,
             "skipped_steps": self.skipped_steps,
+            "bad_in_a_row": self.bad_in_a_row,  # a streak of non-finite steps goes on counting after a resume
             "micro_batch": self.micro_batch,
             "world_size": self.dist.world_size,
             "data_images": self.batches.images.shape[0],
@@ -498,7 +504,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])    # an fp16 resume starts a fresh one
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         self.skipped_steps = state.get("skipped_steps", 0)
-        self.bad_in_a_row = 0
+        self.bad_in_a_row = state.get("bad_in_a_row", 0)
         set_rng_state(state["rng"])
         saved = state["config"]
         same_request = (saved.get("micro_batch") == self.config.micro_batch
@@ -508,13 +514,17 @@ class Trainer:
         if same_request and lowered < self.micro_batch and self.rank_batch % lowered == 0:
             self.micro_batch = lowered  # keep a micro-batch that out-of-memory recovery lowered
 
+    def position(self) -> tuple[int, int, int]:
+        """(step, epoch, batch_in_epoch): a step that ends an epoch is saved again once the epoch has advanced."""
+        return self.step, self.epoch, self.batch_in_epoch
+
     def save_checkpoint(self, check_ranks: bool = True) -> Path | None:
         """Rank 0 writes ckpt-<step>.pt; with check_ranks (a collective) first confirm all ranks agree."""
         if check_ranks:
             self.dist.check_identical([*self.model.parameters(), *self.ema.shadow], "model and EMA weights")
-        if self.dist.is_main and self.last_checkpoint_step != self.step:
+        if self.dist.is_main and self.last_checkpoint_position != self.position():
             self.last_checkpoint = self.checkpoints.save(self.state_dict(), self.step)
-            self.last_checkpoint_step = self.step
+            self.last_checkpoint_position = self.position()
         return self.last_checkpoint
 
     def resume(self, path: str | None = None) -> bool:
@@ -577,7 +587,7 @@ class Trainer:
                 raise DreamError(f"checkpoint {state['_path']} was made with {what}: pass the same to go on, "
                                  f"{instead}", same_on_every_rank=True)
         self.load_state_dict(state)
-        self.last_checkpoint, self.last_checkpoint_step = Path(state["_path"]), self.step
+        self.last_checkpoint, self.last_checkpoint_position = Path(state["_path"]), self.position()
         if self.dist.is_main:
             trim_log(self.run_dir / "metrics.jsonl", self.step)
         self.note(f"resumed from {state['_path']} at step {self.step} (epoch {self.epoch})", event="resume")
@@ -712,7 +722,7 @@ class Trainer:
                             last = self.report(window.values(), images, time.perf_counter() - tick, bar)
                             window, tick, images = LogWindow(), time.perf_counter(), 0
                         if (config.checkpoint_every and self.step % config.checkpoint_every == 0
-                                and not self.bad_in_a_row):
+                                and not self.skipped_in_a_row):
                             self.save_checkpoint()
                         signum = self.dist.max(stop.signum, self.device)  # a signal any rank saw, the same on all
                         if signum:
@@ -720,8 +730,10 @@ class Trainer:
                         if self.finished():
                             break
                 if self.batch_in_epoch == len(self.batches):
+                    self.updating = True  # (a checkpoint between these two lines would skip an epoch)
                     self.epoch += 1
                     self.batch_in_epoch = 0
+                    self.updating = False
                     if config.sample_every and self.epoch % config.sample_every == 0:
                         self.save_sample_grid()
             self.save_checkpoint()
@@ -754,13 +766,13 @@ class Trainer:
         if state is None:
             raise Diverged(message + "; no checkpoint to restore. Lower --lr or check the data, then start again.")
         self.load_state_dict(state)
-        self.last_checkpoint, self.last_checkpoint_step = Path(state["_path"]), self.step
+        self.last_checkpoint, self.last_checkpoint_position = Path(state["_path"]), self.position()
         raise Diverged(message + f"; restored the last good checkpoint {state['_path']} (step {self.step}). "
                        f"Lower --lr or check the data, then {self.resume_hint} to resume from it.")
 
     def state_is_sane(self) -> bool:
         """Between two steps and finite: safe to save as a checkpoint."""
-        if self.updating:
+        if self.updating or self.ema.in_use:
             return False
         tensors = [p.detach() for p in self.model.parameters()] + list(self.ema.shadow)
         return bool(torch.stack([t.isfinite().all() for t in tensors]).all())

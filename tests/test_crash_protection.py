@@ -20,7 +20,7 @@ import torch
 
 from dream.checkpoint import CheckpointManager, load_checkpoint
 from dream.errors import DreamError
-from dream.train import Diverged, TrainConfig, Trainer, TrainingAborted, train
+from dream.train import Diverged, Interrupted, TrainConfig, Trainer, TrainingAborted, train
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -326,6 +326,60 @@ def test_too_many_non_finite_steps_restore_the_last_good_checkpoint(tmp_path):
     good = load_checkpoint(tmp_path / "checkpoints")
     assert good["step"] == 4, "a checkpoint was written during the bad streak"
     assert_same_weights(trainer.state_dict(), good)
+
+
+def test_fp16_gradients_that_never_turn_finite_diverge(tmp_path):
+    """With fp16 an overflow is the loss scaler's business (it halves the scale, the step is skipped), but
+    gradients that stay non-finite drive the scale below 1, and from there each skip counts towards the
+    divergence. No checkpoint is written after a skipped step: the one restored is from before the streak."""
+    trainer = Trainer(small_config(tmp_path, precision="fp16", max_bad_steps=3, epochs=30))
+    assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() == 2.0**16
+    inject_non_finite(trainer, set(range(4, 100)), "grad")
+    # steps 5 .. 20 halve the scale to 2^0 (not counted); steps 21, 22, 23 leave it below 1 (counted)
+    with pytest.raises(Diverged, match=r"3 steps in a row .*steps 21-23.*restored the last good checkpoint "
+                                       r".*ckpt-000000004\.pt \(step 4\)"):
+        trainer.run()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.pt"))[-1] == "ckpt-000000004.pt"
+
+
+def test_a_streak_of_non_finite_steps_counts_on_after_a_resume(tmp_path, monkeypatch):
+    """A checkpoint saved by a signal in the middle of a streak carries the streak: the resumed run
+    diverges when the streak reaches max_bad_steps, not max_bad_steps more steps later."""
+    signal_at_step(monkeypatch, 3)
+    first = Trainer(small_config(tmp_path, max_bad_steps=3, checkpoint_every=0))
+    inject_non_finite(first, {2, 3}, "loss")
+    with pytest.raises(Interrupted):
+        first.run()
+    assert load_checkpoint(tmp_path / "checkpoints")["bad_in_a_row"] == 2
+    monkeypatch.undo()
+    resumed = Trainer(small_config(tmp_path, max_bad_steps=3, checkpoint_every=0))
+    inject_non_finite(resumed, {4}, "loss")
+    with pytest.raises(Diverged, match=r"3 steps in a row .*\(steps 3-5\); restored .*ckpt-000000004\.pt"):
+        resumed.run()
+
+
+def test_a_checkpoint_at_the_end_of_an_epoch_is_saved_again_once_it_has_advanced(tmp_path):
+    """A periodic checkpoint on an epoch's last step records that epoch's end; the run's final checkpoint
+    records the next epoch's start, so a rerun of the finished run neither trains nor draws a grid again."""
+    config = small_config(tmp_path, epochs=2, checkpoint_every=2, sample_every=1, sample_steps=1)
+    assert Trainer(config).run()["step"] == 4
+    final = load_checkpoint(tmp_path / "checkpoints")
+    assert (final["step"], final["epoch"], final["batch_in_epoch"]) == (4, 2, 0)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "samples").iterdir()}
+    before_checkpoint = (tmp_path / "checkpoints" / "ckpt-000000004.pt").stat().st_mtime_ns
+    assert Trainer(config).run()["step"] == 4
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "samples").iterdir()} == before
+    assert (tmp_path / "checkpoints" / "ckpt-000000004.pt").stat().st_mtime_ns == before_checkpoint
+
+
+def test_no_emergency_checkpoint_while_the_model_holds_the_ema_weights(tmp_path):
+    """Sampling a grid swaps the EMA weights into the model; until the training weights are all back, the
+    state is not one to save (a second Ctrl-C during the restore would otherwise save the mix)."""
+    trainer = Trainer(small_config(tmp_path))
+    assert trainer.state_is_sane()
+    with trainer.ema.applied(trainer.model):
+        assert trainer.ema.in_use and not trainer.state_is_sane()
+    assert not trainer.ema.in_use and trainer.state_is_sane()
 
 
 def test_a_divergence_with_every_checkpoint_damaged_says_both(tmp_path):
