@@ -203,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "eager", "sdpa", "triton"],
                    help="UNet kernels; auto: triton for the CUDA target (what dream train runs there; eager if "
                         "Triton is not installed), eager for the CPU target")
-    p.add_argument("--checkpointing", "--checkpoint", default="none",
+    p.add_argument("--checkpointing", "--checkpoint", default=None,
                    choices=["none", "norms", "attention", "resblocks", "all"],
-                   help="activation (gradient) checkpointing policy (norms: triton backend only)")
+                   help="activation (gradient) checkpointing policy (norms: triton backend only; default none)")
     p.add_argument("--sweep", action="store_true", help="every checkpointing policy, in one table")
     p.add_argument("--data-images", type=int, default=0, help="count a uint8 dataset of this many images on the device")
     p.add_argument("--target", default="cuda", choices=["cuda", "cpu"],
@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="the model's memory format (default: channels_last for the CUDA target, as dream train)")
     p.add_argument("--cuda", action="store_true", help="also measure the step on CUDA (max_memory_allocated)")
-    p.add_argument("--json", action="store_true", help="print JSON (with peak_bytes)")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON (with peak_bytes; with --sweep, {\"sweep\": [one such per policy]})")
     for command in commands.choices.values():  # every subcommand's --help shows the defaults
         command.formatter_class = HelpFormatter
     return parser
@@ -343,8 +344,11 @@ def run_memory(args) -> int:
                     micro_batch=args.micro_batch, precision=args.precision, objective=args.objective,
                     objective_config={"seed_separate_eps_forward": args.seed_separate_eps_forward},
                     early_backward=not args.single_graph, backend=memory_backend(args.backend, args.target),
-                    checkpointing=args.checkpointing,
+                    checkpointing=args.checkpointing or "none",
                     data_images=args.data_images, target=args.target, channels_last=args.channels_last)
+    if args.sweep and args.checkpointing:
+        raise DreamError(f"--sweep estimates every checkpointing policy; leave out --checkpointing "
+                         f"{args.checkpointing} (or leave out --sweep)")
     budget = args.budget
     estimates = sweep_checkpointing(spec) if args.sweep else [estimate_step_memory(spec)]
     if args.cuda:

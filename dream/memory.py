@@ -178,9 +178,10 @@ class MemoryEstimate:
     extras: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        inputs = {**self.spec.to_dict(), "channels_last": self.spec.uses_channels_last}  # as resolved
         out = {"peak_bytes": self.peak_bytes, "peak_gb": self.peak_bytes / 1e9, "peak_gib": self.peak_bytes / 2**30,
                "breakdown": dict(self.breakdown), "snapshots": {k: dict(v) for k, v in self.snapshots.items()},
-               "inputs": self.spec.to_dict(), "method": self.method}
+               "inputs": inputs, "method": self.method}
         if self.cuda_peak_bytes is not None:
             out["cuda_peak_bytes"] = self.cuda_peak_bytes
         out.update(self.extras)

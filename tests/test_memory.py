@@ -458,6 +458,7 @@ def test_cli_json_and_table():
     assert report["inputs"]["batch_size"] == 2 and report["inputs"]["precision"] == "fp16"
     assert report["inputs"]["objective"] == "paper" and report["inputs"]["checkpointing"] == "attention"
     assert report["inputs"]["model_overrides"] == {"image_size": 16}
+    assert report["inputs"]["channels_last"] is True  # resolved as the text says: the CUDA target's layout
     assert report["budget_bytes"] == 10**9 and report["fits_budget"] and report["micro_batch_for_budget"] == 2
     spec = StepSpec(preset="tiny", model_overrides={"image_size": 16}, batch_size=2, precision="fp16",
                     objective="paper", checkpointing="attention", backend="triton")
@@ -494,6 +495,9 @@ def test_cli_bad_input_is_one_line(capsys):
     assert err.startswith("dream memory: error: argument --budget: memory size 'lots' not understood")
     assert main(["memory", "--batch", "8", "--micro-batch", "3"]) == 2
     assert "must divide" in capsys.readouterr().err
+    assert main(["memory", "--batch", "8", "--sweep", "--checkpointing", "all"]) == 2  # not silently ignored
+    assert capsys.readouterr().err == ("dream memory: error: --sweep estimates every checkpointing policy; leave "
+                                       "out --checkpointing all (or leave out --sweep)\n")
 
 
 @pytest.mark.parametrize("batch", ["1000000000000000", "100000000000000000000"])
