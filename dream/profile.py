@@ -329,11 +329,19 @@ def summarize_trace(trace: dict, top: int = 20) -> dict:
     return result
 
 
+def op_label(key: str) -> str:
+    """A profiler event's name as the report shows it. torch.library names the autograd node of a custom op
+    GeneratedBackwardFor_<namespace>_<op>_<overload>, and the op's forward runs (and is timed) inside it:
+    shown as `dream_kernels::<op> (forward, in its autograd wrapper)`, not as something backward."""
+    match = re.fullmatch(r"GeneratedBackwardFor_dream_kernels_(\w+)_default", str(key))
+    return f"dream_kernels::{match.group(1)} (forward, in its autograd wrapper)" if match else str(key)
+
+
 def top_cpu_ops(key_averages, top: int = 20) -> list[dict]:
     rows = sorted(key_averages, key=lambda e: -e.self_cpu_time_total)
     rows = [e for e in rows if not str(e.key).startswith("ProfilerStep")]
     total = sum(e.self_cpu_time_total for e in rows) or 1.0
-    return [{"name": e.key, "calls": e.count, "total_us": float(e.self_cpu_time_total),
+    return [{"name": op_label(e.key), "calls": e.count, "total_us": float(e.self_cpu_time_total),
              "share": e.self_cpu_time_total / total} for e in rows[:top]]
 
 

@@ -116,3 +116,20 @@ def test_a_second_profile_with_other_settings_or_the_same_does_not_overwrite_the
     out = run("--batch", "3")
     assert "-profile-train-batch3.md" in out
     assert first.read_text() == before
+
+
+def test_a_custom_ops_forward_is_not_labelled_backward():
+    """torch.library times a custom op's forward inside its autograd node, GeneratedBackwardFor_...: the
+    report names the op and says it is the forward."""
+    from types import SimpleNamespace
+
+    from dream.profile import top_cpu_ops
+
+    events = [SimpleNamespace(key="GeneratedBackwardFor_dream_kernels_group_norm_silu_fwd_default", count=64,
+                              self_cpu_time_total=300.0),
+              SimpleNamespace(key="GeneratedBackwardFor_other_lib_op_default", count=1, self_cpu_time_total=100.0),
+              SimpleNamespace(key="aten::convolution", count=3, self_cpu_time_total=100.0)]
+    rows = top_cpu_ops(events)
+    assert [row["name"] for row in rows] == ["dream_kernels::group_norm_silu_fwd (forward, in its autograd wrapper)",
+                                             "GeneratedBackwardFor_other_lib_op_default", "aten::convolution"]
+    assert rows[0]["calls"] == 64 and rows[0]["share"] == pytest.approx(0.6)
