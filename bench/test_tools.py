@@ -221,7 +221,9 @@ def test_tune_kernels_checks_then_times_each_candidate(tmp_path):
         assert report["precompile_s"] > 0
         facts = [r["static"] for s in report["summaries"] for r in s["top5"] if "static" in r]
         assert facts and all(k["registers"] > 0 and k["spilled_bytes"] == 0 for f in facts for k in f.values())
-    assert "(resident)" in (tmp_path / "cpu" / path.name.replace(".json", ".md")).read_text()
+    text = (tmp_path / "cpu" / path.name.replace(".json", ".md")).read_text()
+    assert "(resident)" in text and "| n/a (CPU) |" in text and "driver" not in text.splitlines()[2]
+    assert text.startswith("# Kernel launch configurations timed at the seed UNet's sites (CPU: the interpreter, ")
 
 
 def test_tune_kernels_reports_wrong_and_failing_candidates():
@@ -611,7 +613,8 @@ def test_tune_kernels_checks_numbers_and_out_before_any_work(tmp_path, monkeypat
     monkeypatch.setattr(tune_kernels, "build_problems", lambda *a: pytest.fail("built problems before the checks"))
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
-    for argv in (["--time-limit", "-5"], ["--target-s", "-1"], ["--compile-workers", "-2"], ["--time-limit", "inf"],
+    for argv in (["--arch", "90"], ["--static-only", "--arch", "75"],
+                 ["--time-limit", "-5"], ["--target-s", "-1"], ["--compile-workers", "-2"], ["--time-limit", "inf"],
                  ["--out", str(a_file)], ["--out", str(a_file / "below")]):
         with pytest.raises(SystemExit) as exit_info:
             tune_kernels.main(["--allow-cpu", *argv])

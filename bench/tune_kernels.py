@@ -585,10 +585,13 @@ def _config_text(config: dict, resident: bool = False) -> str:
 
 def markdown(report: dict) -> str:
     env = report["environment"]
-    label = "GPU" if env.get("device_type") == "cuda" else "CPU (interpreter: times say nothing about speed)"
+    on_gpu = env.get("device_type") == "cuda"
+    label = "GPU" if on_gpu else "CPU: the interpreter, whose times say nothing about speed"
+    driver = f", driver {env['driver']}" if env.get("driver") else ""
     lines = [f"# Kernel launch configurations timed at the seed UNet's sites ({label})", "",
-             f"{env.get('device_name', env.get('device_type'))}, driver {env.get('driver')}, torch {env.get('torch')}, "
-             f"triton {env.get('triton')}, {env.get('date')}; grid `{report['grid']}`, layouts "
+             f"{env.get('device_name', env.get('device_type'))}{driver}, torch {env.get('torch')}, "
+             f"triton {env.get('triton')}, commit {env.get('git_commit')}, {env.get('date')}; grid `{report['grid']}`, "
+             f"layouts "
              f"{', '.join(report['layouts'])}, {report['dtype']}. Each candidate checked against fp32 eager before "
              f"timing ({'CUDA events' if env.get('device_type') == 'cuda' else 'wall clock'}, median of 5 rounds).", "",
              "| problem | heuristic | µs | best | µs | heuristic / best | best rate | candidates (failed) |",
@@ -596,7 +599,7 @@ def markdown(report: dict) -> str:
     for s in report["summaries"]:
         h, b = s["heuristic"] or {}, s["best"] or {}
         ratio = f"{s['heuristic_over_best']:.2f}" if s["heuristic_over_best"] else "—"
-        rate = f"{b['rate']:.1f} {s['unit']}" if b.get("rate") else "—"
+        rate = (f"{b['rate']:.1f} {s['unit']}" if on_gpu else "n/a (CPU)") if b.get("rate") else "—"
         lines.append(f"| {s['problem']} | {_config_text(h.get('config', {}), h.get('resident'))} | "
                      f"{h.get('us', float('nan')):.1f} | {_config_text(b.get('config', {}), b.get('resident'))} | "
                      f"{b.get('us', float('nan')):.1f} | {ratio} | {rate} | "
@@ -651,6 +654,12 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=None,
                         help="with --static-only: compute capability x10 (default: this GPU's, else 90)")
     args = parser.parse_args(argv)
+    if args.arch is not None and not args.static_only:
+        parser.error("--arch is for --static-only (a timing run measures the GPU it runs on)")
+    from bench.compile_report import SM_LIMITS
+
+    if args.arch is not None and args.arch not in SM_LIMITS:
+        parser.error(f"--arch {args.arch}: no SM limits for sm_{args.arch} (known: {sorted(SM_LIMITS)})")
     if args.static_only:
         return static_only(args, argv, parser)
     if not ON_GPU and not args.allow_cpu:
