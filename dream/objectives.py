@@ -157,6 +157,10 @@ def paper(model, diffusion, x0, epoch, config, t=None, noise=None, backward=None
 
 
 OBJECTIVES = {"standard": standard, "seed": seed, "paper": paper}
+# the ObjectiveConfig fields each objective reads (a resumed run compares only these)
+OBJECTIVE_SETTINGS = {"standard": (),
+                      "seed": ("dream_start_epoch", "lambda_max", "alpha", "ramp_epochs", "seed_separate_eps_forward"),
+                      "paper": ("paper_power", "paper_loss")}
 
 
 def get_objective(name: str):

@@ -28,7 +28,7 @@ import sys
 import time
 import warnings
 from contextlib import closing, contextmanager, nullcontext, suppress
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,7 +44,7 @@ from dream.files import atomic_write_text, folder_problem
 from dream.math_flags import use_fast_math
 from dream.model import (PRECISION_DTYPES, PRECISIONS, UNet, autocast_for, check_backend_device, make_config,
                          policies_for_backend, resolve_channels_last)
-from dream.objectives import ObjectiveConfig, get_objective
+from dream.objectives import OBJECTIVE_SETTINGS, ObjectiveConfig, get_objective
 from dream.seeding import check_seed, mixed_seed
 
 
@@ -340,7 +340,7 @@ class Trainer:
         """The largest micro-batch whose training step fits in `budget_bytes` (None: the device's free
         memory), by dream.memory's estimator. Without an explicit budget an estimator failure is only a
         warning: the whole batch is tried, and out-of-memory recovery halves it if needed."""
-        from dream.memory import choose_micro_batch
+        from dream.memory import choose_micro_batch, format_size
 
         if budget_bytes is None:
             from dream.memory import default_budget_bytes
@@ -360,6 +360,13 @@ class Trainer:
                 if micro >= self.rank_batch:
                     break
         except Exception as error:  # noqa: BLE001
+            if self.config.memory_budget is not None and isinstance(error, DreamError):
+                # the estimate of the same step against the same budget: every rank refuses alike
+                text = str(error)
+                if len(policies) > 1:  # --checkpointing auto tried them all
+                    text = text.replace("; use activation checkpointing, ",
+                                        f" with --checkpointing {policies[-1]}, the last that auto tries; use ")
+                raise DreamError(text, same_on_every_rank=True) from None
             if self.config.memory_budget is not None:
                 raise
             self.note(f"memory estimate failed ({type(error).__name__}: {error}); using the whole batch",
@@ -368,7 +375,7 @@ class Trainer:
         if policy != self.checkpointing:
             self.checkpointing = policy
             self.model.set_checkpointing(policy)
-        self.note(f"memory budget {budget_bytes / 1e9:.2f} GB: micro-batch {micro} of {self.rank_batch}, "
+        self.note(f"memory budget {format_size(budget_bytes)}: micro-batch {micro} of {self.rank_batch}, "
                   f"activation checkpointing {policy}", event="memory_budget", micro_batch=int(micro),
                   checkpointing=policy, budget_bytes=budget_bytes)
         return divisor_at_most(self.rank_batch, int(micro))
@@ -567,12 +574,13 @@ class Trainer:
                                  f"{new}: pass {flag} {old} to go on, {instead}", same_on_every_rank=True)
         old_objective, new_objective = (ObjectiveConfig(**(config or {})) for config in
                                         (saved.get("objective_config"), self.config.objective_config))
-        if old_objective != new_objective:
-            changed = ", ".join(f"{setting.name}={getattr(old_objective, setting.name)!r} (this run: "
-                                f"{getattr(new_objective, setting.name)!r})" for setting in fields(ObjectiveConfig)
-                                if getattr(old_objective, setting.name) != getattr(new_objective, setting.name))
-            raise DreamError(f"checkpoint {state['_path']} was made with the objective's {changed}: pass the "
-                             f"same settings to go on, {instead}", same_on_every_rank=True)
+        changed = [name for name in OBJECTIVE_SETTINGS.get(self.config.objective, ())  # those this objective reads
+                   if getattr(old_objective, name) != getattr(new_objective, name)]
+        if changed:
+            text = ", ".join(f"--{name.replace('_', '-')} {getattr(old_objective, name)!r} "
+                             f"(this command: {getattr(new_objective, name)!r})" for name in changed)
+            raise DreamError(f"checkpoint {state['_path']} was made with {text}: pass the same to go on, "
+                             f"{instead}", same_on_every_rank=True)
         images = self.batches.images.shape[0]
         if state.get("data_images", images) != images:
             raise DreamError(f"checkpoint {state['_path']} was made on {state['data_images']} images, this run's "
@@ -692,8 +700,8 @@ class Trainer:
         if self.dist.is_main:
             atomic_write_text(self.run_dir / "config.json", json.dumps(self.resolved_config(), indent=1))
             pending, self.pending_records = self.pending_records, None
-            for record in pending or ():
-                self.log(record)
+            for record in pending or ():  # setup's notes belong where the run starts (after a resume, its step)
+                self.log({**record, "step": self.step, "epoch": self.epoch} if "event" in record else record)
 
     def train_epochs(self, resume: str | None) -> dict:
         config = self.config
@@ -736,6 +744,11 @@ class Trainer:
                     self.updating = False
                     if config.sample_every and self.epoch % config.sample_every == 0:
                         self.save_sample_grid()
+            if self.bad_in_a_row:  # the run ends inside a streak of non-finite steps: not a success, nothing saved
+                raise Diverged(f"training ended with {self.bad_in_a_row} non-finite step(s) in a row (steps "
+                               f"{self.step - self.bad_in_a_row + 1}-{self.step}); no checkpoint was written after "
+                               f"them, the last is {self.last_checkpoint}. Lower --lr or check the data, then "
+                               f"{self.resume_hint} to go on from it.")
             self.save_checkpoint()
             grid = self.run_dir / "samples" / f"grid-{self.step:09d}.png"
             if config.sample_every and not grid.exists():

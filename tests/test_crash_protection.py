@@ -382,6 +382,19 @@ def test_no_emergency_checkpoint_while_the_model_holds_the_ema_weights(tmp_path)
     assert not trainer.ema.in_use and trainer.state_is_sane()
 
 
+def test_a_run_that_ends_inside_a_non_finite_streak_is_no_success(tmp_path):
+    """Its last steps were skipped: no end checkpoint (which would push the good ones out), a Diverged error
+    naming the last checkpoint; the rerun goes on from that checkpoint."""
+    trainer = Trainer(small_config(tmp_path, max_steps=4, max_bad_steps=5, checkpoint_every=1, checkpoint_keep=2))
+    inject_non_finite(trainer, {2, 3}, "loss")
+    with pytest.raises(Diverged, match=r"ended with 2 non-finite step\(s\) in a row \(steps 3-4\); no checkpoint "
+                                       r"was written after them, the last is .*ckpt-000000002\.pt"):
+        trainer.run()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.pt")) == ["ckpt-000000001.pt",
+                                                                                   "ckpt-000000002.pt"]
+    assert Trainer(small_config(tmp_path, max_steps=4, checkpoint_every=1, checkpoint_keep=2)).run()["step"] == 4
+
+
 def test_a_divergence_with_every_checkpoint_damaged_says_both(tmp_path):
     trainer = Trainer(small_config(tmp_path, max_bad_steps=3))
     inject_non_finite(trainer, set(range(4, 100)), "loss")
@@ -487,12 +500,14 @@ def test_resume_refuses_another_objective_setting(tmp_path):
     whether given or left to its default on either side."""
     Trainer(small_config(tmp_path, max_steps=1)).run()
     for objective_config, named in [({"dream_start_epoch": 1, "ramp_epochs": 2, "lambda_max": 0.3},
-                                     "lambda_max=0.5 (this run: 0.3)"),
-                                    ({"dream_start_epoch": 1}, "ramp_epochs=2 (this run: 20.0)")]:
+                                     "--lambda-max 0.5 (this command: 0.3)"),
+                                    ({"dream_start_epoch": 1}, "--ramp-epochs 2 (this command: 20.0)")]:
         with pytest.raises(DreamError, match=re.escape(named) + ".*use another --run-dir"):
             Trainer(small_config(tmp_path, max_steps=2, objective_config=objective_config)).run()
     same = {"dream_start_epoch": 1, "ramp_epochs": 2.0, "lambda_max": 0.5}  # the defaults spelled out: the same
     assert Trainer(small_config(tmp_path, max_steps=2, objective_config=same)).run()["step"] == 2
+    unused = {**same, "paper_power": 2.0, "paper_loss": "l1"}  # the paper objective's: the seed run reads neither
+    assert Trainer(small_config(tmp_path, max_steps=3, objective_config=unused)).run()["step"] == 3
 
 
 def test_an_fp16_resume_of_an_fp32_run_starts_a_fresh_loss_scaler(tmp_path):

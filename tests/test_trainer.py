@@ -19,6 +19,7 @@ import types
 import pytest
 import torch
 
+from dream.errors import DreamError
 from dream.objectives import ObjectiveConfig, seed
 from dream.train import TrainConfig, Trainer, TrainingAborted, divisor_at_most
 from conftest import ON_GPU
@@ -265,7 +266,8 @@ def test_memory_budget_asks_dream_memory_for_the_micro_batch(tmp_path, monkeypat
         asked.update(fields, config=config, budget_bytes=budget_bytes)
         return 3
 
-    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=choose_micro_batch))
+    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=choose_micro_batch,
+                                                                     format_size=lambda size: f"{size} bytes"))
     trainer = Trainer(small_config(tmp_path, memory_budget=6_800_000_000))
     assert trainer.micro_batch == 2  # the largest divisor of the batch not above the answer
     assert asked["budget_bytes"] == 6_800_000_000 and asked["batch_size"] == 4 and asked["precision"] == "fp32"
@@ -296,6 +298,24 @@ def test_memory_budget_with_the_real_estimator(tmp_path):
     trainer = Trainer(small_config(tmp_path, memory_budget=10**12))
     assert trainer.micro_batch == 4
     assert [r["event"] for r in setup_records(trainer)] == ["memory_budget"]
+
+
+def test_a_budget_nothing_fits_is_refused_alike_on_every_rank(tmp_path):
+    """The estimate of one step against an explicit budget is the same on every rank: rank 0 alone says so."""
+    with pytest.raises(DreamError, match="even a micro-batch of 1 needs .* the last that auto tries; use a smaller "
+                                         "model") as refusal:
+        Trainer(small_config(tmp_path, memory_budget=1000, checkpointing="auto"))
+    assert refusal.value.same_on_every_rank
+
+
+def test_setup_notes_of_a_resumed_run_carry_the_step_it_resumes_at(tmp_path):
+    """A note made while the run is set up (the memory budget's) is logged where the run starts: after a resume,
+    at the checkpoint's step, so the log's steps never go back."""
+    Trainer(small_config(tmp_path, memory_budget=10**12, max_steps=2, checkpoint_every=1)).run()
+    Trainer(small_config(tmp_path, memory_budget=10**12, max_steps=3, checkpoint_every=1)).run()
+    steps = [r["step"] for r in records(tmp_path)]
+    assert steps == sorted(steps) and steps[-1] == 3, steps
+    assert [r["step"] for r in records(tmp_path) if r.get("event") == "memory_budget"] == [0, 2]
 
 
 def test_an_explicit_micro_batch_is_kept_and_checked_against_the_budget(tmp_path, capsys):
@@ -420,7 +440,8 @@ def test_auto_checkpointing_picks_the_least_recomputation_that_fits(tmp_path, mo
         asked.append(fields["checkpointing"])
         return 4 if fields["checkpointing"] in ("resblocks", "all") else 2
 
-    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=choose_micro_batch))
+    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=choose_micro_batch,
+                                                                     format_size=lambda size: f"{size} bytes"))
     trainer = Trainer(small_config(tmp_path, memory_budget=6_800_000_000, checkpointing="auto"))
     assert asked == ["none", "attention", "resblocks"]
     assert trainer.micro_batch == 4 and trainer.model.checkpointing == "resblocks"
@@ -440,7 +461,8 @@ def test_auto_checkpointing_tries_recomputed_norms_with_the_triton_backend_only(
         asked.append((fields["backend"], fields["checkpointing"]))
         return 4 if fields["checkpointing"] != "none" else 2
 
-    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=choose_micro_batch))
+    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=choose_micro_batch,
+                                                                     format_size=lambda size: f"{size} bytes"))
     overrides = {"image_size": 8, "base_channels": 16, "dropout": 0.0, "num_heads": 2}
     trainer = Trainer(small_config(tmp_path, memory_budget=6_800_000_000, checkpointing="auto", backend="triton",
                                    model_overrides=overrides))
@@ -464,7 +486,8 @@ def test_auto_checkpointing_goes_on_past_a_policy_where_nothing_fits(tmp_path, m
             raise DreamError("even a micro-batch of 1 needs an estimated ... use activation checkpointing")
         return 2
 
-    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=choose_micro_batch))
+    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=choose_micro_batch,
+                                                                     format_size=lambda size: f"{size} bytes"))
     trainer = Trainer(small_config(tmp_path, memory_budget=20_000_000, checkpointing="auto"))
     assert asked == ["none", "attention", "resblocks", "all"]  # nothing fits the whole batch: the last policy
     assert trainer.micro_batch == 2 and trainer.model.checkpointing == "all"
@@ -472,7 +495,8 @@ def test_auto_checkpointing_goes_on_past_a_policy_where_nothing_fits(tmp_path, m
     def nothing_fits(config, budget_bytes, **fields):
         raise DreamError("even a micro-batch of 1 needs an estimated ... use activation checkpointing")
 
-    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=nothing_fits))
+    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=nothing_fits,
+                                                                     format_size=str))
     with pytest.raises(DreamError, match="even a micro-batch of 1"):  # nothing fits at all: it says so
         Trainer(small_config(tmp_path / "none", memory_budget=20_000_000, checkpointing="auto"))
 
