@@ -464,10 +464,9 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
         start = time.perf_counter()
         samples = PngImages([image_path(samples_dir, i) for i in range(count)], size)
         samples.check()
-        scores = compute_metrics(samples, real_images,
-                                 metrics, device, feature_extractor, weights, cache_name, cache_root,
-                                 metrics_batch_size, kid_subset_size, kid_subsets, isc_splits, known_real_count,
-                                 progress)
+        scores = compute_metrics(samples, real_images, metrics, device, feature_extractor, weights, cache_name,
+                                 cache_root, metrics_batch_size, kid_subset_size, kid_subsets, isc_splits,
+                                 known_real_count, progress)
         metrics_seconds = time.perf_counter() - start
 
     import torch_fidelity
