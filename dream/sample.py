@@ -4,8 +4,9 @@ Sampling runs through dream.sampling.SamplingEngine (CUDA graphs on a GPU). Batc
 drawn with a generator seeded by (seed, b) and draws its step noise from the default generators seeded
 by (seed, b), so a batch's images do not depend on which other batches were made in this call:
 rerunning skips the batches already written. Step noise (ddpm, or ddim with eta > 0) comes from the
-device's generator, whose CPU and CUDA streams differ: such a set continues on the same kind of device. The settings that determine the images are recorded in
-<out>/sampling.json, and a rerun with other settings into the same folder is refused.
+device's generator, whose CPU and CUDA streams differ: such a set continues on the same kind of device.
+The settings that determine the images are recorded in <out>/sampling.json, and a rerun with other
+settings into the same folder is refused.
 """
 from __future__ import annotations
 
