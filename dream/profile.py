@@ -509,6 +509,9 @@ def format_report(what: str, info: dict, config: dict, summary: dict, trace_name
 PROFILE_SUFFIXES = (".md", ".json", ".trace.json.gz")
 
 
+SAMPLE_STEPS = 10  # DDIM steps of the engine/graphs sampling profile
+
+
 def profile_name(what: str, args, config: dict, device: torch.device) -> str:
     """profile-<what>, then each setting that differs from the device's default: sampler, layout,
     checkpointing, backend, precision, compile, objective, preset, batch (model size overrides and the seed
@@ -517,6 +520,8 @@ def profile_name(what: str, args, config: dict, device: torch.device) -> str:
     from dream.train import resolve_backend, resolve_precision
 
     name = f"profile-{what}" + (f"-{args.sampler}" if what == "sample" and args.sampler != "step" else "")
+    if what == "sample" and args.sampler != "step" and args.sample_steps != SAMPLE_STEPS:
+        name += f"-ddim{args.sample_steps}"
     if config["channels_last"] != resolve_channels_last(None, device):
         name += "-channels-last" if config["channels_last"] else "-nchw"
     if what == "train" and args.checkpointing != "none":
@@ -607,7 +612,7 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default="step", choices=["step", "engine", "graphs"],
                    help="sample workload: one p_sample step (default), or a DDIM loop through "
                         "dream.sampling.SamplingEngine, plain or with CUDA graphs")
-    p.add_argument("--sample-steps", type=int, default=10, help="DDIM steps of the engine/graphs loop")
+    p.add_argument("--sample-steps", type=int, default=SAMPLE_STEPS, help="DDIM steps of the engine/graphs loop")
     p.add_argument("--checkpointing", default="none", choices=["none", "norms", "attention", "resblocks", "all"],
                    help="activation (gradient) checkpointing policy (norms: triton backend only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")

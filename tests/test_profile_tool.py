@@ -63,6 +63,9 @@ def test_report_names_carry_the_settings_that_differ_from_the_defaults():
 
     assert name("train") == "profile-train"
     assert name("sample") == "profile-sample"
+    assert name("sample", "--sampler", "graphs") == "profile-sample-graphs"
+    assert name("sample", "--sampler", "graphs", "--sample-steps", "50") == "profile-sample-graphs-ddim50"
+    assert name("sample", "--sample-steps", "50") == "profile-sample"  # one step: --sample-steps plays no part
     assert name("train", "--backend", "triton", backend="triton") == "profile-train-triton"
     assert name("train", "--precision", "bf16", precision="bf16") == "profile-train-bf16"
     assert name("train", "--compile", compile=True) == "profile-train-compile"
