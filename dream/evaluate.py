@@ -11,7 +11,8 @@ FID, IS and KID, computed by torch-fidelity.
              least 2 images, before sampling; cache files that do not load are deleted and recomputed;
   metrics    FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) over Inception pool features,
              IS = exp(E_x KL(p(y|x) || p(y))), KID = unbiased MMD^2 with the kernel (x.y/d + 1)^3;
-  report     <out>/report-n<N>.json: sample count, sampler, steps, eta, seed, checkpoint, step, metrics.
+  report     <out>/report-n<N>.json: sample count, sampler, steps, eta, seed, checkpoint, step, metrics
+             (report-n<N>-2.json, ... when scored against another real set, metric list or extractor).
 
 Offline: torch-fidelity downloads the Inception weights on first use. Without a network, pass the file
 with --inception-weights PATH (torch-fidelity's feature_extractor_weights_path); this is checked before
@@ -486,9 +487,36 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
         "torch_fidelity_version": torch_fidelity.__version__, "code_version": code_version(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    report["report"] = str(out_dir / f"report-n{count}.json")
+    report["report"] = str(report_path(out_dir, report))
     _atomic_json(Path(report["report"]), report)
     return report
+
+
+def scoring(report: dict) -> dict:
+    """What a report's numbers were scored against: the real set, the metrics, the feature extractor."""
+    real = report.get("real")
+    return {"real": real and {k: v for k, v in real.items() if k != "images"}, "metrics": sorted(report["metrics"]),
+            "feature_extractor": report.get("feature_extractor"),
+            "feature_extractor_weights": report.get("feature_extractor_weights")}
+
+
+def report_path(out_dir: Path, report: dict) -> Path:
+    """out_dir/report-n<count>.json, replaced only by a new scoring of the same kind; a report scored against
+    another real set, other metrics or another extractor is kept, and this one is named report-n<count>-2.json
+    (-3, ...)."""
+    k = 1
+    while True:
+        path = out_dir / (f"report-n{report['count']}" + (f"-{k}" if k > 1 else "") + ".json")
+        try:
+            earlier = json.loads(path.read_text())
+            same = scoring(earlier) == scoring(report)
+        except FileNotFoundError:
+            return path
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            same = False  # unreadable: not ours to replace
+        if same:
+            return path
+        k += 1
 
 
 def format_report(report: dict) -> str:

@@ -667,3 +667,27 @@ def test_a_real_folder_leaves_out_the_run_and_the_evaluation_and_keeps_one_stati
     assert real_cache_name(real, 64, "w") == real_cache_name(only_faces, 64, "w")
     everything = resolve_real_set({"data": "folder", "data_root": str(faces)})
     assert everything["files"] != real["files"]
+
+
+def test_a_report_scored_otherwise_is_kept_and_a_rescoring_of_the_same_kind_replaces_it(tmp_path):
+    from dream.evaluate import report_path
+
+    def report(metrics, real_root=None, extractor="inception-v3-compat"):
+        real = {"kind": "folder", "root": real_root, "cache_name": f"c-{real_root}", "images": 9} if real_root else None
+        return {"count": 5, "metrics": dict.fromkeys(metrics, 1.0), "real": real, "feature_extractor": extractor,
+                "feature_extractor_weights": None}
+
+    def write(report_):
+        path = report_path(tmp_path, report_)
+        path.write_text(json.dumps(report_))
+        return path.name
+
+    assert write(report(["fid", "kid_mean"], "/a")) == "report-n5.json"
+    assert write(report(["fid", "kid_mean"], "/a")) == "report-n5.json"  # the same scoring again: replaced
+    assert write(report(["fid"], "/b")) == "report-n5-2.json"  # another real set: the first is kept
+    assert write(report(["isc_mean"])) == "report-n5-3.json"
+    assert write(report(["isc_mean"], extractor="other")) == "report-n5-4.json"
+    assert write(report(["fid"], "/b")) == "report-n5-2.json"
+    (tmp_path / "report-n5-5.json").write_text("{not json")
+    assert report_path(tmp_path, report(["kid_mean"], "/c")).name == "report-n5-6.json"  # an unreadable one is kept
+    assert len(list(tmp_path.glob("report-n5*.json"))) == 5
