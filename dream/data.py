@@ -5,11 +5,12 @@ Sources
   celeba     torchvision's CelebA (aligned 178x218 images, download=False), cropped as the DDIM paper's
              CelebA model was: the 128x128 box with top-left corner (row 57, col 25), i.e. centred on
              (x=89, y=121), then resized to S x S;
-  folder     any folder of images (recursively, symlinked folders included), centre-cropped to a square
-             and resized to S x S.
+  folder     any folder of images (recursively, symlinked folders included, folders dream wrote images
+             into left out), centre-cropped to a square and resized to S x S.
 Images are decoded as they are displayed (turned by their EXIF orientation). Decoded images are cached as
-a .pt file (written atomically) with the names of the files skipped as unreadable, so decoding happens once
-per dataset and a cached load warns about the same files.
+a .pt file (written atomically) with the names of the files skipped as unreadable, the file count and the
+images' SHA-1 (checked on load), so decoding happens once per dataset and a cached load warns about the
+same files.
 Batches: a per-epoch permutation and flip mask drawn from (seed, epoch), so the data order is a pure
 function of (seed, epoch, step) and resumes exactly; pixels scaled to [-1, 1] on the device.
 """
@@ -95,6 +96,19 @@ def _synthetic_chunk(g: torch.Generator, n: int, size: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # decoding real images
+def import_torchvision(what: str):
+    """torchvision, or a one-line DreamError saying what needs it: a torchvision built for another torch
+    fails at import with a RuntimeError ("operator torchvision::nms does not exist"), not an ImportError."""
+    try:
+        import torchvision
+        import torchvision.transforms.functional  # noqa: F401  (the part the decoders use)
+    except Exception as error:  # noqa: BLE001
+        why = (str(error).splitlines() or [type(error).__name__])[0]
+        raise DreamError(f"{what} needs torchvision, which does not import here ({why}); pip install the "
+                         f"torchvision release that matches torch {torch.__version__.split('+')[0]}") from None
+    return torchvision
+
+
 def _crop_resize(image, size: int, crop_box=None):
     import torchvision.transforms.functional as TF
 
@@ -107,8 +121,12 @@ def _crop_resize(image, size: int, crop_box=None):
     return TF.pil_to_tensor(image)
 
 
+DECODED, UNREADABLE, OUTSIDE_CROP = 0, 1, 2  # what _DecodeFiles made of a file
+
+
 class _DecodeFiles(torch.utils.data.Dataset):
-    """(ok, uint8 image) per file; ok is False for a file that does not decode."""
+    """(status, uint8 image) per file: DECODED, UNREADABLE (it does not decode) or OUTSIDE_CROP (the crop
+    box does not lie inside the image: not an aligned CelebA image)."""
 
     def __init__(self, paths, size, crop_box=None):
         self.paths, self.size, self.crop_box = paths, size, crop_box
@@ -123,11 +141,21 @@ class _DecodeFiles(torch.utils.data.Dataset):
         # either decodes or is named in the one skip warning. Filtered here, as this may run in a worker.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            blank = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
             try:
                 with Image.open(self.paths[i]) as image:
-                    return True, _crop_resize(as_rgb(upright(image)), self.size, self.crop_box)
+                    image = upright(image)
+                    if self.crop_box is not None and not box_inside(self.crop_box, image.size):
+                        return OUTSIDE_CROP, blank
+                    return DECODED, _crop_resize(as_rgb(image), self.size, self.crop_box)
             except Exception:  # noqa: BLE001  - any decode failure marks the file corrupt
-                return False, torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+                return UNREADABLE, blank
+
+
+def box_inside(box, image_size) -> bool:
+    """Whether the (top, left, height, width) box lies inside an image of PIL size (width, height)."""
+    top, left, height, width = box
+    return top >= 0 and left >= 0 and top + height <= image_size[1] and left + width <= image_size[0]
 
 
 def upright(image):
@@ -161,14 +189,26 @@ def decode_files(paths: list[Path], size: int, crop_box=None, what: str = "image
     name (skip_message); a set where no file decodes is an error."""
     from tqdm.auto import tqdm
 
+    import_torchvision(f"decoding {what}")  # here, not first in a loader worker
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     loader = torch.utils.data.DataLoader(_DecodeFiles(paths, size, crop_box), batch_size=64,
                                          num_workers=workers if len(paths) > 256 else 0)
-    images, decoded = [], []
-    for ok, batch in tqdm(loader, desc=f"decoding {what}", disable=len(paths) < 2048, leave=False):
-        images.append(batch[ok])
-        decoded.extend(ok.tolist())  # the loader keeps the files' order
-    skipped = [path for path, ok in zip(paths, decoded) if not ok]
+    images, statuses = [], []
+    for status, batch in tqdm(loader, desc=f"decoding {what}", disable=len(paths) < 2048, leave=False):
+        images.append(batch[status == DECODED])
+        statuses.extend(status.tolist())  # the loader keeps the files' order
+    outside = [path for path, status in zip(paths, statuses) if status == OUTSIDE_CROP]
+    if outside:
+        from PIL import Image
+
+        with Image.open(outside[0]) as image:
+            width, height = upright(image).size
+        top, left, box_height, box_width = crop_box
+        raise DreamError(f"{outside[0]} is {width}×{height} pixels: the crop box ({box_width}×{box_height} at row "
+                         f"{top}, column {left}) does not fit in it, and {len(outside)} of the {len(paths)} images "
+                         f"of {what} are like it; the box is for the aligned 178×218 CelebA images "
+                         f"(img_align_celeba)")
+    skipped = [path for path, status in zip(paths, statuses) if status == UNREADABLE]
     if len(skipped) == len(paths):
         raise DreamError(f"none of the {len(paths)} files in {what} could be read as an image")
     return torch.cat(images), skipped
@@ -189,11 +229,20 @@ def skip_message(skipped: Sequence[str | Path], total: int, what: str, root: Pat
     return f"skipped {len(skipped)} of {total} files in {what} that could not be read as images: {names}{more}"
 
 
+def written_by_dream(names: Sequence[str], subfolders: Sequence[str]) -> bool:
+    """Whether a folder holding these files and subfolders is one dream writes images into: a sample set
+    (dream sample, dream eval: sampling.json beside the PNGs) or a training run (config.json beside its
+    checkpoints/, metrics.jsonl or samples/)."""
+    return "sampling.json" in names or ("config.json" in names and (
+        "metrics.jsonl" in names or "checkpoints" in subfolders or "samples" in subfolders))
+
+
 def list_image_files(root: Path, *, exclude: Sequence[Path] = ()) -> list[Path]:
     """Every image file under `root`, sorted. Symlinked folders are followed, each real folder scanned once
     (a symlink cycle ends, a folder linked twice is not read twice). Files under a folder of `exclude`
     (compared as resolved paths; one that does not exist yet is fine), such as a run folder's sample
-    grids, are left out."""
+    grids, and under any folder dream wrote images into (written_by_dream: other runs, sample sets; named
+    in a warning) are left out."""
     if not root.exists():
         raise DreamError(f"image folder {root} does not exist")
     if not root.is_dir():
@@ -207,10 +256,14 @@ def list_image_files(root: Path, *, exclude: Sequence[Path] = ()) -> list[Path]:
         left_out = left_out or hit
         return hit
 
-    files = []
+    files, dream_folders = [], []
     visited = {os.path.realpath(root)}
     if not is_excluded(str(root)):
         for folder, subfolders, names in os.walk(root, followlinks=True):
+            if written_by_dream(names, subfolders):
+                dream_folders.append(folder)
+                subfolders[:] = []
+                continue
             kept = []
             for sub in sorted(subfolders):  # sorted: which of two links to one folder is scanned is fixed
                 real = os.path.realpath(os.path.join(folder, sub))
@@ -223,30 +276,60 @@ def list_image_files(root: Path, *, exclude: Sequence[Path] = ()) -> list[Path]:
                 if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and os.path.isfile(path) \
                         and not is_excluded(path):
                     files.append(Path(path))
+    if dream_folders:
+        names = ", ".join(os.path.relpath(folder, root) for folder in sorted(dream_folders)[:SKIPPED_SHOWN])
+        more = f" and {len(dream_folders) - SKIPPED_SHOWN} more" if len(dream_folders) > SKIPPED_SHOWN else ""
+        warnings.warn(f"left out {len(dream_folders)} folder(s) under {root} that dream wrote images into (runs, "
+                      f"sample sets): {names}{more}", stacklevel=2)
     if not files:
-        outside = f" outside {', '.join(map(str, excluded))}" if left_out else ""
+        outside = [*map(str, excluded)] if left_out else []
+        outside += [f"the folders dream wrote ({', '.join(sorted(dream_folders)[:SKIPPED_SHOWN])})"] if dream_folders else []
         raise DreamError(f"image folder {root} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
-                         f"{outside}")
+                         + (f" outside {', '.join(outside)}" if outside else ""))
     return sorted(files)
 
 
 def celeba_files(root: Path, split: str) -> list[Path]:
-    try:
-        import torchvision
-    except ImportError as error:
-        raise DreamError(f"--data celeba reads CelebA through torchvision, which does not import here "
-                         f"({error}); pip install torchvision matching torch {torch.__version__.split('+')[0]}") from None
-
+    torchvision = import_torchvision("--data celeba")
     try:
         dataset = torchvision.datasets.CelebA(str(root), split=split, target_type=[], download=False)
     except (RuntimeError, FileNotFoundError, OSError) as error:
         # (torchvision's own message suggests download=True, which its CelebA download rarely survives)
-        detail = "" if "download=True" in str(error) else f": {error}"
-        raise DreamError(f"CelebA not found under {root} (expected {root}/celeba/img_align_celeba and its "
-                         f"list files; download it by hand, then pass the folder above 'celeba'){detail}") from None
+        problem = celeba_problem(root, torchvision.datasets.CelebA)
+        detail = "" if problem or "download=True" in str(error) else f": {error}"
+        raise DreamError(f"CelebA {f'under {root} is incomplete: {problem}' if problem else f'not found under {root}'}"
+                         f" (expected {root}/celeba/img_align_celeba and its five list files; download them by hand "
+                         f"from the CelebA site, then pass the folder above 'celeba'){detail}") from None
     except ValueError as error:
         raise DreamError(f"bad CelebA split {split!r}: {error}") from None
     return [Path(dataset.root) / dataset.base_folder / "img_align_celeba" / name for name in dataset.filename]
+
+
+def celeba_problem(root: Path, celeba_class) -> str | None:
+    """What keeps torchvision's CelebA from loading `root` whose celeba/ folder is there: a missing image
+    folder, a missing list file, or a list file whose MD5 differs from the official one (edited, converted to
+    CRLF, another release); None when there is no celeba/ folder or no such problem."""
+    from torchvision.datasets.utils import check_integrity
+
+    folder = root / celeba_class.base_folder
+    if not folder.is_dir():
+        return None  # nothing of CelebA there
+    missing, changed = [], []
+    for _, md5, name in celeba_class.file_list:
+        if Path(name).suffix in (".zip", ".7z"):
+            continue
+        if not (folder / name).is_file():
+            missing.append(name)
+        elif not check_integrity(str(folder / name), md5):
+            changed.append(name)
+    if not (folder / "img_align_celeba").is_dir():
+        missing.insert(0, "img_align_celeba/")
+    if missing:
+        return f"{', '.join(missing)} missing"
+    if changed:
+        return (f"{', '.join(changed)} not the official file{'s' if len(changed) > 1 else ''} (MD5 differs: edited, "
+                f"converted line endings or another release?)")
+    return None
 
 
 def dataset_files(source: str, root: Path, split: str = "train", *,
@@ -267,7 +350,7 @@ def files_fingerprint(files: list[Path]) -> str:
             stat = path.stat()
         except OSError as error:
             raise DreamError(f"image {path} cannot be read ({error.strerror or error})") from None
-        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        digest.update(os.fsencode(path) + f"|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
@@ -281,7 +364,7 @@ def images_digest(images: torch.Tensor) -> str:
 # ----------------------------------------------------------------------------------------------
 # cache and entry point
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("DREAM_CACHE", Path.home() / ".cache" / "dream"))
+    return Path(os.environ.get("DREAM_CACHE") or Path.home() / ".cache" / "dream")  # set but empty: the default
 
 
 def load_images(source: str = "synthetic", root: str | None = None, split: str = "train", size: int = 64,
@@ -297,9 +380,10 @@ def load_images(source: str = "synthetic", root: str | None = None, split: str =
         raise DreamError(f"--data {source} needs --data-root")
     root_path = Path(root).expanduser().resolve()
     files, crop, what = dataset_files(source, root_path, split, exclude=exclude)
-    key = hashlib.sha1(f"{source}|{root_path}|{split}|{size}|{DECODE_VERSION}|{files_fingerprint(files)}".encode())
+    key = hashlib.sha1(f"{source}|".encode() + os.fsencode(root_path)
+                       + f"|{split}|{size}|{DECODE_VERSION}|{files_fingerprint(files)}".encode())
     cache = Path(cache_dir or default_cache_dir()) / f"{source}-{size}px-{key.hexdigest()[:16]}.pt"
-    cached = _read_cache(cache) if cache.exists() else None
+    cached = _read_cache(cache, len(files), size) if cache.exists() else None
     if cached is not None:
         images, skipped = cached
     else:
@@ -308,7 +392,8 @@ def load_images(source: str = "synthetic", root: str | None = None, split: str =
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             with atomic_file(cache) as f:
-                torch.save({"images": images, "skipped": skipped}, f)
+                torch.save({"images": images, "skipped": skipped, "files": len(files),
+                            "sha1": images_digest(images)}, f)
         except OSError as error:
             warnings.warn(f"could not write the image cache {cache}: {error}", stacklevel=2)
     if skipped:  # from the cache too: the files stay skipped until they change
@@ -316,18 +401,30 @@ def load_images(source: str = "synthetic", root: str | None = None, split: str =
     return images
 
 
-def _read_cache(cache: Path) -> tuple[torch.Tensor, list[str]] | None:
-    """(images, skipped file names) from an image cache, or None (with a warning) when it is unreadable."""
+def _read_cache(cache: Path, files: int, size: int) -> tuple[torch.Tensor, list[str]] | None:
+    """(images, skipped file names) from the image cache of `files` files at `size`, or None (with a warning)
+    when it is unreadable, damaged (its images no longer match the SHA-1 stored with them: torch.load does
+    not check) or made of another set of files."""
+    why = "unreadable"
     try:
         data = torch.load(cache, weights_only=True)
         if not (isinstance(data, dict) and isinstance(data.get("images"), torch.Tensor)
                 and data["images"].dtype == torch.uint8 and data["images"].ndim == 4
                 and isinstance(data.get("skipped"), list) and all(isinstance(s, str) for s in data["skipped"])):
             raise ValueError("not an image cache")
-        return data["images"], data["skipped"]
+        images, skipped = data["images"], data["skipped"]
+        if "sha1" not in data:
+            why = "from an older release of dream"
+        elif data.get("files") != files or tuple(images.shape) != (files - len(skipped), 3, size, size):
+            why = "made from other files"
+        elif data.get("sha1") != images_digest(images):
+            why = "damaged (its checksum does not match)"
+        else:
+            return images, skipped
     except Exception:  # noqa: BLE001  - a damaged cache is rebuilt
-        warnings.warn(f"image cache {cache} is unreadable; decoding again", stacklevel=3)
-        return None
+        pass
+    warnings.warn(f"image cache {cache} is {why}; decoding again", stacklevel=3)
+    return None
 
 
 class DeviceBatches:

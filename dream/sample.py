@@ -286,7 +286,9 @@ def read_sample(path: str | Path, size: int | None = None) -> torch.Tensor:
 def save_grid(out_dir: str | Path, count: int, path: str | Path, nrow: int | None = None,
               size: int | None = None) -> Path:
     """The first `count` images of out_dir in a grid (all size × size; None: the first image's size)."""
-    import torchvision
+    from dream.data import import_torchvision
+
+    torchvision = import_torchvision("the sample grid")
 
     out_dir = Path(out_dir)
     images = []

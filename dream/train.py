@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from dream import distributed
 from dream.checkpoint import CheckpointManager, code_version, load_checkpoint, rng_state, set_rng_state
-from dream.data import DeviceBatches, images_digest, load_images
+from dream.data import DeviceBatches, images_digest, import_torchvision, load_images
 from dream.diffusion import GaussianDiffusion
 from dream.ema import EMA
 from dream.errors import DreamError, option_error
@@ -235,6 +235,8 @@ class Trainer:
             raise DreamError(f"batch size {config.batch_size} must be divisible by the number of processes "
                              f"({dist.world_size})", same_on_every_rank=True)
         self.rank_batch = config.batch_size // dist.world_size
+        if config.sample_every:  # checked now, not at the first epoch's end
+            import_torchvision("the sample grids (--sample-every 0: none)")
         with warnings.catch_warnings():
             if not dist.is_main:  # skipped files are reported once, by rank 0
                 warnings.simplefilter("ignore")
@@ -631,7 +633,7 @@ class Trainer:
     def save_sample_grid(self) -> Path | None:
         if not self.dist.is_main:
             return None
-        import torchvision
+        torchvision = import_torchvision("the sample grid")
 
         path = self.run_dir / "samples" / f"grid-{self.step:09d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)

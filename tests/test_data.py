@@ -240,11 +240,13 @@ def test_a_cache_made_by_older_decoding_is_not_served(tmp_path, monkeypatch):
     """The key holds DECODE_VERSION: a cache written before decoding changed (for example, 16-bit images
     once clipped) is decoded again, not trusted."""
     import dream.data
+    from dream.data import images_digest
 
     write_images(tmp_path / "imgs", 2)
     old = load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache")
     [cache] = (tmp_path / "cache").glob("folder-16px-*.pt")
-    torch.save({"images": torch.zeros_like(old), "skipped": []}, cache)  # what an older decoder would have made
+    zeros = torch.zeros_like(old)  # what an older decoder would have made
+    torch.save({"images": zeros, "skipped": [], "files": 2, "sha1": images_digest(zeros)}, cache)
     assert torch.equal(load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache"),
                        torch.zeros_like(old))  # same version: served from the cache
     monkeypatch.setattr(dream.data, "DECODE_VERSION", dream.data.DECODE_VERSION + 1)
@@ -262,3 +264,133 @@ def test_images_digest_sees_one_changed_byte_and_the_shape():
     assert images_digest(changed) != images_digest(images)
     assert images_digest(images.reshape(5, 3, 4, 16)) != images_digest(images)
     assert images_digest(images.to(memory_format=torch.channels_last)) == images_digest(images)  # bytes in NCHW order
+
+
+def test_a_damaged_foreign_or_old_image_cache_is_decoded_again_with_a_warning(tmp_path):
+    """torch.load does not check a zip member's CRC: flipped bytes in the images would be trained on. The
+    cache holds the images' SHA-1 and its file count, and a cache that does not match is replaced."""
+    from dream.data import images_digest
+
+    write_images(tmp_path / "imgs", 3)
+    write_images(tmp_path / "other", 4)
+    fresh = load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache")
+    [cache] = (tmp_path / "cache").glob("folder-16px-*.pt")
+    good = cache.read_bytes()
+
+    def reload(why):
+        with pytest.warns(UserWarning, match=f"image cache {cache} is {why}; decoding again"):
+            assert torch.equal(load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache"),
+                               fresh)
+        assert cache.read_bytes() != damaged  # replaced by a good one
+        assert torch.equal(load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache"),
+                           fresh)
+
+    data = torch.load(cache, weights_only=True)
+    data["images"][1, 2, 3, 4] ^= 0x40  # one flipped bit in the pixels, the stored SHA-1 unchanged
+    torch.save(data, cache)
+    damaged = cache.read_bytes()
+    reload(r"damaged \(its checksum does not match\)")
+    load_images("folder", str(tmp_path / "other"), size=16, cache_dir=tmp_path / "other-cache")
+    [other] = (tmp_path / "other-cache").glob("*.pt")
+    cache.write_bytes(damaged := other.read_bytes())  # another set's cache under this set's name
+    reload("made from other files")
+    torch.save({"images": fresh, "skipped": []}, cache)  # the format of an older release: no checksum
+    damaged = cache.read_bytes()
+    reload("from an older release of dream")
+    assert good == cache.read_bytes() or torch.load(cache, weights_only=True)["sha1"] == images_digest(fresh)
+
+
+def test_folders_dream_wrote_images_into_are_left_out_of_a_folder_scan(tmp_path):
+    """Another run's sample grids, or a sample set (dream sample, dream eval) saved under the data folder,
+    are no training data; they are named in one warning."""
+    root = tmp_path / "faces"
+    write_images(root / "people", 3)
+    write_images(root / "run1" / "samples", 2)  # a training run: config.json beside samples/
+    (root / "run1" / "config.json").write_text("{}")
+    write_images(root / "eval" / "samples", 2)  # a sample set: sampling.json beside the PNGs
+    (root / "eval" / "samples" / "sampling.json").write_text("{}")
+    write_images(root / "config-only", 1)  # a config.json alone is anybody's
+    (root / "config-only" / "config.json").write_text("{}")
+    with pytest.warns(UserWarning) as caught:
+        files = list_image_files(root)
+    assert [f.relative_to(root).as_posix() for f in files] == ["config-only/img0.png", "people/img0.png",
+                                                              "people/img1.png", "people/img2.png"]
+    assert [str(w.message) for w in caught] == [
+        f"left out 2 folder(s) under {root} that dream wrote images into (runs, sample sets): eval/samples, run1"]
+    with pytest.warns(UserWarning), pytest.raises(DreamError, match="holds no image files .* outside the folders "
+                                                                    "dream wrote"):
+        list_image_files(root / "run1")
+
+
+def test_a_file_name_that_is_not_utf8_is_no_error(tmp_path):
+    import os
+
+    write_images(tmp_path / "imgs", 2)
+    os.rename(tmp_path / "imgs" / "img1.png", os.fsdecode(bytes(tmp_path / "imgs") + b"/caf\xe9.png"))
+    assert load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache").shape[0] == 2
+
+
+def test_an_image_the_celeba_box_does_not_fit_is_named_not_padded_with_black(tmp_path):
+    from dream.data import CELEBA_CROP, decode_files
+
+    write_images(tmp_path / "aligned", 2, size=(178, 218))
+    write_images(tmp_path / "small", 1, size=(89, 109))
+    paths = sorted((tmp_path / "aligned").glob("*.png")) + [tmp_path / "small" / "img0.png"]
+    assert decode_files(paths[:2], 16, CELEBA_CROP)[0].shape == (2, 3, 16, 16)
+    with pytest.raises(DreamError, match=f"^{tmp_path / 'small' / 'img0.png'} is 89×109 pixels: the crop box "
+                                         r"\(128×128 at row 57, column 25\) does not fit in it, and 1 of the 3 "
+                                         r"images .* aligned 178×218 CelebA images \(img_align_celeba\)$"):
+        decode_files(paths, 16, CELEBA_CROP)
+
+
+def test_celeba_setup_problems_name_the_file(tmp_path):
+    root = tmp_path / "data"
+    folder = root / "celeba"
+    (folder / "img_align_celeba").mkdir(parents=True)
+    lists = ["list_eval_partition.txt", "identity_CelebA.txt", "list_attr_celeba.txt", "list_bbox_celeba.txt",
+             "list_landmarks_align_celeba.txt"]
+    for name in lists:
+        (folder / name).write_text("000001.jpg 0\r\n")  # not the official contents
+
+    def error():
+        with pytest.raises(DreamError) as caught:
+            load_images("celeba", str(root), cache_dir=tmp_path / "cache")
+        assert "\n" not in str(caught.value)
+        return str(caught.value)
+
+    message = error()
+    named = message.removeprefix(f"CelebA under {root} is incomplete: ").split(" not the official files (MD5")[0]
+    assert sorted(named.split(", ")) == sorted(lists) and "(MD5 differs" in message
+    (folder / "identity_CelebA.txt").unlink()
+    assert error().startswith(f"CelebA under {root} is incomplete: identity_CelebA.txt missing (expected")
+    (folder / "img_align_celeba").rmdir()
+    assert error().startswith(f"CelebA under {root} is incomplete: img_align_celeba/, identity_CelebA.txt missing")
+
+
+def test_a_torchvision_that_fails_to_import_is_one_line(monkeypatch):
+    """PyPI's torchvision beside another torch fails at import with a RuntimeError, not an ImportError."""
+    import builtins
+
+    from dream.data import import_torchvision
+
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name.startswith("torchvision"):
+            raise RuntimeError("operator torchvision::nms does not exist\nmore lines")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    with pytest.raises(DreamError, match="^--data celeba needs torchvision, which does not import here \\(operator "
+                                         "torchvision::nms does not exist\\); pip install the torchvision release "
+                                         "that matches torch [0-9.]+$"):
+        import_torchvision("--data celeba")
+
+
+def test_an_empty_dream_cache_variable_means_the_default(monkeypatch):
+    from pathlib import Path
+
+    from dream.data import default_cache_dir
+
+    monkeypatch.setenv("DREAM_CACHE", "")
+    assert default_cache_dir() == Path.home() / ".cache" / "dream"
