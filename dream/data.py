@@ -241,7 +241,7 @@ def list_image_files(root: Path, *, exclude: Sequence[Path] = ()) -> list[Path]:
     """Every image file under `root`, sorted. Symlinked folders are followed, each real folder scanned once
     (a symlink cycle ends, a folder linked twice is not read twice). Files under a folder of `exclude`
     (compared as resolved paths; one that does not exist yet is fine), such as a run folder's sample
-    grids, and under any folder dream wrote images into (written_by_dream: other runs, sample sets; named
+    grids, and under any subfolder dream wrote images into (written_by_dream: other runs, sample sets; named
     in a warning) are left out."""
     if not root.exists():
         raise DreamError(f"image folder {root} does not exist")
@@ -260,7 +260,7 @@ def list_image_files(root: Path, *, exclude: Sequence[Path] = ()) -> list[Path]:
     visited = {os.path.realpath(root)}
     if not is_excluded(str(root)):
         for folder, subfolders, names in os.walk(root, followlinks=True):
-            if written_by_dream(names, subfolders):
+            if folder != str(root) and written_by_dream(names, subfolders):  # the root itself was asked for
                 dream_folders.append(folder)
                 subfolders[:] = []
                 continue

@@ -319,7 +319,8 @@ def test_folders_dream_wrote_images_into_are_left_out_of_a_folder_scan(tmp_path)
         f"left out 2 folder(s) under {root} that dream wrote images into (runs, sample sets): eval/samples, run1"]
     with pytest.warns(UserWarning), pytest.raises(DreamError, match="holds no image files .* outside the folders "
                                                                     "dream wrote"):
-        list_image_files(root / "run1")
+        list_image_files(root / "eval")
+    assert len(list_image_files(root / "eval" / "samples")) == 2  # asked for by name: a sample set scored as "real"
 
 
 def test_a_file_name_that_is_not_utf8_is_no_error(tmp_path):
