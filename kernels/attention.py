@@ -66,6 +66,8 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _MAX_SEQUENCE = 4096
 _LOG2E = 1.4426950408889634
+# scales that are normal fp32 numbers (a GPU flushes subnormals to zero) with 1/scale and scale·log2(e) finite
+_SCALE_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max / (2 * _LOG2E))
 _INT32_MAX = 2**31 - 1
 
 
@@ -604,6 +606,9 @@ def _check_scale(scale, head_dim: int, op: str = "attention") -> float:
     scale = float(scale)
     if not math.isfinite(scale) or scale <= 0.0:
         raise ValueError(f"{op}: scale must be finite and positive, got {scale}")
+    if not _SCALE_RANGE[0] <= scale <= _SCALE_RANGE[1]:  # the kernels take 1/scale and scale·log2(e) in fp32
+        raise ValueError(f"{op}: scale must lie in [{_SCALE_RANGE[0]:.3g}, {_SCALE_RANGE[1]:.3g}] (the kernels "
+                         f"compute 1/scale and scale·log2(e) in fp32), got {scale}")
     return scale
 
 
@@ -767,8 +772,11 @@ def _attention_backward_into(q, k, v, o, lse, do, scale: float, dq, dk, dv,
 # Custom ops on (B, H, N, D) tensors
 # ----------------------------------------------------------------------------------------
 def _attention_forward_impl(q, k, v, scale):
-    # Shapes and dtypes are validated by the public wrapper `attention`; the device check
-    # lives here so that fake tensors (FakeTensorMode, torch.compile tracing) pass.
+    # The op is public too (torch.ops.dream_kernels): shapes and scale are checked here and in the fake as
+    # well as in the wrapper `attention`. The device check is here only, so that fake tensors
+    # (FakeTensorMode, torch.compile tracing) pass.
+    _check_qkv(q, k, v)
+    _check_scale(scale, q.shape[-1])
     _check_device(q)
     batch, heads, seq_len, _ = q.shape
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
@@ -784,11 +792,26 @@ def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @_attention_forward_op.register_fake
 def _(q, k, v, scale):
+    _check_qkv(q, k, v)
+    _check_scale(scale, q.shape[-1])
     batch, heads, seq_len, _ = q.shape
     return (q.new_empty(q.shape), q.new_empty((batch, heads, seq_len), dtype=torch.float32))
 
 
+def _check_backward_inputs(q, k, v, o, lse, do, scale, op: str = "attention_backward") -> None:
+    _check_qkv(q, k, v, op)
+    _check_scale(scale, q.shape[-1], op)
+    for name, t in (("o", o), ("do", do)):
+        if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{op}: {name} must be a {q.dtype} tensor of q's shape {tuple(q.shape)} on {q.device}, "
+                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if lse.shape != q.shape[:3] or lse.dtype != torch.float32 or lse.device != q.device:
+        raise ValueError(f"{op}: lse must be a float32 tensor of shape {tuple(q.shape[:3])} on {q.device}, got "
+                         f"{lse.dtype} {tuple(lse.shape)} on {lse.device}")
+
+
 def _attention_backward_impl(q, k, v, o, lse, do, scale):
+    _check_backward_inputs(q, k, v, o, lse, do, scale)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
@@ -804,6 +827,7 @@ def _attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @_attention_backward_op.register_fake
 def _(q, k, v, o, lse, do, scale):
+    _check_backward_inputs(q, k, v, o, lse, do, scale)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -869,22 +893,22 @@ def _nchw_as_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.reshape(batch, num_heads, channels // num_heads, height * width).transpose(-1, -2)
 
 
-def _check_qkv_nchw(qkv: torch.Tensor, num_heads: int) -> None:
+def _check_qkv_nchw(qkv: torch.Tensor, num_heads: int, scale=None, op: str = "attention_qkv_nchw") -> None:
     if not isinstance(qkv, torch.Tensor):
-        raise TypeError(f"attention_qkv_nchw: qkv must be a torch.Tensor, got {type(qkv).__name__}")
+        raise TypeError(f"{op}: qkv must be a torch.Tensor, got {type(qkv).__name__}")
     if qkv.dim() != 4:
-        raise ValueError(f"attention_qkv_nchw: qkv must have shape (B, 3C, H, W), got {tuple(qkv.shape)}")
+        raise ValueError(f"{op}: qkv must have shape (B, 3C, H, W), got {tuple(qkv.shape)}")
     if not is_int(num_heads) or num_heads < 1:
-        raise ValueError(f"attention_qkv_nchw: num_heads must be a positive int, got {num_heads!r}")
+        raise ValueError(f"{op}: num_heads must be a positive int, got {num_heads!r}")
     if qkv.shape[1] % (3 * num_heads) != 0:
-        raise ValueError(f"attention_qkv_nchw: channels {qkv.shape[1]} are not divisible by "
-                         f"3·num_heads={3 * num_heads}")
+        raise ValueError(f"{op}: channels {qkv.shape[1]} are not divisible by 3·num_heads={3 * num_heads}")
     q, k, v = _qkv_nchw_views(qkv, int(num_heads))
-    _check_qkv(q, k, v, "attention_qkv_nchw")
+    _check_qkv(q, k, v, op)
+    _check_scale(scale, q.shape[-1], op)
 
 
 def _attention_qkv_nchw_forward_impl(qkv, num_heads, scale):
-    # Shapes and dtypes are validated by the public wrapper `attention_qkv_nchw`.
+    _check_qkv_nchw(qkv, num_heads, scale)  # here and in the fake too: the op is public
     _check_device(qkv, "attention_qkv_nchw")
     batch, channels3, height, width = qkv.shape
     out = torch.empty((batch, channels3 // 3, height, width), device=qkv.device, dtype=qkv.dtype,
@@ -903,13 +927,27 @@ def _attention_qkv_nchw_forward_op(qkv: torch.Tensor, num_heads: int,
 
 @_attention_qkv_nchw_forward_op.register_fake
 def _(qkv, num_heads, scale):
+    _check_qkv_nchw(qkv, num_heads, scale)
     batch, channels3, height, width = qkv.shape
     return (torch.empty((batch, channels3 // 3, height, width), device=qkv.device, dtype=qkv.dtype,
                         memory_format=memory_format_of(qkv)),
             qkv.new_empty((batch, num_heads, height * width), dtype=torch.float32))
 
 
+def _check_qkv_nchw_backward(qkv, out, lse, dout, num_heads, scale) -> None:
+    _check_qkv_nchw(qkv, num_heads, scale, "attention_qkv_nchw_backward")
+    q, k, v = _qkv_nchw_views(qkv, num_heads)
+    batch, channels3, height, width = qkv.shape
+    for name, t in (("out", out), ("dout", dout)):
+        if tuple(t.shape) != (batch, channels3 // 3, height, width):
+            raise ValueError(f"attention_qkv_nchw_backward: {name} must have shape "
+                             f"{(batch, channels3 // 3, height, width)}, got {tuple(t.shape)}")
+    _check_backward_inputs(q, k, v, _nchw_as_heads(out, num_heads), lse, _nchw_as_heads(dout, num_heads), scale,
+                           "attention_qkv_nchw_backward")
+
+
 def _attention_qkv_nchw_backward_impl(qkv, out, lse, dout, num_heads, scale):
+    _check_qkv_nchw_backward(qkv, out, lse, dout, num_heads, scale)
     dqkv = torch.empty_like(qkv, memory_format=memory_format_of(qkv))
     q, k, v = _qkv_nchw_views(qkv, num_heads)
     dq, dk, dv = _qkv_nchw_views(dqkv, num_heads)
@@ -926,6 +964,7 @@ def _attention_qkv_nchw_backward_op(qkv: torch.Tensor, out: torch.Tensor, lse: t
 
 @_attention_qkv_nchw_backward_op.register_fake
 def _(qkv, out, lse, dout, num_heads, scale):
+    _check_qkv_nchw_backward(qkv, out, lse, dout, num_heads, scale)
     return torch.empty_like(qkv, memory_format=memory_format_of(qkv))
 
 

@@ -64,6 +64,7 @@ _GRID: Optional[str] = None
 
 _forced: Optional[bool] = None
 _picks: dict = {}
+_checked: set = set()  # picks whose fields were compared with the launcher's configurations in this process
 _loaded_from: Optional[str] = None
 _lock = threading.Lock()
 
@@ -113,6 +114,7 @@ def clear_picks() -> None:
     global _loaded_from
     with _lock:
         _picks.clear()
+        _checked.clear()
         _loaded_from = None
 
 
@@ -276,16 +278,28 @@ def choose(kernel: str, key: Sequence, device: torch.device,
     name = problem_name(kernel, key, device)
     with _lock:
         _load_once()
-        if name in _picks:
-            return dict(_picks[name])
+        pick = _picks.get(name)
+        if pick is not None and name in _checked:
+            return dict(pick)
+    heuristic = None
+    if pick is not None:  # from the file: written by a release whose configurations may have had other fields
+        heuristic, configs = candidates()
+        with _lock:
+            if isinstance(pick, dict) and set(pick) == set(heuristic):
+                _checked.add(name)
+                return dict(pick)
+            _picks.pop(name, None)
+        log.warning("autotune %s: the cached pick %s does not fit this release's launcher; tuning again", name, pick)
     if (interpreted and not _ALLOW_INTERPRETER) or _capturing(device):
         return None
-    heuristic, configs = candidates()
+    if heuristic is None:
+        heuristic, configs = candidates()
     if not interpreted:  # compile every candidate in parallel first (the interpreter compiles nothing)
         precompile([lambda config=config: run(config) for config in [heuristic, *configs]])
     config = _tune(name, heuristic, configs, run)
     with _lock:
         _picks[name] = config
+        _checked.add(name)
     path = cache_path()
     if path is not None:
         with _lock:

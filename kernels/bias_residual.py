@@ -111,8 +111,10 @@ def _output_like(a, b):
 # Custom op and autograd
 # --------------------------------------------------------------------------------------------
 def _add_bias_residual_impl(a, b, bias):
-    # Shapes and dtypes are validated by the public wrapper; the device check lives here so that
-    # fake tensors (FakeTensorMode, torch.compile tracing) pass.
+    # The op is public too (torch.ops.dream_kernels): shapes are checked here and in the fake as well as in
+    # the wrapper (whose early check names the op before any tracing). The device check is here only, so
+    # that fake tensors (FakeTensorMode, torch.compile tracing) pass.
+    _check_inputs(a, b, bias)
     _check_device(a)
     memory_format = memory_format_of(a)
     return _add_bias_residual_into(_dense(a, memory_format), _dense(b, memory_format), bias.contiguous(),
@@ -126,6 +128,7 @@ def _add_bias_residual_op(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) 
 
 @_add_bias_residual_op.register_fake
 def _(a, b, bias):
+    _check_inputs(a, b, bias)
     return _output_like(a, b)
 
 

@@ -107,6 +107,11 @@ def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_bool(value) -> bool:
+    """A Python or numpy bool."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"))
+
+
 def is_real(value) -> bool:
     """A Python or numpy integer or float, not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -78,7 +78,7 @@ import triton
 import triton.language as tl
 
 from kernels import autotune
-from kernels.device import (check_interpreter_device, is_int, is_interpreted, is_real, on_tensor_device,
+from kernels.device import (check_interpreter_device, is_bool, is_int, is_interpreted, is_real, on_tensor_device,
                             reject_function_transforms)
 from kernels.device import sm_count as _sm_count  # module global: tests and tools substitute it
 from kernels.layout import memory_format_of
@@ -775,7 +775,7 @@ def _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dr
         raise ValueError(f"{op}: eps must be a positive float, got {eps!r}")
     if mode not in _MODES:
         raise ValueError(f"{op}: mode must be 'pre' or 'post', got {mode!r}")
-    if not isinstance(silu, bool):
+    if not is_bool(silu):
         raise TypeError(f"{op}: silu must be a bool, got {type(silu).__name__}")
     for name, tensor, shape in (("weight", weight, (C,)), ("bias", bias, (C,)),
                                 ("scale", scale, (N, C)), ("shift", shift, (N, C))):
@@ -1342,7 +1342,7 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=Non
     _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed)
     reject_function_transforms("group_norm_silu", "group_norm_silu_reference", x, weight, bias, scale, shift)
     y, _, _ = torch.ops.dream_kernels.group_norm_silu_fwd(
-        x, weight, bias, scale, shift, int(num_groups), float(eps), mode, silu, float(dropout_p),
+        x, weight, bias, scale, shift, int(num_groups), float(eps), mode, bool(silu), float(dropout_p),
         seed if dropout_p > 0 else None)
     return y
 

@@ -169,7 +169,7 @@ def group_norm_silu_conv2d(x, weight, bias, num_groups, conv_weight, conv_bias=N
         conv_weight = conv_weight.to(dtype)
         conv_bias = conv_bias.to(dtype) if conv_bias is not None else None
     out, _, _ = torch.ops.dream_kernels.group_norm_silu_conv2d(
-        x, weight, bias, scale, shift, int(num_groups), float(eps), mode, silu, float(dropout_p),
+        x, weight, bias, scale, shift, int(num_groups), float(eps), mode, bool(silu), float(dropout_p),
         seed if dropout_p > 0 else None, conv_weight, conv_bias, stride, padding, dilation, int(groups))
     return out
 

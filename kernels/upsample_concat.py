@@ -228,8 +228,9 @@ def _output_like(h, channels):
 # Custom ops and autograd
 # --------------------------------------------------------------------------------------------
 def _upsample2x_concat_impl(h, skip, h_bias):
-    # Shapes and dtypes are validated by the public wrapper; the device check lives here so that
-    # fake tensors (FakeTensorMode, torch.compile tracing) pass.
+    # The op is public too (torch.ops.dream_kernels): shapes are checked here and in the fake as well as in
+    # the wrapper. The device check is here only, so that fake tensors (torch.compile tracing) pass.
+    _check_inputs(h, skip, h_bias)
     _check_device(h)
     return _upsample2x_concat_into(h, skip, None if h_bias is None else h_bias.contiguous(),
                                    _output_like(h, h.shape[1] + skip.shape[1]))
@@ -242,6 +243,7 @@ def _upsample2x_concat_op(h: torch.Tensor, skip: torch.Tensor, h_bias: Optional[
 
 @_upsample2x_concat_op.register_fake
 def _(h, skip, h_bias):
+    _check_inputs(h, skip, h_bias)
     return _output_like(h, h.shape[1] + skip.shape[1])
 
 
@@ -251,7 +253,17 @@ def _skip_gradient_like(grad_up, dtype, channels_last):
                        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def _check_backward_inputs(grad_up) -> None:
+    if grad_up.dim() != 4 or grad_up.shape[2] % 2 or grad_up.shape[3] % 2 or grad_up.numel() == 0:
+        raise ValueError(f"upsample2x_bilinear_backward: grad_up must be a non-empty (N, C, 2H, 2W) tensor, got "
+                         f"shape {tuple(grad_up.shape)}")
+    if grad_up.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"upsample2x_bilinear_backward: grad_up must be float32, float16 or bfloat16, got "
+                        f"{grad_up.dtype}")
+
+
 def _upsample2x_backward_impl(grad_up, dtype, channels_last):
+    _check_backward_inputs(grad_up)
     _check_device(grad_up)
     return _upsample2x_backward_into(grad_up, _skip_gradient_like(grad_up, dtype, channels_last))
 
@@ -263,6 +275,7 @@ def _upsample2x_backward_op(grad_up: torch.Tensor, dtype: torch.dtype, channels_
 
 @_upsample2x_backward_op.register_fake
 def _(grad_up, dtype, channels_last):
+    _check_backward_inputs(grad_up)
     return _skip_gradient_like(grad_up, dtype, channels_last)
 
 

@@ -88,6 +88,9 @@ def test_numpy_scalars_are_accepted_like_python_numbers():
                        kernels.group_norm_silu_conv2d(x, w, b, 2, conv, padding=1))
     with pytest.raises(ValueError, match="num_groups must be a positive int, got True"):
         kernels.group_norm_silu(x, w, b, True)
+    assert torch.equal(kernels.group_norm_silu(x, w, b, 2, silu=np.bool_(True)), expected)
+    assert torch.equal(kernels.group_norm_silu_conv2d(x, w, b, 2, conv, padding=1, silu=np.bool_(False)),
+                       kernels.group_norm_silu_conv2d(x, w, b, 2, conv, padding=1, silu=False))
 
 
 def test_errors_name_the_op_that_was_called():
@@ -101,6 +104,39 @@ def test_errors_name_the_op_that_was_called():
         kernels.attention_qkv_nchw(torch.ones(1, 48, 2, 2, dtype=torch.int64, device=DEVICE), 1)
     with pytest.raises(TypeError, match=r"^attention_qkv_nchw: scale must be a float or None"):
         kernels.attention_qkv_nchw(torch.randn(1, 48, 2, 2, device=DEVICE), 1, scale="0.1")
+
+
+def test_the_public_custom_ops_check_shapes_themselves_also_on_meta_tensors():
+    """torch.ops.dream_kernels.* can be called without the wrappers: a mismatched shape is a one-line
+    ValueError from the op (and from its fake, under tracing), never a kernel reading past an input."""
+    ops = torch.ops.dream_kernels
+    for device in (DEVICE, "meta"):
+        q = torch.randn(1, 1, 8, 16, device=device)
+        x, bias = torch.randn(2, 4, 8, 8, device=device), torch.randn(4, device=device)
+        calls = [
+            (lambda: ops.attention_forward(q, q[:, :, :4], q[:, :, :4], 0.25), "^attention: q, k, v must have the same shape"),
+            (lambda: ops.attention_forward(q, q, q, 1e-39), r"^attention: scale must lie in \[1.18e-38, "),
+            (lambda: ops.attention_backward(q, q, q, q, torch.zeros(1, 1, 4, device=device), q, 0.25),
+             r"^attention_backward: lse must be a float32 tensor of shape \(1, 1, 8\)"),
+            (lambda: ops.attention_qkv_nchw_forward(torch.randn(1, 48, 2, 2, device=device), 1, 3e38),
+             "^attention_qkv_nchw: scale must lie in"),
+            (lambda: ops.add_bias_residual(x, x[:1], bias), r"^add_bias_residual: b must have a's shape"),
+            (lambda: ops.add_bias_residual(x, x, bias[:1]), r"^add_bias_residual: bias must have shape \(4,\)"),
+            (lambda: ops.upsample2x_concat(x, x, None), "^upsample2x_concat: skip's size .* must be half of h's"),
+            (lambda: ops.upsample2x_bilinear_backward(x[:, :, :3], x.dtype, False),
+             "^upsample2x_bilinear_backward: grad_up must be a non-empty"),
+        ]
+        for call, message in calls:
+            with pytest.raises(ValueError, match=message):
+                call()
+
+
+def test_attention_scales_beyond_fp32_are_refused_not_answered_wrongly():
+    q = torch.randn(1, 1, 3, 16, device=DEVICE)
+    for scale in (1e-39, 3e38):  # 1/scale, or scale·log2(e), is not a finite normal fp32 number
+        with pytest.raises(ValueError, match="^attention: scale must lie in"):
+            kernels.attention(q, q, q, scale=scale)
+    assert kernels.attention(q, q, q, scale=1e-37).isfinite().all()
 
 
 def test_every_op_gives_shapes_on_meta_tensors():

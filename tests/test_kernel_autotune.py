@@ -247,6 +247,20 @@ def test_picks_are_reused_from_memory_and_from_the_file(tuning, tmp_path):
     assert names == [autotune.problem_name("toy", (9,), torch.device("cpu"))]
 
 
+def test_a_cached_pick_with_other_fields_than_the_launchers_is_tuned_again(tuning, tmp_path, caplog):
+    """A cache file written by a release whose configurations had other fields: its pick would make every
+    launch fail (a TypeError building the configuration), so it is tuned again and replaced."""
+    name = autotune.problem_name("toy", (15,), torch.device("cpu"))
+    (tmp_path / "picks.json").write_text(json.dumps({"version": autotune.CACHE_VERSION, "picks": {name: {"b": 5}}}))
+    with caplog.at_level("WARNING", logger=autotune.__name__):
+        assert autotune.choose("toy", (15,), torch.device("cpu"), TWO, _values, interpreted=True) == {"a": 2}
+    assert "does not fit this release's launcher; tuning again" in caplog.text
+    assert _picks(tmp_path) == {name: {"a": 2}} and len(tuning.timed) == 2
+    autotune.clear_picks()
+    assert autotune.choose("toy", (15,), torch.device("cpu"), TWO, _values, interpreted=True) == {"a": 2}
+    assert len(tuning.timed) == 2  # the new pick is served from the file
+
+
 def test_an_unreadable_cache_file_warns_once_and_is_replaced(tuning, tmp_path):
     path = tmp_path / "picks.json"
     path.write_text('{"version": 1, "picks": {"x": "not a config"')
