@@ -256,9 +256,10 @@ def run_train(args) -> int:
     except TrainingAborted as crash:  # the traceback of the cause (a bug's), then the line saying how to resume
         import traceback
 
-        if not isinstance(crash.__cause__, OSError):  # a full disk or a permission needs no traceback
+        if crash.show_cause:
             traceback.print_exception(crash.__cause__)
-        print(f"dream train: error: {crash}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")
+        print(f"dream train{f' (rank {rank})' if rank != '0' else ''}: error: {crash}", file=sys.stderr)
         return 1
     if os.environ.get("RANK", "0") != "0":
         return 0
@@ -429,13 +430,24 @@ def _run(args) -> int:
         previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return handlers[args.command](args)
-    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM outside training's own handler: one line
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM outside training's own handler: one line (rank 0's)
+        if os.environ.get("RANK", "0") != "0":
+            return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
         kept = {"train": "checkpoints already written are kept", "sample": "finished images are kept",
                 "eval": "finished images and cached statistics are kept"}.get(args.command)
         name = "SIGTERM" if isinstance(stop, Terminated) else "interrupted"
         print(f"dream {args.command}: {name}" + (f"; rerun the same command to go on ({kept})" if kept else ""),
               file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+    except RuntimeError as error:  # under torchrun: a collective failed because another process stopped
+        from dream.distributed import peer_lost, peer_lost_summary
+
+        if os.environ.get("WORLD_SIZE", "1") in ("", "1") or not peer_lost(error) or os.environ.get("DREAM_DEBUG"):
+            raise
+        rank = os.environ.get("RANK", "0")
+        print(f"dream {args.command}{f' (rank {rank})' if rank != '0' else ''}: error: another process of this job "
+              f"stopped ({peer_lost_summary(error)}); its own line says why", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

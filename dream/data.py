@@ -283,7 +283,8 @@ def list_image_files(root: Path, *, exclude: Sequence[Path] = ()) -> list[Path]:
                       f"sample sets): {names}{more}", stacklevel=2)
     if not files:
         outside = [*map(str, excluded)] if left_out else []
-        outside += [f"the folders dream wrote ({', '.join(sorted(dream_folders)[:SKIPPED_SHOWN])})"] if dream_folders else []
+        if dream_folders:
+            outside.append(f"the folders dream wrote ({', '.join(sorted(dream_folders)[:SKIPPED_SHOWN])})")
         raise DreamError(f"image folder {root} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
                          + (f" outside {', '.join(outside)}" if outside else ""))
     return sorted(files)

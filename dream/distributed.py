@@ -10,6 +10,7 @@ data order (and hence the result, up to floating-point summation order) do not d
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -24,6 +25,13 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launcher_pid: int = 0  # the process that started this one (torchrun's agent); 0: not checked
+
+    def launcher_gone(self) -> bool:
+        """Whether the launcher has died (killed with SIGKILL, say, so it could not stop its workers): this
+        process was re-parented. Its workers then stop as on SIGTERM rather than train on unwatched, into a
+        run folder that a rerun of the command would share."""
+        return self.launcher_pid > 0 and os.getppid() != self.launcher_pid
 
     @property
     def enabled(self) -> bool:
@@ -93,14 +101,33 @@ def from_environment(device_name: str) -> Distributed:
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     use_cuda = device_name != "cpu" and not device_name.startswith("cpu") and torch.cuda.is_available()
     if device_name.startswith("cuda") and not torch.cuda.is_available():
-        raise DreamError(f"device {device_name!r} was asked for, but CUDA is not available on this machine")
+        raise DreamError(f"device {device_name!r} was asked for, but CUDA is not available on this machine",
+                         same_on_every_rank=True)
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
             raise DreamError(f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}")
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Distributed(rank=rank, world_size=world_size, local_rank=local_rank)
+    return Distributed(rank=rank, world_size=world_size, local_rank=local_rank, launcher_pid=os.getppid())
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether `error` is a collective failing because another process of the job is gone (it stopped on an
+    error, was killed, or its machine went away): torch.distributed's DistError, gloo's and NCCL's
+    connection errors. Such an error says nothing about this process; the other one says what happened."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error) if isinstance(error, RuntimeError) else ""
+    return any(marker in text for marker in ("gloo/transport", "Connection closed by peer", "Connection reset by peer",
+                                             "NCCL communicator was aborted", "ProcessGroupNCCL"))
+
+
+def peer_lost_summary(error: BaseException) -> str:
+    """The gist of a peer_lost error: its type and first line, less gloo's source location and advice."""
+    text = (str(error).splitlines() or [""])[0]
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text).split(". This is typically")[0]
+    return f"{type(error).__name__}: {text}"
 
 
 @contextmanager

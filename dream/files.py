@@ -68,3 +68,33 @@ def folder_problem(path: str | os.PathLike) -> str | None:
     except OSError as error:
         return f"cannot write into folder {path}: {error.strerror or error}"
     return None
+
+
+@contextmanager
+def folder_lock(folder: Path, name: str = ".lock"):
+    """Hold an exclusive lock (flock) on folder/name while inside; yields None when it is taken, or, when
+    another process holds it, what that process wrote there ("pid N on HOST"). The lock goes with the
+    process, however it ends; the file stays (deleting it would let two processes lock two files)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield None
+        return
+    path = Path(folder) / name
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            yield handle.read().strip() or "a running process"
+            return
+        try:
+            import socket
+
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            handle.flush()
+            yield None
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

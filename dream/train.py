@@ -40,7 +40,7 @@ from dream.data import DeviceBatches, images_digest, import_torchvision, load_im
 from dream.diffusion import GaussianDiffusion
 from dream.ema import EMA
 from dream.errors import DreamError, option_error
-from dream.files import atomic_write_text, folder_problem
+from dream.files import atomic_write_text, folder_lock, folder_problem
 from dream.math_flags import use_fast_math
 from dream.model import (PRECISION_DTYPES, PRECISIONS, UNet, autocast_for, check_backend_device, make_config,
                          policies_for_backend, resolve_channels_last)
@@ -145,7 +145,12 @@ class Interrupted(DreamError):
 
 
 class TrainingAborted(DreamError):
-    """An exception stopped training; the cause is chained, the message says what was saved."""
+    """An exception stopped training; the cause is chained, the message says what was saved. show_cause: the
+    cause's traceback helps (a bug's; not a full disk's, an out-of-memory's or another rank's stop)."""
+
+    def __init__(self, message: str, show_cause: bool = True):
+        super().__init__(message)
+        self.show_cause = show_cause
 
 
 class Diverged(DreamError):
@@ -204,57 +209,80 @@ def divisor_at_most(n: int, limit: int) -> int:
     return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
 
 
+@contextmanager
+def errors_every_rank_shares():
+    """Mark the errors raised inside as shared by every rank of a torchrun job (they follow from the command
+    line, the machine and the shared files), so that rank 0 alone reports them; a ValueError (a bad model
+    setting, a backend that cannot run here) becomes such a one-line DreamError."""
+    try:
+        yield
+    except DreamError as error:
+        error.same_on_every_rank = True
+        raise
+    except ValueError as error:
+        raise DreamError(str(error), same_on_every_rank=True) from None
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, dist: distributed.Distributed | None = None):
-        config.check()
-        self.config = config
-        self.dist = dist = dist or distributed.Distributed()
-        self.device = device = resolve_device(config.device, dist)
-        self.precision = resolve_precision(config.precision, device)
-        if device.type == "cuda":
-            use_fast_math()
+        with errors_every_rank_shares():  # what follows from the command line and the shared files
+            config.check()
+            self.config = config
+            self.dist = dist = dist or distributed.Distributed()
+            self.device = device = resolve_device(config.device, dist)
+            self.precision = resolve_precision(config.precision, device)
+            if device.type == "cuda":
+                use_fast_math()
 
-        self.run_dir = Path(config.run_dir)
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise DreamError(f"--run-dir {self.run_dir} is a file; it must be a folder (new, or a run's)",
-                             same_on_every_rank=True)
-        foreign = foreign_run_files(self.run_dir)
-        if foreign:
-            raise DreamError(f"--run-dir {self.run_dir} holds {' and '.join(foreign)} that training did not write "
-                             f"and would overwrite; use a new or empty folder, or a run's", same_on_every_rank=True)
-        problem = folder_problem(self.run_dir)  # before the slow setup; makes the folder
-        if problem:
-            raise DreamError(f"--run-dir: {problem}", same_on_every_rank=True)
-        self.model_config = make_config(config.preset, **config.model_overrides)
-        self.objective = get_objective(config.objective)
-        self.objective_config = ObjectiveConfig(**config.objective_config)
-        self.diffusion = GaussianDiffusion(config.schedule, config.num_timesteps).to(device)
+            self.run_dir = Path(config.run_dir)
+            if self.run_dir.exists() and not self.run_dir.is_dir():
+                raise DreamError(f"--run-dir {self.run_dir} is a file; it must be a folder (new, or a run's)",
+                                 same_on_every_rank=True)
+            foreign = foreign_run_files(self.run_dir)
+            if foreign:
+                raise DreamError(f"--run-dir {self.run_dir} holds {' and '.join(foreign)} that training did not write "
+                                 f"and would overwrite; use a new or empty folder, or a run's", same_on_every_rank=True)
+            problem = folder_problem(self.run_dir)  # before the slow setup; makes the folder
+            if problem:
+                raise DreamError(f"--run-dir: {problem}", same_on_every_rank=True)
+            self.model_config = make_config(config.preset, **config.model_overrides)
+            self.objective = get_objective(config.objective)
+            self.objective_config = ObjectiveConfig(**config.objective_config)
+            self.diffusion = GaussianDiffusion(config.schedule, config.num_timesteps).to(device)
 
-        # data: each rank takes every world_size-th sample of each global batch
-        if config.batch_size % dist.world_size:
-            raise DreamError(f"batch size {config.batch_size} must be divisible by the number of processes "
-                             f"({dist.world_size})", same_on_every_rank=True)
-        self.rank_batch = config.batch_size // dist.world_size
-        if config.sample_every:  # checked now, not at the first epoch's end
-            import_torchvision("the sample grids (--sample-every 0: none)")
-        with warnings.catch_warnings():
-            if not dist.is_main:  # skipped files are reported once, by rank 0
-                warnings.simplefilter("ignore")
-            images = load_images(config.data, config.data_root, config.data_split, self.model_config.image_size,
-                                 count=config.data_count, seed=config.seed, exclude=[self.run_dir])
-        if images.shape[0] < config.batch_size:
-            raise DreamError(f"--batch-size {config.batch_size} needs at least {config.batch_size} images; the data "
-                             f"has {images.shape[0]}", same_on_every_rank=True)
-        self.data_digest = images_digest(images)  # a resume notices images replaced by others
-        self.batches = DeviceBatches(images, self.rank_batch, device, seed=config.seed,
-                                     rank=dist.rank, world_size=dist.world_size)
+            # data: each rank takes every world_size-th sample of each global batch
+            if config.batch_size % dist.world_size:
+                raise DreamError(f"batch size {config.batch_size} must be divisible by the number of processes "
+                                 f"({dist.world_size})", same_on_every_rank=True)
+            self.rank_batch = config.batch_size // dist.world_size
+            if config.sample_every:  # checked now, not at the first epoch's end
+                import_torchvision("the sample grids (--sample-every 0: none)")
+            with warnings.catch_warnings():
+                if not dist.is_main:  # skipped files are reported once, by rank 0
+                    warnings.simplefilter("ignore")
+                images = load_images(config.data, config.data_root, config.data_split, self.model_config.image_size,
+                                     count=config.data_count, seed=config.seed, exclude=[self.run_dir])
+            if images.shape[0] < config.batch_size:
+                raise DreamError(f"--batch-size {config.batch_size} needs at least {config.batch_size} images; the "
+                                 f"data has {images.shape[0]}", same_on_every_rank=True)
+            self.data_digest = images_digest(images)  # a resume notices images replaced by others
+            self.batches = DeviceBatches(images, self.rank_batch, device, seed=config.seed,
+                                         rank=dist.rank, world_size=dist.world_size)
 
-        # model, its DDP wrapper and compiled forward, EMA, optimizer, loss scaler
-        self.backend = resolve_backend(config.backend, device, PRECISION_DTYPES[self.precision])
-        self.checkpointing = "none" if config.checkpointing == "auto" else config.checkpointing
-        if self.checkpointing not in policies_for_backend(self.backend):
-            raise DreamError(f"--checkpointing {self.checkpointing} recomputes the fused Triton norm: it needs "
-                             f"--backend triton, not {self.backend}", same_on_every_rank=True)
+            # model, its DDP wrapper and compiled forward, EMA, optimizer, loss scaler
+            self.backend = resolve_backend(config.backend, device, PRECISION_DTYPES[self.precision])
+            self.checkpointing = "none" if config.checkpointing == "auto" else config.checkpointing
+            if self.checkpointing not in policies_for_backend(self.backend):
+                raise DreamError(f"--checkpointing {self.checkpointing} recomputes the fused Triton norm: it needs "
+                                 f"--backend triton, not {self.backend}", same_on_every_rank=True)
+        try:  # every rank trains on the same images (a multi-machine job may read different copies)
+            dist.check_identical([torch.tensor(int(self.data_digest[:15], 16), device=device)], "the training images")
+        except RuntimeError as error:
+            if "differ between ranks" not in str(error):
+                raise
+            raise DreamError(f"the training images differ between the processes of this job (SHA-1 of rank "
+                             f"{dist.rank}'s: {self.data_digest[:12]}); every process must read the same data "
+                             f"(a folder copied differently to each machine?)", same_on_every_rank=True) from None
         # seeded right here: the initial weights are the same on every rank, and do not depend on whether
         # loading the data drew random numbers (decoding a folder's images the first time does)
         torch.manual_seed(config.seed)
@@ -685,9 +713,17 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # the loop
     def run(self, resume: str | None = None) -> dict:
-        """Train to the end (or --max-steps). With an explicit --memory-budget on CUDA the allocator is held
-        to it for the whole run, so a step that would pass it runs out of memory and is redone with a
-        smaller micro-batch instead of silently using more."""
+        """Train to the end (or --max-steps), holding the run folder's lock (a second job there is refused).
+        With an explicit --memory-budget on CUDA the allocator is held to it for the whole run, so a step that
+        would pass it runs out of memory and is redone with a smaller micro-batch instead of silently using
+        more."""
+        with folder_lock(self.run_dir) if self.dist.is_main else nullcontext() as holder:
+            if holder:  # a second job writing checkpoints and logs into this folder would corrupt the first's
+                raise DreamError(f"--run-dir {self.run_dir} is in use by another dream train ({holder}); let it "
+                                 f"finish or stop it, then rerun", same_on_every_rank=True)
+            return self.run_locked(resume)
+
+    def run_locked(self, resume: str | None) -> dict:
         from dream.memory import cuda_memory_cap
 
         with cuda_memory_cap(self.config.memory_budget, self.device) as fraction:
@@ -734,6 +770,8 @@ class Trainer:
                         if (config.checkpoint_every and self.step % config.checkpoint_every == 0
                                 and not self.skipped_in_a_row):
                             self.save_checkpoint()
+                        if self.dist.launcher_gone() and not stop.signum:
+                            stop.signum = signal.SIGTERM  # torchrun was killed and cannot stop us: stop as told to
                         signum = self.dist.max(stop.signum, self.device)  # a signal any rank saw, the same on all
                         if signum:
                             self.stop_for_signal(signum)
@@ -750,7 +788,7 @@ class Trainer:
                 raise Diverged(f"training ended with {self.bad_in_a_row} non-finite step(s) in a row (steps "
                                f"{self.step - self.bad_in_a_row + 1}-{self.step}); no checkpoint was written after "
                                f"them, the last is {self.last_checkpoint}. Lower --lr or check the data, then "
-                               f"{self.resume_hint} to go on from it.")
+                               f"{self.resume_hint} to go on from it.", same_on_every_rank=True)
             self.save_checkpoint()
             grid = self.run_dir / "samples" / f"grid-{self.step:09d}.png"
             if config.sample_every and not grid.exists():
@@ -777,13 +815,15 @@ class Trainer:
             state = self.checkpoints.latest()
         except DreamError as error:  # every checkpoint damaged: say so beside the divergence, delete nothing
             raise Diverged(f"{message}; and {error}: pass --resume FILE with a good copy, or move them away and "
-                           f"start again with a lower --lr") from None
+                           f"start again with a lower --lr", same_on_every_rank=True) from None
         if state is None:
-            raise Diverged(message + "; no checkpoint to restore. Lower --lr or check the data, then start again.")
+            raise Diverged(message + "; no checkpoint to restore. Lower --lr or check the data, then start again.",
+                           same_on_every_rank=True)
         self.load_state_dict(state)
         self.last_checkpoint, self.last_checkpoint_position = Path(state["_path"]), self.position()
         raise Diverged(message + f"; restored the last good checkpoint {state['_path']} (step {self.step}). "
-                       f"Lower --lr or check the data, then {self.resume_hint} to resume from it.")
+                       f"Lower --lr or check the data, then {self.resume_hint} to resume from it.",
+                       same_on_every_rank=True)
 
     def state_is_sane(self) -> bool:
         """Between two steps and finite: safe to save as a checkpoint."""
@@ -800,8 +840,18 @@ class Trainer:
         except DreamError:
             raise
         except BaseException as error:
-            if not self.dist.is_main or isinstance(error, (SystemExit, GeneratorExit)):
+            if isinstance(error, (SystemExit, GeneratorExit)) or (
+                    isinstance(error, KeyboardInterrupt) and not self.dist.is_main):
                 raise
+            where = f"at step {self.step} (epoch {self.epoch})"
+            text = str(error).splitlines()[0] if str(error) else ""
+            lost = self.dist.enabled and distributed.peer_lost(error)
+            what = f"another process of this job stopped {where} ({distributed.peer_lost_summary(error)})" if lost \
+                else f"{type(error).__name__} {where}: {text}"
+            show_cause = not (lost or isinstance(error, (OSError, torch.OutOfMemoryError)))
+            if not self.dist.is_main:  # rank 0 saves, and names the checkpoint
+                raise TrainingAborted(f"{what}; rank 0 saves the emergency checkpoint. To resume, "
+                                      f"{self.resume_hint}.", show_cause) from error
             try:
                 path = self.save_checkpoint(check_ranks=False) if self.state_is_sane() else None
                 saved = (f"emergency checkpoint {path} saved" if path else
@@ -809,15 +859,12 @@ class Trainer:
                          f"{self.last_checkpoint}")
             except Exception as save_error:  # noqa: BLE001  - report both failures
                 saved = f"the emergency checkpoint failed too ({type(save_error).__name__}: {save_error})"
-            where = f"at step {self.step} (epoch {self.epoch})"
             if isinstance(error, KeyboardInterrupt):
                 raise Interrupted(f"interrupted {where}, dropping the step; {saved}. To resume, "
                                   f"{self.resume_hint}.", signal.SIGINT) from error
-            text = str(error).splitlines()[0] if str(error) else ""
             if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-                text += f" (free space where {self.run_dir} is, or lower --checkpoint-keep)"
-            raise TrainingAborted(f"{type(error).__name__} {where}: {text}; {saved}. To resume, "
-                                  f"{self.resume_hint}.") from error
+                what += f" (free space where {self.run_dir} is, or lower --checkpoint-keep)"
+            raise TrainingAborted(f"{what}; {saved}. To resume, {self.resume_hint}.", show_cause) from error
 
 
 def trim_log(path: Path, step: int) -> None:
@@ -936,5 +983,7 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
         except BaseException:
             if made_run_dir and dist.is_main:
                 with suppress(OSError):  # only an empty folder goes: a run that started has files
+                    if [p.name for p in run_dir.iterdir()] == [".lock"]:
+                        (run_dir / ".lock").unlink()  # (no other process can hold it: the folder was new)
                     run_dir.rmdir()
             raise

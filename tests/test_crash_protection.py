@@ -766,3 +766,43 @@ def test_a_record_holds_the_mean_of_its_steps(tmp_path):
         for key in ("loss", "grad_norm"):
             expected = sum(by_step[s][key] for s in steps) / len(steps)
             assert abs(record[key] - expected) <= 1e-6 * abs(expected), (record["step"], key)
+
+
+def test_a_second_job_in_a_running_jobs_folder_is_refused_in_one_line(tmp_path):
+    """The run folder is locked while a run is on (a rerun while the first still runs, or workers a killed
+    launcher left behind, would write checkpoints and logs over each other's)."""
+    from dream.files import folder_lock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "dream", "train", *CLI_FLAGS, "--run-dir", str(run_dir), "--max-steps", "1"]
+    with folder_lock(run_dir) as holder:
+        assert holder is None
+        with folder_lock(run_dir) as second:  # another open file: flock refuses it, in this process too
+            assert second == f"pid {os.getpid()} on {os.uname().nodename}"
+        refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2
+    assert refused.stderr == (f"dream train: error: --run-dir {run_dir} is in use by another dream train (pid "
+                              f"{os.getpid()} on {os.uname().nodename}); let it finish or stop it, then rerun\n")
+    assert not (run_dir / "checkpoints").exists()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)  # the lock went with it
+    assert done.returncode == 0, done.stderr
+    new_run = tmp_path / "new"
+    assert subprocess.run([*command[:-4], "--run-dir", str(new_run), "--lr", "-1"], env=env, capture_output=True,
+                          timeout=600).returncode == 2
+    assert not new_run.exists()  # a refused command leaves no folder behind, lock file included
+
+
+def test_workers_whose_launcher_died_stop_as_on_sigterm(tmp_path):
+    """torchrun killed with SIGKILL cannot stop its workers: they notice they were re-parented, save and stop
+    at the end of their step, as on SIGTERM."""
+    from dream.distributed import Distributed
+
+    assert not Distributed(launcher_pid=os.getppid()).launcher_gone()
+    orphan = Distributed(launcher_pid=os.getppid() + 1)
+    assert orphan.launcher_gone()
+    with pytest.raises(Interrupted, match=r"^stopped by SIGTERM at step 1 \(epoch 0\); checkpoint .* saved") as stop:
+        Trainer(small_config(tmp_path), orphan).run()
+    assert stop.value.signum == signal.SIGTERM
+    assert load_checkpoint(tmp_path / "checkpoints")["step"] == 1

@@ -13,6 +13,7 @@ Tolerances (fp32; only the order of the gradient sums differs between 1 and 2 pr
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -157,3 +158,107 @@ def test_fingerprint_sees_every_bit():
     swapped[[3, 4]] = swapped[[4, 3]]
     assert int(fingerprint_tensor(swapped)) != base
     assert int(fingerprint_tensor(x.to(torch.bfloat16))) == int(fingerprint_tensor(x.to(torch.bfloat16).clone()))
+
+
+def test_peer_lost_tells_another_process_stopping_from_this_ones_errors():
+    from dream.distributed import peer_lost, peer_lost_summary
+
+    assert peer_lost(RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+                                  "[127.0.0.1]:5532: Connection reset by peer"))
+    assert peer_lost(RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Connection closed by "
+                                  "peer [127.0.0.1]:12345"))
+    assert peer_lost(torch.distributed.DistBackendError("NCCL error in: ... remote process exited"))
+    assert not peer_lost(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not peer_lost(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not peer_lost(ValueError("Connection reset by peer"))
+    assert peer_lost_summary(RuntimeError(
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+        "[127.0.0.1]:41162. This is typically caused by a remote worker crashing. Check the logs of the remote worker "
+        "before reporting an error. GLHF!")) == "RuntimeError: Connection closed by peer [127.0.0.1]:41162"
+
+
+# Runs `dream train` under torchrun with rank 1 running out of memory in its second step.
+FAILING_RANK = textwrap.dedent("""
+    import sys
+    import torch
+    from dream import train
+
+    original = train.Trainer.train_step
+
+    def train_step(self, x0):
+        if self.dist.rank == 1 and self.step == 1:
+            raise torch.OutOfMemoryError("injected out of memory")
+        return original(self, x0)
+
+    train.Trainer.train_step = train_step
+    from dream.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_one_rank_failing_is_one_line_from_each_rank_and_rank_0_saves(tmp_path):
+    """The failing rank says what stopped it; the other learns it only as a broken connection, and says
+    that another process stopped, saves the state before the step, and how to resume. No tracebacks from
+    the workers (torchrun adds its own summary after them)."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(FAILING_RANK)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    flags = ["--preset", "tiny", "--image-size", "8", "--base-channels", "16", "--data-count", "8", "--batch-size",
+             "4", "--max-steps", "4", "--sample-every", "0", "--no-progress", "--device", "cpu", "--backend", "eager",
+             "--checkpoint-every", "0", "--run-dir", str(run_dir)]
+    process = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              str(worker), "train", *flags], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert process.returncode != 0
+    lines = process.stderr.splitlines()
+    ours = [line for line in lines if line.startswith("dream train")]
+    assert sorted(ours) == sorted([
+        "dream train (rank 1): error: OutOfMemoryError at step 1 (epoch 0): injected out of memory; rank 0 saves the "
+        "emergency checkpoint. To resume, rerun the same command.",
+        next(line for line in ours if line.startswith("dream train: error: another process of this job stopped at "
+                                                      "step 1 (epoch 0) (")),
+    ]), process.stderr[-4000:]
+    rank0 = next(line for line in ours if line.startswith("dream train: error:"))
+    assert rank0.endswith(f"emergency checkpoint {run_dir / 'checkpoints' / 'ckpt-000000001.pt'} saved. To resume, "
+                          f"rerun the same command."), rank0
+    assert not any("dream/train.py" in line for line in lines), process.stderr[-4000:]  # no worker traceback
+    assert load_checkpoint(run_dir / "checkpoints")["step"] == 1
+
+
+# Runs `dream train` under torchrun with rank 1 reading other images than rank 0.
+OTHER_IMAGES = textwrap.dedent("""
+    import os, sys
+    from dream import train
+
+    original = train.load_images
+
+    def load_images(*args, **kwargs):
+        images = original(*args, **kwargs)
+        if os.environ["RANK"] == "1":
+            images[0, 0, 0, 0] ^= 1  # one bit of one pixel
+        return images
+
+    train.load_images = load_images
+    from dream.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_ranks_reading_different_images_are_refused_in_one_line(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(OTHER_IMAGES)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    flags = ["--preset", "tiny", "--image-size", "8", "--base-channels", "16", "--data-count", "8", "--batch-size",
+             "4", "--max-steps", "1", "--sample-every", "0", "--no-progress", "--device", "cpu", "--backend", "eager",
+             "--run-dir", str(tmp_path / "run")]
+    process = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              str(worker), "train", *flags], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert process.returncode != 0
+    ours = [line for line in process.stderr.splitlines() if line.startswith("dream train")]
+    assert len(ours) == 1 and re.fullmatch(
+        r"dream train: error: the training images differ between the processes of this job \(SHA-1 of rank 0's: "
+        r"[0-9a-f]{12}\); every process must read the same data \(a folder copied differently to each machine\?\)",
+        ours[0]), process.stderr[-4000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
