@@ -296,7 +296,10 @@ def celeba_files(root: Path, split: str) -> list[Path]:
         dataset = torchvision.datasets.CelebA(str(root), split=split, target_type=[], download=False)
     except (RuntimeError, FileNotFoundError, OSError) as error:
         # (torchvision's own message suggests download=True, which its CelebA download rarely survives)
-        problem = celeba_problem(root, torchvision.datasets.CelebA)
+        try:
+            problem = celeba_problem(root, torchvision.datasets.CelebA)
+        except OSError as unreadable:  # a list file that cannot be read: that is the problem
+            problem = f"{Path(unreadable.filename or '?').name} cannot be read ({unreadable.strerror})"
         detail = "" if problem or "download=True" in str(error) else f": {error}"
         raise DreamError(f"CelebA {f'under {root} is incomplete: {problem}' if problem else f'not found under {root}'}"
                          f" (expected {root}/celeba/img_align_celeba and its five list files; download them by hand "
@@ -390,16 +393,20 @@ def load_images(source: str = "synthetic", root: str | None = None, split: str =
     else:
         images, skipped_paths = decode_files(files, size, crop, what)
         skipped = [str(path) for path in skipped_paths]
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_file(cache) as f:
-                torch.save({"images": images, "skipped": skipped, "files": len(files),
-                            "sha1": images_digest(images)}, f)
-        except OSError as error:
-            warnings.warn(f"could not write the image cache {cache}: {error}", stacklevel=2)
+        _write_cache(cache, images, skipped, len(files))
     if skipped:  # from the cache too: the files stay skipped until they change
         warnings.warn(skip_message(skipped, len(files), what, root_path), stacklevel=2)
     return images
+
+
+def _write_cache(cache: Path, images: torch.Tensor, skipped: list[str], files: int) -> None:
+    """The image cache of `files` files, written atomically with the images' SHA-1; a warning if it cannot be."""
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(cache) as f:
+            torch.save({"images": images, "skipped": skipped, "files": files, "sha1": images_digest(images)}, f)
+    except OSError as error:
+        warnings.warn(f"could not write the image cache {cache}: {error}", stacklevel=3)
 
 
 def _read_cache(cache: Path, files: int, size: int) -> tuple[torch.Tensor, list[str]] | None:
@@ -414,9 +421,11 @@ def _read_cache(cache: Path, files: int, size: int) -> tuple[torch.Tensor, list[
                 and isinstance(data.get("skipped"), list) and all(isinstance(s, str) for s in data["skipped"])):
             raise ValueError("not an image cache")
         images, skipped = data["images"], data["skipped"]
-        if "sha1" not in data:
-            why = "from an older release of dream"
-        elif data.get("files") != files or tuple(images.shape) != (files - len(skipped), 3, size, size):
+        shape_ok = tuple(images.shape) == (files - len(skipped), 3, size, size)
+        if "sha1" not in data and shape_ok:  # an older release's cache, without a checksum: given one
+            _write_cache(cache, images, skipped, files)
+            return images, skipped
+        if data.get("files") != files or not shape_ok:
             why = "made from other files"
         elif data.get("sha1") != images_digest(images):
             why = "damaged (its checksum does not match)"

@@ -71,6 +71,16 @@ class Distributed:
         if len(set(values)) != 1:
             raise RuntimeError(f"{what} differ between ranks (fingerprints {values}); the ranks have diverged")
 
+    def gather_flags(self, flag: bool) -> list[bool]:
+        """Every rank's flag, on every rank (the one flag in a single process)."""
+        if not self.enabled:
+            return [bool(flag)]
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flags = torch.zeros(self.world_size, dtype=torch.int64, device=device)
+        flags[self.rank] = int(bool(flag))
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+        return [bool(value) for value in flags.tolist()]
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
@@ -114,13 +124,14 @@ def from_environment(device_name: str) -> Distributed:
 
 def peer_lost(error: BaseException) -> bool:
     """Whether `error` is a collective failing because another process of the job is gone (it stopped on an
-    error, was killed, or its machine went away): torch.distributed's DistError, gloo's and NCCL's
-    connection errors. Such an error says nothing about this process; the other one says what happened."""
-    if isinstance(error, getattr(dist, "DistError", ())):
+    error, was killed, or its machine went away): torch.distributed's DistNetworkError, gloo's and NCCL's
+    lost-connection errors (not NCCL's other errors, which may be this process's own). Such an error says
+    nothing about this process; the other one says what happened."""
+    if isinstance(error, getattr(dist, "DistNetworkError", ())):
         return True
     text = str(error) if isinstance(error, RuntimeError) else ""
-    return any(marker in text for marker in ("gloo/transport", "Connection closed by peer", "Connection reset by peer",
-                                             "NCCL communicator was aborted", "ProcessGroupNCCL"))
+    return any(marker in text for marker in ("Connection closed by peer", "Connection reset by peer",
+                                             "remote process exited or there was a network error"))
 
 
 def peer_lost_summary(error: BaseException) -> str:

@@ -70,8 +70,11 @@ def folder_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+LOCK_FILE = ".lock"
+
+
 @contextmanager
-def folder_lock(folder: Path, name: str = ".lock"):
+def folder_lock(folder: Path, name: str = LOCK_FILE):
     """Hold an exclusive lock (flock) on folder/name while inside; yields None when it is taken, or, when
     another process holds it, what that process wrote there ("pid N on HOST"). The lock goes with the
     process, however it ends; the file stays (deleting it would let two processes lock two files)."""

@@ -40,7 +40,7 @@ from dream.data import DeviceBatches, images_digest, import_torchvision, load_im
 from dream.diffusion import GaussianDiffusion
 from dream.ema import EMA
 from dream.errors import DreamError, option_error
-from dream.files import atomic_write_text, folder_lock, folder_problem
+from dream.files import LOCK_FILE, atomic_write_text, folder_lock, folder_problem
 from dream.math_flags import use_fast_math
 from dream.model import (PRECISION_DTYPES, PRECISIONS, UNet, autocast_for, check_backend_device, make_config,
                          policies_for_backend, resolve_channels_last)
@@ -209,26 +209,31 @@ def divisor_at_most(n: int, limit: int) -> int:
     return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
 
 
-@contextmanager
-def errors_every_rank_shares():
-    """Mark the errors raised inside as shared by every rank of a torchrun job (they follow from the command
-    line, the machine and the shared files), so that rank 0 alone reports them; a ValueError (a bad model
-    setting, a backend that cannot run here) becomes such a one-line DreamError."""
-    try:
-        yield
-    except DreamError as error:
-        error.same_on_every_rank = True
-        raise
-    except ValueError as error:
-        raise DreamError(str(error), same_on_every_rank=True) from None
+def agree_on_setup(dist: distributed.Distributed, failure: BaseException | None) -> None:
+    """Raise this rank's setup error (None: it has none) so that each is reported once. Under torchrun the
+    ranks first tell each other whether they failed: when every rank failed (a bad flag, shared data), rank 0
+    alone reports its error; when some did, each of those reports its own and rank 0 names them. A ValueError
+    (a bad model setting, a backend that cannot run here) becomes a one-line DreamError."""
+    if isinstance(failure, ValueError):
+        failure = DreamError(str(failure))
+    failed = dist.gather_flags(failure is not None)
+    if failure is not None:
+        failure.same_on_every_rank = all(failed)
+        raise failure
+    if any(failed):
+        ranks = ", ".join(str(rank) for rank, flag in enumerate(failed) if flag)
+        raise DreamError(f"the process of rank {ranks} failed during setup (its line says why)",
+                         same_on_every_rank=True)
 
 
 class Trainer:
     def __init__(self, config: TrainConfig, dist: distributed.Distributed | None = None):
-        with errors_every_rank_shares():  # what follows from the command line and the shared files
+        self.config = config
+        self.dist = dist = dist or distributed.Distributed()
+        self.made_run_dir = not Path(config.run_dir).exists()
+        failure = None
+        try:  # what follows from the command line, the machine and the data; the ranks compare the outcome
             config.check()
-            self.config = config
-            self.dist = dist = dist or distributed.Distributed()
             self.device = device = resolve_device(config.device, dist)
             self.precision = resolve_precision(config.precision, device)
             if device.type == "cuda":
@@ -275,6 +280,9 @@ class Trainer:
             if self.checkpointing not in policies_for_backend(self.backend):
                 raise DreamError(f"--checkpointing {self.checkpointing} recomputes the fused Triton norm: it needs "
                                  f"--backend triton, not {self.backend}", same_on_every_rank=True)
+        except (DreamError, ValueError, OSError) as error:
+            failure = error
+        agree_on_setup(dist, failure)
         try:  # every rank trains on the same images (a multi-machine job may read different copies)
             dist.check_identical([torch.tensor(int(self.data_digest[:15], 16), device=device)], "the training images")
         except RuntimeError as error:
@@ -718,10 +726,18 @@ class Trainer:
         would pass it runs out of memory and is redone with a smaller micro-batch instead of silently using
         more."""
         with folder_lock(self.run_dir) if self.dist.is_main else nullcontext() as holder:
-            if holder:  # a second job writing checkpoints and logs into this folder would corrupt the first's
+            if self.dist.max(int(holder is not None), self.device):  # every rank stops, rank 0 says why
                 raise DreamError(f"--run-dir {self.run_dir} is in use by another dream train ({holder}); let it "
                                  f"finish or stop it, then rerun", same_on_every_rank=True)
-            return self.run_locked(resume)
+            try:
+                return self.run_locked(resume)
+            except BaseException:
+                if self.made_run_dir and self.dist.is_main:  # a run refused before it started leaves no folder
+                    with suppress(OSError):
+                        if [path.name for path in self.run_dir.iterdir()] == [LOCK_FILE]:
+                            (self.run_dir / LOCK_FILE).unlink()  # (ours: we hold it)
+                        self.run_dir.rmdir()
+                raise
 
     def run_locked(self, resume: str | None) -> dict:
         from dream.memory import cuda_memory_cap
@@ -850,8 +866,8 @@ class Trainer:
                 else f"{type(error).__name__} {where}: {text}"
             show_cause = not (lost or isinstance(error, (OSError, torch.OutOfMemoryError)))
             if not self.dist.is_main:  # rank 0 saves, and names the checkpoint
-                raise TrainingAborted(f"{what}; rank 0 saves the emergency checkpoint. To resume, "
-                                      f"{self.resume_hint}.", show_cause) from error
+                raise TrainingAborted(f"{what}; rank 0, if it still runs, saves an emergency checkpoint. To "
+                                      f"resume, {self.resume_hint}.", show_cause) from error
             try:
                 path = self.save_checkpoint(check_ranks=False) if self.state_is_sane() else None
                 saved = (f"emergency checkpoint {path} saved" if path else
@@ -982,8 +998,6 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
             return Trainer(config, dist).run(resume)
         except BaseException:
             if made_run_dir and dist.is_main:
-                with suppress(OSError):  # only an empty folder goes: a run that started has files
-                    if [p.name for p in run_dir.iterdir()] == [".lock"]:
-                        (run_dir / ".lock").unlink()  # (no other process can hold it: the folder was new)
+                with suppress(OSError):  # only an empty folder goes (not one holding another job's lock file)
                     run_dir.rmdir()
             raise

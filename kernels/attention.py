@@ -935,15 +935,17 @@ def _(qkv, num_heads, scale):
 
 
 def _check_qkv_nchw_backward(qkv, out, lse, dout, num_heads, scale) -> None:
-    _check_qkv_nchw(qkv, num_heads, scale, "attention_qkv_nchw_backward")
-    q, k, v = _qkv_nchw_views(qkv, num_heads)
+    op = "attention_qkv_nchw_backward"
+    _check_qkv_nchw(qkv, num_heads, scale, op)
     batch, channels3, height, width = qkv.shape
     for name, t in (("out", out), ("dout", dout)):
-        if tuple(t.shape) != (batch, channels3 // 3, height, width):
-            raise ValueError(f"attention_qkv_nchw_backward: {name} must have shape "
-                             f"{(batch, channels3 // 3, height, width)}, got {tuple(t.shape)}")
-    _check_backward_inputs(q, k, v, _nchw_as_heads(out, num_heads), lse, _nchw_as_heads(dout, num_heads), scale,
-                           "attention_qkv_nchw_backward")
+        if tuple(t.shape) != (batch, channels3 // 3, height, width) or t.dtype != qkv.dtype or t.device != qkv.device:
+            raise ValueError(f"{op}: {name} must be a {qkv.dtype} tensor of shape "
+                             f"{(batch, channels3 // 3, height, width)} on {qkv.device}, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+    if tuple(lse.shape) != (batch, num_heads, height * width) or lse.dtype != torch.float32 or lse.device != qkv.device:
+        raise ValueError(f"{op}: lse must be a float32 tensor of shape {(batch, num_heads, height * width)} on "
+                         f"{qkv.device}, got {lse.dtype} {tuple(lse.shape)} on {lse.device}")
 
 
 def _attention_qkv_nchw_backward_impl(qkv, out, lse, dout, num_heads, scale):

@@ -806,3 +806,18 @@ def test_workers_whose_launcher_died_stop_as_on_sigterm(tmp_path):
         Trainer(small_config(tmp_path), orphan).run()
     assert stop.value.signum == signal.SIGTERM
     assert load_checkpoint(tmp_path / "checkpoints")["step"] == 1
+
+
+def test_a_job_refused_for_the_lock_deletes_nothing_of_the_job_that_holds_it(tmp_path):
+    """Job B made the folder, job A locked it first: B is refused and leaves the folder and A's lock alone."""
+    from dream.files import LOCK_FILE, folder_lock
+
+    run_dir = tmp_path / "new"
+    second = Trainer(small_config(run_dir, max_steps=1))  # finds no folder and makes it
+    assert second.made_run_dir and run_dir.is_dir()
+    with folder_lock(run_dir) as holder:
+        assert holder is None
+        with pytest.raises(DreamError, match="is in use by another dream train"):
+            second.run()
+        assert (run_dir / LOCK_FILE).exists()
+    assert [path.name for path in run_dir.iterdir()] == [LOCK_FILE]

@@ -167,7 +167,12 @@ def test_peer_lost_tells_another_process_stopping_from_this_ones_errors():
                                   "[127.0.0.1]:5532: Connection reset by peer"))
     assert peer_lost(RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Connection closed by "
                                   "peer [127.0.0.1]:12345"))
-    assert peer_lost(torch.distributed.DistBackendError("NCCL error in: ... remote process exited"))
+    assert peer_lost(torch.distributed.DistBackendError("NCCL error in: ..., remote process exited or there was a "
+                                                        "network error, NCCL version 2.27"))
+    assert peer_lost(torch.distributed.DistNetworkError("connection to the store was lost"))
+    assert not peer_lost(torch.distributed.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:3356, unhandled "
+                                                            "cuda error, illegal memory access"))
+    assert not peer_lost(torch.distributed.DistStoreError("Timed out after 901 seconds waiting for clients"))
     assert not peer_lost(torch.OutOfMemoryError("CUDA out of memory"))
     assert not peer_lost(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not peer_lost(ValueError("Connection reset by peer"))
@@ -214,8 +219,8 @@ def test_one_rank_failing_is_one_line_from_each_rank_and_rank_0_saves(tmp_path):
     lines = process.stderr.splitlines()
     ours = [line for line in lines if line.startswith("dream train")]
     assert sorted(ours) == sorted([
-        "dream train (rank 1): error: OutOfMemoryError at step 1 (epoch 0): injected out of memory; rank 0 saves the "
-        "emergency checkpoint. To resume, rerun the same command.",
+        "dream train (rank 1): error: OutOfMemoryError at step 1 (epoch 0): injected out of memory; rank 0, if it "
+        "still runs, saves an emergency checkpoint. To resume, rerun the same command.",
         next(line for line in ours if line.startswith("dream train: error: another process of this job stopped at "
                                                       "step 1 (epoch 0) (")),
     ]), process.stderr[-4000:]
@@ -262,3 +267,44 @@ def test_ranks_reading_different_images_are_refused_in_one_line(tmp_path):
         r"[0-9a-f]{12}\); every process must read the same data \(a folder copied differently to each machine\?\)",
         ours[0]), process.stderr[-4000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# Runs `dream train` under torchrun with rank 1 alone failing to read its data.
+FAILING_SETUP = textwrap.dedent("""
+    import os, sys
+    from dream import train
+    from dream.errors import DreamError
+
+    original = train.load_images
+
+    def load_images(*args, **kwargs):
+        if os.environ["RANK"] == "1":
+            raise DreamError("image folder /data/faces does not exist (on this machine)")
+        return original(*args, **kwargs)
+
+    train.load_images = load_images
+    from dream.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("bad_flag", [False, True])
+def test_a_setup_error_is_reported_once_by_rank_0_when_shared_and_by_its_rank_when_not(tmp_path, bad_flag):
+    worker = tmp_path / "worker.py"
+    worker.write_text(FAILING_SETUP)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    flags = ["--preset", "tiny", "--image-size", "7" if bad_flag else "8", "--base-channels", "16", "--data-count",
+             "8", "--batch-size", "4", "--max-steps", "1", "--sample-every", "0", "--no-progress", "--device", "cpu",
+             "--backend", "eager", "--run-dir", str(tmp_path / "run")]
+    process = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              str(worker), "train", *flags], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert process.returncode != 0
+    ours = sorted(line for line in process.stderr.splitlines() if line.startswith("dream train"))
+    if bad_flag:  # every rank fails alike: rank 0 alone says it
+        assert len(ours) == 1 and ours[0].startswith("dream train: error: ") and "7" in ours[0], process.stderr[-3000:]
+    else:
+        assert ours == ["dream train (rank 1): error: image folder /data/faces does not exist (on this machine)",
+                        "dream train: error: the process of rank 1 failed during setup (its line says why)"], \
+            process.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
