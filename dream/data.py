@@ -17,8 +17,10 @@ function of (seed, epoch, step) and resumes exactly; pixels scaled to [-1, 1] on
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -30,6 +32,7 @@ from dream.files import atomic_file
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 CELEBA_CROP = (57, 25, 128, 128)  # top, left, height, width in the aligned 178x218 CelebA image
+CELEBA_IMAGE_SIZE = (178, 218)  # width, height of every aligned CelebA image (img_align_celeba)
 SYNTHETIC_CHUNK = 256  # images drawn per generator seed: image i depends on (seed, i) only
 DECODE_VERSION = 3  # part of the image caches' key: raised whenever decoding changes what a file becomes
 SKIPPED_SHOWN = 5  # skipped files named in the warning; the rest are counted
@@ -121,15 +124,15 @@ def _crop_resize(image, size: int, crop_box=None):
     return TF.pil_to_tensor(image)
 
 
-DECODED, UNREADABLE, OUTSIDE_CROP = 0, 1, 2  # what _DecodeFiles made of a file
+DECODED, UNREADABLE, WRONG_SIZE = 0, 1, 2  # what _DecodeFiles made of a file
 
 
 class _DecodeFiles(torch.utils.data.Dataset):
-    """(status, uint8 image) per file: DECODED, UNREADABLE (it does not decode) or OUTSIDE_CROP (the crop
-    box does not lie inside the image: not an aligned CelebA image)."""
+    """(status, uint8 image) per file: DECODED, UNREADABLE (it does not decode) or WRONG_SIZE (a crop box was
+    given for images of `image_size`, and this one is another size: the box would crop the wrong region)."""
 
-    def __init__(self, paths, size, crop_box=None):
-        self.paths, self.size, self.crop_box = paths, size, crop_box
+    def __init__(self, paths, size, crop_box=None, image_size=None):
+        self.paths, self.size, self.crop_box, self.image_size = paths, size, crop_box, image_size
 
     def __len__(self):
         return len(self.paths)
@@ -145,17 +148,19 @@ class _DecodeFiles(torch.utils.data.Dataset):
             try:
                 with Image.open(self.paths[i]) as image:
                     image = upright(image)
-                    if self.crop_box is not None and not box_inside(self.crop_box, image.size):
-                        return OUTSIDE_CROP, blank
+                    if self.crop_box is not None and not fits(self.crop_box, image.size, self.image_size):
+                        return WRONG_SIZE, blank
                     return DECODED, _crop_resize(as_rgb(image), self.size, self.crop_box)
             except Exception:  # noqa: BLE001  - any decode failure marks the file corrupt
                 return UNREADABLE, blank
 
 
-def box_inside(box, image_size) -> bool:
-    """Whether the (top, left, height, width) box lies inside an image of PIL size (width, height)."""
+def fits(box, size, expected=None) -> bool:
+    """Whether an image of PIL size (width, height) is `expected` (when given) and holds the (top, left,
+    height, width) box."""
     top, left, height, width = box
-    return top >= 0 and left >= 0 and top + height <= image_size[1] and left + width <= image_size[0]
+    inside = top >= 0 and left >= 0 and top + height <= size[1] and left + width <= size[0]
+    return inside and (expected is None or tuple(size) == tuple(expected))
 
 
 def upright(image):
@@ -184,30 +189,31 @@ def as_rgb(image):
 
 
 def decode_files(paths: list[Path], size: int, crop_box=None, what: str = "images",
-                 workers: int | None = None) -> tuple[torch.Tensor, list[Path]]:
+                 workers: int | None = None, image_size=None) -> tuple[torch.Tensor, list[Path]]:
     """(decoded images, files skipped): isolated corrupt files are left out and returned for the caller to
-    name (skip_message); a set where no file decodes is an error."""
+    name (skip_message); a set where no file decodes is an error, and so is one image of another size than
+    `image_size` (width, height) when a crop box is given for such images."""
     from tqdm.auto import tqdm
 
     import_torchvision(f"decoding {what}")  # here, not first in a loader worker
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    loader = torch.utils.data.DataLoader(_DecodeFiles(paths, size, crop_box), batch_size=64,
+    loader = torch.utils.data.DataLoader(_DecodeFiles(paths, size, crop_box, image_size), batch_size=64,
                                          num_workers=workers if len(paths) > 256 else 0)
     images, statuses = [], []
     for status, batch in tqdm(loader, desc=f"decoding {what}", disable=len(paths) < 2048, leave=False):
         images.append(batch[status == DECODED])
         statuses.extend(status.tolist())  # the loader keeps the files' order
-    outside = [path for path, status in zip(paths, statuses) if status == OUTSIDE_CROP]
-    if outside:
+    wrong = [path for path, status in zip(paths, statuses) if status == WRONG_SIZE]
+    if wrong:
         from PIL import Image
 
-        with Image.open(outside[0]) as image:
+        with Image.open(wrong[0]) as image:
             width, height = upright(image).size
         top, left, box_height, box_width = crop_box
-        raise DreamError(f"{outside[0]} is {width}×{height} pixels: the crop box ({box_width}×{box_height} at row "
-                         f"{top}, column {left}) does not fit in it, and {len(outside)} of the {len(paths)} images "
-                         f"of {what} are like it; the box is for the aligned 178×218 CelebA images "
-                         f"(img_align_celeba)")
+        wanted = f"{image_size[0]}×{image_size[1]} " if image_size else ""
+        raise DreamError(f"{wrong[0]} is {width}×{height} pixels, and {len(wrong)} of the {len(paths)} images of "
+                         f"{what} are like it: the crop box ({box_width}×{box_height} at row {top}, column {left}) "
+                         f"is for the {wanted}aligned CelebA images (img_align_celeba)")
     skipped = [path for path, status in zip(paths, statuses) if status == UNREADABLE]
     if len(skipped) == len(paths):
         raise DreamError(f"none of the {len(paths)} files in {what} could be read as an image")
@@ -229,12 +235,33 @@ def skip_message(skipped: Sequence[str | Path], total: int, what: str, root: Pat
     return f"skipped {len(skipped)} of {total} files in {what} that could not be read as images: {names}{more}"
 
 
-def written_by_dream(names: Sequence[str], subfolders: Sequence[str]) -> bool:
-    """Whether a folder holding these files and subfolders is one dream writes images into: a sample set
-    (dream sample, dream eval: sampling.json beside the PNGs) or a training run (config.json beside its
-    checkpoints/, metrics.jsonl or samples/)."""
-    return "sampling.json" in names or ("config.json" in names and (
-        "metrics.jsonl" in names or "checkpoints" in subfolders or "samples" in subfolders))
+SAMPLE_NAME = re.compile(r"\d{6,}\.png")  # the images of a sample set (dream.sample.image_path)
+
+
+def _json_keys(path: str) -> set:
+    """The keys of a small JSON object file; empty when it is not one."""
+    try:
+        if os.path.getsize(path) > 1 << 20:
+            return set()
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return set()
+    return set(data) if isinstance(data, dict) else set()
+
+
+def is_sample_set(folder: str, names: Sequence[str]) -> bool:
+    """A folder dream sample or dream eval wrote images into: its sampling.json names the sampler and seed."""
+    return "sampling.json" in names and {"sampler", "seed"} <= _json_keys(os.path.join(folder, "sampling.json"))
+
+
+def written_by_dream(folder: str, names: Sequence[str], subfolders: Sequence[str]) -> bool:
+    """Whether a folder holding these files and subfolders is one dream writes images into: a sample set, or a
+    training run (a config.json naming dream's preset, objective and batch size, beside checkpoints/,
+    metrics.jsonl or samples/)."""
+    return is_sample_set(folder, names) or (
+        "config.json" in names and ("metrics.jsonl" in names or "checkpoints" in subfolders or "samples" in subfolders)
+        and {"preset", "objective", "batch_size"} <= _json_keys(os.path.join(folder, "config.json")))
 
 
 def list_image_files(root: Path, *, exclude: Sequence[Path] = ()) -> list[Path]:
@@ -260,10 +287,12 @@ def list_image_files(root: Path, *, exclude: Sequence[Path] = ()) -> list[Path]:
     visited = {os.path.realpath(root)}
     if not is_excluded(str(root)):
         for folder, subfolders, names in os.walk(root, followlinks=True):
-            if folder != str(root) and written_by_dream(names, subfolders):  # the root itself was asked for
+            if folder != str(root) and written_by_dream(folder, names, subfolders):  # the root: asked for by name
                 dream_folders.append(folder)
                 subfolders[:] = []
                 continue
+            if is_sample_set(folder, names):  # a sample set asked for by name: its images, not its grid.png
+                names = [name for name in names if SAMPLE_NAME.fullmatch(name)]
             kept = []
             for sub in sorted(subfolders):  # sorted: which of two links to one folder is scanned is fixed
                 real = os.path.realpath(os.path.join(folder, sub))
@@ -340,7 +369,7 @@ def dataset_files(source: str, root: Path, split: str = "train", *,
                   exclude: Sequence[Path] = ()) -> tuple[list[Path], tuple | None, str]:
     """(image files, crop box or None, description) of a CelebA split or an image folder; `exclude`: folders
     an image-folder scan leaves out (see list_image_files; a CelebA split's files are fixed by its list)."""
-    if source == "celeba":
+    if source == "celeba":  # (load_images checks the images' size: CELEBA_IMAGE_SIZE)
         return celeba_files(root, split), CELEBA_CROP, f"CelebA {split} under {root}"
     return list_image_files(root, exclude=exclude), None, str(root)
 
@@ -368,7 +397,7 @@ def images_digest(images: torch.Tensor) -> str:
 # ----------------------------------------------------------------------------------------------
 # cache and entry point
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("DREAM_CACHE") or Path.home() / ".cache" / "dream")  # set but empty: the default
+    return Path(os.environ.get("DREAM_CACHE") or Path.home() / ".cache" / "dream").expanduser()  # empty: default
 
 
 def load_images(source: str = "synthetic", root: str | None = None, split: str = "train", size: int = 64,
@@ -387,32 +416,35 @@ def load_images(source: str = "synthetic", root: str | None = None, split: str =
     key = hashlib.sha1(f"{source}|".encode() + os.fsencode(root_path)
                        + f"|{split}|{size}|{DECODE_VERSION}|{files_fingerprint(files)}".encode())
     cache = Path(cache_dir or default_cache_dir()) / f"{source}-{size}px-{key.hexdigest()[:16]}.pt"
-    cached = _read_cache(cache, len(files), size) if cache.exists() else None
+    cached = _read_cache(cache, key.hexdigest(), len(files), size) if cache.exists() else None
     if cached is not None:
         images, skipped = cached
     else:
-        images, skipped_paths = decode_files(files, size, crop, what)
+        images, skipped_paths = decode_files(files, size, crop, what,
+                                             image_size=CELEBA_IMAGE_SIZE if source == "celeba" else None)
         skipped = [str(path) for path in skipped_paths]
-        _write_cache(cache, images, skipped, len(files))
+        _write_cache(cache, key.hexdigest(), images, skipped, len(files))
     if skipped:  # from the cache too: the files stay skipped until they change
         warnings.warn(skip_message(skipped, len(files), what, root_path), stacklevel=2)
     return images
 
 
-def _write_cache(cache: Path, images: torch.Tensor, skipped: list[str], files: int) -> None:
-    """The image cache of `files` files, written atomically with the images' SHA-1; a warning if it cannot be."""
+def _write_cache(cache: Path, key: str, images: torch.Tensor, skipped: list[str], files: int) -> None:
+    """The image cache of the files of `key` (load_images' full key), written atomically with the images' SHA-1;
+    a warning if it cannot be."""
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(cache) as f:
-            torch.save({"images": images, "skipped": skipped, "files": files, "sha1": images_digest(images)}, f)
+            torch.save({"images": images, "skipped": skipped, "key": key, "files": files,
+                        "sha1": images_digest(images)}, f)
     except OSError as error:
         warnings.warn(f"could not write the image cache {cache}: {error}", stacklevel=3)
 
 
-def _read_cache(cache: Path, files: int, size: int) -> tuple[torch.Tensor, list[str]] | None:
-    """(images, skipped file names) from the image cache of `files` files at `size`, or None (with a warning)
-    when it is unreadable, damaged (its images no longer match the SHA-1 stored with them: torch.load does
-    not check) or made of another set of files."""
+def _read_cache(cache: Path, key: str, files: int, size: int) -> tuple[torch.Tensor, list[str]] | None:
+    """(images, skipped file names) from the image cache of `files` files at `size` (`key`: load_images' full
+    key), or None (with a warning) when it is unreadable, damaged (its images no longer match the SHA-1 stored
+    with them: torch.load does not check), made of another set of files, or an older release's (no SHA-1)."""
     why = "unreadable"
     try:
         data = torch.load(cache, weights_only=True)
@@ -421,11 +453,9 @@ def _read_cache(cache: Path, files: int, size: int) -> tuple[torch.Tensor, list[
                 and isinstance(data.get("skipped"), list) and all(isinstance(s, str) for s in data["skipped"])):
             raise ValueError("not an image cache")
         images, skipped = data["images"], data["skipped"]
-        shape_ok = tuple(images.shape) == (files - len(skipped), 3, size, size)
-        if "sha1" not in data and shape_ok:  # an older release's cache, without a checksum: given one
-            _write_cache(cache, images, skipped, files)
-            return images, skipped
-        if data.get("files") != files or not shape_ok:
+        if "sha1" not in data:  # its pixels cannot be checked: not trusted
+            why = "from an older release of dream (no checksum)"
+        elif data.get("key") != key or tuple(images.shape) != (files - len(skipped), 3, size, size):
             why = "made from other files"
         elif data.get("sha1") != images_digest(images):
             why = "damaged (its checksum does not match)"

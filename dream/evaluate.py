@@ -45,10 +45,18 @@ REAL_SOURCES = ("synthetic", "celeba", "folder")
 
 
 def import_fidelity():
+    from dream.data import import_torchvision
+
+    import_torchvision("FID/IS/KID (torch-fidelity)")  # which torch-fidelity imports: its failure named first
     try:
         import torch_fidelity
-    except ImportError:
+    except ImportError as error:
+        if getattr(error, "name", None) not in (None, "torch_fidelity"):
+            raise DreamError(f"torch-fidelity does not import here ({error}); FID/IS/KID need it") from None
         raise DreamError("FID/IS/KID need torch-fidelity: pip install torch-fidelity") from None
+    except Exception as error:  # noqa: BLE001  - a broken install: one line
+        raise DreamError(f"torch-fidelity does not import here ({type(error).__name__}: "
+                         f"{(str(error).splitlines() or [''])[0]}); FID/IS/KID need it") from None
     return torch_fidelity
 
 
@@ -175,6 +183,7 @@ def resolve_real_set(config: dict, source: str | None = None, root: str | None =
         run_dir = base / run_dir if base is not None else None
     folders = [*([run_dir] if run_dir else []), *exclude] if source == "folder" else []
     exclude = [str(Path(folder).expanduser().resolve()) for folder in folders]
+    exclude = [folder for folder in exclude if not root.is_relative_to(folder)]  # a sample set of the run, by name
     files, _, _ = dataset_files(source, root, split, exclude=exclude)
     return {"source": source, "root": str(root), "split": split if source == "celeba" else None, "count": count,
             "seed": None, "files": files_fingerprint(files), "exclude": exclude}

@@ -329,6 +329,10 @@ def sample_from_checkpoint(checkpoint: str, out_dir: str, count: int = 64, sampl
     check_counts(count, batch_size, steps_per_graph)  # the cheap checks before loading the model
     check_seed(seed)
     check_out_dir(out_dir)
+    if grid:
+        from dream.data import import_torchvision
+
+        import_torchvision("the sample grid")  # now, not after all the sampling
     model, diffusion, state, identity = load_sampler_model(checkpoint, device, use_ema, backend, compile, dtype,
                                                            channels_last)
     report = sample_images(model, diffusion, count, out_dir, sampler, steps, eta, batch_size, seed, dtype, progress,

@@ -1,5 +1,6 @@
 """Built-in synthetic faces; image folders: bad files, EXIF orientation, excluded run folders, symlinked
 folders, Pillow's warnings; CelebA errors; device batches."""
+import json
 import warnings
 
 import pytest
@@ -246,7 +247,8 @@ def test_a_cache_made_by_older_decoding_is_not_served(tmp_path, monkeypatch):
     old = load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache")
     [cache] = (tmp_path / "cache").glob("folder-16px-*.pt")
     zeros = torch.zeros_like(old)  # what an older decoder would have made
-    torch.save({"images": zeros, "skipped": [], "files": 2, "sha1": images_digest(zeros)}, cache)
+    key = torch.load(cache, weights_only=True)["key"]
+    torch.save({"images": zeros, "skipped": [], "key": key, "files": 2, "sha1": images_digest(zeros)}, cache)
     assert torch.equal(load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache"),
                        torch.zeros_like(old))  # same version: served from the cache
     monkeypatch.setattr(dream.data, "DECODE_VERSION", dream.data.DECODE_VERSION + 1)
@@ -266,10 +268,10 @@ def test_images_digest_sees_one_changed_byte_and_the_shape():
     assert images_digest(images.to(memory_format=torch.channels_last)) == images_digest(images)  # bytes in NCHW order
 
 
-def test_a_damaged_or_foreign_image_cache_is_decoded_again_with_a_warning(tmp_path):
+def test_a_damaged_foreign_or_old_image_cache_is_decoded_again_with_a_warning(tmp_path):
     """torch.load does not check a zip member's CRC: flipped bytes in the images would be trained on. The
-    cache holds the images' SHA-1 and its file count, and a cache that does not match is replaced. A cache
-    of an older release (no checksum, the right shape) is kept and given its checksum."""
+    cache holds the images' SHA-1 and its full key (the files' names, sizes and times), and a cache that does
+    not match is replaced; so is an older release's, whose pixels cannot be checked."""
     from dream.data import images_digest
 
     write_images(tmp_path / "imgs", 3)
@@ -295,11 +297,14 @@ def test_a_damaged_or_foreign_image_cache_is_decoded_again_with_a_warning(tmp_pa
     [other] = (tmp_path / "other-cache").glob("*.pt")
     cache.write_bytes(damaged := other.read_bytes())  # another set's cache under this set's name
     reload("made from other files")
+    write_images(tmp_path / "same-count", 3, size=(30, 40))  # 3 files too, other pixels
+    load_images("folder", str(tmp_path / "same-count"), size=16, cache_dir=tmp_path / "same-count-cache")
+    [other] = (tmp_path / "same-count-cache").glob("*.pt")
+    cache.write_bytes(damaged := other.read_bytes())  # a sound cache of another set of as many files
+    reload("made from other files")
     torch.save({"images": fresh, "skipped": []}, cache)  # the format of an older release: no checksum
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # served, and given its checksum, without a word
-        assert torch.equal(load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache"),
-                           fresh)
+    damaged = cache.read_bytes()
+    reload(r"from an older release of dream \(no checksum\)")
     assert torch.load(cache, weights_only=True)["sha1"] == images_digest(fresh) and good
 
 
@@ -308,22 +313,34 @@ def test_folders_dream_wrote_images_into_are_left_out_of_a_folder_scan(tmp_path)
     are no training data; they are named in one warning."""
     root = tmp_path / "faces"
     write_images(root / "people", 3)
-    write_images(root / "run1" / "samples", 2)  # a training run: config.json beside samples/
-    (root / "run1" / "config.json").write_text("{}")
+    run_config = json.dumps({"preset": "tiny", "objective": "seed", "batch_size": 8, "run_dir": "run1"})
+    write_images(root / "run1" / "samples", 2)  # a training run: its config.json beside samples/
+    (root / "run1" / "config.json").write_text(run_config)
     write_images(root / "eval" / "samples", 2)  # a sample set: sampling.json beside the PNGs
-    (root / "eval" / "samples" / "sampling.json").write_text("{}")
+    (root / "eval" / "samples" / "sampling.json").write_text(json.dumps({"sampler": "ddim", "seed": 0}))
     write_images(root / "config-only", 1)  # a config.json alone is anybody's
-    (root / "config-only" / "config.json").write_text("{}")
+    (root / "config-only" / "config.json").write_text(run_config)
+    write_images(root / "theirs" / "samples", 1)  # someone's own config.json beside samples/ of photos
+    (root / "theirs" / "config.json").write_text(json.dumps({"camera": "x"}))
+    (root / "theirs" / "sampling.json").write_text("not dream's")
     with pytest.warns(UserWarning) as caught:
         files = list_image_files(root)
     assert [f.relative_to(root).as_posix() for f in files] == ["config-only/img0.png", "people/img0.png",
-                                                              "people/img1.png", "people/img2.png"]
+                                                              "people/img1.png", "people/img2.png",
+                                                              "theirs/samples/img0.png"]
     assert [str(w.message) for w in caught] == [
         f"left out 2 folder(s) under {root} that dream wrote images into (runs, sample sets): eval/samples, run1"]
     with pytest.warns(UserWarning), pytest.raises(DreamError, match="holds no image files .* outside the folders "
                                                                     "dream wrote"):
         list_image_files(root / "eval")
-    assert len(list_image_files(root / "eval" / "samples")) == 2  # asked for by name: a sample set scored as "real"
+    sample_set = root / "eval" / "samples"
+    for i in range(2):
+        write_images(sample_set / "x", 1)
+        (sample_set / "x" / "img0.png").rename(sample_set / f"{i:06d}.png")
+    (sample_set / "x").rmdir()
+    (sample_set / "grid.png").write_bytes((sample_set / "000000.png").read_bytes())
+    # asked for by name (a sample set scored as the real set): its numbered images, not its grid or others
+    assert [f.name for f in list_image_files(sample_set)] == ["000000.png", "000001.png"]
 
 
 def test_a_file_name_that_is_not_utf8_is_no_error(tmp_path):
@@ -334,17 +351,21 @@ def test_a_file_name_that_is_not_utf8_is_no_error(tmp_path):
     assert load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache").shape[0] == 2
 
 
-def test_an_image_the_celeba_box_does_not_fit_is_named_not_padded_with_black(tmp_path):
-    from dream.data import CELEBA_CROP, decode_files
+@pytest.mark.parametrize("other_size", [(89, 109), (356, 436)])
+def test_a_celeba_image_of_another_size_is_named_not_cropped_wrongly(tmp_path, other_size):
+    """The crop box is for the aligned 178×218 images: a smaller image would be padded with black, a larger
+    one (an in-the-wild img_celeba image, say) cropped at the wrong place."""
+    from dream.data import CELEBA_CROP, CELEBA_IMAGE_SIZE, decode_files
 
     write_images(tmp_path / "aligned", 2, size=(178, 218))
-    write_images(tmp_path / "small", 1, size=(89, 109))
-    paths = sorted((tmp_path / "aligned").glob("*.png")) + [tmp_path / "small" / "img0.png"]
-    assert decode_files(paths[:2], 16, CELEBA_CROP)[0].shape == (2, 3, 16, 16)
-    with pytest.raises(DreamError, match=f"^{tmp_path / 'small' / 'img0.png'} is 89×109 pixels: the crop box "
-                                         r"\(128×128 at row 57, column 25\) does not fit in it, and 1 of the 3 "
-                                         r"images .* aligned 178×218 CelebA images \(img_align_celeba\)$"):
-        decode_files(paths, 16, CELEBA_CROP)
+    write_images(tmp_path / "other", 1, size=other_size)
+    paths = sorted((tmp_path / "aligned").glob("*.png")) + [tmp_path / "other" / "img0.png"]
+    assert decode_files(paths[:2], 16, CELEBA_CROP, image_size=CELEBA_IMAGE_SIZE)[0].shape == (2, 3, 16, 16)
+    width, height = other_size
+    with pytest.raises(DreamError, match=f"^{tmp_path / 'other' / 'img0.png'} is {width}×{height} pixels, and 1 of "
+                                         r"the 3 images of images are like it: the crop box \(128×128 at row 57, "
+                                         r"column 25\) is for the 178×218 aligned CelebA images \(img_align_celeba\)$"):
+        decode_files(paths, 16, CELEBA_CROP, image_size=CELEBA_IMAGE_SIZE)
 
 
 def test_celeba_setup_problems_name_the_file(tmp_path):
@@ -398,3 +419,5 @@ def test_an_empty_dream_cache_variable_means_the_default(monkeypatch):
 
     monkeypatch.setenv("DREAM_CACHE", "")
     assert default_cache_dir() == Path.home() / ".cache" / "dream"
+    monkeypatch.setenv("DREAM_CACHE", "~/elsewhere")
+    assert default_cache_dir() == Path.home() / "elsewhere"

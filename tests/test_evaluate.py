@@ -691,3 +691,47 @@ def test_a_report_scored_otherwise_is_kept_and_a_rescoring_of_the_same_kind_repl
     (tmp_path / "report-n5-5.json").write_text("{not json")
     assert report_path(tmp_path, report(["kid_mean"], "/c")).name == "report-n5-6.json"  # an unreadable one is kept
     assert len(list(tmp_path.glob("report-n5*.json"))) == 5
+
+
+def test_a_sample_set_inside_the_run_folder_can_be_the_real_set_by_name(tmp_path, capsys):
+    """The run's folder is left out of a real folder that holds it, not out of a real folder inside it: two
+    sample sets of one run can be compared. The real set's grid.png is no image of the set."""
+    from dream.cli import main
+
+    checkpoint = make_checkpoint(tmp_path)
+    run = tmp_path / "run"
+    common = ["--count", "2", "--steps", "1", "--batch-size", "2", "--device", "cpu", "--no-progress"]
+    assert main(["sample", str(checkpoint), "--out", str(run / "s1"), *common]) == 0
+    assert (run / "s1" / "grid.png").exists()
+    out = tmp_path / "eval"
+    code = main(["eval", str(checkpoint), "--out", str(out), *common, "--seed", "1", "--real", "folder",
+                 "--real-root", str(run / "s1"), "--kid-subset-size", "2", "--feature-extractor", EXTRACTOR,
+                 "--cache-dir", str(tmp_path / "fidelity")])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((out / "report-n2.json").read_text())["real"]["images"] == 2
+
+
+def test_a_torchvision_that_fails_to_import_is_one_line_before_sampling_or_scoring(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    from dream.cli import main
+
+    checkpoint = make_checkpoint(tmp_path)
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name.startswith("torchvision"):
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    common = ["--count", "2", "--steps", "1", "--batch-size", "2", "--device", "cpu", "--no-progress"]
+    assert main(["sample", str(checkpoint), "--out", str(tmp_path / "s"), *common]) == 2
+    assert capsys.readouterr().err.startswith("dream sample: error: the sample grid needs torchvision, which does "
+                                              "not import here (operator torchvision::nms does not exist)")
+    assert not list((tmp_path / "s").glob("*.png"))  # refused before sampling
+    assert main(["eval", str(checkpoint), "--out", str(tmp_path / "e"), *common, "--metrics", "isc",
+                 "--feature-extractor", EXTRACTOR]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "torchvision, which does not import here" in err, err
+    assert not (tmp_path / "e").exists()  # refused before sampling
