@@ -220,6 +220,11 @@ def decode_files(paths: list[Path], size: int, crop_box=None, what: str = "image
     return torch.cat(images), skipped
 
 
+def printable(name: str) -> str:
+    """A file name as it can stand in a one-line message: quoted and escaped if it holds a newline, say."""
+    return name if name.isprintable() else ascii(name)
+
+
 def skip_message(skipped: Sequence[str | Path], total: int, what: str, root: Path | None = None) -> str:
     """One line naming the first SKIPPED_SHOWN skipped files (relative to `root` where they lie under it)."""
     def name(path) -> str:
@@ -228,7 +233,7 @@ def skip_message(skipped: Sequence[str | Path], total: int, what: str, root: Pat
             text = str(path.relative_to(root)) if root is not None else str(path)
         except ValueError:
             text = str(path)
-        return text if text.isprintable() else ascii(text)  # a newline in a name must not break the line
+        return printable(text)
 
     names = ", ".join(name(path) for path in skipped[:SKIPPED_SHOWN])
     more = f" and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else ""
@@ -306,7 +311,7 @@ def list_image_files(root: Path, *, exclude: Sequence[Path] = ()) -> list[Path]:
                         and not is_excluded(path):
                     files.append(Path(path))
     if dream_folders:
-        names = ", ".join(os.path.relpath(folder, root) for folder in sorted(dream_folders)[:SKIPPED_SHOWN])
+        names = ", ".join(printable(os.path.relpath(folder, root)) for folder in sorted(dream_folders)[:SKIPPED_SHOWN])
         more = f" and {len(dream_folders) - SKIPPED_SHOWN} more" if len(dream_folders) > SKIPPED_SHOWN else ""
         warnings.warn(f"left out {len(dream_folders)} folder(s) under {root} that dream wrote images into (runs, "
                       f"sample sets): {names}{more}", stacklevel=2)
