@@ -187,11 +187,23 @@ class CheckpointManager:
                 warnings.warn(f"checkpoint {path} is damaged ({why}); skipping it", stacklevel=2)
                 continue
             state["_path"] = str(path)
+            self._warn_unlisted_newer(entry.get("step", -1))
             return state
         if any((self.folder / entry["file"]).exists() for entry in entries):
             raise DreamError(f"no checkpoint in {self.folder} can be loaded ({'; '.join(damaged)}); none was "
                              f"deleted{hint}", same_on_every_rank=True)
         return None
+
+    def _warn_unlisted_newer(self, step: int) -> None:
+        """A checkpoint file newer than `step` that the manifest does not list was cut short before it was listed
+        (a kill between writing it and the manifest): it is not used, and the next save deletes it. Said once."""
+        listed = {entry["file"] for entry in self._manifest()}
+        newer = sorted(path.name for path in self.folder.glob("ckpt-*.pt") if path.name not in listed
+                       and path.stem.split("-")[-1].isdigit() and int(path.stem.split("-")[-1]) > step)
+        if newer:
+            warnings.warn(f"{', '.join(newer)} in {self.folder} {'is' if len(newer) == 1 else 'are'} not listed in "
+                          f"{MANIFEST} (the save was stopped before it was listed): going on from step {step}",
+                          stacklevel=3)
 
     def newest_step(self) -> int | None:
         """The step of the newest checkpoint the manifest lists whose file is there, or None."""

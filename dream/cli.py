@@ -251,7 +251,7 @@ def run_train(args) -> int:
         result = train(config, resume=args.resume)
     except Interrupted as stop:  # SIGINT / SIGTERM: a checkpoint was saved; the last line says how to resume
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 saved and speaks
-            print(f"dream train: {stop}", file=sys.stderr)
+            say(f"dream train: {stop}")
         return 128 + int(stop.signum)
     except TrainingAborted as crash:  # the traceback of the cause (a bug's), then the line saying how to resume
         import traceback
@@ -259,7 +259,7 @@ def run_train(args) -> int:
         if crash.show_cause:
             traceback.print_exception(crash.__cause__)
         rank = os.environ.get("RANK", "0")
-        print(f"dream train{f' (rank {rank})' if rank != '0' else ''}: error: {crash}", file=sys.stderr)
+        say(f"dream train{f' (rank {rank})' if rank != '0' else ''}: error: {crash}")
         return 1
     if os.environ.get("RANK", "0") != "0":
         return 0
@@ -383,6 +383,13 @@ def run_memory(args) -> int:
     return 0
 
 
+def say(line: str) -> None:
+    """One line on stderr in one write: under torchrun several processes share it (print writes the text and
+    its newline apart when Python runs unbuffered, and the lines of two ranks could run together)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is, as Ctrl-C is: the same cleanup and one line."""
 
@@ -430,14 +437,15 @@ def _run(args) -> int:
         previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return handlers[args.command](args)
-    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM outside training's own handler: one line (rank 0's)
-        if os.environ.get("RANK", "0") != "0":
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM outside training's own handler: one line
+        rank = os.environ.get("RANK", "0")
+        if rank != "0" and getattr(stop, "same_on_every_rank", False):  # every rank got it: rank 0 says it
             return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
         kept = {"train": "checkpoints already written are kept", "sample": "finished images are kept",
                 "eval": "finished images and cached statistics are kept"}.get(args.command)
         name = "SIGTERM" if isinstance(stop, Terminated) else "interrupted"
-        print(f"dream {args.command}: {name}" + (f"; rerun the same command to go on ({kept})" if kept else ""),
-              file=sys.stderr)
+        where = f" (rank {rank})" if rank != "0" else ""
+        say(f"dream {args.command}{where}: {name}" + (f"; rerun the same command to go on ({kept})" if kept else ""))
         return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
     except RuntimeError as error:  # under torchrun: a collective failed because another process stopped
         from dream.distributed import peer_lost, peer_lost_summary
@@ -445,8 +453,8 @@ def _run(args) -> int:
         if os.environ.get("WORLD_SIZE", "1") in ("", "1") or not peer_lost(error) or os.environ.get("DREAM_DEBUG"):
             raise
         rank = os.environ.get("RANK", "0")
-        print(f"dream {args.command}{f' (rank {rank})' if rank != '0' else ''}: error: another process of this job "
-              f"stopped ({peer_lost_summary(error)}); its own line says why", file=sys.stderr)
+        say(f"dream {args.command}{f' (rank {rank})' if rank != '0' else ''}: error: another process of this job "
+            f"stopped ({peer_lost_summary(error)}); its own line says why")
         return 2
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -458,7 +466,7 @@ def _run(args) -> int:
         if rank != "0" and getattr(error, "same_on_every_rank", False):
             return 2
         where = f" (rank {rank})" if rank != "0" else ""
-        print(f"dream {args.command}{where}: error: {error}", file=sys.stderr)
+        say(f"dream {args.command}{where}: error: {error}")
         return 2
     finally:
         if handle_sigterm:  # (None: a handler not installed from Python; the default is the nearest to it)

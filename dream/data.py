@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import signal
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -188,6 +189,16 @@ def as_rgb(image):
     return image.convert("RGB")
 
 
+def _signals_to_the_parent(worker_id: int) -> None:
+    """A decoding worker leaves Ctrl-C to its parent (which stops and shuts it down), and exits quietly on
+    SIGTERM (exit code 0: its parent's loader does not report a worker killed by a signal, and a parent
+    stopping for the same signal terminates its workers with it at exit)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))
+
+
 def decode_files(paths: list[Path], size: int, crop_box=None, what: str = "images",
                  workers: int | None = None, image_size=None) -> tuple[torch.Tensor, list[Path]]:
     """(decoded images, files skipped): isolated corrupt files are left out and returned for the caller to
@@ -198,9 +209,20 @@ def decode_files(paths: list[Path], size: int, crop_box=None, what: str = "image
     import_torchvision(f"decoding {what}")  # here, not first in a loader worker
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     loader = torch.utils.data.DataLoader(_DecodeFiles(paths, size, crop_box, image_size), batch_size=64,
-                                         num_workers=workers if len(paths) > 256 else 0)
+                                         num_workers=workers if len(paths) > 256 else 0,
+                                         worker_init_fn=_signals_to_the_parent)
+    # Ctrl-C and SIGTERM (torchrun signals the whole process group) are the parent's to report. The workers are
+    # forked with both blocked, so none dies of one, nor runs the parent's handlers, before
+    # _signals_to_the_parent sets theirs; the parent gets them once unblocked.
+    held = (signal.SIGINT, signal.SIGTERM)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, held) if hasattr(signal, "pthread_sigmask") else None
+    try:
+        batches = iter(loader)
+    finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     images, statuses = [], []
-    for status, batch in tqdm(loader, desc=f"decoding {what}", disable=len(paths) < 2048, leave=False):
+    for status, batch in tqdm(batches, desc=f"decoding {what}", disable=len(paths) < 2048, leave=False):
         images.append(batch[status == DECODED])
         statuses.extend(status.tolist())  # the loader keeps the files' order
     wrong = [path for path, status in zip(paths, statuses) if status == WRONG_SIZE]

@@ -136,6 +136,9 @@ class TrainConfig:
         return asdict(self)
 
 
+LAUNCHER_GONE = 1000  # a stop reason beside the signal numbers (the ranks agree on the largest one)
+
+
 class Interrupted(DreamError):
     """Training stopped by SIGINT or SIGTERM, after saving a checkpoint."""
 
@@ -213,7 +216,8 @@ def agree_on_setup(dist: distributed.Distributed, failure: BaseException | None)
     """Raise this rank's setup error (None: it has none) so that each is reported once. Under torchrun the
     ranks first tell each other whether they failed: when every rank failed (a bad flag, shared data), rank 0
     alone reports its error; when some did, each of those reports its own and rank 0 names them. A ValueError
-    (a bad model setting, a backend that cannot run here) becomes a one-line DreamError."""
+    (a bad model setting, a backend that cannot run here) becomes a one-line DreamError. A signal (Ctrl-C,
+    SIGTERM) is shared the same way."""
     if isinstance(failure, ValueError):
         failure = DreamError(str(failure))
     failed = dist.gather_flags(failure is not None)
@@ -222,7 +226,7 @@ def agree_on_setup(dist: distributed.Distributed, failure: BaseException | None)
         raise failure
     if any(failed):
         ranks = ", ".join(str(rank) for rank, flag in enumerate(failed) if flag)
-        raise DreamError(f"the process of rank {ranks} failed during setup (its line says why)",
+        raise DreamError(f"the process of rank {ranks} stopped during setup (its line says why)",
                          same_on_every_rank=True)
 
 
@@ -280,7 +284,7 @@ class Trainer:
             if self.checkpointing not in policies_for_backend(self.backend):
                 raise DreamError(f"--checkpointing {self.checkpointing} recomputes the fused Triton norm: it needs "
                                  f"--backend triton, not {self.backend}", same_on_every_rank=True)
-        except (DreamError, ValueError, OSError) as error:
+        except (DreamError, ValueError, OSError, KeyboardInterrupt) as error:  # (KeyboardInterrupt: also SIGTERM)
             failure = error
         agree_on_setup(dist, failure)
         try:  # every rank trains on the same images (a multi-machine job may read different copies)
@@ -727,6 +731,7 @@ class Trainer:
         more."""
         with folder_lock(self.run_dir) if self.dist.is_main else nullcontext() as holder:
             if self.dist.max(int(holder is not None), self.device):  # every rank stops, rank 0 says why
+                self.dist.barrier()  # (a rank leaving while another still tears down its group can abort it)
                 raise DreamError(f"--run-dir {self.run_dir} is in use by another dream train ({holder}); let it "
                                  f"finish or stop it, then rerun", same_on_every_rank=True)
             try:
@@ -787,7 +792,7 @@ class Trainer:
                                 and not self.skipped_in_a_row):
                             self.save_checkpoint()
                         if self.dist.launcher_gone() and not stop.signum:
-                            stop.signum = signal.SIGTERM  # torchrun was killed and cannot stop us: stop as told to
+                            stop.signum = LAUNCHER_GONE  # torchrun was killed and cannot stop us: stop, and save
                         signum = self.dist.max(stop.signum, self.device)  # a signal any rank saw, the same on all
                         if signum:
                             self.stop_for_signal(signum)
@@ -820,9 +825,10 @@ class Trainer:
     def stop_for_signal(self, signum: int) -> None:
         path = self.save_checkpoint()
         self.dist.barrier()  # nobody exits (and gets the group torn down by torchrun) before rank 0 has saved
-        name = signal.Signals(signum).name
-        raise Interrupted(f"stopped by {name} at step {self.step} (epoch {self.epoch}); checkpoint {path} saved. "
-                          f"To resume, {self.resume_hint}.", signum)
+        gone = signum == LAUNCHER_GONE
+        why = "the launcher (torchrun) is gone" if gone else f"stopped by {signal.Signals(signum).name}"
+        raise Interrupted(f"{why} at step {self.step} (epoch {self.epoch}); checkpoint {path} saved. "
+                          f"To resume, {self.resume_hint}.", signal.SIGTERM if gone else signum)
 
     def restore_after_divergence(self) -> None:
         message = (f"training diverged: {self.bad_in_a_row} steps in a row had a non-finite loss or gradients "

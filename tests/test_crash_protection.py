@@ -802,7 +802,8 @@ def test_workers_whose_launcher_died_stop_as_on_sigterm(tmp_path):
     assert not Distributed(launcher_pid=os.getppid()).launcher_gone()
     orphan = Distributed(launcher_pid=os.getppid() + 1)
     assert orphan.launcher_gone()
-    with pytest.raises(Interrupted, match=r"^stopped by SIGTERM at step 1 \(epoch 0\); checkpoint .* saved") as stop:
+    with pytest.raises(Interrupted, match=r"^the launcher \(torchrun\) is gone at step 1 \(epoch 0\); checkpoint .* "
+                                          r"saved") as stop:
         Trainer(small_config(tmp_path), orphan).run()
     assert stop.value.signum == signal.SIGTERM
     assert load_checkpoint(tmp_path / "checkpoints")["step"] == 1
@@ -821,3 +822,63 @@ def test_a_job_refused_for_the_lock_deletes_nothing_of_the_job_that_holds_it(tmp
             second.run()
         assert (run_dir / LOCK_FILE).exists()
     assert [path.name for path in run_dir.iterdir()] == [LOCK_FILE]
+
+
+SLOW_DECODING = """
+import os, sys, time
+from pathlib import Path
+import dream.data
+
+original = dream.data._DecodeFiles.__getitem__
+
+def slow(self, i):
+    Path(os.environ["MARKER"]).touch()
+    time.sleep(0.05)
+    return original(self, i)
+
+dream.data._DecodeFiles.__getitem__ = slow
+from dream.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_process_group_while_decoding_is_one_line(tmp_path, signum):
+    """torchrun (and a shell's Ctrl-C) signals the whole process group, the decoding workers too: they leave
+    the signal to their parent, which stops in one line (no worker tracebacks)."""
+    from PIL import Image
+
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for i in range(300):  # more than 256 files: decoded by worker processes
+        Image.new("RGB", (20, 20), (i % 256, 50, 90)).save(folder / f"{i:03d}.png")
+    (tmp_path / "wrapper.py").write_text(SLOW_DECODING)
+    marker = tmp_path / "decoding"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MARKER": str(marker),
+           "DREAM_CACHE": str(tmp_path / "cache")}
+    process = subprocess.Popen([sys.executable, str(tmp_path / "wrapper.py"), "train", *CLI_FLAGS, "--data", "folder",
+                                "--data-root", str(folder), "--run-dir", str(tmp_path / "run")],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.killpg(process.pid, signum)
+    _, err = process.communicate(timeout=300)
+    name = "SIGTERM" if signum == signal.SIGTERM else "interrupted"
+    assert err == (f"dream train: {name}; rerun the same command to go on (checkpoints already written are "
+                   f"kept)\n"), err[-3000:]
+    assert process.returncode == 128 + signum
+
+
+def test_a_checkpoint_file_its_save_did_not_list_is_named_when_resuming(tmp_path):
+    """A kill between writing ckpt-N.pt and listing it in the manifest: the file is not trusted (it may be
+    the only one of a save cut short), and the resume says that it goes on from the last listed one."""
+    Trainer(small_config(tmp_path, max_steps=2)).run()
+    folder = tmp_path / "checkpoints"
+    (folder / "ckpt-000000003.pt").write_bytes((folder / "ckpt-000000002.pt").read_bytes())
+    with pytest.warns(UserWarning, match=r"^ckpt-000000003\.pt in .* is not listed in manifest\.json \(the save was "
+                                         r"stopped before it was listed\): going on from step 2$"):
+        state = CheckpointManager(folder).latest()
+    assert state["step"] == 2

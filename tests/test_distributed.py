@@ -278,6 +278,9 @@ FAILING_SETUP = textwrap.dedent("""
     original = train.load_images
 
     def load_images(*args, **kwargs):
+        if os.environ["RANK"] == "1" and os.environ.get("INJECT") == "sigterm":
+            from dream.cli import Terminated
+            raise Terminated  # what dream's SIGTERM handler raises
         if os.environ["RANK"] == "1":
             raise DreamError("image folder /data/faces does not exist (on this machine)")
         return original(*args, **kwargs)
@@ -288,11 +291,11 @@ FAILING_SETUP = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("bad_flag", [False, True])
-def test_a_setup_error_is_reported_once_by_rank_0_when_shared_and_by_its_rank_when_not(tmp_path, bad_flag):
+@pytest.mark.parametrize("bad_flag, inject", [(False, "error"), (True, "error"), (False, "sigterm")])
+def test_a_setup_error_is_reported_once_by_rank_0_when_shared_and_by_its_rank_when_not(tmp_path, bad_flag, inject):
     worker = tmp_path / "worker.py"
     worker.write_text(FAILING_SETUP)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "INJECT": inject}
     flags = ["--preset", "tiny", "--image-size", "7" if bad_flag else "8", "--base-channels", "16", "--data-count",
              "8", "--batch-size", "4", "--max-steps", "1", "--sample-every", "0", "--no-progress", "--device", "cpu",
              "--backend", "eager", "--run-dir", str(tmp_path / "run")]
@@ -304,7 +307,9 @@ def test_a_setup_error_is_reported_once_by_rank_0_when_shared_and_by_its_rank_wh
     if bad_flag:  # every rank fails alike: rank 0 alone says it
         assert len(ours) == 1 and ours[0].startswith("dream train: error: ") and "7" in ours[0], process.stderr[-3000:]
     else:
-        assert ours == ["dream train (rank 1): error: image folder /data/faces does not exist (on this machine)",
-                        "dream train: error: the process of rank 1 failed during setup (its line says why)"], \
+        rank1 = ("dream train (rank 1): SIGTERM; rerun the same command to go on (checkpoints already written are "
+                 "kept)" if inject == "sigterm" else
+                 "dream train (rank 1): error: image folder /data/faces does not exist (on this machine)")
+        assert ours == [rank1, "dream train: error: the process of rank 1 stopped during setup (its line says why)"], \
             process.stderr[-3000:]
     assert not (tmp_path / "run").exists()
