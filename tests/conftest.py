@@ -113,6 +113,22 @@ def exact_fp32():
 
 
 @pytest.fixture
+def broken_torchvision(monkeypatch):
+    """torchvision failing at import the way PyPI's does beside another torch: a RuntimeError, not an
+    ImportError (its message has a second line)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name.startswith("torchvision"):
+            raise RuntimeError("operator torchvision::nms does not exist\nmore lines")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+
+
+@pytest.fixture
 def one_cpu_thread():
     """One intra-op CPU thread: tiny models gain nothing from more on a shared CPU, and trainer tests
     compare with subprocesses that run single-threaded (the same summation order everywhere)."""

@@ -392,20 +392,10 @@ def test_celeba_setup_problems_name_the_file(tmp_path):
     assert error().startswith(f"CelebA under {root} is incomplete: img_align_celeba/, identity_CelebA.txt missing")
 
 
-def test_a_torchvision_that_fails_to_import_is_one_line(monkeypatch):
+def test_a_torchvision_that_fails_to_import_is_one_line(broken_torchvision):
     """PyPI's torchvision beside another torch fails at import with a RuntimeError, not an ImportError."""
-    import builtins
-
     from dream.data import import_torchvision
 
-    real_import = builtins.__import__
-
-    def broken(name, *args, **kwargs):
-        if name.startswith("torchvision"):
-            raise RuntimeError("operator torchvision::nms does not exist\nmore lines")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", broken)
     with pytest.raises(DreamError, match="^--data celeba needs torchvision, which does not import here \\(operator "
                                          "torchvision::nms does not exist\\); pip install the torchvision release "
                                          "that matches torch [0-9.]+$"):

@@ -711,20 +711,11 @@ def test_a_sample_set_inside_the_run_folder_can_be_the_real_set_by_name(tmp_path
     assert json.loads((out / "report-n2.json").read_text())["real"]["images"] == 2
 
 
-def test_a_torchvision_that_fails_to_import_is_one_line_before_sampling_or_scoring(tmp_path, capsys, monkeypatch):
-    import builtins
-
+def test_a_torchvision_that_fails_to_import_is_one_line_before_sampling_or_scoring(tmp_path, capsys,
+                                                                                  broken_torchvision):
     from dream.cli import main
 
     checkpoint = make_checkpoint(tmp_path)
-    real_import = builtins.__import__
-
-    def broken(name, *args, **kwargs):
-        if name.startswith("torchvision"):
-            raise RuntimeError("operator torchvision::nms does not exist")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", broken)
     common = ["--count", "2", "--steps", "1", "--batch-size", "2", "--device", "cpu", "--no-progress"]
     assert main(["sample", str(checkpoint), "--out", str(tmp_path / "s"), *common]) == 2
     assert capsys.readouterr().err.startswith("dream sample: error: the sample grid needs torchvision, which does "
