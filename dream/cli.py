@@ -258,8 +258,7 @@ def run_train(args) -> int:
 
         if crash.show_cause:
             traceback.print_exception(crash.__cause__)
-        rank = os.environ.get("RANK", "0")
-        say(f"dream train{f' (rank {rank})' if rank != '0' else ''}: error: {crash}")
+        say(f"dream train{rank_label()}: error: {crash}")
         return 1
     if os.environ.get("RANK", "0") != "0":
         return 0
@@ -383,6 +382,12 @@ def run_memory(args) -> int:
     return 0
 
 
+def rank_label() -> str:
+    """" (rank N)" in a line of a torchrun worker other than rank 0; "" otherwise."""
+    rank = os.environ.get("RANK", "0")
+    return f" (rank {rank})" if rank != "0" else ""
+
+
 def say(line: str) -> None:
     """One line on stderr in one write: under torchrun several processes share it (print writes the text and
     its newline apart when Python runs unbuffered, and the lines of two ranks could run together)."""
@@ -444,16 +449,15 @@ def _run(args) -> int:
         kept = {"train": "checkpoints already written are kept", "sample": "finished images are kept",
                 "eval": "finished images and cached statistics are kept"}.get(args.command)
         name = "SIGTERM" if isinstance(stop, Terminated) else "interrupted"
-        where = f" (rank {rank})" if rank != "0" else ""
-        say(f"dream {args.command}{where}: {name}" + (f"; rerun the same command to go on ({kept})" if kept else ""))
+        say(f"dream {args.command}{rank_label()}: {name}"
+            + (f"; rerun the same command to go on ({kept})" if kept else ""))
         return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
     except RuntimeError as error:  # under torchrun: a collective failed because another process stopped
         from dream.distributed import peer_lost, peer_lost_summary
 
         if os.environ.get("WORLD_SIZE", "1") in ("", "1") or not peer_lost(error) or os.environ.get("DREAM_DEBUG"):
             raise
-        rank = os.environ.get("RANK", "0")
-        say(f"dream {args.command}{f' (rank {rank})' if rank != '0' else ''}: error: another process of this job "
+        say(f"dream {args.command}{rank_label()}: error: another process of this job "
             f"stopped ({peer_lost_summary(error)}); its own line says why")
         return 2
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
@@ -465,8 +469,7 @@ def _run(args) -> int:
         rank = os.environ.get("RANK", "0")  # under torchrun: rank 0 speaks for errors every rank shares
         if rank != "0" and getattr(error, "same_on_every_rank", False):
             return 2
-        where = f" (rank {rank})" if rank != "0" else ""
-        say(f"dream {args.command}{where}: error: {error}")
+        say(f"dream {args.command}{rank_label()}: error: {error}")
         return 2
     finally:
         if handle_sigterm:  # (None: a handler not installed from Python; the default is the nearest to it)

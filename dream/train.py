@@ -236,7 +236,8 @@ class Trainer:
         self.dist = dist = dist or distributed.Distributed()
         self.made_run_dir = not Path(config.run_dir).exists()
         failure = None
-        try:  # what follows from the command line, the machine and the data; the ranks compare the outcome
+        try:  # what follows from the command line, the machine and the data: agree_on_setup tells which ranks share
+            # an error (so no raise here marks itself shared)
             config.check()
             self.device = device = resolve_device(config.device, dist)
             self.precision = resolve_precision(config.precision, device)
@@ -245,15 +246,14 @@ class Trainer:
 
             self.run_dir = Path(config.run_dir)
             if self.run_dir.exists() and not self.run_dir.is_dir():
-                raise DreamError(f"--run-dir {self.run_dir} is a file; it must be a folder (new, or a run's)",
-                                 same_on_every_rank=True)
+                raise DreamError(f"--run-dir {self.run_dir} is a file; it must be a folder (new, or a run's)")
             foreign = foreign_run_files(self.run_dir)
             if foreign:
                 raise DreamError(f"--run-dir {self.run_dir} holds {' and '.join(foreign)} that training did not write "
-                                 f"and would overwrite; use a new or empty folder, or a run's", same_on_every_rank=True)
+                                 f"and would overwrite; use a new or empty folder, or a run's")
             problem = folder_problem(self.run_dir)  # before the slow setup; makes the folder
             if problem:
-                raise DreamError(f"--run-dir: {problem}", same_on_every_rank=True)
+                raise DreamError(f"--run-dir: {problem}")
             self.model_config = make_config(config.preset, **config.model_overrides)
             self.objective = get_objective(config.objective)
             self.objective_config = ObjectiveConfig(**config.objective_config)
@@ -262,7 +262,7 @@ class Trainer:
             # data: each rank takes every world_size-th sample of each global batch
             if config.batch_size % dist.world_size:
                 raise DreamError(f"batch size {config.batch_size} must be divisible by the number of processes "
-                                 f"({dist.world_size})", same_on_every_rank=True)
+                                 f"({dist.world_size})")
             self.rank_batch = config.batch_size // dist.world_size
             if config.sample_every:  # checked now, not at the first epoch's end
                 import_torchvision("the sample grids (--sample-every 0: none)")
@@ -273,7 +273,7 @@ class Trainer:
                                      count=config.data_count, seed=config.seed, exclude=[self.run_dir])
             if images.shape[0] < config.batch_size:
                 raise DreamError(f"--batch-size {config.batch_size} needs at least {config.batch_size} images; the "
-                                 f"data has {images.shape[0]}", same_on_every_rank=True)
+                                 f"data has {images.shape[0]}")
             self.data_digest = images_digest(images)  # a resume notices images replaced by others
             self.batches = DeviceBatches(images, self.rank_batch, device, seed=config.seed,
                                          rank=dist.rank, world_size=dist.world_size)
@@ -283,7 +283,7 @@ class Trainer:
             self.checkpointing = "none" if config.checkpointing == "auto" else config.checkpointing
             if self.checkpointing not in policies_for_backend(self.backend):
                 raise DreamError(f"--checkpointing {self.checkpointing} recomputes the fused Triton norm: it needs "
-                                 f"--backend triton, not {self.backend}", same_on_every_rank=True)
+                                 f"--backend triton, not {self.backend}")
         except (DreamError, ValueError, OSError, KeyboardInterrupt) as error:  # (KeyboardInterrupt: also SIGTERM)
             failure = error
         agree_on_setup(dist, failure)
