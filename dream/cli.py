@@ -75,20 +75,32 @@ class OneLineErrors(argparse.ArgumentParser):
 @contextmanager
 def _warnings_as_lines(command: str):
     """Inside, the project's own warnings (a damaged checkpoint skipped, unreadable images) print as one
-    `dream <command>: warning:` line; other libraries' keep Python's format."""
+    `dream <command>: warning:` line, each text once (Python's filter shows a text once per place that warns;
+    two places can warn of the same thing, as two scans of one folder); other libraries' keep Python's format."""
     package = Path(__file__).resolve().parent
-    default = warnings.formatwarning
+    default_format, default_show = warnings.formatwarning, warnings.showwarning
+    shown = set()
+
+    def ours(filename) -> bool:
+        return Path(filename).resolve().is_relative_to(package)
 
     def formatwarning(message, category, filename, lineno, line=None):
-        if Path(filename).resolve().is_relative_to(package):
+        if ours(filename):
             return f"dream {command}: warning: {message}\n"
-        return default(message, category, filename, lineno, line)
+        return default_format(message, category, filename, lineno, line)
 
-    warnings.formatwarning = formatwarning
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if ours(filename):
+            if str(message) in shown:
+                return
+            shown.add(str(message))
+        default_show(message, category, filename, lineno, file, line)
+
+    warnings.formatwarning, warnings.showwarning = formatwarning, showwarning
     try:
         yield
     finally:
-        warnings.formatwarning = default
+        warnings.formatwarning, warnings.showwarning = default_format, default_show
 
 
 def build_parser() -> argparse.ArgumentParser:

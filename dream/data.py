@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from dream.errors import DreamError
 from dream.files import atomic_file
@@ -35,7 +36,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".
 CELEBA_CROP = (57, 25, 128, 128)  # top, left, height, width in the aligned 178x218 CelebA image
 CELEBA_IMAGE_SIZE = (178, 218)  # width, height of every aligned CelebA image (img_align_celeba)
 SYNTHETIC_CHUNK = 256  # images drawn per generator seed: image i depends on (seed, i) only
-DECODE_VERSION = 3  # part of the image caches' key: raised whenever decoding changes what a file becomes
+DECODE_VERSION = 4  # part of the image caches' key: raised whenever decoding changes what a file becomes
 SKIPPED_SHOWN = 5  # skipped files named in the warning; the rest are counted
 
 
@@ -178,14 +179,21 @@ def upright(image):
 
 def as_rgb(image):
     """An 8-bit RGB copy of a PIL image. 16-bit greyscale (modes I;16*, and I as PNG decodes them) is scaled
-    by 1/257 to 0..255 first: PIL's own conversion clips it at 255, turning most images white."""
+    by 1/257 to 0..255 first: PIL's own conversion clips it at 255, turning most images white. Float greyscale
+    (mode F, as float TIFFs decode) in [0, 1] is scaled by 255 (PIL's conversion would round it to black),
+    any other clipped to 0..255; NaN is black."""
     from PIL import Image
 
-    if image.mode == "I" or image.mode.startswith("I;16"):
+    if image.mode == "I" or image.mode.startswith("I;16") or image.mode == "F":
         import numpy as np
 
-        levels = np.asarray(image).astype(np.float64).clip(0, 65535)
-        image = Image.fromarray(np.rint(levels / 257).astype(np.uint8), mode="L")
+        levels = np.nan_to_num(np.asarray(image).astype(np.float64), nan=0.0)
+        if image.mode == "F":
+            levels = levels * 255 if levels.size and 0 <= levels.min() and levels.max() <= 1 else levels
+            levels = levels.clip(0, 255)
+        else:
+            levels = levels.clip(0, 65535) / 257
+        image = Image.fromarray(np.rint(levels).astype(np.uint8), mode="L")
     return image.convert("RGB")
 
 
@@ -414,10 +422,19 @@ def files_fingerprint(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
+_DIGESTS = WeakIdKeyDictionary()  # tensor -> (its version counter, its digest) while the tensor lives
+
+
 def images_digest(images: torch.Tensor) -> str:
-    """SHA-1 of the decoded images' bytes (shape included): equal digests, the same training data."""
+    """SHA-1 of the decoded images' bytes (shape included): equal digests, the same training data. Remembered
+    per tensor until it is written to (its version counter moves), so the cache check on load and the
+    trainer's data check hash the ~2 GB of CelebA once."""
+    known = _DIGESTS.get(images)
+    if known is not None and known[0] == images._version:
+        return known[1]
     digest = hashlib.sha1(f"{tuple(images.shape)}|{images.dtype}|".encode())
     digest.update(memoryview(images.detach().cpu().contiguous().numpy()).cast("B"))
+    _DIGESTS[images] = (images._version, digest.hexdigest())
     return digest.hexdigest()
 
 

@@ -230,3 +230,35 @@ def test_the_sigterm_handler_is_put_back_after_a_command(capsys):
     before = signal.getsignal(signal.SIGTERM)
     assert main(["info", "--preset", "tiny", "--json"]) == 0
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_warning_text_prints_once_per_command(tmp_path):
+    # Python's filter shows a text once per place that warns, and forgets what it showed whenever a library
+    # changes the filters (torch-fidelity does, between eval's two scans of the real folder)
+    script = """
+import sys, warnings
+from pathlib import Path
+from dream.cli import _warnings_as_lines
+from dream.data import dataset_files
+with _warnings_as_lines("eval"):
+    for scan in range(2):
+        dataset_files("folder", Path(sys.argv[1]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+    warnings.warn("not dream's")
+    warnings.warn("not dream's either")
+"""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "samples").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "samples" / "000000.png")
+    (tmp_path / "samples" / "sampling.json").write_text(json.dumps({"sampler": "ddim", "seed": 0}))
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=ENV,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert [line for line in lines if line.startswith("dream eval: warning:")] == [
+        f"dream eval: warning: left out 1 folder(s) under {tmp_path} that dream wrote images into (runs, sample "
+        "sets): samples"]
+    assert sum("UserWarning: not dream's" in line for line in lines) == 2

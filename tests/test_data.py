@@ -43,6 +43,23 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
     assert deep.mean().item() == pytest.approx(expected, abs=2) and deep.min() < 60 and deep.max() > 190
 
 
+@pytest.mark.parametrize("top", [1.0, 255.0])
+def test_float_greyscale_is_scaled_from_0_1_and_clipped_from_0_255(tmp_path, top):
+    """A float TIFF (PIL mode F) holds levels in [0, 1] or in [0, 255]: PIL's own conversion rounds the first to
+    black. NaN decodes black."""
+    import numpy as np
+
+    levels = (np.arange(40 * 30).reshape(30, 40) / (40 * 30 - 1) * top).astype(np.float32)  # 0 .. top, a ramp
+    levels[0, :] = np.nan
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(levels, mode="F").save(tmp_path / "imgs" / "float.tif")
+    assert Image.open(tmp_path / "imgs" / "float.tif").mode == "F"
+    images = load_images("folder", str(tmp_path / "imgs"), size=30, cache_dir=tmp_path / "cache")
+    expected = np.rint(np.nan_to_num(levels[:, 5:35]) * 255 / top)  # the centre square, no resize at 30 px
+    assert images.shape == (1, 3, 30, 30) and torch.equal(images[0, 0], images[0, 2])
+    assert torch.equal(images[0, 0], torch.from_numpy(expected).to(torch.uint8))
+
+
 def test_folder_with_isolated_corrupt_files(tmp_path):
     write_images(tmp_path / "imgs" / "sub", 5)
     (tmp_path / "imgs" / "broken.jpg").write_bytes(b"not a jpeg at all")
@@ -266,6 +283,26 @@ def test_images_digest_sees_one_changed_byte_and_the_shape():
     assert images_digest(changed) != images_digest(images)
     assert images_digest(images.reshape(5, 3, 4, 16)) != images_digest(images)
     assert images_digest(images.to(memory_format=torch.channels_last)) == images_digest(images)  # bytes in NCHW order
+
+
+def test_images_are_hashed_once_until_written_to(tmp_path, monkeypatch):
+    """Loading checks the cache's SHA-1 and the trainer digests the same tensor: CelebA's 2 GB hashed once."""
+    import dream.data as data
+
+    hashed = []
+    sha1 = data.hashlib.sha1
+    monkeypatch.setattr(data.hashlib, "sha1", lambda *a: hashed.append(a) or sha1(*a))
+    write_images(tmp_path / "imgs", 3)
+    for load in range(2):  # decoded and cached, then read back from the cache
+        images = load_images("folder", str(tmp_path / "imgs"), size=8, cache_dir=tmp_path / "cache")
+        hashed.clear()
+        digest = data.images_digest(images)
+        assert not hashed and digest == data.images_digest(images.clone())
+    view = images[1:]
+    before = data.images_digest(view)
+    images[2, 0, 0, 0] ^= 1  # through the base: the view's version counter moves too
+    assert data.images_digest(view) != before
+    assert data.images_digest(view) == data.images_digest(view.clone())
 
 
 def test_a_damaged_foreign_or_old_image_cache_is_decoded_again_with_a_warning(tmp_path):
