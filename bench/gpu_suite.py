@@ -6,8 +6,9 @@
 Runs from the source tree (PYTHONPATH=<repo>); needs only torch, triton, numpy, pytest, pytest-benchmark
 and nvidia-ml-py (no torch-fidelity, no xformers, no network). Stages, most valuable first, each under
 its own time limit (SIGINT first, so pytest still writes its report; SIGKILL 20 s later) and all of them
-under the overall budget (default 465 s): a stage starts only with at least MIN_STAGE_S left, and gets
-min(its limit, what is left). Stages:
+under the overall budget (default 465 s, counted from the suite's start, its last FINISH_S kept for the
+summary and the archive): a stage starts only with at least MIN_STAGE_S left, and gets min(its limit,
+what is left). Stages:
 
   env       nvidia-smi and versions
   tests     correctness at full size: kernels forward/backward incl. bf16, UNet triton vs eager, sampling
@@ -59,14 +60,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+STARTED_AT = time.monotonic()  # run as a script: the budget counts from here, before torch and CUDA start
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script (python3 bench/gpu_suite.py) from the source tree
     sys.path.insert(0, str(REPO))
-from bench.pytest_shard import INTERRUPTED_LINE, SHARD_VARIABLE  # noqa: E402
+from bench.pytest_shard import INTERRUPTED_LINE, SHARD_VARIABLE, STOP_VARIABLE  # noqa: E402
 from dream.cli import OneLineErrors  # noqa: E402
 from dream.files import folder_problem  # noqa: E402
 PYTHON = os.environ.get("PYTHON", sys.executable or "python3")
 MIN_STAGE_S = 45  # a stage starts only with this much budget left (its limit then >= 20 s)
+FINISH_S = 10  # the end of the budget kept for the environment probe, the summary and the archive
 GRACE_S = 20
 
 TEST_FILES = ["tests/test_group_norm_silu.py", "tests/test_norm_conv.py", "tests/test_attention.py",
@@ -230,8 +233,10 @@ def stages(out: str, on_gpu: bool = True, device: str = "<gpu>") -> list[Stage]:
 def run_stage(stage: Stage, limit: float, log_path: Path, grace_s: float = GRACE_S) -> dict:
     """Run the stage's command (or its shards side by side) under `limit` seconds: SIGINT at the limit, so
     pytest still writes its report, SIGKILL `grace_s` later."""
+    stop_file = log_path.with_name(f"{log_path.stem}.stop")  # created before the limit's SIGINT (pytest_shard)
+    stop_file.unlink(missing_ok=True)
     env = {**os.environ, **stage.env, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ['PYTHONPATH']}"
-           if os.environ.get("PYTHONPATH") else str(REPO), "PYTHONUNBUFFERED": "1"}
+           if os.environ.get("PYTHONPATH") else str(REPO), "PYTHONUNBUFFERED": "1", STOP_VARIABLE: str(stop_file)}
     sharded = stage.shards > 1
     runs = [([c.replace("{shard}", str(i)) for c in stage.command],
              {**env, SHARD_VARIABLE: f"{i}/{stage.shards}"} if sharded else env,
@@ -255,6 +260,7 @@ def run_stage(stage: Stage, limit: float, log_path: Path, grace_s: float = GRACE
                                               start_new_session=True))
         timed_out = not _wait_all(processes, start + limit)
         if timed_out:  # SIGINT: pytest still finishes its session and writes its report
+            stop_file.touch()
             _interrupt(processes, paths, time.monotonic() + grace_s, repeat=sharded)
     except BaseException:  # a failed start or Ctrl-C here: leave no shard running
         for process in processes:
@@ -263,6 +269,7 @@ def run_stage(stage: Stage, limit: float, log_path: Path, grace_s: float = GRACE
     finally:
         for log in logs:
             log.close()
+        stop_file.unlink(missing_ok=True)
     seconds = time.monotonic() - start
     codes = [process.returncode for process in processes]
     if timed_out:
@@ -466,14 +473,14 @@ def report_links(out: Path, started: float) -> list[str]:
     return ["| what | report |", "| --- | --- |", *rows]
 
 
-def main(argv=None) -> int:
+def main(argv=None, start: float | None = None) -> int:
     parser = OneLineErrors(prog="bench/gpu_suite.sh", description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--out", default=os.environ.get("DREAM_SUITE_OUT", str(REPO / "profiles")),
                         help="output folder (env DREAM_SUITE_OUT; default profiles/)")
-    parser.add_argument("--budget", type=number(float, MIN_STAGE_S), default=None,
-                        help=f"overall seconds for all stages, at least {MIN_STAGE_S} (default 465; "
+    parser.add_argument("--budget", type=number(float, MIN_STAGE_S + FINISH_S), default=None,
+                        help=f"overall seconds for all stages, at least {MIN_STAGE_S + FINISH_S} (default 465; "
                              f"env DREAM_SUITE_BUDGET)")
     parser.add_argument("--archive", help="also pack everything written into this .tar.gz")
     parser.add_argument("--only", help="comma-separated stages to run (in the suite's order)")
@@ -487,7 +494,7 @@ def main(argv=None) -> int:
     if args.budget is None:
         text = os.environ.get("DREAM_SUITE_BUDGET", "465")
         try:
-            args.budget = number(float, MIN_STAGE_S)(text)
+            args.budget = number(float, MIN_STAGE_S + FINISH_S)(text)
         except argparse.ArgumentTypeError as error:
             parser.error(f"DREAM_SUITE_BUDGET: {error}")
 
@@ -527,7 +534,7 @@ def main(argv=None) -> int:
         if problem:
             parser.error(f"{option}: {problem}")
     started = time.time()
-    deadline = time.monotonic() + args.budget
+    deadline = (time.monotonic() if start is None else start) + args.budget - FINISH_S
     done = []
     print(f"gpu_suite: {len(plan)} stages, budget {args.budget:.0f} s, output {out}", flush=True)
     for stage in plan:
@@ -602,4 +609,4 @@ def summary_lines(out: Path, table: list[str], headlines: list[str], started: fl
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(start=STARTED_AT))

@@ -14,15 +14,24 @@ moves some tests to the front (before sharding, so each shard starts with its sh
 the run is cut short: comma-separated node-id substrings, and `gpu-only` for the tests that a
 `skipif` marker would skip without a GPU (its reason names CUDA or a GPU: bf16 on hardware, CUDA
 graphs, the allocator's peak memory).
+
+    DREAM_TEST_STOP_FILE=<path>
+
+names the file a runner creates before its SIGINT at a time limit. Code under test that takes SIGINT
+itself (the trainer: it saves and raises dream.train.Interrupted, which carries `signum`) would turn
+that SIGINT into a test failure and let the session go on: while the file exists, an exception with
+signum == SIGINT ends the session as interrupted instead.
 """
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
 SHARD_VARIABLE = "DREAM_TEST_SHARD"
 FIRST_VARIABLE = "DREAM_TEST_FIRST"
+STOP_VARIABLE = "DREAM_TEST_STOP_FILE"
 INTERRUPTED_LINE = "pytest_shard: interrupted; finishing the session (reports are being written)"
 
 
@@ -78,3 +87,16 @@ def pytest_keyboard_interrupt(excinfo):
     """Say at once that the interrupt was taken (pytest's own note comes only after the reports are
     written), so a runner that repeats its SIGINT stops before it can cut the reports short."""
     print("\n" + INTERRUPTED_LINE, flush=True)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """A SIGINT the runner sent (its stop file exists) that the test's own code took and raised as an
+    exception with signum == SIGINT: a KeyboardInterrupt (the session stops, the test is not failed)."""
+    try:
+        return (yield)
+    except Exception as error:
+        stop_file = os.environ.get(STOP_VARIABLE)
+        if getattr(error, "signum", None) == signal.SIGINT and stop_file and os.path.exists(stop_file):
+            raise KeyboardInterrupt(f"{item.nodeid}: {error}") from error
+        raise

@@ -2,7 +2,9 @@
 
 step: x_t -> x_{t-1} at t = T/2 (GaussianDiffusion.p_sample, and the sampler engine's table-driven
       dream.sampling.denoise_step) with fixed x_t and noise. The img/s column is what a 1000-step
-      DDPM run at this step time makes (batch / (1000 x step time)).
+      DDPM run at this step time makes (batch / (1000 x step time)). At t = T/2 the model moves
+      x_{t-1} by ~0.1 % of its norm, so besides x_{t-1} the check compares x_{t-1} - x_{t-1}|eps=0 (the
+      model's share of the step: a step that ignores its model is off by ~100 % there) and eps.
 loop: DDIM (eta 0, deterministic) from a fixed x_T: GaussianDiffusion.ddim_sample_loop (a Python loop),
       and dream.sampling.SamplingEngine plain and with CUDA graphs (one capture reused by every call),
       on the eager, triton and compiled models.
@@ -51,16 +53,20 @@ def make_setup(kind):
                   "t": torch.full((BATCH,), T_STEP, dtype=torch.long, device=device)}
         with torch.no_grad():
             forward_flops = count_flops(lambda: model(inputs["x"], inputs["t"]))
-            if kind == "step":  # x_{t-1} hardly depends on the model in one step: eps is checked too
-                reference = (diffusion.p_sample(model, inputs["x"], inputs["t"], noise=inputs["noise"]),
-                             model(inputs["x"], inputs["t"]))
+            if kind == "step":  # x_{t-1} hardly depends on the model in one step: its model share is checked
+                model_free = diffusion.p_sample(lambda x, t: torch.zeros_like(x), inputs["x"], inputs["t"],
+                                                noise=inputs["noise"])
+                x_next = diffusion.p_sample(model, inputs["x"], inputs["t"], noise=inputs["noise"])
+                reference = (x_next, x_next - model_free, model(inputs["x"], inputs["t"]))
             else:
                 reference = (diffusion.ddim_sample_loop(model, shape, steps=DDIM_STEPS, x_T=inputs["x"],
                                                         progress=False),)
         steps = 1 if kind == "step" else DDIM_STEPS
-        return CaseState(input_sets=[inputs], reference=reference, outputs=("x_next", "eps") if kind == "step" else ("x_0",),
+        outputs = ("x_next", "x_next - x_next|eps=0", "eps") if kind == "step" else ("x_0",)
+        return CaseState(input_sets=[inputs], reference=reference, outputs=outputs,
                          flops=forward_flops * steps, images=BATCH / 1000 if kind == "step" else BATCH,
-                         extra={"model": model, "diffusion": diffusion},
+                         extra={"model": model, "diffusion": diffusion,
+                                "model_free": model_free if kind == "step" else None},
                          info={"batch": BATCH, "steps": steps, "t": T_STEP if kind == "step" else "DDIM",
                                "gflop_per_image_forward": round(forward_flops / BATCH / 1e9, 3)})
 
@@ -72,13 +78,15 @@ def model_for(state, backend, compile_mode=None, channels_last=False):
     return model, (compile_fn(model, compile_mode) if compile_mode else model)
 
 
-def checked_step(run, forward, precision):
-    """The check of a step variant: its output, and the model output eps on the same input."""
+def checked_step(run, forward, precision, model_free):
+    """The check of a step variant: its output x_next, x_next - model_free (the step without the model,
+    eps = 0), and the model output eps on the same input."""
 
     def check(inputs):
         with torch.no_grad(), autocast(precision):
             eps = forward(inputs["x"], inputs["t"])
-        return (run(inputs)[0], eps)
+        x_next = run(inputs)[0]
+        return (x_next, x_next - model_free, eps)
 
     return check
 
@@ -92,7 +100,8 @@ def step_variant(backend, precision, compile_mode=None, channels_last=False):
             with torch.no_grad(), autocast(precision):
                 return (diffusion.p_sample(forward, inputs["x"], inputs["t"], noise=inputs["noise"]),)
 
-        return Runner(run=run, check=checked_step(run, forward, precision), keep=model, warm_after_check=False)
+        check = checked_step(run, forward, precision, state.extra["model_free"])
+        return Runner(run=run, check=check, keep=model, warm_after_check=False)
 
     return build
 
@@ -113,7 +122,8 @@ def engine_step_variant(backend, precision, channels_last=False):
             with torch.no_grad():
                 return (sampling.denoise_step(forward, inputs["x"], counter, plan, inputs["noise"], dtype),)
 
-        return Runner(run=run, check=checked_step(run, forward, precision), keep=model, warm_after_check=False)
+        check = checked_step(run, forward, precision, state.extra["model_free"])
+        return Runner(run=run, check=check, keep=model, warm_after_check=False)
 
     return build
 

@@ -16,7 +16,7 @@ import torch
 
 from bench.harness import ON_GPU, SETTINGS, Case, CaseState, Goal, Runner, Variant, autotuned, run_variant
 from dream.math_flags import exact_fp32
-from bench.workloads import MODEL_OVERRIDES, OURS_PRECISION, PRECISION_DTYPE, PRESET, flat_grads
+from bench.workloads import MODEL_OVERRIDES, OURS_PRECISION, PRECISION_DTYPE, PRESET, grad_names, param_grads
 
 BATCH = 128 if SETTINGS.full else 1
 OBJECTIVES = ("seed", "standard", "paper")
@@ -36,7 +36,7 @@ def trainer_for(objective, channels_last=False, **options):
 def checked_step(trainer, x0, initial):
     """One step from the case's initial weights at step 0 (same t and noise for every trainer), in eval
     mode; an fp16 step whose gradients overflowed is redone (the scaler has lowered its scale).
-    Returns (loss, all gradients as one vector)."""
+    Returns (loss, each parameter's gradient)."""
     trainer.model.load_state_dict(initial)
     trainer.model.eval()
     try:
@@ -47,7 +47,7 @@ def checked_step(trainer, x0, initial):
                 break
     finally:
         trainer.model.train()
-    return logs["loss"].detach().float().reshape(1), flat_grads(trainer.model.parameters())
+    return (logs["loss"].detach().float().reshape(1), *param_grads(list(trainer.model.parameters())))
 
 
 def make_setup(objective):
@@ -62,8 +62,9 @@ def make_setup(objective):
         with exact_fp32(), FlopCounterMode(display=False) as counter:
             reference = checked_step(trainer, x0, initial)
         flops = float(counter.get_total_flops())
+        names = grad_names(trainer.model)
         del trainer
-        return CaseState(input_sets=[x0], reference=reference, outputs=("loss", "param_grads"), flops=flops,
+        return CaseState(input_sets=[x0], reference=reference, outputs=("loss", *names), flops=flops,
                          images=BATCH, extra={"initial": initial},
                          info={"preset": PRESET if SETTINGS.full else "tiny (cut down)", "batch": BATCH,
                                "objective": objective, "epoch": 30,

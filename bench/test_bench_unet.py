@@ -12,7 +12,8 @@ import torch
 
 from bench.harness import ON_GPU, SETTINGS, Case, CaseState, Runner, Variant, autotuned, compile_fn, count_flops, \
     run_variant
-from bench.workloads import OURS_PRECISION, PRECISION_DTYPE, autocast, build_model, clone_model, model_inputs
+from bench.workloads import OURS_PRECISION, PRECISION_DTYPE, autocast, build_model, clone_model, grad_names, \
+    model_inputs, param_grads
 
 BATCH = 128 if SETTINGS.full else 1
 
@@ -31,11 +32,11 @@ def make_setup(direction):
             def forward_backward():
                 out = model(inputs["x"], inputs["t"])
                 grads = torch.autograd.grad(out, params, inputs["grad"])
-                return out.detach(), torch.cat([g.flatten() for g in grads])
+                return (out.detach(), *param_grads(params, grads))
 
             reference = forward_backward()
             flops = count_flops(forward_backward)
-            names = ("out", "param_grads")
+            names = ("out", *grad_names(model))
         return CaseState(input_sets=[inputs], reference=reference, outputs=names, flops=flops, images=BATCH,
                          info={"preset": "seed" if SETTINGS.full else "tiny (cut down)",
                                "batch": BATCH, "image": model.config.image_size,
@@ -63,8 +64,7 @@ def unet_variant(direction, backend, precision, compile_mode=None, channels_last
             with autocast(precision):
                 out = forward(xs[id(inputs)], inputs["t"])
             grads = torch.autograd.grad(out, params, inputs["grad"].to(out.dtype), allow_unused=True)
-            return out, torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
-                                   for g, p in zip(grads, params)])
+            return (out, *param_grads(params, grads))
 
         if direction == "fwd":
             return Runner(run=forward_only, keep=model)

@@ -7,6 +7,7 @@ filter's ordered rules, goal evaluation, and the ceilings' formulas on this devi
 """
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -334,7 +335,17 @@ def test_case(i):
         def second_time(signum, frame):
             signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGINT, second_time)
-    if str(i) in (os.environ.get("SLOW_CASE"), os.environ.get("DEAF_CASE"), os.environ.get("LOSES_ONE_INTERRUPT")):
+    if os.environ.get("TAKES_INTERRUPT") == str(i):  # like the trainer: SIGINT raised as its own exception
+        class Stopped(Exception):
+            signum = signal.SIGINT
+
+        def stop(signum, frame):
+            raise Stopped("stopped by SIGINT")
+        signal.signal(signal.SIGINT, stop)
+        if os.environ.get("SELF_INTERRUPT"):  # a SIGINT that is not the runner's
+            os.kill(os.getpid(), signal.SIGINT)
+    if str(i) in (os.environ.get("SLOW_CASE"), os.environ.get("DEAF_CASE"), os.environ.get("LOSES_ONE_INTERRUPT"),
+                  os.environ.get("TAKES_INTERRUPT")):
         time.sleep(60)
 '''
 
@@ -689,3 +700,80 @@ def test_compile_report_checks_preset_and_out_first_and_names_wgmma_on_hopper_on
     report = {"seconds": 1.0, "failures": [], "problems": [], "warp_mma": []}
     assert "mma.sync" not in compile_report.summary_line(report, 3, 10, 80)
     assert compile_report.summary_line(report, 3, 10, 90).endswith(", 0 on mma.sync rather than wgmma")
+
+
+def test_model_level_check_catches_one_wrong_parameter_gradient():
+    """A model-level case compares every parameter's gradient on its own: the attention blocks' qkv
+    gradients zeroed (a few % of the whole gradient's norm) fail even the loosest (bf16) model tolerance."""
+    from bench.test_bench_unet import CASES
+
+    case = next(c for c in CASES if c.direction == "fwd+bwd")
+    state = case.setup()
+    runner = next(v for v in case.variants if v.name == "eager_fp32").build(state)
+    tol = harness.tolerance("model", torch.bfloat16)
+    compare(runner.check(state.input_sets[0]), state.reference, state.outputs, tol)
+    qkv = [p for name, p in runner.keep.named_parameters() if name.endswith("qkv.weight")]
+    assert qkv
+    for p in qkv:
+        p.register_hook(torch.zeros_like)
+    with pytest.raises(Mismatch, match="qkv"):
+        compare(runner.check(state.input_sets[0]), state.reference, state.outputs, tol)
+
+
+def test_sampling_step_check_catches_a_step_that_ignores_its_model(monkeypatch):
+    """At t = T/2 a step with eps = 0 moves x_{t-1} by ~0.1 %: the step case also compares the model's share
+    of the step, so an engine step that drops its model fails even the loosest (bf16) model tolerance."""
+    import dream.sampling
+    from bench.test_bench_sampling import CASES, engine_step_variant
+
+    case = next(c for c in CASES if c.direction == "step")
+    state = case.setup()
+    tol = harness.tolerance("model", torch.bfloat16)
+    runner = engine_step_variant("eager", "fp32")(state)
+    compare(runner.check(state.input_sets[0]), state.reference, state.outputs, tol)
+    real_step = dream.sampling.denoise_step
+
+    def step_without_model(model, x, *args, **kwargs):
+        return real_step(lambda x, t: torch.zeros_like(x), x, *args, **kwargs)
+
+    monkeypatch.setattr(dream.sampling, "denoise_step", step_without_model)
+    with pytest.raises(Mismatch):
+        compare(runner.check(state.input_sets[0]), state.reference, state.outputs, tol)
+
+
+def test_a_limit_sigint_taken_by_the_code_under_test_is_no_test_failure(tmp_path):
+    """The trainer takes SIGINT itself and raises Interrupted (signum SIGINT): at a stage's limit that is the
+    stage's interrupt, not a failed test, and the shard stops there."""
+    import sys
+
+    from bench.gpu_suite import Stage, run_stage
+
+    (tmp_path / "test_shard_me.py").write_text(SHARD_TESTS)
+    command = [sys.executable, "-m", "pytest", str(tmp_path / "test_shard_me.py"), "-v", "-p", "no:cacheprovider",
+               "-p", "bench.pytest_shard"]
+    taking = Stage("tests", 60, "shards", command, {"TAKES_INTERRUPT": "4"}, shards=3)  # case 4 is shard 1's
+    result = run_stage(taking, 8, tmp_path / "taking.log")
+    assert result["status"] == "timeout" and result["last_line"] == "3 shards: 6 passed", result
+    assert not list(tmp_path.glob("*.stop"))
+    outside = _shard_run(tmp_path, 1, 3, {"TAKES_INTERRUPT": "1", "SELF_INTERRUPT": "1",
+                                          "DREAM_TEST_STOP_FILE": str(tmp_path / "none")})
+    assert outside.returncode == 1 and "FAILED" in outside.stdout  # not the runner's SIGINT: a failure stands
+
+
+def test_gpu_suite_budget_counts_from_its_start_and_keeps_time_to_finish(tmp_path, monkeypatch):
+    """Run as a script, the budget counts from the suite's start (torch's import and CUDA's start-up are in
+    it), and its last FINISH_S seconds are left for the summary and the archive."""
+    gpu_suite = _trivial_suite(monkeypatch)
+    limits = []
+    monkeypatch.setattr(gpu_suite, "run_stage", lambda stage, limit, log: limits.append(limit) or {
+        "stage": stage.name, "status": "ok", "seconds": 0, "limit_s": limit, "last_line": "", "log": str(log)})
+    budget = gpu_suite.MIN_STAGE_S + gpu_suite.FINISH_S + 20
+    monkeypatch.setattr(gpu_suite, "stages", lambda out, on_gpu=True, device="<gpu>": [
+        gpu_suite.Stage("env", 10_000, "x", ["true"])])
+    assert gpu_suite.main(["--allow-cpu", "--out", str(tmp_path / "o"), "--budget", str(budget)],
+                          start=time.monotonic() - 15) == 0
+    left = budget - 15 - gpu_suite.FINISH_S - gpu_suite.GRACE_S - 5
+    assert limits and left - 2 < limits[0] <= left, limits
+    assert gpu_suite.main(["--allow-cpu", "--out", str(tmp_path / "p"), "--budget", str(budget)],
+                          start=time.monotonic() - 30) == 1  # fewer than MIN_STAGE_S left: not run
+    assert len(limits) == 1

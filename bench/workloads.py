@@ -57,7 +57,16 @@ def model_inputs(batch: int, config, seed: int = 0) -> dict:
             "grad": torch.randn(shape, generator=g).to(DEVICE)}
 
 
-def flat_grads(params) -> torch.Tensor:
-    """All gradients as one fp32 vector (a missing gradient counts as zeros)."""
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten()
-                      for p in params])
+def param_grads(params, grads=None) -> tuple[torch.Tensor, ...]:
+    """Each parameter's gradient as an fp32 vector (`grads`, else each p.grad; a missing one counts as zeros).
+    Checked one parameter at a time: in one concatenated vector a small parameter's gradient (a norm's
+    affine, an attention block's qkv: a few % of the whole norm) could be entirely wrong within a
+    model-level tolerance."""
+    grads = [p.grad for p in params] if grads is None else grads
+    return tuple((g if g is not None else torch.zeros_like(p)).detach().float().flatten()
+                 for g, p in zip(grads, params))
+
+
+def grad_names(model: torch.nn.Module) -> tuple[str, ...]:
+    """The output names of param_grads(model.parameters()): 'grad <parameter name>'."""
+    return tuple(f"grad {name}" for name, _ in model.named_parameters())
