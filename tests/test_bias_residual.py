@@ -40,6 +40,7 @@ LAYOUTS = {  # (a, b) memory formats
     "nchw": (torch.contiguous_format, torch.contiguous_format),
     "channels_last": (torch.channels_last, torch.channels_last),
     "mixed": (torch.channels_last, torch.contiguous_format),
+    "mixed_b_channels_last": (torch.contiguous_format, torch.channels_last),  # b copied to a's NCHW
 }
 
 
@@ -79,14 +80,16 @@ def test_forward_and_gradients_match_float64(shape, layout, dtype, bias_dtype):
 
 
 def test_mixed_dtypes_promote():
-    """fp16 + fp32: out in fp32, each gradient in its input's dtype."""
+    """fp16 + fp32: out in fp32, each gradient in its input's dtype (dbias an fp32 sum rounded once to fp16)."""
     a, b, bias, dout = _inputs((2, 6, 3, 5), torch.float16, torch.float32, torch.float16, "nchw", 3)
     out, (da, db, dbias) = _run(add_bias_residual, (a, b, bias), dout)
-    ref_out, _ = _run(add_bias_residual_reference, (a, b, bias), dout.double(), cast=lambda t: t.detach().double())
+    ref_out, (_, _, ref_dbias) = _run(add_bias_residual_reference, (a, b, bias), dout.double(),
+                                      cast=lambda t: t.detach().double())
     assert out.dtype == torch.float32 and (da.dtype, db.dtype, dbias.dtype) == (torch.float16, torch.float32,
                                                                                 torch.float16)
     assert_close("out", out, ref_out, TOLERANCE[torch.float32])
     assert torch.equal(da, dout.half()) and torch.equal(db, dout)
+    assert_close("dbias", dbias, ref_dbias, TOLERANCE[torch.float16])
 
 
 # (BLOCK_ROWS, BLOCK_COLS, num_warps) forced onto the launcher: several tiles with tails along both axes

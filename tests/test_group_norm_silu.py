@@ -210,6 +210,29 @@ def test_half_parameters(dtype, mode):
     _check_against_float64((1, 96, 7, 5, 8), dtype, mode, True, True, True, channels_last=False)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["pre", "post"])
+def test_parameters_each_in_its_own_dtype(dtype, mode):
+    # weight and shift fp32, bias and scale in x's dtype (each may be either): each is read as fp32 and the
+    # backward op returns each gradient in its own dtype (checked on the op's outputs: autograd would cast a
+    # gradient of the wrong dtype to its input's silently), all against float64
+    shape = (3, 12, 7, 5, 2)
+    x, weight, bias, scale, shift, dy = _make_inputs(shape, dtype, torch.float32, True, True, False,
+                                                     _seed("own dtypes", dtype, mode))
+    leaves = [x, weight, bias.to(dtype), scale.to(dtype), shift]
+    y, mean, rstd = torch.ops.dream_kernels.group_norm_silu_fwd(*leaves[:3], *leaves[3:], shape[4], EPS, mode, True)
+    grads = torch.ops.dream_kernels.group_norm_silu_bwd(dy, *leaves, mean, rstd, shape[4], EPS, mode, True)
+    leaves64 = [leaf.detach().double().requires_grad_() for leaf in leaves]
+    y64 = group_norm_silu_reference(*leaves64[:3], shape[4], EPS, *leaves64[3:], mode=mode)
+    grads64 = torch.autograd.grad(y64, leaves64, dy.double())
+    errors = {"y": _rel_err(y, y64)}
+    for name, leaf, grad, grad64 in zip(["x", "weight", "bias", "scale", "shift"], leaves, grads, grads64):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape, name
+        errors["d" + name] = _rel_err(grad, grad64)
+    failed = {name: err for name, err in errors.items() if not err <= TOLERANCE[dtype]}
+    assert not failed, f"errors above tolerance {TOLERANCE[dtype]}: {failed} (all: {errors})"
+
+
 # Forced launch configurations: channel blocks smaller than a group (12 = 8 + a tail of 4),
 # position tiles with a tail (35 = 2*16 + 3), each group's positions split over programs
 # (the statistics / channel-sum kernels plus the merge in the main kernels), and a grid capped below

@@ -3,9 +3,10 @@ backward instead of saved.
 
 Forward and the gradients of all seven inputs (x, gamma, beta, s, t, conv weight and bias) against a
 float64 reference (group_norm_silu_conv2d_reference: the eager norm and F.conv2d), on fresh random
-inputs, odd shapes (12 channels in 3 groups, 7x5 images, batch 1 and 3, 3x3 / 1x1 / strided
-convolutions), both layouts, with dropout. Error metric and tolerances as in test_group_norm_silu.py:
-max|actual - expected| / max|expected|, fp32 1e-5, fp16 2e-3, bf16 1.6e-2 (half precision on a GPU only).
+inputs, odd shapes (12 channels in 3 groups, 7x5 images, batch 1 and 3, 3x3 / 1x1 / strided / dilated /
+grouped convolutions), both layouts, both modes with scale and shift, with dropout, and half x beside an fp32
+convolution. Error metric and tolerances as in test_group_norm_silu.py: max|actual - expected| /
+max|expected|, fp32 1e-5, fp16 2e-3, bf16 1.6e-2 (bf16 on a GPU only: the interpreter mishandles bf16).
 Against the separate ops (group_norm_silu, then F.conv2d) everything is bitwise equal: the recomputed
 norm output is the forward's, dropout mask included; and the saved tensors are exactly the norm's
 output smaller.
@@ -24,9 +25,9 @@ from kernels import group_norm_silu, group_norm_silu_conv2d, group_norm_silu_con
 gns = importlib.import_module("kernels.group_norm_silu")
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-_needs_cuda = pytest.mark.skipif(not ON_GPU, reason="half precision needs CUDA (the interpreter mishandles bf16)")
-DTYPES = [torch.float32, pytest.param(torch.float16, marks=_needs_cuda),
-          pytest.param(torch.bfloat16, marks=_needs_cuda)]
+_needs_cuda = pytest.mark.skipif(not ON_GPU, reason="bf16 needs CUDA (the interpreter mishandles bf16)")
+# fp16 runs on CPU too: the interpreter's fp16 is sound and PyTorch's CPU convolution takes fp16
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=_needs_cuda)]
 
 # (N, C, H, W, groups, C_out, kernel, stride, padding)
 SHAPES = [
@@ -81,7 +82,8 @@ def _call(fn, leaves, shape, mode, silu, dropout_p, seed):
     dict(mode="pre", silu=True, scale_shift=True, conv_bias=True, dropout_p=0.0),
     dict(mode="pre", silu=True, scale_shift=True, conv_bias=False, dropout_p=0.3),
     dict(mode="post", silu=False, scale_shift=False, conv_bias=True, dropout_p=0.0),
-], ids=["pre-ss-bias", "pre-ss-dropout", "post-plain-norm"])
+    dict(mode="post", silu=True, scale_shift=True, conv_bias=True, dropout_p=0.0),  # ds, dt of the post mode
+], ids=["pre-ss-bias", "pre-ss-dropout", "post-plain-norm", "post-ss-bias"])
 def test_matches_float64(shape, dtype, channels_last, variant):
     test_seed = zlib.crc32(repr((shape, dtype, channels_last, variant)).encode())
     leaves, dout = _inputs(shape, dtype, channels_last, variant["scale_shift"], variant["conv_bias"], test_seed)
@@ -105,6 +107,45 @@ def test_matches_float64(shape, dtype, channels_last, variant):
         errors["d" + name] = _rel_err(grad, grad64)
     failed = {name: err for name, err in errors.items() if not err <= TOLERANCE[dtype]}
     assert not failed, f"errors above tolerance {TOLERANCE[dtype]}: {failed} (all: {errors})"
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("mode", ["pre", "post"])
+def test_dilated_grouped_convolution_and_fp32_weights_beside_half_x(x_dtype, mode):
+    """dilation 2 and 2 convolution groups (passed through to the convolution and its backward), with an fp32
+    convolution beside x in x_dtype: y is cast up for the convolution and dy back down for the norm's
+    backward; every gradient comes back in its input's dtype."""
+    shape = (1, 12, 7, 5, 3, 4, 3, 1, 2)  # a 3x3 kernel dilated by 2, padding 2: a 7x5 output
+    test_seed = zlib.crc32(repr((x_dtype, mode)).encode())
+    leaves, _ = _inputs(shape, x_dtype, False, True, True, test_seed)
+    gen = torch.Generator().manual_seed(test_seed)
+
+    def randn(*size, std=1.0):
+        return (torch.randn(*size, generator=gen, dtype=torch.float64) * std).to(DEVICE, torch.float32)
+
+    leaves["conv_weight"] = randn(4, 6, 3, 3, std=54 ** -0.5)  # 6 input channels a convolution group
+    leaves["conv_bias"] = randn(4, std=0.3)
+    dout = randn(1, 4, 7, 5)
+    names = list(leaves)
+    for leaf in leaves.values():
+        leaf.requires_grad_()
+
+    def call(fn, leaves):
+        return fn(leaves["x"], leaves["weight"], leaves["bias"], 3, leaves["conv_weight"], leaves["conv_bias"],
+                  padding=2, dilation=2, groups=2, scale=leaves["scale"], shift=leaves["shift"], mode=mode)
+
+    out = call(group_norm_silu_conv2d, leaves)
+    grads = torch.autograd.grad(out, list(leaves.values()), dout)
+    leaves64 = {name: leaf.detach().double().requires_grad_() for name, leaf in leaves.items()}
+    out64 = call(group_norm_silu_conv2d_reference, leaves64)
+    grads64 = torch.autograd.grad(out64, list(leaves64.values()), dout.double())
+    assert out.dtype == torch.float32 and out.shape == out64.shape == (1, 4, 7, 5)
+    errors = {"out": _rel_err(out, out64)}
+    for name, grad, grad64 in zip(names, grads, grads64):
+        assert grad.dtype == leaves[name].dtype and grad.shape == leaves[name].shape, name
+        errors["d" + name] = _rel_err(grad, grad64)
+    failed = {name: err for name, err in errors.items() if not err <= TOLERANCE[x_dtype]}
+    assert not failed, f"errors above tolerance {TOLERANCE[x_dtype]}: {failed} (all: {errors})"
 
 
 def _saved_bytes(fn):

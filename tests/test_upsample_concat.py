@@ -110,11 +110,13 @@ def test_mixed_dtypes_compute_in_fp32(h_dtype, skip_dtype):
     """out takes h's dtype (the upsampling rounded once), dskip skip's dtype."""
     shape = (2, 4, 6, 3, 5)
     h, skip, h_bias, dout = _inputs(shape, h_dtype, skip_dtype, "nchw", 5)
-    out, (dh, dskip, _) = _kernel(h, skip, h_bias, dout)
-    ref_out, (_, ref_dskip, _) = _float64(h, skip, h_bias, dout)
-    assert out.dtype == h_dtype and dskip.dtype == skip_dtype
+    out, (dh, dskip, dbias) = _kernel(h, skip, h_bias, dout)
+    ref_out, (_, ref_dskip, ref_dbias) = _float64(h, skip, h_bias, dout)
+    assert out.dtype == dh.dtype == h_dtype and dskip.dtype == skip_dtype
     assert_close("out", out, ref_out, TOLERANCE[torch.float16])
+    assert torch.equal(dh, dout[:, :shape[1]]), "dh must be dout's h part"
     assert_close("dskip", dskip, ref_dskip, TOLERANCE[torch.float16])
+    assert_close("dh_bias", dbias, ref_dbias, 1e-5)
 
 
 # (block_x, block_c, num_warps) forced onto the launchers: several tiles with tails along both axes
@@ -126,21 +128,71 @@ FORCED_BLOCKS = [None, (2, 4, 1), (4, 2, 2)]
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_launchers_write_every_element(layout, blocks, dtype):
     """Outputs start as NaN, inside larger buffers (strided views): every element must be written and
-    correct, and nothing outside the view touched."""
+    correct, and nothing outside the view touched. The buffers, dout included, are in the layout's memory
+    order, so channels_last runs the launchers' channels-first tiles (they pick them from the strides)."""
     shape = (2, 3, 5, 3, 5)
     n, ch, cs, height, width = shape
+    memory_format = LAYOUTS[layout][0]
     h, skip, h_bias, dout = _inputs(shape, dtype, dtype, layout, 17)
+    dout = dout.contiguous(memory_format=memory_format)
     ref_out, (_, ref_dskip, _) = _float64(h, skip, h_bias, dout)
-    out_buffer = torch.full((n, ch + cs + 2, 2 * height, 2 * width + 1), float("nan"), device=DEVICE, dtype=dtype)
+    out_buffer = torch.full((n, ch + cs + 2, 2 * height, 2 * width + 1), float("nan"), device=DEVICE,
+                            dtype=dtype).contiguous(memory_format=memory_format)
     out = out_buffer[:, 1:-1, :, :-1]
+    assert (out.stride(1) == 1) == (layout == "channels_last")
     _upsample2x_concat_into(h, skip, h_bias, out, blocks)
     assert_close("out", out, ref_out, TOLERANCE[dtype])
     assert out_buffer[:, [0, -1]].isnan().all() and out_buffer[..., -1].isnan().all()
-    grad_buffer = torch.full((n, cs, height, width + 3), float("nan"), device=DEVICE, dtype=dtype)
+    grad_buffer = torch.full((n, cs, height, width + 3), float("nan"), device=DEVICE,
+                             dtype=dtype).contiguous(memory_format=memory_format)
     grad_skip = grad_buffer[..., 3:]
-    _upsample2x_backward_into(dout[:, ch:], grad_skip, blocks)
+    grad_up = dout[:, ch:]
+    assert (grad_up.stride(1) == 1) == (grad_skip.stride(1) == 1) == (layout == "channels_last")
+    _upsample2x_backward_into(grad_up, grad_skip, blocks)
     assert_close("dskip", grad_skip, ref_dskip, TOLERANCE[dtype])
     assert grad_buffer[..., :3].isnan().all()
+
+
+# (N, Ch, Cs, H, W) for the channels_last gradient: Cs = 70 and 33 against the heuristic's 64-channel tiles of
+# the backward (two tiles with a tail, one with a tail), 80 output columns (two forward column tiles)
+CHANNELS_LAST_GRAD_SHAPES = [(1, 3, 70, 2, 3), (1, 70, 33, 2, 40)]
+GRAD_LAYOUTS = {  # h, skip, dout memory formats
+    "channels_last": (torch.channels_last,) * 3,  # a channels_last model: its gradients are channels_last
+    "skip_channels_last": (torch.contiguous_format, torch.channels_last, torch.contiguous_format),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", list(GRAD_LAYOUTS))
+@pytest.mark.parametrize("shape", CHANNELS_LAST_GRAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_channels_last_gradients_match_float64(shape, layout, dtype):
+    """The backward launcher takes channels-first tiles when dout is channels_last, and writes dskip in skip's
+    format whatever dout's: both against float64, with all three gradients (h, skip, h_bias)."""
+    h_format, skip_format, dout_format = GRAD_LAYOUTS[layout]
+    h, skip, h_bias, dout = _inputs(shape, dtype, dtype, "nchw", zlib.crc32(repr((shape, layout, dtype)).encode()))
+    h, skip = h.contiguous(memory_format=h_format), skip.contiguous(memory_format=skip_format)
+    dout = dout.contiguous(memory_format=dout_format)
+    assert (dout[:, shape[1]:].stride(1) == 1) == (layout == "channels_last")
+    out, (dh, dskip, dbias) = _kernel(h, skip, h_bias, dout)
+    ref_out, (_, ref_dskip, ref_dbias) = _float64(h, skip, h_bias, dout)
+    tol = TOLERANCE[dtype]
+    assert out.is_contiguous(memory_format=h_format) and dskip.is_contiguous(memory_format=skip_format)
+    assert_close("out", out, ref_out, tol)
+    assert torch.equal(dh, dout[:, :shape[1]]), "dh must be dout's h part"
+    assert_close("dskip", dskip, ref_dskip, tol)
+    assert_close("dh_bias", dbias, ref_dbias, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_half_precision_bias_gradient(dtype):
+    """h_bias in h's dtype (not fp32): its gradient, an fp32 sum rounded once, comes back in that dtype."""
+    h, skip, h_bias, dout = _inputs((2, 5, 4, 3, 5), dtype, dtype, "nchw", 43)
+    out, (_, dskip, dbias) = _kernel(h, skip, h_bias.to(dtype), dout)
+    ref_out, (_, ref_dskip, ref_dbias) = _float64(h, skip, h_bias.to(dtype), dout)
+    assert dbias.dtype == dtype
+    assert_close("out", out, ref_out, TOLERANCE[dtype])
+    assert_close("dskip", dskip, ref_dskip, TOLERANCE[dtype])
+    assert_close("dh_bias", dbias, ref_dbias, TOLERANCE[dtype])
 
 
 def test_upsampling_is_pytorch_bilinear():
