@@ -298,6 +298,15 @@ def _load_file(path: Path, map_location="cpu") -> dict:
     return state
 
 
+def check_model_state(state: dict) -> None:
+    """A one-line DreamError unless `state` holds what sampling and export read: the weights ("model") and a
+    config naming the model and the schedule (other projects' files often hold "model" and "config" too)."""
+    config = state.get("config")
+    if not (isinstance(state.get("model"), dict) and isinstance(config, dict) and isinstance(config.get("model"), dict)
+            and {"schedule", "num_timesteps"} <= config.keys()):
+        raise DreamError(f"{state['_path']} is not a dream checkpoint (no UNet weights and config in it)")
+
+
 def load_model_for_sampling(path: str | Path, device="cpu", use_ema: bool = True, backend: str = "eager",
                             autocast_dtype: torch.dtype | None = None):
     """(model in eval mode, diffusion, state) from a checkpoint file, a run folder or an exported
@@ -315,13 +324,18 @@ def load_model_for_sampling(path: str | Path, device="cpu", use_ema: bool = True
         weights = state["model"]
     else:
         state = load_checkpoint(path)
+        check_model_state(state)
         weights = dict(state["model"])
         state["sampled_weights"] = "model"
         if use_ema and state.get("ema") is not None:
             weights.update(state["ema"]["shadow"])
             state["sampled_weights"] = "ema"
     config = state["config"]
-    model_config = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["model"].items()})
+    try:
+        model_config = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["model"].items()})
+    except TypeError as error:  # a model setting this version does not know (a newer dream's, or none of ours)
+        raise DreamError(f"the model config in {state['_path']} is not one this version of dream can build "
+                         f"({(str(error).splitlines() or [''])[0]})") from None
     model = UNet(model_config, backend=backend)
     try:
         model.load_state_dict(weights)
@@ -369,6 +383,7 @@ def export_weights(source: str | Path, out: str | Path, weights: str = "ema") ->
     if problem:
         raise DreamError(f"--out {out}: {problem}")
     state = load_checkpoint(source)
+    check_model_state(state)
     tensors = dict(state["model"])
     if weights == "ema":
         if state.get("ema") is None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import time
 import warnings
 import zipfile
@@ -342,9 +343,13 @@ def resolve_feature_extractor(name: str, weights: str | None) -> tuple[str | Non
         try:
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001
-            raise DreamError(f"{path} is not {weights_file_name(name)}: it does not load as plain tensors "
-                             f"(torch.load weights_only=True: {type(error).__name__}: "
-                             f"{(str(error).splitlines() or [''])[0][:200]})") from None
+            # (torch's first line for a pickled object is its advice on loading the file anyway, with terminal codes)
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+            why = (f"it holds a pickled {found.group(1)}, which loading could run as code" if found else
+                   f"torch.load weights_only=True: {type(error).__name__}: "
+                   f"{(str(error).splitlines() or [''])[0][:200]}")
+            raise DreamError(f"{path} is not {weights_file_name(name)}: it does not load as plain tensors ({why})") \
+                from None
     _check_extractor_loads(name, path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     return str(path.resolve()), f"{name}-{digest}"
@@ -492,6 +497,7 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
         "real": {**real_set, "images": known_real_count, "cache_name": cache_name} if real_set else None,
         "feature_extractor": feature_extractor, "feature_extractor_weights": weights,
         "metrics": {k: v for k, v in scores.items() if k != "raw"}, "torch_fidelity_metrics": scores["raw"],
+        "metric_settings": metric_settings(metrics, kid_subset_size, kid_subsets, isc_splits),
         "seconds": {"sampling": sampling_seconds, "metrics": metrics_seconds},
         "torch_fidelity_version": torch_fidelity.__version__, "code_version": code_version(),
     }
@@ -501,17 +507,29 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
     return report
 
 
+def metric_settings(metrics, kid_subset_size: int, kid_subsets: int, isc_splits: int) -> dict:
+    """The settings the requested metrics' numbers depend on: KID's subsets (size and count), IS's splits."""
+    settings = {}
+    if "kid" in metrics:
+        settings.update(kid_subset_size=kid_subset_size, kid_subsets=kid_subsets)
+    if "isc" in metrics:
+        settings["isc_splits"] = isc_splits
+    return settings
+
+
 def scoring(report: dict) -> dict:
-    """What a report's numbers were scored against: the real set, the metrics, the feature extractor."""
+    """What a report's numbers were scored against: the real set, the metrics and their settings, the feature
+    extractor."""
     real = report.get("real")
     return {"real": real and {k: v for k, v in real.items() if k != "images"}, "metrics": sorted(report["metrics"]),
+            "metric_settings": report.get("metric_settings", {}),
             "feature_extractor": report.get("feature_extractor"),
             "feature_extractor_weights": report.get("feature_extractor_weights")}
 
 
 def report_path(out_dir: Path, report: dict) -> Path:
     """out_dir/report-n<count>.json, replaced only by a new scoring of the same kind; a report scored against
-    another real set, other metrics or another extractor is kept, and this one is named report-n<count>-2.json
+    another real set, other metrics or metric settings, or another extractor is kept, and this one is named report-n<count>-2.json
     (-3, ...)."""
     k = 1
     while True:

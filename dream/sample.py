@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from dream.checkpoint import load_model_for_sampling, weights_sha256
 from dream.errors import DreamError
-from dream.files import atomic_file, atomic_write_text
+from dream.files import atomic_file, atomic_write_text, folder_lock
 from dream.model import resolve_channels_last
 from dream.seeding import check_seed, mixed_seed
 from dream.sampling import SAMPLERS, SamplingEngine, normalize_sampler
@@ -201,7 +201,8 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
     with batch_step_seed(seed, b) (the caller's RNG state is restored afterwards), so its images depend on
     (seed, b, batch_size, sampler settings) only. `steps`: DDIM steps (None: 50); the ddpm sampler runs all T
     and refuses any other number. `graphs`: None = CUDA graphs on a CUDA device.
-    PNGs are encoded on a writer thread while the next batch is sampled."""
+    PNGs are encoded on a writer thread while the next batch is sampled. The folder is locked meanwhile (flock on
+    out_dir/.lock): another process sampling into it is refused."""
     check_counts(count, batch_size, steps_per_graph)
     check_seed(seed)
     sampler, steps, eta = checked_sampler(diffusion, sampler, steps, eta)
@@ -214,55 +215,61 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
         use_graphs = engine.use_graphs(device, graphs)
     except ValueError as error:
         raise DreamError(str(error)) from None
-    # the step noise of ddpm and of ddim with eta > 0 comes from the device's generator (CPU and CUDA streams differ)
-    stochastic = {"noise_device": device.type} if sampler == "ddpm" or eta > 0 else {}
-    check_settings(out_dir, {"sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "batch_size": batch_size,
-                             "dtype": str(dtype).removeprefix("torch."), "image_size": config.image_size,
-                             **stochastic, **(settings or {})})
-    made, start = 0, time.perf_counter()
-    batches = math.ceil(count / batch_size)
-    bar = tqdm(total=count, desc=f"sampling ({sampler})", disable=not progress, unit="img")
-    # the plain loop (no graphs) also shows the steps of the batch under way: a batch can take minutes
-    step_bar = tqdm(total=steps, desc="denoising steps", unit="step", leave=False,
-                    disable=not progress or use_graphs)
-    writer, pending = ThreadPoolExecutor(max_workers=1), None
-    try:
-        with torch.random.fork_rng(devices=_rng_devices(device)):
-            for b in range(batches):
-                first = b * batch_size
-                n = min(batch_size, count - first)
-                missing = [i for i in range(n) if not image_done(image_path(out_dir, first + i))]
-                if not missing:
+    # one process at a time: two writing one set with different settings would mix them under one record
+    with folder_lock(out_dir) as holder:
+        if holder is not None:
+            raise DreamError(f"{out_dir} is in use by another dream sample or eval ({holder}); let it finish or "
+                             f"stop it, then rerun (or use another output folder)")
+        # the step noise of ddpm and of ddim with eta > 0 comes from the device's generator (CPU and CUDA streams
+        # differ)
+        stochastic = {"noise_device": device.type} if sampler == "ddpm" or eta > 0 else {}
+        check_settings(out_dir, {"sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "batch_size": batch_size,
+                                 "dtype": str(dtype).removeprefix("torch."), "image_size": config.image_size,
+                                 **stochastic, **(settings or {})})
+        made, start = 0, time.perf_counter()
+        batches = math.ceil(count / batch_size)
+        bar = tqdm(total=count, desc=f"sampling ({sampler})", disable=not progress, unit="img")
+        # the plain loop (no graphs) also shows the steps of the batch under way: a batch can take minutes
+        step_bar = tqdm(total=steps, desc="denoising steps", unit="step", leave=False,
+                        disable=not progress or use_graphs)
+        writer, pending = ThreadPoolExecutor(max_workers=1), None
+        try:
+            with torch.random.fork_rng(devices=_rng_devices(device)):
+                for b in range(batches):
+                    first = b * batch_size
+                    n = min(batch_size, count - first)
+                    missing = [i for i in range(n) if not image_done(image_path(out_dir, first + i))]
+                    if not missing:
+                        bar.update(n)
+                        continue
+                    x_T = batch_noise(seed, b, shape, device)
+                    torch.manual_seed(batch_step_seed(seed, b))
+                    step_bar.reset()
+                    try:
+                        x = engine.sample(x_T, sampler, steps, eta, dtype, graphs=use_graphs,
+                                          on_step=None if step_bar.disable else step_bar.update)
+                    except RuntimeError as error:  # torch.OutOfMemoryError is one
+                        if not out_of_memory(error):
+                            raise
+                        raise DreamError(f"out of memory denoising a batch of {batch_size} images on {device}: pass a "
+                                         f"smaller --batch-size (it changes the images: use another output folder)"
+                                         + (", or --graphs off" if use_graphs else "")) from None
+                    pixels = to_pixels(x[missing])  # waits for the batch
+                    if pending is not None:
+                        pending.result()
+                    pending = writer.submit(write_pngs, pixels, out_dir, [first + i for i in missing])
+                    made += len(missing)
                     bar.update(n)
-                    continue
-                x_T = batch_noise(seed, b, shape, device)
-                torch.manual_seed(batch_step_seed(seed, b))
-                step_bar.reset()
-                try:
-                    x = engine.sample(x_T, sampler, steps, eta, dtype, graphs=use_graphs,
-                                      on_step=None if step_bar.disable else step_bar.update)
-                except RuntimeError as error:  # torch.OutOfMemoryError is one
-                    if not out_of_memory(error):
-                        raise
-                    raise DreamError(f"out of memory denoising a batch of {batch_size} images on {device}: pass a "
-                                     f"smaller --batch-size (it changes the images: use another output folder)"
-                                     + (", or --graphs off" if use_graphs else "")) from None
-                pixels = to_pixels(x[missing])  # waits for the batch
-                if pending is not None:
-                    pending.result()
-                pending = writer.submit(write_pngs, pixels, out_dir, [first + i for i in missing])
-                made += len(missing)
-                bar.update(n)
-                bar.set_postfix(img_s=f"{made / (time.perf_counter() - start):.2f}")
-        if pending is not None:
-            pending.result()
-    finally:
-        writer.shutdown(wait=True)
-        step_bar.close()
-        bar.close()
-    return {"count": count, "made": made, "out_dir": str(out_dir), "sampler": sampler, "steps": steps, "eta": eta,
-            "seed": seed, "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch."), "graphs": use_graphs,
-            "seconds": time.perf_counter() - start}
+                    bar.set_postfix(img_s=f"{made / (time.perf_counter() - start):.2f}")
+            if pending is not None:
+                pending.result()
+        finally:
+            writer.shutdown(wait=True)
+            step_bar.close()
+            bar.close()
+        return {"count": count, "made": made, "out_dir": str(out_dir), "sampler": sampler, "steps": steps,
+                "eta": eta, "seed": seed, "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch."),
+                "graphs": use_graphs, "seconds": time.perf_counter() - start}
 
 
 def read_sample(path: str | Path, size: int | None = None) -> torch.Tensor:

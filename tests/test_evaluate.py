@@ -238,6 +238,7 @@ def test_inception_score_alone_needs_no_real_set(tmp_path, monkeypatch):
                       metrics=("isc",), real="folder", real_root=str(tmp_path / "gone"),
                       feature_extractor=EXTRACTOR, cache_dir=tmp_path / "fidelity", isc_splits=1, progress=False)
     assert set(report["metrics"]) == {"isc_mean", "isc_std"} and report["real"] is None
+    assert report["metric_settings"] == {"isc_splits": 1}  # what IS's numbers depend on (KID's: not asked for)
     assert not list((tmp_path / "fidelity").glob("*-count.json"))
 
 
@@ -407,8 +408,10 @@ def test_inception_weights_file_is_checked(tmp_path, empty_hub, monkeypatch, inc
         resolve_feature_extractor(INCEPTION_NAME, str(wrong))
     code = tmp_path / "code.pth"
     torch.save({"fc.weight": torch.zeros(2, 2), "extra": Fraction(1, 3)}, code)  # a pickled object of a class
-    with pytest.raises(DreamError, match="does not load as plain tensors"):
+    with pytest.raises(DreamError, match=r"does not load as plain tensors \(it holds a pickled fractions.Fraction, "
+                                         r"which loading could run as code\)$") as error:
         resolve_feature_extractor(INCEPTION_NAME, str(code))
+    assert "\x1b" not in str(error.value) and "trust" not in str(error.value)  # not torch's advice to load it anyway
     # a file in torch's hub cache is found without a flag or a download
     hub_file = empty_hub / "checkpoints" / INCEPTION_FILE
     hub_file.parent.mkdir(parents=True)
@@ -672,10 +675,10 @@ def test_a_real_folder_leaves_out_the_run_and_the_evaluation_and_keeps_one_stati
 def test_a_report_scored_otherwise_is_kept_and_a_rescoring_of_the_same_kind_replaces_it(tmp_path):
     from dream.evaluate import report_path
 
-    def report(metrics, real_root=None, extractor="inception-v3-compat"):
+    def report(metrics, real_root=None, extractor="inception-v3-compat", settings=None):
         real = {"kind": "folder", "root": real_root, "cache_name": f"c-{real_root}", "images": 9} if real_root else None
         return {"count": 5, "metrics": dict.fromkeys(metrics, 1.0), "real": real, "feature_extractor": extractor,
-                "feature_extractor_weights": None}
+                "feature_extractor_weights": None, **({"metric_settings": settings} if settings else {})}
 
     def write(report_):
         path = report_path(tmp_path, report_)
@@ -691,6 +694,10 @@ def test_a_report_scored_otherwise_is_kept_and_a_rescoring_of_the_same_kind_repl
     (tmp_path / "report-n5-5.json").write_text("{not json")
     assert report_path(tmp_path, report(["kid_mean"], "/c")).name == "report-n5-6.json"  # an unreadable one is kept
     assert len(list(tmp_path.glob("report-n5*.json"))) == 5
+    kid = {"kid_subset_size": 1000, "kid_subsets": 100}
+    assert write(report(["fid", "kid_mean"], "/a", settings=kid)) == "report-n5-6.json"  # KID's subsets: other
+    assert write(report(["fid", "kid_mean"], "/a", settings={**kid, "kid_subset_size": 4})) == "report-n5-7.json"
+    assert write(report(["fid", "kid_mean"], "/a", settings=kid)) == "report-n5-6.json"
 
 
 def test_a_sample_set_inside_the_run_folder_can_be_the_real_set_by_name(tmp_path, capsys):

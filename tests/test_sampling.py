@@ -369,7 +369,7 @@ def test_grid_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         save_grid(tmp_path, 2, grid)
     assert grid.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir() if not p.name[0].isdigit()) \
-        == ["grid.png", "sampling.json"]
+        == [".lock", "grid.png", "sampling.json"]
 
 
 def damage_png(path: Path) -> None:
@@ -481,6 +481,24 @@ def test_a_folder_without_images_takes_new_settings(tmp_path):
     image_path(tmp_path, 0).write_bytes(b"an image")
     with pytest.raises(DreamError, match="holds images made with steps=2, this run has steps=3"):
         check_settings(tmp_path, {"steps": 3, "seed": 0})
+
+
+def test_a_folder_another_process_samples_into_is_refused(tmp_path):
+    """Two processes sampling into one folder with different settings would mix their images under one
+    sampling.json: while one holds the folder, another is refused and writes nothing."""
+    import os
+
+    from dream.files import folder_lock
+
+    model, diffusion = tiny_unet(6), GaussianDiffusion("cosine", 10)
+    with folder_lock(tmp_path) as holder:  # the other process (flock: another open file conflicts as one would)
+        assert holder is None
+        with pytest.raises(DreamError, match=rf"{tmp_path} is in use by another dream sample or eval "
+                                             rf"\(pid {os.getpid()} on .*\); let it finish"):
+            sample_images(model, diffusion, 2, tmp_path, steps=1, batch_size=2, progress=False)
+        assert not (tmp_path / "sampling.json").exists() and not image_path(tmp_path, 0).exists()
+    report = sample_images(model, diffusion, 2, tmp_path, steps=1, batch_size=2, progress=False)
+    assert report["made"] == 2 and json.loads((tmp_path / "sampling.json").read_text())["steps"] == 1
 
 
 def test_a_damaged_image_in_the_grid_is_one_line(tmp_path):
@@ -627,6 +645,37 @@ def test_files_that_are_not_checkpoints_say_so(tmp_path):
     torch.save(state, tmp_path / "mismatch.pt")
     with pytest.raises(DreamError, match=r"mismatch.pt do not fit the model its config describes \(size mismatch for "):
         load_model_for_sampling(tmp_path / "mismatch.pt")
+
+
+def test_other_projects_checkpoints_and_newer_configs_are_one_line(tmp_path, capsys):
+    """Another project's file with "model" and "config" entries is not a dream checkpoint, for sample and export
+    alike; a config naming a model setting this version lacks (a newer dream's) says so, also through an export."""
+    from dream.cli import main
+
+    other = tmp_path / "other.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "config": {"lr": 1e-3, "epochs": 3}}, other)
+    worded = tmp_path / "worded.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "config": "resnet50"}, worded)
+    state = torch.load(make_checkpoint(tmp_path), weights_only=True)
+    state["config"]["model"]["future_knob"] = 3
+    newer = tmp_path / "newer.pt"
+    torch.save(state, newer)
+    not_ours = "is not a dream checkpoint (no UNet weights and config in it)"
+    runs = [(["sample", str(other)], f"{other} {not_ours}"), (["sample", str(worded)], f"{worded} {not_ours}"),
+            (["export", str(other), "--weights", "model"], f"{other} {not_ours}"),
+            (["sample", str(newer)], f"the model config in {newer} is not one this version of dream can build "
+                                     f"(UNetConfig.__init__() got an unexpected keyword argument 'future_knob')")]
+    for args, message in runs:
+        out = ["--out", str(tmp_path / "out.safetensors")] if args[0] == "export" else \
+            ["--out", str(tmp_path / "samples"), "--count", "1", "--batch-size", "1", "--steps", "1", "--no-progress"]
+        assert main([*args, *out]) == 2
+        err = capsys.readouterr().err
+        assert err == f"dream {args[0]}: error: {message}\n"
+    assert main(["export", str(newer), "--out", str(tmp_path / "newer.safetensors")]) == 0
+    assert main(["sample", str(tmp_path / "newer.safetensors"), "--out", str(tmp_path / "samples"), "--count", "1",
+                 "--batch-size", "1", "--steps", "1", "--no-progress"]) == 2
+    assert "newer.safetensors is not one this version of dream can build" in capsys.readouterr().err
+    assert not (tmp_path / "out.safetensors").exists() and not list((tmp_path / "samples").glob("*.png"))
 
 
 def test_an_export_is_found_by_its_contents_whatever_its_name(tmp_path):
