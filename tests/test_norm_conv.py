@@ -100,13 +100,19 @@ def test_matches_float64(shape, dtype, channels_last, variant):
     out64 = _call(group_norm_silu_conv2d_reference, leaves64, *args)
     grads64 = torch.autograd.grad(out64, [leaves64[name] for name in names], dout.double())
 
-    assert out.dtype == dtype and out.shape == out64.shape
+    assert out.dtype == dtype
+    _assert_matches_float64(out, out64, dict(zip(names, grads)), dict(zip(names, grads64)), leaves, TOLERANCE[dtype])
+
+
+def _assert_matches_float64(out, out64, grads, grads64, leaves, tol):
+    """out and each gradient (named as its leaf; in the leaf's dtype and shape) within `tol` of float64."""
+    assert out.shape == out64.shape
     errors = {"out": _rel_err(out, out64)}
-    for name, grad, grad64 in zip(names, grads, grads64):
+    for name, grad in grads.items():
         assert grad.dtype == leaves[name].dtype and grad.shape == leaves[name].shape, name
-        errors["d" + name] = _rel_err(grad, grad64)
-    failed = {name: err for name, err in errors.items() if not err <= TOLERANCE[dtype]}
-    assert not failed, f"errors above tolerance {TOLERANCE[dtype]}: {failed} (all: {errors})"
+        errors["d" + name] = _rel_err(grad, grads64[name])
+    failed = {name: err for name, err in errors.items() if not err <= tol}
+    assert not failed, f"errors above tolerance {tol}: {failed} (all: {errors})"
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16], ids=str)
@@ -139,13 +145,9 @@ def test_dilated_grouped_convolution_and_fp32_weights_beside_half_x(x_dtype, mod
     leaves64 = {name: leaf.detach().double().requires_grad_() for name, leaf in leaves.items()}
     out64 = call(group_norm_silu_conv2d_reference, leaves64)
     grads64 = torch.autograd.grad(out64, list(leaves64.values()), dout.double())
-    assert out.dtype == torch.float32 and out.shape == out64.shape == (1, 4, 7, 5)
-    errors = {"out": _rel_err(out, out64)}
-    for name, grad, grad64 in zip(names, grads, grads64):
-        assert grad.dtype == leaves[name].dtype and grad.shape == leaves[name].shape, name
-        errors["d" + name] = _rel_err(grad, grad64)
-    failed = {name: err for name, err in errors.items() if not err <= TOLERANCE[x_dtype]}
-    assert not failed, f"errors above tolerance {TOLERANCE[x_dtype]}: {failed} (all: {errors})"
+    assert out.dtype == torch.float32 and out.shape == (1, 4, 7, 5)
+    _assert_matches_float64(out, out64, dict(zip(names, grads)), dict(zip(names, grads64)), leaves,
+                            TOLERANCE[x_dtype])
 
 
 def _saved_bytes(fn):
