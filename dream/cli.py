@@ -48,7 +48,7 @@ def memory_size(text: str) -> int:
         size = parse_bytes(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-    if text.strip().replace(".", "", 1).isdigit() and size < 2**20:
+    if text.strip()[-1:].isdigit() and size < 2**20:  # no unit: a parsed size ends in a digit only without one
         raise argparse.ArgumentTypeError(f"memory size {text!r} has no unit, so it means {size} bytes; "
                                          f"give one, e.g. '{text.strip()}GB'")
     return size
@@ -350,7 +350,8 @@ def memory_backend(name: str, target: str) -> str:
 
 def run_memory(args) -> int:
     from dream.memory import (CUDA_ESTIMATE_MARGIN, StepSpec, choose_micro_batch, estimate_step_memory,
-                              format_estimate, format_size, format_sweep, measure_cuda_peak, sweep_checkpointing)
+                              format_estimate, format_size, format_sweep, measure_cuda_peak, require_cuda,
+                              sweep_checkpointing)
 
     spec = StepSpec(preset=args.preset, model_overrides=model_overrides(args), batch_size=args.batch_size,
                     micro_batch=args.micro_batch, precision=args.precision, objective=args.objective,
@@ -361,6 +362,8 @@ def run_memory(args) -> int:
     if args.sweep and args.checkpointing:
         raise DreamError(f"--sweep estimates every checkpointing policy; leave out --checkpointing "
                          f"{args.checkpointing} (or leave out --sweep)")
+    if args.cuda:
+        require_cuda()  # before the estimates, which take seconds
     budget = args.budget
     estimates = sweep_checkpointing(spec) if args.sweep else [estimate_step_memory(spec)]
     if args.cuda:

@@ -493,14 +493,19 @@ def _spec(spec, fields_) -> StepSpec:
 # ----------------------------------------------------------------------------------------------
 # Measurement on CUDA
 # ----------------------------------------------------------------------------------------------
+def require_cuda() -> None:
+    """Raises DreamError (one line) unless a CUDA device is available for measure_cuda_peak."""
+    if not torch.cuda.is_available():
+        raise DreamError("measuring the allocator's peak (--cuda) needs a CUDA device, and none is available")
+
+
 def measure_cuda_peak(spec: StepSpec | None = None, device="cuda", **fields_) -> int:
     """torch.cuda.max_memory_allocated over one training step on CUDA, after one warm-up step.
 
     The same step as estimate_step_memory (all micro-batches), with the trainer's CUDA settings (TF32,
     cudnn.benchmark). Uses real kernels, so cuDNN/cuBLAS workspaces are included."""
     spec = _spec(spec, fields_)
-    if not torch.cuda.is_available():
-        raise DreamError("measuring the allocator's peak (--cuda) needs a CUDA device, and none is available")
+    require_cuda()
     if spec.target != "cuda":
         spec = replace(spec, target="cuda")
     device = torch.device(device)

@@ -389,18 +389,23 @@ class Trainer:
 
             budget_bytes = default_budget_bytes(self.device)
         # with --checkpointing auto: the first policy (least recomputation first) whose whole batch fits,
-        # else the last one at which any micro-batch fits
+        # else the one with the largest micro-batch, the first such in that order (an equal micro-batch is
+        # not worth more recomputation)
         policies = policies_for_backend(self.backend) if self.config.checkpointing == "auto" else (self.checkpointing,)
         try:
+            best = None  # (micro, policy)
             for policy in policies:
                 try:
                     micro = choose_micro_batch(self.config, budget_bytes, **self.step_spec_fields(policy))
                 except DreamError:  # not even a micro-batch of 1 fits: recompute more, unless this was the last
-                    if policy == policies[-1]:
+                    if policy == policies[-1] and best is None:
                         raise
                     continue
+                if best is None or micro > best[0]:
+                    best = (micro, policy)
                 if micro >= self.rank_batch:
                     break
+            micro, policy = best
         except Exception as error:  # noqa: BLE001
             if self.config.memory_budget is not None and isinstance(error, DreamError):
                 # the estimate of the same step against the same budget: every rank refuses alike
@@ -477,13 +482,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        if self.micro_batch == 1:
+            raise torch.cuda.OutOfMemoryError(f"{reason}; already at micro-batch 1")
         smaller = divisor_at_most(self.rank_batch, self.micro_batch // 2)
         if self.dist.enabled:
             raise torch.cuda.OutOfMemoryError(
                 f"{reason}; with {self.dist.world_size} processes the micro-batch cannot be lowered during a step "
                 f"(the ranks would fall out of step): rerun with --micro-batch {smaller}")
-        if self.micro_batch == 1:
-            raise torch.cuda.OutOfMemoryError(f"{reason}; already at micro-batch 1")
         self.note(f"out of memory at micro-batch {self.micro_batch} (step {self.step}): redoing the step with "
                   f"micro-batch {smaller}", event="out_of_memory", micro_batch=smaller, reason=reason)
         self.micro_batch = smaller

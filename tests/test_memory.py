@@ -480,11 +480,37 @@ def test_cli_memory_sizes_below_zero_and_small_are_explained(capsys):
     assert code == 0 and "over the memory budget of 0.001 MB" in text
 
 
+@pytest.mark.parametrize("text", ["6.8", "6.8e0", "68e-1", "5e5", " 12 "])
+def test_cli_memory_size_without_a_unit_below_a_mebibyte_is_refused_in_any_notation(text):
+    import argparse
+
+    from dream.cli import memory_size
+
+    with pytest.raises(argparse.ArgumentTypeError, match=f"memory size '{text}' has no unit"):
+        memory_size(text)
+    assert memory_size("7e9") == 7 * 10**9 and memory_size("1KB") == 1000 and memory_size("2e6") == 2 * 10**6
+
+
 @pytest.mark.parametrize("argv, backend", [((), "triton"), (("--target", "cpu"), "eager"),
                                             (("--backend", "eager"), "eager"), (("--backend", "sdpa"), "sdpa")])
 def test_cli_backend_auto_follows_the_trainer_on_the_target(argv, backend):
     code, text = run_cli("--preset", "tiny", "--image-size", "16", "--batch", "2", *argv, "--json")
     assert code == 0 and json.loads(text)["inputs"]["backend"] == backend
+
+
+def test_cli_cuda_without_a_device_stops_before_estimating(monkeypatch, capsys):
+    import dream.memory
+
+    def estimate(*args, **kwargs):
+        raise AssertionError("estimated before finding that --cuda cannot run")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dream.memory, "estimate_step_memory", estimate)
+    monkeypatch.setattr(dream.memory, "sweep_checkpointing", estimate)
+    for extra in ((), ("--sweep",)):
+        assert main(["memory", "--preset", "tiny", "--batch", "2", "--cuda", *extra]) == 2
+        assert capsys.readouterr().err == ("dream memory: error: measuring the allocator's peak (--cuda) needs a "
+                                           "CUDA device, and none is available\n")
 
 
 def test_cli_bad_input_is_one_line(capsys):

@@ -190,6 +190,15 @@ def test_out_of_memory_at_micro_batch_one_stops_with_an_emergency_checkpoint(tmp
     assert calls == [4, 2, 1]
 
 
+@pytest.mark.parametrize("micro,expected", [(4, "rerun with --micro-batch 2"), (1, "already at micro-batch 1")])
+def test_out_of_memory_under_torchrun_names_a_smaller_micro_batch_or_says_there_is_none(tmp_path, micro, expected):
+    trainer = Trainer(small_config(tmp_path, micro_batch=micro))
+    trainer.dist = types.SimpleNamespace(enabled=True, world_size=2)  # what shrink_micro_batch reads of it
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=expected) as raised:
+        trainer.shrink_micro_batch("CUDA out of memory (injected)")
+    assert "--micro-batch 1" not in str(raised.value) and trainer.micro_batch == micro
+
+
 @pytest.mark.parametrize("n,limit,expected", [(4, 3, 2), (12, 5, 4), (7, 6, 1), (8, 8, 8), (6, 0, 1)])
 def test_divisor_at_most(n, limit, expected):
     assert divisor_at_most(n, limit) == expected
@@ -489,8 +498,8 @@ def test_auto_checkpointing_goes_on_past_a_policy_where_nothing_fits(tmp_path, m
     monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=choose_micro_batch,
                                                                      format_size=lambda size: f"{size} bytes"))
     trainer = Trainer(small_config(tmp_path, memory_budget=20_000_000, checkpointing="auto"))
-    assert asked == ["none", "attention", "resblocks", "all"]  # nothing fits the whole batch: the last policy
-    assert trainer.micro_batch == 2 and trainer.model.checkpointing == "all"
+    assert asked == ["none", "attention", "resblocks", "all"]  # nothing fits the whole batch: the largest micro-batch
+    assert trainer.micro_batch == 2 and trainer.model.checkpointing == "resblocks"  # ("all" recomputes more for it)
 
     def nothing_fits(config, budget_bytes, **fields):
         raise DreamError("even a micro-batch of 1 needs an estimated ... use activation checkpointing")
@@ -499,6 +508,24 @@ def test_auto_checkpointing_goes_on_past_a_policy_where_nothing_fits(tmp_path, m
                                                                      format_size=str))
     with pytest.raises(DreamError, match="even a micro-batch of 1"):  # nothing fits at all: it says so
         Trainer(small_config(tmp_path / "none", memory_budget=20_000_000, checkpointing="auto"))
+
+
+@pytest.mark.parametrize("micro_of,expected", [
+    ({"none": 1, "attention": 2, "resblocks": 2, "all": 2}, (2, "attention")),  # equal micro-batch: less recomputed
+    ({"none": 1, "attention": 1, "resblocks": 1, "all": 2}, (2, "all")),  # a larger micro-batch wins
+])
+def test_auto_checkpointing_without_a_whole_batch_fit_picks_the_largest_micro_batch_first_in_order(
+        tmp_path, monkeypatch, micro_of, expected):
+    """No policy fits the whole batch (4): the largest micro-batch, and of the policies that reach it the one
+    that recomputes least (the first in the order none, attention, resblocks, all)."""
+    def choose_micro_batch(config, budget_bytes, **fields):
+        return micro_of[fields["checkpointing"]]
+
+    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=choose_micro_batch,
+                                                                     format_size=lambda size: f"{size} bytes"))
+    trainer = Trainer(small_config(tmp_path, memory_budget=20_000_000, checkpointing="auto"))
+    assert (trainer.micro_batch, trainer.model.checkpointing) == expected
+    assert setup_records(trainer)[-1]["checkpointing"] == expected[1]
 
 
 @pytest.mark.parametrize("field_name,value,flag", [
