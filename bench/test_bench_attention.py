@@ -6,8 +6,8 @@ Full size (GPU): B=128, H=8, D=64, N=256 (16x16) and N=64 (8x8), bf16, non-causa
 FLOPs: forward 4·B·H·N²·D (two N²·D matmuls, 2·N²·D each); forward+backward 3.5x that: the backward's
 five matmuls (dV = PᵀdO, dP = dO·Vᵀ, dQ = dS·K, dK = dSᵀQ, and S = QKᵀ recomputed), FlashAttention's
 count and bench/tune_kernels.py's (backward 2.5x forward). Without the recomputation, which the eager
-anchor does not do, the work is 3x forward: % of ceiling is 7/6 of the useful rate's. Goal (issue 4): >= 1.0x the fastest of SDPA's backends and xformers,
-at both sizes, forward and forward+backward. Reference: float64 softmax attention on the same inputs.
+anchor does not do, the work is 3x forward: % of ceiling is 7/6 of the useful rate's. Goal (issue 4):
+>= 1.0x the fastest of SDPA's backends and xformers, at both sizes, forward and forward+backward. Reference: float64 softmax attention on the same inputs.
 """
 import importlib
 

@@ -1,4 +1,4 @@
-"""The `dream` command: train, sample, eval, info, memory, profile.
+"""The `dream` command: train, sample, eval, export, info, memory, profile.
 
 Errors in what the user gave (paths, flags, data) are printed as one line and exit with status 2;
 set DREAM_DEBUG=1 to see the traceback instead.
@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="CelebA root (the folder holding 'celeba') or an image folder")
     p.add_argument("--data-split", default="train", help="CelebA split: train, valid, test or all")
     p.add_argument("--data-count", type=int, default=4096, help="number of synthetic images")
+    p.add_argument("--data-on", default="auto", choices=["auto", "device", "host"],
+                   help="where the decoded images are kept: on the device (batches sliced there) or in host memory "
+                        "(each batch copied over); auto: the device, unless the memory manager would then pick a "
+                        "smaller micro-batch or more recomputation")
     p.add_argument("--batch-size", type=int, default=128, help="images per optimizer step (over all ranks)")
     p.add_argument("--micro-batch", type=int, help="gradient accumulation: micro-batch size dividing --batch-size")
     p.add_argument("--memory-budget", type=memory_size,
@@ -246,9 +250,10 @@ def run_train(args) -> int:
                           "seed_separate_eps_forward": args.seed_separate_eps_forward,
                           "paper_power": args.paper_power, "paper_loss": args.paper_loss},
         data=args.data, data_root=args.data_root, data_split=args.data_split, data_count=args.data_count,
-        batch_size=args.batch_size, micro_batch=args.micro_batch, epochs=args.epochs, max_steps=args.max_steps,
-        lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
-        ema_warmup=args.ema_warmup, precision=args.precision, seed=args.seed, device=args.device,
+        data_on=args.data_on, batch_size=args.batch_size, micro_batch=args.micro_batch, epochs=args.epochs,
+        max_steps=args.max_steps, lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        ema_decay=args.ema_decay, ema_warmup=args.ema_warmup, precision=args.precision, seed=args.seed,
+        device=args.device,
         log_every=args.log_every, checkpoint_every=args.checkpoint_every, checkpoint_keep=args.checkpoint_keep,
         sample_every=args.sample_every, sample_count=args.sample_count, sample_steps=args.sample_steps,
         progress=not args.no_progress, memory_budget=args.memory_budget, max_bad_steps=args.max_bad_steps,

@@ -512,22 +512,25 @@ def _read_cache(cache: Path, key: str, files: int, size: int) -> tuple[torch.Ten
 
 
 class DeviceBatches:
-    """Batches of a uint8 image tensor kept on `device`, scaled to [-1, 1], randomly flipped.
+    """Batches of a uint8 image tensor, scaled to [-1, 1] on `device`, randomly flipped.
 
+    The images are kept on `device` (each batch sliced there), or with on_device=False on the host (each
+    batch gathered there and copied over as uint8: 1.5 MB at batch 128 and 64x64, which spares the device
+    the whole set, 2.0 GB for CelebA's train split); the batches are the same bit for bit.
     Epoch e uses the permutation and flip mask drawn from a generator seeded with (seed, e); with
     `world_size` > 1 each rank takes every world_size-th index of the same permutation.
     Only full batches are produced (constant shapes for compiled and graph-captured code)."""
 
     def __init__(self, images: torch.Tensor, batch_size: int, device, seed: int = 0, flip: bool = True,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, on_device: bool = True):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise DreamError("images must be a uint8 tensor (N, C, H, W)")
         per_epoch = images.shape[0] // world_size
         if batch_size < 1 or per_epoch < batch_size:
             raise DreamError(f"batch size {batch_size} needs at least {batch_size * world_size} images; "
                              f"the dataset has {images.shape[0]}")
-        self.images = images.to(device)
-        self.batch_size, self.device, self.seed, self.flip = batch_size, device, seed, flip
+        self.images = images.to(device) if on_device else images.cpu()
+        self.batch_size, self.device, self.seed, self.flip = batch_size, torch.device(device), seed, flip
         self.rank, self.world_size = rank, world_size
         self.batches_per_epoch = per_epoch // batch_size
 
@@ -547,8 +550,17 @@ class DeviceBatches:
             index = order[b * self.batch_size:(b + 1) * self.batch_size]
             yield self.get(index, flips[index] if self.flip else None)
 
+    @property
+    def on_device(self) -> bool:
+        return self.images.device.type == self.device.type
+
+    def move_to_device(self) -> None:
+        self.images = self.images.to(self.device)
+
     def get(self, index: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.images[index.to(self.images.device)].float() / 127.5 - 1
+        # (from the host: a pageable copy is staged before this returns, so the batch tensor may be freed)
+        pixels = self.images[index.to(self.images.device)].to(self.device, non_blocking=True)
+        x = pixels.float() / 127.5 - 1
         if flip is not None:
             x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
         return x

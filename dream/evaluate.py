@@ -367,7 +367,9 @@ def compute_metrics(generated, real, metrics=METRICS, device="cpu", feature_extr
                     batch_size: int = 64, kid_subset_size: int = 1000, kid_subsets: int = 100, isc_splits: int = 10,
                     real_count: int | None = None, verbose: bool = False) -> dict:
     """torch-fidelity over two datasets of uint8 (3, H, W) images (generated = input1, real = input2).
-    Returns {"fid", "isc_mean", "isc_std", "kid_mean", "kid_std"} for the requested metrics, plus "raw"."""
+    Returns {"fid", "isc_mean", "isc_std", "kid_mean", "kid_std"} for the requested metrics, plus "raw" and
+    "settings" (those the requested metrics' numbers depend on, as used: KID's subsets, their size at most
+    either set's count; IS's splits, at most one an image)."""
     import_fidelity()
     from torch_fidelity import calculate_metrics
 
@@ -375,13 +377,13 @@ def compute_metrics(generated, real, metrics=METRICS, device="cpu", feature_extr
     n_generated = len(generated)
     binary = "fid" in metrics or "kid" in metrics
     n_real = (real_count or len(real)) if binary else None
+    used = dict(isc_splits=max(1, min(isc_splits, n_generated)), kid_subsets=kid_subsets,
+                kid_subset_size=min(kid_subset_size, n_generated, n_real or n_generated))
     kwargs = dict(
         input1=generated, cuda=torch.device(device).type == "cuda", batch_size=batch_size,
         isc="isc" in metrics, fid="fid" in metrics, kid="kid" in metrics,
         feature_extractor=feature_extractor, feature_extractor_weights_path=weights,
-        isc_splits=max(1, min(isc_splits, n_generated)), kid_subsets=kid_subsets,
-        kid_subset_size=min(kid_subset_size, n_generated, n_real or n_generated),
-        save_cpu_ram=n_generated + (n_real or 0) < 4096, verbose=verbose,
+        **used, save_cpu_ram=n_generated + (n_real or 0) < 4096, verbose=verbose,
         cache=True, cache_root=str(Path(cache_dir)) if cache_dir else None)
     if binary:
         kwargs.update(input2=real, input2_cache_name=real_cache_name)
@@ -391,6 +393,7 @@ def compute_metrics(generated, real, metrics=METRICS, device="cpu", feature_extr
              "kernel_inception_distance_std": "kid_std"}
     result = {names[k]: float(v) for k, v in raw.items() if k in names}
     result["raw"] = {k: float(v) for k, v in raw.items()}
+    result["settings"] = {k: v for k, v in used.items() if k.split("_")[0] in metrics}
     return result
 
 
@@ -496,8 +499,8 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
         "image_size": size, "samples_dir": str(samples_dir),
         "real": {**real_set, "images": known_real_count, "cache_name": cache_name} if real_set else None,
         "feature_extractor": feature_extractor, "feature_extractor_weights": weights,
-        "metrics": {k: v for k, v in scores.items() if k != "raw"}, "torch_fidelity_metrics": scores["raw"],
-        "metric_settings": metric_settings(metrics, kid_subset_size, kid_subsets, isc_splits),
+        "metrics": {k: v for k, v in scores.items() if k not in ("raw", "settings")},
+        "torch_fidelity_metrics": scores["raw"], "metric_settings": scores["settings"],
         "seconds": {"sampling": sampling_seconds, "metrics": metrics_seconds},
         "torch_fidelity_version": torch_fidelity.__version__, "code_version": code_version(),
     }
@@ -505,16 +508,6 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
     report["report"] = str(report_path(out_dir, report))
     _atomic_json(Path(report["report"]), report)
     return report
-
-
-def metric_settings(metrics, kid_subset_size: int, kid_subsets: int, isc_splits: int) -> dict:
-    """The settings the requested metrics' numbers depend on: KID's subsets (size and count), IS's splits."""
-    settings = {}
-    if "kid" in metrics:
-        settings.update(kid_subset_size=kid_subset_size, kid_subsets=kid_subsets)
-    if "isc" in metrics:
-        settings["isc_splits"] = isc_splits
-    return settings
 
 
 def scoring(report: dict) -> dict:
@@ -529,8 +522,8 @@ def scoring(report: dict) -> dict:
 
 def report_path(out_dir: Path, report: dict) -> Path:
     """out_dir/report-n<count>.json, replaced only by a new scoring of the same kind; a report scored against
-    another real set, other metrics or metric settings, or another extractor is kept, and this one is named report-n<count>-2.json
-    (-3, ...)."""
+    another real set, other metrics or metric settings, or another extractor is kept, and this one is named
+    report-n<count>-2.json (-3, ...)."""
     k = 1
     while True:
         path = out_dir / (f"report-n{report['count']}" + (f"-{k}" if k > 1 else "") + ".json")

@@ -51,6 +51,7 @@ from dream.seeding import check_seed, mixed_seed
 # the command-line flag of each config field a resume must keep (the others are "--" + the field's name)
 FLAGS = {"num_timesteps": "--timesteps"}
 MODEL_FLAGS = {"image_size": "--image-size", "base_channels": "--base-channels", "dropout": "--dropout"}
+DATA_PLACES = ("auto", "device", "host")  # --data-on
 
 
 @dataclass
@@ -74,6 +75,8 @@ class TrainConfig:
     data_root: str | None = None
     data_split: str = "train"
     data_count: int = 4096  # synthetic images
+    data_on: str = "auto"  # where the images are kept: device | host | auto (the device, unless keeping them
+    # there makes the memory manager pick a smaller micro-batch or more recomputation)
     # optimisation
     batch_size: int = 128  # the global batch, over all processes
     micro_batch: int | None = None  # per process; None: the whole per-process batch at once
@@ -126,6 +129,7 @@ class TrainConfig:
             ("sample_count", positive_int(self.sample_count), "a positive integer"),
             ("sample_steps", positive_int(self.sample_steps), "a positive integer"),
         ]
+        rules.append(("data_on", self.data_on in DATA_PLACES, f"one of {', '.join(DATA_PLACES)}"))
         for name, ok, wanted in rules:
             if not ok:
                 raise option_error(name, wanted, getattr(self, name))
@@ -275,8 +279,9 @@ class Trainer:
                 raise DreamError(f"--batch-size {config.batch_size} needs at least {config.batch_size} images; the "
                                  f"data has {images.shape[0]}")
             self.data_digest = images_digest(images)  # a resume notices images replaced by others
+            # on the host until the memory manager has decided where they go (--data-on auto)
             self.batches = DeviceBatches(images, self.rank_batch, device, seed=config.seed,
-                                         rank=dist.rank, world_size=dist.world_size)
+                                         rank=dist.rank, world_size=dist.world_size, on_device=False)
 
             # model, its DDP wrapper and compiled forward, EMA, optimizer, loss scaler
             self.backend = resolve_backend(config.backend, device, PRECISION_DTYPES[self.precision])
@@ -332,8 +337,9 @@ class Trainer:
         # micro-batch: the flag, else the memory manager's choice under --memory-budget (on CUDA by default
         # the device's free memory), else the whole batch
         self.micro_batch = config.micro_batch or self.rank_batch
+        self.images_on_host = config.data_on == "host" and device.type != "cpu"
         if config.micro_batch is None and (config.memory_budget is not None or device.type == "cuda"):
-            self.micro_batch = self.micro_batch_for_budget(config.memory_budget)
+            self.micro_batch = self.micro_batch_for_budget(config.memory_budget)  # --data-on auto: and the images
         else:
             if config.memory_budget is not None and self.rank_batch % self.micro_batch == 0:
                 self.check_micro_batch_budget(config.memory_budget)
@@ -344,17 +350,22 @@ class Trainer:
         if self.micro_batch < 1 or self.rank_batch % self.micro_batch:
             raise DreamError(f"micro batch {self.micro_batch} must divide the per-process batch {self.rank_batch}",
                              same_on_every_rank=True)
+        if not self.images_on_host:
+            self.batches.move_to_device()
 
         self.input_generator = torch.Generator(device=device)
         self.sample_noise = torch.randn(config.sample_count, self.model_config.in_channels,
                                         self.model_config.image_size, self.model_config.image_size,
                                         generator=torch.Generator().manual_seed(config.seed + 1))
 
-    def step_spec_fields(self, checkpointing: str) -> dict:
-        """What dream.memory's StepSpec needs of this run, beyond the config's own fields."""
+    def step_spec_fields(self, checkpointing: str, images_on_host: bool | None = None) -> dict:
+        """What dream.memory's StepSpec needs of this run, beyond the config's own fields; the images count
+        where they are kept on the device (images_on_host None: where this run keeps them)."""
+        on_host = self.images_on_host if images_on_host is None else images_on_host
         return dict(batch_size=self.rank_batch, precision=self.precision, backend=self.backend,
                     checkpointing=checkpointing, model_overrides=self.model_config,
-                    objective_config=self.objective_config, data_images=self.batches.images.shape[0],
+                    objective_config=self.objective_config,
+                    data_images=0 if on_host else len(self.batches.images),
                     target="cuda" if self.device.type == "cuda" else "cpu")
 
     def check_micro_batch_budget(self, budget_bytes: int) -> None:
@@ -392,19 +403,40 @@ class Trainer:
         # else the one with the largest micro-batch, the first such in that order (an equal micro-batch is
         # not worth more recomputation)
         policies = policies_for_backend(self.backend) if self.config.checkpointing == "auto" else (self.checkpointing,)
-        try:
+
+        def rank(choice):  # (micro, policy): larger micro-batch first, then less recomputation
+            return choice[0], -policies.index(choice[1])
+
+        def best_for(images_on_host: bool):
             best = None  # (micro, policy)
             for policy in policies:
                 try:
-                    micro = choose_micro_batch(self.config, budget_bytes, **self.step_spec_fields(policy))
+                    micro = choose_micro_batch(self.config, budget_bytes, **self.step_spec_fields(policy,
+                                                                                                    images_on_host))
                 except DreamError:  # not even a micro-batch of 1 fits: recompute more, unless this was the last
                     if policy == policies[-1] and best is None:
                         raise
                     continue
-                if best is None or micro > best[0]:
+                if best is None or rank((micro, policy)) > rank(best):
                     best = (micro, policy)
                 if micro >= self.rank_batch:
                     break
+            return best
+
+        # --data-on auto: the images stay on the host only if the device would fit a smaller micro-batch or
+        # need more recomputation with them (a batch copied over costs far less than either)
+        place = self.config.data_on == "auto" and self.device.type != "cpu"
+        try:
+            try:
+                best = best_for(self.images_on_host)
+            except DreamError:
+                if not place:
+                    raise
+                best = None
+            if place and (best is None or best != (self.rank_batch, policies[0])):
+                host = best_for(True)  # (nothing fits even without the images: that error is the one to give)
+                if best is None or rank(host) > rank(best):
+                    best, self.images_on_host = host, True
             micro, policy = best
         except Exception as error:  # noqa: BLE001
             if self.config.memory_budget is not None and isinstance(error, DreamError):
@@ -422,9 +454,12 @@ class Trainer:
         if policy != self.checkpointing:
             self.checkpointing = policy
             self.model.set_checkpointing(policy)
+        where = (f"; the {len(self.batches.images)} images stay in host memory (on the device they would leave "
+                 f"less)" if self.images_on_host and place else "")
         self.note(f"memory budget {format_size(budget_bytes)}: micro-batch {micro} of {self.rank_batch}, "
-                  f"activation checkpointing {policy}", event="memory_budget", micro_batch=int(micro),
-                  checkpointing=policy, budget_bytes=budget_bytes)
+                  f"activation checkpointing {policy}{where}", event="memory_budget", micro_batch=int(micro),
+                  checkpointing=policy, budget_bytes=budget_bytes,
+                  data_on="host" if self.images_on_host else "device")
         return divisor_at_most(self.rank_batch, int(micro))
 
     # ------------------------------------------------------------------------------------------
@@ -719,8 +754,8 @@ class Trainer:
         record.update(step=self.step, epoch=self.epoch, images_per_s=images / max(seconds, 1e-9),
                       micro_batch=self.micro_batch, skipped_steps=self.skipped_steps)
         postfix = {"loss": f"{record['loss']:.4f}", "img/s": f"{record['images_per_s']:.1f}"}
-        if self.device.type == "cuda":  # peak allocated since the previous report
-            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.device.type == "cuda":  # peak allocated since the previous report, in GB (10^9) as --memory-budget
+            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
             torch.cuda.reset_peak_memory_stats(self.device)
             postfix["mem"] = f"{record['gpu_mem_gb']:.2f}G"
         self.log(record)
@@ -915,7 +950,7 @@ def trim_log(path: Path, step: int) -> None:
 def foreign_run_files(run_dir: Path) -> list[str]:
     """The files of `run_dir` that training writes or rewrites (config.json, metrics.jsonl) but which hold
     something else: a run's config names its preset and objective; every line of its log but a torn last
-    one is a JSON record with a step or an event."""
+    one is a JSON record with a step or an event, and a torn one is the start of a record ("{...")."""
     foreign = []
     config = run_dir / "config.json"
     if config.is_file():
@@ -931,7 +966,8 @@ def foreign_run_files(run_dir: Path) -> list[str]:
             lines = log.read_text().splitlines()
         except (OSError, UnicodeDecodeError):  # not text
             lines = None
-        if lines is None or not all(_is_record(line) for line in lines[:-1]):
+        if lines is None or not all(_is_record(line) for line in lines[:-1]) or (
+                lines and not lines[-1].lstrip().startswith("{")):
             foreign.append(log.name)
     return foreign
 

@@ -262,3 +262,11 @@ with _warnings_as_lines("eval"):
         f"dream eval: warning: left out 1 folder(s) under {tmp_path} that dream wrote images into (runs, sample "
         "sets): samples"]
     assert sum("UserWarning: not dream's" in line for line in lines) == 2
+
+
+def test_the_top_level_help_names_every_command():
+    from dream.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert all(name in parser.description for name in commands), parser.description

@@ -661,6 +661,14 @@ def test_a_folder_of_someone_elses_files_is_not_taken_for_a_run(tmp_path):
         Trainer(small_config(project, max_steps=1))
     assert (project / "config.json").read_text() == '{"my": "important settings"}'
     assert (project / "metrics.jsonl").read_text() == "my notes\nmore notes\n"
+    # a one-line log, or one whose last line is not a record's start, is someone else's too (a torn last line
+    # starts as a record does: the run's first rewrite of the log would drop any other)
+    for text in ("my notes\n", '{"step": 1}\nmy notes\n'):
+        (project / "config.json").unlink(missing_ok=True)
+        (project / "metrics.jsonl").write_text(text)
+        with pytest.raises(DreamError, match=r"--run-dir .*project holds metrics\.jsonl that training did not write"):
+            Trainer(small_config(project, max_steps=1))
+        assert (project / "metrics.jsonl").read_text() == text
     # a run's own files, a torn last log line included (a kill mid-write), are a run's
     Trainer(small_config(tmp_path / "run", max_steps=1)).run()
     with open(tmp_path / "run" / "metrics.jsonl", "a") as log:

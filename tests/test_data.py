@@ -219,6 +219,23 @@ def test_device_batches_order_flip_and_sharding():
     assert sorted(torch.cat(shards).tolist()) == list(range(10))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="images on the host beside a CUDA device"))])
+def test_images_kept_on_the_host_give_the_same_batches_bit_for_bit(device):
+    """--data-on host: each batch gathered on the host and copied over as uint8, then scaled and flipped on the
+    device, as the batches of images kept there."""
+    images = synthetic_faces(12, size=8)
+    kept = DeviceBatches(images, batch_size=4, device=device, seed=3)
+    on_host = DeviceBatches(images, batch_size=4, device=device, seed=3, on_device=False)
+    assert kept.on_device and kept.images.device.type == device and on_host.images.device.type == "cpu"
+    assert on_host.on_device == (device == "cpu")
+    for epoch in range(2):
+        for a, b in zip(kept.epoch(epoch), on_host.epoch(epoch), strict=True):
+            assert a.device.type == b.device.type == device and torch.equal(a, b)
+    on_host.move_to_device()
+    assert on_host.on_device and on_host.images.device.type == device
+
+
 def test_device_batches_rejects_too_small_a_dataset():
     with pytest.raises(DreamError, match="needs at least 8 images"):
         DeviceBatches(torch.zeros(5, 3, 2, 2, dtype=torch.uint8), batch_size=8, device="cpu")

@@ -180,6 +180,8 @@ def test_eval_pipeline_tiny(tmp_path, monkeypatch):
                        "step": 9, "ema": True, "graphs": False, "checkpoint": str(checkpoint.resolve())}.items():
         assert report[key] == value, key
     assert report["real"]["source"] == "synthetic" and report["real"]["images"] == 12
+    # as used: KID's subset size (default 1000) at most the 12 images of either set
+    assert report["metric_settings"] == {"isc_splits": 1, "kid_subsets": 3, "kid_subset_size": 12}
 
     generated = torch.stack([read_png(image_path(tmp_path / "eval" / "samples", i)) for i in range(count)])
     real = load_images("synthetic", size=16, count=12, seed=5)  # the checkpoint's training data

@@ -367,6 +367,18 @@ def test_log_every_n_steps_and_a_grid_every_m_epochs(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(ema_before, trainer.ema.shadow))
 
 
+def test_peak_cuda_memory_is_logged_in_gb_as_the_memory_budget(monkeypatch):
+    """gpu_mem_gb is in GB (10^9 bytes), the unit of --memory-budget and dream memory."""
+    logged = []
+    stub = types.SimpleNamespace(step=1, epoch=0, micro_batch=2, skipped_steps=0, device=torch.device("cuda"),
+                                 log=logged.append)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 6_800_000_000)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    bar = types.SimpleNamespace(set_postfix=lambda postfix: None)
+    Trainer.report(stub, {"loss": torch.tensor(1.0), "skipped": 0, "logged_steps": 1}, 2, 1.0, bar)
+    assert logged[0]["gpu_mem_gb"] == pytest.approx(6.8)
+
+
 def test_the_last_step_of_a_max_steps_run_is_logged(tmp_path):
     Trainer(small_config(tmp_path, data_count=12, epochs=3, log_every=5, max_steps=4)).run()
     assert [r["step"] for r in records(tmp_path) if "loss" in r] == [3, 4]  # epoch 0's end, then the last step
@@ -526,6 +538,86 @@ def test_auto_checkpointing_without_a_whole_batch_fit_picks_the_largest_micro_ba
     trainer = Trainer(small_config(tmp_path, memory_budget=20_000_000, checkpointing="auto"))
     assert (trainer.micro_batch, trainer.model.checkpointing) == expected
     assert setup_records(trainer)[-1]["checkpointing"] == expected[1]
+
+
+def _placing_trainer(data_on="auto"):
+    """What Trainer.micro_batch_for_budget reads, for a trainer on a CUDA device with 10 images (rank batch 4)."""
+    notes = []
+    stub = types.SimpleNamespace(
+        config=types.SimpleNamespace(data_on=data_on, checkpointing="auto", memory_budget=1000),
+        device=torch.device("cuda"), backend="eager", checkpointing="none", rank_batch=4, precision="fp32",
+        images_on_host=data_on == "host", model_config=None, objective_config=None, notes=notes,
+        batches=types.SimpleNamespace(images=torch.zeros(10, 3, 2, 2, dtype=torch.uint8)),
+        model=types.SimpleNamespace(set_checkpointing=lambda policy: None),
+        note=lambda text, **fields: notes.append((text, fields)))
+    stub.step_spec_fields = types.MethodType(Trainer.step_spec_fields, stub)
+    return stub
+
+
+@pytest.mark.parametrize("with_images,without,expected", [
+    # (micro-batch per policy with the 10 images on the device, without them) -> (micro, policy, on the host)
+    ({"none": 4}, {}, (4, "none", False)),  # the best there is with them: not searched without
+    ({"none": 2, "attention": 2, "resblocks": 4}, {"none": 4}, (4, "none", True)),  # less recomputation
+    ({"none": 2, "attention": 2, "resblocks": 2, "all": 2}, {"none": 4}, (4, "none", True)),  # larger micro-batch
+    ({"none": 2, "attention": 4}, {"none": 2, "attention": 4}, (4, "attention", False)),  # as good: the device
+    ({"all": 1}, {"resblocks": 1}, (1, "resblocks", True)),
+    ({}, {"all": 2}, (2, "all", True)),  # nothing fits with them
+])
+def test_data_on_auto_keeps_the_images_on_the_host_only_where_that_fits_more(monkeypatch, with_images, without,
+                                                                            expected):
+    asked = []
+
+    def choose_micro_batch(config, budget_bytes, **fields):
+        asked.append(fields["data_images"])
+        micro = (with_images if fields["data_images"] else without).get(fields["checkpointing"])
+        if micro is None:
+            raise DreamError("even a micro-batch of 1 needs an estimated ... use activation checkpointing")
+        return micro
+
+    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=choose_micro_batch,
+                                                                     format_size=lambda size: f"{size} bytes"))
+    trainer = _placing_trainer()
+    micro = Trainer.micro_batch_for_budget(trainer, 1000)
+    assert (micro, trainer.checkpointing, trainer.images_on_host) == expected
+    assert set(asked) == ({10} if expected == (4, "none", False) else {10, 0})
+    text, fields = trainer.notes[-1]
+    assert fields["data_on"] == ("host" if expected[2] else "device")
+    assert ("10 images stay in host memory" in text) == expected[2]
+
+
+@pytest.mark.parametrize("data_on", ["host", "device"])
+def test_data_on_host_or_device_is_not_searched(monkeypatch, data_on):
+    """--data-on host or device: the images count (or not) as placed, and stay there."""
+    asked = []
+
+    def choose_micro_batch(config, budget_bytes, **fields):
+        asked.append(fields["data_images"])
+        return 2
+
+    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=choose_micro_batch,
+                                                                     format_size=lambda size: f"{size} bytes"))
+    trainer = _placing_trainer(data_on)
+    assert Trainer.micro_batch_for_budget(trainer, 1000) == 2
+    assert set(asked) == {0 if data_on == "host" else 10} and trainer.images_on_host == (data_on == "host")
+    with pytest.raises(DreamError, match="nothing fits"):
+        def nothing_fits(config, budget_bytes, **fields):
+            raise DreamError("nothing fits")
+        monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=nothing_fits,
+                                                                         format_size=str))
+        Trainer.micro_batch_for_budget(_placing_trainer(data_on), 1000)
+
+
+def test_training_with_the_images_on_the_host_takes_the_same_steps(tmp_path):
+    """On the CPU host and device are one memory: --data-on host trains exactly as the default."""
+    runs = [Trainer(small_config(tmp_path / data_on, data_on=data_on, max_steps=3)) for data_on in ("host", "auto")]
+    for trainer in runs:
+        trainer.run()
+    assert [r["loss"] for r in records(tmp_path / "host") if "loss" in r] == \
+        [r["loss"] for r in records(tmp_path / "auto") if "loss" in r]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].model.state_dict().values(),
+                                                 runs[1].model.state_dict().values()))
+    with pytest.raises(DreamError, match="--data-on must be one of auto, device, host, got 'gpu'"):
+        small_config(tmp_path / "bad", data_on="gpu").check()
 
 
 @pytest.mark.parametrize("field_name,value,flag", [
