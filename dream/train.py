@@ -582,7 +582,7 @@ class Trainer:
         folders = {key: str(Path(value).expanduser().resolve()) for key in ("run_dir", "data_root")
                    if (value := getattr(self.config, key))}
         return {**self.config.to_dict(), **folders, "backend": self.backend, "precision": self.precision,
-                "channels_last": self.channels_last}
+                "channels_last": self.channels_last, "data_on": "host" if self.images_on_host else "device"}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])

@@ -612,6 +612,8 @@ def test_training_with_the_images_on_the_host_takes_the_same_steps(tmp_path):
     runs = [Trainer(small_config(tmp_path / data_on, data_on=data_on, max_steps=3)) for data_on in ("host", "auto")]
     for trainer in runs:
         trainer.run()
+    recorded = [json.loads((tmp_path / name / "config.json").read_text())["data_on"] for name in ("host", "auto")]
+    assert recorded == ["device", "device"]  # as resolved: on the CPU the host is the device
     assert [r["loss"] for r in records(tmp_path / "host") if "loss" in r] == \
         [r["loss"] for r in records(tmp_path / "auto") if "loss" in r]
     assert all(torch.equal(a, b) for a, b in zip(runs[0].model.state_dict().values(),
