@@ -777,3 +777,16 @@ def test_gpu_suite_budget_counts_from_its_start_and_keeps_time_to_finish(tmp_pat
     assert gpu_suite.main(["--allow-cpu", "--out", str(tmp_path / "p"), "--budget", str(budget)],
                           start=time.monotonic() - 30) == 1  # fewer than MIN_STAGE_S left: not run
     assert len(limits) == 1
+
+
+def test_param_grads_of_a_generator_are_every_parameter_s():
+    """model.parameters() is a generator: each parameter's gradient all the same, none silently left out."""
+    import torch
+
+    from bench.workloads import grad_names, param_grads
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1, bias=False))
+    model(torch.ones(4, 2)).sum().backward()
+    grads = param_grads(model.parameters())
+    assert len(grads) == len(grad_names(model)) == 3
+    assert all(torch.equal(g, p.grad.flatten()) for g, p in zip(grads, model.parameters(), strict=True))

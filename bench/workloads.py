@@ -62,7 +62,10 @@ def param_grads(params, grads=None) -> tuple[torch.Tensor, ...]:
     Checked one parameter at a time: in one concatenated vector a small parameter's gradient (a norm's
     affine, an attention block's qkv: a few % of the whole norm) could be entirely wrong within a
     model-level tolerance."""
-    grads = [p.grad for p in params] if grads is None else grads
+    params = list(params)  # (model.parameters() is a generator: read once for the grads, once for zip)
+    grads = [p.grad for p in params] if grads is None else list(grads)
+    if len(grads) != len(params):
+        raise ValueError(f"{len(grads)} gradients for {len(params)} parameters")
     return tuple((g if g is not None else torch.zeros_like(p)).detach().float().flatten()
                  for g, p in zip(grads, params))
 

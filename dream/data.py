@@ -180,19 +180,21 @@ def upright(image):
 def as_rgb(image):
     """An 8-bit RGB copy of a PIL image. 16-bit greyscale (modes I;16*, and I as PNG decodes them) is scaled
     by 1/257 to 0..255 first: PIL's own conversion clips it at 255, turning most images white. Float greyscale
-    (mode F, as float TIFFs decode) in [0, 1] is scaled by 255 (PIL's conversion would round it to black),
-    any other clipped to 0..255; NaN is black."""
+    (mode F, as float TIFFs decode) whose finite values lie in [0, 1] is scaled by 255 (PIL's conversion would
+    round it to black), any other clipped to 0..255; NaN is black, +inf white, -inf black."""
     from PIL import Image
 
     if image.mode == "I" or image.mode.startswith("I;16") or image.mode == "F":
         import numpy as np
 
-        levels = np.nan_to_num(np.asarray(image).astype(np.float64), nan=0.0)
+        levels = np.asarray(image).astype(np.float64)
         if image.mode == "F":
-            levels = levels * 255 if levels.size and 0 <= levels.min() and levels.max() <= 1 else levels
-            levels = levels.clip(0, 255)
+            finite = levels[np.isfinite(levels)]
+            unit = finite.size and 0 <= finite.min() and finite.max() <= 1
+            levels = np.nan_to_num(levels, nan=0.0, posinf=1.0 if unit else 255.0, neginf=0.0)
+            levels = (levels * 255 if unit else levels).clip(0, 255)
         else:
-            levels = levels.clip(0, 65535) / 257
+            levels = np.nan_to_num(levels, nan=0.0).clip(0, 65535) / 257
         image = Image.fromarray(np.rint(levels).astype(np.uint8), mode="L")
     return image.convert("RGB")
 
@@ -428,13 +430,16 @@ _DIGESTS = WeakIdKeyDictionary()  # tensor -> (its version counter, its digest) 
 def images_digest(images: torch.Tensor) -> str:
     """SHA-1 of the decoded images' bytes (shape included): equal digests, the same training data. Remembered
     per tensor until it is written to (its version counter moves), so the cache check on load and the
-    trainer's data check hash the ~2 GB of CelebA once."""
-    known = _DIGESTS.get(images)
+    trainer's data check hash the ~2 GB of CelebA once. An inference-mode tensor has no version counter: it is
+    hashed every time."""
+    remembered = not images.is_inference()
+    known = _DIGESTS.get(images) if remembered else None
     if known is not None and known[0] == images._version:
         return known[1]
     digest = hashlib.sha1(f"{tuple(images.shape)}|{images.dtype}|".encode())
     digest.update(memoryview(images.detach().cpu().contiguous().numpy()).cast("B"))
-    _DIGESTS[images] = (images._version, digest.hexdigest())
+    if remembered:
+        _DIGESTS[images] = (images._version, digest.hexdigest())
     return digest.hexdigest()
 
 

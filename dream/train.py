@@ -370,7 +370,10 @@ class Trainer:
 
     def check_micro_batch_budget(self, budget_bytes: int) -> None:
         """An explicit --micro-batch is kept even under --memory-budget; a line says when the estimator puts
-        its step over the budget (on CUDA, out-of-memory recovery then halves it when it must)."""
+        its step over the budget (on CUDA, out-of-memory recovery then halves it when it must). --data-on auto
+        (not on a CPU): the images stay on the host when the step fits the budget only without them."""
+        from dataclasses import replace
+
         from dream.memory import CUDA_ESTIMATE_MARGIN, StepSpec, estimate_step_memory, format_size
 
         spec = StepSpec.from_config(self.config, **self.step_spec_fields(self.checkpointing),
@@ -383,11 +386,22 @@ class Trainer:
             return
         limit = budget_bytes * (1 - (CUDA_ESTIMATE_MARGIN if spec.target == "cuda" else 0.0))
         over = peak > limit
+        where = ""
+        if over and spec.data_images and self.config.data_on == "auto" and self.device.type != "cpu":
+            try:
+                without = estimate_step_memory(replace(spec, data_images=0)).peak_bytes
+            except Exception:  # noqa: BLE001  - the estimate only informs
+                without = None
+            if without is not None and without <= limit:
+                self.images_on_host, peak, over = True, without, False
+                where = (f"; the {spec.data_images} images stay in host memory (on the device the step would not "
+                         f"fit)")
         self.note(f"{'warning: ' if over else ''}--micro-batch {self.micro_batch}: the step is estimated at "
                   f"{format_size(peak)}, {'over' if over else 'within'} --memory-budget {format_size(budget_bytes)}"
-                  + (" (a smaller --micro-batch, or leave it out to have one chosen)" if over else ""),
+                  + (" (a smaller --micro-batch, or leave it out to have one chosen)" if over else "") + where,
                   event="memory_budget", micro_batch=self.micro_batch, budget_bytes=budget_bytes,
-                  estimated_peak_bytes=int(peak), over_budget=over)
+                  estimated_peak_bytes=int(peak), over_budget=over,
+                  data_on="host" if self.images_on_host else "device")
 
     def micro_batch_for_budget(self, budget_bytes: int | None) -> int:
         """The largest micro-batch whose training step fits in `budget_bytes` (None: the device's free
@@ -950,7 +964,8 @@ def trim_log(path: Path, step: int) -> None:
 def foreign_run_files(run_dir: Path) -> list[str]:
     """The files of `run_dir` that training writes or rewrites (config.json, metrics.jsonl) but which hold
     something else: a run's config names its preset and objective; every line of its log but a torn last
-    one is a JSON record with a step or an event, and a torn one is the start of a record ("{...")."""
+    one is a JSON record with a step or an event, and a torn one is the start of a record ("{...") followed by
+    any number of NUL bytes, or NULs alone (appends a crash left unwritten read back as zeros)."""
     foreign = []
     config = run_dir / "config.json"
     if config.is_file():
@@ -967,7 +982,7 @@ def foreign_run_files(run_dir: Path) -> list[str]:
         except (OSError, UnicodeDecodeError):  # not text
             lines = None
         if lines is None or not all(_is_record(line) for line in lines[:-1]) or (
-                lines and not lines[-1].lstrip().startswith("{")):
+                lines and lines[-1].strip("\x00") and not lines[-1].lstrip().startswith("{")):
             foreign.append(log.name)
     return foreign
 

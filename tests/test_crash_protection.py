@@ -674,6 +674,11 @@ def test_a_folder_of_someone_elses_files_is_not_taken_for_a_run(tmp_path):
     with open(tmp_path / "run" / "metrics.jsonl", "a") as log:
         log.write('{"step": 2, "lo')
     assert Trainer(small_config(tmp_path / "run", max_steps=2)).run()["step"] == 2
+    # appends that a machine crash left unwritten read back as NUL bytes, in place of the records' own
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as log:
+        log.write("\x00" * 40)
+    assert Trainer(small_config(tmp_path / "run", max_steps=3)).run()["step"] == 3
+    assert "\x00" not in (tmp_path / "run" / "metrics.jsonl").read_text()
 
 
 def test_a_refused_rerun_leaves_the_run_as_it_was_and_a_refused_new_run_leaves_no_folder(tmp_path):

@@ -58,6 +58,11 @@ def test_float_greyscale_is_scaled_from_0_1_and_clipped_from_0_255(tmp_path, top
     expected = np.rint(np.nan_to_num(levels[:, 5:35]) * 255 / top)  # the centre square, no resize at 30 px
     assert images.shape == (1, 3, 30, 30) and torch.equal(images[0, 0], images[0, 2])
     assert torch.equal(images[0, 0], torch.from_numpy(expected).to(torch.uint8))
+    levels[1, 5], levels[1, 6] = np.inf, -np.inf  # the range is the finite values': +inf white, -inf black
+    Image.fromarray(levels, mode="F").save(tmp_path / "imgs" / "float.tif")
+    images = load_images("folder", str(tmp_path / "imgs"), size=30, cache_dir=tmp_path / "cache-inf")
+    expected[1, 0], expected[1, 1] = 255, 0
+    assert torch.equal(images[0, 0], torch.from_numpy(expected).to(torch.uint8))
 
 
 def test_folder_with_isolated_corrupt_files(tmp_path):
@@ -320,6 +325,12 @@ def test_images_are_hashed_once_until_written_to(tmp_path, monkeypatch):
     images[2, 0, 0, 0] ^= 1  # through the base: the view's version counter moves too
     assert data.images_digest(view) != before
     assert data.images_digest(view) == data.images_digest(view.clone())
+    with torch.inference_mode():  # no version counter to remember a digest by: loading still works
+        hashed.clear()
+        again = load_images("folder", str(tmp_path / "imgs"), size=8, cache_dir=tmp_path / "cache")
+        assert again.is_inference() and data.images_digest(again) == digest and hashed
+        fresh = load_images("folder", str(tmp_path / "imgs"), size=8, cache_dir=tmp_path / "cache2")
+        assert data.images_digest(fresh) == digest
 
 
 def test_a_damaged_foreign_or_old_image_cache_is_decoded_again_with_a_warning(tmp_path):

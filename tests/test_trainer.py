@@ -607,6 +607,40 @@ def test_data_on_host_or_device_is_not_searched(monkeypatch, data_on):
         Trainer.micro_batch_for_budget(_placing_trainer(data_on), 1000)
 
 
+@pytest.mark.parametrize("data_on,device,expected", [
+    ("auto", "cuda", ("host", False)),  # over the budget only with the images: they stay on the host
+    ("device", "cuda", ("device", True)), ("auto", "cpu", ("device", True)),
+])
+def test_an_explicit_micro_batch_over_the_budget_only_with_the_images_keeps_them_on_the_host(
+        monkeypatch, data_on, device, expected):
+    """--micro-batch with --memory-budget: --data-on auto keeps the images off the device where the step would
+    pass the budget with them and fit without (else the allocator's cap would halve the user's micro-batch)."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Spec:
+        data_images: int
+        micro_batch: int
+        target: str
+
+        @classmethod
+        def from_config(cls, config, **fields):
+            return cls(fields["data_images"], fields["micro_batch"], fields["target"])
+
+    peaks = {10: 900, 0: 700}  # bytes with the 10 images on the device, without them; the budget is 800
+
+    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(
+        CUDA_ESTIMATE_MARGIN=0.0, StepSpec=Spec, format_size=lambda size: f"{size} bytes",
+        estimate_step_memory=lambda spec: types.SimpleNamespace(peak_bytes=peaks[spec.data_images])))
+    trainer = _placing_trainer(data_on)
+    trainer.device, trainer.micro_batch = torch.device(device), 2
+    Trainer.check_micro_batch_budget(trainer, 800)
+    text, fields = trainer.notes[-1]
+    assert (fields["data_on"], fields["over_budget"]) == expected
+    assert trainer.images_on_host == (expected[0] == "host")
+    assert ("10 images stay in host memory" in text) == (expected[0] == "host")
+
+
 def test_training_with_the_images_on_the_host_takes_the_same_steps(tmp_path):
     """On the CPU host and device are one memory: --data-on host trains exactly as the default."""
     runs = [Trainer(small_config(tmp_path / data_on, data_on=data_on, max_steps=3)) for data_on in ("host", "auto")]
