@@ -74,10 +74,10 @@ LOCK_FILE = ".lock"
 
 
 @contextmanager
-def folder_lock(folder: Path, name: str = LOCK_FILE):
+def folder_lock(folder: Path, name: str = LOCK_FILE, command: str = "dream"):
     """Hold an exclusive lock (flock) on folder/name while inside; yields None when it is taken, or, when
-    another process holds it, what that process wrote there ("pid N on HOST"). The lock goes with the
-    process, however it ends; the file stays (deleting it would let two processes lock two files)."""
+    another process holds it, what that process wrote there ("<its command>, pid N on HOST"). The lock goes
+    with the process, however it ends; the file stays (deleting it would let two processes lock two files)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
@@ -96,7 +96,7 @@ def folder_lock(folder: Path, name: str = LOCK_FILE):
 
             handle.seek(0)
             handle.truncate()
-            handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            handle.write(f"{command}, pid {os.getpid()} on {socket.gethostname()}")
             handle.flush()
             yield None
         finally:

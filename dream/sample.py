@@ -216,10 +216,10 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
     except ValueError as error:
         raise DreamError(str(error)) from None
     # one process at a time: two writing one set with different settings would mix them under one record
-    with folder_lock(out_dir) as holder:
+    with folder_lock(out_dir, command="dream sample") as holder:
         if holder is not None:
-            raise DreamError(f"{out_dir} is in use by another dream sample or eval ({holder}); let it finish or "
-                             f"stop it, then rerun (or use another output folder)")
+            raise DreamError(f"{out_dir} is in use by another process ({holder}); let it finish or stop it, then "
+                             f"rerun (or use another output folder)")
         # the step noise of ddpm and of ddim with eta > 0 comes from the device's generator (CPU and CUDA streams
         # differ)
         stochastic = {"noise_device": device.type} if sampler == "ddpm" or eta > 0 else {}

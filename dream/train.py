@@ -783,10 +783,10 @@ class Trainer:
         With an explicit --memory-budget on CUDA the allocator is held to it for the whole run, so a step that
         would pass it runs out of memory and is redone with a smaller micro-batch instead of silently using
         more."""
-        with folder_lock(self.run_dir) if self.dist.is_main else nullcontext() as holder:
+        with folder_lock(self.run_dir, command="dream train") if self.dist.is_main else nullcontext() as holder:
             if self.dist.max(int(holder is not None), self.device):  # every rank stops, rank 0 says why
                 self.dist.barrier()  # (a rank leaving while another still tears down its group can abort it)
-                raise DreamError(f"--run-dir {self.run_dir} is in use by another dream train ({holder}); let it "
+                raise DreamError(f"--run-dir {self.run_dir} is in use by another process ({holder}); let it "
                                  f"finish or stop it, then rerun", same_on_every_rank=True)
             try:
                 return self.run_locked(resume)

@@ -793,10 +793,10 @@ def test_a_second_job_in_a_running_jobs_folder_is_refused_in_one_line(tmp_path):
     with folder_lock(run_dir) as holder:
         assert holder is None
         with folder_lock(run_dir) as second:  # another open file: flock refuses it, in this process too
-            assert second == f"pid {os.getpid()} on {os.uname().nodename}"
+            assert second == f"dream, pid {os.getpid()} on {os.uname().nodename}"
         refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2
-    assert refused.stderr == (f"dream train: error: --run-dir {run_dir} is in use by another dream train (pid "
+    assert refused.stderr == (f"dream train: error: --run-dir {run_dir} is in use by another process (dream, pid "
                               f"{os.getpid()} on {os.uname().nodename}); let it finish or stop it, then rerun\n")
     assert not (run_dir / "checkpoints").exists()
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)  # the lock went with it
@@ -831,7 +831,7 @@ def test_a_job_refused_for_the_lock_deletes_nothing_of_the_job_that_holds_it(tmp
     assert second.made_run_dir and run_dir.is_dir()
     with folder_lock(run_dir) as holder:
         assert holder is None
-        with pytest.raises(DreamError, match="is in use by another dream train"):
+        with pytest.raises(DreamError, match=r"is in use by another process \(dream, pid"):
             second.run()
         assert (run_dir / LOCK_FILE).exists()
     assert [path.name for path in run_dir.iterdir()] == [LOCK_FILE]

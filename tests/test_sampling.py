@@ -491,10 +491,11 @@ def test_a_folder_another_process_samples_into_is_refused(tmp_path):
     from dream.files import folder_lock
 
     model, diffusion = tiny_unet(6), GaussianDiffusion("cosine", 10)
-    with folder_lock(tmp_path) as holder:  # the other process (flock: another open file conflicts as one would)
+    # the other process, here a training run in that folder (flock: another open file conflicts as one would)
+    with folder_lock(tmp_path, command="dream train") as holder:
         assert holder is None
-        with pytest.raises(DreamError, match=rf"{tmp_path} is in use by another dream sample or eval "
-                                             rf"\(pid {os.getpid()} on .*\); let it finish"):
+        with pytest.raises(DreamError, match=rf"{tmp_path} is in use by another process "
+                                             rf"\(dream train, pid {os.getpid()} on .*\); let it finish"):
             sample_images(model, diffusion, 2, tmp_path, steps=1, batch_size=2, progress=False)
         assert not (tmp_path / "sampling.json").exists() and not image_path(tmp_path, 0).exists()
     report = sample_images(model, diffusion, 2, tmp_path, steps=1, batch_size=2, progress=False)
