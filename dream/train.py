@@ -128,8 +128,8 @@ class TrainConfig:
             ("sample_every", non_negative_int(self.sample_every), "a non-negative integer (0: no grids)"),
             ("sample_count", positive_int(self.sample_count), "a positive integer"),
             ("sample_steps", positive_int(self.sample_steps), "a positive integer"),
+            ("data_on", self.data_on in DATA_PLACES, f"one of {', '.join(DATA_PLACES)}"),
         ]
-        rules.append(("data_on", self.data_on in DATA_PLACES, f"one of {', '.join(DATA_PLACES)}"))
         for name, ok, wanted in rules:
             if not ok:
                 raise option_error(name, wanted, getattr(self, name))
@@ -339,7 +339,8 @@ class Trainer:
         self.micro_batch = config.micro_batch or self.rank_batch
         self.images_on_host = config.data_on == "host" and device.type != "cpu"
         if config.micro_batch is None and (config.memory_budget is not None or device.type == "cuda"):
-            self.micro_batch = self.micro_batch_for_budget(config.memory_budget)  # --data-on auto: and the images
+            self.micro_batch = self.micro_batch_for_budget(config.memory_budget)  # (--data-on auto: it places
+            # the images too)
         else:
             if config.memory_budget is not None and self.rank_batch % self.micro_batch == 0:
                 self.check_micro_batch_budget(config.memory_budget)
