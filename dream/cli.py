@@ -220,10 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="UNet kernels; auto: triton for the CUDA target (what dream train runs there; eager if "
                         "Triton is not installed), eager for the CPU target")
     p.add_argument("--checkpointing", "--checkpoint", default=None,
-                   choices=["none", "norms", "attention", "resblocks", "all"],
-                   help="activation (gradient) checkpointing policy (norms: triton backend only; default none)")
+                   choices=["none", "norms", "attention", "resblocks", "all", "auto"],
+                   help="activation (gradient) checkpointing policy (norms: triton backend only; default none); "
+                        "auto (with --budget): the policy and micro-batch dream train --checkpointing auto picks")
     p.add_argument("--sweep", action="store_true", help="every checkpointing policy, in one table")
-    p.add_argument("--data-images", type=int, default=0, help="count a uint8 dataset of this many images on the device")
+    p.add_argument("--data-images", type=int, default=0,
+                   help="count a uint8 training set of this many images (64x64: 12,288 bytes each) where --data-on "
+                        "keeps it")
+    p.add_argument("--data-on", default="auto", choices=["auto", "device", "host"],
+                   help="where dream train keeps those images: on the device (counted), in host memory (not "
+                        "counted); auto, as dream train: the device, unless with --budget and the CUDA target "
+                        "the host leaves a larger micro-batch or less recomputation")
     p.add_argument("--target", default="cuda", choices=["cuda", "cpu"],
                    help="whose autocast and dropout rules the estimate follows (default: CUDA's)")
     p.add_argument("--budget", type=memory_size,
@@ -354,34 +361,71 @@ def memory_backend(name: str, target: str) -> str:
 
 
 def run_memory(args) -> int:
-    from dream.memory import (CUDA_ESTIMATE_MARGIN, StepSpec, choose_micro_batch, estimate_step_memory,
-                              format_estimate, format_size, format_sweep, measure_cuda_peak, require_cuda,
-                              sweep_checkpointing)
+    from dataclasses import replace
 
+    from dream.memory import (CUDA_ESTIMATE_MARGIN, StepSpec, choose_micro_batch, estimate_step_memory,
+                              format_estimate, format_size, format_sweep, measure_cuda_peak, plan_step,
+                              require_cuda)
+    from dream.model import policies_for_backend
+
+    auto = args.checkpointing == "auto"
+    if args.sweep and args.checkpointing:
+        raise DreamError(f"--sweep estimates every checkpointing policy; leave out --checkpointing "
+                         f"{args.checkpointing} (or leave out --sweep)")
+    if auto and args.budget is None:
+        raise DreamError("--checkpointing auto picks the policy whose step fits a memory budget: add --budget "
+                         "(e.g. 6.8GB), or use --sweep to see every policy")
+    if auto and args.micro_batch is not None:
+        raise DreamError(f"--checkpointing auto picks the micro-batch too; leave out --micro-batch "
+                         f"{args.micro_batch}")
+    if args.data_images < 0:
+        raise DreamError(f"--data-images must be 0 or more, got {args.data_images}")
     spec = StepSpec(preset=args.preset, model_overrides=model_overrides(args), batch_size=args.batch_size,
                     micro_batch=args.micro_batch, precision=args.precision, objective=args.objective,
                     objective_config={"seed_separate_eps_forward": args.seed_separate_eps_forward},
                     early_backward=not args.single_graph, backend=memory_backend(args.backend, args.target),
-                    checkpointing=args.checkpointing or "none",
-                    data_images=args.data_images, target=args.target, channels_last=args.channels_last)
-    if args.sweep and args.checkpointing:
-        raise DreamError(f"--sweep estimates every checkpointing policy; leave out --checkpointing "
-                         f"{args.checkpointing} (or leave out --sweep)")
+                    checkpointing="none" if auto else args.checkpointing or "none",
+                    data_images=0 if args.data_on == "host" else args.data_images, target=args.target,
+                    channels_last=args.channels_last)
     if args.cuda:
         require_cuda()  # before the estimates, which take seconds
     budget = args.budget
-    estimates = sweep_checkpointing(spec) if args.sweep else [estimate_step_memory(spec)]
+    known = {}  # estimates by normalized spec: the table's whole-batch steps start every micro-batch search
+
+    def estimated(step: StepSpec):
+        key = step.normalized()
+        if key not in known:
+            known[key] = estimate_step_memory(step)
+        return known[key]
+
+    policies = policies_for_backend(spec.backend) if args.sweep or auto else (spec.checkpointing,)
+    table = [estimated(replace(spec, checkpointing=policy)) for policy in policies] if args.sweep else []
+    plan = None  # (micro-batch, policy, images on the host): what dream train --memory-budget does
+    if budget is not None:
+        def micro_batch_for(policy, images_on_host):
+            return choose_micro_batch(replace(spec, checkpointing=policy, data_images=0 if images_on_host
+                                              else spec.data_images), budget, estimate=estimated)
+
+        place = args.data_on == "auto" and spec.target == "cuda" and spec.data_images > 0
+        try:
+            plan = plan_step(policies, spec.batch_size, micro_batch_for, place_images=place)
+        except DreamError:
+            if auto:
+                raise
+    if auto:
+        micro, policy, on_host = plan
+        spec = replace(spec, checkpointing=policy, micro_batch=None if micro == spec.batch_size else micro,
+                       data_images=0 if on_host else spec.data_images)
+    estimates = table or [estimated(spec)]
     if args.cuda:
         for estimate in estimates:
             estimate.cuda_peak_bytes = measure_cuda_peak(estimate.spec)
     reports = [estimate.to_dict() for estimate in estimates]
     lines = []
     if budget is not None:
-        known = {e.spec.normalized(): e for e in estimates}
         for estimate, report in zip(estimates, reports):
             try:
-                micro = choose_micro_batch(estimate.spec, budget,
-                                           estimate=lambda s: known.get(s.normalized()) or estimate_step_memory(s))
+                micro = choose_micro_batch(estimate.spec, budget, estimate=estimated)
                 note = f"largest micro-batch within {format_size(budget)}: {micro}"
                 if estimate.spec.target == "cuda":
                     note += f" (estimates kept under {1 - CUDA_ESTIMATE_MARGIN:.0%} of it)"
@@ -392,7 +436,21 @@ def run_memory(args) -> int:
             limit = int(budget * (1 - (CUDA_ESTIMATE_MARGIN if estimate.spec.target == "cuda" else 0.0)))
             report.update(budget_bytes=budget, budget_limit_bytes=limit, fits_budget=estimate.peak_bytes <= limit,
                           micro_batch_for_budget=micro)
-            lines.append(f"{estimate.spec.checkpointing:<10} {note}" if args.sweep else note)
+            if not auto:
+                lines.append(f"{estimate.spec.checkpointing:<10} {note}" if args.sweep else note)
+        if plan is not None:
+            micro, policy, on_host = plan
+            where = ("" if not args.data_images else f", the {args.data_images} images in host memory" if on_host
+                     else f", the {args.data_images} images on the device")
+            if on_host and spec.data_images and not auto:
+                where += " (on the device: a smaller micro-batch, more recomputation, or no fit)"
+            flags = " --checkpointing auto" if len(policies) > 1 else f" --checkpointing {policy}"
+            lines.append(f"dream train --memory-budget {format_size(budget)}{flags} --data-on {args.data_on} "
+                         f"would take: micro-batch {micro} of {spec.batch_size}, checkpointing {policy}{where}")
+            plan_report = {"micro_batch": micro, "checkpointing": policy,
+                           "data_on": "host" if on_host or args.data_on == "host" else "device"}
+            for report in reports:
+                report["plan"] = plan_report
     if args.json:
         print(json.dumps({"sweep": reports} if args.sweep else reports[0], indent=1))
     else:

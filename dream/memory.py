@@ -676,6 +676,58 @@ def choose_micro_batch(config=None, budget_bytes=None, *, margin: float | None =
     return candidates[high]
 
 
+def plan_step(policies, batch_size: int, micro_batch_for, *, images_on_host: bool = False,
+              place_images: bool = False) -> tuple:
+    """The memory manager's choice under a budget, as (micro_batch, policy, images_on_host): dream train's
+    --checkpointing auto (policies: the candidates, least recomputation first; one policy: that one) and
+    --data-on auto (place_images: the images may move to the host).
+
+    micro_batch_for(policy, images_on_host) -> the largest micro-batch that fits (choose_micro_batch), raising
+    DreamError when not even 1 does. The policy: the first whose whole batch fits, else the one with the
+    largest micro-batch, the first such (an equal micro-batch is not worth more recomputation). The images
+    stay where images_on_host says unless place_images and keeping them on the host gives a larger
+    micro-batch or less recomputation (a batch copied over costs far less than either). Raises the
+    DreamError of the last policy tried when nothing fits (without the images, where they may move)."""
+    policies = tuple(policies)
+
+    def rank(choice):  # (micro, policy): larger micro-batch first, then less recomputation
+        return choice[0], -policies.index(choice[1])
+
+    def best_for(on_host: bool):
+        best = None  # (micro, policy)
+        for policy in policies:
+            try:
+                micro = micro_batch_for(policy, on_host)
+            except DreamError:  # not even a micro-batch of 1 fits: recompute more, unless this was the last
+                if policy == policies[-1] and best is None:
+                    raise
+                continue
+            if best is None or rank((micro, policy)) > rank(best):
+                best = (micro, policy)
+            if micro >= batch_size:
+                break
+        return best
+
+    place_images = place_images and not images_on_host
+    try:
+        try:
+            best = best_for(images_on_host)
+        except DreamError:
+            if not place_images:
+                raise
+            best = None
+        if place_images and best != (batch_size, policies[0]):
+            host = best_for(True)  # (nothing fits even without the images: that error is the one to give)
+            if best is None or rank(host) > rank(best):
+                return (*host, True)
+    except DreamError as error:
+        if len(policies) == 1:
+            raise
+        raise DreamError(str(error).replace("; use activation checkpointing, ", f" with --checkpointing "
+                                            f"{policies[-1]}, the last that auto tries; use ")) from None
+    return (*best, images_on_host)
+
+
 # ----------------------------------------------------------------------------------------------
 # Tables for the CLI
 # ----------------------------------------------------------------------------------------------

@@ -408,59 +408,27 @@ class Trainer:
         """The largest micro-batch whose training step fits in `budget_bytes` (None: the device's free
         memory), by dream.memory's estimator. Without an explicit budget an estimator failure is only a
         warning: the whole batch is tried, and out-of-memory recovery halves it if needed."""
-        from dream.memory import choose_micro_batch, format_size
+        from dream.memory import choose_micro_batch, format_size, plan_step
 
         if budget_bytes is None:
             from dream.memory import default_budget_bytes
 
             budget_bytes = default_budget_bytes(self.device)
-        # with --checkpointing auto: the first policy (least recomputation first) whose whole batch fits,
-        # else the one with the largest micro-batch, the first such in that order (an equal micro-batch is
-        # not worth more recomputation)
+        # --checkpointing auto: plan_step searches the backend's policies (least recomputation first);
+        # --data-on auto (not on a CPU): it may keep the images on the host
         policies = policies_for_backend(self.backend) if self.config.checkpointing == "auto" else (self.checkpointing,)
-
-        def rank(choice):  # (micro, policy): larger micro-batch first, then less recomputation
-            return choice[0], -policies.index(choice[1])
-
-        def best_for(images_on_host: bool):
-            best = None  # (micro, policy)
-            for policy in policies:
-                try:
-                    micro = choose_micro_batch(self.config, budget_bytes, **self.step_spec_fields(policy,
-                                                                                                    images_on_host))
-                except DreamError:  # not even a micro-batch of 1 fits: recompute more, unless this was the last
-                    if policy == policies[-1] and best is None:
-                        raise
-                    continue
-                if best is None or rank((micro, policy)) > rank(best):
-                    best = (micro, policy)
-                if micro >= self.rank_batch:
-                    break
-            return best
-
-        # --data-on auto: the images stay on the host only if the device would fit a smaller micro-batch or
-        # need more recomputation with them (a batch copied over costs far less than either)
         place = self.config.data_on == "auto" and self.device.type != "cpu"
+
+        def micro_batch_for(policy, images_on_host):
+            return choose_micro_batch(self.config, budget_bytes, **self.step_spec_fields(policy, images_on_host))
+
         try:
-            try:
-                best = best_for(self.images_on_host)
-            except DreamError:
-                if not place:
-                    raise
-                best = None
-            if place and (best is None or best != (self.rank_batch, policies[0])):
-                host = best_for(True)  # (nothing fits even without the images: that error is the one to give)
-                if best is None or rank(host) > rank(best):
-                    best, self.images_on_host = host, True
-            micro, policy = best
+            micro, policy, self.images_on_host = plan_step(policies, self.rank_batch, micro_batch_for,
+                                                           images_on_host=self.images_on_host, place_images=place)
         except Exception as error:  # noqa: BLE001
             if self.config.memory_budget is not None and isinstance(error, DreamError):
                 # the estimate of the same step against the same budget: every rank refuses alike
-                text = str(error)
-                if len(policies) > 1:  # --checkpointing auto tried them all
-                    text = text.replace("; use activation checkpointing, ",
-                                        f" with --checkpointing {policies[-1]}, the last that auto tries; use ")
-                raise DreamError(text, same_on_every_rank=True) from None
+                raise DreamError(str(error), same_on_every_rank=True) from None
             if self.config.memory_budget is not None:
                 raise
             self.note(f"memory estimate failed ({type(error).__name__}: {error}); using the whole batch",

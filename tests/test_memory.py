@@ -526,6 +526,37 @@ def test_cli_bad_input_is_one_line(capsys):
                                        "out --checkpointing all (or leave out --sweep)\n")
 
 
+def test_cli_checkpointing_auto_reports_what_the_trainer_would_pick():
+    """--checkpointing auto --budget: dream train's choice (plan_step, tested with the trainer), on the same
+    estimates. At this budget only `norms` fits the whole batch without the images (none: 82.7 MB, norms:
+    76.5 MB, under 94 % of 84 MB = 79.0 MB) and nothing does with them (3.8 MB more), so they go to the host."""
+    argv = ["--preset", "tiny", "--image-size", "8", "--batch", "4", "--checkpointing", "auto", "--budget", "84MB",
+            "--data-images", "20000", "--json"]
+    code, text = run_cli(*argv)
+    report = json.loads(text)
+    assert code == 0 and report["plan"] == {"micro_batch": 4, "checkpointing": "norms", "data_on": "host"}
+    assert report["inputs"]["checkpointing"] == "norms" and report["inputs"]["data_images"] == 0  # the step taken
+    assert report["fits_budget"] and report["micro_batch_for_budget"] == 4
+
+
+@pytest.mark.parametrize("argv, error", [
+    (("--checkpointing", "auto"), "--checkpointing auto picks the policy whose step fits a memory budget: add "
+                                  "--budget (e.g. 6.8GB), or use --sweep to see every policy"),
+    (("--checkpointing", "auto", "--budget", "1GB", "--micro-batch", "2"),
+     "--checkpointing auto picks the micro-batch too; leave out --micro-batch 2"),
+    (("--data-images", "-5"), "--data-images must be 0 or more, got -5"),
+])
+def test_cli_checkpointing_auto_and_data_images_misuse_is_one_line(capsys, monkeypatch, argv, error):
+    import dream.memory
+
+    def estimate(*args, **kwargs):
+        raise AssertionError("estimated before refusing the flags")
+
+    monkeypatch.setattr(dream.memory, "estimate_step_memory", estimate)
+    assert main(["memory", "--preset", "tiny", "--batch", "4", *argv]) == 2
+    assert capsys.readouterr().err == f"dream memory: error: {error}\n"
+
+
 @pytest.mark.parametrize("batch", ["1000000000000000", "100000000000000000000"])
 def test_a_batch_too_large_to_count_is_one_line(capsys, batch):
     """Tensor sizes past 2^63 bytes (torch's own overflow errors, one in a fake tensor's shape computation,

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from dream.errors import DreamError
+from dream.memory import plan_step
 from dream.objectives import ObjectiveConfig, seed
 from dream.train import TrainConfig, Trainer, TrainingAborted, divisor_at_most
 from conftest import ON_GPU
@@ -29,6 +30,11 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 GRAD_TOL = dict(rtol=1e-5, atol=1e-7)
 ACCUMULATION_TOL = dict(rtol=1e-4, atol=2e-5)
 BACKEND_LOSS_RTOL = 2e-3
+
+
+def fake_memory(choose_micro_batch, format_size=lambda size: f"{size} bytes"):
+    """dream.memory as the trainer's memory manager uses it, its estimator replaced by choose_micro_batch."""
+    return types.SimpleNamespace(plan_step=plan_step, choose_micro_batch=choose_micro_batch, format_size=format_size)
 
 
 def small_config(run_dir, **overrides) -> TrainConfig:
@@ -275,8 +281,7 @@ def test_memory_budget_asks_dream_memory_for_the_micro_batch(tmp_path, monkeypat
         asked.update(fields, config=config, budget_bytes=budget_bytes)
         return 3
 
-    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=choose_micro_batch,
-                                                                     format_size=lambda size: f"{size} bytes"))
+    monkeypatch.setitem(sys.modules, "dream.memory", fake_memory(choose_micro_batch))
     trainer = Trainer(small_config(tmp_path, memory_budget=6_800_000_000))
     assert trainer.micro_batch == 2  # the largest divisor of the batch not above the answer
     assert asked["budget_bytes"] == 6_800_000_000 and asked["batch_size"] == 4 and asked["precision"] == "fp32"
@@ -461,8 +466,7 @@ def test_auto_checkpointing_picks_the_least_recomputation_that_fits(tmp_path, mo
         asked.append(fields["checkpointing"])
         return 4 if fields["checkpointing"] in ("resblocks", "all") else 2
 
-    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=choose_micro_batch,
-                                                                     format_size=lambda size: f"{size} bytes"))
+    monkeypatch.setitem(sys.modules, "dream.memory", fake_memory(choose_micro_batch))
     trainer = Trainer(small_config(tmp_path, memory_budget=6_800_000_000, checkpointing="auto"))
     assert asked == ["none", "attention", "resblocks"]
     assert trainer.micro_batch == 4 and trainer.model.checkpointing == "resblocks"
@@ -482,8 +486,7 @@ def test_auto_checkpointing_tries_recomputed_norms_with_the_triton_backend_only(
         asked.append((fields["backend"], fields["checkpointing"]))
         return 4 if fields["checkpointing"] != "none" else 2
 
-    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=choose_micro_batch,
-                                                                     format_size=lambda size: f"{size} bytes"))
+    monkeypatch.setitem(sys.modules, "dream.memory", fake_memory(choose_micro_batch))
     overrides = {"image_size": 8, "base_channels": 16, "dropout": 0.0, "num_heads": 2}
     trainer = Trainer(small_config(tmp_path, memory_budget=6_800_000_000, checkpointing="auto", backend="triton",
                                    model_overrides=overrides))
@@ -507,8 +510,7 @@ def test_auto_checkpointing_goes_on_past_a_policy_where_nothing_fits(tmp_path, m
             raise DreamError("even a micro-batch of 1 needs an estimated ... use activation checkpointing")
         return 2
 
-    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=choose_micro_batch,
-                                                                     format_size=lambda size: f"{size} bytes"))
+    monkeypatch.setitem(sys.modules, "dream.memory", fake_memory(choose_micro_batch))
     trainer = Trainer(small_config(tmp_path, memory_budget=20_000_000, checkpointing="auto"))
     assert asked == ["none", "attention", "resblocks", "all"]  # nothing fits the whole batch: the largest micro-batch
     assert trainer.micro_batch == 2 and trainer.model.checkpointing == "resblocks"  # ("all" recomputes more for it)
@@ -516,8 +518,7 @@ def test_auto_checkpointing_goes_on_past_a_policy_where_nothing_fits(tmp_path, m
     def nothing_fits(config, budget_bytes, **fields):
         raise DreamError("even a micro-batch of 1 needs an estimated ... use activation checkpointing")
 
-    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=nothing_fits,
-                                                                     format_size=str))
+    monkeypatch.setitem(sys.modules, "dream.memory", fake_memory(nothing_fits, str))
     with pytest.raises(DreamError, match="even a micro-batch of 1"):  # nothing fits at all: it says so
         Trainer(small_config(tmp_path / "none", memory_budget=20_000_000, checkpointing="auto"))
 
@@ -533,8 +534,7 @@ def test_auto_checkpointing_without_a_whole_batch_fit_picks_the_largest_micro_ba
     def choose_micro_batch(config, budget_bytes, **fields):
         return micro_of[fields["checkpointing"]]
 
-    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=choose_micro_batch,
-                                                                     format_size=lambda size: f"{size} bytes"))
+    monkeypatch.setitem(sys.modules, "dream.memory", fake_memory(choose_micro_batch))
     trainer = Trainer(small_config(tmp_path, memory_budget=20_000_000, checkpointing="auto"))
     assert (trainer.micro_batch, trainer.model.checkpointing) == expected
     assert setup_records(trainer)[-1]["checkpointing"] == expected[1]
@@ -574,8 +574,7 @@ def test_data_on_auto_keeps_the_images_on_the_host_only_where_that_fits_more(mon
             raise DreamError("even a micro-batch of 1 needs an estimated ... use activation checkpointing")
         return micro
 
-    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=choose_micro_batch,
-                                                                     format_size=lambda size: f"{size} bytes"))
+    monkeypatch.setitem(sys.modules, "dream.memory", fake_memory(choose_micro_batch))
     trainer = _placing_trainer()
     micro = Trainer.micro_batch_for_budget(trainer, 1000)
     assert (micro, trainer.checkpointing, trainer.images_on_host) == expected
@@ -594,16 +593,14 @@ def test_data_on_host_or_device_is_not_searched(monkeypatch, data_on):
         asked.append(fields["data_images"])
         return 2
 
-    monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=choose_micro_batch,
-                                                                     format_size=lambda size: f"{size} bytes"))
+    monkeypatch.setitem(sys.modules, "dream.memory", fake_memory(choose_micro_batch))
     trainer = _placing_trainer(data_on)
     assert Trainer.micro_batch_for_budget(trainer, 1000) == 2
     assert set(asked) == {0 if data_on == "host" else 10} and trainer.images_on_host == (data_on == "host")
     with pytest.raises(DreamError, match="nothing fits"):
         def nothing_fits(config, budget_bytes, **fields):
             raise DreamError("nothing fits")
-        monkeypatch.setitem(sys.modules, "dream.memory", types.SimpleNamespace(choose_micro_batch=nothing_fits,
-                                                                         format_size=str))
+        monkeypatch.setitem(sys.modules, "dream.memory", fake_memory(nothing_fits, str))
         Trainer.micro_batch_for_budget(_placing_trainer(data_on), 1000)
 
 
