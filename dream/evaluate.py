@@ -451,9 +451,9 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
                                                            resolve_backend(backend, device), compile, dtype,
                                                            channels_last)
     size = getattr(model, "_orig_mod", model).config.image_size
-    _, steps_run, _ = checked_sampler(diffusion, sampler, steps, eta)
-    out_dir = Path(out) if out else default_out_dir(state["_path"], sampler, steps_run, eta, seed, dtype, batch_size,
-                                                    use_ema)
+    _, steps_run, eta_run = checked_sampler(diffusion, sampler, steps, eta)  # (ddpm: eta 0 or 1 both run as 1)
+    out_dir = Path(out) if out else default_out_dir(state["_path"], sampler, steps_run, eta_run, seed, dtype,
+                                                    batch_size, use_ema)
     real_set = cache_name = real_images = known_real_count = None  # IS alone scores the samples by themselves
     if "fid" in metrics or "kid" in metrics:
         real_set = resolve_real_set(state["config"], real, real_root, real_split, real_count, exclude=[out_dir],

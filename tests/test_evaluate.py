@@ -641,6 +641,27 @@ def test_default_out_dir_is_beside_the_weights():
                            use_ema=False) == Path("/r/run/eval/ckpt-000000009-ddim50-eta0-seed3-b32-raw")
 
 
+def test_default_out_dir_names_the_eta_that_runs(tmp_path, monkeypatch):
+    """ddpm takes eta 0 (not given) or 1 and runs both as 1: one sample folder, not two of the same images."""
+    checkpoint = make_checkpoint(tmp_path)
+    named = []
+
+    class Named(Exception):
+        pass
+
+    def default_out_dir(checkpoint_path, sampler, steps, eta, *args):
+        named.append((sampler, steps, eta))
+        raise Named
+
+    monkeypatch.setattr(evaluate_module, "default_out_dir", default_out_dir)
+    for sampler, eta in (("ddpm", 0.0), ("ddpm", 1), ("ddim", 0.25)):
+        with pytest.raises(Named):
+            evaluate(str(checkpoint), sampler=sampler, eta=eta, device="cpu", feature_extractor=EXTRACTOR,
+                     cache_dir=tmp_path / "fidelity", progress=False)
+    total = named[0][1]
+    assert named == [("ddpm", total, 1.0), ("ddpm", total, 1.0), ("ddim", 50 if total >= 50 else total, 0.25)]
+
+
 def test_real_statistics_are_keyed_on_the_decoder_version(monkeypatch):
     import dream.data
     from dream.evaluate import real_cache_name
