@@ -139,7 +139,9 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, grad_out):
     a_dtype, b_dtype, bias_dtype = ctx.dtypes
-    grad_bias = grad_out.sum(dim=(0, 2, 3), dtype=torch.float32).to(bias_dtype)
+    grad_bias = None  # a pass over grad_out: only when bias needs it
+    if ctx.needs_input_grad[2]:
+        grad_bias = grad_out.sum(dim=(0, 2, 3), dtype=torch.float32).to(bias_dtype)
     return grad_out.to(a_dtype), grad_out.to(b_dtype), grad_bias
 
 

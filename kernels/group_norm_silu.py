@@ -85,6 +85,8 @@ from kernels.layout import memory_format_of
 
 _MODES = ("pre", "post")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# the kernels address one sample's elements (and count a group's) with 32-bit integers: C*H*W <= 2^31 - 1
+_INT32_MAX = 2 ** 31 - 1
 
 # Test hooks (module globals, patched by tests only):
 # - _POISON_NEW_BUFFERS: fill every buffer the launchers allocate (outputs and partial sums) with
@@ -767,6 +769,9 @@ def _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dr
     N, C, H, W = x.shape
     if x.numel() == 0:
         raise ValueError(f"{op}: x must be non-empty, got shape {tuple(x.shape)}")
+    if not reference and C * H * W > _INT32_MAX:
+        raise ValueError(f"{op}: x has C*H*W = {C * H * W} elements per sample, more than the kernels' 32-bit "
+                         f"offsets address (2^31 - 1); use {op}_reference at this size")
     if not is_int(num_groups) or num_groups <= 0:
         raise ValueError(f"{op}: num_groups must be a positive int, got {num_groups!r}")
     if C % num_groups != 0:
@@ -812,6 +817,25 @@ def _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dr
             raise TypeError(f"{op}: seed must be an int64 tensor of one element, got {what}")
         if not reference and seed.device != x.device:
             raise ValueError(f"{op}: seed is on {seed.device} but x is on {x.device}")
+
+
+def _check_backward_inputs(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu,
+                           dropout_p=0.0, seed=None):
+    """_check_inputs, then dy like x, and mean, rstd as the forward saves them: fp32 (N, num_groups) on x's device
+    (the backward op is public: torch.ops.dream_kernels.group_norm_silu_bwd)."""
+    op = "group_norm_silu backward"
+    _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed)
+    if not isinstance(dy, torch.Tensor) or dy.shape != x.shape or dy.device != x.device:
+        got = f"{tuple(dy.shape)} on {dy.device}" if isinstance(dy, torch.Tensor) else type(dy).__name__
+        raise ValueError(f"{op}: dy has shape {got}, expected {tuple(x.shape)} on {x.device}")
+    stats_shape = (x.shape[0], num_groups)
+    for name, stat in (("mean", mean), ("rstd", rstd)):
+        if (not isinstance(stat, torch.Tensor) or tuple(stat.shape) != stats_shape or stat.dtype != torch.float32
+                or stat.device != x.device):
+            got = f"{stat.dtype} {tuple(stat.shape)} on {stat.device}" if isinstance(stat, torch.Tensor) \
+                else type(stat).__name__
+            raise ValueError(f"{op}: {name} must be the forward's float32 tensor of shape {stats_shape} on "
+                             f"{x.device}, got {got}")
 
 
 def _dropout_constants(dropout_p):
@@ -1179,11 +1203,8 @@ def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mo
               dropout_p=0.0, seed=None, override=None):
     """Launch the backward kernels; returns (dx, dweight, dbias, dscale, dshift), with empty
     tensors for dscale/dshift where scale/shift are None. override: as for _forward."""
-    _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed)
+    _check_backward_inputs(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu, dropout_p, seed)
     _check_device(x)
-    if dy.shape != x.shape or dy.device != x.device:
-        raise ValueError(f"group_norm_silu backward: dy has shape {tuple(dy.shape)} on {dy.device}, "
-                         f"expected {tuple(x.shape)} on {x.device}")
     if override is None:
         override = _tuned_override("bwd", x, num_groups, scale, shift, mode, silu, dropout_p, lambda config: _backward(
             dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu, dropout_p, seed,
@@ -1194,6 +1215,7 @@ def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mo
     memory_format = memory_format_of(x)
     x, (sxn, sxc, sxp) = _dense(x, memory_format)
     dy, (sdyn, sdyc, sdyp) = _dense(dy, memory_format)
+    mean, rstd = mean.contiguous(), rstd.contiguous()  # indexed as n*G + g
     dx = _new_buffer_like(x, memory_format)
     sdxn, sdxc, sdxp = _flat_strides(dx)
     weight_c, bias_c = weight.contiguous(), bias.contiguous()
@@ -1285,6 +1307,7 @@ def _group_norm_silu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
 @_group_norm_silu_bwd.register_fake
 def _group_norm_silu_bwd_fake(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu,
                               dropout_p=0.0, seed=None):
+    _check_backward_inputs(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu, dropout_p, seed)
     return (torch.empty_like(x, memory_format=memory_format_of(x)),
             torch.empty_like(weight), torch.empty_like(bias),
             scale.new_empty(scale.shape) if scale is not None else x.new_empty(0),  # contiguous, as _backward

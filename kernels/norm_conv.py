@@ -119,12 +119,18 @@ def _autograd_backward(ctx, dout, _dmean, _drstd):
     stride, padding, dilation, groups = ctx.conv
     y, _, _ = torch.ops.dream_kernels.group_norm_silu_fwd(x, weight, bias, scale, shift, num_groups, eps, mode,
                                                           silu, dropout_p, seed)
+    # only the gradients autograd asks for: a frozen convolution costs no weight gradient, frozen norm inputs
+    # (x, weight, bias, scale, shift) no norm backward
+    norm_grads = any(ctx.needs_input_grad[:5])
     dy, dconv_weight, dconv_bias = torch.ops.aten.convolution_backward(
         dout, y.to(conv_weight.dtype), conv_weight, [conv_weight.shape[0]] if ctx.has_conv_bias else None,
-        stride, padding, dilation, False, [0, 0], groups, [True, True, ctx.has_conv_bias])
+        stride, padding, dilation, False, [0, 0], groups,
+        [norm_grads, ctx.needs_input_grad[11], ctx.has_conv_bias and ctx.needs_input_grad[12]])
     del y
-    dx, dweight, dbias, dscale, dshift = torch.ops.dream_kernels.group_norm_silu_bwd(
-        dy.to(x.dtype), x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu, dropout_p, seed)
+    dx = dweight = dbias = dscale = dshift = None
+    if norm_grads:
+        dx, dweight, dbias, dscale, dshift = torch.ops.dream_kernels.group_norm_silu_bwd(
+            dy.to(x.dtype), x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu, dropout_p, seed)
     return (dx, dweight, dbias,
             dscale if scale is not None else None,
             dshift if shift is not None else None,

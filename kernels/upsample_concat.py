@@ -42,6 +42,8 @@ from kernels.device import check_interpreter_device, is_interpreted, on_tensor_d
 from kernels.layout import memory_format_of
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# the kernels address one sample's elements with 32-bit integers (the sample's own offset is 64-bit)
+_INT32_MAX = 2 ** 31 - 1
 
 
 @triton.jit
@@ -158,6 +160,14 @@ def _check_inputs(h, skip, h_bias=None) -> None:
             raise ValueError(f"upsample2x_concat: {name} must be non-empty, got shape {tuple(t.shape)}")
     if skip.device != h.device:
         raise ValueError(f"upsample2x_concat: skip is on {skip.device} but h is on {h.device}")
+    out_per_sample = (h.shape[1] + skip.shape[1]) * h.shape[2] * h.shape[3]
+    extents = [("the output", out_per_sample - 1)] + [
+        (name, sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:])))
+        for name, t in (("h", h), ("skip", skip))]
+    for name, extent in extents:
+        if extent > _INT32_MAX:
+            raise ValueError(f"upsample2x_concat: {name} spans {extent + 1} elements per sample, more than the "
+                             f"kernels' 32-bit offsets address (2^31); use upsample2x_concat_reference")
     if skip.shape[0] != h.shape[0]:
         raise ValueError(f"upsample2x_concat: h and skip must have the same batch, got {h.shape[0]} and {skip.shape[0]}")
     if (2 * skip.shape[2], 2 * skip.shape[3]) != tuple(h.shape[2:]):

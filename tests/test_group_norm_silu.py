@@ -646,6 +646,28 @@ def test_opcheck(op_name, dropout_p, scale_layout):
     torch.library.opcheck(getattr(torch.ops.dream_kernels, op_name).default, args)
 
 
+def test_backward_op_reads_strided_statistics_and_refuses_wrong_ones():
+    """The public backward op indexes mean and rstd as dense (N, num_groups) fp32: a strided view holding the
+    forward's values gives the same gradients, a wrong shape or dtype a one-line error naming it (also on meta)."""
+    N, C, H, W, G = 3, 8, 2, 3, 4
+    x, weight, bias, scale, _, dy = _make_inputs((N, C, H, W, G), torch.float32, torch.float32, True, False, False, 11)
+    _, mean, rstd = torch.ops.dream_kernels.group_norm_silu_fwd(x, weight, bias, scale, None, G, EPS, "pre", True)
+    expected = torch.ops.dream_kernels.group_norm_silu_bwd(dy, x, weight, bias, scale, None, mean, rstd, G, EPS,
+                                                           "pre", True)
+    strided_mean, strided_rstd = (stat.t().contiguous().t() for stat in (mean, rstd))  # strides (1, N)
+    got = torch.ops.dream_kernels.group_norm_silu_bwd(dy, x, weight, bias, scale, None, strided_mean, strided_rstd,
+                                                      G, EPS, "pre", True)
+    for name, actual, wanted in zip(("dx", "dweight", "dbias", "dscale"), got, expected):
+        assert torch.equal(actual, wanted), name
+    bad_stats = [("mean", torch.zeros(N, G + 1, device=DEVICE), rstd), ("rstd", mean, rstd.half()),
+                 ("mean", mean.reshape(-1), rstd)]
+    for name, bad_mean, bad_rstd in bad_stats:
+        for device in (DEVICE, "meta"):
+            args = [t.to(device) for t in (dy, x, weight, bias, scale, bad_mean, bad_rstd)]
+            with pytest.raises(ValueError, match=f"group_norm_silu backward: {name} must be the forward's float32"):
+                torch.ops.dream_kernels.group_norm_silu_bwd(*args[:5], None, *args[5:], G, EPS, "pre", True)
+
+
 def test_torch_compile_fullgraph_forward_and_backward():
     torch._dynamo.reset()
 
@@ -730,6 +752,24 @@ def test_clear_errors(change, error, message, reference_too):
     for fn in (group_norm_silu, group_norm_silu_reference) if reference_too else (group_norm_silu,):
         with pytest.raises(error, match=message):
             fn(**args)
+
+
+def test_samples_beyond_32_bit_offsets_are_refused():
+    """The kernels address one sample's C*H*W elements with int32 offsets (a sample's own offset is int64): a
+    sample of 2^31 elements would wrap around to negative addresses, so it is a one-line error instead, in
+    group_norm_silu_conv2d too. On meta tensors: nothing is allocated."""
+    from kernels import group_norm_silu_conv2d
+
+    def args(channels):
+        x = torch.empty(2, channels, 4096, 4096, device="meta", dtype=torch.float16)
+        return x, torch.empty(channels, device="meta"), torch.empty(channels, device="meta"), 1
+
+    assert group_norm_silu(*args(127)).shape == (2, 127, 4096, 4096)  # 127 * 2^24 < 2^31
+    with pytest.raises(ValueError, match=r"group_norm_silu: x has C\*H\*W = 2147483648 elements per sample"):
+        group_norm_silu(*args(128))
+    conv_weight = torch.empty(4, 128, 1, 1, device="meta", dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"group_norm_silu_conv2d: x has C\*H\*W = 2147483648 elements"):
+        group_norm_silu_conv2d(*args(128), conv_weight)
 
 
 def test_reference_accepts_float64_and_rejects_integers():

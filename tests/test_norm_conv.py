@@ -209,6 +209,45 @@ def test_autocast_casts_the_convolution_as_f_conv2d_does():
         assert grad.dtype == leaves[name].dtype and torch.equal(grad, expected), name
 
 
+def test_backward_computes_only_the_gradients_asked_for():
+    """A frozen convolution (weight and bias without requires_grad) costs no weight gradient, and frozen norm
+    inputs no norm backward; the gradients that are asked for stay those of the reference."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordCalls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append((func, args))
+            return func(*args, **(kwargs or {}))
+
+    shape = SHAPES[0]
+    leaves, dout = _inputs(shape, torch.float32, False, True, True, 23)
+    _, _, _, _, groups, _, _, stride, padding = shape
+    for frozen in (("conv_weight", "conv_bias"), ("x", "weight", "bias", "scale", "shift")):
+        inputs = {name: leaf.detach().requires_grad_(name not in frozen) for name, leaf in leaves.items()}
+        out = group_norm_silu_conv2d(inputs["x"], inputs["weight"], inputs["bias"], groups, inputs["conv_weight"],
+                                     inputs["conv_bias"], stride, padding, scale=inputs["scale"],
+                                     shift=inputs["shift"])
+        with RecordCalls() as record:
+            out.backward(dout)
+        masks = [args[-1] for func, args in record.calls if func is torch.ops.aten.convolution_backward.default]
+        norm_backward = torch.ops.dream_kernels.group_norm_silu_bwd.default
+        norm_backwards = [func for func, _ in record.calls if func is norm_backward]
+        assert masks == ([[True, False, False]] if "conv_weight" in frozen else [[False, True, True]]), masks
+        assert len(norm_backwards) == (0 if "x" in frozen else 1)
+        reference = {name: leaf.detach().double().requires_grad_(name not in frozen) for name, leaf in leaves.items()}
+        group_norm_silu_conv2d_reference(reference["x"], reference["weight"], reference["bias"], groups,
+                                         reference["conv_weight"], reference["conv_bias"], stride, padding,
+                                         scale=reference["scale"], shift=reference["shift"]).backward(dout.double())
+        for name, leaf in inputs.items():
+            assert (leaf.grad is None) == (name in frozen), name
+            if leaf.grad is not None:
+                assert _rel_err(leaf.grad, reference[name].grad) <= TOLERANCE[torch.float32], name
+
+
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["no_dropout", "dropout"])
 def test_opcheck(dropout_p):
     """The fake implementation against the real op (shapes, dtypes, strides), autograd registration."""

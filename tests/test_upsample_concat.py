@@ -219,6 +219,21 @@ def test_backward_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
 
 
+def test_samples_beyond_32_bit_offsets_are_refused():
+    """The kernels address one sample's elements with int32 offsets (a sample's own offset is int64): an output
+    sample of more than 2^31 elements, or an input view spanning that many, is a one-line error, not wrapped-around
+    addresses. On meta tensors: nothing is allocated."""
+    def meta(*shape):
+        return torch.empty(*shape, device="meta", dtype=torch.float16)
+
+    assert upsample2x_concat(meta(1, 63, 8192, 4096), meta(1, 1, 4096, 2048)).shape == (1, 64, 8192, 4096)
+    with pytest.raises(ValueError, match="upsample2x_concat: the output spans 2181038080 elements per sample"):
+        upsample2x_concat(meta(1, 64, 8192, 4096), meta(1, 1, 4096, 2048))
+    skip_view = torch.empty_strided((1, 2, 2, 2), (1, 2 ** 31, 2, 1), device="meta")  # channels 2^31 apart
+    with pytest.raises(ValueError, match="upsample2x_concat: skip spans 2147483652 elements per sample"):
+        upsample2x_concat(meta(1, 3, 4, 4).float(), skip_view)
+
+
 def test_opcheck():
     """The fake implementations against the real ops (shapes, dtypes, strides), autograd registration."""
     for layout, with_bias in (("nchw", True), ("mixed", False)):
