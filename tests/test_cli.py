@@ -41,6 +41,31 @@ def test_every_flag_is_explained_and_shows_its_default():
     assert "(default: None)" not in text and "(default: False)" not in text
 
 
+
+def test_train_defaults_are_the_seeds_recipe(monkeypatch, tmp_path):
+    """`dream train` with no flags: the seed's recipe (batch 128, AdamW lr 2e-4, 100 epochs, clipping 1.0,
+    EMA 0.9999, cosine T = 1000, the seed objective from epoch 10 with lambda_max 0.5, alpha 0.7, a 20-epoch
+    ramp), the same as TrainConfig's and ObjectiveConfig's defaults (the flags repeat them)."""
+    from dream.objectives import ObjectiveConfig
+    from dream.train import TrainConfig
+
+    seen = []
+    monkeypatch.setattr("dream.train.train", lambda config, resume=None: seen.append(config) or {
+        "last": {}, "step": 0, "epoch": 0, "checkpoint_dir": str(tmp_path), "grid": None})
+    assert main(["train", "--run-dir", str(tmp_path)]) == 0
+    config = seen[0]
+    recipe = {"preset": "seed", "batch_size": 128, "lr": 2e-4, "weight_decay": 0.0, "epochs": 100, "grad_clip": 1.0,
+              "ema_decay": 0.9999, "ema_warmup": False, "schedule": "cosine", "num_timesteps": 1000,
+              "objective": "seed", "precision": "auto", "micro_batch": None, "max_steps": None}
+    assert {key: getattr(config, key) for key in recipe} == recipe
+    assert {key: getattr(TrainConfig(), key) for key in recipe} == recipe
+    objective = ObjectiveConfig(**config.objective_config)
+    assert objective == ObjectiveConfig()
+    assert (objective.dream_start_epoch, objective.lambda_max, objective.alpha, objective.ramp_epochs,
+            objective.seed_separate_eps_forward, objective.paper_power, objective.paper_loss) == (
+            10, 0.5, 0.7, 20.0, False, 1.0, "mse")
+    assert config.model_overrides == {}
+
 @pytest.mark.parametrize("args,message", [
     (["train", "--data", "folder", "--data-root", "/nonexistent/faces"], "/nonexistent/faces does not exist"),
     (["train", "--data", "celeba", "--data-root", "/nonexistent/celeba"], "CelebA not found"),

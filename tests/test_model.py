@@ -3,15 +3,114 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from dream.info import model_info
-from dream.model import UNet, build_unet, count_parameters, make_config, resize_skip, timestep_embedding
+from dream.model import (Attention, UNet, build_unet, count_parameters, make_config, resize_skip,
+                         timestep_embedding)
 
 
 def test_parameter_counts_match_the_seed():
     assert count_parameters(build_unet("seed")) == 54_846_979
     assert count_parameters(build_unet("tiny")) == 3_438_979
+
+
+def test_seed_preset_has_the_seeds_numbers():
+    """Base 128, 128 -> 256 -> 512 (-> 512 middle), 2 ResBlocks a level, GroupNorm(8) (PyTorch's eps), dropout
+    0.1, attention with 8 heads of 64 dims at 16x16 and in the middle, a 512-d time embedding. (The parameter
+    count does not pin the groups, heads, dropout or eps.)"""
+    model = build_unet("seed")
+    config = model.config
+    assert (config.base_channels, config.channel_mults, config.num_res_blocks) == (128, (1, 2, 4), 2)
+    assert (config.num_groups, config.num_heads, config.dropout, config.norm_eps) == (8, 8, 0.1, 1e-5)
+    assert config.time_embed_dim == 512 and config.image_size // 2 ** config.attention_levels[0] == 16
+    assert all(m.num_groups == 8 and m.eps == 1e-5 for m in model.modules() if isinstance(m, nn.GroupNorm))
+    assert all(m.p == 0.1 for m in model.modules() if isinstance(m, nn.Dropout))
+    heads = [(m.norm.num_channels, m.num_heads) for m in model.modules() if isinstance(m, Attention)]
+    assert heads == [(512, 8)] * 3  # down 16x16, middle 8x8, up 16x16
+
+
+def seed_resblock(p, name, x, temb):
+    """The seed's MemoryOptimizedResBlock.forward, line by line (GroupNorm(8), dropout 0.1)."""
+    h = F.conv2d(F.silu(F.group_norm(x, 8, p[name + "norm1.weight"], p[name + "norm1.bias"])),
+                 p[name + "conv1.weight"], p[name + "conv1.bias"], padding=1)
+    time_emb = F.linear(F.silu(temb), p[name + "time_mlp.1.weight"], p[name + "time_mlp.1.bias"])
+    scale, shift = time_emb.view(time_emb.shape[0], -1, 1, 1).chunk(2, dim=1)
+    h = h * (1 + scale) + shift
+    h = F.dropout(F.silu(F.group_norm(h, 8, p[name + "norm2.weight"], p[name + "norm2.bias"])), 0.1, training=True)
+    h = F.conv2d(h, p[name + "conv2.weight"], p[name + "conv2.bias"], padding=1)
+    skip = F.conv2d(x, p[name + "skip.weight"], p[name + "skip.bias"]) if name + "skip.weight" in p else x
+    return h + skip
+
+
+def seed_attention(p, name, x, num_heads=8):
+    """The seed's MemoryEfficientAttention.forward, line by line."""
+    b, c, height, width = x.shape
+    qkv = F.conv2d(F.group_norm(x, 8, p[name + "norm.weight"], p[name + "norm.bias"]), p[name + "qkv.weight"],
+                   p[name + "qkv.bias"])
+    q, k, v = (u.reshape(b, num_heads, c // num_heads, height * width) for u in qkv.chunk(3, dim=1))
+    attn = F.softmax(torch.einsum("bhcn,bhcm->bhnm", q, k) * (c // num_heads) ** -0.5, dim=-1)
+    out = torch.einsum("bhnm,bhcm->bhcn", attn, v).reshape(b, c, height, width)
+    return x + F.conv2d(out, p[name + "proj_out.weight"], p[name + "proj_out.bias"])
+
+
+def seed_unet(p, x, t, levels=3, attention_level=2, res_blocks=2):
+    """The seed's UNet as shared/notes/seed-model.md states it, from the seed's blocks above: sinusoidal
+    embedding of the base width, Linear-SiLU-Linear; per level ResBlocks (+ attention), a stride-2 conv whose
+    output is the skip; middle Res-Attn-Res; per level a transposed conv, cat[h, bilinear(skip)], ResBlocks
+    (+ attention); GroupNorm, SiLU, conv."""
+    temb = timestep_embedding(t, p["time_mlp.0.weight"].shape[1]).to(x.dtype)
+    temb = F.linear(F.silu(F.linear(temb, p["time_mlp.0.weight"], p["time_mlp.0.bias"])),
+                    p["time_mlp.2.weight"], p["time_mlp.2.bias"])
+    h = F.conv2d(x, p["conv_in.weight"], p["conv_in.bias"], padding=1)
+    skips = []
+    for level in range(levels):
+        for i in range(res_blocks):
+            h = seed_resblock(p, f"down.{level}.blocks.{i}.", h, temb)
+        if level == attention_level:
+            h = seed_attention(p, f"down.{level}.blocks.{res_blocks}.", h)
+        h = F.conv2d(h, p[f"down.{level}.downsample.weight"], p[f"down.{level}.downsample.bias"], stride=2, padding=1)
+        skips.append(h)
+    h = seed_attention(p, "mid.1.", seed_resblock(p, "mid.0.", h, temb))
+    h = seed_resblock(p, "mid.2.", h, temb)
+    for stage, level in enumerate(reversed(range(levels))):
+        h = F.conv_transpose2d(h, p[f"up.{stage}.upsample.weight"], p[f"up.{stage}.upsample.bias"], stride=2,
+                               padding=1)
+        skip = F.interpolate(skips.pop(), size=h.shape[-2:], mode="bilinear", align_corners=False)
+        h = torch.cat([h, skip], dim=1)
+        for i in range(res_blocks):
+            h = seed_resblock(p, f"up.{stage}.blocks.{i}.", h, temb)
+        if level == attention_level:
+            h = seed_attention(p, f"up.{stage}.blocks.{res_blocks}.", h)
+    h = F.silu(F.group_norm(h, 8, p["norm_out.weight"], p["norm_out.bias"]))
+    return F.conv2d(h, p["conv_out.weight"], p["conv_out.bias"], padding=1)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_unet_is_the_seeds_model_written_independently(backend):
+    """The UNet in training mode (dropout on) against seed_unet in float64, same dropout masks (dropout is
+    the only random draw, in the same order): pins the ResBlock's order (scale before shift, both before
+    the second norm; dropout between SiLU and conv2), the time MLPs, where skips are taken and the head."""
+    model = build_unet("tiny", image_size=16, backend=backend).double().train()  # the seed's numbers, base 32
+    with torch.no_grad():
+        for param in model.parameters():  # random norms and a non-zero head: every path matters
+            param.add_(0.1 * torch.randn_like(param))
+    params = dict(model.named_parameters())
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    t = torch.tensor([7, 901])
+    torch.manual_seed(4)
+    ours = model(x, t)
+    torch.manual_seed(4)
+    reference = seed_unet(params, x, t)
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
+    weights = torch.randn_like(ours)
+    # autograd.grad also fails if the reference left a parameter unused
+    for a, b in zip(torch.autograd.grad((ours * weights).sum(), list(params.values())),
+                    torch.autograd.grad((reference * weights).sum(), list(params.values()))):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    model.eval()
+    assert not torch.allclose(model(x, t), ours)  # the dropout masks were in play
 
 
 def test_seed_forward_flops_per_image():

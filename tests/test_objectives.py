@@ -133,6 +133,8 @@ def test_paper_dream(power, l1):
     torch.manual_seed(5)  # same dropout mask for the trained forward (the no-grad one runs without dropout)
     expected = expected_paper(model, x0, noise, t, power, l1)
     torch.testing.assert_close(loss.double(), expected, rtol=2e-5, atol=1e-8)
+    for a, b in zip(grads(model, loss), grads(model, expected)):  # no gradient through the estimate eps_hat
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
 
 
 @pytest.mark.parametrize("name,epoch", [("standard", 0), ("seed", 12), ("paper", 0)])
