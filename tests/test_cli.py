@@ -41,7 +41,6 @@ def test_every_flag_is_explained_and_shows_its_default():
     assert "(default: None)" not in text and "(default: False)" not in text
 
 
-
 def test_train_defaults_are_the_seeds_recipe(monkeypatch, tmp_path):
     """`dream train` with no flags: the seed's recipe (batch 128, AdamW lr 2e-4, 100 epochs, clipping 1.0,
     EMA 0.9999, cosine T = 1000, the seed objective from epoch 10 with lambda_max 0.5, alpha 0.7, a 20-epoch
@@ -65,6 +64,7 @@ def test_train_defaults_are_the_seeds_recipe(monkeypatch, tmp_path):
             objective.seed_separate_eps_forward, objective.paper_power, objective.paper_loss) == (
             10, 0.5, 0.7, 20.0, False, 1.0, "mse")
     assert config.model_overrides == {}
+
 
 @pytest.mark.parametrize("args,message", [
     (["train", "--data", "folder", "--data-root", "/nonexistent/faces"], "/nonexistent/faces does not exist"),
