@@ -40,11 +40,12 @@ from dream.data import DeviceBatches, images_digest, import_torchvision, load_im
 from dream.diffusion import GaussianDiffusion
 from dream.ema import EMA
 from dream.errors import DreamError, option_error
-from dream.files import LOCK_FILE, atomic_write_text, folder_lock, folder_problem
+from dream.files import LOCK_FILE, atomic_file, atomic_write_text, folder_lock, folder_problem
 from dream.math_flags import use_fast_math
 from dream.model import (PRECISION_DTYPES, PRECISIONS, UNet, autocast_for, check_backend_device, make_config,
                          policies_for_backend, resolve_channels_last)
 from dream.objectives import OBJECTIVE_SETTINGS, ObjectiveConfig, get_objective
+from dream.sample import image_done
 from dream.seeding import check_seed, mixed_seed
 
 
@@ -565,7 +566,8 @@ class Trainer:
         folders = {key: str(Path(value).expanduser().resolve()) for key in ("run_dir", "data_root")
                    if (value := getattr(self.config, key))}
         return {**self.config.to_dict(), **folders, "backend": self.backend, "precision": self.precision,
-                "channels_last": self.channels_last, "data_on": "host" if self.images_on_host else "device"}
+                "checkpointing": self.checkpointing, "channels_last": self.channels_last,
+                "data_on": "host" if self.images_on_host else "device"}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -675,6 +677,17 @@ class Trainer:
         for flag, old, new in changes:
             self.note(f"{flag} {new!r} from this command (the checkpoint's run had {old!r})",
                       event="hyperparameter", flag=flag, old=old, new=new)
+        # how the step runs may change too (speed and memory, not the course: the same batches, gradients
+        # equal up to rounding); noted, since config.json now holds this command's
+        data_on = "host" if self.images_on_host else "device"
+        for flag, key, now in (("--backend", "backend", self.backend), ("--compile", "compile", self.config.compile),
+                               ("--checkpointing", "checkpointing", self.checkpointing),
+                               ("--channels-last", "channels_last", self.channels_last),
+                               ("--data-on", "data_on", data_on)):
+            old = saved.get(key)
+            if old is not None and old != "auto" and old != now:
+                self.note(f"{flag} {now!r} in this command (the checkpoint's run had {old!r})", event="setting",
+                          flag=flag, old=old, new=now)
         return True
 
     def apply_hyperparameters(self) -> list[tuple[str, object, object]]:
@@ -708,7 +721,8 @@ class Trainer:
                                                 x_T=self.sample_noise.to(self.device), progress=False)
         self.model.train(was_training)
         grid = torchvision.utils.make_grid((x.float().clamp(-1, 1) + 1) / 2, nrow=int(math.ceil(len(x) ** 0.5)))
-        torchvision.utils.save_image(grid, path)
+        with atomic_file(path, durable=False) as f:  # a kill mid-write leaves no torn grid that a rerun keeps
+            torchvision.utils.save_image(grid, f, format="png")
         return path
 
     def log(self, record: dict) -> None:
@@ -835,7 +849,7 @@ class Trainer:
                                f"{self.resume_hint} to go on from it.", same_on_every_rank=True)
             self.save_checkpoint()
             grid = self.run_dir / "samples" / f"grid-{self.step:09d}.png"
-            if config.sample_every and not grid.exists():
+            if config.sample_every and not image_done(grid):  # missing, or cut short (a full disk, a kill)
                 self.save_sample_grid()
         self.dist.barrier()
         return {"step": self.step, "epoch": self.epoch, "last": last, "grid": str(grid) if grid.exists() else None,

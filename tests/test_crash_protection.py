@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -495,6 +496,21 @@ def test_resume_takes_this_commands_optimizer_and_ema_settings(tmp_path):
         ("--grad-clip", 1.0, 0.5)
 
 
+def test_resume_notes_a_change_in_how_the_step_runs(tmp_path):
+    """Backend, compile, checkpointing, layout and where the images are kept may change between reruns (speed and
+    memory, not the course); config.json takes this command's, so each change is noted in metrics.jsonl."""
+    Trainer(small_config(tmp_path, max_steps=2)).run()
+    Trainer(small_config(tmp_path, max_steps=3, backend="sdpa", checkpointing="resblocks")).run()
+    notes = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    changed = [(r["flag"], r["old"], r["new"]) for r in notes if r.get("event") == "setting"]
+    assert changed == [("--backend", "eager", "sdpa"), ("--checkpointing", "none", "resblocks")]
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["backend"], saved["checkpointing"]) == ("sdpa", "resblocks")
+    Trainer(small_config(tmp_path, max_steps=4, backend="sdpa", checkpointing="resblocks")).run()  # no change
+    notes = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["flag"], r["old"], r["new"]) for r in notes if r.get("event") == "setting"] == changed
+
+
 def test_resume_refuses_another_objective_setting(tmp_path):
     """The objective's settings fix the run's course like the objective itself: a change is refused, naming it,
     whether given or left to its default on either side."""
@@ -627,6 +643,33 @@ def test_ctrl_c_during_the_final_sample_grid_is_the_resume_line(tmp_path, monkey
         except KeyboardInterrupt:  # escaping, it would stop the whole pytest session
             pytest.fail("a bare KeyboardInterrupt (a traceback for the user) escaped the trainer")
     assert load_checkpoint(tmp_path / "checkpoints")["step"] == 3
+
+
+def test_a_sample_grid_cut_short_by_a_stop_is_made_again_by_the_rerun(tmp_path, monkeypatch):
+    """A stop while the final grid is written (here: half its bytes, then Ctrl-C) leaves no torn PNG that the
+    rerun, which makes only a missing grid, would take for done."""
+    import io
+
+    import torchvision
+
+    from dream.sample import image_done
+
+    config = small_config(tmp_path, max_steps=3, sample_every=10, sample_count=1, sample_steps=2)
+    save_image = torchvision.utils.save_image
+
+    def stopped_halfway(tensor, fp, format=None):
+        whole = io.BytesIO()
+        save_image(tensor, whole, format="png")
+        with (open(fp, "wb") if isinstance(fp, (str, Path)) else nullcontext(fp)) as f:
+            f.write(whole.getvalue()[:len(whole.getvalue()) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torchvision.utils, "save_image", stopped_halfway)
+    with pytest.raises(Interrupted):
+        Trainer(config).run()
+    monkeypatch.setattr(torchvision.utils, "save_image", save_image)
+    result = Trainer(config).run()
+    assert result["grid"] and image_done(Path(result["grid"])), "the rerun left the grid cut short"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -470,10 +470,12 @@ def test_auto_checkpointing_picks_the_least_recomputation_that_fits(tmp_path, mo
     trainer = Trainer(small_config(tmp_path, memory_budget=6_800_000_000, checkpointing="auto"))
     assert asked == ["none", "attention", "resblocks"]
     assert trainer.micro_batch == 4 and trainer.model.checkpointing == "resblocks"
+    assert trainer.resolved_config()["checkpointing"] == "resblocks"  # config.json: the policy, not "auto"
     fixed = Trainer(small_config(tmp_path / "fixed", memory_budget=6_800_000_000, checkpointing="attention"))
     assert asked[3:] == ["attention"] and fixed.micro_batch == 2 and fixed.model.checkpointing == "attention"
     plain = Trainer(small_config(tmp_path / "plain", checkpointing="auto"))  # CPU, no budget: no estimate
     assert len(asked) == 4 and plain.model.checkpointing == "none"
+    assert plain.resolved_config()["checkpointing"] == "none"
     assert setup_records(plain)[-1] == {"event": "memory_budget", "step": 0, "epoch": 0, "checkpointing": "none"}
 
 
