@@ -12,6 +12,8 @@ class DreamError(Exception):
         self.same_on_every_rank = same_on_every_rank
 
 
-def option_error(field: str, wanted: str, value) -> DreamError:
-    """"--lambda-max must be in [0, 1], got 1.2": a config field named as its command-line flag."""
-    return DreamError(f"--{field.replace('_', '-')} must be {wanted}, got {value!r}", same_on_every_rank=True)
+def option_error(field: str, wanted: str, value, flag: str | None = None) -> DreamError:
+    """"--lambda-max must be in [0, 1], got 1.2": a config field named as its command-line flag (by default
+    --field-name)."""
+    flag = flag or f"--{field.replace('_', '-')}"
+    return DreamError(f"{flag} must be {wanted}, got {value!r}", same_on_every_rank=True)

@@ -130,10 +130,12 @@ class TrainConfig:
             ("sample_count", positive_int(self.sample_count), "a positive integer"),
             ("sample_steps", positive_int(self.sample_steps), "a positive integer"),
             ("data_on", self.data_on in DATA_PLACES, f"one of {', '.join(DATA_PLACES)}"),
+            ("num_timesteps", isinstance(self.num_timesteps, int) and self.num_timesteps >= 2, "at least 2"),
+            ("data_count", self.data_count is None or positive_int(self.data_count), "a positive integer"),
         ]
         for name, ok, wanted in rules:
             if not ok:
-                raise option_error(name, wanted, getattr(self, name))
+                raise option_error(name, wanted, getattr(self, name), FLAGS.get(name))
         check_seed(self.seed)
         ObjectiveConfig(**self.objective_config)
 
@@ -259,7 +261,14 @@ class Trainer:
             problem = folder_problem(self.run_dir)  # before the slow setup; makes the folder
             if problem:
                 raise DreamError(f"--run-dir: {problem}")
-            self.model_config = make_config(config.preset, **config.model_overrides)
+            try:
+                self.model_config = make_config(config.preset, **config.model_overrides)
+            except ValueError as error:  # "image_size 30 must be ...": named as the flag that set it
+                text = str(error)
+                for key, flag in MODEL_FLAGS.items():
+                    if key in config.model_overrides and text.startswith(key + " "):
+                        text = flag + text[len(key):]
+                raise DreamError(text, same_on_every_rank=True) from None
             self.objective = get_objective(config.objective)
             self.objective_config = ObjectiveConfig(**config.objective_config)
             self.diffusion = GaussianDiffusion(config.schedule, config.num_timesteps).to(device)

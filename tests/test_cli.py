@@ -95,6 +95,17 @@ def test_bad_input_is_one_line_without_traceback(args, message):
     assert message in lines[0] and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--timesteps", "1"], "--timesteps must be at least 2, got 1"),
+    (["--data-count", "0"], "--data-count must be a positive integer, got 0"),
+    (["--image-size", "30"], "--image-size 30 must be divisible by 8"),
+    (["--base-channels", "0"], "--base-channels must be a positive integer, got 0"),
+])
+def test_train_schedule_data_and_model_errors_name_the_flag(tmp_path, capsys, flags, message):
+    assert main(["train", "--preset", "tiny", "--run-dir", str(tmp_path / "run"), "--no-progress", *flags]) == 2
+    assert capsys.readouterr().err == f"dream train: error: {message}\n"
+
+
 @pytest.mark.parametrize("rank, shared, printed", [
     ("0", True, "dream train: error: --log-every must be a positive integer, got 0"),
     ("1", True, None),  # every rank raises it alike: rank 0 reports it
