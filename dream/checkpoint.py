@@ -180,8 +180,8 @@ class CheckpointManager:
             if why is None:
                 try:
                     state = _load_file(path)
-                except DreamError as error:
-                    why = str(error)
+                except DreamError as error:  # (its message names the file: said once, below)
+                    why = str(error).removeprefix(f"checkpoint {path} ").removeprefix(f"{path} ")
             if why is not None:
                 damaged.append(f"{path.name}: {why}")
                 warnings.warn(f"checkpoint {path} is damaged ({why}); skipping it", stacklevel=2)
@@ -291,8 +291,8 @@ def _load_file(path: Path, map_location="cpu") -> dict:
         detail = " ".join(str(error).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].split())
         raise DreamError(f"checkpoint {path} cannot be read (damaged: {detail[:120]})") from None
     except Exception as error:  # noqa: BLE001  - a truncated or otherwise damaged file
-        raise DreamError(f"checkpoint {path} cannot be read ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
+        first = (str(error).splitlines() or [""])[0].split(". ")[0]  # torch's first sentence, not its advice
+        raise DreamError(f"checkpoint {path} cannot be read ({type(error).__name__}: {first[:160]})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise DreamError(f"{path} is not a dream checkpoint")
     return state

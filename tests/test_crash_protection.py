@@ -548,6 +548,25 @@ def test_a_missing_manifest_falls_back_to_the_files_and_deletes_nothing_newer(tm
     assert empty.verify() == []    # but no entry either)
 
 
+def test_a_damaged_checkpoint_is_named_once_in_one_short_warning(tmp_path):
+    """Without a manifest to check it against, a truncated newest checkpoint fails torch.load: the warning names
+    the file once and keeps torch's reason, not its paragraph of advice."""
+    import warnings
+
+    manager = CheckpointManager(tmp_path, keep=3)
+    for step in (1, 2):
+        manager.save(fake_state(step), step)
+    (tmp_path / "manifest.json").unlink()
+    newest = tmp_path / "ckpt-000000002.pt"
+    newest.write_bytes(newest.read_bytes()[:newest.stat().st_size // 2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert manager.latest()["step"] == 1
+    [damaged] = [str(w.message) for w in caught if " is damaged (" in str(w.message)]
+    assert damaged.count(str(newest)) == 1 and damaged.endswith("; skipping it"), damaged
+    assert "cannot be read (RuntimeError: " in damaged and len(damaged) < 300 and "\n" not in damaged, damaged
+
+
 def test_a_run_folder_without_its_manifest_still_loads(tmp_path):
     """Loading a run folder looks in its checkpoints/ folder even when the manifest there is missing."""
     manager = CheckpointManager(tmp_path / "run" / "checkpoints", keep=3)
