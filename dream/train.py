@@ -851,6 +851,9 @@ class Trainer:
                     self.updating = False
                     if config.sample_every and self.epoch % config.sample_every == 0:
                         self.save_sample_grid()
+                        signum = self.dist.max(stop.signum, self.device)  # a stop asked during the grid: now,
+                        if signum:  # not after another step
+                            self.stop_for_signal(signum)
             if self.bad_in_a_row:  # the run ends inside a streak of non-finite steps: not a success, nothing saved
                 raise Diverged(f"training ended with {self.bad_in_a_row} non-finite step(s) in a row (steps "
                                f"{self.step - self.bad_in_a_row + 1}-{self.step}); no checkpoint was written after "

@@ -664,6 +664,22 @@ def test_ctrl_c_during_the_final_sample_grid_is_the_resume_line(tmp_path, monkey
     assert load_checkpoint(tmp_path / "checkpoints")["step"] == 3
 
 
+def test_a_stop_during_an_epochs_sample_grid_saves_right_after_it(tmp_path, monkeypatch):
+    """SIGTERM while an epoch's grid is made: the grid is finished, then the checkpoint is saved at the epoch's
+    end and the run stops, without training another step first."""
+    trainer = Trainer(small_config(tmp_path, max_steps=6, sample_every=1, sample_count=1, sample_steps=1))
+    grids = []
+
+    def grid_then_sigterm():
+        grids.append(trainer.step)
+        os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler takes it: a stop is asked
+
+    monkeypatch.setattr(trainer, "save_sample_grid", grid_then_sigterm)
+    with pytest.raises(Interrupted, match="stopped by SIGTERM at step 2 "):
+        trainer.run()
+    assert grids == [2] and load_checkpoint(tmp_path / "checkpoints")["step"] == 2  # 8 images, batch 4
+
+
 def test_a_sample_grid_cut_short_by_a_stop_is_made_again_by_the_rerun(tmp_path, monkeypatch):
     """A stop while the final grid is written (here: half its bytes, then Ctrl-C) leaves no torn PNG that the
     rerun, which makes only a missing grid, would take for done."""
