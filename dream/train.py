@@ -819,6 +819,7 @@ class Trainer:
         window = LogWindow()
         stop = StopFlag()
         with stop.installed(), self.emergency_checkpoint():
+            self.end_epoch_if_done(stop)  # a run stopped after an epoch's last step resumes past that epoch
             while self.epoch < config.epochs and not self.finished():
                 bar = tqdm(total=len(self.batches), initial=self.batch_in_epoch, desc=f"epoch {self.epoch}",
                            disable=not (config.progress and self.dist.is_main), leave=False)
@@ -844,16 +845,7 @@ class Trainer:
                             self.stop_for_signal(signum)
                         if self.finished():
                             break
-                if self.batch_in_epoch == len(self.batches):
-                    self.updating = True  # (a checkpoint between these two lines would skip an epoch)
-                    self.epoch += 1
-                    self.batch_in_epoch = 0
-                    self.updating = False
-                    if config.sample_every and self.epoch % config.sample_every == 0:
-                        self.save_sample_grid()
-                        signum = self.dist.max(stop.signum, self.device)  # a stop asked during the grid: now,
-                        if signum:  # not after another step
-                            self.stop_for_signal(signum)
+                self.end_epoch_if_done(stop)
             if self.bad_in_a_row:  # the run ends inside a streak of non-finite steps: not a success, nothing saved
                 raise Diverged(f"training ended with {self.bad_in_a_row} non-finite step(s) in a row (steps "
                                f"{self.step - self.bad_in_a_row + 1}-{self.step}); no checkpoint was written after "
@@ -867,6 +859,20 @@ class Trainer:
         return {"step": self.step, "epoch": self.epoch, "last": last, "grid": str(grid) if grid.exists() else None,
                 "checkpoint_dir": str(self.checkpoints.folder), "skipped_steps": self.skipped_steps,
                 "micro_batch": self.micro_batch}
+
+    def end_epoch_if_done(self, stop: "StopFlag") -> None:
+        """After an epoch's last batch: the next epoch begins, with a sample grid every --sample-every epochs."""
+        if self.batch_in_epoch != len(self.batches):
+            return
+        self.updating = True  # (a checkpoint between these two lines would skip an epoch)
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.updating = False
+        if self.config.sample_every and self.epoch % self.config.sample_every == 0:
+            self.save_sample_grid()
+            signum = self.dist.max(stop.signum, self.device)  # a stop asked during the grid: now, not after
+            if signum:  # another step
+                self.stop_for_signal(signum)
 
     def finished(self) -> bool:
         return self.config.max_steps is not None and self.step >= self.config.max_steps

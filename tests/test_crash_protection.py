@@ -680,6 +680,27 @@ def test_a_stop_during_an_epochs_sample_grid_saves_right_after_it(tmp_path, monk
     assert grids == [2] and load_checkpoint(tmp_path / "checkpoints")["step"] == 2  # 8 images, batch 4
 
 
+def test_a_run_stopped_at_an_epochs_last_step_resumes_into_the_next_epoch(tmp_path, monkeypatch):
+    """Stopped after step 4, the last of epoch 1 (two steps an epoch) and of --max-steps 4: the rerun has nothing
+    left to train and ends where the uninterrupted run ends, in epoch 2."""
+    straight = Trainer(small_config(tmp_path / "straight", max_steps=4)).run()
+    trainer = Trainer(small_config(tmp_path / "stopped", max_steps=4))
+    train_step = trainer.train_step
+
+    def step_then_sigterm(x0):
+        result = train_step(x0)
+        if trainer.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(trainer, "train_step", step_then_sigterm)
+    with pytest.raises(Interrupted, match="at step 4 "):
+        trainer.run()
+    resumed = Trainer(small_config(tmp_path / "stopped", max_steps=4)).run()
+    assert (resumed["step"], resumed["epoch"]) == (straight["step"], straight["epoch"]) == (4, 2)
+    assert load_checkpoint(tmp_path / "stopped" / "checkpoints")["epoch"] == 2
+
+
 def test_a_sample_grid_cut_short_by_a_stop_is_made_again_by_the_rerun(tmp_path, monkeypatch):
     """A stop while the final grid is written (here: half its bytes, then Ctrl-C) leaves no torn PNG that the
     rerun, which makes only a missing grid, would take for done."""
