@@ -15,6 +15,7 @@ def test_synthetic_faces_are_deterministic_per_index():
     a = synthetic_faces(300, seed=4)
     assert a.shape == (300, 3, 64, 64) and a.dtype == torch.uint8
     assert torch.equal(a[:10], synthetic_faces(10, seed=4))  # image i depends on (seed, i) only
+    assert not torch.equal(a[256:266], a[:10])  # each chunk of 256 images has a generator of its own
     assert not torch.equal(a[:10], synthetic_faces(10, seed=5))
     assert a.float().std() > 30  # not flat
     assert synthetic_faces(3, size=16).shape == (3, 3, 16, 16)
@@ -41,6 +42,17 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
     expected = levels[:, 5:35].mean() / 257  # the centre square crop, averaged
     assert torch.equal(deep[0], deep[1]) and torch.equal(deep[0], deep[2])
     assert deep.mean().item() == pytest.approx(expected, abs=2) and deep.min() < 60 and deep.max() > 190
+
+
+def test_sixteen_bit_levels_round_onto_0_to_255_with_white_kept_white():
+    """Level v decodes to round(v / 257): 65535 is 255 (white), not 256 wrapped round to black."""
+    import numpy as np
+
+    from dream.data import as_rgb
+
+    levels = np.array([[0, 128, 257, 32896, 65407, 65535]], dtype=np.uint16)
+    rgb = np.asarray(as_rgb(Image.fromarray(levels)))
+    assert rgb[..., 0].tolist() == [[0, 0, 1, 128, 255, 255]] and (rgb == rgb[..., :1]).all()
 
 
 @pytest.mark.parametrize("top", [1.0, 255.0])
@@ -241,6 +253,20 @@ def test_images_kept_on_the_host_give_the_same_batches_bit_for_bit(device):
     assert on_host.on_device and on_host.images.device.type == device
 
 
+@pytest.mark.parametrize("world_size, batch_size, batches", [(1, 10, 1), (2, 2, 2), (3, 3, 1), (3, 1, 3), (4, 2, 1)])
+def test_every_rank_gets_the_same_number_of_full_batches_of_its_own_images(world_size, batch_size, batches):
+    """Each rank's epoch is (N // world_size) // batch_size full batches (ranks that differ would hang DDP), and
+    no image is in two ranks' batches."""
+    images = torch.arange(10, dtype=torch.uint8).reshape(10, 1, 1, 1).expand(10, 3, 2, 2).contiguous()
+    seen = []
+    for rank in range(world_size):
+        shard = DeviceBatches(images, batch_size, "cpu", seed=2, flip=False, rank=rank, world_size=world_size)
+        epoch = list(shard.epoch(0))
+        assert len(shard) == len(epoch) == batches and all(b.shape == (batch_size, 3, 2, 2) for b in epoch)
+        seen += [round(v) for b in epoch for v in ((b[:, 0, 0, 0] + 1) * 127.5).tolist()]  # back to the index
+    assert len(set(seen)) == len(seen) == world_size * batches * batch_size
+
+
 def test_device_batches_rejects_too_small_a_dataset():
     with pytest.raises(DreamError, match="needs at least 8 images"):
         DeviceBatches(torch.zeros(5, 3, 2, 2, dtype=torch.uint8), batch_size=8, device="cpu")
@@ -257,6 +283,41 @@ def test_celeba_crop_is_the_ddim_box():
     out = _crop_resize(image, 64, CELEBA_CROP)
     assert out.shape == (3, 64, 64)
     assert out[2].min() >= 250 and out[0].max() <= 5  # only the blue box survives
+
+
+def test_crops_are_resized_with_pillows_bicubic_filter():
+    """Pixel for pixel: the CelebA box, and a folder image's centre square, resized by PIL's bicubic filter
+    (a change here changes every cached dataset: raise DECODE_VERSION)."""
+    import numpy as np
+
+    from dream.data import CELEBA_CROP, _crop_resize
+
+    noise = np.random.default_rng(0).integers(0, 256, (218, 178, 3), dtype=np.uint8)  # any shift or filter shows
+    image = Image.fromarray(noise)
+    top, left, height, width = CELEBA_CROP
+    expected = image.crop((left, top, left + width, top + height)).resize((64, 64), Image.Resampling.BICUBIC)
+    assert torch.equal(_crop_resize(image, 64, CELEBA_CROP), torch.from_numpy(np.array(expected)).permute(2, 0, 1))
+    wide = Image.fromarray(noise[:40, :60])  # 60x40: the centre square is columns 10..49
+    expected = wide.crop((10, 0, 50, 40)).resize((16, 16), Image.Resampling.BICUBIC)
+    assert torch.equal(_crop_resize(wide, 16), torch.from_numpy(np.array(expected)).permute(2, 0, 1))
+
+
+def test_the_files_fingerprint_sees_a_rewrite_by_its_time_or_by_its_size(tmp_path):
+    """The decoded-image caches are keyed on it: a file rewritten at the same size (a new time), or with its
+    time kept (cp -p, an archive unpacked again) at another size, is decoded again."""
+    import os
+
+    from dream.data import files_fingerprint
+
+    path = tmp_path / "a.png"
+    path.write_bytes(b"x" * 100)
+    first = files_fingerprint([path])
+    times = path.stat().st_atime_ns, path.stat().st_mtime_ns
+    os.utime(path, ns=(times[0], times[1] + 10**9))  # same size, a new time
+    rewritten = files_fingerprint([path])
+    path.write_bytes(b"y" * 101)
+    os.utime(path, ns=times)  # the first time kept, another size
+    assert len({first, rewritten, files_fingerprint([path])}) == 3
 
 
 def test_folder_cache_follows_the_files_contents(tmp_path):

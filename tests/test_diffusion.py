@@ -127,6 +127,8 @@ def test_ddim_eta_zero_is_deterministic_and_ends_clean():
 
 def test_ddim_timesteps_are_evenly_spaced_and_validated():
     assert GaussianDiffusion.ddim_timesteps(1000, 4) == [999, 666, 333, 0]
+    # off the integers the grid is rounded to the nearest (999 - 999/49 = 978.6 -> 979), not truncated
+    assert GaussianDiffusion.ddim_timesteps(1000, 50) == [round(999 * (49 - k) / 49) for k in range(50)]
     with pytest.raises(ValueError, match="DDIM steps"):
         GaussianDiffusion.ddim_timesteps(1000, 0)
 

@@ -139,6 +139,19 @@ def test_fid_of_samples_matches_sample_statistics_and_population():
     assert got == pytest.approx(population, abs=SAMPLED_FID_ATOL)
 
 
+def test_metric_settings_are_capped_by_the_sets_and_the_scores_stay_finite(tmp_path):
+    """IS's splits at most one an image (an empty split scores NaN); KID's subsets at most the smaller set
+    (torch-fidelity refuses larger ones): 6 samples and 4 real images with the defaults (10 splits, 1000)."""
+    from dream.evaluate import UInt8Images, compute_metrics
+
+    generated = UInt8Images(load_images("synthetic", size=16, count=6, seed=1))
+    real = UInt8Images(load_images("synthetic", size=16, count=4, seed=2))
+    result = compute_metrics(generated, real, ("isc", "kid"), feature_extractor=EXTRACTOR, kid_subsets=2,
+                             cache_dir=tmp_path / "fidelity")
+    assert result["settings"] == {"isc_splits": 6, "kid_subsets": 2, "kid_subset_size": 4}
+    assert all(np.isfinite(result[key]) for key in ("isc_mean", "isc_std", "kid_mean", "kid_std"))
+
+
 # ----------------------------------------------------------------------------------------------
 # the pipeline
 def make_checkpoint(tmp_path):

@@ -244,6 +244,23 @@ def test_autocast_loop_matches_reference_under_autocast(dtype):
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, atol=AUTOCAST_TOLERANCE[dtype], rtol=0)
     assert not torch.equal(out, fp32)  # the model really ran in low precision
+    with torch.autocast("cpu", dtype=dtype):  # dtype=None: the caller's autocast
+        assert torch.equal(SamplingEngine(model, diffusion).sample(x_T, "ddim", 3, 0.0, dtype=None), out)
+
+
+def test_one_engine_gives_each_setting_its_own_plan():
+    """Plans are cached per (sampler, steps, eta, device, dtype): a setting sampled after others gives what a
+    fresh engine gives."""
+    diffusion, model = GaussianDiffusion("cosine", 10), ToyEps(3, 0)
+    engine = SamplingEngine(model, diffusion)
+    x_T = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    settings = [("ddim", 4, 1.0), ("ddim", 4, 0.0), ("ddim", 5, 0.0), ("ddpm", None, 0.0)]
+    for sampler, steps, eta in settings:
+        torch.manual_seed(0)
+        shared = engine.sample(x_T, sampler, steps, eta)
+        torch.manual_seed(0)
+        assert torch.equal(shared, SamplingEngine(model, diffusion).sample(x_T, sampler, steps, eta)), sampler
+    assert len(engine.plans) == len(settings)
 
 
 def test_engine_rejects_bad_input():
@@ -279,6 +296,17 @@ def read_png(path):
 
     with Image.open(path) as image:
         return torch.from_numpy(np.asarray(image.convert("RGB")).copy())
+
+
+def test_pixels_are_the_nearest_level_of_the_clamped_image():
+    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3) = round((x + 1) * 127.5); values outside are clamped first,
+    not wrapped round (1.5 would otherwise be level 63)."""
+    from dream.sample import to_pixels
+
+    images = torch.tensor([[[[-1.0, 1.0]], [[0.002, -0.995]], [[1.5, -1.5]]]])  # channels: (1, 3, 1, 2)
+    pixels = to_pixels(images)
+    assert pixels.shape == (1, 1, 2, 3) and pixels.dtype.name == "uint8"
+    assert pixels[0, 0].tolist() == [[0, 128, 255], [255, 1, 0]]  # 127.755 -> 128, 0.6375 -> 1
 
 
 def test_sample_images_resumable_and_batch_independent(tmp_path):
