@@ -637,13 +637,13 @@ def choose_micro_batch(config=None, budget_bytes=None, *, margin: float | None =
     not fit."""
     if model_config is not None:
         fields_["model_overrides"] = model_config
+    fields_["micro_batch"] = None  # the config's is ignored (checking it against the batch size would refuse it)
     if config is None:
         spec = StepSpec(**fields_)
     elif isinstance(config, StepSpec):
         spec = replace(config, **fields_)
     else:
         spec = StepSpec.from_config(config, **fields_)
-    spec = replace(spec, micro_batch=None)
     budget = default_budget_bytes(device) if budget_bytes is None else parse_bytes(budget_bytes)
     if margin is None:
         margin = CUDA_ESTIMATE_MARGIN if spec.target == "cuda" else 0.0

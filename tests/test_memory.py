@@ -28,7 +28,8 @@ from conftest import ON_GPU
 from dream.cli import main
 from dream.errors import DreamError
 from dream.memory import (CATEGORIES, CudaAutocastPolicy, StepSpec, choose_micro_batch, cuda_memory_cap,
-                          divisors_descending, estimate_step_memory, format_estimate, format_sweep, measure_cuda_peak, parse_bytes,
+                          divisors_descending, estimate_step_memory, format_estimate, format_size, format_sweep,
+                          measure_cuda_peak, parse_bytes,
                           sweep_checkpointing)
 from dream.model import build_unet, count_parameters
 from dream.objectives import ObjectiveConfig
@@ -131,12 +132,28 @@ def test_early_backward_peaks_lower_than_one_graph():
     assert early.peak_bytes < single.peak_bytes
     # the single graph holds both forwards' activations at once
     assert single.breakdown["activations"] > 1.5 * early.breakdown["activations"]
+    # and is backpropagated at the end: every gradient exists when the optimizer steps, as in the early form
+    count, _ = parameter_facts(SMALL)
+    for result in (early, single):
+        assert result.snapshots["before_optimizer"]["gradients"] == 4 * count
 
 
 def test_accumulation_lowers_the_peak():
     full = estimate(replace(SMALL, batch_size=4))
     halves = estimate(replace(SMALL, batch_size=4, micro_batch=2))
     assert halves.peak_bytes < full.peak_bytes
+
+
+def test_accumulation_counts_a_later_micro_batch_with_every_gradient_allocated():
+    """The standard objective's first micro-batch runs its forward before any gradient exists; the second
+    runs it with all of them (fp32, 4 bytes a parameter) allocated, so the step's peak is the second's."""
+    standard = replace(SMALL, objective="standard")
+    count, _ = parameter_facts(standard)
+    one = estimate(replace(standard, batch_size=2))
+    halves = estimate(replace(standard, batch_size=4, micro_batch=2))
+    assert one.breakdown["gradients"] < 4 * count  # one micro-batch: its peak comes before every gradient exists
+    assert halves.breakdown["gradients"] == 4 * count
+    assert halves.peak_bytes > one.peak_bytes + 0.5 * (4 * count - one.breakdown["gradients"])
 
 
 def test_the_model_layout_follows_the_trainer():
@@ -333,6 +350,35 @@ def test_choose_micro_batch_inputs():
             choose_micro_batch(StepSpec(), None, estimate=estimator)
 
 
+@pytest.mark.parametrize("device, cuda_available, bf16, expected", [
+    ("auto", True, True, ("bf16", "triton")), ("cuda:0", True, False, ("fp32", "triton")),
+    ("auto", False, False, ("fp32", "eager")), ("cpu", True, True, ("fp32", "eager"))])
+def test_spec_from_a_train_config_resolves_auto_as_the_trainer(monkeypatch, device, cuda_available, bf16, expected):
+    """choose_micro_batch(TrainConfig(...)): "auto" precision and backend as the trainer resolves them on the
+    device the step runs on (bf16 where CUDA supports it, and triton, on CUDA; fp32 and eager elsewhere)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_available)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    config = types.SimpleNamespace(device=device, precision="auto", backend="auto", batch_size=8,
+                                   epochs=100)  # epochs: not a StepSpec field
+    spec = StepSpec.from_config(config)
+    assert (spec.precision, spec.backend) == expected
+    seen = []
+    estimator = LinearPeak(0, 10)
+    choose_micro_batch(config, 10**6, margin=0.0, estimate=lambda s: seen.append(s) or estimator(s))
+    assert (seen[0].precision, seen[0].backend, seen[0].micro_batch) == (*expected, 8)
+
+
+def test_choose_micro_batch_ignores_the_micro_batch_of_its_config():
+    """A config's micro_batch (a TrainConfig's --micro-batch, a StepSpec's) is not the chooser's business,
+    even one that does not divide the batch size given beside it."""
+    estimator = LinearPeak(0, 10)
+    config = types.SimpleNamespace(device="cpu", precision="fp32", backend="eager", batch_size=8, micro_batch=3)
+    assert choose_micro_batch(config, 10**6, estimate=estimator) == 8
+    spec = StepSpec(batch_size=8, micro_batch=4, target="cpu")
+    assert choose_micro_batch(spec, 10**6, batch_size=6, estimate=estimator) == 6
+    assert choose_micro_batch(spec, 45, estimate=estimator) == 4
+
+
 def test_choose_micro_batch_with_the_estimator():
     spec = replace(SMALL, batch_size=4)
     full, half = estimate(spec), estimate(replace(spec, micro_batch=2))
@@ -340,6 +386,19 @@ def test_choose_micro_batch_with_the_estimator():
     assert choose_micro_batch(spec, budget, margin=0.0, estimate=estimate) == 2
     assert choose_micro_batch(spec, full.peak_bytes, margin=0.0, estimate=estimate) == 4
 
+
+def test_default_budget_is_free_memory_plus_what_the_allocator_holds(monkeypatch):
+    """Without a budget: cudaMemGetInfo's free bytes plus what this process's caching allocator already
+    reserves (the estimate counts the model, optimizer and EMA that may already sit there), on the device asked."""
+    from dream.memory import default_budget_bytes
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: asked.append(device) or (5 * 10**9, 8 * 10**9))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: asked.append(device) or 10**9)
+    assert default_budget_bytes("cuda:1") == 6 * 10**9
+    assert asked == [torch.device("cuda:1")] * 2
+    assert choose_micro_batch(StepSpec(batch_size=8, target="cpu"), None, estimate=LinearPeak(0, 10**9)) == 4
 
 # ----------------------------------------------------------------------------------------------
 # the budget held on the device: the caching allocator's per-process fraction
@@ -409,6 +468,12 @@ def test_cuda_memory_cap_makes_an_allocation_past_the_budget_run_out_of_memory()
 ])
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("size, text", [(10**8, "0.100 GB"), (99_999_999, "100.000 MB"), (1_234_567, "1.235 MB"),
+                                        (6_800_000_000, "6.800 GB")])
+def test_format_size_in_gb_from_a_tenth_of_one(size, text):
+    assert format_size(size) == text
 
 
 @pytest.mark.parametrize("text, error", [

@@ -204,6 +204,33 @@ def test_activation_checkpointing_changes_nothing_numerically(policy):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("policy, checkpointed", [("none", set()), ("attention", {"Attention"}),
+                                                  ("resblocks", {"ResBlock"}), ("all", {"ResBlock", "Attention"})])
+def test_each_checkpointing_policy_checkpoints_its_blocks_and_only_in_training_with_gradients(monkeypatch, policy,
+                                                                                              checkpointed):
+    """Which blocks each policy runs through torch.utils.checkpoint: every block of its kinds (the tiny UNet:
+    14 ResBlocks, 3 attention blocks), while training with gradients enabled; evaluation and no_grad
+    run every block plainly (nothing would be freed there)."""
+    import dream.model
+
+    seen = []
+    plain_checkpoint = dream.model.activation_checkpoint
+    monkeypatch.setattr(dream.model, "activation_checkpoint",
+                        lambda block, *args, **kwargs: seen.append(type(block).__name__)
+                        or plain_checkpoint(block, *args, **kwargs))
+    model = build_unet("tiny", image_size=8, checkpointing=policy)
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([7])
+    model(x, t)
+    expected = {"ResBlock": 14, "Attention": 3}
+    assert sorted(seen) == sorted(kind for kind in checkpointed for _ in range(expected[kind]))
+    seen.clear()
+    with torch.no_grad():
+        model(x, t)
+    model.eval()
+    model(x, t)
+    assert seen == []
+
+
 def test_state_dict_is_the_same_for_every_backend():
     keys = {backend: list(build_unet("tiny", backend=backend).state_dict()) for backend in ("eager", "sdpa")}
     assert keys["eager"] == keys["sdpa"]

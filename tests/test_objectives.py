@@ -154,6 +154,22 @@ def test_early_backward_gives_the_same_gradients(name, epoch):
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("name,separate,expected", [
+    ("seed", False, [(True, True), (True, True)]), ("seed", True, [(True, True), (False, True), (True, True)]),
+    ("paper", False, [(False, False), (True, True)])])
+def test_estimate_forwards_build_no_graph(name, separate, expected):
+    """The forwards that only estimate eps_hat (the seed's separate one, the paper's dropout-off one) run
+    under no_grad: no graph of theirs stays alive beside the trained forwards'. (grad enabled, training)
+    for each forward, in order, with early backward as the trainer runs it."""
+    model, d = ToyEps(dropout=0.1), GaussianDiffusion()
+    x0, noise, t = inputs()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append((torch.is_grad_enabled(), module.training)))
+    config = ObjectiveConfig(seed_separate_eps_forward=separate)
+    OBJECTIVES[name](model, d, x0, 12, config, t=t, noise=noise, backward=lambda term: term.backward())
+    assert seen == expected
+
+
 def test_random_t_and_noise_when_not_given():
     model, d = ToyEps(), GaussianDiffusion()
     x0, _, _ = inputs()

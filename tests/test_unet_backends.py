@@ -232,6 +232,32 @@ def test_recomputed_norms_give_the_same_output_and_gradients(exact_fp32):
         assert torch.equal(model(x, t), model.set_checkpointing("none")(x, t))
 
 
+def test_recomputed_norms_cover_every_norm_site_and_only_in_training_with_gradients(monkeypatch):
+    """Checkpointing "norms" runs every norm that feeds a convolution through kernels.group_norm_silu_conv2d
+    (two a ResBlock, one an attention block, one the head: 6 * 2 + 3 + 1 = 16 in this small UNet) while
+    training with gradients enabled; evaluation, no_grad and the other policies take the plain fused norm."""
+    import kernels
+
+    calls = []
+    fused = kernels.group_norm_silu_conv2d
+    monkeypatch.setattr(kernels, "group_norm_silu_conv2d", lambda *args, **kwargs: calls.append(args[0].shape[1])
+                        or fused(*args, **kwargs))
+    model = random_model(4, channel_mults=(1, 2), attention_levels=(1,), num_res_blocks=1, num_heads=2, num_groups=2)
+    model = model.set_backend("triton").set_checkpointing("norms").to(DEVICE).train()
+    x, t = torch.randn(1, 3, 4, 4, device=DEVICE), torch.tensor([7], device=DEVICE)
+    model(x, t)
+    assert len(calls) == 16
+    assert calls[-1] == model.config.base_channels  # the head's norm, the last site
+    calls.clear()
+    with torch.no_grad():
+        model(x, t)
+    model.eval()
+    model(x, t)
+    model.train().set_checkpointing("all")  # whole blocks recomputed: their norms take the plain path
+    model(x, t)
+    assert calls == []
+
+
 def test_recomputed_norms_need_the_triton_backend():
     model = build_unet("tiny", base_channels=32, backend="triton", checkpointing="norms")
     with pytest.raises(ValueError, match="checkpointing 'norms' recomputes the fused Triton norm: it needs backend "
