@@ -12,7 +12,9 @@ SEED_LIMIT = 2**32  # --seed takes 0 .. 2^32 - 1 (the synthetic data and data or
 
 
 def mixed_seed(*keys: int) -> int:
-    """A 63-bit seed hashed from non-negative integer keys: distinct key tuples give unrelated seeds."""
+    """A 63-bit seed hashed from non-negative integer keys: distinct key tuples of one length, each key below
+    2^32, give unrelated seeds (NumPy splits a larger key into 32-bit words and drops trailing zero words, so
+    mixed_seed(3 + 2**32, 9) == mixed_seed(3, 1, 9) and mixed_seed(1, 2) == mixed_seed(1, 2, 0))."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 

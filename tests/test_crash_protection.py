@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dream.checkpoint import CheckpointManager, load_checkpoint
+from dream.checkpoint import MANIFEST, CheckpointManager, load_checkpoint
 from dream.errors import DreamError
 from dream.train import Diverged, Interrupted, TrainConfig, Trainer, TrainingAborted, train
 
@@ -82,6 +82,7 @@ def fake_state(step: int) -> dict:
 
 def test_manager_keeps_the_last_k_with_checksums(tmp_path):
     manager = CheckpointManager(tmp_path, keep=3)
+    (tmp_path / f".ckpt-000000009.pt.tmp{os.getpid() + 1}").write_bytes(b"PK")  # a killed writer's leftover
     for step in range(1, 6):
         manager.save(fake_state(step), step)
     assert sorted(p.name for p in tmp_path.glob("ckpt-*.pt")) == [f"ckpt-{s:09d}.pt" for s in (3, 4, 5)]
@@ -98,6 +99,44 @@ def test_a_rewritten_step_replaces_the_abandoned_future(tmp_path):
     assert [path.name for path, _ in manager.verify()] == ["ckpt-000000001.pt", "ckpt-000000002.pt"]
     assert manager.latest()["model"]["w"][0] == 20
     assert not (tmp_path / "ckpt-000000003.pt").exists()
+
+
+def test_a_kill_at_any_moment_of_a_save_leaves_a_manifest_whose_files_verify(tmp_path, monkeypatch):
+    """Before and after each rename of a save (a new step, then a rewritten one whose abandoned future is
+    unlisted first), the manifest on disk lists only files that match their size and checksum; each renamed
+    file was fsynced before its rename and the folder after it, so that order also survives a power cut."""
+    manager = CheckpointManager(tmp_path, keep=3)
+    for step in (1, 2, 3):
+        manager.save(fake_state(step), step)
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def manifest_verifies(moment):
+        for path, why in CheckpointManager(tmp_path).verify():
+            assert why is None, f"{moment}: the manifest lists {path.name}, which is {why}"
+
+    def recorded_fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        fsync(fd)
+
+    def checked_replace(source, target):
+        manifest_verifies(f"before the rename to {Path(target).name}")
+        events.append(("rename", os.stat(source).st_ino, Path(target).name))
+        replace(source, target)
+        manifest_verifies(f"after the rename to {Path(target).name}")
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", checked_replace)
+    manager.save(fake_state(4), 4)  # the file, the manifest listing it, then ckpt-1 deleted
+    manager.save(fake_state(30), 3)  # steps 3 and 4 unlisted, ckpt-3 rewritten, listed again
+    monkeypatch.undo()
+    renames = [i for i, event in enumerate(events) if event[0] == "rename"]
+    assert [events[i][2] for i in renames] == ["ckpt-000000004.pt", MANIFEST, MANIFEST, "ckpt-000000003.pt", MANIFEST]
+    for i in renames:
+        assert events[i - 1] == ("fsync", events[i][1]), f"{events[i][2]} renamed without an fsync of its data"
+        assert events[i + 1] == ("fsync", tmp_path.stat().st_ino), f"no folder fsync after {events[i][2]}"
+    assert [path.name for path, why in manager.verify() if why is None] == ["ckpt-000000002.pt", "ckpt-000000003.pt"]
+    assert sorted(path.name for path in tmp_path.glob("ckpt-*.pt")) == ["ckpt-000000002.pt", "ckpt-000000003.pt"]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte"])
@@ -118,7 +157,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage
         silently_wrong = torch.load(newest, weights_only=True)["model"]["w"]
         assert not torch.equal(silently_wrong, torch.full((64,), 3.0))
 
-    with pytest.warns(UserWarning, match=r"ckpt-000000003\.pt is damaged"):
+    why = r"\d+ bytes, the manifest says \d+" if damage == "truncate" else "SHA-256 checksum mismatch"
+    with pytest.warns(UserWarning, match=rf"ckpt-000000003\.pt is damaged \({why}\)"):
         state = manager.latest()
     assert state["step"] == 2 and state["_path"].endswith("ckpt-000000002.pt")
     assert dict(manager.verify())[newest] is not None
@@ -172,6 +212,28 @@ def test_checkpoint_holds_the_whole_training_state(tmp_path):
     assert state["code_version"]
 
 
+def test_a_saved_rng_state_brings_back_every_generator():
+    """rng_state() survives a weights_only save and load, and set_rng_state() makes Python's, NumPy's (its
+    position and cached Gaussian included) and torch's generators draw again what they drew after the save."""
+    import io
+
+    import numpy as np
+
+    from dream.checkpoint import rng_state, set_rng_state
+
+    random.random(), np.random.standard_normal(), torch.rand(1)  # NumPy now holds a cached Gaussian
+    buffer = io.BytesIO()
+    torch.save(rng_state(), buffer)
+
+    def draws():
+        return random.random(), np.random.standard_normal(3).tolist(), np.random.rand(), torch.rand(3).tolist()
+
+    expected = draws()
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    set_rng_state(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    assert draws() == expected
+
+
 # ----------------------------------------------------------------------------------------------
 # exact continuation
 def test_resume_is_bitwise(tmp_path, straight):
@@ -190,6 +252,31 @@ def test_resume_is_bitwise(tmp_path, straight):
     resumed.run(resume=str(saved))
     assert_same_weights(resumed.state_dict(), straight)
     assert not torch.equal(load_checkpoint(saved)["model"]["conv_in.weight"], straight["model"]["conv_in.weight"])
+
+
+def test_each_step_rank_and_seed_draw_their_own_random_numbers(tmp_path):
+    """A step's t and noise come from (seed, step), its dropout from (seed, step, rank): the same step draws
+    them again alike (what makes a resume exact), the next step, another rank or another seed draws others."""
+    import types
+
+    trainer = Trainer(small_config(tmp_path))
+    x0 = next(trainer.batches.epoch(0))
+
+    def draws(step, seed=0, rank=0):
+        trainer.step, trainer.config.seed = step, seed
+        t, noise = trainer.draw_inputs(x0)
+        trainer.dist = types.SimpleNamespace(rank=rank, world_size=1)  # (what reseed reads of it)
+        trainer.reseed()
+        return t, noise, torch.rand(64)  # dropout draws from the default generator
+
+    def same(a, b):
+        return [torch.equal(x, y) for x, y in zip(a, b)]
+
+    first = draws(5)
+    assert same(draws(5), first) == [True, True, True]
+    for other in (draws(6), draws(5, seed=1)):
+        assert same(other, first)[1:] == [False, False]
+    assert same(draws(5, rank=1), first) == [True, True, False]
 
 
 def test_exception_saves_an_emergency_checkpoint(tmp_path, straight):
@@ -225,6 +312,28 @@ def test_no_emergency_checkpoint_in_the_middle_of_an_update(tmp_path):
     assert [path.name for path, _ in CheckpointManager(tmp_path / "checkpoints").verify()] == ["ckpt-000000002.pt"]
 
 
+@pytest.mark.parametrize("poisoned", ["model", "ema"])
+def test_no_emergency_checkpoint_of_non_finite_weights(tmp_path, poisoned):
+    """An exception after the model or its EMA went non-finite saves nothing: that checkpoint would be the
+    newest, and every rerun would go on from it."""
+    trainer = Trainer(small_config(tmp_path, checkpoint_every=2))
+    objective = trainer.objective
+
+    def failing(*args, **kwargs):
+        if trainer.step == 3:
+            tensor = trainer.model.conv_in.weight if poisoned == "model" else trainer.ema.shadow[0]
+            with torch.no_grad():
+                tensor.view(-1)[0] = float("inf")
+            raise RuntimeError("injected failure")
+        return objective(*args, **kwargs)
+
+    trainer.objective = failing
+    with pytest.raises(TrainingAborted, match=r"not finite, so it was not saved; the last checkpoint is "
+                                              r".*ckpt-000000002\.pt"):
+        trainer.run()
+    assert [path.name for path, _ in CheckpointManager(tmp_path / "checkpoints").verify()] == ["ckpt-000000002.pt"]
+
+
 def signal_at_step(monkeypatch, step: int, count: int = 1, sig=signal.SIGINT):
     """Send `sig` to this process `count` times when training step `step` begins."""
     train_step = Trainer.train_step
@@ -242,12 +351,13 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_130(tmp_path, monkeypatch, cap
     from dream.cli import main
 
     signal_at_step(monkeypatch, 3)
+    handler = signal.getsignal(signal.SIGINT)  # (Python's, or SIG_IGN in a job started in the background)
     assert main(["train", *CLI_FLAGS, "--checkpoint-every", "0", "--run-dir", str(tmp_path)]) == 130
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.fullmatch(r"dream train: stopped by SIGINT at step 4 \(epoch 1\); checkpoint .*ckpt-000000004\.pt "
                         r"saved\. To resume, rerun the same command\.", last_line), last_line
     assert_all_checkpoints_valid(tmp_path / "checkpoints")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handler was not restored"
+    assert signal.getsignal(signal.SIGINT) is handler, "the handler was not restored"
 
 
 def test_a_second_ctrl_c_drops_the_step(tmp_path, monkeypatch):
@@ -256,6 +366,15 @@ def test_a_second_ctrl_c_drops_the_step(tmp_path, monkeypatch):
     signal_at_step(monkeypatch, 3, count=2)
     with pytest.raises(Interrupted, match=r"interrupted at step 3 .*dropping the step; emergency checkpoint "
                                           r".*ckpt-000000003\.pt saved"):
+        Trainer(small_config(tmp_path, checkpoint_every=0)).run()
+    assert_all_checkpoints_valid(tmp_path / "checkpoints")
+
+
+def test_a_second_sigterm_still_finishes_the_step_and_saves(tmp_path, monkeypatch):
+    """Only a second Ctrl-C drops the step: a launcher or scheduler that repeats SIGTERM gets the checkpoint of
+    the finished step, as after one."""
+    signal_at_step(monkeypatch, 3, count=2, sig=signal.SIGTERM)
+    with pytest.raises(Interrupted, match=r"^stopped by SIGTERM at step 4 .*ckpt-000000004\.pt saved"):
         Trainer(small_config(tmp_path, checkpoint_every=0)).run()
     assert_all_checkpoints_valid(tmp_path / "checkpoints")
 
@@ -272,6 +391,9 @@ def inject_non_finite(trainer, bad_steps, where):
             loss, logs = objective(model, diffusion, x0, epoch, config, t=t, noise=noise,
                                    backward=lambda term: backward(term * float("nan")))
             return loss * float("nan"), {**logs, "loss": logs["loss"] * float("nan")}
+        if where == "loss_alone":  # finite gradients under a non-finite loss: the step is no more trusted
+            loss, logs = objective(model, diffusion, x0, epoch, config, t=t, noise=noise, backward=backward)
+            return loss * float("nan"), {**logs, "loss": logs["loss"] * float("nan")}
         result = objective(model, diffusion, x0, epoch, config, t=t, noise=noise, backward=backward)
         trainer.model.conv_in.weight.grad[0, 0, 0, 0] = float("inf")
         return result
@@ -279,7 +401,7 @@ def inject_non_finite(trainer, bad_steps, where):
     trainer.objective = poisoned
 
 
-@pytest.mark.parametrize("where", ["loss", "grad"])
+@pytest.mark.parametrize("where", ["loss", "grad", "loss_alone"])
 def test_a_non_finite_step_is_skipped_and_counted(tmp_path, where):
     trainer = Trainer(small_config(tmp_path, epochs=2, checkpoint_every=0))
     inject_non_finite(trainer, {2}, where)
@@ -302,7 +424,7 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path, where):
     records = [r for r in map(eval_json, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["skipped"] for r in records] == [0, 0, 1, 0]
     assert records[-1]["skipped_steps"] == 1
-    if where == "loss":  # the skipped step's loss, NaN, is logged as null
+    if where != "grad":  # the skipped step's loss, NaN, is logged as null
         assert records[2]["loss"] is None and records[1]["loss"] > 0
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
@@ -353,6 +475,8 @@ def test_a_streak_of_non_finite_steps_counts_on_after_a_resume(tmp_path, monkeyp
         first.run()
     assert load_checkpoint(tmp_path / "checkpoints")["bad_in_a_row"] == 2
     monkeypatch.undo()
+    probe = Trainer(small_config(tmp_path, max_bad_steps=3, checkpoint_every=0))
+    assert probe.resume() and (probe.bad_in_a_row, probe.skipped_steps) == (2, 2)  # the run's totals go on too
     resumed = Trainer(small_config(tmp_path, max_bad_steps=3, checkpoint_every=0))
     inject_non_finite(resumed, {4}, "loss")
     with pytest.raises(Diverged, match=r"3 steps in a row .*\(steps 3-5\); restored .*ckpt-000000004\.pt"):
@@ -585,6 +709,10 @@ def test_a_rerun_that_finds_no_checkpoint_logs_each_step_once(tmp_path):
     shutil.rmtree(tmp_path / "checkpoints")  # as if killed (kill -9) before any checkpoint was written
     Trainer(small_config(tmp_path, max_steps=3, checkpoint_every=0)).run()
     assert logged_steps(tmp_path) == [1, 2, 3]
+    with open(tmp_path / "metrics.jsonl", "a") as log:  # a step logged after the last checkpoint, then a kill
+        log.write(json.dumps({"step": 4, "loss": 1.0}) + "\n")
+    Trainer(small_config(tmp_path, max_steps=5, checkpoint_every=0)).run()  # goes on from step 3, redoing 4
+    assert logged_steps(tmp_path) == [1, 2, 3, 4, 5]
 
 
 def write_folder(folder: Path, count: int, first: int = 0) -> None:
@@ -748,6 +876,8 @@ def test_resume_file_behind_the_run_folders_newest_is_refused_and_deletes_nothin
     assert branch.run(resume=str(older))["step"] == 3
     assert branch.resume_hint == "rerun the same command without --resume"
     assert Trainer(small_config(tmp_path / "run", max_steps=5)).run()["step"] == 5
+    newest = tmp_path / "run" / "checkpoints" / "ckpt-000000005.pt"  # --resume naming the newest itself goes on
+    assert Trainer(small_config(tmp_path / "run", max_steps=6)).run(resume=str(newest))["step"] == 6
 
 
 def test_a_folder_of_someone_elses_files_is_not_taken_for_a_run(tmp_path):

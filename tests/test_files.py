@@ -33,3 +33,47 @@ def test_a_target_that_cannot_be_written_raises_oserror_and_leaves_nothing(tmp_p
     with pytest.raises(OSError):
         atomic_write_bytes(target, b"data")
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_a_durable_write_fsyncs_the_data_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """A power cut must find the old file or the whole new one: the temp file's data is on disk (flushed from
+    Python's buffer, then fsynced) before the rename, and the rename itself is made durable by an fsync of
+    the folder after it."""
+    import os
+    import stat
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(fd):
+        info = os.fstat(fd)
+        events.append(("fsync folder", info.st_ino) if stat.S_ISDIR(info.st_mode) else ("fsync file", info.st_size))
+        fsync(fd)
+
+    def recorded_replace(source, target):
+        events.append(("rename", os.path.basename(target)))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    atomic_write_bytes(tmp_path / "a.bin", b"x" * 1000)
+    assert events == [("fsync file", 1000), ("rename", "a.bin"), ("fsync folder", tmp_path.stat().st_ino)]
+    events.clear()
+    atomic_write_text(tmp_path / "b.txt", "new", durable=False)  # (scratch output: no fsync asked for)
+    assert events == [("rename", "b.txt")]
+
+
+def test_the_lock_file_names_its_current_holder_alone(tmp_path):
+    """The lock file outlives its holders (see folder_lock): each new holder replaces the line, which is what a
+    refused job prints, rather than appending to its predecessors' ("a+" writes at the end)."""
+    import os
+    import socket
+
+    from dream.files import folder_lock
+
+    with folder_lock(tmp_path, command="dream train") as holder:
+        assert holder is None
+    with folder_lock(tmp_path, command="dream sample") as holder:
+        assert holder is None
+        with folder_lock(tmp_path) as refused:
+            assert refused == f"dream sample, pid {os.getpid()} on {socket.gethostname()}"
