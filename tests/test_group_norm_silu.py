@@ -482,6 +482,45 @@ def test_dropout_octets_follow_the_layout_and_the_tiles():
     assert gns._launch_config(2, 24, 35, 2, 1, None, True).octets == 0
 
 
+def _threshold_dropout_p(seed, shape, channels_last, clear):
+    """(p, boundary): a rate p = t/2^16 and the elements of `clear` whose 16-bit draw is exactly t
+    (kept at threshold t, dropped at t + 1), searched upward from t = 0.2*2^16."""
+    for t in range(13107, 13107 + 4096):
+        kept_at_t = dropout_keep_mask(seed, shape, t / 2 ** 16, channels_last)
+        kept_above = dropout_keep_mask(seed, shape, (t + 1) / 2 ** 16, channels_last)
+        boundary = kept_at_t & ~kept_above & clear
+        if boundary.any():
+            return t / 2 ** 16, boundary
+    raise AssertionError("no draw equal to a threshold in the searched range")
+
+
+@pytest.mark.parametrize("shape,channels_last,octets", [((1, 24, 7, 5, 2), False, 1), ((1, 32, 7, 5, 2), True, 2),
+                                                         ((1, 24, 7, 5, 2), True, 3)],
+                         ids=["nchw", "channels_last-whole_octets", "channels_last-per_element"])
+def test_dropout_keeps_a_draw_equal_to_the_threshold(shape, channels_last, octets, launches):
+    """keep = half >= t (P_keep = 1 - t/2^16 counts half == t as kept). A random rate puts a draw exactly on
+    t with probability 2^-16 an element, so the rate is chosen where some element's draw equals t; one case for
+    each of the kernel's three comparisons (octets along positions, whole channel octets, per element)."""
+    x, weight, bias, scale, shift, dy = _make_inputs(shape, torch.float32, torch.float32, True, True, channels_last,
+                                                     _seed("threshold", shape, channels_last))
+    num_groups = shape[4]
+    seed = torch.tensor([0x1357_9BDF_2468], device=DEVICE)
+    params64 = [t.double() for t in (weight, bias)]
+    undropped64 = group_norm_silu_reference(x.double(), *params64, num_groups, EPS, scale.double(), shift.double())
+    dropout_p, boundary = _threshold_dropout_p(seed, x.shape, channels_last, undropped64.abs() > 1e-3)
+    x.requires_grad_()
+    y = group_norm_silu(x, weight, bias, num_groups, EPS, scale, shift, dropout_p=dropout_p, seed=seed)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    x64 = x.detach().double().requires_grad_()
+    y64 = group_norm_silu_reference(x64, *params64, num_groups, EPS, scale.double(), shift.double(),
+                                    dropout_p=dropout_p, seed=seed)
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+    assert launches and all(cfg.octets == octets for cfg in launches)
+    assert (y[boundary] != 0).all(), "an element whose draw equals the threshold was dropped (keep is half >= t)"
+    assert _rel_err(y, y64) <= TOLERANCE[torch.float32]
+    assert _rel_err(dx, dx64) <= TOLERANCE[torch.float32]
+
+
 def test_dropout_tiles_narrower_than_eight_positions_are_refused(monkeypatch):
     monkeypatch.setattr(gns, "_LAUNCH_OVERRIDE", dict(block_hw=4))
     x, weight, bias, _, _, _ = _make_inputs((1, 8, 3, 3, 2), torch.float32, torch.float32, False, False, False, 1)
@@ -590,6 +629,35 @@ def test_non_dense_x_and_dy_in_other_layouts():
         assert _rel_err(y, y64) <= TOLERANCE[torch.float32]
         for grad, grad64 in zip(grads, grads64):
             assert _rel_err(grad, grad64) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_one_column_views_whose_column_stride_is_not_the_row_stride(channels_last):
+    # (N, C, 1, L) transposed to (N, C, L, 1): dense in its layout (the stride of a size-1 dimension is free),
+    # with column stride L (NCHW) or L*C (channels_last), so position p = h*W + w must step by the row stride
+    N, C, L, G = 2, 12, 5, 3
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    gen = torch.Generator().manual_seed(13)
+
+    def one_column(t):
+        return t.to(DEVICE).contiguous(memory_format=memory_format).transpose(2, 3)
+
+    x = one_column(torch.randn(N, C, 1, L, generator=gen) * 1.7 + 0.6)
+    dy = one_column(torch.randn(N, C, 1, L, generator=gen))
+    assert x.is_contiguous(memory_format=memory_format) and x.stride(3) != x.stride(2)
+    weight = (torch.rand(C, generator=gen) + 0.5).to(DEVICE)
+    bias = torch.randn(C, generator=gen).to(DEVICE)
+    scale = (0.3 * torch.randn(N, C, generator=gen)).to(DEVICE)
+    shift = torch.randn(N, C, generator=gen).to(DEVICE)
+    leaves = [v.requires_grad_() for v in (x, weight, bias, scale, shift)]
+    leaves64 = [v.detach().double().requires_grad_() for v in leaves]
+    y = group_norm_silu(*leaves[:3], G, EPS, *leaves[3:])
+    y64 = group_norm_silu_reference(*leaves64[:3], G, EPS, *leaves64[3:])
+    grads = torch.autograd.grad(y, leaves, dy)
+    grads64 = torch.autograd.grad(y64, leaves64, dy.double())
+    assert _rel_err(y, y64) <= TOLERANCE[torch.float32]
+    for name, grad, grad64 in zip(["x", "weight", "bias", "scale", "shift"], grads, grads64):
+        assert _rel_err(grad, grad64) <= TOLERANCE[torch.float32], name
 
 
 def test_public_function_matches_op_and_reference():
