@@ -408,7 +408,8 @@ def run_memory(args) -> int:
 
         place = args.data_on == "auto" and spec.target == "cuda" and spec.data_images > 0
         try:
-            plan = plan_step(policies, spec.batch_size, micro_batch_for, place_images=place)
+            plan = plan_step(policies, spec.batch_size, micro_batch_for, images_on_host=args.data_on == "host",
+                             place_images=place)
         except DreamError:
             if auto:
                 raise
@@ -447,8 +448,7 @@ def run_memory(args) -> int:
             flags = " --checkpointing auto" if len(policies) > 1 else f" --checkpointing {policy}"
             lines.append(f"dream train --memory-budget {format_size(budget)}{flags} --data-on {args.data_on} "
                          f"would take: micro-batch {micro} of {spec.batch_size}, checkpointing {policy}{where}")
-            plan_report = {"micro_batch": micro, "checkpointing": policy,
-                           "data_on": "host" if on_host or args.data_on == "host" else "device"}
+            plan_report = {"micro_batch": micro, "checkpointing": policy, "data_on": "host" if on_host else "device"}
             for report in reports:
                 report["plan"] = plan_report
     if args.json:

@@ -602,6 +602,9 @@ def test_cli_checkpointing_auto_reports_what_the_trainer_would_pick():
     assert code == 0 and report["plan"] == {"micro_batch": 4, "checkpointing": "norms", "data_on": "host"}
     assert report["inputs"]["checkpointing"] == "norms" and report["inputs"]["data_images"] == 0  # the step taken
     assert report["fits_budget"] and report["micro_batch_for_budget"] == 4
+    code, text = run_cli(*argv[:-1], "--data-on", "host")  # kept there by the flag: the same plan, said so
+    assert code == 0 and text.rstrip().endswith("would take: micro-batch 4 of 4, checkpointing norms, the 20000 "
+                                                 "images in host memory")
 
 
 @pytest.mark.parametrize("argv, error", [
