@@ -603,17 +603,19 @@ def test_poisoning_is_active():
     assert torch.isnan(gns._new_buffer_like(torch.zeros(2, 3, 4, 5), torch.channels_last)).all()
 
 
+def _random_affine(gen, N, C):
+    """weight in [0.5, 1.5), bias, scale (0.3 N(0, 1)) and shift: (C,), (C,), (N, C), (N, C) on DEVICE."""
+    return ((torch.rand(C, generator=gen) + 0.5).to(DEVICE), torch.randn(C, generator=gen).to(DEVICE),
+            (0.3 * torch.randn(N, C, generator=gen)).to(DEVICE), torch.randn(N, C, generator=gen).to(DEVICE))
+
+
 def test_non_dense_x_and_dy_in_other_layouts():
     N, C, H, W, G = 2, 12, 5, 3, 3
     gen = torch.Generator().manual_seed(11)
     wide = torch.randn(N, C, H, W + 4, generator=gen).to(DEVICE)
     x = wide[..., 2:2 + W]  # neither NCHW-contiguous nor channels_last
     assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
-    weight = (torch.rand(C, generator=gen) + 0.5).to(DEVICE)
-    bias = torch.randn(C, generator=gen).to(DEVICE)
-    scale = (0.3 * torch.randn(N, C, generator=gen)).to(DEVICE)
-    shift = torch.randn(N, C, generator=gen).to(DEVICE)
-    leaves = [v.requires_grad_() for v in (x, weight, bias, scale, shift)]
+    leaves = [v.requires_grad_() for v in (x, *_random_affine(gen, N, C))]
     leaves64 = [v.detach().double().requires_grad_() for v in leaves]
     y64 = group_norm_silu_reference(*leaves64[:3], G, EPS, *leaves64[3:])
     dys = [
@@ -645,11 +647,7 @@ def test_one_column_views_whose_column_stride_is_not_the_row_stride(channels_las
     x = one_column(torch.randn(N, C, 1, L, generator=gen) * 1.7 + 0.6)
     dy = one_column(torch.randn(N, C, 1, L, generator=gen))
     assert x.is_contiguous(memory_format=memory_format) and x.stride(3) != x.stride(2)
-    weight = (torch.rand(C, generator=gen) + 0.5).to(DEVICE)
-    bias = torch.randn(C, generator=gen).to(DEVICE)
-    scale = (0.3 * torch.randn(N, C, generator=gen)).to(DEVICE)
-    shift = torch.randn(N, C, generator=gen).to(DEVICE)
-    leaves = [v.requires_grad_() for v in (x, weight, bias, scale, shift)]
+    leaves = [v.requires_grad_() for v in (x, *_random_affine(gen, N, C))]
     leaves64 = [v.detach().double().requires_grad_() for v in leaves]
     y = group_norm_silu(*leaves[:3], G, EPS, *leaves[3:])
     y64 = group_norm_silu_reference(*leaves64[:3], G, EPS, *leaves64[3:])
