@@ -75,7 +75,8 @@ def test_posterior_against_closed_form(t):
     x0, x_t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     tt = torch.full((2,), t)
     mean, var, log_var = d.q_posterior_mean_variance(x0, x_t, tt)
-    expected_mean = (math.sqrt(abar_prev) * beta / (1 - a)) * x0 + (math.sqrt(1 - beta) * (1 - abar_prev) / (1 - a)) * x_t
+    expected_mean = ((math.sqrt(abar_prev) * beta / (1 - a)) * x0
+                     + (math.sqrt(1 - beta) * (1 - abar_prev) / (1 - a)) * x_t)
     torch.testing.assert_close(mean, expected_mean, rtol=1e-4, atol=1e-5)  # tables are stored in float32
     expected_var = beta * (1 - abar_prev) / (1 - a)
     assert var.flatten()[0].item() == pytest.approx(expected_var, rel=1e-5, abs=1e-12)
@@ -131,8 +132,100 @@ def test_ddim_timesteps_are_evenly_spaced_and_validated():
     assert GaussianDiffusion.ddim_timesteps(1000, 50) == [round(999 * (49 - k) / 49) for k in range(50)]
     with pytest.raises(ValueError, match="DDIM steps"):
         GaussianDiffusion.ddim_timesteps(1000, 0)
+    with pytest.raises(ValueError, match="DDIM steps"):
+        GaussianDiffusion.ddim_timesteps(1000, 1001)  # more steps than timesteps would repeat some
 
 
 def test_bad_schedule_is_a_clear_error():
     with pytest.raises(ValueError, match="schedule"):
         GaussianDiffusion("quadratic")
+
+
+def closed_form_tables(d):
+    """float64 abar_t, abar_{t-1} (abar_{-1} = 1) and beta_t from the module's betas (checked above)."""
+    betas = d.betas.double()
+    abar = torch.cumprod(1 - betas, 0)
+    return abar, torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]]), betas
+
+
+def clamped_x0(d, model, x_t, t):
+    """clamp(x_t / sqrt(abar_t) - sqrt(1/abar_t - 1) eps_theta(x_t, t), -1, 1) in float64."""
+    abar = closed_form_tables(d)[0][t].reshape(-1, 1, 1, 1)
+    eps = model(x_t, t).double()
+    return ((x_t.double() - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1), eps
+
+
+def test_timesteps_below_two_are_refused():
+    with pytest.raises(ValueError, match="num_timesteps"):
+        GaussianDiffusion("cosine", 1)
+    assert GaussianDiffusion("cosine", 2).num_timesteps == 2
+
+
+def test_posterior_log_variance_at_t0_is_clipped_to_that_of_t1():
+    """betatilde_0 = 0, so the stored log-variance at t = 0 is log(betatilde_1) (finite)."""
+    d = GaussianDiffusion()
+    abar, abar_prev, betas = closed_form_tables(d)
+    betatilde_1 = (betas[1] * (1 - abar_prev[1]) / (1 - abar[1])).item()
+    _, var, log_var = d.q_posterior_mean_variance(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4),
+                                                  torch.zeros(2, dtype=torch.long))
+    assert var.flatten()[0].item() == 0.0
+    assert log_var.flatten()[0].item() == pytest.approx(math.log(betatilde_1), rel=1e-5)
+
+
+@pytest.mark.parametrize("t", [0, 1, 500])
+def test_p_sample_against_closed_form(t):
+    """x_{t-1} = c0_t x0_hat + ct_t x_t + [t > 0] temperature sqrt(betatilde_t) z, x0_hat clamped to [-1, 1]."""
+    d = GaussianDiffusion()
+    model = ToyDenoiser()
+    abar, abar_prev, betas = closed_form_tables(d)
+    x_t, noise = torch.randn(2, 3, 4, 4) * 1.5, torch.randn(2, 3, 4, 4)
+    tt = torch.full((2,), t)
+    x0_hat, _ = clamped_x0(d, model, x_t, tt)
+    a, a_prev, beta = abar[t].item(), abar_prev[t].item(), betas[t].item()
+    mean = (beta * math.sqrt(a_prev) / (1 - a)) * x0_hat + ((1 - a_prev) * math.sqrt(1 - beta) / (1 - a)) * x_t.double()
+    std = math.sqrt(beta * (1 - a_prev) / (1 - a))
+    expected = mean + (0.6 * std * noise.double() if t > 0 else 0)
+    got = d.p_sample(model, x_t, tt, noise=noise, temperature=0.6)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("t,t_prev", [(600, 350), (999, 0), (40, -1)])
+def test_ddim_step_with_partial_eta_against_closed_form(t, t_prev):
+    """sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev) at eta = 0.5, over a
+    skip of several steps; abar_prev = 1 for t_prev = -1."""
+    d = GaussianDiffusion()
+    model = ToyDenoiser()
+    abar = closed_form_tables(d)[0]
+    x_t, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    tt = torch.full((2,), t)
+    x0_hat, _ = clamped_x0(d, model, x_t, tt)
+    a = abar[t].item()
+    a_prev = abar[t_prev].item() if t_prev >= 0 else 1.0
+    eps = (x_t.double() / math.sqrt(a) - x0_hat) / math.sqrt(1 / a - 1)  # re-derived from the clamped x0
+    sigma = 0.5 * math.sqrt((1 - a_prev) / (1 - a)) * math.sqrt(1 - a / a_prev)
+    expected = math.sqrt(a_prev) * x0_hat + math.sqrt(1 - a_prev - sigma ** 2) * eps + sigma * noise.double()
+    got = d.ddim_step(model, x_t, tt, torch.full((2,), t_prev), eta=0.5, noise=noise)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_one_step_ddim_returns_the_clamped_x0_prediction():
+    """With steps = 1 the only step goes from T-1 to the clean image (abar_prev = 1): x0_hat itself."""
+    d = GaussianDiffusion("cosine", 50)
+    model = ToyDenoiser()
+    x_T = torch.randn(2, 3, 4, 4) * 2
+    expected, _ = clamped_x0(d, model, x_T, torch.full((2,), 49))
+    got = d.ddim_sample_loop(model, x_T.shape, steps=1, x_T=x_T, progress=False)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_ancestral_loop_visits_every_timestep_down_to_zero_and_draws_from_its_generator():
+    d = GaussianDiffusion("cosine", 6)
+    model = ToyDenoiser()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[1].tolist()))
+    runs = []
+    for global_seed in (1, 2):  # the global RNG's state must not matter
+        torch.manual_seed(global_seed)
+        runs.append(d.p_sample_loop(model, (2, 3, 4, 4), generator=torch.Generator().manual_seed(7), progress=False))
+    assert seen[:6] == [[t, t] for t in range(5, -1, -1)] and len(seen) == 12
+    assert torch.equal(runs[0], runs[1])

@@ -313,3 +313,45 @@ def test_a_setup_error_is_reported_once_by_rank_0_when_shared_and_by_its_rank_wh
         assert ours == [rank1, "dream train: error: the process of rank 1 stopped during setup (its line says why)"], \
             process.stderr[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_single_process_is_its_own_collective():
+    """Without torchrun every collective is the identity and nothing touches torch.distributed (not initialised)."""
+    d = Distributed()
+    assert not d.enabled and d.is_main and not d.launcher_gone()  # launcher_pid 0: not checked
+    values = torch.randn(3)
+    assert d.mean(values) is values
+    assert d.max(3, "cpu") == 3
+    assert [type(flag) for flag in d.gather_flags(1)] == [bool] and d.gather_flags(0) == [False]
+    d.check_identical([torch.randn(2)], "weights")
+    d.barrier()
+    assert not torch.distributed.is_initialized()
+
+
+def test_the_main_process_is_global_rank_0_not_every_machines_local_rank_0():
+    assert not Distributed(rank=3, world_size=4, local_rank=0).is_main
+    assert Distributed(rank=0, world_size=4, local_rank=0).is_main
+    assert Distributed(rank=0, world_size=2).enabled
+
+
+@pytest.mark.parametrize("environment", [{}, {"WORLD_SIZE": "1"}])
+def test_a_world_of_one_process_needs_no_rank_and_no_process_group(monkeypatch, environment):
+    from dream.distributed import from_environment, session
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert from_environment("cpu") == Distributed()
+    with session("cpu") as d:
+        assert d == Distributed()
+    assert not torch.distributed.is_initialized()
+
+
+def test_fingerprint_does_not_depend_on_the_chunk_size():
+    x = torch.randn(1000)
+    whole = int(fingerprint_tensor(x))
+    assert int(fingerprint_tensor(x, chunk=7)) == int(fingerprint_tensor(x, chunk=1000)) == whole
+    y = x.clone()
+    y[[3, 10]] = y[[10, 3]]  # a swap across a chunk boundary
+    assert int(fingerprint_tensor(y, chunk=7)) != whole

@@ -71,3 +71,65 @@ def test_state_dict_round_trip():
 def test_bad_decay():
     with pytest.raises(ValueError, match="decay"):
         EMA(make_model(), decay=1.5)
+
+
+def perturbed(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("decay", [0.0, 1.0])
+def test_decay_at_the_ends_of_its_range(decay):
+    """d = 0 makes the shadow the latest weights, d = 1 keeps the first ones; both ends are valid."""
+    model = make_model()
+    start = [p.detach().clone() for p in model.parameters()]
+    ema = EMA(model, decay=decay)
+    ema.update(perturbed(model))
+    for shadow, s0, p in zip(ema.shadow, start, model.parameters()):
+        torch.testing.assert_close(shadow, p.detach() if decay == 0.0 else s0, rtol=0, atol=0)
+
+
+def test_in_use_is_set_only_while_applied():
+    model = make_model()
+    ema = EMA(model)
+    assert not ema.in_use
+    with ema.applied(model):
+        assert ema.in_use
+    assert not ema.in_use
+    with pytest.raises(RuntimeError), ema.applied(model):
+        raise RuntimeError("evaluation failed")
+    assert not ema.in_use
+
+
+def test_load_state_dict_refuses_a_state_missing_parameters():
+    ema = EMA(make_model())
+    state = ema.state_dict()
+    del state["shadow"]["1.bias"]
+    with pytest.raises(ValueError, match="lacks 1 parameters, e.g. 1.bias"):
+        EMA(make_model()).load_state_dict(state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_state_dict_is_a_copy_in_the_models_dtype(dtype):
+    model = make_model().to(dtype)
+    ema = EMA(model, decay=0.5)
+    assert all(s.dtype == torch.float32 for s in ema.shadow)  # averaged in fp32
+    exported = ema.model_state_dict(model)
+    assert all(v.dtype == dtype for v in exported.values())
+    before = {k: v.clone() for k, v in exported.items()}
+    ema.update(perturbed(model))
+    for k, v in exported.items():  # later updates leave an exported state as it was
+        assert torch.equal(v, before[k]), k
+
+
+def test_frozen_parameters_are_not_averaged_and_export_as_the_model_has_them():
+    model = make_model()
+    model[1].weight.requires_grad_(False)
+    ema = EMA(model, decay=0.9)
+    assert ema.names == ["0.weight", "0.bias", "1.bias"]
+    with torch.no_grad():
+        model[1].weight.mul_(torch.rand(3) + 2)
+    ema.update(model)
+    assert torch.equal(ema.model_state_dict(model)["1.weight"], model[1].weight)

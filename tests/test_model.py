@@ -313,3 +313,40 @@ def test_skip_resize_on_cuda_matches_the_nchw_kernel(dtype, tolerance):
     assert (out.float() - reference).abs().max().item() <= tolerance * reference.abs().max().item()
     error = (skip.grad.float() - reference_in.grad).abs().max().item()
     assert error <= 4 * tolerance * reference_in.grad.abs().max().item()
+
+
+def test_model_info_block_shapes_are_those_of_one_image():
+    """Each block's output shape is C x H x W (no batch dimension): the input convolution keeps the image size,
+    the middle runs at the deepest width after one halving per level."""
+    size = 16
+    info = model_info("tiny", image_size=size)
+    config = info["config"]
+    shapes = {block["block"]: block["shape"] for block in info["blocks"]}
+    deepest = size // 2 ** len(config["channel_mults"])
+    assert shapes["conv_in"] == f"{config['base_channels']}x{size}x{size}"
+    assert shapes["mid.0"] == f"{config['base_channels'] * config['channel_mults'][-1]}x{deepest}x{deepest}"
+    assert shapes["conv_out"] == f"{config['in_channels']}x{size}x{size}"
+
+
+def math_switches():
+    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+            torch.get_float32_matmul_precision())
+
+
+def test_math_flags_restore_every_switch_and_let_errors_through():
+    from dream.math_flags import MathFlags, exact_fp32, use_fast_math
+
+    before = math_switches()
+    with pytest.raises(RuntimeError, match="inside"), MathFlags():
+        use_fast_math()
+        torch.set_float32_matmul_precision("medium")
+        assert math_switches()[:3] == (True, True, True)
+        raise RuntimeError("inside")
+    assert math_switches() == before
+    with MathFlags():
+        use_fast_math()
+        torch.set_float32_matmul_precision("high")
+        with exact_fp32():
+            assert math_switches() == (False, False, True, "highest")  # autotuning is left as it was
+        assert math_switches() == (True, True, True, "high")
+    assert math_switches() == before

@@ -45,12 +45,17 @@ def expected_standard(model, x0, noise, t):
     return ((model(x_t, t) - noise) ** 2).mean()
 
 
-def expected_seed(model, x0, noise, t, epoch, lambda_max=0.5, alpha=0.7):
+def expected_seed(model, x0, noise, t, epoch, lambda_max=0.5, alpha=0.7, ramp=20.0, separate=False):
     a = abar_table()[t].reshape(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     eps_pred = model(x_t, t)
-    lam = (lambda_max * t.double() / T * min(epoch / 20, 1)).reshape(-1, 1, 1, 1)
-    x0_hat = ((x_t - (1 - a).sqrt() * eps_pred.detach()) / a.sqrt()).clamp(-1, 1)
+    if separate:
+        with torch.no_grad():
+            eps_hat = model(x_t, t)
+    else:
+        eps_hat = eps_pred.detach()
+    lam = (lambda_max * t.double() / T * min(epoch / ramp, 1)).reshape(-1, 1, 1, 1)
+    x0_hat = ((x_t - (1 - a).sqrt() * eps_hat) / a.sqrt()).clamp(-1, 1)
     x_rect = a.sqrt() * (lam * x0_hat + (1 - lam) * x0) + (1 - a).sqrt() * noise
     return alpha * ((eps_pred - noise) ** 2).mean() + (1 - alpha) * ((model(x_rect, t) - noise) ** 2).mean()
 
@@ -128,8 +133,10 @@ def test_paper_dream(power, l1):
     x0, noise, t = inputs()
     config = ObjectiveConfig(paper_power=power, paper_loss="l1" if l1 else "mse")
     torch.manual_seed(5)
-    loss, _ = OBJECTIVES["paper"](model, d, x0, 0, config, t=t, noise=noise)
+    loss, logs = OBJECTIVES["paper"](model, d, x0, 0, config, t=t, noise=noise)
     assert model.training  # the estimate's eval mode is undone
+    lam = (1 - abar_table()[t]).sqrt() ** power
+    assert logs["lambda_t_mean"].item() == pytest.approx(lam.mean().item(), rel=1e-5)
     torch.manual_seed(5)  # same dropout mask for the trained forward (the no-grad one runs without dropout)
     expected = expected_paper(model, x0, noise, t, power, l1)
     torch.testing.assert_close(loss.double(), expected, rtol=2e-5, atol=1e-8)
@@ -180,3 +187,49 @@ def test_random_t_and_noise_when_not_given():
     torch.manual_seed(1)
     c, _ = OBJECTIVES["standard"](model, d, x0, 0, ObjectiveConfig())
     assert a.item() == b.item() != c.item()
+
+
+def test_seed_lambda_follows_a_custom_ramp():
+    """lambda_t = lambda_max (t / T) min(epoch / ramp_epochs, 1) with ramp_epochs = 4: 3/4 of the way at epoch 3."""
+    model, d = ToyEps(), GaussianDiffusion()
+    x0, noise, t = inputs()
+    config = ObjectiveConfig(dream_start_epoch=1, lambda_max=0.8, ramp_epochs=4.0)
+    loss, logs = OBJECTIVES["seed"](model, d, x0, 3, config, t=t, noise=noise)
+    check(loss, expected_seed(model, x0, noise, t, 3, lambda_max=0.8, ramp=4.0), model)
+    assert logs["lambda_t_mean"].item() == pytest.approx((0.8 * t.double() / T * 0.75).mean().item(), rel=1e-6)
+
+
+def test_seed_separate_estimate_is_its_own_dropout_forward():
+    """With seed_separate_eps_forward, eps_hat comes from a second (no-grad, training-mode) forward with its own
+    dropout mask, not from the trained forward's output."""
+    model, d = ToyEps(dropout=0.3), GaussianDiffusion()
+    x0, noise, t = inputs()
+    config = ObjectiveConfig(seed_separate_eps_forward=True)
+    torch.manual_seed(8)
+    loss, _ = OBJECTIVES["seed"](model, d, x0, 20, config, t=t, noise=noise)
+    torch.manual_seed(8)  # the same three dropout masks, in the same order
+    expected = expected_seed(model, x0, noise, t, 20, separate=True)
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-5, atol=1e-8)
+
+
+def test_objective_config_accepts_the_ends_of_its_ranges():
+    config = ObjectiveConfig(lambda_max=1.0, alpha=0.0, ramp_epochs=1e-3, paper_power=0.0, paper_loss="l1")
+    assert config.lambda_max == 1.0 and config.alpha == 0.0
+
+
+def test_random_t_covers_every_timestep():
+    """t ~ U{0 .. T-1}: with T = 2 and 64 draws both values occur (all equal has probability 2^-63)."""
+    model, d = ToyEps(), GaussianDiffusion("cosine", 2)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[1]))
+    torch.manual_seed(0)
+    OBJECTIVES["standard"](model, d, torch.rand(64, 3, 5, 7, dtype=torch.float64) * 2 - 1, 0, ObjectiveConfig())
+    assert set(seen[0].tolist()) == {0, 1}
+
+
+def test_paper_estimate_leaves_a_model_in_eval_mode_in_eval_mode():
+    model, d = ToyEps(dropout=0.3), GaussianDiffusion()
+    x0, noise, t = inputs()
+    model.eval()
+    OBJECTIVES["paper"](model, d, x0, 0, ObjectiveConfig(), t=t, noise=noise)
+    assert not model.training
