@@ -316,7 +316,8 @@ def resolve_feature_extractor(name: str, weights: str | None) -> tuple[str | Non
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
     if name not in FEATURE_EXTRACTORS_REGISTRY:
-        raise DreamError(f"unknown feature extractor {name!r}; torch-fidelity knows {sorted(FEATURE_EXTRACTORS_REGISTRY)}")
+        raise DreamError(f"unknown feature extractor {name!r}; torch-fidelity knows "
+                         f"{sorted(FEATURE_EXTRACTORS_REGISTRY)}")
     hub_file = hub_inception_file()
     if weights:
         flag = "--inception-weights" if name == INCEPTION else "--extractor-weights"
@@ -548,7 +549,8 @@ def format_report(report: dict) -> str:
         parts.append(f"IS {m['isc_mean']:.3f} ± {m['isc_std']:.3f}")
     if "kid_mean" in m:
         parts.append(f"KID {m['kid_mean']:.5f} ± {m['kid_std']:.5f}")
-    sampler = report["sampler"] + (f" {report['steps']} steps, eta {report['eta']:g}" if report["sampler"] == "ddim" else "")
+    ddim = f" {report['steps']} steps, eta {report['eta']:g}" if report["sampler"] == "ddim" else ""
+    sampler = report["sampler"] + ddim
     return (f"{', '.join(parts)} on {report['count']} samples ({sampler}, seed {report['seed']}, "
             f"step {report['step']}); report {report['report']}")
 

@@ -4,8 +4,9 @@ For each workload (`train`: one optimizer step of the trainer; `sample`: one anc
 step, or with --sampler engine|graphs a DDIM loop through dream.sampling.SamplingEngine, plain or
 replaying CUDA graphs) it runs the step once unprofiled (compilation, autotuning, graph capture),
 then --warmup and --steps steps under the profiler, and writes <out>/<device>/<date>-profile-<what>.md
-(+ .json; the name adds the settings that differ from the defaults, and -2, -3, ... when taken) and the Chrome trace beside it (<date>-profile-<what>.trace.json.gz, open it in
-https://ui.perfetto.dev or chrome://tracing):
+(+ .json; the name adds the settings that differ from the defaults, and -2, -3, ... when taken) and the
+Chrome trace beside it (<date>-profile-<what>.trace.json.gz, open it in https://ui.perfetto.dev or
+chrome://tracing):
 
     step time        median wall time of the profiled steps (each ends with a device sync)
     top kernels      GPU kernels by total time (on CPU: operators by self CPU time)
@@ -595,7 +596,6 @@ def run_profile(args) -> list[Path]:
 
 
 def add_profile_arguments(p: argparse.ArgumentParser) -> None:
-    
     p.add_argument("--what", default="both", choices=["both", *PROFILE_WHATS],
                    help="train: one optimizer step; sample: one ancestral denoising step; both (default)")
     p.add_argument("--preset", default=None, help="model preset (default: seed on a GPU, tiny on CPU)")

@@ -32,7 +32,8 @@ from dream.sampling import SAMPLERS, SamplingEngine, normalize_sampler
 
 def add_sampling_arguments(p, count: int, batch_size: int, backend: str, backends, count_help: str = "") -> None:
     """The flags `dream sample` and `dream eval` share: checkpoint, sampler settings, device and speed."""
-    p.add_argument("checkpoint", help="checkpoint file, a run folder (its newest valid checkpoint), or a .safetensors export")
+    p.add_argument("checkpoint",
+                   help="checkpoint file, a run folder (its newest valid checkpoint), or a .safetensors export")
     p.add_argument("--count", type=int, default=count, help=count_help or None)
     p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS),
                    help="ddim (--steps, --eta) or ddpm (ancestral, all T steps)")

@@ -253,6 +253,10 @@ def test_profile_on_cpu_writes_its_reports_and_no_profiler_noise(tmp_path):
         data = json.loads(report.read_text())
         assert data["summary"]["steps"] == 2 and data["summary"]["step_ms"] > 0
         assert data["summary"]["top_ops"] and data["summary"]["kernels"] == 0
+        assert len(data["summary"]["wall_ms"]) == 2  # the recorded steps, not the warm-up one
+        # batch 2 (the CPU default) per step; a sampling step stands for 1/1000 of a DDPM run
+        per_image_run = 1000 if what == "sample" else 1
+        assert data["summary"]["images_per_s"] == pytest.approx(2e3 / data["summary"]["step_ms"] / per_image_run)
         markdown = report.with_suffix(".md").read_text()
         assert "**CPU figures**" in markdown and "aten::" in markdown
         trace = json.loads(gzip.decompress(report.with_name(report.name.replace(".json", ".trace.json.gz"))
@@ -306,3 +310,128 @@ def test_the_top_level_help_names_every_command():
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
     assert all(name in parser.description for name in commands), parser.description
+
+
+def test_a_model_override_of_zero_is_kept(monkeypatch, tmp_path):
+    """`--dropout 0` overrides the preset's dropout (a zero is a value, not a flag left out)."""
+    seen = []
+    monkeypatch.setattr("dream.train.train", lambda config, resume=None: seen.append(config) or {
+        "last": {}, "step": 0, "epoch": 0, "checkpoint_dir": str(tmp_path), "grid": None})
+    assert main(["train", "--preset", "tiny", "--run-dir", str(tmp_path), "--dropout", "0"]) == 0
+    assert seen[0].model_overrides == {"dropout": 0.0}
+
+
+def test_an_argparse_error_is_one_line_that_points_at_the_commands_help(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["sample", "ckpt.pt", "--sampler", "euler"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dream sample: error: argument --sampler: invalid choice: 'euler'")
+    assert err.endswith(" (see dream sample --help)\n")
+
+
+@pytest.mark.parametrize("flag", ["--memory-budget", "--budget"])
+def test_a_negative_size_after_either_budget_flag_is_refused_for_its_sign(capsys, flag):
+    """`--memory-budget -1GB` is read as the flag's value and refused for its sign, as `--budget -1GB` is (not
+    "expected one argument"); an option after the flag stays an option."""
+    from dream.cli import _attach_negative_sizes
+
+    command = "train" if flag == "--memory-budget" else "memory"
+    with pytest.raises(SystemExit) as stop:
+        main([command, flag, "-1GB"])
+    assert stop.value.code == 2 and "memory size '-1GB' must be positive" in capsys.readouterr().err
+    assert _attach_negative_sizes([command, flag, "--json"]) == [command, flag, "--json"]
+
+
+def test_sample_passes_its_flags_on_and_names_the_weights_it_used(monkeypatch, capsys, tmp_path):
+    """`dream sample` hands --no-ema, --bf16, --graphs, --channels-last and the counts to the sampler, and its
+    last line says which images were made now, which were there, and from which weights."""
+    import dream.sample
+
+    calls = []
+
+    def sampled(checkpoint, out_dir, **kwargs):
+        calls.append(kwargs)
+        count = kwargs["count"]
+        return {"out_dir": out_dir, "count": count, "made": count - 1, "ema": kwargs["use_ema"], "step": 7,
+                "checkpoint": str(tmp_path / "ckpt.pt"), "grid": str(tmp_path / "out" / "grid.png")}
+
+    monkeypatch.setattr(dream.sample, "sample_from_checkpoint", sampled)
+    common = ["sample", "ckpt.pt", "--out", str(tmp_path / "out"), "--device", "cpu", "--batch-size", "3"]
+    assert main([*common, "--count", "1", "--no-ema", "--bf16", "--graphs", "off", "--channels-last"]) == 0
+    out = tmp_path / "out"
+    assert capsys.readouterr().out == (f"{out}: image 0 (0 made now, 1 already there) from the raw weights of step 7 "
+                                       f"({tmp_path / 'ckpt.pt'}); grid {out / 'grid.png'}\n")
+    assert main([*common, "--count", "4", "--no-channels-last"]) == 0
+    assert f"{tmp_path / 'out'}: images 0-3 (3 made now, 1 already there) from the EMA weights of step 7" in \
+        capsys.readouterr().out
+    first, second = calls
+    assert (first["use_ema"], first["dtype"], first["graphs"], first["channels_last"]) == (
+        False, torch.bfloat16, False, True)
+    assert (second["use_ema"], second["dtype"], second["graphs"], second["channels_last"]) == (
+        True, torch.float32, None, False)
+    assert (second["count"], second["batch_size"], second["backend"]) == (4, 3, "eager")
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_an_interrupt_on_a_worker_rank_is_said_once(monkeypatch, capsys, shared):
+    """Under torchrun, a stop every rank sees (a signal to the job) is said by rank 0 alone; one that only this
+    rank sees carries its rank. Both exit 128 + SIGINT."""
+    import dream.cli
+
+    def interrupted(args):
+        stop = KeyboardInterrupt()
+        stop.same_on_every_rank = shared
+        raise stop
+
+    monkeypatch.setattr(dream.cli, "run_sample", interrupted)
+    monkeypatch.setenv("RANK", "1")
+    assert main(["sample", "ckpt.pt"]) == 130
+    assert capsys.readouterr().err == ("" if shared else "dream sample (rank 1): interrupted; rerun the same "
+                                                         "command to go on (finished images are kept)\n")
+
+
+def test_dream_debug_shows_the_traceback_instead_of_the_line(monkeypatch):
+    import dream.cli
+    from dream.errors import DreamError
+
+    def failing(args):
+        raise DreamError("a bad flag")
+
+    monkeypatch.setattr(dream.cli, "run_train", failing)
+    monkeypatch.setenv("DREAM_DEBUG", "1")
+    with pytest.raises(DreamError, match="a bad flag"):
+        main(["train"])
+
+
+def test_the_callers_own_sigterm_handler_is_put_back(capsys):
+    import signal
+
+    def own_handler(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, own_handler)
+    try:
+        assert main(["info", "--preset", "tiny", "--json"]) == 0
+        assert signal.getsignal(signal.SIGTERM) is own_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_command_run_from_another_thread_leaves_signals_alone(capsys):
+    """Only the main thread may install signal handlers: main() called from a worker thread still runs."""
+    import threading
+
+    codes = []
+    worker = threading.Thread(target=lambda: codes.append(main(["info", "--preset", "tiny", "--json"])))
+    worker.start()
+    worker.join()
+    assert codes == [0] and json.loads(capsys.readouterr().out)["parameters"] > 0
+
+
+def test_info_without_json_is_a_table(capsys):
+    assert main(["info", "--preset", "tiny", "--json"]) == 0
+    parameters = json.loads(capsys.readouterr().out)["parameters"]
+    assert main(["info", "--preset", "tiny"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"preset tiny: {parameters:,} parameters") and "conv_in" in text

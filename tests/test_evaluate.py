@@ -769,3 +769,169 @@ def test_a_torchvision_that_fails_to_import_is_one_line_before_sampling_or_scori
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "torchvision, which does not import here" in err, err
     assert not (tmp_path / "e").exists()  # refused before sampling
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"count": 1}, "--count must be at least 2 for FID/IS/KID, got 1"),
+    ({"real_count": 1}, "--real-count must be at least 2, got 1"),
+    ({"kid_subsets": 0}, "kid_subsets must be an integer of at least 1, got 0"),
+])
+def test_too_few_images_to_score_are_refused_before_sampling(tmp_path, change, message):
+    checkpoint = make_checkpoint(tmp_path)
+    settings = dict(count=4, steps=1, device="cpu", feature_extractor=EXTRACTOR, cache_dir=tmp_path / "fidelity",
+                    progress=False)
+    with pytest.raises(DreamError, match=f"^{message}$"):
+        evaluate(str(checkpoint), out=str(tmp_path / "eval"), **{**settings, **change})
+    assert not (tmp_path / "eval").exists()
+
+
+def test_an_out_that_is_a_file_is_refused_before_sampling(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate_module, "load_sampler_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    a_file = tmp_path / "report.json"
+    a_file.write_text("{}")
+    with pytest.raises(DreamError, match=f"^--out {a_file} is a file; it must be a folder"):
+        evaluate("ckpt.pt", out=str(a_file), count=4, feature_extractor=EXTRACTOR, cache_dir=tmp_path / "fidelity")
+
+
+def test_kid_alone_is_scored_against_the_real_set(tmp_path):
+    checkpoint = make_checkpoint(tmp_path)
+    report = evaluate(str(checkpoint), out=str(tmp_path / "eval"), count=4, steps=1, batch_size=4, device="cpu",
+                      metrics=("kid",), feature_extractor=EXTRACTOR, cache_dir=tmp_path / "fidelity", kid_subsets=2,
+                      progress=False)
+    assert set(report["metrics"]) == {"kid_mean", "kid_std"} and report["real"]["images"] == 12
+    assert report["metric_settings"] == {"kid_subsets": 2, "kid_subset_size": 4}
+
+
+def test_the_report_records_the_steps_and_eta_that_ran_and_another_scoring_is_kept_beside_it(tmp_path):
+    """ddpm runs all T steps with eta 1 whatever the defaults said: the report records what ran, and the checkpoint
+    file a run folder stood for. Scoring the
+    same samples with other settings writes report-n<N>-2.json and keeps the first."""
+    from dream.evaluate import format_report
+
+    checkpoint = make_checkpoint(tmp_path)  # T = 10
+    settings = dict(out=str(tmp_path / "eval"), count=2, sampler="ddpm", batch_size=2, device="cpu",
+                    metrics=("isc",), feature_extractor=EXTRACTOR, cache_dir=tmp_path / "fidelity", progress=False)
+    first = evaluate(str(checkpoint.parent.parent), isc_splits=1, **settings)  # the run folder: its newest checkpoint
+    assert (first["sampler"], first["steps"], first["eta"], first["seed"]) == ("ddpm", 10, 1.0, 0)
+    assert first["checkpoint"] == str(checkpoint.resolve())
+    assert Path(first["report"]).name == "report-n2.json"
+    assert format_report(first).startswith(f"IS {first['metrics']['isc_mean']:.3f} ± ") and \
+        format_report(first).endswith(" on 2 samples (ddpm, seed 0, step 9); report " + first["report"])
+    second = evaluate(str(checkpoint), isc_splits=2, **settings)
+    assert second["made"] == 0 and Path(second["report"]).name == "report-n2-2.json"
+    assert json.loads(Path(first["report"]).read_text())["metric_settings"] == {"isc_splits": 1}
+
+
+def test_a_capped_real_folder_keeps_a_fixed_subset_of_that_many_images(tmp_path, monkeypatch):
+    monkeypatch.setenv("DREAM_CACHE", str(tmp_path / "cache"))
+    write_faces(tmp_path / "real", 0, 7)
+    real = resolve_real_set({"data": "folder"}, root=str(tmp_path / "real"), count=4)
+    capped = load_real_images(real, 16)
+    every = load_real_images({**real, "count": None}, 16)
+    assert capped.shape == (4, 3, 16, 16) and every.shape[0] == 7
+    rows = [next(i for i in range(7) if torch.equal(every[i], image)) for image in capped]
+    assert rows == sorted(set(rows))  # distinct images, in the folder's order
+    assert torch.equal(load_real_images(real, 16), capped)
+
+
+def test_naming_the_training_data_as_the_real_set_is_the_default_real_set():
+    config = {"data": "synthetic", "data_count": 12, "seed": 5}
+    assert resolve_real_set(config, source="synthetic") == resolve_real_set(config) == {
+        "source": "synthetic", "root": None, "split": None, "count": 12, "seed": 5}
+
+
+def test_real_statistics_are_keyed_on_the_image_size_and_the_extractor_weights():
+    from dream.evaluate import real_cache_name
+
+    real = {"source": "synthetic", "root": None, "split": None, "count": 12, "seed": 5}
+    names = {real_cache_name(real, 16, "w1"), real_cache_name(real, 32, "w1"), real_cache_name(real, 16, "w2")}
+    assert len(names) == 3
+
+
+@pytest.mark.parametrize("metrics, files, cached", [
+    (("fid",), ["stat-fid-features"], True),
+    (("fid", "kid"), ["stat-fid-features"], False),  # KID needs the features themselves
+    (("fid", "kid"), ["features-features"], True),
+    (("fid", "isc"), ["features-features"], False),  # IS's logits are missing
+    (("fid", "isc"), ["features-features", "features-logits"], True),
+])
+def test_the_real_features_are_cached_only_when_every_metric_finds_its_file(tmp_path, metrics, files, cached):
+    from dream.evaluate import real_features_cached
+
+    for name in files:
+        (tmp_path / f"key-{EXTRACTOR}-{name}.pt").write_bytes(b"x")
+    assert real_features_cached(tmp_path, "key", EXTRACTOR, metrics) is cached
+
+
+def test_the_real_set_is_loaded_before_sampling_when_its_features_are_gone(tmp_path, monkeypatch):
+    """The real-set count survives, but its features do not: the real set is read (and checked) again before
+    sampling, not after it."""
+    checkpoint = make_checkpoint(tmp_path)
+    settings = dict(out=str(tmp_path / "eval"), count=2, steps=1, batch_size=2, device="cpu", metrics=("kid",),
+                    feature_extractor=EXTRACTOR, cache_dir=tmp_path / "fidelity", kid_subsets=2, progress=False)
+    first = evaluate(str(checkpoint), **settings)
+    for path in (tmp_path / "fidelity").glob(f"{first['real']['cache_name']}-*.pt"):
+        path.unlink()
+    events = []
+    real_load_images, real_sample_images = evaluate_module.load_images, evaluate_module.sample_images
+    monkeypatch.setattr(evaluate_module, "load_images",
+                        lambda *a, **k: events.append("load") or real_load_images(*a, **k))
+    monkeypatch.setattr(evaluate_module, "sample_images",
+                        lambda *a, **k: events.append("sample") or real_sample_images(*a, **k))
+    second = evaluate(str(checkpoint), **settings)
+    assert events[:2] == ["load", "sample"] and second["metrics"] == pytest.approx(first["metrics"], rel=1e-12)
+
+
+def test_an_empty_archive_in_the_statistics_cache_is_damaged(tmp_path):
+    import zipfile
+
+    from dream.evaluate import discard_damaged_cache
+
+    empty = tmp_path / "key-x-features-features.pt"
+    zipfile.ZipFile(empty, "w").close()
+    good = tmp_path / "key-x-stat-fid-features.pt"
+    torch.save({"mu": torch.randn(3)}, good)
+    with pytest.warns(UserWarning, match="deleting damaged cache files"):
+        discard_damaged_cache(tmp_path, "key")
+    assert not empty.exists() and good.exists()
+
+
+def test_the_number_of_real_images_does_not_make_a_scoring_of_another_kind(tmp_path):
+    """The real set's files are its identity (their fingerprint); the image count it was found to hold is not:
+    rescoring against the same files replaces the report."""
+    from dream.evaluate import report_path
+
+    real = {"source": "folder", "root": "/r", "files": "abc", "cache_name": "c", "images": 9}
+    report = {"count": 5, "metrics": {"fid": 1.0}, "real": real, "feature_extractor": EXTRACTOR,
+              "feature_extractor_weights": None}
+    report_path(tmp_path, report).write_text(json.dumps(report))
+    again = {**report, "real": {**real, "images": 10}}
+    assert report_path(tmp_path, again).name == "report-n5.json"
+
+
+def test_eval_passes_its_flags_on(monkeypatch, capsys):
+    """`dream eval` hands the metric list (spaces and empty items dropped), --no-ema, --bf16 and --graphs to
+    the evaluation, and prints its one-line summary."""
+    from dream.cli import main
+
+    calls = []
+
+    def evaluated(checkpoint, **kwargs):
+        calls.append(kwargs)
+        return {"metrics": {"fid": 3.25}, "sampler": "ddim", "steps": 5, "eta": 0.0, "count": 6, "seed": 0,
+                "step": 9, "report": "r.json"}
+
+    monkeypatch.setattr(evaluate_module, "evaluate", evaluated)
+    assert main(["eval", "ckpt.pt", "--metrics", " fid, kid,", "--no-ema", "--bf16", "--graphs", "off",
+                 "--real-count", "8", "--count", "6"]) == 0
+    assert capsys.readouterr().out == "FID 3.250 on 6 samples (ddim 5 steps, eta 0, seed 0, step 9); report r.json\n"
+    [kwargs] = calls
+    assert (kwargs["metrics"], kwargs["use_ema"], kwargs["dtype"], kwargs["graphs"], kwargs["real_count"],
+            kwargs["count"]) == (("fid", "kid"), False, torch.bfloat16, False, 8, 6)
+
+
+def test_a_missing_weights_file_of_another_extractor_names_the_flag_for_it(tmp_path):
+    missing = tmp_path / "none.bin"
+    with pytest.raises(DreamError, match=f"^--extractor-weights {missing}: no such file \\(expected the weights file "
+                                         f"of feature extractor '{WEIGHTED}'\\)$"):
+        resolve_feature_extractor(WEIGHTED, str(missing))

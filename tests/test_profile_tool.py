@@ -136,3 +136,68 @@ def test_a_custom_ops_forward_is_not_labelled_backward():
     assert [row["name"] for row in rows] == ["dream_kernels::group_norm_silu_fwd (forward, in its autograd wrapper)",
                                              "GeneratedBackwardFor_other_lib_op_default", "aten::convolution"]
     assert rows[0]["calls"] == 64 and rows[0]["share"] == pytest.approx(0.6)
+
+
+def test_device_folders_and_labels():
+    """A GPU's reports go to its name as a folder name, CPU reports to `cpu` under the heading label CPU."""
+    cuda = {"device_type": "cuda", "device_name": "NVIDIA H200 (NVL)"}
+    cpu = {"device_type": "cpu", "device_name": "CPU (x86_64, 2 cores)"}
+    assert profile.device_slug(cuda) == "nvidia-h200-nvl" and profile.device_slug(cpu) == "cpu"
+    assert profile.device_label(cuda) == "NVIDIA H200 (NVL)" and profile.device_label(cpu) == "CPU"
+
+
+@pytest.mark.parametrize("device_type, title, cpu_note", [("cpu", "# Profile: sampling — CPU", True),
+                                                          ("cuda", "# Profile: sampling — GPU-X", False)])
+def test_a_report_is_titled_with_its_device_and_a_cpu_one_says_its_figures_are_cpus(device_type, title, cpu_note):
+    info = {"device_type": device_type, "device_name": "GPU-X" if device_type == "cuda" else "CPU (x, 2 cores)",
+            "driver": None, "torch": "2.x", "time": "t"}
+    summary = {"step_ms": 2.0, "wall_ms": [2.0], "steps": 1, "images_per_s": 1000.0, "top_ops": [], "kernels": 3,
+               "launches": 3, "graph_launches": 0, "busy_fraction": 0.5, "kernel_time_us": 900.0, "gpu_events": 3,
+               "top_kernels": []}
+    text = profile.format_report("sample", info, {"sampler": "a | b"}, summary, "t.json.gz", 5)
+    assert text.splitlines()[0] == title
+    assert ("**CPU figures**" in text) is cpu_note
+    assert "| sampler | a \\| b |" in text  # a cell's "|" does not split the table's row
+    assert "| driver |" not in text  # nothing known: no row
+
+
+def test_figures_of_a_thousand_and_more_get_thousands_separators():
+    assert [profile.significant(v) for v in (999.6, 1000.0, 3.2e-7)] == ["1000", "1,000", "3.2e-07"]
+
+
+def test_report_names_carry_a_layout_other_than_the_devices_and_leave_out_what_does_not_apply():
+    cpu = torch.device("cpu")
+    args = parse("--checkpointing", "attention", "--objective", "paper")
+    args.preset, args.batch = "tiny", 2
+    config = {"channels_last": True, "backend": "eager", "precision": "fp32", "compile": False, "objective": "paper"}
+    assert (profile.profile_name("train", args, config, cpu)
+            == "profile-train-channels-last-checkpointing-attention-paper")
+    # checkpointing and the objective are the training step's: a sampling profile is not named after them
+    assert profile.profile_name("sample", args, config, cpu) == "profile-sample-channels-last"
+
+
+def test_cpu_defaults_are_a_small_run(tmp_path, monkeypatch):
+    """Without a GPU: the tiny preset at 32 × 32, batch 2, one warm-up and one recorded step."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def workload(args, device):
+        seen.append((args.preset, args.image_size, args.batch, args.warmup, args.steps))
+        raise Stop
+
+    monkeypatch.setattr(profile, "training_workload", workload)
+    with pytest.raises(Stop):
+        profile.run_profile(parse("--device", "cpu", "--what", "train", "--out", str(tmp_path)))
+    assert seen == [("tiny", 32, 2, 1, 1)]
+
+
+def test_the_profiler_step_rows_are_not_operators():
+    from types import SimpleNamespace
+
+    events = [SimpleNamespace(key="ProfilerStep#3", count=1, self_cpu_time_total=500.0),
+              SimpleNamespace(key="aten::mm", count=2, self_cpu_time_total=300.0),
+              SimpleNamespace(key="aten::add", count=4, self_cpu_time_total=100.0)]
+    rows = profile.top_cpu_ops(events)
+    assert [row["name"] for row in rows] == ["aten::mm", "aten::add"] and rows[0]["share"] == pytest.approx(0.75)

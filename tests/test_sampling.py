@@ -753,6 +753,90 @@ def test_batch_noise_streams_are_unrelated():
     assert torch.equal(batch_noise(1, 2, shape, "cpu"), draws[("start", 1, 2)])  # and reproducible
 
 
+
+@pytest.mark.parametrize("change", [{"seed": 4}, {"batch_size": 3}, {"steps": 3}, {"sampler": "ddpm", "steps": None}])
+def test_a_set_is_not_continued_with_other_settings(tmp_path, change):
+    """The seed, batch size, step count and sampler each change the images: a folder holding images made with
+    other values is refused before anything is written."""
+    diffusion, model = GaussianDiffusion("cosine", 10), tiny_unet(6)
+    common = dict(sampler="ddim", steps=2, batch_size=2, seed=3, progress=False)
+    sample_images(model, diffusion, 2, tmp_path, **common)
+    key = next(iter(change))
+    with pytest.raises(DreamError, match=f"holds images made with {key}="):
+        sample_images(model, diffusion, 4, tmp_path, **{**common, **change})
+    assert not image_path(tmp_path, 2).exists()
+
+
+def test_a_folder_whose_images_are_gone_takes_new_settings_despite_its_grid(tmp_path):
+    """grid.png is no image of the set: a folder left with its grid and record only takes new settings."""
+    from dream.sample import check_settings
+
+    check_settings(tmp_path, {"steps": 20, "seed": 0})
+    (tmp_path / "grid.png").write_bytes(b"a grid")
+    check_settings(tmp_path, {"steps": 2, "seed": 0})
+    assert json.loads((tmp_path / "sampling.json").read_text()) == {"steps": 2, "seed": 0}
+
+
+def test_a_record_without_a_setting_continues_under_that_setting(tmp_path):
+    """A setting the record does not hold (one an earlier version did not record) does not stop the set."""
+    from dream.sample import check_settings
+
+    check_settings(tmp_path, {"steps": 2})
+    image_path(tmp_path, 0).write_bytes(b"an image")
+    check_settings(tmp_path, {"steps": 2, "noise_device": "cpu"})
+    with pytest.raises(DreamError, match="holds images made with steps=2, this run has steps=3"):
+        check_settings(tmp_path, {"steps": 3, "noise_device": "cpu"})
+
+
+def test_an_unwritable_out_says_whether_it_or_its_parent_is_the_problem(tmp_path, monkeypatch):
+    import dream.sample
+    from dream.sample import check_out_dir
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    monkeypatch.setattr(dream.sample.os, "access", lambda path, mode: False)
+    with pytest.raises(DreamError, match=f"^--out {existing} is not writable$"):
+        check_out_dir(existing)
+    with pytest.raises(DreamError, match=rf"^--out {existing / 'new'} cannot be made \({existing} is not writable\)$"):
+        check_out_dir(existing / "new")
+
+
+def test_the_grid_is_square_and_shows_the_first_64_images(tmp_path):
+    """sample writes grid.png of min(count, 64) images, ceil(sqrt(n)) to a row: 65 images make an 8 × 8 grid."""
+    checkpoint = make_checkpoint(tmp_path)
+    report = sample_from_checkpoint(str(checkpoint), str(tmp_path / "s"), count=65, batch_size=65, steps=1,
+                                    progress=False)
+    cell = 16 + 2  # torchvision's make_grid pads 2 pixels around each 16 × 16 image
+    assert read_png(report["grid"]).shape == (8 * cell + 2, 8 * cell + 2, 3)
+    from dream.sample import save_grid
+
+    assert read_png(save_grid(tmp_path / "s", 5, tmp_path / "five.png")).shape == (2 * cell + 2, 3 * cell + 2, 3)
+
+
+def test_a_grid_image_of_another_size_is_one_line(tmp_path):
+    """Without a given size the grid takes the first image's: another size later in the set is named."""
+    import numpy as np
+    from PIL import Image
+
+    from dream.sample import save_grid, write_pngs
+
+    write_pngs(torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8).numpy(), tmp_path, [0, 1])
+    Image.fromarray(np.full((6, 6, 3), 90, np.uint8)).save(image_path(tmp_path, 2))
+    with pytest.raises(DreamError, match=r"000002.png is 6×6 pixels, not the set's 8×8"):
+        save_grid(tmp_path, 3, tmp_path / "grid.png")
+
+
+def test_a_set_of_the_raw_weights_says_so(tmp_path):
+    """--no-ema: the report and the folder's record name the raw weights, and a set of them is not continued
+    with the EMA weights."""
+    checkpoint = make_checkpoint(tmp_path)
+    common = dict(count=2, batch_size=2, steps=1, progress=False, grid=False)
+    report = sample_from_checkpoint(str(checkpoint), str(tmp_path / "raw"), use_ema=False, **common)
+    assert report["ema"] is False and json.loads((tmp_path / "raw" / "sampling.json").read_text())["ema"] is False
+    with pytest.raises(DreamError, match="holds images made with ema=False, this run has ema=True"):
+        sample_from_checkpoint(str(checkpoint), str(tmp_path / "raw"), **{**common, "count": 4})
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU: graphs
 def gpu_model(backend: str):
