@@ -176,8 +176,9 @@ def contract_calls() -> list[OpCall]:
             x, dy = (meta(n, c, h, w).contiguous(memory_format=memory_format) for _ in range(2))
             scale = meta(n, c) if scaled else None
             shift = meta(n, c) if scaled else None
+            layout = " channels_last" if memory_format == torch.channels_last else ""
             label = (f"contract {mode}{'' if silu else ' no-silu'}{' scale/shift' if scaled else ''}"
-                     f"{' dropout' if dropout_p else ''}{' channels_last' if memory_format == torch.channels_last else ''}")
+                     f"{' dropout' if dropout_p else ''}{layout}")
             seed = torch.empty(1, device="meta", dtype=torch.int64) if dropout_p else None
             common = (groups, 1e-5, mode, silu, dropout_p, seed)
             calls.append(OpCall("dream_kernels::group_norm_silu_fwd", (x, meta(c), meta(c), scale, shift, *common),
@@ -200,7 +201,8 @@ def contract_calls() -> list[OpCall]:
         for memory_format in (torch.contiguous_format, torch.channels_last):
             layout = "channels_last" if memory_format == torch.channels_last else "nchw"
             a, b = (meta(*shape).contiguous(memory_format=memory_format) for _ in range(2))
-            calls.append(OpCall("dream_kernels::add_bias_residual", (a, b, meta(shape[1])), f"contract {layout} {shape}"))
+            calls.append(OpCall("dream_kernels::add_bias_residual", (a, b, meta(shape[1])),
+                                f"contract {layout} {shape}"))
     return calls
 
 

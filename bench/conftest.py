@@ -38,8 +38,9 @@ REPO = Path(__file__).resolve().parent.parent
 def pytest_addoption(parser):
     group = parser.getgroup("dream-bench", "dream benchmarks")
     group.addoption("--bench-size", choices=["auto", "small", "full"], default=None)
-    group.addoption("--bench-variants", default=None, help="ordered fnmatch rules on variant or case:variant, '-' leaves out, 'all'; "
-                     "give it as --bench-variants=RULES")
+    group.addoption("--bench-variants", default=None,
+                    help="ordered fnmatch rules on variant or case:variant, '-' leaves out, 'all'; "
+                         "give it as --bench-variants=RULES")
     group.addoption("--bench-out", default=None, help="report root folder (default profiles/ when timing)")
     group.addoption("--bench-name", default=None, help="report name: <out>/<device>/<date>-<name>.json/.md")
     group.addoption("--bench-target-s", type=float, default=None, help="timed seconds per variant on a GPU")

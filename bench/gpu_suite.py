@@ -457,7 +457,8 @@ REPORT_ROWS = [("kernels (GroupNorm, attention, skip concatenation, residual sum
                ("training step (`seed` objective)", "bench-train"),
                ("memory budget (6.8 GB at batch 128)", "bench-memory"),
                ("sampling (step, DDIM loop, CUDA graphs)", "bench-sampling"),
-               ("UNet forward / forward+backward", "bench-unet"), ("profile: training step / sampling step", "profile-"),
+               ("UNet forward / forward+backward", "bench-unet"),
+               ("profile: training step / sampling step", "profile-"),
                ("kernel launch configurations (tune)", "tune"), ("torch.compile anchors", "bench-compile"),
                ("autotuned launch configurations", "bench-autotune")]
 

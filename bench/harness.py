@@ -21,9 +21,9 @@ one pytest-benchmark test, and for each one the harness
 
 The session (bench/conftest.py) measures the ceilings first (large device-to-device copy; large
 matrix products), and at the end writes JSON and a markdown table to
-<out>/<device>/<date>-<name>.json/.md (a name already taken gets -2, -3, ...): per case each variant's time, speed-up of ours over each
-anchor, GB/s or TFLOP/s and % of the measured ceiling, peak memory and telemetry, and the
-issues' goals as met / not met. Nothing here asserts on speed.
+<out>/<device>/<date>-<name>.json/.md (a name already taken gets -2, -3, ...): per case each variant's
+time, speed-up of ours over each anchor, GB/s or TFLOP/s and % of the measured ceiling, peak memory and
+telemetry, and the issues' goals as met / not met. Nothing here asserts on speed.
 """
 from __future__ import annotations
 

@@ -182,7 +182,8 @@ def build_report(environment: dict) -> tuple[dict, str]:
               "",
               "How to read: time = median per call (rounds of `inner` calls, each round ended by a device "
               "sync; kernel cases on a GPU replay the calls as one CUDA graph, and 'plain ms' is the same "
-              "calls launched from Python, launch overhead included); speed-up = time of that row / time of the first *ours* variant (>1: ours is faster); "
+              "calls launched from Python, launch overhead included); speed-up = time of that row / time "
+              "of the first *ours* variant (>1: ours is faster); "
               "% ceiling = GB/s of the fewest bytes one call must move over the copy ceiling (memory-bound "
               "ops), or counted TFLOP/s over the matmul ceiling of the variant's dtype; peak = "
               "torch.cuda.max_memory_allocated over one call (inputs included); setup peak = the same from "

@@ -7,7 +7,8 @@ FLOPs: forward 4·B·H·N²·D (two N²·D matmuls, 2·N²·D each); forward+bac
 five matmuls (dV = PᵀdO, dP = dO·Vᵀ, dQ = dS·K, dK = dSᵀQ, and S = QKᵀ recomputed), FlashAttention's
 count and bench/tune_kernels.py's (backward 2.5x forward). Without the recomputation, which the eager
 anchor does not do, the work is 3x forward: % of ceiling is 7/6 of the useful rate's. Goal (issue 4):
->= 1.0x the fastest of SDPA's backends and xformers, at both sizes, forward and forward+backward. Reference: float64 softmax attention on the same inputs.
+>= 1.0x the fastest of SDPA's backends and xformers, at both sizes, forward and forward+backward.
+Reference: float64 softmax attention on the same inputs.
 """
 import importlib
 

@@ -99,7 +99,8 @@ def variants(direction):
 
 
 CASES = [Case("unet", "seed" if SETTINGS.full else "tiny_small", direction, make_setup(direction), variants(direction),
-              level="model", describe=f"batch {BATCH}, {'eval, no grad' if direction == 'fwd' else 'grads of all parameters'}")
+              level="model",
+              describe=f"batch {BATCH}, {'eval, no grad' if direction == 'fwd' else 'grads of all parameters'}")
          for direction in ("fwd", "fwd+bwd")]
 
 PARAMS = [pytest.param(case, variant, id=f"{case.direction}-{variant.name}")

@@ -114,3 +114,69 @@ def test_a_timed_run_without_bench_out_reports_to_profiles(request):
         pytest.skip("--benchmark-disable")
     pytest.importorskip("pytest_benchmark")
     assert conftest._report_root(request.config) == (harness.SETTINGS.out or str(REPO / "profiles"))
+
+
+@pytest.mark.parametrize("args,env,refusal", [
+    (["--bench-size", "small"], {"DREAM_BENCH_SIZE": "huge"}, None),  # the option decides, not the environment
+    (["--bench-out", ""], {}, "ERROR: --bench-out is empty; give a folder"),
+    (["--bench-target-s=-1"], {}, "ERROR: --bench-target-s -1: must be a positive number of seconds"),
+])
+def test_options_override_the_environment_and_are_refused_like_it(tmp_path, args, env, refusal):
+    result, output = run_pytest(tmp_path, "--collect-only", *args, env=env)
+    if refusal is None:
+        assert result.returncode == 0 and "n17-fwd-eager" in output, output
+    else:
+        assert result.returncode == 4, output
+        [line] = [line for line in output.splitlines() if line.strip()]
+        assert line == refusal, output
+
+
+def test_a_smoke_run_with_bench_out_writes_a_report_labelled_cpu_and_smoke(tmp_path):
+    result, output = run_pytest(tmp_path, "--benchmark-disable", "-k", "n17-fwd-eager", "--bench-out", "out",
+                                "--bench-variants=+all")
+    assert result.returncode == 0, output
+    assert "warning: --bench-variants" not in output, output  # 'all' names every variant
+    assert "dream benchmarks — CPU (small sizes; not GPU figures)" in output, output
+    [md] = (tmp_path / "out" / "cpu").glob("*-bench.md")
+    assert f"report: out/cpu/{md.name}" in output
+    text = md.read_text()
+    assert text.startswith("# Benchmarks: bench — CPU\n") and "**CPU figures**" in text and "**Smoke run**" in text
+    [eager_row] = [line for line in text.splitlines() if line.startswith("| eager ")]
+    assert "ok (smoke: 1 call)" in eager_row and "n/a (CPU)" in eager_row, eager_row
+    assert not list((tmp_path / "out" / "cpu").glob("*.partial.jsonl"))
+
+
+class FakeConfig:
+    """What bench/conftest.py reads of a pytest config: two options and whether pytest-benchmark is loaded."""
+
+    def __init__(self, benchmark_disable=False, collectonly=False, plugin=True):
+        self.options = {"benchmark_disable": benchmark_disable, "collectonly": collectonly}
+        self.pluginmanager = type("Plugins", (), {"hasplugin": staticmethod(lambda name: plugin)})()
+
+    def getoption(self, name, default=None):
+        return self.options.get(name, default)
+
+
+def test_report_root_is_bench_out_else_profiles_when_timing_else_none(monkeypatch):
+    from bench import conftest
+
+    monkeypatch.setattr(harness.SETTINGS, "out", None)
+    assert conftest._report_root(FakeConfig()) == str(REPO / "profiles")
+    assert conftest._report_root(FakeConfig(benchmark_disable=True)) is None  # a smoke run writes nothing
+    assert conftest._report_root(FakeConfig(plugin=False)) is None  # no pytest-benchmark: nothing is timed
+    assert conftest._report_root(FakeConfig(collectonly=True)) is None
+    monkeypatch.setattr(harness.SETTINGS, "out", "somewhere")
+    assert conftest._report_root(FakeConfig(benchmark_disable=True)) == "somewhere"
+    assert conftest._report_root(FakeConfig(collectonly=True)) is None
+
+
+def test_a_report_that_could_not_be_written_fails_the_run(monkeypatch):
+    from bench import conftest
+
+    monkeypatch.setattr(harness.SETTINGS, "out", None)
+    monkeypatch.setattr(harness, "SESSION", harness.BenchSession())
+    harness.SESSION.report_error = "could not append to out/cpu/x.partial.jsonl: No space left on device"
+    session = type("Session", (), {"config": FakeConfig(benchmark_disable=True), "exitstatus": 0})()
+    finish = conftest.pytest_sessionfinish(session, 0)
+    next(finish)
+    assert session.exitstatus == 1

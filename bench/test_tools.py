@@ -243,7 +243,8 @@ def test_tune_kernels_reports_wrong_and_failing_candidates():
     s = summary(problem)
     assert s["best"]["config"] == s["heuristic"]["config"] == "good"
     statuses = [r["status"] for r in s["problems"]]
-    assert statuses[0].startswith("wrong (relative error 0.5") and statuses[1] == "failed: RuntimeError: does not compile"
+    assert statuses[0].startswith("wrong (relative error 0.5")
+    assert statuses[1] == "failed: RuntimeError: does not compile"
     assert statuses[2] == "not timed: spills (offline compile): k 160 B/thread"
 
 
@@ -534,7 +535,8 @@ def test_gpu_suite_checks_out_and_archive_before_any_stage(tmp_path, monkeypatch
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
     for argv, expected in ((["--out", str(a_file)], f"--out: {a_file} exists and is not a folder"),
-                           (["--out", str(tmp_path / "o"), "--archive", str(tmp_path)], f"--archive: {tmp_path} is a folder"),
+                           (["--out", str(tmp_path / "o"), "--archive", str(tmp_path)],
+                            f"--archive: {tmp_path} is a folder"),
                            (["--out", str(tmp_path / "o"), "--archive", str(a_file / "x.tar.gz")],
                             f"--archive: {a_file} exists and is not a folder")):
         with pytest.raises(SystemExit) as exit_info:
@@ -790,3 +792,112 @@ def test_param_grads_of_a_generator_are_every_parameter_s():
     grads = param_grads(model.parameters())
     assert len(grads) == len(grad_names(model)) == 3
     assert all(torch.equal(g, p.grad.flatten()) for g, p in zip(grads, model.parameters(), strict=True))
+
+
+def test_gpu_suite_numbers_and_worker_count_are_checked_at_their_bounds(monkeypatch):
+    import argparse
+
+    from bench import gpu_suite
+
+    at_least_55, positive, count = gpu_suite.number(float, 55), gpu_suite.number(float, 0, strict=True), \
+        gpu_suite.number(int, 0)
+    assert at_least_55("55") == 55.0 and positive("0.5") == 0.5 and count("0") == 0
+    for parse, text in ((at_least_55, "54.9"), (positive, "0"), (positive, "inf"), (count, "-1"), (count, "1.5")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+    monkeypatch.setenv("DREAM_SUITE_TEST_WORKERS", "0")
+    with pytest.raises(SystemExit, match="positive integer"):
+        gpu_suite.test_workers()
+    monkeypatch.setenv("DREAM_SUITE_TEST_WORKERS", "3")
+    assert gpu_suite.test_workers() == 3
+
+
+def test_gpu_suite_headlines_pick_the_fastest_ours_and_anchor_and_name_what_failed(tmp_path):
+    """Per case: the fastest ours over the fastest anchor; a case whose only row is a mismatch still gets its
+    line; a memory policy over the budget says OVER; a report from before the run is not read."""
+    import os
+    import time as time_module
+
+    from bench.gpu_suite import headline_lines
+
+    started = time_module.time()
+    device = tmp_path / "nvidia-h200"
+    device.mkdir()
+    timed = {"case": "unit/double/fwd", "status": "ok", "pct_ceiling": 50.0}
+    rows = [{**timed, "variant": "ours_slow", "role": "ours", "time_s": 0.004},
+            {**timed, "variant": "ours_fast", "role": "ours", "time_s": 0.002},
+            {**timed, "variant": "anchor_fast", "role": "anchor", "time_s": 0.003},
+            {**timed, "variant": "anchor_slow", "role": "anchor", "time_s": 0.008},
+            {"case": "unit/broken/fwd", "variant": "broken", "role": "anchor", "status": "mismatch"},
+            {"case": "memory/seed_b128/step", "variant": "ckpt_none", "role": "ours", "status": "ok",
+             "policy": "none", "estimate_bytes": 9e9, "measured_bytes": 8e9, "fits": False}]
+    (device / "2026-11-30-bench-kernels.json").write_text(json.dumps({"results": rows}))
+    earlier = device / "2026-11-29-bench-kernels.json"
+    earlier.write_text(json.dumps({"results": [{**rows[0], "case": "earlier/run/fwd"}]}))
+    os.utime(earlier, (started - 3600, started - 3600))
+    lines = headline_lines(tmp_path, started)
+    assert len(lines) == 3 and not any("earlier" in line for line in lines), lines
+    [memory, broken, double] = sorted(lines)
+    assert " ours_fast " in double and " 2.000 ms  50.0%" in double and double.endswith("1.50x vs anchor_fast"), double
+    assert broken.startswith("unit/broken/fwd") and broken.endswith("MISMATCH broken"), broken
+    assert "measured   8.00 GB  OVER 6.8 GB" in memory, memory
+
+
+def test_gpu_suite_fails_when_a_stage_fails(tmp_path, monkeypatch):
+    gpu_suite = _trivial_suite(monkeypatch)
+    monkeypatch.setattr(gpu_suite, "stages",
+                        lambda out, on_gpu=True, device="<gpu>": [gpu_suite.Stage("env", 30, "x", ["false"])])
+    assert gpu_suite.main(["--allow-cpu", "--out", str(tmp_path / "o")]) == 1
+
+
+def test_gpu_suite_sums_the_shards_counts_whatever_pytest_calls_them(tmp_path):
+    from bench.gpu_suite import _summed_counts
+
+    first, second = tmp_path / "a.log", tmp_path / "b.log"
+    first.write_text("tests...\n====== 3 passed, 2 errors, 1 warning in 1.0s ======\n")
+    second.write_text("====== 1 failed, 4 passed, 1 error, 5 deselected, 2 warnings in 2.0s ======\n")
+    assert _summed_counts([first, second]) == "7 passed, 1 failed, 3 error, 3 warning"
+
+
+def test_tune_times_a_spilling_heuristic_and_ranks_candidates_by_time(monkeypatch):
+    """The heuristic's pick is timed even when its offline compile spills (at the compile report's limit);
+    a candidate wrong in any output is not timed; best = the fastest; heuristic / best >= 1."""
+    from bench import tune_kernels
+    from bench.compile_report import SPILL_LIMIT_BYTES
+
+    at_limit = {"kernels": {"k": {"registers": 255, "spilled_bytes": SPILL_LIMIT_BYTES}}}
+    assert tune_kernels.static_verdict(at_limit) == f"spills (offline compile): k {SPILL_LIMIT_BYTES} B/thread"
+    assert tune_kernels.static_verdict({"kernels": {"k": {"registers": 255,
+                                                          "spilled_bytes": SPILL_LIMIT_BYTES - 8}}}) is None
+    g = torch.Generator().manual_seed(3)
+    reference = (torch.randn(8, 8, generator=g), torch.randn(8, generator=g))
+
+    def run(config):
+        return (reference[0], reference[1] * (1.5 if config == "wrong" else 1.0))
+
+    problem = tune_kernels.Problem("attention", "p", "heuristic", ["heuristic", "fast", "wrong", "middle"], run,
+                                   reference, 1e9, "GB/s")
+    problem.static[tune_kernels.config_key("heuristic")] = at_limit
+    seconds = iter([30e-6, 10e-6, 20e-6])  # heuristic, fast, middle
+    monkeypatch.setattr(tune_kernels, "seconds_per_call", lambda fn, target_s: next(seconds))
+    tune_kernels.measure(problem, target_s=0.001, deadline=float("inf"), dtype=torch.float32)
+    s = tune_kernels.summary(problem)
+    assert s["heuristic"]["status"] == "ok" and s["heuristic"]["static"] == at_limit["kernels"]
+    assert [r["config"] for r in s["top5"]] == ["fast", "middle", "heuristic"] and s["best"]["config"] == "fast"
+    assert s["heuristic_over_best"] == pytest.approx(3.0)
+    [wrong] = s["problems"]
+    assert wrong["config"] == "wrong" and wrong["status"].startswith("wrong (relative error 0.5")
+
+
+def test_compile_report_limits_at_their_bounds():
+    """Shared memory up to the per-program maximum fits; a 32-bit global load (no width suffix) reads 4 bytes."""
+    from bench.compile_report import SM_LIMITS, innermost_loops, problems
+
+    h100 = SM_LIMITS[90]
+    row = {"kernel": "k", "config": {}, "precisions": ["bf16"], "local_bytes": 0, "stack_bytes": 0,
+           "spill_stores": 0, "spill_loads": 0, "shared_bytes": h100.shared_per_program, "programs_per_sm": 1}
+    assert problems([row], 90) == []
+    sass = "\n".join(["        /*0000*/                   LDG.E R4, desc[UR4][R2.64] ;",
+                      "        /*0010*/                   LDG.E.64 R6, desc[UR4][R2.64+0x4] ;",
+                      "        /*0020*/               @P0 BRA 0x0 ;"])
+    assert innermost_loops(sass) == [{"instructions": 3, "load_bytes": 12}]

@@ -427,7 +427,8 @@ class UNet(nn.Module):
         is_attention = isinstance(block, Attention)
         args = (h,) if is_attention else (h, temb)
         policy = self.checkpointing
-        wanted = policy == "all" or (policy == "attention" and is_attention) or (policy == "resblocks" and not is_attention)
+        wanted = (policy == "all" or (policy == "attention" and is_attention)
+                  or (policy == "resblocks" and not is_attention))
         if wanted and self.training and torch.is_grad_enabled():
             return activation_checkpoint(block, *args, use_reentrant=False)
         return block(*args)

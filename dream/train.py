@@ -81,7 +81,8 @@ class TrainConfig:
     # optimisation
     batch_size: int = 128  # the global batch, over all processes
     micro_batch: int | None = None  # per process; None: the whole per-process batch at once
-    memory_budget: int | None = None  # bytes per device for dream.memory to fit the micro-batch in (None: on CUDA, the free memory)
+    # bytes per device for dream.memory to fit the micro-batch in (None: on CUDA, the free memory)
+    memory_budget: int | None = None
     epochs: int = 100
     max_steps: int | None = None  # stop after this many optimizer steps in total (None: run all epochs)
     lr: float = 2e-4

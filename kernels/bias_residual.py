@@ -87,7 +87,8 @@ def _dense(t: torch.Tensor, memory_format) -> torch.Tensor:
 @on_tensor_device
 def _add_bias_residual_into(a, b, bias, out, blocks=None):
     """out = a + b + bias[c] for a, b, out dense in one memory format (walked as channels_last when out's
-    channel stride is 1, which with one position per image is NCHW's memory too); blocks: (BLOCK_ROWS, BLOCK_COLS, num_warps) instead of the heuristic's."""
+    channel stride is 1, which with one position per image is NCHW's memory too); blocks: (BLOCK_ROWS,
+    BLOCK_COLS, num_warps) instead of the heuristic's."""
     n, c, height, width = out.shape
     channels_last = out.stride(1) == 1
     rows, cols = (n * height * width, c) if channels_last else (n * c, height * width)

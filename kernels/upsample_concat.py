@@ -1,6 +1,7 @@
 """A UNet decoder's skip, upsampled 2× bilinearly and concatenated behind its activation, in one pass.
 
-    out = cat([h + h_bias, up(skip)], dim=1),  up = interpolate(skip, size=(2H, 2W), mode="bilinear", align_corners=False)
+    out = cat([h + h_bias, up(skip)], dim=1)
+    up = interpolate(skip, size=(2H, 2W), mode="bilinear", align_corners=False)
 
 h is (N, Ch, 2H, 2W), skip is (N, Cs, H, W). At an exact 2× ratio with align_corners=False, output row
 2i+a (a ∈ {0, 1}) reads source row i with weight 3/4 and its neighbour i' = clamp(i - 1 + 2a, 0, H-1)
@@ -169,7 +170,8 @@ def _check_inputs(h, skip, h_bias=None) -> None:
             raise ValueError(f"upsample2x_concat: {name} spans {extent + 1} elements per sample, more than the "
                              f"kernels' 32-bit offsets address (2^31); use upsample2x_concat_reference")
     if skip.shape[0] != h.shape[0]:
-        raise ValueError(f"upsample2x_concat: h and skip must have the same batch, got {h.shape[0]} and {skip.shape[0]}")
+        raise ValueError(f"upsample2x_concat: h and skip must have the same batch, "
+                         f"got {h.shape[0]} and {skip.shape[0]}")
     if (2 * skip.shape[2], 2 * skip.shape[3]) != tuple(h.shape[2:]):
         raise ValueError(f"upsample2x_concat: skip's size {tuple(skip.shape[2:])} must be half of h's "
                          f"{tuple(h.shape[2:])} (an exact 2× upsampling)")
@@ -328,7 +330,8 @@ def upsample2x_concat(h: torch.Tensor, skip: torch.Tensor, h_bias: torch.Tensor 
     return torch.ops.dream_kernels.upsample2x_concat(h, skip, h_bias)
 
 
-def upsample2x_concat_reference(h: torch.Tensor, skip: torch.Tensor, h_bias: torch.Tensor | None = None) -> torch.Tensor:
+def upsample2x_concat_reference(h: torch.Tensor, skip: torch.Tensor,
+                                h_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Eager PyTorch: h plus its bias, and the skip resized in fp32 (or wider) by F.interpolate and cast to h's
     dtype, concatenated."""
     if h_bias is not None:

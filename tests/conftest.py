@@ -142,7 +142,8 @@ def make_tiny_checkpoint(tmp_path, step: int, **config):
     """A checkpoint of a tiny 16x16 model with perturbed weights and EMA (so they differ), at `step`."""
     from dream.train import TrainConfig, Trainer
 
-    settings = dict(run_dir=str(tmp_path / "run"), preset="tiny", model_overrides={"image_size": 16, "base_channels": 16},
+    settings = dict(run_dir=str(tmp_path / "run"), preset="tiny",
+                    model_overrides={"image_size": 16, "base_channels": 16},
                     backend="eager", num_timesteps=10, objective="standard", data="synthetic", batch_size=2,
                     device="cpu", precision="fp32", sample_every=0, progress=False)
     trainer = Trainer(TrainConfig(**{**settings, **config}))

@@ -35,8 +35,8 @@ def test_every_flag_is_explained_and_shows_its_default():
     for name, parser in commands.choices.items():
         assert all(action.help for action in parser._actions), f"dream {name}: a flag without help"
     text = " ".join(commands.choices["train"].format_help().split("show this help message and exit")[1].split())
-    for flag, shown in [("--batch-size BATCH_SIZE", "(default: 128)"), ("--weight-decay WEIGHT_DECAY", "(default: 0.0)"),
-                        ("--lr LR", "(default: 0.0002)")]:
+    for flag, shown in [("--batch-size BATCH_SIZE", "(default: 128)"),
+                        ("--weight-decay WEIGHT_DECAY", "(default: 0.0)"), ("--lr LR", "(default: 0.0002)")]:
         assert shown in text.split(flag, 1)[1].split(" --", 1)[0], flag
     assert "(default: None)" not in text and "(default: False)" not in text
 
@@ -73,7 +73,8 @@ def test_train_defaults_are_the_seeds_recipe(monkeypatch, tmp_path):
     (["train", "--preset", "tiny", "--base-channels", "20"], "num_groups"),
     (["sample", "/nonexistent/ckpt.pt"], "does not exist"),
     (["sample", "/nonexistent/ckpt.pt", "--device", "bogus"], "unknown device 'bogus'"),
-    (["eval", "/nonexistent/ckpt.pt"], "checkpoint /nonexistent/ckpt.pt does not exist"),  # before the Inception weights
+    # before the Inception weights
+    (["eval", "/nonexistent/ckpt.pt"], "checkpoint /nonexistent/ckpt.pt does not exist"),
     (["info", "--preset", "huge"], "unknown model preset"),
     (["train", "--backend", "triton", "--device", "cpu"], "TRITON_INTERPRET=1"),
     (["train", "--preset", "tiny", "--log-every", "0"], "--log-every must be a positive integer, got 0"),

@@ -151,7 +151,8 @@ def _check_against_float64(shape, dtype, mode, silu, has_scale, has_shift, chann
     leaves = [x, weight, bias, scale, shift]
     wanted = [(name, leaf.requires_grad_()) for name, leaf in zip(names, leaves) if leaf is not None]
     # a 64-bit dropout seed with both 32-bit halves nonzero
-    seed = torch.tensor([(test_seed & 0x7FFFFFFF) << 32 | (test_seed ^ 0x5A5A5A5A)], device=DEVICE) if dropout_p else None
+    seed = (torch.tensor([(test_seed & 0x7FFFFFFF) << 32 | (test_seed ^ 0x5A5A5A5A)], device=DEVICE)
+            if dropout_p else None)
 
     y, mean, rstd = torch.ops.dream_kernels.group_norm_silu_fwd(
         x, weight, bias, scale, shift, num_groups, EPS, mode, silu, dropout_p, seed)

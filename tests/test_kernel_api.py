@@ -1,6 +1,7 @@
 """The kernels' public API around the math: function transforms, the interpreter's mode, numpy scalars,
 meta tensors, and errors that name the op that was called. Tiny shapes: the values are checked at length
 in each op's own test file."""
+import importlib
 import os
 import subprocess
 import sys
@@ -114,7 +115,8 @@ def test_the_public_custom_ops_check_shapes_themselves_also_on_meta_tensors():
         q = torch.randn(1, 1, 8, 16, device=device)
         x, bias = torch.randn(2, 4, 8, 8, device=device), torch.randn(4, device=device)
         calls = [
-            (lambda: ops.attention_forward(q, q[:, :, :4], q[:, :, :4], 0.25), "^attention: q, k, v must have the same shape"),
+            (lambda: ops.attention_forward(q, q[:, :, :4], q[:, :, :4], 0.25),
+             "^attention: q, k, v must have the same shape"),
             (lambda: ops.attention_forward(q, q, q, 1e-39), r"^attention: scale must lie in \[1.18e-38, "),
             (lambda: ops.attention_backward(q, q, q, q, torch.zeros(1, 1, 4, device=device), q, 0.25),
              r"^attention_backward: lse must be a float32 tensor of shape \(1, 1, 8\)"),
@@ -165,7 +167,8 @@ def test_setting_the_interpreter_after_triton_was_imported_is_one_line_at_import
 def test_any_value_triton_reads_as_true_selects_the_interpreter_for_every_op():
     env = dict(os.environ, TRITON_INTERPRET="true", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     code = ("import torch, kernels\nq = torch.randn(1, 1, 3, 16)\nx = torch.randn(1, 4, 2, 2)\n"
-            "print(kernels.attention(q, q, q).shape, kernels.group_norm_silu(x, x[0, :, 0, 0], x[0, :, 1, 0], 2).shape)\n"
+            "print(kernels.attention(q, q, q).shape,\n"
+            "      kernels.group_norm_silu(x, x[0, :, 0, 0], x[0, :, 1, 0], 2).shape)\n"
             "from dream.model import check_backend_device\ncheck_backend_device('triton', 'cpu')\nprint('ok')\n")
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
@@ -192,3 +195,77 @@ def test_torch_export_of_a_module_using_the_ops_runs_them():
     assert {"dream_kernels.group_norm_silu_conv2d.default", "dream_kernels.attention_qkv_nchw_forward.default",
             "dream_kernels.add_bias_residual.default"} <= targets, targets
     assert torch.equal(program.module()(x), block(x))
+
+
+def test_bools_are_refused_where_numbers_are_expected():
+    x, w, b = _gn_inputs()
+    with pytest.raises(ValueError, match=r"^group_norm_silu: eps must be a positive float, got True"):
+        kernels.group_norm_silu(x, w, b, 2, eps=True)
+    q = torch.randn(1, 1, 3, 16, device=DEVICE)
+    with pytest.raises(TypeError, match=r"^attention: scale must be a float or None, got bool"):
+        kernels.attention(q, q, q, scale=True)
+    conv = torch.randn(3, 4, 1, 1, device=DEVICE)
+    for groups in (0, True):
+        with pytest.raises(ValueError, match=rf"^group_norm_silu_conv2d: groups must be a positive int, got {groups}"):
+            kernels.group_norm_silu_conv2d(x, w, b, 2, conv, groups=groups)
+
+
+def test_operands_on_another_device_are_refused_naming_the_operand():
+    """Checked before anything runs, so a meta tensor beside real ones shows it on any machine."""
+    x, w, b = _gn_inputs()
+    meta = dict(device="meta")
+    conv = torch.randn(3, 4, 1, 1, device=DEVICE)
+    calls = [
+        (lambda: kernels.add_bias_residual(x, x.to(**meta), w), "^add_bias_residual: b is on meta but a is on"),
+        (lambda: kernels.add_bias_residual(x, x, w.to(**meta)), "^add_bias_residual: bias is on meta but a is on"),
+        (lambda: kernels.upsample2x_concat(x.repeat(1, 1, 2, 2), x.to(**meta)),
+         "^upsample2x_concat: skip is on meta but h is on"),
+        (lambda: kernels.upsample2x_concat(x.repeat(1, 1, 2, 2), x, w.to(**meta)),
+         "^upsample2x_concat: h_bias is on meta but h is on"),
+        (lambda: kernels.group_norm_silu_conv2d(x, w, b, 2, conv.to(**meta)),
+         "^group_norm_silu_conv2d: conv_weight is on meta but x is on"),
+        (lambda: kernels.attention(*(torch.randn(1, 1, 3, 16, device=device) for device in (DEVICE, DEVICE, "meta"))),
+         "^attention: q, k, v must be on one device"),
+    ]
+    for call, message in calls:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_32_bit_offsets_are_refused_from_the_first_one_beyond_2_to_the_31():
+    """Within one sample the kernels index with int32: the largest offset a view reaches may be 2^31 - 1,
+    not 2^31 (meta tensors: nothing is allocated)."""
+    h = torch.empty(1, 3, 4, 4, device="meta")
+    for channel_stride, allowed in ((2 ** 31 - 4, True), (2 ** 31 - 3, False)):
+        skip = torch.empty_strided((1, 2, 2, 2), (1, channel_stride, 2, 1), device="meta")  # reaches stride + 3
+        if allowed:
+            assert kernels.upsample2x_concat(h, skip).shape == (1, 5, 4, 4)
+        else:
+            with pytest.raises(ValueError, match=rf"^upsample2x_concat: skip spans {channel_stride + 4} elements per"):
+                kernels.upsample2x_concat(h, skip)
+
+
+def test_attention_operands_are_copied_only_where_32_bit_offsets_overflow():
+    """attention reads each (batch, head) with int32 offsets: a view reaching past 2^31 - 1 within one is copied."""
+    attention_module = importlib.import_module("kernels.attention")
+    for row_stride, copied in ((2 ** 31 - 16, False), (2 ** 31 - 15, True)):
+        view = torch.empty_strided((1, 1, 2, 16), (32, 32, row_stride, 1), device="meta")  # reaches stride + 15
+        dense = attention_module._addressable(view)
+        assert (dense is not view) == copied and dense.shape == view.shape
+        assert not copied or dense.is_contiguous()
+
+
+def test_attention_scale_must_be_finite_and_positive():
+    q = torch.randn(1, 1, 3, 16, device=DEVICE)
+    for scale in (0.0, -0.25, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=r"^attention: scale must be finite and positive"):
+            kernels.attention(q, q, q, scale=scale)
+
+
+def test_the_attention_backward_op_refuses_statistics_of_another_dtype():
+    ops = torch.ops.dream_kernels
+    q = torch.randn(1, 1, 8, 16, device="meta")
+    for dtype in (torch.float16, torch.float64):
+        lse = torch.empty(1, 1, 8, device="meta", dtype=dtype)
+        with pytest.raises(ValueError, match=r"^attention_backward: lse must be a float32 tensor of shape \(1, 1, 8\)"):
+            ops.attention_backward(q, q, q, q, lse, q, 0.25)

@@ -12,14 +12,16 @@ test's timer in place of CUDA events.
 import importlib
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 from conftest import DEVICE, ON_GPU, assert_close, qkv_attention_with_float64
 
 from kernels import autotune, set_autotune
-from kernels.attention import attention_qkv_nchw
+from kernels.attention import attention, attention_qkv_nchw
 from kernels.group_norm_silu import group_norm_silu, group_norm_silu_reference
 
 gns = importlib.import_module("kernels.group_norm_silu")
@@ -380,3 +382,248 @@ def test_precompile_compiles_every_candidate_in_parallel_without_running_it(tmp_
     assert result["attention_persistent"] == 4 and result["attention_tma"] == 3
     assert result["pending"] == 0 and result["compile_only_left_on"] is False
     assert result["calls"] > 0 and result["all_warmup_async"]  # compiled in AsyncCompileMode, never launched
+
+
+@pytest.mark.parametrize("text,enabled", [("off", False), ("no", False), (" FALSE ", False), ("", False),
+                                          ("on", True), ("yes", True), ("True", True)])
+def test_environment_values_are_read_case_insensitively(monkeypatch, text, enabled):
+    monkeypatch.setenv(autotune.ENV, text)
+    set_autotune(None)
+    assert autotune.autotune_enabled() is enabled
+
+
+def test_the_context_manager_restores_the_setting_it_found(monkeypatch):
+    monkeypatch.setenv(autotune.ENV, "1")
+    set_autotune(False)
+    try:
+        with autotune.autotuning():
+            assert autotune.autotune_enabled()
+        assert not autotune.autotune_enabled()  # forced off again, not back to the environment's 1
+    finally:
+        set_autotune(None)
+
+
+def test_the_cache_file_location_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(autotune.CACHE_ENV, raising=False)
+    monkeypatch.delenv("DREAM_CACHE", raising=False)
+    assert autotune.cache_path() == tmp_path / "home" / ".cache" / "dream" / "kernel-autotune.json"
+    monkeypatch.setenv("DREAM_CACHE", str(tmp_path / "cache"))
+    assert autotune.cache_path() == tmp_path / "cache" / "kernel-autotune.json"
+    monkeypatch.setenv(autotune.CACHE_ENV, "~/picks.json")
+    assert autotune.cache_path() == tmp_path / "home" / "picks.json"
+
+
+def test_candidate_grids_without_a_test_override():
+    assert autotune._GRID is None
+    assert autotune.candidate_grid(interpreted=False) == "quick"
+    assert autotune.candidate_grid(interpreted=True) == "minimal"
+
+
+def _fake_gpu(monkeypatch, name="Fake GPU 1"):
+    """cuda:0 named `name` for problem_name, without asking a driver."""
+    monkeypatch.setitem(autotune._device_names, 0, name)
+    return torch.device("cuda", 0)
+
+
+def test_problem_names_hold_the_gpu_name_and_the_triton_version(monkeypatch):
+    device = _fake_gpu(monkeypatch)
+    name = autotune.problem_name("toy", (4, "cl"), device)
+    assert name.startswith("toy|") and name.endswith("|4|cl")
+    assert "Fake GPU 1" in name.split("|") and any(triton.__version__ in part for part in name.split("|"))
+    assert autotune.problem_name("toy", (4, "cl"), _fake_gpu(monkeypatch, "Fake GPU 2")) != name
+    assert autotune.problem_name("toy", (4, "cl"), torch.device("cpu")) != name
+
+
+def test_nothing_is_tuned_while_the_devices_stream_is_captured(tuning, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    device = _fake_gpu(monkeypatch)
+    assert autotune.choose("toy", (16,), device, TWO, _values) is None
+    assert tuning.timed == []
+
+
+def test_every_candidate_is_compiled_before_any_is_timed(tuning, monkeypatch):
+    """On a GPU (not interpreted) precompile gets a call of every configuration before the timing starts;
+    the interpreter compiles nothing."""
+    compiled = []
+
+    def record(calls, workers=None):
+        assert tuning.timed == []
+        for call in calls:
+            call()
+
+    def run(config):
+        if not tuning.timed:  # launched inside precompile
+            compiled.append(config)
+        return _values(config)
+
+    monkeypatch.setattr(autotune, "precompile", record)
+    assert autotune.choose("toy", (17,), torch.device("cpu"), TWO, run, interpreted=False) == {"a": 2}
+    heuristic, configs = TWO()
+    assert heuristic in compiled and all(config in compiled for config in configs)
+    compiled.clear()
+    tuning.timed.clear()
+    assert autotune.choose("toy", (18,), torch.device("cpu"), TWO, run, interpreted=True) == {"a": 2}
+    assert compiled == [heuristic]  # only the reference run before the first timing
+
+
+def _outputs(config, reference, candidate):
+    return reference() if config == {"a": 1} else candidate()
+
+
+def _ramp(dtype=torch.float32, scale=1.0):
+    gen = torch.Generator().manual_seed(3)
+    return ((torch.rand(8, generator=gen, dtype=torch.float64) + 0.5) * scale).to(dtype)
+
+
+def _with_nan():
+    values = _ramp()
+    values[3] = float("nan")
+    return [values]
+
+
+@pytest.mark.parametrize("reference,candidate,kept", [
+    (lambda: [_ramp(), _ramp()], lambda: [_ramp()], False),                              # an output missing
+    (lambda: [_ramp()], lambda: [_ramp().double()], False),                                 # another dtype
+    (lambda: [_ramp()], _with_nan, False),                                                  # NaN where finite
+    (lambda: [_ramp()], lambda: [_ramp() * (1 + 1e-3)], False),                            # fp32: beyond rounding
+    (lambda: [_ramp(scale=1e4)], lambda: [_ramp(scale=1e4) * (1 + 1e-6)], True),           # relative, not absolute
+    (lambda: [_ramp(torch.float16)], lambda: [_ramp(torch.float16) * (1 + 1e-3)], True),   # fp16's rounding
+    (lambda: [torch.empty(0)], lambda: [torch.empty(0)], True),
+], ids=["fewer-outputs", "dtype", "nan", "fp32-1e-3", "large-values", "fp16-1e-3", "empty"])
+def test_candidates_are_compared_with_the_heuristic_relative_to_its_largest_output(tuning, reference, candidate,
+                                                                                  kept):
+    """max|candidate - heuristic| / max|heuristic| within the output dtype's rounding keeps a candidate (here the
+    faster one); other shapes, dtypes, counts, non-finite values or larger differences drop it."""
+    run = lambda config: _outputs(config, reference, candidate)  # noqa: E731
+    assert autotune.choose("toy", (19,), torch.device("cpu"), TWO, run, interpreted=True) == ({"a": 2} if kept
+                                                                                              else {"a": 1})
+
+
+@pytest.mark.parametrize("faster_by,picked", [(0.04, {"a": 2}), (0.02, {"a": 1})])
+def test_the_heuristic_is_kept_unless_beaten_by_more_than_three_percent(tuning, faster_by, picked):
+    tuning.seconds = {json.dumps({"a": 1}): 1.0, json.dumps({"a": 2}): 1.0 - faster_by}
+    assert autotune.choose("toy", (20,), torch.device("cpu"), TWO, _values, interpreted=True) == picked
+
+
+def _cached_pick_file(tmp_path, text):
+    (tmp_path / "picks.json").write_text(text)
+
+
+@pytest.mark.parametrize("contents", [
+    lambda name: json.dumps({"version": autotune.CACHE_VERSION + 1, "picks": {name: {"a": 3}}}),
+    lambda name: json.dumps({"version": autotune.CACHE_VERSION, "picks": {name: {"a": 3.5}}}),
+    lambda name: json.dumps([name, {"a": 3}]),
+], ids=["other-version", "not-integers", "not-a-mapping"])
+def test_a_cache_file_of_another_format_is_ignored_with_one_warning(tuning, tmp_path, contents):
+    name = autotune.problem_name("toy", (21,), torch.device("cpu"))
+    _cached_pick_file(tmp_path, contents(name))
+    with pytest.warns(UserWarning, match="picks.json is unreadable") as caught:
+        assert autotune.choose("toy", (21,), torch.device("cpu"), TWO, _values, interpreted=True) == {"a": 2}
+    assert len(caught) == 1
+    assert _picks(tmp_path) == {name: {"a": 2}}
+
+
+def test_the_file_is_written_through_a_synced_temp_file_and_keeps_other_processes_picks(tuning, tmp_path,
+                                                                                       monkeypatch):
+    events = []
+    fsync, replace = autotune.os.fsync, autotune.os.replace
+    monkeypatch.setattr(autotune.os, "fsync", lambda fd: (events.append("fsync"), fsync(fd))[1])
+    monkeypatch.setattr(autotune.os, "replace", lambda src, dst: (events.append(("replace", src, dst)),
+                                                                  replace(src, dst))[1])
+    first = autotune.choose("toy", (22,), torch.device("cpu"), TWO, _values, interpreted=True)
+    path = tmp_path / "picks.json"
+    assert events[0] == "fsync" and events[1][0] == "replace" and events[1][2] == path
+    assert Path(events[1][1]).parent == tmp_path  # renamed within the folder: atomic
+    # meanwhile another process adds its pick; this one's next pick keeps it
+    other = {**_picks(tmp_path), "other|problem": {"a": 7}}
+    path.write_text(json.dumps({"version": autotune.CACHE_VERSION, "picks": other}))
+    second = autotune.choose("toy", (23,), torch.device("cpu"), TWO, _values, interpreted=True)
+    assert _picks(tmp_path) == {**other, autotune.problem_name("toy", (23,), torch.device("cpu")): second}
+    assert first == second == {"a": 2}
+
+
+def test_a_file_that_cannot_be_written_warns_keeps_the_pick_and_leaves_no_temp_file(tuning, tmp_path, monkeypatch):
+    path = tmp_path / "picks.json"
+    _cached_pick_file(tmp_path, json.dumps({"version": autotune.CACHE_VERSION, "picks": {}}))
+    before = path.read_text()
+
+    def refuse(src, dst):
+        raise PermissionError(13, "read-only file system")
+
+    monkeypatch.setattr(autotune.os, "replace", refuse)
+    with pytest.warns(UserWarning, match="cannot write it .*kept in memory only"):
+        assert autotune.choose("toy", (24,), torch.device("cpu"), TWO, _values, interpreted=True) == {"a": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["picks.json"] and path.read_text() == before
+    assert autotune.choose("toy", (24,), torch.device("cpu"), TWO, _values, interpreted=True) == {"a": 2}
+    assert len(tuning.timed) == 2  # served from memory
+
+
+def test_a_checked_pick_is_served_without_building_the_candidates_again(tuning):
+    calls = []
+
+    def candidates():
+        calls.append(1)
+        return TWO()
+
+    args = ("toy", (25,), torch.device("cpu"), candidates, _values)
+    assert autotune.choose(*args, interpreted=True) == {"a": 2} and len(calls) == 1
+    autotune.clear_picks()
+    for _ in range(3):  # from the file: its fields are compared with the launcher's once
+        assert autotune.choose(*args, interpreted=True) == {"a": 2}
+    assert len(calls) == 2
+
+
+@pytest.fixture
+def problem_keys(monkeypatch):
+    """Autotuning on, choose() recording (kernel, key) and answering None (the heuristics launch)."""
+    keys = []
+    monkeypatch.setenv(autotune.ENV, "1")
+    set_autotune(None)
+    monkeypatch.setattr(autotune, "choose", lambda kernel, key, *args, **kwargs: keys.append((kernel, key)))
+    return keys
+
+
+def test_group_norm_problems_differ_in_every_flag_that_changes_the_launch(problem_keys):
+    gen = torch.Generator().manual_seed(29)
+    x, weight, bias, scale = _randn(gen, 1, 4, 2, 3), _randn(gen, 4), _randn(gen, 4), _randn(gen, 1, 4)
+    seed = torch.tensor([7], dtype=torch.int64, device=DEVICE)
+    variants = {
+        "base": lambda: group_norm_silu(x, weight, bias, 2),
+        "again": lambda: group_norm_silu(x.clone(), weight, bias, 2),
+        "identity": lambda: group_norm_silu(x, weight, bias, 2, silu=False),
+        "channels_last": lambda: group_norm_silu(x.contiguous(memory_format=torch.channels_last), weight, bias, 2),
+        "fp16": lambda: group_norm_silu(x.half(), weight, bias, 2),
+        "groups": lambda: group_norm_silu(x, weight, bias, 4),
+        "scale": lambda: group_norm_silu(x, weight, bias, 2, scale=scale),
+        "shift": lambda: group_norm_silu(x, weight, bias, 2, shift=scale),
+        "post": lambda: group_norm_silu(x, weight, bias, 2, scale=scale, mode="post"),
+        "dropout": lambda: group_norm_silu(x, weight, bias, 2, dropout_p=0.5, seed=seed),
+    }
+    keys = {}
+    for name, call in variants.items():
+        problem_keys.clear()
+        call()
+        (keys[name],) = problem_keys
+        assert keys[name][0] == "group_norm_silu_fwd"
+    assert keys.pop("again") == keys["base"]
+    assert len(set(keys.values())) == len(keys), keys
+
+
+def test_attention_problems_differ_in_the_operands_strides(problem_keys):
+    gen = torch.Generator().manual_seed(31)
+    q, k, v = (_randn(gen, 1, 2, 5, 16) for _ in range(3))
+    heads_inner = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]  # (B, N, H, D) memory
+    for operands in ((q, k, v), (q.clone(), k, v), heads_inner):
+        attention(*operands)
+    assert [kernel for kernel, _ in problem_keys] == ["attention_fwd"] * 3
+    assert problem_keys[0] == problem_keys[1] != problem_keys[2]
+
+
+def test_an_unknown_candidate_grid_is_one_clear_error():
+    att = importlib.import_module("kernels.attention")
+    with pytest.raises(ValueError, match=r"^launch_candidates: grid must be quick, full or minimal, got 'fast'"):
+        gns.launch_candidates(4, 8, 64, False, {"groups": 1}, grid="fast")
+    heuristic = att.forward_config(64, 32, torch.float16)
+    with pytest.raises(ValueError, match=r"^attention candidates: grid must be quick, full or minimal, got 'fast'"):
+        att.forward_candidates(64, heuristic, grid="fast")

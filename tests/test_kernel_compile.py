@@ -60,7 +60,8 @@ def test_every_kernel_compiles_for_sm90(report):
     # backward has a kernel for the first 38 (the residual sum's is dout itself and a torch.sum)
     assert data["op_calls"] == 4 * (2 * (35 + 3 + 17) + 35 + 3)
     for precision in ("bf16", "fp32"):
-        assert any(precision in row["precisions"] for row in data["kernels"] if row["kernel"] == "attention_forward_kernel")
+        assert any(precision in row["precisions"] for row in data["kernels"]
+                   if row["kernel"] == "attention_forward_kernel")
 
 
 def test_no_kernel_spills_or_overflows_an_sm(report):

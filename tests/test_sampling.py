@@ -658,7 +658,8 @@ def test_files_that_are_not_checkpoints_say_so(tmp_path):
     Image.new("RGB", (4, 4)).save(picture)
     text.write_text("{not a checkpoint")
     torch.save({"model": SimpleNamespace(), "config": {}}, foreign)  # an object the weights-only loader refuses
-    for path, message in [(picture, "is not a dream checkpoint or export"), (text, "is not a dream checkpoint or export"),
+    for path, message in [(picture, "is not a dream checkpoint or export"),
+                          (text, "is not a dream checkpoint or export"),
                           (foreign, "holds Python objects other than tensors")]:
         with pytest.raises(DreamError, match=message) as error:
             load_model_for_sampling(path)

@@ -74,7 +74,8 @@ def test_triton_backend_fuses_skips_and_residual_sums(monkeypatch, exact_fp32):
         return fused(h, skip, h_bias)
 
     monkeypatch.setattr(kernels, "upsample2x_concat", concat)
-    monkeypatch.setattr(kernels, "add_bias_residual", lambda a, b, bias: sums.append(a.shape[1]) or fused_sum(a, b, bias))
+    monkeypatch.setattr(kernels, "add_bias_residual",
+                        lambda a, b, bias: sums.append(a.shape[1]) or fused_sum(a, b, bias))
     model = to_channels_last(random_model().to(DEVICE))
     g = torch.Generator().manual_seed(2)
     x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g).to(DEVICE, memory_format=torch.channels_last)

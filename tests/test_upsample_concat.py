@@ -239,7 +239,8 @@ def test_opcheck():
     for layout, with_bias in (("nchw", True), ("mixed", False)):
         h, skip, h_bias, _ = _inputs((2, 3, 5, 2, 3), torch.float32, torch.float32, layout, 37)
         torch.library.opcheck(torch.ops.dream_kernels.upsample2x_concat.default,
-                              (h.requires_grad_(), skip.requires_grad_(), h_bias.requires_grad_() if with_bias else None))
+                              (h.requires_grad_(), skip.requires_grad_(),
+                               h_bias.requires_grad_() if with_bias else None))
     grad_up = torch.randn(2, 5, 4, 6, device=DEVICE)
     torch.library.opcheck(torch.ops.dream_kernels.upsample2x_bilinear_backward.default,
                           (grad_up, torch.float16, True))
@@ -319,7 +320,8 @@ def test_cpu_tensors_without_interpreter_raise():
         "import torch\n"
         "from kernels import add_bias_residual, upsample2x_concat\n"
         "x = torch.randn(1, 2, 4, 4)\n"
-        "for call in (lambda: upsample2x_concat(x, torch.randn(1, 3, 2, 2)), lambda: add_bias_residual(x, x, x[0, :, 0, 0])):\n"
+        "for call in (lambda: upsample2x_concat(x, torch.randn(1, 3, 2, 2)),\n"
+        "             lambda: add_bias_residual(x, x, x[0, :, 0, 0])):\n"
         "    try:\n"
         "        call()\n"
         "    except RuntimeError as e:\n"

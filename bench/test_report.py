@@ -1,0 +1,283 @@
+"""The harness's promises to a reader of its reports, checked in-process on a tiny case (no benchmark fixture:
+skipped by --benchmark-only): a mismatch fails the case and is recorded, nothing of ours is skipped for an
+error, tolerances by dtype and device, throughput and % of ceiling by the variant's dtype, speed-ups with
+ours as the denominator, CPU reports labelled CPU, goals left out on CPU, reports never overwritten."""
+import json
+import math
+
+import pytest
+import torch
+
+from bench import harness, report
+from bench.harness import Case, CaseState, Goal, Mismatch, Runner, Variant, compare, relative_error, run_variant
+from dream.profile import environment_info
+
+
+@pytest.fixture
+def session(monkeypatch):
+    """A fresh BenchSession for harness and report alike, with no ceilings measured and no report root."""
+    fresh = harness.BenchSession()
+    fresh.ceilings = {}
+    monkeypatch.setattr(harness, "SESSION", fresh)
+    monkeypatch.setattr(report, "SESSION", fresh)
+    monkeypatch.setattr(harness.SETTINGS, "out", None)
+    monkeypatch.setattr(harness.SETTINGS, "name", "unit")
+    return fresh
+
+
+def doubling_case(variants, goals=()):
+    """y = 2x and z = x * x for a random float64 x: the reference every variant is checked against."""
+    x = torch.randn(256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def setup():
+        return CaseState(input_sets=[x], reference=(2 * x, x * x), outputs=("y", "z"),
+                         bytes=lambda dtype: 3 * x.numel() * torch.finfo(dtype).bits // 8, info={"n": x.numel()})
+
+    return Case("unit", "double", "fwd", setup=setup, variants=list(variants), goals=list(goals))
+
+
+def fp32_path(scale=1.0):
+    """A variant computing in fp32: exact up to fp32 rounding for scale 1, wrong by (scale - 1) otherwise."""
+    return lambda state: lambda x: (2 * scale * x.float(), (x * x).float())
+
+
+def failing(state):
+    raise RuntimeError("no kernel for this shape\nsecond line")
+
+
+def run_unskipped(case, variant, benchmark=None):
+    """run_variant, where a skip fails the test (a skip raised out of a test would only mark it skipped)."""
+    try:
+        return run_variant(benchmark, case, variant)
+    except pytest.skip.Exception as skip:
+        pytest.fail(f"{variant.name} was skipped: {skip}")
+
+
+class DisabledBenchmark:
+    """The pytest-benchmark fixture under --benchmark-disable: pedantic() makes one plain call."""
+    disabled = True
+
+    def __init__(self):
+        self.calls = []
+
+    def pedantic(self, fn, args=()):
+        self.calls.append(fn)
+        return fn(*args)
+
+
+def test_a_mismatch_fails_the_case_and_is_recorded_and_reported(session):
+    """A wrong anchor fails (never skipped), its row says mismatch with the tolerance, and the summary and
+    the table name it; ours within tolerance passes with its largest error."""
+    ours, wrong = Variant("ours", fp32_path(), role="ours"), Variant("wrong", fp32_path(1.01))
+    case = doubling_case([ours, wrong])
+    entry = run_unskipped(case, ours)
+    assert entry["status"] == "ok" and set(entry["errors"]) == {"y", "z"}
+    assert entry["max_error"] == max(entry["errors"].values()) > 0 and len(set(entry["errors"].values())) == 2
+    with pytest.raises(Mismatch, match="y: 0.01"):
+        run_unskipped(case, wrong)
+    row = next(r for r in session.results if r["variant"] == "wrong")
+    assert row["status"] == "mismatch" and row["tolerance"] == harness.tolerance("kernel", torch.float32)
+    assert "y: 0.01" in row["reason"] and "time_s" not in row
+    [line] = report.summary_lines()
+    assert line.endswith("MISMATCH: wrong"), line
+    table = report.case_table(session.results)
+    [wrong_row] = [line for line in table.splitlines() if line.startswith("| wrong ")]
+    assert "mismatch: output differs from the reference" in wrong_row, table
+
+
+def test_an_error_in_ours_fails_the_case_while_a_failing_anchor_is_skipped(session):
+    case = doubling_case([])
+    with pytest.raises(RuntimeError, match="no kernel"):
+        run_unskipped(case, Variant("ours", failing, role="ours"))
+    with pytest.raises(pytest.skip.Exception, match="anchor"):
+        run_variant(None, case, Variant("anchor", failing))
+    [row] = session.results
+    assert row["variant"] == "anchor" and row["status"] == "skipped"
+    assert row["reason"] == "anchor failed: RuntimeError: no kernel for this shape"
+
+
+def test_a_smoke_run_times_the_checked_call_once(session):
+    """Under --benchmark-disable the benchmark's single call is the checked call: one call, no rounds,
+    marked smoke in the row and the table."""
+    ours = Variant("ours", fp32_path(), role="ours")
+    benchmark = DisabledBenchmark()
+    entry = run_unskipped(doubling_case([ours]), ours, benchmark)
+    assert len(benchmark.calls) == 1 and entry["smoke"] is True and entry["rounds"] == 1 and entry["time_s"] > 0
+    assert session.timing is False
+    [row] = [line for line in report.case_table(session.results).splitlines() if line.startswith("| ours ")]
+    assert "ok (smoke: 1 call)" in row and "1.00x (ours)" in row, row
+    checked = Variant("checked", lambda state: Runner(run=lambda x: None, check=fp32_path()(state)), role="ours")
+    benchmark = DisabledBenchmark()
+    run_unskipped(doubling_case([checked]), checked, benchmark)  # the timed path differs: its plain call is the one
+    assert len(benchmark.calls) == 1 and benchmark.calls[0](None) is None
+
+
+def test_a_result_recorded_again_replaces_the_earlier_row(session):
+    case, variant = doubling_case([]), Variant("v", None)
+    session.record(case, variant, status="skipped", reason="first")
+    session.record(case, variant, status="ok", time_s=1.0)
+    assert [(r["variant"], r["status"]) for r in session.results] == [("v", "ok")]
+
+
+def test_tolerance_by_dtype_and_device(monkeypatch):
+    """bf16 keeps 8 significant bits, fp16 11, fp32 24: each looser format gets a looser bound. On CPU fp32
+    is exact enough that a result rounded through bf16 fails a kernel check; on a GPU fp32 allows TF32."""
+    monkeypatch.setattr(harness, "ON_GPU", False)
+    for level in harness.TOLERANCES:
+        fp32, fp16, bf16 = (harness.tolerance(level, d) for d in (torch.float32, torch.float16, torch.bfloat16))
+        assert fp32 < fp16 < bf16, level
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cpu_fp32 = harness.tolerance("kernel", torch.float32)
+    compare((x.float(),), (x,), ("y",), cpu_fp32)
+    with pytest.raises(Mismatch):
+        compare((x.bfloat16(),), (x,), ("y",), cpu_fp32)
+    monkeypatch.setattr(harness, "ON_GPU", True)
+    assert harness.tolerance("kernel", torch.float32) > cpu_fp32
+
+
+def test_relative_error_edge_cases_fail_where_they_should():
+    x = torch.randn(64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    zeros = torch.zeros_like(x)
+    assert relative_error(zeros, zeros) == 0.0
+    assert relative_error(x, zeros) == math.inf  # any output against a zero reference is wrong
+    assert relative_error(None, None) == 0.0
+    assert relative_error(None, x) == math.inf and relative_error(x, None) == math.inf
+    poisoned = x.clone()
+    poisoned[3] = float("nan")
+    with pytest.raises(Mismatch):  # a NaN in the reference passes nothing
+        compare((x,), (poisoned,), ("y",), tol=1.0)
+    # outputs as a dict or nested sequences are flattened in order
+    errors = compare({"y": x, "grads": [2 * x, None]}, (x, (2 * x, None)), ("y", "dx", "dw"), tol=1e-12)
+    assert errors == {"y": 0.0, "dx": 0.0, "dw": 0.0}
+
+
+def test_numbers_from_the_environment_and_options_must_be_positive_and_finite():
+    assert harness.positive_float("0.25") == 0.25 and harness.positive_int("3") == 3
+    for text in ("0", "-1", "inf", "nan", "abc", None):
+        with pytest.raises(ValueError):
+            harness.positive_float(text)
+    for text in ("0", "-1", "1.5", "x"):
+        with pytest.raises(ValueError):
+            harness.positive_int(text)
+
+
+def test_throughput_uses_the_variant_dtype_and_the_ceiling_measured_for_it(session):
+    """GB/s = fewest bytes for the variant's dtype / time; TFLOP/s over the matmul ceiling of its dtype;
+    % ceiling = 100 x rate / ceiling; img/s = images / time."""
+    session.ceilings = {"copy_gbps": 8.0, "matmul_fp32_tflops": 8.0, "matmul_bf16_tflops": 4.0}
+    bytes_state = CaseState([], (), (), bytes=lambda dtype: 2e3 * torch.finfo(dtype).bits, images=6)
+    bf16 = harness._throughput(0.002, torch.bfloat16, bytes_state)  # 32 kB in 2 ms
+    assert bf16["bytes"] == 32e3 and bf16["gbps"] == pytest.approx(0.016) and bf16["ceiling"] == "copy"
+    assert bf16["pct_ceiling"] == pytest.approx(0.2) and bf16["images_per_s"] == pytest.approx(3000)
+    flops_state = CaseState([], (), (), flops=6e9)
+    fp32 = harness._throughput(0.003, torch.float32, flops_state)  # 2 TFLOP/s
+    assert fp32["tflops"] == pytest.approx(2.0)
+    if not harness.ON_GPU:  # on a GPU fp32 matmuls count against the TF32 rate when the session allows TF32
+        assert fp32["ceiling"] == "matmul_fp32" and fp32["pct_ceiling"] == pytest.approx(25.0)
+    bf16 = harness._throughput(0.003, torch.bfloat16, flops_state)
+    assert bf16["ceiling"] == "matmul_bf16" and bf16["pct_ceiling"] == pytest.approx(50.0)
+
+
+def test_telemetry_difference_divides_energy_by_time_and_calls():
+    before = {"time": 10.0, "energy_mj": 1000.0}
+    after = {"time": 12.0, "energy_mj": 9000.0, "power_w": 350.0, "sm_clock_mhz": 1980, "mem_clock_mhz": 3200,
+             "temperature_c": 50, "clock_event_reasons": 0}
+    diff = harness.Telemetry.difference(before, after, calls=4)
+    assert diff["energy_j"] == pytest.approx(8.0) and diff["avg_power_w"] == pytest.approx(4.0)
+    assert diff["energy_j_per_call"] == pytest.approx(2.0) and diff["sm_clock_mhz"] == 1980
+    assert harness.Telemetry.difference({}, after, calls=4) == {}
+
+
+def timed_rows():
+    base = {"case": "unit/double/fwd", "suite": "unit", "dtype": "bf16", "status": "ok", "gbps": 1.0,
+            "pct_ceiling": 50.0}
+    return [{**base, "variant": "ours_slow", "role": "ours", "time_s": 0.004},
+            {**base, "variant": "ours_fast", "role": "ours", "time_s": 0.002},
+            {**base, "variant": "anchor_fast", "role": "anchor", "time_s": 0.003},
+            {**base, "variant": "anchor_slow", "role": "anchor", "time_s": 0.008}]
+
+
+def test_summary_line_is_the_fastest_ours_over_the_fastest_anchor(session, monkeypatch):
+    monkeypatch.setattr(report, "ON_GPU", True)
+    session.results = timed_rows()
+    [line] = report.summary_lines()
+    assert " ours_fast " in line and " 2 ms" in line and " 50.0% ceil" in line, line
+    assert line.endswith("1.50x vs fastest anchor anchor_fast"), line
+
+
+def test_case_table_ratios_are_anchor_time_over_the_first_ours():
+    table = report.case_table(timed_rows()).splitlines()
+    assert table[0].split(" | ")[5:7] == ["ours_slow speed-up", "GB/s"], table[0]
+    ratios = {line.split(" | ")[0][2:]: line.split(" | ")[5] for line in table[2:]}
+    assert ratios == {"ours_slow": "1.00x (ours)", "ours_fast": "", "anchor_fast": "0.750x",
+                      "anchor_slow": "2.00x"}
+
+
+def test_a_speedup_goal_equal_to_its_target_is_met_and_a_missing_percentage_is_n_a():
+    rows = timed_rows()
+    assert report.evaluate_goal(Goal("g", "speedup", "ours_fast", 1.5, ("anchor_fast",)), rows)["status"] == "met"
+    no_ceiling = [dict(r, pct_ceiling=None) for r in rows]
+    assert report.evaluate_goal(Goal("g", "pct_ceiling", "ours_fast", 10.0), no_ceiling)["status"] == "n/a"
+
+
+def test_memory_summary_says_when_a_policy_is_over_the_budget(session):
+    base = {"case": "memory/seed_b128/step", "suite": "memory", "role": "ours", "status": "ok"}
+    session.results = [{**base, "variant": "none", "policy": "none", "estimate_bytes": 9e9, "measured_bytes": 8e9,
+                        "fits": False},
+                       {**base, "variant": "all", "policy": "all", "estimate_bytes": 5e9, "measured_bytes": 4e9,
+                        "fits": True}]
+    [line] = report.summary_lines()
+    assert "none: est 9.00 GB, measured 8.00 GB (over); all: est 5.00 GB, measured 4.00 GB" in line, line
+    assert line.count("(over)") == 1
+
+
+def test_cpu_report_is_labelled_cpu_smoke_and_leaves_goals_out(session, monkeypatch):
+    monkeypatch.setattr(report, "ON_GPU", False)
+    ours, anchor = Variant("ours", fp32_path(), role="ours"), Variant("anchor", fp32_path())
+    case = doubling_case([ours, anchor], goals=[Goal("ours 1.0x", "speedup", "ours", 1.0, ("anchor",))])
+    for variant in (ours, anchor):
+        run_unskipped(case, variant)
+    environment = environment_info()
+    data, markdown = report.build_report(environment)
+    lines = markdown.splitlines()
+    assert lines[0] == "# Benchmarks: unit — CPU"
+    assert "**CPU figures**" in lines[2] and "**Smoke run**" in lines[4], lines[:6]
+    assert f"| torch | {environment['torch']} |" in markdown and f"| triton | {environment['triton']} |" in markdown
+    assert f"| time | {environment['time']} |" in markdown
+    assert "## Goals" not in markdown and data["goals"] == []
+    assert data["settings"]["timed"] is False and data["settings"]["size"] == ("full" if harness.SETTINGS.full
+                                                                              else "small")
+    assert [r["variant"] for r in data["results"]] == ["ours", "anchor"]
+    assert set(data["speedups"]["unit/double/fwd"]["ours"]) == {"anchor"}
+    assert "### unit/double/fwd" in markdown and "Inputs: n=256" in markdown
+
+
+def test_gpu_report_names_the_gpu_and_driver_and_evaluates_goals(session, monkeypatch):
+    monkeypatch.setattr(report, "ON_GPU", True)
+    session.results = timed_rows()
+    session.cases["unit/double/fwd"] = doubling_case([], goals=[Goal("1.2x", "speedup", "ours_fast", 1.2,
+                                                                     ("anchor_fast",))])
+    environment = {**environment_info(), "device_type": "cuda", "device_name": "NVIDIA H200", "driver": "580.1"}
+    data, markdown = report.build_report(environment)
+    assert markdown.splitlines()[0] == "# Benchmarks: unit — NVIDIA H200"
+    assert "CPU" not in markdown.split("## Environment")[0] and "Smoke run" not in markdown
+    assert "| driver | 580.1 |" in markdown and "| device_name | NVIDIA H200 |" in markdown
+    [goal] = data["goals"]
+    assert goal["status"] == "met" and goal["value"] == pytest.approx(1.5)
+    assert "## Goals" in markdown and "| unit/double/fwd | 1.2x | ours_fast: 1.50x vs anchor_fast | met |" in markdown
+
+
+def test_the_report_replaces_this_run_s_partial_file_and_no_other_report(session, monkeypatch, tmp_path):
+    monkeypatch.setattr(harness.SETTINGS, "out", str(tmp_path))
+    session.use_root(str(tmp_path))
+    ours = Variant("ours", fp32_path(), role="ours")
+    run_unskipped(doubling_case([ours]), ours)
+    partial = session.partial_path()
+    assert [json.loads(line)["variant"] for line in partial.read_text().splitlines()] == ["ours"]
+    other = session.report_path(".md")  # another run wrote a report of the same name meanwhile
+    other.write_text("another run")
+    json_path, md_path = report.write_report(str(tmp_path))
+    assert other.read_text() == "another run" and not partial.exists()
+    assert md_path.name == other.name.replace(".md", "-2.md") and json_path.with_suffix(".md") == md_path
+    assert json.loads(json_path.read_text())["results"][0]["variant"] == "ours"
+    assert md_path.read_text().startswith("# Benchmarks: unit — CPU")
