@@ -119,12 +119,17 @@ def test_seed_dream(epoch, separate):
     assert logs["lambda_t_mean"].item() == pytest.approx(lam.mean().item(), rel=1e-6)
 
 
-def test_seed_custom_parameters():
+@pytest.mark.parametrize("lambda_max, alpha, ramp", [(0.9, 0.4, 20.0), (0.8, 0.7, 4.0)])
+def test_seed_custom_parameters(lambda_max, alpha, ramp):
+    """lambda_t = lambda_max (t / T) min(epoch / ramp_epochs, 1) and the alpha weighting follow the settings
+    (at epoch 3: 3/20 of the way up the default ramp, 3/4 of the way up a 4-epoch one)."""
     model, d = ToyEps(), GaussianDiffusion()
     x0, noise, t = inputs()
-    config = ObjectiveConfig(dream_start_epoch=2, lambda_max=0.9, alpha=0.4)
-    loss, _ = OBJECTIVES["seed"](model, d, x0, 3, config, t=t, noise=noise)
-    check(loss, expected_seed(model, x0, noise, t, 3, lambda_max=0.9, alpha=0.4), model)
+    config = ObjectiveConfig(dream_start_epoch=1, lambda_max=lambda_max, alpha=alpha, ramp_epochs=ramp)
+    loss, logs = OBJECTIVES["seed"](model, d, x0, 3, config, t=t, noise=noise)
+    check(loss, expected_seed(model, x0, noise, t, 3, lambda_max=lambda_max, alpha=alpha, ramp=ramp), model)
+    lam = lambda_max * t.double() / T * min(3 / ramp, 1)
+    assert logs["lambda_t_mean"].item() == pytest.approx(lam.mean().item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("power,l1", [(1.0, False), (0.0, False), (2.0, False), (1.0, True)])
@@ -187,16 +192,6 @@ def test_random_t_and_noise_when_not_given():
     torch.manual_seed(1)
     c, _ = OBJECTIVES["standard"](model, d, x0, 0, ObjectiveConfig())
     assert a.item() == b.item() != c.item()
-
-
-def test_seed_lambda_follows_a_custom_ramp():
-    """lambda_t = lambda_max (t / T) min(epoch / ramp_epochs, 1) with ramp_epochs = 4: 3/4 of the way at epoch 3."""
-    model, d = ToyEps(), GaussianDiffusion()
-    x0, noise, t = inputs()
-    config = ObjectiveConfig(dream_start_epoch=1, lambda_max=0.8, ramp_epochs=4.0)
-    loss, logs = OBJECTIVES["seed"](model, d, x0, 3, config, t=t, noise=noise)
-    check(loss, expected_seed(model, x0, noise, t, 3, lambda_max=0.8, ramp=4.0), model)
-    assert logs["lambda_t_mean"].item() == pytest.approx((0.8 * t.double() / T * 0.75).mean().item(), rel=1e-6)
 
 
 def test_seed_separate_estimate_is_its_own_dropout_forward():
