@@ -335,7 +335,7 @@ def _tune(name: str, heuristic: dict, candidates: Sequence[dict], run) -> dict:
         return dict(heuristic)
     base = times.get(json.dumps(heuristic, sort_keys=True), (math.inf, heuristic))[0]
     best_seconds, best = min(times.values(), key=lambda item: item[0])
-    if best_seconds > base * (1 - KEEP_HEURISTIC_MARGIN):
+    if best_seconds >= base * (1 - KEEP_HEURISTIC_MARGIN):  # not more than the margin faster
         best_seconds, best = base, heuristic
     log.info("autotune %s: %d candidates timed, %d dropped; picked %s (%.1f us, heuristic %.1f us)",
              name, len(times), dropped, best, best_seconds * 1e6, base * 1e6)

@@ -228,13 +228,6 @@ def test_a_candidate_failing_while_timed_is_dropped(tuning, tmp_path):
             autotune.choose("toy", (14,), torch.device("cpu"), TWO, _values, interpreted=True)
 
 
-def test_heuristic_kept_unless_beaten_beyond_noise(tuning):
-    tuning.seconds = {json.dumps({"a": 1}): 1.0, json.dumps({"a": 2}): 1.0 - autotune.KEEP_HEURISTIC_MARGIN / 2}
-    pick = autotune.choose("toy", (8,), torch.device("cpu"), TWO, _values,
-                           interpreted=True)
-    assert pick == {"a": 1}
-
-
 def test_picks_are_reused_from_memory_and_from_the_file(tuning, tmp_path):
     args = ("toy", (9,), torch.device("cpu"), TWO, _values)
     assert autotune.choose(*args, interpreted=True) == {"a": 2}
@@ -500,10 +493,21 @@ def test_candidates_are_compared_with_the_heuristic_relative_to_its_largest_outp
                                                                                               else {"a": 1})
 
 
-@pytest.mark.parametrize("faster_by,picked", [(0.04, {"a": 2}), (0.02, {"a": 1})])
+@pytest.mark.parametrize("faster_by,picked", [(0.04, {"a": 2}), (0.03, {"a": 1}), (0.02, {"a": 1})])
 def test_the_heuristic_is_kept_unless_beaten_by_more_than_three_percent(tuning, faster_by, picked):
+    """A candidate replaces the heuristic's pick ({"a": 1}) only when more than 3 % faster: within timing noise
+    the heuristic, made for the GPU, stays."""
+    assert autotune.KEEP_HEURISTIC_MARGIN == 0.03
     tuning.seconds = {json.dumps({"a": 1}): 1.0, json.dumps({"a": 2}): 1.0 - faster_by}
     assert autotune.choose("toy", (20,), torch.device("cpu"), TWO, _values, interpreted=True) == picked
+
+
+def test_a_cache_file_not_yet_written_is_no_warning(tuning, tmp_path):
+    assert not (tmp_path / "picks.json").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert autotune.choose("toy", (22,), torch.device("cpu"), TWO, _values, interpreted=True) == {"a": 2}
+    assert list(_picks(tmp_path).values()) == [{"a": 2}]
 
 
 def _cached_pick_file(tmp_path, text):
