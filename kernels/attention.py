@@ -60,7 +60,7 @@ from kernels import autotune
 from kernels.device import (check_interpreter_device, is_int, is_interpreted, is_real, on_tensor_device,
                             reject_function_transforms)
 from kernels.device import sm_count as _sm_count  # module global: tests and tools substitute it
-from kernels.layout import memory_format_of
+from kernels.layout import INT32_MAX, memory_format_of, span
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -68,7 +68,6 @@ _MAX_SEQUENCE = 4096
 _LOG2E = 1.4426950408889634
 # scales that are normal fp32 numbers (a GPU flushes subnormals to zero) with 1/scale and scale·log2(e) finite
 _SCALE_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max / (2 * _LOG2E))
-_INT32_MAX = 2**31 - 1
 
 
 # ----------------------------------------------------------------------------------------
@@ -638,8 +637,7 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str = "att
 
 def _addressable(t: torch.Tensor) -> torch.Tensor:
     """The kernels index within one (batch, head) with int32 offsets; copy if they overflow."""
-    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[2:], t.stride()[2:]))
-    return t if extent <= _INT32_MAX else t.contiguous()
+    return t if span(t, 2) <= INT32_MAX else t.contiguous()
 
 
 def _descriptor_ready(t: torch.Tensor, rows: int) -> bool:

@@ -81,12 +81,10 @@ from kernels import autotune
 from kernels.device import (check_interpreter_device, is_bool, is_int, is_interpreted, is_real, on_tensor_device,
                             reject_function_transforms)
 from kernels.device import sm_count as _sm_count  # module global: tests and tools substitute it
-from kernels.layout import memory_format_of
+from kernels.layout import INT32_MAX, memory_format_of
 
 _MODES = ("pre", "post")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# the kernels address one sample's elements (and count a group's) with 32-bit integers: C*H*W <= 2^31 - 1
-_INT32_MAX = 2 ** 31 - 1
 
 # Test hooks (module globals, patched by tests only):
 # - _POISON_NEW_BUFFERS: fill every buffer the launchers allocate (outputs and partial sums) with
@@ -769,7 +767,7 @@ def _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dr
     N, C, H, W = x.shape
     if x.numel() == 0:
         raise ValueError(f"{op}: x must be non-empty, got shape {tuple(x.shape)}")
-    if not reference and C * H * W > _INT32_MAX:
+    if not reference and C * H * W > INT32_MAX:  # (a group's element count is a 32-bit integer too)
         raise ValueError(f"{op}: x has C*H*W = {C * H * W} elements per sample, more than the kernels' 32-bit "
                          f"offsets address (2^31 - 1); use {op}_reference at this size")
     if not is_int(num_groups) or num_groups <= 0:

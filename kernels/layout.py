@@ -1,5 +1,15 @@
-"""Memory formats of the kernels' outputs."""
+"""Memory formats of the kernels' outputs, and the reach of their 32-bit offsets."""
 import torch
+
+# the kernels address the elements within one sample (attention: one (batch, head)) with 32-bit offsets
+INT32_MAX = 2**31 - 1
+
+
+def span(t: torch.Tensor, first_dim: int = 1) -> int:
+    """The largest offset, in elements, from the first element of t[i, ...] (t[i, j, ...] for first_dim 2) to
+    any other: sum over the dimensions from first_dim of (size - 1)·|stride|. The kernels can address t
+    with 32-bit offsets within such a slice when it is at most INT32_MAX."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[first_dim:], t.stride()[first_dim:]))
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:

@@ -40,11 +40,9 @@ import triton
 import triton.language as tl
 
 from kernels.device import check_interpreter_device, is_interpreted, on_tensor_device, reject_function_transforms
-from kernels.layout import memory_format_of
+from kernels.layout import INT32_MAX, memory_format_of, span
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# the kernels address one sample's elements with 32-bit integers (the sample's own offset is 64-bit)
-_INT32_MAX = 2 ** 31 - 1
 
 
 @triton.jit
@@ -162,11 +160,8 @@ def _check_inputs(h, skip, h_bias=None) -> None:
     if skip.device != h.device:
         raise ValueError(f"upsample2x_concat: skip is on {skip.device} but h is on {h.device}")
     out_per_sample = (h.shape[1] + skip.shape[1]) * h.shape[2] * h.shape[3]
-    extents = [("the output", out_per_sample - 1)] + [
-        (name, sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:])))
-        for name, t in (("h", h), ("skip", skip))]
-    for name, extent in extents:
-        if extent > _INT32_MAX:
+    for name, extent in (("the output", out_per_sample - 1), ("h", span(h)), ("skip", span(skip))):
+        if extent > INT32_MAX:  # (a sample's own offset is 64-bit)
             raise ValueError(f"upsample2x_concat: {name} spans {extent + 1} elements per sample, more than the "
                              f"kernels' 32-bit offsets address (2^31); use upsample2x_concat_reference")
     if skip.shape[0] != h.shape[0]:
