@@ -603,7 +603,7 @@ def _check_scale(scale, head_dim: int, op: str = "attention") -> float:
     if not is_real(scale):
         raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
     scale = float(scale)
-    if not math.isfinite(scale) or scale <= 0.0:
+    if not 0.0 < scale < math.inf:  # (comparisons only: a symbolic float under torch.compile has no isfinite)
         raise ValueError(f"{op}: scale must be finite and positive, got {scale}")
     if not _SCALE_RANGE[0] <= scale <= _SCALE_RANGE[1]:  # the kernels take 1/scale and scale·log2(e) in fp32
         raise ValueError(f"{op}: scale must lie in [{_SCALE_RANGE[0]:.3g}, {_SCALE_RANGE[1]:.3g}] (the kernels "

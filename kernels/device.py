@@ -103,8 +103,9 @@ def reject_function_transforms(op: str, reference: str, *tensors) -> None:
 
 
 def is_int(value) -> bool:
-    """A Python or numpy integer, not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    """A Python or numpy integer, not a bool, or a symbolic one (torch.compile's dynamic shapes trace ints as
+    torch.SymInt)."""
+    return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
 
 
 def is_bool(value) -> bool:
@@ -113,5 +114,5 @@ def is_bool(value) -> bool:
 
 
 def is_real(value) -> bool:
-    """A Python or numpy integer or float, not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    """A Python or numpy integer or float, not a bool, or a symbolic one (torch.SymInt, torch.SymFloat)."""
+    return isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool)

@@ -23,6 +23,7 @@ import zlib
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from conftest import DEVICE, ON_GPU, qkv_attention_with_float64, run_without_interpreter
@@ -442,6 +443,38 @@ def test_torch_compile_fullgraph_forward_and_backward():
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * max(1.0, abs(ref_loss.item()))
     for name, a, r in zip(("dq", "dk", "dv", "dqkv"), inputs, ref_inputs):
         _assert_close(name, a.grad, r.grad, TOLERANCE[dtype])
+
+
+def test_torch_compile_dynamic_shapes_trace_heads_and_scale_as_symbolic_numbers():
+    """torch.compile(dynamic=True) traces sizes, ints and floats as torch.SymInt / torch.SymFloat: the checks take
+    a symbolic num_heads and scale (no math.isfinite on them), and a second call at other sizes reuses the first's
+    graphs (the ops' int and float arguments specialize num_heads and scale: other values recompile)."""
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor" if ON_GPU else "aot_eager")
+
+    def both(q, k, v, scale, qkv, num_heads):
+        return attention(q, k, v, scale=scale), attention_qkv_nchw(qkv, num_heads, scale=scale)
+
+    compiled = torch.compile(both, backend=counter, dynamic=True, fullgraph=True)
+    gen = _generator(59)
+    heads, scale = 3, 0.15
+    frames = []
+    for batch, tokens, image in ((2, 20, (4, 5)), (3, 42, (6, 7))):  # no two sizes equal (duck sizing)
+        inputs = [_randn((batch, heads, tokens, 32), torch.float32, gen) for _ in range(3)]
+        inputs.append(_randn((batch, 3 * 32 * heads, *image), torch.float32, gen))
+        leaves = [t.requires_grad_() for t in inputs]
+        outs = compiled(*leaves[:3], scale, leaves[3], heads)
+        grad_outs = [_randn(o.shape, torch.float32, gen) for o in outs]
+        torch.autograd.backward(outs, grad_outs)
+        refs = [t.detach().double().requires_grad_() for t in inputs]
+        ref_outs = (attention_reference(*refs[:3], scale=scale), attention_qkv_nchw_reference(refs[3], heads, scale))
+        torch.autograd.backward(ref_outs, [g.double() for g in grad_outs])
+        for name, out, ref in zip(("o", "o_qkv"), outs, ref_outs):
+            _assert_close(name, out, ref, TOLERANCE[torch.float32])
+        for name, leaf, ref in zip(("dq", "dk", "dv", "dqkv"), leaves, refs):
+            _assert_close(name, leaf.grad, ref.grad, TOLERANCE[torch.float32])
+        frames.append(counter.frame_count)
+    assert frames[0] == frames[1], "the second call recompiled"
 
 
 def test_fake_tensor_mode_shapes():

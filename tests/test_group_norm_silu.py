@@ -26,6 +26,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from conftest import DEVICE, ON_GPU
 
@@ -767,6 +768,35 @@ def test_torch_compile_fullgraph_forward_and_backward():
     assert _rel_err(out, eager_out.double()) <= 1e-5
     for grad, eager_grad in zip(grads, eager_grads):
         assert _rel_err(grad, eager_grad.double()) <= 1e-5
+
+
+def test_torch_compile_dynamic_shapes_trace_num_groups_as_a_symbolic_int():
+    """torch.compile(dynamic=True) traces sizes and int arguments as torch.SymInt: the op's checks and fake
+    implementation take a symbolic num_groups, and the second call reuses the first's graphs (batch, channels,
+    image size and num_groups all differ)."""
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor" if ON_GPU else "aot_eager")
+
+    def norm(x, weight, bias, num_groups, scale, shift):
+        return group_norm_silu(x, weight, bias, num_groups, scale=scale, shift=shift)
+
+    compiled = torch.compile(norm, backend=counter, dynamic=True, fullgraph=True)
+    frames = []
+    for shape in ((2, 12, 3, 4, 3), (3, 20, 5, 2, 4)):
+        x, weight, bias, scale, shift, dy = _make_inputs(shape, torch.float32, torch.float32, True, True, False,
+                                                         _seed(shape, "dynamic"))
+        leaves = [t.requires_grad_() for t in (x, weight, bias, scale, shift)]
+        y = compiled(leaves[0], *leaves[1:3], shape[4], *leaves[3:])
+        grads = torch.autograd.grad(y, leaves, dy)
+        ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+        y64 = group_norm_silu_reference(ref_leaves[0], *ref_leaves[1:3], shape[4], scale=ref_leaves[3],
+                                        shift=ref_leaves[4])
+        grads64 = torch.autograd.grad(y64, ref_leaves, dy.double())
+        assert _rel_err(y, y64) <= TOLERANCE[torch.float32]
+        for name, grad, grad64 in zip(("dx", "dweight", "dbias", "dscale", "dshift"), grads, grads64):
+            assert _rel_err(grad, grad64) <= TOLERANCE[torch.float32], name
+        frames.append(counter.frame_count)
+    assert frames[0] == frames[1], "the second call recompiled"
 
 
 # ----------------------------------------------------------------------------------------------

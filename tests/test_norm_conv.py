@@ -283,6 +283,26 @@ def test_torch_compile_fullgraph_forward_and_backward():
         assert _rel_err(grad, eager_grad) <= 1e-5
 
 
+def test_torch_compile_dynamic_shapes_take_symbolic_int_arguments():
+    """torch.compile(dynamic=True) traces num_groups, stride and padding as torch.SymInt: the checks accept them,
+    and the results match the float64 reference at two shapes (no two sizes equal, so duck sizing ties none)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda leaves, shape: _call(group_norm_silu_conv2d, leaves, shape, "pre", True, 0.0, None),
+                             dynamic=True, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
+    for shape in ((2, 12, 7, 5, 3, 4, 3, 1, 1), (3, 20, 9, 6, 4, 5, 3, 2, 1)):
+        leaves, dout = _inputs(shape, torch.float32, False, True, True, zlib.crc32(repr(shape).encode()))
+        for leaf in leaves.values():
+            leaf.requires_grad_()
+        out = compiled(leaves, shape)
+        grads = torch.autograd.grad(out, list(leaves.values()), dout)
+        ref_leaves = {name: leaf.detach().double().requires_grad_() for name, leaf in leaves.items()}
+        ref = _call(group_norm_silu_conv2d_reference, ref_leaves, shape, "pre", True, 0.0, None)
+        ref_grads = torch.autograd.grad(ref, list(ref_leaves.values()), dout.double())
+        assert _rel_err(out, ref) <= TOLERANCE[torch.float32]
+        for name, grad, ref_grad in zip(leaves, grads, ref_grads):
+            assert _rel_err(grad, ref_grad) <= TOLERANCE[torch.float32], name
+
+
 @pytest.mark.parametrize("change,error,message", [
     (dict(conv_weight=torch.randn(5, 7, 3, 3)), ValueError, r"expects 7 input channels, x has 12"),
     (dict(conv_weight=torch.randn(5, 12, 3)), ValueError, r"conv_weight must be a 4-D tensor"),
