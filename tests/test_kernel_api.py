@@ -197,6 +197,27 @@ def test_torch_export_of_a_module_using_the_ops_runs_them():
     assert torch.equal(program.module()(x), block(x))
 
 
+def test_torch_export_with_a_dynamic_batch_runs_the_ops_at_other_batch_sizes():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(12) * 0.5 + 1)
+            self.bias = torch.nn.Parameter(torch.randn(12) * 0.5)
+
+        def forward(self, x, scale):
+            h = kernels.group_norm_silu(x, self.weight, self.bias, 3, scale=scale)
+            return kernels.add_bias_residual(h, x, self.bias)
+
+    torch.manual_seed(3)
+    block = Block().to(DEVICE)
+    batch = torch.export.Dim("batch", min=2, max=64)
+    example = (torch.randn(2, 12, 3, 5, device=DEVICE), torch.randn(2, 12, device=DEVICE))
+    program = torch.export.export(block, example, dynamic_shapes=({0: batch}, {0: batch}))
+    for size in (3, 5):
+        x, scale = torch.randn(size, 12, 3, 5, device=DEVICE), torch.randn(size, 12, device=DEVICE)
+        assert torch.equal(program.module()(x, scale), block(x, scale))
+
+
 def test_bools_are_refused_where_numbers_are_expected():
     x, w, b = _gn_inputs()
     with pytest.raises(ValueError, match=r"^group_norm_silu: eps must be a positive float, got True"):
