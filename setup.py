@@ -7,17 +7,17 @@ setup(
     packages=find_packages(include=["dream", "dream.*", "kernels", "kernels.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
-        "torchvision>=0.19",
+        "torch>=2.11",
+        "torchvision>=0.26",
         "numpy",
         "pillow",
         "tqdm",
     ],
     extras_require={
-        "triton": ["triton>=3.0"],
+        "triton": ["triton>=3.6"],
         "eval": ["torch-fidelity>=0.3"],
         "export": ["safetensors>=0.4"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0", "torch-fidelity>=0.3", "safetensors>=0.4"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.6", "torch-fidelity>=0.3", "safetensors>=0.4"],
     },
     entry_points={"console_scripts": ["dream = dream.cli:main"]},
 )
