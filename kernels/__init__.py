@@ -5,6 +5,8 @@ TRITON_INTERPRET=1 before anything imports triton (in the shell, or first thing 
 torch.compile imports triton) to run the kernels on CPU tensors.
 Launch configurations come from heuristics, or, with autotuning on (set_autotune(True) or
 DREAM_KERNEL_AUTOTUNE=1; kernels.autotune), from timing candidates on the GPU at first use.
+Each op is a torch.library custom op; in plain eager mode a call runs its implementation directly,
+without the dispatcher's per-call cost (kernels.dispatch).
 """
 from kernels.device import check_interpreter_mode
 

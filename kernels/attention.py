@@ -60,7 +60,8 @@ from kernels import autotune
 from kernels.device import (check_interpreter_device, is_int, is_interpreted, is_real, on_tensor_device,
                             reject_function_transforms)
 from kernels.device import sm_count as _sm_count  # module global: tests and tools substitute it
-from kernels.layout import INT32_MAX, memory_format_of, span
+from kernels.dispatch import OpCall
+from kernels.layout import INT32_MAX, cdiv, memory_format_of, next_power_of_2, span
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -462,7 +463,7 @@ def _attention_backward_single_tile_kernel(
 # Launch configuration (heuristic; tune on the GPU by editing these two functions)
 # ----------------------------------------------------------------------------------------
 def _pow2_at_least(n: int, floor: int = 16) -> int:
-    return max(floor, triton.next_power_of_2(n))
+    return max(floor, next_power_of_2(n))
 
 
 @dataclass(frozen=True)
@@ -695,7 +696,7 @@ def _attention_forward_into(q, k, v, scale: float, o, lse, config: ForwardConfig
     if config.tma and all(_descriptor_ready(t, rows) for t, rows in boxes):
         descriptors = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, head_dim])
                        for t, rows in boxes]
-    num_query_blocks = triton.cdiv(seq_len, config.block_m)
+    num_query_blocks = cdiv(seq_len, config.block_m)
     num_tiles = num_query_blocks * batch * heads
     programs = num_tiles
     if config.programs_per_sm:
@@ -746,13 +747,13 @@ def _attention_backward_into(q, k, v, o, lse, do, scale: float, dq, dk, dv,
 
     delta = torch.empty((batch, heads, seq_len), device=q.device, dtype=torch.float32)
     delta_block = min(64 if head_dim >= 128 else 128, _pow2_at_least(seq_len))
-    num_delta_blocks = triton.cdiv(seq_len, delta_block)
+    num_delta_blocks = cdiv(seq_len, delta_block)
     autotune.launch(_attention_backward_delta_kernel, (num_delta_blocks * batch * heads,))(
         o, do, delta, *_strides(o), *_strides(do),
         heads, seq_len, num_delta_blocks,
         HEAD_DIM=head_dim, BLOCK_M=delta_block, num_warps=4,
     )
-    num_blocks = triton.cdiv(seq_len, config.block_own)
+    num_blocks = cdiv(seq_len, config.block_own)
     autotune.launch(_attention_backward_kernel, (num_blocks * batch * heads,))(
         q, k, v, do, lse, delta, dq, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do),
@@ -841,12 +842,15 @@ def _attention_backward_autograd(ctx, grad_o, grad_lse):
     q, k, v, o, lse = ctx.saved_tensors
     if grad_o is None:
         grad_o = torch.zeros_like(o)
-    dq, dk, dv = torch.ops.dream_kernels.attention_backward(q, k, v, o, lse, grad_o, ctx.scale)
+    dq, dk, dv = _attention_backward_call(q, k, v, o, lse, grad_o, ctx.scale)
     return dq, dk, dv, None
 
 
 torch.library.register_autograd("dream_kernels::attention_forward", _attention_backward_autograd,
                                 setup_context=_attention_setup_context)
+_attention_forward_call = OpCall("dream_kernels::attention_forward", _attention_forward_impl,
+                                 _attention_setup_context, _attention_backward_autograd)
+_attention_backward_call = OpCall("dream_kernels::attention_backward", _attention_backward_impl)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -858,7 +862,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     _check_qkv(q, k, v)
     scale = _check_scale(scale, q.shape[-1])
     reject_function_transforms("attention", "attention_reference", q, k, v)
-    o, _ = torch.ops.dream_kernels.attention_forward(q, k, v, scale)
+    o, _ = _attention_forward_call(q, k, v, scale)
     return o
 
 
@@ -981,14 +985,17 @@ def _attention_qkv_nchw_backward_autograd(ctx, grad_out, grad_lse):
     qkv, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dqkv = torch.ops.dream_kernels.attention_qkv_nchw_backward(
-        qkv, out, lse, grad_out, ctx.num_heads, ctx.scale)
+    dqkv = _attention_qkv_nchw_backward_call(qkv, out, lse, grad_out, ctx.num_heads, ctx.scale)
     return dqkv, None, None
 
 
 torch.library.register_autograd("dream_kernels::attention_qkv_nchw_forward",
                                 _attention_qkv_nchw_backward_autograd,
                                 setup_context=_attention_qkv_nchw_setup_context)
+_attention_qkv_nchw_forward_call = OpCall("dream_kernels::attention_qkv_nchw_forward", _attention_qkv_nchw_forward_impl,
+                                          _attention_qkv_nchw_setup_context, _attention_qkv_nchw_backward_autograd)
+_attention_qkv_nchw_backward_call = OpCall("dream_kernels::attention_qkv_nchw_backward",
+                                           _attention_qkv_nchw_backward_impl)
 
 
 def attention_qkv_nchw(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
@@ -1003,7 +1010,7 @@ def attention_qkv_nchw(qkv: torch.Tensor, num_heads: int, scale: float | None = 
     num_heads = int(num_heads)
     scale = _check_scale(scale, qkv.shape[1] // (3 * num_heads), "attention_qkv_nchw")
     reject_function_transforms("attention_qkv_nchw", "attention_qkv_nchw_reference", qkv)
-    out, _ = torch.ops.dream_kernels.attention_qkv_nchw_forward(qkv, num_heads, scale)
+    out, _ = _attention_qkv_nchw_forward_call(qkv, num_heads, scale)
     return out
 
 

@@ -204,8 +204,8 @@ _compile_only: ContextVar[bool] = ContextVar("dream_kernels_compile_only", defau
 
 
 def launch(kernel, grid):
-    """kernel[grid], the way the tuned launchers launch: inside precompile(), the kernel is only compiled
-    (Triton's warmup), not run."""
+    """kernel[grid], the way every launcher launches: inside precompile(), the kernel is only compiled
+    (Triton's warmup), not run. (bench/test_bench_dispatch.py replaces it to time the host side alone.)"""
     if _compile_only.get():
         return lambda *args, **kwargs: kernel.warmup(*args, grid=grid, **kwargs)
     return kernel[grid]

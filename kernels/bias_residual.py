@@ -20,8 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import autotune
 from kernels.device import check_interpreter_device, is_interpreted, on_tensor_device, reject_function_transforms
-from kernels.layout import memory_format_of
+from kernels.dispatch import OpCall
+from kernels.layout import cdiv, memory_format_of, next_power_of_2
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -93,13 +95,13 @@ def _add_bias_residual_into(a, b, bias, out, blocks=None):
     channels_last = out.stride(1) == 1
     rows, cols = (n * height * width, c) if channels_last else (n * c, height * width)
     if blocks is None:
-        block_cols = min(triton.next_power_of_2(cols), 256)
-        block_rows = min(triton.next_power_of_2(rows), max(1, _TILE // block_cols))
+        block_cols = min(next_power_of_2(cols), 256)
+        block_rows = min(next_power_of_2(rows), max(1, _TILE // block_cols))
         blocks = (block_rows, block_cols, max(1, min(8, block_rows * block_cols // 256)))
     block_rows, block_cols, num_warps = blocks
-    grid = (triton.cdiv(rows, block_rows), triton.cdiv(cols, block_cols))
-    _bias_residual_kernel[grid](a, b, bias, out, rows, cols, c, BIAS_ON_COLS=channels_last,
-                                BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=num_warps)
+    grid = (cdiv(rows, block_rows), cdiv(cols, block_cols))
+    autotune.launch(_bias_residual_kernel, grid)(a, b, bias, out, rows, cols, c, BIAS_ON_COLS=channels_last,
+                                                 BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=num_warps)
     return out
 
 
@@ -147,6 +149,8 @@ def _autograd_backward(ctx, grad_out):
 
 
 _add_bias_residual_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+_add_bias_residual_call = OpCall("dream_kernels::add_bias_residual", _add_bias_residual_impl, _setup_context,
+                                 _autograd_backward)
 
 # The op's Python implementation, for bench/compile_report.py (which replays it on meta tensors)
 OP_IMPLEMENTATIONS = {"dream_kernels::add_bias_residual": _add_bias_residual_impl}
@@ -160,7 +164,7 @@ def add_bias_residual(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> t
     the Triton interpreter."""
     _check_inputs(a, b, bias)
     reject_function_transforms("add_bias_residual", "add_bias_residual_reference", a, b, bias)
-    return torch.ops.dream_kernels.add_bias_residual(a, b, bias)
+    return _add_bias_residual_call(a, b, bias)
 
 
 def add_bias_residual_reference(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -81,7 +81,8 @@ from kernels import autotune
 from kernels.device import (check_interpreter_device, is_bool, is_int, is_interpreted, is_real, on_tensor_device,
                             reject_function_transforms)
 from kernels.device import sm_count as _sm_count  # module global: tests and tools substitute it
-from kernels.layout import INT32_MAX, memory_format_of
+from kernels.dispatch import OpCall
+from kernels.layout import INT32_MAX, cdiv, memory_format_of, next_power_of_2
 
 _MODES = ("pre", "post")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -1009,17 +1010,17 @@ def _launch_config(N, C, HW, num_groups, stride_c, device, backward, dropout=Non
     groups = override.get("groups", groups)
     channels_per_program = groups * Cg
     if channels_last and channels_per_program > 1:  # the program's channels are contiguous
-        block_c = channels_per_program if groups > 1 else min(triton.next_power_of_2(Cg), tile // min_hw)
-        block_hw = max(min_hw, min(triton.next_power_of_2(HW), max(1, tile // block_c)))
+        block_c = channels_per_program if groups > 1 else min(next_power_of_2(Cg), tile // min_hw)
+        block_hw = max(min_hw, min(next_power_of_2(HW), max(1, tile // block_c)))
     else:
-        block_hw = max(min_hw, min(triton.next_power_of_2(HW), tile))
-        block_c = min(triton.next_power_of_2(Cg), max(1, tile // block_hw))
+        block_hw = max(min_hw, min(next_power_of_2(HW), tile))
+        block_c = min(next_power_of_2(Cg), max(1, tile // block_hw))
     num_splits = 1
     if on_gpu and groups == 1:
         programs = N * num_groups
         sms = _sm_count(device)
         if programs < 2 * sms:
-            num_splits = min(triton.cdiv(4 * sms, programs), triton.cdiv(HW, block_hw))
+            num_splits = min(cdiv(4 * sms, programs), cdiv(HW, block_hw))
     block_c = override.get("block_c", block_c)
     block_hw = override.get("block_hw", block_hw)
     if block_hw < min_hw:
@@ -1033,8 +1034,8 @@ def _launch_config(N, C, HW, num_groups, stride_c, device, backward, dropout=Non
                          f"{channels_per_program} and no split; got C={C}, num_groups={num_groups}, "
                          f"block_c={block_c}, split={split}")
     num_splits = override.get("split", num_splits)
-    hw_per_split = triton.cdiv(triton.cdiv(HW, num_splits), block_hw) * block_hw
-    num_splits = triton.cdiv(HW, hw_per_split)  # no empty splits
+    hw_per_split = cdiv(cdiv(HW, num_splits), block_hw) * block_hw
+    num_splits = cdiv(HW, hw_per_split)  # no empty splits
     octets = 0
     if dropout == "positions":
         octets = 1
@@ -1081,7 +1082,7 @@ def launch_candidates(channels_per_group, num_groups, hw, contiguous_channels, h
         groupings += [g for g in (2, 4, 8) if num_groups % g == 0 and g * channels_per_group <= 128]
         if grid != "full":
             groupings = sorted({1, heuristic["groups"]})
-    cg, p = triton.next_power_of_2(channels_per_group), triton.next_power_of_2(hw)
+    cg, p = next_power_of_2(channels_per_group), next_power_of_2(hw)
     configs = []
     for tile, num_warps, groups in itertools.product(tiles, warps, groupings):
         if groups > 1:
@@ -1191,7 +1192,7 @@ def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout
         C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits, num_blocks, float(eps), drop_threshold, drop_scale,
         sxn, sxc, sxp, syn, syc, syp,
         **flags, SILU=silu, DROPOUT=cfg.octets, FUSED_STATS=fused,
-        SPLITS_P2=triton.next_power_of_2(cfg.num_splits), GROUPS=cfg.groups,
+        SPLITS_P2=next_power_of_2(cfg.num_splits), GROUPS=cfg.groups,
         BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, RESIDENT=cfg.resident, num_warps=cfg.num_warps)
     return y, mean, rstd
 
@@ -1246,7 +1247,7 @@ def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mo
         C, HW, G, C // G, cfg.hw_per_split, cfg.num_splits, num_blocks, 1.0 / ((C // G) * HW), drop_threshold,
         drop_scale,
         sxn, sxc, sxp, sdyn, sdyc, sdyp, sdxn, sdxc, sdxp,
-        FUSED_SUMS=fused, SPLITS_P2=triton.next_power_of_2(cfg.num_splits), GROUPS=cfg.groups,
+        FUSED_SUMS=fused, SPLITS_P2=next_power_of_2(cfg.num_splits), GROUPS=cfg.groups,
         RESIDENT=cfg.resident, **common)
 
     dweight = _new_buffer((C,), weight.dtype, x.device)
@@ -1255,9 +1256,9 @@ def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mo
     dshift = _new_buffer((N, C), shift.dtype, x.device) if shift is not None else x.new_empty(0)
     on_gpu = not _INTERPRETED
     param_override = _LAUNCH_OVERRIDE or {}
-    block_c = param_override.get("param_block_c", min(triton.next_power_of_2(C), 64 if on_gpu else 1024))
-    block_n = param_override.get("param_block_n", min(triton.next_power_of_2(N), 32 if on_gpu else 64))
-    autotune.launch(_gn_param_grads_kernel, (triton.cdiv(C, block_c),))(
+    block_c = param_override.get("param_block_c", min(next_power_of_2(C), 64 if on_gpu else 1024))
+    block_n = param_override.get("param_block_n", min(next_power_of_2(N), 32 if on_gpu else 64))
+    autotune.launch(_gn_param_grads_kernel, (cdiv(C, block_c),))(
         sums, sums_in, weight_c, bias_c, scale_arg,
         dweight, dbias, dscale if scale is not None else dweight, dshift if shift is not None else dweight,
         N, C, cfg.num_splits,
@@ -1323,7 +1324,7 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, scale, shift, mean, rstd, seed = ctx.saved_tensors
-    dx, dweight, dbias, dscale, dshift = torch.ops.dream_kernels.group_norm_silu_bwd(
+    dx, dweight, dbias, dscale, dshift = group_norm_silu_bwd_call(
         dy, x, weight, bias, scale, shift, mean, rstd, *ctx.hyper, seed)
     return (dx, dweight, dbias,
             dscale if scale is not None else None,
@@ -1332,6 +1333,9 @@ def _autograd_backward(ctx, dy, _dmean, _drstd):
 
 
 _group_norm_silu_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
+# the ops as the wrappers call them: straight to _forward / _backward in plain eager mode (kernels.dispatch)
+group_norm_silu_fwd_call = OpCall("dream_kernels::group_norm_silu_fwd", _forward, _setup_context, _autograd_backward)
+group_norm_silu_bwd_call = OpCall("dream_kernels::group_norm_silu_bwd", _backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1362,7 +1366,7 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=Non
     seed = _seed_or_new(x, dropout_p, seed)
     _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed)
     reject_function_transforms("group_norm_silu", "group_norm_silu_reference", x, weight, bias, scale, shift)
-    y, _, _ = torch.ops.dream_kernels.group_norm_silu_fwd(
+    y, _, _ = group_norm_silu_fwd_call(
         x, weight, bias, scale, shift, int(num_groups), float(eps), mode, bool(silu), float(dropout_p),
         seed if dropout_p > 0 else None)
     return y

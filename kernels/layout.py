@@ -1,4 +1,5 @@
-"""Memory formats of the kernels' outputs, and the reach of their 32-bit offsets."""
+"""Memory formats of the kernels' outputs, the reach of their 32-bit offsets, and the integer arithmetic
+of their launch grids."""
 import torch
 
 # the kernels address the elements within one sample (attention: one (batch, head)) with 32-bit offsets
@@ -18,3 +19,15 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+# Host-side grid arithmetic in plain Python: Triton's triton.cdiv and triton.next_power_of_2 are
+# constexpr-function objects, about 2 µs a call, and a launcher makes several calls per launch.
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for b > 0."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1

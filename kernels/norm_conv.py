@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.device import is_int, reject_function_transforms
+from kernels.dispatch import OpCall
 
 # the module itself (the package attribute `kernels.group_norm_silu` is the function)
 _gn = importlib.import_module("kernels.group_norm_silu")
@@ -117,8 +118,8 @@ def _autograd_backward(ctx, dout, _dmean, _drstd):
     x, weight, bias, scale, shift, mean, rstd, seed, conv_weight = ctx.saved_tensors
     num_groups, eps, mode, silu, dropout_p = ctx.norm
     stride, padding, dilation, groups = ctx.conv
-    y, _, _ = torch.ops.dream_kernels.group_norm_silu_fwd(x, weight, bias, scale, shift, num_groups, eps, mode,
-                                                          silu, dropout_p, seed)
+    y, _, _ = _gn.group_norm_silu_fwd_call(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout_p,
+                                           seed)
     # only the gradients autograd asks for: a frozen convolution costs no weight gradient, frozen norm inputs
     # (x, weight, bias, scale, shift) no norm backward
     norm_grads = any(ctx.needs_input_grad[:5])
@@ -129,7 +130,7 @@ def _autograd_backward(ctx, dout, _dmean, _drstd):
     del y
     dx = dweight = dbias = dscale = dshift = None
     if norm_grads:
-        dx, dweight, dbias, dscale, dshift = torch.ops.dream_kernels.group_norm_silu_bwd(
+        dx, dweight, dbias, dscale, dshift = _gn.group_norm_silu_bwd_call(
             dy.to(x.dtype), x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu, dropout_p, seed)
     return (dx, dweight, dbias,
             dscale if scale is not None else None,
@@ -140,6 +141,7 @@ def _autograd_backward(ctx, dout, _dmean, _drstd):
 
 
 _group_norm_silu_conv2d.register_autograd(_autograd_backward, setup_context=_setup_context)
+_group_norm_silu_conv2d_call = OpCall(f"dream_kernels::{_OP}", _forward, _setup_context, _autograd_backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,7 +176,7 @@ def group_norm_silu_conv2d(x, weight, bias, num_groups, conv_weight, conv_bias=N
         dtype = torch.get_autocast_dtype(device_type)
         conv_weight = conv_weight.to(dtype)
         conv_bias = conv_bias.to(dtype) if conv_bias is not None else None
-    out, _, _ = torch.ops.dream_kernels.group_norm_silu_conv2d(
+    out, _, _ = _group_norm_silu_conv2d_call(
         x, weight, bias, scale, shift, int(num_groups), float(eps), mode, bool(silu), float(dropout_p),
         seed if dropout_p > 0 else None, conv_weight, conv_bias, stride, padding, dilation, int(groups))
     return out

@@ -39,8 +39,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import autotune
 from kernels.device import check_interpreter_device, is_interpreted, on_tensor_device, reject_function_transforms
-from kernels.layout import INT32_MAX, memory_format_of, span
+from kernels.dispatch import OpCall
+from kernels.layout import INT32_MAX, cdiv, memory_format_of, next_power_of_2, span
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -187,11 +189,11 @@ def _blocks(columns: int, channels: int, tile: int, channels_last: bool, per_thr
     up to 64 (128 contiguous bytes in half precision), then the other up to a `tile`-element tile;
     `per_thread` elements a thread."""
     if channels_last:
-        block_c = min(triton.next_power_of_2(channels), 64)
-        block_x = min(triton.next_power_of_2(columns), max(1, tile // block_c))
+        block_c = min(next_power_of_2(channels), 64)
+        block_x = min(next_power_of_2(columns), max(1, tile // block_c))
     else:
-        block_x = min(triton.next_power_of_2(columns), 64)
-        block_c = min(triton.next_power_of_2(channels), max(1, tile // block_x))
+        block_x = min(next_power_of_2(columns), 64)
+        block_c = min(next_power_of_2(channels), max(1, tile // block_x))
     return block_x, block_c, max(1, min(8, block_x * block_c // (32 * per_thread)))
 
 
@@ -202,9 +204,9 @@ def _upsample2x_concat_into(h, skip, h_bias, out, blocks=None):
     batch, ch, height, width = h.shape
     cs = skip.shape[1]
     block_x, block_c, num_warps = blocks or _blocks(width, max(ch, cs), _TILE_FORWARD, out.stride(1) == 1)
-    h_blocks = triton.cdiv(ch, block_c)
-    grid = (batch * height, triton.cdiv(width, block_x), h_blocks + triton.cdiv(cs, block_c))
-    _upsample2x_concat_kernel[grid](
+    h_blocks = cdiv(ch, block_c)
+    grid = (batch * height, cdiv(width, block_x), h_blocks + cdiv(cs, block_c))
+    autotune.launch(_upsample2x_concat_kernel, grid)(
         h, skip, h if h_bias is None else h_bias, out, skip.shape[2], skip.shape[3], ch, cs,
         *h.stride(), *skip.stride(), *out.stride(), h_blocks,
         HAS_BIAS=h_bias is not None, BLOCK_X=block_x, BLOCK_C=block_c, num_warps=num_warps)
@@ -218,8 +220,8 @@ def _upsample2x_backward_into(grad_up, grad_skip, blocks=None):
     channels_last = grad_up.stride(1) == 1
     block_x, block_c, num_warps = blocks or (_blocks(width, cs, _TILE_BACKWARD, True) if channels_last else
                                              _blocks(width, cs, _TILE_BACKWARD_NCHW, False, per_thread=4))
-    grid = (batch * height, triton.cdiv(width, block_x), triton.cdiv(cs, block_c))
-    _upsample2x_backward_kernel[grid](
+    grid = (batch * height, cdiv(width, block_x), cdiv(cs, block_c))
+    autotune.launch(_upsample2x_backward_kernel, grid)(
         grad_up, grad_skip, height, width, cs, *grad_up.stride(), *grad_skip.stride(),
         BLOCK_X=block_x, BLOCK_C=block_c, num_warps=num_warps)
     return grad_skip
@@ -296,8 +298,7 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, grad_out):
     grad_h = grad_out[:, :ctx.h_channels]
-    grad_skip = torch.ops.dream_kernels.upsample2x_bilinear_backward(
-        grad_out[:, ctx.h_channels:], ctx.skip_dtype, ctx.skip_channels_last)
+    grad_skip = _upsample2x_backward_call(grad_out[:, ctx.h_channels:], ctx.skip_dtype, ctx.skip_channels_last)
     grad_h_bias = None
     if ctx.h_bias_dtype is not None and ctx.needs_input_grad[2]:
         grad_h_bias = grad_h.sum(dim=(0, 2, 3), dtype=torch.float32).to(ctx.h_bias_dtype)
@@ -305,6 +306,9 @@ def _autograd_backward(ctx, grad_out):
 
 
 _upsample2x_concat_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+_upsample2x_concat_call = OpCall("dream_kernels::upsample2x_concat", _upsample2x_concat_impl, _setup_context,
+                                 _autograd_backward)
+_upsample2x_backward_call = OpCall("dream_kernels::upsample2x_bilinear_backward", _upsample2x_backward_impl)
 
 
 # The ops' Python implementations, for bench/compile_report.py (which replays them on meta tensors)
@@ -322,7 +326,7 @@ def upsample2x_concat(h: torch.Tensor, skip: torch.Tensor, h_bias: torch.Tensor 
     in all three (deterministic backward). CPU tensors run only through the Triton interpreter."""
     _check_inputs(h, skip, h_bias)
     reject_function_transforms("upsample2x_concat", "upsample2x_concat_reference", h, skip, h_bias)
-    return torch.ops.dream_kernels.upsample2x_concat(h, skip, h_bias)
+    return _upsample2x_concat_call(h, skip, h_bias)
 
 
 def upsample2x_concat_reference(h: torch.Tensor, skip: torch.Tensor,
