@@ -1,6 +1,7 @@
 """One optimizer step of the trainer (dream.train.Trainer.train_step: t and noise, objective with early
 backward, unscale, clip, fused AdamW, EMA) for each objective: ours (backend triton, bf16, channels_last;
-also with the norms recomputed in backward, with torch.compile, and in NCHW) vs the eager model in fp32
+also with the norms recomputed in backward, with torch.compile, in NCHW, and, on request, with its ops
+called through torch.library's dispatcher: triton_bf16_dispatcher) vs the eager model in fp32
 and bf16, torch.compile of the eager model, and, for the `seed` objective, the seed's own way (eager,
 fp16 autocast with a GradScaler, a third forward for eps_hat, full activation checkpointing).
 
@@ -11,6 +12,8 @@ MFU >= 45 % (of the measured bf16 matmul ceiling), >= 2.5x the seed's way, >= 1.
 of the eager model. Checked in eval mode (dropout off) against the eager fp32 step (TF32 off):
 the loss and every parameter gradient after clipping; timed in training mode.
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -73,14 +76,23 @@ def make_setup(objective):
     return setup
 
 
-def step_variant(objective, **options):
+def step_variant(objective, through_dispatcher=False, **options):
+    """through_dispatcher: the kernels' ops called through torch.ops, as before kernels.dispatch."""
     def build(state):
+        from kernels import dispatch
+
         trainer = trainer_for(objective, **options)
+        scope = dispatch.through_dispatcher if through_dispatcher else contextlib.nullcontext
 
         def run(x0):
-            return trainer.train_step(x0)
+            with scope():
+                return trainer.train_step(x0)
 
-        return Runner(run=run, check=lambda x0: checked_step(trainer, x0, state.extra["initial"]), keep=trainer)
+        def check(x0):
+            with scope():
+                return checked_step(trainer, x0, state.extra["initial"])
+
+        return Runner(run=run, check=check, keep=trainer)
 
     return build
 
@@ -100,6 +112,11 @@ def variants(objective):
                 role="ours", dtype=dtype, cpu=False),
         Variant(f"triton_{ours}_nchw", step_variant(objective, backend="triton", precision=ours, channels_last=False),
                 role="ours", dtype=dtype, cpu=False, note="--no-channels-last"),
+        Variant(f"triton_{ours}_dispatcher", step_variant(objective, through_dispatcher=True, backend="triton",
+                                                           precision=ours, channels_last=ON_GPU),
+                dtype=dtype, explicit=True,
+                note="ours with the kernels' ops called through torch.library's dispatcher (kernels.dispatch): "
+                     "the host time the direct calls save"),
         Variant(f"triton_{ours}_autotuned", autotuned(step_variant(objective, backend="triton", precision=ours,
                                                                    channels_last=ON_GPU)),
                 role="ours", dtype=dtype, gpu_only=True, explicit=True,
