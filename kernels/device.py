@@ -105,6 +105,8 @@ def reject_function_transforms(op: str, reference: str, *tensors) -> None:
 def is_int(value) -> bool:
     """A Python or numpy integer, not a bool, or a symbolic one (torch.compile's dynamic shapes trace ints as
     torch.SymInt)."""
+    if type(value) is int:  # the common case, without the abstract-class check
+        return True
     return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
 
 
@@ -115,4 +117,6 @@ def is_bool(value) -> bool:
 
 def is_real(value) -> bool:
     """A Python or numpy integer or float, not a bool, or a symbolic one (torch.SymInt, torch.SymFloat)."""
+    if type(value) is float or type(value) is int:  # the common cases, without the abstract-class check
+        return True
     return isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool)

@@ -68,6 +68,7 @@ x's dtype or in fp32 (fp32 master weights with half activations); they are read 
 gradients are returned in their own dtypes. mean and rstd are fp32, shape (N, num_groups).
 Layouts: x NCHW-contiguous or channels_last (handled through strides); y has x's memory format.
 """
+import functools
 import itertools
 import math
 from typing import NamedTuple, Optional, Tuple
@@ -1148,10 +1149,13 @@ def _tuned_override(direction, x, num_groups, scale, shift, mode, silu, dropout_
 
 
 @on_tensor_device
-def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout_p=0.0, seed=None, override=None):
+def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout_p=0.0, seed=None, override=None,
+             checked=False):
     """Launch the forward kernels; returns (y, mean, rstd). override: a launch configuration
-    (launch_candidates' keys) instead of the heuristic's or the autotuned one."""
-    _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed)
+    (launch_candidates' keys) instead of the heuristic's or the autotuned one. checked: the arguments were
+    validated already (the public wrapper's direct call)."""
+    if not checked:
+        _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dropout_p, seed)
     _check_device(x)
     if override is None:
         override = _tuned_override("fwd", x, num_groups, scale, shift, mode, silu, dropout_p, lambda config: _forward(
@@ -1199,10 +1203,12 @@ def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout
 
 @on_tensor_device
 def _backward(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu,
-              dropout_p=0.0, seed=None, override=None):
+              dropout_p=0.0, seed=None, override=None, checked=False):
     """Launch the backward kernels; returns (dx, dweight, dbias, dscale, dshift), with empty
-    tensors for dscale/dshift where scale/shift are None. override: as for _forward."""
-    _check_backward_inputs(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu, dropout_p, seed)
+    tensors for dscale/dshift where scale/shift are None. override, checked: as for _forward."""
+    if not checked:
+        _check_backward_inputs(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, eps, mode, silu, dropout_p,
+                               seed)
     _check_device(x)
     if override is None:
         override = _tuned_override("bwd", x, num_groups, scale, shift, mode, silu, dropout_p, lambda config: _backward(
@@ -1333,9 +1339,11 @@ def _autograd_backward(ctx, dy, _dmean, _drstd):
 
 
 _group_norm_silu_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
-# the ops as the wrappers call them: straight to _forward / _backward in plain eager mode (kernels.dispatch)
-group_norm_silu_fwd_call = OpCall("dream_kernels::group_norm_silu_fwd", _forward, _setup_context, _autograd_backward)
-group_norm_silu_bwd_call = OpCall("dream_kernels::group_norm_silu_bwd", _backward)
+# the ops as the wrappers call them: straight to _forward / _backward in plain eager mode (kernels.dispatch),
+# without checking again what the wrapper checked (backward: what the checked forward saved, and autograd's dy)
+group_norm_silu_fwd_call = OpCall("dream_kernels::group_norm_silu_fwd", functools.partial(_forward, checked=True),
+                                  _setup_context, _autograd_backward)
+group_norm_silu_bwd_call = OpCall("dream_kernels::group_norm_silu_bwd", functools.partial(_backward, checked=True))
 
 
 # --------------------------------------------------------------------------------------------
