@@ -20,7 +20,7 @@ computed, never the parameters: every backend has the same state_dict.
   sdpa   - eager GroupNorm, attention through F.scaled_dot_product_attention;
   triton - kernels.group_norm_silu at every GroupNorm site (the ResBlock's dropout fused into
            its second one, and conv1's bias folded into that norm's shift), kernels.attention for
-           attention.
+           attention, and every ResBlock's time projection in one matmul (UNet.time_projections).
 """
 from __future__ import annotations
 
@@ -279,8 +279,12 @@ class ResBlock(nn.Module):
         self.backend = "eager"
         self.recompute_norms = False  # set by UNet.set_checkpointing("norms")
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.time_mlp(temb).chunk(2, dim=1)
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, time_proj: torch.Tensor | None = None) -> torch.Tensor:
+        """time_proj: this block's time_mlp(temb) when the caller computed it (UNet.time_projections);
+        None computes it here."""
+        if time_proj is None:
+            time_proj = self.time_mlp(temb)
+        scale, shift = time_proj.chunk(2, dim=1)
         recompute = self.recompute_norms and self.training and torch.is_grad_enabled()
         # triton: conv1's bias b goes into the fused norm's shift: (h + b)(1 + s) + t = h(1 + s) + (t + b(1 + s)),
         # an (N, C) sum instead of a pass over h (and, in backward, a reduction over it for b's gradient)
@@ -423,9 +427,27 @@ class UNet(nn.Module):
                 module.recompute_norms = policy == "norms"
         return self
 
-    def _run(self, block: nn.Module, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def resblocks(self) -> list[ResBlock]:
+        """The ResBlocks in the order forward calls them."""
+        blocks = [block for stage in self.down for block in stage.blocks] + list(self.mid)
+        blocks += [block for stage in self.up for block in stage.blocks]
+        return [block for block in blocks if isinstance(block, ResBlock)]
+
+    def time_projections(self, temb: torch.Tensor) -> list[torch.Tensor]:
+        """Every ResBlock's time_mlp(temb) = Linear(SiLU(temb)), in resblocks() order, from one SiLU and one
+        matmul over the blocks' Linear weights concatenated (views of one (N, sum of 2C) result): two kernels
+        and a few operators instead of a SiLU, a matmul and their casts per block, forward and backward. The
+        same math; only the matmul's summation order may differ."""
+        linears = [block.time_mlp[1] for block in self.resblocks()]
+        weight = torch.cat([linear.weight for linear in linears])
+        bias = torch.cat([linear.bias for linear in linears])
+        projected = F.linear(F.silu(temb), weight, bias)
+        return list(projected.split([linear.out_features for linear in linears], dim=1))
+
+    def _run(self, block: nn.Module, h: torch.Tensor, temb: torch.Tensor, time_projs=None) -> torch.Tensor:
+        """block(h) or block(h, temb, its time projection: the next of the iterator time_projs, if given)."""
         is_attention = isinstance(block, Attention)
-        args = (h,) if is_attention else (h, temb)
+        args = (h,) if is_attention else (h, temb, None if time_projs is None else next(time_projs))
         policy = self.checkpointing
         wanted = (policy == "all" or (policy == "attention" and is_attention)
                   or (policy == "resblocks" and not is_attention))
@@ -435,19 +457,21 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         temb = self.time_mlp(timestep_embedding(t, self.config.sinusoidal_dim).to(x.dtype))
+        # triton: the ResBlocks' time projections in one matmul (the other backends: each block its own)
+        time_projs = iter(self.time_projections(temb)) if self.backend == "triton" else None
         h = self.conv_in(x)
         skips = []
         for stage in self.down:
             for block in stage.blocks:
-                h = self._run(block, h, temb)
+                h = self._run(block, h, temb, time_projs)
             h = stage.downsample(h)
             skips.append(h)
         for block in self.mid:
-            h = self._run(block, h, temb)
+            h = self._run(block, h, temb, time_projs)
         for stage in self.up:
             h = concat_skip(h, skips.pop(), stage.upsample, self.backend)
             for block in stage.blocks:
-                h = self._run(block, h, temb)
+                h = self._run(block, h, temb, time_projs)
         recompute = self.recompute_norms and self.training and torch.is_grad_enabled()
         return norm_act_conv(self.norm_out, self.conv_out, h, self.backend, recompute)
 

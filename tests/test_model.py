@@ -113,6 +113,32 @@ def test_unet_is_the_seeds_model_written_independently(backend):
     assert not torch.allclose(model(x, t), ours)  # the dropout masks were in play
 
 
+def test_time_projections_are_each_resblocks_time_mlp_in_call_order():
+    """UNet.time_projections (the triton backend's one matmul for every ResBlock's time MLP) gives each block
+    its own time_mlp(temb) and the same gradients, listed in the order forward calls the blocks."""
+    model = build_unet("tiny", image_size=16).double()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    called = []
+    for block in model.resblocks():
+        block.register_forward_pre_hook(lambda module, args: called.append(module))
+    t = torch.tensor([7, 901])
+    model(torch.randn(2, 3, 16, 16, dtype=torch.float64), t)
+    assert len(called) == 14 and all(a is b for a, b in zip(called, model.resblocks()))
+    temb = model.time_mlp(timestep_embedding(t, model.config.sinusoidal_dim).double())
+    projections = model.time_projections(temb)
+    separate = [block.time_mlp(temb) for block in called]
+    weights = [torch.randn_like(p) for p in separate]
+    params = [p for block in called for p in block.time_mlp.parameters()] + list(model.time_mlp.parameters())
+    for a, b in zip(projections, separate):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for a, b in zip(torch.autograd.grad(sum((p * w).sum() for p, w in zip(projections, weights)), params,
+                                        retain_graph=True),
+                    torch.autograd.grad(sum((p * w).sum() for p, w in zip(separate, weights)), params)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_seed_forward_flops_per_image():
     info = model_info("seed")
     assert info["parameters"] == 54_846_979

@@ -61,8 +61,9 @@ def test_backend_matches_eager_forward_and_every_gradient(backend, exact_fp32):
 def test_triton_backend_fuses_skips_and_residual_sums(monkeypatch, exact_fp32):
     """Each decoder stage's skip goes through kernels.upsample2x_concat with its transposed convolution's
     bias, each ResBlock's and attention block's residual sum through kernels.add_bias_residual with the
-    convolutions' biases (channels_last here, the trainer's layout on CUDA), and the model's output and
-    gradients stay those of the eager model."""
+    convolutions' biases (channels_last here, the trainer's layout on CUDA), the ResBlocks' time projections
+    are one matmul (no block runs its own time MLP), and the model's output and gradients stay those of the
+    eager model."""
     import kernels
     from dream.model import to_channels_last
 
@@ -77,13 +78,19 @@ def test_triton_backend_fuses_skips_and_residual_sums(monkeypatch, exact_fp32):
     monkeypatch.setattr(kernels, "add_bias_residual",
                         lambda a, b, bias: sums.append(a.shape[1]) or fused_sum(a, b, bias))
     model = to_channels_last(random_model().to(DEVICE))
+    time_mlps = []
+    for block in model.resblocks():
+        block.time_mlp.register_forward_hook(lambda module, args, out: time_mlps.append(module))
     g = torch.Generator().manual_seed(2)
     x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g).to(DEVICE, memory_format=torch.channels_last)
     t = torch.tensor([5, 900, 450, 20][:BATCH], device=DEVICE)
     grad_out = torch.randn(BATCH, 3, SIZE, SIZE, generator=g).to(DEVICE)
     eager = run(model.set_backend("eager"), x, t, grad_out)
     assert not calls and not sums
+    assert len(time_mlps) == 14
+    time_mlps.clear()
     fast = run(model.set_backend("triton"), x, t, grad_out)
+    assert not time_mlps
     widths = [model.config.base_channels * m for m in model.config.channel_mults]
     assert calls == [(BATCH, widths[level], SIZE >> (level + 1), SIZE >> (level + 1), True)
                      for level in reversed(range(len(widths)))]
