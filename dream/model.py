@@ -435,9 +435,9 @@ class UNet(nn.Module):
 
     def time_projections(self, temb: torch.Tensor) -> list[torch.Tensor]:
         """Every ResBlock's time_mlp(temb) = Linear(SiLU(temb)), in resblocks() order, from one SiLU and one
-        matmul over the blocks' Linear weights concatenated (views of one (N, sum of 2C) result): two kernels
-        and a few operators instead of a SiLU, a matmul and their casts per block, forward and backward. The
-        same math; only the matmul's summation order may differ."""
+        matmul over the blocks' Linear weights concatenated (views of one (N, sum of 2C) result): a handful of
+        operators instead of a SiLU, a matmul and their casts per block, forward and backward. The same math;
+        only the matmul's summation order may differ."""
         linears = [block.time_mlp[1] for block in self.resblocks()]
         weight = torch.cat([linear.weight for linear in linears])
         bias = torch.cat([linear.bias for linear in linears])
