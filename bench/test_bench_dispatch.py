@@ -17,7 +17,7 @@ import contextlib
 import pytest
 import torch
 
-from bench.harness import DEVICE, ON_GPU, Case, CaseState, Runner, Variant, run_variant
+from bench.harness import DEVICE, ON_GPU, Case, CaseState, Runner, Variant, named_inputs_runner, run_variant
 
 DTYPE = torch.float16 if ON_GPU else torch.float32
 CALLS = 20  # calls per timed run: figures are per run of CALLS calls
@@ -88,16 +88,6 @@ DESCRIPTIONS = {"group_norm_silu": "ResBlock norm2 (scale, shift, SiLU), 3x96x8x
                 "upsample2x_concat": "skip concatenation, 3x64x8x8 + 3x32x4x4"}
 
 
-def _call_once(fn, names, direction, inputs):
-    """fn's output (no_grad for "fwd"), or the output and the gradients of the inputs for fn+bwd."""
-    if direction == "fwd":
-        with torch.no_grad():
-            return (fn(*(inputs[name] for name in names)),)
-    leaves = [inputs[name].detach().requires_grad_() for name in names]
-    out = fn(*leaves)
-    return (out, *torch.autograd.grad(out, leaves, inputs["dout"]))
-
-
 def make_setup(op, direction):
     def setup():
         shapes, _, eager = OPS[op]()
@@ -109,7 +99,7 @@ def make_setup(op, direction):
             out_shape = eager(*(exact[name] for name in names)).shape
         inputs["dout"] = torch.randn(out_shape, generator=torch.Generator().manual_seed(8)).to(DEVICE, DTYPE)
         exact["dout"] = inputs["dout"].double()
-        reference = _call_once(eager, names, direction, exact)
+        reference = named_inputs_runner(eager, direction, names)(exact)
         outputs = ("out",) + (tuple(f"d{name}" for name in names) if direction != "fwd" else ())
         return CaseState(input_sets=[inputs], reference=tuple(r.detach() for r in reference), outputs=outputs,
                          info={"calls_per_run": CALLS, "launches": "stubbed while timing (host time only)",
@@ -129,14 +119,16 @@ def variant(op, path, direction):
         scope = dispatch.through_dispatcher if path == "dispatcher" else contextlib.nullcontext
         stub = contextlib.nullcontext if path == "eager" else stubbed_launches
 
+        call_once = named_inputs_runner(fn, direction, names)
+
         def check(inputs):
             with scope():
-                return _call_once(fn, names, direction, inputs)
+                return call_once(inputs)
 
         def run(inputs):
             with scope(), stub():
                 for _ in range(CALLS):
-                    _call_once(fn, names, direction, inputs)
+                    call_once(inputs)
 
         return Runner(run=run, check=check)
 
