@@ -79,6 +79,7 @@ TEST_FILES = ["tests/test_group_norm_silu.py", "tests/test_norm_conv.py", "tests
 # single tests of other files whose GPU form matters (the rest of those files checks CPU-side logic)
 TEST_NODES = ["tests/test_trainer.py::test_eager_and_triton_trainers_follow_the_same_loss_trajectory",
               "tests/test_trainer.py::test_channels_last_trainer_step_gives_the_nchw_loss_and_gradients",
+              "tests/test_trainer.py::test_steady_training_steps_make_no_host_sync_on_cuda",
               "tests/test_data.py::test_images_kept_on_the_host_give_the_same_batches_bit_for_bit"]
 # pytest -k substrings: res64_pre_ss also selects res64_pre_ss_drop, skip64 and resid64 their _nchw forms
 KERNEL_CASES = "res64_pre_ss or res16_pre_ss or n256 or n64 or skip64 or resid64"

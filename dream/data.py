@@ -549,11 +549,15 @@ class DeviceBatches:
         return order[self.rank::self.world_size], flips
 
     def epoch(self, epoch: int, start_batch: int = 0):
-        """Yield the batches of `epoch` from batch index `start_batch` on."""
+        """Yield the batches of `epoch` from batch index `start_batch` on. The epoch's order and flips are copied
+        to the device once: a batch slices them there, with no host-to-device copy of its own (a synchronous copy
+        would wait for the device's queue to drain, every step)."""
         order, flips = self.epoch_order(epoch)
+        flips = flips[order].to(self.device)  # the flip of each position in the order
+        order = order.to(self.images.device)
         for b in range(start_batch, self.batches_per_epoch):
-            index = order[b * self.batch_size:(b + 1) * self.batch_size]
-            yield self.get(index, flips[index] if self.flip else None)
+            batch = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            yield self.get(order[batch], flips[batch] if self.flip else None)
 
     @property
     def on_device(self) -> bool:
@@ -563,8 +567,12 @@ class DeviceBatches:
         self.images = self.images.to(self.device)
 
     def get(self, index: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
-        # (from the host: a pageable copy is staged before this returns, so the batch tensor may be freed)
-        pixels = self.images[index.to(self.images.device)].to(self.device, non_blocking=True)
+        """The images at `index`, scaled to [-1, 1] on the device, mirrored where `flip` is True."""
+        pixels = self.images[index.to(self.images.device)]
+        if pixels.device.type == "cpu" and self.device.type != "cpu":
+            # gathered on the host: copied from pinned memory without waiting (the host allocator keeps the
+            # pinned block until the copy is done)
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
         x = pixels.float() / 127.5 - 1
         if flip is not None:
             x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)

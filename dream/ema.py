@@ -2,6 +2,9 @@
 
 shadow <- shadow + (1 - d) (param - shadow), with d = decay, or with warm-up
 d_k = min(decay, (1 + k) / (10 + k)) at update k (k = number of previous updates).
+An update may be made conditional on a flag the device computes (the trainer's "this step was finite"): it is
+then decided there, w = (1 - d) * flag, and the count of updates is kept on the device too, so that the training
+step needs no host sync.
 Only parameters are averaged; model_state_dict takes any buffers from the model as they are (the UNet has none).
 """
 from __future__ import annotations
@@ -18,23 +21,42 @@ class EMA:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         self.decay = decay
         self.warmup = warmup
-        self.num_updates = 0
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
         params = dict(model.named_parameters())
         self.shadow = [params[name].detach().clone().float() for name in self.names]
+        device = self.shadow[0].device if self.shadow else torch.device("cpu")
+        self.updates = torch.zeros((), dtype=torch.float64, device=device)  # k, exact up to 2^53
         self.in_use = False  # True while `applied` has a model holding other weights than its own
 
+    @property
+    def num_updates(self) -> int:
+        return int(self.updates)  # a host sync
+
     def current_decay(self) -> float:
-        if self.warmup:
-            return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        return self.decay
+        return float(self.decay_tensor()) if self.warmup else self.decay
+
+    def decay_tensor(self) -> torch.Tensor:
+        """d_k with warm-up, computed on the device from k."""
+        k = self.updates
+        return torch.clamp((1 + k) / (10 + k), max=self.decay)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, applied: torch.Tensor | None = None) -> None:
+        """shadow <- shadow + w (param - shadow) with w = 1 - d, or w = (1 - d) * applied where `applied` (a 0-dim
+        bool tensor on the device) says whether this update happens: no host sync either way."""
         params = dict(model.named_parameters())
         current = [params[name].detach().float() for name in self.names]
-        torch._foreach_lerp_(self.shadow, current, 1.0 - self.current_decay())
-        self.num_updates += 1
+        if applied is None and not self.warmup:
+            torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
+            self.updates += 1
+            return
+        weight = (1 - self.decay_tensor()) if self.warmup else torch.full_like(self.updates, 1.0 - self.decay)
+        if applied is not None:
+            weight = weight * applied
+        # lerp with a 0-dim weight: s + 0 * (p - s) is s exactly, and no temporary the size of the model
+        weight = weight.to(self.shadow[0].dtype)
+        torch._foreach_lerp_(self.shadow, current, [weight] * len(self.shadow))
+        self.updates += 1 if applied is None else applied
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -67,7 +89,7 @@ class EMA:
             raise ValueError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[0]}")
         self.decay = state["decay"]
         self.warmup = state["warmup"]
-        self.num_updates = state["num_updates"]
+        self.updates.fill_(state["num_updates"])
         for i, name in enumerate(self.names):
             self.shadow[i].copy_(state["shadow"][name])
 
@@ -80,4 +102,5 @@ class EMA:
 
     def to(self, device) -> "EMA":
         self.shadow = [s.to(device) for s in self.shadow]
+        self.updates = self.updates.to(device)
         return self

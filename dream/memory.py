@@ -197,8 +197,9 @@ def training_step(forward, model, optimizer, ema, scaler, diffusion, x0, spec: S
 
     forward: what the objective calls (the model, or a wrapper of it). max_micro_batches: stop the
     accumulation loop early (the estimator's shortcut). on_before_optimizer(): called after clipping.
-    Runs on real tensors and on fake ones: nothing here reads a tensor's value (the trainer's finiteness
-    test and GradScaler.step's inf check are host reads, so the optimizer is stepped directly)."""
+    Runs on real tensors and on fake ones: nothing here reads a tensor's value (with fp16, GradScaler.step's
+    inf check and the trainer's finiteness test are host reads, so the optimizer is stepped directly; without,
+    the skip is decided on the device, as in the trainer)."""
     objective = get_objective(spec.objective)
     settings = spec.objective_settings()
     epoch = spec.dream_epoch()
@@ -222,11 +223,20 @@ def training_step(forward, model, optimizer, ema, scaler, diffusion, x0, spec: S
             backward(loss)
         del loss
     scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
     if on_before_optimizer is not None:
         on_before_optimizer()
-    optimizer.step()
-    ema.update(model)
+    if scaler.is_enabled():
+        optimizer.step()
+        ema.update(model)
+        return
+    finite = grad_norm.isfinite()
+    optimizer.found_inf = (~finite).float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+    ema.update(model, applied=finite)
 
 
 def build_state(spec: StepSpec, device: torch.device):
@@ -423,7 +433,8 @@ def estimate_step_memory(spec: StepSpec | None = None, **fields_) -> MemoryEstim
             images = torch.empty(spec.data_images, config.in_channels, config.image_size, config.image_size,
                                  dtype=torch.uint8)
         tracker = _mem_tracker_class()()
-        tracker.track_external(model, optimizer, diffusion, *ema.shadow, *([images] if images is not None else []))
+        tracker.track_external(model, optimizer, diffusion, *ema.shadow, ema.updates,
+                               *([images] if images is not None else []))
         with tracker:
             snapshots["start"] = _categories(tracker.get_tracker_snapshot("current"))
             x0 = make_batch(spec, images, device)
@@ -436,7 +447,7 @@ def estimate_step_memory(spec: StepSpec | None = None, **fields_) -> MemoryEstim
         peak = _categories(tracker.get_tracker_snapshot("peak"))
         extras = {"parameter_count": sum(p.numel() for p in model.parameters()),
                   "parameter_tensors": sum(1 for _ in model.parameters()),
-                  "ema_bytes": sum(s.numel() * s.element_size() for s in ema.shadow),
+                  "ema_bytes": sum(s.numel() * s.element_size() for s in (*ema.shadow, ema.updates)),
                   "data_bytes": 0 if images is None else images.numel() * images.element_size()}
     peak_bytes = peak.pop("total")
     return MemoryEstimate(peak_bytes=peak_bytes, breakdown=peak, snapshots=snapshots, spec=spec,

@@ -11,6 +11,8 @@ Never losing work:
   * Non-finite loss or gradients: the step is skipped (no optimizer or EMA update) and counted;
     after `max_bad_steps` in a row the last good checkpoint is restored and `Diverged` is raised. With
     fp16 an overflow only lowers the loss scale, until the scale is below 1: from there it counts too.
+    Without fp16 the skip is decided on the device and the host counts each step a step later, so a step
+    makes no host sync (the host queues step s + 1 while the device runs step s).
   * CUDA out of memory inside a step: the micro-batch is halved (gradient accumulation keeps the
     batch), and the step is redone with the same t and noise, drawn for the whole batch beforehand.
 
@@ -27,6 +29,7 @@ import signal
 import sys
 import time
 import warnings
+from collections import deque
 from contextlib import closing, contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -325,8 +328,9 @@ class Trainer:
         network = self.ddp or self.model
         self.forward = torch.compile(network) if config.compile else network
         self.ema = EMA(self.model, config.ema_decay, warmup=config.ema_warmup)
+        # fused AdamW (CPU and CUDA) skips a step on the device where its found_inf flag is set
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                           fused=(device.type == "cuda") or None)
+                                           fused=True)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
 
         # progress counters and bookkeeping
@@ -334,6 +338,8 @@ class Trainer:
         self.skipped_steps = 0  # non-finite steps skipped, in total
         self.bad_in_a_row = 0
         self.skipped_in_a_row = 0  # any skipped steps, fp16 overflows too: no periodic checkpoint after one
+        self.pending_steps: deque[tuple[int, HostCopy]] = deque()  # (step, its finiteness flags), not yet counted
+        self.counted_step = 0  # the counters above cover the steps up to this one
         self.updating = False  # True while the optimizer, EMA and counters are being advanced
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=config.checkpoint_keep)
         self.last_checkpoint: Path | None = None
@@ -523,34 +529,65 @@ class Trainer:
         self.micro_batch = smaller
 
     def apply_update(self, logs: dict) -> dict:
-        """Average the logs over ranks, clip, step (unless non-finite), update the EMA, advance the counters."""
+        """Average the logs over ranks, clip, step and update the EMA unless the loss or the gradients are not
+        finite, advance the counters. Without a loss scaler that decision is made on the device (fused AdamW's
+        found_inf, the EMA's `applied`) and the host reads the step's flags when the next step has been queued:
+        no host sync per step."""
         keys = sorted(logs)
         logs = dict(zip(keys, self.dist.mean(torch.stack([logs[k] for k in keys])).unbind()))
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
-        loss_ok, grads_ok = torch.stack([logs["loss"].isfinite(), grad_norm.isfinite()]).tolist()  # host sync
+        finite = torch.stack([logs["loss"].isfinite(), grad_norm.isfinite()])
+        ok = finite.all()
         self.updating = True  # until the counters move, a checkpoint would mix two steps
+        if self.scaler.is_enabled() or not self.optimizer.defaults["fused"]:
+            self.update_on_host(finite)
+        else:
+            self.optimizer.found_inf = (~ok).float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+            self.ema.update(self.model, applied=ok)
+            self.pending_steps.append((self.step + 1, HostCopy(finite)))
+        self.step += 1
+        self.batch_in_epoch += 1
+        self.count_steps(keep_last=True)
+        self.updating = False
+        return {**logs, "grad_norm": grad_norm.detach().float(), "skipped": (~ok).float()}
+
+    def update_on_host(self, finite: torch.Tensor) -> None:
+        """The step decided on the host (a sync): with fp16 the loss scaler has its own say."""
+        loss_ok, grads_ok = finite.tolist()
         if loss_ok and (grads_ok or self.scaler.is_enabled()):
             self.scaler.step(self.optimizer)  # with fp16 the scaler skips a step whose gradients overflowed
         self.scaler.update()
         stepped = loss_ok and grads_ok
         if stepped:
             self.ema.update(self.model)
-        else:
-            self.skipped_steps += 1
         # fp16: an overflow is the scaler's business (it lowers the loss scale and the step is skipped) until
         # the scale has fallen below 1, where the gradients are not finite even unscaled
         bad = not loss_ok or not (grads_ok or (self.scaler.is_enabled() and self.scaler.get_scale() >= 1.0))
+        self.count_step(self.step + 1, stepped, bad)
+
+    def count_steps(self, keep_last: bool = False) -> None:
+        """Count the outcome of the steps decided on the device; keep_last leaves the newest one pending (its
+        flags are read once the next step has been queued, when reading them does not drain the queue)."""
+        while len(self.pending_steps) > keep_last:
+            step, flags = self.pending_steps.popleft()
+            loss_ok, grads_ok = flags.read()
+            self.count_step(step, stepped=loss_ok and grads_ok, bad=not (loss_ok and grads_ok))
+
+    def count_step(self, step: int, stepped: bool, bad: bool) -> None:
+        self.skipped_steps += not stepped
         self.bad_in_a_row = self.bad_in_a_row + 1 if bad else 0
         self.skipped_in_a_row = 0 if stepped else self.skipped_in_a_row + 1
-        self.step += 1
-        self.batch_in_epoch += 1
-        self.updating = False
-        return {**logs, "grad_norm": grad_norm.detach().float(), "skipped": torch.tensor(float(not stepped))}
+        self.counted_step = step
 
     # ------------------------------------------------------------------------------------------
     # state, checkpoints, resume
     def state_dict(self) -> dict:
+        self.count_steps()
         return {
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
@@ -582,13 +619,18 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # the optimizer's state with this run's implementation flags (fused), not those of the run that saved it
+        own = {key: self.optimizer.defaults[key] for key in ("fused", "foreach", "capturable")}
+        groups = [{**group, **own} for group in state["optimizer"]["param_groups"]]
+        self.optimizer.load_state_dict({**state["optimizer"], "param_groups": groups})
         match_parameter_layouts(self.optimizer)
         if state["scaler"] or not self.scaler.is_enabled():  # an fp32/bf16 run saved a disabled (empty) scaler:
             self.scaler.load_state_dict(state["scaler"])    # an fp16 resume starts a fresh one
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         self.skipped_steps = state.get("skipped_steps", 0)
         self.bad_in_a_row = state.get("bad_in_a_row", 0)
+        self.pending_steps.clear()
+        self.counted_step = self.step
         set_rng_state(state["rng"])
         saved = state["config"]
         same_request = (saved.get("micro_batch") == self.config.micro_batch
@@ -830,15 +872,17 @@ class Trainer:
                         window.add(self.train_step(x0))
                         images += config.batch_size
                         bar.update(1)
-                        if self.bad_in_a_row >= config.max_bad_steps:
+                        if self.bad_in_a_row >= config.max_bad_steps:  # counted up to the previous step
                             self.restore_after_divergence()
                         if (self.step % config.log_every == 0 or self.batch_in_epoch == len(self.batches)
                                 or self.finished()):
+                            self.count_steps()
                             last = self.report(window.values(), images, time.perf_counter() - tick, bar)
                             window, tick, images = LogWindow(), time.perf_counter(), 0
-                        if (config.checkpoint_every and self.step % config.checkpoint_every == 0
-                                and not self.skipped_in_a_row):
-                            self.save_checkpoint()
+                        if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                            self.count_steps()
+                            if not self.skipped_in_a_row:
+                                self.save_checkpoint()
                         if self.dist.launcher_gone() and not stop.signum:
                             stop.signum = LAUNCHER_GONE  # torchrun was killed and cannot stop us: stop, and save
                         signum = self.dist.max(stop.signum, self.device)  # a signal any rank saw, the same on all
@@ -847,6 +891,7 @@ class Trainer:
                         if self.finished():
                             break
                 self.end_epoch_if_done(stop)
+            self.count_steps()
             if self.bad_in_a_row:  # the run ends inside a streak of non-finite steps: not a success, nothing saved
                 raise Diverged(f"training ended with {self.bad_in_a_row} non-finite step(s) in a row (steps "
                                f"{self.step - self.bad_in_a_row + 1}-{self.step}); no checkpoint was written after "
@@ -888,7 +933,7 @@ class Trainer:
 
     def restore_after_divergence(self) -> None:
         message = (f"training diverged: {self.bad_in_a_row} steps in a row had a non-finite loss or gradients "
-                   f"(steps {self.step - self.bad_in_a_row + 1}-{self.step})")
+                   f"(steps {self.counted_step - self.bad_in_a_row + 1}-{self.counted_step})")
         try:
             state = self.checkpoints.latest()
         except DreamError as error:  # every checkpoint damaged: say so beside the divergence, delete nothing
@@ -999,28 +1044,48 @@ def _is_record(line: str) -> bool:
 
 
 class LogWindow:
-    """The logged scalars of the steps since the last record: their means (a skipped step's non-finite values
-    left out; a window of skipped steps only gives its last step's) and, as "skipped", how many were skipped.
-    Sums stay on the device: no host sync per step."""
+    """The logged scalars of the steps since the last record: their means over the steps not skipped (a skipped
+    step's values, maybe not finite, left out; a window of skipped steps only gives its last step's) and, as
+    "skipped", how many were skipped. Sums and counts stay on the device until values(): no host sync per step."""
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
-        self.steps = self.skipped = 0
+        self.kept: torch.Tensor | int = 0  # steps not skipped
+        self.steps = 0
         self.last: dict = {}
 
     def add(self, logs: dict) -> None:
         self.last = logs
-        if float(logs["skipped"]):  # a CPU tensor
-            self.skipped += 1
-            return
         self.steps += 1
+        kept = logs["skipped"] == 0
+        self.kept = self.kept + kept
         for key, value in logs.items():
             if key != "skipped":
-                self.sums[key] = self.sums.get(key, 0) + value
+                self.sums[key] = self.sums.get(key, 0) + torch.where(kept, value, 0.0)
 
     def values(self) -> dict:
-        means = {key: total / self.steps for key, total in self.sums.items()} if self.steps else dict(self.last)
-        return {**means, "skipped": self.skipped, "logged_steps": self.steps + self.skipped}
+        kept = int(self.kept)
+        means = {key: total / kept for key, total in self.sums.items()} if kept else dict(self.last)
+        return {**means, "skipped": self.steps - kept, "logged_steps": self.steps}
+
+
+class HostCopy:
+    """A device tensor's value, copied to pinned host memory without waiting; read() waits for that copy alone,
+    not for the work queued after it (read a step later, it has long been done)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.done = None
+        self.value = tensor
+        if tensor.device.type == "cuda":
+            self.value = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.value.copy_(tensor, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+
+    def read(self) -> list:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.value.tolist()
 
 
 class StopFlag:

@@ -301,10 +301,10 @@ def test_no_emergency_checkpoint_in_the_middle_of_an_update(tmp_path):
     trainer = Trainer(small_config(tmp_path, checkpoint_every=2))
     update = trainer.ema.update
 
-    def failing(model):
+    def failing(model, **options):
         if trainer.step == 3:
             raise RuntimeError("failure after the optimizer step")
-        update(model)
+        update(model, **options)
 
     trainer.ema.update = failing
     with pytest.raises(TrainingAborted, match=r"mid-update .* not saved; the last checkpoint is .*ckpt-000000002"):
@@ -427,6 +427,37 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path, where):
     if where != "grad":  # the skipped step's loss, NaN, is logged as null
         assert records[2]["loss"] is None and records[1]["loss"] > 0
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_a_skipped_step_is_decided_on_the_device_and_counted_a_step_later(tmp_path, where):
+    """fp32: the skip is made on the device (fused AdamW's found_inf, the EMA's applied flag), and the host
+    reads the step's flags after the next step, so that no step waits for its own result: the counters
+    lag one step until count_steps(), while the weights, the EMA and AdamW's step counts never see the step."""
+    trainer = Trainer(small_config(tmp_path, precision="fp32"))
+    assert not trainer.scaler.is_enabled() and trainer.optimizer.defaults["fused"]
+    inject_non_finite(trainer, {1}, where)
+    batch = next(trainer.batches.epoch(0))
+    trainer.train_step(batch)
+    weights = [p.detach().clone() for p in trainer.model.parameters()]
+    shadow = [s.clone() for s in trainer.ema.shadow]
+    logs = trainer.train_step(batch)  # step 2: not finite
+    assert float(logs["skipped"]) == 1
+    assert (trainer.step, trainer.counted_step, trainer.skipped_steps) == (2, 1, 0)  # not read yet
+    assert all(torch.equal(a, b) for a, b in zip(weights, trainer.model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(shadow, trainer.ema.shadow))
+    assert {float(state["step"]) for state in trainer.optimizer.state.values()} == {1.0}
+    assert trainer.ema.num_updates == 1
+    logs = trainer.train_step(batch)  # step 3: finite; step 2 is counted now
+    assert float(logs["skipped"]) == 0
+    assert (trainer.counted_step, trainer.skipped_steps, trainer.bad_in_a_row, trainer.skipped_in_a_row) == \
+        (2, 1, 1, 1)
+    trainer.count_steps()
+    assert (trainer.counted_step, trainer.skipped_steps, trainer.bad_in_a_row, trainer.skipped_in_a_row) == \
+        (3, 1, 0, 0)
+    assert {float(state["step"]) for state in trainer.optimizer.state.values()} == {2.0}
+    assert trainer.ema.num_updates == 2
+    assert trainer.state_dict()["skipped_steps"] == 1
 
 
 def eval_json(line):
@@ -655,6 +686,25 @@ def test_an_fp16_resume_of_an_fp32_run_starts_a_fresh_loss_scaler(tmp_path):
     resumed = Trainer(small_config(tmp_path, max_steps=2, precision="fp16"))
     resumed.run()
     assert resumed.step == 2 and resumed.scaler.is_enabled()
+
+
+def test_a_checkpoint_of_an_unfused_adamw_resumes_into_the_fused_one(tmp_path):
+    """A checkpoint whose AdamW was not fused (a CPU run of an earlier release) loads with this run's flags: the
+    fused AdamW that skips a step on the device, its moments and step counts carried over."""
+    first = Trainer(small_config(tmp_path / "first", max_steps=2))
+    first.run()
+    state = first.state_dict()
+    state["optimizer"]["param_groups"] = [{**group, "fused": None, "foreach": None}
+                                          for group in state["optimizer"]["param_groups"]]
+    resumed = Trainer(small_config(tmp_path / "resumed", max_steps=3))
+    resumed.load_state_dict(state)
+    assert all(group["fused"] and group["foreach"] is None for group in resumed.optimizer.param_groups)
+    moments = [resumed.optimizer.state[p]["exp_avg"] for p in resumed.model.parameters()]
+    assert all(torch.equal(a, first.optimizer.state[p]["exp_avg"])
+               for a, p in zip(moments, first.model.parameters()))
+    resumed.train_step(next(resumed.batches.epoch(resumed.epoch, resumed.batch_in_epoch)))
+    assert {float(s["step"]) for s in resumed.optimizer.state.values()} == {3.0}
+    assert len(resumed.pending_steps) == 1
 
 
 def test_a_missing_manifest_falls_back_to_the_files_and_deletes_nothing_newer(tmp_path):

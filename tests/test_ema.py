@@ -133,3 +133,44 @@ def test_frozen_parameters_are_not_averaged_and_export_as_the_model_has_them():
         model[1].weight.mul_(torch.rand(3) + 2)
     ema.update(model)
     assert torch.equal(ema.model_state_dict(model)["1.weight"], model[1].weight)
+
+
+def reference_update(shadow, params, decay):
+    """shadow + (1 - d)(param - shadow) in float64."""
+    return [s.double() + (1 - decay) * (p.detach().double() - s.double()) for s, p in zip(shadow, params)]
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_an_update_decided_on_the_device_applies_or_leaves_everything(warmup):
+    """update(model, applied=flag): where the flag is True, the update and its count are those of a plain update
+    (the warm-up decay counting applied updates only); where False, the shadow and the count stay as they were."""
+    torch.manual_seed(1)
+    model = make_model()
+    ema = EMA(model, decay=0.9, warmup=warmup)
+    applied_count = 0
+    for flag in (True, False, False, True, True):
+        perturbed(model)
+        before = [s.clone() for s in ema.shadow]
+        decay = min(0.9, (1 + applied_count) / (10 + applied_count)) if warmup else 0.9
+        expected = reference_update(before, model.parameters(), decay)
+        ema.update(model, applied=torch.tensor(flag))
+        if flag:
+            applied_count += 1
+            for shadow, want in zip(ema.shadow, expected):
+                torch.testing.assert_close(shadow.double(), want, rtol=1e-6, atol=1e-7)
+        else:
+            assert all(torch.equal(s, b) for s, b in zip(ema.shadow, before))
+        assert ema.num_updates == applied_count
+    assert ema.state_dict()["num_updates"] == 3
+
+
+def test_a_conditional_update_matches_the_plain_one():
+    """With applied=True the device-decided arithmetic gives the plain update's shadow to fp32 rounding."""
+    torch.manual_seed(2)
+    model = perturbed(make_model())
+    plain, decided = EMA(make_model(), decay=0.7), EMA(make_model(), decay=0.7)
+    plain.update(model)
+    decided.update(model, applied=torch.tensor(True))
+    for a, b in zip(plain.shadow, decided.shadow):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert plain.num_updates == decided.num_updates == 1

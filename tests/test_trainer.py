@@ -390,6 +390,69 @@ def test_the_last_step_of_a_max_steps_run_is_logged(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# no host sync per step: the device decides a skip, the host reads each step's flags a step later
+def steady_steps(trainer, steps):
+    """The loop's per-step work (next batch, train_step, the log window) for `steps` steps after two warm-up
+    steps; a generator that yields before the steady steps start, then their log window."""
+    from dream.train import LogWindow
+
+    batches, window = trainer.batches.epoch(0), LogWindow()
+    trainer.epoch = 2  # the DREAM phase: two forwards a step
+    for _ in range(2):
+        window.add(trainer.train_step(next(batches)))
+    yield
+    for _ in range(steps):
+        window.add(trainer.train_step(next(batches)))
+    yield window
+
+
+class ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operators that read a tensor's value on the host (item(), float(), bool())."""
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+             torch.ops.aten.item.default}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.reads.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_steady_training_step_reads_no_tensor_value_on_the_host(tmp_path):
+    """CPU: past the warm-up, a step with its batch and log window calls no item()/float()/bool() on a tensor
+    (each would be a host sync on a GPU). The flags the host reads a step later come from a copy, read whole."""
+    trainer = Trainer(small_config(tmp_path, data_count=24, precision="fp32"))
+    run = steady_steps(trainer, steps=3)
+    next(run)
+    with ScalarReads() as mode:
+        window = next(run)
+    assert mode.reads == []
+    assert window.values()["logged_steps"] == 5
+    assert trainer.counted_step == trainer.step - 1 and len(trainer.pending_steps) == 1
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA's sync debug mode needs a GPU")
+@pytest.mark.parametrize("data_on", ["device", "host"])
+def test_steady_training_steps_make_no_host_sync_on_cuda(tmp_path, data_on):
+    """CUDA, the default settings (triton backend, bf16, channels_last): past the warm-up, the steps raise no
+    synchronizing call under torch.cuda.set_sync_debug_mode("error"): the host queues step s + 1 while the
+    device runs step s."""
+    trainer = Trainer(small_config(tmp_path, data_count=24, device="cuda", data_on=data_on))
+    run = steady_steps(trainer, steps=3)
+    next(run)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        window = next(run)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert window.values()["logged_steps"] == 5 and trainer.images_on_host is (data_on == "host")
+
+
+# ----------------------------------------------------------------------------------------------
 # eager vs Triton kernels in the trainer (on a CPU through the Triton interpreter, at a tiny size)
 def test_eager_and_triton_trainers_follow_the_same_loss_trajectory(tmp_path, exact_fp32, monkeypatch):
     monkeypatch.setattr("dream.train.use_fast_math", lambda: None)  # TF32 would blur the comparison on a GPU
