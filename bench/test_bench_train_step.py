@@ -1,9 +1,10 @@
 """One optimizer step of the trainer (dream.train.Trainer.train_step: t and noise, objective with early
 backward, unscale, clip, fused AdamW, EMA) for each objective: ours (backend triton, bf16, channels_last;
 also with the norms recomputed in backward, with torch.compile, in NCHW, and, on request, with its ops
-called through torch.library's dispatcher: triton_bf16_dispatcher) vs the eager model in fp32
-and bf16, torch.compile of the eager model, and, for the `seed` objective, the seed's own way (eager,
-fp16 autocast with a GradScaler, a third forward for eps_hat, full activation checkpointing).
+called through torch.library's dispatcher: triton_bf16_dispatcher, or with each step's result read on the host
+as it returns: triton_bf16_step_sync) vs the eager model in fp32 and bf16, torch.compile of the eager model,
+and, for the `seed` objective, the seed's own way (eager, fp16 autocast with a GradScaler, a third forward
+for eps_hat, full activation checkpointing).
 
 Full size (GPU): the seed preset, batch 128, DREAM fully on (epoch 30). FLOPs: counted by
 FlopCounterMode over the reference step (the same count for every variant, so MFU compares times;
@@ -76,8 +77,10 @@ def make_setup(objective):
     return setup
 
 
-def step_variant(objective, through_dispatcher=False, **options):
-    """through_dispatcher: the kernels' ops called through torch.ops, as before kernels.dispatch."""
+def step_variant(objective, through_dispatcher=False, read_each_step=False, **options):
+    """through_dispatcher: the kernels' ops called through torch.ops, as before kernels.dispatch. read_each_step:
+    each step's own result read on the host as it returns (the sync each step made before its skip was decided
+    on the device), so that the next step is queued only once this one is done."""
     def build(state):
         from kernels import dispatch
 
@@ -86,7 +89,10 @@ def step_variant(objective, through_dispatcher=False, **options):
 
         def run(x0):
             with scope():
-                return trainer.train_step(x0)
+                logs = trainer.train_step(x0)
+            if read_each_step:
+                logs["skipped"].item()
+            return logs
 
         def check(x0):
             with scope():
@@ -117,6 +123,11 @@ def variants(objective):
                 dtype=dtype, explicit=True,
                 note="ours with the kernels' ops called through torch.library's dispatcher (kernels.dispatch): "
                      "the host time the direct calls save"),
+        Variant(f"triton_{ours}_step_sync", step_variant(objective, read_each_step=True, backend="triton",
+                                                          precision=ours, channels_last=ON_GPU),
+                dtype=dtype, explicit=True,
+                note="ours with each step's result read on the host as it returns: the overlap of step s + 1's "
+                     "host work with step s that the device-side skip allows"),
         Variant(f"triton_{ours}_autotuned", autotuned(step_variant(objective, backend="triton", precision=ours,
                                                                    channels_last=ON_GPU)),
                 role="ours", dtype=dtype, gpu_only=True, explicit=True,
