@@ -55,9 +55,14 @@ class Distributed:
         some ranks saw, 0 on the others)."""
         if not self.enabled:
             return value
-        tensor = torch.tensor([value], dtype=torch.int64, device=device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return int(tensor.item())
+        return int(self.max_tensor(value, device).item())
+
+    def max_tensor(self, value: int, device) -> torch.Tensor:
+        """max() as a one-element int64 tensor on `device`, not read on the host: queued like any other work."""
+        tensor = torch.full((1,), value, dtype=torch.int64, device=device)  # a fill, not a host-to-device copy
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
 
     def check_identical(self, tensors: list[torch.Tensor], what: str) -> None:
         """Raise unless `tensors` are bitwise equal on every rank (compares a 64-bit fingerprint)."""

@@ -5,7 +5,8 @@ Never losing work:
     picked up and training continues exactly where it stopped. Every random number of step s (t, noise,
     dropout) is drawn from generators seeded by (seed, step, rank) and the data order is a function of
     (seed, epoch), so on CPU the continuation is bitwise what an uninterrupted run computes.
-  * SIGINT / SIGTERM finish the current step, save, and stop with `Interrupted` (a second Ctrl-C drops
+  * SIGINT / SIGTERM finish the current step (with several processes, the next one too: the ranks agree
+    on a stop a step later, without waiting), save, and stop with `Interrupted` (a second Ctrl-C drops
     the step). Any other exception saves an emergency checkpoint when the state is sane and raises
     `TrainingAborted`. Both messages end with how to resume.
   * Non-finite loss or gradients: the step is skipped (no optimizer or EMA update) and counted;
@@ -340,6 +341,7 @@ class Trainer:
         self.skipped_in_a_row = 0  # any skipped steps, fp16 overflows too: no periodic checkpoint after one
         self.pending_steps: deque[tuple[int, HostCopy]] = deque()  # (step, its finiteness flags), not yet counted
         self.counted_step = 0  # the counters above cover the steps up to this one
+        self.stop_vote: HostCopy | None = None  # with several processes: the stop signal vote of the last step
         self.updating = False  # True while the optimizer, EMA and counters are being advanced
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=config.checkpoint_keep)
         self.last_checkpoint: Path | None = None
@@ -885,7 +887,7 @@ class Trainer:
                                 self.save_checkpoint()
                         if self.dist.launcher_gone() and not stop.signum:
                             stop.signum = LAUNCHER_GONE  # torchrun was killed and cannot stop us: stop, and save
-                        signum = self.dist.max(stop.signum, self.device)  # a signal any rank saw, the same on all
+                        signum = self.agreed_stop(stop.signum)
                         if signum:
                             self.stop_for_signal(signum)
                         if self.finished():
@@ -919,6 +921,15 @@ class Trainer:
             signum = self.dist.max(stop.signum, self.device)  # a stop asked during the grid: now, not after
             if signum:  # another step
                 self.stop_for_signal(signum)
+
+    def agreed_stop(self, signum: int) -> int:
+        """The largest stop signal any rank has seen (0: none), the same on every rank. With several processes the
+        vote taken after step s is read after step s + 1, by every rank at the same step: the all-reduce is not
+        waited for, and a signal stops the job one step later."""
+        if not self.dist.enabled:
+            return signum
+        vote, self.stop_vote = self.stop_vote, HostCopy(self.dist.max_tensor(signum, self.device))
+        return vote.read()[0] if vote is not None else 0
 
     def finished(self) -> bool:
         return self.config.max_steps is not None and self.step >= self.config.max_steps

@@ -231,6 +231,44 @@ def test_one_rank_failing_is_one_line_from_each_rank_and_rank_0_saves(tmp_path):
     assert load_checkpoint(run_dir / "checkpoints")["step"] == 1
 
 
+# Runs `dream train` under torchrun with rank 1 alone receiving SIGTERM as step 2 begins.
+SIGNALLED_RANK = textwrap.dedent("""
+    import os, signal, sys
+    from dream.train import Trainer
+
+    train_step = Trainer.train_step
+
+    def signalled(self, x0):
+        if os.environ["RANK"] == "1" and self.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(self, x0)
+
+    Trainer.train_step = signalled
+    from dream.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_a_signal_one_rank_sees_stops_every_rank_a_step_later_with_a_checkpoint(tmp_path):
+    """The ranks vote on a stop after every step and read the vote a step later (not waiting for the all-reduce):
+    a SIGTERM that rank 1 alone gets during step 2 stops both ranks after step 3, rank 0 saving its checkpoint."""
+    worker, run_dir = tmp_path / "worker.py", tmp_path / "run"
+    worker.write_text(SIGNALLED_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    flags = ["--preset", "tiny", "--image-size", "8", "--base-channels", "16", "--data-count", "16", "--batch-size",
+             "4", "--max-steps", "8", "--sample-every", "0", "--no-progress", "--device", "cpu", "--backend", "eager",
+             "--checkpoint-every", "0", "--run-dir", str(run_dir)]
+    process = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              str(worker), "train", *flags], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert process.returncode != 0
+    ours = [line for line in process.stderr.splitlines() if line.startswith("dream train")]
+    assert any(re.fullmatch(r"dream train: stopped by SIGTERM at step 3 \(epoch 0\); checkpoint .*ckpt-000000003\.pt "
+                            r"saved\. To resume, rerun the same command\.", line) for line in ours), \
+        process.stderr[-4000:]
+    assert load_checkpoint(run_dir / "checkpoints")["step"] == 3
+
+
 # Runs `dream train` under torchrun with rank 1 reading other images than rank 0.
 OTHER_IMAGES = textwrap.dedent("""
     import os, sys
