@@ -64,6 +64,21 @@ def _attention_qkv_nchw():
             lambda qkv: kernels.attention_qkv_nchw_reference(qkv, 2))
 
 
+def _group_norm_silu_conv2d():
+    import kernels
+
+    shapes = {"x": ((3, 96, 8, 8), 1, 0), "weight": ((96,), 0.3, 1), "bias": ((96,), 0.3, 0),
+              "conv_weight": ((16, 96, 3, 3), 0.05, 0), "conv_bias": ((16,), 0.1, 0)}
+
+    def ours(x, weight, bias, conv_weight, conv_bias):
+        return kernels.group_norm_silu_conv2d(x, weight, bias, 32, conv_weight, conv_bias, padding=1)
+
+    def eager(x, weight, bias, conv_weight, conv_bias):
+        return kernels.group_norm_silu_conv2d_reference(x, weight, bias, 32, conv_weight, conv_bias, padding=1)
+
+    return shapes, ours, eager
+
+
 def _add_bias_residual():
     import kernels
 
@@ -80,9 +95,12 @@ def _upsample2x_concat():
 
 # op -> (its inputs' shapes with scale and shift of their random values, ours, the eager reference), built
 # when a case runs (kernels is imported then), and what the case is
-OPS = {"group_norm_silu": _group_norm_silu, "attention_qkv_nchw": _attention_qkv_nchw,
+OPS = {"group_norm_silu": _group_norm_silu, "group_norm_silu_conv2d": _group_norm_silu_conv2d,
+       "attention_qkv_nchw": _attention_qkv_nchw,
        "add_bias_residual": _add_bias_residual, "upsample2x_concat": _upsample2x_concat}
 DESCRIPTIONS = {"group_norm_silu": "ResBlock norm2 (scale, shift, SiLU), 3x96x8x8",
+                "group_norm_silu_conv2d": "norm1 + SiLU + 3x3 conv, the norm recomputed in backward (--checkpointing "
+                                          "norms), 3x96x8x8 -> 16 channels",
                 "attention_qkv_nchw": "attention on the qkv conv output, 2 heads of 32, 3x192x4x4",
                 "add_bias_residual": "residual sum with bias, 3x96x8x8",
                 "upsample2x_concat": "skip concatenation, 3x64x8x8 + 3x32x4x4"}
@@ -92,7 +110,7 @@ def make_setup(op, direction):
     def setup():
         shapes, _, eager = OPS[op]()
         names = tuple(shapes)
-        inputs = {name: t.to(DTYPE) if name in ("x", "qkv", "a", "b", "h", "skip") else t
+        inputs = {name: t.to(DTYPE) if name in ("x", "qkv", "a", "b", "h", "skip", "conv_weight", "conv_bias") else t
                   for name, t in _inputs(7, shapes).items()}
         exact = {name: t.double() for name, t in inputs.items()}
         with torch.no_grad():

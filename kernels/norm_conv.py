@@ -17,6 +17,7 @@ UNet, every ResBlock's two norms, every attention block's norm and the output he
 The convolution runs in w's dtype: y is cast to it (under autocast, the wrapper casts w and b to the
 autocast dtype first, as autocast does for F.conv2d) and dy is cast back to y's dtype.
 """
+import functools
 import importlib
 from typing import List, Optional, Tuple
 
@@ -68,11 +69,14 @@ def _convolution(y, conv_weight, conv_bias, stride, padding, dilation, groups):
 
 
 def _forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout_p, seed,
-             conv_weight, conv_bias, stride, padding, dilation, groups):
-    """Launch the fused norm, then the convolution; returns (out, mean, rstd)."""
+             conv_weight, conv_bias, stride, padding, dilation, groups, checked=False):
+    """Launch the fused norm, then the convolution; returns (out, mean, rstd). checked: the arguments were
+    validated already (the public wrapper's direct call)."""
     _gn._check_device(x, _OP)
-    _check_conv(x, conv_weight, conv_bias, stride, padding, dilation, groups)
-    y, mean, rstd = _gn._forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout_p, seed)
+    if not checked:
+        _check_conv(x, conv_weight, conv_bias, stride, padding, dilation, groups)
+    y, mean, rstd = _gn._forward(x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout_p, seed,
+                                 checked=checked)
     return _convolution(y, conv_weight, conv_bias, stride, padding, dilation, groups), mean, rstd
 
 
@@ -141,7 +145,10 @@ def _autograd_backward(ctx, dout, _dmean, _drstd):
 
 
 _group_norm_silu_conv2d.register_autograd(_autograd_backward, setup_context=_setup_context)
-_group_norm_silu_conv2d_call = OpCall(f"dream_kernels::{_OP}", _forward, _setup_context, _autograd_backward)
+# the op as the wrapper calls it: straight to _forward in plain eager mode (kernels.dispatch), without checking
+# again what the wrapper checked
+_group_norm_silu_conv2d_call = OpCall(f"dream_kernels::{_OP}", functools.partial(_forward, checked=True),
+                                      _setup_context, _autograd_backward)
 
 
 # --------------------------------------------------------------------------------------------
