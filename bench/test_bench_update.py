@@ -69,13 +69,10 @@ class UpdateState:
 
 
 def device_decided(update: UpdateState, inputs):
+    from dream.ema import conditional_step
+
     finite = torch.stack([inputs["loss"].isfinite(), inputs["grad_norm"].isfinite()]).all()
-    update.optimizer.found_inf = (~finite).float()
-    try:
-        update.optimizer.step()
-    finally:
-        del update.optimizer.found_inf
-    update.ema.update(update.model, applied=finite)
+    conditional_step(update.optimizer, update.ema, update.model, finite)
 
 
 def host_decided(update: UpdateState, inputs):

@@ -104,3 +104,15 @@ class EMA:
         self.shadow = [s.to(device) for s in self.shadow]
         self.updates = self.updates.to(device)
         return self
+
+
+def conditional_step(optimizer: torch.optim.Optimizer, ema: EMA, model: nn.Module, applied: torch.Tensor) -> None:
+    """optimizer.step(), then ema.update(model), both left undone on the device where `applied` (a 0-dim bool
+    tensor on the parameters' device) is False: no host sync. The optimizer must honour found_inf as the fused
+    torch.optim ones do (the step undone, its step counts put back)."""
+    optimizer.found_inf = (~applied).float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+    ema.update(model, applied=applied)

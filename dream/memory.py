@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 import torch
 
 from dream.diffusion import GaussianDiffusion
-from dream.ema import EMA
+from dream.ema import EMA, conditional_step
 from dream.errors import DreamError
 from dream.math_flags import MathFlags, use_fast_math
 from dream.model import (BACKENDS, CHECKPOINT_POLICIES, PRECISIONS, UNet, autocast_for, check_policy_backend,
@@ -230,13 +230,7 @@ def training_step(forward, model, optimizer, ema, scaler, diffusion, x0, spec: S
         optimizer.step()
         ema.update(model)
         return
-    finite = grad_norm.isfinite()
-    optimizer.found_inf = (~finite).float()
-    try:
-        optimizer.step()
-    finally:
-        del optimizer.found_inf
-    ema.update(model, applied=finite)
+    conditional_step(optimizer, ema, model, grad_norm.isfinite())
 
 
 def build_state(spec: StepSpec, device: torch.device):

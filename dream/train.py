@@ -42,7 +42,7 @@ from dream import distributed
 from dream.checkpoint import CheckpointManager, code_version, load_checkpoint, rng_state, set_rng_state
 from dream.data import DeviceBatches, images_digest, import_torchvision, load_images
 from dream.diffusion import GaussianDiffusion
-from dream.ema import EMA
+from dream.ema import EMA, conditional_step
 from dream.errors import DreamError, option_error
 from dream.files import LOCK_FILE, atomic_file, atomic_write_text, folder_lock, folder_problem
 from dream.math_flags import use_fast_math
@@ -545,12 +545,7 @@ class Trainer:
         if self.scaler.is_enabled() or not self.optimizer.defaults["fused"]:
             self.update_on_host(finite)
         else:
-            self.optimizer.found_inf = (~ok).float()
-            try:
-                self.optimizer.step()
-            finally:
-                del self.optimizer.found_inf
-            self.ema.update(self.model, applied=ok)
+            conditional_step(self.optimizer, self.ema, self.model, ok)
             self.pending_steps.append((self.step + 1, HostCopy(finite)))
         self.step += 1
         self.batch_in_epoch += 1

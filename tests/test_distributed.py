@@ -201,20 +201,26 @@ FAILING_RANK = textwrap.dedent("""
 """)
 
 
+def train_under_torchrun(tmp_path, worker_source, run_dir, data_count=8, max_steps=4, image_size=8, more=(),
+                         env=None):
+    """`dream train` of the tiny model on CPU, as `worker_source` (a patched CLI) runs it in each of two gloo
+    processes under torchrun; returns the finished torchrun process."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(worker_source)
+    flags = ["--preset", "tiny", "--image-size", str(image_size), "--base-channels", "16", "--data-count",
+             str(data_count), "--batch-size", "4", "--max-steps", str(max_steps), "--sample-every", "0",
+             "--no-progress", "--device", "cpu", "--backend", "eager", "--run-dir", str(run_dir), *more]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(worker), "train", *flags], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})})
+
+
 def test_one_rank_failing_is_one_line_from_each_rank_and_rank_0_saves(tmp_path):
     """The failing rank says what stopped it; the other learns it only as a broken connection, and says
     that another process stopped, saves the state before the step, and how to resume. No tracebacks from
     the workers (torchrun adds its own summary after them)."""
-    worker = tmp_path / "worker.py"
-    worker.write_text(FAILING_RANK)
     run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    flags = ["--preset", "tiny", "--image-size", "8", "--base-channels", "16", "--data-count", "8", "--batch-size",
-             "4", "--max-steps", "4", "--sample-every", "0", "--no-progress", "--device", "cpu", "--backend", "eager",
-             "--checkpoint-every", "0", "--run-dir", str(run_dir)]
-    process = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                              str(worker), "train", *flags], cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=600)
+    process = train_under_torchrun(tmp_path, FAILING_RANK, run_dir, more=["--checkpoint-every", "0"])
     assert process.returncode != 0
     lines = process.stderr.splitlines()
     ours = [line for line in lines if line.startswith("dream train")]
@@ -252,15 +258,9 @@ SIGNALLED_RANK = textwrap.dedent("""
 def test_a_signal_one_rank_sees_stops_every_rank_a_step_later_with_a_checkpoint(tmp_path):
     """The ranks vote on a stop after every step and read the vote a step later (not waiting for the all-reduce):
     a SIGTERM that rank 1 alone gets during step 2 stops both ranks after step 3, rank 0 saving its checkpoint."""
-    worker, run_dir = tmp_path / "worker.py", tmp_path / "run"
-    worker.write_text(SIGNALLED_RANK)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    flags = ["--preset", "tiny", "--image-size", "8", "--base-channels", "16", "--data-count", "16", "--batch-size",
-             "4", "--max-steps", "8", "--sample-every", "0", "--no-progress", "--device", "cpu", "--backend", "eager",
-             "--checkpoint-every", "0", "--run-dir", str(run_dir)]
-    process = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                              str(worker), "train", *flags], cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=600)
+    run_dir = tmp_path / "run"
+    process = train_under_torchrun(tmp_path, SIGNALLED_RANK, run_dir, data_count=16, max_steps=8,
+                                   more=["--checkpoint-every", "0"])
     assert process.returncode != 0
     ours = [line for line in process.stderr.splitlines() if line.startswith("dream train")]
     assert any(re.fullmatch(r"dream train: stopped by SIGTERM at step 3 \(epoch 0\); checkpoint .*ckpt-000000003\.pt "
@@ -289,15 +289,7 @@ OTHER_IMAGES = textwrap.dedent("""
 
 
 def test_ranks_reading_different_images_are_refused_in_one_line(tmp_path):
-    worker = tmp_path / "worker.py"
-    worker.write_text(OTHER_IMAGES)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    flags = ["--preset", "tiny", "--image-size", "8", "--base-channels", "16", "--data-count", "8", "--batch-size",
-             "4", "--max-steps", "1", "--sample-every", "0", "--no-progress", "--device", "cpu", "--backend", "eager",
-             "--run-dir", str(tmp_path / "run")]
-    process = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                              str(worker), "train", *flags], cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=600)
+    process = train_under_torchrun(tmp_path, OTHER_IMAGES, tmp_path / "run", max_steps=1)
     assert process.returncode != 0
     ours = [line for line in process.stderr.splitlines() if line.startswith("dream train")]
     assert len(ours) == 1 and re.fullmatch(
@@ -331,15 +323,8 @@ FAILING_SETUP = textwrap.dedent("""
 
 @pytest.mark.parametrize("bad_flag, inject", [(False, "error"), (True, "error"), (False, "sigterm")])
 def test_a_setup_error_is_reported_once_by_rank_0_when_shared_and_by_its_rank_when_not(tmp_path, bad_flag, inject):
-    worker = tmp_path / "worker.py"
-    worker.write_text(FAILING_SETUP)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "INJECT": inject}
-    flags = ["--preset", "tiny", "--image-size", "7" if bad_flag else "8", "--base-channels", "16", "--data-count",
-             "8", "--batch-size", "4", "--max-steps", "1", "--sample-every", "0", "--no-progress", "--device", "cpu",
-             "--backend", "eager", "--run-dir", str(tmp_path / "run")]
-    process = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                              str(worker), "train", *flags], cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=600)
+    process = train_under_torchrun(tmp_path, FAILING_SETUP, tmp_path / "run", max_steps=1,
+                                   image_size=7 if bad_flag else 8, env={"INJECT": inject})
     assert process.returncode != 0
     ours = sorted(line for line in process.stderr.splitlines() if line.startswith("dream train"))
     if bad_flag:  # every rank fails alike: rank 0 alone says it
