@@ -542,7 +542,7 @@ class Trainer:
         finite = torch.stack([logs["loss"].isfinite(), grad_norm.isfinite()])
         ok = finite.all()
         self.updating = True  # until the counters move, a checkpoint would mix two steps
-        if self.scaler.is_enabled() or not self.optimizer.defaults["fused"]:
+        if self.scaler.is_enabled():
             self.update_on_host(finite)
         else:
             conditional_step(self.optimizer, self.ema, self.model, ok)
@@ -554,7 +554,7 @@ class Trainer:
         return {**logs, "grad_norm": grad_norm.detach().float(), "skipped": (~ok).float()}
 
     def update_on_host(self, finite: torch.Tensor) -> None:
-        """The step decided on the host (a sync): with fp16 the loss scaler has its own say."""
+        """The step decided on the host (a sync), with fp16: the loss scaler has its own say."""
         loss_ok, grads_ok = finite.tolist()
         if loss_ok and (grads_ok or self.scaler.is_enabled()):
             self.scaler.step(self.optimizer)  # with fp16 the scaler skips a step whose gradients overflowed
@@ -573,7 +573,8 @@ class Trainer:
         while len(self.pending_steps) > keep_last:
             step, flags = self.pending_steps.popleft()
             loss_ok, grads_ok = flags.read()
-            self.count_step(step, stepped=loss_ok and grads_ok, bad=not (loss_ok and grads_ok))
+            stepped = loss_ok and grads_ok
+            self.count_step(step, stepped, bad=not stepped)
 
     def count_step(self, step: int, stepped: bool, bad: bool) -> None:
         self.skipped_steps += not stepped
@@ -584,7 +585,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # state, checkpoints, resume
     def state_dict(self) -> dict:
-        self.count_steps()
+        self.count_steps()  # the counters saved cover every step taken
         return {
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
