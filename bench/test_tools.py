@@ -31,6 +31,9 @@ def test_trace_summary_counts_and_busy_fraction():
         event("cuda_driver", "cuLaunchKernelEx", 3.0, 2.0),
         event("cuda_runtime", "cudaGraphLaunch", 150.0, 2.0),
         event("cuda_runtime", "cudaMemcpyAsync", 4.0, 1.0),
+        event("cuda_runtime", "cudaMemcpyAsync", 70.0, 12.0),   # a device-to-host copy that waited
+        event("cuda_runtime", "cudaDeviceSynchronize", 96.0, 3.0),
+        event("cuda_runtime", "cudaEventRecord", 97.0, 1.0),  # not a wait
         event("kernel", "gemm", 10.0, 30.0),        # 10..40
         event("kernel", "gemm", 30.0, 20.0),        # 30..50 overlaps: union 10..50
         event("kernel", "norm", 120.0, 10.0),       # 120..130
@@ -49,6 +52,9 @@ def test_trace_summary_counts_and_busy_fraction():
     assert [k["name"] for k in s["top_kernels"]] == ["gemm", "tail"]
     assert s["top_kernels"][0]["calls"] == 2
     assert s["top_kernels"][0]["share"] == pytest.approx(50 / 75)
+    assert s["host_waits"] == {"cudaMemcpyAsync": {"calls": 2, "total_us": 13.0},
+                               "cudaDeviceSynchronize": {"calls": 1, "total_us": 3.0}}
+    assert list(s["host_waits"]) == ["cudaMemcpyAsync", "cudaDeviceSynchronize"]  # the longest first
 
 
 def test_trace_summary_without_gpu_events():
@@ -443,6 +449,27 @@ def test_profile_report_says_when_a_gpu_trace_holds_no_gpu_events():
     summary = {**summarize_trace(trace), "step_ms": 0.1, "wall_ms": [0.1]}
     text = format_report("sample", info, {}, summary, "t.json.gz", 5)
     assert NO_GPU_EVENTS not in text and "| GPU busy fraction (kernels, copies, memsets / window) | 50.0 % |" in text
+
+
+def test_profile_report_gives_the_host_waits_per_step():
+    """Each CUDA call the host can wait in, per step and longest first; the profiling loop's own end-of-step
+    synchronization says whose it is."""
+    from dream.profile import environment_info, format_report
+
+    info = {**environment_info(torch.device("cpu")), "device_type": "cuda", "device_name": "NVIDIA H200"}
+    trace = {"traceEvents": [event("user_annotation", "ProfilerStep#1", 0.0, 100.0),
+                             event("user_annotation", "ProfilerStep#2", 100.0, 100.0),
+                             event("kernel", "k", 5.0, 150.0),
+                             event("cuda_runtime", "cudaMemcpyAsync", 40.0, 30.0),
+                             event("cuda_runtime", "cudaMemcpyAsync", 140.0, 10.0),
+                             event("cuda_runtime", "cudaDeviceSynchronize", 95.0, 4.0),
+                             event("cuda_runtime", "cudaDeviceSynchronize", 195.0, 2.0)]}
+    text = format_report("train", info, {}, {**summarize_trace(trace), "step_ms": 0.1, "wall_ms": [0.1, 0.1]},
+                         "t.json.gz", 5)
+    rows = [line for line in text.splitlines() if line.startswith("| host waits")]
+    assert rows == ["| host waits per step in cudaMemcpyAsync | 1 calls, 0.020 ms |",
+                    "| host waits per step in cudaDeviceSynchronize (the profiling loop's own, at each step's end) | "
+                    "1 calls, 0.003 ms |"]
 
 
 def test_gpu_suite_links_the_reports_it_wrote(tmp_path):

@@ -12,6 +12,9 @@ chrome://tracing):
     top kernels      GPU kernels by total time (on CPU: operators by self CPU time)
     kernels/launches per step; GPU busy fraction = union of kernel, memcpy and memset intervals
                      / the profiled window; launch gaps = 1 - busy fraction
+    host waits       per step, the calls and time of each CUDA call in which the host can wait for the
+                     device (copies, stream/event/device synchronizations): a training step that reads
+                     its own result shows it in cudaMemcpyAsync
 
 <device> is `cpu` or the GPU's name as a slug (`nvidia-h200`); CPU reports say CPU in their title
 and are never mixed with GPU ones. Without a GPU the tiny preset is the default.
@@ -277,6 +280,11 @@ def synchronize(device: torch.device) -> None:
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 LAUNCH_PATTERN = re.compile(r"(cudaLaunchKernel|cuLaunchKernel|cudaLaunchCooperativeKernel|cuLaunchCooperativeKernel)")
 GRAPH_LAUNCH_PATTERN = re.compile(r"(cudaGraphLaunch|cuGraphLaunch)")
+# runtime/driver calls in which the host can wait for the device: copies (a device-to-host copy into pageable
+# memory returns only once the queue before it has run) and synchronizations
+HOST_WAIT_PATTERN = re.compile(r"^(cudaMemcpy|cudaMemcpyAsync|cuMemcpyDtoH\w*|cuMemcpyAsync|cuMemcpy|"
+                               r"cudaStreamSynchronize|cuStreamSynchronize|cudaEventSynchronize|cuEventSynchronize|"
+                               r"cudaDeviceSynchronize|cuCtxSynchronize)$")
 
 
 def _union_length(intervals: list[tuple[float, float]]) -> float:
@@ -298,7 +306,8 @@ def summarize_trace(trace: dict, top: int = 20) -> dict:
     """Numbers from a torch.profiler Chrome trace (times in microseconds):
     steps (ProfilerStep spans), window = first step start .. max(last step end, last GPU event end),
     busy_fraction = |union of GPU event intervals within the window| / window,
-    kernels and launches (runtime/driver launch calls; graph launches counted apart), top kernels."""
+    kernels and launches (runtime/driver launch calls; graph launches counted apart), top kernels, and
+    host_waits: the calls and time of each runtime/driver call in which the host can wait for the device."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
     steps = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events
                    if str(e.get("name", "")).startswith("ProfilerStep#") and e.get("cat") != "gpu_user_annotation")
@@ -308,8 +317,14 @@ def summarize_trace(trace: dict, top: int = 20) -> dict:
                    and LAUNCH_PATTERN.search(str(e.get("name", ""))))
     graph_launches = sum(1 for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")
                          and GRAPH_LAUNCH_PATTERN.search(str(e.get("name", ""))))
+    waits: dict[str, dict] = {}
+    for e in events:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and HOST_WAIT_PATTERN.match(str(e.get("name", ""))):
+            entry = waits.setdefault(str(e["name"]), {"calls": 0, "total_us": 0.0})
+            entry["calls"] += 1
+            entry["total_us"] += float(e["dur"])
     result = {"steps": len(steps), "kernels": len(kernels), "launches": launches, "graph_launches": graph_launches,
-              "gpu_events": len(gpu)}
+              "gpu_events": len(gpu), "host_waits": dict(sorted(waits.items(), key=lambda kv: -kv[1]["total_us"]))}
     if steps:
         start = steps[0][0]
         end = max([steps[-1][1]] + [float(e["ts"]) + float(e["dur"]) for e in gpu])
@@ -487,6 +502,10 @@ def format_report(what: str, info: dict, config: dict, summary: dict, trace_name
                   "n/a" if busy is None else f"{100 * busy:.1f} %"],
                  ["launch gaps (1 - busy)", "n/a" if busy is None else f"{100 * (1 - busy):.1f} %"],
                  ["GPU kernel time per step", f"{summary['kernel_time_us'] / steps / 1e3:.3f} ms"]]
+        for name, wait in summary.get("host_waits", {}).items():
+            own = " (the profiling loop's own, at each step's end)" if name == "cudaDeviceSynchronize" else ""
+            rows.append([f"host waits per step in {name}{own}",
+                         f"{wait['calls'] / steps:.0f} calls, {wait['total_us'] / steps / 1e3:.3f} ms"])
     else:
         rows += [["GPU kernels / launches / busy fraction", "n/a (CPU)"]]
     lines += [markdown_table(["metric", "value"], rows), ""]
