@@ -74,7 +74,7 @@ GRACE_S = 20
 
 TEST_FILES = ["tests/test_group_norm_silu.py", "tests/test_norm_conv.py", "tests/test_attention.py",
               "tests/test_upsample_concat.py", "tests/test_bias_residual.py", "tests/test_kernel_autotune.py",
-              "tests/test_model*.py",
+              "tests/test_model*.py", "tests/test_step_graph.py",
               "tests/test_unet*.py", "tests/test_sampling*.py", "tests/test_memory*.py"]
 # single tests of other files whose GPU form matters (the rest of those files checks CPU-side logic)
 TEST_NODES = ["tests/test_trainer.py::test_eager_and_triton_trainers_follow_the_same_loss_trajectory",
@@ -172,9 +172,10 @@ def stages(out: str, on_gpu: bool = True, device: str = "<gpu>") -> list[Stage]:
     tests = sorted({f for pattern in TEST_FILES for f in glob.glob(str(REPO / pattern))})
     tests += [str(REPO / node) for node in TEST_NODES]
     if on_gpu:
-        profile_what = ("torch.profiler over a training step (channels_last, then NCHW), a sampling step and a "
-                        "graphed DDIM-10 loop")
-        profiles = ["--warmup 2 --steps 3", "--what train --no-channels-last --warmup 2 --steps 3",
+        profile_what = ("torch.profiler over a training step (channels_last, captured as a CUDA graph, then NCHW), "
+                        "a sampling step and a graphed DDIM-10 loop")
+        profiles = ["--warmup 2 --steps 3", "--what train --cuda-graphs --warmup 1 --steps 3",
+                    "--what train --no-channels-last --warmup 2 --steps 3",
                     "--what sample --sampler graphs --sample-steps 10 --batch 256 --warmup 1 --steps 2"]
     else:  # the tools' CPU sizes (tiny preset, batch 2, one step): two processes, well inside the stage's limit
         profile_what = ("torch.profiler over a training step (NCHW, then channels_last) and a DDIM-4 loop "
@@ -192,17 +193,18 @@ def stages(out: str, on_gpu: bool = True, device: str = "<gpu>") -> list[Stage]:
               + ", ".join(Path(t).name for t in tests) + ")",
               [PYTHON, "-m", "pytest", *tests, "-v", "-p", "no:cacheprovider", "-p", "bench.pytest_shard",
                "--maxfail=10", "-rfEs", f"--junitxml={logs}/tests-{{shard}}-junit.xml"],
-              {"DREAM_TEST_FIRST": "gpu-only,test_unet_backends.py,test_trainer.py"}, shards=test_workers()),
+              {"DREAM_TEST_FIRST": "gpu-only,test_unet_backends.py,test_trainer.py,test_step_graph.py"}, shards=test_workers()),
         Stage("memory", 60, "6.8 GB budget of the seed step at batch 128",
               bench(["bench/test_memory_budget.py"], "bench-memory", out, logs, extra=["-s"])),
-        Stage("train", 100, "seed objective training step (no compile; with each step read back, as a diagnostic)",
+        Stage("train", 115, "seed objective training step (no compile; captured as a CUDA graph; with each step "
+                            "read back, as a diagnostic)",
               bench(["bench/test_bench_train_step.py"], "bench-train", out, logs, k="seed-",
                     variants=NO_COMPILE + ",+*_step_sync"),
               {"DREAM_BENCH_TARGET_S": "0.5"}),
         Stage("sampling", 70, "ancestral step and DDIM-10 loop" + (", CUDA graphs" if on_gpu else ", no graphs on CPU"),
               bench(["bench/test_bench_sampling.py"], "bench-sampling", out, logs, variants=NO_COMPILE),
               {"DREAM_BENCH_DDIM_STEPS": "10", "DREAM_BENCH_TARGET_S": "0.3"}),
-        Stage("profile", 75, profile_what, ["bash", "-c", " && ".join(
+        Stage("profile", 95, profile_what, ["bash", "-c", " && ".join(
             f"{shlex.quote(PYTHON)} -m dream profile --out {shlex.quote(out)} {options}" for options in profiles)]),
         Stage("kernels", 110, "GroupNorm, attention, the skip concatenation and the residual sum vs their anchors",
               bench(["bench/test_bench_attention.py", "bench/test_bench_group_norm.py", "bench/test_bench_upsample.py",

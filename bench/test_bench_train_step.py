@@ -1,10 +1,10 @@
 """One optimizer step of the trainer (dream.train.Trainer.train_step: t and noise, objective with early
 backward, unscale, clip, fused AdamW, EMA) for each objective: ours (backend triton, bf16, channels_last;
-also with the norms recomputed in backward, with torch.compile, in NCHW, and, on request, with its ops
-called through torch.library's dispatcher: triton_bf16_dispatcher, or with each step's result read on the host
-as it returns: triton_bf16_step_sync) vs the eager model in fp32 and bf16, torch.compile of the eager model,
-and, for the `seed` objective, the seed's own way (eager, fp16 autocast with a GradScaler, a third forward
-for eps_hat, full activation checkpointing).
+also captured as a CUDA graph (GPU only), with the norms recomputed in backward, with torch.compile, in NCHW,
+and, on request, with its ops called through torch.library's dispatcher: triton_bf16_dispatcher, or with each
+step's result read on the host as it returns: triton_bf16_step_sync) vs the eager model in fp32 and bf16,
+torch.compile of the eager model, and, for the `seed` objective, the seed's own way (eager, fp16 autocast with
+a GradScaler, a third forward for eps_hat, full activation checkpointing).
 
 Full size (GPU): the seed preset, batch 128, DREAM fully on (epoch 30). FLOPs: counted by
 FlopCounterMode over the reference step (the same count for every variant, so MFU compares times;
@@ -96,6 +96,9 @@ def step_variant(objective, through_dispatcher=False, read_each_step=False, **op
 
         def check(x0):
             with scope():
+                if trainer.step_graph is not None:  # warm-up steps of the checked (eval-mode) graph: the check is
+                    for _ in range(trainer.step_graph.warmup_steps):  # then of its capture and first replay
+                        checked_step(trainer, x0, state.extra["initial"])
                 return checked_step(trainer, x0, state.extra["initial"])
 
         return Runner(run=run, check=check, keep=trainer)
@@ -104,13 +107,17 @@ def step_variant(objective, through_dispatcher=False, read_each_step=False, **op
 
 
 def variants(objective):
-    """Ours first (the speed-ups' reference), then what a short GPU budget should time first: the step_sync
-    diagnostic and the goals' anchors (the seed's way, eager bf16), then the rest."""
+    """Ours first (the speed-ups' reference) and ours captured as a CUDA graph, then what a short GPU budget should
+    time first: the step_sync diagnostic and the goals' anchors (the seed's way, eager bf16), then the rest."""
     ours, dtype = OURS_PRECISION, PRECISION_DTYPE[OURS_PRECISION]
     ours_on_cpu = objective == "standard"  # the interpreter is slow: one objective smoke-runs it on CPU
     out = [
         Variant(f"triton_{ours}", step_variant(objective, backend="triton", precision=ours, channels_last=ON_GPU),
                 role="ours", dtype=dtype, cpu=ours_on_cpu, note="the trainer's defaults on CUDA (channels_last)"),
+        Variant(f"triton_{ours}_graphs", step_variant(objective, backend="triton", precision=ours,
+                                                       channels_last=ON_GPU, cuda_graphs=True),
+                role="ours", dtype=dtype, gpu_only=True,
+                note="--cuda-graphs: the step's device work captured once and replayed (one launch a step)"),
         Variant(f"triton_{ours}_step_sync", step_variant(objective, read_each_step=True, backend="triton",
                                                           precision=ours, channels_last=ON_GPU),
                 dtype=dtype, cpu=ours_on_cpu, explicit=True,

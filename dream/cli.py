@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "triton backend: recompute the fused norms feeding convolutions, one kernel each); auto: "
                         "with a memory budget, the least recomputation whose whole batch fits")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture each step's device work (forward, backward, clipping, AdamW, EMA) as one CUDA "
+                        "graph and replay it: no per-kernel launch cost on the host. CUDA, bf16 or fp32, one "
+                        "process; the first 2 steps of each epoch run plain (warm-up), then it is captured")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format for the model (default: on CUDA, where cuDNN runs NHWC)")
     p.add_argument("--objective", default="seed", choices=["standard", "seed", "paper"],
@@ -237,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory budget, e.g. 6.8GB: also report the largest micro-batch that fits")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="the model's memory format (default: channels_last for the CUDA target, as dream train)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="the step as dream train --cuda-graphs takes it (its graph's input buffers beside the batch)")
     p.add_argument("--cuda", action="store_true", help="also measure the step on CUDA (max_memory_allocated)")
     p.add_argument("--json", action="store_true",
                    help="print JSON (with peak_bytes; with --sweep, {\"sweep\": [one such per policy]})")
@@ -250,8 +256,8 @@ def run_train(args) -> int:
 
     config = TrainConfig(
         run_dir=args.run_dir, preset=args.preset, model_overrides=model_overrides(args), backend=args.backend,
-        checkpointing=args.checkpointing, compile=args.compile, channels_last=args.channels_last,
-        schedule=args.schedule, num_timesteps=args.timesteps, objective=args.objective,
+        checkpointing=args.checkpointing, compile=args.compile, cuda_graphs=args.cuda_graphs,
+        channels_last=args.channels_last, schedule=args.schedule, num_timesteps=args.timesteps, objective=args.objective,
         objective_config={"dream_start_epoch": args.dream_start_epoch, "lambda_max": args.lambda_max,
                           "alpha": args.alpha, "ramp_epochs": args.ramp_epochs,
                           "seed_separate_eps_forward": args.seed_separate_eps_forward,
@@ -386,7 +392,7 @@ def run_memory(args) -> int:
                     early_backward=not args.single_graph, backend=memory_backend(args.backend, args.target),
                     checkpointing="none" if auto else args.checkpointing or "none",
                     data_images=0 if args.data_on == "host" else args.data_images, target=args.target,
-                    channels_last=args.channels_last)
+                    channels_last=args.channels_last, cuda_graphs=args.cuda_graphs)
     if args.cuda:
         require_cuda()  # before the estimates, which take seconds
     budget = args.budget

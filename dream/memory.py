@@ -86,6 +86,7 @@ class StepSpec:
     data_images: int = 0
     target: str = "cuda"
     channels_last: bool | None = None  # the model's memory format; None: channels_last on a CUDA target, as the trainer
+    cuda_graphs: bool = False  # the trainer's --cuda-graphs: the step graph's input buffers beside the batch
 
     def __post_init__(self):
         for name in ("model_overrides", "objective_config"):
@@ -206,6 +207,9 @@ def training_step(forward, model, optimizer, ema, scaler, diffusion, x0, spec: S
     batch = x0.shape[0]
     t = torch.randint(0, diffusion.num_timesteps, (batch,), device=x0.device)
     noise = torch.randn_like(x0)
+    drawn = (x0, t, noise)  # with a step graph, copied into its static input buffers and kept alive beside them
+    if spec.cuda_graphs:
+        x0, t, noise = (value.clone() for value in drawn)
     optimizer.zero_grad(set_to_none=True)
     micro = spec.micro
     weight = micro / batch
@@ -743,7 +747,8 @@ def describe(spec: StepSpec) -> str:
     return (f"preset {spec.preset}{overrides}, batch {spec.batch_size}{micro}, {spec.precision}, objective "
             f"{spec.objective} ({form}), backend {spec.backend}, checkpointing {spec.checkpointing}, "
             f"{'channels_last' if spec.uses_channels_last else 'NCHW'}"
-            + (f", {spec.data_images} images on the device" if spec.data_images else ""))
+            + (f", {spec.data_images} images on the device" if spec.data_images else "")
+            + (", CUDA graph" if spec.cuda_graphs else ""))
 
 
 def format_estimate(estimate: MemoryEstimate) -> str:

@@ -411,13 +411,17 @@ def training_workload(args, device: torch.device):
     trainer = build_trainer(preset=args.preset, batch=args.batch, device=str(device), backend=args.backend,
                             precision=args.precision, objective=args.objective, compile=args.compile,
                             channels_last=args.channels_last, checkpointing=args.checkpointing,
-                            model_overrides=model_overrides_from(args), seed=args.seed)
+                            model_overrides=model_overrides_from(args), seed=args.seed,
+                            cuda_graphs=args.cuda_graphs)
     trainer.model.train()
     x0 = sample_batch(trainer, args.seed)
+    if trainer.step_graph is not None:  # warmed up and captured before anything is recorded: replays alone
+        for _ in range(trainer.step_graph.warmup_steps + 1):
+            trainer.train_step(x0)
     config = {"preset": args.preset, "batch": args.batch, "objective": args.objective,
               "backend": trainer.model.backend, "precision": trainer.precision, "compile": args.compile,
-              "channels_last": trainer.channels_last, "checkpointing": args.checkpointing,
-              "image_size": trainer.model_config.image_size}
+              "cuda_graphs": args.cuda_graphs, "channels_last": trainer.channels_last,
+              "checkpointing": args.checkpointing, "image_size": trainer.model_config.image_size}
     return (lambda: trainer.train_step(x0)), config, trainer
 
 
@@ -552,6 +556,8 @@ def profile_name(what: str, args, config: dict, device: torch.device) -> str:
         name += f"-{config['precision']}"
     if config["compile"]:
         name += "-compile"
+    if what == "train" and config.get("cuda_graphs"):
+        name += "-graphs"
     if what == "train" and config["objective"] != "seed":
         name += f"-{config['objective']}"
     if args.preset != default_preset(device):
@@ -635,6 +641,9 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpointing", default="none", choices=["none", "norms", "attention", "resblocks", "all"],
                    help="activation (gradient) checkpointing policy (norms: triton backend only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="train workload: the step captured as a CUDA graph (warmed up and captured before the "
+                        "profiler starts)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format for the model (default: on CUDA, where cuDNN runs NHWC)")
     p.add_argument("--warmup", type=int, help="steps run under the profiler before recording (GPU 2, CPU 1)")

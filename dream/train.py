@@ -51,6 +51,7 @@ from dream.model import (PRECISION_DTYPES, PRECISIONS, UNet, autocast_for, check
 from dream.objectives import OBJECTIVE_SETTINGS, ObjectiveConfig, get_objective
 from dream.sample import image_done
 from dream.seeding import check_seed, mixed_seed
+from dream.step_graph import CaptureFailed, StepGraph
 
 
 # the command-line flag of each config field a resume must keep (the others are "--" + the field's name)
@@ -69,6 +70,7 @@ class TrainConfig:
     checkpointing: str = "none"  # activation checkpointing: none | attention | resblocks | all | auto
     # (auto: with a memory budget, the least recomputation whose whole-batch step fits; else none)
     compile: bool = False
+    cuda_graphs: bool = False  # the device side of each step captured once (per epoch) and replayed
     channels_last: bool | None = None  # None: on CUDA
     # diffusion and objective
     schedule: str = "cosine"
@@ -214,6 +216,19 @@ def match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
                 state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
+def check_cuda_graphs(device: torch.device, precision: str, dist: distributed.Distributed) -> None:
+    """--cuda-graphs captures the whole device side of a step, which needs it to make no host sync and no
+    collective: CUDA, no loss scaler (fp16's skip is decided on the host), one process."""
+    if device.type != "cuda":
+        raise DreamError(f"--cuda-graphs needs a CUDA device; this run is on {device}", same_on_every_rank=True)
+    if precision == "fp16":
+        raise DreamError("--cuda-graphs does not work with --precision fp16: its loss scaler decides each step on "
+                         "the host; use bf16 or fp32", same_on_every_rank=True)
+    if dist.enabled:
+        raise DreamError(f"--cuda-graphs works in one process; this job has {dist.world_size} (DDP's gradient "
+                         f"all-reduce is not captured)", same_on_every_rank=True)
+
+
 def step_seed(seed: int, step: int, stream: int) -> int:
     """A well-mixed 63-bit seed for random stream `stream` of optimizer step `step`."""
     return mixed_seed(seed, step, stream)
@@ -253,6 +268,8 @@ class Trainer:
             config.check()
             self.device = device = resolve_device(config.device, dist)
             self.precision = resolve_precision(config.precision, device)
+            if config.cuda_graphs:
+                check_cuda_graphs(device, self.precision, dist)
             if device.type == "cuda":
                 use_fast_math()
 
@@ -331,7 +348,9 @@ class Trainer:
         self.ema = EMA(self.model, config.ema_decay, warmup=config.ema_warmup)
         # fused AdamW (CPU and CUDA) skips a step on the device where its found_inf flag is set
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                           fused=True)
+                                           fused=True, capturable=config.cuda_graphs)
+        # (capturable: the step graph's warm-up steps run uncaptured by design, and torch.optim would warn once)
+        self.optimizer._warned_capturable_if_run_uncaptured = config.cuda_graphs
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
 
         # progress counters and bookkeeping
@@ -374,6 +393,7 @@ class Trainer:
             self.batches.move_to_device()
 
         self.input_generator = torch.Generator(device=device)
+        self.step_graph = StepGraph(self.graphed_step_body, device) if config.cuda_graphs else None
         self.sample_noise = torch.randn(config.sample_count, self.model_config.in_channels,
                                         self.model_config.image_size, self.model_config.image_size,
                                         generator=torch.Generator().manual_seed(config.seed + 1))
@@ -489,12 +509,47 @@ class Trainer:
         while True:
             self.reseed()
             try:
-                logs = self.accumulate_gradients(x0, t, noise)
-                break
-            except torch.cuda.OutOfMemoryError as error:
+                if self.step_graph is None:
+                    logs = self.accumulate_gradients(x0, t, noise)
+                    break
+                self.updating = True  # the graph (or its warm-up) steps the optimizer and the EMA
+                captures = self.step_graph.captures
+                try:
+                    logs = self.step_graph(self.graph_key(), x0, t, noise)
+                except CaptureFailed as error:  # nothing ran: the state is the last step's
+                    self.updating = False
+                    raise DreamError(f"--cuda-graphs: the training step could not be captured as a CUDA graph "
+                                     f"({error}); train without --cuda-graphs") from error
+                if self.step_graph.captures > captures:
+                    self.noted_capture()
+                return self.end_step(logs, logs.pop("finite"))
+            except torch.cuda.OutOfMemoryError as error:  # (in a capture nothing ran; in a warm-up step, before
+                self.updating = False                    # the optimizer: the state is the last step's)
                 reason = str(error).splitlines()[0] if str(error) else "CUDA out of memory"
             self.shrink_micro_batch(reason)  # outside the except block: the failed step's tensors are freed
         return self.apply_update(logs)
+
+    def noted_capture(self) -> None:
+        """The first capture is said on stderr; each one is logged."""
+        graph = self.step_graph
+        fields = dict(event="cuda_graph", captures=graph.captures, capture_s=round(graph.last_capture_seconds, 3))
+        if graph.captures == 1:
+            self.note(f"training step captured as a CUDA graph in {graph.last_capture_seconds:.1f} s (again at each "
+                      f"epoch, after {graph.warmup_steps} plain warm-up steps)", **fields)
+        elif self.dist.is_main:
+            self.log({**fields, "step": self.step, "epoch": self.epoch})
+
+    def graph_key(self) -> tuple:
+        """What the captured step depends on besides its inputs' values: the objective's epoch (DREAM's start and
+        ramp), the micro-batches, dropout on or off."""
+        return self.epoch, self.micro_batch, self.model.training
+
+    def graphed_step_body(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> dict:
+        """The device side of a step, all of it capturable: gradients, clipping, the optimizer and EMA step decided
+        on the device; returns the logs and the step's finiteness flags."""
+        logs, finite, ok = self.reduce_and_clip(self.accumulate_gradients(x0, t, noise))
+        conditional_step(self.optimizer, self.ema, self.model, ok)
+        return {**logs, "finite": finite}
 
     def accumulate_gradients(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> dict:
         """Gradients of the mean loss over x0, by micro-batches; DDP averages them over ranks in the last."""
@@ -516,6 +571,8 @@ class Trainer:
         return totals
 
     def shrink_micro_batch(self, reason: str) -> None:
+        if self.step_graph is not None:
+            self.step_graph.reset()  # its memory goes back before the smaller micro-batch is tried
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -535,23 +592,35 @@ class Trainer:
         finite, advance the counters. Without a loss scaler that decision is made on the device (fused AdamW's
         found_inf, the EMA's `applied`) and the host reads the step's flags when the next step has been queued:
         no host sync per step."""
+        logs, finite, ok = self.reduce_and_clip(logs)
+        self.updating = True  # until the counters move, a checkpoint would mix two steps
+        if self.scaler.is_enabled():
+            self.update_on_host(finite)
+        else:
+            conditional_step(self.optimizer, self.ema, self.model, ok)
+        return self.end_step(logs, finite)
+
+    def reduce_and_clip(self, logs: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """The logs averaged over ranks, with the gradient norm and "skipped"; the gradients unscaled and clipped.
+        Returns (logs, finite: [loss finite, gradients finite], ok: both)."""
         keys = sorted(logs)
         logs = dict(zip(keys, self.dist.mean(torch.stack([logs[k] for k in keys])).unbind()))
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
         finite = torch.stack([logs["loss"].isfinite(), grad_norm.isfinite()])
         ok = finite.all()
-        self.updating = True  # until the counters move, a checkpoint would mix two steps
-        if self.scaler.is_enabled():
-            self.update_on_host(finite)
-        else:
-            conditional_step(self.optimizer, self.ema, self.model, ok)
+        return {**logs, "grad_norm": grad_norm.detach().float(), "skipped": (~ok).float()}, finite, ok
+
+    def end_step(self, logs: dict, finite: torch.Tensor) -> dict:
+        """The host's side of a step whose update has been queued (or, fp16, done): its flags kept to be read when
+        the next step has been queued, the counters advanced."""
+        if not self.scaler.is_enabled():
             self.pending_steps.append((self.step + 1, HostCopy(finite)))
         self.step += 1
         self.batch_in_epoch += 1
         self.count_steps(keep_last=True)
         self.updating = False
-        return {**logs, "grad_norm": grad_norm.detach().float(), "skipped": (~ok).float()}
+        return logs
 
     def update_on_host(self, finite: torch.Tensor) -> None:
         """The step decided on the host (a sync), with fp16: the loss scaler has its own say."""
@@ -629,6 +698,8 @@ class Trainer:
         self.bad_in_a_row = state.get("bad_in_a_row", 0)
         self.pending_steps.clear()
         self.counted_step = self.step
+        if self.step_graph is not None:  # the optimizer's state tensors are new ones: capture again
+            self.step_graph.reset()
         set_rng_state(state["rng"])
         saved = state["config"]
         same_request = (saved.get("micro_batch") == self.config.micro_batch
@@ -731,6 +802,7 @@ class Trainer:
         # equal up to rounding); noted, since config.json now holds this command's
         data_on = "host" if self.images_on_host else "device"
         for flag, key, now in (("--backend", "backend", self.backend), ("--compile", "compile", self.config.compile),
+                               ("--cuda-graphs", "cuda_graphs", self.config.cuda_graphs),
                                ("--checkpointing", "checkpointing", self.checkpointing),
                                ("--channels-last", "channels_last", self.channels_last),
                                ("--data-on", "data_on", data_on)):
@@ -749,6 +821,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"], group["weight_decay"] = config.lr, config.weight_decay
         self.ema.decay, self.ema.warmup = config.ema_decay, config.ema_warmup
+        if self.step_graph is not None:  # a captured step holds the old values
+            self.step_graph.reset()
         after = {"--lr": config.lr, "--weight-decay": config.weight_decay, "--ema-decay": config.ema_decay,
                  "--ema-warmup": config.ema_warmup}
         return [(flag, before[flag], after[flag]) for flag in before if before[flag] != after[flag]]

@@ -82,6 +82,7 @@ def test_train_defaults_are_the_seeds_recipe(monkeypatch, tmp_path):
     (["train", "--preset", "tiny", "--sample-steps", "0"], "--sample-steps must be a positive integer, got 0"),
     (["train", "--preset", "tiny", "--seed", "-3"], "--seed must be an integer in [0, 4294967295], got -3"),
     (["train", "--preset", "tiny", "--run-dir", "/etc/passwd"], "--run-dir /etc/passwd is a file"),
+    (["train", "--preset", "tiny", "--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device"),
     (["train", "--backend", "foo"], "invalid choice: 'foo'"),  # argparse's errors too: one line, no usage block
     (["train", "--memory-budget", "6.8"], "memory size '6.8' has no unit"),
     (["memory", "--budget", "-1"], "memory size '-1' must be positive"),

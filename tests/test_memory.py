@@ -92,6 +92,14 @@ def test_resident_dataset_is_counted_as_other():
     assert result.peak_bytes == estimate(SMALL).peak_bytes + 100 * 3 * size * size
 
 
+def test_a_step_graph_adds_its_input_buffers_to_the_peak():
+    """--cuda-graphs: x0, noise (fp32) and t (int64) copied into the graph's static buffers, beside the batch."""
+    size, batch = SMALL_MODEL["image_size"], SMALL.batch_size
+    result = estimate(replace(SMALL, cuda_graphs=True))
+    assert result.peak_bytes == estimate(SMALL).peak_bytes + 2 * batch * 3 * size * size * 4 + batch * 8
+    assert "CUDA graph" in format_estimate(result)
+
+
 # ----------------------------------------------------------------------------------------------
 # Mechanics
 # ----------------------------------------------------------------------------------------------

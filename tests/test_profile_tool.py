@@ -69,6 +69,7 @@ def test_report_names_carry_the_settings_that_differ_from_the_defaults():
     assert name("train", "--backend", "triton", backend="triton") == "profile-train-triton"
     assert name("train", "--precision", "bf16", precision="bf16") == "profile-train-bf16"
     assert name("train", "--compile", compile=True) == "profile-train-compile"
+    assert name("train", "--cuda-graphs", cuda_graphs=True) == "profile-train-graphs"
     assert name("train", "--batch", "8") == "profile-train-batch8"
     assert name("train", "--objective", "paper") == "profile-train-paper"
     assert name("train", "--preset", "seed") == "profile-train-seed"

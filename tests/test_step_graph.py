@@ -1,0 +1,226 @@
+"""The training step as a CUDA graph (dream train --cuda-graphs, dream.step_graph.StepGraph).
+
+CPU: where it is refused, and the trainer's graph path (graph key, the capturable step body, the host's end of the
+step) driven through a stand-in that runs the body uncaptured: bitwise the plain step's result, a non-finite step
+included. CUDA: graphed training against plain training step by step (dropout on: the graph's random numbers
+must be the plain step's), a recapture at the epoch where DREAM starts, a non-finite batch skipped inside a
+replay, and no host sync in the replayed steps.
+"""
+import types
+
+import pytest
+import torch
+
+from dream.errors import DreamError
+from dream.step_graph import CaptureFailed, StepGraph
+from dream.train import LogWindow, Trainer, check_cuda_graphs
+from conftest import ON_GPU
+
+from test_trainer import small_config
+
+
+class Uncaptured:
+    """StepGraph's interface, without a capture: the body runs as called; the keys and resets are recorded, and
+    the second call of a key counts as its capture."""
+    warmup_steps, last_capture_seconds = 1, 0.0
+
+    def __init__(self, body):
+        self.body, self.keys, self.resets, self.captures = body, [], 0, 0
+
+    def __call__(self, key, *inputs):
+        self.keys.append(key)
+        self.captures += self.keys.count(key) == 2
+        return self.body(*inputs)
+
+    def reset(self):
+        self.resets += 1
+
+
+class FailingCapture(Uncaptured):
+    def __call__(self, key, *inputs):
+        raise CaptureFailed("RuntimeError: operation not permitted when stream is capturing")
+
+
+def test_a_step_that_cannot_be_captured_stops_in_one_line_with_the_state_untouched(tmp_path):
+    trainer = Trainer(small_config(tmp_path, precision="fp32"))
+    trainer.step_graph = FailingCapture(trainer.graphed_step_body)
+    before = trainer_state(trainer)
+    with pytest.raises(DreamError, match=r"^--cuda-graphs: the training step could not be captured as a CUDA "
+                                         r"graph \(RuntimeError: operation not permitted when stream is capturing\); "
+                                         r"train without --cuda-graphs$"):
+        trainer.train_step(next(iter(trainer.batches.epoch(0))))
+    assert not trainer.updating and trainer.step == 0
+    for a, b in zip(trainer_state(trainer), before):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def trainer_state(trainer):
+    """Every tensor a step changes: weights, EMA shadow and count, AdamW moments and step counts."""
+    state = [p.detach().clone() for p in trainer.model.parameters()]
+    state += [s.clone() for s in trainer.ema.shadow] + [trainer.ema.updates.clone()]
+    for per_param in trainer.optimizer.state.values():
+        state += [v.clone() for v in per_param.values()]
+    return state
+
+
+def test_cuda_graphs_on_a_cpu_is_refused_in_one_line(tmp_path):
+    with pytest.raises(DreamError, match=r"^--cuda-graphs needs a CUDA device; this run is on cpu$"):
+        Trainer(small_config(tmp_path, cuda_graphs=True, device="cpu"))
+
+
+@pytest.mark.parametrize("precision, world_size, message", [
+    ("fp16", 1, "--cuda-graphs does not work with --precision fp16"),
+    ("bf16", 2, "--cuda-graphs works in one process; this job has 2"),
+])
+def test_cuda_graphs_are_refused_where_the_step_cannot_be_captured(precision, world_size, message):
+    dist = types.SimpleNamespace(enabled=world_size > 1, world_size=world_size)
+    with pytest.raises(DreamError, match=message) as caught:
+        check_cuda_graphs(torch.device("cuda"), precision, dist)
+    assert caught.value.same_on_every_rank and "\n" not in str(caught.value)
+    check_cuda_graphs(torch.device("cuda"), "bf16", types.SimpleNamespace(enabled=False, world_size=1))
+
+
+def test_the_graph_path_of_a_step_gives_the_plain_steps_result_bitwise(tmp_path):
+    """CPU: the trainer's graph path (inputs drawn, body = gradients + clip + fused AdamW + EMA decided on the
+    device, the host's end of the step) run uncaptured, against the plain path; DREAM on from the second epoch,
+    dropout on, the second step's batch not finite (skipped by both). Same weights, EMA, AdamW state, logs and
+    counters; the graph key follows the epoch, each capture is logged (the first also said), and a load resets
+    the graph."""
+    overrides = {"image_size": 8, "base_channels": 16, "dropout": 0.1}
+    trainers = [Trainer(small_config(tmp_path / name, model_overrides=overrides, precision="fp32", data_count=8,
+                                     ema_warmup=True)) for name in ("plain", "graph")]
+    graph = trainers[1].step_graph = Uncaptured(trainers[1].graphed_step_body)
+    logs = {0: [], 1: []}
+    for epoch in (0, 1):
+        for i, trainer in enumerate(trainers):
+            trainer.epoch = epoch
+            for step, x0 in enumerate(trainer.batches.epoch(epoch)):
+                if epoch == 0 and step == 1:
+                    x0 = x0.clone()
+                    x0[0, 0, 0, 0] = float("nan")
+                logs[i].append({k: v.clone() for k, v in trainer.train_step(x0).items()})
+    assert [(k, micro, training) for k, micro, training in graph.keys] == [(0, 4, True)] * 2 + [(1, 4, True)] * 2
+    for plain, graphed in zip(logs[0], logs[1]):
+        assert plain.keys() == graphed.keys() and "finite" not in graphed
+        for key in plain:
+            torch.testing.assert_close(graphed[key], plain[key], rtol=0, atol=0, equal_nan=True)
+    assert [float(entry["skipped"]) for entry in logs[1]] == [0, 1, 0, 0]
+    for plain, graphed in zip(*map(trainer_state, trainers)):
+        torch.testing.assert_close(graphed, plain, rtol=0, atol=0)
+    for trainer in trainers:
+        trainer.count_steps()
+    assert [(t.step, t.skipped_steps, t.counted_step, t.updating) for t in trainers] == [(4, 1, 4, False)] * 2
+    captured = [(r["captures"], r["step"], r["epoch"]) for r in trainers[1].pending_records
+                if r.get("event") == "cuda_graph"]
+    assert captured == [(1, 1, 0), (2, 3, 1)]
+
+    trainers[1].load_state_dict(trainers[0].state_dict())
+    assert graph.resets == 1
+
+
+def cuda_trainer(run_dir, cuda_graphs=True, **overrides):
+    config = dict(model_overrides={"image_size": 16, "base_channels": 32, "dropout": 0.1}, data_count=16,
+                  batch_size=8, device="cuda", precision="fp32", cuda_graphs=cuda_graphs)
+    return Trainer(small_config(run_dir, **{**config, **overrides}))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_graphed_training_follows_plain_training_step_by_step(tmp_path, exact_fp32, monkeypatch):
+    """CUDA, triton backend, fp32 with TF32 off, dropout on: 5 steps of the standard objective (2 warm-up steps,
+    the capture, 2 replays), then 5 of DREAM (a second capture). Each step's loss and gradient norm, and at the
+    end every weight, EMA and AdamW tensor, match the plain trainer's (cuDNN may pick other algorithms: 1e-4)."""
+    monkeypatch.setattr("dream.train.use_fast_math", lambda: None)
+    plain, graphed = cuda_trainer(tmp_path / "plain", cuda_graphs=False), cuda_trainer(tmp_path / "graphed")
+    batches = [x0 for x0 in plain.batches.epoch(0)]
+    for epoch in (0, 1):
+        for step in range(5):
+            results = []
+            for trainer in (plain, graphed):
+                trainer.epoch = epoch
+                results.append(trainer.train_step(batches[step % len(batches)]))
+            for key in ("loss", "grad_norm", "skipped"):
+                torch.testing.assert_close(results[1][key], results[0][key], rtol=1e-4, atol=1e-6,
+                                           msg=f"epoch {epoch} step {step}: {key}")
+    assert graphed.step_graph.captures == 2 and graphed.step_graph.captured
+    for a, b in zip(trainer_state(graphed), trainer_state(plain)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_a_non_finite_batch_is_skipped_inside_a_replay(tmp_path):
+    """CUDA, bf16: past the capture, a batch with a NaN leaves weights, EMA and AdamW state as they were, is
+    counted as skipped a step later, and the next finite batch steps again."""
+    graphed = cuda_trainer(tmp_path, precision="bf16")
+    x0 = next(iter(graphed.batches.epoch(0)))
+    for _ in range(graphed.step_graph.warmup_steps + 1):
+        graphed.train_step(x0)
+    assert graphed.step_graph.captured
+    before = trainer_state(graphed)
+    bad = x0.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    assert float(graphed.train_step(bad)["skipped"]) == 1
+    for a, b in zip(trainer_state(graphed), before):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert float(graphed.train_step(x0)["skipped"]) == 0
+    graphed.count_steps()
+    assert graphed.skipped_steps == 1 and graphed.step_graph.captures == 1
+    assert any(not torch.equal(a, b) for a, b in zip(graphed.model.parameters(), before))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA's sync debug mode needs a GPU")
+def test_replayed_steps_make_no_host_sync(tmp_path):
+    """CUDA, the default precision (bf16), channels_last: replayed steps with their log window raise nothing under
+    torch.cuda.set_sync_debug_mode("error"), and each replays one graph."""
+    trainer = Trainer(small_config(tmp_path, data_count=24, device="cuda", cuda_graphs=True))
+    trainer.epoch = 2
+    batches, window = trainer.batches.epoch(0), LogWindow()
+    for _ in range(trainer.step_graph.warmup_steps + 1):
+        window.add(trainer.train_step(next(batches)))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            window.add(trainer.train_step(next(batches)))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert window.values()["logged_steps"] == 5 and trainer.step_graph.captures == 1
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_step_graph_warms_up_captures_replays_and_captures_again_for_a_new_key():
+    """StepGraph alone: 2 eager calls, then a capture whose replays read new input values and draw fresh random
+    numbers, as eager calls seeded alike would; outputs are clones; a new key captures again."""
+    calls = []
+    state = torch.zeros(4, device="cuda")
+
+    def body(x):
+        calls.append(torch.cuda.is_current_stream_capturing())
+        state.add_(x)  # state read and written in place, as the trainer's parameters
+        return {"y": state * 2 + torch.rand_like(x)}
+
+    graph = StepGraph(body, torch.device("cuda"))
+    outputs = []
+    for i in range(5):
+        torch.manual_seed(i)
+        outputs.append(graph("a", torch.full((4,), float(i), device="cuda"))["y"])
+    assert calls == [False, False, True] and graph.captures == 1
+    expected_state = torch.zeros(4, device="cuda")
+    for i, y in enumerate(outputs):
+        expected_state += i
+        torch.manual_seed(i)
+        torch.testing.assert_close(y, expected_state * 2 + torch.rand(4, device="cuda"), rtol=0, atol=0)
+    assert outputs[3].data_ptr() != outputs[4].data_ptr()
+    graph("b", torch.ones(4, device="cuda"))
+    assert not graph.captured and graph.captures == 1
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_step_graph_says_in_one_line_what_could_not_be_captured():
+    graph = StepGraph(lambda x: {"y": x * float(x.sum())}, torch.device("cuda"), warmup_steps=1)  # a host read
+    x = torch.ones(4, device="cuda")
+    graph("a", x)
+    with pytest.raises(CaptureFailed) as caught:
+        graph("a", x)
+    assert "\n" not in str(caught.value) and not graph.captured
+    torch.cuda.synchronize()
+    assert float((x * 2).sum()) == 8  # CUDA still usable
