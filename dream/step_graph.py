@@ -53,6 +53,10 @@ class StepGraph:
     def captured(self) -> bool:
         return self.graph is not None
 
+    def will_replay(self, key: Hashable) -> bool:
+        """Whether a call with this key replays a graph captured before (rather than running body in Python)."""
+        return self.graph is not None and key == self.key
+
     def __call__(self, key: Hashable, *inputs: torch.Tensor) -> dict:
         if key != self.key:
             self.reset()

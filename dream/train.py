@@ -512,10 +512,11 @@ class Trainer:
                 if self.step_graph is None:
                     logs = self.accumulate_gradients(x0, t, noise)
                     break
-                self.updating = True  # the graph (or its warm-up) steps the optimizer and the EMA
-                captures = self.step_graph.captures
+                key = self.graph_key()
+                self.updating = self.step_graph.will_replay(key)  # a replay steps the optimizer and the EMA (an
+                captures = self.step_graph.captures              # uncaptured body says so itself)
                 try:
-                    logs = self.step_graph(self.graph_key(), x0, t, noise)
+                    logs = self.step_graph(key, x0, t, noise)
                 except CaptureFailed as error:  # nothing ran: the state is the last step's
                     self.updating = False
                     raise DreamError(f"--cuda-graphs: the training step could not be captured as a CUDA graph "
@@ -548,6 +549,7 @@ class Trainer:
         """The device side of a step, all of it capturable: gradients, clipping, the optimizer and EMA step decided
         on the device; returns the logs and the step's finiteness flags."""
         logs, finite, ok = self.reduce_and_clip(self.accumulate_gradients(x0, t, noise))
+        self.updating = True  # (captured: from here the replays step; warm-up: as apply_update)
         conditional_step(self.optimizer, self.ema, self.model, ok)
         return {**logs, "finite": finite}
 

@@ -35,6 +35,9 @@ class Uncaptured:
     def reset(self):
         self.resets += 1
 
+    def will_replay(self, key):
+        return False
+
 
 class FailingCapture(Uncaptured):
     def __call__(self, key, *inputs):
@@ -204,6 +207,7 @@ def test_step_graph_warms_up_captures_replays_and_captures_again_for_a_new_key()
         torch.manual_seed(i)
         outputs.append(graph("a", torch.full((4,), float(i), device="cuda"))["y"])
     assert calls == [False, False, True] and graph.captures == 1
+    assert graph.will_replay("a") and not graph.will_replay("b")
     expected_state = torch.zeros(4, device="cuda")
     for i, y in enumerate(outputs):
         expected_state += i
