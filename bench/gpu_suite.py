@@ -193,7 +193,8 @@ def stages(out: str, on_gpu: bool = True, device: str = "<gpu>") -> list[Stage]:
               + ", ".join(Path(t).name for t in tests) + ")",
               [PYTHON, "-m", "pytest", *tests, "-v", "-p", "no:cacheprovider", "-p", "bench.pytest_shard",
                "--maxfail=10", "-rfEs", f"--junitxml={logs}/tests-{{shard}}-junit.xml"],
-              {"DREAM_TEST_FIRST": "gpu-only,test_unet_backends.py,test_trainer.py,test_step_graph.py"}, shards=test_workers()),
+              {"DREAM_TEST_FIRST": "gpu-only,test_unet_backends.py,test_trainer.py,test_step_graph.py"},
+              shards=test_workers()),
         Stage("memory", 60, "6.8 GB budget of the seed step at batch 128",
               bench(["bench/test_memory_budget.py"], "bench-memory", out, logs, extra=["-s"])),
         Stage("train", 115, "seed objective training step (no compile; captured as a CUDA graph; with each step "

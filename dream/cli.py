@@ -257,7 +257,8 @@ def run_train(args) -> int:
     config = TrainConfig(
         run_dir=args.run_dir, preset=args.preset, model_overrides=model_overrides(args), backend=args.backend,
         checkpointing=args.checkpointing, compile=args.compile, cuda_graphs=args.cuda_graphs,
-        channels_last=args.channels_last, schedule=args.schedule, num_timesteps=args.timesteps, objective=args.objective,
+        channels_last=args.channels_last, schedule=args.schedule, num_timesteps=args.timesteps,
+        objective=args.objective,
         objective_config={"dream_start_epoch": args.dream_start_epoch, "lambda_max": args.lambda_max,
                           "alpha": args.alpha, "ramp_epochs": args.ramp_epochs,
                           "seed_separate_eps_forward": args.seed_separate_eps_forward,

@@ -37,7 +37,6 @@ class StepGraph:
         self.body, self.device, self.warmup_steps = body, device, warmup_steps
         self.stream = torch.cuda.Stream(device)
         self.captures = 0
-        self.capture_seconds = 0.0  # all captures'
         self.last_capture_seconds = 0.0
         self.reset()
 
@@ -85,10 +84,8 @@ class StepGraph:
 
     def _capture(self, inputs: tuple[torch.Tensor, ...]) -> None:
         start = time.perf_counter()
-        # static buffers laid out like the inputs (channels_last stays channels_last)
+        # static buffers laid out like the inputs (channels_last stays channels_last); the call fills them
         self.inputs = tuple(torch.empty_like(value) for value in inputs)
-        for static, value in zip(self.inputs, inputs):
-            static.copy_(value)
         graph = torch.cuda.CUDAGraph()
         try:
             # A private memory pool per capture, freed with its graph. torch.cuda.graph synchronizes and empties
@@ -106,4 +103,3 @@ class StepGraph:
         self.graph, self.outputs = graph, outputs
         self.captures += 1
         self.last_capture_seconds = time.perf_counter() - start
-        self.capture_seconds += self.last_capture_seconds
