@@ -44,6 +44,15 @@ class FailingCapture(Uncaptured):
         raise CaptureFailed("RuntimeError: operation not permitted when stream is capturing")
 
 
+def trainer_state(trainer):
+    """Every tensor a step changes: weights, EMA shadow and count, AdamW moments and step counts."""
+    state = [p.detach().clone() for p in trainer.model.parameters()]
+    state += [s.clone() for s in trainer.ema.shadow] + [trainer.ema.updates.clone()]
+    for per_param in trainer.optimizer.state.values():
+        state += [v.clone() for v in per_param.values()]
+    return state
+
+
 def test_a_step_that_cannot_be_captured_stops_in_one_line_with_the_state_untouched(tmp_path):
     trainer = Trainer(small_config(tmp_path, precision="fp32"))
     trainer.step_graph = FailingCapture(trainer.graphed_step_body)
@@ -55,15 +64,6 @@ def test_a_step_that_cannot_be_captured_stops_in_one_line_with_the_state_untouch
     assert not trainer.updating and trainer.step == 0
     for a, b in zip(trainer_state(trainer), before):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-def trainer_state(trainer):
-    """Every tensor a step changes: weights, EMA shadow and count, AdamW moments and step counts."""
-    state = [p.detach().clone() for p in trainer.model.parameters()]
-    state += [s.clone() for s in trainer.ema.shadow] + [trainer.ema.updates.clone()]
-    for per_param in trainer.optimizer.state.values():
-        state += [v.clone() for v in per_param.values()]
-    return state
 
 
 def test_cuda_graphs_on_a_cpu_is_refused_in_one_line(tmp_path):
