@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture each step's device work (forward, backward, clipping, AdamW, EMA) as one CUDA "
                         "graph and replay it: no per-kernel launch cost on the host. CUDA, bf16 or fp32, one "
-                        "process; the first 2 steps of each epoch run plain (warm-up), then it is captured")
+                        "process; 2 plain warm-up steps, then the capture, and again where the objective "
+                        "changes with the epoch (seed: DREAM's start and each epoch of its ramp)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format for the model (default: on CUDA, where cuDNN runs NHWC)")
     p.add_argument("--objective", default="seed", choices=["standard", "seed", "paper"],

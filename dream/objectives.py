@@ -95,9 +95,14 @@ def standard(model, diffusion, x0, epoch, config, t=None, noise=None, backward=N
     return loss, {"loss": loss.detach(), "loss_standard": loss.detach()}
 
 
+def seed_ramp(epoch: float, config: ObjectiveConfig) -> float:
+    """min(epoch / ramp_epochs, 1): how far the seed objective's lambda_t has ramped up at this epoch."""
+    return min(epoch / config.ramp_epochs, 1.0)
+
+
 def seed_lambda(t: torch.Tensor, epoch: float, config: ObjectiveConfig, num_timesteps: int) -> torch.Tensor:
     """lambda_t = lambda_max * (t / T) * min(epoch / ramp_epochs, 1)   (lambda_min = 0)."""
-    return config.lambda_max * (t.float() / num_timesteps) * min(epoch / config.ramp_epochs, 1.0)
+    return config.lambda_max * (t.float() / num_timesteps) * seed_ramp(epoch, config)
 
 
 def seed(model, diffusion, x0, epoch, config, t=None, noise=None, backward=None):
@@ -161,6 +166,20 @@ OBJECTIVES = {"standard": standard, "seed": seed, "paper": paper}
 OBJECTIVE_SETTINGS = {"standard": (),
                       "seed": ("dream_start_epoch", "lambda_max", "alpha", "ramp_epochs", "seed_separate_eps_forward"),
                       "paper": ("paper_power", "paper_loss")}
+
+
+# What each objective computes from the epoch, as a hashable phase: two epochs with equal phases run the same
+# computation on the same inputs (a training step captured as a CUDA graph in one epoch is replayed in the other).
+EPOCH_PHASES = {"standard": lambda epoch, config: (),
+                "seed": lambda epoch, config: (("standard",) if epoch < config.dream_start_epoch
+                                               else ("dream", seed_ramp(epoch, config))),
+                "paper": lambda epoch, config: ()}
+
+
+def epoch_phase(name: str, epoch: int, config: ObjectiveConfig) -> tuple:
+    """The phase of objective `name` at this epoch (EPOCH_PHASES): the seed objective's changes at its DREAM start
+    and at each epoch of its ramp, then stays; the others' never change."""
+    return EPOCH_PHASES[name](epoch, config)
 
 
 def get_objective(name: str):

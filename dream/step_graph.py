@@ -7,10 +7,10 @@ device side of a step) three ways, by how often the current key has been seen:
   algorithm choice, cuBLAS workspaces, the optimizer's lazily made state);
 - the next call copies its inputs into static buffers, captures body on them, then replays the graph;
 - later calls copy their inputs into the static buffers and replay.
-The key names what the captured work depends on besides the inputs' values (the trainer's: epoch, micro-batch,
-training mode): a new key drops the graph and warms up again. Everything else the graph reads (parameters,
-gradients, optimizer and EMA state) it reads in place, so it must be replaced only in place: after a load that
-swaps tensors (an optimizer's load_state_dict) call reset().
+The key names what the captured work depends on besides the inputs' values (the trainer's: the objective's epoch
+phase, micro-batch, training mode): a new key drops the graph and warms up again. Everything else the graph reads
+(parameters, gradients, optimizer and EMA state) it reads in place, so it must be replaced only in place: after a
+load that swaps tensors (an optimizer's load_state_dict) call reset().
 
 Random numbers drawn inside body come from the default CUDA generator, graph-safe: each replay reads the
 generator's seed and offset as they are then (after a torch.manual_seed too), so a replay draws what the

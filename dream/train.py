@@ -48,7 +48,7 @@ from dream.files import LOCK_FILE, atomic_file, atomic_write_text, folder_lock, 
 from dream.math_flags import use_fast_math
 from dream.model import (PRECISION_DTYPES, PRECISIONS, UNet, autocast_for, check_backend_device, make_config,
                          policies_for_backend, resolve_channels_last)
-from dream.objectives import OBJECTIVE_SETTINGS, ObjectiveConfig, get_objective
+from dream.objectives import OBJECTIVE_SETTINGS, ObjectiveConfig, epoch_phase, get_objective
 from dream.sample import image_done
 from dream.seeding import check_seed, mixed_seed
 from dream.step_graph import CaptureFailed, StepGraph
@@ -70,7 +70,7 @@ class TrainConfig:
     checkpointing: str = "none"  # activation checkpointing: none | attention | resblocks | all | auto
     # (auto: with a memory budget, the least recomputation whose whole-batch step fits; else none)
     compile: bool = False
-    cuda_graphs: bool = False  # the device side of each step captured once (per epoch) and replayed
+    cuda_graphs: bool = False  # the device side of each step captured once (per objective phase), replayed
     channels_last: bool | None = None  # None: on CUDA
     # diffusion and objective
     schedule: str = "cosine"
@@ -535,15 +535,17 @@ class Trainer:
         graph = self.step_graph
         fields = dict(event="cuda_graph", captures=graph.captures, capture_s=round(graph.last_capture_seconds, 3))
         if graph.captures == 1:
-            self.note(f"training step captured as a CUDA graph in {graph.last_capture_seconds:.1f} s (again at each "
-                      f"epoch, after {graph.warmup_steps} plain warm-up steps)", **fields)
+            again = (f" (again, after {graph.warmup_steps} plain warm-up steps, at DREAM's start and at each epoch of "
+                     f"its ramp)" if self.config.objective == "seed" else "")
+            self.note(f"training step captured as a CUDA graph in {graph.last_capture_seconds:.1f} s{again}", **fields)
         elif self.dist.is_main:
             self.log({**fields, "step": self.step, "epoch": self.epoch})
 
     def graph_key(self) -> tuple:
-        """What the captured step depends on besides its inputs' values: the objective's epoch (DREAM's start and
-        ramp), the micro-batches, dropout on or off."""
-        return self.epoch, self.micro_batch, self.model.training
+        """What the captured step depends on besides its inputs' values: the objective's phase (what it computes
+        from the epoch: the seed objective's DREAM start and ramp), the micro-batches, dropout on or off."""
+        return epoch_phase(self.config.objective, self.epoch, self.objective_config), self.micro_batch, \
+            self.model.training
 
     def graphed_step_body(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> dict:
         """The device side of a step, all of it capturable: gradients, clipping, the optimizer and EMA step decided

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dream.diffusion import GaussianDiffusion
-from dream.objectives import OBJECTIVES, ObjectiveConfig, get_objective
+from dream.objectives import EPOCH_PHASES, OBJECTIVES, ObjectiveConfig, epoch_phase, get_objective
 
 T = 1000
 
@@ -85,7 +85,7 @@ def check(loss, expected, model):
 
 
 def test_registry():
-    assert set(OBJECTIVES) == {"standard", "seed", "paper"}
+    assert set(OBJECTIVES) == {"standard", "seed", "paper"} == set(EPOCH_PHASES)
     with pytest.raises(ValueError, match="objective"):
         get_objective("dreamier")
 
@@ -164,6 +164,35 @@ def test_early_backward_gives_the_same_gradients(name, epoch):
     torch.testing.assert_close(loss_early, loss.detach())
     for p, g in zip(model.parameters(), reference):
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_epochs_of_one_phase_compute_the_same_and_phases_differ(name):
+    """epoch_phase is all an objective takes from the epoch (a CUDA graph captured in one epoch is replayed in the
+    others of its phase): epochs of one phase give bitwise the same loss, logs and gradients; epochs of the seed
+    objective's different phases give different losses. The start epoch and ramp are not the defaults."""
+    config = ObjectiveConfig(dream_start_epoch=3, ramp_epochs=2.5, lambda_max=0.9)
+    model, d = ToyEps(), GaussianDiffusion()
+    x0, noise, t = inputs()
+    by_phase = {}
+    for epoch in range(9):
+        loss, logs = OBJECTIVES[name](model, d, x0, epoch, config, t=t, noise=noise)
+        result = [loss.detach(), *(logs[k] for k in sorted(logs)), *grads(model, loss)]
+        by_phase.setdefault(epoch_phase(name, epoch, config), []).append(result)
+    for results in by_phase.values():
+        for other in results[1:]:
+            for a, b in zip(other, results[0]):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if name == "seed":  # standard (0-2), ramp 3/2.5 capped at 1 from epoch 3 on: two phases
+        assert list(by_phase) == [("standard",), ("dream", 1.0)]
+        config = ObjectiveConfig(dream_start_epoch=1, ramp_epochs=4.0)
+        phases = [epoch_phase(name, epoch, config) for epoch in range(7)]
+        assert phases == [("standard",), ("dream", 0.25), ("dream", 0.5), ("dream", 0.75)] + [("dream", 1.0)] * 3
+        losses = {phase: OBJECTIVES[name](model, d, x0, epoch, config, t=t, noise=noise)[0].item()
+                  for epoch, phase in enumerate(phases)}
+        assert len(set(losses.values())) == 5
+    else:
+        assert list(by_phase) == [()]
 
 
 @pytest.mark.parametrize("name,separate,expected", [

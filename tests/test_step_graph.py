@@ -3,7 +3,7 @@
 CPU: where it is refused, and the trainer's graph path (graph key, the capturable step body, the host's end of the
 step) driven through a stand-in that runs the body uncaptured: bitwise the plain step's result, a non-finite step
 included. CUDA: graphed training against plain training step by step (dropout on: the graph's random numbers
-must be the plain step's), a recapture at the epoch where DREAM starts, a non-finite batch skipped inside a
+must be the plain step's), recaptures at DREAM's start and along its ramp, a non-finite batch skipped inside a
 replay, and no host sync in the replayed steps.
 """
 import types
@@ -37,6 +37,28 @@ class Uncaptured:
 
     def will_replay(self, key):
         return False
+
+
+class ReplaysAtCapture(Uncaptured):
+    """As Uncaptured, but a replay runs the body at the epoch of its capture, as a CUDA graph does: what the step
+    computes from the trainer's epoch is fixed when it is captured, so a graph key that misses a dependence on the
+    epoch gives other results than the plain step."""
+
+    def __init__(self, trainer):
+        super().__init__(trainer.graphed_step_body)
+        self.trainer, self.capture_epochs = trainer, {}
+
+    def __call__(self, key, *inputs):
+        self.keys.append(key)
+        if self.keys.count(key) == 2:
+            self.captures += 1
+            self.capture_epochs[key] = self.trainer.epoch
+        epoch = self.trainer.epoch
+        self.trainer.epoch = self.capture_epochs.get(key, epoch)
+        try:
+            return self.body(*inputs)
+        finally:
+            self.trainer.epoch = epoch
 
 
 class FailingCapture(Uncaptured):
@@ -85,16 +107,17 @@ def test_cuda_graphs_are_refused_where_the_step_cannot_be_captured(precision, wo
 
 def test_the_graph_path_of_a_step_gives_the_plain_steps_result_bitwise(tmp_path):
     """CPU: the trainer's graph path (inputs drawn, body = gradients + clip + fused AdamW + EMA decided on the
-    device, the host's end of the step) run uncaptured, against the plain path; DREAM on from the second epoch,
-    dropout on, the second step's batch not finite (skipped by both). Same weights, EMA, AdamW state, logs and
-    counters; the graph key follows the epoch, each capture is logged (the first also said), and a load resets
-    the graph."""
+    device, the host's end of the step) run uncaptured, replays at the epoch of their capture, against the plain
+    path; DREAM on from the second epoch with a two-epoch ramp, dropout on, the second step's batch not finite
+    (skipped by both). Same weights, EMA, AdamW state, logs and counters; the graph key follows the objective's
+    phase (captures in epochs 0, 1 and 2; epoch 3 replays epoch 2's), each capture is logged (the first also
+    said), and a load resets the graph."""
     overrides = {"image_size": 8, "base_channels": 16, "dropout": 0.1}
     trainers = [Trainer(small_config(tmp_path / name, model_overrides=overrides, precision="fp32", data_count=8,
-                                     ema_warmup=True)) for name in ("plain", "graph")]
-    graph = trainers[1].step_graph = Uncaptured(trainers[1].graphed_step_body)
+                                     ema_warmup=True, epochs=4)) for name in ("plain", "graph")]
+    graph = trainers[1].step_graph = ReplaysAtCapture(trainers[1])
     logs = {0: [], 1: []}
-    for epoch in (0, 1):
+    for epoch in range(4):
         for i, trainer in enumerate(trainers):
             trainer.epoch = epoch
             for step, x0 in enumerate(trainer.batches.epoch(epoch)):
@@ -102,20 +125,21 @@ def test_the_graph_path_of_a_step_gives_the_plain_steps_result_bitwise(tmp_path)
                     x0 = x0.clone()
                     x0[0, 0, 0, 0] = float("nan")
                 logs[i].append({k: v.clone() for k, v in trainer.train_step(x0).items()})
-    assert [(k, micro, training) for k, micro, training in graph.keys] == [(0, 4, True)] * 2 + [(1, 4, True)] * 2
+    phases = [("standard",), ("dream", 0.5), ("dream", 1.0), ("dream", 1.0)]
+    assert graph.keys == [(phase, 4, True) for phase in phases for _ in range(2)]
     for plain, graphed in zip(logs[0], logs[1]):
         assert plain.keys() == graphed.keys() and "finite" not in graphed
         for key in plain:
             torch.testing.assert_close(graphed[key], plain[key], rtol=0, atol=0, equal_nan=True)
-    assert [float(entry["skipped"]) for entry in logs[1]] == [0, 1, 0, 0]
+    assert [float(entry["skipped"]) for entry in logs[1]] == [0, 1, 0, 0, 0, 0, 0, 0]
     for plain, graphed in zip(*map(trainer_state, trainers)):
         torch.testing.assert_close(graphed, plain, rtol=0, atol=0)
     for trainer in trainers:
         trainer.count_steps()
-    assert [(t.step, t.skipped_steps, t.counted_step, t.updating) for t in trainers] == [(4, 1, 4, False)] * 2
+    assert [(t.step, t.skipped_steps, t.counted_step, t.updating) for t in trainers] == [(8, 1, 8, False)] * 2
     captured = [(r["captures"], r["step"], r["epoch"]) for r in trainers[1].pending_records
                 if r.get("event") == "cuda_graph"]
-    assert captured == [(1, 1, 0), (2, 3, 1)]
+    assert captured == [(1, 1, 0), (2, 3, 1), (3, 5, 2)]
 
     trainers[1].load_state_dict(trainers[0].state_dict())
     assert graph.resets == 1
@@ -130,12 +154,13 @@ def cuda_trainer(run_dir, cuda_graphs=True, **overrides):
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
 def test_graphed_training_follows_plain_training_step_by_step(tmp_path, exact_fp32, monkeypatch):
     """CUDA, triton backend, fp32 with TF32 off, dropout on: 5 steps of the standard objective (2 warm-up steps,
-    the capture, 2 replays), then 5 of DREAM (a second capture). Each step's loss and gradient norm, and at the
-    end every weight, EMA and AdamW tensor, match the plain trainer's (cuDNN may pick other algorithms: 1e-4)."""
+    the capture, 2 replays), then 5 in each of DREAM's first three epochs (ramp 0.5, 1, 1: captures in the first
+    two, the third replays the second's graph). Each step's loss and gradient norm, and at the end every weight,
+    EMA and AdamW tensor, match the plain trainer's (cuDNN may pick other algorithms: 1e-4)."""
     monkeypatch.setattr("dream.train.use_fast_math", lambda: None)
     plain, graphed = cuda_trainer(tmp_path / "plain", cuda_graphs=False), cuda_trainer(tmp_path / "graphed")
     batches = [x0 for x0 in plain.batches.epoch(0)]
-    for epoch in (0, 1):
+    for epoch in range(4):
         for step in range(5):
             results = []
             for trainer in (plain, graphed):
@@ -144,7 +169,7 @@ def test_graphed_training_follows_plain_training_step_by_step(tmp_path, exact_fp
             for key in ("loss", "grad_norm", "skipped"):
                 torch.testing.assert_close(results[1][key], results[0][key], rtol=1e-4, atol=1e-6,
                                            msg=f"epoch {epoch} step {step}: {key}")
-    assert graphed.step_graph.captures == 2 and graphed.step_graph.captured
+    assert graphed.step_graph.captures == 3 and graphed.step_graph.captured
     for a, b in zip(trainer_state(graphed), trainer_state(plain)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
