@@ -17,7 +17,8 @@ setup(
         "triton": ["triton>=3.6"],
         "eval": ["torch-fidelity>=0.3"],
         "export": ["safetensors>=0.4"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.6", "torch-fidelity>=0.3", "safetensors>=0.4"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "triton>=3.6", "torch-fidelity>=0.3",
+                 "safetensors>=0.4"],
     },
     entry_points={"console_scripts": ["dream = dream.cli:main"]},
 )
