@@ -20,20 +20,17 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
 
 MAX_AUTO_WORKERS = 8  # each pytest-xdist worker imports torch and Triton (about half a GB)
-
-
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # set in each worker of `pytest -n`
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
     """`pytest -n auto` (pytest-xdist): one worker per CPU core, at most MAX_AUTO_WORKERS."""
-    return max(1, min(cpu_cores(), MAX_AUTO_WORKERS))
+    return min(os.cpu_count() or 1, MAX_AUTO_WORKERS)
 
 
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:  # the cores shared, not each worker on all of them
-    torch.set_num_threads(max(1, cpu_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+if XDIST_WORKERS > 1:  # the workers share the cores rather than each running a thread on every one
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // XDIST_WORKERS))
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
