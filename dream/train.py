@@ -535,8 +535,10 @@ class Trainer:
         graph = self.step_graph
         fields = dict(event="cuda_graph", captures=graph.captures, capture_s=round(graph.last_capture_seconds, 3))
         if graph.captures == 1:
-            again = (f" (again, after {graph.warmup_steps} plain warm-up steps, at DREAM's start and at each epoch of "
-                     f"its ramp)" if self.config.objective == "seed" else "")
+            changes = len({epoch_phase(self.config.objective, epoch, self.objective_config)
+                           for epoch in range(self.epoch, self.config.epochs)}) - 1
+            again = (f" (again, after {graph.warmup_steps} plain warm-up steps, at each of the {changes} later "
+                     f"epochs where the objective changes)" if changes else "")
             self.note(f"training step captured as a CUDA graph in {graph.last_capture_seconds:.1f} s{again}", **fields)
         elif self.dist.is_main:
             self.log({**fields, "step": self.step, "epoch": self.epoch})
