@@ -181,7 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_autotune_flag(p)
 
-    p = commands.add_parser("sample", help="generate images from a checkpoint")
+    p = commands.add_parser("sample", help="generate images from a checkpoint",
+                            description="Generate images from a checkpoint as numbered PNGs; rerunning goes on where "
+                                        "it stopped. On several GPUs: torchrun --nproc-per-node N -m dream sample ... "
+                                        "(the processes share the batches out; the images are the same).")
     from dream.sample import add_sampling_arguments
 
     add_sampling_arguments(p, count=64, batch_size=64, backend="auto", backends=["auto", "eager", "sdpa", "triton"],
@@ -189,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples", help="output folder for PNGs and grid.png")
     add_autotune_flag(p)
 
-    p = commands.add_parser("eval", help="sample N images and compute FID, IS and KID (torch-fidelity)")
+    p = commands.add_parser("eval", help="sample N images and compute FID, IS and KID (torch-fidelity)",
+                            description="Sample N images with the EMA weights and score them with torch-fidelity "
+                                        "against the real set. On several GPUs: torchrun --nproc-per-node N -m dream "
+                                        "eval ... (the processes share the sampling; rank 0 scores the set).")
     from dream.evaluate import add_eval_arguments
 
     add_eval_arguments(p)
@@ -316,22 +322,28 @@ def run_export(args) -> int:
 def run_sample(args) -> int:
     import torch
 
+    from dream.distributed import agreed_setup, session
     from dream.sample import parse_graphs, sample_from_checkpoint
     from dream.train import resolve_backend, resolve_device
 
-    device = resolve_device(args.device)
-    report = sample_from_checkpoint(args.checkpoint, args.out, count=args.count, sampler=args.sampler,
-                                    steps=args.steps, eta=args.eta, batch_size=args.batch_size, seed=args.seed,
-                                    device=device, use_ema=not args.no_ema,
-                                    backend=resolve_backend(args.backend, device),
-                                    dtype=torch.bfloat16 if args.bf16 else torch.float32,
-                                    progress=not args.no_progress,
-                                    graphs=parse_graphs(args.graphs),
-                                    steps_per_graph=args.steps_per_graph, compile=args.compile,
-                                    channels_last=args.channels_last)
+    with session(args.device) as dist:  # under torchrun: the batches shared out over the processes
+        with agreed_setup(dist):
+            device = resolve_device(args.device, dist)
+            backend = resolve_backend(args.backend, device)
+        report = sample_from_checkpoint(args.checkpoint, args.out, count=args.count, sampler=args.sampler,
+                                        steps=args.steps, eta=args.eta, batch_size=args.batch_size, seed=args.seed,
+                                        device=device, use_ema=not args.no_ema, backend=backend,
+                                        dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                                        progress=not args.no_progress,
+                                        graphs=parse_graphs(args.graphs),
+                                        steps_per_graph=args.steps_per_graph, compile=args.compile,
+                                        channels_last=args.channels_last, dist=dist)
+    if not dist.is_main:
+        return 0
     weights = "EMA" if report["ema"] else "raw"
     images = "image 0" if report["count"] == 1 else f"images 0-{report['count'] - 1}"
-    print(f"{report['out_dir']}: {images} ({report['made']} made now, "
+    processes = f" by {report['processes']} processes" if report["processes"] > 1 else ""
+    print(f"{report['out_dir']}: {images} ({report['made']} made now{processes}, "
           f"{report['count'] - report['made']} already there) from the {weights} weights of step {report['step']} "
           f"({report['checkpoint']}); grid {report['grid']}")
     return 0

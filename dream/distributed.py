@@ -1,11 +1,14 @@
-"""Multi-process training under torchrun: one process per device, DistributedDataParallel.
+"""Multi-process jobs under torchrun: one process per device.
 
     torchrun --nproc-per-node 8 -m dream train ...         (NCCL on GPUs; gloo with --device cpu)
+    torchrun --nproc-per-node 8 -m dream sample ...        (also dream eval)
 
-torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them training runs in one process and every
-function here is a no-op. Rank 0 does all file I/O (checkpoints, logs, sample grids, the progress bar).
-Each rank sees batch_size / world_size images of every global batch, so the effective batch and the
-data order (and hence the result, up to floating-point summation order) do not depend on world_size.
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them a command runs in one process and every
+function here is a no-op. Training runs DistributedDataParallel: rank 0 does all file I/O (checkpoints,
+logs, sample grids, the progress bar), and each rank sees batch_size / world_size images of every global
+batch, so the effective batch and the data order (and hence the result, up to floating-point summation
+order) do not depend on world_size. Sampling deals the batches still to make out to the ranks; each
+batch's images depend on the seed and the batch's index alone, so the set does not depend on world_size.
 """
 from __future__ import annotations
 
@@ -86,9 +89,68 @@ class Distributed:
         dist.all_reduce(flags, op=dist.ReduceOp.SUM)
         return [bool(value) for value in flags.tolist()]
 
+    def sum(self, value: int, device) -> int:
+        """The sum of an int over ranks, on every rank."""
+        if not self.enabled:
+            return value
+        tensor = torch.full((1,), value, dtype=torch.int64, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return int(tensor.item())
+
+    def share(self, value):
+        """Rank 0's value (any picklable object) on every rank."""
+        if not self.enabled:
+            return value
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+    def leave(self) -> None:
+        """Leave the process group once every rank is here: what follows runs in each process alone (rank 0's
+        FID computation, say, which would otherwise hold the others in a collective for its whole length)."""
+        if self.enabled and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+SETUP_ERRORS = (DreamError, ValueError, OSError, KeyboardInterrupt)  # (KeyboardInterrupt: also SIGTERM)
+
+
+def agree_on_setup(d: Distributed, failure: BaseException | None) -> None:
+    """Raise this rank's setup error (None: it has none) so that each is reported once. Under torchrun the
+    ranks first tell each other whether they failed: when every rank failed (a bad flag, shared data), rank 0
+    alone reports its error; when some did, each of those reports its own and rank 0 names them. A ValueError
+    (a bad model setting, a backend that cannot run here) becomes a one-line DreamError. A signal (Ctrl-C,
+    SIGTERM) is shared the same way."""
+    if isinstance(failure, ValueError):
+        failure = DreamError(str(failure))
+    failed = d.gather_flags(failure is not None)
+    if failure is not None:
+        failure.same_on_every_rank = all(failed)
+        raise failure
+    if any(failed):
+        ranks = ", ".join(str(rank) for rank, flag in enumerate(failed) if flag)
+        raise DreamError(f"the process of rank {ranks} stopped during setup (its line says why)",
+                         same_on_every_rank=True)
+
+
+@contextmanager
+def agreed_setup(d: Distributed):
+    """`with agreed_setup(d):` around setup work that may fail on some ranks only (rank 0's alone, say): a
+    setup error (SETUP_ERRORS) is raised on every rank through agree_on_setup. In one process it is a no-op."""
+    if not d.enabled:
+        yield
+        return
+    failure = None
+    try:
+        yield
+    except SETUP_ERRORS as error:
+        failure = error
+    agree_on_setup(d, failure)
 
 
 def fingerprint_tensor(t: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:

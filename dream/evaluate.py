@@ -3,7 +3,8 @@ FID, IS and KID, computed by torch-fidelity.
 
   generated  N PNGs written by dream.sample.sample_images (resumable; CUDA graphs on a GPU) into
              <out>/samples; reruns reuse the images already there, and 5,000 images are the first
-             5,000 of 50,000 made with the same settings;
+             5,000 of 50,000 made with the same settings; under torchrun the processes share them out,
+             then rank 0 alone scores them;
   real       the checkpoint's training data by default (synthetic, a CelebA split or a folder, through
              dream.data.load_images), served as a Dataset of uint8 (3, H, W) tensors; its features and
              FID statistics are cached by torch-fidelity under <dream cache>/fidelity, so the real set is
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 from dream.checkpoint import require_checkpoint
+from dream.distributed import Distributed, agreed_setup
 from dream.errors import DreamError
 from dream.files import atomic_write_text, folder_problem
 from dream.sample import (add_sampling_arguments, checked_sampler, image_path, load_sampler_model, parse_graphs,
@@ -424,58 +426,68 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
              real_root: str | None = None, real_split: str | None = None, real_count: int | None = None,
              inception_weights: str | None = None, feature_extractor: str = INCEPTION, kid_subset_size: int = 1000,
              kid_subsets: int = 100, isc_splits: int = 10, metrics_batch_size: int = 64, cache_dir=None,
-             progress: bool = True) -> dict:
-    """Sample `count` images from `checkpoint` and score them; returns the report (also written as JSON)."""
+             progress: bool = True, dist: Distributed | None = None) -> dict | None:
+    """Sample `count` images from `checkpoint` and score them; returns the report (also written as JSON).
+
+    Under torchrun (`dist`) the ranks share the sampling out (see sample_images); rank 0 alone prepares the real
+    set, computes the metrics (the others leave the process group first and return None) and writes the report."""
     from dream.data import default_cache_dir
     from dream.train import resolve_backend, resolve_device
 
-    if count < 2:
-        raise DreamError(f"--count must be at least 2 for FID/IS/KID, got {count}")
-    for flag, value, least in (("--kid-subset-size", kid_subset_size, 2), ("kid_subsets", kid_subsets, 1),
-                               ("isc_splits", isc_splits, 1), ("--metrics-batch-size", metrics_batch_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise DreamError(f"{flag} must be an integer of at least {least}, got {value!r}")
-    metrics = tuple(metrics)
-    check_metrics(metrics)
-    check_seed(seed)
-    if out and Path(out).exists() and not Path(out).is_dir():
-        raise DreamError(f"--out {out} is a file; it must be a folder (new or holding an earlier evaluation)")
-    cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "fidelity"
-    problem = folder_problem(cache_root)  # made and written into now, not after hours of sampling
-    if problem:
-        what = f"--cache-dir {cache_dir}" if cache_dir else "the statistics cache"
-        raise DreamError(f"{what}: {problem}; pass another --cache-dir")
-    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    require_checkpoint(checkpoint)  # the cheap checks first, then the feature extractor's weights, before sampling
-    weights, weights_tag = resolve_feature_extractor(feature_extractor, inception_weights)
-    model, diffusion, state, identity = load_sampler_model(checkpoint, device, use_ema,
-                                                           resolve_backend(backend, device), compile, dtype,
-                                                           channels_last)
-    size = getattr(model, "_orig_mod", model).config.image_size
-    _, steps_run, eta_run = checked_sampler(diffusion, sampler, steps, eta)  # (ddpm: eta 0 or 1 both run as 1)
-    out_dir = Path(out) if out else default_out_dir(state["_path"], sampler, steps_run, eta_run, seed, dtype,
-                                                    batch_size, use_ema)
-    real_set = cache_name = real_images = known_real_count = None  # IS alone scores the samples by themselves
-    if "fid" in metrics or "kid" in metrics:
-        real_set = resolve_real_set(state["config"], real, real_root, real_split, real_count, exclude=[out_dir],
-                                    checkpoint=state["_path"])
-        cache_name = real_cache_name(real_set, size, weights_tag)
-        real_images = RealImages(real_set, size)
-        count_file = cache_root / f"{cache_name}-count.json"
-        discard_damaged_cache(cache_root, cache_name)
-        known_real_count = json.loads(count_file.read_text())["count"] if count_file.exists() else None
-        if known_real_count is None or not real_features_cached(cache_root, cache_name, feature_extractor, metrics):
-            known_real_count = len(real_images)  # loads it: a bad real set fails here, before sampling
-            check_real_count(real_set, known_real_count)
-            real_images._images = None  # not held through sampling (CelebA: 2 GB); read again from its cache
-            _atomic_json(count_file, {"count": known_real_count})
+    dist = dist or Distributed()
+    with agreed_setup(dist):  # a rank-0 failure (the real set, the caches) stops every rank, and is said once
+        if count < 2:
+            raise DreamError(f"--count must be at least 2 for FID/IS/KID, got {count}")
+        for flag, value, least in (("--kid-subset-size", kid_subset_size, 2), ("kid_subsets", kid_subsets, 1),
+                                   ("isc_splits", isc_splits, 1), ("--metrics-batch-size", metrics_batch_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise DreamError(f"{flag} must be an integer of at least {least}, got {value!r}")
+        metrics = tuple(metrics)
+        check_metrics(metrics)
+        check_seed(seed)
+        if out and Path(out).exists() and not Path(out).is_dir():
+            raise DreamError(f"--out {out} is a file; it must be a folder (new or holding an earlier evaluation)")
+        cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "fidelity"
+        problem = dist.is_main and folder_problem(cache_root)  # made and written into now, not after hours of sampling
+        if problem:
+            what = f"--cache-dir {cache_dir}" if cache_dir else "the statistics cache"
+            raise DreamError(f"{what}: {problem}; pass another --cache-dir")
+        device = resolve_device(device, dist) if isinstance(device, str) else torch.device(device)
+        require_checkpoint(checkpoint)  # the cheap checks first, then the feature extractor's weights, before sampling
+        weights = weights_tag = None
+        if dist.is_main:
+            weights, weights_tag = resolve_feature_extractor(feature_extractor, inception_weights)
+        model, diffusion, state, identity = load_sampler_model(checkpoint, device, use_ema,
+                                                               resolve_backend(backend, device), compile, dtype,
+                                                               channels_last)
+        size = getattr(model, "_orig_mod", model).config.image_size
+        _, steps_run, eta_run = checked_sampler(diffusion, sampler, steps, eta)  # (ddpm: eta 0 or 1 both run as 1)
+        out_dir = Path(out) if out else default_out_dir(state["_path"], sampler, steps_run, eta_run, seed, dtype,
+                                                        batch_size, use_ema)
+        real_set = cache_name = real_images = known_real_count = None  # IS alone scores the samples by themselves
+        if dist.is_main and ("fid" in metrics or "kid" in metrics):
+            real_set = resolve_real_set(state["config"], real, real_root, real_split, real_count, exclude=[out_dir],
+                                        checkpoint=state["_path"])
+            cache_name = real_cache_name(real_set, size, weights_tag)
+            real_images = RealImages(real_set, size)
+            count_file = cache_root / f"{cache_name}-count.json"
+            discard_damaged_cache(cache_root, cache_name)
+            known_real_count = json.loads(count_file.read_text())["count"] if count_file.exists() else None
+            if known_real_count is None or not real_features_cached(cache_root, cache_name, feature_extractor, metrics):
+                known_real_count = len(real_images)  # loads it: a bad real set fails here, before sampling
+                check_real_count(real_set, known_real_count)
+                real_images._images = None  # not held through sampling (CelebA: 2 GB); read again from its cache
+                _atomic_json(count_file, {"count": known_real_count})
     samples_dir = out_dir / "samples"
 
     start = time.perf_counter()
     sampling = sample_images(model, diffusion, count, samples_dir, sampler, steps, eta, batch_size, seed, dtype,
-                             progress, graphs=graphs, steps_per_graph=steps_per_graph, settings=identity)
+                             progress, graphs=graphs, steps_per_graph=steps_per_graph, settings=identity, dist=dist)
     sampling_seconds = time.perf_counter() - start
     del model
+    dist.leave()  # the metrics are rank 0's alone
+    if not dist.is_main:
+        return None
     # torch-fidelity moves its extractor and batches with a bare .cuda(): the current device is made ours
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         if device.type == "cuda":
@@ -496,7 +508,8 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
         "checkpoint": state["_path"], "step": state.get("step"), "ema": identity["ema"],
         "count": count, "made": sampling["made"], "sampler": sampling["sampler"], "steps": sampling["steps"],
         "eta": sampling["eta"], "seed": seed, "batch_size": batch_size, "dtype": sampling["dtype"],
-        "graphs": sampling["graphs"], "backend": resolve_backend(backend, device), "compile": compile,
+        "graphs": sampling["graphs"], "processes": sampling["processes"], "backend": resolve_backend(backend, device),
+        "compile": compile,
         "image_size": size, "samples_dir": str(samples_dir),
         "real": {**real_set, "images": known_real_count, "cache_name": cache_name} if real_set else None,
         "feature_extractor": feature_extractor, "feature_extractor_weights": weights,
@@ -579,16 +592,20 @@ def add_eval_arguments(p) -> None:
 
 
 def run_eval_command(args) -> int:
+    from dream.distributed import session
+
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-    report = evaluate(args.checkpoint, out=args.out, count=args.count, sampler=args.sampler, steps=args.steps,
-                      eta=args.eta, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                      backend=args.backend, dtype=torch.bfloat16 if args.bf16 else torch.float32,
-                      graphs=parse_graphs(args.graphs), steps_per_graph=args.steps_per_graph, compile=args.compile,
-                      channels_last=args.channels_last, use_ema=not args.no_ema, metrics=metrics, real=args.real,
-                      real_root=args.real_root,
-                      real_split=args.real_split, real_count=args.real_count, inception_weights=args.inception_weights,
-                      feature_extractor=args.feature_extractor, kid_subset_size=args.kid_subset_size,
-                      metrics_batch_size=args.metrics_batch_size, cache_dir=args.cache_dir,
-                      progress=not args.no_progress)
-    print(format_report(report))
+    with session(args.device) as dist:  # under torchrun: the sampling shared out over the processes
+        report = evaluate(args.checkpoint, out=args.out, count=args.count, sampler=args.sampler, steps=args.steps,
+                          eta=args.eta, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                          backend=args.backend, dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                          graphs=parse_graphs(args.graphs), steps_per_graph=args.steps_per_graph,
+                          compile=args.compile, channels_last=args.channels_last, use_ema=not args.no_ema,
+                          metrics=metrics, real=args.real, real_root=args.real_root, real_split=args.real_split,
+                          real_count=args.real_count, inception_weights=args.inception_weights,
+                          feature_extractor=args.feature_extractor, kid_subset_size=args.kid_subset_size,
+                          metrics_batch_size=args.metrics_batch_size, cache_dir=args.cache_dir,
+                          progress=not args.no_progress, dist=dist)
+    if report is not None:
+        print(format_report(report))
     return 0

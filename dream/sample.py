@@ -11,6 +11,7 @@ settings into the same folder is refused.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dream.checkpoint import load_model_for_sampling, weights_sha256
+from dream.distributed import Distributed, agreed_setup
 from dream.errors import DreamError
 from dream.files import atomic_file, atomic_write_text, folder_lock
 from dream.model import resolve_channels_last
@@ -192,10 +194,23 @@ def checked_sampler(diffusion, sampler: str, steps: int | None, eta: float) -> t
         raise DreamError(str(error)) from None
 
 
+def unfinished_batches(out_dir: Path, count: int, batch_size: int) -> list[tuple[int, list[int]]]:
+    """(b, the offsets in batch b of its images not yet whole in out_dir) for each batch of images
+    0 .. count-1 that has any."""
+    batches = []
+    for b in range(math.ceil(count / batch_size)):
+        first = b * batch_size
+        missing = [i for i in range(min(batch_size, count - first)) if not image_done(image_path(out_dir, first + i))]
+        if missing:
+            batches.append((b, missing))
+    return batches
+
+
 def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: str = "ddim", steps: int | None = None,
                   eta: float = 0.0, batch_size: int = 64, seed: int = 0, dtype: torch.dtype = torch.float32,
                   progress: bool = True, graphs: bool | None = None, steps_per_graph: int = 1,
-                  engine: SamplingEngine | None = None, settings: dict | None = None) -> dict:
+                  engine: SamplingEngine | None = None, settings: dict | None = None,
+                  dist: Distributed | None = None) -> dict:
     """Write images 0 .. count-1 as out_dir/<index>.png, batch by batch, skipping batches already written.
 
     Batch b starts from batch_noise(seed, b) and draws its step noise from the default generators seeded
@@ -203,46 +218,58 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
     (seed, b, batch_size, sampler settings) only. `steps`: DDIM steps (None: 50); the ddpm sampler runs all T
     and refuses any other number. `graphs`: None = CUDA graphs on a CUDA device.
     PNGs are encoded on a writer thread while the next batch is sampled. The folder is locked meanwhile (flock on
-    out_dir/.lock): another process sampling into it is refused."""
+    out_dir/.lock): another process sampling into it is refused.
+
+    Under torchrun (`dist`; each rank passes the model on its own device) rank 0 makes the folder, holds its lock
+    until every rank is done, checks its record and lists the unfinished batches; rank r makes entries r,
+    r + world_size, ... of that list, so a resumed set is shared out evenly too, and the images are those one
+    process makes. The report counts the images every rank made; the progress bar is rank 0's share."""
+    dist = dist or Distributed()
     check_counts(count, batch_size, steps_per_graph)
     check_seed(seed)
     sampler, steps, eta = checked_sampler(diffusion, sampler, steps, eta)
-    out_dir = prepare_out_dir(out_dir)
+    out_dir = Path(out_dir)
     device = next(model.parameters()).device
     config = getattr(model, "_orig_mod", model).config
     shape = (batch_size, config.in_channels, config.image_size, config.image_size)
-    try:
-        engine = engine or SamplingEngine(model, diffusion, graphs=graphs, steps_per_graph=steps_per_graph)
-        use_graphs = engine.use_graphs(device, graphs)
-    except ValueError as error:
-        raise DreamError(str(error)) from None
-    # one process at a time: two writing one set with different settings would mix them under one record
-    with folder_lock(out_dir, command="dream sample") as holder:
-        if holder is not None:
-            raise DreamError(f"{out_dir} is in use by another process ({holder}); let it finish or stop it, then "
-                             f"rerun (or use another output folder)")
-        # the step noise of ddpm and of ddim with eta > 0 comes from the device's generator (CPU and CUDA streams
-        # differ)
-        stochastic = {"noise_device": device.type} if sampler == "ddpm" or eta > 0 else {}
-        check_settings(out_dir, {"sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "batch_size": batch_size,
-                                 "dtype": str(dtype).removeprefix("torch."), "image_size": config.image_size,
-                                 **stochastic, **(settings or {})})
+    # the step noise of ddpm and of ddim with eta > 0 comes from the device's generator (CPU and CUDA streams differ)
+    stochastic = {"noise_device": device.type} if sampler == "ddpm" or eta > 0 else {}
+    with contextlib.ExitStack() as held:
+        plan = None
+        with agreed_setup(dist):
+            try:
+                engine = engine or SamplingEngine(model, diffusion, graphs=graphs, steps_per_graph=steps_per_graph)
+                use_graphs = engine.use_graphs(device, graphs)
+            except ValueError as error:
+                raise DreamError(str(error)) from None
+            if dist.is_main:
+                out_dir = prepare_out_dir(out_dir)
+                # one job at a time: two writing one set with different settings would mix them under one record
+                holder = held.enter_context(folder_lock(out_dir, command="dream sample"))
+                if holder is not None:
+                    raise DreamError(f"{out_dir} is in use by another process ({holder}); let it finish or stop "
+                                     f"it, then rerun (or use another output folder)")
+                check_settings(out_dir, {"sampler": sampler, "steps": steps, "eta": eta, "seed": seed,
+                                         "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch."),
+                                         "image_size": config.image_size, **stochastic, **(settings or {})})
+                plan = unfinished_batches(out_dir, count, batch_size)
+        plan = dist.share(plan)
+        mine = plan[dist.rank::dist.world_size]
         made, start = 0, time.perf_counter()
-        batches = math.ceil(count / batch_size)
-        bar = tqdm(total=count, desc=f"sampling ({sampler})", disable=not progress, unit="img")
+        if dist.enabled:
+            bar = tqdm(total=sum(len(missing) for _, missing in mine), unit="img",
+                       desc=f"sampling ({sampler}), rank 0's share of {dist.world_size}",
+                       disable=not progress or not dist.is_main)
+        else:
+            bar = tqdm(total=count, initial=count - sum(len(missing) for _, missing in plan), unit="img",
+                       desc=f"sampling ({sampler})", disable=not progress)
         # the plain loop (no graphs) also shows the steps of the batch under way: a batch can take minutes
         step_bar = tqdm(total=steps, desc="denoising steps", unit="step", leave=False,
-                        disable=not progress or use_graphs)
+                        disable=not progress or not dist.is_main or use_graphs)
         writer, pending = ThreadPoolExecutor(max_workers=1), None
         try:
             with torch.random.fork_rng(devices=_rng_devices(device)):
-                for b in range(batches):
-                    first = b * batch_size
-                    n = min(batch_size, count - first)
-                    missing = [i for i in range(n) if not image_done(image_path(out_dir, first + i))]
-                    if not missing:
-                        bar.update(n)
-                        continue
+                for b, missing in mine:
                     x_T = batch_noise(seed, b, shape, device)
                     torch.manual_seed(batch_step_seed(seed, b))
                     step_bar.reset()
@@ -258,9 +285,9 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
                     pixels = to_pixels(x[missing])  # waits for the batch
                     if pending is not None:
                         pending.result()
-                    pending = writer.submit(write_pngs, pixels, out_dir, [first + i for i in missing])
+                    pending = writer.submit(write_pngs, pixels, out_dir, [b * batch_size + i for i in missing])
                     made += len(missing)
-                    bar.update(n)
+                    bar.update(len(missing))
                     bar.set_postfix(img_s=f"{made / (time.perf_counter() - start):.2f}")
             if pending is not None:
                 pending.result()
@@ -268,9 +295,10 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
             writer.shutdown(wait=True)
             step_bar.close()
             bar.close()
+        made = dist.sum(made, device)  # (every rank is done before rank 0 lets the folder go)
         return {"count": count, "made": made, "out_dir": str(out_dir), "sampler": sampler, "steps": steps,
                 "eta": eta, "seed": seed, "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch."),
-                "graphs": use_graphs, "seconds": time.perf_counter() - start}
+                "graphs": use_graphs, "processes": dist.world_size, "seconds": time.perf_counter() - start}
 
 
 def read_sample(path: str | Path, size: int | None = None) -> torch.Tensor:
@@ -333,20 +361,23 @@ def sample_from_checkpoint(checkpoint: str, out_dir: str, count: int = 64, sampl
                            use_ema: bool = True, backend: str = "eager", dtype: torch.dtype = torch.float32,
                            grid: bool = True, progress: bool = True, graphs: bool | None = None,
                            steps_per_graph: int = 1, compile: bool = False,
-                           channels_last: bool | None = None) -> dict:
-    check_counts(count, batch_size, steps_per_graph)  # the cheap checks before loading the model
-    check_seed(seed)
-    check_out_dir(out_dir)
-    if grid:
-        from dream.data import import_torchvision
+                           channels_last: bool | None = None, dist: Distributed | None = None) -> dict:
+    """sample_images from a checkpoint's weights, then (rank 0) a grid of the first 64 as out_dir/grid.png."""
+    dist = dist or Distributed()
+    with agreed_setup(dist):
+        check_counts(count, batch_size, steps_per_graph)  # the cheap checks before loading the model
+        check_seed(seed)
+        check_out_dir(out_dir)
+        if grid:
+            from dream.data import import_torchvision
 
-        import_torchvision("the sample grid")  # now, not after all the sampling
-    model, diffusion, state, identity = load_sampler_model(checkpoint, device, use_ema, backend, compile, dtype,
-                                                           channels_last)
+            import_torchvision("the sample grid")  # now, not after all the sampling
+        model, diffusion, state, identity = load_sampler_model(checkpoint, device, use_ema, backend, compile, dtype,
+                                                               channels_last)
     report = sample_images(model, diffusion, count, out_dir, sampler, steps, eta, batch_size, seed, dtype, progress,
-                           graphs=graphs, steps_per_graph=steps_per_graph, settings=identity)
-    report.update(checkpoint=state["_path"], step=state.get("step"), ema=identity["ema"])
-    if grid:
+                           graphs=graphs, steps_per_graph=steps_per_graph, settings=identity, dist=dist)
+    report.update(checkpoint=state["_path"], step=state.get("step"), ema=identity["ema"], grid=None)
+    if grid and dist.is_main:
         size = getattr(model, "_orig_mod", model).config.image_size
         report["grid"] = str(save_grid(out_dir, min(count, 64), Path(out_dir) / "grid.png", size=size))
     return report

@@ -239,24 +239,6 @@ def divisor_at_most(n: int, limit: int) -> int:
     return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
 
 
-def agree_on_setup(dist: distributed.Distributed, failure: BaseException | None) -> None:
-    """Raise this rank's setup error (None: it has none) so that each is reported once. Under torchrun the
-    ranks first tell each other whether they failed: when every rank failed (a bad flag, shared data), rank 0
-    alone reports its error; when some did, each of those reports its own and rank 0 names them. A ValueError
-    (a bad model setting, a backend that cannot run here) becomes a one-line DreamError. A signal (Ctrl-C,
-    SIGTERM) is shared the same way."""
-    if isinstance(failure, ValueError):
-        failure = DreamError(str(failure))
-    failed = dist.gather_flags(failure is not None)
-    if failure is not None:
-        failure.same_on_every_rank = all(failed)
-        raise failure
-    if any(failed):
-        ranks = ", ".join(str(rank) for rank, flag in enumerate(failed) if flag)
-        raise DreamError(f"the process of rank {ranks} stopped during setup (its line says why)",
-                         same_on_every_rank=True)
-
-
 class Trainer:
     def __init__(self, config: TrainConfig, dist: distributed.Distributed | None = None):
         self.config = config
@@ -321,9 +303,9 @@ class Trainer:
             if self.checkpointing not in policies_for_backend(self.backend):
                 raise DreamError(f"--checkpointing {self.checkpointing} recomputes the fused Triton norm: it needs "
                                  f"--backend triton, not {self.backend}")
-        except (DreamError, ValueError, OSError, KeyboardInterrupt) as error:  # (KeyboardInterrupt: also SIGTERM)
+        except distributed.SETUP_ERRORS as error:
             failure = error
-        agree_on_setup(dist, failure)
+        distributed.agree_on_setup(dist, failure)
         try:  # every rank trains on the same images (a multi-machine job may read different copies)
             dist.check_identical([torch.tensor(int(self.data_digest[:15], 16), device=device)], "the training images")
         except RuntimeError as error:

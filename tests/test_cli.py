@@ -356,7 +356,8 @@ def test_sample_passes_its_flags_on_and_names_the_weights_it_used(monkeypatch, c
         calls.append(kwargs)
         count = kwargs["count"]
         return {"out_dir": out_dir, "count": count, "made": count - 1, "ema": kwargs["use_ema"], "step": 7,
-                "checkpoint": str(tmp_path / "ckpt.pt"), "grid": str(tmp_path / "out" / "grid.png")}
+                "checkpoint": str(tmp_path / "ckpt.pt"), "grid": str(tmp_path / "out" / "grid.png"),
+                "processes": 1 if count < 4 else 2}
 
     monkeypatch.setattr(dream.sample, "sample_from_checkpoint", sampled)
     common = ["sample", "ckpt.pt", "--out", str(tmp_path / "out"), "--device", "cpu", "--batch-size", "3"]
@@ -365,8 +366,8 @@ def test_sample_passes_its_flags_on_and_names_the_weights_it_used(monkeypatch, c
     assert capsys.readouterr().out == (f"{out}: image 0 (0 made now, 1 already there) from the raw weights of step 7 "
                                        f"({tmp_path / 'ckpt.pt'}); grid {out / 'grid.png'}\n")
     assert main([*common, "--count", "4", "--no-channels-last"]) == 0
-    assert f"{tmp_path / 'out'}: images 0-3 (3 made now, 1 already there) from the EMA weights of step 7" in \
-        capsys.readouterr().out
+    assert (f"{tmp_path / 'out'}: images 0-3 (3 made now by 2 processes, 1 already there) from the EMA weights of "
+            f"step 7") in capsys.readouterr().out
     first, second = calls
     assert (first["use_ema"], first["dtype"], first["graphs"], first["channels_last"]) == (
         False, torch.bfloat16, False, True)

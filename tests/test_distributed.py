@@ -347,7 +347,10 @@ def test_a_single_process_is_its_own_collective():
     assert d.max(3, "cpu") == 3
     assert [type(flag) for flag in d.gather_flags(1)] == [bool] and d.gather_flags(0) == [False]
     d.check_identical([torch.randn(2)], "weights")
+    plan = [(0, [1])]
+    assert d.sum(5, "cpu") == 5 and d.share(plan) is plan
     d.barrier()
+    d.leave()
     assert not torch.distributed.is_initialized()
 
 
@@ -378,3 +381,129 @@ def test_fingerprint_does_not_depend_on_the_chunk_size():
     y = x.clone()
     y[[3, 10]] = y[[10, 3]]  # a swap across a chunk boundary
     assert int(fingerprint_tensor(y, chunk=7)) != whole
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling and evaluation under torchrun: the ranks share the unfinished batches out
+
+# Runs the `dream` CLI under torchrun, logging which images each rank writes to <log dir>/rank<R>.txt; for
+# `eval`, with the tests' small feature extractor registered (test_evaluate.py).
+SAMPLING_WORKER = textwrap.dedent("""
+    import os, sys
+    import dream.sample
+
+    log_dir, argv = sys.argv[1], sys.argv[2:]
+    write_pngs = dream.sample.write_pngs
+
+    def logged_write_pngs(pixels, out_dir, indices):
+        with open(os.path.join(log_dir, f"rank{os.environ['RANK']}.txt"), "a") as log:
+            log.write(" ".join(map(str, indices)) + "\\n")
+        return write_pngs(pixels, out_dir, indices)
+
+    dream.sample.write_pngs = logged_write_pngs
+    if argv[0] == "eval":
+        sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+        import test_evaluate  # noqa: F401  (registers its feature extractor with torch-fidelity)
+    from dream.cli import main
+    sys.exit(main(argv))
+""")
+
+
+def dream_under_torchrun(tmp_path, argv) -> tuple[subprocess.CompletedProcess, dict]:
+    """`dream <argv>` in two gloo processes under torchrun; returns the finished torchrun process and the images
+    each rank wrote ({rank: [indices]})."""
+    worker, logs = tmp_path / "sampling_worker.py", tmp_path / "written"
+    worker.write_text(SAMPLING_WORKER)
+    logs.mkdir(exist_ok=True)
+    for log in logs.iterdir():
+        log.unlink()
+    process = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              str(worker), str(logs), *map(str, argv)], cwd=REPO, capture_output=True, text=True,
+                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    written = {rank: [int(i) for i in (logs / f"rank{rank}.txt").read_text().split()]
+               if (logs / f"rank{rank}.txt").exists() else [] for rank in (0, 1)}
+    return process, written
+
+
+def pixels_of(folder: Path, count: int) -> torch.Tensor:
+    from dream.sample import read_sample
+
+    return torch.stack([read_sample(folder / f"{i:06d}.png") for i in range(count)])
+
+
+def test_two_processes_sample_what_one_process_samples_sharing_the_unfinished_batches(tmp_path, one_cpu_thread):
+    """7 images in batches of 2, DDIM with eta 0.5 (step noise drawn per batch): a set begun in one process (images
+    0-2, then image 1 lost) is finished by two; rank 0 takes unfinished batches 0 and 2, rank 1 batches 1 and 3,
+    and the images equal those of one process making all 7 (bitwise: same per-batch seeds, one CPU thread)."""
+    from conftest import make_tiny_checkpoint
+    from dream.sample import sample_from_checkpoint
+
+    checkpoint = make_tiny_checkpoint(tmp_path, step=3, num_timesteps=10, data_count=4)
+    common = dict(batch_size=2, steps=2, eta=0.5, seed=3, progress=False)
+    sample_from_checkpoint(str(checkpoint), str(tmp_path / "one"), count=7, **common)
+    out = tmp_path / "two"
+    sample_from_checkpoint(str(checkpoint), str(out), count=3, grid=False, **common)
+    (out / "000001.png").unlink()
+
+    argv = ["sample", checkpoint, "--out", out, "--count", 7, "--batch-size", 2, "--steps", 2, "--eta", 0.5,
+            "--seed", 3, "--device", "cpu", "--no-progress"]
+    process, written = dream_under_torchrun(tmp_path, argv)
+    assert process.returncode == 0, process.stderr[-4000:]
+    assert written == {0: [1, 4, 5], 1: [3, 6]}
+    assert process.stdout.splitlines() == [  # rank 0 alone reports
+        f"{out}: images 0-6 (5 made now by 2 processes, 2 already there) from the EMA weights of step 3 "
+        f"({checkpoint.resolve()}); grid {out / 'grid.png'}"]
+    assert torch.equal(pixels_of(out, 7), pixels_of(tmp_path / "one", 7))
+    assert (out / "grid.png").exists()
+
+    process, written = dream_under_torchrun(tmp_path, argv)  # finished: nothing to do on either rank
+    assert process.returncode == 0 and written == {0: [], 1: []}, process.stderr[-4000:]
+    assert "(0 made now by 2 processes, 7 already there)" in process.stdout
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--seed", "4"], "holds images made with seed=3, this run has seed=4"),  # rank 0 alone checks the record
+    (["--count", "0"], "--count must be a positive integer, got 0"),  # every rank refuses it
+])
+def test_a_refused_sampling_job_is_one_line_from_rank_0(tmp_path, change, message):
+    from conftest import make_tiny_checkpoint
+    from dream.sample import sample_from_checkpoint
+
+    checkpoint = make_tiny_checkpoint(tmp_path, step=3, num_timesteps=10, data_count=4)
+    out = tmp_path / "set"
+    sample_from_checkpoint(str(checkpoint), str(out), count=2, batch_size=2, steps=2, seed=3, progress=False)
+    argv = ["sample", checkpoint, "--out", out, "--count", 4, "--batch-size", 2, "--steps", 2, "--seed", 3,
+            "--device", "cpu", "--no-progress"]
+    for flag, value in zip(change[::2], change[1::2]):
+        argv[argv.index(flag) + 1] = value
+    process, written = dream_under_torchrun(tmp_path, argv)
+    assert process.returncode != 0 and written == {0: [], 1: []}
+    ours = [line for line in process.stderr.splitlines() if line.startswith("dream sample")]
+    assert len(ours) == 1 and ours[0].startswith("dream sample: error: ") and message in ours[0], process.stderr
+    assert not any("dream/" in line for line in process.stderr.splitlines()), process.stderr[-4000:]  # no traceback
+
+
+def test_two_processes_evaluate_as_one_process_does(tmp_path, one_cpu_thread):
+    """dream eval under torchrun: the ranks share the sampling, rank 0 scores the set and writes the one report,
+    whose metrics are those of one process (the same images, the same features)."""
+    pytest.importorskip("torch_fidelity")
+    from conftest import make_tiny_checkpoint
+    from dream.evaluate import evaluate, format_report
+    from test_evaluate import EXTRACTOR
+
+    checkpoint = make_tiny_checkpoint(tmp_path, step=9, num_timesteps=10, data_count=12)
+    settings = dict(count=5, steps=2, eta=0.3, batch_size=2, seed=4)
+    single = evaluate(str(checkpoint), out=str(tmp_path / "one"), device="cpu", feature_extractor=EXTRACTOR,
+                      cache_dir=tmp_path / "fidelity", kid_subset_size=5, progress=False, **settings)
+    out = tmp_path / "two"
+    argv = ["eval", checkpoint, "--out", out, "--device", "cpu", "--feature-extractor", EXTRACTOR, "--cache-dir",
+            tmp_path / "fidelity", "--kid-subset-size", 5, "--no-progress",
+            *[item for key, value in settings.items() for item in (f"--{key.replace('_', '-')}", value)]]
+    process, written = dream_under_torchrun(tmp_path, argv)
+    assert process.returncode == 0, process.stderr[-4000:]
+    assert written == {0: [0, 1, 4], 1: [2, 3]}
+    report = json.loads((out / "report-n5.json").read_text())
+    assert process.stdout.splitlines() == [format_report(report)]  # rank 0 alone scores and reports
+    assert (report["processes"], report["made"], single["processes"]) == (2, 5, 1)
+    assert torch.equal(pixels_of(out / "samples", 5), pixels_of(tmp_path / "one" / "samples", 5))
+    assert report["metrics"] == pytest.approx(single["metrics"], rel=1e-12)
