@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from dream.checkpoint import load_model_for_sampling, weights_sha256
 from dream.distributed import Distributed, agreed_setup
 from dream.errors import DreamError
-from dream.files import atomic_file, atomic_write_text, folder_lock
+from dream.files import LOCK_FILE, atomic_file, atomic_write_text, folder_lock
 from dream.model import resolve_channels_last
 from dream.seeding import check_seed, mixed_seed
 from dream.sampling import SAMPLERS, SamplingEngine, normalize_sampler
@@ -194,6 +194,13 @@ def checked_sampler(diffusion, sampler: str, steps: int | None, eta: float) -> t
         raise DreamError(str(error)) from None
 
 
+def read_text_or_none(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def unfinished_batches(out_dir: Path, count: int, batch_size: int) -> list[tuple[int, list[int]]]:
     """(b, the offsets in batch b of its images not yet whole in out_dir) for each batch of images
     0 .. count-1 that has any."""
@@ -235,7 +242,7 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
     # the step noise of ddpm and of ddim with eta > 0 comes from the device's generator (CPU and CUDA streams differ)
     stochastic = {"noise_device": device.type} if sampler == "ddpm" or eta > 0 else {}
     with contextlib.ExitStack() as held:
-        plan = None
+        shared = None
         with agreed_setup(dist):
             try:
                 engine = engine or SamplingEngine(model, diffusion, graphs=graphs, steps_per_graph=steps_per_graph)
@@ -252,8 +259,13 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
                 check_settings(out_dir, {"sampler": sampler, "steps": steps, "eta": eta, "seed": seed,
                                          "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch."),
                                          "image_size": config.image_size, **stochastic, **(settings or {})})
-                plan = unfinished_batches(out_dir, count, batch_size)
-        plan = dist.share(plan)
+                shared = unfinished_batches(out_dir, count, batch_size), read_text_or_none(out_dir / LOCK_FILE)
+        plan, lock_text = dist.share(shared)
+        with agreed_setup(dist):  # (a folder on each machine's own disk would scatter the set over them)
+            if not dist.is_main and read_text_or_none(out_dir / LOCK_FILE) != lock_text:
+                raise DreamError(f"{out_dir} is not the folder rank 0 writes into (its {LOCK_FILE} does not name rank "
+                                 f"0's process): under torchrun on several machines, --out must be on a filesystem "
+                                 f"they all share")
         mine = plan[dist.rank::dist.world_size]
         made, start = 0, time.perf_counter()
         if dist.enabled:

@@ -393,6 +393,8 @@ SAMPLING_WORKER = textwrap.dedent("""
     import dream.sample
 
     log_dir, argv = sys.argv[1], sys.argv[2:]
+    if os.environ.get("RANK") == "1" and os.environ.get("TEST_RANK_1_FOLDER"):  # as if on another machine's disk
+        argv[argv.index("--out") + 1] = os.environ["TEST_RANK_1_FOLDER"]
     write_pngs = dream.sample.write_pngs
 
     def logged_write_pngs(pixels, out_dir, indices):
@@ -409,7 +411,7 @@ SAMPLING_WORKER = textwrap.dedent("""
 """)
 
 
-def dream_under_torchrun(tmp_path, argv) -> tuple[subprocess.CompletedProcess, dict]:
+def dream_under_torchrun(tmp_path, argv, env=None) -> tuple[subprocess.CompletedProcess, dict]:
     """`dream <argv>` in two gloo processes under torchrun; returns the finished torchrun process and the images
     each rank wrote ({rank: [indices]})."""
     worker, logs = tmp_path / "sampling_worker.py", tmp_path / "written"
@@ -419,7 +421,8 @@ def dream_under_torchrun(tmp_path, argv) -> tuple[subprocess.CompletedProcess, d
         log.unlink()
     process = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                               str(worker), str(logs), *map(str, argv)], cwd=REPO, capture_output=True, text=True,
-                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+                                               **(env or {})})
     written = {rank: [int(i) for i in (logs / f"rank{rank}.txt").read_text().split()]
                if (logs / f"rank{rank}.txt").exists() else [] for rank in (0, 1)}
     return process, written
@@ -481,6 +484,31 @@ def test_a_refused_sampling_job_is_one_line_from_rank_0(tmp_path, change, messag
     ours = [line for line in process.stderr.splitlines() if line.startswith("dream sample")]
     assert len(ours) == 1 and ours[0].startswith("dream sample: error: ") and message in ours[0], process.stderr
     assert not any("dream/" in line for line in process.stderr.splitlines()), process.stderr[-4000:]  # no traceback
+
+
+def test_a_rank_that_does_not_see_rank_0s_folder_stops_the_job_before_sampling(tmp_path):
+    """Under torchrun on several machines each rank writes its share into --out: a folder on each machine's own
+    disk would scatter the set. Rank 1 given a folder of its own (an empty one, or a copy holding an old lock
+    file) says so in one line, rank 0 names rank 1, and nothing is sampled."""
+    from conftest import make_tiny_checkpoint
+
+    checkpoint = make_tiny_checkpoint(tmp_path, step=3, num_timesteps=10, data_count=4)
+    argv = ["sample", checkpoint, "--out", tmp_path / "set", "--count", 4, "--batch-size", 2, "--steps", 2,
+            "--device", "cpu", "--no-progress"]
+    elsewhere = tmp_path / "elsewhere"
+    for stale_lock in (False, True):
+        if stale_lock:
+            elsewhere.mkdir()
+            (elsewhere / ".lock").write_text("dream sample, pid 1 on another-host")
+        process, written = dream_under_torchrun(tmp_path, argv, env={"TEST_RANK_1_FOLDER": str(elsewhere)})
+        assert process.returncode != 0 and written == {0: [], 1: []}
+        ours = sorted(line for line in process.stderr.splitlines() if line.startswith("dream sample"))
+        assert ours == [f"dream sample (rank 1): error: {elsewhere} is not the folder rank 0 writes into (its .lock "
+                        f"does not name rank 0's process): under torchrun on several machines, --out must be on a "
+                        f"filesystem they all share",
+                        "dream sample: error: the process of rank 1 stopped during setup (its line says why)"], \
+            process.stderr[-4000:]
+        assert not list((tmp_path / "set").glob("*.png"))
 
 
 def test_two_processes_evaluate_as_one_process_does(tmp_path, one_cpu_thread):
