@@ -322,11 +322,11 @@ def run_export(args) -> int:
 def run_sample(args) -> int:
     import torch
 
-    from dream.distributed import agreed_setup, session
+    from dream.distributed import SAMPLING_TIMEOUT, agreed_setup, session
     from dream.sample import parse_graphs, sample_from_checkpoint
     from dream.train import resolve_backend, resolve_device
 
-    with session(args.device) as dist:  # under torchrun: the batches shared out over the processes
+    with session(args.device, SAMPLING_TIMEOUT) as dist:  # under torchrun: the batches shared out
         with agreed_setup(dist):
             device = resolve_device(args.device, dist)
             backend = resolve_backend(args.backend, device)

@@ -16,6 +16,7 @@ import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -169,8 +170,9 @@ def fingerprint_tensor(t: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
     return total
 
 
-def from_environment(device_name: str) -> Distributed:
-    """Join the process group torchrun describes in the environment; a single process otherwise."""
+def from_environment(device_name: str, timeout: timedelta | None = None) -> Distributed:
+    """Join the process group torchrun describes in the environment; a single process otherwise. `timeout`: how
+    long a collective may wait for the other ranks (None: torch's default, 10 minutes with NCCL)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Distributed()
@@ -185,7 +187,7 @@ def from_environment(device_name: str) -> Distributed:
             raise DreamError(f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}")
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo", **({"timeout": timeout} if timeout else {}))
     return Distributed(rank=rank, world_size=world_size, local_rank=local_rank, launcher_pid=os.getppid())
 
 
@@ -208,14 +210,20 @@ def peer_lost_summary(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"
 
 
+# sampling and evaluation: ranks wait in a collective while rank 0 alone prepares the real set (a first decode,
+# the feature extractor) and, at the end, while the others finish their last batch (a 1000-step batch can take
+# minutes); a rank that dies breaks the connection (gloo) or is stopped by torchrun well before this
+SAMPLING_TIMEOUT = timedelta(hours=2)
+
+
 @contextmanager
-def session(device_name: str):
+def session(device_name: str, timeout: timedelta | None = None):
     """`with session(device) as d:` joins the process group (if any) and leaves it on exit.
 
     On a normal exit the ranks meet at a barrier first, so that no rank tears its connections down
     while another still works (rank 0 saving a result, say); after an exception each rank leaves at
     once, since the others may never reach the barrier."""
-    d = from_environment(device_name)
+    d = from_environment(device_name, timeout)
     try:
         yield d
     except BaseException:

@@ -478,6 +478,7 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
                 check_real_count(real_set, known_real_count)
                 real_images._images = None  # not held through sampling (CelebA: 2 GB); read again from its cache
                 _atomic_json(count_file, {"count": known_real_count})
+    out_dir = dist.share(out_dir)  # (rank 0's: sample_images checks that every rank loaded the same weights)
     samples_dir = out_dir / "samples"
 
     start = time.perf_counter()
@@ -592,10 +593,10 @@ def add_eval_arguments(p) -> None:
 
 
 def run_eval_command(args) -> int:
-    from dream.distributed import session
+    from dream.distributed import SAMPLING_TIMEOUT, session
 
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-    with session(args.device) as dist:  # under torchrun: the sampling shared out over the processes
+    with session(args.device, SAMPLING_TIMEOUT) as dist:  # under torchrun: the sampling shared over the processes
         report = evaluate(args.checkpoint, out=args.out, count=args.count, sampler=args.sampler, steps=args.steps,
                           eta=args.eta, batch_size=args.batch_size, seed=args.seed, device=args.device,
                           backend=args.backend, dtype=torch.bfloat16 if args.bf16 else torch.float32,

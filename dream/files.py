@@ -98,6 +98,7 @@ def folder_lock(folder: Path, name: str = LOCK_FILE, command: str = "dream"):
             handle.truncate()
             handle.write(f"{command}, pid {os.getpid()} on {socket.gethostname()}")
             handle.flush()
+            os.fsync(handle.fileno())  # (on a network filesystem, other machines read it: torchrun's other ranks)
             yield None
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)

@@ -201,6 +201,29 @@ def read_text_or_none(path: Path) -> str | None:
         return None
 
 
+SHARED_FOLDER_WAIT_S = 60.0  # a network filesystem may show another machine's new folder or file this late
+
+
+def check_same_job(out_dir: Path, lock_text: str | None, settings: dict, main_settings: dict) -> None:
+    """On a rank other than 0: refuse to sample unless this process loaded rank 0's weights (`settings`: what
+    identifies them) and sees rank 0's output folder (its lock file holds `lock_text`; a network filesystem is
+    given up to SHARED_FOLDER_WAIT_S to show it)."""
+    differ = [key for key, value in main_settings.items() if settings.get(key) != value]
+    if differ:
+        key = "checkpoint_step" if "checkpoint_step" in differ else differ[0]  # (a step says more than a hash)
+        raise DreamError(f"this process loaded other weights than rank 0 ({key} {settings.get(key)!r}, rank 0's "
+                         f"{main_settings[key]!r}): a checkpoint was saved or deleted between their loads, or the "
+                         f"machines hold different copies; pass one checkpoint file that every machine sees")
+    deadline, pause = time.monotonic() + SHARED_FOLDER_WAIT_S, 0.1
+    while read_text_or_none(out_dir / LOCK_FILE) != lock_text:
+        if time.monotonic() > deadline:
+            raise DreamError(f"{out_dir} is not the folder rank 0 writes into (its {LOCK_FILE} does not name rank "
+                             f"0's process): under torchrun on several machines, --out must be on a filesystem "
+                             f"they all share")
+        time.sleep(pause)
+        pause = min(2 * pause, 5.0)
+
+
 def unfinished_batches(out_dir: Path, count: int, batch_size: int) -> list[tuple[int, list[int]]]:
     """(b, the offsets in batch b of its images not yet whole in out_dir) for each batch of images
     0 .. count-1 that has any."""
@@ -228,22 +251,22 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
     out_dir/.lock): another process sampling into it is refused.
 
     Under torchrun (`dist`; each rank passes the model on its own device) rank 0 makes the folder, holds its lock
-    until every rank is done, checks its record and lists the unfinished batches; rank r makes entries r,
-    r + world_size, ... of that list, so a resumed set is shared out evenly too, and the images are those one
-    process makes. The report counts the images every rank made; the progress bar is rank 0's share."""
+    until every rank is done, checks its record and lists the unfinished batches; every other rank checks that it
+    loaded rank 0's weights and sees rank 0's folder (check_same_job); rank r makes entries r, r + world_size, ...
+    of that list, so a resumed set is shared out evenly too, and the images are those one process makes. The
+    report counts the images every rank made; the progress bar is rank 0's share."""
     dist = dist or Distributed()
-    check_counts(count, batch_size, steps_per_graph)
-    check_seed(seed)
-    sampler, steps, eta = checked_sampler(diffusion, sampler, steps, eta)
     out_dir = Path(out_dir)
     device = next(model.parameters()).device
     config = getattr(model, "_orig_mod", model).config
     shape = (batch_size, config.in_channels, config.image_size, config.image_size)
-    # the step noise of ddpm and of ddim with eta > 0 comes from the device's generator (CPU and CUDA streams differ)
-    stochastic = {"noise_device": device.type} if sampler == "ddpm" or eta > 0 else {}
+    settings = settings or {}
     with contextlib.ExitStack() as held:
         shared = None
         with agreed_setup(dist):
+            check_counts(count, batch_size, steps_per_graph)
+            check_seed(seed)
+            sampler, steps, eta = checked_sampler(diffusion, sampler, steps, eta)
             try:
                 engine = engine or SamplingEngine(model, diffusion, graphs=graphs, steps_per_graph=steps_per_graph)
                 use_graphs = engine.use_graphs(device, graphs)
@@ -256,16 +279,19 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
                 if holder is not None:
                     raise DreamError(f"{out_dir} is in use by another process ({holder}); let it finish or stop "
                                      f"it, then rerun (or use another output folder)")
+                # the step noise of ddpm and of ddim with eta > 0 comes from the device's generator (CPU and CUDA
+                # streams differ)
+                stochastic = {"noise_device": device.type} if sampler == "ddpm" or eta > 0 else {}
                 check_settings(out_dir, {"sampler": sampler, "steps": steps, "eta": eta, "seed": seed,
                                          "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch."),
-                                         "image_size": config.image_size, **stochastic, **(settings or {})})
-                shared = unfinished_batches(out_dir, count, batch_size), read_text_or_none(out_dir / LOCK_FILE)
-        plan, lock_text = dist.share(shared)
-        with agreed_setup(dist):  # (a folder on each machine's own disk would scatter the set over them)
-            if not dist.is_main and read_text_or_none(out_dir / LOCK_FILE) != lock_text:
-                raise DreamError(f"{out_dir} is not the folder rank 0 writes into (its {LOCK_FILE} does not name rank "
-                                 f"0's process): under torchrun on several machines, --out must be on a filesystem "
-                                 f"they all share")
+                                         "image_size": config.image_size, **stochastic, **settings})
+                shared = (unfinished_batches(out_dir, count, batch_size), read_text_or_none(out_dir / LOCK_FILE),
+                          settings)
+        plan, lock_text, main_settings = dist.share(shared)
+        if dist.enabled:
+            with agreed_setup(dist):
+                if not dist.is_main:
+                    check_same_job(out_dir, lock_text, settings, main_settings)
         mine = plan[dist.rank::dist.world_size]
         made, start = 0, time.perf_counter()
         if dist.enabled:

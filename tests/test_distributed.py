@@ -395,6 +395,9 @@ SAMPLING_WORKER = textwrap.dedent("""
     log_dir, argv = sys.argv[1], sys.argv[2:]
     if os.environ.get("RANK") == "1" and os.environ.get("TEST_RANK_1_FOLDER"):  # as if on another machine's disk
         argv[argv.index("--out") + 1] = os.environ["TEST_RANK_1_FOLDER"]
+    if os.environ.get("RANK") == "1" and os.environ.get("TEST_RANK_1_CHECKPOINT"):  # as if another machine's copy
+        argv[1] = os.environ["TEST_RANK_1_CHECKPOINT"]
+    dream.sample.SHARED_FOLDER_WAIT_S = 1.0
     write_pngs = dream.sample.write_pngs
 
     def logged_write_pngs(pixels, out_dir, indices):
@@ -467,6 +470,7 @@ def test_two_processes_sample_what_one_process_samples_sharing_the_unfinished_ba
 @pytest.mark.parametrize("change, message", [
     (["--seed", "4"], "holds images made with seed=3, this run has seed=4"),  # rank 0 alone checks the record
     (["--count", "0"], "--count must be a positive integer, got 0"),  # every rank refuses it
+    (["--sampler", "ddpm"], "the ddpm sampler runs all 10 steps"),  # (with --steps 2) every rank refuses it
 ])
 def test_a_refused_sampling_job_is_one_line_from_rank_0(tmp_path, change, message):
     from conftest import make_tiny_checkpoint
@@ -478,7 +482,10 @@ def test_a_refused_sampling_job_is_one_line_from_rank_0(tmp_path, change, messag
     argv = ["sample", checkpoint, "--out", out, "--count", 4, "--batch-size", 2, "--steps", 2, "--seed", 3,
             "--device", "cpu", "--no-progress"]
     for flag, value in zip(change[::2], change[1::2]):
-        argv[argv.index(flag) + 1] = value
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
     process, written = dream_under_torchrun(tmp_path, argv)
     assert process.returncode != 0 and written == {0: [], 1: []}
     ours = [line for line in process.stderr.splitlines() if line.startswith("dream sample")]
@@ -511,6 +518,26 @@ def test_a_rank_that_does_not_see_rank_0s_folder_stops_the_job_before_sampling(t
         assert not list((tmp_path / "set").glob("*.png"))
 
 
+def test_a_rank_that_loaded_other_weights_stops_the_job_before_sampling(tmp_path):
+    """Each rank loads the checkpoint itself: a run folder whose newest checkpoint changed between the loads, or
+    machines holding different copies, would mix two models' images in one set. Rank 1 given another checkpoint
+    says so in one line, rank 0 names rank 1, and nothing is sampled."""
+    from conftest import make_tiny_checkpoint
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "a", step=3, num_timesteps=10, data_count=4)
+    other = make_tiny_checkpoint(tmp_path / "b", step=5, num_timesteps=10, data_count=4)
+    argv = ["sample", checkpoint, "--out", tmp_path / "set", "--count", 4, "--batch-size", 2, "--steps", 2,
+            "--device", "cpu", "--no-progress"]
+    process, written = dream_under_torchrun(tmp_path, argv, env={"TEST_RANK_1_CHECKPOINT": str(other)})
+    assert process.returncode != 0 and written == {0: [], 1: []}
+    ours = sorted(line for line in process.stderr.splitlines() if line.startswith("dream sample"))
+    assert ours == ["dream sample (rank 1): error: this process loaded other weights than rank 0 (checkpoint_step 5, "
+                    "rank 0's 3): a checkpoint was saved or deleted between their loads, or the machines hold "
+                    "different copies; pass one checkpoint file that every machine sees",
+                    "dream sample: error: the process of rank 1 stopped during setup (its line says why)"], \
+        process.stderr[-4000:]
+
+
 def test_two_processes_evaluate_as_one_process_does(tmp_path, one_cpu_thread):
     """dream eval under torchrun: the ranks share the sampling, rank 0 scores the set and writes the one report,
     whose metrics are those of one process (the same images, the same features)."""
@@ -535,3 +562,36 @@ def test_two_processes_evaluate_as_one_process_does(tmp_path, one_cpu_thread):
     assert (report["processes"], report["made"], single["processes"]) == (2, 5, 1)
     assert torch.equal(pixels_of(out / "samples", 5), pixels_of(tmp_path / "one" / "samples", 5))
     assert report["metrics"] == pytest.approx(single["metrics"], rel=1e-12)
+
+
+def test_sampling_jobs_let_collectives_wait_hours_not_torchs_default(monkeypatch):
+    """While rank 0 alone prepares eval's real set, or the other ranks finish their last batch, the waiting ranks
+    sit in a collective: sample and eval join the group with SAMPLING_TIMEOUT, training with torch's default."""
+    import torch.distributed as torch_dist
+
+    import dream.distributed
+    from dream.cli import main
+    from dream.distributed import SAMPLING_TIMEOUT, from_environment
+
+    joined = []
+    monkeypatch.setattr(torch_dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch_dist, "init_process_group", lambda backend, **kwargs: joined.append((backend, kwargs)))
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    assert from_environment("cpu", SAMPLING_TIMEOUT) == Distributed(rank=1, world_size=2, local_rank=1,
+                                                                     launcher_pid=os.getppid())
+    from_environment("cpu")
+    assert joined == [("gloo", {"timeout": SAMPLING_TIMEOUT}), ("gloo", {})]
+    assert SAMPLING_TIMEOUT.total_seconds() >= 3600
+
+    sessions = []
+
+    def session(device, timeout=None):
+        sessions.append(timeout)
+        raise KeyboardInterrupt  # (stops the command here)
+
+    monkeypatch.setattr(dream.distributed, "session", session)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for command in (["sample", "ckpt.pt"], ["eval", "ckpt.pt"]):
+        assert main([*command, "--device", "cpu"]) == 130
+    assert sessions == [SAMPLING_TIMEOUT, SAMPLING_TIMEOUT]

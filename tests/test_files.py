@@ -77,6 +77,22 @@ def test_the_lock_file_names_its_current_holder_alone(tmp_path):
             assert refused == f"dream sample, pid {os.getpid()} on {socket.gethostname()}"
 
 
+def test_the_holders_line_is_on_disk_while_it_holds_the_lock(tmp_path, monkeypatch):
+    """Other machines read the line (torchrun's other ranks check that they see rank 0's folder): it is fsynced
+    once written, not left in this machine's cache until the lock goes."""
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))  # (Linux) the file behind the descriptor
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with folder_lock(tmp_path, command="dream sample") as holder:
+        assert holder is None and (tmp_path / LOCK_FILE).read_text().startswith("dream sample, pid ")
+        assert synced == [str((tmp_path / LOCK_FILE).resolve())]
+
+
 def test_an_interrupt_during_the_write_keeps_the_old_file_and_removes_the_temp_file(tmp_path):
     """Ctrl-C (KeyboardInterrupt, not an Exception) mid-write cleans up like an error."""
     target = tmp_path / "a.json"
