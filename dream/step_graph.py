@@ -19,6 +19,7 @@ eager call would have. Outputs are static too: replay() returns clones.
 from __future__ import annotations
 
 import time
+import traceback
 from typing import Callable, Hashable
 
 import torch
@@ -90,16 +91,38 @@ class StepGraph:
         try:
             # A private memory pool per capture, freed with its graph. torch.cuda.graph synchronizes and empties
             # the allocator's cache first: the warm-up's cached blocks (and a dropped graph's pool) go back first.
-            with torch.cuda.graph(graph, stream=self.stream):
+            # (The outer stream context puts the current stream back even where ending the capture fails, when
+            # torch.cuda.graph's exit does not.)
+            with torch.cuda.stream(self.stream), torch.cuda.graph(graph, stream=self.stream):
                 outputs = self.body(*self.inputs)
-        except torch.cuda.OutOfMemoryError:
-            raise
         except Exception as error:
-            # an allocation that fails inside the capture may surface as the error of ending the capture
-            if isinstance(error.__context__, torch.cuda.OutOfMemoryError):
-                raise error.__context__ from None
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise CaptureFailed(f"{type(error).__name__}: {first_line}") from error
+            # drop the failed graph (its traceback's frames hold it): where torch's destructor releases what the
+            # capture held, that happens now
+            traceback.clear_frames(error.__traceback__)
+            graph = None
+            recover_from_failed_capture(self.stream, self.device)
+            if isinstance(error, torch.cuda.OutOfMemoryError):
+                raise
+            # an error inside the capture surfaces as its own and then as ending the capture's ("operation failed
+            # due to a previous error during capture"), which holds it as its context
+            cause = error.__context__ if error.__context__ is not None else error
+            if isinstance(cause, torch.cuda.OutOfMemoryError):  # an allocation that failed inside the capture
+                raise cause from None
+            first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            raise CaptureFailed(f"{type(cause).__name__}: {first_line}") from error
         self.graph, self.outputs = graph, outputs
         self.captures += 1
         self.last_capture_seconds = time.perf_counter() - start
+
+
+def recover_from_failed_capture(stream: torch.cuda.Stream, device: torch.device) -> None:
+    """Best effort after a capture that failed: where ending it raised, some torch versions leave the default CUDA
+    generator expecting the capture (its next eager draw then raises "Offset increment outside graph capture") and
+    the allocator routing to its pool. A capture that succeeds, of one random draw, ends that state."""
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            torch.rand(1, device=device)
+        del graph
+    except Exception:  # (the caller raises the capture's own error)
+        pass

@@ -6,6 +6,7 @@ included. CUDA: graphed training against plain training step by step (dropout on
 must be the plain step's), recaptures at DREAM's start and along its ramp, a non-finite batch skipped inside a
 replay, and no host sync in the replayed steps.
 """
+import json
 import types
 
 import pytest
@@ -158,6 +159,7 @@ def test_graphed_training_follows_plain_training_step_by_step(tmp_path, exact_fp
     two, the third replays the second's graph). Each step's loss and gradient norm, and at the end every weight,
     EMA and AdamW tensor, match the plain trainer's (cuDNN may pick other algorithms: 1e-4)."""
     monkeypatch.setattr("dream.train.use_fast_math", lambda: None)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # (the same sums run to run)
     plain, graphed = cuda_trainer(tmp_path / "plain", cuda_graphs=False), cuda_trainer(tmp_path / "graphed")
     batches = [x0 for x0 in plain.batches.epoch(0)]
     for epoch in range(4):
@@ -243,13 +245,91 @@ def test_step_graph_warms_up_captures_replays_and_captures_again_for_a_new_key()
     assert not graph.captured and graph.captures == 1
 
 
-@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
-def test_step_graph_says_in_one_line_what_could_not_be_captured():
-    graph = StepGraph(lambda x: {"y": x * float(x.sum())}, torch.device("cuda"), warmup_steps=1)  # a host read
-    x = torch.ones(4, device="cuda")
+# Runs in a process of its own: a capture that fails may leave CUDA state behind (the current stream, the default
+# generator's capture bookkeeping), which would break later tests of the same process if StepGraph did not mend it.
+FAILED_CAPTURE = """
+import json, torch
+from dream.step_graph import CaptureFailed, StepGraph
+graph = StepGraph(lambda x: {"y": x * float(x.sum())}, torch.device("cuda"), warmup_steps=1)  # a host read
+x = torch.ones(4, device="cuda")
+graph("a", x)
+try:
     graph("a", x)
-    with pytest.raises(CaptureFailed) as caught:
-        graph("a", x)
-    assert "\n" not in str(caught.value) and not graph.captured
-    torch.cuda.synchronize()
-    assert float((x * 2).sum()) == 8  # CUDA still usable
+    message = None
+except CaptureFailed as error:
+    message = str(error)
+torch.cuda.synchronize()
+print(json.dumps({"message": message, "captured": graph.captured,
+                  "default_stream": torch.cuda.current_stream() == torch.cuda.default_stream(),
+                  "random": torch.rand(3, device="cuda").tolist(), "sum": float((x * 2).sum())}))
+"""
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_step_graph_says_in_one_line_what_could_not_be_captured_and_cuda_goes_on():
+    from conftest import run_without_interpreter
+
+    process = run_without_interpreter(FAILED_CAPTURE)
+    assert process.returncode == 0, process.stderr[-4000:]
+    result = json.loads(process.stdout.splitlines()[-1])
+    assert result["message"] is not None and "\n" not in result["message"] and not result["captured"]
+    assert "previous error during capture" not in result["message"], result["message"]  # the cause, not its echo
+    assert result["default_stream"], "the capture stream stayed current"
+    assert len(result["random"]) == 3 and result["sum"] == 8  # the default generator and CUDA still usable
+
+
+@pytest.mark.parametrize("body_error, end_error, raised, message", [
+    # an operation not allowed in a capture: its own error, then ending the capture's, which holds it
+    (RuntimeError("operation not permitted when stream is capturing\nmore"), "previous error during capture",
+     CaptureFailed, "RuntimeError: operation not permitted when stream is capturing"),
+    # only ending the capture fails (an invalidated capture): its own error
+    (None, "operation failed due to a previous error during capture", CaptureFailed,
+     "RuntimeError: CUDA error: operation failed due to a previous error during capture"),
+    # an allocation that failed inside the capture: the out-of-memory error itself (the trainer halves the batch)
+    (torch.cuda.OutOfMemoryError("CUDA out of memory"), "previous error during capture", torch.cuda.OutOfMemoryError,
+     "CUDA out of memory"),
+])
+def test_a_failed_capture_names_its_cause_and_mends_the_cuda_state(monkeypatch, body_error, end_error, raised,
+                                                                    message):
+    """StepGraph._capture's error path, with torch.cuda's capture and stream contexts replaced by stand-ins that
+    fail as CUDA's do: the error names the operation that failed, the stream context is left, and the default
+    generator's capture state is mended (recover_from_failed_capture) before the error is raised."""
+    import contextlib
+
+    import dream.step_graph as step_graph
+
+    events = []
+
+    @contextlib.contextmanager
+    def stream(s):
+        events.append("stream")
+        try:
+            yield
+        finally:
+            events.append("stream restored")
+
+    @contextlib.contextmanager
+    def graph(cuda_graph, stream=None):
+        events.append("capture")
+        try:
+            yield
+        finally:  # capture_end raises whether or not the body did
+            raise RuntimeError(f"CUDA error: {end_error}")
+
+    def body(x):
+        if body_error is not None:
+            raise body_error
+        return {"y": x}
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(step_graph, "recover_from_failed_capture", lambda s, device: events.append("recovered"))
+    stepper = StepGraph.__new__(StepGraph)  # (__init__ makes a CUDA stream)
+    stepper.body, stepper.device, stepper.stream, stepper.warmup_steps, stepper.captures = body, None, None, 1, 0
+    stepper.reset()
+    with pytest.raises(raised) as caught:
+        stepper._capture((torch.ones(2),))
+    assert str(caught.value) == message
+    assert events == ["stream", "capture", "stream restored", "recovered"]
+    assert not stepper.captured and stepper.captures == 0
