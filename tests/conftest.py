@@ -32,12 +32,13 @@ def pytest_xdist_auto_num_workers(config):
 if XDIST_WORKERS > 1:  # the workers share the cores rather than each running a thread on every one
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // XDIST_WORKERS))
 
-# `--dist loadfile` hands whole files to the workers in collection order: the files that take longest (seconds on
-# 2 CPU cores, 2026-12-01: 191, 165, 160, 150, 120, 114, 110, 95; the rest 67 or less) go first, so that none is
+# `--dist loadfile` hands whole files to the workers in collection order: the files that take longest (about 1.5
+# to 3 minutes each on 2 CPU cores, 2026-12-01; test_training_run is one 35-80 s test) go first, so that none is
 # handed out last to keep one worker busy while the others idle. (pytest-xdist's own order, by test count, put
-# test_kernel_compile's 6 tests near the end.)
+# test_kernel_compile's 6 tests and test_training_run's one near the end.)
 LONGEST_FILES = ("test_kernel_compile.py", "test_group_norm_silu.py", "test_distributed.py", "test_cli.py",
-                 "test_memory.py", "test_trainer.py", "test_unet_backends.py", "test_crash_protection.py")
+                 "test_memory.py", "test_trainer.py", "test_unet_backends.py", "test_crash_protection.py",
+                 "test_sampling.py", "test_training_run.py")
 
 
 def pytest_collection_modifyitems(config, items):
