@@ -516,6 +516,22 @@ def _attach_negative_sizes(argv: list[str]) -> list[str]:
     return out
 
 
+RANK_0_GRACE_S = 1.0
+
+
+def let_rank_0_speak() -> None:
+    """A rank leaving silently, since rank 0 reports the error they share, waits a moment first: torchrun stops
+    every process of the job as soon as one exits (polling every 0.1 s), which could cut rank 0 off before its
+    line, leaving the user a SIGTERM line and no error. Stopped meanwhile (torchrun, once rank 0 has exited), it
+    leaves as it would have."""
+    import time
+
+    try:
+        time.sleep(RANK_0_GRACE_S)
+    except KeyboardInterrupt:  # (SIGTERM too: Terminated)
+        pass
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(_attach_negative_sizes(list(sys.argv[1:] if argv is None else argv)))
     with _warnings_as_lines(args.command):
@@ -543,6 +559,7 @@ def _run(args) -> int:
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM outside training's own handler: one line
         rank = os.environ.get("RANK", "0")
         if rank != "0" and getattr(stop, "same_on_every_rank", False):  # every rank got it: rank 0 says it
+            let_rank_0_speak()
             return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
         kept = {"train": "checkpoints already written are kept", "sample": "finished images are kept",
                 "eval": "finished images and cached statistics are kept"}.get(args.command)
@@ -566,6 +583,7 @@ def _run(args) -> int:
             raise
         rank = os.environ.get("RANK", "0")  # under torchrun: rank 0 speaks for errors every rank shares
         if rank != "0" and getattr(error, "same_on_every_rank", False):
+            let_rank_0_speak()
             return 2
         say(f"dream {args.command}{rank_label()}: error: {error}")
         return 2

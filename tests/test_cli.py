@@ -377,21 +377,43 @@ def test_sample_passes_its_flags_on_and_names_the_weights_it_used(monkeypatch, c
 
 
 @pytest.mark.parametrize("shared", [True, False])
-def test_an_interrupt_on_a_worker_rank_is_said_once(monkeypatch, capsys, shared):
-    """Under torchrun, a stop every rank sees (a signal to the job) is said by rank 0 alone; one that only this
-    rank sees carries its rank. Both exit 128 + SIGINT."""
+@pytest.mark.parametrize("kind", ["interrupt", "error"])
+def test_a_stop_on_a_worker_rank_is_said_once(monkeypatch, capsys, shared, kind):
+    """Under torchrun, a stop every rank sees (a signal to the job, a bad flag) is said by rank 0 alone, the other
+    ranks leaving silently a moment later (torchrun stops the job as soon as one process exits: rank 0 must have
+    said it by then); one that only this rank sees carries its rank, at once."""
     import dream.cli
+    from dream.errors import DreamError
 
-    def interrupted(args):
-        stop = KeyboardInterrupt()
+    def stopped(args):
+        stop = KeyboardInterrupt() if kind == "interrupt" else DreamError("a bad flag")
         stop.same_on_every_rank = shared
         raise stop
 
-    monkeypatch.setattr(dream.cli, "run_sample", interrupted)
+    waits = []
+    monkeypatch.setattr(dream.cli, "run_sample", stopped)
+    monkeypatch.setattr(dream.cli, "let_rank_0_speak", lambda: waits.append(1))
     monkeypatch.setenv("RANK", "1")
-    assert main(["sample", "ckpt.pt"]) == 130
-    assert capsys.readouterr().err == ("" if shared else "dream sample (rank 1): interrupted; rerun the same "
-                                                         "command to go on (finished images are kept)\n")
+    assert main(["sample", "ckpt.pt"]) == (130 if kind == "interrupt" else 2)
+    line = ("dream sample (rank 1): interrupted; rerun the same command to go on (finished images are kept)\n"
+            if kind == "interrupt" else "dream sample (rank 1): error: a bad flag\n")
+    assert capsys.readouterr().err == ("" if shared else line)
+    assert waits == ([1] if shared else [])
+    assert dream.cli.RANK_0_GRACE_S >= 0.5  # several polls of torchrun's (every 0.1 s)
+
+
+def test_a_silent_rank_stopped_while_it_lets_rank_0_speak_leaves_quietly(monkeypatch):
+    """torchrun sends SIGTERM to the other ranks once rank 0 has exited: the wait ends there, without a traceback."""
+    import time
+
+    import dream.cli
+
+    def stopped(seconds):
+        assert seconds == dream.cli.RANK_0_GRACE_S
+        raise dream.cli.Terminated
+
+    monkeypatch.setattr(time, "sleep", stopped)
+    dream.cli.let_rank_0_speak()
 
 
 def test_dream_debug_shows_the_traceback_instead_of_the_line(monkeypatch):
