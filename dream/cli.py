@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -524,8 +525,6 @@ def let_rank_0_speak() -> None:
     every process of the job as soon as one exits (polling every 0.1 s), which could cut rank 0 off before its
     line, leaving the user a SIGTERM line and no error. Stopped meanwhile (torchrun, once rank 0 has exited), it
     leaves as it would have."""
-    import time
-
     try:
         time.sleep(RANK_0_GRACE_S)
     except KeyboardInterrupt:  # (SIGTERM too: Terminated)

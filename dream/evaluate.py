@@ -417,6 +417,27 @@ def _atomic_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=1))
 
 
+def prepare_real_set(state: dict, size: int, out_dir: Path, real: str | None, real_root: str | None,
+                     real_split: str | None, real_count: int | None, cache_root: Path, weights_tag: str,
+                     feature_extractor: str, metrics) -> tuple[dict, str, RealImages, int]:
+    """The real set FID and KID compare with (by default the checkpoint's training data), the name of its cached
+    statistics, its images (loaded when first used) and their count. Unless its features are cached, it is loaded
+    now and checked to hold at least 2 images: a bad real set fails before any sampling."""
+    real_set = resolve_real_set(state["config"], real, real_root, real_split, real_count, exclude=[out_dir],
+                                checkpoint=state["_path"])
+    cache_name = real_cache_name(real_set, size, weights_tag)
+    real_images = RealImages(real_set, size)
+    count_file = cache_root / f"{cache_name}-count.json"
+    discard_damaged_cache(cache_root, cache_name)
+    known_real_count = json.loads(count_file.read_text())["count"] if count_file.exists() else None
+    if known_real_count is None or not real_features_cached(cache_root, cache_name, feature_extractor, metrics):
+        known_real_count = len(real_images)  # loads it
+        check_real_count(real_set, known_real_count)
+        real_images._images = None  # not held through sampling (CelebA: 2 GB); read again from its cache
+        _atomic_json(count_file, {"count": known_real_count})
+    return real_set, cache_name, real_images, known_real_count
+
+
 def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampler: str = "ddim",
              steps: int | None = None, eta: float = 0.0, batch_size: int = 256, seed: int = 0, device="auto",
              backend: str = "auto",
@@ -466,18 +487,9 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
                                                         batch_size, use_ema)
         real_set = cache_name = real_images = known_real_count = None  # IS alone scores the samples by themselves
         if dist.is_main and ("fid" in metrics or "kid" in metrics):
-            real_set = resolve_real_set(state["config"], real, real_root, real_split, real_count, exclude=[out_dir],
-                                        checkpoint=state["_path"])
-            cache_name = real_cache_name(real_set, size, weights_tag)
-            real_images = RealImages(real_set, size)
-            count_file = cache_root / f"{cache_name}-count.json"
-            discard_damaged_cache(cache_root, cache_name)
-            known_real_count = json.loads(count_file.read_text())["count"] if count_file.exists() else None
-            if known_real_count is None or not real_features_cached(cache_root, cache_name, feature_extractor, metrics):
-                known_real_count = len(real_images)  # loads it: a bad real set fails here, before sampling
-                check_real_count(real_set, known_real_count)
-                real_images._images = None  # not held through sampling (CelebA: 2 GB); read again from its cache
-                _atomic_json(count_file, {"count": known_real_count})
+            real_set, cache_name, real_images, known_real_count = prepare_real_set(
+                state, size, out_dir, real, real_root, real_split, real_count, cache_root, weights_tag,
+                feature_extractor, metrics)
     out_dir = dist.share(out_dir)  # (rank 0's: sample_images checks that every rank loaded the same weights)
     samples_dir = out_dir / "samples"
 
