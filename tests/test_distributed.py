@@ -564,6 +564,31 @@ def test_two_processes_evaluate_as_one_process_does(tmp_path, one_cpu_thread):
     assert report["metrics"] == pytest.approx(single["metrics"], rel=1e-12)
 
 
+def test_a_real_set_rank_0_refuses_stops_every_rank_before_sampling_in_one_line(tmp_path):
+    """Rank 0 alone loads the real set (before any sampling): a folder of one image stops the job there, said once
+    by rank 0, the other rank leaving silently."""
+    pytest.importorskip("torch_fidelity")
+    from PIL import Image
+
+    from conftest import make_tiny_checkpoint
+    from test_evaluate import EXTRACTOR
+
+    checkpoint = make_tiny_checkpoint(tmp_path, step=9, num_timesteps=10, data_count=4)
+    real = tmp_path / "real"
+    real.mkdir()
+    Image.new("RGB", (16, 16), (200, 120, 90)).save(real / "face.png")
+    out = tmp_path / "eval"
+    argv = ["eval", checkpoint, "--out", out, "--count", 4, "--steps", 1, "--batch-size", 2, "--device", "cpu",
+            "--real", "folder", "--real-root", real, "--feature-extractor", EXTRACTOR, "--cache-dir",
+            tmp_path / "fidelity", "--no-progress"]
+    process, written = dream_under_torchrun(tmp_path, argv)
+    assert process.returncode != 0 and written == {0: [], 1: []}
+    ours = [line for line in process.stderr.splitlines() if line.startswith("dream eval")]
+    assert len(ours) == 1 and ours[0].startswith("dream eval: error: ") and \
+        "has 1 image; FID and KID need at least 2" in ours[0], process.stderr[-4000:]
+    assert not (out / "samples").exists()
+
+
 def test_sampling_jobs_let_collectives_wait_hours_not_torchs_default(monkeypatch):
     """While rank 0 alone prepares eval's real set, or the other ranks finish their last batch, the waiting ranks
     sit in a collective: sample and eval join the group with SAMPLING_TIMEOUT, training with torch's default."""
