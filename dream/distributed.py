@@ -63,9 +63,12 @@ class Distributed:
 
     def max_tensor(self, value: int, device) -> torch.Tensor:
         """max() as a one-element int64 tensor on `device`, not read on the host: queued like any other work."""
+        return self._reduced(value, device, dist.ReduceOp.MAX)
+
+    def _reduced(self, value: int, device, op) -> torch.Tensor:
         tensor = torch.full((1,), value, dtype=torch.int64, device=device)  # a fill, not a host-to-device copy
         if self.enabled:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            dist.all_reduce(tensor, op=op)
         return tensor
 
     def check_identical(self, tensors: list[torch.Tensor], what: str) -> None:
@@ -94,9 +97,7 @@ class Distributed:
         """The sum of an int over ranks, on every rank."""
         if not self.enabled:
             return value
-        tensor = torch.full((1,), value, dtype=torch.int64, device=device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return int(tensor.item())
+        return int(self._reduced(value, device, dist.ReduceOp.SUM).item())
 
     def share(self, value):
         """Rank 0's value (any picklable object) on every rank."""

@@ -288,10 +288,9 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
                 shared = (unfinished_batches(out_dir, count, batch_size), read_text_or_none(out_dir / LOCK_FILE),
                           settings)
         plan, lock_text, main_settings = dist.share(shared)
-        if dist.enabled:
-            with agreed_setup(dist):
-                if not dist.is_main:
-                    check_same_job(out_dir, lock_text, settings, main_settings)
+        with agreed_setup(dist):
+            if not dist.is_main:
+                check_same_job(out_dir, lock_text, settings, main_settings)
         mine = plan[dist.rank::dist.world_size]
         made, start = 0, time.perf_counter()
         if dist.enabled:
