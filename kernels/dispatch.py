@@ -16,7 +16,10 @@ OpCall(name, impl, setup_context, backward)(*args) therefore runs
     transform, and every tensor argument a plain tensor or Parameter, not on the meta device;
   - torch.ops.<name>(*args), the dispatcher, otherwise, or inside `through_dispatcher()`.
 Both run the same implementation: the same values, gradients and saved tensors. The profiler records a
-direct call under the op's name.
+direct call under the op's name. Second-order gradients (a backward run with create_graph=True) are those of
+the dispatcher too: the backward is recorded by autograd on both paths, and an op without an autograd
+formula (the kernels' backward ops) called on tensors that require grad in grad mode goes through torch.ops,
+whose backward node raises "no autograd formula" when differentiated, never a silently missing gradient.
 """
 from __future__ import annotations
 
@@ -24,7 +27,6 @@ import contextlib
 from typing import Callable, Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 # > 0 inside through_dispatcher(): process-wide, not per thread, since CUDA runs backward in the autograd
@@ -74,17 +76,19 @@ class OpCall:
                 setup_context(ctx, args, output)
                 return output
 
-            # the class is named after the op, so the profiler shows the forward under the op's name
+            # the class is named after the op, so the profiler shows the forward under the op's name; backward
+            # is not once_differentiable: with create_graph=True it is recorded as the dispatcher path's is
             self._function = type(name, (torch.autograd.Function,), {
                 "forward": staticmethod(forward),
-                "backward": staticmethod(once_differentiable(backward)),
+                "backward": staticmethod(backward),
             })
 
     def __call__(self, *args):
         if not direct_call_allowed(args):
             return self.op(*args)
-        if self._function is not None and torch.is_grad_enabled() and any(
-                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            if self._function is None:
+                return self.op(*args)  # no autograd formula: the op's autograd node says so if differentiated
             return self._function.apply(*args)  # the profiler records it under the class's (the op's) name
         if torch._C._autograd._profiler_enabled():
             with torch.autograd.profiler.record_function(self.name):

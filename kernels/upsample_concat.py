@@ -262,17 +262,20 @@ def _skip_gradient_like(grad_up, dtype, channels_last):
                        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def _check_backward_inputs(grad_up) -> None:
+def _check_backward_inputs(grad_up, dtype) -> None:
     if grad_up.dim() != 4 or grad_up.shape[2] % 2 or grad_up.shape[3] % 2 or grad_up.numel() == 0:
         raise ValueError(f"upsample2x_bilinear_backward: grad_up must be a non-empty (N, C, 2H, 2W) tensor, got "
                          f"shape {tuple(grad_up.shape)}")
     if grad_up.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"upsample2x_bilinear_backward: grad_up must be float32, float16 or bfloat16, got "
                         f"{grad_up.dtype}")
+    if dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"upsample2x_bilinear_backward: dtype (the skip's) must be float32, float16 or bfloat16, "
+                        f"got {dtype}")
 
 
 def _upsample2x_backward_impl(grad_up, dtype, channels_last):
-    _check_backward_inputs(grad_up)
+    _check_backward_inputs(grad_up, dtype)
     _check_device(grad_up)
     return _upsample2x_backward_into(grad_up, _skip_gradient_like(grad_up, dtype, channels_last))
 
@@ -284,7 +287,7 @@ def _upsample2x_backward_op(grad_up: torch.Tensor, dtype: torch.dtype, channels_
 
 @_upsample2x_backward_op.register_fake
 def _(grad_up, dtype, channels_last):
-    _check_backward_inputs(grad_up)
+    _check_backward_inputs(grad_up, dtype)
     return _skip_gradient_like(grad_up, dtype, channels_last)
 
 

@@ -131,6 +131,10 @@ def test_the_public_custom_ops_check_shapes_themselves_also_on_meta_tensors():
         for call, message in calls:
             with pytest.raises(ValueError, match=message):
                 call()
+        for dtype in (torch.int32, torch.float64):  # the gradient's dtype is an argument of this op
+            with pytest.raises(TypeError, match=r"^upsample2x_bilinear_backward: dtype \(the skip's\) must be "
+                                                rf"float32, float16 or bfloat16, got {dtype}$"):
+                ops.upsample2x_bilinear_backward(x, dtype, False)
 
 
 def test_attention_scales_beyond_fp32_are_refused_not_answered_wrongly():

@@ -147,16 +147,51 @@ def test_vmap_takes_the_op():
     assert (out - expected).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("path", ["direct", "dispatcher"])
-def test_second_order_gradients_raise(path):
-    """The kernels have first-order gradients only: differentiating a gradient raises on both paths (the
-    direct path's backward is once_differentiable; the backward op has no autograd formula)."""
-    _, call, tensors = _attention(torch.Generator().manual_seed(9))
+def _second_order(call, tensors):
+    """The gradients of Σ (∂L/∂input)² over the inputs, L = Σ r · out² (r fixed random; squared, so that the
+    first-order gradients depend on the inputs even where the op is linear): what a gradient penalty computes.
+    Returns them, or the first line of the error raised."""
     leaves = [t.to(DEVICE).requires_grad_() for t in tensors]
-    with dispatch.through_dispatcher() if path == "dispatcher" else contextlib.nullcontext():
-        (grad_q,) = torch.autograd.grad(call(*leaves).pow(2).sum(), leaves[0], create_graph=True)
-        with pytest.raises(RuntimeError, match="once_differentiable|no autograd formula"):
-            grad_q.sum().backward()
+    out = call(*leaves)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    try:
+        first = torch.autograd.grad((out.pow(2) * weights).sum(), leaves, create_graph=True)
+        penalty = sum(grad.pow(2).sum() for grad in first)
+        return torch.autograd.grad(penalty, leaves, allow_unused=True)
+    except RuntimeError as error:
+        return str(error).splitlines()[0]
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS, ids=lambda entry: entry.__name__.lstrip("_"))
+def test_second_order_gradients_are_the_same_on_both_paths(entry):
+    """Differentiating a gradient either raises on both paths (the kernels' backward ops have no autograd
+    formula) or gives the same gradients on both (add_bias_residual's backward is made of torch ops), never a
+    gradient silently missing on one of them."""
+    _, call, tensors = entry(torch.Generator().manual_seed(9))
+    direct = _second_order(call, tensors)
+    with dispatch.through_dispatcher():
+        dispatched = _second_order(call, tensors)
+    if isinstance(dispatched, str):
+        assert "no autograd formula" in dispatched
+        assert direct == dispatched
+        return
+    assert not isinstance(direct, str), direct
+    for index, (direct_grad, op_grad) in enumerate(zip(direct, dispatched)):
+        assert (direct_grad is None) == (op_grad is None), f"input {index}: a gradient on one path only"
+        assert direct_grad is None or torch.equal(direct_grad, op_grad), f"input {index}: gradients differ"
+
+
+def test_second_order_gradients_of_the_residual_sum_match_float64():
+    """add_bias_residual's backward is made of torch ops, so it is differentiable: the penalty's gradients
+    against float64."""
+    _, call, tensors = _add_bias_residual(torch.Generator().manual_seed(10))
+    got = _second_order(call, tensors)
+    expected = _second_order(kernels.add_bias_residual_reference, [t.double() for t in tensors])
+    for index, (value, reference) in enumerate(zip(got, expected)):
+        assert (value is None) == (reference is None), f"input {index}"
+        if value is not None:  # fp32: the error relative to the largest entry (sums of products cancel)
+            error = (value.double() - reference).abs().max() / reference.abs().max()
+            assert error < 1e-5, f"input {index}: relative error {error:.2e}"
 
 
 def test_profiler_records_direct_calls_under_the_ops_names():
