@@ -7,7 +7,6 @@ equal; which path ran shows in the output's grad_fn. Inputs are random (weights,
 too), at odd shapes (3 channels per group, 7×5 images, batch 3); outputs of both paths are fresh
 buffers, so a path that wrote nothing could not match the other by chance.
 """
-import contextlib
 
 import pytest
 import torch
