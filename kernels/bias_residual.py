@@ -34,9 +34,12 @@ def _bias_residual_kernel(
     ROWS, COLS, C,
     BIAS_ON_COLS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
-    """One program: a BLOCK_ROWS × BLOCK_COLS tile of the rows × columns view of memory."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    """One program: a BLOCK_ROWS × BLOCK_COLS tile of the rows × columns view of memory, tiles numbered
+    along the columns first (a 1-D grid: CUDA caps a grid's second axis at 65535 blocks)."""
+    col_blocks = tl.cdiv(COLS, BLOCK_COLS)
+    row_block = tl.program_id(0) // col_blocks
+    rows = row_block.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = (tl.program_id(0) - row_block * col_blocks) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     mask = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
     offsets = rows[:, None] * COLS + cols[None, :]
     if BIAS_ON_COLS:
@@ -99,7 +102,7 @@ def _add_bias_residual_into(a, b, bias, out, blocks=None):
         block_rows = min(next_power_of_2(rows), max(1, _TILE // block_cols))
         blocks = (block_rows, block_cols, max(1, min(8, block_rows * block_cols // 256)))
     block_rows, block_cols, num_warps = blocks
-    grid = (cdiv(rows, block_rows), cdiv(cols, block_cols))
+    grid = (cdiv(rows, block_rows) * cdiv(cols, block_cols),)
     autotune.launch(_bias_residual_kernel, grid)(a, b, bias, out, rows, cols, c, BIAS_ON_COLS=channels_last,
                                                  BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=num_warps)
     return out

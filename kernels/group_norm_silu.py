@@ -772,6 +772,9 @@ def _check_inputs(x, weight, bias, num_groups, eps, scale, shift, mode, silu, dr
     if not reference and C * H * W > INT32_MAX:  # (a group's element count is a 32-bit integer too)
         raise ValueError(f"{op}: x has C*H*W = {C * H * W} elements per sample, more than the kernels' 32-bit "
                          f"offsets address (2^31 - 1); use {op}_reference at this size")
+    if not reference and N * C > INT32_MAX:  # (scale, shift and the per-(n, c) sums are indexed by n*C + c)
+        raise ValueError(f"{op}: x has N*C = {N * C} (sample, channel) pairs, more than the kernels' 32-bit "
+                         f"offsets address (2^31 - 1); use {op}_reference at this size")
     if not is_int(num_groups) or num_groups <= 0:
         raise ValueError(f"{op}: num_groups must be a positive int, got {num_groups!r}")
     if C % num_groups != 0:

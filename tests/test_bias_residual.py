@@ -109,6 +109,18 @@ def test_launcher_writes_every_element(layout, blocks, dtype):
     assert_close("out", out, expected, TOLERANCE[dtype])
 
 
+@pytest.mark.skipif(not ON_GPU, reason="CUDA's grid limits; 65536 programs are too many for the interpreter")
+def test_a_plane_of_more_tiles_than_a_grid_axis_holds():
+    """NCHW, one plane of 4097 × 4096 positions: 65540 column tiles of 256, more than the 65535 blocks CUDA allows
+    along a grid's second axis (the grid is 1-D)."""
+    shape = (1, 1, 4097, 4096)
+    a, b, bias, _ = _inputs(shape, torch.float16, torch.float16, torch.float32, "nchw", 29)
+    out = torch.full(shape, float("nan"), device=DEVICE, dtype=torch.float16)
+    _add_bias_residual_into(a, b, bias, out)
+    expected = add_bias_residual_reference(a.double(), b.double(), bias.double())
+    assert_close("out", out, expected, TOLERANCE[torch.float16])
+
+
 def test_strided_inputs_are_made_dense():
     """A view (every other channel) and an expanded tensor work, as torch's a + b + bias would."""
     gen = torch.Generator(device=DEVICE).manual_seed(23)

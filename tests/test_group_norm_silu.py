@@ -869,6 +869,19 @@ def test_samples_beyond_32_bit_offsets_are_refused():
         group_norm_silu_conv2d(*args(128), conv_weight)
 
 
+def test_more_sample_channel_pairs_than_int32_offsets_reach_is_an_error():
+    """scale, shift and the per-(n, c) partial sums are indexed by n*C + c in int32: N*C must stay below 2^31
+    (batch 1024 with 2^21 channels of 1×1 is 2^31). On meta tensors: nothing is allocated."""
+    def args(batch):
+        channels = 2**21
+        x = torch.empty(batch, channels, 1, 1, device="meta", dtype=torch.float16)
+        return x, torch.empty(channels, device="meta"), torch.empty(channels, device="meta"), 1
+
+    assert group_norm_silu(*args(1023)).shape == (1023, 2**21, 1, 1)
+    with pytest.raises(ValueError, match=r"^group_norm_silu: x has N\*C = 2147483648 \(sample, channel\) pairs"):
+        group_norm_silu(*args(1024))
+
+
 def test_reference_accepts_float64_and_rejects_integers():
     args = _valid_args()
     args = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
