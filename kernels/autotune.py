@@ -203,9 +203,18 @@ def candidate_grid(interpreted: bool) -> str:
 _compile_only: ContextVar[bool] = ContextVar("dream_kernels_compile_only", default=False)
 
 
+_GRID_X_MAX, _GRID_YZ_MAX = 2**31 - 1, 65535
+
+
 def launch(kernel, grid):
     """kernel[grid], the way every launcher launches: inside precompile(), the kernel is only compiled
-    (Triton's warmup), not run. (bench/test_bench_dispatch.py replaces it to time the host side alone.)"""
+    (Triton's warmup), not run. (bench/test_bench_dispatch.py replaces it to time the host side alone.)
+    A grid beyond CUDA's limits (2^31 - 1 blocks along x, 65535 along y and z) is a one-line ValueError, here
+    and in the interpreter alike, not a launch failure on the GPU alone."""
+    if grid[0] > _GRID_X_MAX or any(blocks > _GRID_YZ_MAX for blocks in grid[1:]):
+        name = getattr(kernel, "fn", kernel).__name__
+        raise ValueError(f"{name}: a launch grid of {grid} blocks exceeds CUDA's limits ({_GRID_X_MAX} along x, "
+                         f"{_GRID_YZ_MAX} along y and z): the input is too large for this kernel")
     if _compile_only.get():
         return lambda *args, **kwargs: kernel.warmup(*args, grid=grid, **kwargs)
     return kernel[grid]

@@ -234,6 +234,17 @@ def test_samples_beyond_32_bit_offsets_are_refused():
         upsample2x_concat(meta(1, 3, 4, 4).float(), skip_view)
 
 
+def test_a_grid_beyond_cudas_limits_is_a_one_line_error_before_any_launch():
+    """64K column tiles along the grid's y axis (65535 at most on CUDA): refused in one line, in the interpreter
+    too, before anything runs."""
+    h, skip = torch.randn(1, 1, 2, 131072, device=DEVICE), torch.randn(1, 1, 1, 65536, device=DEVICE)
+    out = torch.full((1, 2, 2, 131072), float("nan"), device=DEVICE)
+    with pytest.raises(ValueError, match=r"^_upsample2x_concat_kernel: a launch grid of \(2, 131072, 2\) blocks "
+                                         r"exceeds CUDA's limits \(2147483647 along x, 65535 along y and z\)"):
+        _upsample2x_concat_into(h, skip, None, out, (1, 1, 1))
+    assert out.isnan().all()
+
+
 def test_opcheck():
     """The fake implementations against the real ops (shapes, dtypes, strides), autograd registration."""
     for layout, with_bias in (("nchw", True), ("mixed", False)):
