@@ -272,11 +272,16 @@ def _check_backward_inputs(grad_up, dtype) -> None:
     if dtype not in _KERNEL_DTYPES:
         raise TypeError(f"upsample2x_bilinear_backward: dtype (the skip's) must be float32, float16 or bfloat16, "
                         f"got {dtype}")
+    if grad_up[0].numel() > INT32_MAX:  # (a gradient's view spanning more within a sample is copied)
+        raise ValueError(f"upsample2x_bilinear_backward: grad_up has {grad_up[0].numel()} elements per sample, more "
+                         f"than the kernels' 32-bit offsets address (2^31 - 1)")
 
 
 def _upsample2x_backward_impl(grad_up, dtype, channels_last):
     _check_backward_inputs(grad_up, dtype)
     _check_device(grad_up)
+    if span(grad_up) > INT32_MAX:
+        grad_up = grad_up.contiguous(memory_format=memory_format_of(grad_up))
     return _upsample2x_backward_into(grad_up, _skip_gradient_like(grad_up, dtype, channels_last))
 
 

@@ -245,6 +245,31 @@ def test_a_grid_beyond_cudas_limits_is_a_one_line_error_before_any_launch():
     assert out.isnan().all()
 
 
+def test_a_gradient_view_beyond_int32_offsets_is_copied_and_an_oversized_sample_refused(monkeypatch):
+    """The backward reads grad_up with 32-bit offsets within a sample: a view reaching further is copied first,
+    a sample with more elements than those offsets address is a one-line error. The limit is lowered to
+    300 elements here, so that a small strided view crosses it."""
+    import kernels.upsample_concat as module
+
+    grad_up = torch.randn(2, 3, 8, 24, device=DEVICE)[..., ::2]  # (2, 3, 8, 12): spans 574 elements a sample
+    ops = torch.ops.dream_kernels
+    expected = ops.upsample2x_bilinear_backward(grad_up.contiguous(), torch.float32, False)
+    launched_spans = []
+
+    def launcher(grad, *args, **kwargs):
+        launched_spans.append(module.span(grad))
+        return launch(grad, *args, **kwargs)
+
+    launch = module._upsample2x_backward_into
+    monkeypatch.setattr(module, "_upsample2x_backward_into", launcher)
+    monkeypatch.setattr(module, "INT32_MAX", 300)
+    assert torch.equal(ops.upsample2x_bilinear_backward(grad_up, torch.float32, False), expected)
+    assert launched_spans == [287]  # the kernel read a dense copy
+    monkeypatch.setattr(module, "INT32_MAX", 200)  # 288 elements a sample
+    with pytest.raises(ValueError, match=r"^upsample2x_bilinear_backward: grad_up has 288 elements per sample"):
+        ops.upsample2x_bilinear_backward(grad_up, torch.float32, False)
+
+
 def test_opcheck():
     """The fake implementations against the real ops (shapes, dtypes, strides), autograd registration."""
     for layout, with_bias in (("nchw", True), ("mixed", False)):
