@@ -43,8 +43,13 @@ def atomic_torch_save(obj, path: Path) -> tuple[str, int]:
 def weights_sha256(module: torch.nn.Module) -> str:
     """SHA-256 over a module's state_dict (names, dtypes, shapes and values, in name order): the same weights
     give the same digest whichever file (checkpoint or export) they came from."""
+    return tensors_sha256(module.state_dict())
+
+
+def tensors_sha256(tensors: dict) -> str:
+    """SHA-256 over named tensors: names, dtypes, shapes and values, in name order."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(tensors.items()):
         tensor = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
@@ -394,7 +399,7 @@ def export_weights(source: str | Path, out: str | Path, weights: str = "ema") ->
     metadata = {"format": EXPORT_FORMAT, "weights": weights, "config": json.dumps(state["config"]),
                 "step": str(state.get("step")), "epoch": str(state.get("epoch")),
                 "source": str(source_path.resolve()), "source_sha256": sha256_file(source_path),
-                "code_version": str(state.get("code_version", ""))}
+                "code_version": str(state.get("code_version", "")), "tensors_sha256": tensors_sha256(tensors)}
     data = _safetensors().save(tensors, metadata=metadata)
     atomic_write_bytes(out, data)
     replaced = None if previous is None else {"weights": previous.get("weights"), "step": previous.get("step"),
@@ -436,6 +441,9 @@ def load_exported(path: str | Path) -> dict:
                          f"{str(error).splitlines()[0] if str(error) else ''})") from None
     if metadata.get("format") != EXPORT_FORMAT or "config" not in metadata:
         raise DreamError(f"{path} is not a dream export (no '{EXPORT_FORMAT}' metadata)")
+    if "tensors_sha256" in metadata and tensors_sha256(tensors) != metadata["tensors_sha256"]:
+        raise DreamError(f"{path} is damaged: its tensors do not match the SHA-256 recorded when it was exported; "
+                         f"export it again from its checkpoint ({metadata.get('source', 'unknown')})")
     step = metadata.get("step")
     return {"model": tensors, "config": json.loads(metadata["config"]), "ema": None,
             "step": int(step) if step and step.isdigit() else None, "_path": str(path),

@@ -36,8 +36,8 @@ from dream.checkpoint import require_checkpoint
 from dream.distributed import Distributed, agreed_setup
 from dream.errors import DreamError
 from dream.files import atomic_write_text, folder_problem
-from dream.sample import (add_sampling_arguments, checked_sampler, image_path, load_sampler_model, parse_graphs,
-                          read_sample, sample_images)
+from dream.sample import (add_sampling_arguments, check_counts, check_out_dir, checked_sampler, image_path,
+                          load_sampler_model, parse_graphs, read_sample, sample_images)
 from dream.seeding import check_seed
 
 METRICS = ("fid", "isc", "kid")
@@ -161,6 +161,13 @@ def resolve_real_set(config: dict, source: str | None = None, root: str | None =
         raise DreamError(f"unknown real-set source {source!r}; choose one of {REAL_SOURCES}")
     if count is not None and count < 2:
         raise DreamError(f"--real-count must be at least 2, got {count}")
+    if source == "synthetic" and (root or split):
+        flags = [flag for flag, value in (("--real-root", root), ("--real-split", split)) if value]
+        whose = " (the checkpoint's training data)" if same else ""
+        raise DreamError(f"{' and '.join(flags)} {'name' if len(flags) > 1 else 'names'} a CelebA or folder real "
+                         f"set, but the real set is the synthetic one{whose}: pass --real celeba or --real folder")
+    if source == "folder" and split:
+        raise DreamError(f"--real-split {split} names a CelebA split; the real set is a folder (all its images)")
     if source == "synthetic":
         default = config.get("data_count", 4096) if same else 4096
         return {"source": "synthetic", "root": None, "split": None, "count": count or default,
@@ -466,14 +473,19 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
         metrics = tuple(metrics)
         check_metrics(metrics)
         check_seed(seed)
+        check_counts(count, batch_size, steps_per_graph)
         if out and Path(out).exists() and not Path(out).is_dir():
             raise DreamError(f"--out {out} is a file; it must be a folder (new or holding an earlier evaluation)")
+        if out:
+            check_out_dir(out)
         cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "fidelity"
         problem = dist.is_main and folder_problem(cache_root)  # made and written into now, not after hours of sampling
         if problem:
             what = f"--cache-dir {cache_dir}" if cache_dir else "the statistics cache"
             raise DreamError(f"{what}: {problem}; pass another --cache-dir")
         device = resolve_device(device, dist) if isinstance(device, str) else torch.device(device)
+        if graphs and device.type != "cuda":
+            raise DreamError(f"CUDA graphs need a CUDA device; sampling runs on {device}")
         require_checkpoint(checkpoint)  # the cheap checks first, then the feature extractor's weights, before sampling
         weights = weights_tag = None
         if dist.is_main:

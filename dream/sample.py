@@ -307,10 +307,10 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
         try:
             with torch.random.fork_rng(devices=_rng_devices(device)):
                 for b, missing in mine:
-                    x_T = batch_noise(seed, b, shape, device)
-                    torch.manual_seed(batch_step_seed(seed, b))
                     step_bar.reset()
                     try:
+                        x_T = batch_noise(seed, b, shape, device)
+                        torch.manual_seed(batch_step_seed(seed, b))
                         x = engine.sample(x_T, sampler, steps, eta, dtype, graphs=use_graphs,
                                           on_step=None if step_bar.disable else step_bar.update)
                     except RuntimeError as error:  # torch.OutOfMemoryError is one

@@ -187,7 +187,11 @@ def resolve_device(name: str, dist: distributed.Distributed | None = None) -> to
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DreamError(f"device {name!r} was asked for, but CUDA is not available on this machine")
     if device.type == "cuda" and dist is not None and dist.enabled:
-        device = torch.device("cuda", dist.local_rank)
+        return torch.device("cuda", dist.local_rank)  # (checked against the device count by torchrun's setup)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise DreamError(f"device {name!r} was asked for, but this machine has {count} CUDA device"
+                         f"{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})")
     return device
 
 

@@ -460,3 +460,22 @@ def test_info_without_json_is_a_table(capsys):
     assert main(["info", "--preset", "tiny"]) == 0
     text = capsys.readouterr().out
     assert text.startswith(f"preset tiny: {parameters:,} parameters") and "conv_in" in text
+
+
+@pytest.mark.parametrize("name, message", [
+    ("cuda:2", "device 'cuda:2' was asked for, but this machine has 2 CUDA devices (cuda:0 to cuda:1)"),
+    ("cuda:0", None), ("cuda", None), ("cuda:1", None),
+])
+def test_a_cuda_device_index_beyond_the_machines_is_one_line(monkeypatch, name, message):
+    """Checked where the device is resolved (every command), not left to the first tensor moved there. CUDA is
+    faked: 2 devices."""
+    from dream.errors import DreamError
+    from dream.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    if message is None:
+        assert resolve_device(name) == torch.device(name)
+    else:
+        with pytest.raises(DreamError, match=f"^{message.replace('(', '[(]').replace(')', '[)]')}$"):
+            resolve_device(name)

@@ -793,6 +793,40 @@ def test_an_out_that_is_a_file_is_refused_before_sampling(tmp_path, monkeypatch)
         evaluate("ckpt.pt", out=str(a_file), count=4, feature_extractor=EXTRACTOR, cache_dir=tmp_path / "fidelity")
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"batch_size": 0}, "--batch-size must be a positive integer, got 0"),
+    ({"steps_per_graph": 0}, "--steps-per-graph must be a positive integer, got 0"),
+    ({"graphs": True}, "CUDA graphs need a CUDA device; sampling runs on cpu"),
+    ({"out": "FILE/eval"}, r"--out .*FILE/eval cannot be made \(Not a directory: .*FILE is a file\)"),
+])
+def test_sampling_settings_are_refused_before_anything_is_loaded(tmp_path, monkeypatch, change, message):
+    """What sample_images would refuse is refused before the model, the extractor and the real set are loaded
+    (a CelebA real set takes minutes)."""
+    for name in ("load_sampler_model", "resolve_feature_extractor", "prepare_real_set"):
+        monkeypatch.setattr(evaluate_module, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} ran"))
+    (tmp_path / "FILE").write_text("")
+    settings = dict(out=str(tmp_path / "eval"), count=4, device="cpu", feature_extractor=EXTRACTOR,
+                    cache_dir=tmp_path / "fidelity")
+    change = {key: str(tmp_path / value) if key == "out" else value for key, value in change.items()}
+    with pytest.raises(DreamError, match=f"^{message}$"):
+        evaluate("ckpt.pt", **{**settings, **change})
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("config, change, message", [
+    ({"data": "synthetic"}, {"real_root": "/data/celeba"}, "--real-root names a CelebA or folder real set, but the "
+     "real set is the synthetic one \(the checkpoint's training data\): pass --real celeba or --real folder"),
+    ({"data": "folder", "data_root": "/faces"}, {"real": "synthetic", "real_root": "/r", "real_split": "test"},
+     "--real-root and --real-split name a CelebA or folder real set, but the real set is the synthetic one: "),
+    ({"data": "folder", "data_root": "/faces"}, {"real_split": "test"},
+     r"--real-split test names a CelebA split; the real set is a folder \(all its images\)$"),
+])
+def test_real_set_flags_that_would_be_ignored_are_refused(config, change, message):
+    with pytest.raises(DreamError, match=f"^{message}"):
+        resolve_real_set(config, **{{"real": "source", "real_root": "root", "real_split": "split"}[key]: value
+                                    for key, value in change.items()})
+
+
 def test_kid_alone_is_scored_against_the_real_set(tmp_path):
     checkpoint = make_checkpoint(tmp_path)
     report = evaluate(str(checkpoint), out=str(tmp_path / "eval"), count=4, steps=1, batch_size=4, device="cpu",

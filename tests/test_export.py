@@ -120,3 +120,31 @@ def test_an_unwritable_out_folder_is_found_before_loading(tmp_path, checkpoint, 
     assert main(["export", str(checkpoint), "--out", str(tmp_path / "a_file" / "ema.safetensors")]) == 2
     assert capsys.readouterr().err == (f"dream export: error: --out {tmp_path / 'a_file' / 'ema.safetensors'}: "
                                        f"{tmp_path / 'a_file'} exists and is not a folder\n")
+
+
+def test_a_damaged_export_is_one_line_and_an_export_without_a_digest_still_loads(tmp_path, checkpoint, capsys):
+    """The export records a SHA-256 of its tensors; a byte flipped in the last tensor (where a header check
+    cannot see it) is refused when the file is read, in one line naming the source to export again from."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    out = tmp_path / "ema.safetensors"
+    export_weights(checkpoint, out)
+    intact = load_exported(out)["model"]
+    data = bytearray(out.read_bytes())
+    data[-3] ^= 0x40  # inside the last tensor's values
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(DreamError, match=rf"^{damaged} is damaged: its tensors do not match the SHA-256 recorded "
+                                         rf"when it was exported; export it again from its checkpoint \(.*\)$"):
+        load_exported(damaged)
+    assert main(["sample", str(damaged), "--out", str(tmp_path / "s"), "--count", "2", "--batch-size", "2",
+                 "--steps", "1", "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is damaged" in err, err
+
+    with safe_open(str(out), framework="pt") as f:  # an export made before the digest was recorded
+        metadata = {key: value for key, value in f.metadata().items() if key != "tensors_sha256"}
+    older = tmp_path / "older.safetensors"
+    save_file(load_file(str(out)), str(older), metadata=metadata)
+    assert all(torch.equal(load_exported(older)["model"][name], tensor) for name, tensor in intact.items())

@@ -359,13 +359,18 @@ def test_stochastic_sets_record_the_device_of_their_step_noise(tmp_path):
 @pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
                                    RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: "
                                                 "can't allocate memory: you tried to allocate 123 bytes")])
-def test_out_of_memory_while_sampling_is_one_line(tmp_path, capsys, monkeypatch, error):
+@pytest.mark.parametrize("where", ["starting noise", "denoising"])
+def test_out_of_memory_while_sampling_is_one_line(tmp_path, capsys, monkeypatch, error, where):
+    import dream.sample
     from dream.cli import main
 
     def out_of_memory(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(SamplingEngine, "sample", out_of_memory)
+    if where == "denoising":
+        monkeypatch.setattr(SamplingEngine, "sample", out_of_memory)
+    else:  # a batch's x_T, drawn before the loop (--batch-size 1000000 on a CPU runs out there)
+        monkeypatch.setattr(dream.sample, "batch_noise", out_of_memory)
     checkpoint = make_checkpoint(tmp_path)
     command = ["sample", str(checkpoint), "--out", str(tmp_path / "s"), "--count", "2", "--batch-size", "2",
                "--steps", "1", "--device", "cpu", "--no-progress"]
@@ -374,6 +379,7 @@ def test_out_of_memory_while_sampling_is_one_line(tmp_path, capsys, monkeypatch,
     assert err.count("\n") == 1, err
     assert "out of memory denoising a batch of 2 images on cpu: pass a smaller --batch-size" in err, err
 
+    monkeypatch.undo()
     monkeypatch.setattr(SamplingEngine, "sample", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # other errors are not dressed up as out of memory
         main(command)
