@@ -3,7 +3,9 @@
 Each checkpoint is one file `ckpt-<step>.pt` written atomically (temp file in the same folder, fsync,
 rename, fsync of the folder), then recorded in `manifest.json` with its size and SHA-256; the manifest is
 written the same way, and only then are the files it no longer lists deleted. So a kill at any moment
-leaves a manifest whose every entry is a complete file. Loading verifies size and checksum and falls
+leaves a manifest whose every entry is a complete file. A step saved again (the step that ends an epoch, once
+the epoch has advanced) replaces its file in place: while the new file is written, the step's entry accepts
+either file, so the intact old one is never unlisted. Loading verifies size and checksum and falls
 back, with a warning, to the newest earlier checkpoint that verifies (torch.load alone does not notice
 a flipped bit in tensor data). Files are read with `torch.load(weights_only=True)`, so a checkpoint can
 hold only tensors and plain Python data and can never run code.
@@ -29,15 +31,13 @@ from dream.files import atomic_write_bytes, folder_problem
 MANIFEST = "manifest.json"
 
 
-def atomic_torch_save(obj, path: Path) -> tuple[str, int]:
-    """Save atomically; returns the file's SHA-256 and size in bytes."""
+def torch_saved_bytes(obj) -> bytes:
+    """What torch.save writes for obj."""
     import io
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    data = buffer.getvalue()
-    atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest(), len(data)
+    return buffer.getvalue()
 
 
 def weights_sha256(module: torch.nn.Module) -> str:
@@ -133,17 +133,26 @@ class CheckpointManager:
     def save(self, state: dict, step: int) -> Path:
         """Write ckpt-<step>.pt, then the manifest that lists it, then delete what the manifest dropped.
 
-        A kill at any moment leaves the previous manifest (and every file it lists) intact. Entries at
-        or after `step` belong to an abandoned future (a damaged checkpoint, a restore after divergence)
-        and are replaced."""
+        A kill at any moment leaves a manifest whose every entry matches its file, and the newest step saved
+        before stays loadable, also when it is `step` itself being saved again. Entries after `step` belong
+        to an abandoned future (a restore after divergence, a resume from an older checkpoint) and are
+        replaced."""
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"ckpt-{step:09d}.pt"
+        path = self.folder / name
+        data = torch_saved_bytes(state)
+        entry = {"file": name, "step": step, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         listed = self._manifest()
         entries = [e for e in listed if e.get("step", -1) < step]
-        if len(entries) != len(listed):  # unlist before overwriting, so no entry ever names a changed file
-            self._write_manifest(entries)
-        digest, size = atomic_torch_save(state, self.folder / name)
-        entries.append({"file": name, "step": step, "bytes": size, "sha256": digest})
+        if len(entries) != len(listed):
+            # Unlisted before the file is written, so that no entry ever names a changed file: the abandoned
+            # future (later steps) and a damaged file of this step. This step's intact file stays listed as the
+            # entry's alternative ("or"): until the rename below it is the file there, and it loads.
+            own = next((e for e in listed if e.get("file") == name and _damage(path, e) is None), None)
+            alternative = [{**entry, "or": {"bytes": own.get("bytes"), "sha256": own.get("sha256")}}] if own else []
+            self._write_manifest(entries + alternative)
+        atomic_write_bytes(path, data)
+        entries.append(entry)
         entries = entries[-self.keep:]
         self._write_manifest(entries)
         self._remove_unlisted({e["file"] for e in entries})
@@ -197,6 +206,11 @@ class CheckpointManager:
         if any((self.folder / entry["file"]).exists() for entry in entries):
             raise DreamError(f"no checkpoint in {self.folder} can be loaded ({'; '.join(damaged)}); none was "
                              f"deleted{hint}", same_on_every_rank=True)
+        unlisted = sorted(path.name for path in self.folder.glob("ckpt-*.pt"))
+        if not entries and unlisted:  # (without a manifest, the files are the entries): starting over deletes them
+            raise DreamError(f"{', '.join(unlisted)} in {self.folder} {'is' if len(unlisted) == 1 else 'are'} not "
+                             f"listed in its {MANIFEST}, which lists no checkpoint; none was deleted{hint}",
+                             same_on_every_rank=True)
         return None
 
     def _warn_unlisted_newer(self, step: int) -> None:
@@ -221,13 +235,17 @@ class CheckpointManager:
 
 
 def _damage(path: Path, entry: dict) -> str | None:
-    """Why the file does not match its manifest entry, or None when it does."""
+    """Why the file does not match its manifest entry (or the entry's alternative, "or", while a step is saved
+    again), or None when it does. An entry without a checksum (a scanned folder) is matched by size alone."""
     if not path.exists():
         return "file missing"
     size = path.stat().st_size
-    if entry.get("bytes") is not None and size != entry["bytes"]:
+    versions = [version for version in (entry, entry.get("or")) if version]
+    versions = [version for version in versions if version.get("bytes") is None or version["bytes"] == size]
+    if not versions:
         return f"{size} bytes, the manifest says {entry['bytes']}"
-    if entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+    if all(version.get("sha256") for version in versions) and \
+            sha256_file(path) not in {version["sha256"] for version in versions}:
         return "SHA-256 checksum mismatch"
     return None
 
@@ -310,6 +328,20 @@ def check_model_state(state: dict) -> None:
     if not (isinstance(state.get("model"), dict) and isinstance(config, dict) and isinstance(config.get("model"), dict)
             and {"schedule", "num_timesteps"} <= config.keys()):
         raise DreamError(f"{state['_path']} is not a dream checkpoint (no UNet weights and config in it)")
+
+
+TRAINING_STATE = ("model", "ema", "optimizer", "scaler", "epoch", "batch_in_epoch", "step", "rng", "config")
+
+
+def check_training_state(state: dict) -> None:
+    """A one-line DreamError unless `state` is a dream training checkpoint that training can go on from (an
+    export, or another project's file holding "model" and "config", is not)."""
+    check_model_state(state)
+    missing = [key for key in TRAINING_STATE if key not in state]
+    if missing or not isinstance(state["config"].get("preset"), str):
+        what = f"no {', '.join(missing)}" if missing else "no model preset in its config"
+        raise DreamError(f"{state['_path']} is not a dream training checkpoint ({what}); training cannot go on "
+                         f"from it")
 
 
 def load_model_for_sampling(path: str | Path, device="cpu", use_ema: bool = True, backend: str = "eager",

@@ -39,7 +39,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dream import distributed
-from dream.checkpoint import CheckpointManager, code_version, load_checkpoint, rng_state, set_rng_state
+from dream.checkpoint import (CheckpointManager, check_training_state, code_version, load_checkpoint, rng_state,
+                              set_rng_state)
 from dream.data import DeviceBatches, images_digest, import_torchvision, load_images
 from dream.diffusion import GaussianDiffusion
 from dream.ema import EMA, conditional_step
@@ -731,6 +732,7 @@ class Trainer:
                 trim_log(self.run_dir / "metrics.jsonl", 0)  # steps logged before a kill are redone
             return False
         if path:
+            check_training_state(state)
             newest = self.checkpoints.newest_step()
             if newest is not None and newest > state["step"]:
                 raise DreamError(
@@ -775,7 +777,11 @@ class Trainer:
                 raise DreamError(f"checkpoint {state['_path']} was made with {what}: pass the same to go on, "
                                  f"{instead}", same_on_every_rank=True)
         self.load_state_dict(state)
-        self.last_checkpoint, self.last_checkpoint_position = Path(state["_path"]), self.position()
+        self.last_checkpoint = Path(state["_path"])
+        # a checkpoint of another folder (a branch: --resume FILE --run-dir NEW) is saved into this one at the next
+        # save, even at this position: NEW's own checkpoint is what a rerun without --resume goes on from
+        in_this_run = self.checkpoints.entry_for(self.last_checkpoint) is not None
+        self.last_checkpoint_position = self.position() if in_this_run else (-1, -1, -1)
         if self.dist.is_main:
             trim_log(self.run_dir / "metrics.jsonl", self.step)
         self.note(f"resumed from {state['_path']} at step {self.step} (epoch {self.epoch})", event="resume")

@@ -139,6 +139,58 @@ def test_a_kill_at_any_moment_of_a_save_leaves_a_manifest_whose_files_verify(tmp
     assert sorted(path.name for path in tmp_path.glob("ckpt-*.pt")) == ["ckpt-000000002.pt", "ckpt-000000003.pt"]
 
 
+@pytest.mark.parametrize("keep", [1, 3])
+def test_a_step_saved_again_stays_loadable_at_every_moment_of_the_save(tmp_path, monkeypatch, keep):
+    """The step that ends an epoch is saved again once the epoch has advanced. A kill (or a full disk) at any
+    moment of that second save leaves that step loadable, the old file or the new one, never unlisted: with
+    keep=1 it is the only checkpoint, and a rerun that found none would start over and delete it."""
+    manager = CheckpointManager(tmp_path, keep=keep)
+    for step in (7, 8):
+        manager.save(fake_state(step), step)
+    moments = []
+    replace = os.replace
+
+    def loadable(moment):
+        state = CheckpointManager(tmp_path, keep=keep).latest()
+        assert state is not None and state["step"] == 8, f"{moment}: {state and state['step']}"
+        moments.append((moment, state["model"]["w"][0].item()))
+
+    def checked_replace(source, target):
+        loadable(f"before the rename to {Path(target).name}")
+        replace(source, target)
+        loadable(f"after the rename to {Path(target).name}")
+
+    monkeypatch.setattr(os, "replace", checked_replace)
+    manager.save({**fake_state(8), "model": {"w": torch.full((64,), 80.0)}}, 8)
+    monkeypatch.undo()
+    assert [value for _, value in moments] == [8, 8, 8, 80, 80, 80], moments  # (manifest, file, manifest)
+    assert manager.latest()["model"]["w"][0] == 80
+    assert all("or" not in entry for entry in json.loads((tmp_path / MANIFEST).read_text())["checkpoints"])
+
+    damaged = tmp_path / "ckpt-000000008.pt"  # a damaged file of the step is unlisted, not offered as the old one
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    def full_disk_for_checkpoints(source, target):
+        if Path(target).name.startswith("ckpt-"):
+            raise OSError(28, "No space left on device")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", full_disk_for_checkpoints)
+    with pytest.raises(OSError):
+        manager.save(fake_state(8), 8)
+    monkeypatch.undo()
+    assert [path.name for path, _ in manager.verify()] == (["ckpt-000000007.pt"] if keep > 1 else [])
+
+
+def test_checkpoint_files_beside_a_manifest_that_lists_none_are_refused_not_started_over(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=1)
+    manager.save(fake_state(8), 8)
+    (tmp_path / MANIFEST).write_text(json.dumps({"checkpoints": []}))
+    with pytest.raises(DreamError, match=r"^ckpt-000000008\.pt in .* is not listed in its manifest\.json, which "
+                                         r"lists no checkpoint; none was deleted: pass --resume FILE$"):
+        manager.latest(": pass --resume FILE")
+    assert (tmp_path / "ckpt-000000008.pt").exists()
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte"])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage):
     manager = CheckpointManager(tmp_path, keep=3)
@@ -928,6 +980,43 @@ def test_resume_file_behind_the_run_folders_newest_is_refused_and_deletes_nothin
     assert Trainer(small_config(tmp_path / "run", max_steps=5)).run()["step"] == 5
     newest = tmp_path / "run" / "checkpoints" / "ckpt-000000005.pt"  # --resume naming the newest itself goes on
     assert Trainer(small_config(tmp_path / "run", max_steps=6)).run(resume=str(newest))["step"] == 6
+
+
+def test_a_branch_that_fails_before_its_first_step_saves_into_its_own_folder(tmp_path):
+    """--resume FILE --run-dir NEW failing before a step is taken: the emergency checkpoint is NEW's own, so that
+    the line's advice (rerun without --resume) goes on from FILE's step instead of starting NEW over."""
+    Trainer(small_config(tmp_path / "run", max_steps=2)).run()
+    source = tmp_path / "run" / "checkpoints" / "ckpt-000000002.pt"
+    branch = Trainer(small_config(tmp_path / "branch", max_steps=4))
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    branch.objective = failing
+    saved = tmp_path / "branch" / "checkpoints" / "ckpt-000000002.pt"
+    with pytest.raises(TrainingAborted, match=rf"RuntimeError at step 2 .*emergency checkpoint {saved} saved\. To "
+                                              rf"resume, rerun the same command without --resume\."):
+        branch.run(resume=str(source))
+    assert load_checkpoint(saved)["step"] == 2
+    assert Trainer(small_config(tmp_path / "branch", max_steps=4)).run()["step"] == 4
+    records = [json.loads(line) for line in (tmp_path / "branch" / "metrics.jsonl").read_text().splitlines()]
+    resumes = [record for record in records if record.get("event") == "resume"]
+    assert [record["step"] for record in resumes] == [2, 2], resumes  # the branch, then the rerun, from step 2
+    assert [record["step"] for record in records if "loss" in record] == [3, 4]
+
+
+@pytest.mark.parametrize("state, what", [
+    ({"model": {"w": torch.zeros(2)}, "config": "resnet50"}, "is not a dream checkpoint"),
+    ({"model": {"w": torch.zeros(2)}, "config": {"lr": 1e-4}}, "is not a dream checkpoint"),
+    ({"model": {"w": torch.zeros(2)}, "config": {"model": {}, "schedule": "cosine", "num_timesteps": 10}},
+     r"is not a dream training checkpoint \(no ema, optimizer, scaler, epoch, batch_in_epoch, step, rng\); "
+     r"training cannot go on from it"),
+])
+def test_resume_from_another_projects_checkpoint_is_one_line(tmp_path, state, what):
+    foreign = tmp_path / "foreign.pt"
+    torch.save(state, foreign)
+    with pytest.raises(DreamError, match=f"^{foreign} {what}"):
+        Trainer(small_config(tmp_path / "run", max_steps=1)).run(resume=str(foreign))
 
 
 def test_a_folder_of_someone_elses_files_is_not_taken_for_a_run(tmp_path):
