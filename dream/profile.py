@@ -569,6 +569,7 @@ def profile_name(what: str, args, config: dict, device: torch.device) -> str:
 
 def run_profile(args) -> list[Path]:
     from dream.errors import DreamError
+    from dream.sample import out_of_memory
     from dream.train import resolve_device
 
     device = resolve_device(args.device)
@@ -593,11 +594,18 @@ def run_profile(args) -> list[Path]:
     written = []
     for what in whats:
         torch.manual_seed(args.seed)
-        step, config, _keep = (training_workload if what == "train" else sampling_workload)(args, device)
-        stem = unique_stem(report_stem(args.out, info, profile_name(what, args, config, device)), PROFILE_SUFFIXES)
-        trace_path = stem.with_name(stem.name + ".trace.json.gz")
-        summary = profile_steps(step, device, warmup=args.warmup, active=args.steps, trace_path=trace_path,
-                                top=args.top)
+        try:
+            step, config, _keep = (training_workload if what == "train" else sampling_workload)(args, device)
+            stem = unique_stem(report_stem(args.out, info, profile_name(what, args, config, device)),
+                               PROFILE_SUFFIXES)
+            trace_path = stem.with_name(stem.name + ".trace.json.gz")
+            summary = profile_steps(step, device, warmup=args.warmup, active=args.steps, trace_path=trace_path,
+                                    top=args.top)
+        except RuntimeError as error:  # torch.OutOfMemoryError is one
+            if not out_of_memory(error):
+                raise
+            raise DreamError(f"out of memory in the {what} workload at --batch {args.batch} on {device}: pass a "
+                             f"smaller --batch") from None
         summary["images_per_s"] = args.batch / (summary["step_ms"] / 1e3)
         if what == "sample" and args.sampler == "step":
             summary["images_per_s"] /= 1000  # a 1000-step DDPM run at this step time

@@ -50,6 +50,23 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, monkeypatch)
         profile.run_profile(args)
 
 
+@pytest.mark.parametrize("what", ["train", "sample"])
+def test_out_of_memory_in_a_workload_is_one_line_naming_the_batch(tmp_path, monkeypatch, what):
+    def out_of_memory(*args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 1228800000000000 bytes")
+
+    monkeypatch.setattr(profile, f"{'training' if what == 'train' else 'sampling'}_workload", out_of_memory)
+    args = parse("--device", "cpu", "--out", str(tmp_path), "--what", what, "--batch", "100000000000")
+    with pytest.raises(DreamError, match=rf"^out of memory in the {what} workload at --batch 100000000000 on cpu: "
+                                         r"pass a smaller --batch$"):
+        profile.run_profile(args)
+    monkeypatch.setattr(profile, f"{'training' if what == 'train' else 'sampling'}_workload",
+                        lambda *args: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="^a bug$"):  # other errors are not dressed up as out of memory
+        profile.run_profile(args)
+
+
 def test_report_names_carry_the_settings_that_differ_from_the_defaults():
     cpu = torch.device("cpu")
 
