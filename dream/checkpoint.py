@@ -149,7 +149,8 @@ class CheckpointManager:
             # future (later steps) and a damaged file of this step. This step's intact file stays listed as the
             # entry's alternative ("or"): until the rename below it is the file there, and it loads.
             own = next((e for e in listed if e.get("file") == name and _damage(path, e) is None), None)
-            alternative = [{**entry, "or": {"bytes": own.get("bytes"), "sha256": own.get("sha256")}}] if own else []
+            # (the file as it is: it may match its entry's own alternative, left by a save of this step that failed)
+            alternative = [{**entry, "or": {"bytes": path.stat().st_size, "sha256": sha256_file(path)}}] if own else []
             self._write_manifest(entries + alternative)
         atomic_write_bytes(path, data)
         entries.append(entry)
@@ -207,10 +208,11 @@ class CheckpointManager:
             raise DreamError(f"no checkpoint in {self.folder} can be loaded ({'; '.join(damaged)}); none was "
                              f"deleted{hint}", same_on_every_rank=True)
         unlisted = sorted(path.name for path in self.folder.glob("ckpt-*.pt"))
-        if not entries and unlisted:  # (without a manifest, the files are the entries): starting over deletes them
+        if not entries and unlisted:  # starting over would delete them at the first save
+            where = (f"listed in its {MANIFEST}, which lists no checkpoint" if (self.folder / MANIFEST).exists() else
+                     f"named ckpt-<step>.pt, and there is no {MANIFEST}")
             raise DreamError(f"{', '.join(unlisted)} in {self.folder} {'is' if len(unlisted) == 1 else 'are'} not "
-                             f"listed in its {MANIFEST}, which lists no checkpoint; none was deleted{hint}",
-                             same_on_every_rank=True)
+                             f"{where}; none was deleted{hint}", same_on_every_rank=True)
         return None
 
     def _warn_unlisted_newer(self, step: int) -> None:
@@ -243,7 +245,8 @@ def _damage(path: Path, entry: dict) -> str | None:
     versions = [version for version in (entry, entry.get("or")) if version]
     versions = [version for version in versions if version.get("bytes") is None or version["bytes"] == size]
     if not versions:
-        return f"{size} bytes, the manifest says {entry['bytes']}"
+        alternative = f" or {entry['or']['bytes']}" if entry.get("or") else ""
+        return f"{size} bytes, the manifest says {entry['bytes']}{alternative}"
     if all(version.get("sha256") for version in versions) and \
             sha256_file(path) not in {version["sha256"] for version in versions}:
         return "SHA-256 checksum mismatch"

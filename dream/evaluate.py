@@ -163,7 +163,7 @@ def resolve_real_set(config: dict, source: str | None = None, root: str | None =
         raise DreamError(f"--real-count must be at least 2, got {count}")
     if source == "synthetic" and (root or split):
         flags = [flag for flag, value in (("--real-root", root), ("--real-split", split)) if value]
-        whose = " (the checkpoint's training data)" if same else ""
+        whose = " (the checkpoint's training data)" if same and config.get("data") else ""
         raise DreamError(f"{' and '.join(flags)} {'name' if len(flags) > 1 else 'names'} a CelebA or folder real "
                          f"set, but the real set is the synthetic one{whose}: pass --real celeba or --real folder")
     if source == "folder" and split:
@@ -474,6 +474,12 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
         check_metrics(metrics)
         check_seed(seed)
         check_counts(count, batch_size, steps_per_graph)
+        if not {"fid", "kid"} & set(metrics):
+            given = [flag for flag, value in (("--real", real), ("--real-root", real_root), ("--real-split", real_split),
+                                              ("--real-count", real_count)) if value is not None]
+            if given:
+                raise DreamError(f"{', '.join(given)}: the real set is what FID and KID compare with; --metrics "
+                                 f"{','.join(metrics)} scores the samples alone")
         if out and Path(out).exists() and not Path(out).is_dir():
             raise DreamError(f"--out {out} is a file; it must be a folder (new or holding an earlier evaluation)")
         if out:

@@ -181,14 +181,57 @@ def test_a_step_saved_again_stays_loadable_at_every_moment_of_the_save(tmp_path,
     assert [path.name for path, _ in manager.verify()] == (["ckpt-000000007.pt"] if keep > 1 else [])
 
 
-def test_checkpoint_files_beside_a_manifest_that_lists_none_are_refused_not_started_over(tmp_path):
+@pytest.mark.parametrize("scanned", [False, True], ids=["listed", "scanned"])
+def test_saves_of_a_step_that_fail_again_and_again_leave_its_file_loadable_and_checked(tmp_path, monkeypatch,
+                                                                                       scanned):
+    """A full disk fails the emergency save that follows a failed save of the same step: the entry's alternative
+    is the file as it is (not the version of a save that never landed), so the old file still loads, and it is
+    checked by its checksum, also when the folder had no manifest (scanned entries carry none)."""
     manager = CheckpointManager(tmp_path, keep=1)
     manager.save(fake_state(8), 8)
-    (tmp_path / MANIFEST).write_text(json.dumps({"checkpoints": []}))
-    with pytest.raises(DreamError, match=r"^ckpt-000000008\.pt in .* is not listed in its manifest\.json, which "
-                                         r"lists no checkpoint; none was deleted: pass --resume FILE$"):
+    if scanned:
+        (tmp_path / MANIFEST).unlink()
+    replace = os.replace
+
+    def full_disk_for_checkpoints(source, target):
+        if Path(target).name.startswith("ckpt-"):
+            raise OSError(28, "No space left on device")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", full_disk_for_checkpoints)
+    for value in (80.0, 800.0):
+        with pytest.raises(OSError):
+            manager.save({**fake_state(8), "model": {"w": torch.full((64,), value)}}, 8)
+    monkeypatch.undo()
+    assert manager.latest()["model"]["w"][0] == 8
+    [entry] = json.loads((tmp_path / MANIFEST).read_text())["checkpoints"]
+    assert entry["or"]["sha256"], entry
+    path = tmp_path / "ckpt-000000008.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(DreamError, match="SHA-256 checksum mismatch"):
+        manager.latest()
+
+
+@pytest.mark.parametrize("manifest, where", [
+    (True, r"listed in its manifest\.json, which lists no checkpoint"),
+    (False, r"named ckpt-<step>\.pt, and there is no manifest\.json"),
+])
+def test_checkpoint_files_beside_a_manifest_that_lists_none_are_refused_not_started_over(tmp_path, manifest, where):
+    manager = CheckpointManager(tmp_path, keep=1)
+    manager.save(fake_state(8), 8)
+    name = "ckpt-000000008.pt"
+    if manifest:
+        (tmp_path / MANIFEST).write_text(json.dumps({"checkpoints": []}))
+    else:  # a file the run did not name
+        (tmp_path / MANIFEST).unlink()
+        name = "ckpt-best.pt"
+        (tmp_path / "ckpt-000000008.pt").rename(tmp_path / name)
+    with pytest.raises(DreamError, match=rf"^{re.escape(name)} in .* is not {where}; none was deleted: pass "
+                                         rf"--resume FILE$"):
         manager.latest(": pass --resume FILE")
-    assert (tmp_path / "ckpt-000000008.pt").exists()
+    assert (tmp_path / name).exists()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte"])
