@@ -475,8 +475,9 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
         check_seed(seed)
         check_counts(count, batch_size, steps_per_graph)
         if not {"fid", "kid"} & set(metrics):
-            given = [flag for flag, value in (("--real", real), ("--real-root", real_root), ("--real-split", real_split),
-                                              ("--real-count", real_count)) if value is not None]
+            flags = (("--real", real), ("--real-root", real_root), ("--real-split", real_split),
+                     ("--real-count", real_count))
+            given = [flag for flag, value in flags if value is not None]
             if given:
                 raise DreamError(f"{', '.join(given)}: the real set is what FID and KID compare with; --metrics "
                                  f"{','.join(metrics)} scores the samples alone")
