@@ -723,15 +723,25 @@ def _capture(block):
     """A CUDA graph of block() (warmed up on a side stream first, as torch.cuda.graph requires).
 
     The capture runs on that side stream inside our own stream context: if the capture fails,
-    torch.cuda.graph's exit raises before restoring the stream, and ours still restores it."""
+    torch.cuda.graph's exit raises before restoring the stream, and ours still restores it; a one-draw capture
+    that succeeds then ends the failed one's state (see recover_from_failed_capture)."""
+    from dream.step_graph import recover_from_failed_capture
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(side):
         for _ in range(2):
             block()
-        with torch.cuda.graph(graph, stream=side):
-            block()
+        try:
+            with torch.cuda.graph(graph, stream=side):
+                block()
+        except Exception:
+            # the caller times the plain calls instead, and later cases draw random numbers eagerly: the default
+            # generator must not be left expecting the failed capture
+            graph = None  # (the traceback keeps this frame)
+            recover_from_failed_capture(side, torch.device("cuda", torch.cuda.current_device()))
+            raise
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     return graph

@@ -39,6 +39,9 @@ PRECISIONS = tuple(PRECISION_DTYPES)
 # activation checkpointing, least recomputation first. "norms" (triton backend): every norm that feeds a
 # convolution is recomputed in backward instead of its output saved (one fused norm kernel per site)
 CHECKPOINT_POLICIES = ("none", "norms", "attention", "resblocks", "all")
+# those that recompute the ResBlocks' dropout in backward under torch.utils.checkpoint, which restores the random
+# generator's state for it: outside a CUDA graph capture only (inside one, the recomputation draws anew)
+DROPOUT_RECOMPUTING_POLICIES = ("resblocks", "all")
 
 
 def policies_for_backend(backend: str) -> tuple:

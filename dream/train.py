@@ -47,8 +47,8 @@ from dream.ema import EMA, conditional_step
 from dream.errors import DreamError, option_error
 from dream.files import LOCK_FILE, atomic_file, atomic_write_text, folder_lock, folder_problem
 from dream.math_flags import use_fast_math
-from dream.model import (PRECISION_DTYPES, PRECISIONS, UNet, autocast_for, check_backend_device, make_config,
-                         policies_for_backend, resolve_channels_last)
+from dream.model import (CHECKPOINT_POLICIES, DROPOUT_RECOMPUTING_POLICIES, PRECISION_DTYPES, PRECISIONS, UNet,
+                         autocast_for, check_backend_device, make_config, policies_for_backend, resolve_channels_last)
 from dream.objectives import OBJECTIVE_SETTINGS, ObjectiveConfig, epoch_phase, get_objective
 from dream.sample import image_done
 from dream.seeding import check_seed, mixed_seed
@@ -234,6 +234,14 @@ def check_cuda_graphs(device: torch.device, precision: str, dist: distributed.Di
                          f"all-reduce is not captured)", same_on_every_rank=True)
 
 
+def graph_safe_policies(policies, cuda_graphs: bool, dropout: float) -> tuple:
+    """The checkpointing policies a captured step can run: with dropout, not those whose recomputation relies on
+    restoring the random generator (a capture cannot rewind it: backward would draw another dropout mask)."""
+    if not cuda_graphs or not dropout:
+        return tuple(policies)
+    return tuple(policy for policy in policies if policy not in DROPOUT_RECOMPUTING_POLICIES)
+
+
 def step_seed(seed: int, step: int, stream: int) -> int:
     """A well-mixed 63-bit seed for random stream `stream` of optimizer step `step`."""
     return mixed_seed(seed, step, stream)
@@ -259,6 +267,8 @@ class Trainer:
                 check_cuda_graphs(device, self.precision, dist)
             if device.type == "cuda":
                 use_fast_math()
+                if device.index is not None:  # streams, events and graphs made without a device go to this one
+                    torch.cuda.set_device(device)
 
             self.run_dir = Path(config.run_dir)
             if self.run_dir.exists() and not self.run_dir.is_dir():
@@ -308,6 +318,12 @@ class Trainer:
             if self.checkpointing not in policies_for_backend(self.backend):
                 raise DreamError(f"--checkpointing {self.checkpointing} recomputes the fused Triton norm: it needs "
                                  f"--backend triton, not {self.backend}")
+            dropout = self.model_config.dropout
+            if self.checkpointing not in graph_safe_policies(CHECKPOINT_POLICIES, config.cuda_graphs, dropout):
+                raise DreamError(f"--cuda-graphs with --checkpointing {self.checkpointing} and dropout {dropout}: "
+                                 f"backward recomputes the ResBlocks' dropout by restoring the random generator, which "
+                                 f"a CUDA graph capture cannot, so its mask would differ from the forward's; use "
+                                 f"--checkpointing none, norms or attention, or --dropout 0", same_on_every_rank=True)
         except distributed.SETUP_ERRORS as error:
             failure = error
         distributed.agree_on_setup(dist, failure)
@@ -442,7 +458,9 @@ class Trainer:
             budget_bytes = default_budget_bytes(self.device)
         # --checkpointing auto: plan_step searches the backend's policies (least recomputation first);
         # --data-on auto (not on a CPU): it may keep the images on the host
-        policies = policies_for_backend(self.backend) if self.config.checkpointing == "auto" else (self.checkpointing,)
+        policies = (graph_safe_policies(policies_for_backend(self.backend), self.config.cuda_graphs,
+                                        self.model_config.dropout)
+                    if self.config.checkpointing == "auto" else (self.checkpointing,))
         place = self.config.data_on == "auto" and self.device.type != "cpu"
 
         def micro_batch_for(policy, images_on_host):
@@ -567,6 +585,7 @@ class Trainer:
         if self.step_graph is not None:
             self.step_graph.reset()  # its memory goes back before the smaller micro-batch is tried
         self.optimizer.zero_grad(set_to_none=True)
+        drop_partial_optimizer_state(self.optimizer)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if self.micro_batch == 1:
@@ -1148,6 +1167,18 @@ class LogWindow:
         return {**means, "skipped": self.steps - kept, "logged_steps": self.steps}
 
 
+def drop_partial_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """AdamW makes a parameter's state in its first step, one tensor after another (step, exp_avg, exp_avg_sq),
+    before it updates anything: running out of memory in between leaves a state that the next step would take for
+    whole (a KeyError) and a checkpoint would keep. Such states are dropped; the next step makes them again."""
+    for group in optimizer.param_groups:
+        needed = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if group.get("amsgrad") else set())
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if state and not needed <= state.keys():
+                del optimizer.state[param]
+
+
 class HostCopy:
     """A device tensor's value, copied to pinned host memory without waiting; read() waits for that copy alone,
     not for the work queued after it (read a step later, it has long been done)."""
@@ -1159,7 +1190,7 @@ class HostCopy:
             self.value = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             self.value.copy_(tensor, non_blocking=True)
             self.done = torch.cuda.Event()
-            self.done.record()
+            self.done.record(torch.cuda.current_stream(tensor.device))  # the copy's stream, whatever device is current
 
     def read(self) -> list:
         if self.done is not None:

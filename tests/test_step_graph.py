@@ -106,6 +106,34 @@ def test_cuda_graphs_are_refused_where_the_step_cannot_be_captured(precision, wo
     check_cuda_graphs(torch.device("cuda"), "bf16", types.SimpleNamespace(enabled=False, world_size=1))
 
 
+@pytest.mark.parametrize("checkpointing, dropout, refused", [
+    ("resblocks", 0.1, True), ("all", 0.1, True), ("resblocks", 0.0, False), ("attention", 0.1, False),
+    ("none", 0.1, False),
+])
+def test_cuda_graphs_refuse_checkpointing_that_recomputes_dropout(tmp_path, monkeypatch, checkpointing, dropout,
+                                                                  refused):
+    """torch.utils.checkpoint recomputes a ResBlock's dropout by restoring the random generator, which a capture
+    cannot rewind: backward would draw another mask than forward, silently. Refused in one line; --checkpointing
+    auto leaves those policies out. (CUDA itself is not needed to get there: its check is stood in for.)"""
+    import dream.train
+
+    monkeypatch.setattr(dream.train, "check_cuda_graphs", lambda *args: None)
+    config = small_config(tmp_path, cuda_graphs=True, device="cpu", checkpointing=checkpointing)
+    config.model_overrides = {**config.model_overrides, "dropout": dropout}
+    if refused:
+        with pytest.raises(DreamError, match=rf"^--cuda-graphs with --checkpointing {checkpointing} and dropout "
+                                             rf"{dropout}: backward recomputes the ResBlocks' dropout .* use "
+                                             rf"--checkpointing none, norms or attention, or --dropout 0$"):
+            Trainer(config)
+    else:  # past the check, as far as the StepGraph, which needs CUDA
+        with pytest.raises(ValueError, match="^CUDA graphs need a CUDA device, not cpu$"):
+            Trainer(config)
+    policies = dream.train.policies_for_backend("triton")
+    assert dream.train.graph_safe_policies(policies, True, 0.1) == ("none", "norms", "attention")
+    assert dream.train.graph_safe_policies(policies, True, 0.0) == policies
+    assert dream.train.graph_safe_policies(policies, False, 0.1) == policies
+
+
 def test_the_graph_path_of_a_step_gives_the_plain_steps_result_bitwise(tmp_path):
     """CPU: the trainer's graph path (inputs drawn, body = gradients + clip + fused AdamW + EMA decided on the
     device, the host's end of the step) run uncaptured, replays at the epoch of their capture, against the plain

@@ -187,6 +187,24 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_step(tmp_path):
     assert resumed.micro_batch == 2, "a lowered micro-batch must survive a resume of the same command"
 
 
+def test_an_optimizer_state_cut_short_by_out_of_memory_is_made_again_not_kept(tmp_path):
+    """AdamW makes a parameter's state tensor by tensor in its first step: out of memory between two of them (a
+    captured step's warm-up runs the optimizer inside the step) leaves a partial state. Shrinking the micro-batch
+    drops it, so the redone step makes it whole (before: a KeyError there, or a checkpoint keeping it)."""
+    trainer = Trainer(small_config(tmp_path, max_steps=1, micro_batch=4))
+    params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    whole, partial = params[0], params[1]
+    trainer.optimizer.state[whole] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(whole),
+                                      "exp_avg_sq": torch.zeros_like(whole)}
+    trainer.optimizer.state[partial] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(partial)}
+    trainer.shrink_micro_batch("CUDA out of memory (injected)")
+    assert trainer.micro_batch == 2
+    assert set(trainer.optimizer.state[whole]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert partial not in trainer.optimizer.state
+    trainer.run()  # the step makes the dropped state again
+    assert set(trainer.optimizer.state[partial]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
 def test_out_of_memory_at_micro_batch_one_stops_with_an_emergency_checkpoint(tmp_path):
     trainer = Trainer(small_config(tmp_path, max_steps=2))
     calls = inject_out_of_memory(trainer, above=0)
