@@ -454,8 +454,9 @@ def estimate_step_memory(spec: StepSpec | None = None, **fields_) -> MemoryEstim
 
 @contextmanager
 def _too_large_is_one_line(spec: StepSpec):
-    """A step whose tensors would hold 2^63 bytes or more: a one-line ValueError, without the fake-tensor
-    machinery's error log of the failed shape computation."""
+    """A step whose tensors would hold 2^63 bytes or more, or more (sample, channel) pairs than the Triton kernels'
+    32-bit offsets address: a one-line ValueError, without the fake-tensor machinery's error log of the failed
+    shape computation."""
     import logging
 
     log = logging.getLogger("torch._subclasses.fake_tensor")
@@ -463,6 +464,11 @@ def _too_large_is_one_line(spec: StepSpec):
     log.setLevel(logging.CRITICAL)
     try:
         yield
+    except ValueError as error:
+        if "32-bit offsets" not in str(error):
+            raise
+        raise ValueError(f"batch size {spec.batch_size} is too large for the {spec.backend} backend "
+                         f"({str(error).split('; use ')[0]})") from None
     except (RuntimeError, TypeError, OverflowError) as error:
         if "overflow" not in str(error).lower():
             raise

@@ -227,6 +227,7 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
 
 
 RESIZE_MAX_ELEMENTS = 2**31 - 2  # CUDA's channels_last bilinear kernel needs output.numel() < INT_MAX
+RESIZE_MAX_PARTS = 2**16  # 2^47 elements: beyond any device
 
 
 def resize_skip(skip: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -243,6 +244,9 @@ def resize_skip(skip: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     size = like.shape[-2:]
     per_image = x.shape[1] * size[0] * size[1]
     part = max(1, RESIZE_MAX_ELEMENTS // per_image)
+    if x.shape[0] > part * RESIZE_MAX_PARTS:  # (no device holds such a batch; the list of parts would fill the host)
+        raise ValueError(f"resize_skip: {x.shape[0]} images of {per_image} elements take more than {RESIZE_MAX_PARTS} "
+                         f"parts within 32-bit offsets")
     if x.shape[0] <= part:
         y = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     else:

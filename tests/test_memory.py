@@ -633,14 +633,22 @@ def test_cli_checkpointing_auto_and_data_images_misuse_is_one_line(capsys, monke
     assert capsys.readouterr().err == f"dream memory: error: {error}\n"
 
 
-@pytest.mark.parametrize("batch", ["1000000000000000", "100000000000000000000"])
-def test_a_batch_too_large_to_count_is_one_line(capsys, batch):
+@pytest.mark.parametrize("batch, backend, error", [
+    ("100000000000000000000", "triton",
+     "is too large to estimate: the step's tensor sizes overflow 64-bit integers"),
+    ("1000000000000000", "triton", "is too large for the triton backend (group_norm_silu: x has N*C = "
+     "32000000000000000 (sample, channel) pairs, more than the kernels' 32-bit offsets address (2^31 - 1))"),
+    # (the eager decoder resizes its skips in parts within 32-bit offsets: a list of 10^8 parts filled the host)
+    ("1000000000000000", "eager", "is too large for the eager backend (resize_skip: 1000000000000000 images of "
+     "512 elements take more than 65536 parts within 32-bit offsets)"),
+])
+def test_a_batch_too_large_to_count_is_one_line(capsys, batch, backend, error):
     """Tensor sizes past 2^63 bytes (torch's own overflow errors, one in a fake tensor's shape computation,
-    which also logs its traceback) are one line."""
-    assert main(["memory", "--preset", "tiny", "--image-size", "8", "--objective", "standard", "--batch", batch]) == 2
+    which also logs its traceback), or a batch past the kernels' 32-bit offsets, are one line."""
+    assert main(["memory", "--preset", "tiny", "--image-size", "8", "--objective", "standard", "--batch", batch,
+                 "--backend", backend]) == 2
     captured = capsys.readouterr()
-    assert captured.err == (f"dream memory: error: batch size {batch} is too large to estimate: the step's tensor "
-                            f"sizes overflow 64-bit integers\n"), captured.err
+    assert captured.err == f"dream memory: error: batch size {batch} {error}\n", captured.err
 
 
 # ----------------------------------------------------------------------------------------------
