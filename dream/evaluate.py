@@ -474,13 +474,6 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
         check_metrics(metrics)
         check_seed(seed)
         check_counts(count, batch_size, steps_per_graph)
-        if not {"fid", "kid"} & set(metrics):
-            flags = (("--real", real), ("--real-root", real_root), ("--real-split", real_split),
-                     ("--real-count", real_count))
-            given = [flag for flag, value in flags if value is not None]
-            if given:
-                raise DreamError(f"{', '.join(given)}: the real set is what FID and KID compare with; --metrics "
-                                 f"{','.join(metrics)} scores the samples alone")
         if out and Path(out).exists() and not Path(out).is_dir():
             raise DreamError(f"--out {out} is a file; it must be a folder (new or holding an earlier evaluation)")
         if out:

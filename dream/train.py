@@ -458,9 +458,9 @@ class Trainer:
             budget_bytes = default_budget_bytes(self.device)
         # --checkpointing auto: plan_step searches the backend's policies (least recomputation first);
         # --data-on auto (not on a CPU): it may keep the images on the host
-        policies = (graph_safe_policies(policies_for_backend(self.backend), self.config.cuda_graphs,
-                                        self.model_config.dropout)
-                    if self.config.checkpointing == "auto" else (self.checkpointing,))
+        policies = policies_for_backend(self.backend) if self.config.checkpointing == "auto" else (self.checkpointing,)
+        if self.config.checkpointing == "auto" and self.config.cuda_graphs:
+            policies = graph_safe_policies(policies, True, self.model_config.dropout)
         place = self.config.data_on == "auto" and self.device.type != "cpu"
 
         def micro_batch_for(policy, images_on_host):

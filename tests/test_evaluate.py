@@ -813,14 +813,6 @@ def test_sampling_settings_are_refused_before_anything_is_loaded(tmp_path, monke
     assert not (tmp_path / "eval").exists()
 
 
-def test_real_set_flags_with_inception_score_alone_are_refused_before_anything_is_loaded(tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate_module, "load_sampler_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    with pytest.raises(DreamError, match=r"^--real, --real-root: the real set is what FID and KID compare with; "
-                                         r"--metrics isc scores the samples alone$"):
-        evaluate("ckpt.pt", out=str(tmp_path / "eval"), count=4, device="cpu", metrics=("isc",), real="folder",
-                 real_root=str(tmp_path), feature_extractor=EXTRACTOR, cache_dir=tmp_path / "fidelity")
-
-
 @pytest.mark.parametrize("config, change, message", [
     ({"data": "synthetic"}, {"real_root": "/data/celeba"}, "--real-root names a CelebA or folder real set, but the "
      "real set is the synthetic one \(the checkpoint's training data\): pass --real celeba or --real folder"),

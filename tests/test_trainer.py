@@ -628,7 +628,7 @@ def _placing_trainer(data_on="auto"):
     """What Trainer.micro_batch_for_budget reads, for a trainer on a CUDA device with 10 images (rank batch 4)."""
     notes = []
     stub = types.SimpleNamespace(
-        config=types.SimpleNamespace(data_on=data_on, checkpointing="auto", memory_budget=1000),
+        config=types.SimpleNamespace(data_on=data_on, checkpointing="auto", memory_budget=1000, cuda_graphs=False),
         device=torch.device("cuda"), backend="eager", checkpointing="none", rank_batch=4, precision="fp32",
         images_on_host=data_on == "host", model_config=None, objective_config=None, notes=notes,
         batches=types.SimpleNamespace(images=torch.zeros(10, 3, 2, 2, dtype=torch.uint8)),
