@@ -148,9 +148,11 @@ class CheckpointManager:
             # Unlisted before the file is written, so that no entry ever names a changed file: the abandoned
             # future (later steps) and a damaged file of this step. This step's intact file stays listed as the
             # entry's alternative ("or"): until the rename below it is the file there, and it loads.
-            own = next((e for e in listed if e.get("file") == name and _damage(path, e) is None), None)
+            own = next((e for e in listed if e.get("file") == name), None)
+            digest = sha256_file(path) if own is not None and path.exists() else None
             # (the file as it is: it may match its entry's own alternative, left by a save of this step that failed)
-            alternative = [{**entry, "or": {"bytes": path.stat().st_size, "sha256": sha256_file(path)}}] if own else []
+            intact = digest is not None and _damage(path, own, digest) is None
+            alternative = [{**entry, "or": {"bytes": path.stat().st_size, "sha256": digest}}] if intact else []
             self._write_manifest(entries + alternative)
         atomic_write_bytes(path, data)
         entries.append(entry)
@@ -236,9 +238,10 @@ class CheckpointManager:
         return len(self._manifest())
 
 
-def _damage(path: Path, entry: dict) -> str | None:
+def _damage(path: Path, entry: dict, digest: str | None = None) -> str | None:
     """Why the file does not match its manifest entry (or the entry's alternative, "or", while a step is saved
-    again), or None when it does. An entry without a checksum (a scanned folder) is matched by size alone."""
+    again), or None when it does. An entry without a checksum (a scanned folder) is matched by size alone.
+    digest: the file's SHA-256 when the caller has it."""
     if not path.exists():
         return "file missing"
     size = path.stat().st_size
@@ -248,7 +251,7 @@ def _damage(path: Path, entry: dict) -> str | None:
         alternative = f" or {entry['or']['bytes']}" if entry.get("or") else ""
         return f"{size} bytes, the manifest says {entry['bytes']}{alternative}"
     if all(version.get("sha256") for version in versions) and \
-            sha256_file(path) not in {version["sha256"] for version in versions}:
+            (digest or sha256_file(path)) not in {version["sha256"] for version in versions}:
         return "SHA-256 checksum mismatch"
     return None
 

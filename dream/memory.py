@@ -454,9 +454,9 @@ def estimate_step_memory(spec: StepSpec | None = None, **fields_) -> MemoryEstim
 
 @contextmanager
 def _too_large_is_one_line(spec: StepSpec):
-    """A step whose tensors would hold 2^63 bytes or more, or more (sample, channel) pairs than the Triton kernels'
-    32-bit offsets address: a one-line ValueError, without the fake-tensor machinery's error log of the failed
-    shape computation."""
+    """A step whose tensors would hold 2^63 bytes or more, or a batch past what 32-bit offsets address (the Triton
+    kernels' (sample, channel) pairs, the eager skip resize's parts): a one-line ValueError, without the
+    fake-tensor machinery's error log of the failed shape computation."""
     import logging
 
     log = logging.getLogger("torch._subclasses.fake_tensor")
