@@ -36,7 +36,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".
 CELEBA_CROP = (57, 25, 128, 128)  # top, left, height, width in the aligned 178x218 CelebA image
 CELEBA_IMAGE_SIZE = (178, 218)  # width, height of every aligned CelebA image (img_align_celeba)
 SYNTHETIC_CHUNK = 256  # images drawn per generator seed: image i depends on (seed, i) only
-DECODE_VERSION = 4  # part of the image caches' key: raised whenever decoding changes what a file becomes
+DECODE_VERSION = 5  # part of the image caches' key: raised whenever decoding changes what a file becomes
 SKIPPED_SHOWN = 5  # skipped files named in the warning; the rest are counted
 
 
@@ -149,10 +149,11 @@ class _DecodeFiles(torch.utils.data.Dataset):
             blank = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
             try:
                 with Image.open(self.paths[i]) as image:
+                    depth = integer_depth(image)
                     image = upright(image)
                     if self.crop_box is not None and not fits(self.crop_box, image.size, self.image_size):
                         return WRONG_SIZE, blank
-                    return DECODED, _crop_resize(as_rgb(image), self.size, self.crop_box)
+                    return DECODED, _crop_resize(as_rgb(image, depth), self.size, self.crop_box)
             except Exception:  # noqa: BLE001  - any decode failure marks the file corrupt
                 return UNREADABLE, blank
 
@@ -177,24 +178,41 @@ def upright(image):
         return image
 
 
-def as_rgb(image):
-    """An 8-bit RGB copy of a PIL image. 16-bit greyscale (modes I;16*, and I as PNG decodes them) is scaled
-    by 1/257 to 0..255 first: PIL's own conversion clips it at 255, turning most images white. Float greyscale
-    (mode F, as float TIFFs decode) whose finite values lie in [0, 1] is scaled by 255 (PIL's conversion would
-    round it to black), any other clipped to 0..255; NaN is black, +inf white, -inf black."""
+def integer_depth(image) -> tuple[int, bool]:
+    """(bits, signed) of the samples of a PIL image decoded as integers (modes I, I;16*): a TIFF says so in its
+    BitsPerSample and SampleFormat tags (Pillow decodes 32-bit TIFFs, signed or not, as mode I); any other file is
+    16-bit unsigned (Pillow decodes 16-bit PNG and PNM greyscale as I;16, or as I in older versions). Read it
+    before the image is transposed: the copy has no tags."""
+    tags = getattr(image, "tag_v2", None)
+    if image.mode == "I" and tags is not None and tags.get(258):
+        return int(tags.get(258)[0]), tuple(tags.get(339, (1,)))[0] == 2
+    return 16, False
+
+
+def as_rgb(image, depth: tuple[int, bool] = (16, False)):
+    """An 8-bit RGB copy of a PIL image. Integer greyscale (modes I;16*, and I) of `depth` (integer_depth:
+    bits, signed) is scaled from 0 .. 2^bits - 1 (signed: 0 .. 2^(bits-1) - 1, negative levels black) to
+    0 .. 255: PIL's own conversion clips it at 255, turning most images white. Float greyscale (mode F, as
+    float TIFFs decode) whose finite values lie in [0, 1] is scaled by 255 (PIL's conversion would round it to
+    black), any other clipped to 0..255; NaN is black, +inf white, -inf black."""
     from PIL import Image
 
     if image.mode == "I" or image.mode.startswith("I;16") or image.mode == "F":
         import numpy as np
 
-        levels = np.asarray(image).astype(np.float64)
+        levels = np.asarray(image)
         if image.mode == "F":
+            levels = levels.astype(np.float64)
             finite = levels[np.isfinite(levels)]
             unit = finite.size and 0 <= finite.min() and finite.max() <= 1
             levels = np.nan_to_num(levels, nan=0.0, posinf=1.0 if unit else 255.0, neginf=0.0)
             levels = (levels * 255 if unit else levels).clip(0, 255)
         else:
-            levels = np.nan_to_num(levels, nan=0.0).clip(0, 65535) / 257
+            bits, signed = depth
+            if levels.dtype == np.int32 and bits == 32 and not signed:  # unsigned levels Pillow holds as int32
+                levels = levels.view(np.uint32)
+            top = 2 ** (bits - signed) - 1  # white; top / 255 is 257 for 16 bits, as exact as the levels
+            levels = levels.astype(np.float64).clip(0, top) / (top / 255)
         image = Image.fromarray(np.rint(levels).astype(np.uint8), mode="L")
     return image.convert("RGB")
 

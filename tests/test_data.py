@@ -55,6 +55,54 @@ def test_sixteen_bit_levels_round_onto_0_to_255_with_white_kept_white():
     assert rgb[..., 0].tolist() == [[0, 0, 1, 128, 255, 255]] and (rgb == rgb[..., :1]).all()
 
 
+def _tiff_of_32_bit_levels(path, levels, signed: bool, exif=None) -> None:
+    """levels (int64, within int32 or uint32) as a 32-bit greyscale TIFF with SampleFormat 2 (signed) or 1
+    (unsigned). Pillow writes mode I as signed: an unsigned file is that file with its SampleFormat entry set."""
+    import numpy as np
+
+    Image.fromarray(levels.astype(np.uint32 if not signed else np.int32).view(np.int32), mode="I").save(path, exif=exif or Image.Exif())
+    data = bytearray(path.read_bytes())
+    entry = bytes([0x53, 0x01, 3, 0, 1, 0, 0, 0, 2, 0])  # little-endian IFD entry: tag 339, SHORT, 1 value, 2
+    assert data.count(entry) == 1
+    if not signed:
+        at = data.index(entry)
+        data[at + 8] = 1
+        path.write_bytes(data)
+    with Image.open(path) as image:
+        assert image.mode == "I" and image.tag_v2[258] == (32,) and image.tag_v2[339] == (1 + signed,)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_thirty_two_bit_tiff_is_scaled_from_its_own_range(tmp_path, signed):
+    """A 32-bit integer TIFF holds levels 0 .. 2^32 - 1 (signed: 2^31 - 1, negative levels black): scaled from
+    that range, not clipped as if 16-bit (all white). Read from the tags of the file, also when it is turned
+    by its EXIF orientation."""
+    import numpy as np
+
+    top = 2 ** (32 - signed) - 1
+    rng = np.random.default_rng(3)
+    levels = rng.integers(0, top, size=(30, 40), dtype=np.int64, endpoint=True)
+    levels[0, :3] = [0, top, top // 2]
+    if signed:
+        levels[1, :2] = [-1, -(2 ** 31)]
+    (tmp_path / "imgs").mkdir()
+    _tiff_of_32_bit_levels(tmp_path / "imgs" / "deep.tif", levels, signed)
+    images = load_images("folder", str(tmp_path / "imgs"), size=30, cache_dir=tmp_path / "cache")
+    expected = np.rint(levels[:, 5:35].clip(0, None) * 255 / top)  # the centre square, no resize at 30 px
+    assert images.shape == (1, 3, 30, 30) and torch.equal(images[0, 0], images[0, 2])
+    assert torch.equal(images[0, 0], torch.from_numpy(expected).to(torch.uint8))
+
+    from dream.data import as_rgb, integer_depth, upright
+
+    exif = Image.Exif()
+    exif[0x0112] = 3  # Orientation: turned by 180 degrees
+    _tiff_of_32_bit_levels(tmp_path / "turned.tif", levels, signed, exif)
+    with Image.open(tmp_path / "turned.tif") as image:
+        assert integer_depth(image) == (32, signed)
+        rgb = np.asarray(as_rgb(upright(image), integer_depth(image)))
+    assert rgb[..., 0].tolist() == np.rint(levels[::-1, ::-1].clip(0, None) * 255 / top).tolist()
+
+
 @pytest.mark.parametrize("top", [1.0, 255.0])
 def test_float_greyscale_is_scaled_from_0_1_and_clipped_from_0_255(tmp_path, top):
     """A float TIFF (PIL mode F) holds levels in [0, 1] or in [0, 255]: PIL's own conversion rounds the first to
