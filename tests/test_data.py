@@ -60,7 +60,8 @@ def _tiff_of_32_bit_levels(path, levels, signed: bool, exif=None) -> None:
     (unsigned). Pillow writes mode I as signed: an unsigned file is that file with its SampleFormat entry set."""
     import numpy as np
 
-    Image.fromarray(levels.astype(np.uint32 if not signed else np.int32).view(np.int32), mode="I").save(path, exif=exif or Image.Exif())
+    stored = levels.astype(np.int32 if signed else np.uint32).view(np.int32)
+    Image.fromarray(stored, mode="I").save(path, exif=exif or Image.Exif())
     data = bytearray(path.read_bytes())
     entry = bytes([0x53, 0x01, 3, 0, 1, 0, 0, 0, 2, 0])  # little-endian IFD entry: tag 339, SHORT, 1 value, 2
     assert data.count(entry) == 1
