@@ -6,7 +6,8 @@ by (seed, b), so a batch's images do not depend on which other batches were made
 rerunning skips the batches already written. Step noise (ddpm, or ddim with eta > 0) comes from the
 device's generator, whose CPU and CUDA streams differ: such a set continues on the same kind of device.
 The settings that determine the images are recorded in <out>/sampling.json, and a rerun with other
-settings into the same folder is refused.
+settings into the same folder is refused. Each call that adds images appends what made them (record_run:
+device, backend, graphs, versions), which change the images through rounding only.
 """
 from __future__ import annotations
 
@@ -23,13 +24,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dream.checkpoint import load_model_for_sampling, weights_sha256
+from dream.checkpoint import code_version, load_model_for_sampling, weights_sha256
 from dream.distributed import Distributed, agreed_setup
 from dream.errors import DreamError
 from dream.files import LOCK_FILE, atomic_file, atomic_write_text, folder_lock
 from dream.model import resolve_channels_last
 from dream.seeding import check_seed, mixed_seed
 from dream.sampling import SAMPLERS, SamplingEngine, normalize_sampler
+from dream.step_graph import CaptureFailed
 
 
 def add_sampling_arguments(p, count: int, batch_size: int, backend: str, backends, count_help: str = "") -> None:
@@ -60,8 +62,12 @@ def parse_graphs(value: str) -> bool | None:
     return {"auto": None, "on": True, "off": False}[value]
 
 
+def image_name(index: int) -> str:
+    return f"{index:06d}.png"
+
+
 def image_path(out_dir: Path, index: int) -> Path:
-    return out_dir / f"{index:06d}.png"
+    return out_dir / image_name(index)
 
 
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk: length 0, type, CRC
@@ -147,6 +153,37 @@ def check_settings(out_dir: Path, settings: dict) -> None:
     atomic_write_text(path, json.dumps(settings, indent=1))
 
 
+def sampling_run(model, device: torch.device, graphs: bool, steps_per_graph: int, processes: int,
+                 images: int) -> dict:
+    """What makes the images of one call beyond the settings check_settings compares: these change the images
+    through rounding only (kernels, fused or compiled code, the GPU), so a set may be continued with others."""
+    base = getattr(model, "_orig_mod", model)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = device.type
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001  - not installed, or broken: the eager backends run without it
+        triton_version = None
+    return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "images_planned": images, "device": name,
+            "processes": processes, "backend": base.backend, "compiled": base is not model,
+            "channels_last": base.conv_in.weight.is_contiguous(memory_format=torch.channels_last),
+            "graphs": graphs, "steps_per_graph": steps_per_graph if graphs else None, "dream": code_version(),
+            "torch": torch.__version__, "triton": triton_version}
+
+
+def record_run(out_dir: Path, run: dict) -> None:
+    """Append `run` (sampling_run) to the "runs" of out_dir/sampling.json, which check_settings has written or
+    checked: a set continued on another machine, backend or version says so."""
+    path = out_dir / SETTINGS_FILE
+    record = json.loads(path.read_text())
+    record["runs"] = [*record.get("runs", []), run]
+    atomic_write_text(path, json.dumps(record, indent=1))
+
+
 def check_counts(count: int, batch_size: int, steps_per_graph: int = 1) -> None:
     for flag, value in (("--count", count), ("--batch-size", batch_size), ("--steps-per-graph", steps_per_graph)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -224,13 +261,21 @@ def check_same_job(out_dir: Path, lock_text: str | None, settings: dict, main_se
         pause = min(2 * pause, 5.0)
 
 
-def unfinished_batches(out_dir: Path, count: int, batch_size: int) -> list[tuple[int, list[int]]]:
+CHECK_BAR_FROM = 50_000  # images already in the folder from which checking them shows a progress bar (~20 s/million)
+
+
+def unfinished_batches(out_dir: Path, count: int, batch_size: int,
+                       progress: bool = False) -> list[tuple[int, list[int]]]:
     """(b, the offsets in batch b of its images not yet whole in out_dir) for each batch of images
-    0 .. count-1 that has any."""
-    batches = []
-    for b in range(math.ceil(count / batch_size)):
+    0 .. count-1 that has any. The folder is listed once: only the images it holds are opened (image_done)."""
+    with os.scandir(out_dir) as entries:
+        present = {entry.name for entry in entries}
+    batches, batch_count = [], math.ceil(count / batch_size)
+    for b in tqdm(range(batch_count), desc="checking the images already written", unit="batch", leave=False,
+                  disable=not progress or len(present) < CHECK_BAR_FROM):
         first = b * batch_size
-        missing = [i for i in range(min(batch_size, count - first)) if not image_done(image_path(out_dir, first + i))]
+        missing = [i for i in range(min(batch_size, count - first))
+                   if image_name(first + i) not in present or not image_done(image_path(out_dir, first + i))]
         if missing:
             batches.append((b, missing))
     return batches
@@ -285,8 +330,11 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
                 check_settings(out_dir, {"sampler": sampler, "steps": steps, "eta": eta, "seed": seed,
                                          "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch."),
                                          "image_size": config.image_size, **stochastic, **settings})
-                shared = (unfinished_batches(out_dir, count, batch_size), read_text_or_none(out_dir / LOCK_FILE),
-                          settings)
+                plan = unfinished_batches(out_dir, count, batch_size, progress)
+                if plan:
+                    record_run(out_dir, sampling_run(model, device, use_graphs, steps_per_graph, dist.world_size,
+                                                     sum(len(missing) for _, missing in plan)))
+                shared = (plan, read_text_or_none(out_dir / LOCK_FILE), settings)
         plan, lock_text, main_settings = dist.share(shared)
         with agreed_setup(dist):
             if not dist.is_main:
@@ -313,6 +361,10 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
                         torch.manual_seed(batch_step_seed(seed, b))
                         x = engine.sample(x_T, sampler, steps, eta, dtype, graphs=use_graphs,
                                           on_step=None if step_bar.disable else step_bar.update)
+                    except CaptureFailed as error:
+                        raise DreamError(f"the sampling loop could not be captured as a CUDA graph ({error}); "
+                                         f"rerun with --graphs off (the plain loop: the same images up to "
+                                         f"rounding)") from None
                     except RuntimeError as error:  # torch.OutOfMemoryError is one
                         if not out_of_memory(error):
                             raise

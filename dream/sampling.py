@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dream.step_graph import raise_failed_capture
+
 SAMPLERS = ("ddpm", "ddim")
 
 
@@ -194,11 +196,21 @@ class GraphedLoop:
         torch.cuda.current_stream(device).wait_stream(side)
         torch.cuda.synchronize(device)
         # captures sharing a memory pool share their capture stream too (torch.cuda.graph's advice)
-        capture_stream = capture_stream or torch.cuda.Stream(device)
+        self._capture_graphs(pool, capture_stream or torch.cuda.Stream(device))
+
+    def _capture_graphs(self, pool, capture_stream) -> None:
+        """One graph per distinct length in the schedule. A capture that fails raises a one-line CaptureFailed
+        (or the out-of-memory error itself) with the CUDA state mended (raise_failed_capture)."""
         for steps in sorted(set(self.schedule)):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=capture_stream):
-                self._body(steps)
+            try:
+                # (the outer stream context puts the current stream back where ending the capture fails)
+                with torch.cuda.stream(capture_stream), torch.cuda.graph(graph, pool=pool, stream=capture_stream):
+                    self._body(steps)
+            except Exception as error:
+                graph = None
+                self.graphs.clear()
+                raise_failed_capture(error, capture_stream, self.x.device)
             self.graphs[steps] = graph
 
     @torch.no_grad()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from typing import Callable, Hashable
+from typing import Callable, Hashable, NoReturn
 
 import torch
 
@@ -96,23 +96,27 @@ class StepGraph:
             with torch.cuda.stream(self.stream), torch.cuda.graph(graph, stream=self.stream):
                 outputs = self.body(*self.inputs)
         except Exception as error:
-            # drop the failed graph (its traceback's frames hold it): where torch's destructor releases what the
-            # capture held, that happens now
-            traceback.clear_frames(error.__traceback__)
-            graph = None
-            recover_from_failed_capture(self.stream, self.device)
-            if isinstance(error, torch.cuda.OutOfMemoryError):
-                raise
-            # an error inside the capture surfaces as its own and then as ending the capture's ("operation failed
-            # due to a previous error during capture"), which holds it as its context
-            cause = error.__context__ if error.__context__ is not None else error
-            if isinstance(cause, torch.cuda.OutOfMemoryError):  # an allocation that failed inside the capture
-                raise cause from None
-            first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-            raise CaptureFailed(f"{type(cause).__name__}: {first_line}") from error
+            graph = None  # dropped: where torch's destructor releases what the failed capture held, that happens now
+            raise_failed_capture(error, self.stream, self.device)
         self.graph, self.outputs = graph, outputs
         self.captures += 1
         self.last_capture_seconds = time.perf_counter() - start
+
+
+def raise_failed_capture(error: Exception, stream: torch.cuda.Stream, device: torch.device) -> NoReturn:
+    """Raise for a capture on `stream` that raised `error`, once the CUDA state is mended (recover_from_failed_capture;
+    the caller drops its graph first): an out-of-memory error as itself (callers retry smaller), any other as a
+    one-line CaptureFailed naming the operation that failed. An error inside a capture surfaces as its own and then as
+    ending the capture's ("operation failed due to a previous error during capture"), which holds it as its context."""
+    traceback.clear_frames(error.__traceback__)  # (its frames may hold the failed graph)
+    recover_from_failed_capture(stream, device)
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        raise error
+    cause = error.__context__ if error.__context__ is not None else error
+    if isinstance(cause, torch.cuda.OutOfMemoryError):  # an allocation that failed inside the capture
+        raise cause from None
+    first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    raise CaptureFailed(f"{type(cause).__name__}: {first_line}") from error
 
 
 def recover_from_failed_capture(stream: torch.cuda.Stream, device: torch.device) -> None:

@@ -341,6 +341,26 @@ def test_sample_images_resumable_and_batch_independent(tmp_path):
         sample_images(model, diffusion, 1, tmp_path / "d", graphs=True, **common)
 
 
+def test_unfinished_batches_opens_only_the_images_the_folder_holds(tmp_path, monkeypatch):
+    """Batches with an image missing or cut short, with the offsets of those images; the folder is listed once and
+    only the images in it are opened (a new set of a million images is planned in a fraction of a second, not
+    one failed open per image)."""
+    import dream.sample
+    from dream.sample import PNG_END, unfinished_batches
+
+    whole = {0, 1, 2, 4, 6, 7, 10}  # of count 11, batch 4: batch 0 lacks 3, batch 1 lacks 5, batch 2 lacks 8, 9
+    for index in whole:
+        image_path(tmp_path, index).write_bytes(b"\x89PNG" + PNG_END)
+    image_path(tmp_path, 8).write_bytes(b"\x89PNG cut short")
+    (tmp_path / "12.png").write_bytes(b"\x89PNG" + PNG_END)  # not a name of the set
+    opened = []
+    real = dream.sample.image_done
+    monkeypatch.setattr(dream.sample, "image_done", lambda path: opened.append(path.name) or real(path))
+    assert unfinished_batches(tmp_path, 11, 4) == [(0, [3]), (1, [1]), (2, [0, 1])]
+    assert sorted(opened) == sorted(image_path(tmp_path, i).name for i in whole | {8})
+    assert unfinished_batches(tmp_path, 3, 4) == [] and unfinished_batches(tmp_path, 12, 12) == [(0, [3, 5, 8, 9, 11])]
+
+
 def test_stochastic_sets_record_the_device_of_their_step_noise(tmp_path):
     """ddpm and ddim with eta > 0 draw their step noise from the device's generator, whose CPU and CUDA
     streams differ: sampling.json records the device, and a set is not continued on another kind of device."""
@@ -502,6 +522,142 @@ def test_channels_last_sampling_gives_the_nchw_images(tmp_path):
     for i in range(3):
         nchw, cl = (read_png(image_path(tmp_path / str(layout), i)) for layout in (False, True))
         assert (nchw.int() - cl.int()).abs().max() <= 1 and nchw.float().std() > 0
+
+
+def test_each_call_that_adds_images_records_what_made_them(tmp_path):
+    """sampling.json's "runs": one entry per call that had images to make (how many, device, backend, graphs,
+    versions), appended; a call with nothing to make adds none, and the entries are not settings a rerun must
+    match."""
+    diffusion = GaussianDiffusion("cosine", 10)
+    model = tiny_unet(6)
+    common = dict(sampler="ddim", steps=2, batch_size=2, seed=3, progress=False)
+    sample_images(model, diffusion, 3, tmp_path, **common)
+    image_path(tmp_path, 2).unlink()
+    sample_images(model, diffusion, 5, tmp_path, **common)
+    sample_images(model, diffusion, 5, tmp_path, **common)
+    record = json.loads((tmp_path / "sampling.json").read_text())
+    runs = record["runs"]
+    assert [run["images_planned"] for run in runs] == [3, 3]  # images 0-2, then 2-4
+    assert runs[0].keys() == {"started", "images_planned", "device", "processes", "backend", "compiled",
+                              "channels_last", "graphs", "steps_per_graph", "dream", "torch", "triton"}
+    assert runs[1] | {"started": None, "images_planned": None} == runs[0] | {"started": None, "images_planned": None}
+    first = runs[0]
+    assert (first["device"], first["backend"], first["graphs"], first["processes"]) == ("cpu", "eager", False, 1)
+    assert runs[0]["torch"] == torch.__version__ and not runs[0]["compiled"] and not runs[0]["channels_last"]
+    assert record["steps"] == 2 and record["seed"] == 3
+
+
+@pytest.mark.parametrize("body_error, raised, message", [
+    # an operation not allowed in a capture: its own error, then ending the capture's, which holds it
+    (RuntimeError("operation not permitted when stream is capturing\nmore"), "CaptureFailed",
+     "RuntimeError: operation not permitted when stream is capturing"),
+    # an allocation that failed inside the capture: the out-of-memory error itself (sample names --batch-size)
+    (torch.cuda.OutOfMemoryError("CUDA out of memory"), "OutOfMemoryError", "CUDA out of memory"),
+])
+def test_a_failed_sampling_capture_names_its_cause_and_mends_the_cuda_state(monkeypatch, body_error, raised,
+                                                                             message):
+    """GraphedLoop's captures, with torch.cuda's capture and stream contexts replaced by stand-ins that fail as
+    CUDA's do, the second of two captures (schedule 2, 2, 1) failing: the error names the operation that failed,
+    the stream context is left, the CUDA state is mended before the error is raised, and no graph is kept."""
+    import contextlib
+
+    import dream.step_graph as step_graph
+    from dream.sampling import GraphedLoop
+
+    events = []
+
+    @contextlib.contextmanager
+    def stream(s):
+        events.append("stream")
+        try:
+            yield
+        finally:
+            events.append("stream restored")
+
+    @contextlib.contextmanager
+    def graph(cuda_graph, pool=None, stream=None):
+        events.append("capture")
+        try:
+            yield
+        except BaseException:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")  # capture_end
+
+    def body(steps):
+        if steps == 2:
+            raise body_error
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(step_graph, "recover_from_failed_capture", lambda s, device: events.append("recovered"))
+    loop = GraphedLoop.__new__(GraphedLoop)  # (__init__ needs CUDA)
+    loop.x, loop.schedule, loop.graphs, loop._body = torch.zeros(1), [2, 2, 1], {}, body
+    with pytest.raises(Exception) as caught:
+        loop._capture_graphs(pool=None, capture_stream=None)
+    assert type(caught.value).__name__ == raised and str(caught.value) == message
+    assert events == ["stream", "capture", "stream restored"] * 2 + ["recovered"]
+    assert loop.graphs == {}
+
+
+# Runs in a process of its own: a capture that fails may leave CUDA state behind, which would break later tests.
+FAILED_SAMPLING_CAPTURE = """
+import json, torch
+from dream.diffusion import GaussianDiffusion
+from dream.sampling import SamplingEngine
+from dream.step_graph import CaptureFailed
+
+class HostRead(torch.nn.Module):  # a model that reads a value back to the host: not capturable
+    def forward(self, x, t):
+        return x * float(x.abs().mean())
+
+engine = SamplingEngine(HostRead(), GaussianDiffusion("cosine", 10).cuda())
+x_T = torch.randn(2, 3, 8, 8, device="cuda")
+try:
+    engine.sample(x_T, "ddim", 3, graphs=True)
+    message = None
+except CaptureFailed as error:
+    message = str(error)
+torch.cuda.synchronize()
+plain = engine.sample(x_T, "ddim", 3, graphs=False)
+print(json.dumps({"message": message, "captures": len(engine.captures),
+                  "default_stream": torch.cuda.current_stream() == torch.cuda.default_stream(),
+                  "random": torch.rand(3, device="cuda").tolist(), "finite": bool(plain.isfinite().all())}))
+"""
+
+
+@gpu
+def test_a_failed_sampling_capture_says_so_in_one_line_and_cuda_goes_on():
+    from conftest import run_without_interpreter
+
+    process = run_without_interpreter(FAILED_SAMPLING_CAPTURE)
+    assert process.returncode == 0, process.stderr[-4000:]
+    result = json.loads(process.stdout.splitlines()[-1])
+    assert result["message"] is not None and "\n" not in result["message"] and result["captures"] == 0
+    assert "previous error during capture" not in result["message"], result["message"]  # the cause, not its echo
+    assert result["default_stream"], "the capture stream stayed current"
+    assert len(result["random"]) == 3 and result["finite"]  # the default generator and the plain loop still work
+
+
+def test_sample_images_says_in_one_line_that_the_capture_failed(tmp_path):
+    """A capture that fails stops `dream sample` in one line naming its cause and --graphs off."""
+    from dream.step_graph import CaptureFailed
+
+    class CaptureFails(SamplingEngine):
+        def use_graphs(self, device, graphs=None):
+            return True
+
+        def sample(self, *args, **kwargs):
+            raise CaptureFailed("RuntimeError: operation not permitted when stream is capturing")
+
+    diffusion = GaussianDiffusion("cosine", 10)
+    model = tiny_unet(6)
+    with pytest.raises(DreamError) as caught:
+        sample_images(model, diffusion, 2, tmp_path, steps=2, batch_size=2, progress=False,
+                      engine=CaptureFails(model, diffusion))
+    assert str(caught.value) == ("the sampling loop could not be captured as a CUDA graph (RuntimeError: operation "
+                                 "not permitted when stream is capturing); rerun with --graphs off (the plain loop: "
+                                 "the same images up to rounding)")
+    assert not image_path(tmp_path, 0).exists()
 
 
 def test_a_folder_without_images_takes_new_settings(tmp_path):
