@@ -734,6 +734,30 @@ class Trainer:
             self.last_checkpoint_position = self.position()
         return self.last_checkpoint
 
+    def course_keys(self) -> list[str]:
+        """The settings that fix a run's course: a checkpoint continues only under the same."""
+        keys = ["preset", "batch_size", "objective", "schedule", "num_timesteps", "seed", "data"]
+        return keys + {"synthetic": ["data_count"], "celeba": ["data_root", "data_split"]}.get(self.config.data,
+                                                                                               ["data_root"])
+
+    def check_folder_takes_branch(self, state: dict, path: str) -> None:
+        """--resume FILE into a run folder that holds another run (its config.json fixes another course than FILE's
+        run, and it holds checkpoints or logged steps) is refused: going on there would list FILE's checkpoints
+        beside that run's and keep that run's log up to FILE's step."""
+        try:
+            folder_config = json.loads((self.run_dir / "config.json").read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return  # no run here yet (a config.json that is not a run's is refused before this)
+        if not isinstance(folder_config, dict) or not (self.checkpoints.listed() or logged_steps(self.run_dir)):
+            return
+        for key in self.course_keys():
+            theirs, file_run = comparable(key, folder_config.get(key)), comparable(key, state["config"].get(key))
+            if theirs != file_run:
+                flag = FLAGS.get(key, "--" + key.replace("_", "-"))
+                raise DreamError(f"{self.run_dir} holds another run (made with {flag} {theirs}; {path} was made with "
+                                 f"{flag} {file_run}): going on from {path} there would mix their checkpoints and "
+                                 f"logs; pass another --run-dir to branch off from it", same_on_every_rank=True)
+
     def resume(self, path: str | None = None) -> bool:
         """Continue from `path` or the run folder's newest valid checkpoint; False (and a log trimmed to
         step 0) when there is none. What fixes the run's course (model, batch, objective, seed, data) must
@@ -759,16 +783,12 @@ class Trainer:
                     f"checkpoints (up to step {newest}) that going on from it would delete: rerun without --resume "
                     f"to continue from step {newest}, or use another --run-dir to branch off at step {state['step']}",
                     same_on_every_rank=True)
+            self.check_folder_takes_branch(state, path)
         # a refusal names the flag and says what to change: the flag, or the run (with --resume FILE, the file)
         instead = "or resume another checkpoint" if path else "or use another --run-dir"
         saved = state["config"]
-        keys = ["preset", "batch_size", "objective", "schedule", "num_timesteps", "seed", "data"]
-        keys += {"synthetic": ["data_count"], "celeba": ["data_root", "data_split"]}.get(self.config.data,
-                                                                                         ["data_root"])
-        for key in keys:
-            old, new = saved.get(key), getattr(self.config, key)
-            if key == "data_root" and old and new:
-                old, new = (str(Path(root).expanduser().resolve()) for root in (old, new))
+        for key in self.course_keys():
+            old, new = comparable(key, saved.get(key)), comparable(key, getattr(self.config, key))
             if old != new:
                 flag = FLAGS.get(key, "--" + key.replace("_", "-"))
                 raise DreamError(f"checkpoint {state['_path']} was made with {flag} {old}, this command has {flag} "
@@ -1104,6 +1124,22 @@ def trim_log(path: Path, step: int) -> None:
     trimmed = "".join(line + "\n" for line in kept)
     if trimmed != text:  # (a finished run's rerun writes nothing)
         atomic_write_text(path, trimmed)
+
+
+def comparable(key: str, value):
+    """A course setting as compared between runs: a data root as the folder it resolves to."""
+    if key == "data_root" and value:
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
+def logged_steps(run_dir: Path) -> bool:
+    """Whether run_dir's metrics.jsonl records a training step (a line with a loss)."""
+    try:
+        with open(run_dir / "metrics.jsonl") as log:
+            return any('"loss"' in line for line in log)
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def foreign_run_files(run_dir: Path) -> list[str]:

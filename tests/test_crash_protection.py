@@ -1025,6 +1025,29 @@ def test_resume_file_behind_the_run_folders_newest_is_refused_and_deletes_nothin
     assert Trainer(small_config(tmp_path / "run", max_steps=6)).run(resume=str(newest))["step"] == 6
 
 
+def test_resume_file_into_a_folder_of_another_run_is_refused_and_changes_nothing(tmp_path):
+    """--resume FILE --run-dir OLD, where OLD holds a run of another course (here: another seed) at earlier steps:
+    going on would list FILE's checkpoints beside OLD's and keep OLD's log lines up to FILE's step, one folder
+    holding two runs. Refused, naming the setting; a folder of FILE's own course (a branch merged back, a
+    checkpoint restored from a copy) goes on."""
+    Trainer(small_config(tmp_path / "old", max_steps=2, seed=1)).run()
+    Trainer(small_config(tmp_path / "other", max_steps=3)).run()
+    before = {path.name: path.read_bytes() for path in (tmp_path / "old").rglob("*") if path.is_file()}
+    source = tmp_path / "other" / "checkpoints" / "ckpt-000000003.pt"
+    with pytest.raises(DreamError, match=rf"^{tmp_path / 'old'} holds another run \(made with --seed 1; {source} was "
+                                         rf"made with --seed 0\): going on from {source} there would mix their "
+                                         rf"checkpoints and logs; pass another --run-dir to branch off from it$"):
+        Trainer(small_config(tmp_path / "old", max_steps=4)).run(resume=str(source))
+    after = {path.name: path.read_bytes() for path in (tmp_path / "old").rglob("*") if path.is_file()}
+    assert after.keys() - {".lock"} == before.keys() - {".lock"}
+    assert all(after[name] == data for name, data in before.items() if name != ".lock")
+
+    Trainer(small_config(tmp_path / "same", max_steps=1)).run()  # the same course: FILE goes on there
+    assert Trainer(small_config(tmp_path / "same", max_steps=4)).run(resume=str(source))["step"] == 4
+    records = [json.loads(line) for line in (tmp_path / "same" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records if "loss" in record] == [1, 4]
+
+
 def test_a_branch_that_fails_before_its_first_step_saves_into_its_own_folder(tmp_path):
     """--resume FILE --run-dir NEW failing before a step is taken: the emergency checkpoint is NEW's own, so that
     the line's advice (rerun without --resume) goes on from FILE's step instead of starting NEW over."""
