@@ -750,8 +750,8 @@ class Trainer:
             return  # no run here yet (a config.json that is not a run's is refused before this)
         if not isinstance(folder_config, dict) or not (self.checkpoints.listed() or logged_steps(self.run_dir)):
             return
-        for key in self.course_keys():
-            theirs, file_run = comparable(key, folder_config.get(key)), comparable(key, state["config"].get(key))
+        for key in (key for key in self.course_keys() if key in folder_config):
+            theirs, file_run = comparable(key, folder_config[key]), comparable(key, state["config"].get(key))
             if theirs != file_run:
                 flag = FLAGS.get(key, "--" + key.replace("_", "-"))
                 raise DreamError(f"{self.run_dir} holds another run (made with {flag} {theirs}; {path} was made with "
