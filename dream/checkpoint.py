@@ -188,7 +188,8 @@ class CheckpointManager:
         """The newest checkpoint whose size and checksum verify, loaded; None when the folder has none
         (or its manifest lists only files that are gone: see `listed`). A damaged newer one is skipped
         with a warning naming it. When checkpoint files are there but none loads, a DreamError: starting
-        over would delete them at the first save, so nothing is touched; `hint` ends its message."""
+        over would delete them at the first save, so nothing is touched; `hint` ends its message. So too when
+        a file that matches its checksum does not load: going back past it would delete it at the next save."""
         entries = self._manifest()
         damaged = []
         for entry in reversed(entries):
@@ -199,6 +200,11 @@ class CheckpointManager:
                     state = _load_file(path)
                 except DreamError as error:  # (its message names the file: said once, below)
                     why = str(error).removeprefix(f"checkpoint {path} ").removeprefix(f"{path} ")
+                    if entry.get("sha256"):  # intact as saved: not damage, and no reason to go back past it
+                        raise DreamError(f"checkpoint {path} matches its manifest entry (size, SHA-256), so it is "
+                                         f"intact, yet it does not load here ({why}): another version of dream or "
+                                         f"torch may have written it, or memory ran out; none was deleted{hint}",
+                                         same_on_every_rank=True) from None
             if why is not None:
                 damaged.append(f"{path.name}: {why}")
                 warnings.warn(f"checkpoint {path} is damaged ({why}); skipping it", stacklevel=2)

@@ -263,6 +263,31 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage
         assert load_checkpoint(tmp_path)["step"] == 2  # a folder: the newest valid one
 
 
+def test_an_intact_checkpoint_that_does_not_load_stops_and_is_kept(tmp_path):
+    """A file that matches its manifest entry (size, SHA-256) but does not load here (a field a newer dream or
+    torch writes, which the weights-only loader refuses; memory running out) is not damage: going back to the
+    previous checkpoint would delete it at the next save. Stopped in one line; nothing is deleted."""
+    import datetime
+    import hashlib
+
+    manager = CheckpointManager(tmp_path, keep=3)
+    for step in (1, 2):
+        manager.save(fake_state(step), step)
+    newest = tmp_path / "ckpt-000000002.pt"
+    torch.save({**fake_state(2), "written_on": datetime.date(2026, 12, 2)}, newest)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    data = newest.read_bytes()
+    manifest["checkpoints"][-1].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with pytest.raises(DreamError, match=rf"^checkpoint {re.escape(str(newest))} matches its manifest entry \(size, "
+                                         rf"SHA-256\), so it is intact, yet it does not load here \(is not a dream "
+                                         rf"checkpoint: .*\): another version of dream or torch may have written it, "
+                                         rf"or memory ran out; none was deleted: pass --resume FILE$"):
+        manager.latest(": pass --resume FILE")
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
 def test_a_run_whose_checkpoints_all_fail_is_refused_and_keeps_them(tmp_path):
     """Every checkpoint damaged: the rerun stops in one line and deletes nothing (starting over would
     replace them at its first save); checkpoints that are gone altogether leave nothing to lose."""
