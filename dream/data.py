@@ -467,12 +467,25 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DREAM_CACHE") or Path.home() / ".cache" / "dream").expanduser()  # empty: default
 
 
+def check_fits_in_memory(nbytes: int, what: str) -> None:
+    """A one-line DreamError when `what` (nbytes) is more than the machine's physical memory: it would be killed
+    by the kernel's out-of-memory killer, or fail after a long wait."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: no check
+        return
+    if nbytes > total:
+        raise DreamError(f"{what} take {nbytes / 1e9:,.1f} GB, more than this machine's {total / 1e9:,.1f} GB of "
+                         f"memory", same_on_every_rank=True)
+
+
 def load_images(source: str = "synthetic", root: str | None = None, split: str = "train", size: int = 64,
                 count: int = 4096, seed: int = 0, cache_dir: str | Path | None = None, *,
                 exclude: Sequence[Path] = ()) -> torch.Tensor:
     """The whole dataset as a uint8 tensor (N, 3, size, size). exclude: folders an image-folder scan leaves
     out, such as the run folder when it lies inside the data folder (its sample grids are no training data)."""
     if source == "synthetic":
+        check_fits_in_memory(count * 3 * size * size, f"{count} synthetic images of {size}×{size} (the data count)")
         return synthetic_faces(count, seed=seed, size=size)
     if source not in ("celeba", "folder"):
         raise DreamError(f"unknown data source {source!r}; choose synthetic, celeba or folder")

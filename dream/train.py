@@ -59,6 +59,7 @@ from dream.step_graph import CaptureFailed, StepGraph
 FLAGS = {"num_timesteps": "--timesteps"}
 MODEL_FLAGS = {"image_size": "--image-size", "base_channels": "--base-channels", "dropout": "--dropout"}
 DATA_PLACES = ("auto", "device", "host")  # --data-on
+MAX_TIMESTEPS = 1_000_000  # the schedule's tables are ~14 float64 vectors of this length
 
 
 @dataclass
@@ -138,12 +139,20 @@ class TrainConfig:
             ("sample_count", positive_int(self.sample_count), "a positive integer"),
             ("sample_steps", positive_int(self.sample_steps), "a positive integer"),
             ("data_on", self.data_on in DATA_PLACES, f"one of {', '.join(DATA_PLACES)}"),
-            ("num_timesteps", isinstance(self.num_timesteps, int) and self.num_timesteps >= 2, "at least 2"),
+            ("num_timesteps", isinstance(self.num_timesteps, int) and 2 <= self.num_timesteps <= MAX_TIMESTEPS,
+             f"in [2, {MAX_TIMESTEPS}]"),
             ("data_count", self.data_count is None or positive_int(self.data_count), "a positive integer"),
         ]
         for name, ok, wanted in rules:
             if not ok:
                 raise option_error(name, wanted, getattr(self, name), FLAGS.get(name))
+        if self.data_root and self.data == "synthetic":
+            raise DreamError("--data-root names CelebA's root or a folder of images, which --data synthetic (the "
+                             "built-in faces) does not read: pass --data celeba or --data folder too",
+                             same_on_every_rank=True)
+        if self.data_split != "train" and self.data in ("synthetic", "folder"):
+            raise DreamError(f"--data-split picks a CelebA split, which --data {self.data} does not have: pass "
+                             f"--data celeba, or leave --data-split out", same_on_every_rank=True)
         check_seed(self.seed)
         ObjectiveConfig(**self.objective_config)
 

@@ -98,14 +98,23 @@ def test_bad_input_is_one_line_without_traceback(args, message):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--timesteps", "1"], "--timesteps must be at least 2, got 1"),
+    (["--timesteps", "1"], "--timesteps must be in [2, 1000000], got 1"),
+    (["--timesteps", "1000000000"], "--timesteps must be in [2, 1000000], got 1000000000"),  # (14 tables of T)
     (["--data-count", "0"], "--data-count must be a positive integer, got 0"),
+    (["--data-count", "1000000000"], "1000000000 synthetic images of 64×64 (the data count) take 12,288.0 GB, more "
+                                     "than this machine's"),
+    (["--data-root", "/tmp"], "--data-root names CelebA's root or a folder of images, which --data synthetic (the "
+                              "built-in faces) does not read: pass --data celeba or --data folder too"),
+    (["--data", "folder", "--data-root", "/tmp", "--data-split", "valid"],
+     "--data-split picks a CelebA split, which --data folder does not have: pass --data celeba, or leave "
+     "--data-split out"),
     (["--image-size", "30"], "--image-size 30 must be divisible by 8"),
     (["--base-channels", "0"], "--base-channels must be a positive integer, got 0"),
 ])
 def test_train_schedule_data_and_model_errors_name_the_flag(tmp_path, capsys, flags, message):
     assert main(["train", "--preset", "tiny", "--run-dir", str(tmp_path / "run"), "--no-progress", *flags]) == 2
-    assert capsys.readouterr().err == f"dream train: error: {message}\n"
+    err = capsys.readouterr().err
+    assert err.startswith(f"dream train: error: {message}") and err.count("\n") == 1 and err.endswith("\n")
 
 
 @pytest.mark.parametrize("rank, shared, printed", [
