@@ -1018,7 +1018,8 @@ class Trainer:
             self.save_checkpoint()
             grid = self.run_dir / "samples" / f"grid-{self.step:09d}.png"
             if config.sample_every and not image_done(grid):  # missing, or cut short (a full disk, a kill)
-                self.save_sample_grid()
+                with stop.while_finishing("the final sample grid (the checkpoint is saved)"):
+                    self.save_sample_grid()
         self.dist.barrier()
         return {"step": self.step, "epoch": self.epoch, "last": last, "grid": str(grid) if grid.exists() else None,
                 "checkpoint_dir": str(self.checkpoints.folder), "skipped_steps": self.skipped_steps,
@@ -1033,7 +1034,8 @@ class Trainer:
         self.batch_in_epoch = 0
         self.updating = False
         if self.config.sample_every and self.epoch % self.config.sample_every == 0:
-            self.save_sample_grid()
+            with stop.while_finishing("the sample grid, then saving a checkpoint"):
+                self.save_sample_grid()
             signum = self.dist.max(stop.signum, self.device)  # a stop asked during the grid: now, not after
             if signum:  # another step
                 self.stop_for_signal(signum)
@@ -1250,12 +1252,25 @@ class StopFlag:
     def __init__(self):
         self.requested = False
         self.signum = 0
+        self.finishing: str | None = None  # what runs to its end before a stop is acted on, when it takes a while
 
     def handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
         self.signum = signum
+        if self.finishing:
+            tqdm.write(f"dream train: {signal.Signals(signum).name}: finishing {self.finishing} first (Ctrl-C again "
+                       f"stops at once)", file=sys.stderr)
+
+    @contextmanager
+    def while_finishing(self, what: str):
+        """A stop asked meanwhile says that `what` is finished first."""
+        self.finishing = what
+        try:
+            yield
+        finally:
+            self.finishing = None
 
     @contextmanager
     def installed(self):

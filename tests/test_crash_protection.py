@@ -962,7 +962,7 @@ def test_ctrl_c_during_the_final_sample_grid_is_the_resume_line(tmp_path, monkey
     assert load_checkpoint(tmp_path / "checkpoints")["step"] == 3
 
 
-def test_a_stop_during_an_epochs_sample_grid_saves_right_after_it(tmp_path, monkeypatch):
+def test_a_stop_during_an_epochs_sample_grid_saves_right_after_it(tmp_path, monkeypatch, capsys):
     """SIGTERM while an epoch's grid is made: the grid is finished, then the checkpoint is saved at the epoch's
     end and the run stops, without training another step first."""
     trainer = Trainer(small_config(tmp_path, max_steps=6, sample_every=1, sample_count=1, sample_steps=1))
@@ -976,6 +976,22 @@ def test_a_stop_during_an_epochs_sample_grid_saves_right_after_it(tmp_path, monk
     with pytest.raises(Interrupted, match="stopped by SIGTERM at step 2 "):
         trainer.run()
     assert grids == [2] and load_checkpoint(tmp_path / "checkpoints")["step"] == 2  # 8 images, batch 4
+    assert capsys.readouterr().err.endswith("dream train: SIGTERM: finishing the sample grid, then saving a "
+                                            "checkpoint first (Ctrl-C again stops at once)\n")
+
+
+def test_a_stop_during_the_final_sample_grid_says_the_grid_is_finished_first(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the final grid is made (minutes on a CPU): the checkpoint is saved already; the grid is
+    finished, and the line says so at once, and that Ctrl-C again stops (the rerun then makes the grid)."""
+    trainer = Trainer(small_config(tmp_path, max_steps=3, sample_every=10, sample_count=1, sample_steps=1))
+
+    def grid_then_sigint():
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(trainer, "save_sample_grid", grid_then_sigint)
+    assert trainer.run()["step"] == 3
+    assert capsys.readouterr().err.endswith("dream train: SIGINT: finishing the final sample grid (the checkpoint is "
+                                            "saved) first (Ctrl-C again stops at once)\n")
 
 
 def test_a_run_stopped_at_an_epochs_last_step_resumes_into_the_next_epoch(tmp_path, monkeypatch):
