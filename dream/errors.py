@@ -17,3 +17,12 @@ def option_error(field: str, wanted: str, value, flag: str | None = None) -> Dre
     --field-name)."""
     flag = flag or f"--{field.replace('_', '-')}"
     return DreamError(f"{flag} must be {wanted}, got {value!r}", same_on_every_rank=True)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the host's: the CPU allocator's RuntimeError ("... can't allocate memory")
+    or Python's MemoryError."""
+    import torch
+
+    return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))

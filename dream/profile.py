@@ -569,7 +569,7 @@ def profile_name(what: str, args, config: dict, device: torch.device) -> str:
 
 def run_profile(args) -> list[Path]:
     from dream.errors import DreamError
-    from dream.sample import out_of_memory
+    from dream.errors import out_of_memory
     from dream.train import resolve_device
 
     device = resolve_device(args.device)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from dream.checkpoint import code_version, load_model_for_sampling, weights_sha256
 from dream.distributed import Distributed, agreed_setup
-from dream.errors import DreamError
+from dream.errors import DreamError, out_of_memory
 from dream.files import LOCK_FILE, atomic_file, atomic_write_text, folder_lock
 from dream.model import resolve_channels_last
 from dream.seeding import check_seed, mixed_seed
@@ -104,11 +104,6 @@ def batch_noise(seed: int, batch_index: int, shape, device) -> torch.Tensor:
     """The starting noise x_T of batch `batch_index` (drawn on the CPU: the same on every device)."""
     generator = torch.Generator().manual_seed(mixed_seed(seed, batch_index, 0))
     return torch.randn(shape, generator=generator).to(device)
-
-
-def out_of_memory(error: BaseException) -> bool:
-    """A CUDA out-of-memory error, or the CPU allocator's."""
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
 def batch_step_seed(seed: int, batch_index: int) -> int:

@@ -44,7 +44,7 @@ from dream.checkpoint import (CheckpointManager, check_training_state, code_vers
 from dream.data import DeviceBatches, images_digest, import_torchvision, load_images
 from dream.diffusion import GaussianDiffusion
 from dream.ema import EMA, conditional_step
-from dream.errors import DreamError, option_error
+from dream.errors import DreamError, option_error, out_of_memory
 from dream.files import LOCK_FILE, atomic_file, atomic_write_text, folder_lock, folder_problem
 from dream.math_flags import use_fast_math
 from dream.model import (CHECKPOINT_POLICIES, DROPOUT_RECOMPUTING_POLICIES, PRECISION_DTYPES, PRECISIONS, UNet,
@@ -538,9 +538,11 @@ class Trainer:
                 if self.step_graph.captures > captures:
                     self.noted_capture()
                 return self.end_step(logs, logs.pop("finite"))
-            except torch.cuda.OutOfMemoryError as error:  # (in a capture nothing ran; in a warm-up step, before
-                self.updating = False                    # the optimizer: the state is the last step's)
-                reason = str(error).splitlines()[0] if str(error) else "CUDA out of memory"
+            except (RuntimeError, MemoryError) as error:  # (in a capture nothing ran; in a warm-up step, before
+                if not out_of_memory(error):                 # the optimizer: the state is the last step's)
+                    raise
+                self.updating = False
+                reason = str(error).splitlines()[0] if str(error) else f"{type(error).__name__}: out of memory"
             self.shrink_micro_batch(reason)  # outside the except block: the failed step's tensors are freed
         return self.apply_update(logs)
 
@@ -1100,7 +1102,7 @@ class Trainer:
             lost = self.dist.enabled and distributed.peer_lost(error)
             what = f"another process of this job stopped {where} ({distributed.peer_lost_summary(error)})" if lost \
                 else f"{type(error).__name__} {where}: {text}"
-            show_cause = not (lost or isinstance(error, (OSError, torch.OutOfMemoryError)))
+            show_cause = not (lost or isinstance(error, OSError) or out_of_memory(error))
             if not self.dist.is_main:  # rank 0 saves, and names the checkpoint
                 raise TrainingAborted(f"{what}; rank 0, if it still runs, saves an emergency checkpoint. To "
                                       f"resume, {self.resume_hint}.", show_cause) from error
@@ -1115,7 +1117,10 @@ class Trainer:
                 raise Interrupted(f"interrupted {where}, dropping the step; {saved}. To resume, "
                                   f"{self.resume_hint}.", signal.SIGINT) from error
             if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-                what += f" (free space where {self.run_dir} is, or lower --checkpoint-keep)"
+                keep = ", or lower --checkpoint-keep" if self.config.checkpoint_keep > 1 else ""
+                what += f" (free space where {self.run_dir} is{keep})"
+            elif out_of_memory(error) and self.checkpointing != "all":
+                what += " (--checkpointing all recomputes activations instead of keeping them)"
             raise TrainingAborted(f"{what}; {saved}. To resume, {self.resume_hint}.", show_cause) from error
 
 

@@ -138,8 +138,12 @@ class _Released:
 
 # ----------------------------------------------------------------------------------------------
 # CUDA out of memory inside a step
-def inject_out_of_memory(trainer, above: int):
-    """The objective raises CUDA OOM in its first backward for micro-batches larger than `above`,
+CPU_ALLOCATOR_ERROR = "[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you " \
+                      "tried to allocate 2147483648 bytes. Error code 12 (Cannot allocate memory)"
+
+
+def inject_out_of_memory(trainer, above: int, error=None):
+    """The objective raises CUDA OOM (or `error`) in its first backward for micro-batches larger than `above`,
     after gradients were partly accumulated."""
     objective = trainer.objective
     calls = []
@@ -151,7 +155,7 @@ def inject_out_of_memory(trainer, above: int):
 
         def backward_then_fail(term):
             backward(term)
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+            raise error or torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
 
         return objective(model, diffusion, x0, epoch, config, t=t, noise=noise, backward=backward_then_fail)
 
@@ -185,6 +189,32 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_step(tmp_path):
     resumed = Trainer(small_config(tmp_path / "oom", max_steps=steps, checkpoint_every=1))
     resumed.resume()
     assert resumed.micro_batch == 2, "a lowered micro-batch must survive a resume of the same command"
+
+
+@pytest.mark.parametrize("error", [RuntimeError(CPU_ALLOCATOR_ERROR), MemoryError()])
+def test_the_hosts_out_of_memory_halves_the_micro_batch_too(tmp_path, error):
+    """On a CPU device the allocator's failure (or Python's MemoryError) is an out-of-memory error like CUDA's: the
+    micro-batch halves and the step is redone; at micro-batch 1 the run stops in one line, with an emergency
+    checkpoint and a hint, its cause's traceback not shown. Any other RuntimeError is not taken for one."""
+    trainer = Trainer(small_config(tmp_path / "halved", max_steps=2))
+    calls = inject_out_of_memory(trainer, above=2, error=error)
+    assert trainer.run()["micro_batch"] == 2 and calls == [4, 2, 2, 2, 2]
+    event = next(r for r in records(tmp_path / "halved") if r.get("event") == "out_of_memory")
+    assert event["reason"] == (CPU_ALLOCATOR_ERROR if isinstance(error, RuntimeError) else "MemoryError: out of memory")
+
+    trainer = Trainer(small_config(tmp_path / "stopped", max_steps=2))
+    inject_out_of_memory(trainer, above=0, error=error)
+    with pytest.raises(TrainingAborted, match=r"^OutOfMemoryError at step 0 \(epoch 0\): .*; already at micro-batch "
+                                              r"1 \(--checkpointing all recomputes activations instead of keeping "
+                                              r"them\); emergency checkpoint .* saved\.") as caught:
+        trainer.run()
+    assert not caught.value.show_cause
+
+    trainer = Trainer(small_config(tmp_path / "other", max_steps=2))
+    inject_out_of_memory(trainer, above=0, error=RuntimeError("shape mismatch (injected)"))
+    with pytest.raises(TrainingAborted, match=r"^RuntimeError at step 0 .*: shape mismatch") as caught:
+        trainer.run()
+    assert caught.value.show_cause
 
 
 def test_an_optimizer_state_cut_short_by_out_of_memory_is_made_again_not_kept(tmp_path):
