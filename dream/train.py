@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -781,8 +782,13 @@ class Trainer:
         if state is None:
             if self.dist.is_main:
                 if self.checkpoints.listed():
+                    kept = ""
+                    if logged_steps(self.run_dir):  # the log of the run whose checkpoints went: kept aside
+                        old_log = self.run_dir / f"metrics-before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+                        os.replace(self.run_dir / "metrics.jsonl", old_log)
+                        kept = f" (the log of its steps is kept as {old_log.name})"
                     warnings.warn(f"the checkpoints listed in {self.checkpoints.folder} are gone; starting from "
-                                  f"step 0", stacklevel=2)
+                                  f"step 0{kept}", stacklevel=2)
                 trim_log(self.run_dir / "metrics.jsonl", 0)  # steps logged before a kill are redone
             return False
         if path:

@@ -311,8 +311,12 @@ def test_a_run_whose_checkpoints_all_fail_is_refused_and_keeps_them(tmp_path):
 
     for path in files:
         path.unlink()
-    with pytest.warns(UserWarning, match="are gone; starting from step 0"):
+    log = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.warns(UserWarning, match=r"are gone; starting from step 0 \(the log of its steps is kept as "
+                                         r"metrics-before-\d{8}-\d{6}\.jsonl\)$"):
         assert Trainer(config).resume() is False
+    kept = list(tmp_path.glob("metrics-before-*.jsonl"))
+    assert len(kept) == 1 and kept[0].read_text() == log and '"loss"' in log
     with pytest.warns(UserWarning, match="file missing"), \
             pytest.raises(DreamError, match=r"no valid checkpoint in folder .*\(the 2 listed in .* are gone\)"):
         load_checkpoint(tmp_path)  # asked for by --resume: an error, not a fresh start
