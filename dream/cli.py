@@ -531,8 +531,15 @@ def let_rank_0_speak() -> None:
         pass
 
 
+PATH_ARGUMENTS = ("run_dir", "resume", "data_root", "out", "checkpoint", "run", "real_root", "inception_weights",
+                  "cache_dir")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(_attach_negative_sizes(list(sys.argv[1:] if argv is None else argv)))
+    for name in PATH_ARGUMENTS:  # "--out=~/x": the shell leaves a ~ after "=" alone, and the user means home
+        if isinstance(getattr(args, name, None), str) and getattr(args, name).startswith("~"):
+            setattr(args, name, os.path.expanduser(getattr(args, name)))
     with _warnings_as_lines(args.command):
         return _run(args)
 

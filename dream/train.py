@@ -266,7 +266,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, dist: distributed.Distributed | None = None):
         self.config = config
         self.dist = dist = dist or distributed.Distributed()
-        self.made_run_dir = not Path(config.run_dir).exists()
+        self.made_run_dir = not Path(config.run_dir).expanduser().exists()
         failure = None
         try:  # what follows from the command line, the machine and the data: agree_on_setup tells which ranks share
             # an error (so no raise here marks itself shared)
@@ -280,7 +280,7 @@ class Trainer:
                 if device.index is not None:  # streams, events and graphs made without a device go to this one
                     torch.cuda.set_device(device)
 
-            self.run_dir = Path(config.run_dir)
+            self.run_dir = Path(config.run_dir).expanduser()
             if self.run_dir.exists() and not self.run_dir.is_dir():
                 raise DreamError(f"--run-dir {self.run_dir} is a file; it must be a folder (new, or a run's)")
             foreign = foreign_run_files(self.run_dir)
@@ -1301,7 +1301,7 @@ class StopFlag:
 def train(config: TrainConfig, resume: str | None = None) -> dict:
     """Train in this process, or as one rank of a torchrun job (the environment says which). A command
     refused or stopped before its run starts leaves no new run folder behind."""
-    run_dir = Path(config.run_dir)
+    run_dir = Path(config.run_dir).expanduser()
     made_run_dir = not run_dir.exists()
     with distributed.session(config.device) as dist:
         try:

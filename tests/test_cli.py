@@ -117,6 +117,20 @@ def test_train_schedule_data_and_model_errors_name_the_flag(tmp_path, capsys, fl
     assert err.startswith(f"dream train: error: {message}") and err.count("\n") == 1 and err.endswith("\n")
 
 
+def test_a_tilde_after_an_equals_sign_is_the_home_folder(tmp_path, monkeypatch, capsys):
+    """`--run-dir=~/run`: the shell leaves that ~ alone; dream reads it as the home folder, as the user means (it
+    made ./~/run, while config.json named the home folder's)."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    assert main(["train", "--run-dir=~/run", "--preset", "tiny", "--image-size", "8", "--base-channels", "16",
+                 "--data-count", "4", "--batch-size", "4", "--max-steps", "1", "--sample-every", "0",
+                 "--no-progress", "--device", "cpu"]) == 0
+    assert (home / "run" / "checkpoints").is_dir() and not (cwd / "~").exists()
+    assert json.loads((home / "run" / "config.json").read_text())["run_dir"] == str(home / "run")
+
+
 @pytest.mark.parametrize("rank, shared, printed", [
     ("0", True, "dream train: error: --log-every must be a positive integer, got 0"),
     ("1", True, None),  # every rank raises it alike: rank 0 reports it
