@@ -96,8 +96,13 @@ def write_pngs(pixels, out_dir: Path, indices) -> None:
     from PIL import Image
 
     for index, array in zip(indices, pixels):
-        with atomic_file(image_path(out_dir, index), durable=False) as f:  # thousands: no fsync
-            Image.fromarray(array).save(f, format="PNG")
+        path = image_path(out_dir, index)
+        try:
+            with atomic_file(path, durable=False) as f:  # thousands: no fsync
+                Image.fromarray(array).save(f, format="PNG")
+        except OSError as error:  # a full disk, a quota, a folder gone: the images written so far are whole
+            raise DreamError(f"cannot write {path} ({error.strerror or error}); the images written before it are "
+                             f"kept: rerun the same command to go on") from None
 
 
 def batch_noise(seed: int, batch_index: int, shape, device) -> torch.Tensor:

@@ -660,6 +660,29 @@ def test_sample_images_says_in_one_line_that_the_capture_failed(tmp_path):
     assert not image_path(tmp_path, 0).exists()
 
 
+def test_a_full_disk_names_the_image_it_could_not_write(tmp_path, monkeypatch):
+    """A write that fails (a full disk) is one line naming the file; the images before it stay, whole."""
+    import errno
+
+    import dream.files
+    from dream.sample import image_done
+
+    real = dream.files.os.replace
+
+    def full_from_image_3(source, target):
+        if str(target).endswith("000003.png"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(source, target)
+
+    monkeypatch.setattr(dream.files.os, "replace", full_from_image_3)
+    with pytest.raises(DreamError) as caught:
+        sample_images(tiny_unet(6), GaussianDiffusion("cosine", 10), 5, tmp_path, steps=2, batch_size=2,
+                      progress=False)
+    assert str(caught.value) == (f"cannot write {image_path(tmp_path, 3)} (No space left on device); the images "
+                                 f"written before it are kept: rerun the same command to go on")
+    assert [image_done(image_path(tmp_path, i)) for i in range(5)] == [True, True, True, False, False]
+
+
 def test_a_folder_without_images_takes_new_settings(tmp_path):
     """A run stopped before its first batch was written leaves sampling.json alone: the folder holds no
     image, so other settings are accepted; once it holds one, they are refused."""
