@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dream.model import build_unet, count_parameters
+from dream.model import build_unet, count_parameters, make_config
 
 
 def blocks_of(module: torch.nn.Module, prefix: str = ""):
@@ -18,9 +18,17 @@ def blocks_of(module: torch.nn.Module, prefix: str = ""):
 
 
 def model_info(preset: str = "seed", **overrides) -> dict:
-    """On the meta device: shapes, parameters and FLOPs without allocating (any image size, at once)."""
-    with torch.device("meta"):
-        return _model_info(preset, **overrides)
+    """On the meta device: shapes, parameters and FLOPs without allocating (any image size, at once). An image
+    size whose tensors would hold 2^63 bytes or more is a one-line ValueError."""
+    try:
+        with torch.device("meta"):
+            return _model_info(preset, **overrides)
+    except RuntimeError as error:
+        if "overflow" not in str(error).lower():
+            raise
+        size = overrides.get("image_size") or make_config(preset).image_size
+        raise ValueError(f"image size {size} is too large to describe: the model's tensor sizes overflow 64-bit "
+                         f"integers") from None
 
 
 def _model_info(preset: str, **overrides) -> dict:

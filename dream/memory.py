@@ -452,6 +452,12 @@ def estimate_step_memory(spec: StepSpec | None = None, **fields_) -> MemoryEstim
                           method=f"fake CPU tensors + MemTracker ({spec.target} autocast policy)", extras=extras)
 
 
+def _batch_of(spec: StepSpec) -> str:
+    """"batch size 128 of 64×64 images": either may be what is too large."""
+    size = spec.model_config().image_size
+    return f"batch size {spec.batch_size} of {size}×{size} images"
+
+
 @contextmanager
 def _too_large_is_one_line(spec: StepSpec):
     """A step whose tensors would hold 2^63 bytes or more, or a batch past what 32-bit offsets address (the Triton
@@ -467,12 +473,12 @@ def _too_large_is_one_line(spec: StepSpec):
     except ValueError as error:
         if "32-bit offsets" not in str(error):
             raise
-        raise ValueError(f"batch size {spec.batch_size} is too large for the {spec.backend} backend "
+        raise ValueError(f"{_batch_of(spec)} is too large for the {spec.backend} backend "
                          f"({str(error).split('; use ')[0]})") from None
     except (RuntimeError, TypeError, OverflowError) as error:
         if "overflow" not in str(error).lower():
             raise
-        raise ValueError(f"batch size {spec.batch_size} is too large to estimate: the step's tensor sizes "
+        raise ValueError(f"{_batch_of(spec)} is too large to estimate: the step's tensor sizes "
                          f"overflow 64-bit integers") from None
     finally:
         log.setLevel(level)

@@ -87,6 +87,8 @@ def test_train_defaults_are_the_seeds_recipe(monkeypatch, tmp_path):
     (["train", "--memory-budget", "6.8"], "memory size '6.8' has no unit"),
     (["memory", "--budget", "-1"], "memory size '-1' must be positive"),
     (["profile", "--top", "0"], "--top must be at least 1"),
+    (["info", "--preset", "tiny", "--image-size", "100000"],
+     "image size 100000 is too large to describe: the model's tensor sizes overflow 64-bit integers"),
     (["memory", "--preset", "tiny", "--budget", "1e400"], "memory size '1e400' must be finite"),
 ])
 def test_bad_input_is_one_line_without_traceback(args, message):

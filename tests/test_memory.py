@@ -648,7 +648,7 @@ def test_a_batch_too_large_to_count_is_one_line(capsys, batch, backend, error):
     assert main(["memory", "--preset", "tiny", "--image-size", "8", "--objective", "standard", "--batch", batch,
                  "--backend", backend]) == 2
     captured = capsys.readouterr()
-    assert captured.err == f"dream memory: error: batch size {batch} {error}\n", captured.err
+    assert captured.err == f"dream memory: error: batch size {batch} of 8×8 images {error}\n", captured.err
 
 
 # ----------------------------------------------------------------------------------------------
