@@ -12,6 +12,7 @@ device, backend, graphs, versions), which change the images through rounding onl
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import math
@@ -60,6 +61,9 @@ def add_sampling_arguments(p, count: int, batch_size: int, backend: str, backend
 
 def parse_graphs(value: str) -> bool | None:
     return {"auto": None, "on": True, "off": False}[value]
+
+
+IMAGE_NAME = re.compile(r"\d{6,}\.png")  # image_name's
 
 
 def image_name(index: int) -> str:
@@ -140,7 +144,7 @@ def check_settings(out_dir: Path, settings: dict) -> None:
             raise DreamError(f"{out_dir} holds PNG files ({pngs[0].name}{', ...' if len(pngs) > 1 else ''}) and "
                              f"{record}, so they are not a set this command made and can continue; use another "
                              f"output folder")
-        foreign = [p.name for p in pngs if p.name != "grid.png" and not re.fullmatch(r"\d{6,}\.png", p.name)]
+        foreign = [p.name for p in pngs if p.name != "grid.png" and not IMAGE_NAME.fullmatch(p.name)]
         if foreign:
             raise DreamError(f"{out_dir} holds PNG files this command did not write ({', '.join(foreign[:3])}"
                              f"{', ...' if len(foreign) > 3 else ''}); use another output folder")
@@ -266,15 +270,21 @@ CHECK_BAR_FROM = 50_000  # images already in the folder from which checking them
 
 def unfinished_batches(out_dir: Path, count: int, batch_size: int,
                        progress: bool = False) -> list[tuple[int, list[int]]]:
-    """(b, the offsets in batch b of its images not yet whole in out_dir) for each batch of images
-    0 .. count-1 that has any. The folder is listed once: only the images it holds are opened (image_done)."""
+    """(b, the offsets in batch b of its images not yet whole in out_dir: a list, or a range when none is there)
+    for each batch of images 0 .. count-1 that has any. The folder is listed once: only the images it holds are
+    opened (image_done), and a batch without any is planned whole at once."""
     with os.scandir(out_dir) as entries:
         present = {entry.name for entry in entries}
+    held = sorted(int(name[:-4]) for name in present if IMAGE_NAME.fullmatch(name))  # indices with a file
     batches, batch_count = [], math.ceil(count / batch_size)
     for b in tqdm(range(batch_count), desc="checking the images already written", unit="batch", leave=False,
-                  disable=not progress or len(present) < CHECK_BAR_FROM):
-        first = b * batch_size
-        missing = [i for i in range(min(batch_size, count - first))
+                  disable=not progress or len(held) < CHECK_BAR_FROM):
+        first, size = b * batch_size, min(batch_size, count - b * batch_size)
+        at = bisect.bisect_left(held, first)
+        if at == len(held) or held[at] >= first + size:
+            batches.append((b, range(size)))
+            continue
+        missing = [i for i in range(size)
                    if image_name(first + i) not in present or not image_done(image_path(out_dir, first + i))]
         if missing:
             batches.append((b, missing))

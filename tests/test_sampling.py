@@ -359,6 +359,12 @@ def test_unfinished_batches_opens_only_the_images_the_folder_holds(tmp_path, mon
     assert unfinished_batches(tmp_path, 11, 4) == [(0, [3]), (1, [1]), (2, [0, 1])]
     assert sorted(opened) == sorted(image_path(tmp_path, i).name for i in whole | {8})
     assert unfinished_batches(tmp_path, 3, 4) == [] and unfinished_batches(tmp_path, 12, 12) == [(0, [3, 5, 8, 9, 11])]
+    opened.clear()  # batches without any image there: planned whole, nothing opened
+    assert unfinished_batches(tmp_path, 22, 4) == [(0, [3]), (1, [1]), (2, [0, 1, 3]), (3, range(4)), (4, range(4)),
+                                                   (5, range(2))]
+    assert len(opened) == 8
+    (tmp_path / "new").mkdir()
+    assert unfinished_batches(tmp_path / "new", 10**8, 64)[-1] == (1562499, range(64))  # (a fraction of a second)
 
 
 def test_stochastic_sets_record_the_device_of_their_step_noise(tmp_path):
