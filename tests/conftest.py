@@ -51,6 +51,42 @@ def pytest_collection_modifyitems(config, items):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def stand_in_cuda_capture(monkeypatch, end_error: str, end_always: bool = False) -> list:
+    """torch.cuda's CUDAGraph, graph and stream contexts replaced by stand-ins that fail as CUDA's do, and
+    dream.step_graph.recover_from_failed_capture by a recorder: ending a capture raises RuntimeError("CUDA error:
+    <end_error>") when its body raised (holding that error as its context), or always with `end_always` (an
+    invalidated capture). Returns the list of events: stream, capture, stream restored, recovered."""
+    import contextlib
+
+    import dream.step_graph
+
+    events = []
+
+    @contextlib.contextmanager
+    def stream(s):
+        events.append("stream")
+        try:
+            yield
+        finally:
+            events.append("stream restored")
+
+    @contextlib.contextmanager
+    def graph(cuda_graph, pool=None, stream=None):
+        events.append("capture")
+        try:
+            yield
+        except BaseException:
+            raise RuntimeError(f"CUDA error: {end_error}")
+        if end_always:
+            raise RuntimeError(f"CUDA error: {end_error}")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(dream.step_graph, "recover_from_failed_capture", lambda s, device: events.append("recovered"))
+    return events
+
+
 def run_without_interpreter(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run a Python snippet in a fresh process from the repository root with TRITON_INTERPRET unset (the
     kernels then compile for a GPU), capturing its output."""

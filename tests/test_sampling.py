@@ -565,37 +565,15 @@ def test_a_failed_sampling_capture_names_its_cause_and_mends_the_cuda_state(monk
     """GraphedLoop's captures, with torch.cuda's capture and stream contexts replaced by stand-ins that fail as
     CUDA's do, the second of two captures (schedule 2, 2, 1) failing: the error names the operation that failed,
     the stream context is left, the CUDA state is mended before the error is raised, and no graph is kept."""
-    import contextlib
-
-    import dream.step_graph as step_graph
+    from conftest import stand_in_cuda_capture
     from dream.sampling import GraphedLoop
 
-    events = []
-
-    @contextlib.contextmanager
-    def stream(s):
-        events.append("stream")
-        try:
-            yield
-        finally:
-            events.append("stream restored")
-
-    @contextlib.contextmanager
-    def graph(cuda_graph, pool=None, stream=None):
-        events.append("capture")
-        try:
-            yield
-        except BaseException:
-            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")  # capture_end
+    events = stand_in_cuda_capture(monkeypatch, "operation failed due to a previous error during capture")
 
     def body(steps):
         if steps == 2:
             raise body_error
 
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
-    monkeypatch.setattr(torch.cuda, "graph", graph)
-    monkeypatch.setattr(torch.cuda, "stream", stream)
-    monkeypatch.setattr(step_graph, "recover_from_failed_capture", lambda s, device: events.append("recovered"))
     loop = GraphedLoop.__new__(GraphedLoop)  # (__init__ needs CUDA)
     loop.x, loop.schedule, loop.graphs, loop._body = torch.zeros(1), [2, 2, 1], {}, body
     with pytest.raises(Exception) as caught:

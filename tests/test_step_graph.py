@@ -322,37 +322,15 @@ def test_a_failed_capture_names_its_cause_and_mends_the_cuda_state(monkeypatch, 
     """StepGraph._capture's error path, with torch.cuda's capture and stream contexts replaced by stand-ins that
     fail as CUDA's do: the error names the operation that failed, the stream context is left, and the default
     generator's capture state is mended (recover_from_failed_capture) before the error is raised."""
-    import contextlib
+    from conftest import stand_in_cuda_capture
 
-    import dream.step_graph as step_graph
-
-    events = []
-
-    @contextlib.contextmanager
-    def stream(s):
-        events.append("stream")
-        try:
-            yield
-        finally:
-            events.append("stream restored")
-
-    @contextlib.contextmanager
-    def graph(cuda_graph, stream=None):
-        events.append("capture")
-        try:
-            yield
-        finally:  # capture_end raises whether or not the body did
-            raise RuntimeError(f"CUDA error: {end_error}")
+    events = stand_in_cuda_capture(monkeypatch, end_error, end_always=True)  # capture_end raises either way
 
     def body(x):
         if body_error is not None:
             raise body_error
         return {"y": x}
 
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
-    monkeypatch.setattr(torch.cuda, "graph", graph)
-    monkeypatch.setattr(torch.cuda, "stream", stream)
-    monkeypatch.setattr(step_graph, "recover_from_failed_capture", lambda s, device: events.append("recovered"))
     stepper = StepGraph.__new__(StepGraph)  # (__init__ makes a CUDA stream)
     stepper.body, stepper.device, stepper.stream, stepper.warmup_steps, stepper.captures = body, None, None, 1, 0
     stepper.reset()
