@@ -192,7 +192,8 @@ def integer_depth(image) -> tuple[int, bool]:
 def as_rgb(image, depth: tuple[int, bool] = (16, False)):
     """An 8-bit RGB copy of a PIL image. Integer greyscale (modes I;16*, and I) of `depth` (integer_depth:
     bits, signed) is scaled from 0 .. 2^bits - 1 (signed: 0 .. 2^(bits-1) - 1, negative levels black) to
-    0 .. 255: PIL's own conversion clips it at 255, turning most images white. Float greyscale (mode F, as
+    0 .. 255: PIL's own conversion clips it at 255, turning most images white. A 32-bit image whose levels all
+    lie in 0 .. 65535 (all black as 32-bit: a 16-bit image saved from Pillow's mode I) is scaled as 16-bit. Float greyscale (mode F, as
     float TIFFs decode) whose finite values lie in [0, 1] is scaled by 255 (PIL's conversion would round it to
     black), any other clipped to 0..255; NaN is black, +inf white, -inf black."""
     from PIL import Image
@@ -211,6 +212,8 @@ def as_rgb(image, depth: tuple[int, bool] = (16, False)):
             bits, signed = depth
             if levels.dtype == np.int32 and bits == 32 and not signed:  # unsigned levels Pillow holds as int32
                 levels = levels.view(np.uint32)
+            if bits == 32 and levels.size and 0 <= levels.min() and levels.max() <= 65535:
+                bits, signed = 16, False  # 16-bit levels in a 32-bit file (Pillow saves mode I so): all black else
             top = 2 ** (bits - signed) - 1  # white; top / 255 is 257 for 16 bits, as exact as the levels
             levels = levels.astype(np.float64).clip(0, top) / (top / 255)
         image = Image.fromarray(np.rint(levels).astype(np.uint8), mode="L")
@@ -485,7 +488,7 @@ def load_images(source: str = "synthetic", root: str | None = None, split: str =
     """The whole dataset as a uint8 tensor (N, 3, size, size). exclude: folders an image-folder scan leaves
     out, such as the run folder when it lies inside the data folder (its sample grids are no training data)."""
     if source == "synthetic":
-        check_fits_in_memory(count * 3 * size * size, f"{count} synthetic images of {size}×{size} (the data count)")
+        check_fits_in_memory(count * 3 * size * size, f"{count} synthetic images of {size}×{size}")
         return synthetic_faces(count, seed=seed, size=size)
     if source not in ("celeba", "folder"):
         raise DreamError(f"unknown data source {source!r}; choose synthetic, celeba or folder")

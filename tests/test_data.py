@@ -82,7 +82,7 @@ def test_thirty_two_bit_tiff_is_scaled_from_its_own_range(tmp_path, signed):
 
     top = 2 ** (32 - signed) - 1
     rng = np.random.default_rng(3)
-    levels = rng.integers(0, top, size=(30, 40), dtype=np.int64, endpoint=True)
+    levels = rng.integers(65536, top, size=(30, 40), dtype=np.int64, endpoint=True)
     levels[0, :3] = [0, top, top // 2]
     if signed:
         levels[1, :2] = [-1, -(2 ** 31)]
@@ -102,6 +102,21 @@ def test_thirty_two_bit_tiff_is_scaled_from_its_own_range(tmp_path, signed):
         assert integer_depth(image) == (32, signed)
         rgb = np.asarray(as_rgb(upright(image), integer_depth(image)))
     assert rgb[..., 0].tolist() == np.rint(levels[::-1, ::-1].clip(0, None) * 255 / top).tolist()
+
+
+def test_sixteen_bit_levels_in_a_thirty_two_bit_tiff_are_scaled_as_sixteen_bit(tmp_path):
+    """Pillow saves mode I as a 32-bit TIFF: a 16-bit image converted to I and saved so holds levels 0..65535,
+    all black if scaled from the 32-bit range. Such an image decodes as the 16-bit one it came from."""
+    import numpy as np
+
+    from dream.data import as_rgb, integer_depth
+
+    levels = (np.arange(40 * 30).reshape(30, 40) * 54).astype(np.uint16)  # 0 .. 64746, a ramp
+    Image.fromarray(levels).convert("I").save(tmp_path / "deep.tif")
+    with Image.open(tmp_path / "deep.tif") as image:
+        assert integer_depth(image) == (32, True)
+        rgb = np.asarray(as_rgb(image, integer_depth(image)))
+    assert rgb[..., 0].tolist() == np.rint(levels / 257).tolist() and rgb[..., 0].max() == 252
 
 
 @pytest.mark.parametrize("top", [1.0, 255.0])
