@@ -601,7 +601,11 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if self.micro_batch == 1:
-            raise torch.cuda.OutOfMemoryError(f"{reason}; already at micro-batch 1")
+            allowed = graph_safe_policies(policies_for_backend(self.backend), self.config.cuda_graphs,
+                                          self.model_config.dropout)
+            hint = (" (--checkpointing all recomputes activations instead of keeping them)"
+                    if self.checkpointing != "all" and "all" in allowed else "")
+            raise torch.cuda.OutOfMemoryError(f"{reason}; already at micro-batch 1{hint}")
         smaller = divisor_at_most(self.rank_batch, self.micro_batch // 2)
         if self.dist.enabled:
             raise torch.cuda.OutOfMemoryError(
@@ -1125,8 +1129,6 @@ class Trainer:
             if isinstance(error, OSError) and error.errno == errno.ENOSPC:
                 keep = ", or lower --checkpoint-keep" if self.config.checkpoint_keep > 1 else ""
                 what += f" (free space where {self.run_dir} is{keep})"
-            elif out_of_memory(error) and self.checkpointing != "all":
-                what += " (--checkpointing all recomputes activations instead of keeping them)"
             raise TrainingAborted(f"{what}; {saved}. To resume, {self.resume_hint}.", show_cause) from error
 
 

@@ -217,6 +217,23 @@ def test_the_hosts_out_of_memory_halves_the_micro_batch_too(tmp_path, error):
     assert caught.value.show_cause
 
 
+@pytest.mark.parametrize("checkpointing, graphs_with_dropout, hinted", [
+    ("none", False, True),
+    ("all", False, False),  # already recomputing everything
+    ("none", True, False),  # a captured step with dropout cannot run "all" (graph_safe_policies)
+])
+def test_out_of_memory_at_micro_batch_one_names_checkpointing_only_where_it_can_run(tmp_path, checkpointing,
+                                                                                   graphs_with_dropout, hinted):
+    dropout = 0.1 if graphs_with_dropout else 0.0
+    trainer = Trainer(small_config(tmp_path, micro_batch=1, checkpointing=checkpointing,
+                                   model_overrides={"image_size": 8, "base_channels": 16, "dropout": dropout}))
+    trainer.config.cuda_graphs = graphs_with_dropout  # (a CPU trainer refuses it; shrink_micro_batch reads it)
+    with pytest.raises(torch.cuda.OutOfMemoryError) as raised:
+        trainer.shrink_micro_batch("CUDA out of memory (injected)")
+    assert str(raised.value) == "CUDA out of memory (injected); already at micro-batch 1" + (
+        " (--checkpointing all recomputes activations instead of keeping them)" if hinted else "")
+
+
 def test_an_optimizer_state_cut_short_by_out_of_memory_is_made_again_not_kept(tmp_path):
     """AdamW makes a parameter's state tensor by tensor in its first step: out of memory between two of them (a
     captured step's warm-up runs the optimizer inside the step) leaves a partial state. Shrinking the micro-batch
