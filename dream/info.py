@@ -23,7 +23,7 @@ def model_info(preset: str = "seed", **overrides) -> dict:
     try:
         with torch.device("meta"):
             return _model_info(preset, **overrides)
-    except RuntimeError as error:
+    except (RuntimeError, TypeError, OverflowError) as error:
         if "overflow" not in str(error).lower():
             raise
         size = overrides.get("image_size") or make_config(preset).image_size

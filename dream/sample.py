@@ -179,12 +179,14 @@ def sampling_run(model, device: torch.device, graphs: bool, steps_per_graph: int
             "torch": torch.__version__, "triton": triton_version}
 
 
-def record_run(out_dir: Path, run: dict) -> None:
-    """Append `run` (sampling_run) to the "runs" of out_dir/sampling.json, which check_settings has written or
-    checked: a set continued on another machine, backend or version says so."""
+def record_run(out_dir: Path, fields: dict) -> None:
+    """In the "runs" of out_dir/sampling.json, which check_settings has written or checked: a new entry (fields with
+    "started": sampling_run's) or the last one completed (its images_made, once the call is done). A set continued
+    on another machine, backend or version says so; an entry without images_made is a call that stopped early."""
     path = out_dir / SETTINGS_FILE
     record = json.loads(path.read_text())
-    record["runs"] = [*record.get("runs", []), run]
+    runs = record.get("runs", [])
+    record["runs"] = [*runs, fields] if "started" in fields or not runs else [*runs[:-1], {**runs[-1], **fields}]
     atomic_write_text(path, json.dumps(record, indent=1))
 
 
@@ -395,6 +397,8 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
             step_bar.close()
             bar.close()
         made = dist.sum(made, device)  # (every rank is done before rank 0 lets the folder go)
+        if dist.is_main and plan:
+            record_run(out_dir, {"images_made": made, "seconds": round(time.perf_counter() - start, 1)})
         return {"count": count, "made": made, "out_dir": str(out_dir), "sampler": sampler, "steps": steps,
                 "eta": eta, "seed": seed, "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch."),
                 "graphs": use_graphs, "processes": dist.world_size, "seconds": time.perf_counter() - start}

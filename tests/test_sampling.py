@@ -543,10 +543,12 @@ def test_each_call_that_adds_images_records_what_made_them(tmp_path):
     sample_images(model, diffusion, 5, tmp_path, **common)
     record = json.loads((tmp_path / "sampling.json").read_text())
     runs = record["runs"]
-    assert [run["images_planned"] for run in runs] == [3, 3]  # images 0-2, then 2-4
+    assert [(run["images_planned"], run["images_made"]) for run in runs] == [(3, 3), (3, 3)]  # 0-2, then 2-4
     assert runs[0].keys() == {"started", "images_planned", "device", "processes", "backend", "compiled",
-                              "channels_last", "graphs", "steps_per_graph", "dream", "torch", "triton"}
-    assert runs[1] | {"started": None, "images_planned": None} == runs[0] | {"started": None, "images_planned": None}
+                              "channels_last", "graphs", "steps_per_graph", "dream", "torch", "triton",
+                              "images_made", "seconds"}
+    varying = dict.fromkeys(("started", "images_planned", "images_made", "seconds"))
+    assert runs[1] | varying == runs[0] | varying
     first = runs[0]
     assert (first["device"], first["backend"], first["graphs"], first["processes"]) == ("cpu", "eager", False, 1)
     assert runs[0]["torch"] == torch.__version__ and not runs[0]["compiled"] and not runs[0]["channels_last"]
@@ -642,6 +644,8 @@ def test_sample_images_says_in_one_line_that_the_capture_failed(tmp_path):
                                  "not permitted when stream is capturing); rerun with --graphs off (the plain loop: "
                                  "the same images up to rounding)")
     assert not image_path(tmp_path, 0).exists()
+    runs = json.loads((tmp_path / "sampling.json").read_text())["runs"]  # a call that stopped early: no images_made
+    assert len(runs) == 1 and runs[0]["graphs"] and "images_made" not in runs[0]
 
 
 def test_a_full_disk_names_the_image_it_could_not_write(tmp_path, monkeypatch):
