@@ -531,8 +531,7 @@ def let_rank_0_speak() -> None:
         pass
 
 
-PATH_ARGUMENTS = ("run_dir", "resume", "data_root", "out", "checkpoint", "run", "real_root", "inception_weights",
-                  "cache_dir")
+PATH_ARGUMENTS = ("run_dir", "resume", "data_root", "out", "checkpoint", "real_root", "inception_weights", "cache_dir")
 
 
 def main(argv=None) -> int:

@@ -119,13 +119,19 @@ def test_train_schedule_data_and_model_errors_name_the_flag(tmp_path, capsys, fl
     assert err.startswith(f"dream train: error: {message}") and err.count("\n") == 1 and err.endswith("\n")
 
 
-def test_a_tilde_after_an_equals_sign_is_the_home_folder(tmp_path, monkeypatch, capsys):
-    """`--run-dir=~/run`: the shell leaves that ~ alone; dream reads it as the home folder, as the user means (it
-    made ./~/run, while config.json named the home folder's)."""
+def test_a_tilde_after_an_equals_sign_is_the_home_folder(tmp_path, monkeypatch):
+    """`--out=~/samples`: the shell leaves that ~ alone; dream reads it as the home folder, as the user means (it
+    made ./~/samples). The trainer expands its run folder itself too (API callers)."""
+    from conftest import make_tiny_checkpoint
+
+    checkpoint = make_tiny_checkpoint(tmp_path, step=1)
     home, cwd = tmp_path / "home", tmp_path / "cwd"
     home.mkdir(), cwd.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(cwd)
+    assert main(["sample", str(checkpoint), "--out=~/samples", "--count", "1", "--batch-size", "1", "--steps", "1",
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert (home / "samples" / "000000.png").is_file() and not (cwd / "~").exists()
     assert main(["train", "--run-dir=~/run", "--preset", "tiny", "--image-size", "8", "--base-channels", "16",
                  "--data-count", "4", "--batch-size", "4", "--max-steps", "1", "--sample-every", "0",
                  "--no-progress", "--device", "cpu"]) == 0
