@@ -767,6 +767,8 @@ class Trainer:
         if not isinstance(folder_config, dict) or not (self.checkpoints.listed() or logged_steps(self.run_dir)):
             return
         for key in (key for key in self.course_keys() if key in folder_config):
+            if key == "data_root" and folder_config[key] and not Path(folder_config[key]).expanduser().is_absolute():
+                continue  # (written relative by an older version: relative to a folder not known now)
             theirs, file_run = comparable(key, folder_config[key]), comparable(key, state["config"].get(key))
             if theirs != file_run:
                 flag = FLAGS.get(key, "--" + key.replace("_", "-"))
@@ -788,7 +790,9 @@ class Trainer:
                 if self.checkpoints.listed():
                     kept = ""
                     if logged_steps(self.run_dir):  # the log of the run whose checkpoints went: kept aside
-                        old_log = self.run_dir / f"metrics-before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+                        stamp = time.strftime('%Y%m%d-%H%M%S')
+                        old_log = next(path for n in range(1, 10**6) if not (path := self.run_dir / (
+                            f"metrics-before-{stamp}{f'-{n}' if n > 1 else ''}.jsonl")).exists())
                         os.replace(self.run_dir / "metrics.jsonl", old_log)
                         kept = f" (the log of its steps is kept as {old_log.name})"
                     warnings.warn(f"the checkpoints listed in {self.checkpoints.folder} are gone; starting from "
@@ -797,6 +801,7 @@ class Trainer:
             return False
         if path:
             check_training_state(state)
+            self.check_folder_takes_branch(state, path)
             newest = self.checkpoints.newest_step()
             if newest is not None and newest > state["step"]:
                 raise DreamError(
@@ -804,7 +809,6 @@ class Trainer:
                     f"checkpoints (up to step {newest}) that going on from it would delete: rerun without --resume "
                     f"to continue from step {newest}, or use another --run-dir to branch off at step {state['step']}",
                     same_on_every_rank=True)
-            self.check_folder_takes_branch(state, path)
         # a refusal names the flag and says what to change: the flag, or the run (with --resume FILE, the file)
         instead = "or resume another checkpoint" if path else "or use another --run-dir"
         saved = state["config"]

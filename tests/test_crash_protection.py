@@ -1071,11 +1071,12 @@ def test_resume_file_behind_the_run_folders_newest_is_refused_and_deletes_nothin
 
 
 def test_resume_file_into_a_folder_of_another_run_is_refused_and_changes_nothing(tmp_path):
-    """--resume FILE --run-dir OLD, where OLD holds a run of another course (here: another seed) at earlier steps:
-    going on would list FILE's checkpoints beside OLD's and keep OLD's log lines up to FILE's step, one folder
-    holding two runs. Refused, naming the setting; a folder of FILE's own course (a branch merged back, a
-    checkpoint restored from a copy) goes on."""
-    Trainer(small_config(tmp_path / "old", max_steps=2, seed=1)).run()
+    """--resume FILE --run-dir OLD, where OLD holds a run of another course (here: another seed): going on would
+    list FILE's checkpoints beside OLD's and keep OLD's log lines up to FILE's step, one folder holding two runs.
+    Refused, naming the setting, also where OLD's checkpoints are newer than FILE (whose refusal would advise
+    going on with OLD's run); a folder of FILE's own course (a branch merged back, a checkpoint restored from a
+    copy) goes on."""
+    Trainer(small_config(tmp_path / "old", max_steps=4, seed=1)).run()
     Trainer(small_config(tmp_path / "other", max_steps=3)).run()
     before = {path.name: path.read_bytes() for path in (tmp_path / "old").rglob("*") if path.is_file()}
     source = tmp_path / "other" / "checkpoints" / "ckpt-000000003.pt"
