@@ -200,7 +200,9 @@ class CheckpointManager:
                     state = _load_file(path)
                 except DreamError as error:  # (its message names the file: said once, below)
                     why = str(error).removeprefix(f"checkpoint {path} ").removeprefix(f"{path} ")
-                    if entry.get("sha256"):  # intact as saved: not damage, and no reason to go back past it
+                    if not path.exists():  # deleted since it was checked (a run saving meanwhile)
+                        why = "file missing"
+                    elif entry.get("sha256"):  # intact as saved: not damage, and no reason to go back past it
                         raise DreamError(f"checkpoint {path} matches its manifest entry (size, SHA-256), so it is "
                                          f"intact, yet it does not load here ({why}): another version of dream or "
                                          f"torch may have written it, or memory ran out; none was deleted{hint}",
