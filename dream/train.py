@@ -1034,7 +1034,7 @@ class Trainer:
             self.save_checkpoint()
             grid = self.run_dir / "samples" / f"grid-{self.step:09d}.png"
             if config.sample_every and not image_done(grid):  # missing, or cut short (a full disk, a kill)
-                with stop.while_finishing("the final sample grid (the checkpoint is saved)"):
+                with stop.while_finishing("the checkpoint is saved; finishing the final sample grid first"):
                     self.save_sample_grid()
         self.dist.barrier()
         return {"step": self.step, "epoch": self.epoch, "last": last, "grid": str(grid) if grid.exists() else None,
@@ -1050,7 +1050,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self.updating = False
         if self.config.sample_every and self.epoch % self.config.sample_every == 0:
-            with stop.while_finishing("the sample grid, then saving a checkpoint"):
+            with stop.while_finishing("finishing the sample grid first, then saving a checkpoint"):
                 self.save_sample_grid()
             signum = self.dist.max(stop.signum, self.device)  # a stop asked during the grid: now, not after
             if signum:  # another step
@@ -1269,7 +1269,7 @@ class StopFlag:
     def __init__(self):
         self.requested = False
         self.signum = 0
-        self.finishing: str | None = None  # what runs to its end before a stop is acted on, when it takes a while
+        self.finishing: str | None = None  # what happens before a stop is acted on, when it takes a while
 
     def handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
@@ -1277,12 +1277,12 @@ class StopFlag:
         self.requested = True
         self.signum = signum
         if self.finishing:
-            tqdm.write(f"dream train: {signal.Signals(signum).name}: finishing {self.finishing} first (Ctrl-C again "
-                       f"stops at once)", file=sys.stderr)
+            tqdm.write(f"dream train: {signal.Signals(signum).name}: {self.finishing} (Ctrl-C again stops at once)",
+                       file=sys.stderr)
 
     @contextmanager
     def while_finishing(self, what: str):
-        """A stop asked meanwhile says that `what` is finished first."""
+        """A stop asked meanwhile says `what` happens first ("finishing ... first, then ...")."""
         self.finishing = what
         try:
             yield

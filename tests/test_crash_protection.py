@@ -980,8 +980,8 @@ def test_a_stop_during_an_epochs_sample_grid_saves_right_after_it(tmp_path, monk
     with pytest.raises(Interrupted, match="stopped by SIGTERM at step 2 "):
         trainer.run()
     assert grids == [2] and load_checkpoint(tmp_path / "checkpoints")["step"] == 2  # 8 images, batch 4
-    assert capsys.readouterr().err.endswith("dream train: SIGTERM: finishing the sample grid, then saving a "
-                                            "checkpoint first (Ctrl-C again stops at once)\n")
+    assert capsys.readouterr().err.endswith("dream train: SIGTERM: finishing the sample grid first, then saving a "
+                                            "checkpoint (Ctrl-C again stops at once)\n")
 
 
 def test_a_stop_during_the_final_sample_grid_says_the_grid_is_finished_first(tmp_path, monkeypatch, capsys):
@@ -994,8 +994,8 @@ def test_a_stop_during_the_final_sample_grid_says_the_grid_is_finished_first(tmp
 
     monkeypatch.setattr(trainer, "save_sample_grid", grid_then_sigint)
     assert trainer.run()["step"] == 3
-    assert capsys.readouterr().err.endswith("dream train: SIGINT: finishing the final sample grid (the checkpoint is "
-                                            "saved) first (Ctrl-C again stops at once)\n")
+    assert capsys.readouterr().err.endswith("dream train: SIGINT: the checkpoint is saved; finishing the final "
+                                            "sample grid first (Ctrl-C again stops at once)\n")
 
 
 def test_a_run_stopped_at_an_epochs_last_step_resumes_into_the_next_epoch(tmp_path, monkeypatch):
