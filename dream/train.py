@@ -776,6 +776,22 @@ class Trainer:
                                  f"{flag} {file_run}): going on from {path} there would mix their checkpoints and "
                                  f"logs; pass another --run-dir to branch off from it", same_on_every_rank=True)
 
+    def check_ranks_start_alike(self) -> None:
+        """Every rank goes on from the same step and weights (each finds its checkpoint on its own: a run folder
+        that is not shared, or changed between their loads, would have them train apart and hang in a collective
+        later)."""
+        position = torch.tensor(self.position(), dtype=torch.long, device=self.device)
+        try:
+            self.dist.check_identical([position, *self.model.parameters(), *self.ema.shadow],
+                                      "the resumed step and weights")
+        except RuntimeError as error:
+            if "differ between ranks" not in str(error):
+                raise
+            raise DreamError(f"the processes of this job go on from different checkpoints (rank {self.dist.rank}: "
+                             f"step {self.step}, {self.last_checkpoint or 'no checkpoint'}): every process must see "
+                             f"the same --run-dir (a filesystem they share) or --resume FILE",
+                             same_on_every_rank=True) from None
+
     def resume(self, path: str | None = None) -> bool:
         """Continue from `path` or the run folder's newest valid checkpoint; False (and a log trimmed to
         step 0) when there is none. What fixes the run's course (model, batch, objective, seed, data) must
@@ -988,6 +1004,7 @@ class Trainer:
     def train_epochs(self, resume: str | None) -> dict:
         config = self.config
         self.resume(resume)
+        self.check_ranks_start_alike()
         # with --resume FILE, the checkpoints this run saves are the run folder's newest: a plain rerun finds them
         self.resume_hint = "rerun the same command" + (" without --resume" if resume else "")
         self.start_log()
@@ -1121,10 +1138,11 @@ class Trainer:
                 raise TrainingAborted(f"{what}; rank 0, if it still runs, saves an emergency checkpoint. To "
                                       f"resume, {self.resume_hint}.", show_cause) from error
             try:
-                path = self.save_checkpoint(check_ranks=False) if self.state_is_sane() else None
+                apart = "differ between ranks" in str(error)  # (check_identical): no state is this run's
+                path = self.save_checkpoint(check_ranks=False) if self.state_is_sane() and not apart else None
                 saved = (f"emergency checkpoint {path} saved" if path else
-                         f"the state was mid-update or not finite, so it was not saved; the last checkpoint is "
-                         f"{self.last_checkpoint}")
+                         f"the state was {'not the same on every rank' if apart else 'mid-update or not finite'}, "
+                         f"so it was not saved; the last checkpoint is {self.last_checkpoint}")
             except Exception as save_error:  # noqa: BLE001  - report both failures
                 saved = f"the emergency checkpoint failed too ({type(save_error).__name__}: {save_error})"
             if isinstance(error, KeyboardInterrupt):

@@ -299,6 +299,37 @@ def test_ranks_reading_different_images_are_refused_in_one_line(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+# Runs `dream train` under torchrun; with OTHER_RUN_DIR set, rank 1 alone uses that run folder (a folder that is not
+# shared between machines).
+SPLIT_RUN_DIR = textwrap.dedent("""
+    import os, sys
+    from dream.cli import main
+
+    argv = sys.argv[1:]
+    if os.environ["RANK"] == "1" and os.environ.get("OTHER_RUN_DIR"):
+        argv[argv.index("--run-dir") + 1] = os.environ["OTHER_RUN_DIR"]
+    sys.exit(main(argv))
+""")
+
+
+def test_ranks_that_would_go_on_from_different_checkpoints_are_refused_in_one_line(tmp_path):
+    """Each rank finds its checkpoint on its own: rank 0 in the run folder at step 4, rank 1 in a folder of its own
+    with none. Training on, they would run apart and hang in a collective (the seed objective's passes differ
+    between the phases); refused in one line before a step, and nothing is saved."""
+    run_dir, other = tmp_path / "run", tmp_path / "other"
+    assert train_under_torchrun(tmp_path, SPLIT_RUN_DIR, run_dir, max_steps=4).returncode == 0
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    process = train_under_torchrun(tmp_path, SPLIT_RUN_DIR, run_dir, max_steps=6, env={"OTHER_RUN_DIR": str(other)})
+    assert process.returncode != 0
+    ours = [line for line in process.stderr.splitlines() if line.startswith("dream train") and "error" in line]
+    assert len(ours) == 1 and re.fullmatch(
+        r"dream train: error: the processes of this job go on from different checkpoints \(rank 0: step 4, "
+        r".*ckpt-000000004\.pt\): every process must see the same --run-dir \(a filesystem they share\) or "
+        r"--resume FILE", ours[0]), process.stderr[-4000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+    assert not (other / "checkpoints").exists()
+
+
 # Runs `dream train` under torchrun with rank 1 alone failing to read its data.
 FAILING_SETUP = textwrap.dedent("""
     import os, sys
