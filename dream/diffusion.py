@@ -154,7 +154,9 @@ class GaussianDiffusion(nn.Module):
     @torch.no_grad()
     def ddim_sample_loop(self, model, shape, steps: int = 50, eta: float = 0.0,
                          generator: torch.Generator | None = None, device=None, progress: bool = True,
-                         x_T: torch.Tensor | None = None) -> torch.Tensor:
+                         x_T: torch.Tensor | None = None, on_step=None) -> torch.Tensor:
+        """DDIM from x_T (or fresh noise) in `steps` steps; on_step() after each (an exception it raises stops
+        the loop)."""
         device = device or next(model.parameters()).device
         x = x_T if x_T is not None else torch.randn(shape, generator=generator, device=device)
         times = self.ddim_timesteps(self.num_timesteps, steps)
@@ -164,4 +166,6 @@ class GaussianDiffusion(nn.Module):
             t_prev = torch.full((x.shape[0],), j, device=device, dtype=torch.long)
             noise = torch.randn(x.shape, generator=generator, device=device) if eta > 0 else None
             x = self.ddim_step(model, x, t, t_prev, eta=eta, noise=noise)
+            if on_step is not None:
+                on_step()
         return x

@@ -908,20 +908,30 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # reporting (rank 0)
     @torch.no_grad()
-    def save_sample_grid(self) -> Path | None:
+    def save_sample_grid(self, stop: "StopFlag | None" = None) -> Path | None:
+        """Rank 0 writes samples/grid-<step>.png from the fixed noise with the EMA weights; a stop asked meanwhile
+        (`stop`) drops it after the current denoising step (GridStopped): torchrun kills its workers 30 s after
+        its SIGTERM, and the checkpoint comes first."""
         if not self.dist.is_main:
             return None
         torchvision = import_torchvision("the sample grid")
+
+        def stop_asked():
+            if stop is not None and stop.requested:
+                raise GridStopped
 
         path = self.run_dir / "samples" / f"grid-{self.step:09d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         was_training = self.model.training
         self.model.eval()
-        with self.ema.applied(self.model), self.autocast():
-            steps = min(self.config.sample_steps, self.diffusion.num_timesteps)
-            x = self.diffusion.ddim_sample_loop(self.model, self.sample_noise.shape, steps=steps,
-                                                x_T=self.sample_noise.to(self.device), progress=False)
-        self.model.train(was_training)
+        try:
+            with self.ema.applied(self.model), self.autocast():
+                steps = min(self.config.sample_steps, self.diffusion.num_timesteps)
+                x = self.diffusion.ddim_sample_loop(self.model, self.sample_noise.shape, steps=steps,
+                                                    x_T=self.sample_noise.to(self.device), progress=False,
+                                                    on_step=stop_asked)
+        finally:
+            self.model.train(was_training)
         grid = torchvision.utils.make_grid((x.float().clamp(-1, 1) + 1) / 2, nrow=int(math.ceil(len(x) ** 0.5)))
         with atomic_file(path, durable=False) as f:  # a kill mid-write leaves no torn grid that a rerun keeps
             torchvision.utils.save_image(grid, f, format="png")
@@ -1051,8 +1061,10 @@ class Trainer:
             self.save_checkpoint()
             grid = self.run_dir / "samples" / f"grid-{self.step:09d}.png"
             if config.sample_every and not image_done(grid):  # missing, or cut short (a full disk, a kill)
-                with stop.while_finishing("the checkpoint is saved; finishing the final sample grid first"):
-                    self.save_sample_grid()
+                try:
+                    self.save_sample_grid(stop)
+                except GridStopped:  # the checkpoint is saved: the rerun makes the grid
+                    self.stop_for_signal(stop.signum)
         self.dist.barrier()
         return {"step": self.step, "epoch": self.epoch, "last": last, "grid": str(grid) if grid.exists() else None,
                 "checkpoint_dir": str(self.checkpoints.folder), "skipped_steps": self.skipped_steps,
@@ -1067,8 +1079,8 @@ class Trainer:
         self.batch_in_epoch = 0
         self.updating = False
         if self.config.sample_every and self.epoch % self.config.sample_every == 0:
-            with stop.while_finishing("finishing the sample grid first, then saving a checkpoint"):
-                self.save_sample_grid()
+            with suppress(GridStopped):  # (that grid is dropped)
+                self.save_sample_grid(stop)
             signum = self.dist.max(stop.signum, self.device)  # a stop asked during the grid: now, not after
             if signum:  # another step
                 self.stop_for_signal(signum)
@@ -1287,25 +1299,12 @@ class StopFlag:
     def __init__(self):
         self.requested = False
         self.signum = 0
-        self.finishing: str | None = None  # what happens before a stop is acted on, when it takes a while
 
     def handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
         self.signum = signum
-        if self.finishing:
-            tqdm.write(f"dream train: {signal.Signals(signum).name}: {self.finishing} (Ctrl-C again stops at once)",
-                       file=sys.stderr)
-
-    @contextmanager
-    def while_finishing(self, what: str):
-        """A stop asked meanwhile says `what` happens first ("finishing ... first, then ...")."""
-        self.finishing = what
-        try:
-            yield
-        finally:
-            self.finishing = None
 
     @contextmanager
     def installed(self):
@@ -1320,6 +1319,10 @@ class StopFlag:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+class GridStopped(Exception):
+    """A stop was asked while a sample grid was made: the grid is dropped."""
 
 
 def train(config: TrainConfig, resume: str | None = None) -> dict:

@@ -954,7 +954,7 @@ def test_ctrl_c_during_the_final_sample_grid_is_the_resume_line(tmp_path, monkey
 
     trainer = Trainer(small_config(tmp_path, max_steps=3, sample_every=10, sample_count=1))
 
-    def interrupted():
+    def interrupted(stop=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer, "save_sample_grid", interrupted)
@@ -966,36 +966,43 @@ def test_ctrl_c_during_the_final_sample_grid_is_the_resume_line(tmp_path, monkey
     assert load_checkpoint(tmp_path / "checkpoints")["step"] == 3
 
 
-def test_a_stop_during_an_epochs_sample_grid_saves_right_after_it(tmp_path, monkeypatch, capsys):
-    """SIGTERM while an epoch's grid is made: the grid is finished, then the checkpoint is saved at the epoch's
-    end and the run stops, without training another step first."""
-    trainer = Trainer(small_config(tmp_path, max_steps=6, sample_every=1, sample_count=1, sample_steps=1))
-    grids = []
+def signal_at_grid_step(monkeypatch, trainer, signum, at: int) -> list:
+    """The grid's DDIM steps, counted; the process gets `signum` (the trainer's handler takes it) in step `at`."""
+    ddim_step, steps = trainer.diffusion.ddim_step, []
 
-    def grid_then_sigterm():
-        grids.append(trainer.step)
-        os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler takes it: a stop is asked
+    def counted(*args, **kwargs):
+        steps.append(trainer.step)
+        if len(steps) == at:
+            os.kill(os.getpid(), signum)
+        return ddim_step(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "save_sample_grid", grid_then_sigterm)
+    monkeypatch.setattr(trainer.diffusion, "ddim_step", counted)
+    return steps
+
+
+def test_a_stop_during_an_epochs_sample_grid_drops_it_and_saves_at_once(tmp_path, monkeypatch):
+    """SIGTERM while an epoch's grid is made (torchrun kills its workers 30 s after its own): the grid stops after
+    its current denoising step and is dropped, and the checkpoint is saved at the epoch's end without training
+    another step."""
+    trainer = Trainer(small_config(tmp_path, max_steps=6, sample_every=1, sample_count=1, sample_steps=5))
+    steps = signal_at_grid_step(monkeypatch, trainer, signal.SIGTERM, at=2)
     with pytest.raises(Interrupted, match="stopped by SIGTERM at step 2 "):
         trainer.run()
-    assert grids == [2] and load_checkpoint(tmp_path / "checkpoints")["step"] == 2  # 8 images, batch 4
-    assert capsys.readouterr().err.endswith("dream train: SIGTERM: finishing the sample grid first, then saving a "
-                                            "checkpoint (Ctrl-C again stops at once)\n")
+    assert steps == [2, 2] and load_checkpoint(tmp_path / "checkpoints")["step"] == 2  # 8 images, batch 4
+    assert not list((tmp_path / "samples").glob("*.png")) and trainer.model.training
 
 
-def test_a_stop_during_the_final_sample_grid_says_the_grid_is_finished_first(tmp_path, monkeypatch, capsys):
-    """Ctrl-C while the final grid is made (minutes on a CPU): the checkpoint is saved already; the grid is
-    finished, and the line says so at once, and that Ctrl-C again stops (the rerun then makes the grid)."""
-    trainer = Trainer(small_config(tmp_path, max_steps=3, sample_every=10, sample_count=1, sample_steps=1))
-
-    def grid_then_sigint():
-        os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(trainer, "save_sample_grid", grid_then_sigint)
-    assert trainer.run()["step"] == 3
-    assert capsys.readouterr().err.endswith("dream train: SIGINT: the checkpoint is saved; finishing the final "
-                                            "sample grid first (Ctrl-C again stops at once)\n")
+def test_a_stop_during_the_final_sample_grid_drops_it_and_the_rerun_makes_it(tmp_path, monkeypatch):
+    """Ctrl-C while the final grid is made (the checkpoint is saved already): the grid stops after its current
+    denoising step, the line says how to go on, and the rerun makes the grid."""
+    trainer = Trainer(small_config(tmp_path, max_steps=3, sample_every=10, sample_count=1, sample_steps=5))
+    steps = signal_at_grid_step(monkeypatch, trainer, signal.SIGINT, at=3)
+    with pytest.raises(Interrupted, match=r"stopped by SIGINT at step 3 .*To resume, rerun the same command\."):
+        trainer.run()
+    assert steps == [3, 3, 3] and not (tmp_path / "samples" / "grid-000000003.png").exists()
+    assert load_checkpoint(tmp_path / "checkpoints")["step"] == 3
+    result = Trainer(small_config(tmp_path, max_steps=3, sample_every=10, sample_count=1, sample_steps=5)).run()
+    assert result["step"] == 3 and Path(result["grid"]).name == "grid-000000003.png"
 
 
 def test_a_run_stopped_at_an_epochs_last_step_resumes_into_the_next_epoch(tmp_path, monkeypatch):
