@@ -282,10 +282,6 @@ def run_train(args) -> int:
     )
     from dream.train import Interrupted, TrainingAborted
 
-    if args.resume:
-        from dream.checkpoint import require_checkpoint
-
-        require_checkpoint(args.resume, what="--resume")  # before the slow setup
     try:
         result = train(config, resume=args.resume)
     except Interrupted as stop:  # SIGINT / SIGTERM: a checkpoint was saved; the last line says how to resume

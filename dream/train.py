@@ -40,8 +40,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dream import distributed
-from dream.checkpoint import (CheckpointManager, check_training_state, code_version, load_checkpoint, rng_state,
-                              set_rng_state)
+from dream.checkpoint import (CheckpointManager, check_training_state, code_version, load_checkpoint,
+                              require_checkpoint, rng_state, set_rng_state)
 from dream.data import DeviceBatches, images_digest, import_torchvision, load_images
 from dream.diffusion import GaussianDiffusion
 from dream.ema import EMA, conditional_step
@@ -800,7 +800,11 @@ class Trainer:
             if not self.dist.is_main:  # a damaged checkpoint is reported once, by rank 0
                 warnings.simplefilter("ignore")
             hint = ": pass --resume FILE, or move them away to start this run over"
-            state = load_checkpoint(path, hint=hint) if path else self.checkpoints.latest(hint)
+            if path:
+                with distributed.agreed_setup(self.dist):  # a file no rank can load is said once
+                    state = load_checkpoint(path, hint=hint)
+            else:
+                state = self.checkpoints.latest(hint)
         if state is None:
             if self.dist.is_main:
                 if self.checkpoints.listed():
@@ -1331,6 +1335,9 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
     run_dir = Path(config.run_dir).expanduser()
     made_run_dir = not run_dir.exists()
     with distributed.session(config.device) as dist:
+        if resume:
+            with distributed.agreed_setup(dist):  # before the slow setup; a file no rank has is said once
+                require_checkpoint(resume, what="--resume")
         try:
             return Trainer(config, dist).run(resume)
         except BaseException:

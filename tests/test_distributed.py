@@ -330,6 +330,20 @@ def test_ranks_that_would_go_on_from_different_checkpoints_are_refused_in_one_li
     assert not (other / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("resume", ["missing", "junk"])
+def test_a_resume_file_no_rank_can_use_is_said_once_and_leaves_no_folder(tmp_path, resume):
+    path = tmp_path / f"{resume}.pt"
+    if resume == "junk":
+        path.write_bytes(b"not a checkpoint")
+    process = train_under_torchrun(tmp_path, SPLIT_RUN_DIR, tmp_path / "run", max_steps=1,
+                                   more=["--resume", str(path)])
+    assert process.returncode != 0
+    ours = [line for line in process.stderr.splitlines() if line.startswith("dream train")]
+    said = "does not exist" if resume == "missing" else "is not a dream checkpoint or export"
+    assert len(ours) == 1 and ours[0].startswith("dream train: error: ") and said in ours[0], process.stderr[-4000:]
+    assert not (tmp_path / "run").exists()
+
+
 # Runs `dream train` under torchrun with rank 1 alone failing to read its data.
 FAILING_SETUP = textwrap.dedent("""
     import os, sys
