@@ -103,7 +103,7 @@ def test_bad_input_is_one_line_without_traceback(args, message):
     (["--timesteps", "1"], "--timesteps must be in [2, 1000000], got 1"),
     (["--timesteps", "1000000000"], "--timesteps must be in [2, 1000000], got 1000000000"),  # (14 tables of T)
     (["--data-count", "0"], "--data-count must be a positive integer, got 0"),
-    (["--data-count", "1000000000"], "1000000000 synthetic images of 64×64 (the data count) take 12,288.0 GB, more "
+    (["--data-count", "1000000000"], "1000000000 synthetic images of 64×64 take 12,288.0 GB, more "
                                      "than this machine's"),
     (["--data-root", "/tmp"], "--data-root names CelebA's root or a folder of images, which --data synthetic (the "
                               "built-in faces) does not read: pass --data celeba or --data folder too"),
