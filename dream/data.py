@@ -193,9 +193,9 @@ def as_rgb(image, depth: tuple[int, bool] = (16, False)):
     """An 8-bit RGB copy of a PIL image. Integer greyscale (modes I;16*, and I) of `depth` (integer_depth:
     bits, signed) is scaled from 0 .. 2^bits - 1 (signed: 0 .. 2^(bits-1) - 1, negative levels black) to
     0 .. 255: PIL's own conversion clips it at 255, turning most images white. A 32-bit image whose levels all
-    lie in 0 .. 65535 (all black as 32-bit: a 16-bit image saved from Pillow's mode I) is scaled as 16-bit. Float greyscale (mode F, as
-    float TIFFs decode) whose finite values lie in [0, 1] is scaled by 255 (PIL's conversion would round it to
-    black), any other clipped to 0..255; NaN is black, +inf white, -inf black."""
+    lie in 0 .. 65535 (all black as 32-bit: a 16-bit image saved from Pillow's mode I) is scaled as 16-bit.
+    Float greyscale (mode F, as float TIFFs decode) whose finite values lie in [0, 1] is scaled by 255 (PIL's
+    conversion would round it to black), any other clipped to 0..255; NaN is black, +inf white, -inf black."""
     from PIL import Image
 
     if image.mode == "I" or image.mode.startswith("I;16") or image.mode == "F":

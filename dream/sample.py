@@ -162,10 +162,7 @@ def sampling_run(model, device: torch.device, graphs: bool, steps_per_graph: int
     """What makes the images of one call beyond the settings check_settings compares: these change the images
     through rounding only (kernels, fused or compiled code, the GPU), so a set may be continued with others."""
     base = getattr(model, "_orig_mod", model)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = device.type
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     try:
         import triton
 
@@ -179,14 +176,14 @@ def sampling_run(model, device: torch.device, graphs: bool, steps_per_graph: int
             "torch": torch.__version__, "triton": triton_version}
 
 
-def record_run(out_dir: Path, fields: dict) -> None:
-    """In the "runs" of out_dir/sampling.json, which check_settings has written or checked: a new entry (fields with
-    "started": sampling_run's) or the last one completed (its images_made, once the call is done). A set continued
-    on another machine, backend or version says so; an entry without images_made is a call that stopped early."""
+def record_run(out_dir: Path, run: dict | None = None, **done) -> None:
+    """Append `run` (sampling_run) to the "runs" of out_dir/sampling.json, which check_settings has written or
+    checked, or add `done` (images_made, seconds: once the call is done) to its last entry. A set continued on
+    another machine, backend or version says so; an entry without images_made is a call that stopped early."""
     path = out_dir / SETTINGS_FILE
     record = json.loads(path.read_text())
-    runs = record.get("runs", [])
-    record["runs"] = [*runs, fields] if "started" in fields or not runs else [*runs[:-1], {**runs[-1], **fields}]
+    runs = record.setdefault("runs", [])
+    runs.append(run) if run is not None else runs[-1].update(done)
     atomic_write_text(path, json.dumps(record, indent=1))
 
 
@@ -271,7 +268,7 @@ CHECK_BAR_FROM = 50_000  # images already in the folder from which checking them
 
 
 def unfinished_batches(out_dir: Path, count: int, batch_size: int,
-                       progress: bool = False) -> list[tuple[int, list[int]]]:
+                       progress: bool = False) -> list[tuple[int, list[int] | range]]:
     """(b, the offsets in batch b of its images not yet whole in out_dir: a list, or a range when none is there)
     for each batch of images 0 .. count-1 that has any. The folder is listed once: only the images it holds are
     opened (image_done), and a batch without any is planned whole at once."""
@@ -398,7 +395,7 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
             bar.close()
         made = dist.sum(made, device)  # (every rank is done before rank 0 lets the folder go)
         if dist.is_main and plan:
-            record_run(out_dir, {"images_made": made, "seconds": round(time.perf_counter() - start, 1)})
+            record_run(out_dir, images_made=made, seconds=round(time.perf_counter() - start, 1))
         return {"count": count, "made": made, "out_dir": str(out_dir), "sampler": sampler, "steps": steps,
                 "eta": eta, "seed": seed, "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch."),
                 "graphs": use_graphs, "processes": dist.world_size, "seconds": time.perf_counter() - start}

@@ -810,9 +810,11 @@ class Trainer:
                 if self.checkpoints.listed():
                     kept = ""
                     if logged_steps(self.run_dir):  # the log of the run whose checkpoints went: kept aside
-                        stamp = time.strftime('%Y%m%d-%H%M%S')
-                        old_log = next(path for n in range(1, 10**6) if not (path := self.run_dir / (
-                            f"metrics-before-{stamp}{f'-{n}' if n > 1 else ''}.jsonl")).exists())
+                        stem, n = f"metrics-before-{time.strftime('%Y%m%d-%H%M%S')}", 1
+                        old_log = self.run_dir / f"{stem}.jsonl"
+                        while old_log.exists():  # (never over another kept log)
+                            n += 1
+                            old_log = self.run_dir / f"{stem}-{n}.jsonl"
                         os.replace(self.run_dir / "metrics.jsonl", old_log)
                         kept = f" (the log of its steps is kept as {old_log.name})"
                     warnings.warn(f"the checkpoints listed in {self.checkpoints.folder} are gone; starting from "
