@@ -16,7 +16,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from dream.errors import DreamError
+from dream.errors import DreamError, Stopped
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -558,16 +558,20 @@ def _run(args) -> int:
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM outside training's own handler: one line
+        if isinstance(stop, Stopped):  # the ranks of a sampling job stopped together
+            signum, name = (signal.SIGTERM if stop.signum > signal.NSIG else stop.signum), stop.why
+        else:
+            signum = signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT
+            name = "SIGTERM" if isinstance(stop, Terminated) else "interrupted"
         rank = os.environ.get("RANK", "0")
         if rank != "0" and getattr(stop, "same_on_every_rank", False):  # every rank got it: rank 0 says it
             let_rank_0_speak()
-            return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+            return 128 + signum
         kept = {"train": "checkpoints already written are kept", "sample": "finished images are kept",
                 "eval": "finished images and cached statistics are kept"}.get(args.command)
-        name = "SIGTERM" if isinstance(stop, Terminated) else "interrupted"
         say(f"dream {args.command}{rank_label()}: {name}"
             + (f"; rerun the same command to go on ({kept})" if kept else ""))
-        return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+        return 128 + signum
     except RuntimeError as error:  # under torchrun: a collective failed because another process stopped
         from dream.distributed import peer_lost, peer_lost_summary
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,6 +23,45 @@ import torch
 import torch.distributed as dist
 
 from dream.errors import DreamError
+
+
+LAUNCHER_GONE = 1000  # a stop reason beside the signal numbers (the ranks agree on the largest one)
+
+
+def stop_reason(signum: int) -> str:
+    """How a stop is said: "SIGTERM", "interrupted" (SIGINT: Ctrl-C), or that the launcher is gone."""
+    if signum == LAUNCHER_GONE:
+        return "the launcher (torchrun) is gone"
+    return "interrupted" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+class StopFlag:
+    """SIGINT and SIGTERM set a flag; the loop finishes (or drops) its step, and the ranks stop together. A second
+    SIGINT (Ctrl-C pressed again) raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.signum = 0
+
+    def handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signum = signum
+
+    @contextmanager
+    def installed(self):
+        previous = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, self.handle)
+        except ValueError:  # not the main thread: no signal handling
+            pass
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,17 @@ class DreamError(Exception):
         self.same_on_every_rank = same_on_every_rank
 
 
+class Stopped(KeyboardInterrupt):
+    """The processes of a torchrun job stopping together, on a signal (or their launcher's death) that at least one
+    of them saw: every rank raises it alike, and rank 0 alone says it. `why`: "SIGTERM", "interrupted", ..."""
+
+    same_on_every_rank = True
+
+    def __init__(self, signum: int, why: str):
+        super().__init__(why)
+        self.signum, self.why = signum, why
+
+
 def option_error(field: str, wanted: str, value, flag: str | None = None) -> DreamError:
     """"--lambda-max must be in [0, 1], got 1.2": a config field named as its command-line flag (by default
     --field-name)."""

@@ -26,8 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dream.checkpoint import code_version, load_model_for_sampling, weights_sha256
-from dream.distributed import Distributed, agreed_setup
-from dream.errors import DreamError, out_of_memory
+from dream.distributed import LAUNCHER_GONE, Distributed, StopFlag, agreed_setup, stop_reason
+from dream.errors import DreamError, Stopped, out_of_memory
 from dream.files import LOCK_FILE, atomic_file, atomic_write_text, folder_lock
 from dream.model import resolve_channels_last
 from dream.seeding import check_seed, mixed_seed
@@ -185,6 +185,10 @@ def record_run(out_dir: Path, run: dict | None = None, **done) -> None:
     runs = record.setdefault("runs", [])
     runs.append(run) if run is not None else runs[-1].update(done)
     atomic_write_text(path, json.dumps(record, indent=1))
+
+
+class BatchDropped(Exception):
+    """A stop was asked while a batch was denoised: the batch is dropped (a rerun makes it)."""
 
 
 def check_counts(count: int, batch_size: int, steps_per_graph: int = 1) -> None:
@@ -360,33 +364,55 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
         # the plain loop (no graphs) also shows the steps of the batch under way: a batch can take minutes
         step_bar = tqdm(total=steps, desc="denoising steps", unit="step", leave=False,
                         disable=not progress or not dist.is_main or use_graphs)
+        # under torchrun a stop (a signal, or torchrun gone) drops the batch under way at its next step; the ranks
+        # vote after each round of batches and stop together, and rank 0 says it
+        stop, stopped = StopFlag(), 0
+        rounds = -(-len(plan) // dist.world_size)  # (a rank with one batch fewer votes in the last round too)
+
+        def on_step():
+            if stop.requested:
+                raise BatchDropped
+            step_bar.update()
+
         writer, pending = ThreadPoolExecutor(max_workers=1), None
         try:
-            with torch.random.fork_rng(devices=_rng_devices(device)):
-                for b, missing in mine:
-                    step_bar.reset()
-                    try:
-                        x_T = batch_noise(seed, b, shape, device)
-                        torch.manual_seed(batch_step_seed(seed, b))
-                        x = engine.sample(x_T, sampler, steps, eta, dtype, graphs=use_graphs,
-                                          on_step=None if step_bar.disable else step_bar.update)
-                    except CaptureFailed as error:
-                        raise DreamError(f"the sampling loop could not be captured as a CUDA graph ({error}); "
-                                         f"rerun with --graphs off (the plain loop: the same images up to "
-                                         f"rounding)") from None
-                    except RuntimeError as error:  # torch.OutOfMemoryError is one
-                        if not out_of_memory(error):
-                            raise
-                        raise DreamError(f"out of memory denoising a batch of {batch_size} images on {device}: pass a "
-                                         f"smaller --batch-size (it changes the images: use another output folder)"
-                                         + (", or --graphs off" if use_graphs else "")) from None
-                    pixels = to_pixels(x[missing])  # waits for the batch
-                    if pending is not None:
-                        pending.result()
-                    pending = writer.submit(write_pngs, pixels, out_dir, [b * batch_size + i for i in missing])
-                    made += len(missing)
-                    bar.update(len(missing))
-                    bar.set_postfix(img_s=f"{made / (time.perf_counter() - start):.2f}")
+            with torch.random.fork_rng(devices=_rng_devices(device)), \
+                    (stop.installed() if dist.enabled else contextlib.nullcontext()):
+                for round_index in range(rounds):
+                    if round_index < len(mine):
+                        b, missing = mine[round_index]
+                        step_bar.reset()
+                        try:
+                            x_T = batch_noise(seed, b, shape, device)
+                            torch.manual_seed(batch_step_seed(seed, b))
+                            x = engine.sample(x_T, sampler, steps, eta, dtype, graphs=use_graphs, on_step=on_step)
+                        except BatchDropped:
+                            x = None
+                        except CaptureFailed as error:
+                            raise DreamError(f"the sampling loop could not be captured as a CUDA graph ({error}); "
+                                             f"rerun with --graphs off (the plain loop: the same images up to "
+                                             f"rounding)") from None
+                        except RuntimeError as error:  # torch.OutOfMemoryError is one
+                            if not out_of_memory(error):
+                                raise
+                            raise DreamError(f"out of memory denoising a batch of {batch_size} images on {device}: "
+                                             f"pass a smaller --batch-size (it changes the images: use another "
+                                             f"output folder)" + (", or --graphs off" if use_graphs else "")) from None
+                        if x is not None:
+                            pixels = to_pixels(x[missing])  # waits for the batch
+                            if pending is not None:
+                                pending.result()
+                            pending = writer.submit(write_pngs, pixels, out_dir,
+                                                    [b * batch_size + i for i in missing])
+                            made += len(missing)
+                            bar.update(len(missing))
+                            bar.set_postfix(img_s=f"{made / (time.perf_counter() - start):.2f}")
+                    if dist.enabled:
+                        if dist.launcher_gone() and not stop.signum:
+                            stop.signum = LAUNCHER_GONE  # torchrun was killed and cannot stop us
+                        stopped = dist.max(stop.signum, device)
+                        if stopped:
+                            break
             if pending is not None:
                 pending.result()
         finally:
@@ -394,6 +420,8 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
             step_bar.close()
             bar.close()
         made = dist.sum(made, device)  # (every rank is done before rank 0 lets the folder go)
+        if stopped:  # (the record's entry keeps no images_made: a call that stopped early)
+            raise Stopped(stopped, stop_reason(stopped))
         if dist.is_main and plan:
             record_run(out_dir, images_made=made, seconds=round(time.perf_counter() - start, 1))
         return {"count": count, "made": made, "out_dir": str(out_dir), "sampler": sampler, "steps": steps,

@@ -40,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dream import distributed
+from dream.distributed import LAUNCHER_GONE, StopFlag
 from dream.checkpoint import (CheckpointManager, check_training_state, code_version, load_checkpoint,
                               require_checkpoint, rng_state, set_rng_state)
 from dream.data import DeviceBatches, images_digest, import_torchvision, load_images
@@ -161,9 +162,6 @@ class TrainConfig:
         return asdict(self)
 
 
-LAUNCHER_GONE = 1000  # a stop reason beside the signal numbers (the ranks agree on the largest one)
-
-
 class Interrupted(DreamError):
     """Training stopped by SIGINT or SIGTERM, after saving a checkpoint."""
 
@@ -263,10 +261,13 @@ def divisor_at_most(n: int, limit: int) -> int:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, dist: distributed.Distributed | None = None):
+    def __init__(self, config: TrainConfig, dist: distributed.Distributed | None = None,
+                 new_run_dir: bool | None = None):
+        """`new_run_dir`: whether the run folder is this command's to remove if it is refused (None: whether it
+        does not exist yet; under torchrun the caller looks before the ranks meet, since any rank makes it)."""
         self.config = config
         self.dist = dist = dist or distributed.Distributed()
-        self.made_run_dir = not Path(config.run_dir).expanduser().exists()
+        self.made_run_dir = not Path(config.run_dir).expanduser().exists() if new_run_dir is None else new_run_dir
         failure = None
         try:  # what follows from the command line, the machine and the data: agree_on_setup tells which ranks share
             # an error (so no raise here marks itself shared)
@@ -1298,35 +1299,6 @@ class HostCopy:
         return self.value.tolist()
 
 
-class StopFlag:
-    """SIGINT and SIGTERM set a flag; the loop finishes its step, saves, and exits. A second SIGINT
-    (Ctrl-C pressed again) raises KeyboardInterrupt at once, dropping the step in progress."""
-
-    def __init__(self):
-        self.requested = False
-        self.signum = 0
-
-    def handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.signum = signum
-
-    @contextmanager
-    def installed(self):
-        previous = {}
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, self.handle)
-        except ValueError:  # not the main thread: no signal handling
-            pass
-        try:
-            yield self
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-
 class GridStopped(Exception):
     """A stop was asked while a sample grid was made: the grid is dropped."""
 
@@ -1335,13 +1307,14 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
     """Train in this process, or as one rank of a torchrun job (the environment says which). A command
     refused or stopped before its run starts leaves no new run folder behind."""
     run_dir = Path(config.run_dir).expanduser()
-    made_run_dir = not run_dir.exists()
+    made_run_dir = not run_dir.exists()  # looked at before the ranks meet: every rank's Trainer makes the folder
     with distributed.session(config.device) as dist:
+        made_run_dir = any(dist.gather_flags(made_run_dir))  # (NCCL joins lazily: rank 1 may get here first)
         if resume:
             with distributed.agreed_setup(dist):  # before the slow setup; a file no rank has is said once
                 require_checkpoint(resume, what="--resume")
         try:
-            return Trainer(config, dist).run(resume)
+            return Trainer(config, dist, new_run_dir=made_run_dir).run(resume)
         except BaseException:
             if made_run_dir and dist.is_main:
                 with suppress(OSError):  # only an empty folder goes (not one holding another job's lock file)

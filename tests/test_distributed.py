@@ -341,8 +341,7 @@ def test_a_resume_file_no_rank_can_use_is_said_once_and_leaves_no_folder(tmp_pat
     ours = [line for line in process.stderr.splitlines() if line.startswith("dream train")]
     said = "does not exist" if resume == "missing" else "is not a dream checkpoint or export"
     assert len(ours) == 1 and ours[0].startswith("dream train: error: ") and said in ours[0], process.stderr[-4000:]
-    if resume == "missing":  # (refused before the setup; a junk file is read after it, and the run folder the ranks
-        assert not (tmp_path / "run").exists()  # made may race torchrun's teardown: a known leftover)
+    assert not (tmp_path / "run").exists()
 
 
 # Runs `dream train` under torchrun with rank 1 alone failing to read its data.
@@ -452,6 +451,18 @@ SAMPLING_WORKER = textwrap.dedent("""
         return write_pngs(pixels, out_dir, indices)
 
     dream.sample.write_pngs = logged_write_pngs
+    if os.environ.get("RANK") in os.environ.get("TEST_SIGTERM_RANKS", "").split(","):  # as each batch begins
+        import signal
+        batch_noise = dream.sample.batch_noise
+
+        def signalled_batch_noise(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return batch_noise(*args, **kwargs)
+
+        dream.sample.batch_noise = signalled_batch_noise
+    if os.environ.get("RANK") == os.environ.get("TEST_LAUNCHER_GONE_RANK"):  # as if torchrun had been SIGKILLed
+        from dream.distributed import Distributed
+        Distributed.launcher_gone = lambda self: True
     if argv[0] == "eval":
         sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
         import test_evaluate  # noqa: F401  (registers its feature extractor with torch-fidelity)
@@ -511,6 +522,38 @@ def test_two_processes_sample_what_one_process_samples_sharing_the_unfinished_ba
     process, written = dream_under_torchrun(tmp_path, argv)  # finished: nothing to do on either rank
     assert process.returncode == 0 and written == {0: [], 1: []}, process.stderr[-4000:]
     assert "(0 made now by 2 processes, 7 already there)" in process.stdout
+
+
+@pytest.mark.parametrize("stop", ["sigterm-rank-1", "sigterm-every-rank", "launcher-gone-rank-1"])
+def test_a_stop_any_rank_sees_stops_every_rank_after_its_batch_said_once(tmp_path, one_cpu_thread, stop):
+    """8 images in batches of 2, rank 0 taking batches 0 and 2, rank 1 batches 1 and 3. A SIGTERM as a rank's
+    first batch begins drops that batch at its next denoising step; the ranks vote after each round of batches
+    and stop together; rank 0 alone says it, naming the cause. torchrun gone (SIGKILLed: it cannot stop its
+    workers) stops them the same way. A rerun makes the rest: the set one process makes."""
+    from conftest import make_tiny_checkpoint
+    from dream.sample import sample_from_checkpoint
+
+    checkpoint = make_tiny_checkpoint(tmp_path, step=3, num_timesteps=10, data_count=4)
+    out = tmp_path / "set"
+    argv = ["sample", checkpoint, "--out", out, "--count", 8, "--batch-size", 2, "--steps", 2, "--eta", 0.5,
+            "--seed", 3, "--device", "cpu", "--no-progress"]
+    env = {"sigterm-rank-1": {"TEST_SIGTERM_RANKS": "1"}, "sigterm-every-rank": {"TEST_SIGTERM_RANKS": "0,1"},
+           "launcher-gone-rank-1": {"TEST_LAUNCHER_GONE_RANK": "1"}}[stop]
+    process, written = dream_under_torchrun(tmp_path, argv, env=env)
+    assert process.returncode != 0
+    assert written == {"sigterm-rank-1": {0: [0, 1], 1: []}, "sigterm-every-rank": {0: [], 1: []},
+                       "launcher-gone-rank-1": {0: [0, 1], 1: [2, 3]}}[stop], process.stderr[-4000:]
+    ours = [line for line in process.stderr.splitlines() if line.startswith("dream sample")]
+    why = "the launcher (torchrun) is gone" if stop.startswith("launcher") else "SIGTERM"
+    assert ours == [f"dream sample: {why}; rerun the same command to go on (finished images are kept)"], \
+        process.stderr[-4000:]
+    assert sorted(path.name for path in out.glob("*.png")) == [f"{i:06d}.png" for i in sum(written.values(), [])]
+    if stop == "sigterm-rank-1":
+        process, written = dream_under_torchrun(tmp_path, argv)
+        assert process.returncode == 0 and written == {0: [2, 3, 6, 7], 1: [4, 5]}, process.stderr[-4000:]
+        sample_from_checkpoint(str(checkpoint), str(tmp_path / "one"), count=8, batch_size=2, steps=2, eta=0.5,
+                               seed=3, progress=False)
+        assert torch.equal(pixels_of(out, 8), pixels_of(tmp_path / "one", 8))
 
 
 @pytest.mark.parametrize("change, message", [
