@@ -471,15 +471,21 @@ def default_cache_dir() -> Path:
 
 
 def check_fits_in_memory(nbytes: int, what: str) -> None:
-    """A one-line DreamError when `what` (nbytes) is more than the machine's physical memory: it would be killed
-    by the kernel's out-of-memory killer, or fail after a long wait."""
+    """A one-line DreamError when `what` (nbytes in each process; torchrun's LOCAL_WORLD_SIZE processes on this
+    machine) is more than the machine's physical memory: it would be killed by the kernel's out-of-memory killer,
+    or fail after a long wait."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not a POSIX system: no check
         return
-    if nbytes > total:
-        raise DreamError(f"{what} take {nbytes / 1e9:,.1f} GB, more than this machine's {total / 1e9:,.1f} GB of "
-                         f"memory", same_on_every_rank=True)
+    try:
+        processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    except ValueError:
+        processes = 1
+    if nbytes * processes > total:
+        each = f" in each of the {processes} processes on this machine" if processes > 1 else ""
+        raise DreamError(f"{what} take {nbytes / 1e9:,.1f} GB{each}, more than this machine's {total / 1e9:,.1f} GB "
+                         f"of memory", same_on_every_rank=True)
 
 
 def load_images(source: str = "synthetic", root: str | None = None, split: str = "train", size: int = 64,

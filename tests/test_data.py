@@ -21,6 +21,23 @@ def test_synthetic_faces_are_deterministic_per_index():
     assert synthetic_faces(3, size=16).shape == (3, 3, 16, 16)
 
 
+def test_a_synthetic_set_is_refused_when_the_processes_of_this_machine_together_would_not_fit(monkeypatch):
+    """Under torchrun every process on a machine holds the whole set: LOCAL_WORLD_SIZE of them must fit together."""
+    import os
+
+    from dream.data import check_fits_in_memory
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    share = total // 3 + 1  # one or two processes' sets fit, three do not
+    for processes in ("", "1", "2"):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+        check_fits_in_memory(share, "the set")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    with pytest.raises(DreamError, match=r"^the set take [\d,.]+ GB in each of the 3 processes on this machine, "
+                                         r"more than this machine's [\d,.]+ GB of memory$"):
+        check_fits_in_memory(share, "the set")
+
+
 def write_images(folder, count, size=(40, 30)):
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
