@@ -470,18 +470,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DREAM_CACHE") or Path.home() / ".cache" / "dream").expanduser()  # empty: default
 
 
-def check_fits_in_memory(nbytes: int, what: str) -> None:
-    """A one-line DreamError when `what` (nbytes in each process; torchrun's LOCAL_WORLD_SIZE processes on this
-    machine) is more than the machine's physical memory: it would be killed by the kernel's out-of-memory killer,
-    or fail after a long wait."""
+def check_fits_in_memory(nbytes: int, what: str, processes: int = 1) -> None:
+    """A one-line DreamError when `what` (nbytes, held by each of `processes` processes on this machine) is more
+    than the machine's physical memory: it would be killed by the kernel's out-of-memory killer, or fail after a
+    long wait."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not a POSIX system: no check
         return
-    try:
-        processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
-    except ValueError:
-        processes = 1
     if nbytes * processes > total:
         each = f" in each of the {processes} processes on this machine" if processes > 1 else ""
         raise DreamError(f"{what} take {nbytes / 1e9:,.1f} GB{each}, more than this machine's {total / 1e9:,.1f} GB "
@@ -490,11 +486,12 @@ def check_fits_in_memory(nbytes: int, what: str) -> None:
 
 def load_images(source: str = "synthetic", root: str | None = None, split: str = "train", size: int = 64,
                 count: int = 4096, seed: int = 0, cache_dir: str | Path | None = None, *,
-                exclude: Sequence[Path] = ()) -> torch.Tensor:
+                exclude: Sequence[Path] = (), processes: int = 1) -> torch.Tensor:
     """The whole dataset as a uint8 tensor (N, 3, size, size). exclude: folders an image-folder scan leaves
-    out, such as the run folder when it lies inside the data folder (its sample grids are no training data)."""
+    out, such as the run folder when it lies inside the data folder (its sample grids are no training data).
+    processes: how many processes on this machine load it (a synthetic set must fit that many times)."""
     if source == "synthetic":
-        check_fits_in_memory(count * 3 * size * size, f"{count} synthetic images of {size}×{size}")
+        check_fits_in_memory(count * 3 * size * size, f"{count} synthetic images of {size}×{size}", processes)
         return synthetic_faces(count, seed=seed, size=size)
     if source not in ("celeba", "folder"):
         raise DreamError(f"unknown data source {source!r}; choose synthetic, celeba or folder")

@@ -28,6 +28,14 @@ from dream.errors import DreamError
 LAUNCHER_GONE = 1000  # a stop reason beside the signal numbers (the ranks agree on the largest one)
 
 
+def local_processes() -> int:
+    """How many processes of this job run on this machine (torchrun's LOCAL_WORLD_SIZE; 1 without torchrun)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    except ValueError:
+        return 1
+
+
 def stop_reason(signum: int) -> str:
     """How a stop is said: "SIGTERM", "interrupted" (SIGINT: Ctrl-C), or that the launcher is gone."""
     if signum == LAUNCHER_GONE:
@@ -37,7 +45,8 @@ def stop_reason(signum: int) -> str:
 
 class StopFlag:
     """SIGINT and SIGTERM set a flag; the loop finishes (or drops) its step, and the ranks stop together. A second
-    SIGINT (Ctrl-C pressed again) raises KeyboardInterrupt at once."""
+    SIGINT (Ctrl-C pressed again in a single process; torchrun forwards only the first) raises KeyboardInterrupt
+    at once."""
 
     def __init__(self):
         self.requested = False

@@ -13,14 +13,13 @@ class DreamError(Exception):
 
 
 class Stopped(KeyboardInterrupt):
-    """The processes of a torchrun job stopping together, on a signal (or their launcher's death) that at least one
-    of them saw: every rank raises it alike, and rank 0 alone says it. `why`: "SIGTERM", "interrupted", ..."""
+    """The processes of a torchrun job stopping on a signal (or their launcher's death) that at least one of them
+    saw. `why`: "SIGTERM", "interrupted", ... same_on_every_rank: they agreed to stop together, and rank 0 alone
+    says it."""
 
-    same_on_every_rank = True
-
-    def __init__(self, signum: int, why: str):
+    def __init__(self, signum: int, why: str, same_on_every_rank: bool = True):
         super().__init__(why)
-        self.signum, self.why = signum, why
+        self.signum, self.why, self.same_on_every_rank = signum, why, same_on_every_rank
 
 
 def option_error(field: str, wanted: str, value, flag: str | None = None) -> DreamError:

@@ -413,6 +413,9 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
                         stopped = dist.max(stop.signum, device)
                         if stopped:
                             break
+                if dist.enabled and not stopped:  # once more: a signal that came while this rank waited in the
+                    stopped = dist.max(stop.signum, device)  # last vote is handled only as that vote returns
+            late = 0 if stopped else stop.signum  # one that came during this vote: this rank's alone
             if pending is not None:
                 pending.result()
         finally:
@@ -420,8 +423,8 @@ def sample_images(model, diffusion, count: int, out_dir: str | Path, sampler: st
             step_bar.close()
             bar.close()
         made = dist.sum(made, device)  # (every rank is done before rank 0 lets the folder go)
-        if stopped:  # (the record's entry keeps no images_made: a call that stopped early)
-            raise Stopped(stopped, stop_reason(stopped))
+        if stopped or late:  # (the record's entry keeps no images_made: a call that stopped early)
+            raise Stopped(stopped or late, stop_reason(stopped or late), same_on_every_rank=bool(stopped))
         if dist.is_main and plan:
             record_run(out_dir, images_made=made, seconds=round(time.perf_counter() - start, 1))
         return {"count": count, "made": made, "out_dir": str(out_dir), "sampler": sampler, "steps": steps,

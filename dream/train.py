@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dream import distributed
-from dream.distributed import LAUNCHER_GONE, StopFlag
+from dream.distributed import LAUNCHER_GONE, StopFlag, local_processes
 from dream.checkpoint import (CheckpointManager, check_training_state, code_version, load_checkpoint,
                               require_checkpoint, rng_state, set_rng_state)
 from dream.data import DeviceBatches, images_digest, import_torchvision, load_images
@@ -314,7 +314,8 @@ class Trainer:
                 if not dist.is_main:  # skipped files are reported once, by rank 0
                     warnings.simplefilter("ignore")
                 images = load_images(config.data, config.data_root, config.data_split, self.model_config.image_size,
-                                     count=config.data_count, seed=config.seed, exclude=[self.run_dir])
+                                     count=config.data_count, seed=config.seed, exclude=[self.run_dir],
+                                     processes=local_processes())
             if images.shape[0] < config.batch_size:
                 raise DreamError(f"--batch-size {config.batch_size} needs at least {config.batch_size} images; the "
                                  f"data has {images.shape[0]}")
@@ -1309,7 +1310,8 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
     run_dir = Path(config.run_dir).expanduser()
     made_run_dir = not run_dir.exists()  # looked at before the ranks meet: every rank's Trainer makes the folder
     with distributed.session(config.device) as dist:
-        made_run_dir = any(dist.gather_flags(made_run_dir))  # (NCCL joins lazily: rank 1 may get here first)
+        made_run_dir = dist.gather_flags(made_run_dir)[0]  # rank 0's look (NCCL joins lazily: rank 1 may get here
+        # first, and make the folder before rank 0 looks at it)
         if resume:
             with distributed.agreed_setup(dist):  # before the slow setup; a file no rank has is said once
                 require_checkpoint(resume, what="--resume")

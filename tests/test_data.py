@@ -21,21 +21,31 @@ def test_synthetic_faces_are_deterministic_per_index():
     assert synthetic_faces(3, size=16).shape == (3, 3, 16, 16)
 
 
-def test_a_synthetic_set_is_refused_when_the_processes_of_this_machine_together_would_not_fit(monkeypatch):
-    """Under torchrun every process on a machine holds the whole set: LOCAL_WORLD_SIZE of them must fit together."""
+def test_a_synthetic_set_is_refused_when_the_processes_of_this_machine_together_would_not_fit(tmp_path, monkeypatch):
+    """Under torchrun every training process on a machine holds the whole set: LOCAL_WORLD_SIZE of them must fit
+    together. (dream eval's rank 0 alone loads its real set: one.)"""
     import os
 
     from dream.data import check_fits_in_memory
+    from dream.train import TrainConfig, Trainer
 
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     share = total // 3 + 1  # one or two processes' sets fit, three do not
-    for processes in ("", "1", "2"):
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
-        check_fits_in_memory(share, "the set")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    check_fits_in_memory(share, "the set")
+    check_fits_in_memory(share, "the set", processes=2)
     with pytest.raises(DreamError, match=r"^the set take [\d,.]+ GB in each of the 3 processes on this machine, "
                                          r"more than this machine's [\d,.]+ GB of memory$"):
-        check_fits_in_memory(share, "the set")
+        check_fits_in_memory(share, "the set", processes=3)
+
+    def no_loading(*args, processes=1, **kwargs):
+        raise DreamError(f"loaded by {processes}")
+
+    monkeypatch.setattr("dream.train.load_images", no_loading)
+    for local_world_size, processes in (("", 1), ("3", 3)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+        with pytest.raises(DreamError, match=f"^loaded by {processes}$"):
+            Trainer(TrainConfig(preset="tiny", run_dir=str(tmp_path / "run"), device="cpu", sample_every=0,
+                                progress=False))
 
 
 def write_images(folder, count, size=(40, 30)):

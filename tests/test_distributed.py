@@ -448,18 +448,25 @@ SAMPLING_WORKER = textwrap.dedent("""
     def logged_write_pngs(pixels, out_dir, indices):
         with open(os.path.join(log_dir, f"rank{os.environ['RANK']}.txt"), "a") as log:
             log.write(" ".join(map(str, indices)) + "\\n")
-        return write_pngs(pixels, out_dir, indices)
+        write_pngs(pixels, out_dir, indices)
+        if f"{os.environ['RANK']}:{indices[0]}" == os.environ.get("TEST_SIGTERM_AFTER_WRITING"):  # (writer thread)
+            import signal
+            os.kill(os.getpid(), signal.SIGTERM)
 
     dream.sample.write_pngs = logged_write_pngs
-    if os.environ.get("RANK") in os.environ.get("TEST_SIGTERM_RANKS", "").split(","):  # as each batch begins
+    if os.environ.get("RANK") in os.environ.get("TEST_SIGNAL_RANKS", "").split(","):  # as each batch begins
         import signal
         batch_noise = dream.sample.batch_noise
 
         def signalled_batch_noise(*args, **kwargs):
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), getattr(signal, os.environ.get("TEST_SIGNAL", "SIGTERM")))
             return batch_noise(*args, **kwargs)
 
         dream.sample.batch_noise = signalled_batch_noise
+    if os.environ.get("TEST_SLOW_BATCH", ":").split(":")[0] == os.environ.get("RANK"):  # "rank:batch": 3 s late
+        import time
+        slowed, noise = int(os.environ["TEST_SLOW_BATCH"].split(":")[1]), dream.sample.batch_noise
+        dream.sample.batch_noise = lambda seed, b, *a: time.sleep(3 * (b == slowed)) or noise(seed, b, *a)
     if os.environ.get("RANK") == os.environ.get("TEST_LAUNCHER_GONE_RANK"):  # as if torchrun had been SIGKILLed
         from dream.distributed import Distributed
         Distributed.launcher_gone = lambda self: True
@@ -524,12 +531,15 @@ def test_two_processes_sample_what_one_process_samples_sharing_the_unfinished_ba
     assert "(0 made now by 2 processes, 7 already there)" in process.stdout
 
 
-@pytest.mark.parametrize("stop", ["sigterm-rank-1", "sigterm-every-rank", "launcher-gone-rank-1"])
+@pytest.mark.parametrize("stop", ["sigterm-rank-1", "sigint-every-rank", "launcher-gone-rank-1",
+                                  "sigterm-rank-0-in-its-last-vote"])
 def test_a_stop_any_rank_sees_stops_every_rank_after_its_batch_said_once(tmp_path, one_cpu_thread, stop):
-    """8 images in batches of 2, rank 0 taking batches 0 and 2, rank 1 batches 1 and 3. A SIGTERM as a rank's
+    """8 images in batches of 2, rank 0 taking batches 0 and 2, rank 1 batches 1 and 3. A signal as a rank's
     first batch begins drops that batch at its next denoising step; the ranks vote after each round of batches
-    and stop together; rank 0 alone says it, naming the cause. torchrun gone (SIGKILLed: it cannot stop its
-    workers) stops them the same way. A rerun makes the rest: the set one process makes."""
+    and stop together; rank 0 alone says it, naming the cause, and exits as the signal asks (128 + its number).
+    torchrun gone (SIGKILLed: it cannot stop its workers) stops them the same way. A SIGTERM that comes while
+    rank 0 waits in its last vote (rank 1's last batch is slow) is handled once that vote is over: not lost. A
+    rerun makes the rest: the set one process makes."""
     from conftest import make_tiny_checkpoint
     from dream.sample import sample_from_checkpoint
 
@@ -537,17 +547,21 @@ def test_a_stop_any_rank_sees_stops_every_rank_after_its_batch_said_once(tmp_pat
     out = tmp_path / "set"
     argv = ["sample", checkpoint, "--out", out, "--count", 8, "--batch-size", 2, "--steps", 2, "--eta", 0.5,
             "--seed", 3, "--device", "cpu", "--no-progress"]
-    env = {"sigterm-rank-1": {"TEST_SIGTERM_RANKS": "1"}, "sigterm-every-rank": {"TEST_SIGTERM_RANKS": "0,1"},
-           "launcher-gone-rank-1": {"TEST_LAUNCHER_GONE_RANK": "1"}}[stop]
+    env, written_before_the_stop, exit_code = {
+        "sigterm-rank-1": ({"TEST_SIGNAL_RANKS": "1"}, {0: [0, 1], 1: []}, 143),
+        "sigint-every-rank": ({"TEST_SIGNAL_RANKS": "0,1", "TEST_SIGNAL": "SIGINT"}, {0: [], 1: []}, 130),
+        "launcher-gone-rank-1": ({"TEST_LAUNCHER_GONE_RANK": "1"}, {0: [0, 1], 1: [2, 3]}, 143),
+        "sigterm-rank-0-in-its-last-vote": ({"TEST_SIGTERM_AFTER_WRITING": "0:4", "TEST_SLOW_BATCH": "1:3"},
+                                            {0: [0, 1, 4, 5], 1: [2, 3, 6, 7]}, 143)}[stop]
     process, written = dream_under_torchrun(tmp_path, argv, env=env)
-    assert process.returncode != 0
-    assert written == {"sigterm-rank-1": {0: [0, 1], 1: []}, "sigterm-every-rank": {0: [], 1: []},
-                       "launcher-gone-rank-1": {0: [0, 1], 1: [2, 3]}}[stop], process.stderr[-4000:]
+    assert written == written_before_the_stop, process.stderr[-4000:]
+    assert f"exitcode: {exit_code}" in process.stderr and process.returncode != 0, process.stderr[-4000:]
     ours = [line for line in process.stderr.splitlines() if line.startswith("dream sample")]
-    why = "the launcher (torchrun) is gone" if stop.startswith("launcher") else "SIGTERM"
+    why = {"sigint-every-rank": "interrupted", "launcher-gone-rank-1": "the launcher (torchrun) is gone"}.get(
+        stop, "SIGTERM")
     assert ours == [f"dream sample: {why}; rerun the same command to go on (finished images are kept)"], \
         process.stderr[-4000:]
-    assert sorted(path.name for path in out.glob("*.png")) == [f"{i:06d}.png" for i in sum(written.values(), [])]
+    assert sorted(path.name for path in out.glob("*.png")) == sorted(f"{i:06d}.png" for i in sum(written.values(), []))
     if stop == "sigterm-rank-1":
         process, written = dream_under_torchrun(tmp_path, argv)
         assert process.returncode == 0 and written == {0: [2, 3, 6, 7], 1: [4, 5]}, process.stderr[-4000:]
