@@ -40,11 +40,11 @@ import torch
 from tqdm.auto import tqdm
 
 from dream import distributed
-from dream.distributed import LAUNCHER_GONE, StopFlag, local_processes
 from dream.checkpoint import (CheckpointManager, check_training_state, code_version, load_checkpoint,
                               require_checkpoint, rng_state, set_rng_state)
 from dream.data import DeviceBatches, images_digest, import_torchvision, load_images
 from dream.diffusion import GaussianDiffusion
+from dream.distributed import LAUNCHER_GONE, StopFlag, local_processes
 from dream.ema import EMA, conditional_step
 from dream.errors import DreamError, option_error, out_of_memory
 from dream.files import LOCK_FILE, atomic_file, atomic_write_text, folder_lock, folder_problem
@@ -1310,8 +1310,9 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
     run_dir = Path(config.run_dir).expanduser()
     made_run_dir = not run_dir.exists()  # looked at before the ranks meet: every rank's Trainer makes the folder
     with distributed.session(config.device) as dist:
-        made_run_dir = dist.gather_flags(made_run_dir)[0]  # rank 0's look (NCCL joins lazily: rank 1 may get here
-        # first, and make the folder before rank 0 looks at it)
+        # rank 0's look, taken before any rank got past this collective to make the folder (joining the group
+        # is no barrier: NCCL connects lazily)
+        made_run_dir = dist.gather_flags(made_run_dir)[0]
         if resume:
             with distributed.agreed_setup(dist):  # before the slow setup; a file no rank has is said once
                 require_checkpoint(resume, what="--resume")
