@@ -287,6 +287,8 @@ def run_train(args) -> int:
     except Interrupted as stop:  # SIGINT / SIGTERM: a checkpoint was saved; the last line says how to resume
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 saved and speaks
             say(f"dream train: {stop}")
+        else:
+            let_rank_0_speak()
         return 128 + int(stop.signum)
     except TrainingAborted as crash:  # the traceback of the cause (a bug's), then the line saying how to resume
         import traceback

@@ -1068,11 +1068,16 @@ class Trainer:
                                f"{self.resume_hint} to go on from it.", same_on_every_rank=True)
             self.save_checkpoint()
             grid = self.run_dir / "samples" / f"grid-{self.step:09d}.png"
-            if config.sample_every and not image_done(grid):  # missing, or cut short (a full disk, a kill)
-                try:
-                    self.save_sample_grid(stop)
-                except GridStopped:  # the checkpoint is saved: the rerun makes the grid
-                    self.stop_for_signal(stop.signum)
+            if config.sample_every:
+                dropped = 0
+                if not image_done(grid):  # missing, or cut short (a full disk, a kill)
+                    try:
+                        self.save_sample_grid(stop)
+                    except GridStopped:  # the checkpoint is saved: the rerun makes the grid
+                        dropped = stop.signum
+                signum = self.dist.max(dropped, self.device)  # (rank 0 alone makes the grid: every rank stops)
+                if signum:
+                    self.stop_for_signal(signum)
         self.dist.barrier()
         return {"step": self.step, "epoch": self.epoch, "last": last, "grid": str(grid) if grid.exists() else None,
                 "checkpoint_dir": str(self.checkpoints.folder), "skipped_steps": self.skipped_steps,

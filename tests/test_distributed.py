@@ -269,6 +269,39 @@ def test_a_signal_one_rank_sees_stops_every_rank_a_step_later_with_a_checkpoint(
     assert load_checkpoint(run_dir / "checkpoints")["step"] == 3
 
 
+# Runs `dream train` under torchrun with rank 0 alone receiving SIGTERM as it begins the final sample grid.
+SIGNALLED_AT_THE_FINAL_GRID = textwrap.dedent("""
+    import os, signal, sys
+    from dream.train import Trainer
+
+    save_sample_grid = Trainer.save_sample_grid
+
+    def signalled(self, stop=None):
+        if os.environ["RANK"] == "0" and self.finished():
+            os.kill(os.getpid(), signal.SIGTERM)
+        return save_sample_grid(self, stop)
+
+    Trainer.save_sample_grid = signalled
+    from dream.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_a_signal_during_the_final_grid_stops_every_rank_at_once(tmp_path):
+    """Rank 0 alone makes the sample grids. A SIGTERM while it makes the last one (3 steps, epochs of 2: not an
+    epoch's grid) drops the grid; the ranks agree on the stop and rank 0 says it, with the checkpoint of the last
+    step. (The other rank used to wait in a barrier while rank 0 checked the ranks' weights: a hang.)"""
+    run_dir = tmp_path / "run"
+    process = train_under_torchrun(tmp_path, SIGNALLED_AT_THE_FINAL_GRID, run_dir, max_steps=3,
+                                   more=["--sample-every", "1", "--sample-steps", "3"])
+    ours = [line for line in process.stderr.splitlines() if line.startswith("dream train")]
+    assert ours == [f"dream train: stopped by SIGTERM at step 3 (epoch 1); checkpoint "
+                    f"{run_dir / 'checkpoints' / 'ckpt-000000003.pt'} saved. To resume, rerun the same command."], \
+        process.stderr[-4000:]
+    assert process.returncode != 0 and "exitcode: 143" in process.stderr
+    assert sorted(path.name for path in (run_dir / "samples").iterdir()) == ["grid-000000002.png"]
+
+
 # Runs `dream train` under torchrun with rank 1 reading other images than rank 0.
 OTHER_IMAGES = textwrap.dedent("""
     import os, sys
