@@ -809,19 +809,22 @@ class Trainer:
                 state = self.checkpoints.latest(hint)
         if state is None:
             if self.dist.is_main:
+                kept = ""
+                if logged_steps(self.run_dir):  # the log of steps no checkpoint holds (gone, or moved away): kept
+                    stem, n = f"metrics-before-{time.strftime('%Y%m%d-%H%M%S')}", 1
+                    old_log = self.run_dir / f"{stem}.jsonl"
+                    while old_log.exists():  # (never over another kept log)
+                        n += 1
+                        old_log = self.run_dir / f"{stem}-{n}.jsonl"
+                    os.replace(self.run_dir / "metrics.jsonl", old_log)
+                    kept = f" (the log of its steps is kept as {old_log.name})"
                 if self.checkpoints.listed():
-                    kept = ""
-                    if logged_steps(self.run_dir):  # the log of the run whose checkpoints went: kept aside
-                        stem, n = f"metrics-before-{time.strftime('%Y%m%d-%H%M%S')}", 1
-                        old_log = self.run_dir / f"{stem}.jsonl"
-                        while old_log.exists():  # (never over another kept log)
-                            n += 1
-                            old_log = self.run_dir / f"{stem}-{n}.jsonl"
-                        os.replace(self.run_dir / "metrics.jsonl", old_log)
-                        kept = f" (the log of its steps is kept as {old_log.name})"
                     warnings.warn(f"the checkpoints listed in {self.checkpoints.folder} are gone; starting from "
                                   f"step 0{kept}", stacklevel=2)
-                trim_log(self.run_dir / "metrics.jsonl", 0)  # steps logged before a kill are redone
+                elif kept:
+                    warnings.warn(f"{self.run_dir} holds a log of training steps but no checkpoint (moved away, or "
+                                  f"killed before its first); starting from step 0{kept}", stacklevel=2)
+                trim_log(self.run_dir / "metrics.jsonl", 0)  # (the notes logged before a step)
             return False
         if path:
             check_training_state(state)

@@ -322,6 +322,22 @@ def test_a_run_whose_checkpoints_all_fail_is_refused_and_keeps_them(tmp_path):
         load_checkpoint(tmp_path)  # asked for by --resume: an error, not a fresh start
 
 
+def test_a_run_whose_checkpoints_folder_was_moved_away_keeps_its_log_aside(tmp_path):
+    """The refusal of damaged checkpoints advises moving them away: the rerun starts over, and the log of the steps
+    it no longer has is kept aside, not cut to step 0."""
+    config = small_config(tmp_path, epochs=1, max_steps=2)
+    Trainer(config).run()
+    log = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "checkpoints").rename(tmp_path / "moved-away")
+    with pytest.warns(UserWarning, match=rf"^{re.escape(str(tmp_path))} holds a log of training steps but no "
+                                         r"checkpoint \(moved away, or killed before its first\); starting from step "
+                                         r"0 \(the log of its steps is kept as metrics-before-\d{8}-\d{6}\.jsonl\)$"):
+        assert Trainer(config).resume() is False
+    kept = list(tmp_path.glob("metrics-before-*.jsonl"))
+    assert len(kept) == 1 and kept[0].read_text() == log and '"loss"' in log
+    assert not (tmp_path / "metrics.jsonl").exists() or not logged_steps(tmp_path)
+
+
 def test_checkpoint_holds_the_whole_training_state(tmp_path):
     trainer = Trainer(small_config(tmp_path, epochs=1, max_steps=1))
     trainer.run()
