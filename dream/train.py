@@ -44,7 +44,7 @@ from dream.checkpoint import (CheckpointManager, check_training_state, code_vers
                               require_checkpoint, rng_state, set_rng_state)
 from dream.data import DeviceBatches, images_digest, import_torchvision, load_images
 from dream.diffusion import GaussianDiffusion
-from dream.distributed import LAUNCHER_GONE, StopFlag, local_processes
+from dream.distributed import LAUNCHER_GONE, StopFlag, local_processes, stop_reason
 from dream.ema import EMA, conditional_step
 from dream.errors import DreamError, option_error, out_of_memory
 from dream.files import LOCK_FILE, atomic_file, atomic_write_text, folder_lock, folder_problem
@@ -1117,7 +1117,7 @@ class Trainer:
         path = self.save_checkpoint()
         self.dist.barrier()  # nobody exits (and gets the group torn down by torchrun) before rank 0 has saved
         gone = signum == LAUNCHER_GONE
-        why = "the launcher (torchrun) is gone" if gone else f"stopped by {signal.Signals(signum).name}"
+        why = stop_reason(signum) if gone else f"stopped by {signal.Signals(signum).name}"
         raise Interrupted(f"{why} at step {self.step} (epoch {self.epoch}); checkpoint {path} saved. "
                           f"To resume, {self.resume_hint}.", signal.SIGTERM if gone else signum)
 
