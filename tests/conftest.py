@@ -110,6 +110,36 @@ def qkv_attention_with_float64(qkv: torch.Tensor, grad_out: torch.Tensor, heads:
     return out, leaf.grad, ref_out.detach(), ref_leaf.grad
 
 
+class NanEmptyTorch:
+    """torch for a kernel module's host code (monkeypatch the module's `torch` with it), with torch.empty,
+    empty_like and empty_strided filling what they allocate with NaN (counted in `allocated`): the public ops'
+    outputs then start poisoned, so an element a kernel leaves unwritten fails the comparison."""
+
+    def __init__(self):
+        self.allocated = 0
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def _poisoned(self, allocate):
+        def allocate_nan(*args, **kwargs):
+            self.allocated += 1
+            return allocate(*args, **kwargs).fill_(float("nan"))
+        return allocate_nan
+
+    @property
+    def empty(self):
+        return self._poisoned(torch.empty)
+
+    @property
+    def empty_like(self):
+        return self._poisoned(torch.empty_like)
+
+    @property
+    def empty_strided(self):
+        return self._poisoned(torch.empty_strided)
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max|actual − expected| / max|expected| over the whole tensor (the absolute error where expected is
     all zeros), in float64."""

@@ -26,7 +26,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from conftest import DEVICE, ON_GPU, qkv_attention_with_float64, run_without_interpreter
+from conftest import DEVICE, ON_GPU, NanEmptyTorch, qkv_attention_with_float64, run_without_interpreter
 
 from kernels.attention import (  # noqa: E402  (conftest sets TRITON_INTERPRET first)
     BackwardConfig,
@@ -349,35 +349,6 @@ def test_qkv_channels_last_matches_float64_and_keeps_the_layout(batch, channels,
     assert fake_out.stride() == out.stride()
 
 
-class _NanEmptyTorch:
-    """torch for kernels.attention's host code, with torch.empty, empty_like and empty_strided filling what they
-    allocate with NaN (counted in `allocated`): the public ops' outputs then start poisoned."""
-
-    def __init__(self):
-        self.allocated = 0
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    def _poisoned(self, allocate):
-        def allocate_nan(*args, **kwargs):
-            self.allocated += 1
-            return allocate(*args, **kwargs).fill_(float("nan"))
-        return allocate_nan
-
-    @property
-    def empty(self):
-        return self._poisoned(torch.empty)
-
-    @property
-    def empty_like(self):
-        return self._poisoned(torch.empty_like)
-
-    @property
-    def empty_strided(self):
-        return self._poisoned(torch.empty_strided)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch,channels,heads,height,width,memory_format", [
     (2, 64, 2, 7, 5, torch.contiguous_format),  # N = 35: tails in the single forward block and backward tile
@@ -388,7 +359,7 @@ def test_public_ops_write_every_element(monkeypatch, batch, channels, heads, hei
     """attention_qkv_nchw's out and dqkv (views over which the launchers write q's, k's and v's parts) and
     attention's o, dq, dk, dv as the ops allocate them, filled with NaN first: every element must be written
     and match float64."""
-    poisoned = _NanEmptyTorch()
+    poisoned = NanEmptyTorch()
     monkeypatch.setattr(attention_module, "torch", poisoned)
     gen = _generator(47 + channels + height)
     qkv = _randn((batch, 3 * channels, height, width), dtype, gen).contiguous(memory_format=memory_format)

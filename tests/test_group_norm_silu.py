@@ -13,10 +13,10 @@ Error metric: max|actual - expected| / max|expected| over the whole tensor.
 |                 |                                       |            | (2^-11); stats stay fp32     |
 | bfloat16 (GPU)  | 1.6e-2                                | 1e-5       | 8x the fp16 unit roundoff    |
 
-Parameters may be fp32 while x is half; their gradients are then fp32, still checked against
-the x-dtype row. With dropout the reference applies the kernels' mask computed independently
-(dropout_keep_mask: Philox in torch int64 arithmetic), so the same tolerances hold, and the kernel's zeros must be
-exactly the mask's. bf16 runs only with CUDA: the Triton interpreter mishandles bf16. Every
+Parameters may be fp32 while x is half; their gradients are then fp32 and held to the float32 row (each
+gradient to the row of its own dtype). With dropout the reference applies the kernels' mask computed
+independently (dropout_keep_mask: Philox in torch int64 arithmetic), so the same tolerances hold, and the kernel's
+zeros must be exactly the mask's. bf16 runs only with CUDA: the Triton interpreter mishandles bf16. Every
 buffer the launchers allocate (outputs and partial sums) is filled with NaN first, so an
 unwritten element fails.
 """
@@ -127,7 +127,7 @@ def _rel_err(actual, expected):
     return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
 
 
-def _float64_stats(x, scale, shift, num_groups, mode):
+def _float64_stats(x, scale, shift, num_groups, mode, eps=EPS):
     u = x.double()
     if mode == "pre":
         if scale is not None:
@@ -136,16 +136,16 @@ def _float64_stats(x, scale, shift, num_groups, mode):
             u = u + shift.double()[:, :, None, None]
     u = u.reshape(u.shape[0], num_groups, -1)
     mean = u.mean(dim=2)
-    rstd = (u.var(dim=2, unbiased=False) + EPS).rsqrt()
+    rstd = (u.var(dim=2, unbiased=False) + eps).rsqrt()
     return mean, rstd
 
 
 def _check_against_float64(shape, dtype, mode, silu, has_scale, has_shift, channels_last,
-                            param_dtype=None, seed_extra=(), dropout_p=0.0):
+                            param_dtype=None, seed_extra=(), dropout_p=0.0, eps=EPS):
     param_dtype = param_dtype or dtype
     num_groups = shape[4]
     test_seed = _seed(shape, dtype, mode, silu, has_scale, has_shift, channels_last, param_dtype, seed_extra,
-                      dropout_p)
+                      dropout_p, eps)
     x, weight, bias, scale, shift, dy = _make_inputs(
         shape, dtype, param_dtype, has_scale, has_shift, channels_last, test_seed)
     names = ["x", "weight", "bias", "scale", "shift"]
@@ -156,31 +156,33 @@ def _check_against_float64(shape, dtype, mode, silu, has_scale, has_shift, chann
             if dropout_p else None)
 
     y, mean, rstd = torch.ops.dream_kernels.group_norm_silu_fwd(
-        x, weight, bias, scale, shift, num_groups, EPS, mode, silu, dropout_p, seed)
+        x, weight, bias, scale, shift, num_groups, eps, mode, silu, dropout_p, seed)
     grads = torch.autograd.grad(y, [leaf for _, leaf in wanted], dy)
 
     leaves64 = [leaf.detach().double().requires_grad_() if leaf is not None else None for leaf in leaves]
-    y64 = group_norm_silu_reference(*leaves64[:3], num_groups, EPS, *leaves64[3:], mode=mode, silu=silu,
+    y64 = group_norm_silu_reference(*leaves64[:3], num_groups, eps, *leaves64[3:], mode=mode, silu=silu,
                                     dropout_p=dropout_p, seed=seed)
     if dropout_p:
         keep = dropout_keep_mask(seed, x.shape, dropout_p, memory_format_of(x) == torch.channels_last).to(DEVICE)
-        clear = y64.detach().abs() > 1e-6  # where the undropped output cannot round to 0
-        assert torch.equal((y != 0)[clear], keep[clear]), "the kernel's dropout mask is not dropout_keep_mask"
+        assert not y[~keep].any(), "the kernel kept an element dropout_keep_mask drops"
+        clear = y64.detach().abs() > 1e-6  # kept, where the output cannot round to 0
+        assert y[clear].all(), "the kernel dropped an element dropout_keep_mask keeps"
     grads64 = torch.autograd.grad(y64, [leaf for leaf in leaves64 if leaf is not None], dy.double())
-    mean64, rstd64 = _float64_stats(x, scale, shift, num_groups, mode)
+    mean64, rstd64 = _float64_stats(x, scale, shift, num_groups, mode, eps)
 
     tol = TOLERANCE[dtype]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     assert y.dtype == dtype and y.is_contiguous(memory_format=memory_format)
     assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == (shape[0], num_groups)
     errors = {"y": _rel_err(y, y64), "mean": _rel_err(mean, mean64), "rstd": _rel_err(rstd, rstd64)}
+    limits = {"y": tol, "mean": STATS_TOLERANCE, "rstd": STATS_TOLERANCE}
     for (name, leaf), grad, grad64 in zip(wanted, grads, grads64):
         assert grad.dtype == leaf.dtype and grad.shape == leaf.shape, name
         errors["d" + name] = _rel_err(grad, grad64)
+        limits["d" + name] = TOLERANCE[leaf.dtype]  # an fp32 parameter's gradient is fp32 math beside half x
     assert grads[0].is_contiguous(memory_format=memory_format)
-    limits = {name: (STATS_TOLERANCE if name in ("mean", "rstd") else tol) for name in errors}
-    failed = {name: err for name, err in errors.items() if not err <= limits[name]}
-    assert not failed, f"errors above tolerance {tol}: {failed} (all: {errors})"
+    failed = {name: (err, limits[name]) for name, err in errors.items() if not err <= limits[name]}
+    assert not failed, f"errors above tolerance (error, tolerance): {failed} (all: {errors})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,9 +202,28 @@ def test_scale_shift_silu_matches_float64(shape, dtype, mode, channels_last, res
                          ids=["plain", "scale_only", "shift_only"])
 @pytest.mark.parametrize("silu", [True, False], ids=["silu", "no_act"])
 @pytest.mark.parametrize("mode", ["pre", "post"])
-def test_optional_scale_shift_and_activation(mode, silu, has_scale, has_shift):
+def test_optional_scale_shift_and_activation(mode, silu, has_scale, has_shift, resident):
+    # the looped backward sums du*x only with a scale and du only with a shift: each alone on both paths
     _check_against_float64((1, 96, 7, 5, 8), torch.float32, mode, silu, has_scale, has_shift,
-                           channels_last=silu)
+                           channels_last=silu, seed_extra=(resident,))
+
+
+@pytest.mark.parametrize("has_scale,has_shift", [(True, False), (False, True)], ids=["scale_only", "shift_only"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_optional_scale_or_shift_with_split_positions(monkeypatch, launches, channels_last, has_scale, has_shift):
+    # each group's positions split over programs: the partial sums of du*x and du merged across them
+    monkeypatch.setattr(gns, "_LAUNCH_OVERRIDE", dict(block_c=8, block_hw=16, split=2))
+    _check_against_float64((1, 24, 7, 5, 2), torch.float32, "pre", True, has_scale, has_shift, channels_last)
+    assert launches and all(cfg.num_splits == 2 for cfg in launches)
+
+
+@pytest.mark.parametrize("eps", [0.3, 1e-3])
+@pytest.mark.parametrize("mode", ["pre", "post"])
+def test_eps_other_than_the_default(mode, eps, resident):
+    # eps reaches the forward's rstd = (var + eps)^-1/2 and the backward's recomputation on both paths
+    # (0.3 is of the order of these groups' variance, so a kernel that used 1e-5 instead fails by ~10%)
+    _check_against_float64((3, 12, 7, 5, 2), torch.float32, mode, True, True, True, mode == "pre",
+                           seed_extra=(resident,), eps=eps)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -231,8 +252,10 @@ def test_parameters_each_in_its_own_dtype(dtype, mode):
     for name, leaf, grad, grad64 in zip(["x", "weight", "bias", "scale", "shift"], leaves, grads, grads64):
         assert grad.dtype == leaf.dtype and grad.shape == leaf.shape, name
         errors["d" + name] = _rel_err(grad, grad64)
-    failed = {name: err for name, err in errors.items() if not err <= TOLERANCE[dtype]}
-    assert not failed, f"errors above tolerance {TOLERANCE[dtype]}: {failed} (all: {errors})"
+    limits = {"y": TOLERANCE[dtype], **{"d" + name: TOLERANCE[leaf.dtype]
+                                        for name, leaf in zip(["x", "weight", "bias", "scale", "shift"], leaves)}}
+    failed = {name: (err, limits[name]) for name, err in errors.items() if not err <= limits[name]}
+    assert not failed, f"errors above tolerance (error, tolerance): {failed} (all: {errors})"
 
 
 # Forced launch configurations: channel blocks smaller than a group (12 = 8 + a tail of 4),

@@ -43,12 +43,13 @@ def test_the_tensors_device_is_made_current(monkeypatch):
 
 def test_every_function_that_launches_a_kernel_is_guarded():
     launchers = {}
-    for module in (importlib.import_module("kernels.group_norm_silu"), importlib.import_module("kernels.attention")):
-        for name, function in vars(module).items():
+    for module in ("group_norm_silu", "attention", "upsample_concat", "bias_residual"):
+        for name, function in vars(importlib.import_module(f"kernels.{module}")).items():
             source = inspect.getsource(inspect.unwrap(function)) if inspect.isfunction(function) else ""
             if re.search(r"_kernel\[|autotune\.launch\(_\w+_kernel\b", source):  # kernel[grid] or launch(kernel, grid)
                 launchers[name] = hasattr(function, "__wrapped__")
-    assert set(launchers) == {"_forward", "_backward", "_attention_forward_into", "_attention_backward_into"}
+    assert set(launchers) == {"_forward", "_backward", "_attention_forward_into", "_attention_backward_into",
+                              "_upsample2x_concat_into", "_upsample2x_backward_into", "_add_bias_residual_into"}
     assert all(launchers.values()), launchers
 
 

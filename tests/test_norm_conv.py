@@ -150,6 +150,38 @@ def test_dilated_grouped_convolution_and_fp32_weights_beside_half_x(x_dtype, mod
                             TOLERANCE[x_dtype])
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("mode", ["pre", "post"])
+def test_rectangular_convolution_per_axis_arguments_and_eps(mode, channels_last):
+    """A 3x2 kernel with stride (2, 1), padding (1, 0) and dilation (1, 2) (each axis its own value, passed
+    through to the convolution and its backward), and eps = 0.3 (about these groups' variance: a norm that
+    kept 1e-5, forward or in backward's recomputation, fails by ~10%)."""
+    shape = (3, 12, 7, 5, 3, 5, 3, 1, 1)
+    test_seed = zlib.crc32(repr(("rectangular", mode, channels_last)).encode())
+    leaves, _ = _inputs(shape, torch.float32, channels_last, True, True, test_seed)
+    gen = torch.Generator().manual_seed(test_seed)
+    leaves["conv_weight"] = (torch.randn(5, 12, 3, 2, generator=gen, dtype=torch.float64) * 72 ** -0.5).to(
+        DEVICE, torch.float32)
+    dout = torch.randn(3, 5, 4, 3, generator=gen, dtype=torch.float64).to(DEVICE, torch.float32)
+    names = list(leaves)
+    for leaf in leaves.values():
+        leaf.requires_grad_()
+
+    def call(fn, leaves):
+        return fn(leaves["x"], leaves["weight"], leaves["bias"], 3, leaves["conv_weight"], leaves["conv_bias"],
+                  stride=(2, 1), padding=(1, 0), dilation=(1, 2), eps=0.3, scale=leaves["scale"],
+                  shift=leaves["shift"], mode=mode)
+
+    out = call(group_norm_silu_conv2d, leaves)
+    grads = torch.autograd.grad(out, list(leaves.values()), dout)
+    leaves64 = {name: leaf.detach().double().requires_grad_() for name, leaf in leaves.items()}
+    out64 = call(group_norm_silu_conv2d_reference, leaves64)
+    grads64 = torch.autograd.grad(out64, list(leaves64.values()), dout.double())
+    assert out.shape == (3, 5, 4, 3)  # rows (7 + 2 - 3) // 2 + 1, columns 5 - (2 * (2 - 1) + 1) + 1
+    _assert_matches_float64(out, out64, dict(zip(names, grads)), dict(zip(names, grads64)), leaves,
+                            TOLERANCE[torch.float32])
+
+
 def _saved_bytes(fn):
     """Bytes of the distinct storages autograd saves while fn() runs."""
     storages = {}

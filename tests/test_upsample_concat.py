@@ -20,9 +20,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, ON_GPU, assert_close, run_without_interpreter
+from conftest import DEVICE, ON_GPU, NanEmptyTorch, assert_close, run_without_interpreter
 
-from kernels.upsample_concat import (  # noqa: E402  (conftest sets TRITON_INTERPRET first)
+import kernels.upsample_concat as upsample_concat_module  # noqa: E402  (conftest sets TRITON_INTERPRET first)
+from kernels.upsample_concat import (  # noqa: E402
     _upsample2x_backward_into,
     _upsample2x_concat_into,
     upsample2x_concat,
@@ -88,12 +89,15 @@ def _kernel(h, skip, h_bias, dout):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("with_bias", [True, False], ids=["h_bias", "no_bias"])
-def test_forward_and_gradients_match_float64(shape, layout, dtype, with_bias):
+def test_forward_and_gradients_match_float64(monkeypatch, shape, layout, dtype, with_bias):
+    poisoned = NanEmptyTorch()  # out and dskip start as NaN: the default tiling must write every element
+    monkeypatch.setattr(upsample_concat_module, "torch", poisoned)
     h, skip, h_bias, dout = _inputs(shape, dtype, dtype, layout, zlib.crc32(repr((shape, layout, dtype)).encode()))
     h_bias = h_bias if with_bias else None
     out, (dh, dskip, dbias) = _kernel(h, skip, h_bias, dout)
     ref_out, (ref_dh, ref_dskip, ref_dbias) = _float64(h, skip, h_bias, dout)
     tol = TOLERANCE[dtype]
+    assert poisoned.allocated >= 2  # out, dskip
     assert out.dtype == dh.dtype == dskip.dtype == dtype
     assert out.is_contiguous(memory_format=LAYOUTS[layout][0])
     assert dskip.is_contiguous(memory_format=LAYOUTS[layout][1])
@@ -107,15 +111,16 @@ def test_forward_and_gradients_match_float64(shape, layout, dtype, with_bias):
 
 @pytest.mark.parametrize("h_dtype,skip_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float16)])
 def test_mixed_dtypes_compute_in_fp32(h_dtype, skip_dtype):
-    """out takes h's dtype (the upsampling rounded once), dskip skip's dtype."""
+    """out takes h's dtype (the upsampling rounded once), dskip skip's dtype; each is held to its own dtype's
+    tolerance (fp32 math throughout: an fp32 result rounded through fp16 on the way fails)."""
     shape = (2, 4, 6, 3, 5)
     h, skip, h_bias, dout = _inputs(shape, h_dtype, skip_dtype, "nchw", 5)
     out, (dh, dskip, dbias) = _kernel(h, skip, h_bias, dout)
     ref_out, (_, ref_dskip, ref_dbias) = _float64(h, skip, h_bias, dout)
     assert out.dtype == dh.dtype == h_dtype and dskip.dtype == skip_dtype
-    assert_close("out", out, ref_out, TOLERANCE[torch.float16])
+    assert_close("out", out, ref_out, TOLERANCE[h_dtype])
     assert torch.equal(dh, dout[:, :shape[1]]), "dh must be dout's h part"
-    assert_close("dskip", dskip, ref_dskip, TOLERANCE[torch.float16])
+    assert_close("dskip", dskip, ref_dskip, TOLERANCE[skip_dtype])
     assert_close("dh_bias", dbias, ref_dbias, 1e-5)
 
 
@@ -193,6 +198,35 @@ def test_half_precision_bias_gradient(dtype):
     assert_close("out", out, ref_out, TOLERANCE[dtype])
     assert_close("dskip", dskip, ref_dskip, TOLERANCE[dtype])
     assert_close("dh_bias", dbias, ref_dbias, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_non_dense_inputs_and_output_gradient_match_float64(monkeypatch, layout):
+    """h a channel slice of a wider tensor, skip every other channel, dout a column slice: the kernels read
+    them through their strides (or a dense copy), and the op's output, written over NaN, and every gradient
+    match float64."""
+    memory_format = LAYOUTS[layout][0]
+    n, ch, cs, height, width = 3, 5, 6, 7, 5
+    gen = torch.Generator(device=DEVICE).manual_seed(zlib.crc32(layout.encode()))
+
+    def randn(*size):
+        return torch.randn(size, generator=gen, device=DEVICE).contiguous(memory_format=memory_format)
+
+    h = randn(n, ch + 3, 2 * height, 2 * width)[:, 2:2 + ch]
+    skip = (randn(n, 2 * cs, height, width) * 3 + 0.5)[:, ::2]
+    h_bias = (torch.randn(2 * ch, generator=gen, device=DEVICE) * 0.5 + 0.2)[::2]
+    dout = randn(n, ch + cs, 2 * height, 2 * width + 3)[..., 1:1 + 2 * width]
+    assert not (h.is_contiguous(memory_format=memory_format) or skip.is_contiguous(memory_format=memory_format)
+                or dout.is_contiguous(memory_format=memory_format) or h_bias.is_contiguous())
+    poisoned = NanEmptyTorch()
+    monkeypatch.setattr(upsample_concat_module, "torch", poisoned)
+    out, (dh, dskip, dbias) = _kernel(h, skip, h_bias, dout)
+    ref_out, (ref_dh, ref_dskip, ref_dbias) = _float64(h, skip, h_bias, dout)
+    assert poisoned.allocated >= 2  # out, dskip
+    assert_close("out", out, ref_out, TOLERANCE[torch.float32])
+    assert torch.equal(dh, dout[:, :ch]), "dh must be dout's h part"
+    assert_close("dskip", dskip, ref_dskip, TOLERANCE[torch.float32])
+    assert_close("dh_bias", dbias, ref_dbias, 1e-5)
 
 
 def test_upsampling_is_pytorch_bilinear():
