@@ -37,6 +37,7 @@ CELEBA_CROP = (57, 25, 128, 128)  # top, left, height, width in the aligned 178x
 CELEBA_IMAGE_SIZE = (178, 218)  # width, height of every aligned CelebA image (img_align_celeba)
 SYNTHETIC_CHUNK = 256  # images drawn per generator seed: image i depends on (seed, i) only
 DECODE_VERSION = 5  # part of the image caches' key: raised whenever decoding changes what a file becomes
+SYNTHETIC_VERSION = 1  # part of the synthetic real set's statistics key: raised whenever synthetic_faces changes
 SKIPPED_SHOWN = 5  # skipped files named in the warning; the rest are counted
 
 

@@ -9,15 +9,19 @@ FID, IS and KID, computed by torch-fidelity.
              dream.data.load_images), served as a Dataset of uint8 (3, H, W) tensors; its features and
              FID statistics are cached by torch-fidelity under <dream cache>/fidelity, so the real set is
              loaded and featurised once; when they are not cached it is loaded, and checked to hold at
-             least 2 images, before sampling; cache files that do not load are deleted and recomputed;
+             least 2 images, before sampling; cache files that do not load or fail their CRC-32s are deleted
+             and recomputed; a CelebA/folder set whose files change between its listing and its loading is
+             an error, not cached;
   metrics    FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) over Inception pool features,
-             IS = exp(E_x KL(p(y|x) || p(y))), KID = unbiased MMD^2 with the kernel (x.y/d + 1)^3;
+             IS = exp(E_x KL(p(y|x) || p(y))) (mean and std over splits of at least ISC_MIN_SPLIT images),
+             KID = unbiased MMD^2 with the kernel (x.y/d + 1)^3;
   report     <out>/report-n<N>.json: sample count, sampler, steps, eta, seed, checkpoint, step, metrics
              (report-n<N>-2.json, ... when scored against another real set, metric list or extractor).
 
 Offline: torch-fidelity downloads the Inception weights on first use. Without a network, pass the file
 with --inception-weights PATH (torch-fidelity's feature_extractor_weights_path); this is checked before
-any sampling, and a missing file is reported in one line. torch-fidelity is imported only here.
+any sampling (its SHA-256 must start with INCEPTION_SHA256_PREFIX), and a missing or wrong file is reported in
+one line. torch-fidelity is imported only here.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ import torch
 
 from dream.checkpoint import require_checkpoint
 from dream.distributed import Distributed, agreed_setup
-from dream.errors import DreamError
+from dream.errors import DreamError, out_of_memory
 from dream.files import atomic_write_text, folder_problem
 from dream.sample import (add_sampling_arguments, check_counts, check_out_dir, checked_sampler, image_path,
                           load_sampler_model, parse_graphs, read_sample, sample_images)
@@ -44,6 +48,8 @@ METRICS = ("fid", "isc", "kid")
 INCEPTION = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+INCEPTION_SHA256_PREFIX = "6726825d"  # the file's SHA-256 starts with the hash in its name (torch hub's convention)
+ISC_MIN_SPLIT = 2  # images per Inception Score split at least: one image's IS is exactly 1 (p(y|x) = p(y))
 REAL_SOURCES = ("synthetic", "celeba", "folder")
 
 
@@ -123,15 +129,35 @@ def load_images(*args, **kwargs):  # indirection: tests check that a cached real
 
 
 def load_real_images(real: dict, size: int, cache_dir=None) -> torch.Tensor:
-    """uint8 (N, 3, size, size); `limit` keeps a fixed random subset (seeded 0) of a CelebA/folder set."""
+    """uint8 (N, 3, size, size); `count` keeps a fixed random subset (seeded 0) of a CelebA/folder set. A CelebA or
+    folder set decodes the files resolve_real_set fingerprinted, or stops (check_real_files_unchanged)."""
     if real["source"] == "synthetic":
         return load_images("synthetic", size=size, count=real["count"], seed=real["seed"])
+    check_real_files_unchanged(real)
     images = load_images(real["source"], real["root"], real["split"], size=size, cache_dir=cache_dir,
                          exclude=real.get("exclude", []))
+    check_real_files_unchanged(real)  # unchanged before and after: load_images listed and decoded those files
     if real.get("count") and real["count"] < images.shape[0]:
         keep = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(0))[:real["count"]]
         images = images[keep.sort().values]
     return images
+
+
+def check_real_files_unchanged(real: dict) -> None:
+    """The CelebA split or folder lists the files whose fingerprint (paths, sizes, modification times) keys the
+    real set's cached statistics, else a one-line DreamError: the features of another set are never cached
+    under that key."""
+    from dream.data import dataset_files, files_fingerprint
+
+    try:
+        files, _, _ = dataset_files(real["source"], Path(real["root"]), real["split"], exclude=real.get("exclude", []))
+        unchanged = files_fingerprint(files) == real["files"]
+    except DreamError:  # the folder, the split's list or one of its images gone
+        unchanged = False
+    if not unchanged:
+        raise DreamError(f"{describe_real_set(real)} changed during the evaluation (images added, removed or "
+                         f"rewritten since it was listed); nothing was cached from it: run dream eval again "
+                         f"(the samples made are kept)")
 
 
 def training_folder(config: dict, checkpoint: str | Path | None) -> Path | None:
@@ -200,10 +226,13 @@ def resolve_real_set(config: dict, source: str | None = None, root: str | None =
 
 
 def real_cache_name(real: dict, size: int, weights_tag: str) -> str:
-    """Keyed on the real set, the image size, the extractor's weights and how images are decoded."""
-    from dream.data import DECODE_VERSION
+    """Keyed on the real set, the image size, the extractor's weights and how images are decoded (or, for the
+    synthetic set, generated)."""
+    from dream.data import DECODE_VERSION, SYNTHETIC_VERSION
 
     identity = {key: value for key, value in real.items() if key != "exclude"}  # the files' fingerprint covers it
+    if real["source"] == "synthetic":
+        identity["generator"] = SYNTHETIC_VERSION
     key = hashlib.sha1(json.dumps([identity, size, weights_tag, DECODE_VERSION], sort_keys=True).encode())
     key = key.hexdigest()[:16]
     return f"dream-real-{real['source']}-{size}px-{key}"
@@ -239,16 +268,20 @@ def real_features_cached(cache_root: Path, cache_name: str, extractor: str, metr
 
 def discard_damaged_cache(cache_root: Path, cache_name: str) -> None:
     """Delete, with a one-line warning, the files of this real set's cache (torch-fidelity's
-    <cache name>-*.pt, dream's <cache name>-count.json) that do not load: they are recomputed from the images."""
+    <cache name>-*.pt, dream's <cache name>-count.json) that do not load or whose bytes changed: they are
+    recomputed from the images."""
     damaged = []
     for path in sorted(cache_root.glob(f"{cache_name}-*")):
         try:
             if path.suffix == ".json":
                 int(json.loads(path.read_text())["count"])
-            else:  # torch.save's zip: its central directory, at the end, is what a cut-short file lacks
+            else:  # torch.save's zip: a central directory (a cut-short file lacks it) and every entry's CRC-32
                 with zipfile.ZipFile(path) as archive:
                     if not archive.namelist():
                         raise ValueError("empty archive")
+                    damaged_entry = archive.testzip()  # reads every entry: a changed pickle or tensor byte
+                    if damaged_entry is not None:
+                        raise ValueError(f"CRC mismatch in {damaged_entry}")
         except Exception:  # noqa: BLE001  - truncated, garbled or empty: all mean "compute it again"
             damaged.append(path)
     if damaged:
@@ -362,6 +395,11 @@ def resolve_feature_extractor(name: str, weights: str | None) -> tuple[str | Non
                 from None
     _check_extractor_loads(name, path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    if name == INCEPTION and not digest.startswith(INCEPTION_SHA256_PREFIX):  # other weights: FIDs not comparable
+        raise DreamError(f"{path} is not {weights_file_name(name)}: its SHA-256 starts with {digest[:8]}, not "
+                         f"{INCEPTION_SHA256_PREFIX} (other Inception weights give FIDs not comparable with "
+                         f"published ones)" + ("; delete it to download it again, or pass --inception-weights PATH"
+                                               if path == hub_file else ""))
     return str(path.resolve()), f"{name}-{digest}"
 
 
@@ -379,7 +417,7 @@ def compute_metrics(generated, real, metrics=METRICS, device="cpu", feature_extr
     """torch-fidelity over two datasets of uint8 (3, H, W) images (generated = input1, real = input2).
     Returns {"fid", "isc_mean", "isc_std", "kid_mean", "kid_std"} for the requested metrics, plus "raw" and
     "settings" (those the requested metrics' numbers depend on, as used: KID's subsets, their size at most
-    either set's count; IS's splits, at most one an image)."""
+    either set's count; IS's splits, of ISC_MIN_SPLIT images at least)."""
     import_fidelity()
     from torch_fidelity import calculate_metrics
 
@@ -387,7 +425,7 @@ def compute_metrics(generated, real, metrics=METRICS, device="cpu", feature_extr
     n_generated = len(generated)
     binary = "fid" in metrics or "kid" in metrics
     n_real = (real_count or len(real)) if binary else None
-    used = dict(isc_splits=max(1, min(isc_splits, n_generated)), kid_subsets=kid_subsets,
+    used = dict(isc_splits=max(1, min(isc_splits, n_generated // ISC_MIN_SPLIT)), kid_subsets=kid_subsets,
                 kid_subset_size=min(kid_subset_size, n_generated, n_real or n_generated))
     kwargs = dict(
         input1=generated, cuda=torch.device(device).type == "cuda", batch_size=batch_size,
@@ -520,9 +558,16 @@ def evaluate(checkpoint: str, out: str | None = None, count: int = 50_000, sampl
         start = time.perf_counter()
         samples = PngImages([image_path(samples_dir, i) for i in range(count)], size)
         samples.check()
-        scores = compute_metrics(samples, real_images, metrics, device, feature_extractor, weights, cache_name,
-                                 cache_root, metrics_batch_size, kid_subset_size, kid_subsets, isc_splits,
-                                 known_real_count, progress)
+        try:
+            scores = compute_metrics(samples, real_images, metrics, device, feature_extractor, weights, cache_name,
+                                     cache_root, metrics_batch_size, kid_subset_size, kid_subsets, isc_splits,
+                                     known_real_count, progress)
+        except RuntimeError as error:  # torch.OutOfMemoryError is one
+            if not out_of_memory(error):
+                raise
+            raise DreamError(f"out of memory computing the metrics in batches of {metrics_batch_size} images on "
+                             f"{device}: pass a smaller --metrics-batch-size (the {count} samples in {samples_dir} "
+                             f"are kept, and a rerun scores them without sampling again)") from None
         metrics_seconds = time.perf_counter() - start
 
     import torch_fidelity

@@ -3,8 +3,12 @@
 small deterministic feature extractor registered through torch-fidelity's extension mechanism, so that
 nothing is downloaded. The metric values are recomputed here from the extractor's features of the PNGs
 and of the real images, with independent formulas."""
+import hashlib
 import json
+import os
 import re
+import struct
+import zipfile
 from fractions import Fraction
 import urllib.error
 from pathlib import Path
@@ -140,16 +144,18 @@ def test_fid_of_samples_matches_sample_statistics_and_population():
 
 
 def test_metric_settings_are_capped_by_the_sets_and_the_scores_stay_finite(tmp_path):
-    """IS's splits at most one an image (an empty split scores NaN); KID's subsets at most the smaller set
-    (torch-fidelity refuses larger ones): 6 samples and 4 real images with the defaults (10 splits, 1000)."""
+    """IS's splits hold 2 images at least (one image's IS is exactly 1, an empty split's NaN); KID's subsets at most
+    the smaller set (torch-fidelity refuses larger ones): 6 samples and 4 real images with the defaults (10 splits,
+    1000)."""
     from dream.evaluate import UInt8Images, compute_metrics
 
     generated = UInt8Images(load_images("synthetic", size=16, count=6, seed=1))
     real = UInt8Images(load_images("synthetic", size=16, count=4, seed=2))
     result = compute_metrics(generated, real, ("isc", "kid"), feature_extractor=EXTRACTOR, kid_subsets=2,
                              cache_dir=tmp_path / "fidelity")
-    assert result["settings"] == {"isc_splits": 6, "kid_subsets": 2, "kid_subset_size": 4}
+    assert result["settings"] == {"isc_splits": 3, "kid_subsets": 2, "kid_subset_size": 4}
     assert all(np.isfinite(result[key]) for key in ("isc_mean", "isc_std", "kid_mean", "kid_std"))
+    assert result["isc_mean"] > 1 and result["isc_std"] > 0  # splits of one image: 1 ± 0 whatever the images
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,6 +279,34 @@ def test_a_damaged_sample_is_one_line_before_scoring(tmp_path, capsys):
     assert main(command) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{png} cannot be read as an image" in err, err
+
+
+class OutOfMemoryFeatures(RandomConvFeatures):
+    """An extractor whose batches do not fit in the device's memory."""
+
+    def all_features(self, x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+OUT_OF_MEMORY = "dream-test-out-of-memory"
+if OUT_OF_MEMORY not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
+    torch_fidelity.register_feature_extractor(OUT_OF_MEMORY, OutOfMemoryFeatures)
+
+
+def test_out_of_memory_while_scoring_is_one_line_and_keeps_the_samples(tmp_path, capsys):
+    from dream.cli import main
+
+    checkpoint = make_checkpoint(tmp_path)
+    out = tmp_path / "eval"
+    code = main(["eval", str(checkpoint), "--out", str(out), "--count", "2", "--steps", "1", "--batch-size", "2",
+                 "--device", "cpu", "--metrics", "isc", "--metrics-batch-size", "32", "--feature-extractor",
+                 OUT_OF_MEMORY, "--cache-dir", str(tmp_path / "fidelity"), "--no-progress"])
+    assert code == 2
+    assert capsys.readouterr().err == (f"dream eval: error: out of memory computing the metrics in batches of 32 "
+                                       f"images on cpu: pass a smaller --metrics-batch-size (the 2 samples in "
+                                       f"{out / 'samples'} are kept, and a rerun scores them without sampling "
+                                       f"again)\n")
+    assert len(list((out / "samples").glob("*.png"))) == 2
 
 
 def test_lost_real_count_is_written_again(tmp_path, monkeypatch):
@@ -408,11 +442,16 @@ def inception_file(tmp_path_factory):
     return path
 
 
+def sha256_prefix(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:8]
+
+
 def test_inception_weights_file_is_checked(tmp_path, empty_hub, monkeypatch, inception_file):
     """The file is checked by building the extractor from it, after loading it as plain tensors (torch-fidelity
     itself unpickles it fully, which could run code)."""
     import shutil
 
+    monkeypatch.setattr(evaluate_module, "INCEPTION_SHA256_PREFIX", sha256_prefix(inception_file))  # (random weights)
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(DreamError, match="not torch-fidelity's Inception weights .*does not load as plain tensors"):
@@ -445,6 +484,28 @@ def test_inception_weights_file_is_checked(tmp_path, empty_hub, monkeypatch, inc
     monkeypatch.chdir(tmp_path)
     path, _ = resolve_feature_extractor(INCEPTION_NAME, "weights/../weights/inception.pth")
     assert path == str(good)
+
+
+def test_inception_weights_of_another_hash_are_refused(tmp_path, empty_hub, inception_file):
+    """The architecture's weights, but not torch-fidelity's file (SHA-256 6726825d...): FIDs from them are not
+    comparable with published ones."""
+    import shutil
+
+    from dream.evaluate import INCEPTION_SHA256_PREFIX
+
+    found = sha256_prefix(inception_file)
+    assert INCEPTION_SHA256_PREFIX == INCEPTION_FILE.rsplit("-", 1)[1].removesuffix(".pth") != found
+    expected = (f"is not torch-fidelity's Inception weights file {INCEPTION_FILE}: its SHA-256 starts with {found}, "
+                f"not {INCEPTION_SHA256_PREFIX} (other Inception weights give FIDs not comparable with published "
+                f"ones)")
+    with pytest.raises(DreamError, match=f"^{re.escape(f'{inception_file} {expected}')}$"):
+        resolve_feature_extractor(INCEPTION_NAME, str(inception_file))
+    hub_file = empty_hub / "checkpoints" / INCEPTION_FILE  # in torch's hub cache: the line says what to do
+    hub_file.parent.mkdir(parents=True)
+    shutil.copy(inception_file, hub_file)
+    with pytest.raises(DreamError, match=f"^{re.escape(f'{hub_file} {expected}')}; delete it to download it again, "
+                                         f"or pass --inception-weights PATH$"):
+        resolve_feature_extractor(INCEPTION_NAME, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -520,6 +581,67 @@ def test_real_folder_statistics_follow_its_files(tmp_path):
     assert after["metrics"]["fid"] != pytest.approx(before["metrics"]["fid"], rel=1e-6)
     fresh = evaluate(str(checkpoint), out=str(tmp_path / "eval"), **{**settings, "cache_dir": tmp_path / "fresh"})
     assert after["metrics"]["fid"] == pytest.approx(fresh["metrics"]["fid"], rel=1e-9)
+
+
+def add_a_face(folder):
+    write_faces(folder, 6, 1)
+
+
+def remove_a_face(folder):
+    (folder / "face000.png").unlink()
+
+
+def rewrite_a_face(folder):
+    face = folder / "face000.png"
+    write_png(face, load_images("synthetic", size=16, count=8, seed=9)[7])
+    os.utime(face, ns=(0, 0))  # the fingerprint's modification time changes whatever the clock's resolution
+
+
+@pytest.mark.parametrize("change", [add_a_face, remove_a_face, rewrite_a_face])
+def test_a_real_folder_changed_while_sampling_is_one_line_and_nothing_is_cached(tmp_path, monkeypatch, change):
+    """The real set's statistics are cached under the fingerprint of the files listed before sampling: a folder
+    that holds other files by the time it is scored stops the evaluation, rather than caching another set's
+    features under that key. The samples are kept; a rerun scores the folder as it now is."""
+    monkeypatch.setenv("DREAM_CACHE", str(tmp_path / "cache"))  # (the decoded-image cache)
+    checkpoint = make_checkpoint(tmp_path)
+    real = tmp_path / "real"
+    write_faces(real, 0, 6)
+    real_sample_images = evaluate_module.sample_images
+
+    def sample_while_the_folder_changes(*args, **kwargs):
+        change(real)
+        return real_sample_images(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "sample_images", sample_while_the_folder_changes)
+    cache = tmp_path / "fidelity"
+    settings = dict(out=str(tmp_path / "eval"), count=2, steps=1, batch_size=2, device="cpu", metrics=("fid",),
+                    real="folder", real_root=str(real), feature_extractor=EXTRACTOR, cache_dir=cache, progress=False)
+    with pytest.raises(DreamError, match=f"^the real set {re.escape(str(real.resolve()))} changed during the "
+                                         r"evaluation \(images added, removed or rewritten since it was listed\); "
+                                         r"nothing was cached from it: run dream eval again \(the samples made are "
+                                         r"kept\)$"):
+        evaluate(str(checkpoint), **settings)
+    assert [path.suffix for path in cache.iterdir()] == [".json"]  # the count of the set listed, not features
+    assert len(list((tmp_path / "eval" / "samples").glob("*.png"))) == 2
+
+    monkeypatch.setattr(evaluate_module, "sample_images", real_sample_images)
+    again = evaluate(str(checkpoint), **settings)
+    fresh = evaluate(str(checkpoint), **{**settings, "cache_dir": tmp_path / "fresh"})
+    assert again["made"] == 0 and again["real"]["images"] == len(list(real.glob("*.png")))
+    assert again["metrics"]["fid"] == pytest.approx(fresh["metrics"]["fid"], rel=1e-12)
+
+
+def test_a_real_folder_changed_while_it_is_decoded_is_refused(tmp_path, monkeypatch):
+    """load_images lists the folder itself: the listing is checked again after decoding, so the images returned
+    are those of the files fingerprinted."""
+    monkeypatch.setenv("DREAM_CACHE", str(tmp_path / "cache"))
+    write_faces(tmp_path / "real", 0, 3)
+    real = resolve_real_set({"data": "folder"}, root=str(tmp_path / "real"))
+    real_load_images = evaluate_module.load_images
+    monkeypatch.setattr(evaluate_module, "load_images",
+                        lambda *a, **k: (real_load_images(*a, **k), add_a_face(tmp_path / "real"))[0])
+    with pytest.raises(DreamError, match="changed during the evaluation"):
+        load_real_images(real, 16)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -626,9 +748,10 @@ def test_damaged_statistics_cache_is_deleted_and_recomputed(tmp_path, capsys):
         f"-{EXTRACTOR}-stat-fid-features.pt"]
     other = cache / "dream-real-synthetic-16px-0123456789abcdef-count.json"  # another real set's: kept
     other.write_text("{")
-    for i, path in enumerate(files):
-        data = path.read_bytes()
-        path.write_bytes(data[:len(data) // 2] if i % 2 else b"")
+    files[0].write_bytes(b"")
+    flip_a_tensor_bit(files[1])
+    overwrite_pickle_bytes(files[2])
+    files[3].write_bytes(files[3].read_bytes()[:files[3].stat().st_size // 2])
 
     with pytest.warns(UserWarning, match="deleting damaged cache files of the real set") as warned:
         assert main(command) == 0
@@ -815,7 +938,7 @@ def test_sampling_settings_are_refused_before_anything_is_loaded(tmp_path, monke
 
 @pytest.mark.parametrize("config, change, message", [
     ({"data": "synthetic"}, {"real_root": "/data/celeba"}, "--real-root names a CelebA or folder real set, but the "
-     "real set is the synthetic one \(the checkpoint's training data\): pass --real celeba or --real folder"),
+     r"real set is the synthetic one \(the checkpoint's training data\): pass --real celeba or --real folder"),
     ({"data": "folder", "data_root": "/faces"}, {"real": "synthetic", "real_root": "/r", "real_split": "test"},
      "--real-root and --real-split name a CelebA or folder real set, but the real set is the synthetic one: "),
     ({}, {"real_split": "test"}, "--real-split names a CelebA or folder real set, but the real set is the "
@@ -845,16 +968,16 @@ def test_the_report_records_the_steps_and_eta_that_ran_and_another_scoring_is_ke
     from dream.evaluate import format_report
 
     checkpoint = make_checkpoint(tmp_path)  # T = 10
-    settings = dict(out=str(tmp_path / "eval"), count=2, sampler="ddpm", batch_size=2, device="cpu",
+    settings = dict(out=str(tmp_path / "eval"), count=4, sampler="ddpm", batch_size=4, device="cpu",
                     metrics=("isc",), feature_extractor=EXTRACTOR, cache_dir=tmp_path / "fidelity", progress=False)
     first = evaluate(str(checkpoint.parent.parent), isc_splits=1, **settings)  # the run folder: its newest checkpoint
     assert (first["sampler"], first["steps"], first["eta"], first["seed"]) == ("ddpm", 10, 1.0, 0)
     assert first["checkpoint"] == str(checkpoint.resolve())
-    assert Path(first["report"]).name == "report-n2.json"
+    assert Path(first["report"]).name == "report-n4.json"
     assert format_report(first).startswith(f"IS {first['metrics']['isc_mean']:.3f} ± ") and \
-        format_report(first).endswith(" on 2 samples (ddpm, seed 0, step 9); report " + first["report"])
+        format_report(first).endswith(" on 4 samples (ddpm, seed 0, step 9); report " + first["report"])
     second = evaluate(str(checkpoint), isc_splits=2, **settings)
-    assert second["made"] == 0 and Path(second["report"]).name == "report-n2-2.json"
+    assert second["made"] == 0 and Path(second["report"]).name == "report-n4-2.json"
     assert json.loads(Path(first["report"]).read_text())["metric_settings"] == {"isc_splits": 1}
 
 
@@ -876,12 +999,16 @@ def test_naming_the_training_data_as_the_real_set_is_the_default_real_set():
         "source": "synthetic", "root": None, "split": None, "count": 12, "seed": 5}
 
 
-def test_real_statistics_are_keyed_on_the_image_size_and_the_extractor_weights():
+def test_real_statistics_are_keyed_on_the_image_size_the_extractor_weights_and_the_synthetic_generator(
+        monkeypatch):
+    import dream.data
     from dream.evaluate import real_cache_name
 
     real = {"source": "synthetic", "root": None, "split": None, "count": 12, "seed": 5}
     names = {real_cache_name(real, 16, "w1"), real_cache_name(real, 32, "w1"), real_cache_name(real, 16, "w2")}
-    assert len(names) == 3
+    monkeypatch.setattr(dream.data, "SYNTHETIC_VERSION", dream.data.SYNTHETIC_VERSION + 1)
+    names.add(real_cache_name(real, 16, "w1"))
+    assert len(names) == 4
 
 
 @pytest.mark.parametrize("metrics, files, cached", [
@@ -930,6 +1057,48 @@ def test_an_empty_archive_in_the_statistics_cache_is_damaged(tmp_path):
     with pytest.warns(UserWarning, match="deleting damaged cache files"):
         discard_damaged_cache(tmp_path, "key")
     assert not empty.exists() and good.exists()
+
+
+def rewrite_zip_entry(path, entry: str, damage) -> None:
+    """Replace the bytes of one entry of torch.save's zip (stored uncompressed) by damage(bytes) of the same length,
+    in place, leaving its CRC-32 as it was."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("/" + entry))
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_length + extra_length
+    data[start:start + info.file_size] = damage(bytes(data[start:start + info.file_size]))
+    path.write_bytes(data)
+
+
+def overwrite_pickle_bytes(path):
+    rewrite_zip_entry(path, "data.pkl", lambda pickled: pickled[:2] + b"\xff" * 8 + pickled[10:])
+
+
+def flip_a_tensor_bit(path):
+    rewrite_zip_entry(path, "data/0", lambda tensor: tensor[:5] + bytes([tensor[5] ^ 0x10]) + tensor[6:])
+
+
+@pytest.mark.parametrize("damage", [overwrite_pickle_bytes, flip_a_tensor_bit])
+def test_a_statistics_cache_file_with_changed_bytes_is_damaged(tmp_path, damage):
+    """torch.save's zip holds a CRC-32 of each entry: overwritten pickle bytes (torch.load: an UnpicklingError)
+    and a flipped bit in tensor data (torch.load: other numbers, silently) both fail it."""
+    from dream.evaluate import discard_damaged_cache
+
+    features = tmp_path / "key-x-features-features.pt"
+    torch.save(torch.linspace(-1, 1, 96, dtype=torch.float64).reshape(8, 12), features)
+    good = tmp_path / "key-x-features-logits.pt"
+    torch.save(torch.ones(8, 10, dtype=torch.float64), good)
+    damage(features)
+    try:
+        damaged_but_loaded = not torch.equal(torch.load(features), torch.linspace(-1, 1, 96).double().reshape(8, 12))
+    except Exception:  # noqa: BLE001
+        damaged_but_loaded = None
+    assert damaged_but_loaded is (None if damage is overwrite_pickle_bytes else True)
+    with pytest.warns(UserWarning, match=f"^deleting damaged cache files of the real set, to compute them again: "
+                                         f"{re.escape(str(features))}$"):
+        discard_damaged_cache(tmp_path, "key")
+    assert not features.exists() and good.exists()
 
 
 def test_the_number_of_real_images_does_not_make_a_scoring_of_another_kind(tmp_path):
