@@ -128,8 +128,8 @@ def check_settings(out_dir: Path, settings: dict) -> None:
     """Record the settings that determine the images in out_dir/sampling.json; refuse to add images made
     with other settings to a folder that already holds some (a resumed run must continue the same set).
     A folder without images (a run stopped before its first batch was written) takes the new settings.
-    A folder holding PNGs without a readable record is refused: they may be anyone's files, or a set
-    whose settings are lost, and would be overwritten or silently mixed."""
+    A folder holding PNGs without a readable record, or whose record lacks one of `settings`, is refused: they
+    may be anyone's files, or a set whose settings are lost, and would be overwritten or silently mixed."""
     path = out_dir / SETTINGS_FILE
     pngs = sorted(out_dir.glob("*.png"))
     if pngs:
@@ -153,6 +153,11 @@ def check_settings(out_dir: Path, settings: dict) -> None:
                 if key in recorded and recorded[key] != value:
                     raise DreamError(f"{out_dir} holds images made with {key}={recorded[key]!r}, this run has "
                                      f"{key}={value!r}; use another output folder (or delete that one)")
+            unrecorded = [key for key in settings if key not in recorded]
+            if unrecorded:  # e.g. weights_sha256, which older releases did not record: other weights, maybe
+                raise DreamError(f"{out_dir} holds images whose {SETTINGS_FILE} does not record "
+                                 f"{', '.join(unrecorded)} (written by an older dream, or by another caller), so "
+                                 f"they cannot be checked against this run's; use another output folder")
             return
     atomic_write_text(path, json.dumps(settings, indent=1))
 

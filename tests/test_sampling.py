@@ -8,6 +8,7 @@ loops give the same images for the same seed (eager, triton and compiled models,
 steps per graph), captures are reused, noise is fresh at every replay, and a loop makes no host sync.
 """
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -805,6 +806,23 @@ def test_a_folder_with_pngs_but_no_record_is_refused_untouched(tmp_path):
         sample_from_checkpoint(str(checkpoint), str(tmp_path / "fresh"), **{**common, "count": 4})
 
 
+def test_a_set_whose_record_lacks_a_setting_is_refused_untouched(tmp_path):
+    """A record without weights_sha256 (older releases did not write it) cannot tell whether its images came
+    from these weights: the set is not continued, whatever the other settings say."""
+    checkpoint = make_checkpoint(tmp_path)
+    common = dict(count=2, batch_size=1, steps=2, progress=False)
+    out = tmp_path / "old"
+    sample_from_checkpoint(str(checkpoint), str(out), **{**common, "count": 1})
+    record = json.loads((out / "sampling.json").read_text())
+    del record["weights_sha256"]
+    (out / "sampling.json").write_text(json.dumps(record))
+    first = image_path(out, 0).read_bytes()
+    with pytest.raises(DreamError, match=f"^{re.escape(str(out))} holds images whose sampling.json does not record "
+                                         r"weights_sha256 \(written by an older dream"):
+        sample_from_checkpoint(str(checkpoint), str(out), **common)
+    assert image_path(out, 0).read_bytes() == first and not image_path(out, 1).exists()
+
+
 def test_bad_output_folders_are_one_line_before_the_model_loads(tmp_path, monkeypatch):
     import dream.sample
 
@@ -951,15 +969,18 @@ def test_a_folder_whose_images_are_gone_takes_new_settings_despite_its_grid(tmp_
     assert json.loads((tmp_path / "sampling.json").read_text()) == {"steps": 2, "seed": 0}
 
 
-def test_a_record_without_a_setting_continues_under_that_setting(tmp_path):
-    """A setting the record does not hold (one an earlier version did not record) does not stop the set."""
+def test_a_record_without_a_setting_is_not_continued(tmp_path):
+    """A setting the record does not hold (one an earlier version did not record) stops the set, after the
+    settings it does hold are compared (a changed one is named first)."""
     from dream.sample import check_settings
 
     check_settings(tmp_path, {"steps": 2})
     image_path(tmp_path, 0).write_bytes(b"an image")
-    check_settings(tmp_path, {"steps": 2, "noise_device": "cpu"})
+    check_settings(tmp_path, {"steps": 2})
     with pytest.raises(DreamError, match="holds images made with steps=2, this run has steps=3"):
         check_settings(tmp_path, {"steps": 3, "noise_device": "cpu"})
+    with pytest.raises(DreamError, match="holds images whose sampling.json does not record noise_device "):
+        check_settings(tmp_path, {"steps": 2, "noise_device": "cpu"})
 
 
 def test_an_unwritable_out_says_whether_it_or_its_parent_is_the_problem(tmp_path, monkeypatch):
