@@ -427,7 +427,7 @@ def headline_lines(out: Path, started: float, on_gpu: bool = True) -> list[str]:
                 done = [r for r in rows if r.get("status") == "ok" and r.get("time_s")]
                 ours = [r for r in done if r["role"] == "ours"]
                 anchors = [r for r in done if r["role"] != "ours"]
-                bad = [r["variant"] for r in rows if r.get("status") == "mismatch"]
+                bad = [f"{r['variant']} ({r['status']})" for r in rows if r.get("status") in ("mismatch", "error")]
                 text = f"{case_id:<36}"
                 if ours:
                     best = min(ours, key=lambda r: r["time_s"])
@@ -438,7 +438,7 @@ def headline_lines(out: Path, started: float, on_gpu: bool = True) -> list[str]:
                         fastest = min(anchors, key=lambda r: r["time_s"])
                         text += f"  {significant(fastest['time_s'] / best['time_s'])}x vs {fastest['variant']}"
                 if bad:
-                    text += f"  MISMATCH {','.join(bad)}"
+                    text += f"  FAILED {', '.join(bad)}"
                 if ours or bad:
                     lines.append(text)
         summary = report.get("summary")

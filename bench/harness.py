@@ -192,6 +192,7 @@ class Variant:
     name: str
     build: Callable[["CaseState"], Runner | Callable]
     role: str = "anchor"  # "ours" (the project's path) or "anchor"
+    own_code: bool = False  # an anchor that runs the project's code (ours by another path): its errors fail the case
     dtype: torch.dtype = torch.float32  # the precision it computes in (tolerance, bytes, ceiling)
     gpu_only: bool = False
     cpu: bool = True  # run on CPU by default
@@ -660,11 +661,12 @@ def run_variant(benchmark, case: Case, variant: Variant) -> dict:
         except Mismatch:
             raise
         except Exception as error:  # noqa: BLE001
-            if variant.role == "ours":
+            reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+            if variant.role == "ours" or variant.own_code:  # the project's code failed: the report says so
+                SESSION.record(case, variant, status="error", reason=reason)
                 raise
             # an anchor that cannot run here (a library limit, an inductor failure, out of memory) is
             # reported and skipped: it is not the project's path
-            reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
             SESSION.record(case, variant, status="skipped", reason=f"anchor failed: {reason}")
             pytest.skip(f"{variant.name} (anchor) failed: {reason}")
         finally:

@@ -138,8 +138,8 @@ def case_table(rows: list[dict]) -> str:
             row.append(_num(r.get("images_per_s"), 4) if ok else "")
         if graphed:
             row.append(_ms(r.get("time_plain_s")) if ok else "")
-        if ok and str(r.get("timing", "")).startswith("plain ("):
-            status += f" [{r['timing']}]"
+        if ok and graphed and str(r.get("timing", "")).startswith("plain"):  # under a "(graph)" header
+            status += f" [{r['timing'] if r['timing'] != 'plain' else 'timed as plain calls'}]"
         peak, setup_peak = r.get("peak_bytes"), r.get("setup_peak_bytes")
         row += [_num(peak / 2**30) if peak else "", _num(setup_peak / 2**30) if setup_peak else ""]
         row += _telemetry_cells(r) if ok else ["", "", ""]
@@ -235,7 +235,7 @@ def summary_lines() -> list[str]:
         done = timed(rows)
         ours = [r for r in done if r["role"] == "ours"]
         anchors = [r for r in done if r["role"] != "ours"]
-        failed = [r["variant"] for r in rows if r.get("status") == "mismatch"]
+        failed = [f"{r['variant']} ({r['status']})" for r in rows if r.get("status") in ("mismatch", "error")]
         text = f"{case_id:<42}"
         if any("estimate_bytes" in r for r in rows):
             parts = []
@@ -260,6 +260,6 @@ def summary_lines() -> list[str]:
             a = min(anchors, key=lambda r: r["time_s"])
             text += f" (no ours timed) fastest {a['variant']} {_ms(a['time_s'])} ms"
         if failed:
-            text += f"  MISMATCH: {', '.join(failed)}"
+            text += f"  FAILED: {', '.join(failed)}"
         lines.append(text)
     return lines

@@ -153,7 +153,8 @@ def variant(op, path, direction):
     notes = {"direct": "ours: the op's implementation called directly (kernels.dispatch)",
              "dispatcher": "ours through torch.ops (torch.library's dispatcher and autograd wrapper)",
              "eager": "the eager reference, kernels run for real"}
-    return Variant(path, build, role="ours" if path == "direct" else "anchor", dtype=DTYPE, graph=False,
+    return Variant(path, build, role="ours" if path == "direct" else "anchor", own_code=path == "dispatcher",
+                   dtype=DTYPE, graph=False,
                    note=notes[path])
 
 

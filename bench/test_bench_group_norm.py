@@ -206,7 +206,7 @@ def variants(site, direction):
                 note="launch configurations timed on first use (kernels.autotune)"),
         Variant("eager", eager, dtype=DTYPE, note="group_norm_silu_reference in x's dtype"
                 + (", then F.dropout" if dropout_p else "")),
-        Variant("eager_autocast", eager_autocast, dtype=torch.bfloat16,
+        Variant("eager_autocast", eager_autocast, dtype=DTYPE,  # (on CPU the inputs are fp32: so is autocast)
                 note="bf16 autocast: GroupNorm runs in fp32, as in the eager model"),
         Variant("compile", compiled("default"), dtype=DTYPE, cpu=False),
         Variant("compile_max_autotune", compiled("max-autotune"), dtype=DTYPE, gpu_only=True, graph=False,

@@ -120,7 +120,7 @@ def variants(objective):
                 note="--cuda-graphs: the step's device work captured once and replayed (one launch a step)"),
         Variant(f"triton_{ours}_step_sync", step_variant(objective, read_each_step=True, backend="triton",
                                                           precision=ours, channels_last=ON_GPU),
-                dtype=dtype, cpu=ours_on_cpu, explicit=True,
+                dtype=dtype, cpu=ours_on_cpu, explicit=True, own_code=True,
                 note="ours with each step's result read on the host as it returns: the overlap of step s + 1's "
                      "host work with step s that the device-side skip allows"),
     ]
@@ -146,7 +146,7 @@ def variants(objective):
                 role="ours", dtype=dtype, cpu=False),
         Variant(f"triton_{ours}_dispatcher", step_variant(objective, through_dispatcher=True, backend="triton",
                                                            precision=ours, channels_last=ON_GPU),
-                dtype=dtype, explicit=True,
+                dtype=dtype, explicit=True, own_code=True,
                 note="ours with the kernels' ops called through torch.library's dispatcher (kernels.dispatch): "
                      "the host time the direct calls save"),
         Variant(f"triton_{ours}_autotuned", autotuned(step_variant(objective, backend="triton", precision=ours,

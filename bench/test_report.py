@@ -79,21 +79,32 @@ def test_a_mismatch_fails_the_case_and_is_recorded_and_reported(session):
     assert row["status"] == "mismatch" and row["tolerance"] == harness.tolerance("kernel", torch.float32)
     assert "y: 0.01" in row["reason"] and "time_s" not in row
     [line] = report.summary_lines()
-    assert line.endswith("MISMATCH: wrong"), line
+    assert line.endswith("FAILED: wrong (mismatch)"), line
     table = report.case_table(session.results)
     [wrong_row] = [line for line in table.splitlines() if line.startswith("| wrong ")]
     assert "mismatch: output differs from the reference" in wrong_row, table
 
 
-def test_an_error_in_ours_fails_the_case_while_a_failing_anchor_is_skipped(session):
+def test_an_error_in_the_projects_code_fails_the_case_and_is_reported_while_a_failing_anchor_is_skipped(session):
+    """ours, or an anchor running the project's code by another path (own_code), fails the case, and its row,
+    the table and the summary say so; a third-party anchor that cannot run is skipped with its reason."""
     case = doubling_case([])
     with pytest.raises(RuntimeError, match="no kernel"):
         run_unskipped(case, Variant("ours", failing, role="ours"))
+    with pytest.raises(RuntimeError, match="no kernel"):
+        run_unskipped(case, Variant("ours_by_the_dispatcher", failing, own_code=True))
     with pytest.raises(pytest.skip.Exception, match="anchor"):
         run_variant(None, case, Variant("anchor", failing))
-    [row] = session.results
-    assert row["variant"] == "anchor" and row["status"] == "skipped"
-    assert row["reason"] == "anchor failed: RuntimeError: no kernel for this shape"
+    rows = {row["variant"]: row for row in session.results}
+    assert {name: row["status"] for name, row in rows.items()} == {
+        "ours": "error", "ours_by_the_dispatcher": "error", "anchor": "skipped"}
+    assert rows["ours"]["reason"] == "RuntimeError: no kernel for this shape"
+    assert rows["anchor"]["reason"] == "anchor failed: RuntimeError: no kernel for this shape"
+    [line] = report.summary_lines()
+    assert line.endswith("FAILED: ours (error), ours_by_the_dispatcher (error)"), line
+    table = report.case_table(session.results)
+    [ours_row] = [line for line in table.splitlines() if line.startswith("| ours ")]
+    assert "error: RuntimeError: no kernel for this shape" in ours_row, table
 
 
 def test_a_smoke_run_times_the_checked_call_once(session):
@@ -211,6 +222,19 @@ def test_case_table_ratios_are_anchor_time_over_the_first_ours():
     ratios = {line.split(" | ")[0][2:]: line.split(" | ")[5] for line in table[2:]}
     assert ratios == {"ours_slow": "1.00x (ours)", "ours_fast": "", "anchor_fast": "0.750x",
                       "anchor_slow": "2.00x"}
+
+
+def test_rows_not_timed_as_graph_replays_say_so_under_a_graph_header():
+    """The time column reads "(graph)" when a row was replayed as a CUDA graph; rows timed as plain calls
+    (by choice, or because capture failed) say so in their status."""
+    timings = {"ours_slow": "cuda-graph", "ours_fast": "cuda-graph", "anchor_fast": "plain",
+               "anchor_slow": "plain (graph capture failed: RuntimeError: capture)"}
+    rows = [dict(r, timing=timings[r["variant"]], time_plain_s=2 * r["time_s"]) for r in timed_rows()]
+    table = report.case_table(rows).splitlines()
+    assert "time ms (graph)" in table[0], table[0]
+    status = {line.split(" | ")[0][2:]: line.split(" | ")[-1].rstrip(" |") for line in table[2:]}
+    assert status == {"ours_slow": "ok", "ours_fast": "ok", "anchor_fast": "ok [timed as plain calls]",
+                      "anchor_slow": "ok [plain (graph capture failed: RuntimeError: capture)]"}, status
 
 
 def test_a_speedup_goal_equal_to_its_target_is_met_and_a_missing_percentage_is_n_a():

@@ -856,6 +856,7 @@ def test_gpu_suite_headlines_pick_the_fastest_ours_and_anchor_and_name_what_fail
             {**timed, "variant": "anchor_fast", "role": "anchor", "time_s": 0.003},
             {**timed, "variant": "anchor_slow", "role": "anchor", "time_s": 0.008},
             {"case": "unit/broken/fwd", "variant": "broken", "role": "anchor", "status": "mismatch"},
+            {"case": "unit/broken/fwd", "variant": "crashed", "role": "ours", "status": "error"},
             {"case": "memory/seed_b128/step", "variant": "ckpt_none", "role": "ours", "status": "ok",
              "policy": "none", "estimate_bytes": 9e9, "measured_bytes": 8e9, "fits": False}]
     (device / "2026-11-30-bench-kernels.json").write_text(json.dumps({"results": rows}))
@@ -866,7 +867,7 @@ def test_gpu_suite_headlines_pick_the_fastest_ours_and_anchor_and_name_what_fail
     assert len(lines) == 3 and not any("earlier" in line for line in lines), lines
     [memory, broken, double] = sorted(lines)
     assert " ours_fast " in double and " 2.000 ms  50.0%" in double and double.endswith("1.50x vs anchor_fast"), double
-    assert broken.startswith("unit/broken/fwd") and broken.endswith("MISMATCH broken"), broken
+    assert broken.startswith("unit/broken/fwd") and broken.endswith("FAILED broken (mismatch), crashed (error)"), broken
     assert "measured   8.00 GB  OVER 6.8 GB" in memory, memory
 
 
