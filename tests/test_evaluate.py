@@ -83,8 +83,13 @@ class RandomConvFeatures(torch_fidelity.FeatureExtractorBase):
         return tuple(found[name] for name in self.features_list)
 
 
-if EXTRACTOR not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
-    torch_fidelity.register_feature_extractor(EXTRACTOR, RandomConvFeatures)
+def register_extractor(name: str, extractor: type) -> None:
+    """Register with torch-fidelity once (the module may be imported again, e.g. by another test runner)."""
+    if name not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
+        torch_fidelity.register_feature_extractor(name, extractor)
+
+
+register_extractor(EXTRACTOR, RandomConvFeatures)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,8 +294,7 @@ class OutOfMemoryFeatures(RandomConvFeatures):
 
 
 OUT_OF_MEMORY = "dream-test-out-of-memory"
-if OUT_OF_MEMORY not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
-    torch_fidelity.register_feature_extractor(OUT_OF_MEMORY, OutOfMemoryFeatures)
+register_extractor(OUT_OF_MEMORY, OutOfMemoryFeatures)
 
 
 def test_out_of_memory_while_scoring_is_one_line_and_keeps_the_samples(tmp_path, capsys):
@@ -377,8 +381,7 @@ class UnreachableFeatures(RandomConvFeatures):
 
 
 UNREACHABLE = "dream-test-unreachable"
-if UNREACHABLE not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
-    torch_fidelity.register_feature_extractor(UNREACHABLE, UnreachableFeatures)
+register_extractor(UNREACHABLE, UnreachableFeatures)
 
 
 def test_unloadable_feature_extractor_is_one_line_before_sampling(tmp_path, capsys):
@@ -404,8 +407,7 @@ class WeightedFeatures(RandomConvFeatures):
 
 
 WEIGHTED = "dream-test-weighted"
-if WEIGHTED not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
-    torch_fidelity.register_feature_extractor(WEIGHTED, WeightedFeatures)
+register_extractor(WEIGHTED, WeightedFeatures)
 
 
 def test_a_wrong_weights_file_for_any_extractor_is_one_line_before_sampling(tmp_path, capsys):
