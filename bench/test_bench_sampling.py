@@ -192,7 +192,7 @@ def loop_variants():
                 note="GaussianDiffusion.ddim_sample_loop"),
         Variant("eager_bf16", loop_variant("eager", "bf16"), dtype=torch.bfloat16),
         Variant("eager_bf16_graphs", engine_loop_variant("eager", "bf16", True), dtype=torch.bfloat16, gpu_only=True,
-                note="the eager model in the engine's CUDA graphs"),
+                own_code=True, note="the eager model in the engine's CUDA graphs"),
         Variant("compile_bf16", loop_variant("eager", "bf16", "default"), dtype=torch.bfloat16, cpu=False),
         Variant("eager_fp32", loop_variant("eager", "fp32"), dtype=torch.float32, explicit=SETTINGS.full,
                 note="slow at full size: runs only when selected"),

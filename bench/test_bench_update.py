@@ -73,8 +73,10 @@ class UpdateState:
 
     def outputs(self):
         """(p1 - p0, s1 - s0) in fp32: the subtraction adds at most one rounding to p1's (none where p1 and p0
-        are within a factor 2: Sterbenz)."""
-        return tuple(now - start for now, start in zip(self.flat(), self.start))
+        are within a factor 2: Sterbenz). Once: the copies of p0 and s0 go, so the timed updates' peak memory
+        does not hold them."""
+        start, self.start = self.start, None
+        return tuple(now - before for now, before in zip(self.flat(), start))
 
 
 def device_decided(update: UpdateState, inputs):

@@ -287,18 +287,23 @@ def test_a_damaged_sample_is_one_line_before_scoring(tmp_path, capsys):
 
 
 class OutOfMemoryFeatures(RandomConvFeatures):
-    """An extractor whose batches do not fit in the device's memory."""
+    """An extractor whose batches do not fit in the device's (or the host's) memory."""
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     def all_features(self, x):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise self.error
 
 
 OUT_OF_MEMORY = "dream-test-out-of-memory"
 register_extractor(OUT_OF_MEMORY, OutOfMemoryFeatures)
 
 
-def test_out_of_memory_while_scoring_is_one_line_and_keeps_the_samples(tmp_path, capsys):
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   MemoryError()], ids=["cuda", "host"])
+def test_out_of_memory_while_scoring_is_one_line_and_keeps_the_samples(tmp_path, capsys, monkeypatch, error):
     from dream.cli import main
+
+    monkeypatch.setattr(OutOfMemoryFeatures, "error", error)
 
     checkpoint = make_checkpoint(tmp_path)
     out = tmp_path / "eval"
@@ -620,7 +625,7 @@ def test_a_real_folder_changed_while_sampling_is_one_line_and_nothing_is_cached(
                     real="folder", real_root=str(real), feature_extractor=EXTRACTOR, cache_dir=cache, progress=False)
     with pytest.raises(DreamError, match=f"^the real set {re.escape(str(real.resolve()))} changed during the "
                                          r"evaluation \(images added, removed or rewritten since it was listed\); "
-                                         r"nothing was cached from it: run dream eval again \(the samples made are "
+                                         r"no features were cached from it: run dream eval again \(the samples made are "
                                          r"kept\)$"):
         evaluate(str(checkpoint), **settings)
     assert [path.suffix for path in cache.iterdir()] == [".json"]  # the count of the set listed, not features
@@ -1079,6 +1084,22 @@ def overwrite_pickle_bytes(path):
 
 def flip_a_tensor_bit(path):
     rewrite_zip_entry(path, "data/0", lambda tensor: tensor[:5] + bytes([tensor[5] ^ 0x10]) + tensor[6:])
+
+
+def test_a_statistics_cache_file_saved_without_crc32s_is_not_damaged(tmp_path, monkeypatch):
+    """torch.save with serialization's compute_crc32 off records 0 for every entry: such a file loads, and is kept."""
+    from dream.evaluate import discard_damaged_cache
+
+    config = getattr(getattr(torch.utils, "serialization", None), "config", None)
+    if config is None or not hasattr(config.save, "compute_crc32"):
+        pytest.skip("this torch has no serialization.config.save.compute_crc32")
+    monkeypatch.setattr(config.save, "compute_crc32", False)
+    features = tmp_path / "key-x-features-features.pt"
+    torch.save(torch.linspace(-1, 1, 96, dtype=torch.float64).reshape(8, 12), features)
+    with zipfile.ZipFile(features) as archive:
+        assert {entry.CRC for entry in archive.infolist()} == {0}
+    discard_damaged_cache(tmp_path, "key")
+    assert features.exists()
 
 
 @pytest.mark.parametrize("damage", [overwrite_pickle_bytes, flip_a_tensor_bit])

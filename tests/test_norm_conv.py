@@ -23,6 +23,7 @@ from conftest import DEVICE, ON_GPU
 from kernels import group_norm_silu, group_norm_silu_conv2d, group_norm_silu_conv2d_reference  # noqa: E402
 
 gns = importlib.import_module("kernels.group_norm_silu")
+pytestmark = pytest.mark.usefixtures("exact_fp32")  # fp32 convolutions on a GPU without TF32 (1e-5 tolerance)
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 _needs_cuda = pytest.mark.skipif(not ON_GPU, reason="bf16 needs CUDA (the interpreter mishandles bf16)")
