@@ -625,8 +625,8 @@ def test_a_real_folder_changed_while_sampling_is_one_line_and_nothing_is_cached(
                     real="folder", real_root=str(real), feature_extractor=EXTRACTOR, cache_dir=cache, progress=False)
     with pytest.raises(DreamError, match=f"^the real set {re.escape(str(real.resolve()))} changed during the "
                                          r"evaluation \(images added, removed or rewritten since it was listed\); "
-                                         r"no features were cached from it: run dream eval again \(the samples made are "
-                                         r"kept\)$"):
+                                         r"no features were cached from it: run dream eval again \(the samples "
+                                         r"made are kept\)$"):
         evaluate(str(checkpoint), **settings)
     assert [path.suffix for path in cache.iterdir()] == [".json"]  # the count of the set listed, not features
     assert len(list((tmp_path / "eval" / "samples").glob("*.png"))) == 2
