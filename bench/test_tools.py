@@ -57,6 +57,34 @@ def test_trace_summary_counts_and_busy_fraction():
     assert list(s["host_waits"]) == ["cudaMemcpyAsync", "cudaDeviceSynchronize"]  # the longest first
 
 
+def test_trace_summary_counts_only_the_profiled_window():
+    """Launches, waits and kernels outside the steps (before the first, or after the last) are not counted; a kernel
+    launched in the last step that runs after it still is, and widens the window. Kernels are matched to their
+    launch calls by correlation id; an unmatched one counts when it starts at or after the first step."""
+    def launched(cat, name, ts, dur, correlation):
+        return {**event(cat, name, ts, dur), "args": {"correlation": correlation}}
+
+    trace = {"traceEvents": [
+        launched("cuda_runtime", "cudaLaunchKernel", 2.0, 1.0, 1),      # before the first step
+        event("cuda_runtime", "cudaStreamSynchronize", 8.0, 2.0),        # before the first step
+        launched("cuda_runtime", "cudaLaunchKernel", 9.0, 1.0, 2),      # before the first step ...
+        launched("kernel", "setup", 4.0, 6.0, 1),                       # runs before the first step
+        event("user_annotation", "ProfilerStep#3", 20.0, 30.0),
+        launched("kernel", "queued", 21.0, 2.0, 2),                     # ... runs in it: not counted
+        launched("cuda_runtime", "cudaLaunchKernel", 22.0, 1.0, 3),
+        launched("kernel", "work", 25.0, 40.0, 3),                      # ends at 65, after the step
+        event("kernel", "unmatched", 30.0, 5.0),                        # no correlation: starts in the window
+        event("cuda_runtime", "cudaStreamSynchronize", 48.0, 1.0),
+        launched("cuda_runtime", "cudaLaunchKernel", 70.0, 1.0, 4),     # after the last step
+        launched("kernel", "late", 72.0, 3.0, 4),                       # launched after the last step
+    ]}
+    s = summarize_trace(trace)
+    assert s["steps"] == 1 and s["launches"] == 1 and s["kernels"] == 2
+    assert s["host_waits"] == {"cudaStreamSynchronize": {"calls": 1, "total_us": 1.0}}
+    assert [k["name"] for k in s["top_kernels"]] == ["work", "unmatched"]
+    assert s["window_us"] == pytest.approx(45.0) and s["busy_us"] == pytest.approx(40.0)
+
+
 def test_trace_summary_without_gpu_events():
     s = summarize_trace({"traceEvents": [event("user_annotation", "ProfilerStep#0", 0.0, 50.0),
                                          event("cpu_op", "aten::mm", 1.0, 10.0)]})

@@ -302,24 +302,37 @@ NO_GPU_EVENTS = ("the trace holds no GPU kernel, copy or memset in the profiled 
                  "and kernel table are unknown, not zero")
 
 
+def in_window(launch_ts: float | None, ts: float, start: float, stop: float) -> bool:
+    """Whether a GPU event belongs to the steps start..stop: its launch call's start is inside them, or, with no
+    launch call known, the event itself starts at or after start."""
+    return start <= launch_ts <= stop if launch_ts is not None else ts >= start
+
+
 def summarize_trace(trace: dict, top: int = 20) -> dict:
-    """Numbers from a torch.profiler Chrome trace (times in microseconds):
+    """Numbers from a torch.profiler Chrome trace (times in microseconds), over the profiled window:
     steps (ProfilerStep spans), window = first step start .. max(last step end, last GPU event end),
     busy_fraction = |union of GPU event intervals within the window| / window,
     kernels and launches (runtime/driver launch calls; graph launches counted apart), top kernels, and
-    host_waits: the calls and time of each runtime/driver call in which the host can wait for the device."""
+    host_waits: the calls and time of each runtime/driver call in which the host can wait for the device.
+    Host events count when they start inside the steps; GPU events when the runtime/driver call that launched them
+    (matched by args.correlation) does, or, without a match, when they start at or after the first step.
+    A trace without steps is counted whole."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
     steps = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events
                    if str(e.get("name", "")).startswith("ProfilerStep#") and e.get("cat") != "gpu_user_annotation")
     gpu = [e for e in events if e.get("cat") in GPU_CATEGORIES]
+    host = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
+    if steps:
+        launched_at = {e["args"]["correlation"]: float(e["ts"]) for e in host if "correlation" in e.get("args", {})}
+        host = [e for e in host if steps[0][0] <= float(e["ts"]) <= steps[-1][1]]
+        gpu = [e for e in gpu if in_window(launched_at.get(e.get("args", {}).get("correlation")), float(e["ts"]),
+                                           steps[0][0], steps[-1][1])]
     kernels = [e for e in gpu if e.get("cat") == "kernel"]
-    launches = sum(1 for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")
-                   and LAUNCH_PATTERN.search(str(e.get("name", ""))))
-    graph_launches = sum(1 for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")
-                         and GRAPH_LAUNCH_PATTERN.search(str(e.get("name", ""))))
+    launches = sum(1 for e in host if LAUNCH_PATTERN.search(str(e.get("name", ""))))
+    graph_launches = sum(1 for e in host if GRAPH_LAUNCH_PATTERN.search(str(e.get("name", ""))))
     waits: dict[str, dict] = {}
-    for e in events:
-        if e.get("cat") in ("cuda_runtime", "cuda_driver") and HOST_WAIT_PATTERN.match(str(e.get("name", ""))):
+    for e in host:
+        if HOST_WAIT_PATTERN.match(str(e.get("name", ""))):
             entry = waits.setdefault(str(e["name"]), {"calls": 0, "total_us": 0.0})
             entry["calls"] += 1
             entry["total_us"] += float(e["dur"])
@@ -328,9 +341,8 @@ def summarize_trace(trace: dict, top: int = 20) -> dict:
     if steps:
         start = steps[0][0]
         end = max([steps[-1][1]] + [float(e["ts"]) + float(e["dur"]) for e in gpu])
-        window = max(end - start, 1e-9)
-        clipped = [(max(float(e["ts"]), start), min(float(e["ts"]) + float(e["dur"]), end)) for e in gpu]
-        busy = _union_length([(a, b) for a, b in clipped if b > a])
+        window = end - start or 1e-9
+        busy = _union_length([(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in gpu])
         result.update(window_us=window, busy_us=busy, busy_fraction=busy / window if gpu else None,
                       step_us=[b - a for a, b in steps])
     by_name: dict[str, list[float]] = {}
