@@ -229,3 +229,24 @@ def test_ancestral_loop_visits_every_timestep_down_to_zero_and_draws_from_its_ge
         runs.append(d.p_sample_loop(model, (2, 3, 4, 4), generator=torch.Generator().manual_seed(7), progress=False))
     assert seen[:6] == [[t, t] for t in range(5, -1, -1)] and len(seen) == 12
     assert torch.equal(runs[0], runs[1])
+
+
+def test_reference_samplers_default_noise_is_the_standard_normal_draw():
+    """Without `noise`, p_sample and ddim_step (eta > 0) draw torch.randn_like(x_t) from the global generator,
+    and the loops without x_T start from torch.randn(shape, generator=generator): the same results as with those
+    draws passed in."""
+    d = GaussianDiffusion("cosine", 6)
+    model = ToyDenoiser()
+    x_t, t = torch.randn(2, 3, 4, 4), torch.full((2,), 3)
+    for step in (lambda **kw: d.p_sample(model, x_t, t, **kw),
+                 lambda **kw: d.ddim_step(model, x_t, t, t - 2, eta=0.5, **kw)):
+        torch.manual_seed(21)
+        drawn = step()
+        torch.manual_seed(21)
+        assert torch.equal(drawn, step(noise=torch.randn_like(x_t)))
+    shape = (2, 3, 4, 4)
+    for loop in (lambda g, **kw: d.p_sample_loop(model, shape, generator=g, progress=False, **kw),
+                 lambda g, **kw: d.ddim_sample_loop(model, shape, steps=3, eta=0.5, generator=g, progress=False, **kw)):
+        drawn = loop(torch.Generator().manual_seed(5))
+        g = torch.Generator().manual_seed(5)
+        assert torch.equal(drawn, loop(g, x_T=torch.randn(shape, generator=g)))

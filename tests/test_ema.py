@@ -174,3 +174,22 @@ def test_a_conditional_update_matches_the_plain_one():
     for a, b in zip(plain.shadow, decided.shadow):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert plain.num_updates == decided.num_updates == 1
+
+
+@pytest.mark.parametrize("decided", [False, True], ids=["plain", "decided"])
+def test_warmup_decay_is_capped_at_decay_on_either_update_path(decided):
+    """d_k = min(decay, (1 + k) / (10 + k)) at every update: the ramp 1/10, 2/11, ... passes decay = 0.5 at k = 9
+    (10/19), where the cap takes over; a plain update (no `applied` flag, as the fp16 path makes it) warms up
+    like a device-decided one. Each shadow against a float64 reference."""
+    torch.manual_seed(4)
+    model = make_model()
+    ema = EMA(model, decay=0.5, warmup=True)
+    for k in range(12):
+        decay = min(0.5, (1 + k) / (10 + k))
+        assert ema.current_decay() == pytest.approx(decay, rel=1e-12)
+        perturbed(model)
+        expected = reference_update(ema.shadow, model.parameters(), decay)
+        ema.update(model, applied=torch.tensor(True) if decided else None)
+        for shadow, want in zip(ema.shadow, expected):
+            torch.testing.assert_close(shadow.double(), want, rtol=1e-6, atol=1e-7)
+    assert ema.num_updates == 12

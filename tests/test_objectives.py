@@ -257,3 +257,15 @@ def test_paper_estimate_leaves_a_model_in_eval_mode_in_eval_mode():
     model.eval()
     OBJECTIVES["paper"](model, d, x0, 0, ObjectiveConfig(), t=t, noise=noise)
     assert not model.training
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_noise_when_not_given_is_a_standard_normal_draw(name):
+    """noise ~ N(0, I) drawn as torch.randn_like(x0): the same loss as with that draw passed in."""
+    model, d = ToyEps(), GaussianDiffusion()
+    x0, _, t = inputs()
+    torch.manual_seed(6)
+    drawn, _ = OBJECTIVES[name](model, d, x0, 12, ObjectiveConfig(), t=t)
+    torch.manual_seed(6)
+    given, _ = OBJECTIVES[name](model, d, x0, 12, ObjectiveConfig(), t=t, noise=torch.randn_like(x0))
+    assert drawn.item() == given.item()

@@ -232,6 +232,22 @@ def test_default_generator_seeding_reproduces_samples():
     assert not torch.allclose(runs[0], runs[2])
 
 
+@pytest.mark.parametrize("config", CONFIGS[::2] + [("ddim", 5, 1.0)], ids=["ddpm", "ddim4-eta0.8", "ddim5-eta1"])
+def test_default_noise_is_the_default_generators_normal_draws_in_step_order(config):
+    """Without `noise`, step i draws torch.randn_like(x) from the default generator: a seeded call gives what
+    the same seed's torch.randn draws, one per step, give when injected."""
+    sampler, steps, eta = config
+    diffusion = GaussianDiffusion("cosine", 10)
+    engine = SamplingEngine(ToyEps(3, 1), diffusion)
+    x_T = torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(3))
+    n = engine.plan(sampler, steps, eta).steps
+    torch.manual_seed(9)
+    drawn = engine.sample(x_T, sampler, steps, eta, graphs=False)
+    torch.manual_seed(9)
+    noise = [torch.randn_like(x_T) for _ in range(n)]
+    assert torch.equal(drawn, engine.sample(x_T, sampler, steps, eta, noise=noise, graphs=False))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_autocast_loop_matches_reference_under_autocast(dtype):
     diffusion = GaussianDiffusion("cosine", 10)
