@@ -1398,3 +1398,37 @@ def test_a_checkpoint_file_its_save_did_not_list_is_named_when_resuming(tmp_path
                                          r"stopped before it was listed\): going on from step 2$"):
         state = CheckpointManager(folder).latest()
     assert state["step"] == 2
+
+
+def test_a_damaged_newest_checkpoint_whose_predecessors_are_gone_is_refused_not_started_over(tmp_path):
+    """The one file left is damaged and the older ones it would fall back to are gone: not an empty folder (starting
+    over would delete the damaged file at the first save, which may still be repairable), a refusal that keeps it."""
+    manager = CheckpointManager(tmp_path, keep=3)
+    for step in (1, 2):
+        manager.save(fake_state(step), step)
+    (tmp_path / "ckpt-000000001.pt").unlink()
+    newest = tmp_path / "ckpt-000000002.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    newest.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="is damaged"), pytest.raises(DreamError, match="none was deleted"):
+        manager.latest()
+    assert newest.read_bytes() == bytes(data)
+
+
+def test_an_fp16_resume_brings_back_its_loss_scaler_and_random_generators(tmp_path):
+    """The loss scale (and its growth count) an fp16 run reached is saved and restored: a fresh scaler would start
+    again at 2^16 and skip steps on overflow to find it. The saved generator states come back too."""
+    import numpy as np
+
+    first = Trainer(small_config(tmp_path, max_steps=2, precision="fp16"))
+    first.run()
+    reached = first.scaler.state_dict()
+    assert reached != torch.amp.GradScaler("cpu").state_dict()  # not what a fresh scaler holds
+    saved = load_checkpoint(tmp_path / "checkpoints")
+    assert saved["scaler"] == reached
+    random.seed(12345), np.random.seed(12345)  # a process that was killed and restarted has other states
+    resumed = Trainer(small_config(tmp_path, max_steps=3, precision="fp16"))
+    assert resumed.resume() and resumed.scaler.state_dict() == reached
+    assert random.getstate()[1] == tuple(saved["rng"]["python"][1])
+    assert np.array_equal(np.random.get_state()[1], saved["rng"]["numpy"]["keys"].numpy().astype(np.uint32))

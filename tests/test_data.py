@@ -628,3 +628,45 @@ def test_an_empty_dream_cache_variable_means_the_default(monkeypatch):
     assert default_cache_dir() == Path.home() / ".cache" / "dream"
     monkeypatch.setenv("DREAM_CACHE", "~/elsewhere")
     assert default_cache_dir() == Path.home() / "elsewhere"
+
+
+def test_flips_mirror_each_image_by_its_own_draw_about_half_the_time_and_none_when_off():
+    """Every image of an epoch is mirrored by its own draw of the epoch's flip mask (about half of them), none with
+    flip=False; the order and flips depend on the seed, and the synthetic set's chunks do too."""
+    images = torch.arange(64, dtype=torch.uint8).reshape(64, 1, 1, 1).expand(64, 3, 2, 2).contiguous()
+    images[:, :, :, 1] = 255  # left column holds the index, right column is white: a flip puts white on the left
+    batches = DeviceBatches(images, batch_size=8, device="cpu", seed=1)
+    order, flips = batches.epoch_order(0)
+    seen = torch.cat(list(batches.epoch(0)))
+    assert torch.equal(((seen[:, 0, 0].min(-1).values + 1) * 127.5).round().long(), order)  # in the epoch's order
+    mirrored = seen[:, 0, 0, 0] == 1
+    assert torch.equal(mirrored, flips[order]) and 16 < mirrored.sum().item() < 48
+    unflipped = torch.cat(list(DeviceBatches(images, batch_size=8, device="cpu", seed=1, flip=False).epoch(0)))
+    assert (unflipped[:, 0, 0, 1] == 1).all() and (unflipped[:, 0, 0, 0] < 1).all()
+    other_seed = DeviceBatches(images, batch_size=8, device="cpu", seed=2).epoch_order(0)
+    assert not torch.equal(other_seed[0], order) and not torch.equal(other_seed[1], flips)
+    assert not torch.equal(synthetic_faces(266, seed=4, size=8)[256:], synthetic_faces(10, seed=5, size=8))
+
+
+def test_image_extensions_are_matched_in_any_case(tmp_path):
+    """A camera's IMG_0001.JPG is an image as much as img.jpg: it is not silently left out of the data."""
+    write_images(tmp_path / "imgs", 2)
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(tmp_path / "imgs" / "CAMERA.JPG")
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(tmp_path / "imgs" / "scan.Png")
+    assert [path.name for path in list_image_files(tmp_path / "imgs")] == ["CAMERA.JPG", "img0.png", "img1.png",
+                                                                          "scan.Png"]
+    assert load_images("folder", str(tmp_path / "imgs"), size=8, cache_dir=tmp_path / "cache").shape[0] == 4
+
+
+def test_a_file_renamed_with_its_size_and_time_kept_is_not_served_from_the_old_cache(tmp_path):
+    """A rename keeps a file's size and time: the cache key holds the files' paths too, so the cache made before
+    is not served (its skipped-file list would name the old name, its images would be in the old order)."""
+    root = tmp_path / "imgs"
+    write_images(root, 2)
+    (root / "x-broken.jpg").write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match=r"skipped 1 of 3 .*: x-broken\.jpg$"):
+        load_images("folder", str(root), size=8, cache_dir=tmp_path / "cache")
+    (root / "x-broken.jpg").rename(root / "y-broken.jpg")
+    with pytest.warns(UserWarning, match=r"skipped 1 of 3 .*: y-broken\.jpg$"):
+        load_images("folder", str(root), size=8, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("folder-8px-*.pt"))) == 2
