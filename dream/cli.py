@@ -406,6 +406,15 @@ def run_memory(args) -> int:
                     checkpointing="none" if auto else args.checkpointing or "none",
                     data_images=0 if args.data_on == "host" else args.data_images, target=args.target,
                     channels_last=args.channels_last, cuda_graphs=args.cuda_graphs)
+    policies = policies_for_backend(spec.backend) if args.sweep or auto else (spec.checkpointing,)
+    if spec.cuda_graphs:  # what dream train --cuda-graphs runs: no fp16, no dropout recomputed under a capture
+        from dream.train import check_graph_policy, check_graph_precision, graph_safe_policies
+
+        check_graph_precision(spec.precision)
+        dropout = spec.model_config().dropout
+        if not (args.sweep or auto):
+            check_graph_policy(spec.checkpointing, dropout)
+        policies = graph_safe_policies(policies, True, dropout)
     if args.cuda:
         require_cuda()  # before the estimates, which take seconds
     budget = args.budget
@@ -417,7 +426,6 @@ def run_memory(args) -> int:
             known[key] = estimate_step_memory(step)
         return known[key]
 
-    policies = policies_for_backend(spec.backend) if args.sweep or auto else (spec.checkpointing,)
     table = [estimated(replace(spec, checkpointing=policy)) for policy in policies] if args.sweep else []
     plan = None  # (micro-batch, policy, images on the host): what dream train --memory-budget does
     if budget is not None:

@@ -234,12 +234,27 @@ def check_cuda_graphs(device: torch.device, precision: str, dist: distributed.Di
     collective: CUDA, no loss scaler (fp16's skip is decided on the host), one process."""
     if device.type != "cuda":
         raise DreamError(f"--cuda-graphs needs a CUDA device; this run is on {device}", same_on_every_rank=True)
-    if precision == "fp16":
-        raise DreamError("--cuda-graphs does not work with --precision fp16: its loss scaler decides each step on "
-                         "the host; use bf16 or fp32", same_on_every_rank=True)
+    check_graph_precision(precision)
     if dist.enabled:
         raise DreamError(f"--cuda-graphs works in one process; this job has {dist.world_size} (DDP's gradient "
                          f"all-reduce is not captured)", same_on_every_rank=True)
+
+
+def check_graph_precision(precision: str) -> None:
+    """--cuda-graphs runs bf16 or fp32 steps (dream train and dream memory refuse fp16 alike)."""
+    if precision == "fp16":
+        raise DreamError("--cuda-graphs does not work with --precision fp16: its loss scaler decides each step on "
+                         "the host; use bf16 or fp32", same_on_every_rank=True)
+
+
+def check_graph_policy(policy: str, dropout: float) -> None:
+    """--cuda-graphs runs the checkpointing policies graph_safe_policies allows (dream train and dream memory
+    refuse the others alike)."""
+    if policy not in graph_safe_policies(CHECKPOINT_POLICIES, True, dropout):
+        raise DreamError(f"--cuda-graphs with --checkpointing {policy} and dropout {dropout}: backward recomputes "
+                         f"the ResBlocks' dropout by restoring the random generator, which a CUDA graph capture "
+                         f"cannot, so its mask would differ from the forward's; use --checkpointing none, norms or "
+                         f"attention, or --dropout 0", same_on_every_rank=True)
 
 
 def graph_safe_policies(policies, cuda_graphs: bool, dropout: float) -> tuple:
@@ -330,12 +345,8 @@ class Trainer:
             if self.checkpointing not in policies_for_backend(self.backend):
                 raise DreamError(f"--checkpointing {self.checkpointing} recomputes the fused Triton norm: it needs "
                                  f"--backend triton, not {self.backend}")
-            dropout = self.model_config.dropout
-            if self.checkpointing not in graph_safe_policies(CHECKPOINT_POLICIES, config.cuda_graphs, dropout):
-                raise DreamError(f"--cuda-graphs with --checkpointing {self.checkpointing} and dropout {dropout}: "
-                                 f"backward recomputes the ResBlocks' dropout by restoring the random generator, which "
-                                 f"a CUDA graph capture cannot, so its mask would differ from the forward's; use "
-                                 f"--checkpointing none, norms or attention, or --dropout 0", same_on_every_rank=True)
+            if config.cuda_graphs:
+                check_graph_policy(self.checkpointing, self.model_config.dropout)
         except distributed.SETUP_ERRORS as error:
             failure = error
         distributed.agree_on_setup(dist, failure)

@@ -66,6 +66,65 @@ def test_train_defaults_are_the_seeds_recipe(monkeypatch, tmp_path):
     assert config.model_overrides == {}
 
 
+def test_train_flags_reach_the_config_and_their_defaults_are_the_configs(monkeypatch, tmp_path):
+    """Every `dream train` flag is handed to TrainConfig (none silently dropped), and with no flags the config
+    is TrainConfig's own defaults, not only the recipe's fields (--checkpointing none, --data-on auto, ...)."""
+    from dataclasses import asdict
+
+    from dream.objectives import ObjectiveConfig
+    from dream.train import TrainConfig
+
+    seen = []
+    monkeypatch.setattr("dream.train.train", lambda config, resume=None: seen.append((config, resume)) or {
+        "last": {}, "step": 0, "epoch": 0, "checkpoint_dir": str(tmp_path), "grid": None})
+    assert main(["train", "--run-dir", str(tmp_path)]) == 0
+    default = asdict(seen[0][0])
+    assert ObjectiveConfig(**default.pop("objective_config")) == ObjectiveConfig()
+    expected = asdict(TrainConfig(run_dir=str(tmp_path)))
+    expected.pop("objective_config")
+    assert default == expected
+
+    flags = ["--run-dir", str(tmp_path / "r"), "--resume", "x.pt", "--preset", "tiny", "--image-size", "16",
+             "--base-channels", "16", "--dropout", "0.2", "--backend", "sdpa", "--checkpointing", "attention",
+             "--compile", "--cuda-graphs", "--no-channels-last", "--objective", "paper", "--dream-start-epoch", "3",
+             "--lambda-max", "0.25", "--alpha", "0.6", "--ramp-epochs", "7", "--seed-separate-eps-forward",
+             "--paper-power", "2", "--paper-loss", "l1", "--schedule", "linear", "--timesteps", "500",
+             "--data", "folder", "--data-root", "/data", "--data-split", "valid", "--data-count", "64",
+             "--data-on", "host", "--batch-size", "32", "--micro-batch", "8", "--memory-budget", "7GiB",
+             "--max-bad-steps", "9", "--epochs", "3", "--max-steps", "11", "--lr", "1e-3", "--weight-decay", "0.01",
+             "--grad-clip", "0.5", "--ema-decay", "0.99", "--ema-warmup", "--precision", "fp16", "--device", "cpu",
+             "--seed", "4", "--log-every", "2", "--checkpoint-every", "3", "--checkpoint-keep", "4",
+             "--sample-every", "5", "--sample-count", "6", "--sample-steps", "7", "--no-progress"]
+    assert main(["train", *flags]) == 0
+    config, resume = seen[1]
+    assert resume == "x.pt"
+    given = {"run_dir": str(tmp_path / "r"), "preset": "tiny",
+             "model_overrides": {"image_size": 16, "base_channels": 16, "dropout": 0.2}, "backend": "sdpa",
+             "checkpointing": "attention", "compile": True, "cuda_graphs": True, "channels_last": False,
+             "schedule": "linear", "num_timesteps": 500, "objective": "paper",
+             "objective_config": {"dream_start_epoch": 3, "lambda_max": 0.25, "alpha": 0.6, "ramp_epochs": 7.0,
+                                  "seed_separate_eps_forward": True, "paper_power": 2.0, "paper_loss": "l1"},
+             "data": "folder", "data_root": "/data", "data_split": "valid", "data_count": 64, "data_on": "host",
+             "batch_size": 32, "micro_batch": 8, "memory_budget": 7 * 2**30, "epochs": 3, "max_steps": 11,
+             "lr": 1e-3, "weight_decay": 0.01, "grad_clip": 0.5, "ema_decay": 0.99, "ema_warmup": True,
+             "precision": "fp16", "max_bad_steps": 9, "seed": 4, "device": "cpu", "log_every": 2,
+             "checkpoint_every": 3, "checkpoint_keep": 4, "sample_every": 5, "sample_count": 6, "sample_steps": 7,
+             "progress": False}
+    assert asdict(config) == given
+
+
+
+def test_the_documented_edge_values_of_train_flags_are_accepted():
+    """The ends of each range the flags' help and errors give are allowed: --grad-clip 0 (no clipping),
+    --checkpoint-every 0, --sample-every 0, --max-steps 0, --weight-decay 0, --ema-decay 0 and 1, --alpha 0 and 1,
+    --lambda-max 0 and 1, --dream-start-epoch 0."""
+    from dream.train import TrainConfig
+
+    TrainConfig(grad_clip=0.0, checkpoint_every=0, sample_every=0, max_steps=0, weight_decay=0.0, ema_decay=0.0,
+                objective_config={"alpha": 0.0, "lambda_max": 1.0, "dream_start_epoch": 0}).check()
+    TrainConfig(ema_decay=1.0, objective_config={"alpha": 1.0, "lambda_max": 0.0}).check()
+
+
 @pytest.mark.parametrize("args,message", [
     (["train", "--data", "folder", "--data-root", "/nonexistent/faces"], "/nonexistent/faces does not exist"),
     (["train", "--data", "celeba", "--data-root", "/nonexistent/celeba"], "CelebA not found"),

@@ -100,6 +100,14 @@ def test_a_step_graph_adds_its_input_buffers_to_the_peak():
     assert "CUDA graph" in format_estimate(result)
 
 
+def test_the_precision_changes_the_activations_not_the_state():
+    """The step runs under the spec's autocast: bf16 saves 2-byte copies for the convolutions and matmuls beside the
+    fp32 norms and softmax of the CUDA rules (for this small UNet more bytes than fp32, whose saved tensors are the
+    ones it computes: 13.3 vs 11.9 MB); the state alive across steps is fp32 either way."""
+    fp32, bf16 = estimate(replace(SMALL, precision="fp32")), estimate(replace(SMALL, precision="bf16"))
+    assert bf16.breakdown["activations"] != fp32.breakdown["activations"]
+    assert bf16.snapshots["start"] == fp32.snapshots["start"]
+
 # ----------------------------------------------------------------------------------------------
 # Mechanics
 # ----------------------------------------------------------------------------------------------
@@ -358,6 +366,13 @@ def test_choose_micro_batch_inputs():
             choose_micro_batch(StepSpec(), None, estimate=estimator)
 
 
+def test_a_cuda_target_keeps_the_measured_six_percent():
+    """CUDA_ESTIMATE_MARGIN is what an H200 measured above the estimate (3-6 %): a CUDA step estimated at 93.8 %
+    of the budget fits, one at 95.2 % does not (the micro-batch halves); a CPU target keeps nothing back."""
+    assert choose_micro_batch(StepSpec(batch_size=2), 10**9, estimate=LinearPeak(0, 469_000_000)) == 2
+    assert choose_micro_batch(StepSpec(batch_size=2), 10**9, estimate=LinearPeak(0, 476_000_000)) == 1
+    assert choose_micro_batch(StepSpec(batch_size=2, target="cpu"), 10**9, estimate=LinearPeak(0, 476_000_000)) == 2
+
 @pytest.mark.parametrize("device, cuda_available, bf16, expected", [
     ("auto", True, True, ("bf16", "triton")), ("cuda:0", True, False, ("fp32", "triton")),
     ("auto", False, False, ("fp32", "eager")), ("cpu", True, True, ("fp32", "eager"))])
@@ -473,6 +488,7 @@ def test_cuda_memory_cap_makes_an_allocation_past_the_budget_run_out_of_memory()
 @pytest.mark.parametrize("text, expected", [
     ("6.8GB", 6_800_000_000), ("6.8 gb", 6_800_000_000), ("7GiB", 7 * 2**30), ("512MB", 512 * 10**6),
     ("1.5kb", 1500), ("100", 100), (" 3 MiB ", 3 * 2**20), ("2TB", 2 * 10**12), ("1e3", 1000), (4096, 4096),
+    ("2KiB", 2048), ("1TiB", 2**40), ("3k", 3000), ("5m", 5 * 10**6), ("6.8g", 6_800_000_000), ("1t", 10**12),
 ])
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
@@ -553,7 +569,7 @@ def test_cli_memory_sizes_below_zero_and_small_are_explained(capsys):
     assert code == 0 and "over the memory budget of 0.001 MB" in text
 
 
-@pytest.mark.parametrize("text", ["6.8", "6.8e0", "68e-1", "5e5", " 12 "])
+@pytest.mark.parametrize("text", ["6.8", "6.8e0", "68e-1", "5e5", " 12 ", "1e6", "1048575"])
 def test_cli_memory_size_without_a_unit_below_a_mebibyte_is_refused_in_any_notation(text):
     import argparse
 
@@ -562,6 +578,7 @@ def test_cli_memory_size_without_a_unit_below_a_mebibyte_is_refused_in_any_notat
     with pytest.raises(argparse.ArgumentTypeError, match=f"memory size '{text}' has no unit"):
         memory_size(text)
     assert memory_size("7e9") == 7 * 10**9 and memory_size("1KB") == 1000 and memory_size("2e6") == 2 * 10**6
+    assert memory_size("1048576") == 2**20  # a mebibyte and more: bytes, as given
 
 
 @pytest.mark.parametrize("argv, backend", [((), "triton"), (("--target", "cpu"), "eager"),
@@ -569,6 +586,39 @@ def test_cli_memory_size_without_a_unit_below_a_mebibyte_is_refused_in_any_notat
 def test_cli_backend_auto_follows_the_trainer_on_the_target(argv, backend):
     code, text = run_cli("--preset", "tiny", "--image-size", "16", "--batch", "2", *argv, "--json")
     assert code == 0 and json.loads(text)["inputs"]["backend"] == backend
+
+
+def test_cli_hands_every_step_flag_to_the_estimate(monkeypatch):
+    """`dream memory`'s flags reach the StepSpec it estimates (none silently dropped), and its defaults are the
+    seed's step: batch 128, bf16, the seed objective with early backward, no checkpointing, the CUDA target."""
+    import dream.memory
+    from dream.memory import MemoryEstimate
+
+    seen = []
+
+    def fake_estimate(spec):
+        seen.append(spec)
+        return MemoryEstimate(peak_bytes=1, breakdown=dict.fromkeys(CATEGORIES, 0), snapshots={}, spec=spec)
+
+    monkeypatch.setattr(dream.memory, "estimate_step_memory", fake_estimate)
+    assert run_cli("--json")[0] == 0
+    assert seen[-1] == StepSpec(backend=seen[-1].backend, objective_config={"seed_separate_eps_forward": False})
+    assert (seen[-1].batch_size, seen[-1].precision, seen[-1].checkpointing) == (128, "bf16", "none")
+    code, text = run_cli("--preset", "tiny", "--image-size", "16", "--base-channels", "16", "--dropout", "0.2",
+                         "--batch", "8", "--micro-batch", "4", "--precision", "fp32", "--objective", "seed",
+                         "--seed-separate-eps-forward", "--single-graph", "--backend", "sdpa", "--checkpointing",
+                         "attention", "--data-images", "10", "--data-on", "device", "--target", "cpu",
+                         "--channels-last", "--cuda-graphs", "--json")
+    assert code == 0
+    assert seen[-1] == StepSpec(preset="tiny", model_overrides={"image_size": 16, "base_channels": 16, "dropout": 0.2},
+                                batch_size=8, micro_batch=4, precision="fp32", objective="seed",
+                                objective_config={"seed_separate_eps_forward": True}, early_backward=False,
+                                backend="sdpa", checkpointing="attention", data_images=10, target="cpu",
+                                channels_last=True, cuda_graphs=True)
+    assert json.loads(text)["inputs"]["early_backward"] is False
+    run_cli("--preset", "tiny", "--batch", "8", "--data-images", "10", "--data-on", "host", "--no-channels-last",
+            "--json")
+    assert seen[-1].data_images == 0 and seen[-1].channels_last is False  # host memory is not the device's
 
 
 def test_cli_cuda_without_a_device_stops_before_estimating(monkeypatch, capsys):
@@ -681,3 +731,37 @@ def test_estimate_matches_cuda_measurement(spec):
     print(f"{spec.preset} {spec.precision} {spec.checkpointing}: estimated {estimated / 1e9:.3f} GB, "
           f"measured {measured / 1e9:.3f} GB")
     assert abs(estimated - measured) <= GPU_RELATIVE_TOLERANCE * measured
+
+
+def test_cli_cuda_graphs_plans_and_refuses_as_dream_train_does(monkeypatch, capsys):
+    """With --cuda-graphs and dropout, dream train never runs the policies that recompute dropout (resblocks, all)
+    nor fp16: dream memory's plan leaves them out of --checkpointing auto and its sweep, and refuses them when
+    named, in the trainer's line; with --dropout 0 they are allowed."""
+    import dream.memory
+    from dream.memory import MemoryEstimate
+
+    peaks = {"none": 2e9, "norms": 1.8e9, "attention": 1.5e9, "resblocks": 5e8, "all": 4e8}  # bytes at the batch
+
+    def fake_estimate(spec):
+        return MemoryEstimate(peak_bytes=int(peaks[spec.checkpointing] * spec.micro / spec.batch_size),
+                              breakdown=dict.fromkeys(CATEGORIES, 0), snapshots={}, spec=spec)
+
+    monkeypatch.setattr(dream.memory, "estimate_step_memory", fake_estimate)
+    common = ("--preset", "tiny", "--batch", "8", "--budget", "1GB", "--backend", "eager", "--json")
+    code, text = run_cli(*common, "--checkpointing", "auto")
+    assert code == 0 and json.loads(text)["plan"] == {"micro_batch": 8, "checkpointing": "resblocks",
+                                                      "data_on": "device"}
+    code, text = run_cli(*common, "--checkpointing", "auto", "--cuda-graphs")
+    assert code == 0 and json.loads(text)["plan"] == {"micro_batch": 4, "checkpointing": "attention",
+                                                      "data_on": "device"}
+    code, text = run_cli(*common, "--sweep", "--cuda-graphs")
+    assert code == 0 and [r["inputs"]["checkpointing"] for r in json.loads(text)["sweep"]] == ["none", "attention"]
+    code, text = run_cli(*common, "--checkpointing", "auto", "--cuda-graphs", "--dropout", "0")
+    assert code == 0 and json.loads(text)["plan"]["checkpointing"] == "resblocks"
+    capsys.readouterr()
+    for refused, line in ((("--checkpointing", "resblocks"), "--cuda-graphs with --checkpointing resblocks and "
+                                                              "dropout 0.1: backward recomputes"),
+                          (("--precision", "fp16"), "--cuda-graphs does not work with --precision fp16")):
+        code, text = run_cli(*common, "--cuda-graphs", *refused)
+        err = capsys.readouterr().err
+        assert code != 0 and text == "" and line in err and len(err.strip().splitlines()) == 1
