@@ -1124,7 +1124,16 @@ class Trainer:
     def finished(self) -> bool:
         return self.config.max_steps is not None and self.step >= self.config.max_steps
 
+    def diverged(self) -> bool:
+        """A streak of --max-bad-steps non-finite steps, counted up to the last step taken: the run has diverged
+        (the loop acts on it after the next step; a stop or an error before then must not save it as a checkpoint,
+        which every rerun would take, restore and diverge on again)."""
+        self.count_steps()
+        return self.bad_in_a_row >= self.config.max_bad_steps
+
     def stop_for_signal(self, signum: int) -> None:
+        if self.diverged():  # what the next step's check would have done: restore the last good checkpoint, stop
+            self.restore_after_divergence()
         path = self.save_checkpoint()
         self.dist.barrier()  # nobody exits (and gets the group torn down by torchrun) before rank 0 has saved
         gone = signum == LAUNCHER_GONE
@@ -1178,10 +1187,12 @@ class Trainer:
                                       f"resume, {self.resume_hint}.", show_cause) from error
             try:
                 apart = "differ between ranks" in str(error)  # (check_identical): no state is this run's
-                path = self.save_checkpoint(check_ranks=False) if self.state_is_sane() and not apart else None
+                why_not = ("not the same on every rank" if apart else "mid-update or not finite"
+                           if not self.state_is_sane() else
+                           f"diverged ({self.bad_in_a_row} non-finite steps in a row)" if self.diverged() else None)
+                path = self.save_checkpoint(check_ranks=False) if why_not is None else None
                 saved = (f"emergency checkpoint {path} saved" if path else
-                         f"the state was {'not the same on every rank' if apart else 'mid-update or not finite'}, "
-                         f"so it was not saved; the last checkpoint is {self.last_checkpoint}")
+                         f"the state was {why_not}, so it was not saved; the last checkpoint is {self.last_checkpoint}")
             except Exception as save_error:  # noqa: BLE001  - report both failures
                 saved = f"the emergency checkpoint failed too ({type(save_error).__name__}: {save_error})"
             if isinstance(error, KeyboardInterrupt):

@@ -654,6 +654,39 @@ def test_a_streak_of_non_finite_steps_counts_on_after_a_resume(tmp_path, monkeyp
         resumed.run()
 
 
+@pytest.mark.parametrize("stop", ["signal", "error"])
+def test_a_stop_right_after_the_streak_that_diverges_saves_no_checkpoint_of_it(tmp_path, monkeypatch, stop):
+    """The streak reaches --max-bad-steps at step 5, and the loop would act on it after step 6; a stop before then
+    (a signal after step 5, an error in step 6) does what that check does, instead of saving a checkpoint holding
+    the full streak, which every rerun would take, restore and diverge on at once: with a signal the last good
+    checkpoint is restored and the run stops as diverged; with an error nothing is saved. Then a rerun goes on."""
+    if stop == "signal":
+        signal_at_step(monkeypatch, 4)
+    else:
+        train_step = Trainer.train_step
+
+        def failing(self, x0):
+            if self.step == 5:
+                raise RuntimeError("injected failure")
+            return train_step(self, x0)
+
+        monkeypatch.setattr(Trainer, "train_step", failing)
+    first = Trainer(small_config(tmp_path, max_bad_steps=3))
+    inject_non_finite(first, {2, 3, 4}, "loss")
+    if stop == "signal":
+        expected = Diverged, r"3 steps in a row .*\(steps 3-5\); restored the last good checkpoint .*ckpt-000000002\.pt"
+    else:
+        expected = TrainingAborted, (r"RuntimeError at step 5 .*injected failure; the state was diverged \(3 "
+                                     r"non-finite steps in a row\), so it was not saved; the last checkpoint is "
+                                     r".*ckpt-000000002\.pt")
+    with pytest.raises(expected[0], match=expected[1]):
+        first.run()
+    saved = load_checkpoint(tmp_path / "checkpoints")
+    assert (saved["step"], saved["bad_in_a_row"]) == (2, 0)
+    monkeypatch.undo()
+    assert Trainer(small_config(tmp_path, max_bad_steps=3)).run()["step"] == STEPS
+
+
 def test_a_checkpoint_at_the_end_of_an_epoch_is_saved_again_once_it_has_advanced(tmp_path):
     """A periodic checkpoint on an epoch's last step records that epoch's end; the run's final checkpoint
     records the next epoch's start, so a rerun of the finished run neither trains nor draws a grid again."""
@@ -1432,3 +1465,65 @@ def test_an_fp16_resume_brings_back_its_loss_scaler_and_random_generators(tmp_pa
     assert resumed.resume() and resumed.scaler.state_dict() == reached
     assert random.getstate()[1] == tuple(saved["rng"]["python"][1])
     assert np.array_equal(np.random.get_state()[1], saved["rng"]["numpy"]["keys"].numpy().astype(np.uint32))
+
+
+# ----------------------------------------------------------------------------------------------
+# fp16 skips, the counters saved between log records
+@pytest.mark.parametrize("where", ["loss_alone", "grad"])
+def test_an_fp16_step_with_a_non_finite_loss_or_overflow_is_skipped(tmp_path, where):
+    """fp16: a non-finite loss (finite gradients or not) skips the step and counts towards divergence; an overflow
+    while the loss scale is still >= 1 skips it (the scaler lowers its scale) without counting towards divergence.
+    Neither moves the weights, the EMA or AdamW's step count; both are in skipped_steps."""
+    trainer = Trainer(small_config(tmp_path, precision="fp16", checkpoint_every=0))
+    assert trainer.scaler.is_enabled()
+    inject_non_finite(trainer, {1}, where)
+    batch = next(trainer.batches.epoch(0))
+    trainer.train_step(batch)
+    weights = [p.detach().clone() for p in trainer.model.parameters()]
+    shadow, updates = [s.clone() for s in trainer.ema.shadow], trainer.ema.num_updates
+    scale = trainer.scaler.get_scale()
+    logs = trainer.train_step(batch)  # step 2: skipped
+    assert float(logs["skipped"]) == 1
+    assert all(torch.equal(a, b) for a, b in zip(weights, trainer.model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(shadow, trainer.ema.shadow)) and trainer.ema.num_updates == updates
+    assert {float(state["step"]) for state in trainer.optimizer.state.values()} == {1.0}
+    expected_bad = 1 if where == "loss_alone" else 0
+    assert (trainer.counted_step, trainer.skipped_steps, trainer.bad_in_a_row, trainer.skipped_in_a_row) == \
+        (2, 1, expected_bad, 1)
+    if where == "grad":
+        assert trainer.scaler.get_scale() == scale / 2
+    trainer.train_step(batch)  # step 3: good, ends both streaks
+    assert (trainer.skipped_steps, trainer.bad_in_a_row, trainer.skipped_in_a_row) == (1, 0, 0)
+
+
+def test_a_stop_between_log_records_saves_the_counters_of_its_last_step(tmp_path, monkeypatch):
+    """With --log-every past the stop, the last step's flags are still pending when the stop saves: the checkpoint
+    counts them all the same (skipped_steps, bad_in_a_row)."""
+    signal_at_step(monkeypatch, 2, sig=signal.SIGTERM)  # stops after step 3, mid-epoch 1, no log record there
+    trainer = Trainer(small_config(tmp_path, log_every=100, checkpoint_every=0, precision="fp32"))
+    inject_non_finite(trainer, {2}, "loss")
+    with pytest.raises(Interrupted, match="at step 3 "):
+        trainer.run()
+    saved = load_checkpoint(tmp_path / "checkpoints")
+    assert (saved["step"], saved["skipped_steps"], saved["bad_in_a_row"]) == (3, 1, 1)
+
+
+def test_each_record_counts_the_skipped_steps_up_to_its_own(tmp_path):
+    """A record's skipped_steps includes its own steps: the record of a skipped step says so in both fields."""
+    trainer = Trainer(small_config(tmp_path, epochs=2, checkpoint_every=0, precision="fp32"))
+    inject_non_finite(trainer, {2}, "loss")
+    trainer.run()
+    records = [r for r in map(eval_json, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [(r["step"], r["skipped"], r["skipped_steps"]) for r in records] == [(1, 0, 0), (2, 0, 0), (3, 1, 1),
+                                                                               (4, 0, 1)]
+
+
+def test_no_periodic_checkpoint_after_a_skipped_step_between_log_records(tmp_path):
+    """The periodic checkpoint looks at the step just taken, not a step behind (the host reads a step's flags a
+    step later): a skipped step gets none, even where no log record has counted it."""
+    trainer = Trainer(small_config(tmp_path, max_steps=4, log_every=100, checkpoint_every=1, checkpoint_keep=5,
+                                   precision="fp32"))
+    inject_non_finite(trainer, {2}, "loss")
+    trainer.run()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.pt")) == [
+        "ckpt-000000001.pt", "ckpt-000000002.pt", "ckpt-000000004.pt"]

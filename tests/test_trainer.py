@@ -815,3 +815,102 @@ def test_objective_config_rejects_values_outside_its_ranges(field_name, value):
     with pytest.raises(DreamError, match=f"^{flag} must be"):
         TrainConfig(objective_config={field_name: value}).check()
     ObjectiveConfig(lambda_max=0.0, alpha=1.0, dream_start_epoch=0, paper_power=0.0)  # the edges are allowed
+
+
+# ----------------------------------------------------------------------------------------------
+# accumulation, clipping, the out-of-memory redo with dropout
+def perturbed_trainer(run_dir, **overrides):
+    """A trainer whose weights are off the zero-initialised head, so that the gradient norm is well above 1."""
+    trainer = Trainer(small_config(run_dir, **overrides))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for param in trainer.model.parameters():
+            param.add_(torch.randn(param.shape, generator=g) * 0.1)
+    return trainer
+
+
+def grad_norm_of(model):
+    return torch.cat([p.grad.flatten().double() for p in model.parameters()]).norm().item()
+
+
+def test_micro_batches_give_the_whole_batch_step_its_loss_and_gradient_norm(tmp_path):
+    """Each micro-batch's loss is weighed by its share of the batch: the step of 2 micro-batches logs the loss and
+    gradient norm of the whole batch at once (not their sum) and leaves the same clipped gradients."""
+    runs = {}
+    for micro in (4, 2, 1):
+        trainer = perturbed_trainer(tmp_path / str(micro), micro_batch=micro, grad_clip=0)
+        x0 = next(trainer.batches.epoch(0))
+        logs = trainer.train_step(x0)
+        runs[micro] = (logs, [p.grad.clone() for p in trainer.model.parameters()])
+    whole_logs, whole_grads = runs[4]
+    for micro in (2, 1):
+        logs, grads = runs[micro]
+        for key in ("loss", "grad_norm", "mse_standard"):
+            if key in whole_logs:
+                assert float(logs[key]) == pytest.approx(float(whole_logs[key]), rel=1e-4), (micro, key)
+        for a, b in zip(grads, whole_grads):
+            torch.testing.assert_close(a, b, **ACCUMULATION_TOL)
+
+
+@pytest.mark.parametrize("precision, grad_clip", [("fp32", 0.5), ("fp32", 0.0), ("fp16", 1.0)])
+def test_gradients_are_clipped_to_the_flags_norm_after_unscaling(tmp_path, precision, grad_clip):
+    """--grad-clip is the norm the (unscaled) gradients are clipped to (0: not clipped); with fp16 the loss scale
+    is taken out before clipping, so the logged norm is the gradients' own, not 2^16 times it."""
+    trainer = perturbed_trainer(tmp_path / precision, precision=precision, grad_clip=grad_clip)
+    if precision == "fp16":  # a scale the perturbed model's first step does not overflow at (still far from 1)
+        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    reference = perturbed_trainer(tmp_path / "reference", precision="fp32", grad_clip=0)
+    x0 = next(trainer.batches.epoch(0))
+    expected_norm = float(reference.train_step(x0)["grad_norm"])
+    assert expected_norm > 1.2, "the test needs clipping to be active"
+    logs = trainer.train_step(x0)
+    assert float(logs["skipped"]) == 0
+    rel = 5e-2 if precision == "fp16" else 1e-5
+    assert float(logs["grad_norm"]) == pytest.approx(expected_norm, rel=rel)
+    clipped_to = grad_clip if grad_clip else expected_norm
+    assert grad_norm_of(trainer.model) == pytest.approx(clipped_to, rel=rel)
+
+
+def test_a_step_redone_after_out_of_memory_draws_the_dropout_of_that_step(tmp_path):
+    """Dropout on: the step redone at the halved micro-batch reseeds its dropout from (seed, step), so it is
+    bitwise the step of a run at that micro-batch from the start (a resume of it redoes the same step)."""
+    overrides = {"image_size": 8, "base_channels": 16, "dropout": 0.1}
+    reference = Trainer(small_config(tmp_path / "micro2", micro_batch=2, max_steps=2, model_overrides=overrides))
+    reference.run()
+    trainer = Trainer(small_config(tmp_path / "oom", max_steps=2, model_overrides=overrides))
+    calls = inject_out_of_memory(trainer, above=2)
+    assert trainer.run()["micro_batch"] == 2 and calls == [4, 2, 2, 2, 2]
+    for (name, a), b in zip(trainer.model.state_dict().items(), reference.model.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs from the micro-batch-2 run"
+
+
+def test_out_of_memory_halves_the_micro_batch_to_a_divisor_of_the_batch(tmp_path):
+    trainer = Trainer(small_config(tmp_path, data_count=12, batch_size=12, micro_batch=6))
+    trainer.shrink_micro_batch("CUDA out of memory (injected)")
+    assert trainer.micro_batch == 3  # half of 6 (not merely the next divisor of 12 below it, 4)
+    trainer.shrink_micro_batch("CUDA out of memory (injected)")
+    assert trainer.micro_batch == 1
+
+
+def test_log_window_means_leave_out_skipped_steps():
+    """A record over a skipped step and kept steps holds the kept steps' means (a non-finite loss of the skipped
+    step left out), the skipped count, and all the steps it covers."""
+    from dream.train import LogWindow
+
+    window = LogWindow()
+    for loss, skipped in ((1.0, 0), (float("nan"), 1), (3.0, 0)):
+        window.add({"loss": torch.tensor(loss), "grad_norm": torch.tensor(loss * 10), "skipped": torch.tensor(
+            float(skipped))})
+    values = window.values()
+    assert float(values["loss"]) == 2.0 and float(values["grad_norm"]) == 20.0
+    assert (values["skipped"], values["logged_steps"]) == (1, 3)
+
+
+def test_a_resume_with_another_micro_batch_flag_takes_the_flag(tmp_path):
+    """The micro-batch out-of-memory recovery lowered is kept by a rerun of the same command only: a rerun that
+    asks for another --micro-batch gets it."""
+    trainer = Trainer(small_config(tmp_path, max_steps=1, checkpoint_every=1))
+    inject_out_of_memory(trainer, above=2)
+    assert trainer.run()["micro_batch"] == 2
+    resumed = Trainer(small_config(tmp_path, max_steps=2, checkpoint_every=1, micro_batch=4))
+    assert resumed.resume() and resumed.micro_batch == 4
