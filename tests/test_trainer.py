@@ -841,7 +841,7 @@ def test_micro_batches_give_the_whole_batch_step_its_loss_and_gradient_norm(tmp_
         trainer = perturbed_trainer(tmp_path / str(micro), micro_batch=micro, grad_clip=0)
         x0 = next(trainer.batches.epoch(0))
         logs = trainer.train_step(x0)
-        runs[micro] = (logs, [p.grad.clone() for p in trainer.model.parameters()])
+        runs[micro] = (logs, gradients(trainer.model))
     whole_logs, whole_grads = runs[4]
     for micro in (2, 1):
         logs, grads = runs[micro]
