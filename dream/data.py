@@ -37,6 +37,7 @@ CELEBA_CROP = (57, 25, 128, 128)  # top, left, height, width in the aligned 178x
 CELEBA_IMAGE_SIZE = (178, 218)  # width, height of every aligned CelebA image (img_align_celeba)
 SYNTHETIC_CHUNK = 256  # images drawn per generator seed: image i depends on (seed, i) only
 DECODE_VERSION = 5  # part of the image caches' key: raised whenever decoding changes what a file becomes
+DECODERS = ("Pillow", "torchvision")  # their versions are part of the image caches' key too (they decode, resize)
 SYNTHETIC_VERSION = 1  # part of the synthetic real set's statistics key: raised whenever synthetic_faces changes
 SKIPPED_SHOWN = 5  # skipped files named in the warning; the rest are counted
 
@@ -485,6 +486,19 @@ def check_fits_in_memory(nbytes: int, what: str, processes: int = 1) -> None:
                          f"of memory", same_on_every_rank=True)
 
 
+def decoder_versions() -> str:
+    """The installed versions of the libraries that decode and resize images ("Pillow 11.0.0|torchvision ..."):
+    a new release may resample differently, so a cache made by another one is decoded again."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "none"
+    return "|".join(f"{package} {installed(package)}" for package in DECODERS)
+
+
 def load_images(source: str = "synthetic", root: str | None = None, split: str = "train", size: int = 64,
                 count: int = 4096, seed: int = 0, cache_dir: str | Path | None = None, *,
                 exclude: Sequence[Path] = (), processes: int = 1) -> torch.Tensor:
@@ -501,7 +515,7 @@ def load_images(source: str = "synthetic", root: str | None = None, split: str =
     root_path = Path(root).expanduser().resolve()
     files, crop, what = dataset_files(source, root_path, split, exclude=exclude)
     key = hashlib.sha1(f"{source}|".encode() + os.fsencode(root_path)
-                       + f"|{split}|{size}|{DECODE_VERSION}|{files_fingerprint(files)}".encode())
+                       + f"|{split}|{size}|{DECODE_VERSION}|{decoder_versions()}|{files_fingerprint(files)}".encode())
     cache = Path(cache_dir or default_cache_dir()) / f"{source}-{size}px-{key.hexdigest()[:16]}.pt"
     cached = _read_cache(cache, key.hexdigest(), len(files), size) if cache.exists() else None
     if cached is not None:

@@ -428,9 +428,10 @@ def test_folder_cache_follows_the_files_contents(tmp_path):
     assert len(list((tmp_path / "cache").glob("folder-16px-*.pt"))) == 3
 
 
-def test_a_cache_made_by_older_decoding_is_not_served(tmp_path, monkeypatch):
-    """The key holds DECODE_VERSION: a cache written before decoding changed (for example, 16-bit images
-    once clipped) is decoded again, not trusted."""
+@pytest.mark.parametrize("change", ["decode version", "decoder release"])
+def test_a_cache_made_by_older_decoding_is_not_served(tmp_path, monkeypatch, change):
+    """The key holds DECODE_VERSION and the Pillow and torchvision versions: a cache written before decoding
+    changed (for example, 16-bit images once clipped, or a new release's resampling) is decoded again."""
     import dream.data
     from dream.data import images_digest
 
@@ -442,7 +443,10 @@ def test_a_cache_made_by_older_decoding_is_not_served(tmp_path, monkeypatch):
     torch.save({"images": zeros, "skipped": [], "key": key, "files": 2, "sha1": images_digest(zeros)}, cache)
     assert torch.equal(load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache"),
                        torch.zeros_like(old))  # same version: served from the cache
-    monkeypatch.setattr(dream.data, "DECODE_VERSION", dream.data.DECODE_VERSION + 1)
+    if change == "decode version":
+        monkeypatch.setattr(dream.data, "DECODE_VERSION", dream.data.DECODE_VERSION + 1)
+    else:
+        monkeypatch.setattr(dream.data, "DECODERS", ("Pillow", "torch"))  # torchvision's version becomes torch's
     assert torch.equal(load_images("folder", str(tmp_path / "imgs"), size=16, cache_dir=tmp_path / "cache"), old)
     assert len(list((tmp_path / "cache").glob("folder-16px-*.pt"))) == 2
 
