@@ -997,6 +997,7 @@ def test_a_capped_real_folder_keeps_a_fixed_subset_of_that_many_images(tmp_path,
     assert capped.shape == (4, 3, 16, 16) and every.shape[0] == 7
     rows = [next(i for i in range(7) if torch.equal(every[i], image)) for image in capped]
     assert rows == sorted(set(rows))  # distinct images, in the folder's order
+    assert rows != list(range(len(rows)))  # a random subset (seeded), not the folder's first images
     assert torch.equal(load_real_images(real, 16), capped)
 
 
@@ -1162,3 +1163,100 @@ def test_a_missing_weights_file_of_another_extractor_names_the_flag_for_it(tmp_p
     with pytest.raises(DreamError, match=f"^--extractor-weights {missing}: no such file \\(expected the weights file "
                                          f"of feature extractor '{WEIGHTED}'\\)$"):
         resolve_feature_extractor(WEIGHTED, str(missing))
+
+
+def test_a_synthetic_real_set_named_for_a_run_on_other_data_is_the_default_synthetic_set():
+    """--real synthetic for a run trained on CelebA or a folder is the synthetic set any run without a config of its
+    own gets (the default count and seed 0), not one sized and seeded by that run's --data-count and --seed: its
+    scores compare with every other such evaluation's."""
+    default = resolve_real_set({})
+    config = {"data": "celeba", "data_root": "/data", "data_split": "train", "data_count": 12, "seed": 5}
+    assert resolve_real_set(config, source="synthetic") == default
+    assert default["count"] != config["data_count"] and default["seed"] != config["seed"]
+    assert resolve_real_set(config, source="synthetic", count=20) == {**default, "count": 20}
+
+
+@pytest.mark.parametrize("text", ["{}", '{"count": "many"}', "[12]"])
+def test_a_real_count_file_without_a_count_is_damaged(tmp_path, text):
+    """<cache name>-count.json that parses as JSON but holds no integer count is deleted like a cut-short one
+    (prepare_real_set reads its "count"): the real set is counted again, not a KeyError after the checks."""
+    from dream.evaluate import discard_damaged_cache
+
+    count_file = tmp_path / "key-count.json"
+    count_file.write_text(text)
+    kept = tmp_path / "other-count.json"  # another real set's: not looked at
+    kept.write_text(text)
+    with pytest.warns(UserWarning, match=f"^deleting damaged cache files of the real set, to compute them again: "
+                                         f"{re.escape(str(count_file))}$"):
+        discard_damaged_cache(tmp_path, "key")
+    assert not count_file.exists() and kept.exists()
+
+
+def test_the_summary_line_gives_each_metric_its_spread_and_ddims_steps():
+    """format_report: IS and KID each with their own std over splits/subsets, and the DDIM steps and eta (which
+    ddpm does not take: all T steps, eta 1)."""
+    from dream.evaluate import format_report
+
+    report = {"metrics": {"fid": 3.25, "isc_mean": 2.5, "isc_std": 0.125, "kid_mean": 0.0125, "kid_std": 0.0025},
+              "sampler": "ddim", "steps": 20, "eta": 0.5, "count": 6, "seed": 2, "step": 9, "report": "r.json"}
+    assert format_report(report) == ("FID 3.250, IS 2.500 ± 0.125, KID 0.01250 ± 0.00250 on 6 samples "
+                                     "(ddim 20 steps, eta 0.5, seed 2, step 9); report r.json")
+    ddpm = format_report({**report, "sampler": "ddpm", "steps": 1000, "eta": 1.0})
+    assert "(ddpm, seed 2, step 9)" in ddpm and "1000" not in ddpm
+
+
+@pytest.mark.parametrize("metrics, message", [
+    ((), "--metrics names none"),  # `--metrics ,`: nothing to score after hours of sampling
+    (("fid", "is", "lpips"), "unknown metrics is, lpips"),
+])
+def test_a_metric_list_of_none_or_of_unknown_metrics_is_refused_before_anything_is_loaded(tmp_path, monkeypatch,
+                                                                                         metrics, message):
+    """An empty or unknown --metrics is one line before the model, the extractor or the real set is loaded (not
+    after the sampling)."""
+    for name in ("load_sampler_model", "resolve_feature_extractor", "prepare_real_set"):
+        monkeypatch.setattr(evaluate_module, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} ran"))
+    with pytest.raises(DreamError, match=f"^{message}; choose one or more of fid, isc, kid$"):
+        evaluate("ckpt.pt", out=str(tmp_path / "eval"), count=4, device="cpu", metrics=metrics,
+                 feature_extractor=EXTRACTOR, cache_dir=tmp_path / "fidelity")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_a_real_folder_capped_at_one_image_fewer_keeps_that_many(tmp_path, monkeypatch):
+    """--real-count caps the folder whenever it is below the folder's count, down to one image fewer; a cap at the
+    count or above keeps every image."""
+    monkeypatch.setenv("DREAM_CACHE", str(tmp_path / "cache"))
+    write_faces(tmp_path / "real", 0, 3)
+    real = resolve_real_set({"data": "folder"}, root=str(tmp_path / "real"))
+    every = load_real_images(real, 16)
+    assert every.shape[0] == 3
+    assert load_real_images({**real, "count": 2}, 16).shape[0] == 2
+    for count in (3, 4):
+        assert torch.equal(load_real_images({**real, "count": count}, 16), every)
+
+
+def test_a_real_folder_gone_before_it_is_decoded_is_said_to_have_changed(tmp_path, monkeypatch):
+    """The folder listed when the evaluation began is gone when its images are to be read: the same one line as
+    for any change since the listing, before anything is decoded."""
+    import shutil
+
+    monkeypatch.setenv("DREAM_CACHE", str(tmp_path / "cache"))
+    write_faces(tmp_path / "real", 0, 3)
+    real = resolve_real_set({"data": "folder"}, root=str(tmp_path / "real"))
+    shutil.rmtree(tmp_path / "real")
+    monkeypatch.setattr(evaluate_module, "load_images", lambda *a, **k: pytest.fail("the real set was decoded"))
+    with pytest.raises(DreamError, match=f"^the real set {re.escape(str(tmp_path / 'real'))} changed during the "
+                                         f"evaluation"):
+        load_real_images(real, 16)
+
+
+def test_a_sample_of_another_size_is_one_line_before_scoring(tmp_path):
+    """A whole PNG of another size in the samples folder (not made again: it ends as a PNG does) is named before
+    torch-fidelity sees it, not scored as it is or failed on in one of its batches."""
+    checkpoint = make_checkpoint(tmp_path)
+    settings = dict(out=str(tmp_path / "eval"), count=2, steps=1, batch_size=2, device="cpu", metrics=("isc",),
+                    feature_extractor=EXTRACTOR, cache_dir=tmp_path / "fidelity", isc_splits=1, progress=False)
+    evaluate(str(checkpoint), **settings)
+    png = image_path(tmp_path / "eval" / "samples", 1)
+    write_png(png, torch.zeros(3, 8, 8, dtype=torch.uint8))
+    with pytest.raises(DreamError, match=f"^{re.escape(str(png))} is 8×8 pixels, not the set's 16×16"):
+        evaluate(str(checkpoint), **settings)

@@ -1213,3 +1213,23 @@ def test_time_sampling_gpu():
     result = time_sampling(gpu_model("eager"), GaussianDiffusion("cosine", 20).cuda(), batch_size=4, steps=5,
                            repeats=2, steps_per_graph=2)
     assert result["plain"]["images_per_s"] > 0 and result["graphs"]["images_per_s"] > 0
+
+
+def test_a_batch_whose_images_are_all_missing_is_planned_whole_when_the_next_batch_has_begun(tmp_path):
+    """The first image the folder holds past a batch is the next batch's first: the batch has none there and is
+    planned whole (a range), as a batch past every image is."""
+    from dream.sample import PNG_END, unfinished_batches
+
+    image_path(tmp_path, 4).write_bytes(b"\x89PNG" + PNG_END)  # batch 1's first image, of count 8, batch 4
+    assert unfinished_batches(tmp_path, 8, 4) == [(0, range(4)), (1, [1, 2, 3])]
+
+
+def test_a_set_is_not_continued_by_a_model_of_another_image_size(tmp_path):
+    """sampling.json records the image size: a model of another size (no weights hash given to compare) adds no
+    images of its size to the set."""
+    diffusion = GaussianDiffusion("cosine", 10)
+    common = dict(sampler="ddim", steps=1, batch_size=2, seed=3, progress=False)
+    sample_images(tiny_unet(6, image_size=16), diffusion, 2, tmp_path, **common)
+    with pytest.raises(DreamError, match="image_size=16, this run has image_size=8"):
+        sample_images(tiny_unet(6, image_size=8), diffusion, 4, tmp_path, **common)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [image_path(tmp_path, i).name for i in range(2)]
