@@ -490,6 +490,7 @@ def _t(*shape, dtype=torch.float32):
     ((_t(1, 2, 0, 32), _t(1, 2, 0, 32), _t(1, 2, 0, 32)), {}, ValueError, "N=0"),
     ((_t(1, 1, 4097, 32), _t(1, 1, 4097, 32), _t(1, 1, 4097, 32)), {}, ValueError, "N=4097"),
     ((_t(0, 2, 8, 32), _t(0, 2, 8, 32), _t(0, 2, 8, 32)), {}, ValueError, "positive"),
+    ((_t(1, 0, 8, 32), _t(1, 0, 8, 32), _t(1, 0, 8, 32)), {}, ValueError, "positive, got B=1, H=0"),
     ((_t(1, 2, 8, 32, dtype=torch.float64),) * 3, {}, TypeError, "float64"),
     ((torch.ones(1, 2, 8, 32, dtype=torch.int32, device=DEVICE),) * 3, {}, TypeError, "int32"),
     ((_t(1, 2, 8, 32), _t(1, 2, 8, 32, dtype=torch.float16), _t(1, 2, 8, 32)), {}, TypeError, "same dtype"),
@@ -501,6 +502,15 @@ def _t(*shape, dtype=torch.float32):
 def test_bad_inputs_raise_clear_errors(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         attention(*args, **kwargs)
+
+
+def test_the_longest_supported_sequence_is_accepted():
+    """N = 4096 is the last length accepted (4097 is refused above), in attention and in attention_qkv_nchw (64 × 64
+    tokens). On meta tensors: the checks and shapes, nothing is computed."""
+    q = torch.empty(1, 2, 4096, 32, device="meta")
+    assert attention(q, q, q).shape == q.shape
+    qkv = torch.empty(1, 3 * 32, 64, 64, device="meta")
+    assert attention_qkv_nchw(qkv, 1).shape == (1, 32, 64, 64)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a second device type")

@@ -112,6 +112,34 @@ def test_launcher_writes_every_element(layout, blocks, dtype):
     assert_close("out", out, expected, TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("shape,layout", [((1, 1, 1, 1), "nchw"), ((2, 2, 3, 3), "nchw"),
+                                          ((2, 3, 1, 2), "channels_last"), (CPU_SHAPES[0], "channels_last")],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
+def test_heuristic_launches_whole_warps_within_the_tile(monkeypatch, shape, layout):
+    """The heuristic's launch has 1 to 8 warps (a power of two) and a tile of at most _TILE elements, also for a
+    tensor smaller than a warp's share of a tile: the interpreter ignores num_warps, a GPU refuses 0."""
+    launches = []
+    launch = bias_residual_module.autotune.launch
+
+    def recording_launch(kernel, grid):
+        run = launch(kernel, grid)
+
+        def call(*args, **kwargs):
+            launches.append(kwargs)
+            return run(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(bias_residual_module.autotune, "launch", recording_launch)
+    a, b, bias, _ = _inputs(shape, torch.float32, torch.float32, torch.float32, layout, 47)
+    out = add_bias_residual(a, b, bias)
+    assert_close("out", out, add_bias_residual_reference(a.double(), b.double(), bias.double()),
+                 TOLERANCE[torch.float32])
+    (kwargs,) = launches
+    warps = kwargs["num_warps"]
+    assert 1 <= warps <= 8 and warps & (warps - 1) == 0, kwargs
+    assert kwargs["BLOCK_ROWS"] * kwargs["BLOCK_COLS"] <= bias_residual_module._TILE, kwargs
+
+
 @pytest.mark.skipif(not ON_GPU, reason="CUDA's grid limits; 65552 programs are too many for the interpreter")
 def test_a_plane_of_more_tiles_than_a_grid_axis_holds():
     """NCHW, one plane of 4097 × 4096 positions: 65552 column tiles of 256, more than the 65535 blocks CUDA allows

@@ -599,6 +599,19 @@ def test_dropout_seed_is_drawn_from_torch_generator():
                        outputs[0])
 
 
+def test_without_dropout_no_seed_is_drawn_from_torch_generator():
+    """A seed is drawn only for dropout: without it (dropout_p 0, given as a float or an int) the op leaves torch's
+    generator where it was, so the random numbers drawn around it stay the same."""
+    x, weight, bias, scale, shift, _ = _make_inputs((2, 12, 3, 5, 3), torch.float32, torch.float32,
+                                                    True, True, False, 23)
+    torch.manual_seed(7)
+    expected = torch.rand(4, device=DEVICE)
+    for dropout_p in (0.0, 0):
+        torch.manual_seed(7)
+        group_norm_silu(x, weight, bias, 3, scale=scale, shift=shift, dropout_p=dropout_p)
+        assert torch.equal(torch.rand(4, device=DEVICE), expected), dropout_p
+
+
 def test_dropout_under_activation_checkpointing_recomputes_the_same_mask():
     from torch.utils.checkpoint import checkpoint
 
@@ -656,6 +669,31 @@ def test_non_dense_x_and_dy_in_other_layouts():
         assert _rel_err(y, y64) <= TOLERANCE[torch.float32]
         for grad, grad64 in zip(grads, grads64):
             assert _rel_err(grad, grad64) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("mode", ["pre", "post"])
+def test_strided_parameters_scale_and_shift_match_float64(mode):
+    """weight and bias as every other element of a longer vector, scale and shift as transposed (C, N) storage:
+    the kernels index them as dense (C,) and (N, C), so the op must read the views' values, and the gradients
+    come back in the views' shapes."""
+    N, C, H, W, G = 3, 12, 5, 3, 4
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(N, C, H, W, generator=gen).to(DEVICE)
+    weight = (torch.rand(2 * C, generator=gen) + 0.5).to(DEVICE)[::2]
+    bias = torch.randn(2 * C, generator=gen).to(DEVICE)[1::2]
+    scale = (0.3 * torch.randn(C, N, generator=gen)).to(DEVICE).t()
+    shift = torch.randn(C, N, generator=gen).to(DEVICE).t()
+    assert not any(v.is_contiguous() for v in (weight, bias, scale, shift))
+    leaves = [v.requires_grad_() for v in (x, weight, bias, scale, shift)]
+    leaves64 = [v.detach().double().requires_grad_() for v in leaves]
+    dy = torch.randn(N, C, H, W, generator=gen).to(DEVICE)
+    y = group_norm_silu(*leaves[:3], G, EPS, *leaves[3:], mode=mode)
+    y64 = group_norm_silu_reference(*leaves64[:3], G, EPS, *leaves64[3:], mode=mode)
+    assert _rel_err(y, y64) <= TOLERANCE[torch.float32]
+    grads = torch.autograd.grad(y, leaves, dy)
+    grads64 = torch.autograd.grad(y64, leaves64, dy.double())
+    for name, grad, grad64 in zip(["x", "weight", "bias", "scale", "shift"], grads, grads64):
+        assert grad.shape == grad64.shape and _rel_err(grad, grad64) <= TOLERANCE[torch.float32], name
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])

@@ -2,6 +2,7 @@
 meta tensors, and errors that name the op that was called. Tiny shapes: the values are checked at length
 in each op's own test file."""
 import importlib
+import math
 import os
 import subprocess
 import sys
@@ -277,3 +278,30 @@ def test_the_attention_backward_op_refuses_statistics_of_another_dtype():
         lse = torch.empty(1, 1, 8, device="meta", dtype=dtype)
         with pytest.raises(ValueError, match=r"^attention_backward: lse must be a float32 tensor of shape \(1, 1, 8\)"):
             ops.attention_backward(q, q, q, q, lse, q, 0.25)
+
+
+def test_grid_arithmetic_rounds_up_to_the_next_block_and_power_of_two():
+    """kernels.layout.cdiv is ceil(a / b), with no extra block at exact multiples, and next_power_of_2 the smallest
+    power of two >= n (n itself when it is one): the launchers size their grids and tiles with them."""
+    from kernels.layout import cdiv, next_power_of_2
+
+    for a in range(0, 70):
+        for b in (1, 2, 3, 8, 64):
+            assert cdiv(a, b) == math.ceil(a / b), (a, b)
+    for n in range(0, 130):
+        assert next_power_of_2(n) == min(2 ** k for k in range(9) if 2 ** k >= n), n
+    assert cdiv(2 ** 40 + 1, 2 ** 20) == 2 ** 20 + 1  # plain integers, no float rounding
+
+
+def test_a_tensor_dense_in_both_layouts_counts_as_nchw():
+    """memory_format_of gives channels_last only for a tensor laid out that way and not also NCHW-contiguous: with
+    one channel, or one position per image, both layouts are the same memory and the ops keep NCHW (whose dropout
+    mask layout, say, follows it)."""
+    from kernels.layout import memory_format_of
+
+    for shape in ((2, 3, 1, 1), (2, 1, 4, 5)):
+        both = torch.empty(shape, device="meta").contiguous(memory_format=torch.channels_last)
+        assert both.is_contiguous() and memory_format_of(both) == torch.contiguous_format, shape
+    channels_last = torch.empty(2, 3, 4, 5, device="meta").contiguous(memory_format=torch.channels_last)
+    assert memory_format_of(channels_last) == torch.channels_last
+    assert memory_format_of(torch.empty(2, 3, 4, device="meta")) == torch.contiguous_format

@@ -11,6 +11,7 @@ test's timer in place of CUDA events.
 """
 import importlib
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -242,11 +243,13 @@ def test_picks_are_reused_from_memory_and_from_the_file(tuning, tmp_path):
     assert names == [autotune.problem_name("toy", (9,), torch.device("cpu"))]
 
 
-def test_a_cached_pick_with_other_fields_than_the_launchers_is_tuned_again(tuning, tmp_path, caplog):
-    """A cache file written by a release whose configurations had other fields: its pick would make every
-    launch fail (a TypeError building the configuration), so it is tuned again and replaced."""
+@pytest.mark.parametrize("cached", [{"b": 5}, {"a": 2, "b": 5}, {}], ids=["other", "more", "fewer"])
+def test_a_cached_pick_with_other_fields_than_the_launchers_is_tuned_again(tuning, tmp_path, caplog, cached):
+    """A cache file written by a release whose configurations had other fields (other ones, more, or fewer): its
+    pick would make every launch fail (a TypeError building the configuration) or launch with fields left at
+    defaults nobody tuned, so it is tuned again and replaced."""
     name = autotune.problem_name("toy", (15,), torch.device("cpu"))
-    (tmp_path / "picks.json").write_text(json.dumps({"version": autotune.CACHE_VERSION, "picks": {name: {"b": 5}}}))
+    (tmp_path / "picks.json").write_text(json.dumps({"version": autotune.CACHE_VERSION, "picks": {name: cached}}))
     with caplog.at_level("WARNING", logger=autotune.__name__):
         assert autotune.choose("toy", (15,), torch.device("cpu"), TWO, _values, interpreted=True) == {"a": 2}
     assert "does not fit this release's launcher; tuning again" in caplog.text
@@ -502,6 +505,19 @@ def test_the_heuristic_is_kept_unless_beaten_by_more_than_three_percent(tuning, 
     assert autotune.choose("toy", (20,), torch.device("cpu"), TWO, _values, interpreted=True) == picked
 
 
+@pytest.mark.parametrize("heuristic_seconds,candidate_seconds,picked", [
+    (float("nan"), 0.5, {"a": 2}),
+    (1.0, float("nan"), {"a": 1}),
+    (float("inf"), 0.5, {"a": 2}),
+], ids=["heuristic-nan", "candidate-nan", "heuristic-inf"])
+def test_a_timing_that_is_not_a_finite_number_is_not_ranked(tuning, heuristic_seconds, candidate_seconds, picked):
+    """A configuration whose timing is NaN or infinite is left out of the ranking (a NaN would compare as neither
+    faster nor slower): the fastest finite timing wins, and with the heuristic's time unknown, any finite one
+    beats it."""
+    tuning.seconds = {json.dumps({"a": 1}): heuristic_seconds, json.dumps({"a": 2}): candidate_seconds}
+    assert autotune.choose("toy", (28,), torch.device("cpu"), TWO, _values, interpreted=True) == picked
+
+
 def test_a_cache_file_not_yet_written_is_no_warning(tuning, tmp_path):
     assert not (tmp_path / "picks.json").exists()
     with warnings.catch_warnings():
@@ -578,6 +594,22 @@ def test_a_checked_pick_is_served_without_building_the_candidates_again(tuning):
     assert len(calls) == 2
 
 
+def test_a_pick_made_in_this_process_outlives_a_switch_of_cache_file(tuning, tmp_path, monkeypatch):
+    """Once a problem has its pick in this process, pointing DREAM_KERNEL_AUTOTUNE_CACHE at another file that holds
+    another pick for it does not change the configuration launched midway (the other file's picks fill in only
+    problems without one)."""
+    args = ("toy", (26,), torch.device("cpu"), TWO, _values)
+    assert autotune.choose(*args, interpreted=True) == {"a": 2}
+    other = tmp_path / "other.json"
+    name = autotune.problem_name("toy", (26,), torch.device("cpu"))
+    unseen = autotune.problem_name("toy", (27,), torch.device("cpu"))
+    other.write_text(json.dumps({"version": autotune.CACHE_VERSION, "picks": {name: {"a": 1}, unseen: {"a": 1}}}))
+    monkeypatch.setenv(autotune.CACHE_ENV, str(other))
+    assert autotune.choose(*args, interpreted=True) == {"a": 2}
+    assert autotune.choose("toy", (27,), torch.device("cpu"), TWO, _values, interpreted=True) == {"a": 1}
+    assert len(tuning.timed) == 2  # neither tuned again
+
+
 @pytest.fixture
 def problem_keys(monkeypatch):
     """Autotuning on, choose() recording (kernel, key) and answering None (the heuristics launch)."""
@@ -631,3 +663,34 @@ def test_an_unknown_candidate_grid_is_one_clear_error():
     heuristic = att.forward_config(64, 32, torch.float16)
     with pytest.raises(ValueError, match=r"^attention candidates: grid must be quick, full or minimal, got 'fast'"):
         att.forward_candidates(64, heuristic, grid="fast")
+
+
+def _toy_kernel():
+    pass
+
+
+class _GridRecorder:
+    """A stand-in for a @triton.jit function (named by its `fn`, as Triton's are): kernel[grid] returns the grid."""
+
+    fn = _toy_kernel
+
+    def __getitem__(self, grid):
+        return grid
+
+
+@pytest.mark.parametrize("grid,allowed", [
+    ((2**31 - 1, 65535, 65535), True),   # the largest grid CUDA launches
+    ((2**31, 1, 1), False),
+    ((1, 65536, 1), False),
+    ((1, 1, 65536), False),
+    ((1, 65536), False),
+], ids=["largest", "x", "y", "z", "y-of-2d"])
+def test_launch_checks_the_grid_against_cudas_limits_along_every_axis(grid, allowed):
+    """autotune.launch passes a grid of up to 2^31 - 1 blocks along x and 65535 along y and z through, and refuses
+    one block more along any axis, z included, in one line naming the kernel (on CPU too, before any launch)."""
+    if allowed:
+        assert autotune.launch(_GridRecorder(), grid) == grid
+    else:
+        with pytest.raises(ValueError, match=rf"^_toy_kernel: a launch grid of {re.escape(str(grid))} blocks exceeds "
+                                             r"CUDA's limits"):
+            autotune.launch(_GridRecorder(), grid)

@@ -343,6 +343,8 @@ def test_torch_compile_dynamic_shapes_take_symbolic_int_arguments():
     (dict(conv_bias=torch.randn(5, dtype=torch.float64)), TypeError, r"conv_bias .* must match conv_weight"),
     (dict(stride=(1, 1, 1)), ValueError, r"stride must be two ints"),
     (dict(padding=-1), ValueError, r"padding >= 0"),
+    (dict(stride=0), ValueError, r"stride and dilation must be >= 1 and padding >= 0, got stride=\[0, 0\]"),
+    (dict(dilation=(1, 0)), ValueError, r"stride and dilation must be >= 1 and padding >= 0, got .*dilation=\[1, 0\]"),
     (dict(groups=5), ValueError, r"expects 60 input channels"),
     (dict(num_groups=5), ValueError, r"not divisible by num_groups=5"),
 ])
@@ -355,3 +357,14 @@ def test_clear_errors(change, error, message):
     args = {name: value.to(DEVICE) if isinstance(value, torch.Tensor) else value for name, value in args.items()}
     with pytest.raises(error, match=message):
         group_norm_silu_conv2d(**args)
+
+
+def test_a_convolution_bias_on_another_device_is_refused():
+    """conv_bias on another device than x (a meta tensor here, on any machine) is a one-line error naming it,
+    before anything runs."""
+    x = torch.randn(2, 12, 4, 4, device=DEVICE)
+    weight, bias = torch.ones(12, device=DEVICE), torch.zeros(12, device=DEVICE)
+    conv_weight = torch.randn(5, 12, 3, 3, device=DEVICE)
+    with pytest.raises(TypeError, match=r"^group_norm_silu_conv2d: conv_bias \(torch.float32 on meta\) must match "
+                                        r"conv_weight"):
+        group_norm_silu_conv2d(x, weight, bias, 3, conv_weight, torch.zeros(5, device="meta"), padding=1)

@@ -227,6 +227,8 @@ def test_non_dense_inputs_and_output_gradient_match_float64(monkeypatch, layout)
     assert torch.equal(dh, dout[:, :ch]), "dh must be dout's h part"
     assert_close("dskip", dskip, ref_dskip, TOLERANCE[torch.float32])
     assert_close("dh_bias", dbias, ref_dbias, 1e-5)
+    # _kernel's leaves are clones, which are dense: the views themselves, a strided h_bias included, give out too
+    assert_close("out of the views", upsample2x_concat(h, skip, h_bias), ref_out, TOLERANCE[torch.float32])
 
 
 def test_upsampling_is_pytorch_bilinear():
@@ -251,6 +253,32 @@ def test_backward_is_deterministic():
     second = _kernel(h, skip, h_bias, dout)
     assert torch.equal(first[0], second[0])
     assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
+def test_a_frozen_h_bias_costs_no_gradient_pass():
+    """Without h_bias.requires_grad, backward does not sum dout's h part for a gradient nobody asked for; h and skip
+    still get theirs, those of the reference."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordCalls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    h, skip, h_bias, dout = _inputs((2, 3, 4, 2, 3), torch.float32, torch.float32, "nchw", 43)
+    h, skip = h.requires_grad_(), skip.requires_grad_()
+    out = upsample2x_concat(h, skip, h_bias)
+    with RecordCalls() as record:
+        out.backward(dout)
+    assert h_bias.grad is None
+    assert not [func for func in record.calls if func.overloadpacket is torch.ops.aten.sum], record.calls
+    _, (ref_dh, ref_dskip, _) = _float64(h, skip, h_bias, dout)
+    assert_close("dh", h.grad, ref_dh, TOLERANCE[torch.float32])
+    assert_close("dskip", skip.grad, ref_dskip, TOLERANCE[torch.float32])
 
 
 def test_samples_beyond_32_bit_offsets_are_refused():
