@@ -756,3 +756,206 @@ def test_sampling_jobs_let_collectives_wait_hours_not_torchs_default(monkeypatch
     for command in (["sample", "ckpt.pt"], ["eval", "ckpt.pt"]):
         assert main([*command, "--device", "cpu"]) == 130
     assert sessions == [SAMPLING_TIMEOUT, SAMPLING_TIMEOUT]
+
+
+# Runs under torchrun: each collective of Distributed with values that differ between the ranks, then the setup
+# agreement with a failure on one rank, on both, and on neither; each rank writes what it got to <out>/rank<R>.json.
+COLLECTIVES = textwrap.dedent("""
+    import json, os, sys
+    from datetime import timedelta
+    import torch
+    import torch.distributed as dist
+    from dream.distributed import agree_on_setup, agreed_setup, session
+    from dream.errors import DreamError
+
+    out = sys.argv[1]
+    torch.set_num_threads(1)
+    seen = {}
+
+    def outcome(run):
+        try:
+            run()
+            return None
+        except BaseException as error:  # (KeyboardInterrupt included: a signal during setup)
+            return [type(error).__name__, str(error), getattr(error, "same_on_every_rank", None)]
+
+    with session("cpu", timedelta(seconds=60)) as d:  # (ranks out of step fail, not hang)
+        r = d.rank
+        values = torch.tensor([float(r), 10.0 * r])
+        seen["mean"] = d.mean(values).tolist()
+        seen["mean_input_kept"] = values.tolist() == [float(r), 10.0 * r]
+        seen["max"] = [d.max(3 * r + 1, "cpu"), d.max(5 - 4 * r, "cpu"), int(d.max_tensor(3 * r + 1, "cpu"))]
+        seen["sum"] = d.sum(r + 1, "cpu")
+        seen["flags"] = [d.gather_flags(r == 1), d.gather_flags(r == 0), d.gather_flags(True)]
+        seen["share"] = d.share({"from": r})
+        same = [torch.arange(6.0).reshape(2, 3), torch.ones(4)]
+        seen["identical"] = outcome(lambda: d.check_identical(same, "weights"))
+        drifted = [same[0], same[1] + (r == 1)]  # the last tensor alone differs on rank 1
+        seen["drifted"] = outcome(lambda: d.check_identical(drifted, "weights"))
+
+        def setup(failing_ranks, error):
+            def run():
+                with agreed_setup(d):
+                    if r in failing_ranks:
+                        raise error
+            return outcome(run)
+
+        seen["setup_rank_1"] = setup({1}, DreamError("rank 1's folder is missing"))
+        seen["setup_every_rank"] = setup({0, 1}, ValueError("image_size 7 must be a multiple of 8"))
+        seen["setup_os_error"] = setup({1}, OSError("disk full"))
+        seen["setup_signal"] = setup({1}, KeyboardInterrupt())
+        seen["setup_none"] = setup(set(), None)
+        seen["agree_none"] = outcome(lambda: agree_on_setup(d, None))
+        d.leave()
+        seen["left"] = not dist.is_initialized()
+    with open(os.path.join(out, f"rank{r}.json"), "w") as f:
+        json.dump(seen, f)
+""")
+
+
+def test_each_collective_combines_what_the_ranks_hold(tmp_path):
+    """Two gloo processes holding different values: mean, max, sum, every rank's flag in its place, rank 0's
+    shared object, a drift in any of the tensors checked, and the setup agreement (one rank's error said by it and
+    named by rank 0; an error of every rank said once; OSError and a signal shared like a DreamError)."""
+    worker = tmp_path / "collectives.py"
+    worker.write_text(COLLECTIVES)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    process = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              str(worker), str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert process.returncode == 0, process.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    named = ["DreamError", "the process of rank 1 stopped during setup (its line says why)", True]
+    for r, seen in enumerate(ranks):
+        assert seen["mean"] == [0.5, 5.0] and seen["mean_input_kept"], r
+        assert seen["max"] == [4, 5, 4] and seen["sum"] == 3, r
+        assert seen["flags"] == [[False, True], [True, False], [True, True]], r
+        assert seen["share"] == {"from": 0}, r
+        assert seen["identical"] is None, r
+        assert seen["drifted"][0] == "RuntimeError" and "weights differ between ranks" in seen["drifted"][1], r
+        assert seen["setup_every_rank"] == ["DreamError", "image_size 7 must be a multiple of 8", True], r
+        assert seen["setup_none"] is None and seen["agree_none"] is None and seen["left"], r
+    assert ranks[1]["setup_rank_1"] == ["DreamError", "rank 1's folder is missing", False]
+    assert ranks[1]["setup_os_error"] == ["OSError", "disk full", False]
+    assert ranks[1]["setup_signal"] == ["KeyboardInterrupt", "", False]
+    assert ranks[0]["setup_rank_1"] == ranks[0]["setup_os_error"] == ranks[0]["setup_signal"] == named
+
+
+@pytest.mark.parametrize("value, processes", [(None, 1), ("", 1), ("4", 4), ("0", 1), ("junk", 1)])
+def test_local_processes_is_torchruns_local_world_size_and_at_least_one(monkeypatch, value, processes):
+    """Training checks that LOCAL_WORLD_SIZE copies of the set fit in this machine's memory: the count is torchrun's
+    processes on this machine (not the job's WORLD_SIZE), one without torchrun or with a value that is no count."""
+    from dream.distributed import local_processes
+
+    monkeypatch.setenv("WORLD_SIZE", "16")  # a job across machines: not this machine's count
+    if value is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", value)
+    assert local_processes() == processes
+
+
+def test_a_stop_is_said_by_its_signals_name_ctrl_c_as_interrupted():
+    import signal
+
+    from dream.distributed import LAUNCHER_GONE, stop_reason
+
+    assert stop_reason(signal.SIGINT) == "interrupted"
+    assert stop_reason(signal.SIGTERM) == "SIGTERM"
+    assert stop_reason(signal.SIGHUP) == "SIGHUP"
+    assert stop_reason(LAUNCHER_GONE) == "the launcher (torchrun) is gone"
+    assert LAUNCHER_GONE > max(signal.Signals)  # the ranks agree on the largest reason: the launcher's death wins
+
+
+def test_the_stop_flag_takes_sigint_and_sigterm_while_installed_and_gives_them_back():
+    """Inside `installed()` SIGINT and SIGTERM set the flag; once it is set a SIGINT (Ctrl-C pressed again) raises
+    KeyboardInterrupt, a SIGTERM (a scheduler repeating it) does not; afterwards the previous handlers are back."""
+    import signal
+
+    from dream.distributed import StopFlag
+
+    def mine(signum, frame):
+        pass
+
+    previous = {sig: signal.signal(sig, mine) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        flag = StopFlag()
+        with flag.installed():
+            assert signal.getsignal(signal.SIGINT) == flag.handle == signal.getsignal(signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert flag.requested and flag.signum == signal.SIGTERM
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler repeating SIGTERM: still the step's end
+            assert flag.requested and flag.signum == signal.SIGTERM
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is mine and signal.getsignal(signal.SIGTERM) is mine
+        first = StopFlag()
+        first.handle(signal.SIGINT, None)  # a first Ctrl-C only asks
+        assert first.requested and first.signum == signal.SIGINT
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def test_a_value_error_during_setup_becomes_a_one_line_error():
+    """agree_on_setup turns a ValueError (a bad model setting) into a DreamError, which the CLI says in one line;
+    in one process the failure is every process's."""
+    from dream.distributed import agree_on_setup
+    from dream.errors import DreamError
+
+    with pytest.raises(DreamError, match="^image_size 7 must be a multiple of 8$") as error:
+        agree_on_setup(Distributed(), ValueError("image_size 7 must be a multiple of 8"))
+    assert error.value.same_on_every_rank is True
+    agree_on_setup(Distributed(), None)
+
+
+def test_a_cuda_device_without_cuda_is_refused_once_before_joining(monkeypatch):
+    """Every rank of a job asked for a GPU on a machine without CUDA refuses alike (rank 0 says it) and joins no
+    process group; a rank without LOCAL_RANK takes its global rank (one machine)."""
+    import torch.distributed as torch_dist
+
+    from dream.distributed import from_environment
+    from dream.errors import DreamError
+
+    joined = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch_dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch_dist, "init_process_group", lambda backend, **kwargs: joined.append(backend))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(DreamError, match=rf"^device '{device}' was asked for, but CUDA is not available") as error:
+            from_environment(device)
+        assert error.value.same_on_every_rank is True
+    assert joined == []
+    assert from_environment("cpu").local_rank == 1 and joined == ["gloo"]
+
+
+def test_a_session_meets_at_a_barrier_before_leaving_but_not_after_an_error(monkeypatch):
+    """On a normal exit the ranks meet at a barrier, then leave the group; after an exception each leaves at once
+    (the others may never reach a barrier). leave() also meets first."""
+    import torch.distributed as torch_dist
+
+    from dream.distributed import session
+
+    calls = []
+    monkeypatch.setattr(torch_dist, "is_initialized", lambda: bool(calls) and calls[-1] != "destroy")
+    monkeypatch.setattr(torch_dist, "init_process_group", lambda backend, **kwargs: calls.append("init"))
+    monkeypatch.setattr(torch_dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(torch_dist, "destroy_process_group", lambda: calls.append("destroy"))
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    with session("cpu") as d:
+        assert d.enabled and calls == ["init"]
+    assert calls == ["init", "barrier", "destroy"]
+    calls.clear()
+    with pytest.raises(RuntimeError, match="^a failed step$"):
+        with session("cpu"):
+            raise RuntimeError("a failed step")
+    assert calls == ["init", "destroy"]
+    calls.clear()
+    with session("cpu") as d:
+        d.leave()
+        assert calls == ["init", "barrier", "destroy"]
+    assert calls == ["init", "barrier", "destroy"]  # left already: nothing more at the end

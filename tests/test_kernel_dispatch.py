@@ -8,6 +8,8 @@ too), at odd shapes (3 channels per group, 7×5 images, batch 3); outputs of bot
 buffers, so a path that wrote nothing could not match the other by chance.
 """
 
+import contextlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -91,6 +93,21 @@ def test_direct_and_dispatched_calls_agree_bitwise(entry):
     with torch.no_grad():
         leaves = [t.to(DEVICE) for t in tensors]
         assert torch.equal(call(*leaves), direct_out.detach())
+
+
+def test_gradients_reach_every_input_that_asks_for_them_on_both_paths():
+    """Only some inputs require gradients (a frozen input, trainable norm weights or scale and shift): the direct
+    call records the op for autograd whichever of its arguments asks for it, with the dispatcher's gradients."""
+    _, call, tensors = _group_norm_silu(torch.Generator().manual_seed(12))
+    for trainable in ((1,), (1, 2), (3, 4)):  # weight; weight and bias; scale and shift
+        grads = []
+        for forced in (False, True):
+            leaves = [t.to(DEVICE).requires_grad_(i in trainable) for i, t in enumerate(tensors)]
+            with dispatch.through_dispatcher() if forced else contextlib.nullcontext():
+                call(*leaves).square().sum().backward()
+            grads.append([leaves[i].grad for i in trainable])
+        for index, direct, dispatched in zip(trainable, *grads):
+            assert direct is not None and torch.equal(direct, dispatched), f"input {index}"
 
 
 class _OpRecorder(TorchDispatchMode):

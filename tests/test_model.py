@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dream.info import model_info
-from dream.model import (Attention, UNet, build_unet, count_parameters, make_config, resize_skip,
-                         timestep_embedding)
+from dream.model import (Attention, ResBlock, UNet, autocast_for, build_unet, check_backend_device, concat_skip,
+                         count_parameters, make_config, resize_skip, timestep_embedding)
 
 
 def test_parameter_counts_match_the_seed():
@@ -272,6 +272,12 @@ def test_state_dict_is_the_same_for_every_backend():
     ({"channel_mults": ()}, "channel_mults must be positive integers"),
     ({"channel_mults": (1, 0)}, "channel_mults must be positive integers"),
     ({"norm_eps": 0.0}, "norm_eps must be positive"),
+    ({"num_res_blocks": True}, "num_res_blocks must be a positive integer, got True"),  # a bool is no count
+    ({"num_heads": 5}, "channel width 32 is not divisible by num_heads=5"),
+    ({"image_size": 36}, "image_size 36 must be divisible by 8"),  # 3 levels: 8, not 4
+    ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+    ({"attention_levels": (-1,)}, "attention level -1 out of range for 3 levels"),
+    ({"attention_levels": (3,)}, "attention level 3 out of range for 3 levels"),
 ])
 def test_bad_configurations_name_the_problem(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -283,6 +289,65 @@ def test_unknown_preset_and_backend():
         make_config("huge")
     with pytest.raises(ValueError, match="backend"):
         UNet(make_config("tiny"), backend="cuda-magic")
+
+
+def test_unknown_checkpoint_policy_is_named_as_such():
+    """A policy that does not exist is named with the list to choose from, not mistaken for one that needs the
+    triton backend."""
+    with pytest.raises(ValueError, match=r"^unknown checkpoint policy 'everything'; choose one of \('none', "):
+        build_unet("tiny", image_size=8, checkpointing="everything")
+
+
+def test_make_config_leaves_unset_overrides_to_the_preset_and_stores_tuples():
+    """Overrides given as None (options the user did not set) keep the preset's values, and list-valued
+    overrides (from JSON or the command line) are stored as tuples: the config stays hashable and equal to
+    one made with tuples."""
+    config = make_config("tiny", dropout=None, num_heads=None, channel_mults=[1, 2], attention_levels=[1])
+    preset = make_config("tiny")
+    assert (config.dropout, config.num_heads) == (preset.dropout, preset.num_heads)
+    assert config.channel_mults == (1, 2) and config.attention_levels == (1,)
+    assert config == make_config("tiny", channel_mults=(1, 2), attention_levels=(1,))
+    hash(config)
+
+
+def test_set_backend_reaches_every_block():
+    """set_backend switches every ResBlock and attention block (the attention core is where sdpa differs)."""
+    model = build_unet("tiny", image_size=8)
+    for backend in ("sdpa", "eager"):
+        model.set_backend(backend)
+        blocks = [m for m in model.modules() if isinstance(m, (ResBlock, Attention))]
+        assert len(blocks) == 17 and {m.backend for m in blocks} == {backend}
+
+
+def test_autocast_for_each_precision():
+    """fp32 runs without autocast; bf16 and fp16 autocast to their own dtype."""
+    a = torch.randn(4, 4)
+    with autocast_for("fp32", "cpu"):
+        assert not torch.is_autocast_enabled("cpu") and torch.mm(a, a).dtype == torch.float32
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        with autocast_for(precision, "cpu"):
+            assert torch.mm(a, a).dtype == dtype, precision
+
+
+def test_backend_device_check_refuses_only_the_triton_backend_on_a_cpu(monkeypatch):
+    """The triton backend on a CPU needs the interpreter and refuses bf16 there; on CUDA, and for the other
+    backends anywhere, every precision passes."""
+    import kernels.device
+
+    for interpreting in (True, False):
+        monkeypatch.setattr(kernels.device, "interpreting", lambda: interpreting)
+        for dtype in (None, torch.float16, torch.bfloat16):
+            check_backend_device("triton", "cuda", dtype)
+            check_backend_device("eager", "cpu", dtype)
+            check_backend_device("sdpa", "cpu", dtype)
+    monkeypatch.setattr(kernels.device, "interpreting", lambda: False)
+    with pytest.raises(ValueError, match="^backend 'triton' runs its kernels on a CUDA GPU; on a CPU set "
+                                         "TRITON_INTERPRET=1"):
+        check_backend_device("triton", "cpu")
+    monkeypatch.setattr(kernels.device, "interpreting", lambda: True)
+    check_backend_device("triton", "cpu", torch.float16)
+    with pytest.raises(ValueError, match="whose bf16 is wrong"):
+        check_backend_device("triton", "cpu", torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 8e-3)])
@@ -319,6 +384,44 @@ def test_skip_resize_of_a_very_large_batch_goes_in_parts(monkeypatch):
     monkeypatch.setattr("dream.model.RESIZE_MAX_ELEMENTS", 2 * 6 * 8 * 6)  # two images a call
     parts = resize_skip(skip, like)
     assert calls == [2, 2, 1] and torch.equal(parts, whole) and parts.is_contiguous()
+
+
+def test_skip_resize_takes_at_most_resize_max_parts_parts(monkeypatch):
+    """A batch that needs exactly RESIZE_MAX_PARTS parts is resized; one image more is refused in one line."""
+    skip, like = torch.randn(4, 2, 3, 3), torch.randn(4, 2, 6, 6)
+    monkeypatch.setattr("dream.model.RESIZE_MAX_ELEMENTS", 2 * 6 * 6)  # one image a part
+    monkeypatch.setattr("dream.model.RESIZE_MAX_PARTS", 3)
+    torch.testing.assert_close(resize_skip(skip[:3], like[:3]), F.interpolate(skip[:3], size=(6, 6), mode="bilinear"))
+    with pytest.raises(ValueError, match="^resize_skip: 4 images of 72 elements take more than 3 parts"):
+        resize_skip(skip, like)
+
+
+def test_half_precision_skip_resize_is_the_fp32_resize_rounded_once():
+    """A bf16 skip is resized in fp32 and rounded to bf16 once (not interpolated in bf16, which rounds the
+    weighted sums on the way): bitwise the fp32 resize of the same values, cast. A scale that is not 2 makes
+    the interpolation weights inexact in bf16."""
+    torch.manual_seed(5)
+    skip = torch.randn(2, 8, 16, 16).to(torch.bfloat16)
+    like = torch.empty(2, 8, 33, 35, dtype=torch.bfloat16)
+    wide = F.interpolate(skip.float().contiguous(memory_format=torch.channels_last), size=(33, 35), mode="bilinear",
+                         align_corners=False)
+    assert torch.equal(resize_skip(skip, like), wide.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("skip_size", [(3, 4), (4, 3), (2, 2), (3, 3)])
+def test_triton_skip_concatenation_matches_eager_at_any_skip_size(skip_size):
+    """concat_skip on the triton backend (the transposed convolution without its bias, then the fused
+    upsample-and-concatenate kernel where the skip is exactly half of h in both dimensions, else the bias
+    added, resize_skip and torch.cat) gives eager's cat([upsample(x), resize(skip)]): a skip half of h in
+    one dimension only, in neither, and in both."""
+    torch.manual_seed(6)
+    upsample = nn.ConvTranspose2d(4, 3, 4, stride=2, padding=1)
+    with torch.no_grad():
+        upsample.bias.add_(1.0)  # a bias that shows where it is left out
+    x, skip = torch.randn(2, 4, 3, 3), torch.randn(2, 5, *skip_size)  # h: 6x6
+    expected = concat_skip(x, skip, upsample, "eager")
+    assert expected.shape == (2, 8, 6, 6)
+    torch.testing.assert_close(concat_skip(x, skip, upsample, "triton"), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's channels_last bilinear kernel needs a GPU")

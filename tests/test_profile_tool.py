@@ -219,3 +219,247 @@ def test_the_profiler_step_rows_are_not_operators():
               SimpleNamespace(key="aten::add", count=4, self_cpu_time_total=100.0)]
     rows = profile.top_cpu_ops(events)
     assert [row["name"] for row in rows] == ["aten::mm", "aten::add"] and rows[0]["share"] == pytest.approx(0.75)
+
+
+def test_profile_steps_runs_the_step_once_unprofiled_then_warmup_and_recorded_steps(tmp_path):
+    """The step runs once outside the profiler, then --warmup + --steps times; only the recorded steps are timed
+    (in ms; the step time is their median), the gzipped Chrome trace goes into a folder made for it, and a CPU
+    summary lists operators without the profiler's own step rows."""
+    import gzip
+    import json
+    import statistics
+    import time
+
+    sleeps = iter([0.0, 0.0, 0.002, 0.002, 0.03])  # unprofiled, warm-up, then three recorded steps
+
+    def step():
+        time.sleep(next(sleeps))
+        return torch.ones(8, 8) @ torch.ones(8, 8)
+
+    trace_path = tmp_path / "cpu" / "t.trace.json.gz"
+    summary = profile.profile_steps(step, torch.device("cpu"), warmup=1, active=3, trace_path=trace_path, top=4)
+    assert next(sleeps, "all used") == "all used"
+    assert len(summary["wall_ms"]) == 3 and min(summary["wall_ms"]) >= 2.0 and max(summary["wall_ms"]) >= 30.0
+    assert summary["step_ms"] == pytest.approx(statistics.median(summary["wall_ms"]))
+    assert summary["step_ms"] < 30.0  # the median, not the mean: one slow step does not set it
+    with gzip.open(trace_path, "rt") as f:
+        assert json.load(f)["traceEvents"]
+    assert 0 < len(summary["top_ops"]) <= 4
+    assert not any(row["name"].startswith("ProfilerStep") for row in summary["top_ops"])
+
+
+def test_a_profile_run_writes_its_reports_with_images_per_second(tmp_path, monkeypatch):
+    """--what both: a report (.md, .json) and a trace per workload under <out>/cpu/<date>-profile-<what>...; images/s
+    is the batch over the step time, and for the one-step sampler that of a 1000-step run; a trace alone already
+    there takes the name too (-2)."""
+    import json
+
+    def workload(args, device):
+        return (lambda: None), {"preset": args.preset, "batch": args.batch, "backend": "eager", "precision": "fp32",
+                                "compile": False, "channels_last": False, "objective": "seed",
+                                "sampler": "one ddpm ancestral step" if args.sampler == "step" else "DDIM loop"}, None
+
+    def profile_steps(step, device, *, warmup, active, trace_path, top):
+        trace_path.write_bytes(b"")
+        return {"steps": active, "wall_ms": [250.0] * active, "step_ms": 250.0, "top_ops": []}
+
+    monkeypatch.setattr(profile, "training_workload", workload)
+    monkeypatch.setattr(profile, "sampling_workload", workload)
+    monkeypatch.setattr(profile, "profile_steps", profile_steps)
+    info = profile.environment_info("cpu")
+    stem = tmp_path / "cpu" / f"{info['date']}-profile"
+    (tmp_path / "cpu").mkdir()
+    stem.with_name(stem.name + "-train-batch4.trace.json.gz").write_bytes(b"")  # an earlier run's trace
+    written = profile.run_profile(parse("--device", "cpu", "--out", str(tmp_path), "--batch", "4"))
+    assert [path.name for path in written] == [
+        f"{stem.name}-train-batch4-2{suffix}" for suffix in profile.PROFILE_SUFFIXES] + [
+        f"{stem.name}-sample-batch4{suffix}" for suffix in profile.PROFILE_SUFFIXES]
+    assert all(path.parent == tmp_path / "cpu" and path.exists() for path in written)
+    reports = [json.loads(path.read_text()) for path in written if path.suffix == ".json"]
+    assert [(r["what"], r["summary"]["images_per_s"]) for r in reports] == [("train", 16.0), ("sample", 0.016)]
+    engine = profile.run_profile(parse("--device", "cpu", "--out", str(tmp_path), "--batch", "4", "--what", "sample",
+                                       "--sampler", "engine"))
+    assert json.loads(engine[1].read_text())["summary"]["images_per_s"] == 16.0  # the whole loop is one step
+    assert "| images/s (under the profiler) | 16.0 |" in engine[0].read_text()
+
+
+def test_the_cpu_default_image_size_is_the_tiny_presets_alone(tmp_path, monkeypatch):
+    seen = []
+
+    def workload(args, device):
+        seen.append((args.preset, args.image_size))
+        raise KeyError("stop here")
+
+    monkeypatch.setattr(profile, "training_workload", workload)
+    for preset in ("seed", "tiny"):
+        with pytest.raises(KeyError):
+            profile.run_profile(parse("--device", "cpu", "--what", "train", "--preset", preset, "--out", str(tmp_path)))
+    assert seen == [("seed", None), ("tiny", 32)]
+
+
+def test_random_parameters_replace_the_constant_ones_deterministically():
+    """GroupNorm weights 1 + 0.1 z and biases 0.1 z, the zero-initialised conv_out uniform within PyTorch's default
+    bound 1/sqrt(fan_in); the same for a seed, other values for another seed."""
+    from dream.model import build_unet
+
+    def randomized(seed):
+        return profile.randomize_parameters(build_unet("tiny", image_size=8, base_channels=16), seed)
+
+    model = randomized(3)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms
+    for norm in norms:
+        assert (norm.weight - 1).abs().max() < 0.6 and (norm.weight - 1).abs().max() > 0
+        assert norm.bias.abs().max() < 0.6 and norm.bias.abs().max() > 0
+    weight = model.conv_out.weight
+    bound = weight[0].numel() ** -0.5
+    assert weight.abs().max() <= bound and weight.abs().max() > 0.9 * bound  # (hundreds of uniform draws)
+    assert model.conv_out.bias.abs().max() <= bound and model.conv_out.bias.abs().max() > 0
+
+    def filled(model):  # (the other parameters keep build_unet's own random initialisation)
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+        return [*(m.weight for m in norms), *(m.bias for m in norms), model.conv_out.weight, model.conv_out.bias]
+
+    again, other = randomized(3), randomized(4)
+    assert all(torch.equal(a, b) for a, b in zip(filled(model), filled(again)))
+    assert not torch.equal(other.conv_out.weight, weight)
+
+
+def test_a_benchmark_trainer_is_one_batch_in_the_dream_phase_in_a_folder_that_goes_with_it():
+    """build_trainer: one batch of synthetic data in one micro-batch, the epoch where the DREAM objective is fully on,
+    settings this TrainConfig lacks dropped, and its scratch run folder removed with the trainer; sample_batch:
+    images in [-1, 1] that depend on the seed."""
+    import gc
+
+    trainer = profile.build_trainer(preset="tiny", batch=2, device="cpu", model_overrides={"image_size": 8,
+                                    "base_channels": 16}, not_a_train_setting=1)
+    assert trainer.epoch == 30 and trainer.config.micro_batch == 2 and trainer.config.data_count == 2
+    x0 = profile.sample_batch(trainer)
+    assert x0.shape == (2, 3, 8, 8) and x0.min() >= -1 and x0.max() <= 1 and x0.min() < -0.5
+    assert torch.equal(x0, profile.sample_batch(trainer)) and not torch.equal(x0, profile.sample_batch(trainer, 1))
+    run_dir = Path(trainer.config.run_dir)
+    assert run_dir.is_dir()
+    del trainer
+    gc.collect()
+    assert not run_dir.exists()
+
+
+def test_the_sampling_workload_is_one_eval_mode_step_at_half_the_timesteps(monkeypatch):
+    from dream.diffusion import GaussianDiffusion
+
+    calls = []
+    p_sample = GaussianDiffusion.p_sample
+
+    def recorded(self, model, x_t, t, noise=None, **kwargs):
+        calls.append((model.training, t.tolist(), self.num_timesteps))
+        return p_sample(self, model, x_t, t, noise=noise, **kwargs)
+
+    monkeypatch.setattr(GaussianDiffusion, "p_sample", recorded)
+    args = parse("--preset", "tiny", "--image-size", "8", "--base-channels", "16", "--batch", "2")
+    step, config, _ = profile.sampling_workload(args, torch.device("cpu"))
+    assert step().shape == (2, 3, 8, 8)
+    assert calls == [(False, [500, 500], 1000)]
+    with pytest.raises(DreamError, match="^--sampler graphs needs a CUDA device"):
+        profile.sampling_workload(parse("--preset", "tiny", "--batch", "2", "--sampler", "graphs"),
+                                  torch.device("cpu"))
+
+
+def test_a_gpu_report_gives_counts_and_times_per_step():
+    """Kernels, launches, graph launches, kernel time and each top kernel's calls and time are per profiled step;
+    launch gaps are the rest of the busy fraction. A CPU report's operator shares are percentages."""
+    info = {"device_type": "cuda", "device_name": "GPU-X", "time": "t"}
+    summary = {"step_ms": 2.0, "wall_ms": [2.0, 2.0], "steps": 2, "kernels": 10, "launches": 12, "graph_launches": 2,
+               "busy_fraction": 0.25, "kernel_time_us": 4000.0, "gpu_events": 10,
+               "top_kernels": [{"name": "gemm", "calls": 4, "total_us": 3000.0, "share": 0.75}]}
+    lines = profile.format_report("train", info, {}, summary, "t.json.gz", 5).splitlines()
+    for row in ("| GPU kernels per step | 5 |", "| kernel launches per step (runtime + driver API) | 6 |",
+                "| CUDA graph launches per step | 1 |",
+                "| GPU busy fraction (kernels, copies, memsets / window) | 25.0 % |",
+                "| launch gaps (1 - busy) | 75.0 % |", "| GPU kernel time per step | 2.000 ms |",
+                "| 1 | gemm | 2 | 1.500 | 75.0 % |"):
+        assert row in lines, row
+    cpu = {"step_ms": 2.0, "wall_ms": [2.0], "steps": 1,
+           "top_ops": [{"name": "aten::mm", "calls": 3, "total_us": 1500.0, "share": 0.6}]}
+    assert "| 1 | aten::mm | 3 | 1.500 | 60.0 % |" in profile.format_report(
+        "train", {"device_type": "cpu", "device_name": "CPU"}, {}, cpu, "t.json.gz", 5).splitlines()
+
+
+def test_a_table_cell_keeps_its_row_and_empty_settings_are_left_out():
+    table = profile.markdown_table(["key", "value"], [["command", "a\nb | c"]])
+    assert table.splitlines()[2] == "| command | a b \\| c |"
+    text = profile.environment_markdown({"torch": "2.x", "triton_interpret": "", "driver": None, "time": "t"})
+    assert "triton_interpret" not in text and "driver" not in text and "| torch | 2.x |" in text
+
+
+def test_a_training_profile_is_not_named_after_sampling_settings():
+    args = parse("--sample-steps", "50")
+    args.preset, args.batch = "tiny", 2
+    config = {"channels_last": False, "backend": "eager", "precision": "fp32", "compile": False, "objective": "seed"}
+    assert profile.profile_name("train", args, config, torch.device("cpu")) == "profile-train"
+
+
+def test_only_a_cuda_device_gets_a_gpu_folder():
+    """Anything but CUDA (an Apple GPU, say) is profiled as CPU figures: the cpu folder and the CPU label."""
+    other = {"device_type": "mps", "device_name": "Apple M2"}
+    assert profile.device_slug(other) == "cpu" and profile.device_label(other) == "CPU"
+
+
+def test_a_blank_out_or_a_file_in_the_device_folders_place_is_refused_before_any_work(tmp_path, monkeypatch):
+    def no_work(*args):
+        raise AssertionError("a workload was built before the output folder was checked")
+
+    monkeypatch.setattr(profile, "training_workload", no_work)
+    monkeypatch.setattr(profile, "sampling_workload", no_work)
+    with pytest.raises(DreamError, match="^--out is empty; give a folder$"):
+        profile.run_profile(parse("--device", "cpu", "--out", "  "))
+    (tmp_path / "cpu").write_text("")  # where the CPU reports would go
+    with pytest.raises(DreamError, match=rf"^--out {tmp_path}: {tmp_path / 'cpu'} exists and is not a folder; "
+                                         r"choose another --out$"):
+        profile.run_profile(parse("--device", "cpu", "--out", str(tmp_path)))
+
+
+def test_a_report_name_is_the_date_and_the_label_as_one_file_name(tmp_path):
+    info = {"device_type": "cpu", "date": "2026-01-02"}
+    folder = tmp_path / "cpu"
+    assert profile.report_stem(tmp_path, info, "bench unet/fp16 (b=8)") == folder / "2026-01-02-bench-unet-fp16-b-8"
+    assert profile.report_stem(tmp_path, info, "//") == folder / "2026-01-02-report"
+    assert folder.is_dir()
+
+
+def test_figures_down_to_a_millionth_are_written_without_an_exponent():
+    assert [profile.significant(v) for v in (3.54e-5, 1.5e-6, -0.0123)] == ["0.0000354", "0.00000150", "-0.0123"]
+
+
+def test_gpu_defaults_are_the_seed_preset_at_batch_128(tmp_path, monkeypatch):
+    """On a GPU (faked here: no work is done): the seed preset at its own size, batch 128, two warm-up and three
+    recorded steps."""
+    import dream.train
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def workload(args, device):
+        seen.append((device.type, args.preset, args.image_size, args.batch, args.warmup, args.steps))
+        raise Stop
+
+    monkeypatch.setattr(dream.train, "resolve_device", lambda name, *rest: torch.device("cuda"))
+    monkeypatch.setattr(profile, "environment_info", lambda device: {"device_type": "cuda", "device_name": "GPU-X",
+                                                                     "date": "2026-01-02"})
+    monkeypatch.setattr(profile, "training_workload", workload)
+    with pytest.raises(Stop):
+        profile.run_profile(parse("--what", "train", "--out", str(tmp_path)))
+    assert seen == [("cuda", "seed", None, 128, 2, 3)]
+    assert (tmp_path / "gpu-x").is_dir()
+
+
+def test_gpu_report_names_carry_an_nchw_layout_and_a_batch_other_than_128(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    cuda = torch.device("cuda")
+    args = parse()
+    args.preset, args.batch = "seed", 128
+    config = {"channels_last": True, "backend": "triton", "precision": "bf16", "compile": False, "objective": "seed"}
+    assert profile.profile_name("train", args, config, cuda) == "profile-train"
+    args.batch = 2
+    assert profile.profile_name("train", args, {**config, "channels_last": False}, cuda) == "profile-train-nchw-batch2"

@@ -6,6 +6,7 @@ included. CUDA: graphed training against plain training step by step (dropout on
 must be the plain step's), recaptures at DREAM's start and along its ramp, a non-finite batch skipped inside a
 replay, and no host sync in the replayed steps.
 """
+import contextlib
 import json
 import types
 
@@ -271,6 +272,99 @@ def test_step_graph_warms_up_captures_replays_and_captures_again_for_a_new_key()
     assert outputs[3].data_ptr() != outputs[4].data_ptr()
     graph("b", torch.ones(4, device="cuda"))
     assert not graph.captured and graph.captures == 1
+
+
+class StandInGraphs:
+    """torch.cuda's streams and graphs replaced by CPU stand-ins (monkeypatched), for StepGraph's own bookkeeping
+    without a GPU: a capture runs the body once on the static inputs, as CUDA's records it; a replay runs it again
+    on those same tensors and writes its outputs into the captured ones, as a graph's replay recomputes them in
+    place. `waits` lists the streams' waits as (waiting, awaited) names."""
+
+    def __init__(self, monkeypatch):
+        self.capturing, self.replays, self.waits = None, 0, []
+        stand_in = self
+
+        class Stream:
+            def __init__(self, name):
+                self.name = name
+
+            def wait_stream(self, other):
+                stand_in.waits.append((self.name, other.name))
+
+        class Graph:
+            def replay(self):
+                stand_in.replays += 1
+                body, inputs, outputs = self.recorded
+                for name, value in body(*inputs).items():
+                    outputs[name].copy_(value)
+
+        @contextlib.contextmanager
+        def graph(cuda_graph, pool=None, stream=None):
+            self.capturing = cuda_graph
+            try:
+                yield
+            finally:
+                self.capturing = None
+
+        current = Stream("current")
+        monkeypatch.setattr(torch.cuda, "Stream", lambda device: Stream("capture"))
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+        monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+
+    def body(self, work):
+        """work as a StepGraph body whose call inside a capture is recorded for the replays."""
+        def body(*inputs):
+            outputs = work(*inputs)
+            if self.capturing is not None:
+                self.capturing.recorded = (work, inputs, outputs)
+            return outputs
+        return body
+
+
+def test_step_graph_warms_up_captures_and_replays_each_key_on_stand_ins(monkeypatch):
+    """StepGraph's bookkeeping on a CPU, with CUDA's streams and graphs stood in for (StandInGraphs): a key's first
+    warmup_steps calls run the body on the caller's tensors, ordered between the caller's stream and the capture
+    stream both ways; the next captures on static buffers, and it and every later call copy their input values
+    into those buffers and replay. Outputs are clones, never the graph's static ones; a changed input shape or
+    dtype under the same key is refused; a new key warms up and captures again."""
+    graphs = StandInGraphs(monkeypatch)
+    seen = []
+
+    def work(x):
+        seen.append(x)
+        return {"y": x * 2 + 1}
+
+    stepper = StepGraph(graphs.body(work), torch.device("cuda"), warmup_steps=2)
+    inputs = [torch.full((3,), float(i)) for i in range(5)]
+    results = []
+    for x in inputs:
+        results.append(stepper("a", x)["y"])
+        if len(results) == 1:
+            assert graphs.waits == [("capture", "current"), ("current", "capture")]
+    for x, y in zip(inputs, results):
+        torch.testing.assert_close(y, x * 2 + 1, rtol=0, atol=0)
+    assert seen[:2] == inputs[:2] and all(a is b for a, b in zip(seen, inputs[:2]))
+    assert len(seen) == 6 and all(x is stepper.inputs[0] for x in seen[2:])  # the capture, then 3 replays
+    assert (stepper.captures, graphs.replays) == (1, 3) and stepper.captured
+    assert all(y is not stepper.outputs["y"] for y in results)
+    assert stepper.will_replay("a") and not stepper.will_replay("b")
+    for changed in (torch.zeros(4), torch.zeros(3, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="^StepGraph inputs changed under the same key 'a'"):
+            stepper("a", changed)
+    other = torch.ones(3)
+    torch.testing.assert_close(stepper("b", other)["y"], other * 3, rtol=0, atol=0)
+    assert seen[-1] is other and not stepper.captured and not stepper.will_replay("a")
+    for _ in range(2):
+        stepper("b", other)
+    assert stepper.captures == 2 and stepper.will_replay("b")
+
+
+def test_step_graph_refuses_fewer_than_one_warm_up_step():
+    """The capture needs at least one eager call before it (Triton compiles, the optimizer makes its state)."""
+    with pytest.raises(ValueError, match="^warmup_steps must be at least 1, got 0$"):
+        StepGraph(lambda x: {"y": x}, torch.device("cuda"), warmup_steps=0)
 
 
 # Runs in a process of its own: a capture that fails may leave CUDA state behind (the current stream, the default
