@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -138,6 +139,18 @@ class NanEmptyTorch:
     @property
     def empty_strided(self):
         return self._poisoned(torch.empty_strided)
+
+
+class RecordOps(TorchDispatchMode):
+    """Records every aten call made under it as (func, args) in `calls` (which ops a backward ran)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, args))
+        return func(*args, **(kwargs or {}))
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

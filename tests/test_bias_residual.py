@@ -17,7 +17,7 @@ import zlib
 import pytest
 import torch
 
-from conftest import DEVICE, ON_GPU, NanEmptyTorch, assert_close
+from conftest import DEVICE, ON_GPU, NanEmptyTorch, RecordOps, assert_close
 
 import kernels.bias_residual as bias_residual_module  # noqa: E402  (conftest sets TRITON_INTERPRET first)
 from kernels.bias_residual import (  # noqa: E402
@@ -164,24 +164,13 @@ def test_strided_inputs_are_made_dense():
 
 def test_a_frozen_bias_costs_no_gradient_pass():
     """Without bias.requires_grad, backward does not sum dout for a gradient nobody asked for."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class RecordCalls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls.append(func)
-            return func(*args, **(kwargs or {}))
-
     a, b, bias, dout = _inputs((2, 3, 4, 5), torch.float32, torch.float32, torch.float32, "nchw", 41)
     a, b = a.requires_grad_(), b.requires_grad_()
     out = add_bias_residual(a, b, bias)
-    with RecordCalls() as record:
+    with RecordOps() as record:
         out.backward(dout)
     assert torch.equal(a.grad, dout) and torch.equal(b.grad, dout) and bias.grad is None
-    assert not [func for func in record.calls if func.overloadpacket is torch.ops.aten.sum], record.calls
+    assert not [func for func, _ in record.calls if func.overloadpacket is torch.ops.aten.sum], record.calls
 
 
 def test_opcheck():

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, ON_GPU
+from conftest import DEVICE, ON_GPU, RecordOps
 
 from kernels import group_norm_silu, group_norm_silu_conv2d, group_norm_silu_conv2d_reference  # noqa: E402
 
@@ -245,17 +245,6 @@ def test_autocast_casts_the_convolution_as_f_conv2d_does():
 def test_backward_computes_only_the_gradients_asked_for():
     """A frozen convolution (weight and bias without requires_grad) costs no weight gradient, and frozen norm
     inputs no norm backward; the gradients that are asked for stay those of the reference."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class RecordCalls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls.append((func, args))
-            return func(*args, **(kwargs or {}))
-
     shape = SHAPES[0]
     leaves, dout = _inputs(shape, torch.float32, False, True, True, 23)
     _, _, _, _, groups, _, _, stride, padding = shape
@@ -264,7 +253,7 @@ def test_backward_computes_only_the_gradients_asked_for():
         out = group_norm_silu_conv2d(inputs["x"], inputs["weight"], inputs["bias"], groups, inputs["conv_weight"],
                                      inputs["conv_bias"], stride, padding, scale=inputs["scale"],
                                      shift=inputs["shift"])
-        with RecordCalls() as record:
+        with RecordOps() as record:
             out.backward(dout)
         masks = [args[-1] for func, args in record.calls if func is torch.ops.aten.convolution_backward.default]
         norm_backward = torch.ops.dream_kernels.group_norm_silu_bwd.default

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, ON_GPU, NanEmptyTorch, assert_close, run_without_interpreter
+from conftest import DEVICE, ON_GPU, NanEmptyTorch, RecordOps, assert_close, run_without_interpreter
 
 import kernels.upsample_concat as upsample_concat_module  # noqa: E402  (conftest sets TRITON_INTERPRET first)
 from kernels.upsample_concat import (  # noqa: E402
@@ -258,24 +258,13 @@ def test_backward_is_deterministic():
 def test_a_frozen_h_bias_costs_no_gradient_pass():
     """Without h_bias.requires_grad, backward does not sum dout's h part for a gradient nobody asked for; h and skip
     still get theirs, those of the reference."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class RecordCalls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls.append(func)
-            return func(*args, **(kwargs or {}))
-
     h, skip, h_bias, dout = _inputs((2, 3, 4, 2, 3), torch.float32, torch.float32, "nchw", 43)
     h, skip = h.requires_grad_(), skip.requires_grad_()
     out = upsample2x_concat(h, skip, h_bias)
-    with RecordCalls() as record:
+    with RecordOps() as record:
         out.backward(dout)
     assert h_bias.grad is None
-    assert not [func for func in record.calls if func.overloadpacket is torch.ops.aten.sum], record.calls
+    assert not [func for func, _ in record.calls if func.overloadpacket is torch.ops.aten.sum], record.calls
     _, (ref_dh, ref_dskip, _) = _float64(h, skip, h_bias, dout)
     assert_close("dh", h.grad, ref_dh, TOLERANCE[torch.float32])
     assert_close("dskip", skip.grad, ref_dskip, TOLERANCE[torch.float32])
