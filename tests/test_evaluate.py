@@ -286,6 +286,29 @@ def test_a_damaged_sample_is_one_line_before_scoring(tmp_path, capsys):
     assert err.count("\n") == 1 and f"{png} cannot be read as an image" in err, err
 
 
+def test_every_sample_is_decoded_before_the_metrics_start(tmp_path, capsys, monkeypatch):
+    """A damaged sample is refused before torch-fidelity runs: raised in one of its loader workers (sets of 4096
+    images and more) it would be a traceback, and the real set's features could be computed for nothing first."""
+    from dream.cli import main
+
+    checkpoint = make_checkpoint(tmp_path)
+    command = ["eval", str(checkpoint), "--out", str(tmp_path / "eval"), "--count", "4", "--steps", "1",
+               "--batch-size", "4", "--device", "cpu", "--metrics", "isc", "--feature-extractor", EXTRACTOR,
+               "--cache-dir", str(tmp_path / "fidelity"), "--no-progress"]
+    assert main(command) == 0
+    capsys.readouterr()
+    png = image_path(tmp_path / "eval" / "samples", 1)
+    data = bytearray(png.read_bytes())
+    data[60:len(data) - 40] = bytes(len(data) - 100)  # still ends with IEND: kept, not made again
+    png.write_bytes(data)
+    scored, compute_metrics = [], evaluate_module.compute_metrics
+    monkeypatch.setattr(evaluate_module, "compute_metrics",
+                        lambda *args, **kwargs: scored.append(args) or compute_metrics(*args, **kwargs))
+    assert main(command) == 2
+    assert f"{png} cannot be read as an image" in capsys.readouterr().err
+    assert scored == []
+
+
 class OutOfMemoryFeatures(RandomConvFeatures):
     """An extractor whose batches do not fit in the device's (or the host's) memory."""
     error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -845,7 +845,7 @@ def test_bad_output_folders_are_one_line_before_the_model_loads(tmp_path, monkey
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     monkeypatch.setattr(dream.sample, "load_sampler_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    for out, count, message in [("", 2, "--out is empty"),
+    for out, count, message in [("", 2, "--out is empty"), (" \t", 2, "--out is empty"),  # blank too
                                 (str(a_file / "sub"), 2, f"cannot be made (Not a directory: {a_file} is a file)"),
                                 (str(tmp_path / "s"), 0, "--count must be a positive integer, got 0")]:
         with pytest.raises(DreamError, match=message.replace("(", "\\(").replace(")", "\\)")):
@@ -961,11 +961,11 @@ def test_batch_noise_streams_are_unrelated():
     assert torch.equal(batch_noise(1, 2, shape, "cpu"), draws[("start", 1, 2)])  # and reproducible
 
 
-
-@pytest.mark.parametrize("change", [{"seed": 4}, {"batch_size": 3}, {"steps": 3}, {"sampler": "ddpm", "steps": None}])
+@pytest.mark.parametrize("change", [{"seed": 4}, {"batch_size": 3}, {"steps": 3}, {"sampler": "ddpm", "steps": None},
+                                    {"eta": 0.5}])
 def test_a_set_is_not_continued_with_other_settings(tmp_path, change):
-    """The seed, batch size, step count and sampler each change the images: a folder holding images made with
-    other values is refused before anything is written."""
+    """The seed, batch size, step count, sampler and DDIM eta each change the images: a folder holding images made
+    with other values is refused before anything is written."""
     diffusion, model = GaussianDiffusion("cosine", 10), tiny_unet(6)
     common = dict(sampler="ddim", steps=2, batch_size=2, seed=3, progress=False)
     sample_images(model, diffusion, 2, tmp_path, **common)
@@ -973,6 +973,18 @@ def test_a_set_is_not_continued_with_other_settings(tmp_path, change):
     with pytest.raises(DreamError, match=f"holds images made with {key}="):
         sample_images(model, diffusion, 4, tmp_path, **{**common, **change})
     assert not image_path(tmp_path, 2).exists()
+
+
+def test_the_progress_bar_of_a_continued_set_counts_the_images_already_there(tmp_path, capsys):
+    """Continuing a set of 2 images to 4, the bar starts at the 2 already written and ends at 4 of 4 (not at 2 of
+    4, as if the set were left unfinished)."""
+    diffusion, model = GaussianDiffusion("cosine", 10), tiny_unet(6)
+    common = dict(sampler="ddim", steps=1, batch_size=2, seed=3)
+    sample_images(model, diffusion, 2, tmp_path, progress=False, **common)
+    capsys.readouterr()
+    sample_images(model, diffusion, 4, tmp_path, progress=True, **common)
+    shown = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if line.startswith("sampling (ddim)")]
+    assert shown and "2/4" in shown[0] and "4/4" in shown[-1], shown
 
 
 def test_a_folder_whose_images_are_gone_takes_new_settings_despite_its_grid(tmp_path):
@@ -1043,6 +1055,42 @@ def test_a_set_of_the_raw_weights_says_so(tmp_path):
     checkpoint = make_checkpoint(tmp_path)
     common = dict(count=2, batch_size=2, steps=1, progress=False, grid=False)
     report = sample_from_checkpoint(str(checkpoint), str(tmp_path / "raw"), use_ema=False, **common)
+    assert report["ema"] is False and json.loads((tmp_path / "raw" / "sampling.json").read_text())["ema"] is False
+    with pytest.raises(DreamError, match="holds images made with ema=False, this run has ema=True"):
+        sample_from_checkpoint(str(checkpoint), str(tmp_path / "raw"), **{**common, "count": 4})
+
+
+def test_a_checkpoints_folder_is_reported_as_the_file_it_sampled(tmp_path):
+    """Given a folder of checkpoints, the report names the checkpoint file whose weights made the images (the
+    folder's latest), not the folder: a later checkpoint saved there would otherwise seem to be the one."""
+    checkpoint = make_checkpoint(tmp_path)
+    report = sample_from_checkpoint(str(checkpoint.parent), str(tmp_path / "samples"), count=2, batch_size=2,
+                                    steps=1, progress=False, grid=False)
+    assert report["checkpoint"] == str(checkpoint.resolve()) != str(checkpoint.parent.resolve())
+
+
+def test_a_rank_with_other_weights_is_told_their_step_before_their_hash(tmp_path):
+    """Weights of another checkpoint differ in hash and step both: the refusal names the step, which a user can
+    tell apart, whatever the order of the settings; the hash when it alone differs."""
+    from dream.sample import check_same_job
+
+    main = {"ema": True, "weights_sha256": "a" * 64, "checkpoint_step": 3}
+    both, hash_only = {**main, "weights_sha256": "b" * 64, "checkpoint_step": 5}, {**main, "weights_sha256": "b" * 64}
+    for other, said in [(both, "(checkpoint_step 5, rank 0's 3)"),
+                        (hash_only, f"(weights_sha256 '{'b' * 64}', rank 0's '{'a' * 64}')")]:
+        with pytest.raises(DreamError, match=f"^this process loaded other weights than rank 0 {re.escape(said)}"):
+            check_same_job(tmp_path, None, other, main)
+
+
+def test_an_export_of_the_raw_weights_says_so_without_no_ema(tmp_path):
+    """The record names the weights a file holds, not the flag: an export made with --weights model, sampled
+    without --no-ema, is a set of the raw weights, and is not continued with the checkpoint's EMA weights."""
+    from dream.checkpoint import export_weights
+
+    checkpoint = make_checkpoint(tmp_path)
+    export = export_weights(checkpoint, tmp_path / "raw.safetensors", weights="model")["out"]
+    common = dict(count=2, batch_size=2, steps=1, progress=False, grid=False)
+    report = sample_from_checkpoint(str(export), str(tmp_path / "raw"), **common)
     assert report["ema"] is False and json.loads((tmp_path / "raw" / "sampling.json").read_text())["ema"] is False
     with pytest.raises(DreamError, match="holds images made with ema=False, this run has ema=True"):
         sample_from_checkpoint(str(checkpoint), str(tmp_path / "raw"), **{**common, "count": 4})
