@@ -4,6 +4,8 @@ error, tolerances by dtype and device, throughput and % of ceiling by the varian
 ours as the denominator, CPU reports labelled CPU, goals left out on CPU, reports never overwritten."""
 import json
 import math
+import statistics
+import time
 
 import pytest
 import torch
@@ -305,3 +307,140 @@ def test_the_report_replaces_this_run_s_partial_file_and_no_other_report(session
     assert md_path.name == other.name.replace(".md", "-2.md") and json_path.with_suffix(".md") == md_path
     assert json.loads(json_path.read_text())["results"][0]["variant"] == "ours"
     assert md_path.read_text().startswith("# Benchmarks: unit — CPU")
+
+
+def test_a_kernel_ten_percent_off_fails_even_at_the_bf16_tolerance():
+    """The loosest kernel bound (bf16) still catches a wrong kernel: bf16 rounding of the reference passes,
+    an output 10% off fails."""
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    bf16 = harness.tolerance("kernel", torch.bfloat16)
+    compare((x.bfloat16(),), (x,), ("y",), bf16)
+    with pytest.raises(Mismatch):
+        compare((1.1 * x,), (x,), ("y",), bf16)
+
+
+def test_an_error_equal_to_the_tolerance_passes():
+    """The bound is inclusive: ||2x - x|| / ||x|| is exactly 1, which passes tol=1 and fails just below it."""
+    x = torch.randn(64, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert compare((2 * x,), (x,), ("y",), tol=1.0) == {"y": 1.0}
+    with pytest.raises(Mismatch):
+        compare((2 * x,), (x,), ("y",), tol=0.999)
+
+
+def test_a_bf16_variant_is_checked_and_measured_as_bf16(session):
+    """A variant computing in bf16 gets the bf16 tolerance (its rounding would fail the fp32 one) and its bytes
+    moved are counted for bf16."""
+    bf16 = Variant("ours_bf16", lambda state: lambda x: (2 * x.bfloat16(), (x * x).bfloat16()), role="ours",
+                   dtype=torch.bfloat16)
+    case = doubling_case([bf16])
+    entry = run_unskipped(case, bf16)
+    assert entry["status"] == "ok" and entry["tolerance"] == harness.tolerance("kernel", torch.bfloat16)
+    assert entry["max_error"] > harness.tolerance("kernel", torch.float32)  # would fail an fp32 check
+    assert entry["dtype"] == "bf16" and entry["bytes"] == case.setup().bytes(torch.bfloat16)
+
+
+def test_settings_from_the_environment_skip_empty_values_and_keep_bad_ones_as_problems(monkeypatch):
+    """Set variables override the defaults, an empty one is ignored, and a bad one leaves the default and is
+    kept under its Settings attribute (the key bench/conftest.py drops when an option overrides it)."""
+    monkeypatch.setattr(harness, "ENV_PROBLEMS", {})
+    monkeypatch.setenv("DREAM_BENCH_NAME", "nightly")
+    monkeypatch.setenv("DREAM_BENCH_SIZE", "")
+    monkeypatch.setenv("DREAM_BENCH_VARIANTS", "triton*")
+    monkeypatch.setenv("DREAM_BENCH_TARGET_S", "-1")
+    settings = harness.settings_from_environment()
+    default = harness.Settings()
+    assert (settings.name, settings.variants) == ("nightly", "triton*")
+    assert settings.size == default.size and settings.target_s == default.target_s
+    assert harness.ENV_PROBLEMS == {"target_s": "DREAM_BENCH_TARGET_S='-1': must be a positive number of seconds"}
+    monkeypatch.setenv("DREAM_BENCH_TARGET_S", "0.125")
+    assert harness.settings_from_environment().target_s == 0.125
+
+
+def test_size_auto_is_full_on_a_gpu_and_small_on_cpu(monkeypatch):
+    for on_gpu in (False, True):
+        monkeypatch.setattr(harness, "ON_GPU", on_gpu)
+        assert harness.Settings(size="auto").full is on_gpu
+        assert harness.Settings(size="full").full and not harness.Settings(size="small").full
+
+
+def test_fp32_counts_against_tf32_only_on_a_gpu_that_allows_it_and_fp16_against_bf16(session, monkeypatch):
+    """The matmul ceiling follows the variant's dtype and the session's TF32 flag: fp32 with TF32 allowed on a
+    GPU -> the TF32 rate, fp32 otherwise -> the fp32 rate, fp16 -> the 16-bit (bf16) rate."""
+    session.ceilings = {"matmul_fp32_tflops": 1.0, "matmul_tf32_tflops": 4.0, "matmul_bf16_tflops": 8.0}
+    state = CaseState([], (), (), flops=2e12)  # 2 TFLOP/s in one second
+    monkeypatch.setattr(harness, "ON_GPU", True)
+    for allow_tf32, ceiling in ((True, "matmul_tf32"), (False, "matmul_fp32")):
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+        out = harness._throughput(1.0, torch.float32, state)
+        assert out["ceiling"] == ceiling
+        assert out["pct_ceiling"] == pytest.approx(100 * 2.0 / session.ceilings[ceiling + "_tflops"])
+    monkeypatch.setattr(harness, "ON_GPU", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert harness._throughput(1.0, torch.float32, state)["ceiling"] == "matmul_fp32"
+    assert harness._throughput(1.0, torch.float16, state)["ceiling"] == "matmul_bf16"
+
+
+class TimingBenchmark:
+    """The pytest-benchmark fixture when timing: pedantic() runs the rounds; the per-round times it reports are
+    the given ones, so the harness's statistics on them can be checked."""
+    disabled = False
+
+    def __init__(self, round_times):
+        self.stats = type("Stats", (), {"stats": type("Data", (), {"data": list(round_times)})()})()
+        self.extra_info = {}
+        self.rounds = None
+
+    def pedantic(self, fn, rounds, iterations, warmup_rounds):
+        self.rounds = rounds
+        for _ in range(rounds):
+            fn()
+
+
+def test_time_per_call_is_the_median_round_over_its_inner_calls(session, monkeypatch):
+    """Per-call time = median of the rounds / inner (one slow round does not move it), IQR = Q3 - Q1, min = the
+    fastest round / inner. Run as on a GPU (no sync needed) so that a round holds several calls."""
+    monkeypatch.setattr(harness, "ON_GPU", True)
+    monkeypatch.setattr(harness, "sync", lambda: None)
+    monkeypatch.setattr(harness.SETTINGS, "round_s", 0.01)
+    monkeypatch.setattr(harness.SETTINGS, "target_s", 0.01)
+    rounds = [0.4, 0.1, 0.3, 0.2, 9.0]
+    benchmark = TimingBenchmark(rounds)
+    calls = []
+    result = harness._time(benchmark, calls.append, [0, 1])
+    inner = result["inner"]
+    assert inner > 1 and result["rounds"] == benchmark.rounds and result["input_sets"] == 2
+    assert result["time_s"] == pytest.approx(statistics.median(rounds) / inner)
+    q1, _, q3 = statistics.quantiles([r / inner for r in rounds], n=4)
+    assert result["time_iqr_s"] == pytest.approx(q3 - q1) and result["time_min_s"] == pytest.approx(0.1 / inner)
+    assert set(calls) == {0, 1}  # the input sets rotate
+
+
+def test_ceiling_timings_are_medians(monkeypatch):
+    """One slow repetition (a hiccup) does not move a ceiling's time: median, not mean."""
+    delays = iter([0.001] * 4 + [0.3])
+    seconds = harness.median_time(lambda: time.sleep(next(delays)), reps=5, warmup=0)
+    assert 0.001 <= seconds < 0.03, seconds
+
+
+def test_ceilings_are_bytes_read_and_written_and_two_n_cubed_flops_per_second(monkeypatch):
+    monkeypatch.setattr(harness, "median_time", lambda fn, reps, warmup: 0.5)
+    c = harness.measure_ceilings()
+    assert c["copy_gbps"] == pytest.approx(c["copy_bytes"] / 0.5 / 1e9)
+    for name in ("fp32", "bf16"):
+        n = c[f"matmul_{name}_n"]
+        assert c[f"matmul_{name}_tflops"] == pytest.approx(2 * n ** 3 / 0.5 / 1e12), name
+
+
+def test_a_percentage_goal_counts_the_fastest_of_the_named_ours_variants():
+    rows = [dict(r, pct_ceiling=25.0 if r["variant"] == "ours_slow" else 50.0) for r in timed_rows()]
+    goal = Goal("g", "pct_ceiling", ("ours_slow", "ours_fast"), 40.0)
+    result = report.evaluate_goal(goal, rows)
+    assert result["status"] == "met" and result["value"] == 50.0 and result["detail"].startswith("ours_fast:")
+
+
+def test_no_partial_file_without_bench_out(session, tmp_path):
+    """A timed run reporting to the default root (profiles/) writes no partial file; only --bench-out does."""
+    session.stem = tmp_path / "2026-01-01-unit"
+    ours = Variant("ours", fp32_path(), role="ours")
+    run_unskipped(doubling_case([ours]), ours)
+    assert session.partial_path() is None and list(tmp_path.iterdir()) == []

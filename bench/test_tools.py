@@ -957,3 +957,16 @@ def test_compile_report_limits_at_their_bounds():
                       "        /*0010*/                   LDG.E.64 R6, desc[UR4][R2.64+0x4] ;",
                       "        /*0020*/               @P0 BRA 0x0 ;"])
     assert innermost_loops(sass) == [{"instructions": 3, "load_bytes": 12}]
+
+
+def test_variant_filter_defaults_on_a_gpu_and_after_a_first_exclude_rule(monkeypatch):
+    """On a GPU the default runs gpu_only and cpu=False variants (explicit ones still need selecting); a filter
+    whose first rule leaves out gives the default to a variant no rule matches, whatever the later rules."""
+    monkeypatch.setattr(harness, "ON_GPU", True)
+    monkeypatch.setattr(harness.SETTINGS, "variants", "")
+    assert selected("c", Variant("compile_max_autotune", build=None, gpu_only=True)) == (True, "")
+    assert selected("c", Variant("triton_compile", build=None, cpu=False)) == (True, "")
+    assert not selected("c", Variant("slow", build=None, explicit=True))[0]
+    monkeypatch.setattr(harness.SETTINGS, "variants", "-eager*,+sdpa*")
+    assert selected("c", Variant("compile", build=None)) == (True, "")
+    assert not selected("c", Variant("eager_bf16", build=None))[0] and selected("c", Variant("sdpa_flash", None))[0]
