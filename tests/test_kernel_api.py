@@ -305,3 +305,20 @@ def test_a_tensor_dense_in_both_layouts_counts_as_nchw():
     channels_last = torch.empty(2, 3, 4, 5, device="meta").contiguous(memory_format=torch.channels_last)
     assert memory_format_of(channels_last) == torch.channels_last
     assert memory_format_of(torch.empty(2, 3, 4, device="meta")) == torch.contiguous_format
+
+
+def test_the_attention_backward_op_reads_a_strided_lse():
+    """The backward kernels index lse as dense (B·H, N): the public op given lse as a strided view (here stored
+    (N, B, H) and transposed, and once as every other element of a longer row) returns the gradients of the dense
+    one, bitwise."""
+    ops = torch.ops.dream_kernels
+    gen = torch.Generator().manual_seed(29)
+    q, k, v, do = (torch.randn(2, 3, 17, 16, generator=gen).to(DEVICE) for _ in range(4))
+    o, lse = ops.attention_forward(q, k, v, 0.25)
+    expected = ops.attention_backward(q, k, v, o, lse, do, 0.25)
+    transposed = lse.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    every_other = torch.stack([lse, torch.full_like(lse, float("nan"))], dim=-1).flatten(-2)[..., ::2]
+    for view in (transposed, every_other):
+        assert torch.equal(view, lse) and not view.is_contiguous()
+        for got, want in zip(ops.attention_backward(q, k, v, o, view, do, 0.25), expected):
+            assert torch.equal(got, want)
