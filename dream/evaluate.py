@@ -226,13 +226,15 @@ def resolve_real_set(config: dict, source: str | None = None, root: str | None =
 
 
 def real_cache_name(real: dict, size: int, weights_tag: str) -> str:
-    """Keyed on the real set, the image size, the extractor's weights and how images are decoded (or, for the
-    synthetic set, generated)."""
-    from dream.data import DECODE_VERSION, SYNTHETIC_VERSION
+    """Keyed on the real set, the image size, the extractor's weights and how images are decoded (DECODE_VERSION
+    and the decoders' releases) or, for the synthetic set, generated."""
+    from dream.data import DECODE_VERSION, SYNTHETIC_VERSION, decoder_versions
 
     identity = {key: value for key, value in real.items() if key != "exclude"}  # the files' fingerprint covers it
     if real["source"] == "synthetic":
         identity["generator"] = SYNTHETIC_VERSION
+    else:
+        identity["decoders"] = decoder_versions()
     key = hashlib.sha1(json.dumps([identity, size, weights_tag, DECODE_VERSION], sort_keys=True).encode())
     key = key.hexdigest()[:16]
     return f"dream-real-{real['source']}-{size}px-{key}"

@@ -811,13 +811,19 @@ def test_default_out_dir_names_the_eta_that_runs(tmp_path, monkeypatch):
     assert named == [("ddpm", total, 1.0), ("ddpm", total, 1.0), ("ddim", 50 if total >= 50 else total, 0.25)]
 
 
-def test_real_statistics_are_keyed_on_the_decoder_version(monkeypatch):
+@pytest.mark.parametrize("change", ["decode version", "decoder release"])
+def test_real_statistics_are_keyed_on_the_decoder_version(monkeypatch, change):
+    """The real set's statistics are those of its decoded images: new decoding (DECODE_VERSION, or another Pillow
+    or torchvision release) computes them again."""
     import dream.data
     from dream.evaluate import real_cache_name
 
     real = {"source": "folder", "root": "/data", "split": None, "count": None, "seed": None, "files": "abc"}
     name = real_cache_name(real, 64, "inception-v3-compat-123")
-    monkeypatch.setattr(dream.data, "DECODE_VERSION", dream.data.DECODE_VERSION + 1)
+    if change == "decode version":
+        monkeypatch.setattr(dream.data, "DECODE_VERSION", dream.data.DECODE_VERSION + 1)
+    else:
+        monkeypatch.setattr(dream.data, "DECODERS", ("Pillow", "torch"))  # torchvision's version becomes torch's
     assert real_cache_name(real, 64, "inception-v3-compat-123") != name
 
 
