@@ -282,7 +282,7 @@ def run_stage(stage: Stage, limit: float, log_path: Path, grace_s: float = GRACE
         status = "timeout"
     elif sharded:  # pytest's exit 5 (no tests collected) is an empty shard, not a failure
         failed = [code for code in codes if code not in (0, 5)]
-        status = "ok" if not failed and any(code == 0 for code in codes) else f"failed (exit {max(codes)})"
+        status = "ok" if not failed and any(code == 0 for code in codes) else f"failed (exit {max(failed or codes)})"
     else:
         status = "ok" if codes[0] == 0 else f"failed (exit {codes[0]})"
     if sharded:

@@ -512,11 +512,11 @@ MEMORY_SIZE_FLAGS = ("--budget", "--memory-budget")
 
 
 def _attach_negative_sizes(argv: list[str]) -> list[str]:
-    """`--budget -1GB` as `--budget=-1GB`: argparse would take -1GB for an option (it knows only plain
+    """`--budget -1GB` (or `-.5GB`) as `--budget=-1GB`: argparse would take -1GB for an option (it knows only plain
     negative numbers), and say "expected one argument" instead of why the size is refused."""
     out = []
     for token in argv:
-        if out and out[-1] in MEMORY_SIZE_FLAGS and token[:1] == "-" and token[1:2].isdigit():
+        if out and out[-1] in MEMORY_SIZE_FLAGS and token[:1] == "-" and (token[1:2].isdigit() or token[1:2] == "."):
             out[-1] = f"{out[-1]}={token}"
         else:
             out.append(token)
