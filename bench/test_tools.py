@@ -970,3 +970,440 @@ def test_variant_filter_defaults_on_a_gpu_and_after_a_first_exclude_rule(monkeyp
     monkeypatch.setattr(harness.SETTINGS, "variants", "-eager*,+sdpa*")
     assert selected("c", Variant("compile", build=None)) == (True, "")
     assert not selected("c", Variant("eager_bf16", build=None))[0] and selected("c", Variant("sdpa_flash", None))[0]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--only", "tests,nope", "--list"], "unknown stage(s) nope; stages: env, tests, memory"),
+    (["--skip", "tune,typo", "--list"], "unknown stage(s) typo; stages: env, tests, memory"),
+    (["--only", "env"], "no CUDA device here; run it on a GPU machine (or pass --allow-cpu"),
+])
+def test_gpu_suite_refuses_unknown_stages_and_a_run_without_a_gpu_in_one_line(argv, message, monkeypatch, capsys):
+    from bench import gpu_suite
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(gpu_suite, "run_stage", lambda *a, **k: pytest.fail("a stage ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_suite.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_gpu_suite_archive_packs_this_run_s_files_relative_to_the_output_folder(tmp_path):
+    """The archive unpacks into profiles/ (names relative to the output folder) and holds only what this run
+    wrote: not an earlier run's report, nor the archive itself when it is written inside the folder."""
+    import os
+    import tarfile
+    import time as time_module
+
+    from bench.gpu_suite import write_archive
+
+    out = tmp_path / "o"
+    (out / "cpu" / "suite-logs").mkdir(parents=True)
+    (out / "cpu" / "2026-11-30-bench-kernels.json").write_text("{}")
+    (out / "cpu" / "suite-logs" / "summary.md").write_text("# GPU suite summary")
+    earlier = out / "cpu" / "2026-11-29-bench-unet.json"
+    earlier.write_text("{}")
+    started = time_module.time()
+    os.utime(earlier, (started - 3600, started - 3600))
+    archive = out / "gpu-suite.tar.gz"
+    write_archive(archive, out, started)
+    with tarfile.open(archive) as tar:
+        assert sorted(tar.getnames()) == ["cpu/2026-11-30-bench-kernels.json", "cpu/suite-logs/summary.md"]
+        assert tar.extractfile("cpu/suite-logs/summary.md").read() == b"# GPU suite summary"
+
+
+def test_gpu_suite_fails_when_any_stage_fails_and_records_every_stage(tmp_path, monkeypatch):
+    """The exit status is 0 only when every stage is ok; suite-logs/stages.json lists each stage's result."""
+    gpu_suite = _trivial_suite(monkeypatch)
+    monkeypatch.setattr(gpu_suite, "stages", lambda out, on_gpu=True, device="<gpu>": [
+        gpu_suite.Stage("env", 30, "x", ["true"]), gpu_suite.Stage("tests", 30, "y", ["false"])])
+    monkeypatch.setattr(gpu_suite, "run_stage", lambda stage, limit, log: {
+        "stage": stage.name, "status": "ok" if stage.command == ["true"] else "failed (exit 1)", "seconds": 0,
+        "limit_s": round(limit), "last_line": "", "log": str(log)})
+    log = tmp_path / "o" / "cpu" / "suite-logs" / "tests.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("FAILED tests/test_x.py::test_y\n")
+    assert gpu_suite.main(["--allow-cpu", "--out", str(tmp_path / "o")]) == 1
+    done = json.loads((tmp_path / "o" / "cpu" / "suite-logs" / "stages.json").read_text())
+    assert [(d["stage"], d["status"]) for d in done] == [("env", "ok"), ("tests", "failed (exit 1)")]
+
+
+def test_gpu_suite_bench_stages_pass_k_and_variant_rules_as_pytest_reads_them(tmp_path, monkeypatch):
+    """A variant rule may start with '-' (leave out): it goes in one '--bench-variants=RULES' argument, or pytest
+    would read it as an option; -k keeps each stage to its cases; the tests stage runs DREAM_SUITE_TEST_WORKERS
+    shards and names the single tests of other files (TEST_NODES), each of which exists."""
+    from bench import gpu_suite
+
+    monkeypatch.setenv("DREAM_SUITE_TEST_WORKERS", "3")
+    by_name = {stage.name: stage for stage in gpu_suite.stages(str(tmp_path))}
+    kernels = by_name["kernels"].command
+    assert f"--bench-variants={gpu_suite.NO_COMPILE}" in kernels and gpu_suite.NO_COMPILE not in kernels
+    assert kernels[kernels.index("-k") + 1] == gpu_suite.KERNEL_CASES
+    train = by_name["train"].command
+    assert train[train.index("-k") + 1] == "seed-" and "--bench-variants=-*compile*,+*_step_sync" in train
+    tests = by_name["tests"]
+    assert tests.shards == 3
+    for node in gpu_suite.TEST_NODES:
+        assert str(gpu_suite.REPO / node) in tests.command
+        path, name = node.split("::")
+        assert f"\ndef {name}(" in (gpu_suite.REPO / path).read_text(), f"{node} names no test"
+
+
+def test_gpu_suite_dry_run_shows_each_stage_s_environment_and_processes(monkeypatch, capsys):
+    from bench.gpu_suite import main as suite_main
+
+    monkeypatch.setenv("DREAM_SUITE_TEST_WORKERS", "3")
+    assert suite_main(["--dry-run", "--only", "tests,sampling"]) == 0
+    out = capsys.readouterr().out
+    assert "[3 processes]" in out and "DREAM_TEST_SHARD=i/3" in out, out
+    assert "DREAM_BENCH_DDIM_STEPS=10 DREAM_BENCH_TARGET_S=0.3 " in out, out
+
+
+def test_gpu_suite_sharded_stage_status_counts_an_empty_shard_as_no_failure(tmp_path):
+    """pytest exits 5 when a shard collects nothing: no failure while another shard passed; a stage where every
+    shard is empty, or one shard fails, is not ok (named by the failing shard's exit); a lone command's exit 5 is a
+    failure."""
+    import sys
+
+    from bench.gpu_suite import Stage, run_stage
+
+    def stage(codes, shards=2):
+        code = f"import os, sys; sys.exit({codes}[int(os.environ.get('DREAM_TEST_SHARD', '0/1').split('/')[0])])"
+        return Stage("tests", 60, "x", [sys.executable, "-c", code], shards=shards)
+
+    assert run_stage(stage([0, 5]), 30, tmp_path / "a.log")["status"] == "ok"
+    assert run_stage(stage([5, 5]), 30, tmp_path / "b.log")["status"] == "failed (exit 5)"
+    assert run_stage(stage([1, 0]), 30, tmp_path / "c.log")["status"] == "failed (exit 1)"
+    assert run_stage(stage([1, 5]), 30, tmp_path / "e.log")["status"] == "failed (exit 1)"  # the failure, not the empty
+    assert run_stage(stage([5], shards=1), 30, tmp_path / "d.log")["status"] == "failed (exit 5)"
+
+
+def test_gpu_suite_headlines_give_memory_profile_tune_and_goal_lines_in_their_units(tmp_path):
+    """Memory in GB (1e9 bytes) with the timed step in ms; a profile's step in ms, its busy fraction in % and
+    its kernels per step; one line per tuned problem; one per goal."""
+    import time as time_module
+
+    from bench.gpu_suite import headline_lines
+
+    started = time_module.time()
+    device = tmp_path / "nvidia-h200"
+    device.mkdir()
+    memory = {"case": "memory/seed_b128/step", "variant": "ckpt_none", "role": "ours", "status": "ok",
+              "policy": "none", "estimate_bytes": 6.5e9, "measured_bytes": 6.25e9, "fits": True, "time_s": 0.0125}
+    (device / "2026-11-30-bench-memory.json").write_text(json.dumps({"results": [memory]}))
+    profile = {"summary": {"step_ms": 12.5, "busy_fraction": 0.875, "steps": 3, "kernels": 600}}
+    (device / "2026-11-30-profile-train.json").write_text(json.dumps(profile))
+    tune = {"summaries": [{"problem": "attn16 fwd channels_last", "heuristic": {"config": {"block_m": 128}, "us": 12.0},
+                           "best": {"config": {"block_m": 64}, "us": 10.0}, "heuristic_over_best": 1.2}]}
+    (device / "2026-11-30-tune.json").write_text(json.dumps(tune))
+    goal = {"case": "attention/n256/fwd", "goal": "1.2x over compile", "detail": "1.50x", "status": "met"}
+    (device / "2026-11-30-bench-kernels.json").write_text(json.dumps({"results": [], "goals": [goal]}))
+    assert sorted(headline_lines(tmp_path, started)) == sorted([
+        "memory/seed_b128/step                ckpt=none      estimate   6.50 GB  measured   6.25 GB  fits 6.8 GB"
+        "  step 12.5 ms",
+        "profile train                        step    12.500 ms  busy  87.5%  200 kernels/step",
+        "tune attn16 fwd channels_last: heuristic block_m=128 12.0 µs; best block_m=64 10.0 µs; heuristic/best 1.20",
+        "goal attention/n256/fwd: 1.2x over compile: 1.50x -> met"])
+
+
+@pytest.mark.parametrize("env,title,device_line", [
+    ({"device_type": "cuda", "device_name": "NVIDIA H200", "driver": "570.86", "torch": "2.9.1", "triton": "3.5.1",
+      "git_commit": "abc1234", "date": "2026-11-30"},
+     "# GPU suite summary", "NVIDIA H200, driver 570.86, torch 2.9.1, triton 3.5.1, commit abc1234, 2026-11-30"),
+    ({"device_type": "cpu", "device_name": "cpu", "torch": "2.9.1", "triton": "3.5.1", "git_commit": "abc1234",
+      "date": "2026-11-30"},
+     "# GPU suite summary (CPU: a check of the suite, its numbers say nothing about GPU speed)",
+     "cpu, torch 2.9.1, triton 3.5.1, commit abc1234, 2026-11-30"),
+])
+def test_gpu_suite_summary_takes_its_device_and_label_from_the_environment(tmp_path, env, title, device_line):
+    """Without an explicit on_gpu the summary is labelled by the environment's device type; the driver is named
+    when there is one."""
+    import time as time_module
+
+    from bench.gpu_suite import summary_lines
+
+    lines = summary_lines(tmp_path, [], [], time_module.time(), env)
+    assert lines[0] == title and lines[2] == device_line, lines[:3]
+
+
+@pytest.mark.parametrize("log,counts", [
+    ("ERROR tests/test_x.py\n====== 2 errors in 1.0s ======\n", "2 error"),
+    ("====== 4 skipped in 0.5s ======\n", "4 skipped"),
+])
+def test_gpu_suite_reads_a_count_line_without_passed_tests(tmp_path, log, counts):
+    """A shard whose tests all errored at collection, or were all skipped, still has pytest's count line."""
+    from bench.gpu_suite import _summed_counts
+
+    (tmp_path / "a.log").write_text(log)
+    assert _summed_counts([tmp_path / "a.log"]) == counts
+
+
+def test_gpu_suite_links_a_report_under_its_own_row_only(tmp_path):
+    """Rows match the start of a report's name after its date: the autotune report is not also a 'tune' one."""
+    import time as time_module
+
+    from bench.gpu_suite import report_links
+
+    device = tmp_path / "nvidia-h200"
+    device.mkdir()
+    for name in ("2026-11-30-bench-autotune.md", "2026-11-30-tune.md"):
+        (device / name).write_text("#")
+    rows = report_links(tmp_path, time_module.time() - 60)
+    assert "| kernel launch configurations (tune) | [2026-11-30-tune.md](nvidia-h200/2026-11-30-tune.md) |" in rows
+    assert ("| autotuned launch configurations | "
+            "[2026-11-30-bench-autotune.md](nvidia-h200/2026-11-30-bench-autotune.md) |") in rows
+
+
+def test_gpu_suite_sh_passes_its_options_on_from_any_folder(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from bench.gpu_suite import REPO
+
+    env = {**os.environ, "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "--list", "--only", "env,tune"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert [line.split()[0] for line in run.stdout.splitlines()] == ["env", "tune"], run.stdout
+
+
+def _tune_problem(tune_kernels, configs, wrong=(), failing=(), unit="GB/s", work=2e9):
+    """A Problem whose run returns the reference, scaled for a `wrong` config, raising for a `failing` one."""
+    reference = (torch.randn(4, 4, generator=torch.Generator().manual_seed(1)),)
+
+    def run(config):
+        if config in failing:
+            raise RuntimeError("out of resources")
+        return (reference[0] * (2.0 if config in wrong else 1.0),)
+
+    return tune_kernels.Problem("attention", "attn4 fwd channels_last", configs[0], list(configs), run, reference,
+                                work, unit)
+
+
+def test_tune_gives_microseconds_rates_in_the_problem_s_unit_and_the_five_fastest(monkeypatch):
+    """us = seconds x 1e6; rate = work / seconds in GB/s (1e9) or TFLOP/s (1e12); top5 holds the five fastest,
+    fastest first; a run past its deadline times nothing and says so."""
+    from bench import tune_kernels
+
+    configs = [f"c{i}" for i in range(7)]
+    seconds = dict(zip(configs, (7e-6, 2e-6, 6e-6, 1e-6, 4e-6, 5e-6, 3e-6)))
+    calls = iter(configs)
+    monkeypatch.setattr(tune_kernels, "seconds_per_call", lambda fn, target_s: seconds[next(calls)])
+    problem = _tune_problem(tune_kernels, configs)
+    tune_kernels.measure(problem, target_s=0.001, deadline=float("inf"), dtype=torch.float32)
+    s = tune_kernels.summary(problem)
+    assert [r["config"] for r in s["top5"]] == ["c3", "c1", "c6", "c4", "c5"]
+    assert s["best"]["us"] == pytest.approx(1.0) and s["best"]["rate"] == pytest.approx(2e9 / 1e-6 / 1e9)
+    assert s["heuristic"]["us"] == pytest.approx(7.0) and s["heuristic_over_best"] == pytest.approx(7.0)
+    flops = _tune_problem(tune_kernels, ["c0"], unit="TFLOP/s", work=3e12)
+    calls = iter(["c3"])
+    tune_kernels.measure(flops, target_s=0.001, deadline=float("inf"), dtype=torch.float32)
+    assert flops.results[0]["rate"] == pytest.approx(3e12 / 1e-6 / 1e12)
+    late = _tune_problem(tune_kernels, configs[:2])
+    tune_kernels.measure(late, target_s=0.001, deadline=time.monotonic() - 1, dtype=torch.float32)
+    assert [r["status"] for r in late.results] == ["not run (time limit)"] * 2
+
+
+def test_tune_one_line_names_configs_times_and_their_ratio():
+    from bench.tune_kernels import one_line
+
+    s = {"problem": "res64 fwd channels_last", "heuristic_over_best": 1.25,
+         "heuristic": {"config": {"block_c": 32, "tma": True}, "us": 12.5, "resident": True},
+         "best": {"config": {"block_c": 64, "tma": False}, "us": 10.0}}
+    assert one_line(s) == ("res64 fwd channels_last: heuristic block_c=32 tma=1 (resident) 12.5 µs; "
+                           "best block_c=64 tma=0 10.0 µs; heuristic/best 1.25")
+    failed = {"problem": "p", "heuristic_over_best": None, "best": None,
+              "heuristic": {"config": {"block_c": 32}, "status": "failed: RuntimeError: x"}}
+    assert one_line(failed) == "p: heuristic block_c=32 failed: RuntimeError: x; best —"
+
+
+@pytest.mark.parametrize("arch,expected", [(None, (90, 132)), (80, (80, 108)), (89, (89, 142))])
+def test_tune_target_gpu_without_a_gpu_is_the_arch_s_reference_part(monkeypatch, arch, expected):
+    from bench import tune_kernels
+
+    monkeypatch.setattr(tune_kernels, "ON_GPU", False)
+    assert tune_kernels.target_gpu(arch) == expected
+
+
+def test_tune_target_gpu_refuses_an_arch_without_limits():
+    from bench import tune_kernels
+
+    with pytest.raises(SystemExit, match="no SM limits for sm_75"):
+        tune_kernels.target_gpu(75)
+
+
+def test_tune_seconds_per_call_divides_rounds_of_about_a_fifth_of_the_target(monkeypatch):
+    """Two calls to warm up and size the rounds, then five rounds of about target_s / 5 each; the result is per
+    call, not per round."""
+    from bench import harness, tune_kernels
+
+    monkeypatch.setattr(harness, "ON_GPU", False)
+    calls = []
+
+    def sleep_2ms():
+        calls.append(1)
+        time.sleep(0.002)
+
+    per_call = tune_kernels.seconds_per_call(sleep_2ms, target_s=0.05)
+    assert 0.0015 < per_call < 0.006, per_call
+    assert 2 + 5 <= len(calls) <= 2 + 5 * 5, len(calls)  # a round of 0.01 s holds at most 5 calls of 2 ms
+
+
+def _fake_tuning_run(monkeypatch, out, problems, argv=()):
+    from bench import tune_kernels
+
+    monkeypatch.setattr(tune_kernels, "build_problems", lambda *a: problems)
+    monkeypatch.setattr(tune_kernels, "seconds_per_call", lambda fn, target_s: 1e-5)
+    return tune_kernels.main(["--allow-cpu", "--compile-workers", "0", "--out", str(out), *argv])
+
+
+def test_tune_exit_status_says_whether_a_candidate_was_wrong_or_the_heuristic_failed(tmp_path, monkeypatch, capsys):
+    """0 when every candidate checks (or, cut short by --time-limit, none ran); 1 when one is wrong, or when the
+    heuristic's own pick fails, which is named on stderr."""
+    from bench import tune_kernels
+
+    heuristic, other = {"block_m": 128}, {"block_m": 64}
+
+    def problems(**kwargs):
+        return [_tune_problem(tune_kernels, [heuristic, other], **kwargs)]
+
+    assert _fake_tuning_run(monkeypatch, tmp_path / "ok", problems()) == 0
+    assert _fake_tuning_run(monkeypatch, tmp_path / "wrong", problems(wrong=[other])) == 1
+    assert "the heuristic's own" not in capsys.readouterr().err
+    assert _fake_tuning_run(monkeypatch, tmp_path / "failing", problems(failing=[heuristic])) == 1
+    assert "the heuristic's own configuration failed for attn4 fwd channels_last" in capsys.readouterr().err
+    assert _fake_tuning_run(monkeypatch, tmp_path / "late", problems(), ["--time-limit", "1e-9"]) == 0
+    (path,) = (tmp_path / "late" / "cpu").glob("*-tune.json")
+    report = json.loads(path.read_text())
+    assert [r["status"] for r in report["summaries"][0]["problems"]] == ["not run (time limit)"] * 2
+
+
+def test_tune_static_only_fails_when_the_heuristic_s_pick_spills(tmp_path, monkeypatch, capsys):
+    from bench import compile_report, tune_kernels
+
+    monkeypatch.setattr(compile_report, "ptxas_available", lambda: True)
+    monkeypatch.setattr(compile_report, "ptxas_version", lambda: "V12.8.93")
+    heuristic, other = json.dumps({"block_m": 128}, sort_keys=True), json.dumps({"block_m": 64}, sort_keys=True)
+    spills = {"kernels": {"attention_forward_kernel": {"registers": 255, "spilled_bytes": 96}}}
+    ok = {"kernels": {"attention_forward_kernel": {"registers": 128, "spilled_bytes": 0}}}
+    facts = {"attn16 fwd channels_last": {"heuristic": heuristic, "candidates": {heuristic: spills, other: ok}},
+             "attn8 fwd channels_last": {"heuristic": other, "candidates": {other: ok, heuristic: spills}}}
+    monkeypatch.setattr(tune_kernels, "compile_in_workers", lambda *a: facts)
+    assert tune_kernels.main(["--static-only", "--only", "attention", "--out", str(tmp_path), "--arch", "90"]) == 1
+    out = capsys.readouterr().out
+    assert "4 candidates compiled for sm_90" in out and ": 2 not timeable" in out, out
+    assert out.splitlines()[0].endswith("; the heuristic's pick spills or fails for attn16 fwd channels_last"), out
+
+
+def test_compile_report_occupancy_reserves_shared_memory_per_program_and_caps_programs():
+    from bench.compile_report import SM_LIMITS, occupancy
+
+    h100, l40s = SM_LIMITS[90], SM_LIMITS[89]
+    # 97 registers are allocated as 104: 104 x 32 x 4 = 13312 per program -> 4 in 65536 (5 at 97)
+    assert occupancy(97, 0, 4, h100) == 4
+    # 76 KB + 1 KB reserved per program: 3 x 77 KB > 228 KB -> 2 (3 without the reserve)
+    assert occupancy(32, 76 * 1024, 4, h100) == 2
+    # nothing else binds one small warp: the SM's program limit does (32 on sm_90, 24 on sm_89)
+    assert occupancy(8, 0, 1, h100) == 32 and occupancy(8, 0, 1, l40s) == 24
+
+
+def test_compile_report_row_takes_the_larger_shared_memory_and_leaves_launch_options_out_of_the_config(monkeypatch):
+    """A row from a compiled kernel: shared memory the larger of Triton's and cuobjdump's, programs per SM from
+    it, warp occupancy = programs x warps / max warps, fp32 GroupNorm loops per 4-byte element; the markdown
+    gives stack + local bytes and shared memory in KB (1024 bytes)."""
+    from types import SimpleNamespace
+
+    from bench import compile_report
+
+    usage = {"reg": 64, "stack": 8, "local": 16, "shared": 70 * 1024, "spill_stores": 1, "spill_loads": 2,
+             "hgmma": 0, "hmma": 0, "inner_loops": [{"instructions": 56, "load_bytes": 16}]}
+    monkeypatch.setattr(compile_report, "resource_usage", lambda cubin: usage)
+    compiled = SimpleNamespace(asm={"cubin": b"cubin"}, src=SimpleNamespace(signature={"x_ptr": "*fp32"}),
+                               metadata=SimpleNamespace(shared=16 * 1024, num_warps=8, num_stages=2))
+    meta = {"BLOCK_C": 32, "FUSED_STATS": False, "num_warps": 8, "num_stages": 2}
+    entry = compile_report.CompiledConfig("_gn_fwd_kernel", meta, compiled, {"bf16", "fp32"},
+                                          {"gn_fwd B=128 nchw (128, 256, 32, 32)"})
+    (row,) = compile_report.summarize({("_gn_fwd_kernel", "hash"): entry}, 90)
+    # registers 64 x 32 x 8 -> 4 programs; shared (70 + 1) KB -> 3; warps 64 / 8 -> 8
+    assert row["shared_bytes"] == 70 * 1024 and row["programs_per_sm"] == 3
+    assert row["warp_occupancy"] == pytest.approx(3 * 8 / 64, abs=1e-3)
+    assert row["config"] == {"BLOCK_C": 32, "FUSED_STATS": False} and row["num_warps"] == 8
+    assert row["kernel"] == "gn_fwd_kernel" and row["precisions"] == ["fp32", "bf16"]
+    assert row["inner_loop_instructions_per_element"] == [56 * 4 / 16]
+    report = {"environment": {"target": "sm_90", "sm": "H100", "triton": "3", "ptxas": "12", "torch": "2",
+                              "commit": "c", "date": "d"},
+              "recorded": ["B=128 nchw"], "precisions": ["fp32", "bf16"], "kernels": [row], "failures": [],
+              "problems": [], "warp_mma": [], "command": "python3 -m bench.compile_report"}
+    assert ("| gn_fwd_kernel | BLOCK_C=32 FUSED_STATS=0 | 8 | 2 | 64 | 24 | 1/2 | 0/0 | 70.0 | 56 [14.0/elem] | 3 |"
+            in compile_report.markdown(report))
+
+
+def test_compile_report_counts_sites_per_recording():
+    from bench.compile_report import _sites_text
+
+    sites = ["gn_fwd B=128 nchw (128, 256, 32, 32)", "gn_fwd B=128 nchw eval (128, 256, 32, 32)",
+             "gn_fwd B=128 nchw (128, 512, 16, 16)", "gn_fwd B=2 channels_last (2, 256, 32, 32)",
+             "gn_fwd contract pre (3, 96, 7, 5)"]
+    assert _sites_text(sites) == "B=128 nchw ×2, B=128 nchw eval ×1, B=2 channels_last ×1, contract ×1"
+
+
+def test_compile_report_replays_an_output_dtype_argument_in_the_precision_under_test():
+    from bench.compile_report import OpCall, _as_precision
+
+    grad = torch.empty(2, 3, 4, 4, device="meta")
+    call = OpCall("dream_kernels::upsample2x_bilinear_backward", (grad, torch.float32, False), "site")
+    replayed, dtype, channels_last = _as_precision(call, torch.bfloat16)
+    assert replayed.dtype == dtype == torch.bfloat16 and channels_last is False
+
+
+@pytest.mark.parametrize("argv,env,message", [
+    (["--batches", "0,2"], None, "--batches must be positive integers separated by commas, got '0,2'"),
+    (["--batches", "128,x"], None, "--batches must be positive integers separated by commas, got '128,x'"),
+    ([], "1", "it compiles real kernels: unset TRITON_INTERPRET (it is set to 1)"),
+])
+def test_compile_report_refuses_bad_batches_and_the_interpreter_in_one_line(monkeypatch, capsys, argv, env, message):
+    from bench import compile_report
+
+    if env is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", env)
+    monkeypatch.setattr(compile_report, "ptxas_available", lambda: True)
+    monkeypatch.setattr(compile_report, "record_model_calls", lambda *a: pytest.fail("recorded before the checks"))
+    with pytest.raises(SystemExit) as exit_info:
+        compile_report.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_param_grads_count_a_missing_gradient_as_zeros_and_refuse_a_count_mismatch():
+    from bench.workloads import param_grads
+
+    used, unused = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))
+    (used * 2).sum().backward()
+    grads = param_grads([used, unused])
+    assert torch.equal(grads[0], torch.full((3,), 2.0)) and torch.equal(grads[1], torch.zeros(4))
+    with pytest.raises(ValueError, match="1 gradients for 2 parameters"):
+        param_grads([used, unused], [torch.ones(3)])
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_workload_autocast_runs_matmuls_in_its_precision(precision, dtype):
+    from bench.harness import DEVICE
+    from bench.workloads import autocast
+
+    a = torch.ones(4, 4, device=DEVICE)
+    with autocast(precision):
+        assert (a @ a).dtype == dtype
+
+
+def test_cloned_model_has_the_reference_s_weights_in_the_layout_asked_for():
+    from bench.workloads import build_model, clone_model
+
+    reference = build_model("eager", seed=3)
+    for channels_last in (False, True):
+        clone = clone_model(reference, "eager", channels_last=channels_last)
+        assert all(torch.equal(a, b) for a, b in zip(clone.state_dict().values(), reference.state_dict().values()))
+        convs = [p for p in clone.parameters() if p.dim() == 4 and p.shape[-2:] == (3, 3)]  # 1x1: either layout
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) == channels_last for p in convs)

@@ -465,6 +465,68 @@ def test_fake_tensor_mode_shapes():
         assert lse.shape == (4, 8, 256) and lse.dtype == torch.float32
 
 
+def _fake_outputs(op, *args):
+    """The op's outputs under FakeTensorMode (its fake implementation, as torch.compile traces it)."""
+    with FakeTensorMode() as mode:
+        out = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    return out if isinstance(out, tuple) else (out,)
+
+
+@pytest.mark.parametrize("layout", ["strided_heads", "channels_last_qkv"])
+def test_fake_outputs_have_the_real_outputs_shapes_dtypes_and_strides(layout):
+    """Each public op's fake gives its outputs the shape, dtype and strides of the real op's (a compiled graph
+    lays out what follows by them): lse fp32 beside fp16 q; the (B, H, N, D) outputs contiguous whatever q's
+    strides; the qkv ops' out and dqkv in qkv's memory format."""
+    ops = torch.ops.dream_kernels
+    gen = _generator(71)
+    if layout == "strided_heads":
+        q, k, v = (_randn((1, 6, 2, 16), torch.float16, gen).transpose(1, 2) for _ in range(3))  # (B, N, H, D) data
+        o, lse = ops.attention_forward(q, k, v, 0.25)
+        calls = [(ops.attention_forward, (q, k, v, 0.25)),
+                 (ops.attention_backward, (q, k, v, o, lse, _randn(q.shape, torch.float16, gen), 0.25))]
+    else:
+        qkv = _randn((1, 96, 2, 3), torch.float16, gen).to(memory_format=torch.channels_last)
+        out, lse = ops.attention_qkv_nchw_forward(qkv, 2, 0.25)
+        dout = _randn(out.shape, torch.float16, gen).to(memory_format=torch.channels_last)
+        calls = [(ops.attention_qkv_nchw_forward, (qkv, 2, 0.25)),
+                 (ops.attention_qkv_nchw_backward, (qkv, out, lse, dout, 2, 0.25))]
+    for op, args in calls:
+        real = op(*args)
+        real = real if isinstance(real, tuple) else (real,)
+        for index, (fake, actual) in enumerate(zip(_fake_outputs(op, *args), real, strict=True)):
+            assert (fake.shape, fake.dtype, fake.stride()) == (actual.shape, actual.dtype, actual.stride()), \
+                (str(op), index)
+
+
+@pytest.mark.parametrize("device", [DEVICE, "meta"])
+def test_the_backward_ops_refuse_operands_of_another_dtype(device):
+    """The public backward ops read do (dout) in q's (qkv's) dtype and lse in fp32: an operand of another dtype is
+    a one-line ValueError naming it, from the op and from its fake (meta tensors), never a kernel reading its
+    bytes as another type."""
+    ops = torch.ops.dream_kernels
+    q = torch.randn(1, 1, 8, 16, device=device)
+    lse = torch.zeros(1, 1, 8, device=device)
+    with pytest.raises(ValueError, match=r"^attention_backward: do must be a torch.float32 tensor of q's shape"):
+        ops.attention_backward(q, q, q, q, lse, q.half(), 0.25)
+    qkv = torch.randn(1, 48, 2, 4, device=device)
+    out = torch.randn(1, 16, 2, 4, device=device)
+    with pytest.raises(ValueError, match=r"^attention_qkv_nchw_backward: dout must be a torch.float32 tensor"):
+        ops.attention_qkv_nchw_backward(qkv, out, lse, out.half(), 1, 0.25)
+    with pytest.raises(ValueError, match=r"^attention_qkv_nchw_backward: lse must be a float32 tensor"):
+        ops.attention_qkv_nchw_backward(qkv, out, lse.half(), out, 1, 0.25)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_dim", [32, 128])
+def test_backward_takes_one_tile_up_to_64_tokens(head_dim, dtype):
+    """In half precision the backward computes a (batch, head) in one program for N <= 64 (its whole sequence in
+    one tile) and streams blocks beyond: the boundary is N = 64 itself."""
+    for seq_len in (1, 17, 64):
+        config = attention_module.backward_config(seq_len, head_dim, dtype)
+        assert config.single_tile and config.block_own >= seq_len, seq_len
+    assert not attention_module.backward_config(65, head_dim, dtype).single_tile
+
+
 def test_reference_matches_sdpa_in_float64():
     gen = _generator(61)
     q, k, v = (_randn((2, 3, 19, 32), torch.float64, gen) for _ in range(3))

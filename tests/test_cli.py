@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dream.cli import main
+from dream.errors import DreamError
 
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 ENV["PYTHONPATH"] = os.getcwd()
@@ -111,7 +112,6 @@ def test_train_flags_reach_the_config_and_their_defaults_are_the_configs(monkeyp
              "checkpoint_every": 3, "checkpoint_keep": 4, "sample_every": 5, "sample_count": 6, "sample_steps": 7,
              "progress": False}
     assert asdict(config) == given
-
 
 
 def test_the_documented_edge_values_of_train_flags_are_accepted():
@@ -569,3 +569,214 @@ def test_a_cuda_device_index_beyond_the_machines_is_one_line(monkeypatch, name, 
     else:
         with pytest.raises(DreamError, match=f"^{message.replace('(', '[(]').replace(')', '[)]')}$"):
             resolve_device(name)
+
+
+def test_info_table_rows_are_the_blocks_of_the_json(capsys):
+    """`dream info` without --json: a head line naming the preset, its parameters, its forward GFLOP and the image
+    size asked for, then one row per block with the JSON's name, type, output shape, parameters and GFLOP."""
+    assert main(["info", "--preset", "tiny", "--image-size", "16", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert main(["info", "--preset", "tiny", "--image-size", "16"]) == 0
+    head, _, table = capsys.readouterr().out.partition("\n\n")
+    assert head == (f"preset tiny: {info['parameters']:,} parameters, {info['gflops_forward_per_image']:.2f} GFLOP "
+                    f"forward per 16px image")
+    rows = [line.split() for line in table.splitlines()[1:]]
+    assert [(row[0], row[1], row[2], int(row[3].replace(",", "")), float(row[4])) for row in rows] == [
+        (b["block"], b["type"], b["shape"], b["parameters"], pytest.approx(b["gflops"], abs=5e-4))
+        for b in info["blocks"]]
+
+
+def test_info_counts_a_convolution_as_two_flops_per_multiply_add_of_one_image():
+    """A k×k convolution from C_in to C_out channels with H×W outputs costs 2·k²·C_in·C_out·H·W FLOPs per image (a
+    multiply and an add each): the input convolution and the first downsampling (stride 2), counted per block, and
+    the blocks add up to the model's total."""
+    from dream.info import model_info
+
+    size = 16
+    info = model_info("tiny", image_size=size)
+    assert info["config"]["image_size"] == size
+    blocks = {block["block"]: block for block in info["blocks"]}
+    c_in, base = info["config"]["in_channels"], info["config"]["base_channels"]
+    assert blocks["conv_in"]["gflops"] * 1e9 == pytest.approx(2 * 9 * c_in * base * size * size, rel=1e-12)
+    assert blocks["down.0.downsample"]["gflops"] * 1e9 == pytest.approx(2 * 9 * base * base * (size // 2) ** 2,
+                                                                          rel=1e-12)
+    assert sum(block["gflops"] for block in info["blocks"]) == pytest.approx(info["gflops_forward_per_image"],
+                                                                           rel=1e-9)
+
+
+def test_a_flag_whose_help_names_its_default_does_not_repeat_it():
+    """--help adds "(default: X)" to a flag's text unless the text already says what the default is (export
+    --weights: "(default)", memory --target: "default: CUDA's")."""
+    import argparse
+
+    from dream.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in commands.choices.items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            shown = formatter._get_help_string(action) or ""  # (argparse fills %(default)s in later)
+            said = "default" in (action.help or "")
+            assert not (said and "%(default)s" in shown), f"dream {name} {action.option_strings}: {shown}"
+    export = " ".join(commands.choices["export"].format_help().split())
+    assert "raw training weights" in export and "(default: ema)" not in export
+
+
+@pytest.mark.parametrize("argv, name, under_home", [
+    (["train", "--run-dir=~/run"], "run_dir", "run"),
+    (["train", "--resume=~/run/ckpt.pt"], "resume", "run/ckpt.pt"),
+    (["train", "--data", "folder", "--data-root=~/faces"], "data_root", "faces"),
+    (["sample", "~/run", "--out", "out"], "checkpoint", "run"),
+    (["sample", "ckpt.pt", "--out=~/samples"], "out", "samples"),
+    (["eval", "ckpt.pt", "--real-root=~/faces"], "real_root", "faces"),
+    (["eval", "ckpt.pt", "--inception-weights=~/inception.pth"], "inception_weights", "inception.pth"),
+    (["eval", "ckpt.pt", "--cache-dir=~/cache"], "cache_dir", "cache"),
+    (["export", "~/run", "--out=~/ema.safetensors"], "out", "ema.safetensors"),
+])
+def test_every_path_flag_reads_a_leading_tilde_as_the_home_folder(monkeypatch, tmp_path, argv, name, under_home):
+    """The shell leaves a ~ after "=" (or quoted) alone; every flag naming a path reads it as the home folder."""
+    import dream.cli
+
+    seen = []
+    handler = {"train": "run_train", "sample": "run_sample", "eval": "run_eval", "export": "run_export"}[argv[0]]
+    monkeypatch.setattr(dream.cli, handler, lambda args: seen.append(args) or 0)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(argv) == 0
+    assert getattr(seen[0], name) == str(tmp_path / under_home)
+
+
+def test_a_negative_size_without_a_leading_zero_is_refused_for_its_sign(capsys):
+    """'.5GB' is a size parse_bytes reads, so '-.5GB' after --budget is refused for its sign as '-0.5GB' is."""
+    with pytest.raises(SystemExit) as stop:
+        main(["memory", "--budget", "-.5GB"])
+    assert stop.value.code == 2 and "memory size '-.5GB' must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error", [DreamError("no such run"), ValueError("a bad value"),
+                                   PermissionError(13, "Permission denied", "/runs/x")],
+                         ids=["DreamError", "ValueError", "OSError"])
+def test_an_error_in_what_the_user_gave_is_one_line_with_status_2(monkeypatch, capsys, error):
+    """Errors of the input, values and the file system (a path that is a file, permissions, a full disk) are one
+    line naming the command, not a traceback."""
+    import dream.cli
+
+    def failing(args):
+        raise error
+
+    monkeypatch.setattr(dream.cli, "run_export", failing)
+    assert main(["export", "run", "--out", "x.safetensors"]) == 2
+    assert capsys.readouterr().err == f"dream export: error: {error}\n"
+
+
+@pytest.mark.parametrize("command, argv, kept", [
+    ("train", [], "checkpoints already written are kept"),
+    ("sample", ["ckpt.pt"], "finished images are kept"),
+    ("eval", ["ckpt.pt"], "finished images and cached statistics are kept"),
+    ("export", ["ckpt.pt", "--out", "x.safetensors"], None),
+])
+def test_an_interrupt_says_how_to_go_on_and_what_is_kept(monkeypatch, capsys, command, argv, kept):
+    """Ctrl-C outside training's own handler: exit 130 and one line; a command that goes on where it stopped says
+    so, and what it keeps."""
+    import dream.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dream.cli, f"run_{command}", interrupted)
+    assert main([command, *argv]) == 130
+    rest = f"; rerun the same command to go on ({kept})" if kept else ""
+    assert capsys.readouterr().err == f"dream {command}: interrupted{rest}\n"
+
+
+@pytest.mark.parametrize("count, images", [(1, "image 0"), (2, "images 0-1"), (3, "images 0-2")])
+def test_sample_names_the_range_of_images_it_holds(monkeypatch, capsys, tmp_path, count, images):
+    import dream.sample
+
+    def sampled(checkpoint, out_dir, **kwargs):
+        return {"out_dir": out_dir, "count": kwargs["count"], "made": kwargs["count"], "ema": True, "step": 7,
+                "checkpoint": "ckpt.pt", "grid": "grid.png", "processes": 1}
+
+    monkeypatch.setattr(dream.sample, "sample_from_checkpoint", sampled)
+    assert main(["sample", "ckpt.pt", "--out", str(tmp_path), "--device", "cpu", "--count", str(count)]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path}: {images} ({count} made now, 0 already there)")
+
+
+def test_output_into_a_closed_pipe_ends_quietly(monkeypatch, capsys, tmp_path):
+    """`dream info | head -1`, the reader gone: exit 1, nothing on stderr, and stdout sent to /dev/null (Python's
+    flush of it at exit would fail again)."""
+    import dream.cli
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(dream.cli, "run_info", broken)
+    with open(tmp_path / "stdout", "w") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        assert main(["info"]) == 1
+        assert os.path.samestat(os.fstat(stdout.fileno()), os.stat(os.devnull))
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("last, grid, said", [
+    ({"loss": 0.123456}, "/r/samples/grid-1.png", "done: step 5, epoch 1, loss 0.1235; checkpoints in /r/checkpoints; "
+                                                   "samples /r/samples/grid-1.png"),
+    ({}, None, "done: step 5, epoch 1, no step left to run; checkpoints in /r/checkpoints"),
+])
+def test_train_ends_with_a_line_of_its_last_step(monkeypatch, capsys, last, grid, said):
+    """The last line: the step and epoch reached, the last record's loss (or that no step was left to run, a run
+    already at --max-steps), where the checkpoints and the last sample grid are."""
+    monkeypatch.setattr("dream.train.train", lambda config, resume=None: {
+        "last": last, "step": 5, "epoch": 1, "checkpoint_dir": "/r/checkpoints", "grid": grid})
+    assert main(["train", "--run-dir", "/r"]) == 0
+    assert capsys.readouterr().out == said + "\n"
+
+
+@pytest.mark.parametrize("rank, err", [("0", "dream train: stopped by SIGTERM at step 4; checkpoint saved\n"),
+                                       ("1", "")])
+def test_a_stopped_training_exits_with_its_signals_status(monkeypatch, capsys, rank, err):
+    """Training stopped by a signal (its checkpoint saved) exits 128 + the signal's number; under torchrun rank 0
+    says so, the other ranks leave silently after letting it speak."""
+    import signal
+
+    import dream.cli
+    from dream.train import Interrupted
+
+    def stopped(config, resume=None):
+        raise Interrupted("stopped by SIGTERM at step 4; checkpoint saved", signal.SIGTERM)
+
+    waits = []
+    monkeypatch.setattr("dream.train.train", stopped)
+    monkeypatch.setattr(dream.cli, "let_rank_0_speak", lambda: waits.append(1))
+    monkeypatch.setenv("RANK", rank)
+    assert main(["train", "--run-dir", "/r"]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == err and waits == ([] if rank == "0" else [1])
+
+
+def test_the_autotune_notice_is_rank_0s_alone(monkeypatch, capsys):
+    """Under torchrun every rank reads --autotune-kernels; one line is enough."""
+    import dream.cli
+
+    monkeypatch.setattr(dream.cli, "run_train", lambda args: 0)
+    monkeypatch.setenv("DREAM_KERNEL_AUTOTUNE", "")  # so that undoing deletes what main sets
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "--autotune-kernels"]) == 0
+    assert capsys.readouterr().err == "" and os.environ["DREAM_KERNEL_AUTOTUNE"] == "1"
+
+
+@pytest.mark.parametrize("outcome", ["returns", "raises"])
+def test_warnings_print_as_pythons_again_after_a_command(monkeypatch, capsys, outcome):
+    """Inside a command the project's warnings are `dream <command>: warning:` lines; a caller of main() gets
+    Python's own warning functions back, however the command ended."""
+    import warnings
+
+    import dream.cli
+
+    def command(args):
+        if outcome == "raises":
+            raise DreamError("a bad flag")
+        return 0
+
+    monkeypatch.setattr(dream.cli, "run_info", command)
+    before = (warnings.formatwarning, warnings.showwarning)
+    main(["info"])
+    assert (warnings.formatwarning, warnings.showwarning) == before

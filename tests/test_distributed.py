@@ -180,6 +180,10 @@ def test_peer_lost_tells_another_process_stopping_from_this_ones_errors():
         "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
         "[127.0.0.1]:41162. This is typically caused by a remote worker crashing. Check the logs of the remote worker "
         "before reporting an error. GLHF!")) == "RuntimeError: Connection closed by peer [127.0.0.1]:41162"
+    # only gloo's advice is cut: a first line's other sentences say what happened
+    assert peer_lost_summary(torch.distributed.DistBackendError(
+        "NCCL error: remote process exited or there was a network error. Last error: socket closed\nmore")) == (
+        "DistBackendError: NCCL error: remote process exited or there was a network error. Last error: socket closed")
 
 
 # Runs `dream train` under torchrun with rank 1 running out of memory in its second step.
@@ -781,10 +785,11 @@ COLLECTIVES = textwrap.dedent("""
 
     with session("cpu", timedelta(seconds=60)) as d:  # (ranks out of step fail, not hang)
         r = d.rank
-        values = torch.tensor([float(r), 10.0 * r])
+        values = torch.tensor([r + 1.0, 10.0 - 4 * r])  # (a sum that no max or min of the ranks' values gives)
         seen["mean"] = d.mean(values).tolist()
-        seen["mean_input_kept"] = values.tolist() == [float(r), 10.0 * r]
+        seen["mean_input_kept"] = values.tolist() == [r + 1.0, 10.0 - 4 * r]
         seen["max"] = [d.max(3 * r + 1, "cpu"), d.max(5 - 4 * r, "cpu"), int(d.max_tensor(3 * r + 1, "cpu"))]
+        seen["max_tensor_dtype"] = str(d.max_tensor(1, "cpu").dtype)
         seen["sum"] = d.sum(r + 1, "cpu")
         seen["flags"] = [d.gather_flags(r == 1), d.gather_flags(r == 0), d.gather_flags(True)]
         seen["share"] = d.share({"from": r})
@@ -827,8 +832,8 @@ def test_each_collective_combines_what_the_ranks_hold(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     named = ["DreamError", "the process of rank 1 stopped during setup (its line says why)", True]
     for r, seen in enumerate(ranks):
-        assert seen["mean"] == [0.5, 5.0] and seen["mean_input_kept"], r
-        assert seen["max"] == [4, 5, 4] and seen["sum"] == 3, r
+        assert seen["mean"] == [1.5, 8.0] and seen["mean_input_kept"], r
+        assert seen["max"] == [4, 5, 4] and seen["sum"] == 3 and seen["max_tensor_dtype"] == "torch.int64", r
         assert seen["flags"] == [[False, True], [True, False], [True, True]], r
         assert seen["share"] == {"from": 0}, r
         assert seen["identical"] is None, r
@@ -948,7 +953,9 @@ def test_a_session_meets_at_a_barrier_before_leaving_but_not_after_an_error(monk
         monkeypatch.setenv(name, value)
     with session("cpu") as d:
         assert d.enabled and calls == ["init"]
-    assert calls == ["init", "barrier", "destroy"]
+        d.barrier()
+        assert calls == ["init", "barrier"]
+    assert calls == ["init", "barrier", "barrier", "destroy"]
     calls.clear()
     with pytest.raises(RuntimeError, match="^a failed step$"):
         with session("cpu"):
@@ -959,3 +966,76 @@ def test_a_session_meets_at_a_barrier_before_leaving_but_not_after_an_error(monk
         d.leave()
         assert calls == ["init", "barrier", "destroy"]
     assert calls == ["init", "barrier", "destroy"]  # left already: nothing more at the end
+
+
+def test_a_sigterm_after_a_first_ctrl_c_is_the_stop_reported():
+    """Ctrl-C asks for a stop; a SIGTERM that follows (a scheduler ending the job) is the stop said and exited with
+    (143), as the ranks also agree on the larger of their signals."""
+    import signal
+
+    from dream.distributed import StopFlag
+
+    flag = StopFlag()
+    flag.handle(signal.SIGINT, None)
+    flag.handle(signal.SIGTERM, None)
+    assert flag.requested and flag.signum == signal.SIGTERM
+
+
+def test_the_mean_divides_the_ranks_sum_by_the_world_size(monkeypatch):
+    """mean() is the all-reduced sum over world_size: four ranks holding the same values get those values back."""
+    import torch.distributed as torch_dist
+
+    def all_reduce(tensor, op):
+        assert op == torch_dist.ReduceOp.SUM
+        tensor.mul_(4)  # four ranks' equal values summed
+
+    monkeypatch.setattr(torch_dist, "all_reduce", all_reduce)
+    values = torch.tensor([1.0, -3.0, 0.5])
+    assert torch.equal(Distributed(rank=2, world_size=4).mean(values), values)
+
+
+def test_the_launcher_is_gone_once_this_process_has_another_parent():
+    assert not Distributed(rank=1, world_size=2, launcher_pid=os.getppid()).launcher_gone()
+    assert Distributed(rank=1, world_size=2, launcher_pid=os.getppid() + 1).launcher_gone()  # re-parented
+
+
+@pytest.mark.parametrize("error", [ValueError("image_size 7 must be a multiple of 8"), OSError("disk full"),
+                                   KeyboardInterrupt()], ids=["ValueError", "OSError", "KeyboardInterrupt"])
+def test_in_one_process_a_setup_error_passes_agreed_setup_unchanged(error):
+    """Without torchrun agreed_setup is a no-op: the error raised is the one the setup raised, as it was."""
+    from dream.distributed import agreed_setup
+
+    with pytest.raises(type(error)) as raised:
+        with agreed_setup(Distributed()):
+            raise error
+    assert raised.value is error and not hasattr(error, "same_on_every_rank")
+
+
+def test_a_gpu_rank_joins_nccl_on_the_gpu_of_its_local_rank(monkeypatch):
+    """With CUDA (faked here) a rank takes the GPU of its local rank (its global rank counts across machines) and the
+    group runs NCCL; a local rank beyond this machine's GPUs is refused; "auto" without CUDA joins gloo; a group
+    already joined is not joined again."""
+    import torch.distributed as torch_dist
+
+    from dream.distributed import from_environment
+    from dream.errors import DreamError
+
+    joined, devices = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(torch_dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch_dist, "init_process_group", lambda backend, **kwargs: joined.append(backend))
+    for name, value in {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}.items():  # the second machine's second
+        monkeypatch.setenv(name, value)
+    for device in ("auto", "cuda"):
+        assert from_environment(device) == Distributed(rank=3, world_size=4, local_rank=1, launcher_pid=os.getppid())
+    assert devices == [1, 1] and joined == ["nccl", "nccl"]
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(DreamError, match="^local rank 2 has no GPU: this machine has 2$"):
+        from_environment("cuda")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert from_environment("auto").local_rank == 1 and joined == ["nccl", "nccl", "gloo"] and devices == [1, 1]
+    monkeypatch.setattr(torch_dist, "is_initialized", lambda: True)
+    assert from_environment("cpu").enabled and joined == ["nccl", "nccl", "gloo"]

@@ -233,16 +233,18 @@ def test_half_parameters(dtype, mode):
     _check_against_float64((1, 96, 7, 5, 8), dtype, mode, True, True, True, channels_last=False)
 
 
+@pytest.mark.parametrize("fp32_parameters", [("weight", "shift"), ("bias", "scale")], ids="+".join)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["pre", "post"])
-def test_parameters_each_in_its_own_dtype(dtype, mode):
-    # weight and shift fp32, bias and scale in x's dtype (each may be either): each is read as fp32 and the
+def test_parameters_each_in_its_own_dtype(dtype, mode, fp32_parameters):
+    # two of gamma, beta, s, t fp32, the other two in x's dtype (each may be either): each is read as fp32 and the
     # backward op returns each gradient in its own dtype (checked on the op's outputs: autograd would cast a
     # gradient of the wrong dtype to its input's silently), all against float64
     shape = (3, 12, 7, 5, 2)
     x, weight, bias, scale, shift, dy = _make_inputs(shape, dtype, torch.float32, True, True, False,
-                                                     _seed("own dtypes", dtype, mode))
-    leaves = [x, weight, bias.to(dtype), scale.to(dtype), shift]
+                                                     _seed("own dtypes", dtype, mode, *fp32_parameters))
+    parameters = dict(weight=weight, bias=bias, scale=scale, shift=shift)
+    leaves = [x] + [value if name in fp32_parameters else value.to(dtype) for name, value in parameters.items()]
     y, mean, rstd = torch.ops.dream_kernels.group_norm_silu_fwd(*leaves[:3], *leaves[3:], shape[4], EPS, mode, True)
     grads = torch.ops.dream_kernels.group_norm_silu_bwd(dy, *leaves, mean, rstd, shape[4], EPS, mode, True)
     leaves64 = [leaf.detach().double().requires_grad_() for leaf in leaves]
@@ -775,6 +777,43 @@ def test_opcheck(op_name, dropout_p, scale_layout):
     torch.library.opcheck(getattr(torch.ops.dream_kernels, op_name).default, args)
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "transposed_hw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_fake_outputs_have_the_real_outputs_shapes_dtypes_and_strides(dtype, layout):
+    """The ops' fakes give their outputs the shape, dtype and strides of the real ops' (a compiled graph lays out
+    what follows by them): mean and rstd fp32 of shape (N, num_groups) (N != num_groups) whatever x's dtype, y and
+    dx in x's memory format (channels_last), or NCHW for x dense in neither layout (H and W transposed)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    N, C, H, W, G = 3, 8, 5, 4, 2
+    x, weight, bias, scale, shift, dy = _make_inputs((N, C, H, W, G), dtype, torch.float32, True, True,
+                                                     layout == "channels_last", 13)
+    if layout == "transposed_hw":
+        x, dy = (t.transpose(2, 3).contiguous().transpose(2, 3) for t in (x, dy))
+    ops = torch.ops.dream_kernels
+    y, mean, rstd = ops.group_norm_silu_fwd(x, weight, bias, scale, shift, G, EPS, "pre", True)
+    calls = [(ops.group_norm_silu_fwd.default, (x, weight, bias, scale, shift, G, EPS, "pre", True)),
+             (ops.group_norm_silu_bwd.default, (dy, x, weight, bias, scale, shift, mean, rstd, G, EPS, "pre", True))]
+    for op, args in calls:
+        real = op(*args)
+        with FakeTensorMode() as mode:
+            fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+        for index, (fake_output, output) in enumerate(zip(fake, real, strict=True)):
+            assert (fake_output.shape, fake_output.dtype, fake_output.stride()) == (
+                output.shape, output.dtype, output.stride()), (str(op), index)
+
+
+def test_backward_op_refuses_dy_on_another_device():
+    """The public backward op checks dy's device as well as its shape: dy on another device than x (a meta tensor
+    here, on any machine) is a one-line error naming dy, not a gradient computed from nothing."""
+    N, C, H, W, G = 2, 8, 2, 3, 4
+    x, weight, bias, _, _, dy = _make_inputs((N, C, H, W, G), torch.float32, torch.float32, False, False, False, 19)
+    _, mean, rstd = torch.ops.dream_kernels.group_norm_silu_fwd(x, weight, bias, None, None, G, EPS, "pre", True)
+    with pytest.raises(ValueError, match=r"^group_norm_silu backward: dy has shape \(2, 8, 2, 3\) on meta, expected"):
+        torch.ops.dream_kernels.group_norm_silu_bwd(dy.to("meta"), x, weight, bias, None, None, mean, rstd, G, EPS,
+                                                    "pre", True)
+
+
 def test_backward_op_reads_strided_statistics_and_refuses_wrong_ones():
     """The public backward op indexes mean and rstd as dense (N, num_groups) fp32: a strided view holding the
     forward's values gives the same gradients, a wrong shape or dtype a one-line error naming it (also on meta)."""
@@ -928,6 +967,15 @@ def test_samples_beyond_32_bit_offsets_are_refused():
     conv_weight = torch.empty(4, 128, 1, 1, device="meta", dtype=torch.float16)
     with pytest.raises(ValueError, match=r"group_norm_silu_conv2d: x has C\*H\*W = 2147483648 elements"):
         group_norm_silu_conv2d(*args(128), conv_weight)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 2**31 - 1), (2**31 - 1, 1, 1, 1)], ids=["C*H*W", "N*C"])
+def test_counts_of_exactly_2_to_the_31_minus_1_are_accepted(shape):
+    """The largest int32 offset, 2^31 - 1, is still addressable: a sample of that many elements, or that many
+    (sample, channel) pairs, runs (the refusals start at 2^31). On meta tensors: nothing is allocated."""
+    x = torch.empty(shape, device="meta", dtype=torch.float16)
+    weight = torch.empty(shape[1], device="meta")
+    assert group_norm_silu(x, weight, weight, 1).shape == shape
 
 
 def test_more_sample_channel_pairs_than_int32_offsets_reach_is_an_error():

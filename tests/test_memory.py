@@ -373,6 +373,7 @@ def test_a_cuda_target_keeps_the_measured_six_percent():
     assert choose_micro_batch(StepSpec(batch_size=2), 10**9, estimate=LinearPeak(0, 476_000_000)) == 1
     assert choose_micro_batch(StepSpec(batch_size=2, target="cpu"), 10**9, estimate=LinearPeak(0, 476_000_000)) == 2
 
+
 @pytest.mark.parametrize("device, cuda_available, bf16, expected", [
     ("auto", True, True, ("bf16", "triton")), ("cuda:0", True, False, ("fp32", "triton")),
     ("auto", False, False, ("fp32", "eager")), ("cpu", True, True, ("fp32", "eager"))])
@@ -489,6 +490,7 @@ def test_cuda_memory_cap_makes_an_allocation_past_the_budget_run_out_of_memory()
     ("6.8GB", 6_800_000_000), ("6.8 gb", 6_800_000_000), ("7GiB", 7 * 2**30), ("512MB", 512 * 10**6),
     ("1.5kb", 1500), ("100", 100), (" 3 MiB ", 3 * 2**20), ("2TB", 2 * 10**12), ("1e3", 1000), (4096, 4096),
     ("2KiB", 2048), ("1TiB", 2**40), ("3k", 3000), ("5m", 5 * 10**6), ("6.8g", 6_800_000_000), ("1t", 10**12),
+    ("8.2GB", 8_200_000_000),  # (8.2 * 10^9 is 8199999999.999999 in floating point: rounded, not cut)
 ])
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
@@ -516,11 +518,43 @@ def test_parse_bytes_errors_are_one_line(text, error):
     ({"batch_size": 0}, "batch size"), ({"batch_size": 8, "micro_batch": 3}, "must divide"),
     ({"precision": "fp8"}, "precision"), ({"backend": "cuda"}, "backend"), ({"checkpointing": "some"}, "checkpoint"),
     ({"objective": "dream"}, "objective"), ({"data_images": -1}, "data_images"), ({"target": "tpu"}, "target"),
+    ({"batch_size": True}, "batch size"), ({"micro_batch": 2.0}, "micro batch"),
+    ({"channels_last": "yes"}, "channels_last"),
 ])
 def test_bad_spec_is_one_line(fields, match):
     with pytest.raises(ValueError, match=match) as raised:
         StepSpec(**fields)
     assert "\n" not in str(raised.value)
+
+
+def test_the_tables_give_each_figure_in_bytes_gb_and_gib():
+    """format_estimate: each category and the peak in bytes, GB (10^9) and GiB (2^30), the measured CUDA peak with
+    the ratio estimate/measured, and the images kept on the device in the step's line; format_sweep: a row per
+    policy whose state column is the peak less the activations and the temporaries."""
+    from dream.memory import MemoryEstimate
+
+    breakdown = {**dict.fromkeys(CATEGORIES, 0), "activations": 2**30, "temporaries": 10**9, "parameters": 2 * 10**9}
+    result = MemoryEstimate(peak_bytes=sum(breakdown.values()), breakdown=breakdown, snapshots={},
+                            spec=replace(SMALL, data_images=20), cuda_peak_bytes=2 * sum(breakdown.values()))
+    text = format_estimate(result)
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[3:]}
+    assert rows["activations"] == ["1,073,741,824", "1.074", "1.000"]
+    assert rows["temporaries"] == ["1,000,000,000", "1.000", "0.931"]
+    assert rows["gradients"] == ["0", "0.000", "0.000"]
+    assert rows["peak"] == ["4,073,741,824", "4.074", "3.794"]
+    assert "estimate/measured = 0.500)" in text and ", 20 images on the device" in text.splitlines()[1]
+    #                      checkpointing peak GB  peak GiB activ. GB temp. GB state GB cuda GB
+    assert format_sweep([result]).splitlines()[-2].split() == ["none", "4.074", "3.794", "1.074", "1.000", "2.000",
+                                                               "8.147"]
+
+
+@pytest.mark.parametrize("start, ramp, expected", [(10, 20.0, 20), (30, 20.0, 30), (0, 2.5, 3), (3, 2.5, 3)])
+def test_the_step_is_estimated_at_the_first_epoch_of_the_full_dream_weight(start, ramp, expected):
+    """The seed objective's lambda_t ramps up as min(epoch / ramp_epochs, 1) from dream_start_epoch on: with no
+    epoch given, the step is the one at the first whole epoch past both (the largest DREAM step)."""
+    config = {"dream_start_epoch": start, "ramp_epochs": ramp}
+    assert StepSpec(objective_config=config).dream_epoch() == expected
+    assert StepSpec(objective_config=config, epoch=1).dream_epoch() == 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -699,6 +733,78 @@ def test_a_batch_too_large_to_count_is_one_line(capsys, batch, backend, error):
                  "--backend", backend]) == 2
     captured = capsys.readouterr()
     assert captured.err == f"dream memory: error: batch size {batch} of 8×8 images {error}\n", captured.err
+
+
+def linear_estimates(monkeypatch, per_image: dict, per_data_image: int = 0):
+    """dream memory's estimator replaced by a linear one: per_image[policy] bytes per image of the micro-batch, plus
+    per_data_image bytes per image kept on the device."""
+    import dream.memory
+    from dream.memory import MemoryEstimate
+
+    def fake_estimate(spec):
+        peak = per_image[spec.checkpointing] * spec.micro + per_data_image * spec.data_images
+        return MemoryEstimate(peak_bytes=peak, breakdown={**dict.fromkeys(CATEGORIES, 0), "activations": peak},
+                              snapshots={}, spec=spec)
+
+    monkeypatch.setattr(dream.memory, "estimate_step_memory", fake_estimate)
+
+
+def test_cli_budget_lines_say_the_micro_batch_and_what_dream_train_would_take(monkeypatch):
+    """With --budget: the largest micro-batch within the budget (for the CUDA target, estimates kept under 94 % of
+    it), how many are accumulated, and the line of what dream train would take; with --sweep, one such line per
+    policy and the plan of --checkpointing auto. Here 1e8 bytes an image (none) or 5e7 (attention and the others):
+    940 MB holds 9.4 or 18.8 images."""
+    linear_estimates(monkeypatch, {"none": 10**8, "attention": 5 * 10**7, "resblocks": 5 * 10**7, "all": 5 * 10**7})
+    common = ("--preset", "tiny", "--batch", "16", "--budget", "1GB", "--backend", "eager")
+    code, text = run_cli(*common)
+    assert code == 0 and text.splitlines()[-2:] == [
+        "largest micro-batch within 1.000 GB: 8 (estimates kept under 94% of it) (2 accumulated micro-batches)",
+        "dream train --memory-budget 1.000 GB --checkpointing none --data-on auto would take: micro-batch 8 of 16, "
+        "checkpointing none"]
+    code, text = run_cli(*common, "--sweep")
+    assert code == 0 and text.splitlines()[-5:] == [
+        "none       largest micro-batch within 1.000 GB: 8 (estimates kept under 94% of it) (2 accumulated "
+        "micro-batches)",
+        "attention  largest micro-batch within 1.000 GB: 16 (estimates kept under 94% of it)",
+        "resblocks  largest micro-batch within 1.000 GB: 16 (estimates kept under 94% of it)",
+        "all        largest micro-batch within 1.000 GB: 16 (estimates kept under 94% of it)",
+        "dream train --memory-budget 1.000 GB --checkpointing auto --data-on auto would take: micro-batch 16 of 16, "
+        "checkpointing attention"]
+
+
+@pytest.mark.parametrize("target, limit, fits", [("cuda", 940_000_000, False), ("cpu", 10**9, True)])
+def test_cli_keeps_the_cuda_margin_of_the_budget_for_the_cuda_target_only(monkeypatch, target, limit, fits):
+    """A step estimated at 97 % of the budget fits it on the CPU target, not on the CUDA one, which keeps 6 % for
+    what the estimate does not see: the JSON's budget limit, its fit and its micro-batch agree."""
+    linear_estimates(monkeypatch, {"none": 97 * 10**6})
+    code, text = run_cli("--preset", "tiny", "--batch", "10", "--budget", "1GB", "--target", target, "--json")
+    report = json.loads(text)
+    assert code == 0 and (report["budget_limit_bytes"], report["fits_budget"]) == (limit, fits)
+    assert (report["peak_bytes"], report["peak_gb"], report["peak_gib"]) == (
+        970_000_000, pytest.approx(0.97), pytest.approx(0.97e9 / 2**30))
+    assert report["micro_batch_for_budget"] == (10 if fits else 5)
+
+
+@pytest.mark.parametrize("target, plan", [("cuda", {"micro_batch": 8, "checkpointing": "none", "data_on": "host"}),
+                                          ("cpu", {"micro_batch": 4, "checkpointing": "none", "data_on": "device"})])
+def test_cli_data_on_auto_moves_the_images_to_the_host_for_the_cuda_target_only(monkeypatch, target, plan):
+    """As dream train --data-on auto: the images go to host memory where that leaves a larger micro-batch, on a CUDA
+    device; on the CPU the host is the device, and they stay. Here 1e8 bytes an image of the micro-batch and 1e6 an
+    image of the data: with the 300 images a micro-batch of 8 needs 1.1 GB, without them 0.8 GB."""
+    linear_estimates(monkeypatch, {"none": 10**8}, per_data_image=10**6)
+    code, text = run_cli("--preset", "tiny", "--batch", "8", "--budget", "1GB", "--data-images", "300", "--target",
+                         target, "--json")
+    assert code == 0 and json.loads(text)["plan"] == plan
+
+
+def test_cli_checkpointing_auto_where_nothing_fits_is_one_line(monkeypatch, capsys):
+    linear_estimates(monkeypatch, {"none": 10**9, "attention": 10**9, "resblocks": 10**9, "all": 10**9})
+    assert main(["memory", "--preset", "tiny", "--batch", "4", "--budget", "1MB", "--backend", "eager",
+                 "--checkpointing", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dream memory: error: even a micro-batch of 1 needs an estimated 1.000 GB, over the memory "
+                          "budget of 1.000 MB") and err.count("\n") == 1
+    assert "with --checkpointing all, the last that auto tries" in err
 
 
 # ----------------------------------------------------------------------------------------------

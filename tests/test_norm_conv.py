@@ -270,6 +270,22 @@ def test_backward_computes_only_the_gradients_asked_for():
                 assert _rel_err(leaf.grad, reference[name].grad) <= TOLERANCE[torch.float32], name
 
 
+@pytest.mark.parametrize("trained", ["weight", "scale", "shift", "conv_bias"])
+def test_a_single_trainable_input_gets_its_gradient(trained):
+    """Each input's gradient on its own: with only the norm's gamma (or s, or t) requiring grad the norm backward
+    still runs (x frozen), and with only the convolution's bias the bias gradient is still computed (conv_weight
+    frozen); it matches the reference."""
+    shape = SHAPES[0]
+    leaves, dout = _inputs(shape, torch.float32, False, True, True, 31)
+    inputs = {name: leaf.detach().requires_grad_(name == trained) for name, leaf in leaves.items()}
+    out = _call(group_norm_silu_conv2d, inputs, shape, "pre", True, 0.0, None)
+    (grad,) = torch.autograd.grad(out, [inputs[trained]], dout)
+    reference = {name: leaf.detach().double().requires_grad_(name == trained) for name, leaf in leaves.items()}
+    out64 = _call(group_norm_silu_conv2d_reference, reference, shape, "pre", True, 0.0, None)
+    (grad64,) = torch.autograd.grad(out64, [reference[trained]], dout.double())
+    assert _rel_err(grad, grad64) <= TOLERANCE[torch.float32]
+
+
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["no_dropout", "dropout"])
 def test_opcheck(dropout_p):
     """The fake implementation against the real op (shapes, dtypes, strides), autograd registration."""
@@ -281,6 +297,28 @@ def test_opcheck(dropout_p):
     args = (leaves["x"], leaves["weight"], leaves["bias"], leaves["scale"], leaves["shift"], 2, 1e-5, "pre", True,
             dropout_p, seed, leaves["conv_weight"], leaves["conv_bias"], [1, 1], [1, 1], [1, 1], 1)
     torch.library.opcheck(torch.ops.dream_kernels.group_norm_silu_conv2d.default, args)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed_hw"])
+def test_fake_outputs_have_the_real_outputs_shapes_dtypes_and_strides(layout):
+    """The op's fake gives (out, mean, rstd) the shape, dtype and strides of the real op's (a compiled graph lays
+    out what follows by them): mean and rstd fp32 of shape (N, num_groups) beside fp16 x (N != num_groups), out
+    laid out as the convolution lays out the norm's output, which is in x's memory format (channels_last), or
+    NCHW for x dense in neither layout (H and W transposed)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    leaves, _ = _inputs((3, 8, 5, 4, 2, 6, 3, 1, 1), torch.float16, layout == "channels_last", True, True, 43)
+    if layout == "transposed_hw":
+        leaves["x"] = leaves["x"].transpose(2, 3).contiguous().transpose(2, 3)
+    args = (leaves["x"], leaves["weight"], leaves["bias"], leaves["scale"], leaves["shift"], 2, 1e-5, "pre", True,
+            0.0, None, leaves["conv_weight"], leaves["conv_bias"], [1, 1], [1, 1], [1, 1], 1)
+    op = torch.ops.dream_kernels.group_norm_silu_conv2d.default
+    real = op(*args)
+    with FakeTensorMode() as mode:
+        fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    for name, fake_output, output in zip(("out", "mean", "rstd"), fake, real, strict=True):
+        assert (fake_output.shape, fake_output.dtype, fake_output.stride()) == (
+            output.shape, output.dtype, output.stride()), name
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
@@ -357,3 +395,16 @@ def test_a_convolution_bias_on_another_device_is_refused():
     with pytest.raises(TypeError, match=r"^group_norm_silu_conv2d: conv_bias \(torch.float32 on meta\) must match "
                                         r"conv_weight"):
         group_norm_silu_conv2d(x, weight, bias, 3, conv_weight, torch.zeros(5, device="meta"), padding=1)
+
+
+@pytest.mark.parametrize("device", [DEVICE, "meta"])
+def test_the_public_op_checks_the_convolution_itself_also_on_meta_tensors(device):
+    """torch.ops.dream_kernels.group_norm_silu_conv2d called without the wrapper refuses a convolution weight that
+    does not fit x in a one-line ValueError naming the op, from the op and from its fake (meta tensors, tracing)."""
+    x = torch.randn(2, 12, 4, 4, device=device)
+    weight, bias = torch.ones(12, device=device), torch.zeros(12, device=device)
+    conv_weight = torch.randn(5, 6, 3, 3, device=device)  # 6 input channels, x has 12
+    with pytest.raises(ValueError, match=r"^group_norm_silu_conv2d: conv_weight \(5, 6, 3, 3\) with groups=1 "
+                                         r"expects 6 input channels, x has 12$"):
+        torch.ops.dream_kernels.group_norm_silu_conv2d(x, weight, bias, None, None, 3, 1e-5, "pre", True, 0.0, None,
+                                                       conv_weight, None, [1, 1], [1, 1], [1, 1], 1)

@@ -243,23 +243,31 @@ def test_profile_steps_runs_the_step_once_unprofiled_then_warmup_and_recorded_st
     assert summary["step_ms"] == pytest.approx(statistics.median(summary["wall_ms"]))
     assert summary["step_ms"] < 30.0  # the median, not the mean: one slow step does not set it
     with gzip.open(trace_path, "rt") as f:
-        assert json.load(f)["traceEvents"]
+        events = json.load(f)["traceEvents"]
+    # the trace is that of the recorded steps (numbered from 0 with the warm-up step), not of the warm-up
+    assert {e["name"] for e in events if str(e.get("name", "")).startswith("ProfilerStep#")} == {
+        "ProfilerStep#1", "ProfilerStep#2", "ProfilerStep#3"}
     assert 0 < len(summary["top_ops"]) <= 4
     assert not any(row["name"].startswith("ProfilerStep") for row in summary["top_ops"])
 
 
-def test_a_profile_run_writes_its_reports_with_images_per_second(tmp_path, monkeypatch):
+def test_a_profile_run_writes_its_reports_with_images_per_second(tmp_path, monkeypatch, capsys):
     """--what both: a report (.md, .json) and a trace per workload under <out>/cpu/<date>-profile-<what>...; images/s
     is the batch over the step time, and for the one-step sampler that of a 1000-step run; a trace alone already
-    there takes the name too (-2)."""
+    there takes the name too (-2). Each workload starts from --seed, is profiled with --warmup, --steps and --top, and
+    its report names its trace and holds its settings; a CPU run warns of no missing GPU events."""
     import json
 
+    drawn, profiled = [], []
+
     def workload(args, device):
+        drawn.append(torch.rand(1).item())  # (random weights and inputs are drawn from torch's generator)
         return (lambda: None), {"preset": args.preset, "batch": args.batch, "backend": "eager", "precision": "fp32",
                                 "compile": False, "channels_last": False, "objective": "seed",
                                 "sampler": "one ddpm ancestral step" if args.sampler == "step" else "DDIM loop"}, None
 
     def profile_steps(step, device, *, warmup, active, trace_path, top):
+        profiled.append((warmup, active, top))
         trace_path.write_bytes(b"")
         return {"steps": active, "wall_ms": [250.0] * active, "step_ms": 250.0, "top_ops": []}
 
@@ -270,17 +278,29 @@ def test_a_profile_run_writes_its_reports_with_images_per_second(tmp_path, monke
     stem = tmp_path / "cpu" / f"{info['date']}-profile"
     (tmp_path / "cpu").mkdir()
     stem.with_name(stem.name + "-train-batch4.trace.json.gz").write_bytes(b"")  # an earlier run's trace
-    written = profile.run_profile(parse("--device", "cpu", "--out", str(tmp_path), "--batch", "4"))
+    written = profile.run_profile(parse("--device", "cpu", "--out", str(tmp_path), "--batch", "4", "--seed", "5",
+                                        "--warmup", "0", "--steps", "3", "--top", "7"))
     assert [path.name for path in written] == [
         f"{stem.name}-train-batch4-2{suffix}" for suffix in profile.PROFILE_SUFFIXES] + [
         f"{stem.name}-sample-batch4{suffix}" for suffix in profile.PROFILE_SUFFIXES]
     assert all(path.parent == tmp_path / "cpu" and path.exists() for path in written)
     reports = [json.loads(path.read_text()) for path in written if path.suffix == ".json"]
     assert [(r["what"], r["summary"]["images_per_s"]) for r in reports] == [("train", 16.0), ("sample", 0.016)]
+    assert [r["config"]["sampler"] for r in reports] == ["one ddpm ancestral step"] * 2
+    assert profiled == [(0, 3, 7)] * 2
+    md, trace = written[0].read_text(), written[2].name
+    assert f"Chrome trace: `{trace}`" in md and "## Top 7 operators by self CPU time" in md
+    assert capsys.readouterr().err == ""
     engine = profile.run_profile(parse("--device", "cpu", "--out", str(tmp_path), "--batch", "4", "--what", "sample",
                                        "--sampler", "engine"))
     assert json.loads(engine[1].read_text())["summary"]["images_per_s"] == 16.0  # the whole loop is one step
     assert "| images/s (under the profiler) | 16.0 |" in engine[0].read_text()
+
+    def first_draw(seed):
+        torch.manual_seed(seed)
+        return torch.rand(1).item()
+
+    assert drawn == [first_draw(5), first_draw(5), first_draw(0)]  # train, sample (--seed 5), engine (the default 0)
 
 
 def test_the_cpu_default_image_size_is_the_tiny_presets_alone(tmp_path, monkeypatch):
@@ -357,8 +377,10 @@ def test_the_sampling_workload_is_one_eval_mode_step_at_half_the_timesteps(monke
     monkeypatch.setattr(GaussianDiffusion, "p_sample", recorded)
     args = parse("--preset", "tiny", "--image-size", "8", "--base-channels", "16", "--batch", "2")
     step, config, _ = profile.sampling_workload(args, torch.device("cpu"))
-    assert step().shape == (2, 3, 8, 8)
+    out = step()
+    assert out.shape == (2, 3, 8, 8)
     assert calls == [(False, [500, 500], 1000)]
+    assert torch.equal(step(), out)  # fixed x_t and noise: each profiled step is the same work on the same inputs
     with pytest.raises(DreamError, match="^--sampler graphs needs a CUDA device"):
         profile.sampling_workload(parse("--preset", "tiny", "--batch", "2", "--sampler", "graphs"),
                                   torch.device("cpu"))
@@ -370,14 +392,17 @@ def test_a_gpu_report_gives_counts_and_times_per_step():
     info = {"device_type": "cuda", "device_name": "GPU-X", "time": "t"}
     summary = {"step_ms": 2.0, "wall_ms": [2.0, 2.0], "steps": 2, "kernels": 10, "launches": 12, "graph_launches": 2,
                "busy_fraction": 0.25, "kernel_time_us": 4000.0, "gpu_events": 10,
-               "top_kernels": [{"name": "gemm", "calls": 4, "total_us": 3000.0, "share": 0.75}]}
+               "top_kernels": [{"name": "gemm", "calls": 4, "total_us": 3000.0, "share": 0.75},
+                               {"name": "k" * 130, "calls": 2, "total_us": 1000.0, "share": 0.25}]}
     lines = profile.format_report("train", info, {}, summary, "t.json.gz", 5).splitlines()
     for row in ("| GPU kernels per step | 5 |", "| kernel launches per step (runtime + driver API) | 6 |",
                 "| CUDA graph launches per step | 1 |",
                 "| GPU busy fraction (kernels, copies, memsets / window) | 25.0 % |",
                 "| launch gaps (1 - busy) | 75.0 % |", "| GPU kernel time per step | 2.000 ms |",
-                "| 1 | gemm | 2 | 1.500 | 75.0 % |"):
+                "| 1 | gemm | 2 | 1.500 | 75.0 % |", f"| 2 | {'k' * 120} | 1 | 0.500 | 25.0 % |"):  # (names cut at 120)
         assert row in lines, row
+    copies_only = {**summary, "kernels": 0, "kernel_time_us": 0.0, "top_kernels": []}  # GPU events, but no kernel
+    assert profile.NO_GPU_EVENTS not in profile.format_report("train", info, {}, copies_only, "t.json.gz", 5)
     cpu = {"step_ms": 2.0, "wall_ms": [2.0], "steps": 1,
            "top_ops": [{"name": "aten::mm", "calls": 3, "total_us": 1500.0, "share": 0.6}]}
     assert "| 1 | aten::mm | 3 | 1.500 | 60.0 % |" in profile.format_report(
@@ -463,3 +488,43 @@ def test_gpu_report_names_carry_an_nchw_layout_and_a_batch_other_than_128(monkey
     assert profile.profile_name("train", args, config, cuda) == "profile-train"
     args.batch = 2
     assert profile.profile_name("train", args, {**config, "channels_last": False}, cuda) == "profile-train-nchw-batch2"
+
+
+def test_the_engine_sampling_workload_is_a_ddim_loop_of_sample_steps_model_calls():
+    args = parse("--preset", "tiny", "--image-size", "8", "--base-channels", "16", "--batch", "2", "--sampler",
+                 "engine", "--sample-steps", "3")
+    loop, config, (model, _) = profile.sampling_workload(args, torch.device("cpu"))
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    assert loop().shape == (2, 3, 8, 8)
+    assert len(calls) == 3 and config["sampler"].startswith("DDIM-3 loop")
+
+
+def test_model_size_flags_override_the_preset_and_the_layout_defaults_to_the_devices():
+    args = parse("--image-size", "16", "--base-channels", "32", "--num-heads", "2")
+    assert profile.model_overrides_from(args) == {"image_size": 16, "base_channels": 32, "num_heads": 2}
+    assert profile.model_overrides_from(parse()) == {}  # each absent flag leaves the preset's value
+    from dream.model import resolve_channels_last
+
+    # without --channels-last / --no-channels-last the device decides: channels_last on CUDA, NCHW elsewhere
+    default = parse().channels_last
+    assert resolve_channels_last(default, "cuda") and not resolve_channels_last(default, "cpu")
+    assert not resolve_channels_last(parse("--no-channels-last").channels_last, "cuda")
+
+
+def test_the_training_workloads_batch_depends_on_the_seed():
+    """--seed sets the profiled training step's input images as well as its weights."""
+    def batch(seed):
+        args = parse("--preset", "tiny", "--image-size", "8", "--base-channels", "16", "--batch", "2", "--seed", seed)
+        step, _, trainer = profile.training_workload(args, torch.device("cpu"))
+        trainer.train_step = lambda x0: x0  # (the step's input, not a step)
+        return step()
+
+    assert not torch.equal(batch("1"), batch("2"))
+
+
+def test_the_command_prints_every_file_it_wrote(tmp_path, monkeypatch, capsys):
+    written = [tmp_path / "a.md", tmp_path / "a.json", tmp_path / "a.trace.json.gz"]
+    monkeypatch.setattr(profile, "run_profile", lambda args: written)
+    assert profile.main(["--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines() == [str(path) for path in written]
