@@ -527,6 +527,19 @@ def test_backward_takes_one_tile_up_to_64_tokens(head_dim, dtype):
     assert not attention_module.backward_config(65, head_dim, dtype).single_tile
 
 
+@pytest.mark.skipif(attention_module.TensorDescriptor is None, reason="this Triton has no tensor descriptors")
+def test_descriptor_boxes_need_aligned_rows_within_the_sequence():
+    """A (B, H, N, D) tensor is read through a descriptor only in boxes of at most N rows, with D contiguous, 16-byte
+    strides and base: a box taller than the sequence, a transposed or 8-byte-strided tensor, an offset base fall back
+    to pointer loads."""
+    ready = attention_module._descriptor_ready
+    t = torch.randn(2, 3, 40, 16)  # (fp32: a row is 64 bytes)
+    assert ready(t, 16) and ready(t, 40) and not ready(t, 41) and not ready(t, 64)
+    assert not ready(t.transpose(2, 3), 8)  # D not contiguous
+    assert not ready(torch.randn(2, 3, 40, 18)[..., :16], 16)  # rows 72 bytes apart
+    assert not ready(torch.randn(2 * 3 * 40 * 16 + 1)[1:].view(2, 3, 40, 16), 16)  # base 4 bytes past alignment
+
+
 def test_reference_matches_sdpa_in_float64():
     gen = _generator(61)
     q, k, v = (_randn((2, 3, 19, 32), torch.float64, gen) for _ in range(3))
