@@ -403,6 +403,10 @@ def test_a_gpu_report_gives_counts_and_times_per_step():
         assert row in lines, row
     copies_only = {**summary, "kernels": 0, "kernel_time_us": 0.0, "top_kernels": []}  # GPU events, but no kernel
     assert profile.NO_GPU_EVENTS not in profile.format_report("train", info, {}, copies_only, "t.json.gz", 5)
+    instant = {**summary, "kernel_time_us": 0.0, "top_kernels": [{"name": "fill", "calls": 2, "total_us": 0.0,
+                                                                  "share": None}]}  # no kernel time to share out
+    instant_lines = profile.format_report("train", info, {}, instant, "t.json.gz", 5).splitlines()
+    assert "| 1 | fill | 1 | 0.000 |  |" in instant_lines
     cpu = {"step_ms": 2.0, "wall_ms": [2.0], "steps": 1,
            "top_ops": [{"name": "aten::mm", "calls": 3, "total_us": 1500.0, "share": 0.6}]}
     assert "| 1 | aten::mm | 3 | 1.500 | 60.0 % |" in profile.format_report(
