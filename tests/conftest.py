@@ -170,6 +170,20 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: f
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
 
 
+def assert_fake_matches_real(op, *args) -> None:
+    """op's outputs under FakeTensorMode (its fake implementation, as torch.compile traces it) have the shape, dtype
+    and strides of its real outputs on the same arguments (a compiled graph lays out what follows by them)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    real = op(*args)
+    with FakeTensorMode() as mode:
+        fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    real, fake = ((out if isinstance(out, tuple) else (out,)) for out in (real, fake))
+    for index, (fake_output, output) in enumerate(zip(fake, real, strict=True)):
+        assert (fake_output.shape, fake_output.dtype, fake_output.stride()) == (
+            output.shape, output.dtype, output.stride()), (str(op), index)
+
+
 def pytest_configure(config):
     """Under pytest-xdist, the files go out in collection order (pytest_collection_modifyitems), not sorted by test
     count. Under the Triton interpreter, stop at once with one line if it cannot run a kernel's loop here

@@ -26,7 +26,8 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from conftest import DEVICE, ON_GPU, NanEmptyTorch, qkv_attention_with_float64, run_without_interpreter
+from conftest import (DEVICE, ON_GPU, NanEmptyTorch, assert_fake_matches_real, qkv_attention_with_float64,
+                      run_without_interpreter)
 
 from kernels.attention import (  # noqa: E402  (conftest sets TRITON_INTERPRET first)
     BackwardConfig,
@@ -465,13 +466,6 @@ def test_fake_tensor_mode_shapes():
         assert lse.shape == (4, 8, 256) and lse.dtype == torch.float32
 
 
-def _fake_outputs(op, *args):
-    """The op's outputs under FakeTensorMode (its fake implementation, as torch.compile traces it)."""
-    with FakeTensorMode() as mode:
-        out = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
-    return out if isinstance(out, tuple) else (out,)
-
-
 @pytest.mark.parametrize("layout", ["strided_heads", "channels_last_qkv"])
 def test_fake_outputs_have_the_real_outputs_shapes_dtypes_and_strides(layout):
     """Each public op's fake gives its outputs the shape, dtype and strides of the real op's (a compiled graph
@@ -491,11 +485,7 @@ def test_fake_outputs_have_the_real_outputs_shapes_dtypes_and_strides(layout):
         calls = [(ops.attention_qkv_nchw_forward, (qkv, 2, 0.25)),
                  (ops.attention_qkv_nchw_backward, (qkv, out, lse, dout, 2, 0.25))]
     for op, args in calls:
-        real = op(*args)
-        real = real if isinstance(real, tuple) else (real,)
-        for index, (fake, actual) in enumerate(zip(_fake_outputs(op, *args), real, strict=True)):
-            assert (fake.shape, fake.dtype, fake.stride()) == (actual.shape, actual.dtype, actual.stride()), \
-                (str(op), index)
+        assert_fake_matches_real(op, *args)
 
 
 @pytest.mark.parametrize("device", [DEVICE, "meta"])

@@ -764,7 +764,7 @@ def test_the_autotune_notice_is_rank_0s_alone(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("outcome", ["returns", "raises"])
-def test_warnings_print_as_pythons_again_after_a_command(monkeypatch, capsys, outcome):
+def test_warnings_print_as_pythons_again_after_a_command(monkeypatch, outcome):
     """Inside a command the project's warnings are `dream <command>: warning:` lines; a caller of main() gets
     Python's own warning functions back, however the command ended."""
     import warnings

@@ -28,7 +28,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from conftest import DEVICE, ON_GPU
+from conftest import DEVICE, ON_GPU, assert_fake_matches_real
 
 from kernels.layout import memory_format_of  # noqa: E402
 from kernels.group_norm_silu import (dropout_keep_mask, group_norm_silu,  # noqa: E402
@@ -783,8 +783,6 @@ def test_fake_outputs_have_the_real_outputs_shapes_dtypes_and_strides(dtype, lay
     """The ops' fakes give their outputs the shape, dtype and strides of the real ops' (a compiled graph lays out
     what follows by them): mean and rstd fp32 of shape (N, num_groups) (N != num_groups) whatever x's dtype, y and
     dx in x's memory format (channels_last), or NCHW for x dense in neither layout (H and W transposed)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     N, C, H, W, G = 3, 8, 5, 4, 2
     x, weight, bias, scale, shift, dy = _make_inputs((N, C, H, W, G), dtype, torch.float32, True, True,
                                                      layout == "channels_last", 13)
@@ -795,12 +793,7 @@ def test_fake_outputs_have_the_real_outputs_shapes_dtypes_and_strides(dtype, lay
     calls = [(ops.group_norm_silu_fwd.default, (x, weight, bias, scale, shift, G, EPS, "pre", True)),
              (ops.group_norm_silu_bwd.default, (dy, x, weight, bias, scale, shift, mean, rstd, G, EPS, "pre", True))]
     for op, args in calls:
-        real = op(*args)
-        with FakeTensorMode() as mode:
-            fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
-        for index, (fake_output, output) in enumerate(zip(fake, real, strict=True)):
-            assert (fake_output.shape, fake_output.dtype, fake_output.stride()) == (
-                output.shape, output.dtype, output.stride()), (str(op), index)
+        assert_fake_matches_real(op, *args)
 
 
 def test_backward_op_refuses_dy_on_another_device():

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, ON_GPU, RecordOps
+from conftest import DEVICE, ON_GPU, RecordOps, assert_fake_matches_real
 
 from kernels import group_norm_silu, group_norm_silu_conv2d, group_norm_silu_conv2d_reference  # noqa: E402
 
@@ -305,20 +305,12 @@ def test_fake_outputs_have_the_real_outputs_shapes_dtypes_and_strides(layout):
     out what follows by them): mean and rstd fp32 of shape (N, num_groups) beside fp16 x (N != num_groups), out
     laid out as the convolution lays out the norm's output, which is in x's memory format (channels_last), or
     NCHW for x dense in neither layout (H and W transposed)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     leaves, _ = _inputs((3, 8, 5, 4, 2, 6, 3, 1, 1), torch.float16, layout == "channels_last", True, True, 43)
     if layout == "transposed_hw":
         leaves["x"] = leaves["x"].transpose(2, 3).contiguous().transpose(2, 3)
     args = (leaves["x"], leaves["weight"], leaves["bias"], leaves["scale"], leaves["shift"], 2, 1e-5, "pre", True,
             0.0, None, leaves["conv_weight"], leaves["conv_bias"], [1, 1], [1, 1], [1, 1], 1)
-    op = torch.ops.dream_kernels.group_norm_silu_conv2d.default
-    real = op(*args)
-    with FakeTensorMode() as mode:
-        fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
-    for name, fake_output, output in zip(("out", "mean", "rstd"), fake, real, strict=True):
-        assert (fake_output.shape, fake_output.dtype, fake_output.stride()) == (
-            output.shape, output.dtype, output.stride()), name
+    assert_fake_matches_real(torch.ops.dream_kernels.group_norm_silu_conv2d.default, *args)
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
